@@ -1,0 +1,459 @@
+//! The command line (SPEC 2): `serve` runs the daemon; the other commands
+//! are clients of a running daemon over its HTTP API, except
+//! `check-config`, which only reads the file.
+//!
+//! Exit codes: 0 ok, 1 runtime failure (daemon unreachable, connection needs
+//! authorization), 2 usage or config error. Errors are one sentence on
+//! stderr that says what to do next.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Config};
+use crate::http::api::DEFAULT_ACCOUNT;
+use crate::http::pages::relative;
+use crate::provider::simulator::{Simulator, SimulatorConfig};
+
+/// Keeps OAuth2 grants alive and hands fresh access tokens to local programs.
+#[derive(Debug, Parser)]
+#[command(name = "tokenkeeper", version, about, long_about = None)]
+pub struct Cli {
+    /// Config file (default: $TOKENKEEPER_CONFIG, ./tokenkeeper.toml, /etc/tokenkeeper/tokenkeeper.toml).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Address of the running daemon for client commands, e.g. http://127.0.0.1:8787 (default: from the config's server.listen).
+    #[arg(long, global = true, value_name = "URL")]
+    pub url: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve {
+        /// Override server.listen, e.g. 127.0.0.1:8787.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+        /// Run with no config: a throw-away database and a built-in simulated Keap-like provider named "demo".
+        #[arg(long)]
+        dev: bool,
+        /// Lifetime of the demo provider's access tokens in --dev mode (e.g. "30s"; default 24h like Keap).
+        #[arg(long, value_name = "DURATION", requires = "dev")]
+        dev_token_lifetime: Option<String>,
+    },
+    /// Print the current access token alone on stdout, for $(...).
+    Token {
+        provider: String,
+        account: Option<String>,
+    },
+    /// Print "Authorization: Bearer <token>".
+    Header {
+        provider: String,
+        account: Option<String>,
+    },
+    /// One row per connection: state, expiry, last and next refresh, last error.
+    Status {
+        /// Machine-readable output (same fields as GET /v1/connections).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the URL that starts the browser authorization.
+    Connect {
+        provider: String,
+        account: Option<String>,
+        /// Also open it in the default browser.
+        #[arg(long)]
+        open: bool,
+    },
+    /// Force a refresh now.
+    Refresh {
+        provider: String,
+        account: Option<String>,
+    },
+    /// Revoke the grant upstream where the provider can, and forget it.
+    Revoke {
+        provider: String,
+        account: Option<String>,
+    },
+    /// Validate the config: exit 0, or print every problem with its key and line and exit 2.
+    CheckConfig,
+}
+
+/// Exit codes of SPEC 2.
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+/// A failure with its exit code and the one sentence to print.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: u8,
+    pub message: String,
+}
+
+fn runtime(message: impl Into<String>) -> CliError {
+    CliError {
+        code: EXIT_RUNTIME,
+        message: message.into(),
+    }
+}
+
+fn usage(message: impl Into<String>) -> CliError {
+    CliError {
+        code: EXIT_USAGE,
+        message: message.into(),
+    }
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub async fn run(cli: Cli) -> u8 {
+    let result = match cli.command {
+        Command::Serve {
+            listen,
+            dev,
+            ref dev_token_lifetime,
+        } => {
+            serve(
+                cli.config.as_deref(),
+                listen,
+                dev,
+                dev_token_lifetime.as_deref(),
+            )
+            .await
+        }
+        Command::CheckConfig => check_config(cli.config.as_deref()),
+        ref other => client(&cli, other).await,
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("tokenkeeper: {}", e.message);
+            e.code
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,tokio_cron_scheduler=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn load_config(explicit: Option<&Path>) -> Result<(PathBuf, Config), CliError> {
+    let Some(path) = config::locate(explicit) else {
+        return Err(usage(format!(
+            "no config file found (looked at $TOKENKEEPER_CONFIG, ./tokenkeeper.toml, {}); pass --config PATH, or try `tokenkeeper serve --dev`",
+            config::SYSTEM_CONFIG_PATH
+        )));
+    };
+    match config::load(&path) {
+        Ok(c) => Ok((path, c)),
+        Err(e) => Err(usage(format!(
+            "the config has problems; fix them and retry:\n{e}"
+        ))),
+    }
+}
+
+fn check_config(explicit: Option<&Path>) -> Result<(), CliError> {
+    let (path, cfg) = load_config(explicit)?;
+    for w in &cfg.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!(
+        "{}: ok ({} provider{})",
+        path.display(),
+        cfg.providers.len(),
+        if cfg.providers.len() == 1 { "" } else { "s" }
+    );
+    Ok(())
+}
+
+async fn shutdown_signal(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    token.cancel();
+}
+
+async fn serve(
+    explicit: Option<&Path>,
+    listen: Option<SocketAddr>,
+    dev: bool,
+    dev_lifetime: Option<&str>,
+) -> Result<(), CliError> {
+    init_logging();
+    let (mut cfg, extra, dev_dir) = if dev {
+        let lifetime = match dev_lifetime {
+            Some(s) => config::parse_duration(s)
+                .map_err(|e| usage(format!("--dev-token-lifetime: {e}")))?,
+            None => Duration::from_secs(86400),
+        };
+        let addr = listen.unwrap_or_else(|| config::DEFAULT_LISTEN.parse().expect("valid default"));
+        let dir = std::env::temp_dir().join(format!("tokenkeeper-dev-{}", std::process::id()));
+        let secret = format!("{:032x}", rand::random::<u128>());
+        let sim = Simulator::new(SimulatorConfig {
+            client_secret: secret.clone(),
+            access_lifetime: lifetime,
+            ..SimulatorConfig::default()
+        });
+        let router = axum::Router::new().nest("/dev-provider", sim.router());
+        (
+            Config::dev(addr, dir.join("tokenkeeper.db"), &secret),
+            Some(router),
+            Some(dir),
+        )
+    } else {
+        let (_, c) = load_config(explicit)?;
+        (c, None, None)
+    };
+    if let Some(l) = listen {
+        cfg.server.listen = l;
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
+        .await
+        .map_err(|e| {
+            runtime(format!(
+                "cannot listen on {} ({e}); pick another address with --listen",
+                cfg.server.listen
+            ))
+        })?;
+    let bound = listener.local_addr().map_err(|e| runtime(e.to_string()))?;
+    if dev {
+        let url = cfg.public_url(bound);
+        println!(
+            "tokenkeeper dev mode: open {url} and click Connect; then: curl {}/v1/token/demo",
+            url.as_str().trim_end_matches('/')
+        );
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shutdown_signal(shutdown.clone()));
+    let result = crate::daemon::run(cfg, listener, shutdown, extra).await;
+    if let Some(dir) = dev_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    result.map_err(|e| runtime(format!("{e}")))
+}
+
+/// Where the daemon is: `--url`, else the config's `server.listen` (read
+/// leniently: a client needs no secrets), else the default.
+fn daemon_url(cli: &Cli) -> String {
+    if let Some(u) = &cli.url {
+        return u.trim_end_matches('/').to_string();
+    }
+    let from_config = config::locate(cli.config.as_deref())
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("server").and_then(|s| s.as_table()).cloned());
+    let listen = from_config
+        .as_ref()
+        .and_then(|s| s.get("listen"))
+        .and_then(|v| v.as_str())
+        .unwrap_or(config::DEFAULT_LISTEN)
+        .to_string();
+    let tls = from_config.as_ref().is_some_and(|s| s.get("tls").is_some());
+    format!("{}://{listen}", if tls { "https" } else { "http" })
+}
+
+async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
+    let base = daemon_url(cli);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .map_err(|e| runtime(e.to_string()))?;
+    let acct = |a: &Option<String>| a.clone().unwrap_or_else(|| DEFAULT_ACCOUNT.to_string());
+    match command {
+        Command::Token { provider, account } | Command::Header { provider, account } => {
+            let v = call(
+                &http,
+                reqwest::Method::GET,
+                &format!("{base}/v1/token/{provider}/{}", acct(account)),
+                &base,
+            )
+            .await?;
+            let token = v
+                .get("access_token")
+                .and_then(Value::as_str)
+                .ok_or_else(|| runtime("the daemon answered without a token"))?;
+            if matches!(command, Command::Header { .. }) {
+                println!("Authorization: Bearer {token}");
+            } else {
+                println!("{token}");
+            }
+        }
+        Command::Refresh { provider, account } => {
+            let v = call(
+                &http,
+                reqwest::Method::POST,
+                &format!("{base}/v1/token/{provider}/{}/refresh", acct(account)),
+                &base,
+            )
+            .await?;
+            let exp = v.get("expires_at").and_then(Value::as_str).unwrap_or("?");
+            println!(
+                "refreshed {provider}/{}: new access token expires at {exp}",
+                acct(account)
+            );
+        }
+        Command::Revoke { provider, account } => {
+            call(
+                &http,
+                reqwest::Method::DELETE,
+                &format!("{base}/v1/connections/{provider}/{}", acct(account)),
+                &base,
+            )
+            .await?;
+            println!("revoked and forgot {provider}/{}", acct(account));
+        }
+        Command::Status { json } => {
+            let v = call(
+                &http,
+                reqwest::Method::GET,
+                &format!("{base}/v1/connections"),
+                &base,
+            )
+            .await?;
+            let conns = v
+                .get("connections")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print_status(&conns);
+            }
+            if conns
+                .iter()
+                .any(|c| c.get("state").and_then(Value::as_str) == Some("authorization_required"))
+            {
+                return Err(runtime("some connections need a new authorization; run `tokenkeeper connect PROVIDER ACCOUNT`"));
+            }
+        }
+        Command::Connect {
+            provider,
+            account,
+            open,
+        } => {
+            if !config::valid_name(provider) {
+                return Err(usage(format!("{provider:?} is not a valid provider name")));
+            }
+            let account = acct(account);
+            if !config::valid_account(&account) {
+                return Err(usage(format!("{account:?} is not a valid account name")));
+            }
+            let url = format!("{base}/connect/{provider}?account={account}");
+            println!("{url}");
+            if *open {
+                let opened = std::process::Command::new("xdg-open").arg(&url).status();
+                if !opened.is_ok_and(|s| s.success()) {
+                    return Err(runtime(
+                        "cannot open a browser here; open the URL above yourself",
+                    ));
+                }
+            }
+        }
+        Command::Serve { .. } | Command::CheckConfig => unreachable!("handled in run"),
+    }
+    Ok(())
+}
+
+/// Calls the daemon and turns its JSON errors into one-sentence CLI errors.
+async fn call(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    base: &str,
+) -> Result<Value, CliError> {
+    let resp = http.request(method, url).send().await.map_err(|_| {
+        runtime(format!(
+            "cannot reach the tokenkeeper daemon at {base}; start it with `tokenkeeper serve` or point --url at it"
+        ))
+    })?;
+    let status = resp.status();
+    if status == reqwest::StatusCode::NO_CONTENT {
+        return Ok(Value::Null);
+    }
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    if status.is_success() {
+        return Ok(body);
+    }
+    let message = body
+        .get("message")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("the daemon answered HTTP {status}"));
+    let code = match body.get("error").and_then(Value::as_str) {
+        Some("unknown_provider") | Some("invalid_request") => EXIT_USAGE,
+        _ => EXIT_RUNTIME,
+    };
+    Err(CliError { code, message })
+}
+
+fn print_status(conns: &[Value]) {
+    if conns.is_empty() {
+        println!(
+            "no connections yet; run `tokenkeeper connect PROVIDER` and open the URL it prints"
+        );
+        return;
+    }
+    let now = chrono::Utc::now();
+    let when = |c: &Value, k: &str| -> String {
+        c.get(k)
+            .and_then(Value::as_str)
+            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+            .map(|t| relative(t.with_timezone(&chrono::Utc), now))
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut rows = vec![[
+        "PROVIDER".to_string(),
+        "ACCOUNT".into(),
+        "STATE".into(),
+        "EXPIRES".into(),
+        "LAST REFRESH".into(),
+        "NEXT REFRESH".into(),
+        "LAST ERROR".into(),
+    ]];
+    for c in conns {
+        let s = |k: &str| c.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+        rows.push([
+            s("provider"),
+            s("account"),
+            s("state"),
+            when(c, "expires_at"),
+            when(c, "refreshed_at"),
+            when(c, "next_refresh_at"),
+            c.get("last_error")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}

@@ -1,0 +1,1278 @@
+//! Configuration: the TOML file of SPEC 3, its lookup order, presets and
+//! secret resolution.
+//!
+//! Parsing walks the span-carrying TOML tree by hand instead of using serde
+//! derive, because an operator must see *every* problem at once, each with
+//! its key and line; serde stops at the first. This module only reads files
+//! and the environment; it never opens sockets or the database.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+use url::Url;
+
+/// Default listen address: loopback only, so nothing off the machine can ask
+/// for a token unless the operator opts in.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
+
+/// Where the config is looked for when neither `--config` nor
+/// `$TOKENKEEPER_CONFIG` says.
+pub const SYSTEM_CONFIG_PATH: &str = "/etc/tokenkeeper/tokenkeeper.toml";
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub refresh: RefreshConfig,
+    pub providers: BTreeMap<String, ProviderConfig>,
+    pub notify: NotifyConfig,
+    /// Things that work but deserve the operator's attention.
+    pub warnings: Vec<String>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub allow_remote: bool,
+    /// `None` means "derive from the bound listen address".
+    pub public_url: Option<Url>,
+    pub tls: TlsConfig,
+    pub api_keys_file: Option<PathBuf>,
+    pub allowed_hosts: Vec<String>,
+    pub proxy_max_wait: Duration,
+}
+
+/// `server.tls`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsConfig {
+    Off,
+    SelfSigned,
+    Files {
+        cert_file: PathBuf,
+        key_file: PathBuf,
+    },
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub path: PathBuf,
+    pub encryption_key_file: Option<PathBuf>,
+}
+
+/// `[refresh]`: the refresh policy knobs (see `refresh::policy`).
+#[derive(Debug, Clone)]
+pub struct RefreshConfig {
+    pub at_fraction: f64,
+    pub jitter: Duration,
+    pub min_validity: Duration,
+    pub check_interval: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub keepalive: Duration,
+}
+
+impl Default for RefreshConfig {
+    fn default() -> Self {
+        RefreshConfig {
+            at_fraction: 0.75,
+            jitter: Duration::from_secs(600),
+            min_validity: Duration::from_secs(300),
+            check_interval: Duration::from_secs(30),
+            retry_initial: Duration::from_secs(30),
+            retry_max: Duration::from_secs(1800),
+            keepalive: Duration::from_secs(30 * 86400),
+        }
+    }
+}
+
+/// How the client authenticates at the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// `client_id` and `client_secret` in the form body.
+    Body,
+    /// HTTP Basic with the client credentials.
+    Basic,
+    /// Public client: `client_id` in the body, no secret.
+    None,
+}
+
+/// Client-side rate limits of a provider (per OAuth client).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub per_second: Option<u32>,
+    pub per_minute: Option<u32>,
+    pub per_day: Option<u32>,
+}
+
+/// One `[providers.NAME]` table after presets were applied.
+#[derive(Clone)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub preset: Preset,
+    pub client_id: String,
+    /// `None` for public clients.
+    pub client_secret: Option<SecretString>,
+    pub authorization_url: Url,
+    pub token_url: Url,
+    pub revocation_url: Option<Url>,
+    pub api_base_url: Option<Url>,
+    pub scopes: Vec<String>,
+    pub code_auth: ClientAuth,
+    pub refresh_auth: ClientAuth,
+    pub pkce: bool,
+    pub extra_authorize_params: BTreeMap<String, String>,
+    pub default_lifetime: Duration,
+    pub limits: Limits,
+    /// Bound on one call to the provider's token endpoint.
+    pub request_timeout: Duration,
+}
+
+impl fmt::Debug for ProviderConfig {
+    // Written by hand so the secret can never be printed, whatever secrecy's
+    // Debug does in future versions.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProviderConfig")
+            .field("name", &self.name)
+            .field("preset", &self.preset)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "[redacted]"),
+            )
+            .field("token_url", &self.token_url.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Built-in provider descriptions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    Keap,
+    Generic,
+}
+
+/// `[notify]`.
+#[derive(Debug, Clone, Default)]
+pub struct NotifyConfig {
+    pub command: Option<PathBuf>,
+    pub webhook_url: Option<Url>,
+}
+
+/// One problem found in the config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted key, e.g. `providers.keap.client_id`.
+    pub key: String,
+    /// 1-based line in the file, when the problem has a place.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+/// Every problem found, so they can all be fixed in one go.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            match p.line {
+                Some(line) => write!(f, "{}:{}: {}: {}", self.file, line, p.key, p.message)?,
+                None => write!(f, "{}: {}: {}", self.file, p.key, p.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which file to read, following SPEC 2: `--config` > `$TOKENKEEPER_CONFIG`
+/// > `./tokenkeeper.toml` > `/etc/tokenkeeper/tokenkeeper.toml`.
+pub fn locate(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("TOKENKEEPER_CONFIG").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    [
+        PathBuf::from("tokenkeeper.toml"),
+        PathBuf::from(SYSTEM_CONFIG_PATH),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+}
+
+/// Reads and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.display().to_string(),
+        problems: vec![ConfigProblem {
+            key: "(file)".into(),
+            line: None,
+            message: format!(
+                "cannot read the config file ({e}); check the path and its permissions"
+            ),
+        }],
+    })?;
+    parse(&text, path)
+}
+
+/// Validates `text` as a config file found at `path` (used for messages and
+/// for resolving relative secret files).
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let mut r = Reader::new(text, path);
+    let (root, parse_errors) = DeTable::parse_recoverable(text);
+    for e in parse_errors {
+        let line = e.span().map(|s| r.line_of(s.start));
+        r.problems.push(ConfigProblem {
+            key: "(syntax)".into(),
+            line,
+            message: format!("{}; fix the TOML syntax", e.message().trim()),
+        });
+    }
+    let config = r.config(root.get_ref());
+    if r.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError {
+            file: path.display().to_string(),
+            problems: r.problems,
+        })
+    }
+}
+
+/// Parses `"10m"`, `"1h30m"`, `"500ms"`, `"30d"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!(
+                "`{s}` is not a duration like \"30s\", \"10m\", \"1h\""
+            ));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("`{s}`: number too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86400)),
+            "" => return Err(format!("`{s}` needs a unit (ms, s, m, h or d)")),
+            other => {
+                return Err(format!(
+                    "`{s}`: unknown unit `{other}` (use ms, s, m, h or d)"
+                ))
+            }
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+/// Provider and account names: `[a-z0-9][a-z0-9_-]{0,62}`.
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+}
+
+/// Account names follow the provider rule, except `refresh`, which would be
+/// ambiguous with `POST /v1/token/{provider}/refresh`.
+pub fn valid_account(name: &str) -> bool {
+    valid_name(name) && name != "refresh"
+}
+
+/// Default database location when `storage.path` is absent.
+pub fn default_db_path() -> PathBuf {
+    let env_dir = |var: &str| {
+        std::env::var_os(var)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(dir) = env_dir("STATE_DIRECTORY") {
+        // systemd may pass several colon-separated directories; the first is ours.
+        let first = dir
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        return PathBuf::from(first).join("tokenkeeper.db");
+    }
+    if let Some(dir) = env_dir("XDG_STATE_HOME") {
+        return dir.join("tokenkeeper").join("tokenkeeper.db");
+    }
+    let home = env_dir("HOME").unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/state/tokenkeeper/tokenkeeper.db")
+}
+
+impl Config {
+    /// The configuration of `serve --dev`: no file, the built-in `demo`
+    /// provider served by the simulator under `/dev-provider` on the same
+    /// listener, a throw-away database.
+    pub fn dev(listen: SocketAddr, db_path: PathBuf, client_secret: &str) -> Config {
+        let base = format!("http://{listen}/dev-provider");
+        let url = |p: &str| Url::parse(&format!("{base}{p}")).expect("dev URLs are well-formed");
+        let mut providers = BTreeMap::new();
+        providers.insert(
+            "demo".to_string(),
+            ProviderConfig {
+                name: "demo".into(),
+                preset: Preset::Keap,
+                client_id: crate::provider::simulator::SimulatorConfig::default().client_id,
+                client_secret: Some(SecretString::from(client_secret.to_string())),
+                authorization_url: url("/authorize"),
+                token_url: url("/token"),
+                revocation_url: Some(url("/revoke")),
+                api_base_url: Some(url("/api")),
+                scopes: vec!["full".into()],
+                code_auth: ClientAuth::Body,
+                refresh_auth: ClientAuth::Basic,
+                pkce: true,
+                extra_authorize_params: BTreeMap::new(),
+                default_lifetime: Duration::from_secs(3600),
+                limits: Preset::Keap.limits(),
+                request_timeout: Duration::from_secs(30),
+            },
+        );
+        Config {
+            server: ServerConfig {
+                listen,
+                allow_remote: false,
+                public_url: None,
+                tls: TlsConfig::Off,
+                api_keys_file: None,
+                allowed_hosts: default_allowed_hosts(),
+                proxy_max_wait: Duration::from_secs(10),
+            },
+            storage: StorageConfig {
+                path: db_path,
+                encryption_key_file: None,
+            },
+            refresh: RefreshConfig::default(),
+            providers,
+            notify: NotifyConfig::default(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// The URL a browser reaches the daemon at, given the bound address.
+    pub fn public_url(&self, bound: SocketAddr) -> Url {
+        if let Some(u) = &self.server.public_url {
+            return u.clone();
+        }
+        let scheme = if self.server.tls == TlsConfig::Off {
+            "http"
+        } else {
+            "https"
+        };
+        Url::parse(&format!("{scheme}://{bound}")).expect("socket addresses form valid URLs")
+    }
+}
+
+fn default_allowed_hosts() -> Vec<String> {
+    vec!["localhost".into(), "127.0.0.1".into(), "[::1]".into()]
+}
+
+impl Preset {
+    fn parse(s: &str) -> Option<Preset> {
+        match s {
+            "keap" => Some(Preset::Keap),
+            "generic" => Some(Preset::Generic),
+            _ => None,
+        }
+    }
+
+    /// Keap: 25/s, 1500/min, 150000/day per client (its published limits).
+    pub fn limits(self) -> Limits {
+        match self {
+            Preset::Keap => Limits {
+                per_second: Some(25),
+                per_minute: Some(1500),
+                per_day: Some(150_000),
+            },
+            Preset::Generic => Limits::default(),
+        }
+    }
+}
+
+/// Walks the TOML tree, collecting problems instead of stopping at the first.
+struct Reader<'a> {
+    text: &'a str,
+    path: &'a Path,
+    problems: Vec<ConfigProblem>,
+    warnings: Vec<String>,
+}
+
+type Table<'i> = DeTable<'i>;
+type Value<'i> = Spanned<DeValue<'i>>;
+
+impl<'a> Reader<'a> {
+    fn new(text: &'a str, path: &'a Path) -> Self {
+        Reader {
+            text,
+            path,
+            problems: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn problem(&mut self, key: &str, span: Option<Range<usize>>, message: impl Into<String>) {
+        let line = span.map(|s| self.line_of(s.start));
+        self.problems.push(ConfigProblem {
+            key: key.to_string(),
+            line,
+            message: message.into(),
+        });
+    }
+
+    fn check_keys(&mut self, table: &Table<'_>, path: &str, allowed: &[&str]) {
+        for (k, _) in table.iter() {
+            if !allowed.contains(&k.get_ref().as_ref()) {
+                let key = join(path, k.get_ref());
+                self.problem(
+                    &key,
+                    Some(k.span()),
+                    format!("unknown key; allowed here: {}", allowed.join(", ")),
+                );
+            }
+        }
+    }
+
+    fn get<'t, 'i>(&self, table: &'t Table<'i>, key: &str) -> Option<&'t Value<'i>> {
+        table.get(key)
+    }
+
+    fn table<'t, 'i>(
+        &mut self,
+        parent: &'t Table<'i>,
+        key: &str,
+        path: &str,
+    ) -> Option<&'t Table<'i>> {
+        let v = self.get(parent, key)?;
+        match v.get_ref() {
+            DeValue::Table(t) => Some(t),
+            other => {
+                let msg = format!("expected a table, found {}", other.type_str());
+                self.problem(&join(path, key), Some(v.span()), msg);
+                None
+            }
+        }
+    }
+
+    fn string(
+        &mut self,
+        table: &Table<'_>,
+        key: &str,
+        path: &str,
+    ) -> Option<(String, Range<usize>)> {
+        let v = self.get(table, key)?;
+        match v.get_ref() {
+            DeValue::String(s) => Some((s.to_string(), v.span())),
+            other => {
+                let msg = format!("expected a string, found {}", other.type_str());
+                self.problem(&join(path, key), Some(v.span()), msg);
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, table: &Table<'_>, key: &str, path: &str) -> Option<bool> {
+        let v = self.get(table, key)?;
+        match v.get_ref() {
+            DeValue::Boolean(b) => Some(*b),
+            other => {
+                let msg = format!("expected true or false, found {}", other.type_str());
+                self.problem(&join(path, key), Some(v.span()), msg);
+                None
+            }
+        }
+    }
+
+    fn number(&mut self, table: &Table<'_>, key: &str, path: &str) -> Option<(f64, Range<usize>)> {
+        let v = self.get(table, key)?;
+        let parsed = match v.get_ref() {
+            DeValue::Integer(i) => i64::from_str_radix(&i.as_str().replace('_', ""), i.radix())
+                .ok()
+                .map(|n| n as f64),
+            DeValue::Float(f) => f.as_str().replace('_', "").parse::<f64>().ok(),
+            _ => None,
+        };
+        if parsed.is_none() {
+            let msg = format!("expected a number, found {}", v.get_ref().type_str());
+            self.problem(&join(path, key), Some(v.span()), msg);
+        }
+        parsed.map(|n| (n, v.span()))
+    }
+
+    fn count(&mut self, table: &Table<'_>, key: &str, path: &str) -> Option<u32> {
+        let (n, span) = self.number(table, key, path)?;
+        if n.fract() != 0.0 || !(1.0..=u32::MAX as f64).contains(&n) {
+            self.problem(
+                &join(path, key),
+                Some(span),
+                "expected a positive whole number",
+            );
+            return None;
+        }
+        Some(n as u32)
+    }
+
+    fn duration(&mut self, table: &Table<'_>, key: &str, path: &str) -> Option<Duration> {
+        let (s, span) = self.string(table, key, path)?;
+        match parse_duration(&s) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.problem(
+                    &join(path, key),
+                    Some(span),
+                    format!("{e}; write e.g. \"30s\", \"10m\", \"1h\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn url(&mut self, table: &Table<'_>, key: &str, path: &str) -> Option<Url> {
+        let (s, span) = self.string(table, key, path)?;
+        match Url::parse(&s) {
+            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Some(u),
+            Ok(_) => {
+                self.problem(
+                    &join(path, key),
+                    Some(span),
+                    "must be an http:// or https:// URL",
+                );
+                None
+            }
+            Err(e) => {
+                self.problem(
+                    &join(path, key),
+                    Some(span),
+                    format!("not a valid URL ({e})"),
+                );
+                None
+            }
+        }
+    }
+
+    fn string_array(&mut self, table: &Table<'_>, key: &str, path: &str) -> Option<Vec<String>> {
+        let v = self.get(table, key)?;
+        let DeValue::Array(items) = v.get_ref() else {
+            let msg = format!(
+                "expected an array of strings, found {}",
+                v.get_ref().type_str()
+            );
+            self.problem(&join(path, key), Some(v.span()), msg);
+            return None;
+        };
+        let mut out = Vec::new();
+        for item in items {
+            match item.get_ref() {
+                DeValue::String(s) => out.push(s.to_string()),
+                other => {
+                    let msg = format!("expected strings only, found {}", other.type_str());
+                    self.problem(&join(path, key), Some(item.span()), msg);
+                }
+            }
+        }
+        Some(out)
+    }
+
+    fn string_map(
+        &mut self,
+        table: &Table<'_>,
+        key: &str,
+        path: &str,
+    ) -> Option<BTreeMap<String, String>> {
+        let t = self.table(table, key, path)?;
+        let mut out = BTreeMap::new();
+        for (k, v) in t.iter() {
+            match v.get_ref() {
+                DeValue::String(s) => {
+                    out.insert(k.get_ref().to_string(), s.to_string());
+                }
+                other => {
+                    let msg = format!("expected a string, found {}", other.type_str());
+                    self.problem(&join(&join(path, key), k.get_ref()), Some(v.span()), msg);
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// A path from the config, relative to the config file's directory.
+    fn path_value(
+        &mut self,
+        table: &Table<'_>,
+        key: &str,
+        path: &str,
+    ) -> Option<(PathBuf, Range<usize>)> {
+        let (s, span) = self.string(table, key, path)?;
+        let p = PathBuf::from(&s);
+        let resolved = if p.is_relative() {
+            self.path.parent().map(|d| d.join(&p)).unwrap_or(p)
+        } else {
+            p
+        };
+        Some((resolved, span))
+    }
+
+    /// Reads a `*_file` secret; relative names are first looked up in
+    /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`), and so are
+    /// absolute paths that do not exist, by file name.
+    fn secret_file(&mut self, table: &Table<'_>, key: &str, path: &str) -> Option<SecretString> {
+        let (raw, span) = self.string(table, key, path)?;
+        match read_secret_file(&raw, self.path) {
+            Ok(s) => Some(s),
+            Err(msg) => {
+                self.problem(&join(path, key), Some(span), msg);
+                None
+            }
+        }
+    }
+
+    fn config(&mut self, root: &Table<'_>) -> Config {
+        self.check_keys(
+            root,
+            "",
+            &["server", "storage", "refresh", "providers", "notify"],
+        );
+        let empty = Table::new();
+        let server_t = self.table(root, "server", "").unwrap_or(&empty);
+        let server = self.server(server_t);
+        let storage_t = self.table(root, "storage", "").unwrap_or(&empty);
+        let storage = self.storage(storage_t);
+        let refresh_t = self.table(root, "refresh", "").unwrap_or(&empty);
+        let refresh = self.refresh(refresh_t);
+        let notify_t = self.table(root, "notify", "").unwrap_or(&empty);
+        let notify = self.notify(notify_t);
+        let mut providers = BTreeMap::new();
+        if let Some(pt) = self.table(root, "providers", "") {
+            for (name, v) in pt.iter() {
+                let name_s = name.get_ref().to_string();
+                let path = format!("providers.{name_s}");
+                if !valid_name(&name_s) {
+                    self.problem(
+                        &path,
+                        Some(name.span()),
+                        "provider names are lowercase letters, digits, '_' and '-', starting with a letter or digit, at most 63 characters",
+                    );
+                }
+                let DeValue::Table(t) = v.get_ref() else {
+                    self.problem(&path, Some(v.span()), "expected a table [providers.NAME]");
+                    continue;
+                };
+                if let Some(p) = self.provider(&name_s, t, &path, name.span()) {
+                    providers.insert(name_s, p);
+                }
+            }
+        }
+        if let Some(server) = &server {
+            let uses_keap = providers.values().any(|p| p.preset == Preset::Keap);
+            if uses_keap && server.tls == TlsConfig::Off {
+                let http_public = server
+                    .public_url
+                    .as_ref()
+                    .map_or(true, |u| u.scheme() == "http");
+                if http_public {
+                    self.warnings.push(
+                        "server.public_url is http://: Keap only accepts HTTPS redirect URIs; set server.tls or an https public_url for the real Keap".into(),
+                    );
+                }
+            }
+        }
+        Config {
+            server: server.unwrap_or_else(|| {
+                Config::dev(DEFAULT_LISTEN.parse().expect("valid"), PathBuf::new(), "").server
+            }),
+            storage,
+            refresh,
+            providers,
+            notify,
+            warnings: std::mem::take(&mut self.warnings),
+        }
+    }
+
+    fn server(&mut self, t: &Table<'_>) -> Option<ServerConfig> {
+        let p = "server";
+        self.check_keys(
+            t,
+            p,
+            &[
+                "listen",
+                "allow_remote",
+                "public_url",
+                "tls",
+                "api_keys_file",
+                "allowed_hosts",
+                "proxy_max_wait",
+            ],
+        );
+        let listen = match self.string(t, "listen", p) {
+            Some((s, span)) => match s.parse::<SocketAddr>() {
+                Ok(a) => Some((a, span)),
+                Err(_) => {
+                    self.problem(
+                        "server.listen",
+                        Some(span),
+                        "expected IP:PORT, e.g. \"127.0.0.1:8787\"",
+                    );
+                    None
+                }
+            },
+            None => Some((DEFAULT_LISTEN.parse().expect("valid"), 0..0)),
+        };
+        let allow_remote = self.boolean(t, "allow_remote", p).unwrap_or(false);
+        let public_url = self.url(t, "public_url", p);
+        let tls = match self.get(t, "tls") {
+            None => TlsConfig::Off,
+            Some(v) => match v.get_ref() {
+                DeValue::String(s) if s == "self-signed" => TlsConfig::SelfSigned,
+                DeValue::Table(tt) => {
+                    self.check_keys(tt, "server.tls", &["cert_file", "key_file"]);
+                    let cert = self.path_value(tt, "cert_file", "server.tls");
+                    let key = self.path_value(tt, "key_file", "server.tls");
+                    match (cert, key) {
+                        (Some((cert_file, _)), Some((key_file, _))) => TlsConfig::Files {
+                            cert_file,
+                            key_file,
+                        },
+                        _ => {
+                            self.problem(
+                                "server.tls",
+                                Some(v.span()),
+                                "needs both cert_file and key_file",
+                            );
+                            TlsConfig::Off
+                        }
+                    }
+                }
+                _ => {
+                    self.problem(
+                        "server.tls",
+                        Some(v.span()),
+                        "expected \"self-signed\" or { cert_file = \"...\", key_file = \"...\" }",
+                    );
+                    TlsConfig::Off
+                }
+            },
+        };
+        let api_keys_file = self.path_value(t, "api_keys_file", p).map(|(p, _)| p);
+        let mut allowed_hosts = self
+            .string_array(t, "allowed_hosts", p)
+            .unwrap_or_else(default_allowed_hosts);
+        if let Some(u) = &public_url {
+            if let Some(h) = u.host_str() {
+                allowed_hosts.push(h.to_string());
+            }
+        }
+        let proxy_max_wait = self
+            .duration(t, "proxy_max_wait", p)
+            .unwrap_or(Duration::from_secs(10));
+        let (listen, listen_span) = listen?;
+        if !listen.ip().is_loopback() && !(allow_remote && api_keys_file.is_some()) {
+            self.problem(
+                "server.listen",
+                Some(listen_span).filter(|s| s.end > 0),
+                format!(
+                    "{listen} is not a loopback address; set allow_remote = true and api_keys_file, or listen on 127.0.0.1"
+                ),
+            );
+        }
+        Some(ServerConfig {
+            listen,
+            allow_remote,
+            public_url,
+            tls,
+            api_keys_file,
+            allowed_hosts,
+            proxy_max_wait,
+        })
+    }
+
+    fn storage(&mut self, t: &Table<'_>) -> StorageConfig {
+        let p = "storage";
+        self.check_keys(t, p, &["path", "encryption_key_file"]);
+        let path = self
+            .path_value(t, "path", p)
+            .map(|(p, _)| p)
+            .unwrap_or_else(default_db_path);
+        let encryption_key_file = self.path_value(t, "encryption_key_file", p).map(|(p, _)| p);
+        StorageConfig {
+            path,
+            encryption_key_file,
+        }
+    }
+
+    fn refresh(&mut self, t: &Table<'_>) -> RefreshConfig {
+        let p = "refresh";
+        self.check_keys(
+            t,
+            p,
+            &[
+                "at_fraction",
+                "jitter",
+                "min_validity",
+                "check_interval",
+                "retry_initial",
+                "retry_max",
+                "keepalive",
+            ],
+        );
+        let d = RefreshConfig::default();
+        let at_fraction = match self.number(t, "at_fraction", p) {
+            Some((f, _)) if f > 0.0 && f < 1.0 => f,
+            Some((_, span)) => {
+                self.problem(
+                    "refresh.at_fraction",
+                    Some(span),
+                    "must be between 0 and 1 (exclusive), e.g. 0.75",
+                );
+                d.at_fraction
+            }
+            None => d.at_fraction,
+        };
+        let nonzero = |r: &mut Self, key: &str, default: Duration| -> Duration {
+            let v = r.duration(t, key, p).unwrap_or(default);
+            if v.is_zero() {
+                let span = r.get(t, key).map(|v| v.span());
+                r.problem(&join(p, key), span, "must be greater than zero");
+                return default;
+            }
+            v
+        };
+        let min_validity = self
+            .duration(t, "min_validity", p)
+            .unwrap_or(d.min_validity);
+        let jitter = self.duration(t, "jitter", p).unwrap_or(d.jitter);
+        let check_interval = nonzero(self, "check_interval", d.check_interval);
+        let retry_initial = nonzero(self, "retry_initial", d.retry_initial);
+        let retry_max = nonzero(self, "retry_max", d.retry_max);
+        let keepalive = nonzero(self, "keepalive", d.keepalive);
+        if retry_max < retry_initial {
+            let span = self.get(t, "retry_max").map(|v| v.span());
+            self.problem(
+                "refresh.retry_max",
+                span,
+                "must not be smaller than refresh.retry_initial",
+            );
+        }
+        RefreshConfig {
+            at_fraction,
+            jitter,
+            min_validity,
+            check_interval,
+            retry_initial,
+            retry_max,
+            keepalive,
+        }
+    }
+
+    fn notify(&mut self, t: &Table<'_>) -> NotifyConfig {
+        self.check_keys(t, "notify", &["command", "webhook_url"]);
+        NotifyConfig {
+            command: self.path_value(t, "command", "notify").map(|(p, _)| p),
+            webhook_url: self.url(t, "webhook_url", "notify"),
+        }
+    }
+
+    fn client_auth(&mut self, t: &Table<'_>, key: &str, path: &str) -> Option<ClientAuth> {
+        let (s, span) = self.string(t, key, path)?;
+        match s.as_str() {
+            "body" => Some(ClientAuth::Body),
+            "basic" => Some(ClientAuth::Basic),
+            "none" => Some(ClientAuth::None),
+            _ => {
+                self.problem(
+                    &join(path, key),
+                    Some(span),
+                    "expected \"body\", \"basic\" or \"none\"",
+                );
+                None
+            }
+        }
+    }
+
+    fn provider(
+        &mut self,
+        name: &str,
+        t: &Table<'_>,
+        path: &str,
+        name_span: Range<usize>,
+    ) -> Option<ProviderConfig> {
+        self.check_keys(
+            t,
+            path,
+            &[
+                "preset",
+                "client_id",
+                "client_secret",
+                "client_secret_file",
+                "client_secret_env",
+                "authorization_url",
+                "token_url",
+                "revocation_url",
+                "api_base_url",
+                "scopes",
+                "code_auth",
+                "refresh_auth",
+                "pkce",
+                "extra_authorize_params",
+                "default_lifetime",
+                "limits",
+                "request_timeout",
+            ],
+        );
+        let before = self.problems.len();
+        let preset = match self.string(t, "preset", path) {
+            Some((s, span)) => Preset::parse(&s).or_else(|| {
+                self.problem(
+                    &join(path, "preset"),
+                    Some(span),
+                    "unknown preset; use \"keap\" or \"generic\"",
+                );
+                None
+            }),
+            None => Some(Preset::Generic),
+        };
+        let client_id = self.string(t, "client_id", path).map(|(s, _)| s);
+        if client_id.as_deref().is_none_or(str::is_empty) && self.get(t, "client_id").is_none() {
+            self.problem(
+                &join(path, "client_id"),
+                Some(name_span.clone()),
+                "missing; set client_id to the id of your OAuth client registration",
+            );
+        }
+        let code_auth = self.client_auth(t, "code_auth", path);
+        let refresh_auth = self.client_auth(t, "refresh_auth", path);
+        let preset_keap = preset == Some(Preset::Keap);
+        let code_auth = code_auth.unwrap_or(if preset_keap {
+            ClientAuth::Body
+        } else {
+            ClientAuth::Basic
+        });
+        let refresh_auth = refresh_auth.unwrap_or(if preset_keap {
+            ClientAuth::Basic
+        } else {
+            code_auth
+        });
+        let public = code_auth == ClientAuth::None && refresh_auth == ClientAuth::None;
+
+        let secret_keys: Vec<&str> = ["client_secret", "client_secret_file", "client_secret_env"]
+            .into_iter()
+            .filter(|k| t.get(*k).is_some())
+            .collect();
+        if secret_keys.len() > 1 {
+            let span = self.get(t, secret_keys[1]).map(|v| v.span());
+            self.problem(
+                &join(path, secret_keys[1]),
+                span,
+                format!("give only one of {}", secret_keys.join(", ")),
+            );
+        }
+        let client_secret = if t.get("client_secret_file").is_some() {
+            self.secret_file(t, "client_secret_file", path)
+        } else if let Some((var, span)) = self.string(t, "client_secret_env", path) {
+            match std::env::var(&var) {
+                Ok(v) if !v.is_empty() => Some(SecretString::from(v)),
+                _ => {
+                    self.problem(
+                        &join(path, "client_secret_env"),
+                        Some(span),
+                        format!("environment variable {var} is not set or empty; export it before starting"),
+                    );
+                    None
+                }
+            }
+        } else if let Some((s, _)) = self.string(t, "client_secret", path) {
+            self.warnings.push(format!(
+                "{path}.client_secret is written in the config file; prefer client_secret_file or client_secret_env"
+            ));
+            Some(SecretString::from(s))
+        } else {
+            None
+        };
+        if client_secret.is_none() && !public && secret_keys.is_empty() {
+            self.problem(
+                &join(path, "client_secret_file"),
+                Some(name_span.clone()),
+                "missing client secret; set client_secret_file or client_secret_env (or code_auth = refresh_auth = \"none\" for a public client)",
+            );
+        }
+
+        let (def_auth, def_token, def_api, def_scopes): (
+            Option<&str>,
+            Option<&str>,
+            Option<&str>,
+            Vec<String>,
+        ) = if preset_keap {
+            (
+                Some("https://accounts.infusionsoft.com/app/oauth/authorize"),
+                Some("https://api.infusionsoft.com/token"),
+                Some("https://api.infusionsoft.com"),
+                vec!["full".into()],
+            )
+        } else {
+            (None, None, None, Vec::new())
+        };
+        let required_url = |r: &mut Self, key: &str, default: Option<&str>| -> Option<Url> {
+            if r.get(t, key).is_some() {
+                return r.url(t, key, path);
+            }
+            match default {
+                Some(d) => Url::parse(d).ok(),
+                None => {
+                    r.problem(
+                        &join(path, key),
+                        Some(name_span.clone()),
+                        format!("missing; the generic preset needs {key}"),
+                    );
+                    None
+                }
+            }
+        };
+        let authorization_url = required_url(self, "authorization_url", def_auth);
+        let token_url = required_url(self, "token_url", def_token);
+        let revocation_url = self.url(t, "revocation_url", path);
+        let api_base_url = self
+            .url(t, "api_base_url", path)
+            .or_else(|| def_api.and_then(|u| Url::parse(u).ok()));
+        let scopes = self.string_array(t, "scopes", path).unwrap_or(def_scopes);
+        let pkce = self.boolean(t, "pkce", path).unwrap_or(true);
+        let extra_authorize_params = self
+            .string_map(t, "extra_authorize_params", path)
+            .unwrap_or_default();
+        let default_lifetime = self
+            .duration(t, "default_lifetime", path)
+            .unwrap_or(Duration::from_secs(3600));
+        let request_timeout = self
+            .duration(t, "request_timeout", path)
+            .unwrap_or(Duration::from_secs(30));
+        let mut limits = preset.map(Preset::limits).unwrap_or_default();
+        if let Some(lt) = self.table(t, "limits", path) {
+            let lp = join(path, "limits");
+            self.check_keys(lt, &lp, &["per_second", "per_minute", "per_day"]);
+            if lt.get("per_second").is_some() {
+                limits.per_second = self.count(lt, "per_second", &lp);
+            }
+            if lt.get("per_minute").is_some() {
+                limits.per_minute = self.count(lt, "per_minute", &lp);
+            }
+            if lt.get("per_day").is_some() {
+                limits.per_day = self.count(lt, "per_day", &lp);
+            }
+        }
+        if self.problems.len() != before {
+            return None;
+        }
+        Some(ProviderConfig {
+            name: name.to_string(),
+            preset: preset?,
+            client_id: client_id?,
+            client_secret: if public { None } else { client_secret },
+            authorization_url: authorization_url?,
+            token_url: token_url?,
+            revocation_url,
+            api_base_url,
+            scopes,
+            code_auth,
+            refresh_auth,
+            pkce,
+            extra_authorize_params,
+            default_lifetime,
+            limits,
+            request_timeout,
+        })
+    }
+}
+
+/// Resolves and reads a secret file (see [`Reader::secret_file`]).
+pub fn read_secret_file(raw: &str, config_path: &Path) -> Result<SecretString, String> {
+    let p = PathBuf::from(raw);
+    let creds = std::env::var_os("CREDENTIALS_DIRECTORY")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    let mut candidates = Vec::new();
+    if p.is_relative() {
+        if let Some(c) = &creds {
+            candidates.push(c.join(&p));
+        }
+        candidates.push(
+            config_path
+                .parent()
+                .map(|d| d.join(&p))
+                .unwrap_or_else(|| p.clone()),
+        );
+    } else {
+        candidates.push(p.clone());
+        if let (Some(c), Some(name)) = (&creds, p.file_name()) {
+            candidates.push(c.join(name));
+        }
+    }
+    let mut last_err = None;
+    for c in &candidates {
+        match std::fs::read_to_string(c) {
+            Ok(s) => {
+                let s = s.trim_end_matches(['\n', '\r']).to_string();
+                if s.is_empty() {
+                    return Err(format!("{} is empty; put the secret in it", c.display()));
+                }
+                return Ok(SecretString::from(s));
+            }
+            Err(e) => last_err = Some((c.clone(), e)),
+        }
+    }
+    let (c, e) = last_err.expect("at least one candidate");
+    Err(format!(
+        "cannot read {} ({e}); check the path and that this user may read it",
+        c.display()
+    ))
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<ConfigProblem> {
+        match parse(text, Path::new("/tmp/t.toml")) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems,
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(30 * 86400)
+        );
+        assert!(parse_duration("30").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("5 weeks").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("keap"));
+        assert!(valid_name("a-b_9"));
+        assert!(!valid_name("Keap"));
+        assert!(!valid_name("-x"));
+        assert!(!valid_name(&"a".repeat(64)));
+        assert!(!valid_account("refresh"));
+    }
+
+    #[test]
+    fn keap_preset_fills_endpoints_and_limits() {
+        let cfg = parse(
+            "[providers.keap]\npreset = \"keap\"\nclient_id = \"id\"\nclient_secret = \"s\"\n",
+            Path::new("/tmp/t.toml"),
+        )
+        .unwrap();
+        let p = &cfg.providers["keap"];
+        assert_eq!(p.token_url.as_str(), "https://api.infusionsoft.com/token");
+        assert_eq!(p.code_auth, ClientAuth::Body);
+        assert_eq!(p.refresh_auth, ClientAuth::Basic);
+        assert_eq!(p.limits.per_second, Some(25));
+        assert_eq!(p.scopes, vec!["full".to_string()]);
+        assert!(cfg.warnings.iter().any(|w| w.contains("client_secret")));
+    }
+
+    #[test]
+    fn all_problems_reported_with_lines() {
+        let text = "[server]\nlisten = \"nope\"\nbogus = 1\n[refresh]\njitter = \"10 minutes\"\n[providers.x]\npreset = \"generic\"\nclient_secret = \"s\"\n";
+        let ps = problems(text);
+        let keys: Vec<_> = ps.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert!(keys.contains(&("server.listen", Some(2))), "{keys:?}");
+        assert!(keys.contains(&("server.bogus", Some(3))), "{keys:?}");
+        assert!(keys.contains(&("refresh.jitter", Some(5))), "{keys:?}");
+        assert!(
+            keys.iter().any(|(k, _)| *k == "providers.x.client_id"),
+            "{keys:?}"
+        );
+        assert!(
+            keys.iter()
+                .any(|(k, _)| *k == "providers.x.authorization_url"),
+            "{keys:?}"
+        );
+    }
+
+    #[test]
+    fn non_loopback_needs_remote_and_keys() {
+        let ps = problems("[server]\nlisten = \"0.0.0.0:8787\"\n");
+        assert!(ps.iter().any(|p| p.key == "server.listen"), "{ps:?}");
+    }
+
+    #[test]
+    fn unreadable_secret_file_is_named() {
+        let ps = problems("[providers.k]\npreset=\"keap\"\nclient_id=\"i\"\nclient_secret_file=\"/nonexistent/secret\"\n");
+        assert!(
+            ps.iter()
+                .any(|p| p.key == "providers.k.client_secret_file" && p.line == Some(4)),
+            "{ps:?}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_has_a_line() {
+        let ps = problems("[server\nlisten=1\n");
+        assert!(
+            ps.iter().any(|p| p.key == "(syntax)" && p.line.is_some()),
+            "{ps:?}"
+        );
+    }
+}

@@ -1,0 +1,197 @@
+//! `/v1/*`, `/healthz`, `/readyz`: thin handlers over the refresh engine.
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{SecondsFormat, Utc};
+use secrecy::ExposeSecret;
+use serde::Serialize;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::config::{valid_account, valid_name};
+use crate::refresh::{ConnectionReport, IssuedToken};
+
+/// Default account when a path omits it.
+pub const DEFAULT_ACCOUNT: &str = "default";
+
+#[derive(Serialize)]
+struct TokenBody<'a> {
+    access_token: &'a str,
+    token_type: &'static str,
+    expires_at: String,
+    expires_in: i64,
+    provider: &'a str,
+    account: &'a str,
+}
+
+fn token_response(t: &IssuedToken) -> Response {
+    let body = TokenBody {
+        access_token: t.access_token.expose_secret(),
+        token_type: "Bearer",
+        expires_at: t.expires_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+        expires_in: (t.expires_at - Utc::now()).num_seconds().max(0),
+        provider: &t.provider,
+        account: &t.account,
+    };
+    let mut r = Json(body).into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn check_names(provider: &str, account: &str) -> Result<(), ApiError> {
+    if !valid_name(provider) {
+        return Err(ApiError::UnknownProvider(provider.to_string()));
+    }
+    if !valid_account(account) {
+        return Err(ApiError::BadRequest(format!(
+            "{account:?} is not a valid account name (lowercase letters, digits, '_' and '-'; not \"refresh\")"
+        )));
+    }
+    Ok(())
+}
+
+async fn get_token(state: &AppState, provider: &str, account: &str) -> Result<Response, ApiError> {
+    check_names(provider, account)?;
+    let t = state
+        .engine
+        .token(provider, account)
+        .await
+        .map_err(|e| ApiError::from_token_error(e, &state.public_url))?;
+    Ok(token_response(&t))
+}
+
+async fn refresh_token(
+    state: &AppState,
+    provider: &str,
+    account: &str,
+) -> Result<Response, ApiError> {
+    check_names(provider, account)?;
+    let t = state
+        .engine
+        .force_refresh(provider, account)
+        .await
+        .map_err(|e| ApiError::from_token_error(e, &state.public_url))?;
+    Ok(token_response(&t))
+}
+
+/// `GET /v1/token/{provider}`.
+pub async fn token_default(
+    State(state): State<AppState>,
+    Path(provider): Path<String>,
+) -> Result<Response, ApiError> {
+    get_token(&state, &provider, DEFAULT_ACCOUNT).await
+}
+
+/// `GET /v1/token/{provider}/{account}`.
+pub async fn token(
+    State(state): State<AppState>,
+    Path((provider, account)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    get_token(&state, &provider, &account).await
+}
+
+/// `POST /v1/token/{provider}/refresh`.
+pub async fn refresh_default(
+    State(state): State<AppState>,
+    Path(provider): Path<String>,
+) -> Result<Response, ApiError> {
+    refresh_token(&state, &provider, DEFAULT_ACCOUNT).await
+}
+
+/// `POST /v1/token/{provider}/{account}/refresh`.
+pub async fn refresh(
+    State(state): State<AppState>,
+    Path((provider, account)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    refresh_token(&state, &provider, &account).await
+}
+
+#[derive(Serialize)]
+struct ConnectionsBody {
+    connections: Vec<ConnectionJson>,
+}
+
+#[derive(Serialize)]
+struct ConnectionJson {
+    provider: String,
+    account: String,
+    state: &'static str,
+    expires_at: String,
+    refreshed_at: Option<String>,
+    next_refresh_at: Option<String>,
+    refresh_token_issued_at: String,
+    last_error: Option<String>,
+}
+
+fn rfc3339(t: chrono::DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+impl From<ConnectionReport> for ConnectionJson {
+    fn from(c: ConnectionReport) -> Self {
+        ConnectionJson {
+            provider: c.provider,
+            account: c.account,
+            state: c.state,
+            expires_at: rfc3339(c.expires_at),
+            refreshed_at: c.refreshed_at.map(rfc3339),
+            next_refresh_at: c.next_refresh_at.map(rfc3339),
+            refresh_token_issued_at: rfc3339(c.refresh_token_issued_at),
+            last_error: c.last_error,
+        }
+    }
+}
+
+/// `GET /v1/connections`.
+pub async fn connections(State(state): State<AppState>) -> Response {
+    let body = ConnectionsBody {
+        connections: state
+            .engine
+            .report()
+            .into_iter()
+            .map(ConnectionJson::from)
+            .collect(),
+    };
+    let mut r = Json(body).into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// `DELETE /v1/connections/{provider}/{account}`: revoke upstream where
+/// possible and forget locally.
+pub async fn delete_connection(
+    State(state): State<AppState>,
+    Path((provider, account)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    check_names(&provider, &account)?;
+    let forgotten = state
+        .engine
+        .forget(&provider, &account)
+        .await
+        .map_err(|e| ApiError::from_token_error(e, &state.public_url))?;
+    if forgotten {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::UnknownConnection { provider, account })
+    }
+}
+
+/// `GET /healthz`: the process runs.
+pub async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /readyz`: the database answers and the config is loaded.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    match state.engine.store().ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check: database does not answer");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n").into_response()
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! Browser authorization: `/connect/{provider}` starts it, `/callback`
+//! finishes it.
+//!
+//! The callback has two named phases: `check` (the state is consumed and
+//! verified against the browser cookie; nothing else changes) and
+//! `exchange_and_store` (the code is redeemed and the grant committed).
+//! A failure in either leaves nothing half-written.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use sha2::{Digest, Sha256};
+
+use super::api::DEFAULT_ACCOUNT;
+use super::pages::{self, escape};
+use super::AppState;
+use crate::config::valid_account;
+use crate::store::{NewGrant, PendingAuthorization};
+
+/// How long a started authorization may take: long enough to log in and
+/// consent, short enough that a leaked state is soon worthless.
+const AUTHORIZATION_TTL: chrono::Duration = chrono::Duration::minutes(10);
+
+/// Cookie binding a flow to the browser that started it.
+const FLOW_COOKIE: &str = "tokenkeeper_flow";
+
+fn sha256_hex(s: &str) -> String {
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `GET /connect/{provider}?account=NAME`.
+pub async fn connect(
+    State(state): State<AppState>,
+    Path(provider): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let settings = state.engine.settings();
+    let Some(p) = settings.providers.get(&provider) else {
+        return pages::problem(
+            StatusCode::NOT_FOUND,
+            "Unknown provider",
+            &format!("No provider named \"{provider}\" is configured. Add a [providers.{provider}] table to the config, or pick one on the start page."),
+            Some("/"),
+        );
+    };
+    let account = q
+        .get("account")
+        .map(String::as_str)
+        .unwrap_or(DEFAULT_ACCOUNT);
+    if !valid_account(account) {
+        return pages::problem(
+            StatusCode::BAD_REQUEST,
+            "Invalid account name",
+            "Account names are lowercase letters, digits, '_' and '-', start with a letter or digit, and are at most 63 characters (\"refresh\" is reserved).",
+            Some("/"),
+        );
+    }
+    let redirect_uri = state.redirect_uri();
+    let start = p.authorization_start(&redirect_uri);
+    let browser_secret = format!("{:032x}", rand::random::<u128>());
+    let now = Utc::now();
+    let pending = PendingAuthorization {
+        state: start.state.clone(),
+        provider: provider.clone(),
+        account: account.to_string(),
+        pkce_verifier: start.pkce_verifier,
+        redirect_uri: redirect_uri.to_string(),
+        browser_hash: sha256_hex(&browser_secret),
+        created_at: now,
+        expires_at: now + AUTHORIZATION_TTL,
+    };
+    if let Err(e) = state.engine.store().insert_pending(&pending).await {
+        tracing::error!(error = %e, "cannot store a pending authorization");
+        return pages::problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Cannot start the authorization",
+            "tokenkeeper could not write to its database; see its log, then try again.",
+            None,
+        );
+    }
+    tracing::info!(provider = %provider, account, "authorization started");
+    let secure = if state.public_url.scheme() == "https" {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cookie = format!(
+        "{FLOW_COOKIE}={browser_secret}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
+        AUTHORIZATION_TTL.num_seconds()
+    );
+    let mut r = StatusCode::FOUND.into_response();
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(start.url.as_str()) {
+        h.insert(header::LOCATION, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        h.insert(header::SET_COOKIE, v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn flow_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == FLOW_COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+/// `GET /callback?code=..&state=..` (or `?error=..&state=..`).
+pub async fn callback(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let pending = match check(&state, &headers, &q).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    exchange_and_store(&state, pending, &q).await
+}
+
+/// Phase 1: consume the state and verify it belongs to this browser. The
+/// state is gone afterwards whatever the outcome: single use.
+async fn check(
+    state: &AppState,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+) -> Result<PendingAuthorization, Response> {
+    let Some(st) = q.get("state").filter(|s| !s.is_empty() && s.len() <= 512) else {
+        return Err(pages::problem(
+            StatusCode::BAD_REQUEST,
+            "Authorization failed",
+            "The callback has no state parameter, so it cannot be matched to an authorization started here. Start again from the tokenkeeper page.",
+            Some("/"),
+        ));
+    };
+    let pending = match state.engine.store().take_pending(st, Utc::now()).await {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            return Err(pages::problem(
+                StatusCode::BAD_REQUEST,
+                "Authorization failed",
+                "This authorization link is unknown, expired (after 10 minutes) or was already used. Start again from the tokenkeeper page.",
+                Some("/"),
+            ))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read pending authorizations");
+            return Err(pages::problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Authorization failed",
+                "tokenkeeper could not read its database; see its log.",
+                None,
+            ));
+        }
+    };
+    let retry = format!("/connect/{}?account={}", pending.provider, pending.account);
+    let same_browser = flow_cookie(headers).is_some_and(|c| sha256_hex(&c) == pending.browser_hash);
+    if !same_browser {
+        tracing::warn!(provider = %pending.provider, account = %pending.account, "callback arrived without the cookie of the browser that started it; refused");
+        return Err(pages::problem(
+            StatusCode::BAD_REQUEST,
+            "Authorization failed",
+            "This authorization was started in another browser (or cookies are blocked), so it was not accepted. Start it again in this browser.",
+            Some(&retry),
+        ));
+    }
+    if let Some(err) = q.get("error") {
+        let desc = q
+            .get("error_description")
+            .map(|d| format!(" ({d})"))
+            .unwrap_or_default();
+        let what = if err == "access_denied" {
+            format!("Access was denied at the provider{desc}. Nothing was stored. If that was a mistake, connect again and approve.")
+        } else {
+            format!("The provider answered with the error \"{err}\"{desc}. Nothing was stored. Try again; if it persists, check the provider settings.")
+        };
+        tracing::info!(provider = %pending.provider, account = %pending.account, error = %err, "authorization ended with a provider error");
+        return Err(pages::problem(
+            StatusCode::BAD_REQUEST,
+            "Authorization not completed",
+            &what,
+            Some(&retry),
+        ));
+    }
+    Ok(pending)
+}
+
+/// Phase 2: redeem the code and commit the grant.
+async fn exchange_and_store(
+    state: &AppState,
+    pending: PendingAuthorization,
+    q: &HashMap<String, String>,
+) -> Response {
+    let retry = format!("/connect/{}?account={}", pending.provider, pending.account);
+    let Some(code) = q.get("code").filter(|c| !c.is_empty() && c.len() <= 4096) else {
+        return pages::problem(
+            StatusCode::BAD_REQUEST,
+            "Authorization failed",
+            "The callback carries no authorization code. Nothing was stored. Start again.",
+            Some(&retry),
+        );
+    };
+    let settings = state.engine.settings();
+    let Some(provider) = settings.providers.get(&pending.provider) else {
+        return pages::problem(
+            StatusCode::BAD_REQUEST,
+            "Authorization failed",
+            "The provider of this authorization is no longer configured.",
+            Some("/"),
+        );
+    };
+    let redirect_uri = match url::Url::parse(&pending.redirect_uri) {
+        Ok(u) => u,
+        Err(_) => state.redirect_uri(),
+    };
+    let grant = match provider
+        .exchange_code(code, pending.pkce_verifier.as_ref(), &redirect_uri)
+        .await
+    {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::warn!(provider = %pending.provider, account = %pending.account, error = %e, "code exchange failed");
+            return pages::problem(
+                StatusCode::BAD_GATEWAY,
+                "Authorization failed",
+                &format!("The provider did not accept the authorization code: {e}. Nothing was stored. Start again."),
+                Some(&retry),
+            );
+        }
+    };
+    let new = NewGrant {
+        access_token: &grant.access_token,
+        refresh_token: grant.refresh_token.as_ref(),
+        token_type: &grant.token_type,
+        scope: grant.scope.as_deref(),
+        issued_at: grant.received_at,
+        expires_at: grant.expires_at,
+    };
+    match state
+        .engine
+        .store()
+        .save_authorized(&pending.provider, &pending.account, &new)
+        .await
+    {
+        Ok(row) => {
+            state.engine.install(&row);
+            tracing::info!(provider = %pending.provider, account = %pending.account, "authorized; grant stored");
+            let warn = if grant.refresh_token.is_none() {
+                "<p class=\"error\">The provider issued no refresh token, so this grant cannot be renewed: it ends when the access token expires.</p>"
+            } else {
+                ""
+            };
+            pages::page(
+                StatusCode::OK,
+                "Connected",
+                &format!(
+                    "<div class=\"card\"><p><span class=\"badge active\">active</span> {p}/{a} is authorized. You can close this window.</p>{warn}\
+                     <p>Programs get the access token with <code>tokenkeeper token {p} {a}</code> or <code>GET /v1/token/{p}/{a}</code>.</p></div>",
+                    p = escape(&pending.provider),
+                    a = escape(&pending.account)
+                ),
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot store the new grant");
+            pages::problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Authorization failed",
+                "The provider accepted, but tokenkeeper could not store the grant; see its log, then connect again.",
+                Some(&retry),
+            )
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The local HTTP interface (SPEC 4): routing, shared state and the guards
+//! every request passes (Host check, body limit). Handlers live in `api`
+//! (JSON), `callback` (browser authorization) and `pages` (HTML).
+
+pub mod api;
+pub mod callback;
+pub mod error;
+pub mod pages;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use url::Url;
+
+use crate::refresh::Engine;
+
+/// Largest request body accepted outside the proxy.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What handlers share; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+    /// What the browser reaches: `redirect_uri = public_url + "/callback"`.
+    pub public_url: Url,
+    /// Lower-case host names accepted in `Host` (DNS-rebinding defence).
+    pub allowed_hosts: Arc<Vec<String>>,
+}
+
+impl AppState {
+    /// `{public_url}/callback`.
+    pub fn redirect_uri(&self) -> Url {
+        let base = self.public_url.as_str().trim_end_matches('/');
+        Url::parse(&format!("{base}/callback")).unwrap_or_else(|_| self.public_url.clone())
+    }
+}
+
+/// The whole router; `extra` is merged in (the dev-mode simulator).
+pub fn router(state: AppState, extra: Option<Router>) -> Router {
+    let mut app = Router::new()
+        .route("/", get(dashboard))
+        .route("/connect/{provider}", get(callback::connect))
+        .route("/callback", get(callback::callback))
+        .route("/v1/token/{provider}", get(api::token_default))
+        .route("/v1/token/{provider}/refresh", post(api::refresh_default))
+        .route("/v1/token/{provider}/{account}", get(api::token))
+        .route("/v1/token/{provider}/{account}/refresh", post(api::refresh))
+        .route("/v1/connections", get(api::connections))
+        .route(
+            "/v1/connections/{provider}/{account}",
+            delete(api::delete_connection),
+        )
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .fallback(not_found)
+        .with_state(state.clone());
+    if let Some(extra) = extra {
+        app = app.merge(extra);
+    }
+    app.layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state, check_host))
+}
+
+async fn dashboard(State(state): State<AppState>) -> Response {
+    let settings = state.engine.settings();
+    let mut providers: Vec<String> = settings.providers.keys().cloned().collect();
+    providers.sort();
+    pages::dashboard(&providers, &state.engine.report())
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(serde_json::json!({"error": "not_found", "message": "no such endpoint; see GET /openapi.json"})),
+    )
+        .into_response()
+}
+
+/// The host part of a `Host` header, lower-cased, without the port.
+fn host_name(value: &str) -> String {
+    let v = value.trim().to_ascii_lowercase();
+    if let Some(rest) = v.strip_prefix('[') {
+        // [::1]:8787 -> [::1]
+        return match rest.split_once(']') {
+            Some((inner, _)) => format!("[{inner}]"),
+            None => v,
+        };
+    }
+    match v.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h.to_string(),
+        _ => v,
+    }
+}
+
+/// Refuses requests whose `Host` is not ours with 421: a web page that
+/// rebinds its DNS name to 127.0.0.1 still sends its own name.
+async fn check_host(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(host_name)
+        .or_else(|| req.uri().host().map(|h| h.to_ascii_lowercase()));
+    let allowed = host.as_deref().is_some_and(|h| {
+        state
+            .allowed_hosts
+            .iter()
+            .any(|a| a == h || (a.trim_start_matches('[').trim_end_matches(']') == h))
+    });
+    if !allowed {
+        tracing::warn!(
+            host = host.as_deref().unwrap_or("(none)"),
+            "request with a foreign Host header refused"
+        );
+        return (
+            StatusCode::MISDIRECTED_REQUEST,
+            axum::Json(serde_json::json!({
+                "error": "misdirected_request",
+                "message": "this Host is not served here; use the address in server.public_url or add the name to server.allowed_hosts"
+            })),
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_name;
+
+    #[test]
+    fn host_names() {
+        assert_eq!(host_name("127.0.0.1:8787"), "127.0.0.1");
+        assert_eq!(host_name("LocalHost"), "localhost");
+        assert_eq!(host_name("[::1]:8787"), "[::1]");
+        assert_eq!(host_name("evil.example"), "evil.example");
+    }
+}

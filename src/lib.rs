@@ -1,0 +1,28 @@
+//! tokenkeeper: an OAuth2 token lifecycle daemon.
+//!
+//! A person authorizes once in a browser; the daemon keeps the grant in
+//! SQLite, refreshes it before expiry, exactly once at a time and durably,
+//! and hands a fresh access token to local programs over a loopback HTTP
+//! endpoint. `../shared/SPEC.md` is the external contract.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML config, its lookup order, presets, secret files.
+//! - [`store`]: SQLite (the only SQL), migrations, leases, durable rotation.
+//! - [`provider`]: OAuth2 calls to providers and the one place that decides
+//!   which failures are transient; [`provider::simulator`] is a Keap-like
+//!   provider for tests and `serve --dev`.
+//! - [`refresh`]: the refresh policy (pure functions) and the engine
+//!   (single-flight, crash recovery, in-memory snapshots for serving).
+//! - [`http`]: the local HTTP interface: `api` (JSON), `callback` (browser
+//!   authorization), `pages` (HTML), `error` (the one error enum).
+//! - [`daemon`]: wires store, engine, scheduler and server; graceful stop.
+//! - [`cli`]: the command line: `serve` and the client commands.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod http;
+pub mod provider;
+pub mod refresh;
+pub mod store;

@@ -1,0 +1,433 @@
+//! Talking to OAuth2 providers: authorization URLs, code exchange, refresh,
+//! revocation, and the one place that decides which failures are transient.
+//!
+//! Requests are built by the `oauth2` crate and sent through our own
+//! `reqwest` client (one per daemon, connection-pooled), because the
+//! lifecycle needs the HTTP status and `Retry-After` that `oauth2`'s error
+//! type does not carry. This module holds no state and never touches the
+//! database.
+
+pub mod simulator;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use oauth2::basic::{BasicClient, BasicErrorResponseType, BasicTokenResponse};
+use oauth2::{
+    AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, PkceCodeChallenge,
+    PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope, TokenResponse, TokenUrl,
+};
+use secrecy::{ExposeSecret, SecretString};
+use url::Url;
+
+use crate::config::{ClientAuth, ProviderConfig};
+
+/// Largest token-endpoint answer we read; anything bigger is garbage.
+const MAX_TOKEN_RESPONSE_BYTES: usize = 256 * 1024;
+
+/// What a successful token call yields.
+pub struct TokenGrant {
+    pub access_token: SecretString,
+    /// `None` when the provider did not rotate the refresh token.
+    pub refresh_token: Option<SecretString>,
+    pub token_type: String,
+    pub scope: Option<String>,
+    /// When the answer arrived: expiry is computed from this, not from when
+    /// the request left.
+    pub received_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Why a token call failed, classified once, here.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProviderError {
+    /// Worth retrying later: network, timeout, 429, 5xx, garbage answers.
+    #[error("{message}")]
+    Transient {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// The provider refused the grant or the client; retrying the same
+    /// request will not help.
+    #[error("{message}")]
+    Rejected { message: String },
+}
+
+/// The start of a browser authorization.
+pub struct AuthorizationStart {
+    pub url: Url,
+    pub state: String,
+    pub pkce_verifier: Option<SecretString>,
+}
+
+/// A configured provider with the shared HTTP client.
+#[derive(Clone)]
+pub struct Provider {
+    pub config: ProviderConfig,
+    http: reqwest::Client,
+}
+
+/// What the transport saw, for classification.
+#[derive(Default)]
+struct Observed {
+    status: Option<u16>,
+    retry_after: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum TransportError {
+    #[error("{0}")]
+    Http(#[from] reqwest::Error),
+    #[error("the response is larger than {MAX_TOKEN_RESPONSE_BYTES} bytes")]
+    TooLarge,
+    #[error("cannot build the request: {0}")]
+    Build(String),
+}
+
+impl Provider {
+    pub fn new(config: ProviderConfig, http: reqwest::Client) -> Self {
+        Provider { config, http }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn client(
+        &self,
+        auth: ClientAuth,
+    ) -> oauth2::Client<
+        oauth2::basic::BasicErrorResponse,
+        BasicTokenResponse,
+        oauth2::basic::BasicTokenIntrospectionResponse,
+        oauth2::StandardRevocableToken,
+        oauth2::basic::BasicRevocationErrorResponse,
+        oauth2::EndpointSet,
+        oauth2::EndpointNotSet,
+        oauth2::EndpointNotSet,
+        oauth2::EndpointNotSet,
+        oauth2::EndpointSet,
+    > {
+        let mut c = BasicClient::new(ClientId::new(self.config.client_id.clone()))
+            .set_auth_uri(AuthUrl::from_url(self.config.authorization_url.clone()))
+            .set_token_uri(TokenUrl::from_url(self.config.token_url.clone()))
+            .set_auth_type(match auth {
+                ClientAuth::Basic => AuthType::BasicAuth,
+                ClientAuth::Body | ClientAuth::None => AuthType::RequestBody,
+            });
+        if auth != ClientAuth::None {
+            if let Some(s) = &self.config.client_secret {
+                c = c.set_client_secret(ClientSecret::new(s.expose_secret().to_string()));
+            }
+        }
+        c
+    }
+
+    /// Builds the URL that starts a browser authorization.
+    pub fn authorization_start(&self, redirect_uri: &Url) -> AuthorizationStart {
+        let client = self
+            .client(self.config.code_auth)
+            .set_redirect_uri(RedirectUrl::from_url(redirect_uri.clone()));
+        let mut req = client
+            .authorize_url(CsrfToken::new_random)
+            .add_scopes(self.config.scopes.iter().cloned().map(Scope::new));
+        for (k, v) in &self.config.extra_authorize_params {
+            req = req.add_extra_param(k.clone(), v.clone());
+        }
+        let mut verifier = None;
+        if self.config.pkce {
+            let (challenge, v) = PkceCodeChallenge::new_random_sha256();
+            req = req.set_pkce_challenge(challenge);
+            verifier = Some(SecretString::from(v.secret().to_string()));
+        }
+        let (url, state) = req.url();
+        AuthorizationStart {
+            url,
+            state: state.secret().to_string(),
+            pkce_verifier: verifier,
+        }
+    }
+
+    /// Exchanges an authorization code for a grant.
+    pub async fn exchange_code(
+        &self,
+        code: &str,
+        pkce_verifier: Option<&SecretString>,
+        redirect_uri: &Url,
+    ) -> Result<TokenGrant, ProviderError> {
+        let client = self
+            .client(self.config.code_auth)
+            .set_redirect_uri(RedirectUrl::from_url(redirect_uri.clone()));
+        let observed = Arc::new(Mutex::new(Observed::default()));
+        let mut req = client.exchange_code(AuthorizationCode::new(code.to_string()));
+        if let Some(v) = pkce_verifier {
+            req = req.set_pkce_verifier(PkceCodeVerifier::new(v.expose_secret().to_string()));
+        }
+        let send = self.transport(&observed);
+        let result = req.request_async(&send).await;
+        self.finish(result, &observed)
+    }
+
+    /// Redeems a refresh token.
+    pub async fn refresh(&self, refresh_token: &SecretString) -> Result<TokenGrant, ProviderError> {
+        let client = self.client(self.config.refresh_auth);
+        let observed = Arc::new(Mutex::new(Observed::default()));
+        let token = RefreshToken::new(refresh_token.expose_secret().to_string());
+        let send = self.transport(&observed);
+        let result = client
+            .exchange_refresh_token(&token)
+            .request_async(&send)
+            .await;
+        self.finish(result, &observed)
+    }
+
+    /// Revokes a token upstream (RFC 7009). `Ok(false)` when the provider
+    /// has no revocation endpoint.
+    pub async fn revoke(&self, token: &SecretString, hint: &str) -> Result<bool, ProviderError> {
+        let Some(url) = &self.config.revocation_url else {
+            return Ok(false);
+        };
+        let mut form = vec![
+            ("token", token.expose_secret().to_string()),
+            ("token_type_hint", hint.to_string()),
+        ];
+        let mut req = self
+            .http
+            .post(url.clone())
+            .timeout(self.config.request_timeout);
+        match (self.config.refresh_auth, &self.config.client_secret) {
+            (ClientAuth::Basic, Some(secret)) => {
+                req = req.basic_auth(&self.config.client_id, Some(secret.expose_secret()));
+            }
+            (ClientAuth::Body, Some(secret)) => {
+                form.push(("client_id", self.config.client_id.clone()));
+                form.push(("client_secret", secret.expose_secret().to_string()));
+            }
+            _ => form.push(("client_id", self.config.client_id.clone())),
+        }
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&form)
+            .finish();
+        let resp = req
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| {
+                transient(
+                    format!("cannot reach the revocation endpoint: {}", without_url(&e)),
+                    None,
+                )
+            })?;
+        let status = resp.status().as_u16();
+        match status {
+            200..=299 => Ok(true),
+            429 | 500..=599 => Err(transient(
+                format!("the revocation endpoint answered HTTP {status}"),
+                None,
+            )),
+            _ => Err(ProviderError::Rejected {
+                message: format!("the revocation endpoint answered HTTP {status}"),
+            }),
+        }
+    }
+
+    /// The transport handed to `oauth2`: owns what it uses, so the futures it
+    /// returns are `'static` and `Send`.
+    fn transport(
+        &self,
+        observed: &Arc<Mutex<Observed>>,
+    ) -> impl Fn(
+        oauth2::HttpRequest,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<oauth2::HttpResponse, TransportError>> + Send>,
+    > {
+        let http = self.http.clone();
+        let timeout = self.config.request_timeout;
+        let observed = observed.clone();
+        move |req| Box::pin(send(http.clone(), timeout, req, observed.clone()))
+    }
+
+    fn finish(
+        &self,
+        result: Result<
+            BasicTokenResponse,
+            RequestTokenError<TransportError, oauth2::basic::BasicErrorResponse>,
+        >,
+        observed: &Arc<Mutex<Observed>>,
+    ) -> Result<TokenGrant, ProviderError> {
+        let received_at = Utc::now();
+        let (status, retry_after) = observed
+            .lock()
+            .map(|o| (o.status, o.retry_after))
+            .unwrap_or((None, None));
+        match result {
+            Ok(r) => {
+                let access = r.access_token().secret();
+                if access.is_empty() {
+                    return Err(transient(
+                        "the token endpoint answered an empty access_token".into(),
+                        None,
+                    ));
+                }
+                let lifetime = r.expires_in().unwrap_or(self.config.default_lifetime);
+                let expires_at = received_at
+                    + chrono::Duration::from_std(lifetime).unwrap_or(chrono::Duration::days(3650));
+                Ok(TokenGrant {
+                    access_token: SecretString::from(access.to_string()),
+                    refresh_token: r
+                        .refresh_token()
+                        .map(|t| t.secret())
+                        .filter(|t| !t.is_empty())
+                        .map(|t| SecretString::from(t.to_string())),
+                    token_type: "Bearer".to_string(),
+                    scope: r
+                        .scopes()
+                        .map(|s| s.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ")),
+                    received_at,
+                    expires_at,
+                })
+            }
+            Err(e) => Err(classify(status, retry_after, &e)),
+        }
+    }
+}
+
+async fn send(
+    http: reqwest::Client,
+    timeout: Duration,
+    req: oauth2::HttpRequest,
+    observed: Arc<Mutex<Observed>>,
+) -> Result<oauth2::HttpResponse, TransportError> {
+    let (parts, body) = req.into_parts();
+    let mut rb = http
+        .request(parts.method, parts.uri.to_string())
+        .timeout(timeout)
+        .body(body);
+    for (name, value) in parts.headers.iter() {
+        rb = rb.header(name, value);
+    }
+    let mut resp = rb.send().await?;
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
+    if let Ok(mut o) = observed.lock() {
+        o.status = Some(status.as_u16());
+        o.retry_after = retry_after;
+    }
+    let mut builder = axum::http::Response::builder().status(status);
+    for (name, value) in resp.headers().iter() {
+        builder = builder.header(name, value);
+    }
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if buf.len() + chunk.len() > MAX_TOKEN_RESPONSE_BYTES {
+            return Err(TransportError::TooLarge);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    builder
+        .body(buf)
+        .map_err(|e| TransportError::Build(e.to_string()))
+}
+
+/// The single decision of which failures are transient (SPEC 7): network
+/// errors, timeouts, 429 and 5xx, and answers we cannot parse, are; a
+/// well-formed OAuth error on a 4xx is a rejection.
+fn classify(
+    status: Option<u16>,
+    retry_after: Option<Duration>,
+    e: &RequestTokenError<TransportError, oauth2::basic::BasicErrorResponse>,
+) -> ProviderError {
+    let http = status.map(|s| format!("HTTP {s}")).unwrap_or_default();
+    match (status, e) {
+        (_, RequestTokenError::Request(t)) => match t {
+            TransportError::Http(re) if re.is_timeout() => {
+                transient("the token endpoint did not answer in time".into(), None)
+            }
+            TransportError::Http(re) => {
+                transient(format!("cannot reach the token endpoint: {}", without_url(re)), None)
+            }
+            other => transient(format!("bad answer from the token endpoint: {other}"), None),
+        },
+        (Some(429), _) => transient(format!("the provider is rate limiting ({http})"), retry_after),
+        (Some(s), _) if s >= 500 => transient(format!("the provider failed ({http})"), retry_after),
+        (Some(s), RequestTokenError::ServerResponse(err)) if (400..500).contains(&s) => {
+            let desc = err.error_description().map(|d| format!(": {d}")).unwrap_or_default();
+            let code = err.error().to_string();
+            let message = format!("the provider rejected the request ({http} {code}{desc})");
+            match err.error() {
+                BasicErrorResponseType::InvalidGrant
+                | BasicErrorResponseType::InvalidClient
+                | BasicErrorResponseType::UnauthorizedClient
+                | BasicErrorResponseType::UnsupportedGrantType
+                | BasicErrorResponseType::InvalidScope
+                | BasicErrorResponseType::InvalidRequest => ProviderError::Rejected { message },
+                BasicErrorResponseType::Extension(_) => ProviderError::Rejected { message },
+            }
+        }
+        (Some(s), RequestTokenError::Parse(pe, _)) if (200..300).contains(&s) => transient(
+            format!(
+                "the token endpoint answered {http} with a body that is not a token response (at `{}`)",
+                pe.path()
+            ),
+            None,
+        ),
+        (Some(s), _) => transient(format!("the token endpoint answered {http} with an unexpected body (status {s})"), retry_after),
+        (None, other) => transient(format!("the token endpoint answered unexpectedly: {}", short(other)), None),
+    }
+}
+
+fn short(e: &RequestTokenError<TransportError, oauth2::basic::BasicErrorResponse>) -> String {
+    match e {
+        RequestTokenError::Other(s) => s.clone(),
+        RequestTokenError::Parse(p, _) => format!("unparseable at `{}`", p.path()),
+        RequestTokenError::ServerResponse(r) => r.error().to_string(),
+        RequestTokenError::Request(r) => r.to_string(),
+    }
+}
+
+fn transient(message: String, retry_after: Option<Duration>) -> ProviderError {
+    ProviderError::Transient {
+        message,
+        retry_after,
+    }
+}
+
+/// reqwest errors print the URL, which can carry a query; keep the kind only.
+fn without_url(e: &reqwest::Error) -> String {
+    let kind = if e.is_connect() {
+        "connection failed"
+    } else if e.is_timeout() {
+        "timed out"
+    } else if e.is_body() || e.is_decode() {
+        "bad response body"
+    } else {
+        "request failed"
+    };
+    kind.to_string()
+}
+
+/// `Retry-After` as seconds (HTTP-dates are rare at token endpoints and are
+/// treated as absent, falling back to our own backoff).
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// The HTTP client shared by all provider calls: rustls, no cookies, a
+/// connect timeout so a black-holed provider cannot stall a refresh.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .user_agent(concat!("tokenkeeper/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_default()
+}

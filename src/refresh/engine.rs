@@ -1,0 +1,899 @@
+//! The refresh engine: in-memory snapshots for serving, single-flight
+//! refreshes (in-process and across processes), durable rotation, failure
+//! classes, crash recovery.
+//!
+//! Invariants:
+//! - A snapshot is replaced only after the database commit that produced it,
+//!   so no caller ever sees an access token whose refresh token is not
+//!   durable.
+//! - At most one refresh per connection runs in this process (`Slot::flight`)
+//!   and across processes (the lease in `connections.lease_owner`); callers
+//!   that arrive during a refresh wait for it and share its result.
+//! - The refresh token itself is never kept in memory: it is read from the
+//!   database under the lease, which is the only point where it can be
+//!   current.
+//! - A still-valid access token is never discarded because of a failure.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use tokio_util::task::TaskTracker;
+
+use super::policy::{self, Timing};
+use crate::config::RefreshConfig;
+use crate::provider::{Provider, ProviderError, TokenGrant};
+use crate::store::{BeginRefresh, ConnState, ConnectionRow, NewGrant, Store, StoreError};
+
+/// How long a refresh lease lasts without renewal. Long enough that a
+/// renewal (every third of it) surviving one slow database write keeps it;
+/// short enough that a crashed holder on another host blocks refreshes only
+/// briefly.
+const LEASE: Duration = Duration::from_secs(30);
+
+/// How often a caller waiting on another process's lease looks again.
+const LEASE_POLL: Duration = Duration::from_millis(50);
+
+/// Errors a token request can end in (mapped to SPEC 4 statuses by `http`).
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("no provider named {0:?} is configured")]
+    UnknownProvider(String),
+    #[error("{provider}/{account} has never been authorized")]
+    UnknownConnection { provider: String, account: String },
+    #[error("{provider}/{account} needs a new authorization: {reason}")]
+    AuthorizationRequired {
+        provider: String,
+        account: String,
+        reason: String,
+    },
+    #[error("no valid access token is left for {provider}/{account} and the provider could not be reached: {reason}")]
+    RefreshFailed {
+        provider: String,
+        account: String,
+        reason: String,
+        retry_after: Duration,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a caller gets: the access token and when it expires.
+#[derive(Clone)]
+pub struct IssuedToken {
+    pub provider: String,
+    pub account: String,
+    pub access_token: SecretString,
+    pub token_type: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The in-memory view of one connection, replaced after each commit.
+#[derive(Clone)]
+pub struct Snapshot {
+    pub access_token: SecretString,
+    pub token_type: String,
+    pub timing: Timing,
+    pub refreshed_at: Option<DateTime<Utc>>,
+    pub generation: i64,
+    pub state: ConnState,
+    pub last_error: Option<String>,
+    pub failures: u32,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub interrupted_at: Option<DateTime<Utc>>,
+    pub has_refresh_token: bool,
+}
+
+impl Snapshot {
+    fn from_row(r: &ConnectionRow) -> Snapshot {
+        Snapshot {
+            access_token: r.access_token.clone(),
+            token_type: r.token_type.clone(),
+            timing: Timing {
+                issued_at: r.issued_at,
+                expires_at: r.expires_at,
+                refresh_token_issued_at: r.refresh_token_issued_at,
+            },
+            refreshed_at: r.refreshed_at,
+            generation: r.generation,
+            state: r.state,
+            last_error: r.last_error.clone(),
+            failures: r.failures,
+            next_attempt_at: r.next_attempt_at,
+            interrupted_at: r.interrupted_at,
+            has_refresh_token: r.refresh_token.is_some(),
+        }
+    }
+}
+
+/// A connection as reported by `/v1/connections` and `status`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ConnectionReport {
+    pub provider: String,
+    pub account: String,
+    pub state: &'static str,
+    pub expires_at: DateTime<Utc>,
+    pub refreshed_at: Option<DateTime<Utc>>,
+    pub next_refresh_at: Option<DateTime<Utc>>,
+    pub refresh_token_issued_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+}
+
+/// Reloadable part of the engine's configuration.
+pub struct Settings {
+    pub refresh: RefreshConfig,
+    pub providers: HashMap<String, Provider>,
+}
+
+struct Slot {
+    id: i64,
+    provider: String,
+    account: String,
+    jitter: Duration,
+    /// std RwLock: held only to clone an `Arc`, never across `.await`.
+    snap: RwLock<Arc<Snapshot>>,
+    /// tokio Mutex: held across the provider call; waiting on it is how
+    /// concurrent callers share one refresh.
+    flight: tokio::sync::Mutex<()>,
+    in_flight: AtomicBool,
+    /// Finished attempts; a waiter that sees it move knows a flight ended
+    /// while it queued and takes that result instead of starting another.
+    attempts: AtomicU64,
+}
+
+impl Slot {
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.snap.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, s: Snapshot) -> Arc<Snapshot> {
+        let s = Arc::new(s);
+        *self.snap.write().unwrap_or_else(|e| e.into_inner()) = s.clone();
+        s
+    }
+}
+
+/// Clears `in_flight` even if the refresh future is dropped mid-way.
+struct FlightGuard<'a>(&'a Slot);
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.attempts.fetch_add(1, Ordering::SeqCst);
+        self.0.in_flight.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Why a refresh is being attempted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The scheduler found it due.
+    Scheduled,
+    /// A caller would get less than `min_validity`.
+    OnDemand,
+    /// `POST .../refresh` or `tokenkeeper refresh`.
+    Forced,
+}
+
+/// Handle on the engine; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    settings: RwLock<Arc<Settings>>,
+    slots: RwLock<HashMap<(String, String), Arc<Slot>>>,
+    owner: String,
+    tasks: TaskTracker,
+}
+
+impl Engine {
+    /// Loads every stored grant and reports refreshes that a previous
+    /// process started and never finished.
+    pub async fn start(store: Store, settings: Settings) -> Result<Engine, StoreError> {
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                store,
+                settings: RwLock::new(Arc::new(settings)),
+                slots: RwLock::new(HashMap::new()),
+                owner: owner_id(),
+                tasks: TaskTracker::new(),
+            }),
+        };
+        let now = Utc::now();
+        for mut row in engine.inner.store.load_connections().await? {
+            if let (Some(started), Some(holder)) = (row.attempt_started_at, row.lease_owner.clone())
+            {
+                let lapsed = row.lease_until.is_none_or(|u| u < now);
+                if lapsed || owner_is_dead(&holder) {
+                    let msg = format!(
+                        "a refresh started at {} was interrupted before its result was stored (the process stopped); retrying with the stored refresh token",
+                        started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    );
+                    tracing::warn!(provider = %row.provider, account = %row.account, "{msg}");
+                    if let Some(updated) = engine
+                        .inner
+                        .store
+                        .mark_interrupted(row.id, Some(&holder), &msg)
+                        .await?
+                    {
+                        row = updated;
+                    }
+                }
+            }
+            engine.install(&row);
+        }
+        Ok(engine)
+    }
+
+    /// The store this engine writes to.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Current settings.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.inner
+            .settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces providers and policy (SIGHUP). Grants of removed providers
+    /// stay in the database but are no longer served.
+    pub fn reload(&self, settings: Settings) {
+        *self
+            .inner
+            .settings
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+    }
+
+    /// Tasks spawned by the engine (scheduled refreshes), for shutdown.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.inner.tasks
+    }
+
+    /// Makes a freshly stored row (e.g. a new authorization) visible.
+    pub fn install(&self, row: &ConnectionRow) {
+        let key = (row.provider.clone(), row.account.clone());
+        let mut slots = self.inner.slots.write().unwrap_or_else(|e| e.into_inner());
+        match slots.get(&key) {
+            Some(slot) if slot.id == row.id => {
+                slot.set(Snapshot::from_row(row));
+            }
+            _ => {
+                let refresh = self.settings().refresh.clone();
+                slots.insert(
+                    key,
+                    Arc::new(Slot {
+                        id: row.id,
+                        provider: row.provider.clone(),
+                        account: row.account.clone(),
+                        jitter: policy::stable_jitter(&row.provider, &row.account, refresh.jitter),
+                        snap: RwLock::new(Arc::new(Snapshot::from_row(row))),
+                        flight: tokio::sync::Mutex::new(()),
+                        in_flight: AtomicBool::new(false),
+                        attempts: AtomicU64::new(0),
+                    }),
+                );
+            }
+        }
+    }
+
+    fn slot(&self, provider: &str, account: &str) -> Result<Arc<Slot>, TokenError> {
+        if !self.settings().providers.contains_key(provider) {
+            return Err(TokenError::UnknownProvider(provider.to_string()));
+        }
+        self.inner
+            .slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(provider.to_string(), account.to_string()))
+            .cloned()
+            .ok_or_else(|| TokenError::UnknownConnection {
+                provider: provider.to_string(),
+                account: account.to_string(),
+            })
+    }
+
+    fn all_slots(&self) -> Vec<Arc<Slot>> {
+        let mut v: Vec<_> = self
+            .inner
+            .slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| (&a.provider, &a.account).cmp(&(&b.provider, &b.account)));
+        v
+    }
+
+    /// The hot path: a token with at least `min_validity` left, refreshing
+    /// first when needed, waiting for an in-flight refresh rather than
+    /// handing out a token that refresh may be about to kill.
+    pub async fn token(&self, provider: &str, account: &str) -> Result<IssuedToken, TokenError> {
+        let slot = self.slot(provider, account)?;
+        let snap = slot.snapshot();
+        let now = Utc::now();
+        let settings = self.settings();
+        if !slot.in_flight.load(Ordering::SeqCst)
+            && policy::fresh_enough(&snap.timing, now, &settings.refresh)
+        {
+            return Ok(issued(&slot, &snap));
+        }
+        let parked = snap.state == ConnState::AuthorizationRequired
+            || snap.next_attempt_at.is_some_and(|t| t > now);
+        if parked && !slot.in_flight.load(Ordering::SeqCst) {
+            return answer(&slot, &snap, now);
+        }
+        self.refresh_slot(&slot, Trigger::OnDemand).await
+    }
+
+    /// Refreshes now, whatever the schedule says (SPEC: `POST .../refresh`).
+    pub async fn force_refresh(
+        &self,
+        provider: &str,
+        account: &str,
+    ) -> Result<IssuedToken, TokenError> {
+        let slot = self.slot(provider, account)?;
+        self.refresh_slot(&slot, Trigger::Forced).await
+    }
+
+    /// Every known connection of a configured provider, for reports.
+    pub fn report(&self) -> Vec<ConnectionReport> {
+        let settings = self.settings();
+        self.all_slots()
+            .into_iter()
+            .filter(|s| settings.providers.contains_key(&s.provider))
+            .map(|slot| {
+                let snap = slot.snapshot();
+                let next = match snap.state {
+                    ConnState::AuthorizationRequired => None,
+                    ConnState::Retrying => snap.next_attempt_at.or(Some(Utc::now())),
+                    _ => Some(policy::next_refresh_at(
+                        &snap.timing,
+                        &settings.refresh,
+                        slot.jitter,
+                    )),
+                };
+                let state = if slot.in_flight.load(Ordering::SeqCst) {
+                    ConnState::Refreshing
+                } else {
+                    snap.state
+                };
+                ConnectionReport {
+                    provider: slot.provider.clone(),
+                    account: slot.account.clone(),
+                    state: state.as_str(),
+                    expires_at: snap.timing.expires_at,
+                    refreshed_at: snap.refreshed_at,
+                    next_refresh_at: next,
+                    refresh_token_issued_at: snap.timing.refresh_token_issued_at,
+                    last_error: snap.last_error.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Forgets a grant locally and revokes it upstream where the provider
+    /// can. Returns `false` if there was nothing to forget.
+    pub async fn forget(&self, provider: &str, account: &str) -> Result<bool, TokenError> {
+        let settings = self.settings();
+        let Some(p) = settings.providers.get(provider) else {
+            return Err(TokenError::UnknownProvider(provider.to_string()));
+        };
+        let removed = self
+            .inner
+            .store
+            .delete_connection(provider, account)
+            .await?;
+        self.inner
+            .slots
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(provider.to_string(), account.to_string()));
+        let Some(row) = removed else {
+            return Ok(false);
+        };
+        // Revocation is best effort: the grant is already forgotten here,
+        // and a provider outage must not keep it alive locally.
+        let token = row
+            .refresh_token
+            .as_ref()
+            .map(|t| (t, "refresh_token"))
+            .unwrap_or((&row.access_token, "access_token"));
+        match p.revoke(token.0, token.1).await {
+            Ok(true) => tracing::info!(provider, account, "grant revoked upstream and forgotten"),
+            Ok(false) => tracing::info!(
+                provider,
+                account,
+                "grant forgotten (the provider offers no revocation)"
+            ),
+            Err(e) => {
+                tracing::warn!(provider, account, error = %e, "grant forgotten, but upstream revocation failed")
+            }
+        }
+        Ok(true)
+    }
+
+    /// One scheduler pass: notice other processes' writes, then start every
+    /// due refresh. Decisions compare stored absolute instants with the wall
+    /// clock now, so time spent suspended is caught up here.
+    pub async fn tick(&self) -> Result<(), StoreError> {
+        self.reconcile().await?;
+        let settings = self.settings();
+        let now = Utc::now();
+        for slot in self.all_slots() {
+            if !settings.providers.contains_key(&slot.provider)
+                || slot.in_flight.load(Ordering::SeqCst)
+            {
+                continue;
+            }
+            let snap = slot.snapshot();
+            if snap.state == ConnState::AuthorizationRequired
+                || snap.next_attempt_at.is_some_and(|t| t > now)
+            {
+                continue;
+            }
+            let due = snap.state == ConnState::Retrying
+                || policy::next_refresh_at(&snap.timing, &settings.refresh, slot.jitter) <= now;
+            if due {
+                let engine = self.clone();
+                self.inner.tasks.spawn(async move {
+                    if let Err(e) = engine.refresh_slot(&slot, Trigger::Scheduled).await {
+                        tracing::debug!(provider = %slot.provider, account = %slot.account, error = %e, "scheduled refresh did not produce a token");
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Picks up grants written by other processes (another daemon on the
+    /// same file, a re-authorization) and drops forgotten ones.
+    async fn reconcile(&self) -> Result<(), StoreError> {
+        let versions = self.inner.store.versions().await?;
+        let known: HashMap<i64, Arc<Slot>> =
+            self.all_slots().into_iter().map(|s| (s.id, s)).collect();
+        for (id, generation, state) in &versions {
+            let stale = match known.get(id) {
+                None => true,
+                Some(slot) => {
+                    let snap = slot.snapshot();
+                    !slot.in_flight.load(Ordering::SeqCst)
+                        && (snap.generation != *generation || snap.state.as_str() != state)
+                }
+            };
+            if stale {
+                if let Some(row) = self.inner.store.load_connection(*id).await? {
+                    self.install(&row);
+                }
+            }
+        }
+        let live: std::collections::HashSet<i64> = versions.iter().map(|v| v.0).collect();
+        self.inner
+            .slots
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, s| live.contains(&s.id));
+        Ok(())
+    }
+
+    /// Single-flight entry: concurrent callers queue on the slot's flight
+    /// lock; the first runs the refresh, the rest take its result.
+    async fn refresh_slot(
+        &self,
+        slot: &Arc<Slot>,
+        trigger: Trigger,
+    ) -> Result<IssuedToken, TokenError> {
+        let seen = slot.attempts.load(Ordering::SeqCst);
+        let _flight = slot.flight.lock().await;
+        if slot.attempts.load(Ordering::SeqCst) != seen {
+            return answer(slot, &slot.snapshot(), Utc::now());
+        }
+        slot.in_flight.store(true, Ordering::SeqCst);
+        let _guard = FlightGuard(slot);
+        let snap = self.refresh_locked(slot, trigger).await?;
+        answer(slot, &snap, Utc::now())
+    }
+
+    /// Runs one refresh with the flight lock held.
+    async fn refresh_locked(
+        &self,
+        slot: &Slot,
+        trigger: Trigger,
+    ) -> Result<Arc<Snapshot>, TokenError> {
+        let settings = self.settings();
+        let provider = settings
+            .providers
+            .get(&slot.provider)
+            .ok_or_else(|| TokenError::UnknownProvider(slot.provider.clone()))?;
+        let store = &self.inner.store;
+        let owner = &self.inner.owner;
+        let attempt = format!("{:016x}", rand::random::<u64>());
+
+        // 1. Take the lease; this also commits "refresh started".
+        let mut dead_owner: Option<String> = None;
+        let row = loop {
+            let now = Utc::now();
+            match store
+                .begin_refresh(
+                    slot.id,
+                    owner,
+                    &attempt,
+                    now,
+                    now + chrono_dur(LEASE),
+                    dead_owner.as_deref(),
+                )
+                .await?
+            {
+                BeginRefresh::Started(row) => break row,
+                BeginRefresh::Gone => {
+                    return Err(TokenError::UnknownConnection {
+                        provider: slot.provider.clone(),
+                        account: slot.account.clone(),
+                    })
+                }
+                BeginRefresh::Busy {
+                    owner: holder,
+                    until,
+                } => {
+                    if dead_owner.is_none() && owner_is_dead(&holder) {
+                        dead_owner = Some(holder);
+                        continue;
+                    }
+                    return self.wait_for_other_process(slot, until, provider).await;
+                }
+            }
+        };
+
+        // 2. The re-read grant may be newer than our snapshot: another
+        // process rotated it. If it no longer needs refreshing, we are done.
+        let now = Utc::now();
+        let fresh = Snapshot::from_row(&row);
+        let needed = match trigger {
+            Trigger::Forced => true,
+            Trigger::OnDemand => !policy::fresh_enough(&fresh.timing, now, &settings.refresh),
+            Trigger::Scheduled => {
+                row.interrupted_at.is_some()
+                    || row.last_error.is_some()
+                    || policy::next_refresh_at(&fresh.timing, &settings.refresh, slot.jitter) <= now
+            }
+        };
+        if row.state == ConnState::AuthorizationRequired || !needed {
+            let state = if row.state == ConnState::AuthorizationRequired {
+                ConnState::AuthorizationRequired
+            } else {
+                ConnState::Active
+            };
+            let row = store
+                .finish_attempt(
+                    slot.id,
+                    owner,
+                    &attempt,
+                    state,
+                    row.last_error.as_deref(),
+                    row.failures,
+                    row.next_attempt_at,
+                )
+                .await?
+                .unwrap_or(row);
+            return Ok(slot.set(Snapshot::from_row(&row)));
+        }
+        let Some(mut refresh_token) = row.refresh_token.clone() else {
+            let reason = "the provider never issued a refresh token for this grant; authorize again (ask for offline access if the provider needs it)";
+            return self.reject(slot, &attempt, &row, reason.to_string()).await;
+        };
+        slot.set(fresh);
+
+        // 3. Call the provider, renewing the lease while we wait; retry once
+        // with a newer stored token if the provider rejects ours.
+        let mut retried = false;
+        loop {
+            let started = std::time::Instant::now();
+            let result = {
+                let renew = self.renew_lease_while(slot.id, attempt.clone());
+                let call = provider.refresh(&refresh_token);
+                tokio::pin!(call);
+                tokio::select! {
+                    r = &mut call => r,
+                    () = renew => call.await,
+                }
+            };
+            let elapsed = started.elapsed();
+            match result {
+                Ok(grant) => return self.commit(slot, &attempt, grant, elapsed).await,
+                Err(ProviderError::Transient {
+                    message,
+                    retry_after,
+                }) => {
+                    return self
+                        .transient(slot, &attempt, &row, message, retry_after)
+                        .await;
+                }
+                Err(ProviderError::Rejected { message }) => {
+                    let current = store.load_connection(slot.id).await?;
+                    let newer = current
+                        .as_ref()
+                        .and_then(|c| c.refresh_token.clone())
+                        .filter(|t| t.expose_secret() != refresh_token.expose_secret());
+                    match newer {
+                        Some(t) if !retried => {
+                            tracing::info!(provider = %slot.provider, account = %slot.account, "refresh token rejected, but storage holds a newer one (another process rotated it); retrying once with it");
+                            refresh_token = t;
+                            retried = true;
+                        }
+                        _ => {
+                            let reason = match row.interrupted_at {
+                                Some(t) => format!(
+                                    "{message}; a refresh started at {} was interrupted before its result was stored, and the provider had most likely already rotated the refresh token: authorize again",
+                                    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                                ),
+                                None => format!("{message}; authorize again"),
+                            };
+                            return self.reject(slot, &attempt, &row, reason).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Renews the lease every third of its length; never returns on its own
+    /// unless the lease is lost.
+    async fn renew_lease_while(&self, id: i64, attempt: String) {
+        loop {
+            tokio::time::sleep(LEASE / 3).await;
+            let until = Utc::now() + chrono_dur(LEASE);
+            match self
+                .inner
+                .store
+                .renew_lease(id, &self.inner.owner, &attempt, until)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(
+                        connection = id,
+                        "refresh lease lost while the provider call runs"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(connection = id, error = %e, "cannot renew the refresh lease")
+                }
+            }
+        }
+    }
+
+    async fn commit(
+        &self,
+        slot: &Slot,
+        attempt: &str,
+        grant: TokenGrant,
+        elapsed: Duration,
+    ) -> Result<Arc<Snapshot>, TokenError> {
+        let new = NewGrant {
+            access_token: &grant.access_token,
+            refresh_token: grant.refresh_token.as_ref(),
+            token_type: &grant.token_type,
+            scope: grant.scope.as_deref(),
+            issued_at: grant.received_at,
+            expires_at: grant.expires_at,
+        };
+        let (row, kept_lease) = self
+            .inner
+            .store
+            .commit_refresh(slot.id, &self.inner.owner, attempt, &new)
+            .await?;
+        if !kept_lease {
+            tracing::warn!(provider = %slot.provider, account = %slot.account, "refresh lease had lapsed before commit; stored the new grant anyway, since the provider already rotated");
+        }
+        let Some(row) = row else {
+            return Err(TokenError::UnknownConnection {
+                provider: slot.provider.clone(),
+                account: slot.account.clone(),
+            });
+        };
+        tracing::info!(
+            provider = %slot.provider,
+            account = %slot.account,
+            expires_at = %row.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            rotated = grant.refresh_token.is_some(),
+            elapsed_ms = elapsed.as_millis() as u64,
+            "access token refreshed"
+        );
+        Ok(slot.set(Snapshot::from_row(&row)))
+    }
+
+    async fn transient(
+        &self,
+        slot: &Slot,
+        attempt: &str,
+        row: &ConnectionRow,
+        message: String,
+        retry_after: Option<Duration>,
+    ) -> Result<Arc<Snapshot>, TokenError> {
+        let settings = self.settings();
+        let failures = row.failures.saturating_add(1);
+        let delay = policy::retry_delay(
+            failures,
+            retry_after,
+            &settings.refresh,
+            rand::random::<f64>(),
+        );
+        let next = Utc::now() + chrono_dur(delay);
+        tracing::warn!(
+            provider = %slot.provider,
+            account = %slot.account,
+            failures,
+            retry_in_secs = delay.as_secs(),
+            "refresh failed, will retry: {message}"
+        );
+        let row = self
+            .inner
+            .store
+            .finish_attempt(
+                slot.id,
+                &self.inner.owner,
+                attempt,
+                ConnState::Retrying,
+                Some(&message),
+                failures,
+                Some(next),
+            )
+            .await?;
+        Ok(match row {
+            Some(r) => slot.set(Snapshot::from_row(&r)),
+            None => slot.snapshot(),
+        })
+    }
+
+    async fn reject(
+        &self,
+        slot: &Slot,
+        attempt: &str,
+        row: &ConnectionRow,
+        reason: String,
+    ) -> Result<Arc<Snapshot>, TokenError> {
+        tracing::error!(provider = %slot.provider, account = %slot.account, "grant needs a new authorization: {reason}");
+        let row = self
+            .inner
+            .store
+            .finish_attempt(
+                slot.id,
+                &self.inner.owner,
+                attempt,
+                ConnState::AuthorizationRequired,
+                Some(&reason),
+                row.failures,
+                None,
+            )
+            .await?;
+        Ok(match row {
+            Some(r) => slot.set(Snapshot::from_row(&r)),
+            None => slot.snapshot(),
+        })
+    }
+
+    /// Another live process holds the lease: wait (bounded by the provider
+    /// timeout) until it lets go, then adopt whatever it stored.
+    async fn wait_for_other_process(
+        &self,
+        slot: &Slot,
+        until: DateTime<Utc>,
+        provider: &Provider,
+    ) -> Result<Arc<Snapshot>, TokenError> {
+        let deadline = tokio::time::Instant::now() + provider.config.request_timeout + LEASE_POLL;
+        loop {
+            tokio::time::sleep(LEASE_POLL).await;
+            let Some(row) = self.inner.store.load_connection(slot.id).await? else {
+                return Err(TokenError::UnknownConnection {
+                    provider: slot.provider.clone(),
+                    account: slot.account.clone(),
+                });
+            };
+            let released =
+                row.lease_owner.is_none() || row.lease_until.is_none_or(|u| u < Utc::now());
+            if released || tokio::time::Instant::now() >= deadline || Utc::now() > until {
+                return Ok(slot.set(Snapshot::from_row(&row)));
+            }
+        }
+    }
+}
+
+/// Turns a snapshot into what a caller gets: the token while it is still
+/// valid (even after failures), else the error that explains why not.
+fn answer(slot: &Slot, snap: &Snapshot, now: DateTime<Utc>) -> Result<IssuedToken, TokenError> {
+    if snap.timing.expires_at > now {
+        return Ok(issued(slot, snap));
+    }
+    if snap.state == ConnState::AuthorizationRequired {
+        return Err(TokenError::AuthorizationRequired {
+            provider: slot.provider.clone(),
+            account: slot.account.clone(),
+            reason: snap
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "the grant was rejected".into()),
+        });
+    }
+    let retry_after = snap
+        .next_attempt_at
+        .and_then(|t| (t - now).to_std().ok())
+        .unwrap_or(Duration::from_secs(1))
+        .max(Duration::from_secs(1));
+    Err(TokenError::RefreshFailed {
+        provider: slot.provider.clone(),
+        account: slot.account.clone(),
+        reason: snap
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "the refresh did not complete".into()),
+        retry_after,
+    })
+}
+
+fn issued(slot: &Slot, snap: &Snapshot) -> IssuedToken {
+    IssuedToken {
+        provider: slot.provider.clone(),
+        account: slot.account.clone(),
+        access_token: snap.access_token.clone(),
+        token_type: snap.token_type.clone(),
+        expires_at: snap.timing.expires_at,
+    }
+}
+
+fn chrono_dur(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// `host:pid:nonce`: enough to tell, on the same host, whether a lease
+/// holder still runs (the nonce tells apart two lives of one pid).
+fn owner_id() -> String {
+    format!(
+        "{}:{}:{:08x}",
+        hostname(),
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// True when `owner` names a process on this host that no longer exists
+/// (or an earlier life of our own pid). Other hosts' leases only lapse.
+fn owner_is_dead(owner: &str) -> bool {
+    let mut parts = owner.rsplitn(3, ':');
+    let (Some(nonce), Some(pid), Some(host)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    if host != hostname() {
+        return false;
+    }
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    if pid == std::process::id() {
+        return !owner_id_matches(nonce);
+    }
+    !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn owner_id_matches(_nonce: &str) -> bool {
+    // Our own leases are recognised by exact owner comparison in SQL; a
+    // lease with our pid but a different nonce belongs to a dead
+    // predecessor that had the same pid.
+    false
+}

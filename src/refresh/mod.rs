@@ -1,0 +1,9 @@
+//! Keeping grants alive: the policy (pure functions: when is a connection
+//! due, how long to back off) and the engine (single-flight refresh,
+//! durable rotation, crash recovery, serving snapshots). Tests drive the
+//! engine directly, without HTTP.
+
+pub mod engine;
+pub mod policy;
+
+pub use engine::{ConnectionReport, Engine, IssuedToken, Settings, Snapshot, TokenError, Trigger};

@@ -1,0 +1,548 @@
+//! Durable state: the only module that speaks SQL.
+//!
+//! SQLite through sqlx, WAL, `synchronous = FULL` (a rotated refresh token
+//! must survive power loss the moment it is committed), migrations embedded
+//! and applied at open. Every write that follows a network call is a
+//! compare-and-swap on the lease owner and attempt id, so a writer that lost
+//! its lease cannot silently overwrite a newer grant. Instants are stored as
+//! UTC milliseconds.
+//!
+//! The API is shaped by what the lifecycle needs (take a lease, commit a
+//! rotation, ...), not by tables, so a PostgreSQL backend can be added
+//! behind the same methods.
+
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, SqlitePool};
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot prepare the database directory {path}: {source}")]
+    Directory {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot open the database {path}: {source}")]
+    Open { path: String, source: sqlx::Error },
+    #[error("cannot apply database migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("the stored row is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Lifecycle state of a connection (SPEC 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    Active,
+    Refreshing,
+    Retrying,
+    AuthorizationRequired,
+}
+
+impl ConnState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnState::Active => "active",
+            ConnState::Refreshing => "refreshing",
+            ConnState::Retrying => "retrying",
+            ConnState::AuthorizationRequired => "authorization_required",
+        }
+    }
+
+    fn parse(s: &str) -> Result<ConnState, StoreError> {
+        Ok(match s {
+            "active" => ConnState::Active,
+            "refreshing" => ConnState::Refreshing,
+            "retrying" => ConnState::Retrying,
+            "authorization_required" => ConnState::AuthorizationRequired,
+            other => return Err(StoreError::Corrupt(format!("unknown state {other:?}"))),
+        })
+    }
+}
+
+/// A connection as stored.
+pub struct ConnectionRow {
+    pub id: i64,
+    pub provider: String,
+    pub account: String,
+    pub state: ConnState,
+    pub access_token: SecretString,
+    pub refresh_token: Option<SecretString>,
+    pub token_type: String,
+    pub scope: Option<String>,
+    pub expires_at: DateTime<Utc>,
+    pub issued_at: DateTime<Utc>,
+    pub refreshed_at: Option<DateTime<Utc>>,
+    pub refresh_token_issued_at: DateTime<Utc>,
+    pub generation: i64,
+    pub last_error: Option<String>,
+    pub failures: u32,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub attempt_id: Option<String>,
+    pub attempt_started_at: Option<DateTime<Utc>>,
+    pub interrupted_at: Option<DateTime<Utc>>,
+}
+
+/// A token pair just received from the provider.
+pub struct NewGrant<'a> {
+    pub access_token: &'a SecretString,
+    /// `None`: the provider did not rotate; keep the stored refresh token.
+    pub refresh_token: Option<&'a SecretString>,
+    pub token_type: &'a str,
+    pub scope: Option<&'a str>,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A browser authorization in progress.
+pub struct PendingAuthorization {
+    pub state: String,
+    pub provider: String,
+    pub account: String,
+    pub pkce_verifier: Option<SecretString>,
+    pub redirect_uri: String,
+    /// SHA-256 (hex) of the cookie that binds the flow to one browser.
+    pub browser_hash: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Result of trying to start a refresh.
+pub enum BeginRefresh {
+    /// The lease is ours and "refresh started" is committed; the row is the
+    /// freshly re-read grant (another process may have rotated it).
+    Started(ConnectionRow),
+    /// Another live holder has it until the given instant.
+    Busy { owner: String, until: DateTime<Utc> },
+    /// The connection no longer exists.
+    Gone,
+}
+
+const COLUMNS: &str = "id, provider, account, state, access_token, refresh_token, token_type, scope, \
+    expires_at, issued_at, refreshed_at, refresh_token_issued_at, generation, last_error, failures, \
+    next_attempt_at, lease_owner, lease_until, attempt_id, attempt_started_at, interrupted_at";
+
+/// Handle on the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+pub fn to_ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+pub fn from_ms(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+fn opt_ms(v: Option<i64>) -> Option<DateTime<Utc>> {
+    v.map(from_ms)
+}
+
+impl Store {
+    /// Opens (creating with mode 0600, in a 0700 directory, if needed) and
+    /// migrates the database at `path`.
+    pub async fn open(path: &Path) -> Result<Store, StoreError> {
+        prepare_file(path).map_err(|source| StoreError::Directory {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    /// Cheap liveness probe for `/readyz` and the watchdog.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Closes every pooled connection (checkpointing the WAL).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ----- pending authorizations -----
+
+    pub async fn insert_pending(&self, p: &PendingAuthorization) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO pending_authorizations (state, provider, account, pkce_verifier, redirect_uri, browser_hash, created_at, expires_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(p.state.clone())
+        .bind(p.provider.clone())
+        .bind(p.account.clone())
+        .bind(p.pkce_verifier.as_ref().map(|v| v.expose_secret().to_string()))
+        .bind(p.redirect_uri.clone())
+        .bind(p.browser_hash.clone())
+        .bind(to_ms(p.created_at))
+        .bind(to_ms(p.expires_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Removes and returns the pending authorization for `state`: a state
+    /// can be used once, whatever happens next. Expired ones are purged.
+    pub async fn take_pending(
+        &self,
+        state: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<PendingAuthorization>, StoreError> {
+        sqlx::query("DELETE FROM pending_authorizations WHERE expires_at < ?")
+            .bind(to_ms(now))
+            .execute(&self.pool)
+            .await?;
+        let row = sqlx::query(
+            "DELETE FROM pending_authorizations WHERE state = ? \
+             RETURNING state, provider, account, pkce_verifier, redirect_uri, browser_hash, created_at, expires_at",
+        )
+        .bind(state.to_owned())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| PendingAuthorization {
+            state: r.get("state"),
+            provider: r.get("provider"),
+            account: r.get("account"),
+            pkce_verifier: r
+                .get::<Option<String>, _>("pkce_verifier")
+                .map(SecretString::from),
+            redirect_uri: r.get("redirect_uri"),
+            browser_hash: r.get("browser_hash"),
+            created_at: from_ms(r.get("created_at")),
+            expires_at: from_ms(r.get("expires_at")),
+        }))
+    }
+
+    // ----- connections -----
+
+    pub async fn load_connections(&self) -> Result<Vec<ConnectionRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM connections ORDER BY provider, account"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(row_to_connection).collect()
+    }
+
+    pub async fn load_connection(&self, id: i64) -> Result<Option<ConnectionRow>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(row_to_connection).transpose()
+    }
+
+    /// `(id, generation, state)` of every connection: what the engine compares
+    /// to notice writes by other processes without reading tokens.
+    pub async fn versions(&self) -> Result<Vec<(i64, i64, String)>, StoreError> {
+        let rows = sqlx::query("SELECT id, generation, state FROM connections")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    /// Stores a grant obtained by a browser authorization, replacing any
+    /// earlier grant of the same provider/account (a re-authorization wins
+    /// over whatever refresh was in flight).
+    pub async fn save_authorized(
+        &self,
+        provider: &str,
+        account: &str,
+        g: &NewGrant<'_>,
+    ) -> Result<ConnectionRow, StoreError> {
+        let row = sqlx::query(&format!(
+            "INSERT INTO connections (provider, account, state, access_token, refresh_token, token_type, scope, \
+                 expires_at, issued_at, refreshed_at, refresh_token_issued_at, generation, created_at) \
+             VALUES (?1, ?2, 'active', ?3, ?4, ?5, ?6, ?7, ?8, NULL, ?8, 1, ?8) \
+             ON CONFLICT (provider, account) DO UPDATE SET \
+                 state = 'active', access_token = ?3, refresh_token = ?4, token_type = ?5, scope = ?6, \
+                 expires_at = ?7, issued_at = ?8, refreshed_at = NULL, refresh_token_issued_at = ?8, \
+                 generation = generation + 1, last_error = NULL, failures = 0, next_attempt_at = NULL, \
+                 lease_owner = NULL, lease_until = NULL, attempt_id = NULL, attempt_started_at = NULL, \
+                 interrupted_at = NULL \
+             RETURNING {COLUMNS}"
+        ))
+        .bind(provider.to_owned())
+        .bind(account.to_owned())
+        .bind(g.access_token.expose_secret())
+        .bind(g.refresh_token.map(|t| t.expose_secret().to_string()))
+        .bind(g.token_type.to_owned())
+        .bind(g.scope.map(str::to_owned))
+        .bind(to_ms(g.expires_at))
+        .bind(to_ms(g.issued_at))
+        .fetch_one(&self.pool)
+        .await?;
+        row_to_connection(&row)
+    }
+
+    /// Takes the refresh lease and records "refresh started" in one
+    /// statement (an implicit write transaction), then returns the re-read
+    /// grant. `dead_owner` names a previous holder known to be dead, whose
+    /// lease may be taken before it lapses.
+    pub async fn begin_refresh(
+        &self,
+        id: i64,
+        owner: &str,
+        attempt_id: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        dead_owner: Option<&str>,
+    ) -> Result<BeginRefresh, StoreError> {
+        // An unfinished attempt of another holder means it died mid-refresh:
+        // remember when, so a later rejection can say precisely why.
+        let row = sqlx::query(&format!(
+            "UPDATE connections SET \
+                 interrupted_at = CASE WHEN attempt_id IS NOT NULL AND lease_owner IS NOT ?1 \
+                                       THEN attempt_started_at ELSE interrupted_at END, \
+                 lease_owner = ?1, lease_until = ?2, attempt_id = ?3, attempt_started_at = ?4, \
+                 state = CASE WHEN state = 'authorization_required' THEN state ELSE 'refreshing' END \
+             WHERE id = ?5 AND (lease_owner IS NULL OR lease_owner = ?1 OR lease_until < ?4 OR lease_owner = ?6) \
+             RETURNING {COLUMNS}"
+        ))
+        .bind(owner.to_owned())
+        .bind(to_ms(lease_until))
+        .bind(attempt_id.to_owned())
+        .bind(to_ms(now))
+        .bind(id)
+        .bind(dead_owner.map(str::to_owned))
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = row {
+            return Ok(BeginRefresh::Started(row_to_connection(&row)?));
+        }
+        let holder = sqlx::query("SELECT lease_owner, lease_until FROM connections WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match holder {
+            None => BeginRefresh::Gone,
+            Some(r) => BeginRefresh::Busy {
+                owner: r.get::<Option<String>, _>(0).unwrap_or_default(),
+                until: from_ms(r.get::<Option<i64>, _>(1).unwrap_or(0)),
+            },
+        })
+    }
+
+    /// Extends a held lease; `false` if it is no longer ours.
+    pub async fn renew_lease(
+        &self,
+        id: i64,
+        owner: &str,
+        attempt_id: &str,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE connections SET lease_until = ? WHERE id = ? AND lease_owner = ? AND attempt_id = ?")
+            .bind(to_ms(until))
+            .bind(id)
+            .bind(owner.to_owned())
+            .bind(attempt_id.to_owned())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Commits a rotation. If the lease was lost meanwhile (we stalled past
+    /// it), the pair is written anyway: the provider has already rotated,
+    /// so ours is the only refresh token that still works, and the other
+    /// holder's rejection path re-reads storage and finds it. Returns the
+    /// row and whether the lease was still ours.
+    pub async fn commit_refresh(
+        &self,
+        id: i64,
+        owner: &str,
+        attempt_id: &str,
+        g: &NewGrant<'_>,
+    ) -> Result<(Option<ConnectionRow>, bool), StoreError> {
+        let cas = format!(
+            "UPDATE connections SET {GRANT_SET}, state = 'active', lease_owner = NULL, lease_until = NULL, \
+             attempt_id = NULL, attempt_started_at = NULL \
+             WHERE id = ?7 AND lease_owner = ?8 AND attempt_id = ?9 RETURNING {COLUMNS}"
+        );
+        let row = bind_grant(sqlx::query(&cas), g)
+            .bind(id)
+            .bind(owner.to_owned())
+            .bind(attempt_id.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = row {
+            return Ok((Some(row_to_connection(&row)?), true));
+        }
+        let forced = format!(
+            "UPDATE connections SET {GRANT_SET}, state = CASE WHEN lease_owner IS NULL THEN 'active' ELSE state END \
+             WHERE id = ?7 RETURNING {COLUMNS}"
+        );
+        let row = bind_grant(sqlx::query(&forced), g)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok((row.as_ref().map(row_to_connection).transpose()?, false))
+    }
+
+    /// Ends an attempt without a new grant: transient failure (`retrying`),
+    /// rejection (`authorization_required`) or nothing to do (`active`).
+    /// Releases the lease. Only the current holder's write lands.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn finish_attempt(
+        &self,
+        id: i64,
+        owner: &str,
+        attempt_id: &str,
+        state: ConnState,
+        last_error: Option<&str>,
+        failures: u32,
+        next_attempt_at: Option<DateTime<Utc>>,
+    ) -> Result<Option<ConnectionRow>, StoreError> {
+        let row = sqlx::query(&format!(
+            "UPDATE connections SET state = ?1, last_error = ?2, failures = ?3, next_attempt_at = ?4, \
+                 lease_owner = NULL, lease_until = NULL, attempt_id = NULL, attempt_started_at = NULL \
+             WHERE id = ?5 AND lease_owner = ?6 AND attempt_id = ?7 RETURNING {COLUMNS}"
+        ))
+        .bind(state.as_str())
+        .bind(last_error.map(str::to_owned))
+        .bind(failures as i64)
+        .bind(next_attempt_at.map(to_ms))
+        .bind(id)
+        .bind(owner.to_owned())
+        .bind(attempt_id.to_owned())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(row_to_connection).transpose()
+    }
+
+    /// Marks refreshes whose holder died as interrupted, so status reports
+    /// them and the engine retries them at once.
+    pub async fn mark_interrupted(
+        &self,
+        id: i64,
+        dead_owner: Option<&str>,
+        message: &str,
+    ) -> Result<Option<ConnectionRow>, StoreError> {
+        let row = sqlx::query(&format!(
+            "UPDATE connections SET interrupted_at = attempt_started_at, last_error = ?1, \
+                 state = CASE WHEN state = 'authorization_required' THEN state ELSE 'retrying' END, \
+                 lease_owner = NULL, lease_until = NULL, attempt_id = NULL, attempt_started_at = NULL, \
+                 next_attempt_at = NULL \
+             WHERE id = ?2 AND attempt_id IS NOT NULL AND lease_owner IS ?3 RETURNING {COLUMNS}"
+        ))
+        .bind(message.to_owned())
+        .bind(id)
+        .bind(dead_owner.map(str::to_owned))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(row_to_connection).transpose()
+    }
+
+    /// Forgets a connection; returns it (for upstream revocation) if it existed.
+    pub async fn delete_connection(
+        &self,
+        provider: &str,
+        account: &str,
+    ) -> Result<Option<ConnectionRow>, StoreError> {
+        let row = sqlx::query(&format!(
+            "DELETE FROM connections WHERE provider = ? AND account = ? RETURNING {COLUMNS}"
+        ))
+        .bind(provider.to_owned())
+        .bind(account.to_owned())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(row_to_connection).transpose()
+    }
+}
+
+/// Columns written by a rotation, bound by [`bind_grant`] as ?1..?6.
+const GRANT_SET: &str = "access_token = ?1, refresh_token = COALESCE(?2, refresh_token), token_type = ?3, \
+     scope = COALESCE(?4, scope), expires_at = ?5, issued_at = ?6, refreshed_at = ?6, \
+     refresh_token_issued_at = CASE WHEN ?2 IS NULL THEN refresh_token_issued_at ELSE ?6 END, \
+     generation = generation + 1, failures = 0, next_attempt_at = NULL, last_error = NULL, interrupted_at = NULL";
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+fn bind_grant<'q>(q: SqliteQuery<'q>, g: &NewGrant<'_>) -> SqliteQuery<'q> {
+    q.bind(g.access_token.expose_secret().to_string())
+        .bind(g.refresh_token.map(|t| t.expose_secret().to_string()))
+        .bind(g.token_type.to_string())
+        .bind(g.scope.map(str::to_string))
+        .bind(to_ms(g.expires_at))
+        .bind(to_ms(g.issued_at))
+}
+
+fn row_to_connection(r: &SqliteRow) -> Result<ConnectionRow, StoreError> {
+    Ok(ConnectionRow {
+        id: r.try_get("id")?,
+        provider: r.try_get("provider")?,
+        account: r.try_get("account")?,
+        state: ConnState::parse(r.try_get::<&str, _>("state")?)?,
+        access_token: SecretString::from(r.try_get::<String, _>("access_token")?),
+        refresh_token: r
+            .try_get::<Option<String>, _>("refresh_token")?
+            .map(SecretString::from),
+        token_type: r.try_get("token_type")?,
+        scope: r.try_get("scope")?,
+        expires_at: from_ms(r.try_get("expires_at")?),
+        issued_at: from_ms(r.try_get("issued_at")?),
+        refreshed_at: opt_ms(r.try_get("refreshed_at")?),
+        refresh_token_issued_at: from_ms(r.try_get("refresh_token_issued_at")?),
+        generation: r.try_get("generation")?,
+        last_error: r.try_get("last_error")?,
+        failures: r.try_get::<i64, _>("failures")?.clamp(0, u32::MAX as i64) as u32,
+        next_attempt_at: opt_ms(r.try_get("next_attempt_at")?),
+        lease_owner: r.try_get("lease_owner")?,
+        lease_until: opt_ms(r.try_get("lease_until")?),
+        attempt_id: r.try_get("attempt_id")?,
+        attempt_started_at: opt_ms(r.try_get("attempt_started_at")?),
+        interrupted_at: opt_ms(r.try_get("interrupted_at")?),
+    })
+}
+
+/// Creates the parent directory (0700) and the file (0600) before SQLite
+/// does, so the database is never readable by others, not even briefly.
+fn prepare_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    Ok(())
+}
