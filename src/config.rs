@@ -717,7 +717,7 @@ impl<'a> Reader<'a> {
                 let http_public = server
                     .public_url
                     .as_ref()
-                    .map_or(true, |u| u.scheme() == "http");
+                    .is_none_or(|u| u.scheme() == "http");
                 if http_public {
                     self.warnings.push(
                         "server.public_url is http://: Keap only accepts HTTPS redirect URIs; set server.tls or an https public_url for the real Keap".into(),
@@ -814,7 +814,8 @@ impl<'a> Reader<'a> {
             .duration(t, "proxy_max_wait", p)
             .unwrap_or(Duration::from_secs(10));
         let (listen, listen_span) = listen?;
-        if !listen.ip().is_loopback() && !(allow_remote && api_keys_file.is_some()) {
+        let remote_ok = allow_remote && api_keys_file.is_some();
+        if !(listen.ip().is_loopback() || remote_ok) {
             self.problem(
                 "server.listen",
                 Some(listen_span).filter(|s| s.end > 0),

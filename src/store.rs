@@ -122,7 +122,7 @@ pub struct PendingAuthorization {
 pub enum BeginRefresh {
     /// The lease is ours and "refresh started" is committed; the row is the
     /// freshly re-read grant (another process may have rotated it).
-    Started(ConnectionRow),
+    Started(Box<ConnectionRow>),
     /// Another live holder has it until the given instant.
     Busy { owner: String, until: DateTime<Utc> },
     /// The connection no longer exists.
@@ -341,7 +341,7 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         if let Some(row) = row {
-            return Ok(BeginRefresh::Started(row_to_connection(&row)?));
+            return Ok(BeginRefresh::Started(Box::new(row_to_connection(&row)?)));
         }
         let holder = sqlx::query("SELECT lease_owner, lease_until FROM connections WHERE id = ?")
             .bind(id)

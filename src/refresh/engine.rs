@@ -500,7 +500,13 @@ impl Engine {
         }
         slot.in_flight.store(true, Ordering::SeqCst);
         let _guard = FlightGuard(slot);
+        let before = slot.snapshot().generation;
         let snap = self.refresh_locked(slot, trigger).await?;
+        if trigger == Trigger::Forced && snap.generation == before {
+            // Whoever forces a refresh wants to know it did not happen, even
+            // though the old token would still be served to ordinary callers.
+            return Err(failure(slot, &snap, Utc::now()));
+        }
         answer(slot, &snap, Utc::now())
     }
 
@@ -534,7 +540,7 @@ impl Engine {
                 )
                 .await?
             {
-                BeginRefresh::Started(row) => break row,
+                BeginRefresh::Started(row) => break *row,
                 BeginRefresh::Gone => {
                     return Err(TokenError::UnknownConnection {
                         provider: slot.provider.clone(),
@@ -815,22 +821,27 @@ fn answer(slot: &Slot, snap: &Snapshot, now: DateTime<Utc>) -> Result<IssuedToke
     if snap.timing.expires_at > now {
         return Ok(issued(slot, snap));
     }
+    Err(failure(slot, snap, now))
+}
+
+/// The error that explains why `snap` yields no (new) token.
+fn failure(slot: &Slot, snap: &Snapshot, now: DateTime<Utc>) -> TokenError {
     if snap.state == ConnState::AuthorizationRequired {
-        return Err(TokenError::AuthorizationRequired {
+        return TokenError::AuthorizationRequired {
             provider: slot.provider.clone(),
             account: slot.account.clone(),
             reason: snap
                 .last_error
                 .clone()
                 .unwrap_or_else(|| "the grant was rejected".into()),
-        });
+        };
     }
     let retry_after = snap
         .next_attempt_at
         .and_then(|t| (t - now).to_std().ok())
         .unwrap_or(Duration::from_secs(1))
         .max(Duration::from_secs(1));
-    Err(TokenError::RefreshFailed {
+    TokenError::RefreshFailed {
         provider: slot.provider.clone(),
         account: slot.account.clone(),
         reason: snap
@@ -838,7 +849,7 @@ fn answer(slot: &Slot, snap: &Snapshot, now: DateTime<Utc>) -> Result<IssuedToke
             .clone()
             .unwrap_or_else(|| "the refresh did not complete".into()),
         retry_after,
-    })
+    }
 }
 
 fn issued(slot: &Slot, snap: &Snapshot) -> IssuedToken {

@@ -129,11 +129,19 @@ mod tests {
             expires_at: at(600),
             refresh_token_issued_at: at(0),
         };
-        // 0.75 * 600 + 10 min jitter would be past expiry.
+        // 0.75 * 600 + 10 min jitter would be past expiry; min_validity (5 min)
+        // is capped at the last quarter of this short lifetime (150 s).
         let due = next_refresh_at(&t, &policy(), Duration::from_secs(600));
-        assert_eq!(due, at(300)); // expiry - 5 min
-        assert!(fresh_enough(&t, at(299), &policy()));
-        assert!(!fresh_enough(&t, at(301), &policy()));
+        assert_eq!(due, at(450));
+        assert!(fresh_enough(&t, at(449), &policy()));
+        assert!(!fresh_enough(&t, at(451), &policy()));
+        let day = Timing {
+            issued_at: at(0),
+            expires_at: at(86400),
+            refresh_token_issued_at: at(0),
+        };
+        assert!(fresh_enough(&day, at(86400 - 300), &policy()));
+        assert!(!fresh_enough(&day, at(86400 - 299), &policy()));
     }
 
     #[test]

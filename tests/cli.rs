@@ -1,0 +1,242 @@
+//! The command line: config validation, client commands, exit codes.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Harness, Options, BIN};
+
+fn check_config(text: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tk.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_reports_every_problem_with_key_and_line() {
+    let broken = r#"[server]
+listen = "127.0.0.1:8787"
+colour = "blue"
+
+[refresh]
+jitter = "ten minutes"
+at_fraction = 2.0
+
+[providers.keap]
+preset = "keap"
+client_secret_file = "/nonexistent/keap-secret"
+
+[providers.gen]
+preset = "generic"
+client_id = "x"
+client_secret = "y"
+"#;
+    let (code, err) = check_config(broken);
+    assert_eq!(code, 2, "{err}");
+    for (key, line) in [
+        ("server.colour", 3),
+        ("refresh.jitter", 6),
+        ("refresh.at_fraction", 7),
+        ("providers.keap.client_secret_file", 11),
+    ] {
+        assert!(
+            err.contains(&format!(":{line}: {key}:")),
+            "missing {key} at line {line} in:\n{err}"
+        );
+    }
+    assert!(err.contains("providers.keap.client_id"), "{err}");
+    assert!(err.contains("providers.gen.authorization_url"), "{err}");
+    assert!(err.contains("providers.gen.token_url"), "{err}");
+}
+
+#[test]
+fn check_config_single_problems() {
+    let cases = [
+        ("[server]\nlisten = \"0.0.0.0:8787\"\n", "server.listen"),
+        ("[refresh]\ncheck_interval = 30\n", "refresh.check_interval"),
+        ("[providers.Keap]\npreset = \"keap\"\nclient_id = \"a\"\nclient_secret = \"b\"\n", "providers.Keap"),
+        ("[providers.k]\npreset = \"nope\"\nclient_id = \"a\"\nclient_secret = \"b\"\n", "providers.k.preset"),
+        ("[providers.k]\npreset = \"keap\"\nclient_id = \"a\"\nclient_secret_env = \"TK_TEST_UNSET_VAR\"\n", "providers.k.client_secret_env"),
+        ("[server\n", "(syntax)"),
+        ("[providers.k]\npreset = \"keap\"\nclient_id = \"a\"\nclient_secret = \"b\"\ncode_auth = \"magic\"\n", "providers.k.code_auth"),
+    ];
+    for (text, key) in cases {
+        let (code, err) = check_config(text);
+        assert_eq!(code, 2, "config {text:?} should be refused:\n{err}");
+        assert!(err.contains(key), "expected {key} in:\n{err}");
+    }
+}
+
+#[test]
+fn check_config_accepts_a_good_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), "s3cret\n").unwrap();
+    let path = dir.path().join("tk.toml");
+    std::fs::write(
+        &path,
+        "[providers.keap]\npreset = \"keap\"\nclient_id = \"abc\"\nclient_secret_file = \"secret\"\n[refresh]\njitter = \"10m\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The secret is resolved against $CREDENTIALS_DIRECTORY too.
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::write(creds.path().join("keap-client-secret"), "fromcreds").unwrap();
+    std::fs::write(
+        &path,
+        "[providers.keap]\npreset = \"keap\"\nclient_id = \"abc\"\nclient_secret_file = \"/etc/tokenkeeper/keap-client-secret\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .env("CREDENTIALS_DIRECTORY", creds.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn unreachable_daemon_is_exit_1_with_a_sentence() {
+    let port = common::free_port();
+    let out = Command::new(BIN)
+        .args([
+            "token",
+            "keap",
+            "--url",
+            &format!("http://127.0.0.1:{port}"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the tokenkeeper daemon"), "{err}");
+    assert!(out.stdout.is_empty());
+}
+
+#[tokio::test]
+async fn client_commands_against_a_running_daemon() {
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+
+    // Not authorized yet: exit 1 and a hint.
+    let out = h.cli(&["token", "keap"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tokenkeeper connect keap"));
+    // Unknown provider is a usage error.
+    let out = h.cli(&["token", "nosuch"]).await;
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = h.cli(&["connect", "keap", "work"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        h.url("/connect/keap?account=work")
+    );
+
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let current = h.sim.sim.access_tokens_issued().last().unwrap().clone();
+
+    let out = h.cli(&["token", "keap"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{current}\n"),
+        "token alone on stdout"
+    );
+
+    let out = h.cli(&["header", "keap", "default"]).await;
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("Authorization: Bearer {current}\n")
+    );
+
+    let out = h.cli(&["status", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json parses");
+    assert_eq!(v["connections"][0]["state"], "active");
+
+    let out = h.cli(&["status"]).await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("PROVIDER") && table.contains("keap") && table.contains("active"),
+        "{table}"
+    );
+
+    let out = h.cli(&["refresh", "keap"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let newest = h.sim.sim.access_tokens_issued().last().unwrap().clone();
+    assert_ne!(newest, current);
+    assert_eq!(
+        String::from_utf8(h.cli(&["token", "keap"]).await.stdout)
+            .unwrap()
+            .trim(),
+        newest
+    );
+
+    // A rejected grant: status exits 1 so cron and monitoring notice.
+    h.sim.sim.revoke_all_grants();
+    let out = h.cli(&["refresh", "keap"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let out = h.cli(&["status"]).await;
+    assert_eq!(out.status.code(), Some(1));
+
+    let out = h.cli(&["revoke", "keap"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = h.cli(&["token", "keap"]).await;
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn help_is_there() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in [
+        "serve",
+        "token",
+        "header",
+        "status",
+        "connect",
+        "refresh",
+        "revoke",
+        "check-config",
+    ] {
+        assert!(text.contains(cmd), "--help lacks {cmd}");
+    }
+}

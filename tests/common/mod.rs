@@ -1,0 +1,364 @@
+//! Test harness: the real `tokenkeeper` binary on a loopback port, a real
+//! SQLite file in a temp dir, and the Keap-like simulator in-process so
+//! tests can inject faults and inspect what the provider saw.
+#![allow(dead_code)]
+
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
+use reqwest::redirect::Policy;
+use serde_json::Value;
+use tokenkeeper::provider::simulator::{RunningSimulator, Simulator, SimulatorConfig};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tokenkeeper");
+pub const CLIENT_SECRET: &str = "sim-client-secret-9f8e7d";
+
+/// Settings a test may change before the daemon starts.
+pub struct Options {
+    pub access_lifetime: Duration,
+    /// Extra lines appended to `[refresh]`.
+    pub refresh: String,
+    /// Extra lines appended to `[providers.keap]`.
+    pub provider: String,
+    /// Extra lines appended to `[server]`.
+    pub server: String,
+    pub sim: SimulatorConfig,
+    pub rust_log: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            access_lifetime: Duration::from_secs(86400),
+            refresh: String::new(),
+            provider: String::new(),
+            server: String::new(),
+            sim: SimulatorConfig {
+                client_secret: CLIENT_SECRET.into(),
+                ..SimulatorConfig::default()
+            },
+            rust_log: "info,tokenkeeper=debug".into(),
+        }
+    }
+}
+
+pub struct Harness {
+    pub sim: RunningSimulator,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub config_path: PathBuf,
+    pub http: reqwest::Client,
+    pub daemon: Option<Child>,
+    pub rust_log: String,
+    starts: usize,
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(Policy::none())
+        .pool_max_idle_per_host(64)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("reqwest client")
+}
+
+impl Harness {
+    pub async fn new(opts: Options) -> Harness {
+        let sim_cfg = SimulatorConfig {
+            access_lifetime: opts.access_lifetime,
+            ..opts.sim
+        };
+        let sim = Simulator::start_local(sim_cfg)
+            .await
+            .expect("simulator starts");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let config_path = dir.path().join("tokenkeeper.toml");
+        std::fs::write(
+            dir.path().join("client-secret"),
+            format!("{CLIENT_SECRET}\n"),
+        )
+        .unwrap();
+        let h = Harness {
+            sim,
+            port,
+            config_path,
+            http: client(),
+            daemon: None,
+            rust_log: opts.rust_log.clone(),
+            starts: 0,
+            dir,
+        };
+        h.write_config(&opts.server, &opts.refresh, &opts.provider);
+        h
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("tokenkeeper.db")
+    }
+
+    pub fn write_config(&self, server: &str, refresh: &str, provider: &str) {
+        let sim = &self.sim.base_url;
+        // Test-friendly refresh defaults, each overridable by `refresh`.
+        let defaults: String = [
+            ("check_interval", "\"1s\""),
+            ("jitter", "\"0s\""),
+            ("retry_initial", "\"1s\""),
+            ("retry_max", "\"4s\""),
+        ]
+        .iter()
+        .filter(|(k, _)| !refresh.lines().any(|l| l.trim_start().starts_with(k)))
+        .map(|(k, v)| format!("{k} = {v}\n"))
+        .collect();
+        let text = format!(
+            r#"[server]
+listen = "127.0.0.1:{port}"
+{server}
+
+[storage]
+path = "{db}"
+
+[refresh]
+{defaults}{refresh}
+
+[providers.keap]
+preset = "keap"
+client_id = "demo-client"
+client_secret_file = "client-secret"
+authorization_url = "{sim}/authorize"
+token_url = "{sim}/token"
+revocation_url = "{sim}/revoke"
+api_base_url = "{sim}/api"
+request_timeout = "5s"
+{provider}
+"#,
+            port = self.port,
+            db = self.db_path().display(),
+        );
+        std::fs::write(&self.config_path, text).unwrap();
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("daemon.log")
+    }
+
+    /// All daemon output so far (every start appends).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts the daemon and waits until `/healthz` answers.
+    pub async fn start(&mut self) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        let child = spawn_daemon(&self.config_path, &self.log_path(), &self.rust_log, &[]);
+        self.daemon = Some(child);
+        self.starts += 1;
+        wait_healthy(
+            &self.http,
+            &self.url("/healthz"),
+            self.daemon.as_mut().unwrap(),
+        )
+        .await;
+    }
+
+    /// SIGTERM and wait for exit; returns the exit status code.
+    pub async fn stop(&mut self) -> Option<i32> {
+        let mut child = self.daemon.take()?;
+        signal(&child, libc::SIGTERM);
+        let status = wait_exit(&mut child, Duration::from_secs(40)).await;
+        status
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub async fn kill9(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            signal(&child, libc::SIGKILL);
+            let _ = wait_exit(&mut child, Duration::from_secs(10)).await;
+        }
+    }
+
+    /// Runs the CLI against this daemon's config (async: the simulator
+    /// lives on this test's runtime and must keep answering meanwhile).
+    pub async fn cli(&self, args: &[&str]) -> Output {
+        tokio::process::Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .env_remove("RUST_LOG")
+            .output()
+            .await
+            .expect("run tokenkeeper")
+    }
+
+    /// Runs the whole browser flow (connect → simulator consent → callback)
+    /// and returns the callback response.
+    pub async fn authorize(&self, provider: &str, account: &str) -> reqwest::Response {
+        let (location, cookie) = self.start_connect(provider, account).await;
+        let callback = self.approve(&location).await;
+        self.http
+            .get(callback)
+            .header(COOKIE, cookie)
+            .send()
+            .await
+            .expect("callback answers")
+    }
+
+    /// `GET /connect/...`: returns the provider URL and the flow cookie.
+    pub async fn start_connect(&self, provider: &str, account: &str) -> (String, String) {
+        let r = self
+            .http
+            .get(self.url(&format!("/connect/{provider}?account={account}")))
+            .send()
+            .await
+            .expect("connect answers");
+        assert_eq!(r.status(), 302, "connect must redirect");
+        let location = r.headers()[LOCATION].to_str().unwrap().to_string();
+        let cookie = r.headers()[SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        (location, cookie)
+    }
+
+    /// Posts the simulator's Approve form; returns the callback URL.
+    pub async fn approve(&self, authorize_url: &str) -> String {
+        let query = authorize_url
+            .split_once('?')
+            .map(|x| x.1)
+            .unwrap_or("")
+            .to_string();
+        let r = self
+            .http
+            .post(self.sim.url("/approve"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(query)
+            .send()
+            .await
+            .expect("approve answers");
+        assert_eq!(r.status(), 302, "approve must redirect");
+        r.headers()[LOCATION].to_str().unwrap().to_string()
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("daemon answers");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn token(&self) -> (u16, Value) {
+        self.get_json("/v1/token/keap").await
+    }
+
+    pub async fn connection(&self, account: &str) -> Value {
+        let (_, v) = self.get_json("/v1/connections").await;
+        v["connections"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["account"] == account).cloned())
+            .unwrap_or(Value::Null)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn spawn_daemon(config: &Path, log: &Path, rust_log: &str, extra: &[&str]) -> Child {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .args(extra)
+        .env("RUST_LOG", rust_log)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn tokenkeeper")
+}
+
+pub async fn wait_healthy(http: &reqwest::Client, url: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("daemon exited during start-up with {status}");
+        }
+        if let Ok(r) = http.get(url).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "daemon did not become healthy");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+pub async fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("daemon did not exit within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds or `limit` passes.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
