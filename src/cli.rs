@@ -46,6 +46,9 @@ pub enum Command {
         /// Lifetime of the demo provider's access tokens in --dev mode (e.g. "30s"; default 24h like Keap).
         #[arg(long, value_name = "DURATION", requires = "dev")]
         dev_token_lifetime: Option<String>,
+        /// Log line format: "auto" (journal lines under systemd, else human), "human", "journal" or "json".
+        #[arg(long, value_name = "FORMAT", default_value = "auto")]
+        log_format: LogFormat,
     },
     /// Print the current access token alone on stdout, for $(...).
     Token {
@@ -85,6 +88,15 @@ pub enum Command {
     CheckConfig,
 }
 
+/// How `serve` writes log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Auto,
+    Human,
+    Journal,
+    Json,
+}
+
 /// Exit codes of SPEC 2.
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_USAGE: u8 = 2;
@@ -117,7 +129,9 @@ pub async fn run(cli: Cli) -> u8 {
             listen,
             dev,
             ref dev_token_lifetime,
+            log_format,
         } => {
+            init_logging(log_format);
             serve(
                 cli.config.as_deref(),
                 listen,
@@ -138,14 +152,36 @@ pub async fn run(cli: Cli) -> u8 {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,tokio_cron_scheduler=warn"));
-    let _ = tracing_subscriber::fmt()
+    let format = match format {
+        LogFormat::Auto if crate::systemd::under_journal() => LogFormat::Journal,
+        LogFormat::Auto => LogFormat::Human,
+        other => other,
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Journal => {
+            let inner = tracing_subscriber::fmt::format()
+                .without_time()
+                .with_level(false)
+                .with_ansi(false);
+            builder
+                .with_ansi(false)
+                .event_format(crate::systemd::JournalFormat::new(inner))
+                .try_init()
+        }
+        LogFormat::Auto | LogFormat::Human => {
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder.with_ansi(colour).try_init()
+        }
+    };
 }
 
 fn load_config(explicit: Option<&Path>) -> Result<(PathBuf, Config), CliError> {
@@ -199,8 +235,7 @@ async fn serve(
     dev: bool,
     dev_lifetime: Option<&str>,
 ) -> Result<(), CliError> {
-    init_logging();
-    let (mut cfg, extra, dev_dir) = if dev {
+    let (mut cfg, config_path, extra, dev_dir) = if dev {
         let lifetime = match dev_lifetime {
             Some(s) => config::parse_duration(s)
                 .map_err(|e| usage(format!("--dev-token-lifetime: {e}")))?,
@@ -217,24 +252,37 @@ async fn serve(
         let router = axum::Router::new().nest("/dev-provider", sim.router());
         (
             Config::dev(addr, dir.join("tokenkeeper.db"), &secret),
+            None,
             Some(router),
             Some(dir),
         )
     } else {
-        let (_, c) = load_config(explicit)?;
-        (c, None, None)
+        let (path, c) = load_config(explicit)?;
+        (c, Some(path), None, None)
     };
     if let Some(l) = listen {
         cfg.server.listen = l;
     }
-    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
-        .await
-        .map_err(|e| {
-            runtime(format!(
-                "cannot listen on {} ({e}); pick another address with --listen",
-                cfg.server.listen
-            ))
-        })?;
+    let inherited = crate::systemd::inherited_listener().map_err(|e| {
+        runtime(format!(
+            "cannot use the socket passed by systemd ({e}); check tokenkeeper.socket"
+        ))
+    })?;
+    let listener = match inherited {
+        Some(std_listener) => {
+            tracing::info!("using the listening socket passed by systemd (socket activation)");
+            tokio::net::TcpListener::from_std(std_listener)
+                .map_err(|e| runtime(format!("cannot use the inherited socket ({e})")))?
+        }
+        None => tokio::net::TcpListener::bind(cfg.server.listen)
+            .await
+            .map_err(|e| {
+                runtime(format!(
+                    "cannot listen on {} ({e}); pick another address with --listen",
+                    cfg.server.listen
+                ))
+            })?,
+    };
     let bound = listener.local_addr().map_err(|e| runtime(e.to_string()))?;
     if dev {
         let url = cfg.public_url(bound);
@@ -245,7 +293,14 @@ async fn serve(
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_signal(shutdown.clone()));
-    let result = crate::daemon::run(cfg, listener, shutdown, extra).await;
+    let result = crate::daemon::run(crate::daemon::RunOptions {
+        config: cfg,
+        config_path,
+        listener,
+        shutdown,
+        extra,
+    })
+    .await;
     if let Some(dir) = dev_dir {
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -6,7 +6,8 @@
 //! (bounded), close the database.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -18,6 +19,7 @@ use crate::http::{self, AppState};
 use crate::provider::{self, Provider};
 use crate::refresh::{Engine, Settings};
 use crate::store::{Store, StoreError};
+use crate::systemd;
 
 /// How long shutdown waits for in-flight refreshes to commit: a provider
 /// call that has been answered must reach the database, or the rotated
@@ -47,14 +49,26 @@ pub fn settings_from(config: &Config, http: &reqwest::Client) -> Settings {
     }
 }
 
-/// Runs until `shutdown` is cancelled. `extra` routes are merged into the
-/// router (dev mode mounts the simulator there).
-pub async fn run(
-    config: Config,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-    extra: Option<axum::Router>,
-) -> Result<(), DaemonError> {
+/// Everything `run` needs; the caller binds the listener and owns shutdown.
+pub struct RunOptions {
+    pub config: Config,
+    /// Re-read on SIGHUP; `None` (dev mode) means there is nothing to reload.
+    pub config_path: Option<PathBuf>,
+    pub listener: TcpListener,
+    pub shutdown: CancellationToken,
+    /// Extra routes merged into the router (dev mode mounts the simulator).
+    pub extra: Option<axum::Router>,
+}
+
+/// Runs until `shutdown` is cancelled.
+pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
+    let RunOptions {
+        config,
+        config_path,
+        listener,
+        shutdown,
+        extra,
+    } = opts;
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
@@ -75,12 +89,20 @@ pub async fn run(
     // become zero and spin.
     let every = config.refresh.check_interval.max(Duration::from_secs(1));
     let ticker = engine.clone();
+    let last_status = Arc::new(Mutex::new(String::new()));
     scheduler
         .add(Job::new_repeated_async(every, move |_id, _sched| {
             let engine = ticker.clone();
+            let last_status = last_status.clone();
             Box::pin(async move {
                 if let Err(e) = engine.tick().await {
                     tracing::error!(error = %e, "refresh scheduler tick failed");
+                }
+                let now = systemd::summary(&engine);
+                let mut last = last_status.lock().unwrap_or_else(|e| e.into_inner());
+                if *last != now {
+                    systemd::status(&now);
+                    *last = now;
                 }
             })
         })?)
@@ -90,6 +112,21 @@ pub async fn run(
     // tokens that expired while the daemon was down).
     engine.tick().await?;
 
+    let background = tokio_util::task::TaskTracker::new();
+    background.spawn(systemd::watchdog(engine.clone(), shutdown.clone()));
+    background.spawn(reload_on_sighup(
+        engine.clone(),
+        config_path,
+        http_client.clone(),
+        shutdown.clone(),
+    ));
+    let stop_notice = shutdown.clone();
+    background.spawn(async move {
+        stop_notice.cancelled().await;
+        systemd::stopping();
+    });
+    background.close();
+
     tracing::info!(
         listen = %bound,
         public_url = %public_url,
@@ -97,11 +134,13 @@ pub async fn run(
         providers = config.providers.len(),
         "tokenkeeper is serving"
     );
+    systemd::ready(&systemd::summary(&engine));
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await;
 
     tracing::info!("shutting down: waiting for in-flight refreshes to commit");
+    shutdown.cancel();
     if let Err(e) = scheduler.shutdown().await {
         tracing::warn!(error = %e, "scheduler did not stop cleanly");
     }
@@ -112,9 +151,53 @@ pub async fn run(
     {
         tracing::warn!("some refreshes did not finish within the shutdown grace period");
     }
+    background.wait().await;
     store.close().await;
     tracing::info!("stopped");
     served.map_err(DaemonError::from)
+}
+
+/// SIGHUP: re-read the config; on success swap providers and policy, on
+/// failure log every problem and keep the old config. Server and storage
+/// settings need a restart (the socket and the database are already open).
+async fn reload_on_sighup(
+    engine: Engine,
+    path: Option<PathBuf>,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; config reload disabled");
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            got = hup.recv() => if got.is_none() { return },
+        }
+        let Some(path) = &path else {
+            tracing::info!("SIGHUP: no config file in use, nothing to reload");
+            continue;
+        };
+        systemd::reloading();
+        match crate::config::load(path) {
+            Ok(new) => {
+                for w in &new.warnings {
+                    tracing::warn!("{w}");
+                }
+                let names: Vec<&str> = new.providers.keys().map(String::as_str).collect();
+                tracing::info!(providers = ?names, "configuration reloaded");
+                engine.reload(settings_from(&new, &http));
+            }
+            Err(e) => {
+                tracing::error!(
+                    "configuration reload refused, the previous configuration stays in force:\n{e}"
+                );
+            }
+        }
+        systemd::ready(&systemd::summary(&engine));
+    }
 }
 
 fn allowed_hosts(config: &Config, public_url: &url::Url) -> Vec<String> {

@@ -18,6 +18,7 @@
 //!   authorization), `pages` (HTML), `error` (the one error enum).
 //! - [`daemon`]: wires store, engine, scheduler and server; graceful stop.
 //! - [`cli`]: the command line: `serve` and the client commands.
+//! - [`systemd`]: sd_notify, watchdog, socket activation, journal log lines.
 
 pub mod cli;
 pub mod config;
@@ -26,3 +27,4 @@ pub mod http;
 pub mod provider;
 pub mod refresh;
 pub mod store;
+pub mod systemd;

@@ -120,6 +120,16 @@ impl Harness {
         .filter(|(k, _)| !refresh.lines().any(|l| l.trim_start().starts_with(k)))
         .map(|(k, v)| format!("{k} = {v}\n"))
         .collect();
+        // The provider's request timeout, unless `provider` sets its own
+        // (TOML refuses a key given twice).
+        let timeout = if provider
+            .lines()
+            .any(|l| l.trim_start().starts_with("request_timeout"))
+        {
+            ""
+        } else {
+            "request_timeout = \"5s\"\n"
+        };
         let text = format!(
             r#"[server]
 listen = "127.0.0.1:{port}"
@@ -139,8 +149,7 @@ authorization_url = "{sim}/authorize"
 token_url = "{sim}/token"
 revocation_url = "{sim}/revoke"
 api_base_url = "{sim}/api"
-request_timeout = "5s"
-{provider}
+{timeout}{provider}
 "#,
             port = self.port,
             db = self.db_path().display(),
