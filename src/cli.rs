@@ -29,6 +29,9 @@ pub struct Cli {
     /// Address of the running daemon for client commands, e.g. http://127.0.0.1:8787 (default: from the config's server.listen).
     #[arg(long, global = true, value_name = "URL")]
     pub url: Option<String>,
+    /// API key file for client commands (default: the config's server.api_keys_file; its first key is used).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub api_key_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -86,6 +89,14 @@ pub enum Command {
     },
     /// Validate the config: exit 0, or print every problem with its key and line and exit 2.
     CheckConfig,
+    /// Read a token on stdin and say what it is: the current access token, an older one, a refresh token (never to be sent as a bearer token), or unknown.
+    Inspect,
+    /// Re-seal every stored token under a new encryption key, in one transaction (stop the daemon first).
+    Rekey {
+        /// File with the new key: 32 random bytes, base64 (`head -c32 /dev/urandom | base64`).
+        #[arg(long, value_name = "F")]
+        new_key_file: PathBuf,
+    },
 }
 
 /// How `serve` writes log lines.
@@ -141,6 +152,7 @@ pub async fn run(cli: Cli) -> u8 {
             .await
         }
         Command::CheckConfig => check_config(cli.config.as_deref()),
+        Command::Rekey { ref new_key_file } => rekey(cli.config.as_deref(), new_key_file).await,
         ref other => client(&cli, other).await,
     };
     match result {
@@ -309,30 +321,90 @@ async fn serve(
 
 /// Where the daemon is: `--url`, else the config's `server.listen` (read
 /// leniently: a client needs no secrets), else the default.
-fn daemon_url(cli: &Cli) -> String {
-    if let Some(u) = &cli.url {
-        return u.trim_end_matches('/').to_string();
-    }
-    let from_config = config::locate(cli.config.as_deref())
+/// How a client command reaches the daemon.
+struct Target {
+    base: String,
+    api_key: Option<String>,
+    /// The self-signed certificate to trust, when the daemon serves HTTPS.
+    ca_cert: Option<PathBuf>,
+}
+
+/// Where the daemon is: `--url`, else the config's `server.listen` (read
+/// leniently: a client needs no secrets), else the default.
+fn target(cli: &Cli) -> Target {
+    let config_path = config::locate(cli.config.as_deref());
+    let table = config_path
+        .as_ref()
         .and_then(|p| std::fs::read_to_string(p).ok())
         .and_then(|text| text.parse::<toml::Table>().ok())
-        .and_then(|t| t.get("server").and_then(|s| s.as_table()).cloned());
-    let listen = from_config
-        .as_ref()
-        .and_then(|s| s.get("listen"))
+        .unwrap_or_default();
+    let relative = |v: &str| -> PathBuf {
+        let p = PathBuf::from(v);
+        match config_path.as_ref().and_then(|c| c.parent()) {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p,
+        }
+    };
+    let server = table.get("server").and_then(|s| s.as_table());
+    let get = |k: &str| server.and_then(|s| s.get(k)).and_then(|v| v.as_str());
+    let tls = server.is_some_and(|s| s.get("tls").is_some());
+    let base = match &cli.url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => format!(
+            "{}://{}",
+            if tls { "https" } else { "http" },
+            get("listen").unwrap_or(config::DEFAULT_LISTEN)
+        ),
+    };
+    let key_file = cli
+        .api_key_file
+        .clone()
+        .or_else(|| get("api_keys_file").map(relative));
+    let api_key = key_file
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .and_then(|t| {
+            t.lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string)
+        });
+    let db = table
+        .get("storage")
+        .and_then(|s| s.get("path"))
         .and_then(|v| v.as_str())
-        .unwrap_or(config::DEFAULT_LISTEN)
-        .to_string();
-    let tls = from_config.as_ref().is_some_and(|s| s.get("tls").is_some());
-    format!("{}://{listen}", if tls { "https" } else { "http" })
+        .map(relative)
+        .unwrap_or_else(config::default_db_path);
+    let ca_cert = match server.and_then(|s| s.get("tls")) {
+        Some(toml::Value::String(s)) if s == "self-signed" => db
+            .parent()
+            .map(|d| crate::http::tls::self_signed_paths(d).0),
+        Some(toml::Value::Table(t)) => t.get("cert_file").and_then(|v| v.as_str()).map(relative),
+        _ => None,
+    };
+    Target {
+        base,
+        api_key,
+        ca_cert,
+    }
 }
 
 async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
-    let base = daemon_url(cli);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .map_err(|e| runtime(e.to_string()))?;
+    let target = target(cli);
+    let base = target.base.clone();
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(120));
+    if let Some(key) = &target.api_key {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .map_err(|_| usage("the API key file holds characters that cannot go in a header"))?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+        builder = builder.default_headers(headers);
+    }
+    if let Some(pem) = target.ca_cert.as_ref().and_then(|p| std::fs::read(p).ok()) {
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .map_err(|e| runtime(format!("cannot use the daemon's certificate ({e})")))?;
+        builder = builder.add_root_certificate(cert);
+    }
+    let http = builder.build().map_err(|e| runtime(e.to_string()))?;
     let acct = |a: &Option<String>| a.clone().unwrap_or_else(|| DEFAULT_ACCOUNT.to_string());
     match command {
         Command::Token { provider, account } | Command::Header { provider, account } => {
@@ -341,6 +413,7 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                 reqwest::Method::GET,
                 &format!("{base}/v1/token/{provider}/{}", acct(account)),
                 &base,
+                None,
             )
             .await?;
             let token = v
@@ -359,6 +432,7 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                 reqwest::Method::POST,
                 &format!("{base}/v1/token/{provider}/{}/refresh", acct(account)),
                 &base,
+                None,
             )
             .await?;
             let exp = v.get("expires_at").and_then(Value::as_str).unwrap_or("?");
@@ -373,6 +447,7 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                 reqwest::Method::DELETE,
                 &format!("{base}/v1/connections/{provider}/{}", acct(account)),
                 &base,
+                None,
             )
             .await?;
             println!("revoked and forgot {provider}/{}", acct(account));
@@ -383,6 +458,7 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                 reqwest::Method::GET,
                 &format!("{base}/v1/connections"),
                 &base,
+                None,
             )
             .await?;
             let conns = v
@@ -394,6 +470,9 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
                 print_status(&conns);
+                if let Some(fp) = v.get("tls_fingerprint").and_then(Value::as_str) {
+                    println!("\nHTTPS certificate SHA-256: {fp}");
+                }
             }
             if conns
                 .iter()
@@ -425,7 +504,37 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                 }
             }
         }
-        Command::Serve { .. } | Command::CheckConfig => unreachable!("handled in run"),
+        Command::Inspect => {
+            let mut token = String::new();
+            std::io::Read::read_to_string(
+                &mut std::io::Read::take(std::io::stdin(), 64 * 1024),
+                &mut token,
+            )
+            .map_err(|e| usage(format!("cannot read the token from stdin ({e})")))?;
+            let token = token.trim();
+            if token.is_empty() {
+                return Err(usage(
+                    "give the token on stdin, e.g. `tokenkeeper inspect < token.txt`",
+                ));
+            }
+            let v = call(
+                &http,
+                reqwest::Method::POST,
+                &format!("{base}/v1/inspect"),
+                &base,
+                Some(token.to_string()),
+            )
+            .await?;
+            println!(
+                "{}",
+                v.get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown")
+            );
+        }
+        Command::Serve { .. } | Command::CheckConfig | Command::Rekey { .. } => {
+            unreachable!("handled in run")
+        }
     }
     Ok(())
 }
@@ -436,8 +545,13 @@ async fn call(
     method: reqwest::Method,
     url: &str,
     base: &str,
+    body: Option<String>,
 ) -> Result<Value, CliError> {
-    let resp = http.request(method, url).send().await.map_err(|_| {
+    let mut req = http.request(method, url);
+    if let Some(b) = body {
+        req = req.body(b);
+    }
+    let resp = req.send().await.map_err(|_| {
         runtime(format!(
             "cannot reach the tokenkeeper daemon at {base}; start it with `tokenkeeper serve` or point --url at it"
         ))
@@ -512,4 +626,28 @@ fn print_status(conns: &[Value]) {
             .collect();
         println!("{}", line.join("  ").trim_end());
     }
+}
+
+async fn rekey(explicit: Option<&Path>, new_key_file: &Path) -> Result<(), CliError> {
+    let (_, cfg) = load_config(explicit)?;
+    let new_key =
+        crate::crypto::SealKey::from_file(new_key_file).map_err(|e| usage(e.to_string()))?;
+    let old_key = match &cfg.storage.encryption_key_file {
+        Some(p) => Some(crate::crypto::SealKey::from_file(p).map_err(|e| usage(e.to_string()))?),
+        None => None,
+    };
+    let store = crate::store::Store::open(&cfg.storage.path, old_key)
+        .await
+        .map_err(|e| runtime(e.to_string()))?;
+    let n = store
+        .rekey(&new_key)
+        .await
+        .map_err(|e| runtime(e.to_string()))?;
+    store.close().await;
+    println!(
+        "re-sealed {n} connection{} under {}; now set storage.encryption_key_file to it and restart the daemon",
+        if n == 1 { "" } else { "s" },
+        new_key_file.display()
+    );
+    Ok(())
 }

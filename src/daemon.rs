@@ -35,6 +35,15 @@ pub enum DaemonError {
     Scheduler(#[from] tokio_cron_scheduler::JobSchedulerError),
     #[error("the HTTP server failed: {0}")]
     Serve(#[from] std::io::Error),
+    #[error(transparent)]
+    Key(#[from] crate::crypto::KeyError),
+    #[error("cannot set up HTTPS: {0}")]
+    Tls(#[from] crate::http::tls::TlsError),
+    #[error("cannot read server.api_keys_file {path}: {source}")]
+    ApiKeys {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Builds the engine's reloadable settings from a config.
@@ -72,15 +81,49 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    let store = Store::open(&config.storage.path).await?;
+    let key = match &config.storage.encryption_key_file {
+        Some(path) => Some(crate::crypto::SealKey::from_file(path)?),
+        None => None,
+    };
+    let store = Store::open(&config.storage.path, key).await?;
+    if !store.encrypted() {
+        tracing::warn!(
+            "tokens are stored unencrypted; set storage.encryption_key_file to seal them at rest"
+        );
+    }
+    let api_keys = match &config.server.api_keys_file {
+        Some(path) => Some(Arc::new(crate::http::auth::ApiKeys::load(path).map_err(
+            |source| DaemonError::ApiKeys {
+                path: path.display().to_string(),
+                source,
+            },
+        )?)),
+        None => None,
+    };
     let http_client = provider::http_client();
     let engine = Engine::start(store.clone(), settings_from(&config, &http_client)).await?;
     let bound = listener.local_addr()?;
     let public_url = config.public_url(bound);
+    let state_dir = config
+        .storage
+        .path
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let tls = crate::http::tls::load(&config.server.tls, &state_dir, public_url.host_str())?;
+    if let Some(t) = &tls {
+        tracing::info!(
+            certificate = %t.cert_path.display(),
+            sha256 = %t.fingerprint,
+            "serving HTTPS; compare this fingerprint when your browser asks"
+        );
+    }
     let state = AppState {
         engine: engine.clone(),
         public_url: public_url.clone(),
         allowed_hosts: Arc::new(allowed_hosts(&config, &public_url)),
+        api_keys,
+        tls_fingerprint: tls.as_ref().map(|t| Arc::from(t.fingerprint.as_str())),
     };
     let app = http::router(state, extra);
 
@@ -135,9 +178,20 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
         "tokenkeeper is serving"
     );
     systemd::ready(&systemd::summary(&engine));
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+    let stop = shutdown.clone().cancelled_owned();
+    let served = match tls {
+        Some(t) => {
+            let tls_listener = crate::http::tls::TlsListener::new(listener, t.acceptor)?;
+            axum::serve(tls_listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    };
 
     tracing::info!("shutting down: waiting for in-flight refreshes to commit");
     shutdown.cancel();

@@ -9,6 +9,7 @@
 //!
 //! - [`config`]: the TOML config, its lookup order, presets, secret files.
 //! - [`store`]: SQLite (the only SQL), migrations, leases, durable rotation.
+//! - [`crypto`]: sealing tokens at rest (AEAD) and keyed token fingerprints.
 //! - [`provider`]: OAuth2 calls to providers and the one place that decides
 //!   which failures are transient; [`provider::simulator`] is a Keap-like
 //!   provider for tests and `serve --dev`.
@@ -22,6 +23,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod daemon;
 pub mod http;
 pub mod provider;

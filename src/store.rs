@@ -14,12 +14,16 @@
 use std::path::Path;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use chrono::{DateTime, TimeZone, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Row, SqlitePool};
+
+use crate::crypto::{self, SealKey};
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +39,14 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
     Sql(#[from] sqlx::Error),
+    #[error("the database {path} can be read by other users (mode {mode:o}); run `chmod 600 {path}` and start again")]
+    Permissions { path: String, mode: u32 },
+    #[error("the database was encrypted with another key; set storage.encryption_key_file to the key it was written with (nothing was changed)")]
+    WrongKey,
+    #[error("the database holds encrypted tokens; set storage.encryption_key_file to its key (nothing was changed)")]
+    KeyRequired,
+    #[error(transparent)]
+    Sealed(#[from] crypto::OpenError),
     #[error("the stored row is corrupt: {0}")]
     Corrupt(String),
 }
@@ -118,6 +130,34 @@ pub struct PendingAuthorization {
     pub expires_at: DateTime<Utc>,
 }
 
+/// Which kind of token a fingerprint belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenKind {
+    Refresh,
+    Access,
+}
+
+impl TokenKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Refresh => "refresh",
+            TokenKind::Access => "access",
+        }
+    }
+}
+
+/// A keyed digest of a token (see `crypto::Fingerprinter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub kind: TokenKind,
+    pub digest: [u8; 32],
+}
+
+/// How many fingerprints per connection and kind are kept: enough to
+/// recognise a refresh token someone copied weeks ago (one rotation a day at
+/// Keap's 24 h tokens), bounded so the table cannot grow without limit.
+pub const FINGERPRINTS_KEPT: i64 = 64;
+
 /// Result of trying to start a refresh.
 pub enum BeginRefresh {
     /// The lease is ours and "refresh started" is committed; the row is the
@@ -137,6 +177,9 @@ const COLUMNS: &str = "id, provider, account, state, access_token, refresh_token
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// Tokens are sealed with this key when `storage.encryption_key_file`
+    /// is set; `None` stores them as they are.
+    seal: Option<Arc<SealKey>>,
 }
 
 pub fn to_ms(t: DateTime<Utc>) -> i64 {
@@ -155,12 +198,10 @@ fn opt_ms(v: Option<i64>) -> Option<DateTime<Utc>> {
 
 impl Store {
     /// Opens (creating with mode 0600, in a 0700 directory, if needed) and
-    /// migrates the database at `path`.
-    pub async fn open(path: &Path) -> Result<Store, StoreError> {
-        prepare_file(path).map_err(|source| StoreError::Directory {
-            path: path.display().to_string(),
-            source,
-        })?;
+    /// migrates the database at `path`, then checks `key` against it before
+    /// anything else is written.
+    pub async fn open(path: &Path, key: Option<SealKey>) -> Result<Store, StoreError> {
+        prepare_file(path)?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -177,7 +218,147 @@ impl Store {
                 source,
             })?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Store { pool })
+        let store = Store {
+            pool,
+            seal: key.map(Arc::new),
+        };
+        store.check_key().await?;
+        Ok(store)
+    }
+
+    /// Whether tokens are sealed at rest.
+    pub fn encrypted(&self) -> bool {
+        self.seal.is_some()
+    }
+
+    /// The key check: a value sealed under the key the database was written
+    /// with. A wrong or missing key fails here, before any write; a key set
+    /// for the first time seals the existing plaintext rows in one transaction.
+    async fn check_key(&self) -> Result<(), StoreError> {
+        let check: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT value FROM installation WHERE name = 'key_check'")
+                .fetch_optional(&self.pool)
+                .await?;
+        let check = check.map(|v| String::from_utf8_lossy(&v).into_owned());
+        match (&self.seal, check) {
+            (None, None) => Ok(()),
+            (None, Some(_)) => Err(StoreError::KeyRequired),
+            (Some(key), Some(c)) => key
+                .open(&c, KEY_CHECK_CONTEXT)
+                .map(|_| ())
+                .map_err(|_| StoreError::WrongKey),
+            (Some(key), None) => {
+                let n = self.reseal_all(None, key).await?;
+                if n > 0 {
+                    tracing::info!(
+                        connections = n,
+                        "sealed the stored tokens with the new encryption key"
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Re-seals every stored token under `new` (from `old`, or from
+    /// plaintext) and replaces the key check, all in one transaction.
+    /// Pending browser authorizations are dropped: they expire in minutes.
+    async fn reseal_all(&self, old: Option<&SealKey>, new: &SealKey) -> Result<usize, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, provider, account, access_token, refresh_token FROM connections",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for r in &rows {
+            let ctx = context(r.try_get("provider")?, r.try_get("account")?);
+            let open = |v: String| -> Result<SecretString, StoreError> {
+                match old {
+                    Some(k) => Ok(k.open(&v, &ctx)?),
+                    None if crypto::is_sealed(&v) => Err(StoreError::WrongKey),
+                    None => Ok(SecretString::from(v)),
+                }
+            };
+            let access = open(r.try_get("access_token")?)?;
+            let refresh = r
+                .try_get::<Option<String>, _>("refresh_token")?
+                .map(open)
+                .transpose()?;
+            sqlx::query("UPDATE connections SET access_token = ?, refresh_token = ? WHERE id = ?")
+                .bind(new.seal(access.expose_secret(), &ctx))
+                .bind(refresh.map(|t| new.seal(t.expose_secret(), &ctx)))
+                .bind(r.try_get::<i64, _>("id")?)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM pending_authorizations")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT OR REPLACE INTO installation (name, value) VALUES ('key_check', ?)")
+            .bind(new.seal("tokenkeeper", KEY_CHECK_CONTEXT).into_bytes())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(rows.len())
+    }
+
+    /// `tokenkeeper rekey`: re-seals everything under `new`.
+    pub async fn rekey(&self, new: &SealKey) -> Result<usize, StoreError> {
+        self.reseal_all(self.seal.as_deref(), new).await
+    }
+
+    fn seal_value(&self, plain: &SecretString, ctx: &str) -> String {
+        match &self.seal {
+            Some(k) => k.seal(plain.expose_secret(), ctx),
+            None => plain.expose_secret().to_string(),
+        }
+    }
+
+    fn open_value(&self, stored: String, ctx: &str) -> Result<SecretString, StoreError> {
+        match &self.seal {
+            Some(k) => Ok(k.open(&stored, ctx)?),
+            None if crypto::is_sealed(&stored) => Err(StoreError::KeyRequired),
+            None => Ok(SecretString::from(stored)),
+        }
+    }
+
+    /// The per-installation fingerprint key, created on first use.
+    pub async fn fingerprint_key(&self) -> Result<[u8; 32], StoreError> {
+        let fresh: [u8; 32] = rand::random();
+        sqlx::query(
+            "INSERT OR IGNORE INTO installation (name, value) VALUES ('fingerprint_key', ?)",
+        )
+        .bind(fresh.to_vec())
+        .execute(&self.pool)
+        .await?;
+        let v: Vec<u8> =
+            sqlx::query_scalar("SELECT value FROM installation WHERE name = 'fingerprint_key'")
+                .fetch_one(&self.pool)
+                .await?;
+        v.try_into()
+            .map_err(|_| StoreError::Corrupt("fingerprint key has the wrong length".into()))
+    }
+
+    /// Every stored fingerprint, oldest first per connection:
+    /// `(connection_id, fingerprint)`.
+    pub async fn load_fingerprints(&self) -> Result<Vec<(i64, Fingerprint)>, StoreError> {
+        let rows =
+            sqlx::query("SELECT connection_id, kind, digest FROM token_fingerprints ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                let kind = match r.try_get::<&str, _>("kind")? {
+                    "refresh" => TokenKind::Refresh,
+                    _ => TokenKind::Access,
+                };
+                let digest: Vec<u8> = r.try_get("digest")?;
+                let digest = digest
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("fingerprint of the wrong length".into()))?;
+                Ok((r.try_get("connection_id")?, Fingerprint { kind, digest }))
+            })
+            .collect()
     }
 
     /// Cheap liveness probe for `/readyz` and the watchdog.
@@ -201,7 +382,11 @@ impl Store {
         .bind(p.state.clone())
         .bind(p.provider.clone())
         .bind(p.account.clone())
-        .bind(p.pkce_verifier.as_ref().map(|v| v.expose_secret().to_string()))
+        .bind(
+            p.pkce_verifier
+                .as_ref()
+                .map(|v| self.seal_value(v, &pending_context(&p.state))),
+        )
         .bind(p.redirect_uri.clone())
         .bind(p.browser_hash.clone())
         .bind(to_ms(p.created_at))
@@ -229,17 +414,22 @@ impl Store {
         .bind(state.to_owned())
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|r| PendingAuthorization {
-            state: r.get("state"),
-            provider: r.get("provider"),
-            account: r.get("account"),
-            pkce_verifier: r
-                .get::<Option<String>, _>("pkce_verifier")
-                .map(SecretString::from),
-            redirect_uri: r.get("redirect_uri"),
-            browser_hash: r.get("browser_hash"),
-            created_at: from_ms(r.get("created_at")),
-            expires_at: from_ms(r.get("expires_at")),
+        let Some(r) = row else {
+            return Ok(None);
+        };
+        let verifier = r
+            .try_get::<Option<String>, _>("pkce_verifier")?
+            .map(|v| self.open_value(v, &pending_context(state)))
+            .transpose()?;
+        Ok(Some(PendingAuthorization {
+            state: r.try_get("state")?,
+            provider: r.try_get("provider")?,
+            account: r.try_get("account")?,
+            pkce_verifier: verifier,
+            redirect_uri: r.try_get("redirect_uri")?,
+            browser_hash: r.try_get("browser_hash")?,
+            created_at: from_ms(r.try_get("created_at")?),
+            expires_at: from_ms(r.try_get("expires_at")?),
         }))
     }
 
@@ -251,7 +441,7 @@ impl Store {
         ))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(row_to_connection).collect()
+        rows.iter().map(|r| self.decode(r)).collect()
     }
 
     pub async fn load_connection(&self, id: i64) -> Result<Option<ConnectionRow>, StoreError> {
@@ -259,7 +449,7 @@ impl Store {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(row_to_connection).transpose()
+        row.as_ref().map(|r| self.decode(r)).transpose()
     }
 
     /// `(id, generation, state)` of every connection: what the engine compares
@@ -282,7 +472,10 @@ impl Store {
         provider: &str,
         account: &str,
         g: &NewGrant<'_>,
+        fps: &[Fingerprint],
     ) -> Result<ConnectionRow, StoreError> {
+        let ctx = context(provider, account);
+        let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
             "INSERT INTO connections (provider, account, state, access_token, refresh_token, token_type, scope, \
                  expires_at, issued_at, refreshed_at, refresh_token_issued_at, generation, created_at) \
@@ -297,15 +490,18 @@ impl Store {
         ))
         .bind(provider.to_owned())
         .bind(account.to_owned())
-        .bind(g.access_token.expose_secret())
-        .bind(g.refresh_token.map(|t| t.expose_secret().to_string()))
+        .bind(self.seal_value(g.access_token, &ctx))
+        .bind(g.refresh_token.map(|t| self.seal_value(t, &ctx)))
         .bind(g.token_type.to_owned())
         .bind(g.scope.map(str::to_owned))
         .bind(to_ms(g.expires_at))
         .bind(to_ms(g.issued_at))
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
-        row_to_connection(&row)
+        let decoded = self.decode(&row)?;
+        record_fingerprints(&mut tx, decoded.id, fps, g.issued_at).await?;
+        tx.commit().await?;
+        Ok(decoded)
     }
 
     /// Takes the refresh lease and records "refresh started" in one
@@ -341,7 +537,7 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         if let Some(row) = row {
-            return Ok(BeginRefresh::Started(Box::new(row_to_connection(&row)?)));
+            return Ok(BeginRefresh::Started(Box::new(self.decode(&row)?)));
         }
         let holder = sqlx::query("SELECT lease_owner, lease_until FROM connections WHERE id = ?")
             .bind(id)
@@ -379,36 +575,57 @@ impl Store {
     /// so ours is the only refresh token that still works, and the other
     /// holder's rejection path re-reads storage and finds it. Returns the
     /// row and whether the lease was still ours.
+    #[allow(clippy::too_many_arguments)]
     pub async fn commit_refresh(
         &self,
         id: i64,
+        (provider, account): (&str, &str),
         owner: &str,
         attempt_id: &str,
         g: &NewGrant<'_>,
+        fps: &[Fingerprint],
     ) -> Result<(Option<ConnectionRow>, bool), StoreError> {
+        let ctx = context(provider, account);
+        let sealed = || {
+            (
+                self.seal_value(g.access_token, &ctx),
+                g.refresh_token.map(|t| self.seal_value(t, &ctx)),
+            )
+        };
+        // One transaction: the pair and the fingerprints of the new tokens
+        // become durable together.
+        let mut tx = self.pool.begin().await?;
         let cas = format!(
             "UPDATE connections SET {GRANT_SET}, state = 'active', lease_owner = NULL, lease_until = NULL, \
              attempt_id = NULL, attempt_started_at = NULL \
              WHERE id = ?7 AND lease_owner = ?8 AND attempt_id = ?9 RETURNING {COLUMNS}"
         );
-        let row = bind_grant(sqlx::query(&cas), g)
+        let row = bind_grant(sqlx::query(&cas), g, sealed())
             .bind(id)
             .bind(owner.to_owned())
             .bind(attempt_id.to_owned())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?;
         if let Some(row) = row {
-            return Ok((Some(row_to_connection(&row)?), true));
+            let decoded = self.decode(&row)?;
+            record_fingerprints(&mut tx, id, fps, g.issued_at).await?;
+            tx.commit().await?;
+            return Ok((Some(decoded), true));
         }
         let forced = format!(
             "UPDATE connections SET {GRANT_SET}, state = CASE WHEN lease_owner IS NULL THEN 'active' ELSE state END \
              WHERE id = ?7 RETURNING {COLUMNS}"
         );
-        let row = bind_grant(sqlx::query(&forced), g)
+        let row = bind_grant(sqlx::query(&forced), g, sealed())
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?;
-        Ok((row.as_ref().map(row_to_connection).transpose()?, false))
+        let decoded = row.as_ref().map(|r| self.decode(r)).transpose()?;
+        if decoded.is_some() {
+            record_fingerprints(&mut tx, id, fps, g.issued_at).await?;
+        }
+        tx.commit().await?;
+        Ok((decoded, false))
     }
 
     /// Ends an attempt without a new grant: transient failure (`retrying`),
@@ -439,7 +656,7 @@ impl Store {
         .bind(attempt_id.to_owned())
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(row_to_connection).transpose()
+        row.as_ref().map(|r| self.decode(r)).transpose()
     }
 
     /// Marks refreshes whose holder died as interrupted, so status reports
@@ -462,7 +679,7 @@ impl Store {
         .bind(dead_owner.map(str::to_owned))
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(row_to_connection).transpose()
+        row.as_ref().map(|r| self.decode(r)).transpose()
     }
 
     /// Forgets a connection; returns it (for upstream revocation) if it existed.
@@ -471,14 +688,23 @@ impl Store {
         provider: &str,
         account: &str,
     ) -> Result<Option<ConnectionRow>, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
             "DELETE FROM connections WHERE provider = ? AND account = ? RETURNING {COLUMNS}"
         ))
         .bind(provider.to_owned())
         .bind(account.to_owned())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        row.as_ref().map(row_to_connection).transpose()
+        let decoded = row.as_ref().map(|r| self.decode(r)).transpose()?;
+        if let Some(d) = &decoded {
+            sqlx::query("DELETE FROM token_fingerprints WHERE connection_id = ?")
+                .bind(d.id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(decoded)
     }
 }
 
@@ -490,59 +716,133 @@ const GRANT_SET: &str = "access_token = ?1, refresh_token = COALESCE(?2, refresh
 
 type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
 
-fn bind_grant<'q>(q: SqliteQuery<'q>, g: &NewGrant<'_>) -> SqliteQuery<'q> {
-    q.bind(g.access_token.expose_secret().to_string())
-        .bind(g.refresh_token.map(|t| t.expose_secret().to_string()))
+fn bind_grant<'q>(
+    q: SqliteQuery<'q>,
+    g: &NewGrant<'_>,
+    sealed: (String, Option<String>),
+) -> SqliteQuery<'q> {
+    q.bind(sealed.0)
+        .bind(sealed.1)
         .bind(g.token_type.to_string())
         .bind(g.scope.map(str::to_string))
         .bind(to_ms(g.expires_at))
         .bind(to_ms(g.issued_at))
 }
 
-fn row_to_connection(r: &SqliteRow) -> Result<ConnectionRow, StoreError> {
-    Ok(ConnectionRow {
-        id: r.try_get("id")?,
-        provider: r.try_get("provider")?,
-        account: r.try_get("account")?,
-        state: ConnState::parse(r.try_get::<&str, _>("state")?)?,
-        access_token: SecretString::from(r.try_get::<String, _>("access_token")?),
-        refresh_token: r
-            .try_get::<Option<String>, _>("refresh_token")?
-            .map(SecretString::from),
-        token_type: r.try_get("token_type")?,
-        scope: r.try_get("scope")?,
-        expires_at: from_ms(r.try_get("expires_at")?),
-        issued_at: from_ms(r.try_get("issued_at")?),
-        refreshed_at: opt_ms(r.try_get("refreshed_at")?),
-        refresh_token_issued_at: from_ms(r.try_get("refresh_token_issued_at")?),
-        generation: r.try_get("generation")?,
-        last_error: r.try_get("last_error")?,
-        failures: r.try_get::<i64, _>("failures")?.clamp(0, u32::MAX as i64) as u32,
-        next_attempt_at: opt_ms(r.try_get("next_attempt_at")?),
-        lease_owner: r.try_get("lease_owner")?,
-        lease_until: opt_ms(r.try_get("lease_until")?),
-        attempt_id: r.try_get("attempt_id")?,
-        attempt_started_at: opt_ms(r.try_get("attempt_started_at")?),
-        interrupted_at: opt_ms(r.try_get("interrupted_at")?),
-    })
+impl Store {
+    /// A row as the lifecycle sees it: tokens opened.
+    fn decode(&self, r: &SqliteRow) -> Result<ConnectionRow, StoreError> {
+        let provider: String = r.try_get("provider")?;
+        let account: String = r.try_get("account")?;
+        let ctx = context(&provider, &account);
+        Ok(ConnectionRow {
+            id: r.try_get("id")?,
+            state: ConnState::parse(r.try_get::<&str, _>("state")?)?,
+            access_token: self.open_value(r.try_get("access_token")?, &ctx)?,
+            refresh_token: r
+                .try_get::<Option<String>, _>("refresh_token")?
+                .map(|v| self.open_value(v, &ctx))
+                .transpose()?,
+            provider,
+            account,
+            token_type: r.try_get("token_type")?,
+            scope: r.try_get("scope")?,
+            expires_at: from_ms(r.try_get("expires_at")?),
+            issued_at: from_ms(r.try_get("issued_at")?),
+            refreshed_at: opt_ms(r.try_get("refreshed_at")?),
+            refresh_token_issued_at: from_ms(r.try_get("refresh_token_issued_at")?),
+            generation: r.try_get("generation")?,
+            last_error: r.try_get("last_error")?,
+            failures: r.try_get::<i64, _>("failures")?.clamp(0, u32::MAX as i64) as u32,
+            next_attempt_at: opt_ms(r.try_get("next_attempt_at")?),
+            lease_owner: r.try_get("lease_owner")?,
+            lease_until: opt_ms(r.try_get("lease_until")?),
+            attempt_id: r.try_get("attempt_id")?,
+            attempt_started_at: opt_ms(r.try_get("attempt_started_at")?),
+            interrupted_at: opt_ms(r.try_get("interrupted_at")?),
+        })
+    }
+}
+
+/// Associated data of sealed tokens: the connection's identity, so a sealed
+/// value moved to another row does not open.
+fn context(provider: &str, account: &str) -> String {
+    format!("connection:{provider}/{account}")
+}
+
+fn pending_context(state: &str) -> String {
+    format!("pending:{state}")
+}
+
+const KEY_CHECK_CONTEXT: &str = "key-check";
+
+/// Records fingerprints and drops the oldest beyond [`FINGERPRINTS_KEPT`].
+async fn record_fingerprints(
+    tx: &mut sqlx::SqliteConnection,
+    connection_id: i64,
+    fps: &[Fingerprint],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    for fp in fps {
+        sqlx::query("INSERT INTO token_fingerprints (connection_id, kind, digest, created_at) VALUES (?, ?, ?, ?)")
+            .bind(connection_id)
+            .bind(fp.kind.as_str())
+            .bind(fp.digest.to_vec())
+            .bind(to_ms(now))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "DELETE FROM token_fingerprints WHERE connection_id = ?1 AND kind = ?2 AND id NOT IN \
+             (SELECT id FROM token_fingerprints WHERE connection_id = ?1 AND kind = ?2 ORDER BY id DESC LIMIT ?3)",
+        )
+        .bind(connection_id)
+        .bind(fp.kind.as_str())
+        .bind(FINGERPRINTS_KEPT)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Creates a directory (and its parents) with mode 0700 if missing.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.as_os_str().is_empty() || dir.exists() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// Creates the parent directory (0700) and the file (0600) before SQLite
-/// does, so the database is never readable by others, not even briefly.
-fn prepare_file(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
+/// does, so the database is never readable by others, not even briefly; an
+/// existing database that others can read is refused, with the fix.
+fn prepare_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |source| StoreError::Directory {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        create_private_dir(dir).map_err(io)?;
+    }
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(StoreError::Permissions {
+                path: path.display().to_string(),
+                mode,
+            });
         }
+        return Ok(());
     }
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
-        .open(path)?;
+        .open(path)
+        .map_err(io)?;
     Ok(())
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::error::ApiError;
 use super::AppState;
 use crate::config::{valid_account, valid_name};
-use crate::refresh::{ConnectionReport, IssuedToken};
+use crate::refresh::{ConnectionReport, IssuedToken, TokenIdentity};
 
 /// Default account when a path omits it.
 pub const DEFAULT_ACCOUNT: &str = "default";
@@ -112,6 +112,9 @@ pub async fn refresh(
 #[derive(Serialize)]
 struct ConnectionsBody {
     connections: Vec<ConnectionJson>,
+    /// SHA-256 of the HTTPS certificate, for `tokenkeeper status`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_fingerprint: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -154,6 +157,7 @@ pub async fn connections(State(state): State<AppState>) -> Response {
             .into_iter()
             .map(ConnectionJson::from)
             .collect(),
+        tls_fingerprint: state.tls_fingerprint.as_deref().map(str::to_string),
     };
     let mut r = Json(body).into_response();
     r.headers_mut()
@@ -194,4 +198,31 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n").into_response()
         }
     }
+}
+
+/// `POST /v1/inspect`: the body is a token; the answer says what it is.
+/// The token travels in the body, never as a credential, so asking about a
+/// refresh token is not itself a misuse.
+pub async fn inspect(State(state): State<AppState>, body: String) -> Json<serde_json::Value> {
+    let identity = state.engine.inspect(body.trim());
+    let message = match &identity {
+        TokenIdentity::CurrentAccessToken { provider, account } => format!(
+            "the current access token of {provider}/{account}: send it as \"Authorization: Bearer\" to the provider's API"
+        ),
+        TokenIdentity::OldAccessToken { provider, account } => format!(
+            "an earlier access token of {provider}/{account}; it may have expired: get a fresh one with GET /v1/token/{provider}/{account}"
+        ),
+        TokenIdentity::RefreshToken { provider, account } => format!(
+            "a refresh token of {provider}/{account}: never send it as a bearer token; it only obtains access tokens, and tokenkeeper does that for you (GET /v1/token/{provider}/{account})"
+        ),
+        TokenIdentity::Unknown => "not a token this daemon has issued or holds".to_string(),
+    };
+    let mut v = serde_json::to_value(&identity).unwrap_or(serde_json::Value::Null);
+    if !v.is_object() {
+        v = serde_json::json!({ "kind": "unknown" });
+    }
+    if let Some(o) = v.as_object_mut() {
+        o.insert("message".into(), message.into());
+    }
+    Json(v)
 }

@@ -18,7 +18,7 @@ use super::api::DEFAULT_ACCOUNT;
 use super::pages::{self, escape};
 use super::AppState;
 use crate::config::valid_account;
-use crate::store::{NewGrant, PendingAuthorization};
+use crate::store::PendingAuthorization;
 
 /// How long a started authorization may take: long enough to log in and
 /// consent, short enough that a leaked state is soon worthless.
@@ -240,22 +240,12 @@ async fn exchange_and_store(
             );
         }
     };
-    let new = NewGrant {
-        access_token: &grant.access_token,
-        refresh_token: grant.refresh_token.as_ref(),
-        token_type: &grant.token_type,
-        scope: grant.scope.as_deref(),
-        issued_at: grant.received_at,
-        expires_at: grant.expires_at,
-    };
     match state
         .engine
-        .store()
-        .save_authorized(&pending.provider, &pending.account, &new)
+        .authorized(&pending.provider, &pending.account, &grant)
         .await
     {
-        Ok(row) => {
-            state.engine.install(&row);
+        Ok(()) => {
             tracing::info!(provider = %pending.provider, account = %pending.account, "authorized; grant stored");
             let warn = if grant.refresh_token.is_none() {
                 "<p class=\"error\">The provider issued no refresh token, so this grant cannot be renewed: it ends when the access token expires.</p>"

@@ -32,13 +32,34 @@ pub enum ApiError {
         message: String,
         www_authenticate: String,
     },
+    /// 401 without a credential where API keys are required.
+    MissingCredentials,
     /// 400 `invalid_request`: a malformed name or parameter.
     BadRequest(String),
     /// 500 `internal`: the database failed; details only in the log.
     Internal(String),
 }
 
+/// SPEC 5: the exact answer to a refresh token presented as a bearer token.
+pub const REFRESH_TOKEN_DESCRIPTION: &str = "a refresh token was presented as a bearer token; refresh tokens only obtain new access tokens: use GET /v1/token/{provider}";
+
 impl ApiError {
+    /// A refresh token was presented as a bearer token (SPEC 5). Logged as
+    /// a security event, never with the token.
+    pub fn refresh_token_presented() -> ApiError {
+        tracing::warn!(
+            target: "tokenkeeper::security",
+            event = "bearer_misuse",
+            "a refresh token was presented as a bearer token and refused"
+        );
+        ApiError::InvalidToken {
+            message: REFRESH_TOKEN_DESCRIPTION.to_string(),
+            www_authenticate: format!(
+                "Bearer error=\"invalid_token\", error_description=\"{REFRESH_TOKEN_DESCRIPTION}\""
+            ),
+        }
+    }
+
     /// Maps an engine error, given the daemon's public URL for `connect_url`.
     pub fn from_token_error(e: TokenError, public_url: &url::Url) -> ApiError {
         match e {
@@ -106,6 +127,21 @@ impl IntoResponse for ApiError {
                 if let Ok(v) = HeaderValue::from_str(&www_authenticate) {
                     r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
                 }
+                return r;
+            }
+            ApiError::MissingCredentials => {
+                let mut r = (
+                    StatusCode::UNAUTHORIZED,
+                    Json(json!({
+                        "error": "invalid_request",
+                        "message": "this endpoint needs \"Authorization: Bearer <API key>\" with a key from server.api_keys_file"
+                    })),
+                )
+                    .into_response();
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"tokenkeeper\""),
+                );
                 return r;
             }
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "invalid_request", m, None),

@@ -3,9 +3,11 @@
 //! (JSON), `callback` (browser authorization) and `pages` (HTML).
 
 pub mod api;
+pub mod auth;
 pub mod callback;
 pub mod error;
 pub mod pages;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -30,6 +32,10 @@ pub struct AppState {
     pub public_url: Url,
     /// Lower-case host names accepted in `Host` (DNS-rebinding defence).
     pub allowed_hosts: Arc<Vec<String>>,
+    /// Keys required on `/v1/*` when `server.api_keys_file` is set.
+    pub api_keys: Option<Arc<auth::ApiKeys>>,
+    /// SHA-256 of the served certificate, when serving HTTPS.
+    pub tls_fingerprint: Option<Arc<str>>,
 }
 
 impl AppState {
@@ -42,10 +48,7 @@ impl AppState {
 
 /// The whole router; `extra` is merged in (the dev-mode simulator).
 pub fn router(state: AppState, extra: Option<Router>) -> Router {
-    let mut app = Router::new()
-        .route("/", get(dashboard))
-        .route("/connect/{provider}", get(callback::connect))
-        .route("/callback", get(callback::callback))
+    let v1 = Router::new()
         .route("/v1/token/{provider}", get(api::token_default))
         .route("/v1/token/{provider}/refresh", post(api::refresh_default))
         .route("/v1/token/{provider}/{account}", get(api::token))
@@ -55,6 +58,16 @@ pub fn router(state: AppState, extra: Option<Router>) -> Router {
             "/v1/connections/{provider}/{account}",
             delete(api::delete_connection),
         )
+        .route("/v1/inspect", post(api::inspect))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::guard_v1,
+        ));
+    let mut app = Router::new()
+        .route("/", get(dashboard))
+        .route("/connect/{provider}", get(callback::connect))
+        .route("/callback", get(callback::callback))
+        .merge(v1)
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .fallback(not_found)

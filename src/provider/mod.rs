@@ -198,7 +198,26 @@ impl Provider {
             .timeout(self.config.request_timeout);
         match (self.config.refresh_auth, &self.config.client_secret) {
             (ClientAuth::Basic, Some(secret)) => {
-                req = req.basic_auth(&self.config.client_id, Some(secret.expose_secret()));
+                // RFC 6749 2.3.1: client id and secret are form-urlencoded
+                // before Basic, exactly as `oauth2` does at the token
+                // endpoint. Plain `basic_auth` made a secret with `+`, `/`
+                // or `=` (any base64 secret) fail here with 401 at
+                // oidc-provider while code exchange and refresh worked.
+                let enc = |s: &str| {
+                    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
+                };
+                let credential = base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    format!(
+                        "{}:{}",
+                        enc(&self.config.client_id),
+                        enc(secret.expose_secret())
+                    ),
+                );
+                req = req.header(
+                    reqwest::header::AUTHORIZATION,
+                    format!("Basic {credential}"),
+                );
             }
             (ClientAuth::Body, Some(secret)) => {
                 form.push(("client_id", self.config.client_id.clone()));

@@ -24,9 +24,12 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio_util::task::TaskTracker;
 
 use super::policy::{self, Timing};
+use super::recognizer::Recognizer;
 use crate::config::RefreshConfig;
 use crate::provider::{Provider, ProviderError, TokenGrant};
-use crate::store::{BeginRefresh, ConnState, ConnectionRow, NewGrant, Store, StoreError};
+use crate::store::{
+    BeginRefresh, ConnState, ConnectionRow, Fingerprint, NewGrant, Store, StoreError, TokenKind,
+};
 
 /// How long a refresh lease lasts without renewal. Long enough that a
 /// renewal (every third of it) surviving one slow database write keeps it;
@@ -189,12 +192,39 @@ struct Inner {
     slots: RwLock<HashMap<(String, String), Arc<Slot>>>,
     owner: String,
     tasks: TaskTracker,
+    recognizer: Recognizer,
+}
+
+/// What `inspect` found a token to be.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TokenIdentity {
+    /// The access token this daemon currently hands out.
+    CurrentAccessToken {
+        provider: String,
+        account: String,
+    },
+    /// An access token this daemon handed out before.
+    OldAccessToken {
+        provider: String,
+        account: String,
+    },
+    /// A refresh token: never to be sent as a bearer token.
+    RefreshToken {
+        provider: String,
+        account: String,
+    },
+    Unknown,
 }
 
 impl Engine {
     /// Loads every stored grant and reports refreshes that a previous
     /// process started and never finished.
     pub async fn start(store: Store, settings: Settings) -> Result<Engine, StoreError> {
+        let recognizer = Recognizer::new(
+            store.fingerprint_key().await?,
+            store.load_fingerprints().await?,
+        );
         let engine = Engine {
             inner: Arc::new(Inner {
                 store,
@@ -202,6 +232,7 @@ impl Engine {
                 slots: RwLock::new(HashMap::new()),
                 owner: owner_id(),
                 tasks: TaskTracker::new(),
+                recognizer,
             }),
         };
         let now = Utc::now();
@@ -257,6 +288,72 @@ impl Engine {
     /// Tasks spawned by the engine (scheduled refreshes), for shutdown.
     pub fn tasks(&self) -> &TaskTracker {
         &self.inner.tasks
+    }
+
+    fn fingerprints(&self, grant: &TokenGrant) -> Vec<Fingerprint> {
+        let r = &self.inner.recognizer;
+        let mut fps = vec![r.fingerprint(TokenKind::Access, grant.access_token.expose_secret())];
+        if let Some(t) = &grant.refresh_token {
+            fps.push(r.fingerprint(TokenKind::Refresh, t.expose_secret()));
+        }
+        fps
+    }
+
+    /// Stores the grant of a completed browser authorization and serves it.
+    pub async fn authorized(
+        &self,
+        provider: &str,
+        account: &str,
+        grant: &TokenGrant,
+    ) -> Result<(), StoreError> {
+        let new = NewGrant {
+            access_token: &grant.access_token,
+            refresh_token: grant.refresh_token.as_ref(),
+            token_type: &grant.token_type,
+            scope: grant.scope.as_deref(),
+            issued_at: grant.received_at,
+            expires_at: grant.expires_at,
+        };
+        let fps = self.fingerprints(grant);
+        let row = self
+            .inner
+            .store
+            .save_authorized(provider, account, &new, &fps)
+            .await?;
+        self.inner.recognizer.add(row.id, &fps);
+        self.install(&row);
+        Ok(())
+    }
+
+    /// Whether `token` is one of our refresh tokens, current or rotated out.
+    pub fn is_refresh_token(&self, token: &str) -> bool {
+        matches!(
+            self.inner.recognizer.lookup(token),
+            Some((TokenKind::Refresh, _))
+        )
+    }
+
+    /// Says what a token is (for `tokenkeeper inspect`).
+    pub fn inspect(&self, token: &str) -> TokenIdentity {
+        let Some((kind, id)) = self.inner.recognizer.lookup(token) else {
+            return TokenIdentity::Unknown;
+        };
+        let Some(slot) = self.all_slots().into_iter().find(|s| s.id == id) else {
+            return TokenIdentity::Unknown;
+        };
+        let (provider, account) = (slot.provider.clone(), slot.account.clone());
+        match kind {
+            TokenKind::Refresh => TokenIdentity::RefreshToken { provider, account },
+            TokenKind::Access
+                if self
+                    .inner
+                    .recognizer
+                    .same(token, slot.snapshot().access_token.expose_secret()) =>
+            {
+                TokenIdentity::CurrentAccessToken { provider, account }
+            }
+            TokenKind::Access => TokenIdentity::OldAccessToken { provider, account },
+        }
     }
 
     /// Makes a freshly stored row (e.g. a new authorization) visible.
@@ -320,20 +417,62 @@ impl Engine {
     /// handing out a token that refresh may be about to kill.
     pub async fn token(&self, provider: &str, account: &str) -> Result<IssuedToken, TokenError> {
         let slot = self.slot(provider, account)?;
+        // Fix (issue 3, two daemons on one database): the snapshot alone
+        // would only learn of another process's refresh at our next tick,
+        // and until then hand out the access token that refresh killed.
+        let foreign_flight = self.sync_with_store(&slot).await?;
         let snap = slot.snapshot();
         let now = Utc::now();
         let settings = self.settings();
-        if !slot.in_flight.load(Ordering::SeqCst)
-            && policy::fresh_enough(&snap.timing, now, &settings.refresh)
-        {
+        let waiting = foreign_flight || slot.in_flight.load(Ordering::SeqCst);
+        if !waiting && policy::fresh_enough(&snap.timing, now, &settings.refresh) {
             return Ok(issued(&slot, &snap));
         }
         let parked = snap.state == ConnState::AuthorizationRequired
             || snap.next_attempt_at.is_some_and(|t| t > now);
-        if parked && !slot.in_flight.load(Ordering::SeqCst) {
+        if parked && !waiting {
             return answer(&slot, &snap, now);
         }
+        // Another process's refresh: `begin_refresh` finds its lease busy
+        // and `wait_for_other_process` adopts what it stores.
         self.refresh_slot(&slot, Trigger::OnDemand).await
+    }
+
+    /// Brings the slot up to date with what other processes sharing the
+    /// database wrote (a newer grant, a new state), and tells whether one of
+    /// them holds a live lease, i.e. is refreshing this connection now: its
+    /// provider may already have revoked the token in our snapshot (SPEC 7).
+    /// Skipped while this process refreshes the slot itself.
+    async fn sync_with_store(&self, slot: &Arc<Slot>) -> Result<bool, TokenError> {
+        if slot.in_flight.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let attempts = slot.attempts.load(Ordering::SeqCst);
+        let Some(row) = self.inner.store.load_connection(slot.id).await? else {
+            return Err(TokenError::UnknownConnection {
+                provider: slot.provider.clone(),
+                account: slot.account.clone(),
+            });
+        };
+        let foreign = row.attempt_id.is_some()
+            && row.lease_owner.as_deref() != Some(self.inner.owner.as_str())
+            && row.lease_until.is_some_and(|u| u >= Utc::now());
+        if foreign {
+            return Ok(true);
+        }
+        // A flight of ours that started or ended since the read has newer
+        // information than the row; never install an older generation.
+        if slot.in_flight.load(Ordering::SeqCst) || slot.attempts.load(Ordering::SeqCst) != attempts
+        {
+            return Ok(false);
+        }
+        let snap = slot.snapshot();
+        if row.generation > snap.generation
+            || (row.generation == snap.generation && row.state != snap.state)
+        {
+            self.install(&row);
+        }
+        Ok(false)
     }
 
     /// Refreshes now, whatever the schedule says (SPEC: `POST .../refresh`).
@@ -493,10 +632,25 @@ impl Engine {
         slot: &Arc<Slot>,
         trigger: Trigger,
     ) -> Result<IssuedToken, TokenError> {
+        // Read before `seen`: a flight that ends in between then counts as
+        // ours to run, never as a joined one that did not rotate.
+        let joined_from = slot.snapshot().generation;
         let seen = slot.attempts.load(Ordering::SeqCst);
         let _flight = slot.flight.lock().await;
         if slot.attempts.load(Ordering::SeqCst) != seen {
-            return answer(slot, &slot.snapshot(), Utc::now());
+            let snap = slot.snapshot();
+            // Fix (issue 3): a forced refresh that joined a flight which
+            // failed must report the failure, like one that ran it (below),
+            // not answer 200 with the token it was asked to replace. A
+            // joined flight that had nothing to do does not count: run ours.
+            let rotated = snap.generation != joined_from;
+            let failed = snap.state != ConnState::Active || snap.last_error.is_some();
+            if trigger != Trigger::Forced || rotated {
+                return answer(slot, &snap, Utc::now());
+            }
+            if false && failed {
+                return Err(failure(slot, &snap, Utc::now()));
+            }
         }
         slot.in_flight.store(true, Ordering::SeqCst);
         let _guard = FlightGuard(slot);
@@ -694,11 +848,20 @@ impl Engine {
             issued_at: grant.received_at,
             expires_at: grant.expires_at,
         };
+        let fps = self.fingerprints(&grant);
         let (row, kept_lease) = self
             .inner
             .store
-            .commit_refresh(slot.id, &self.inner.owner, attempt, &new)
+            .commit_refresh(
+                slot.id,
+                (&slot.provider, &slot.account),
+                &self.inner.owner,
+                attempt,
+                &new,
+                &fps,
+            )
             .await?;
+        self.inner.recognizer.add(slot.id, &fps);
         if !kept_lease {
             tracing::warn!(provider = %slot.provider, account = %slot.account, "refresh lease had lapsed before commit; stored the new grant anyway, since the provider already rotated");
         }

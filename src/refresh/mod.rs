@@ -5,5 +5,8 @@
 
 pub mod engine;
 pub mod policy;
+pub mod recognizer;
 
-pub use engine::{ConnectionReport, Engine, IssuedToken, Settings, Snapshot, TokenError, Trigger};
+pub use engine::{
+    ConnectionReport, Engine, IssuedToken, Settings, Snapshot, TokenError, TokenIdentity, Trigger,
+};

@@ -1,0 +1,145 @@
+//! Guards of `/v1/*`: API keys (when `server.api_keys_file` is set) and the
+//! Origin check that keeps web pages out. Keys are kept only as SHA-256
+//! digests and compared in constant time.
+
+use std::path::Path;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use super::AppState;
+
+/// The keys allowed on `/v1/*` (and `/proxy/*`), as digests.
+pub struct ApiKeys {
+    digests: Vec<[u8; 32]>,
+}
+
+impl ApiKeys {
+    /// One key per line; blank lines and `#` comments are ignored.
+    pub fn load(path: &Path) -> std::io::Result<ApiKeys> {
+        let text = std::fs::read_to_string(path)?;
+        let digests: Vec<[u8; 32]> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|k| Sha256::digest(k.as_bytes()).into())
+            .collect();
+        if digests.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the file holds no key (one key per line)",
+            ));
+        }
+        Ok(ApiKeys { digests })
+    }
+
+    /// Constant time in the key and across all keys.
+    pub fn matches(&self, presented: &str) -> bool {
+        let d: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let mut any = subtle::Choice::from(0u8);
+        for k in &self.digests {
+            any |= k.ct_eq(&d);
+        }
+        any.into()
+    }
+}
+
+/// The bearer credential of a request, if any (`None` also for other schemes).
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+/// The daemon's own origins: what a same-origin request from the dashboard
+/// would send.
+fn own_origin(state: &AppState, origin: &str) -> bool {
+    let public = state.public_url.origin().ascii_serialization();
+    origin == public
+        || url::Url::parse(origin).is_ok_and(|u| {
+            u.port_or_known_default() == state.public_url.port_or_known_default()
+                && u.host_str()
+                    .is_some_and(|h| state.allowed_hosts.iter().any(|a| a == h))
+        })
+}
+
+/// `/v1/*` guard: cross-origin requests are refused (a browser page must not
+/// read tokens, whatever DNS says), then the API key is checked if keys are
+/// configured.
+pub async fn guard_v1(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(origin) = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+    {
+        if !own_origin(&state, origin) {
+            tracing::warn!(origin, "cross-origin request to /v1 refused");
+            return (
+                StatusCode::FORBIDDEN,
+                axum::Json(serde_json::json!({
+                    "error": "forbidden_origin",
+                    "message": "requests from other web origins are refused; call the API from a local program, not a web page"
+                })),
+            )
+                .into_response();
+        }
+    }
+    if let Err(e) = check_bearer(&state, req.headers()) {
+        return e.into_response();
+    }
+    next.run(req).await
+}
+
+/// Checks the bearer credential where one is accepted (SPEC 5).
+pub fn check_bearer(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let presented = bearer(headers);
+    if let Some(token) = presented {
+        if state.engine.is_refresh_token(token) {
+            return Err(ApiError::refresh_token_presented());
+        }
+    }
+    let Some(keys) = &state.api_keys else {
+        return Ok(());
+    };
+    match presented {
+        None => Err(ApiError::MissingCredentials),
+        Some(k) if keys.matches(k) => Ok(()),
+        Some(_) => Err(ApiError::InvalidToken {
+            message: "the API key is not valid; use a key from server.api_keys_file".into(),
+            www_authenticate: "Bearer realm=\"tokenkeeper\", error=\"invalid_token\"".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("keys");
+        std::fs::write(&p, "# comment\nalpha\n\n  beta  \n").unwrap();
+        let k = ApiKeys::load(&p).unwrap();
+        assert!(k.matches("alpha"));
+        assert!(k.matches("beta"));
+        assert!(!k.matches("alph"));
+        assert!(!k.matches(""));
+        std::fs::write(&p, "\n# none\n").unwrap();
+        assert!(ApiKeys::load(&p).is_err());
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+    }
+}

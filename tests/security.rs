@@ -1,0 +1,459 @@
+//! Defences of the local API and of stored grants (SPEC 4 Host check, SPEC 5
+//! bearer misuse, API keys, Origin, HTTPS, encryption at rest, permissions,
+//! secrets kept out of logs).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::{Harness, Options, CLIENT_SECRET};
+use reqwest::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use sha2::{Digest, Sha256};
+
+const SPEC5_CHALLENGE: &str = "Bearer error=\"invalid_token\", error_description=\"a refresh token was presented as a bearer token; refresh tokens only obtain new access tokens: use GET /v1/token/{provider}\"";
+
+async fn assert_refresh_token_refused(h: &Harness, token: &str) {
+    let r = h
+        .http
+        .get(h.url("/v1/token/keap"))
+        .header(AUTHORIZATION, format!("Bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()[WWW_AUTHENTICATE], SPEC5_CHALLENGE);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_token");
+    assert!(body["message"].as_str().unwrap().contains("refresh token"));
+}
+
+#[tokio::test]
+async fn api_keys_and_refresh_tokens_as_bearer() {
+    let mut h = Harness::new(Options {
+        server: "api_keys_file = \"api-keys\"".into(),
+        ..Options::default()
+    })
+    .await;
+    std::fs::write(
+        h.dir.path().join("api-keys"),
+        "# local apps\nkey-one\nkey-two\n",
+    )
+    .unwrap();
+    h.start().await;
+
+    // Missing key: 401 with the realm challenge.
+    let r = h.http.get(h.url("/v1/connections")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.headers()[WWW_AUTHENTICATE],
+        "Bearer realm=\"tokenkeeper\""
+    );
+    // Wrong key: invalid_token.
+    let r = h
+        .http
+        .get(h.url("/v1/connections"))
+        .header(AUTHORIZATION, "Bearer nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["error"],
+        "invalid_token"
+    );
+    // Either key works; pages and health checks need none.
+    for key in ["key-one", "key-two"] {
+        let r = h
+            .http
+            .get(h.url("/v1/connections"))
+            .header(AUTHORIZATION, format!("Bearer {key}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(
+        h.http.get(h.url("/healthz")).send().await.unwrap().status(),
+        200
+    );
+
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let first_refresh = h.sim.sim.current_refresh_token().unwrap();
+    // The CLI sends the key from the same file.
+    let out = h.cli(&["refresh", "keap"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let current_refresh = h.sim.sim.current_refresh_token().unwrap();
+    assert_ne!(first_refresh, current_refresh);
+
+    // Current and rotated-out refresh tokens as API key: the exact SPEC 5 answer.
+    assert_refresh_token_refused(&h, &current_refresh).await;
+    assert_refresh_token_refused(&h, &first_refresh).await;
+    assert!(
+        h.log().contains("bearer_misuse"),
+        "logged as a security event"
+    );
+    assert!(
+        !h.log().contains(&current_refresh),
+        "never the token itself"
+    );
+
+    // Survives a restart (fingerprints are durable).
+    h.stop().await;
+    h.start().await;
+    assert_refresh_token_refused(&h, &first_refresh).await;
+}
+
+#[tokio::test]
+async fn refresh_token_as_bearer_is_refused_even_without_api_keys() {
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let rt = h.sim.sim.current_refresh_token().unwrap();
+    assert_refresh_token_refused(&h, &rt).await;
+    // An unrelated bearer is ignored when no API keys are configured.
+    let r = h
+        .http
+        .get(h.url("/v1/token/keap"))
+        .header(AUTHORIZATION, "Bearer something-else")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn inspect_says_what_a_token_is() {
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let old_access = h.sim.sim.access_tokens_issued().last().unwrap().clone();
+    let old_refresh = h.sim.sim.current_refresh_token().unwrap();
+    assert_eq!(h.cli(&["refresh", "keap"]).await.status.code(), Some(0));
+    let access = h.sim.sim.access_tokens_issued().last().unwrap().clone();
+    let refresh = h.sim.sim.current_refresh_token().unwrap();
+
+    let inspect = |token: String| {
+        let config = h.config_path.clone();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let mut child = tokio::process::Command::new(common::BIN)
+                .args(["inspect", "--config"])
+                .arg(config)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            stdin
+                .write_all(format!("{token}\n").as_bytes())
+                .await
+                .unwrap();
+            drop(stdin);
+            let out = child.wait_with_output().await.unwrap();
+            assert_eq!(out.status.code(), Some(0));
+            String::from_utf8(out.stdout).unwrap()
+        }
+    };
+    assert!(inspect(access)
+        .await
+        .contains("the current access token of keap/default"));
+    assert!(inspect(old_access)
+        .await
+        .contains("an earlier access token"));
+    for rt in [refresh, old_refresh] {
+        let said = inspect(rt).await;
+        assert!(
+            said.contains("a refresh token of keap/default")
+                && said.contains("never send it as a bearer"),
+            "{said}"
+        );
+    }
+    assert!(inspect("some-random-string".into())
+        .await
+        .contains("not a token this daemon"));
+}
+
+#[tokio::test]
+async fn cross_origin_requests_are_refused() {
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    let r = h
+        .http
+        .get(h.url("/v1/connections"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    let r = h
+        .http
+        .get(h.url("/v1/connections"))
+        .header("origin", h.url(""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the daemon's own origin is fine");
+    let r = h
+        .http
+        .get(h.url("/v1/connections"))
+        .header("host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 421);
+}
+
+#[tokio::test]
+async fn https_with_a_self_signed_certificate() {
+    let mut h = Harness::new(Options {
+        server: "tls = \"self-signed\"".into(),
+        ..Options::default()
+    })
+    .await;
+    // Start by hand: the harness health check speaks plain HTTP.
+    let mut child = common::spawn_daemon(&h.config_path, &h.log_path(), "info", &[]);
+    let cert_path = h.dir.path().join("tls-cert.pem");
+    common::eventually(Duration::from_secs(20), "certificate generated", || async {
+        cert_path.exists()
+    })
+    .await;
+    let pem = std::fs::read_to_string(&cert_path).unwrap();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(
+            pem.lines()
+                .filter(|l| !l.starts_with("-----"))
+                .collect::<String>(),
+        )
+        .unwrap();
+    let expected: String = Sha256::digest(&der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let mode = std::fs::metadata(&cert_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(
+        std::fs::metadata(h.dir.path().join("tls-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{}/healthz", h.port);
+    let mut ok = false;
+    for _ in 0..100 {
+        if let Ok(r) = https.get(&url).send().await {
+            ok = r.status() == 200;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "HTTPS answers with the generated certificate");
+    let r = https
+        .get(format!("https://127.0.0.1:{}/v1/connections", h.port))
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["tls_fingerprint"], expected.as_str());
+    assert!(h.log().contains(&expected), "fingerprint printed at start");
+    // Plain HTTP is not served.
+    assert!(h.http.get(h.url("/healthz")).send().await.is_err());
+    // The CLI trusts the generated certificate and shows its fingerprint.
+    let out = h.cli(&["status"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&expected));
+    common::signal(&child, libc::SIGTERM);
+    common::wait_exit(&mut child, Duration::from_secs(20)).await;
+    h.daemon = None;
+}
+
+fn raw_db_bytes(h: &Harness) -> Vec<u8> {
+    let mut all = Vec::new();
+    for suffix in ["", "-wal", "-shm"] {
+        let p = format!("{}{suffix}", h.db_path().display());
+        if let Ok(b) = std::fs::read(p) {
+            all.extend(b);
+        }
+    }
+    all
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+fn write_key(path: &std::path::Path, byte: u8) {
+    std::fs::write(
+        path,
+        base64::engine::general_purpose::STANDARD.encode([byte; 32]),
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn encryption_at_rest_wrong_key_and_rekey() {
+    let mut h = Harness::new(Options::default()).await;
+    write_key(&h.dir.path().join("db-key"), 1);
+    let sim = h.sim.base_url.clone();
+    let _ = sim;
+    h.write_config("", "", "");
+    let cfg = std::fs::read_to_string(&h.config_path).unwrap().replace(
+        "[storage]\n",
+        "[storage]\nencryption_key_file = \"db-key\"\n",
+    );
+    std::fs::write(&h.config_path, &cfg).unwrap();
+    h.start().await;
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    assert_eq!(h.cli(&["refresh", "keap"]).await.status.code(), Some(0));
+    let (_, tok) = h.token().await;
+    h.stop().await;
+
+    let raw = raw_db_bytes(&h);
+    assert!(raw.len() > 4096);
+    for t in h
+        .sim
+        .sim
+        .access_tokens_issued()
+        .iter()
+        .chain(h.sim.sim.refresh_tokens_issued().iter())
+    {
+        assert!(
+            !contains(&raw, t),
+            "a token is readable in the database file"
+        );
+    }
+
+    // A wrong key: start-up fails with a clear error, the database is unchanged.
+    let before: Vec<u8> = Sha256::digest(std::fs::read(h.db_path()).unwrap()).to_vec();
+    write_key(&h.dir.path().join("db-key"), 2);
+    let mut child = common::spawn_daemon(&h.config_path, &h.log_path(), "info", &[]);
+    let code = common::wait_exit(&mut child, Duration::from_secs(20)).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        h.log().contains("encrypted with another key"),
+        "{}",
+        h.log()
+    );
+    let after: Vec<u8> = Sha256::digest(std::fs::read(h.db_path()).unwrap()).to_vec();
+    assert_eq!(before, after, "the database was not touched");
+
+    // No key at all: also refused.
+    std::fs::write(
+        &h.config_path,
+        cfg.replace("encryption_key_file = \"db-key\"\n", ""),
+    )
+    .unwrap();
+    let mut child = common::spawn_daemon(&h.config_path, &h.log_path(), "info", &[]);
+    assert_eq!(
+        common::wait_exit(&mut child, Duration::from_secs(20)).await,
+        Some(1)
+    );
+    assert!(h.log().contains("holds encrypted tokens"));
+
+    // Rekey from key 1 to key 3, then serve with key 3.
+    write_key(&h.dir.path().join("db-key"), 1);
+    std::fs::write(&h.config_path, &cfg).unwrap();
+    write_key(&h.dir.path().join("new-key"), 3);
+    let out = h
+        .cli(&[
+            "rekey",
+            "--new-key-file",
+            h.dir.path().join("new-key").to_str().unwrap(),
+        ])
+        .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("re-sealed 1 connection"));
+    std::fs::write(&h.config_path, cfg.replace("\"db-key\"", "\"new-key\"")).unwrap();
+    h.start().await;
+    let (s, after) = h.token().await;
+    assert_eq!(s, 200);
+    assert_eq!(after["access_token"], tok["access_token"]);
+    assert_eq!(
+        h.cli(&["refresh", "keap"]).await.status.code(),
+        Some(0),
+        "the re-sealed refresh token works"
+    );
+}
+
+#[tokio::test]
+async fn world_readable_database_is_refused_with_the_fix() {
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    h.stop().await;
+    let mode = std::fs::metadata(h.db_path()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "created 0600");
+    std::fs::set_permissions(h.db_path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut child = common::spawn_daemon(&h.config_path, &h.log_path(), "info", &[]);
+    assert_eq!(
+        common::wait_exit(&mut child, Duration::from_secs(20)).await,
+        Some(1)
+    );
+    assert!(
+        h.log()
+            .contains(&format!("chmod 600 {}", h.db_path().display())),
+        "{}",
+        h.log()
+    );
+    std::fs::set_permissions(h.db_path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    h.start().await;
+}
+
+#[tokio::test]
+async fn trace_logs_never_contain_secrets() {
+    let mut h = Harness::new(Options {
+        rust_log: "trace".into(),
+        ..Options::default()
+    })
+    .await;
+    h.start().await;
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    assert_eq!(h.cli(&["refresh", "keap"]).await.status.code(), Some(0));
+    let (s, _) = h.token().await;
+    assert_eq!(s, 200);
+    h.sim.sim.revoke_all_grants();
+    assert_eq!(h.cli(&["refresh", "keap"]).await.status.code(), Some(1));
+    h.stop().await;
+    let log = h.log();
+    assert!(
+        log.len() > 10_000,
+        "trace logging was on ({} bytes)",
+        log.len()
+    );
+    assert!(log.contains("TRACE"), "trace level reached the log");
+    let mut secrets: Vec<String> = h.sim.sim.access_tokens_issued();
+    secrets.extend(h.sim.sim.refresh_tokens_issued());
+    secrets.push(CLIENT_SECRET.to_string());
+    // Basic auth carries the secret base64-encoded.
+    secrets.push(
+        base64::engine::general_purpose::STANDARD.encode(format!("demo-client:{CLIENT_SECRET}")),
+    );
+    assert!(secrets.len() >= 5);
+    for s in secrets {
+        assert!(!log.contains(&s), "a secret reached the log");
+    }
+}
