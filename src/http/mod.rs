@@ -24,6 +24,13 @@ use crate::refresh::Engine;
 /// Largest request body accepted outside the proxy.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// Largest sum of header names and values: real clients send a few hundred
+/// bytes; hyper alone would buffer hundreds of kilobytes.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Longest path and query accepted.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
 /// What handlers share; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -110,9 +117,25 @@ fn host_name(value: &str) -> String {
     }
 }
 
-/// Refuses requests whose `Host` is not ours with 421: a web page that
-/// rebinds its DNS name to 127.0.0.1 still sends its own name.
+/// Refuses oversized requests (431, 414), then requests whose `Host` is not
+/// ours with 421: a web page that rebinds its DNS name to 127.0.0.1 still
+/// sends its own name.
 async fn check_host(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request headers too large\n",
+        )
+            .into_response();
+    }
+    if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > MAX_URI_BYTES {
+        return (StatusCode::URI_TOO_LONG, "request URI too long\n").into_response();
+    }
     let host = req
         .headers()
         .get(header::HOST)
