@@ -55,6 +55,7 @@ pub fn settings_from(config: &Config, http: &reqwest::Client) -> Settings {
             .iter()
             .map(|(name, p)| (name.clone(), Provider::new(p.clone(), http.clone())))
             .collect::<HashMap<_, _>>(),
+        notifier: crate::notify::Notifier::new(&config.notify, http.clone()),
     }
 }
 
@@ -81,6 +82,8 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
+    // Before the engine exists, so the handles it caches are real ones.
+    crate::metrics::install();
     let key = match &config.storage.encryption_key_file {
         Some(path) => Some(crate::crypto::SealKey::from_file(path)?),
         None => None,

@@ -17,6 +17,8 @@
 //!   (single-flight, crash recovery, in-memory snapshots for serving).
 //! - [`http`]: the local HTTP interface: `api` (JSON), `callback` (browser
 //!   authorization), `pages` (HTML), `error` (the one error enum).
+//! - [`metrics`]: Prometheus names, the recorder, scrape-time gauges.
+//! - [`notify`]: operator notifications (command, webhook), never blocking.
 //! - [`daemon`]: wires store, engine, scheduler and server; graceful stop.
 //! - [`cli`]: the command line: `serve` and the client commands.
 //! - [`systemd`]: sd_notify, watchdog, socket activation, journal log lines.
@@ -26,6 +28,8 @@ pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod http;
+pub mod metrics;
+pub mod notify;
 pub mod provider;
 pub mod refresh;
 pub mod store;

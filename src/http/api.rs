@@ -54,6 +54,21 @@ fn check_names(provider: &str, account: &str) -> Result<(), ApiError> {
 }
 
 async fn get_token(state: &AppState, provider: &str, account: &str) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
+    let result = get_token_timed(state, provider, account).await;
+    TOKEN_LATENCY.record(started.elapsed().as_secs_f64());
+    result
+}
+
+/// Resolved once: the recorder is installed before the router exists.
+static TOKEN_LATENCY: std::sync::LazyLock<metrics::Histogram> =
+    std::sync::LazyLock::new(|| metrics::histogram!(crate::metrics::TOKEN_REQUEST_DURATION));
+
+async fn get_token_timed(
+    state: &AppState,
+    provider: &str,
+    account: &str,
+) -> Result<Response, ApiError> {
     check_names(provider, account)?;
     let t = state
         .engine
@@ -225,4 +240,23 @@ pub async fn inspect(State(state): State<AppState>, body: String) -> Json<serde_
         o.insert("message".into(), message.into());
     }
     Json(v)
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    match crate::metrics::render(&state.engine) {
+        Some(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder unavailable\n",
+        )
+            .into_response(),
+    }
 }

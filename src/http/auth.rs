@@ -100,6 +100,7 @@ pub fn check_bearer(state: &AppState, headers: &HeaderMap) -> Result<(), ApiErro
     let presented = bearer(headers);
     if let Some(token) = presented {
         if state.engine.is_refresh_token(token) {
+            state.engine.report_bearer_misuse(token);
             return Err(ApiError::refresh_token_presented());
         }
     }

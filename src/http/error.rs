@@ -47,6 +47,7 @@ impl ApiError {
     /// A refresh token was presented as a bearer token (SPEC 5). Logged as
     /// a security event, never with the token.
     pub fn refresh_token_presented() -> ApiError {
+        metrics::counter!(crate::metrics::BEARER_MISUSE_TOTAL).increment(1);
         tracing::warn!(
             target: "tokenkeeper::security",
             event = "bearer_misuse",

@@ -77,6 +77,7 @@ pub fn router(state: AppState, extra: Option<Router>) -> Router {
         .merge(v1)
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
+        .route("/metrics", get(api::metrics))
         .fallback(not_found)
         .with_state(state.clone());
     if let Some(extra) = extra {

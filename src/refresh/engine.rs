@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use super::policy::{self, Timing};
 use super::recognizer::Recognizer;
 use crate::config::RefreshConfig;
+use crate::notify::{Event, EventKind, Notifier};
 use crate::provider::{Provider, ProviderError, TokenGrant};
 use crate::store::{
     BeginRefresh, ConnState, ConnectionRow, Fingerprint, NewGrant, Store, StoreError, TokenKind,
@@ -129,6 +130,7 @@ pub struct ConnectionReport {
 pub struct Settings {
     pub refresh: RefreshConfig,
     pub providers: HashMap<String, Provider>,
+    pub notifier: Notifier,
 }
 
 struct Slot {
@@ -145,6 +147,9 @@ struct Slot {
     /// Finished attempts; a waiter that sees it move knows a flight ended
     /// while it queued and takes that result instead of starting another.
     attempts: AtomicU64,
+    /// `tokenkeeper_token_requests_total` for this connection, resolved
+    /// once so the hot path does not hash labels.
+    served: metrics::Counter,
 }
 
 impl Slot {
@@ -322,6 +327,12 @@ impl Engine {
             .await?;
         self.inner.recognizer.add(row.id, &fps);
         self.install(&row);
+        self.settings().notifier.emit(Event {
+            event: EventKind::Authorized,
+            provider: provider.to_string(),
+            account: account.to_string(),
+            message: "authorized in the browser; the grant is stored".into(),
+        });
         Ok(())
     }
 
@@ -331,6 +342,33 @@ impl Engine {
             self.inner.recognizer.lookup(token),
             Some((TokenKind::Refresh, _))
         )
+    }
+
+    /// Reports a refresh token presented as a bearer token (SPEC 5): a
+    /// security event for the operator, naming the grant, never the token.
+    pub fn report_bearer_misuse(&self, token: &str) {
+        let owner = match self.inner.recognizer.lookup(token) {
+            Some((TokenKind::Refresh, id)) => self.all_slots().into_iter().find(|s| s.id == id),
+            _ => None,
+        };
+        let (provider, account) = owner
+            .map(|s| (s.provider.clone(), s.account.clone()))
+            .unwrap_or_default();
+        self.settings().notifier.emit(Event {
+            event: EventKind::BearerMisuse,
+            provider,
+            account,
+            message: "a refresh token was presented as a bearer token and refused; the program sending it should use GET /v1/token instead".into(),
+        });
+    }
+
+    fn notify(&self, slot: &Slot, event: EventKind, message: String) {
+        self.settings().notifier.emit(Event {
+            event,
+            provider: slot.provider.clone(),
+            account: slot.account.clone(),
+            message,
+        });
     }
 
     /// Says what a token is (for `tokenkeeper inspect`).
@@ -377,6 +415,11 @@ impl Engine {
                         flight: tokio::sync::Mutex::new(()),
                         in_flight: AtomicBool::new(false),
                         attempts: AtomicU64::new(0),
+                        served: metrics::counter!(
+                            crate::metrics::TOKEN_REQUESTS_TOTAL,
+                            "provider" => row.provider.clone(),
+                            "account" => row.account.clone()
+                        ),
                     }),
                 );
             }
@@ -648,7 +691,7 @@ impl Engine {
             if trigger != Trigger::Forced || rotated {
                 return answer(slot, &snap, Utc::now());
             }
-            if false && failed {
+            if failed {
                 return Err(failure(slot, &snap, Utc::now()));
             }
         }
@@ -849,6 +892,8 @@ impl Engine {
             expires_at: grant.expires_at,
         };
         let fps = self.fingerprints(&grant);
+        count_refresh(slot, "ok", Some(elapsed));
+        let was_failing = slot.snapshot().failures > 0;
         let (row, kept_lease) = self
             .inner
             .store
@@ -879,6 +924,9 @@ impl Engine {
             elapsed_ms = elapsed.as_millis() as u64,
             "access token refreshed"
         );
+        if was_failing {
+            self.notify(slot, EventKind::Recovered, "refreshing works again".into());
+        }
         Ok(slot.set(Snapshot::from_row(&row)))
     }
 
@@ -906,6 +954,14 @@ impl Engine {
             retry_in_secs = delay.as_secs(),
             "refresh failed, will retry: {message}"
         );
+        count_refresh(slot, "transient", None);
+        if failures == 1 {
+            self.notify(
+                slot,
+                EventKind::RefreshFailing,
+                format!("refresh failed, retrying: {message}"),
+            );
+        }
         let row = self
             .inner
             .store
@@ -933,6 +989,8 @@ impl Engine {
         reason: String,
     ) -> Result<Arc<Snapshot>, TokenError> {
         tracing::error!(provider = %slot.provider, account = %slot.account, "grant needs a new authorization: {reason}");
+        count_refresh(slot, "rejected", None);
+        self.notify(slot, EventKind::AuthorizationRequired, reason.clone());
         let row = self
             .inner
             .store
@@ -1015,7 +1073,22 @@ fn failure(slot: &Slot, snap: &Snapshot, now: DateTime<Utc>) -> TokenError {
     }
 }
 
+fn count_refresh(slot: &Slot, result: &'static str, elapsed: Option<Duration>) {
+    metrics::counter!(
+        crate::metrics::REFRESH_TOTAL,
+        "provider" => slot.provider.clone(),
+        "account" => slot.account.clone(),
+        "result" => result
+    )
+    .increment(1);
+    if let Some(d) = elapsed {
+        metrics::histogram!(crate::metrics::REFRESH_DURATION, "provider" => slot.provider.clone())
+            .record(d.as_secs_f64());
+    }
+}
+
 fn issued(slot: &Slot, snap: &Snapshot) -> IssuedToken {
+    slot.served.increment(1);
     IssuedToken {
         provider: slot.provider.clone(),
         account: slot.account.clone(),
