@@ -259,6 +259,9 @@ async fn serve(
         let sim = Simulator::new(SimulatorConfig {
             client_secret: secret.clone(),
             access_lifetime: lifetime,
+            // Dev mode shows Keap's limits and x-keap-* headers through
+            // /proxy/demo/... (the demo provider's preset has the same).
+            limits: Some(crate::provider::simulator::SimLimits::KEAP),
             ..SimulatorConfig::default()
         });
         let router = axum::Router::new().nest("/dev-provider", sim.router());

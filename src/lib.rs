@@ -16,9 +16,13 @@
 //! - [`refresh`]: the refresh policy (pure functions) and the engine
 //!   (single-flight, crash recovery, in-memory snapshots for serving).
 //! - [`http`]: the local HTTP interface: `api` (JSON), `callback` (browser
-//!   authorization), `pages` (HTML), `error` (the one error enum).
+//!   authorization), `pages` (HTML), `proxy` (the rate-limited API proxy),
+//!   `error` (the one error enum).
 //! - [`metrics`]: Prometheus names, the recorder, scrape-time gauges.
 //! - [`notify`]: operator notifications (command, webhook), never blocking.
+//! - [`ratelimit`]: client-side rate limits per provider and tenant (GCRA
+//!   per second/minute, daily counter), corrected by the provider's quota
+//!   headers; the proxy and refreshes take their slots here.
 //! - [`daemon`]: wires store, engine, scheduler and server; graceful stop.
 //! - [`cli`]: the command line: `serve` and the client commands.
 //! - [`systemd`]: sd_notify, watchdog, socket activation, journal log lines.
@@ -31,6 +35,7 @@ pub mod http;
 pub mod metrics;
 pub mod notify;
 pub mod provider;
+pub mod ratelimit;
 pub mod refresh;
 pub mod store;
 pub mod systemd;

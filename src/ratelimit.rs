@@ -26,7 +26,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
-use governor::clock::{Clock, MonotonicClock};
+// `MonotonicClock` measures in `std::time::Instant`, the clock our
+// deadlines use, so `earliest_possible` can be slept on directly.
+use governor::clock::MonotonicClock;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
@@ -148,7 +150,6 @@ struct Scope {
 
 impl Scope {
     fn new(limits: Limits, now: DateTime<Utc>) -> Scope {
-        let clock = MonotonicClock;
         let mut bursts = Vec::new();
         let mut gcra = |n: Option<u32>, period: Duration| {
             let n = n?;
@@ -157,9 +158,8 @@ impl Scope {
             let margin = (rate * JITTER_TOLERANCE.as_secs_f64()).ceil().max(1.0) as u32;
             let burst = n.saturating_sub(margin).max(1);
             bursts.push((burst, rate));
-            let quota = Quota::with_period(period / n.max(1))?
-                .allow_burst(NonZeroU32::new(burst)?);
-            Some(RateLimiter::direct_with_clock(quota, clock))
+            let quota = Quota::with_period(period / n.max(1))?.allow_burst(NonZeroU32::new(burst)?);
+            Some(RateLimiter::direct_with_clock(quota, MonotonicClock))
         };
         let per_second = gcra(limits.per_second, Duration::from_secs(1));
         let per_minute = gcra(limits.per_minute, Duration::from_secs(60));
@@ -267,7 +267,9 @@ impl Scope {
                 let refill = throttle
                     .limit
                     .filter(|l| *l > 0)
-                    .map_or(Duration::from_secs(60), |l| Duration::from_secs(60) / l as u32);
+                    .map_or(Duration::from_secs(60), |l| {
+                        Duration::from_secs(60) / l as u32
+                    });
                 *t = Some(Throttle {
                     remaining: available.saturating_sub(after),
                     limit: throttle.limit,
@@ -393,11 +395,11 @@ impl ProviderLimits {
 }
 
 /// Leaves the queue count when a waiter finishes or is dropped.
-struct Waiting<'a>(&'a AtomicUsize);
+struct Waiting(Arc<ProviderLimits>);
 
-impl Drop for Waiting<'_> {
+impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -462,7 +464,10 @@ impl Permit {
             let wall = Utc::now();
             let until_day = |r: &Reported| {
                 (r.available == Some(0))
-                    .then(|| r.expiry_ms.and_then(|ms| Utc.timestamp_millis_opt(ms).single()))
+                    .then(|| {
+                        r.expiry_ms
+                            .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+                    })
                     .flatten()
                     .and_then(|end| (end - wall).to_std().ok())
             };
@@ -541,7 +546,7 @@ impl RateLimits {
         };
         let tenant = p.tenant(account);
         let ahead = p.waiting.fetch_add(1, Ordering::SeqCst) as u64;
-        let _waiting = Waiting(&p.waiting);
+        let _waiting = Waiting(p.clone());
         let wall = Utc::now();
         let now = tokio::time::Instant::now();
         // Refuse at once what cannot make it even if every limiter is rested.
@@ -554,8 +559,11 @@ impl RateLimits {
                 return Err(p.limited(scope, d));
             }
         }
-        let Ok(_turn) = tokio::time::timeout_at(deadline, p.turn.lock()).await else {
-            let d = p.client.lower_bound(ahead + 1, wall).map_or(Duration::ZERO, |b| b.0);
+        let Ok(turn) = tokio::time::timeout_at(deadline, p.turn.lock()).await else {
+            let d = p
+                .client
+                .lower_bound(ahead + 1, wall)
+                .map_or(Duration::ZERO, |b| b.0);
             return Err(p.limited("rate", d.max(deadline.saturating_duration_since(now))));
         };
         let (mut sec, mut min, mut tmin) = (false, false, false);
@@ -604,6 +612,7 @@ impl RateLimits {
         }
         let client_seq = p.client.count();
         let tenant_seq = tenant.as_ref().map_or(0, |t| t.count());
+        drop(turn);
         Ok(Permit {
             provider: p,
             tenant,
@@ -647,13 +656,6 @@ fn round_up_secs(d: Duration) -> Duration {
     Duration::from_secs(secs.max(1))
 }
 
-/// Unused-clock guard: governor's clock must be the monotonic one our
-/// `Instant`s come from, or `earliest_possible` would be meaningless.
-#[allow(dead_code)]
-fn same_clock() -> Instant {
-    MonotonicClock.now()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -691,9 +693,15 @@ mod tests {
     #[test]
     fn midnight() {
         let t = Utc.with_ymd_and_hms(2025, 3, 4, 23, 59, 59).unwrap();
-        assert_eq!(next_utc_midnight(t), Utc.with_ymd_and_hms(2025, 3, 5, 0, 0, 0).unwrap());
+        assert_eq!(
+            next_utc_midnight(t),
+            Utc.with_ymd_and_hms(2025, 3, 5, 0, 0, 0).unwrap()
+        );
         let t = Utc.with_ymd_and_hms(2025, 3, 5, 0, 0, 0).unwrap();
-        assert_eq!(next_utc_midnight(t), Utc.with_ymd_and_hms(2025, 3, 6, 0, 0, 0).unwrap());
+        assert_eq!(
+            next_utc_midnight(t),
+            Utc.with_ymd_and_hms(2025, 3, 6, 0, 0, 0).unwrap()
+        );
     }
 
     #[tokio::test]
@@ -707,7 +715,10 @@ mod tests {
         let e = r.acquire(&n, "default", soon).await.err().unwrap();
         assert!(e.retry_after() >= Duration::from_secs(1));
         let q = r.quota(&n, "default").unwrap();
-        assert_eq!((q.client.daily_available, q.client.daily_used), (Some(0), 3));
+        assert_eq!(
+            (q.client.daily_available, q.client.daily_used),
+            (Some(0), 3)
+        );
     }
 
     #[tokio::test]
@@ -720,7 +731,9 @@ mod tests {
         for _ in 0..40 {
             let r = r.clone();
             let n = n.clone();
-            tasks.push(tokio::spawn(async move { r.acquire(&n, "a", deadline).await.is_ok() }));
+            tasks.push(tokio::spawn(async move {
+                r.acquire(&n, "a", deadline).await.is_ok()
+            }));
         }
         let mut ok = 0;
         for t in tasks {

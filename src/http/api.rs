@@ -16,8 +16,9 @@ use crate::refresh::{ConnectionReport, IssuedToken, TokenIdentity};
 /// Default account when a path omits it.
 pub const DEFAULT_ACCOUNT: &str = "default";
 
-#[derive(Serialize)]
-struct TokenBody<'a> {
+/// SPEC 4: the answer carrying an access token.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TokenBody<'a> {
     access_token: &'a str,
     token_type: &'static str,
     expires_at: String,
@@ -92,6 +93,15 @@ async fn refresh_token(
     Ok(token_response(&t))
 }
 
+#[utoipa::path(get, path = "/v1/token/{provider}", summary = "The current access token of the default account", params(("provider" = String, Path, description = "provider name from the config")), responses(
+        (status = 200, description = "a fresh access token", body = TokenBody),
+        (status = 400, description = "malformed account name", body = crate::http::error::ErrorBody),
+        (status = 401, description = "a bearer credential was presented and is wrong (SPEC 5)", body = crate::http::error::ErrorBody),
+        (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
+        (status = 404, description = "unknown_provider or unknown_connection", body = crate::http::error::ErrorBody),
+        (status = 409, description = "authorization_required: the grant is gone; see connect_url", body = crate::http::error::ErrorBody),
+        (status = 503, description = "refresh_failed: no valid token left and the provider could not be reached", body = crate::http::error::ErrorBody)
+    ))]
 /// `GET /v1/token/{provider}`.
 pub async fn token_default(
     State(state): State<AppState>,
@@ -100,6 +110,15 @@ pub async fn token_default(
     get_token(&state, &provider, DEFAULT_ACCOUNT).await
 }
 
+#[utoipa::path(get, path = "/v1/token/{provider}/{account}", summary = "The current access token of an account", params(("provider" = String, Path, description = "provider name from the config"), ("account" = String, Path, description = "account name (default: default)")), responses(
+        (status = 200, description = "a fresh access token", body = TokenBody),
+        (status = 400, description = "malformed account name", body = crate::http::error::ErrorBody),
+        (status = 401, description = "a bearer credential was presented and is wrong (SPEC 5)", body = crate::http::error::ErrorBody),
+        (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
+        (status = 404, description = "unknown_provider or unknown_connection", body = crate::http::error::ErrorBody),
+        (status = 409, description = "authorization_required: the grant is gone; see connect_url", body = crate::http::error::ErrorBody),
+        (status = 503, description = "refresh_failed: no valid token left and the provider could not be reached", body = crate::http::error::ErrorBody)
+    ))]
 /// `GET /v1/token/{provider}/{account}`.
 pub async fn token(
     State(state): State<AppState>,
@@ -108,6 +127,15 @@ pub async fn token(
     get_token(&state, &provider, &account).await
 }
 
+#[utoipa::path(post, path = "/v1/token/{provider}/refresh", summary = "Force a refresh of the default account", params(("provider" = String, Path, description = "provider name from the config")), responses(
+        (status = 200, description = "a fresh access token", body = TokenBody),
+        (status = 400, description = "malformed account name", body = crate::http::error::ErrorBody),
+        (status = 401, description = "a bearer credential was presented and is wrong (SPEC 5)", body = crate::http::error::ErrorBody),
+        (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
+        (status = 404, description = "unknown_provider or unknown_connection", body = crate::http::error::ErrorBody),
+        (status = 409, description = "authorization_required: the grant is gone; see connect_url", body = crate::http::error::ErrorBody),
+        (status = 503, description = "refresh_failed: no valid token left and the provider could not be reached", body = crate::http::error::ErrorBody)
+    ))]
 /// `POST /v1/token/{provider}/refresh`.
 pub async fn refresh_default(
     State(state): State<AppState>,
@@ -116,6 +144,15 @@ pub async fn refresh_default(
     refresh_token(&state, &provider, DEFAULT_ACCOUNT).await
 }
 
+#[utoipa::path(post, path = "/v1/token/{provider}/{account}/refresh", summary = "Force a refresh of an account", params(("provider" = String, Path, description = "provider name from the config"), ("account" = String, Path, description = "account name (default: default)")), responses(
+        (status = 200, description = "a fresh access token", body = TokenBody),
+        (status = 400, description = "malformed account name", body = crate::http::error::ErrorBody),
+        (status = 401, description = "a bearer credential was presented and is wrong (SPEC 5)", body = crate::http::error::ErrorBody),
+        (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
+        (status = 404, description = "unknown_provider or unknown_connection", body = crate::http::error::ErrorBody),
+        (status = 409, description = "authorization_required: the grant is gone; see connect_url", body = crate::http::error::ErrorBody),
+        (status = 503, description = "refresh_failed: no valid token left and the provider could not be reached", body = crate::http::error::ErrorBody)
+    ))]
 /// `POST /v1/token/{provider}/{account}/refresh`.
 pub async fn refresh(
     State(state): State<AppState>,
@@ -124,16 +161,18 @@ pub async fn refresh(
     refresh_token(&state, &provider, &account).await
 }
 
-#[derive(Serialize)]
-struct ConnectionsBody {
+/// SPEC 4: `GET /v1/connections`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ConnectionsBody {
     connections: Vec<ConnectionJson>,
     /// SHA-256 of the HTTPS certificate, for `tokenkeeper status`.
     #[serde(skip_serializing_if = "Option::is_none")]
     tls_fingerprint: Option<String>,
 }
 
-#[derive(Serialize)]
-struct ConnectionJson {
+/// One connection in `GET /v1/connections`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ConnectionJson {
     provider: String,
     account: String,
     state: &'static str,
@@ -163,6 +202,11 @@ impl From<ConnectionReport> for ConnectionJson {
     }
 }
 
+#[utoipa::path(get, path = "/v1/connections", summary = "Every connection with its state", responses(
+         (status = 200, description = "every connection", body = ConnectionsBody),
+        (status = 401, description = "a bearer credential was presented and is wrong", body = crate::http::error::ErrorBody),
+        (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody)
+    ))]
 /// `GET /v1/connections`.
 pub async fn connections(State(state): State<AppState>) -> Response {
     let body = ConnectionsBody {
@@ -180,6 +224,13 @@ pub async fn connections(State(state): State<AppState>) -> Response {
     r
 }
 
+#[utoipa::path(delete, path = "/v1/connections/{provider}/{account}", summary = "Revoke and forget a grant", params(("provider" = String, Path, description = "provider name from the config"), ("account" = String, Path, description = "account name (default: default)")), responses(
+        (status = 204, description = "revoked upstream where possible and forgotten"),
+        (status = 400, description = "malformed account name", body = crate::http::error::ErrorBody),
+        (status = 401, description = "a bearer credential was presented and is wrong (SPEC 5)", body = crate::http::error::ErrorBody),
+        (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
+        (status = 404, description = "unknown_provider or unknown_connection", body = crate::http::error::ErrorBody)
+    ))]
 /// `DELETE /v1/connections/{provider}/{account}`: revoke upstream where
 /// possible and forget locally.
 pub async fn delete_connection(
@@ -199,11 +250,18 @@ pub async fn delete_connection(
     }
 }
 
+#[utoipa::path(get, path = "/healthz", summary = "Liveness", responses(
+        (status = 200, description = "the process runs", body = String, content_type = "text/plain")
+    ))]
 /// `GET /healthz`: the process runs.
 pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
+#[utoipa::path(get, path = "/readyz", summary = "Readiness", responses(
+        (status = 200, description = "database answers, config loaded", body = String, content_type = "text/plain"),
+        (status = 503, description = "not ready", body = String, content_type = "text/plain")
+    ))]
 /// `GET /readyz`: the database answers and the config is loaded.
 pub async fn readyz(State(state): State<AppState>) -> Response {
     match state.engine.store().ping().await {
@@ -215,33 +273,56 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+/// The answer of `POST /v1/inspect` (provider and account only when known).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct InspectBody {
+    /// current_access_token | old_access_token | refresh_token | unknown
+    pub kind: String,
+    pub provider: Option<String>,
+    pub account: Option<String>,
+    pub message: String,
+}
+
 /// `POST /v1/inspect`: the body is a token; the answer says what it is.
 /// The token travels in the body, never as a credential, so asking about a
 /// refresh token is not itself a misuse.
-pub async fn inspect(State(state): State<AppState>, body: String) -> Json<serde_json::Value> {
-    let identity = state.engine.inspect(body.trim());
-    let message = match &identity {
-        TokenIdentity::CurrentAccessToken { provider, account } => format!(
-            "the current access token of {provider}/{account}: send it as \"Authorization: Bearer\" to the provider's API"
+#[utoipa::path(post, path = "/v1/inspect", summary = "Say what a token is", request_body(content = String, content_type = "text/plain", description = "the token"), responses(
+        (status = 200, description = "what the token is", body = InspectBody),
+        (status = 401, description = "a bearer credential was presented and is wrong", body = crate::http::error::ErrorBody),
+        (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
+        (status = 413, description = "body over 64 KiB")
+    ))]
+pub async fn inspect(State(state): State<AppState>, body: String) -> Json<InspectBody> {
+    let (kind, who, message) = match state.engine.inspect(body.trim()) {
+        TokenIdentity::CurrentAccessToken { provider, account } => (
+            "current_access_token",
+            Some((provider.clone(), account.clone())),
+            format!("the current access token of {provider}/{account}: send it as \"Authorization: Bearer\" to the provider's API"),
         ),
-        TokenIdentity::OldAccessToken { provider, account } => format!(
-            "an earlier access token of {provider}/{account}; it may have expired: get a fresh one with GET /v1/token/{provider}/{account}"
+        TokenIdentity::OldAccessToken { provider, account } => (
+            "old_access_token",
+            Some((provider.clone(), account.clone())),
+            format!("an earlier access token of {provider}/{account}; it may have expired: get a fresh one with GET /v1/token/{provider}/{account}"),
         ),
-        TokenIdentity::RefreshToken { provider, account } => format!(
-            "a refresh token of {provider}/{account}: never send it as a bearer token; it only obtains access tokens, and tokenkeeper does that for you (GET /v1/token/{provider}/{account})"
+        TokenIdentity::RefreshToken { provider, account } => (
+            "refresh_token",
+            Some((provider.clone(), account.clone())),
+            format!("a refresh token of {provider}/{account}: never send it as a bearer token; it only obtains access tokens, and tokenkeeper does that for you (GET /v1/token/{provider}/{account})"),
         ),
-        TokenIdentity::Unknown => "not a token this daemon has issued or holds".to_string(),
+        TokenIdentity::Unknown => ("unknown", None, "not a token this daemon has issued or holds".to_string()),
     };
-    let mut v = serde_json::to_value(&identity).unwrap_or(serde_json::Value::Null);
-    if !v.is_object() {
-        v = serde_json::json!({ "kind": "unknown" });
-    }
-    if let Some(o) = v.as_object_mut() {
-        o.insert("message".into(), message.into());
-    }
-    Json(v)
+    let (provider, account) = who.unzip();
+    Json(InspectBody {
+        kind: kind.to_string(),
+        provider,
+        account,
+        message,
+    })
 }
 
+#[utoipa::path(get, path = "/metrics", summary = "Prometheus metrics", responses(
+        (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")
+    ))]
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> Response {
     match crate::metrics::render(&state.engine) {

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
@@ -79,14 +79,10 @@ pub async fn guard_v1(State(state): State<AppState>, req: Request, next: Next) -
     {
         if !own_origin(&state, origin) {
             tracing::warn!(origin, "cross-origin request to /v1 refused");
-            return (
-                StatusCode::FORBIDDEN,
-                axum::Json(serde_json::json!({
-                    "error": "forbidden_origin",
-                    "message": "requests from other web origins are refused; call the API from a local program, not a web page"
-                })),
+            return ApiError::Forbidden(
+                "requests from other web origins are refused; call the API from a local program, not a web page".into(),
             )
-                .into_response();
+            .into_response();
         }
     }
     if let Err(e) = check_bearer(&state, req.headers()) {

@@ -35,6 +35,17 @@ fn sha256_hex(s: &str) -> String {
 }
 
 /// `GET /connect/{provider}?account=NAME`.
+#[utoipa::path(get, path = "/connect/{provider}", summary = "Start a browser authorization",
+    params(
+        ("provider" = String, Path, description = "provider name from the config"),
+        ("account" = Option<String>, Query, description = "account name (default: default)")
+    ),
+    responses(
+        (status = 302, description = "to the provider's authorization page (state, PKCE S256)"),
+        (status = 400, description = "invalid account name (HTML page)", body = String, content_type = "text/html"),
+        (status = 404, description = "unknown provider (HTML page)", body = String, content_type = "text/html")
+    )
+)]
 pub async fn connect(
     State(state): State<AppState>,
     Path(provider): Path<String>,
@@ -118,6 +129,19 @@ fn flow_cookie(headers: &HeaderMap) -> Option<String> {
 }
 
 /// `GET /callback?code=..&state=..` (or `?error=..&state=..`).
+#[utoipa::path(get, path = "/callback", summary = "Finish a browser authorization",
+    params(
+        ("code" = Option<String>, Query, description = "authorization code"),
+        ("state" = Option<String>, Query, description = "the state sent to the provider"),
+        ("error" = Option<String>, Query, description = "provider error, e.g. access_denied"),
+        ("error_description" = Option<String>, Query, description = "provider error text")
+    ),
+    responses(
+        (status = 200, description = "authorized; grant stored (HTML page)", body = String, content_type = "text/html"),
+        (status = 400, description = "bad, expired or reused state, other browser, provider error: nothing stored (HTML page)", body = String, content_type = "text/html"),
+        (status = 502, description = "the provider refused the code: nothing stored (HTML page)", body = String, content_type = "text/html")
+    )
+)]
 pub async fn callback(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -6,7 +6,6 @@ use std::time::Duration;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 use crate::refresh::TokenError;
 
@@ -34,10 +33,24 @@ pub enum ApiError {
     },
     /// 401 without a credential where API keys are required.
     MissingCredentials,
+    /// 403 `forbidden_origin`: a cross-origin request.
+    Forbidden(String),
     /// 400 `invalid_request`: a malformed name or parameter.
     BadRequest(String),
     /// 500 `internal`: the database failed; details only in the log.
     Internal(String),
+}
+
+/// SPEC 4: the body of every `/v1/*` error.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// unknown_provider | unknown_connection | authorization_required | refresh_failed | invalid_token | invalid_request | forbidden_origin | internal
+    pub error: String,
+    /// One sentence saying what to do next.
+    pub message: String,
+    /// With authorization_required: where a person re-authorizes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_url: Option<String>,
 }
 
 /// SPEC 5: the exact answer to a refresh token presented as a bearer token.
@@ -93,76 +106,64 @@ pub fn connect_url(public_url: &url::Url, provider: &str, account: &str) -> Stri
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code, message, extra) = match self {
+        let mut connect_url = None;
+        let mut extra: Option<(header::HeaderName, HeaderValue)> = None;
+        let (status, code, message) = match self {
             ApiError::UnknownProvider(p) => (
                 StatusCode::NOT_FOUND,
                 "unknown_provider",
                 format!("no provider named {p:?} is configured; see GET /v1/connections or the config file"),
-                None,
             ),
             ApiError::UnknownConnection { provider, account } => (
                 StatusCode::NOT_FOUND,
                 "unknown_connection",
                 format!("{provider}/{account} has never been authorized; run `tokenkeeper connect {provider} {account}`"),
-                None,
             ),
-            ApiError::AuthorizationRequired { message, connect_url } => {
-                (StatusCode::CONFLICT, "authorization_required", format!("{message}; open {connect_url}"), Some(connect_url))
+            ApiError::AuthorizationRequired { message, connect_url: url } => {
+                let m = format!("{message}; open {url}");
+                connect_url = Some(url);
+                (StatusCode::CONFLICT, "authorization_required", m)
             }
             ApiError::RefreshFailed { message, retry_after } => {
-                let mut r = (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Json(json!({"error": "refresh_failed", "message": format!("{message}; try again later")})),
-                )
-                    .into_response();
-                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1)));
-                r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                return r;
+                extra = Some((header::RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1))));
+                (StatusCode::SERVICE_UNAVAILABLE, "refresh_failed", format!("{message}; try again later"))
             }
             ApiError::InvalidToken { message, www_authenticate } => {
-                let mut r = (
-                    StatusCode::UNAUTHORIZED,
-                    Json(json!({"error": "invalid_token", "message": message})),
-                )
-                    .into_response();
-                if let Ok(v) = HeaderValue::from_str(&www_authenticate) {
-                    r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-                }
-                return r;
+                extra = HeaderValue::from_str(&www_authenticate)
+                    .ok()
+                    .map(|v| (header::WWW_AUTHENTICATE, v));
+                (StatusCode::UNAUTHORIZED, "invalid_token", message)
             }
             ApiError::MissingCredentials => {
-                let mut r = (
+                extra = Some((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"tokenkeeper\"")));
+                (
                     StatusCode::UNAUTHORIZED,
-                    Json(json!({
-                        "error": "invalid_request",
-                        "message": "this endpoint needs \"Authorization: Bearer <API key>\" with a key from server.api_keys_file"
-                    })),
+                    "invalid_request",
+                    "this endpoint needs \"Authorization: Bearer <API key>\" with a key from server.api_keys_file".into(),
                 )
-                    .into_response();
-                r.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"tokenkeeper\""),
-                );
-                return r;
             }
-            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "invalid_request", m, None),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden_origin", m),
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "invalid_request", m),
             ApiError::Internal(cause) => {
                 tracing::error!(error = %cause, "request failed on an internal error");
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",
                     "tokenkeeper hit an internal error; see its log".to_string(),
-                    None,
                 )
             }
         };
-        let body = match extra {
-            Some(url) => json!({"error": code, "message": message, "connect_url": url}),
-            None => json!({"error": code, "message": message}),
+        let body = ErrorBody {
+            error: code.to_string(),
+            message,
+            connect_url,
         };
         let mut r = (status, Json(body)).into_response();
         r.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some((k, v)) = extra {
+            r.headers_mut().insert(k, v);
+        }
         r
     }
 }

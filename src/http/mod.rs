@@ -6,7 +6,9 @@ pub mod api;
 pub mod auth;
 pub mod callback;
 pub mod error;
+pub mod openapi;
 pub mod pages;
+pub mod proxy;
 pub mod tls;
 
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{any, delete, get, post};
 use axum::Router;
 use url::Url;
 
@@ -43,6 +45,8 @@ pub struct AppState {
     pub api_keys: Option<Arc<auth::ApiKeys>>,
     /// SHA-256 of the served certificate, when serving HTTPS.
     pub tls_fingerprint: Option<Arc<str>>,
+    /// `/proxy/*`: HTTP client, rate limits, `proxy_max_wait`.
+    pub proxy: Arc<proxy::Proxy>,
 }
 
 impl AppState {
@@ -70,14 +74,26 @@ pub fn router(state: AppState, extra: Option<Router>) -> Router {
             state.clone(),
             auth::guard_v1,
         ));
+    // The proxy takes the same guard (Origin check, SPEC 5 bearer check)
+    // and no body limit: bodies stream, and only small ones are buffered.
+    let proxied = Router::new()
+        .route("/proxy/{target}", any(proxy::forward))
+        .route("/proxy/{target}/{*path}", any(proxy::forward))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::guard_v1,
+        ))
+        .layer(DefaultBodyLimit::disable());
     let mut app = Router::new()
         .route("/", get(dashboard))
         .route("/connect/{provider}", get(callback::connect))
         .route("/callback", get(callback::callback))
         .merge(v1)
+        .merge(proxied)
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
         .fallback(not_found)
         .with_state(state.clone());
     if let Some(extra) = extra {
@@ -87,7 +103,11 @@ pub fn router(state: AppState, extra: Option<Router>) -> Router {
         .layer(middleware::from_fn_with_state(state, check_host))
 }
 
-async fn dashboard(State(state): State<AppState>) -> Response {
+/// `GET /`: the dashboard.
+#[utoipa::path(get, path = "/", summary = "Dashboard: every provider and connection, with Connect buttons", responses(
+    (status = 200, description = "HTML page", body = String, content_type = "text/html")
+))]
+pub async fn dashboard(State(state): State<AppState>) -> Response {
     let settings = state.engine.settings();
     let mut providers: Vec<String> = settings.providers.keys().cloned().collect();
     providers.sort();

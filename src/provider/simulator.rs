@@ -69,6 +69,32 @@ pub struct SimulatorConfig {
     pub require_basic_on_refresh: bool,
     /// Enables the `/_sim/*` HTTP control endpoints (for dev mode).
     pub control_api: bool,
+    /// Keap's rate limits on `/api/*`, with its `x-keap-*` headers on every
+    /// authorized API answer and 429 + Apigee fault beyond them. `None` (the
+    /// default): no limits and no headers.
+    pub limits: Option<SimLimits>,
+}
+
+/// Rate limits the simulator enforces on `/api/*`, like Keap: per-second
+/// (spike) and per-minute (throttle) as token buckets of that many requests
+/// refilled evenly over the window, a daily quota that resets at 00:00 UTC,
+/// and a tenant per-minute throttle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SimLimits {
+    pub per_second: u32,
+    pub per_minute: u32,
+    pub per_day: u64,
+    pub tenant_per_minute: u32,
+}
+
+impl SimLimits {
+    /// Keap's published limits for one OAuth client and one tenant.
+    pub const KEAP: SimLimits = SimLimits {
+        per_second: 25,
+        per_minute: 1500,
+        per_day: 150_000,
+        tenant_per_minute: 10_000,
+    };
 }
 
 impl Default for SimulatorConfig {
@@ -82,6 +108,7 @@ impl Default for SimulatorConfig {
             refresh_error_style: RefreshErrorStyle::Keap,
             require_basic_on_refresh: true,
             control_api: false,
+            limits: None,
         }
     }
 }
@@ -101,6 +128,7 @@ impl fmt::Debug for SimulatorConfig {
             .field("refresh_error_style", &self.refresh_error_style)
             .field("require_basic_on_refresh", &self.require_basic_on_refresh)
             .field("control_api", &self.control_api)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -169,6 +197,8 @@ pub struct SimStats {
     pub api_calls: u64,
     /// `/api/*` requests rejected for a missing or invalid bearer token.
     pub api_unauthorized: u64,
+    /// `/api/*` requests answered 429 because a limit was exceeded.
+    pub api_rate_limited: u64,
     /// Grants revoked through `/revoke` (unknown tokens do not count).
     pub revocations: u64,
 }
@@ -227,6 +257,126 @@ struct State {
     refresh_log: Vec<String>,
     access_log: Vec<String>,
     stats: SimStats,
+    usage: Usage,
+}
+
+/// A token bucket of `capacity` requests refilled evenly over `window`.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    level: f64,
+    at: Option<Instant>,
+}
+
+impl Bucket {
+    fn full() -> Bucket {
+        Bucket {
+            level: f64::INFINITY,
+            at: None,
+        }
+    }
+
+    fn level(&self, capacity: u32, window: Duration, now: Instant) -> f64 {
+        let cap = f64::from(capacity);
+        match self.at {
+            None => cap,
+            Some(at) => {
+                let refill =
+                    now.saturating_duration_since(at).as_secs_f64() / window.as_secs_f64() * cap;
+                (self.level + refill).min(cap)
+            }
+        }
+    }
+
+    fn take(&mut self, capacity: u32, window: Duration, now: Instant) {
+        self.level = self.level(capacity, window, now) - 1.0;
+        self.at = Some(now);
+    }
+}
+
+/// What `/api/*` callers have used of the limits.
+#[derive(Clone, Copy, Debug)]
+struct Usage {
+    second: Bucket,
+    minute: Bucket,
+    tenant_minute: Bucket,
+    day_used: u64,
+    day_ends_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Usage {
+    fn new() -> Usage {
+        Usage {
+            second: Bucket::full(),
+            minute: Bucket::full(),
+            tenant_minute: Bucket::full(),
+            day_used: 0,
+            day_ends_at: crate::ratelimit::next_utc_midnight(chrono::Utc::now()),
+        }
+    }
+
+    fn roll_day(&mut self) {
+        let now = chrono::Utc::now();
+        if now >= self.day_ends_at {
+            self.day_used = 0;
+            self.day_ends_at = crate::ratelimit::next_utc_midnight(now);
+        }
+    }
+
+    /// Counts one request if every limit has room; else which one is full.
+    fn admit(&mut self, l: &SimLimits, now: Instant) -> Result<(), &'static str> {
+        const SEC: Duration = Duration::from_secs(1);
+        const MIN: Duration = Duration::from_secs(60);
+        self.roll_day();
+        if self.day_used >= l.per_day {
+            return Err("quota");
+        }
+        if self.second.level(l.per_second, SEC, now) < 1.0 {
+            return Err("spike");
+        }
+        if self.minute.level(l.per_minute, MIN, now) < 1.0
+            || self.tenant_minute.level(l.tenant_per_minute, MIN, now) < 1.0
+        {
+            return Err("quota");
+        }
+        self.second.take(l.per_second, SEC, now);
+        self.minute.take(l.per_minute, MIN, now);
+        self.tenant_minute.take(l.tenant_per_minute, MIN, now);
+        self.day_used += 1;
+        Ok(())
+    }
+
+    /// Keap's `x-keap-*` headers as of now.
+    fn headers(&self, l: &SimLimits, now: Instant, h: &mut HeaderMap) {
+        const MIN: Duration = Duration::from_secs(60);
+        let mut put = |name: &'static str, v: u64| {
+            h.insert(name, HeaderValue::from(v));
+        };
+        put("x-keap-product-quota-limit", l.per_day);
+        put(
+            "x-keap-product-quota-available",
+            l.per_day.saturating_sub(self.day_used),
+        );
+        put("x-keap-product-quota-used", self.day_used);
+        put(
+            "x-keap-product-quota-expiry-time",
+            u64::try_from(self.day_ends_at.timestamp_millis()).unwrap_or(0),
+        );
+        let throttle = |b: &Bucket, cap: u32| -> (u64, u64) {
+            let avail = b.level(cap, MIN, now).max(0.0).floor() as u64;
+            (avail, u64::from(cap).saturating_sub(avail))
+        };
+        let (avail, used) = throttle(&self.minute, l.per_minute);
+        put("x-keap-product-throttle-limit", u64::from(l.per_minute));
+        put("x-keap-product-throttle-available", avail);
+        put("x-keap-product-throttle-used", used);
+        let (avail, used) = throttle(&self.tenant_minute, l.tenant_per_minute);
+        put(
+            "x-keap-tenant-throttle-limit",
+            u64::from(l.tenant_per_minute),
+        );
+        put("x-keap-tenant-throttle-available", avail);
+        put("x-keap-tenant-throttle-used", used);
+    }
 }
 
 struct Issued {
@@ -375,6 +525,7 @@ impl Simulator {
                 refresh_log: Vec::new(),
                 access_log: Vec::new(),
                 stats: SimStats::default(),
+                usage: Usage::new(),
             })),
         }
     }
@@ -465,6 +616,21 @@ impl Simulator {
         for i in 0..st.grants.len() {
             st.revoke_grant(i);
         }
+    }
+
+    /// Sets (or lifts, with `None`) the `/api/*` rate limits; usage so far
+    /// is kept.
+    pub fn set_limits(&self, limits: Option<SimLimits>) {
+        self.lock().config.limits = limits;
+    }
+
+    /// Pretends `used` API calls were already made today (e.g. by other
+    /// installations of the same client), so a test can start near the
+    /// end of the daily quota.
+    pub fn set_daily_used(&self, used: u64) {
+        let mut st = self.lock();
+        st.usage.roll_day();
+        st.usage.day_used = used;
     }
 
     /// Snapshot of the counters.
@@ -1208,6 +1374,46 @@ async fn api_endpoint(
             "keymanagement.service.invalid_access_token",
         );
     }
+    // Like Apigee: the token is checked first, then the quotas; the
+    // headers describe the quotas after this request.
+    let mut quota_headers = HeaderMap::new();
+    {
+        let mut st = sim.lock();
+        if let Some(limits) = st.config.limits {
+            let now = Instant::now();
+            let admitted = st.usage.admit(&limits, now);
+            st.usage.headers(&limits, now, &mut quota_headers);
+            if let Err(which) = admitted {
+                st.stats.api_rate_limited += 1;
+                drop(st);
+                let mut resp = if which == "spike" {
+                    apigee_fault(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        &format!(
+                            "Spike arrest violation. Allowed rate : MessageRate{{messagesPerPeriod={n}, periodInMicroseconds=1000000, maxBurstMessageCount={n}.0}}",
+                            n = limits.per_second
+                        ),
+                        "policies.ratelimit.SpikeArrestViolation",
+                    )
+                } else {
+                    apigee_fault(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "Rate limit quota violation. Quota limit exceeded. Identifier : sim1234",
+                        "policies.ratelimit.QuotaViolation",
+                    )
+                };
+                resp.headers_mut().extend(quota_headers);
+                return resp;
+            }
+        }
+    }
+    let mut resp = api_answer(method, path, query, body).await;
+    resp.headers_mut().extend(quota_headers);
+    resp
+}
+
+/// The API itself: an echo, and `large?bytes=N`.
+async fn api_answer(method: Method, path: String, query: Option<String>, body: Body) -> Response {
     if path == "large" {
         let params = parse_params(query.as_deref().unwrap_or_default().as_bytes());
         let n = match param(&params, "bytes").map(str::parse::<u64>) {
@@ -1218,9 +1424,19 @@ async fn api_endpoint(
                 ))
             }
         };
-        // Deterministic pattern so a client can verify the bytes it relayed.
-        let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
-        let mut resp = (StatusCode::OK, data).into_response();
+        // Deterministic pattern so a client can verify the bytes it relayed;
+        // streamed in chunks so a large answer is never one buffer (and a
+        // proxy in between is seen to stream, not to buffer).
+        const CHUNK: u64 = 64 * 1024;
+        let chunks = futures_util::stream::unfold(0u64, move |sent| async move {
+            if sent >= n {
+                return None;
+            }
+            let end = (sent + CHUNK).min(n);
+            let data: Vec<u8> = (sent..end).map(|i| (i % 251) as u8).collect();
+            Some((Ok::<_, std::io::Error>(Bytes::from(data)), end))
+        });
+        let mut resp = (StatusCode::OK, Body::from_stream(chunks)).into_response();
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),

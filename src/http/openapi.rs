@@ -1,0 +1,49 @@
+//! The OpenAPI 3.1 description of the local HTTP interface (SPEC 4),
+//! generated from the handlers' annotations so it cannot drift from them.
+
+use axum::Json;
+use utoipa::OpenApi;
+
+use super::{api, callback};
+
+/// The document served at `/openapi.json`.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tokenkeeper",
+        description = "Local API of the tokenkeeper OAuth2 token lifecycle daemon: fresh access tokens for local programs. The refresh token is never returned.",
+        license(name = "MIT OR Apache-2.0")
+    ),
+    paths(
+        super::dashboard,
+        callback::connect,
+        callback::callback,
+        api::token_default,
+        api::token,
+        api::refresh_default,
+        api::refresh,
+        api::connections,
+        api::delete_connection,
+        api::inspect,
+        api::healthz,
+        api::readyz,
+        api::metrics,
+        openapi_json,
+    ),
+    components(schemas(
+        api::TokenBody,
+        api::ConnectionsBody,
+        api::ConnectionJson,
+        api::InspectBody,
+        super::error::ErrorBody
+    ))
+)]
+pub struct ApiDoc;
+
+/// `GET /openapi.json`.
+#[utoipa::path(get, path = "/openapi.json", summary = "This document", responses(
+    (status = 200, description = "OpenAPI 3.1 description of this interface", content_type = "application/json")
+))]
+pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
