@@ -579,6 +579,23 @@ async fn call(
     Err(CliError { code, message })
 }
 
+/// `left/limit today`, or `used today` without a known limit; `paused`
+/// while the provider's 429 pause lasts.
+fn quota_cell(q: Option<&Value>) -> String {
+    let Some(q) = q.filter(|q| q.is_object()) else {
+        return "-".into();
+    };
+    let n = |k: &str| q.get(k).and_then(Value::as_u64);
+    let mut s = match (n("daily_available"), n("daily_limit")) {
+        (Some(a), Some(l)) => format!("{a}/{l} left today"),
+        _ => format!("{} used today", n("daily_used").unwrap_or(0)),
+    };
+    if q.get("paused_until").is_some_and(|v| !v.is_null()) {
+        s.push_str(" (paused after 429)");
+    }
+    s
+}
+
 fn print_status(conns: &[Value]) {
     if conns.is_empty() {
         println!(
@@ -601,6 +618,7 @@ fn print_status(conns: &[Value]) {
         "EXPIRES".into(),
         "LAST REFRESH".into(),
         "NEXT REFRESH".into(),
+        "QUOTA".into(),
         "LAST ERROR".into(),
     ]];
     for c in conns {
@@ -612,23 +630,47 @@ fn print_status(conns: &[Value]) {
             when(c, "expires_at"),
             when(c, "refreshed_at"),
             when(c, "next_refresh_at"),
+            quota_cell(c.get("quota")),
             c.get("last_error")
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..7)
+    let widths: Vec<usize> = (0..8)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
-    for r in rows {
+    use std::io::IsTerminal;
+    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    for (n, r) in rows.iter().enumerate() {
         let line: Vec<String> = r
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .map(|(i, c)| {
+                // Pad first: escape codes must not count towards the width.
+                let cell = format!("{c:<w$}", w = widths[i]);
+                if colour && i == 2 && n > 0 {
+                    state_colour(c.as_str(), &cell)
+                } else {
+                    cell
+                }
+            })
             .collect();
         println!("{}", line.join("  ").trim_end());
     }
+}
+
+/// ANSI colour of a state cell: green active, blue refreshing, yellow
+/// retrying, red authorization_required.
+fn state_colour(state: &str, cell: &str) -> String {
+    let code = match state {
+        "active" => "32",
+        "refreshing" => "34",
+        "retrying" => "33",
+        "authorization_required" => "31",
+        _ => return cell.to_string(),
+    };
+    format!("\x1b[{code}m{cell}\x1b[0m")
 }
 
 async fn rekey(explicit: Option<&Path>, new_key_file: &Path) -> Result<(), CliError> {

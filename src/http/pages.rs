@@ -31,14 +31,21 @@ table{border-collapse:collapse;width:100%;background:#fff}th,td{text-align:left;
 .card{background:#fff;border:1px solid #e3e6ea;border-radius:.5rem;padding:1rem;margin:1rem 0}\
 a.button,button{display:inline-block;background:#0969da;color:#fff;border:0;border-radius:.4rem;padding:.4rem .8rem;text-decoration:none;font-size:.9rem;cursor:pointer}\
 input{padding:.35rem;border:1px solid #c9ced6;border-radius:.3rem}.error{color:#cf222e}\
-@media(max-width:640px){table,thead,tbody,tr,td,th{display:block}thead{display:none}td{border:0;padding:.2rem .5rem}tr{border-bottom:1px solid #e3e6ea;padding:.5rem 0}}";
+@media(max-width:640px){table,thead,tbody,tr,td,th{display:block}thead{display:none}td{border:0;padding:.2rem .5rem}tr{border-bottom:1px solid #e3e6ea;padding:.5rem 0}\
+td[data-label]::before{content:attr(data-label) \": \";font-weight:600;color:#57606a}}\
+.muted{color:#57606a;font-size:.85rem}";
 
-/// Wraps a body in the shared page layout.
+/// Wraps a body in the shared page layout (with a way back to the
+/// dashboard).
 pub fn page(status: StatusCode, title: &str, body: &str) -> Response {
+    let body = format!("{body}<p><a href=\"/\">Back to tokenkeeper</a></p>");
+    layout(status, title, &body)
+}
+
+fn layout(status: StatusCode, title: &str, body: &str) -> Response {
     let html = format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{t} · tokenkeeper</title><style>{STYLE}</style></head><body><main><h1>{t}</h1>{body}\
-         <p><a href=\"/\">Back to tokenkeeper</a></p></main></body></html>",
+         <title>{t} · tokenkeeper</title><style>{STYLE}</style></head><body><main><h1>{t}</h1>{body}</main></body></html>",
         t = escape(title)
     );
     let mut r = (status, Html(html)).into_response();
@@ -115,7 +122,7 @@ pub fn dashboard(providers: &[String], connections: &[ConnectionReport]) -> Resp
             "Connect again"
         };
         rows.push_str(&format!(
-            "<tr><td>{p}</td><td>{a}</td><td><span class=\"badge {s}\">{s}</span></td><td>{exp}</td><td>{refr}</td><td>{next}</td><td>{age}</td><td class=\"error\">{err}</td><td><a class=\"button\" href=\"{connect}\">{label}</a></td></tr>",
+            "<tr><td data-label=\"Provider\">{p}</td><td data-label=\"Account\">{a}</td><td data-label=\"State\"><span class=\"badge {s}\">{s}</span></td><td data-label=\"Expires\">{exp}</td><td data-label=\"Refreshed\">{refr}</td><td data-label=\"Next refresh\">{next}</td><td data-label=\"Refresh token age\">{age}</td><td data-label=\"Last error\" class=\"error\">{err}</td><td><a class=\"button\" href=\"{connect}\">{label}</a></td></tr>",
             p = escape(&c.provider),
             a = escape(&c.account),
             s = c.state,
@@ -140,7 +147,7 @@ pub fn dashboard(providers: &[String], connections: &[ConnectionReport]) -> Resp
             p = escape(p)
         ));
     }
-    page(
+    layout(
         StatusCode::OK,
         "tokenkeeper",
         &format!("<h2>Connections</h2>{table}<h2>Providers</h2>{forms}"),
