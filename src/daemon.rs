@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::provider::{self, Provider};
+use crate::ratelimit::RateLimits;
 use crate::refresh::{Engine, Settings};
 use crate::store::{Store, StoreError};
 use crate::systemd;
@@ -121,12 +122,20 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
             "serving HTTPS; compare this fingerprint when your browser asks"
         );
     }
+    // One set of limits for the proxy and the engine's refresh calls: both
+    // spend the same provider quota.
+    let limits = Arc::new(RateLimits::new(config.providers.values()));
+    engine.use_rate_limits(limits.clone());
     let state = AppState {
         engine: engine.clone(),
         public_url: public_url.clone(),
         allowed_hosts: Arc::new(allowed_hosts(&config, &public_url)),
         api_keys,
         tls_fingerprint: tls.as_ref().map(|t| Arc::from(t.fingerprint.as_str())),
+        proxy: Arc::new(http::proxy::Proxy::new(
+            limits.clone(),
+            config.server.proxy_max_wait,
+        )),
     };
     let app = http::router(state, extra);
 
@@ -164,6 +173,7 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
         engine.clone(),
         config_path,
         http_client.clone(),
+        limits.clone(),
         shutdown.clone(),
     ));
     let stop_notice = shutdown.clone();
@@ -209,6 +219,7 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
         tracing::warn!("some refreshes did not finish within the shutdown grace period");
     }
     background.wait().await;
+    engine.leave().await;
     store.close().await;
     tracing::info!("stopped");
     served.map_err(DaemonError::from)
@@ -221,6 +232,7 @@ async fn reload_on_sighup(
     engine: Engine,
     path: Option<PathBuf>,
     http: reqwest::Client,
+    limits: Arc<RateLimits>,
     shutdown: CancellationToken,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -246,6 +258,7 @@ async fn reload_on_sighup(
                 let names: Vec<&str> = new.providers.keys().map(String::as_str).collect();
                 tracing::info!(providers = ?names, "configuration reloaded");
                 engine.reload(settings_from(&new, &http));
+                limits.reload(new.providers.values());
             }
             Err(e) => {
                 tracing::error!(

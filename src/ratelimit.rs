@@ -34,13 +34,15 @@ use governor::{Quota, RateLimiter};
 
 use crate::config::{Limits, Preset, ProviderConfig};
 
-/// How much arrival-time jitter between us and the provider the limiters
-/// absorb: requests granted at exactly the allowed spacing can reach the
-/// provider closer together (scheduling, connection set-up), so each GCRA
+/// How much spread in the time from granting a slot to the provider
+/// seeing the request the limiters absorb: requests granted at exactly the
+/// allowed spacing can reach the provider closer together (connection
+/// set-up for the first ones of a burst, scheduling, network), so each GCRA
 /// burst is that many emission intervals (at least one cell) below the
-/// provider's. 100 ms covers a loaded two-core machine; it costs at most a
-/// few requests of a burst, never sustained throughput.
-pub const JITTER_TOLERANCE: Duration = Duration::from_millis(100);
+/// provider's. Measured: over 100 ms for the first requests of a burst on a
+/// busy two-core machine; 250 ms leaves room. It costs a few requests of a
+/// burst (7 of Keap's 25 per second), never sustained throughput.
+pub const JITTER_TOLERANCE: Duration = Duration::from_millis(250);
 
 /// How long an upstream 429 pauses a provider when it says nothing more
 /// precise (Keap sends no `Retry-After`): Keap's spike window is one second.
@@ -739,8 +741,8 @@ mod tests {
         for t in tasks {
             ok += usize::from(t.await.unwrap());
         }
-        // Burst 18 (20 minus the jitter margin of 2) plus 20/s for 0.5 s.
-        assert!((25..=29).contains(&ok), "granted {ok}");
+        // Burst 15 (20 minus the jitter margin of 5) plus 20/s for 0.5 s.
+        assert!((22..=26).contains(&ok), "granted {ok}");
         assert!(started.elapsed() < Duration::from_secs(2));
     }
 

@@ -682,6 +682,39 @@ impl Store {
         row.as_ref().map(|r| self.decode(r)).transpose()
     }
 
+    /// Records that `owner` is alive and returns how many other processes
+    /// were seen since `alive_since` (older entries are dropped).
+    pub async fn heartbeat(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        alive_since: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        sqlx::query("INSERT INTO processes (owner, seen_at) VALUES (?1, ?2) ON CONFLICT (owner) DO UPDATE SET seen_at = ?2")
+            .bind(owner.to_owned())
+            .bind(to_ms(now))
+            .execute(&self.pool)
+            .await?;
+        sqlx::query("DELETE FROM processes WHERE seen_at < ?")
+            .bind(to_ms(alive_since))
+            .execute(&self.pool)
+            .await?;
+        let others: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM processes WHERE owner != ?")
+            .bind(owner.to_owned())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(others.max(0) as usize)
+    }
+
+    /// Removes `owner`'s heartbeat at a clean stop.
+    pub async fn leave(&self, owner: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM processes WHERE owner = ?")
+            .bind(owner.to_owned())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Forgets a connection; returns it (for upstream revocation) if it existed.
     pub async fn delete_connection(
         &self,

@@ -54,6 +54,12 @@ fn callback_router(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> axum:
                 allowed_hosts: Arc::new(vec!["127.0.0.1".into()]),
                 api_keys: None,
                 tls_fingerprint: None,
+                proxy: Arc::new(tokenkeeper::http::proxy::Proxy::new(
+                    Arc::new(tokenkeeper::ratelimit::RateLimits::new(
+                        cfg.providers.values(),
+                    )),
+                    std::time::Duration::from_secs(1),
+                )),
             },
             None,
         )

@@ -181,6 +181,13 @@ pub struct ConnectionJson {
     next_refresh_at: Option<String>,
     refresh_token_issued_at: String,
     last_error: Option<String>,
+    /// Rate-limit figures of the provider (and tenant) as the proxy knows
+    /// them: `daily_limit`, `daily_available`, `daily_used`, `resets_at`,
+    /// `reported`, `throttle_limit`, `throttle_available`, `paused_until`,
+    /// `tenant`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    quota: Option<crate::ratelimit::ConnectionQuota>,
 }
 
 fn rfc3339(t: chrono::DateTime<Utc>) -> String {
@@ -198,6 +205,7 @@ impl From<ConnectionReport> for ConnectionJson {
             next_refresh_at: c.next_refresh_at.map(rfc3339),
             refresh_token_issued_at: rfc3339(c.refresh_token_issued_at),
             last_error: c.last_error,
+            quota: None,
         }
     }
 }
@@ -214,7 +222,13 @@ pub async fn connections(State(state): State<AppState>) -> Response {
             .engine
             .report()
             .into_iter()
-            .map(ConnectionJson::from)
+            .map(|c| {
+                let quota = state.proxy.limits.quota(&c.provider, &c.account);
+                ConnectionJson {
+                    quota,
+                    ..ConnectionJson::from(c)
+                }
+            })
             .collect(),
         tls_fingerprint: state.tls_fingerprint.as_deref().map(str::to_string),
     };

@@ -1,6 +1,7 @@
 //! The local HTTP interface (SPEC 4): routing, shared state and the guards
 //! every request passes (Host check, body limit). Handlers live in `api`
-//! (JSON), `callback` (browser authorization) and `pages` (HTML).
+//! (JSON), `callback` (browser authorization), `pages` (HTML) and `proxy`
+//! (the rate-limited API proxy).
 
 pub mod api;
 pub mod auth;

@@ -63,9 +63,18 @@ pub struct Proxy {
 impl Proxy {
     /// `max_wait` is `server.proxy_max_wait`.
     pub fn new(limits: Arc<RateLimits>, max_wait: Duration) -> Proxy {
-        metrics::describe_counter!(PROXY_REQUESTS_TOTAL, "Proxied requests by result (ok, upstream_429, limited, error)");
-        metrics::describe_counter!(PROXY_LIMITED_TOTAL, "Proxied requests refused locally for rate (429 with Retry-After)");
-        metrics::describe_gauge!(PROXY_DAILY_AVAILABLE, "Requests left today per provider, as last reported or counted");
+        metrics::describe_counter!(
+            PROXY_REQUESTS_TOTAL,
+            "Proxied requests by result (ok, upstream_429, limited, error)"
+        );
+        metrics::describe_counter!(
+            PROXY_LIMITED_TOTAL,
+            "Proxied requests refused locally for rate (429 with Retry-After)"
+        );
+        metrics::describe_gauge!(
+            PROXY_DAILY_AVAILABLE,
+            "Requests left today per provider, as last reported or counted"
+        );
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::none())
@@ -273,7 +282,10 @@ async fn fresh_token(
 ) -> Result<IssuedToken, ApiError> {
     let to_api = |e| ApiError::from_token_error(e, &state.public_url);
     let engine: &Engine = &state.engine;
-    let current = engine.token(&t.provider, &t.account).await.map_err(to_api)?;
+    let current = engine
+        .token(&t.provider, &t.account)
+        .await
+        .map_err(to_api)?;
     if current.access_token.expose_secret() != used.access_token.expose_secret() {
         return Ok(current);
     }
@@ -317,10 +329,16 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Pr
     };
     let headers = request_headers(&parts.headers, replay.is_some());
 
-    let mut token = engine.token(&t.provider, &t.account).await.map_err(to_api)?;
+    let mut token = engine
+        .token(&t.provider, &t.account)
+        .await
+        .map_err(to_api)?;
     let (mut refreshed, mut paused) = (false, false);
     loop {
-        let permit = proxy.limits.acquire(&t.provider, &t.account, deadline).await?;
+        let permit = proxy
+            .limits
+            .acquire(&t.provider, &t.account, deadline)
+            .await?;
         let body = match (&replay, stream.take()) {
             (Some(b), _) => reqwest::Body::from(b.clone()),
             (None, Some(s)) => reqwest::Body::wrap_stream(s.into_data_stream()),
@@ -393,7 +411,9 @@ mod tests {
 
     #[test]
     fn targets() {
-        let uri: axum::http::Uri = "/proxy/keap@acme/crm/rest/v1/contacts?limit=5".parse().unwrap();
+        let uri: axum::http::Uri = "/proxy/keap@acme/crm/rest/v1/contacts?limit=5"
+            .parse()
+            .unwrap();
         let t = Target::parse(&uri).unwrap();
         assert_eq!((t.provider.as_str(), t.account.as_str()), ("keap", "acme"));
         assert_eq!(t.rest, "crm/rest/v1/contacts?limit=5");

@@ -543,8 +543,10 @@ impl Simulator {
     /// - `POST /deny`: 302 to `redirect_uri?error=access_denied&..`.
     /// - `POST /token`: `authorization_code` and `refresh_token` grants.
     /// - `POST /revoke`: RFC 7009; revokes the whole grant.
-    /// - `ANY /api/{*path}`: bearer-protected echo; `large?bytes=N` returns
-    ///   N bytes of `application/octet-stream`.
+    /// - `ANY /api/{*path}`: bearer-protected echo; `large?bytes=N` streams
+    ///   N bytes of `application/octet-stream`; `headers` echoes the request
+    ///   headers (not the bearer token). With `limits`, Keap's rate limits
+    ///   and `x-keap-*` headers apply.
     /// - `GET /_sim/stats`, `POST /_sim/config`, `POST /_sim/revoke_all`:
     ///   only when `control_api` is enabled, 404 otherwise.
     pub fn router(&self) -> Router {
@@ -631,6 +633,14 @@ impl Simulator {
         let mut st = self.lock();
         st.usage.roll_day();
         st.usage.day_used = used;
+    }
+
+    /// Kills every access token issued so far while grants and refresh
+    /// tokens stay valid, as when a provider invalidates tokens early.
+    pub fn expire_access_tokens(&self) {
+        for e in self.lock().access.values_mut() {
+            e.revoked = true;
+        }
     }
 
     /// Snapshot of the counters.
@@ -840,7 +850,14 @@ fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, Re
     let (id, secret) = decoded
         .split_once(':')
         .ok_or_else(|| invalid_request("Malformed Basic authorization header: missing ':'"))?;
-    Ok(Some((id.to_owned(), secret.to_owned())))
+    // RFC 6749 2.3.1: both parts are form-urlencoded before Basic encoding.
+    let form_decode = |s: &str| -> String {
+        url::form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    };
+    Ok(Some((form_decode(id), form_decode(secret))))
 }
 
 /// Checks client credentials. `basic_only` forbids credentials in the body
@@ -1407,13 +1424,33 @@ async fn api_endpoint(
             }
         }
     }
-    let mut resp = api_answer(method, path, query, body).await;
+    let mut resp = api_answer(method, path, query, &headers, body).await;
     resp.headers_mut().extend(quota_headers);
     resp
 }
 
 /// The API itself: an echo, and `large?bytes=N`.
-async fn api_answer(method: Method, path: String, query: Option<String>, body: Body) -> Response {
+async fn api_answer(
+    method: Method,
+    path: String,
+    query: Option<String>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
+    if path == "headers" {
+        // What reached the API, minus the (valid) bearer token itself.
+        let seen: serde_json::Map<String, serde_json::Value> = headers
+            .iter()
+            .filter(|(k, _)| *k != header::AUTHORIZATION)
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into(),
+                )
+            })
+            .collect();
+        return json_response(StatusCode::OK, serde_json::json!({ "headers": seen }));
+    }
     if path == "large" {
         let params = parse_params(query.as_deref().unwrap_or_default().as_bytes());
         let n = match param(&params, "bytes").map(str::parse::<u64>) {

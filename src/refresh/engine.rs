@@ -198,6 +198,13 @@ struct Inner {
     owner: String,
     tasks: TaskTracker,
     recognizer: Recognizer,
+    /// The provider rate limits the proxy also uses (set once by the
+    /// daemon): a refresh spends the same quota as an API call.
+    limits: std::sync::OnceLock<Arc<crate::ratelimit::RateLimits>>,
+    /// Another live process shares the database (see `heartbeat`). Alone,
+    /// the in-memory snapshot is the truth and the hot path reads no
+    /// storage; with peers, `token` checks storage first.
+    peers: AtomicBool,
 }
 
 /// What `inspect` found a token to be.
@@ -238,8 +245,11 @@ impl Engine {
                 owner: owner_id(),
                 tasks: TaskTracker::new(),
                 recognizer,
+                limits: std::sync::OnceLock::new(),
+                peers: AtomicBool::new(false),
             }),
         };
+        engine.heartbeat().await?;
         let now = Utc::now();
         for mut row in engine.inner.store.load_connections().await? {
             if let (Some(started), Some(holder)) = (row.attempt_started_at, row.lease_owner.clone())
@@ -288,6 +298,29 @@ impl Engine {
             .settings
             .write()
             .unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+    }
+
+    /// Makes refresh calls take a slot of their provider's rate limits
+    /// (first call wins; later calls are ignored).
+    pub fn use_rate_limits(&self, limits: Arc<crate::ratelimit::RateLimits>) {
+        let _ = self.inner.limits.set(limits);
+    }
+
+    /// Waits for a rate-limit slot, at most the provider's request timeout;
+    /// without one the refresh goes anyway, since losing the grant to a
+    /// missed refresh costs more than one request over the limit.
+    async fn rate_slot(&self, provider: &Provider, account: &str) {
+        let Some(limits) = self.inner.limits.get() else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + provider.config.request_timeout;
+        if let Err(e) = limits.acquire(provider.name(), account, deadline).await {
+            tracing::warn!(
+                provider = provider.name(),
+                account,
+                "refreshing without a rate-limit slot: {e}"
+            );
+        }
     }
 
     /// Tasks spawned by the engine (scheduled refreshes), for shutdown.
@@ -463,7 +496,11 @@ impl Engine {
         // Fix (issue 3, two daemons on one database): the snapshot alone
         // would only learn of another process's refresh at our next tick,
         // and until then hand out the access token that refresh killed.
-        let foreign_flight = self.sync_with_store(&slot).await?;
+        let foreign_flight = if self.inner.peers.load(Ordering::Relaxed) {
+            self.sync_with_store(&slot).await?
+        } else {
+            false
+        };
         let snap = slot.snapshot();
         let now = Utc::now();
         let settings = self.settings();
@@ -609,6 +646,7 @@ impl Engine {
     /// due refresh. Decisions compare stored absolute instants with the wall
     /// clock now, so time spent suspended is caught up here.
     pub async fn tick(&self) -> Result<(), StoreError> {
+        self.heartbeat().await?;
         self.reconcile().await?;
         let settings = self.settings();
         let now = Utc::now();
@@ -636,6 +674,44 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Announces this process and learns whether others share the database.
+    /// A peer is alive if seen within three scheduler intervals (at least
+    /// 10 s), so one slow tick does not flip the answer.
+    async fn heartbeat(&self) -> Result<(), StoreError> {
+        let now = Utc::now();
+        let every = self
+            .settings()
+            .refresh
+            .check_interval
+            .max(Duration::from_secs(1));
+        let horizon = (every * 3).max(Duration::from_secs(10));
+        let others = self
+            .inner
+            .store
+            .heartbeat(&self.inner.owner, now, now - chrono_dur(horizon))
+            .await?;
+        let had = self.inner.peers.swap(others > 0, Ordering::Relaxed);
+        if had != (others > 0) {
+            tracing::info!(
+                other_processes = others,
+                "{}",
+                if others > 0 {
+                    "another tokenkeeper process shares this database; token requests now check storage first"
+                } else {
+                    "this process is alone on its database again"
+                }
+            );
+        }
+        Ok(())
+    }
+
+    /// Removes this process's heartbeat (clean stop).
+    pub async fn leave(&self) {
+        if let Err(e) = self.inner.store.leave(&self.inner.owner).await {
+            tracing::warn!(error = %e, "cannot remove this process's heartbeat");
+        }
     }
 
     /// Picks up grants written by other processes (another daemon on the
@@ -752,6 +828,8 @@ impl Engine {
                         dead_owner = Some(holder);
                         continue;
                     }
+                    // Someone else refreshes this grant: we are not alone.
+                    self.inner.peers.store(true, Ordering::Relaxed);
                     return self.wait_for_other_process(slot, until, provider).await;
                 }
             }
@@ -803,7 +881,10 @@ impl Engine {
             let started = std::time::Instant::now();
             let result = {
                 let renew = self.renew_lease_while(slot.id, attempt.clone());
-                let call = provider.refresh(&refresh_token);
+                let call = async {
+                    self.rate_slot(provider, &slot.account).await;
+                    provider.refresh(&refresh_token).await
+                };
                 tokio::pin!(call);
                 tokio::select! {
                     r = &mut call => r,

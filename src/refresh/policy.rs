@@ -50,14 +50,14 @@ pub fn next_refresh_at(t: &Timing, policy: &RefreshConfig, jitter: Duration) -> 
     planned.min(latest).min(keepalive)
 }
 
-/// `min_validity`, but never more than the share of the lifetime left after
-/// `at_fraction`: a provider issuing tokens shorter than `min_validity`
-/// would otherwise make every token request refresh.
+/// `min_validity`, except for tokens that live less than twice as long:
+/// those could never satisfy it, and every token request would refresh,
+/// so half their lifetime stands in. For every lifetime of at least
+/// `2 × min_validity` (Keap's 24 h against 5 min) this is `min_validity`
+/// exactly, as SPEC 3 promises.
 pub fn effective_min_validity(t: &Timing, policy: &RefreshConfig) -> Duration {
     let lifetime = (t.expires_at - t.issued_at).to_std().unwrap_or_default();
-    policy
-        .min_validity
-        .min(lifetime.mul_f64(1.0 - policy.at_fraction))
+    policy.min_validity.min(lifetime / 2)
 }
 
 /// Whether the token satisfies a caller at `now`.
@@ -129,12 +129,12 @@ mod tests {
             expires_at: at(600),
             refresh_token_issued_at: at(0),
         };
-        // 0.75 * 600 + 10 min jitter would be past expiry; min_validity (5 min)
-        // is capped at the last quarter of this short lifetime (150 s).
+        // 0.75 * 600 + 10 min jitter would be past expiry; with 5 min of
+        // min_validity the refresh must happen by 300 s.
         let due = next_refresh_at(&t, &policy(), Duration::from_secs(600));
-        assert_eq!(due, at(450));
-        assert!(fresh_enough(&t, at(449), &policy()));
-        assert!(!fresh_enough(&t, at(451), &policy()));
+        assert_eq!(due, at(300));
+        assert!(fresh_enough(&t, at(299), &policy()));
+        assert!(!fresh_enough(&t, at(301), &policy()));
         let day = Timing {
             issued_at: at(0),
             expires_at: at(86400),
@@ -153,10 +153,11 @@ mod tests {
         };
         assert_eq!(
             effective_min_validity(&t, &policy()),
-            Duration::from_secs(1)
+            Duration::from_secs(2)
         );
         assert!(fresh_enough(&t, at(2), &policy()));
-        assert_eq!(next_refresh_at(&t, &policy(), Duration::ZERO), at(3));
+        assert!(!fresh_enough(&t, at(3), &policy()));
+        assert_eq!(next_refresh_at(&t, &policy(), Duration::ZERO), at(2));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokenkeeper::provider::simulator::{RunningSimulator, Simulator, SimulatorConfig};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tokenkeeper");
-pub const CLIENT_SECRET: &str = "sim-client-secret-9f8e7d";
+pub const CLIENT_SECRET: &str = "sim-client+secret/9f8e7d=";
 
 /// Settings a test may change before the daemon starts.
 pub struct Options {
