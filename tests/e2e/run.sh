@@ -39,5 +39,8 @@ target_dir="$(cargo metadata --format-version 1 --no-deps | node -e 'let s="";pr
 out="$target_dir/e2e"
 rm -rf "$out"
 mkdir -p "$out"
-E2E_BIN="$target_dir/debug/tokenkeeper" E2E_OUT="$out" E2E_CHROMIUM="$chromium" \
-  exec node "$here/driver.mjs"
+export E2E_BIN="$target_dir/debug/tokenkeeper" E2E_OUT="$out" E2E_CHROMIUM="$chromium"
+# The dashboard check runs first (seconds), then the oidc-provider suite,
+# whose last line is the summary CI reads.
+node "$here/dashboard.mjs" || die "the dashboard browser test failed (see above and $out)"
+exec node "$here/driver.mjs"
