@@ -813,7 +813,20 @@ impl Engine {
                 )
                 .await?
             {
-                BeginRefresh::Started(row) => break *row,
+                BeginRefresh::Started(row) => {
+                    if let (Some(dead), Some(at)) = (&dead_owner, row.interrupted_at) {
+                        // Report it now, not only if the provider later
+                        // rejects the token: the operator should know.
+                        tracing::warn!(
+                            provider = %slot.provider,
+                            account = %slot.account,
+                            previous_holder = %dead,
+                            "a refresh started at {} by a process that has since died was interrupted; took over its lease and retrying with the stored refresh token",
+                            at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                        );
+                    }
+                    break *row;
+                }
                 BeginRefresh::Gone => {
                     return Err(TokenError::UnknownConnection {
                         provider: slot.provider.clone(),
