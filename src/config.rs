@@ -661,6 +661,30 @@ impl<'a> Reader<'a> {
         Some((resolved, span))
     }
 
+    /// A `*_file` path: like [`Reader::path_value`], but found in
+    /// `$CREDENTIALS_DIRECTORY` first (see [`credential_candidates`]); a
+    /// file that cannot be found is an error naming the key.
+    fn file_value(&mut self, table: &Table<'_>, key: &str, path: &str) -> Option<PathBuf> {
+        let (raw, span) = self.string(table, key, path)?;
+        let candidates = credential_candidates(&raw, self.path);
+        match candidates.iter().find(|c| c.is_file()) {
+            Some(found) => Some(found.clone()),
+            None => {
+                let tried: Vec<String> =
+                    candidates.iter().map(|c| c.display().to_string()).collect();
+                self.problem(
+                    &join(path, key),
+                    Some(span),
+                    format!(
+                        "no such file (looked at {}); check the path",
+                        tried.join(", ")
+                    ),
+                );
+                None
+            }
+        }
+    }
+
     /// Reads a `*_file` secret; relative names are first looked up in
     /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`), and so are
     /// absolute paths that do not exist, by file name.
@@ -774,10 +798,10 @@ impl<'a> Reader<'a> {
                 DeValue::String(s) if s == "self-signed" => TlsConfig::SelfSigned,
                 DeValue::Table(tt) => {
                     self.check_keys(tt, "server.tls", &["cert_file", "key_file"]);
-                    let cert = self.path_value(tt, "cert_file", "server.tls");
-                    let key = self.path_value(tt, "key_file", "server.tls");
+                    let cert = self.file_value(tt, "cert_file", "server.tls");
+                    let key = self.file_value(tt, "key_file", "server.tls");
                     match (cert, key) {
-                        (Some((cert_file, _)), Some((key_file, _))) => TlsConfig::Files {
+                        (Some(cert_file), Some(key_file)) => TlsConfig::Files {
                             cert_file,
                             key_file,
                         },
@@ -801,7 +825,7 @@ impl<'a> Reader<'a> {
                 }
             },
         };
-        let api_keys_file = self.path_value(t, "api_keys_file", p).map(|(p, _)| p);
+        let api_keys_file = self.file_value(t, "api_keys_file", p);
         let mut allowed_hosts = self
             .string_array(t, "allowed_hosts", p)
             .unwrap_or_else(default_allowed_hosts);
@@ -842,7 +866,7 @@ impl<'a> Reader<'a> {
             .path_value(t, "path", p)
             .map(|(p, _)| p)
             .unwrap_or_else(default_db_path);
-        let encryption_key_file = self.path_value(t, "encryption_key_file", p).map(|(p, _)| p);
+        let encryption_key_file = self.file_value(t, "encryption_key_file", p);
         StorageConfig {
             path,
             encryption_key_file,
@@ -1131,8 +1155,11 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Resolves and reads a secret file (see [`Reader::secret_file`]).
-pub fn read_secret_file(raw: &str, config_path: &Path) -> Result<SecretString, String> {
+/// Where a `*_file` value may be: relative names in
+/// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) first, then next to
+/// the config file; absolute paths as given, then by file name in
+/// `$CREDENTIALS_DIRECTORY`.
+pub fn credential_candidates(raw: &str, config_path: &Path) -> Vec<PathBuf> {
     let p = PathBuf::from(raw);
     let creds = std::env::var_os("CREDENTIALS_DIRECTORY")
         .filter(|v| !v.is_empty())
@@ -1154,6 +1181,12 @@ pub fn read_secret_file(raw: &str, config_path: &Path) -> Result<SecretString, S
             candidates.push(c.join(name));
         }
     }
+    candidates
+}
+
+/// Resolves and reads a secret file (see [`Reader::secret_file`]).
+pub fn read_secret_file(raw: &str, config_path: &Path) -> Result<SecretString, String> {
+    let candidates = credential_candidates(raw, config_path);
     let mut last_err = None;
     for c in &candidates {
         match std::fs::read_to_string(c) {
