@@ -28,13 +28,7 @@ async fn full_flow_connect_callback_token() {
     assert!(cookie.starts_with("tokenkeeper_flow="));
 
     let callback = h.approve(&location).await;
-    let r = h
-        .http
-        .get(&callback)
-        .header(COOKIE, &cookie)
-        .send()
-        .await
-        .unwrap();
+    let r = h.get_with(&callback, (COOKIE.as_str(), &cookie)).await;
     assert_eq!(r.status(), 200);
     let page = r.text().await.unwrap();
     assert!(page.contains("Connected"), "{page}");
@@ -108,12 +102,7 @@ async fn restart_keeps_the_grant() {
     assert_eq!(before["access_token"], after["access_token"]);
     assert_eq!(h.sim.sim.stats().code_exchanges, 1, "no re-authorization");
     // And the stored refresh token still works after the restart.
-    let r = h
-        .http
-        .post(h.url("/v1/token/keap/refresh"))
-        .send()
-        .await
-        .unwrap();
+    let r = h.post("/v1/token/keap/refresh").await;
     assert_eq!(r.status(), 200);
     let b: serde_json::Value = r.json().await.unwrap();
     assert_ne!(b["access_token"], before["access_token"]);
@@ -157,12 +146,7 @@ async fn spec_error_rows() {
     // 409 authorization_required: the provider rejects the refresh token.
     h.sim.sim.set_fault(None);
     h.sim.sim.revoke_all_grants();
-    let r = h
-        .http
-        .post(h.url("/v1/token/keap/refresh"))
-        .send()
-        .await
-        .unwrap();
+    let r = h.post("/v1/token/keap/refresh").await;
     assert_eq!(r.status(), 409);
     let b: serde_json::Value = r.json().await.unwrap();
     assert_eq!(b["error"], "authorization_required");
@@ -231,13 +215,7 @@ async fn callback_failures_store_nothing() {
         .await
         .unwrap();
     let cb = r.headers()[LOCATION].to_str().unwrap().to_string();
-    let r = h
-        .http
-        .get(&cb)
-        .header(COOKIE, &cookie)
-        .send()
-        .await
-        .unwrap();
+    let r = h.get_with(&cb, (COOKIE.as_str(), &cookie)).await;
     assert_eq!(r.status(), 400);
     let page = r.text().await.unwrap();
     assert!(
@@ -256,22 +234,10 @@ async fn callback_failures_store_nothing() {
     let (location, cookie) = h.start_connect("keap", "replay").await;
     let cb = h.approve(&location).await;
     assert_eq!(
-        h.http
-            .get(&cb)
-            .header(COOKIE, &cookie)
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        h.get_with(&cb, (COOKIE.as_str(), &cookie)).await.status(),
         200
     );
-    let r = h
-        .http
-        .get(&cb)
-        .header(COOKIE, &cookie)
-        .send()
-        .await
-        .unwrap();
+    let r = h.get_with(&cb, (COOKIE.as_str(), &cookie)).await;
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("already used"));
 
@@ -290,13 +256,7 @@ async fn callback_failures_store_nothing() {
     let (location, cookie) = h.start_connect("keap", "exchange").await;
     let cb = h.approve(&location).await;
     h.sim.sim.push_fault(Fault::Status(500));
-    let r = h
-        .http
-        .get(&cb)
-        .header(COOKIE, &cookie)
-        .send()
-        .await
-        .unwrap();
+    let r = h.get_with(&cb, (COOKIE.as_str(), &cookie)).await;
     assert_eq!(r.status(), 502);
     assert!(r.text().await.unwrap().contains("Nothing was stored"));
 
@@ -319,20 +279,12 @@ async fn host_header_is_checked() {
     let mut h = Harness::new(Options::default()).await;
     h.start().await;
     let r = h
-        .http
-        .get(h.url("/v1/connections"))
-        .header("host", "evil.example")
-        .send()
-        .await
-        .unwrap();
+        .get_with(h.url("/v1/connections"), ("host", "evil.example"))
+        .await;
     assert_eq!(r.status(), 421);
     let r = h
-        .http
-        .get(h.url("/healthz"))
-        .header("host", "localhost:1234")
-        .send()
-        .await
-        .unwrap();
+        .get_with(h.url("/healthz"), ("host", "localhost:1234"))
+        .await;
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("access-control-allow-origin").is_none());
     let (s, _) = h.get_json("/readyz").await;

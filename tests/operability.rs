@@ -94,15 +94,7 @@ async fn metrics_follow_the_lifecycle() {
     assert_eq!(find(&m, "tokenkeeper_token_requests_total", &[keap]), 3.0);
     assert!(find(&m, "tokenkeeper_token_request_duration_seconds_count", &[]) >= 3.0);
 
-    assert_eq!(
-        h.http
-            .post(h.url("/v1/token/keap/refresh"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(h.post("/v1/token/keap/refresh").await.status(), 200);
     let m = scrape(&h).await;
     assert_eq!(
         find(&m, "tokenkeeper_refresh_total", &[keap, "result=\"ok\""]),
@@ -115,24 +107,15 @@ async fn metrics_follow_the_lifecycle() {
 
     let rt = h.sim.sim.current_refresh_token().unwrap();
     let r = h
-        .http
-        .get(h.url("/v1/connections"))
-        .header(AUTHORIZATION, format!("Bearer {rt}"))
-        .send()
-        .await
-        .unwrap();
+        .get_with(
+            h.url("/v1/connections"),
+            (AUTHORIZATION.as_str(), &format!("Bearer {rt}")),
+        )
+        .await;
     assert_eq!(r.status(), 401);
 
     h.sim.sim.revoke_all_grants();
-    assert_eq!(
-        h.http
-            .post(h.url("/v1/token/keap/refresh"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        409
-    );
+    assert_eq!(h.post("/v1/token/keap/refresh").await.status(), 409);
     let m = scrape(&h).await;
     assert_eq!(
         find(
@@ -245,50 +228,25 @@ async fn notifications_by_command_and_webhook() {
     eventually(wait, "authorized", || events("authorized")).await;
 
     h.sim.sim.set_fault(Some(Fault::Status(503)));
-    assert_eq!(
-        h.http
-            .post(h.url("/v1/token/keap/refresh"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
+    assert_eq!(h.post("/v1/token/keap/refresh").await.status(), 503);
     eventually(wait, "refresh_failing", || events("refresh_failing")).await;
 
     h.sim.sim.set_fault(None);
-    assert_eq!(
-        h.http
-            .post(h.url("/v1/token/keap/refresh"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(h.post("/v1/token/keap/refresh").await.status(), 200);
     eventually(wait, "recovered", || events("recovered")).await;
 
     let rt = h.sim.sim.current_refresh_token().unwrap();
     let r = h
-        .http
-        .get(h.url("/v1/token/keap"))
-        .header(AUTHORIZATION, format!("Bearer {rt}"))
-        .send()
-        .await
-        .unwrap();
+        .get_with(
+            h.url("/v1/token/keap"),
+            (AUTHORIZATION.as_str(), &format!("Bearer {rt}")),
+        )
+        .await;
     assert_eq!(r.status(), 401);
     eventually(wait, "bearer_misuse", || events("bearer_misuse")).await;
 
     h.sim.sim.revoke_all_grants();
-    assert_eq!(
-        h.http
-            .post(h.url("/v1/token/keap/refresh"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        409
-    );
+    assert_eq!(h.post("/v1/token/keap/refresh").await.status(), 409);
     eventually(wait, "authorization_required", || {
         events("authorization_required")
     })
@@ -332,15 +290,7 @@ async fn a_failing_hook_never_blocks_the_lifecycle() {
     let started = std::time::Instant::now();
     assert_eq!(h.authorize("keap", "default").await.status(), 200);
     for _ in 0..3 {
-        assert_eq!(
-            h.http
-                .post(h.url("/v1/token/keap/refresh"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(h.post("/v1/token/keap/refresh").await.status(), 200);
     }
     assert!(
         started.elapsed() < Duration::from_secs(10),

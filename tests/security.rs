@@ -16,12 +16,11 @@ const SPEC5_CHALLENGE: &str = "Bearer error=\"invalid_token\", error_description
 
 async fn assert_refresh_token_refused(h: &Harness, token: &str) {
     let r = h
-        .http
-        .get(h.url("/v1/token/keap"))
-        .header(AUTHORIZATION, format!("Bearer {token}"))
-        .send()
-        .await
-        .unwrap();
+        .get_with(
+            h.url("/v1/token/keap"),
+            (AUTHORIZATION.as_str(), &format!("Bearer {token}")),
+        )
+        .await;
     assert_eq!(r.status(), 401);
     assert_eq!(r.headers()[WWW_AUTHENTICATE], SPEC5_CHALLENGE);
     let body: serde_json::Value = r.json().await.unwrap();
@@ -52,12 +51,11 @@ async fn api_keys_and_refresh_tokens_as_bearer() {
     );
     // Wrong key: invalid_token.
     let r = h
-        .http
-        .get(h.url("/v1/connections"))
-        .header(AUTHORIZATION, "Bearer nope")
-        .send()
-        .await
-        .unwrap();
+        .get_with(
+            h.url("/v1/connections"),
+            (AUTHORIZATION.as_str(), "Bearer nope"),
+        )
+        .await;
     assert_eq!(r.status(), 401);
     assert_eq!(
         r.json::<serde_json::Value>().await.unwrap()["error"],
@@ -66,12 +64,11 @@ async fn api_keys_and_refresh_tokens_as_bearer() {
     // Either key works; pages and health checks need none.
     for key in ["key-one", "key-two"] {
         let r = h
-            .http
-            .get(h.url("/v1/connections"))
-            .header(AUTHORIZATION, format!("Bearer {key}"))
-            .send()
-            .await
-            .unwrap();
+            .get_with(
+                h.url("/v1/connections"),
+                (AUTHORIZATION.as_str(), &format!("Bearer {key}")),
+            )
+            .await;
         assert_eq!(r.status(), 200);
     }
     assert_eq!(
@@ -119,12 +116,11 @@ async fn refresh_token_as_bearer_is_refused_even_without_api_keys() {
     assert_refresh_token_refused(&h, &rt).await;
     // An unrelated bearer is ignored when no API keys are configured.
     let r = h
-        .http
-        .get(h.url("/v1/token/keap"))
-        .header(AUTHORIZATION, "Bearer something-else")
-        .send()
-        .await
-        .unwrap();
+        .get_with(
+            h.url("/v1/token/keap"),
+            (AUTHORIZATION.as_str(), "Bearer something-else"),
+        )
+        .await;
     assert_eq!(r.status(), 200);
 }
 
@@ -185,29 +181,17 @@ async fn cross_origin_requests_are_refused() {
     let mut h = Harness::new(Options::default()).await;
     h.start().await;
     let r = h
-        .http
-        .get(h.url("/v1/connections"))
-        .header("origin", "https://evil.example")
-        .send()
-        .await
-        .unwrap();
+        .get_with(h.url("/v1/connections"), ("origin", "https://evil.example"))
+        .await;
     assert_eq!(r.status(), 403);
     assert!(r.headers().get("access-control-allow-origin").is_none());
     let r = h
-        .http
-        .get(h.url("/v1/connections"))
-        .header("origin", h.url(""))
-        .send()
-        .await
-        .unwrap();
+        .get_with(h.url("/v1/connections"), ("origin", &h.url("")))
+        .await;
     assert_eq!(r.status(), 200, "the daemon's own origin is fine");
     let r = h
-        .http
-        .get(h.url("/v1/connections"))
-        .header("host", "evil.example")
-        .send()
-        .await
-        .unwrap();
+        .get_with(h.url("/v1/connections"), ("host", "evil.example"))
+        .await;
     assert_eq!(r.status(), 421);
 }
 

@@ -199,12 +199,7 @@ async fn sigterm_waits_for_an_in_flight_refresh_to_commit() {
         v["access_token"].as_str(),
         h.sim.sim.access_tokens_issued().last().map(String::as_str)
     );
-    let r = h
-        .http
-        .post(h.url("/v1/token/keap/refresh"))
-        .send()
-        .await
-        .unwrap();
+    let r = h.post("/v1/token/keap/refresh").await;
     assert_eq!(r.status(), 200);
     let s = h.sim.sim.stats();
     assert_eq!(

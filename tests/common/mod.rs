@@ -265,6 +265,29 @@ api_base_url = "{sim}/api"
         r.headers()[LOCATION].to_str().unwrap().to_string()
     }
 
+    /// GET an absolute URL with one extra header.
+    pub async fn get_with(
+        &self,
+        url: impl reqwest::IntoUrl,
+        header: (&str, &str),
+    ) -> reqwest::Response {
+        self.http
+            .get(url)
+            .header(header.0, header.1)
+            .send()
+            .await
+            .expect("daemon answers")
+    }
+
+    /// POST with an empty body to a daemon path.
+    pub async fn post(&self, path: &str) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .send()
+            .await
+            .expect("daemon answers")
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let r = self
             .http
