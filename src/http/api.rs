@@ -8,13 +8,43 @@ use chrono::{SecondsFormat, Utc};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::config::{valid_account, valid_name};
 use crate::refresh::{ConnectionReport, IssuedToken, TokenIdentity};
 
 /// Default account when a path omits it.
 pub const DEFAULT_ACCOUNT: &str = "default";
+
+/// Every answer of the token endpoints (SPEC 4), for the OpenAPI document;
+/// handlers build them through [`token_response`] and `ApiError`.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum TokenAnswers {
+    #[response(status = 200, description = "a fresh access token")]
+    Token(#[to_schema] TokenBody<'static>),
+    #[response(status = 400, description = "malformed account name")]
+    BadRequest(#[to_schema] ErrorBody),
+    #[response(
+        status = 401,
+        description = "a bearer credential was presented and is wrong (SPEC 5)"
+    )]
+    InvalidToken(#[to_schema] ErrorBody),
+    #[response(status = 403, description = "cross-origin request")]
+    Forbidden(#[to_schema] ErrorBody),
+    #[response(status = 404, description = "unknown_provider or unknown_connection")]
+    NotFound(#[to_schema] ErrorBody),
+    #[response(
+        status = 409,
+        description = "authorization_required: the grant is gone; see connect_url"
+    )]
+    AuthorizationRequired(#[to_schema] ErrorBody),
+    #[response(
+        status = 503,
+        description = "refresh_failed: no valid token left and the provider could not be reached"
+    )]
+    RefreshFailed(#[to_schema] ErrorBody),
+}
 
 /// SPEC 4: the answer carrying an access token.
 #[derive(Serialize, utoipa::ToSchema)]
@@ -93,15 +123,7 @@ async fn refresh_token(
     Ok(token_response(&t))
 }
 
-#[utoipa::path(get, path = "/v1/token/{provider}", summary = "The current access token of the default account", params(("provider" = String, Path, description = "provider name from the config")), responses(
-        (status = 200, description = "a fresh access token", body = TokenBody),
-        (status = 400, description = "malformed account name", body = crate::http::error::ErrorBody),
-        (status = 401, description = "a bearer credential was presented and is wrong (SPEC 5)", body = crate::http::error::ErrorBody),
-        (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
-        (status = 404, description = "unknown_provider or unknown_connection", body = crate::http::error::ErrorBody),
-        (status = 409, description = "authorization_required: the grant is gone; see connect_url", body = crate::http::error::ErrorBody),
-        (status = 503, description = "refresh_failed: no valid token left and the provider could not be reached", body = crate::http::error::ErrorBody)
-    ))]
+#[utoipa::path(get, path = "/v1/token/{provider}", summary = "The current access token of the default account", params(("provider" = String, Path, description = "provider name from the config")), responses(TokenAnswers))]
 /// `GET /v1/token/{provider}`.
 pub async fn token_default(
     State(state): State<AppState>,
@@ -110,15 +132,7 @@ pub async fn token_default(
     get_token(&state, &provider, DEFAULT_ACCOUNT).await
 }
 
-#[utoipa::path(get, path = "/v1/token/{provider}/{account}", summary = "The current access token of an account", params(("provider" = String, Path, description = "provider name from the config"), ("account" = String, Path, description = "account name (default: default)")), responses(
-        (status = 200, description = "a fresh access token", body = TokenBody),
-        (status = 400, description = "malformed account name", body = crate::http::error::ErrorBody),
-        (status = 401, description = "a bearer credential was presented and is wrong (SPEC 5)", body = crate::http::error::ErrorBody),
-        (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
-        (status = 404, description = "unknown_provider or unknown_connection", body = crate::http::error::ErrorBody),
-        (status = 409, description = "authorization_required: the grant is gone; see connect_url", body = crate::http::error::ErrorBody),
-        (status = 503, description = "refresh_failed: no valid token left and the provider could not be reached", body = crate::http::error::ErrorBody)
-    ))]
+#[utoipa::path(get, path = "/v1/token/{provider}/{account}", summary = "The current access token of an account", params(("provider" = String, Path, description = "provider name from the config"), ("account" = String, Path, description = "account name (default: default)")), responses(TokenAnswers))]
 /// `GET /v1/token/{provider}/{account}`.
 pub async fn token(
     State(state): State<AppState>,
@@ -127,15 +141,7 @@ pub async fn token(
     get_token(&state, &provider, &account).await
 }
 
-#[utoipa::path(post, path = "/v1/token/{provider}/refresh", summary = "Force a refresh of the default account", params(("provider" = String, Path, description = "provider name from the config")), responses(
-        (status = 200, description = "a fresh access token", body = TokenBody),
-        (status = 400, description = "malformed account name", body = crate::http::error::ErrorBody),
-        (status = 401, description = "a bearer credential was presented and is wrong (SPEC 5)", body = crate::http::error::ErrorBody),
-        (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
-        (status = 404, description = "unknown_provider or unknown_connection", body = crate::http::error::ErrorBody),
-        (status = 409, description = "authorization_required: the grant is gone; see connect_url", body = crate::http::error::ErrorBody),
-        (status = 503, description = "refresh_failed: no valid token left and the provider could not be reached", body = crate::http::error::ErrorBody)
-    ))]
+#[utoipa::path(post, path = "/v1/token/{provider}/refresh", summary = "Force a refresh of the default account", params(("provider" = String, Path, description = "provider name from the config")), responses(TokenAnswers))]
 /// `POST /v1/token/{provider}/refresh`.
 pub async fn refresh_default(
     State(state): State<AppState>,
@@ -144,15 +150,7 @@ pub async fn refresh_default(
     refresh_token(&state, &provider, DEFAULT_ACCOUNT).await
 }
 
-#[utoipa::path(post, path = "/v1/token/{provider}/{account}/refresh", summary = "Force a refresh of an account", params(("provider" = String, Path, description = "provider name from the config"), ("account" = String, Path, description = "account name (default: default)")), responses(
-        (status = 200, description = "a fresh access token", body = TokenBody),
-        (status = 400, description = "malformed account name", body = crate::http::error::ErrorBody),
-        (status = 401, description = "a bearer credential was presented and is wrong (SPEC 5)", body = crate::http::error::ErrorBody),
-        (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
-        (status = 404, description = "unknown_provider or unknown_connection", body = crate::http::error::ErrorBody),
-        (status = 409, description = "authorization_required: the grant is gone; see connect_url", body = crate::http::error::ErrorBody),
-        (status = 503, description = "refresh_failed: no valid token left and the provider could not be reached", body = crate::http::error::ErrorBody)
-    ))]
+#[utoipa::path(post, path = "/v1/token/{provider}/{account}/refresh", summary = "Force a refresh of an account", params(("provider" = String, Path, description = "provider name from the config"), ("account" = String, Path, description = "account name (default: default)")), responses(TokenAnswers))]
 /// `POST /v1/token/{provider}/{account}/refresh`.
 pub async fn refresh(
     State(state): State<AppState>,
