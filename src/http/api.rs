@@ -123,7 +123,7 @@ async fn refresh_token(
     Ok(token_response(&t))
 }
 
-#[utoipa::path(get, path = "/v1/token/{provider}", summary = "The current access token of the default account", params(("provider" = String, Path, description = "provider name from the config")), responses(TokenAnswers))]
+#[utoipa::path(get, path = "/v1/token/{provider}", summary = "The current access token of the default account", params(("provider" = String, Path, description = "provider name from the config", example = "demo")), responses(TokenAnswers))]
 /// `GET /v1/token/{provider}`.
 pub async fn token_default(
     State(state): State<AppState>,
@@ -132,7 +132,7 @@ pub async fn token_default(
     get_token(&state, &provider, DEFAULT_ACCOUNT).await
 }
 
-#[utoipa::path(get, path = "/v1/token/{provider}/{account}", summary = "The current access token of an account", params(("provider" = String, Path, description = "provider name from the config"), ("account" = String, Path, description = "account name (default: default)")), responses(TokenAnswers))]
+#[utoipa::path(get, path = "/v1/token/{provider}/{account}", summary = "The current access token of an account", params(("provider" = String, Path, description = "provider name from the config", example = "demo"), ("account" = String, Path, description = "account name", example = "default")), responses(TokenAnswers))]
 /// `GET /v1/token/{provider}/{account}`.
 pub async fn token(
     State(state): State<AppState>,
@@ -141,7 +141,7 @@ pub async fn token(
     get_token(&state, &provider, &account).await
 }
 
-#[utoipa::path(post, path = "/v1/token/{provider}/refresh", summary = "Force a refresh of the default account", params(("provider" = String, Path, description = "provider name from the config")), responses(TokenAnswers))]
+#[utoipa::path(post, path = "/v1/token/{provider}/refresh", summary = "Force a refresh of the default account", params(("provider" = String, Path, description = "provider name from the config", example = "demo")), responses(TokenAnswers))]
 /// `POST /v1/token/{provider}/refresh`.
 pub async fn refresh_default(
     State(state): State<AppState>,
@@ -150,7 +150,7 @@ pub async fn refresh_default(
     refresh_token(&state, &provider, DEFAULT_ACCOUNT).await
 }
 
-#[utoipa::path(post, path = "/v1/token/{provider}/{account}/refresh", summary = "Force a refresh of an account", params(("provider" = String, Path, description = "provider name from the config"), ("account" = String, Path, description = "account name (default: default)")), responses(TokenAnswers))]
+#[utoipa::path(post, path = "/v1/token/{provider}/{account}/refresh", summary = "Force a refresh of an account", params(("provider" = String, Path, description = "provider name from the config", example = "demo"), ("account" = String, Path, description = "account name", example = "default")), responses(TokenAnswers))]
 /// `POST /v1/token/{provider}/{account}/refresh`.
 pub async fn refresh(
     State(state): State<AppState>,
@@ -236,7 +236,7 @@ pub async fn connections(State(state): State<AppState>) -> Response {
     r
 }
 
-#[utoipa::path(delete, path = "/v1/connections/{provider}/{account}", summary = "Revoke and forget a grant", params(("provider" = String, Path, description = "provider name from the config"), ("account" = String, Path, description = "account name (default: default)")), responses(
+#[utoipa::path(delete, path = "/v1/connections/{provider}/{account}", summary = "Revoke and forget a grant", params(("provider" = String, Path, description = "provider name from the config", example = "demo"), ("account" = String, Path, description = "account name", example = "default")), responses(
         (status = 204, description = "revoked upstream where possible and forgotten"),
         (status = 400, description = "malformed account name", body = crate::http::error::ErrorBody),
         (status = 401, description = "a bearer credential was presented and is wrong (SPEC 5)", body = crate::http::error::ErrorBody),
