@@ -86,9 +86,15 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     // Before the engine exists, so the handles it caches are real ones.
     crate::metrics::install();
     let key = match &config.storage.encryption_key_file {
-        Some(path) => Some(crate::crypto::SealKey::from_file(path)?),
+        Some(path) => {
+            warn_if_readable_by_others(path, "storage.encryption_key_file");
+            Some(crate::crypto::SealKey::from_file(path)?)
+        }
         None => None,
     };
+    if let Some(path) = &config.server.api_keys_file {
+        warn_if_readable_by_others(path, "server.api_keys_file");
+    }
     let store = Store::open(&config.storage.path, key).await?;
     if !store.encrypted() {
         tracing::warn!(
@@ -267,6 +273,23 @@ async fn reload_on_sighup(
             }
         }
         systemd::ready(&systemd::summary(&engine));
+    }
+}
+
+/// Key files are the operator's; a readable one is worth a loud warning
+/// (with the fix) rather than a refusal, since systemd credentials are
+/// already private to the service.
+fn warn_if_readable_by_others(path: &std::path::Path, key: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "{key} {} can be read by other users (mode {mode:o}); run `chmod 600 {}`",
+                path.display(),
+                path.display()
+            );
+        }
     }
 }
 
