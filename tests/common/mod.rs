@@ -171,17 +171,45 @@ api_base_url = "{sim}/api"
     }
 
     /// Starts the daemon and waits until `/healthz` answers.
+    /// Tests run in parallel, so the port picked by [`free_port`] can be
+    /// taken in between: then the daemon says "cannot listen" and exits, and
+    /// this moves the config to another port and tries again.
     pub async fn start(&mut self) {
         assert!(self.daemon.is_none(), "daemon already running");
-        let child = spawn_daemon(&self.config_path, &self.log_path(), &self.rust_log, &[]);
-        self.daemon = Some(child);
-        self.starts += 1;
-        wait_healthy(
-            &self.http,
-            &self.url("/healthz"),
-            self.daemon.as_mut().unwrap(),
-        )
-        .await;
+        for _ in 0..5 {
+            let serving_before = self.log().matches("tokenkeeper is serving").count();
+            let mut child = spawn_daemon(&self.config_path, &self.log_path(), &self.rust_log, &[]);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let log = self.log();
+                    if log.contains("cannot listen on") {
+                        let old = format!("127.0.0.1:{}", self.port);
+                        self.port = free_port();
+                        let text = std::fs::read_to_string(&self.config_path).unwrap();
+                        std::fs::write(
+                            &self.config_path,
+                            text.replace(&old, &format!("127.0.0.1:{}", self.port)),
+                        )
+                        .unwrap();
+                        break;
+                    }
+                    panic!("daemon exited during start-up with {status}:\n{log}");
+                }
+                // Healthy, and it is ours (not another test's daemon that
+                // happens to hold the port).
+                let ours = self.log().matches("tokenkeeper is serving").count() > serving_before;
+                if ours {
+                    wait_healthy(&self.http, &self.url("/healthz"), &mut child).await;
+                    self.daemon = Some(child);
+                    self.starts += 1;
+                    return;
+                }
+                assert!(Instant::now() < deadline, "daemon did not become healthy");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        panic!("no free port after 5 attempts");
     }
 
     /// SIGTERM and wait for exit; returns the exit status code.
