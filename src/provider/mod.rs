@@ -33,9 +33,10 @@ pub struct TokenGrant {
     pub refresh_token: Option<SecretString>,
     pub token_type: String,
     pub scope: Option<String>,
-    /// When the answer arrived: expiry is computed from this, not from when
-    /// the request left.
-    pub received_at: DateTime<Utc>,
+    /// When the request left: the provider issued the token after this, so
+    /// lifetimes counted from here never overstate what is left.
+    pub issued_at: DateTime<Utc>,
+    /// Absolute expiry, computed on receipt (see [`expiry`]).
     pub expires_at: DateTime<Utc>,
 }
 
@@ -165,8 +166,9 @@ impl Provider {
             req = req.set_pkce_verifier(PkceCodeVerifier::new(v.expose_secret().to_string()));
         }
         let send = self.transport(&observed);
+        let sent_at = Utc::now();
         let result = req.request_async(&send).await;
-        self.finish(result, &observed)
+        self.finish(result, &observed, sent_at)
     }
 
     /// Redeems a refresh token.
@@ -175,11 +177,12 @@ impl Provider {
         let observed = Arc::new(Mutex::new(Observed::default()));
         let token = RefreshToken::new(refresh_token.expose_secret().to_string());
         let send = self.transport(&observed);
+        let sent_at = Utc::now();
         let result = client
             .exchange_refresh_token(&token)
             .request_async(&send)
             .await;
-        self.finish(result, &observed)
+        self.finish(result, &observed, sent_at)
     }
 
     /// Revokes a token upstream (RFC 7009). `Ok(false)` when the provider
@@ -278,8 +281,8 @@ impl Provider {
             RequestTokenError<TransportError, oauth2::basic::BasicErrorResponse>,
         >,
         observed: &Arc<Mutex<Observed>>,
+        sent_at: DateTime<Utc>,
     ) -> Result<TokenGrant, ProviderError> {
-        let received_at = Utc::now();
         let (status, retry_after) = observed
             .lock()
             .map(|o| (o.status, o.retry_after))
@@ -294,8 +297,7 @@ impl Provider {
                     ));
                 }
                 let lifetime = r.expires_in().unwrap_or(self.config.default_lifetime);
-                let expires_at = received_at
-                    + chrono::Duration::from_std(lifetime).unwrap_or(chrono::Duration::days(3650));
+                let expires_at = expiry(sent_at, lifetime);
                 Ok(TokenGrant {
                     access_token: SecretString::from(access.to_string()),
                     refresh_token: r
@@ -307,7 +309,7 @@ impl Provider {
                     scope: r
                         .scopes()
                         .map(|s| s.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ")),
-                    received_at,
+                    issued_at: sent_at,
                     expires_at,
                 })
             }
@@ -355,6 +357,19 @@ async fn send(
     builder
         .body(buf)
         .map_err(|e| TransportError::Build(e.to_string()))
+}
+
+/// The absolute expiry of a token whose answer said `lifetime`, for a
+/// request sent at `sent_at`. Counted from the send instant (the provider
+/// issued the token after it) and less up to one second, because providers
+/// count `expires_in` from their own issue time rounded down to the second
+/// (oidc-provider does): handing out a token the provider already considers
+/// expired is worse than refreshing a second early.
+pub fn expiry(sent_at: DateTime<Utc>, lifetime: Duration) -> DateTime<Utc> {
+    let margin = Duration::from_secs(1).min(lifetime / 10);
+    let lifetime =
+        chrono::Duration::from_std(lifetime - margin).unwrap_or(chrono::Duration::days(3650));
+    sent_at + lifetime
 }
 
 /// The single decision of which failures are transient (SPEC 7): network
@@ -449,4 +464,30 @@ pub fn http_client() -> reqwest::Client {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_never_overstates_the_lifetime() {
+        let sent = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        assert_eq!(
+            expiry(sent, Duration::from_secs(86400)),
+            sent + chrono::Duration::seconds(86399)
+        );
+        // Short lifetimes lose at most a tenth.
+        assert_eq!(
+            expiry(sent, Duration::from_secs(4)),
+            sent + chrono::Duration::milliseconds(3600)
+        );
+        assert_eq!(expiry(sent, Duration::ZERO), sent);
+    }
+
+    #[test]
+    fn retry_after_seconds() {
+        assert_eq!(parse_retry_after(" 12 "), Some(Duration::from_secs(12)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+    }
 }

@@ -75,6 +75,14 @@ pub struct IssuedToken {
     pub expires_at: DateTime<Utc>,
 }
 
+/// A token served in place by [`Engine::with_fresh_token`].
+pub struct ServedToken<'a> {
+    pub provider: &'a str,
+    pub account: &'a str,
+    pub access_token: &'a str,
+    pub expires_at: DateTime<Utc>,
+}
+
 /// The in-memory view of one connection, replaced after each commit.
 #[derive(Clone)]
 pub struct Snapshot {
@@ -349,7 +357,7 @@ impl Engine {
             refresh_token: grant.refresh_token.as_ref(),
             token_type: &grant.token_type,
             scope: grant.scope.as_deref(),
-            issued_at: grant.received_at,
+            issued_at: grant.issued_at,
             expires_at: grant.expires_at,
         };
         let fps = self.fingerprints(grant);
@@ -486,6 +494,68 @@ impl Engine {
             .collect();
         v.sort_by(|a, b| (&a.provider, &a.account).cmp(&(&b.provider, &b.account)));
         v
+    }
+
+    /// The hot path's synchronous half (issue 9): when this process is
+    /// alone on its database, no refresh of the connection is in flight and
+    /// its snapshot is fresh enough, `f` sees the token in place and its
+    /// result is returned: no storage read, no allocation, no `Arc` clone,
+    /// only shared read locks. `None` means "take [`Engine::token`]", which
+    /// decides every other case exactly as before (unknown names, peers,
+    /// refreshes, failures); when `Some`, `token` would have returned the
+    /// same token, and the served counter moves the same way.
+    pub fn with_fresh_token<R>(
+        &self,
+        provider: &str,
+        account: &str,
+        now: DateTime<Utc>,
+        f: impl FnOnce(ServedToken<'_>) -> R,
+    ) -> Option<R> {
+        if self.inner.peers.load(Ordering::Relaxed) {
+            return None;
+        }
+        // Copied out so no two locks of different kinds are ever nested here
+        // (`install` takes slots, then settings).
+        let refresh = {
+            let settings = self
+                .inner
+                .settings
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            if !settings.providers.contains_key(provider) {
+                return None;
+            }
+            settings.refresh.clone()
+        };
+        let slots = self.inner.slots.read().unwrap_or_else(|e| e.into_inner());
+        // The map is keyed by owned strings; a per-thread key buffer keeps
+        // the lookup free of allocations.
+        thread_local! {
+            static KEY: std::cell::RefCell<(String, String)> =
+                const { std::cell::RefCell::new((String::new(), String::new())) };
+        }
+        let slot = KEY.with(|k| {
+            let mut k = k.borrow_mut();
+            k.0.clear();
+            k.0.push_str(provider);
+            k.1.clear();
+            k.1.push_str(account);
+            slots.get(&*k).map(|s| &**s)
+        })?;
+        if slot.in_flight.load(Ordering::SeqCst) {
+            return None;
+        }
+        let snap = slot.snap.read().unwrap_or_else(|e| e.into_inner());
+        if !policy::fresh_enough(&snap.timing, now, &refresh) {
+            return None;
+        }
+        slot.served.increment(1);
+        Some(f(ServedToken {
+            provider: &slot.provider,
+            account: &slot.account,
+            access_token: snap.access_token.expose_secret(),
+            expires_at: snap.timing.expires_at,
+        }))
     }
 
     /// The hot path: a token with at least `min_validity` left, refreshing
@@ -982,7 +1052,7 @@ impl Engine {
             refresh_token: grant.refresh_token.as_ref(),
             token_type: &grant.token_type,
             scope: grant.scope.as_deref(),
-            issued_at: grant.received_at,
+            issued_at: grant.issued_at,
             expires_at: grant.expires_at,
         };
         let fps = self.fingerprints(&grant);
