@@ -206,6 +206,15 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
                 .await
         }
         None => {
+            // No Nagle: a proxied (streamed) answer leaves as headers, then
+            // body, and the second write would otherwise wait for the
+            // client's delayed ACK (~40 ms).
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                }
+            });
             axum::serve(listener, app)
                 .with_graceful_shutdown(stop)
                 .await

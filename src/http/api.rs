@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::config::{valid_account, valid_name};
+use crate::refresh::engine::ServedToken;
 use crate::refresh::{ConnectionReport, IssuedToken, TokenIdentity};
 
 /// Default account when a path omits it.
@@ -72,6 +73,66 @@ fn token_response(t: &IssuedToken) -> Response {
     r
 }
 
+/// `expires_at` as `to_rfc3339_opts(SecondsFormat::Secs, true)` writes it,
+/// formatted straight into the serializer's buffer.
+struct Rfc3339Secs(chrono::DateTime<Utc>);
+
+impl Serialize for Rfc3339Secs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use chrono::{Datelike, Timelike};
+        let t = self.0;
+        if !(0..=9999).contains(&t.year()) {
+            // Outside four-digit years chrono's own format differs; rare.
+            return s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Secs, true));
+        }
+        s.collect_str(&format_args!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            t.month(),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ))
+    }
+}
+
+/// The same bytes and headers as [`token_response`], serialized into one
+/// buffer sized up front.
+fn served_response(t: &ServedToken<'_>, now: chrono::DateTime<Utc>) -> Response {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        access_token: &'a str,
+        token_type: &'static str,
+        expires_at: Rfc3339Secs,
+        expires_in: i64,
+        provider: &'a str,
+        account: &'a str,
+    }
+    let body = Body {
+        access_token: t.access_token,
+        token_type: "Bearer",
+        expires_at: Rfc3339Secs(t.expires_at),
+        expires_in: (t.expires_at - now).num_seconds().max(0),
+        provider: t.provider,
+        account: t.account,
+    };
+    let mut buf =
+        Vec::with_capacity(160 + t.access_token.len() + t.provider.len() + t.account.len());
+    if serde_json::to_writer(&mut buf, &body).is_err() {
+        // Serializing strings and integers cannot fail; stay correct anyway.
+        return ApiError::Internal("cannot serialize the token".into()).into_response();
+    }
+    let mut r = Response::new(axum::body::Body::from(buf));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
 fn check_names(provider: &str, account: &str) -> Result<(), ApiError> {
     if !valid_name(provider) {
         return Err(ApiError::UnknownProvider(provider.to_string()));
@@ -101,6 +162,15 @@ async fn get_token_timed(
     account: &str,
 ) -> Result<Response, ApiError> {
     check_names(provider, account)?;
+    // Issue 9: a fresh snapshot is answered in place, with the body as the
+    // only allocation; everything else takes the full path below.
+    let now = Utc::now();
+    if let Some(r) = state
+        .engine
+        .with_fresh_token(provider, account, now, |t| served_response(&t, now))
+    {
+        return Ok(r);
+    }
     let t = state
         .engine
         .token(provider, account)

@@ -101,7 +101,12 @@ pub fn router(state: AppState, extra: Option<Router>) -> Router {
         app = app.merge(extra);
     }
     app.layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(state, check_host))
+        // Only the host list: cloning the whole `AppState` per request
+        // would copy `public_url` (an allocation) on every token request.
+        .layer(middleware::from_fn_with_state(
+            state.allowed_hosts.clone(),
+            check_host,
+        ))
 }
 
 /// `GET /`: the dashboard.
@@ -139,10 +144,48 @@ fn host_name(value: &str) -> String {
     }
 }
 
+/// The slice of a `Host` value that `host_name` lower-cases and returns,
+/// without allocating: trimmed, `[...]` kept whole, a numeric port dropped.
+fn host_slice(value: &str) -> &str {
+    let v = value.trim();
+    if v.starts_with('[') {
+        return match v.find(']') {
+            Some(i) => &v[..=i],
+            None => v,
+        };
+    }
+    match v.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => v,
+    }
+}
+
+/// `allowed == host_name(value)`, without allocating.
+fn same_host(allowed: &str, host: &str) -> bool {
+    allowed.len() == host.len()
+        && allowed
+            .bytes()
+            .zip(host.bytes())
+            .all(|(a, h)| a == h.to_ascii_lowercase())
+}
+
+/// Whether a `Host` header value names an allowed host: exactly the test
+/// below on `host_name(value)`, without allocating on the hot path.
+fn host_allowed(allowed_hosts: &[String], value: &str) -> bool {
+    let h = host_slice(value);
+    allowed_hosts
+        .iter()
+        .any(|a| same_host(a, h) || same_host(a.trim_start_matches('[').trim_end_matches(']'), h))
+}
+
 /// Refuses oversized requests (431, 414), then requests whose `Host` is not
 /// ours with 421: a web page that rebinds its DNS name to 127.0.0.1 still
 /// sends its own name.
-async fn check_host(State(state): State<AppState>, req: Request, next: Next) -> Response {
+async fn check_host(
+    State(allowed_hosts): State<Arc<Vec<String>>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let header_bytes: usize = req
         .headers()
         .iter()
@@ -158,15 +201,18 @@ async fn check_host(State(state): State<AppState>, req: Request, next: Next) -> 
     if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > MAX_URI_BYTES {
         return (StatusCode::URI_TOO_LONG, "request URI too long\n").into_response();
     }
-    let host = req
+    let header_host = req
         .headers()
         .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.to_str().ok());
+    if header_host.is_some_and(|v| host_allowed(&allowed_hosts, v)) {
+        return next.run(req).await;
+    }
+    let host = header_host
         .map(host_name)
         .or_else(|| req.uri().host().map(|h| h.to_ascii_lowercase()));
     let allowed = host.as_deref().is_some_and(|h| {
-        state
-            .allowed_hosts
+        allowed_hosts
             .iter()
             .any(|a| a == h || (a.trim_start_matches('[').trim_end_matches(']') == h))
     });
@@ -197,5 +243,34 @@ mod tests {
         assert_eq!(host_name("LocalHost"), "localhost");
         assert_eq!(host_name("[::1]:8787"), "[::1]");
         assert_eq!(host_name("evil.example"), "evil.example");
+    }
+
+    /// The allocation-free check agrees with `host_name` + comparison.
+    #[test]
+    fn host_check_matches_host_name() {
+        let allowed: Vec<String> = ["localhost", "127.0.0.1", "[::1]", "::1", "tk.example"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for v in [
+            "127.0.0.1:8787",
+            " LocalHost ",
+            "localhost:",
+            "[::1]:8787",
+            "[::1",
+            "[::1]x",
+            "::1",
+            "TK.example:443",
+            "tk.example:44a",
+            "evil.example",
+            "localhost.evil",
+            "",
+        ] {
+            let h = host_name(v);
+            let slow = allowed
+                .iter()
+                .any(|a| *a == h || a.trim_start_matches('[').trim_end_matches(']') == h);
+            assert_eq!(super::host_allowed(&allowed, v), slow, "{v:?}");
+        }
     }
 }

@@ -31,6 +31,10 @@ use crate::refresh::{Engine, IssuedToken};
 /// stream through once. Typical API writes are a few kilobytes.
 pub const REPLAY_MAX_BYTES: u64 = 1024 * 1024;
 
+/// Answers up to this size with a known length are read whole before they
+/// are relayed; larger ones stream. Typical API answers are a few kilobytes.
+pub const SMALL_ANSWER_BYTES: u64 = 64 * 1024;
+
 /// Counter: proxied requests by `result` = ok | upstream_429 | limited | error.
 pub const PROXY_REQUESTS_TOTAL: &str = "tokenkeeper_proxy_requests_total";
 /// Counter: requests answered with a local 429 (no slot within `proxy_max_wait`).
@@ -379,7 +383,7 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Pr
                 continue;
             }
         }
-        return Ok(relay(resp, &proxy.limits, t));
+        return relay(resp, &proxy.limits, t).await;
     }
 }
 
@@ -387,9 +391,15 @@ fn answer_has_quota(h: &HeaderMap) -> bool {
     h.contains_key("x-keap-product-quota-available")
 }
 
-/// The provider's answer, streamed; a 429 gains the `Retry-After` of the
-/// pause it caused.
-fn relay(resp: reqwest::Response, limits: &RateLimits, t: &Target) -> Response {
+/// The provider's answer: streamed, except that a small one of known
+/// length is read first and sent in one piece (one write, and the upstream
+/// connection goes back to the pool before the client has read anything).
+/// A 429 gains the `Retry-After` of the pause it caused.
+async fn relay(
+    resp: reqwest::Response,
+    limits: &RateLimits,
+    t: &Target,
+) -> Result<Response, ProxyError> {
     let status = resp.status();
     let mut headers = response_headers(resp.headers());
     if status == StatusCode::TOO_MANY_REQUESTS && !headers.contains_key(header::RETRY_AFTER) {
@@ -399,10 +409,22 @@ fn relay(resp: reqwest::Response, limits: &RateLimits, t: &Target) -> Response {
             .map_or(1, |u| (u - chrono::Utc::now()).num_seconds().max(0) + 1);
         headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
-    let mut out = Response::new(Body::from_stream(resp.bytes_stream()));
+    let small = resp
+        .content_length()
+        .is_some_and(|n| n <= SMALL_ANSWER_BYTES);
+    let body = if small {
+        Body::from(
+            resp.bytes()
+                .await
+                .map_err(|e| ProxyError::Upstream(e.without_url()))?,
+        )
+    } else {
+        Body::from_stream(resp.bytes_stream())
+    };
+    let mut out = Response::new(body);
     *out.status_mut() = status;
     *out.headers_mut() = headers;
-    out
+    Ok(out)
 }
 
 #[cfg(test)]

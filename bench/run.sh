@@ -1,0 +1,277 @@
+#!/usr/bin/env bash
+# tokenkeeper benchmark suite (issue 9). One command: bench/run.sh
+#
+# 1. GET /v1/token/demo on a warm daemon vs nginx (static file, same bytes)
+#    vs a bare axum handler (bench/floor), wrk, alternated A/B/C.
+# 2. Herd: 1,000 and 10,000 concurrent requests for a token that must
+#    refresh, provider token endpoint delayed 200 ms.
+# 3. Scale: 10,000 connections: start-to-ready, idle RSS, CPU per tick,
+#    refresh wave.
+# 4. Cost per token-day with Keap's 24 h tokens.
+#
+# Prints `name: value (baseline: value, ratio: r)` lines and writes the whole
+# run to bench/results/latest.md. Uses only 127.0.0.1; cleans up everything
+# it starts. Knobs (environment): BENCH_DURATION (s per wrk run, 10),
+# BENCH_ROUNDS (3), BENCH_HTTP_CONNECTIONS (64), BENCH_WRK_THREADS (2),
+# BENCH_PORT_BASE (18780), BENCH_WAVE_SECONDS (60), BENCH_PROFILE=1 (perf
+# profile of the token endpoint, needs perf), BENCH_SKIP_INSTALL=1.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DURATION=${BENCH_DURATION:-10}
+ROUNDS=${BENCH_ROUNDS:-3}
+CONNS=${BENCH_HTTP_CONNECTIONS:-64}
+THREADS=${BENCH_WRK_THREADS:-2}
+BASE=${BENCH_PORT_BASE:-18780}
+TK_PORT=$BASE
+NGINX_PORT=$((BASE + 1))
+FLOOR_PORT=$((BASE + 2))
+HERD_PORT=$((BASE + 3))
+SCALE_PORT=$((BASE + 4))
+RESULTS=$ROOT/bench/results
+OUT=$RESULTS/latest.md
+
+log() { printf '%s\n' "$*" >&2; }
+
+# --- 0. tools ---------------------------------------------------------------
+NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
+if [ "${BENCH_SKIP_INSTALL:-0}" != 1 ] && { ! command -v wrk >/dev/null || [ ! -x "$NGINX_BIN" ]; }; then
+    log "installing nginx-light and wrk (Debian packages)"
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    # RUNLEVEL=1: the package's init script must not start a system nginx.
+    $SUDO env RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $SUDO env RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk >/dev/null
+    NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
+fi
+for t in wrk python3 cargo curl; do
+    command -v "$t" >/dev/null || { log "bench: $t is required"; exit 2; }
+done
+for p in $TK_PORT $NGINX_PORT $FLOOR_PORT $HERD_PORT $SCALE_PORT; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+        log "bench: 127.0.0.1:$p is in use; set BENCH_PORT_BASE"; exit 2
+    fi
+done
+# 10,000 sockets in the herd client and 10,000 in the daemon.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 10500 ]; then
+    log "bench: warning: ulimit -n is $(ulimit -n); the 10,000-connection herd needs about 10,500 per process"
+fi
+
+# --- build --------------------------------------------------------------------
+log "building release binaries (tokenkeeper, bench/floor, bench/tool)"
+# One target directory for all three (bench/target): the helper depends on
+# the library, so the dependencies build once; the main target/ is left alone.
+export CARGO_TARGET_DIR=$ROOT/bench/target
+cargo build --release --quiet --bin tokenkeeper
+(cd bench/floor && cargo build --release --quiet)
+(cd bench/tool && cargo build --release --quiet)
+
+TMP=$(mktemp -d /tmp/tokenkeeper-bench.XXXXXX)
+chmod 755 "$TMP"
+# Private copies: a later build in the same target dir cannot swap them.
+mkdir -p "$TMP/bin"
+for b in tokenkeeper tokenkeeper-bench-floor tokenkeeper-bench; do
+    cp "$CARGO_TARGET_DIR/release/$b" "$TMP/bin/"
+done
+TK=$TMP/bin/tokenkeeper
+FLOOR=$TMP/bin/tokenkeeper-bench-floor
+TOOL=$TMP/bin/tokenkeeper-bench
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+RAW=$TMP/raw.txt
+FIG=$TMP/figures.txt
+: >"$RAW"
+: >"$FIG"
+
+wait_http() { # url
+    for _ in $(seq 1 500); do
+        curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+        sleep 0.02
+    done
+    log "bench: $1 did not answer"; return 1
+}
+
+# --- 1. token endpoint vs nginx vs floor ---------------------------------------
+log "1/4 token endpoint: seeding one demo grant"
+mkdir -p "$TMP/tk"
+CFG=$(timeout 60 "$TOOL" seed-one "$TK" "$TMP/tk" "$TK_PORT")
+RUST_LOG=warn "$TK" serve --config "$CFG" --log-format human >"$TMP/tk/daemon.log" 2>&1 &
+TK_PID=$!
+PIDS+=("$TK_PID")
+wait_http "http://127.0.0.1:$TK_PORT/readyz"
+URL_TK="http://127.0.0.1:$TK_PORT/v1/token/demo"
+curl -fsS "$URL_TK" >"$TMP/body.json"
+BODY_BYTES=$(wc -c <"$TMP/body.json")
+
+# nginx: unprivileged, foreground, temp config, loopback only.
+mkdir -p "$TMP/nginx/www/v1/token" "$TMP/nginx/run"
+cp "$TMP/body.json" "$TMP/nginx/www/v1/token/demo"
+chmod -R a+rX "$TMP/nginx"
+chmod 777 "$TMP/nginx/run"
+cat >"$TMP/nginx/nginx.conf" <<EOF
+worker_processes auto;
+daemon off;
+pid $TMP/nginx/run/nginx.pid;
+error_log $TMP/nginx/run/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $TMP/nginx/run/body;
+    proxy_temp_path $TMP/nginx/run/proxy;
+    fastcgi_temp_path $TMP/nginx/run/fastcgi;
+    uwsgi_temp_path $TMP/nginx/run/uwsgi;
+    scgi_temp_path $TMP/nginx/run/scgi;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_requests 10000000;
+    open_file_cache max=16 inactive=60s;
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        root $TMP/nginx/www;
+        location = /v1/token/demo {
+            default_type application/json;
+            add_header Cache-Control no-store;
+        }
+    }
+}
+EOF
+if [ "$(id -u)" -eq 0 ]; then
+    setpriv --reuid=65534 --regid=65534 --clear-groups "$NGINX_BIN" -p "$TMP/nginx/run" -c "$TMP/nginx/nginx.conf" 2>>"$TMP/nginx/run/stderr" &
+else
+    "$NGINX_BIN" -p "$TMP/nginx/run" -c "$TMP/nginx/nginx.conf" 2>>"$TMP/nginx/run/stderr" &
+fi
+PIDS+=("$!")
+"$FLOOR" "127.0.0.1:$FLOOR_PORT" "$TMP/body.json" &
+PIDS+=("$!")
+URL_NGINX="http://127.0.0.1:$NGINX_PORT/v1/token/demo"
+URL_FLOOR="http://127.0.0.1:$FLOOR_PORT/v1/token/demo"
+wait_http "$URL_NGINX"
+wait_http "$URL_FLOOR"
+for u in "$URL_NGINX" "$URL_FLOOR"; do
+    n=$(curl -fsS "$u" | wc -c)
+    [ "$n" = "$BODY_BYTES" ] || { log "bench: $u serves $n bytes, expected $BODY_BYTES"; exit 1; }
+done
+
+run_wrk() { # name url seconds
+    {
+        echo "### $1 ($2)"
+        timeout $(($3 + 30)) wrk -t"$THREADS" -c"$CONNS" -d"$3"s --latency "$2"
+    } >>"$RAW" 2>&1
+}
+log "1/4 token endpoint: warm-up"
+for s in tokenkeeper:$URL_TK nginx:$URL_NGINX floor:$URL_FLOOR; do
+    timeout 30 wrk -t"$THREADS" -c"$CONNS" -d2s "${s#*:}" >/dev/null
+done
+for r in $(seq 1 "$ROUNDS"); do
+    for s in tokenkeeper:$URL_TK nginx:$URL_NGINX floor:$URL_FLOOR; do
+        log "1/4 round $r/$ROUNDS: ${s%%:*} (${DURATION}s, $CONNS connections, $THREADS wrk threads)"
+        run_wrk "round $r ${s%%:*}" "${s#*:}" "$DURATION"
+    done
+done
+if [ "${BENCH_PROFILE:-0}" = 1 ] && command -v perf >/dev/null; then
+    log "1/4 profiling the token endpoint (perf, ${DURATION}s)"
+    perf record -F 999 -g -p "$TK_PID" -o "$TMP/perf.data" -- sleep "$DURATION" >/dev/null 2>&1 &
+    PERF=$!
+    timeout $((DURATION + 30)) wrk -t"$THREADS" -c"$CONNS" -d"$DURATION"s "$URL_TK" >/dev/null
+    wait $PERF || true
+    perf report -i "$TMP/perf.data" --no-children -g none --percent-limit 1 --stdio 2>/dev/null \
+        | grep -v '^$' | head -80 >"$TMP/profile.txt" || true
+fi
+python3 - "$RAW" "$BODY_BYTES" >>"$FIG" <<'PY'
+import re, sys, statistics
+raw, body = open(sys.argv[1]).read(), sys.argv[2]
+runs = {}
+for block in raw.split("### ")[1:]:
+    name = block.split()[2]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", block).group(1))
+    def pct(p):
+        m = re.search(r"^\s+%s%%\s+([\d.]+)(us|ms|s)\b" % p, block, re.M)
+        v, u = float(m.group(1)), m.group(2)
+        return v * {"us": 1, "ms": 1e3, "s": 1e6}[u]
+    runs.setdefault(name, []).append((rps, pct(50), pct(99)))
+med = {k: [statistics.median(x[i] for x in v) for i in range(3)] for k, v in runs.items()}
+def fig(name, v, b, unit, note):
+    print(f"{name}: {v:.1f}{unit} (baseline: {b:.1f}{unit} {note}, ratio: {v / b:.3f})")
+tk, ng, fl = med["tokenkeeper"], med["nginx"], med["floor"]
+n = len(runs["tokenkeeper"])
+print(f"token_endpoint_setup: {body}-byte body, median of {n} alternated rounds")
+fig("token_rps_vs_floor", tk[0], fl[0], " req/s", "(axum floor; target ratio >= 0.95)")
+fig("token_rps_vs_nginx", tk[0], ng[0], " req/s", "(nginx; target ratio >= 0.90)")
+fig("floor_rps_vs_nginx", fl[0], ng[0], " req/s", "(nginx; for reference)")
+fig("token_p50_vs_nginx", tk[1], ng[1], " us", "(nginx p50)")
+fig("token_p99_vs_nginx", tk[2], ng[2], " us", "(nginx p99; target ratio <= 1)")
+fig("token_p50_vs_floor", tk[1], fl[1], " us", "(floor p50)")
+fig("token_p99_vs_floor", tk[2], fl[2], " us", "(floor p99)")
+for k in ("tokenkeeper", "nginx", "floor"):
+    rounds = ", ".join(f"{r:.0f}" for r, _, _ in runs[k])
+    p = ", ".join(f"{a:.0f}/{b:.0f}" for _, a, b in runs[k])
+    print(f"{k}_rounds: req/s [{rounds}], p50/p99 us [{p}]")
+PY
+kill "${PIDS[@]}" 2>/dev/null || true
+wait "${PIDS[@]}" 2>/dev/null || true
+PIDS=()
+
+# --- 2. herd --------------------------------------------------------------------
+log "2/4 herd: 1,000 and 10,000 concurrent requests for a token that must refresh"
+mkdir -p "$TMP/herd"
+timeout 180 "$TOOL" herd "$TK" "$TMP/herd" "$HERD_PORT" >>"$FIG"
+
+# --- 3. scale -------------------------------------------------------------------
+log "3/4 scale: 10,000 connections (seeding takes a while)"
+mkdir -p "$TMP/scale"
+timeout 600 "$TOOL" scale "$TK" "$TMP/scale" "$SCALE_PORT" >>"$FIG"
+
+# --- 4. cost --------------------------------------------------------------------
+log "4/4 cost per token-day"
+"$TOOL" cost >>"$FIG"
+
+# --- report -----------------------------------------------------------------------
+cat "$FIG"
+mkdir -p "$RESULTS"
+{
+    echo "# tokenkeeper benchmark: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo
+    echo "## Machine"
+    echo
+    echo '```'
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //') x $(nproc)"
+    echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+    echo "kernel: $(uname -sr)"
+    echo "os: $(. /etc/os-release && echo "$PRETTY_NAME")"
+    echo "rustc: $(rustc -V)"
+    echo "nginx: $("$NGINX_BIN" -v 2>&1 | cut -d/ -f2)"
+    echo "wrk: $(wrk -v 2>&1 | head -1)"
+    echo "tokenkeeper: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+    echo "load: wrk -t$THREADS -c$CONNS -d${DURATION}s, $ROUNDS rounds alternated tokenkeeper/nginx/floor, all on the same cores"
+    echo '```'
+    echo
+    echo "## Figures"
+    echo
+    echo '```'
+    cat "$FIG"
+    echo '```'
+    if [ -s "$TMP/profile.txt" ]; then
+        echo
+        echo "## Profile of the token endpoint (perf, self time)"
+        echo
+        echo '```'
+        cat "$TMP/profile.txt"
+        echo '```'
+    fi
+    echo
+    echo "## Raw wrk output"
+    echo
+    echo '```'
+    cat "$RAW"
+    echo '```'
+} >"$OUT"
+log "written: $OUT"

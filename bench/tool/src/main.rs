@@ -1,0 +1,624 @@
+//! Benchmark helper for `bench/run.sh` (issue 9). Runs the Keap-like
+//! provider simulator in-process, seeds databases through the library (the
+//! same `Engine::authorized` path a browser authorization takes, so tokens
+//! are sealed and fingerprinted as in production), and drives the real
+//! `tokenkeeper` binary as a child process.
+//!
+//! Subcommands (each prints `name: value (baseline: value, ratio: r)` lines):
+//! - `seed-one BIN DIR PORT`: config + database with one 24 h `demo` grant.
+//! - `herd BIN DIR PORT`: 1,000 and 10,000 concurrent requests for a token
+//!   that must refresh, provider token endpoint delayed 200 ms.
+//! - `scale BIN DIR PORT`: 10,000 connections: start-to-ready, idle RSS,
+//!   CPU per scheduler tick, refresh wave.
+//! - `cost`: provider calls per connection per day with 24 h tokens.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokenkeeper::config::RefreshConfig;
+use tokenkeeper::provider::simulator::{DelayPhase, RunningSimulator, Simulator, SimulatorConfig};
+use tokenkeeper::refresh::policy::{next_refresh_at, stable_jitter, Timing};
+use tokenkeeper::refresh::Engine;
+use tokenkeeper::store::Store;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+const REDIRECT: &str = "http://127.0.0.1:9/callback";
+
+fn figure(name: &str, value: f64, unit: &str, baseline: f64, baseline_note: &str) {
+    let ratio = if baseline != 0.0 {
+        format!("{:.3}", value / baseline)
+    } else {
+        "n/a".into()
+    };
+    let u = if unit.is_empty() {
+        String::new()
+    } else {
+        format!(" {unit}")
+    };
+    let note = if baseline_note.is_empty() {
+        String::new()
+    } else {
+        format!(" {baseline_note}")
+    };
+    println!(
+        "{name}: {}{u} (baseline: {}{u}{note}, ratio: {ratio})",
+        trim(value),
+        trim(baseline)
+    );
+}
+
+fn trim(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else if v.abs() >= 100.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn write_config(dir: &Path, port: u16, sim: &str, refresh: &str) -> Res<PathBuf> {
+    let path = dir.join("tokenkeeper.toml");
+    let db = dir.join("tokenkeeper.db");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[server]
+listen = "127.0.0.1:{port}"
+
+[storage]
+path = "{db}"
+
+[refresh]
+{refresh}
+
+[providers.demo]
+preset = "keap"
+client_id = "demo-client"
+client_secret = "demo-secret"
+authorization_url = "{sim}/authorize"
+token_url = "{sim}/token"
+revocation_url = "{sim}/revoke"
+api_base_url = "{sim}/api"
+"#,
+            db = db.display()
+        ),
+    )?;
+    Ok(path)
+}
+
+/// Authorizes `n` accounts of `demo` at the simulator (approve + code
+/// exchange) and stores each grant through `Engine::authorized`; `timing`
+/// may rewrite each grant's (received_at, expires_at).
+async fn seed(
+    cfg_path: &Path,
+    sim: &RunningSimulator,
+    accounts: Vec<String>,
+    timing: Option<(DateTime<Utc>, DateTime<Utc>)>,
+) -> Res<()> {
+    let cfg = tokenkeeper::config::load(cfg_path).map_err(|e| format!("{e}"))?;
+    let http = tokenkeeper::provider::http_client();
+    let store = Store::open(&cfg.storage.path, None).await?;
+    let engine = Engine::start(
+        store.clone(),
+        tokenkeeper::daemon::settings_from(&cfg, &http),
+    )
+    .await?;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let accounts = Arc::new(accounts);
+    let workers = 16;
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..workers {
+        let (engine, client, accounts) = (engine.clone(), client.clone(), accounts.clone());
+        let approve = format!("{}/approve", sim.base_url);
+        set.spawn(async move {
+            let settings = engine.settings();
+            let provider = &settings.providers["demo"];
+            let redirect = url_parse(REDIRECT);
+            for account in accounts.iter().skip(w).step_by(workers) {
+                let resp = client
+                    .post(&approve)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(format!(
+                        "client_id=demo-client&redirect_uri={}&response_type=code&state=s",
+                        "http%3A%2F%2F127.0.0.1%3A9%2Fcallback"
+                    ))
+                    .send()
+                    .await?;
+                let loc = resp
+                    .headers()
+                    .get("location")
+                    .ok_or("approve: no Location")?
+                    .to_str()?
+                    .to_string();
+                let code = loc
+                    .split(['?', '&'])
+                    .find_map(|kv| kv.strip_prefix("code="))
+                    .ok_or("approve: no code")?
+                    .to_string();
+                let mut grant = provider
+                    .exchange_code(&code, None, &redirect)
+                    .await
+                    .map_err(|e| format!("{e}"))?;
+                if let Some((received, expires)) = timing {
+                    grant.received_at = received;
+                    grant.expires_at = expires;
+                }
+                engine.authorized("demo", account, &grant).await?;
+            }
+            Res::Ok(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    // Without this the daemon would see a live peer and read storage on
+    // every token request.
+    engine.leave().await;
+    store.close().await;
+    Ok(())
+}
+
+fn url_parse(s: &str) -> url::Url {
+    url::Url::parse(s).expect("valid URL")
+}
+
+fn spawn_daemon(bin: &Path, cfg: &Path, log: &Path) -> Res<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Ok(Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .args(["--log-format", "human"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?)
+}
+
+fn stop(child: &mut Child) {
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    for _ in 0..200 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// One HTTP/1.1 request on a kept-alive connection; returns status and body.
+async fn get(s: &mut TcpStream, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok((status, buf[head_end..head_end + len].to_vec()))
+}
+
+/// Sends GET /readyz until it answers 200; returns how long that took.
+async fn wait_ready(port: u16, since: Instant, limit: Duration) -> Res<Duration> {
+    loop {
+        if since.elapsed() > limit {
+            return Err("daemon not ready in time".into());
+        }
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await {
+            if let Ok((200, _)) = get(&mut s, "/readyz").await {
+                return Ok(since.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn json_field<'a>(body: &'a str, key: &str) -> Option<&'a str> {
+    let pat = format!("\"{key}\":");
+    let rest = &body[body.find(&pat)? + pat.len()..];
+    let rest = rest.trim_start().trim_start_matches('"');
+    let end = rest.find(['"', ',', '}'])?;
+    Some(&rest[..end])
+}
+
+async fn seed_one(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
+    let _ = bin;
+    let sim = Simulator::start_local(SimulatorConfig::default()).await?;
+    let cfg = write_config(&dir, port, &sim.base_url, "")?;
+    seed(&cfg, &sim, vec!["default".into()], None).await?;
+    println!("{}", cfg.display());
+    Ok(())
+}
+
+async fn herd(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
+    let delay = Duration::from_millis(200);
+    // Tokens live 2*S: `min_validity` becomes S (half the lifetime), so a
+    // token must be refreshed S after it was issued. The scheduler ticks
+    // only at start (check_interval 1h): the herd triggers the refresh.
+    let s_secs: i64 = 12;
+    let sim = Simulator::start_local(SimulatorConfig {
+        access_lifetime: Duration::from_secs(2 * s_secs as u64),
+        ..SimulatorConfig::default()
+    })
+    .await?;
+    let cfg = write_config(&dir, port, &sim.base_url, "check_interval = \"1h\"")?;
+    let seeded = Utc::now();
+    seed(
+        &cfg,
+        &sim,
+        vec!["default".into()],
+        Some((seeded, seeded + chrono::Duration::seconds(2 * s_secs))),
+    )
+    .await?;
+    let mut child = spawn_daemon(&bin, &cfg, &dir.join("herd.log"))?;
+    let result = async {
+        wait_ready(port, Instant::now(), Duration::from_secs(10)).await?;
+        // Open 10,000 kept-alive connections, in batches so the listen
+        // backlog never overflows; check each with GET /healthz.
+        let sizes = [1_000usize, 10_000];
+        let max = *sizes.iter().max().unwrap();
+        let mut conns: Vec<TcpStream> = Vec::with_capacity(max);
+        while conns.len() < max {
+            let batch = (max - conns.len()).min(500);
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..batch {
+                set.spawn(async move {
+                    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+                    s.set_nodelay(true)?;
+                    let (st, _) = get(&mut s, "/healthz").await?;
+                    if st != 200 {
+                        return Err(std::io::Error::other("healthz not 200"));
+                    }
+                    Ok(s)
+                });
+            }
+            while let Some(r) = set.join_next().await {
+                conns.push(r??);
+            }
+        }
+        let mut stale_at = seeded + chrono::Duration::seconds(s_secs);
+        sim.sim.set_token_delay(delay, DelayPhase::BeforeProcessing);
+        for n in sizes {
+            let wait = (stale_at - Utc::now()).to_std().unwrap_or_default();
+            tokio::time::sleep(wait + Duration::from_millis(300)).await;
+            let before = sim.sim.stats().refresh_calls;
+            let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+            let parked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let mut set = tokio::task::JoinSet::new();
+            for mut s in conns.drain(..n) {
+                let mut rx = go_rx.clone();
+                let parked = parked.clone();
+                set.spawn(async move {
+                    parked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = rx.wait_for(|v| *v).await;
+                    let r = get(&mut s, "/v1/token/demo").await;
+                    (Instant::now(), r, s)
+                });
+            }
+            while parked.load(std::sync::atomic::Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let t0 = Instant::now();
+            go_tx.send(true)?;
+            let mut last = t0;
+            let mut ok = 0usize;
+            let mut tokens = std::collections::HashSet::new();
+            let mut expires_in = 0i64;
+            let mut back = Vec::with_capacity(n);
+            while let Some(r) = set.join_next().await {
+                let (t, r, s) = r?;
+                last = last.max(t);
+                if let Ok((200, body)) = r {
+                    ok += 1;
+                    let body = String::from_utf8_lossy(&body).into_owned();
+                    if let Some(tok) = json_field(&body, "access_token") {
+                        tokens.insert(tok.to_string());
+                    }
+                    if let Some(e) = json_field(&body, "expires_in").and_then(|v| v.parse().ok()) {
+                        expires_in = e;
+                    }
+                }
+                back.push(s);
+            }
+            conns.splice(0..0, back);
+            let calls = sim.sim.stats().refresh_calls - before;
+            let elapsed = last - t0;
+            figure(
+                &format!("herd_{n}_upstream_refresh_calls"),
+                calls as f64,
+                "",
+                1.0,
+                "(target: exactly 1)",
+            );
+            figure(
+                &format!("herd_{n}_time_to_last_token"),
+                elapsed.as_secs_f64() * 1e3,
+                "ms",
+                (delay.as_millis() + 50) as f64,
+                "(target: provider delay 200 ms + 50 ms)",
+            );
+            println!(
+                "herd_{n}_detail: {ok}/{n} answered 200, {} distinct token(s) handed out",
+                tokens.len()
+            );
+            stale_at = Utc::now() + chrono::Duration::seconds(expires_in - s_secs + 1);
+        }
+        Res::Ok(())
+    }
+    .await;
+    stop(&mut child);
+    result
+}
+
+fn proc_field(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 =
+        f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks as f64 / hz
+}
+
+async fn scale(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
+    let n: usize = std::env::var("BENCH_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let wave_max: u64 = std::env::var("BENCH_WAVE_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let sim = Simulator::start_local(SimulatorConfig::default()).await?;
+    let cfg = write_config(&dir, port, &sim.base_url, "check_interval = \"1s\"")?;
+    let accounts: Vec<String> = (0..n).map(|i| format!("a{i:05}")).collect();
+    let t = Instant::now();
+    seed(&cfg, &sim, accounts, None).await?;
+    eprintln!("seeded {n} connections in {:.1} s", t.elapsed().as_secs_f64());
+
+    // Start-to-ready, idle RSS, CPU per tick (check_interval 1 s).
+    let log = dir.join("scale.log");
+    let since = Instant::now();
+    let mut child = spawn_daemon(&bin, &cfg, &log)?;
+    let pid = child.id();
+    let r = async {
+        let ready = wait_ready(port, since, Duration::from_secs(30)).await?;
+        figure(
+            &format!("scale_{n}_start_to_ready"),
+            ready.as_secs_f64() * 1e3,
+            "ms",
+            300.0,
+            "(target)",
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let rss = proc_field(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
+        figure(&format!("scale_{n}_idle_rss"), rss, "MB", 30.0, "(target)");
+        let window = 10.0;
+        let c0 = cpu_secs(pid);
+        tokio::time::sleep(Duration::from_secs_f64(window)).await;
+        let c1 = cpu_secs(pid);
+        let per_tick = (c1 - c0) / window * 1e3;
+        figure(
+            &format!("scale_{n}_cpu_per_scheduler_tick"),
+            per_tick,
+            "ms",
+            1000.0,
+            "(the tick interval, check_interval 1 s; ratio = share of one core)",
+        );
+        Res::Ok(())
+    }
+    .await;
+    stop(&mut child);
+    r?;
+
+    // Refresh wave: every grant due now (the worst case of "all due within
+    // the same hour"): issued 18 h 10 min ago, 5 h 50 min left.
+    let now = Utc::now();
+    let issued = now - chrono::Duration::minutes(18 * 60 + 10);
+    let expires = now + chrono::Duration::minutes(5 * 60 + 50);
+    {
+        use sqlx::sqlite::SqliteConnectOptions;
+        use sqlx::ConnectOptions;
+        let mut c = SqliteConnectOptions::new()
+            .filename(dir.join("tokenkeeper.db"))
+            .connect()
+            .await?;
+        sqlx::query("UPDATE connections SET issued_at = ?1, expires_at = ?2")
+            .bind(issued.timestamp_millis())
+            .bind(expires.timestamp_millis())
+            .execute(&mut c)
+            .await?;
+        use sqlx::Connection;
+        c.close().await?;
+    }
+    let min_validity = RefreshConfig::default().min_validity;
+    let deadline_secs = (expires - now).num_seconds() as f64 - min_validity.as_secs_f64();
+    let limit = 25.0; // the keap preset's per_second
+    let before = sim.sim.stats();
+    let mut child = spawn_daemon(&bin, &cfg, &log)?;
+    let start = Instant::now();
+    let mut samples: Vec<(f64, u64)> = vec![(0.0, 0)];
+    let mut done_at = None;
+    while start.elapsed() < Duration::from_secs(wave_max) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let st = sim.sim.stats();
+        let calls = st.refresh_calls - before.refresh_calls;
+        samples.push((start.elapsed().as_secs_f64(), calls));
+        if st.refresh_ok - before.refresh_ok >= n as u64 {
+            done_at = Some(start.elapsed().as_secs_f64());
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop(&mut child);
+    let st = sim.sim.stats();
+    // Peak: most calls in any 1 s window (50 ms sampling).
+    let mut peak = 0u64;
+    for (i, &(t0, c0)) in samples.iter().enumerate() {
+        for &(t1, c1) in &samples[i..] {
+            if t1 - t0 > 1.0 {
+                break;
+            }
+            peak = peak.max(c1 - c0);
+        }
+    }
+    figure(
+        &format!("wave_{n}_peak_refresh_rate"),
+        peak as f64,
+        "/s",
+        limit,
+        "(provider per_second limit)",
+    );
+    let ok = st.refresh_ok - before.refresh_ok;
+    match done_at {
+        Some(d) => figure(
+            &format!("wave_{n}_time_to_refresh_all"),
+            d,
+            "s",
+            deadline_secs,
+            "(time left before min_validity)",
+        ),
+        None => {
+            let elapsed = start.elapsed().as_secs_f64();
+            let rate = ok as f64 / elapsed.max(1e-9);
+            println!(
+                "wave_{n}_time_to_refresh_all: not done after {elapsed:.0} s ({ok}/{n} refreshed, {rate:.1}/s); projected {:.0} s (baseline: {deadline_secs:.0} s before min_validity, ratio: {:.3})",
+                n as f64 / rate.max(1e-9),
+                n as f64 / rate.max(1e-9) / deadline_secs
+            );
+        }
+    }
+    println!(
+        "wave_{n}_detail: {} refresh calls, {ok} ok, {} rejected, {} refresh-token reuses",
+        st.refresh_calls - before.refresh_calls,
+        st.refresh_rejected - before.refresh_rejected,
+        st.refresh_reuse - before.refresh_reuse
+    );
+    let per_sec: Vec<String> = (1..=samples.last().map(|s| s.0.ceil() as usize).unwrap_or(0))
+        .map(|sec| {
+            let at = |t: f64| {
+                samples
+                    .iter()
+                    .take_while(|s| s.0 <= t)
+                    .last()
+                    .map(|s| s.1)
+                    .unwrap_or(0)
+            };
+            (at(sec as f64) - at(sec as f64 - 1.0)).to_string()
+        })
+        .collect();
+    println!("wave_{n}_calls_per_second: [{}]", per_sec.join(", "));
+    Ok(())
+}
+
+/// Provider calls per connection per day with Keap's 24 h tokens, from the
+/// engine's own schedule (policy::next_refresh_at with the default refresh
+/// config and each connection's stable jitter), over a simulated year.
+fn cost() {
+    let cfg = RefreshConfig::default();
+    let days = 365;
+    let accounts = 1000;
+    let start: DateTime<Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
+    let end = start + chrono::Duration::days(days);
+    let mut calls = 0u64;
+    for a in 0..accounts {
+        let jitter = stable_jitter("keap", &format!("a{a:05}"), cfg.jitter);
+        let mut t = start;
+        loop {
+            let timing = Timing {
+                issued_at: t,
+                expires_at: t + chrono::Duration::hours(24),
+                refresh_token_issued_at: t,
+            };
+            t = next_refresh_at(&timing, &cfg, jitter);
+            if t >= end {
+                break;
+            }
+            calls += 1;
+        }
+    }
+    let per_day = calls as f64 / (accounts as f64 * days as f64);
+    figure(
+        "cost_provider_calls_per_connection_day",
+        per_day,
+        "",
+        1.0,
+        "(target: 1 plus retries)",
+    );
+}
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let path = |i: usize| PathBuf::from(args.get(i).cloned().unwrap_or_default());
+    let port = || args.get(3).and_then(|p| p.parse::<u16>().ok()).unwrap_or(0);
+    let r = match args.first().map(String::as_str) {
+        Some("seed-one") => rt.block_on(seed_one(path(1), path(2), port())),
+        Some("herd") => rt.block_on(herd(path(1), path(2), port())),
+        Some("scale") => rt.block_on(scale(path(1), path(2), port())),
+        Some("cost") => {
+            cost();
+            Ok(())
+        }
+        _ => Err("usage: tokenkeeper-bench seed-one|herd|scale BIN DIR PORT | cost".into()),
+    };
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokenkeeper-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The API proxy (SPEC 6, issue 8) against the real daemon and the
+//! Keap-like simulator: pass-through, bearer checks, refresh on 401, and
+//! the rate limits (burst, daily quota learned from headers).
+//!
+//! Timing assertions are bounds and counts, never exact durations.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Harness, Options};
+use serde_json::Value;
+use tokenkeeper::provider::simulator::{SimLimits, SimulatorConfig};
+
+/// Status of a GET sent byte for byte as given.
+async fn raw_status(port: u16, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn ready(opts: Options) -> Harness {
+    let mut h = Harness::new(opts).await;
+    h.start().await;
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    h
+}
+
+fn with_limits(limits: SimLimits) -> SimulatorConfig {
+    SimulatorConfig {
+        client_secret: common::CLIENT_SECRET.into(),
+        limits: Some(limits),
+        ..SimulatorConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_requests_through_and_replaces_the_token() {
+    let h = ready(Options::default()).await;
+    let http = &h.http;
+
+    // Methods, path, query, JSON body.
+    for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+        let body = serde_json::json!({"given_name": "Ada", "method": method}).to_string();
+        let r = http
+            .request(
+                method.parse().unwrap(),
+                h.url("/proxy/keap/crm/rest/v1/contacts?limit=5&order=id"),
+            )
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer some-stale-app-token")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{method}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"method": method, "path": "crm/rest/v1/contacts", "query": "limit=5&order=id", "body_len": body.len()})
+        );
+    }
+    // The account form of the path.
+    let r = http
+        .get(h.url("/proxy/keap@default/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // End-to-end headers pass; hop-by-hop ones and the app's credential do not.
+    let r = http
+        .get(h.url("/proxy/keap/headers"))
+        .header("x-app-trace", "42")
+        .header("accept", "application/json")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "secret")
+        .header("authorization", "Bearer app-junk")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the simulator accepted the daemon's token");
+    let v: Value = r.json().await.unwrap();
+    let seen = &v["headers"];
+    assert_eq!(seen["x-app-trace"], "42");
+    assert_eq!(seen["accept"], "application/json");
+    assert!(seen.get("x-hop").is_none(), "{seen}");
+    assert!(seen.get("keep-alive").is_none());
+    assert!(!seen.to_string().contains("app-junk"));
+
+    // A large answer streams through intact.
+    let n: usize = 20 * 1024 * 1024;
+    let r = http
+        .get(h.url(&format!("/proxy/keap/large?bytes={n}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
+    let bytes = r.bytes().await.unwrap();
+    assert_eq!(bytes.len(), n);
+    assert!(bytes
+        .iter()
+        .enumerate()
+        .step_by(4099)
+        .all(|(i, b)| *b == (i % 251) as u8));
+
+    // A large request body streams up (beyond the 64 KiB API limit).
+    let big = vec![b'x'; 3 * 1024 * 1024];
+    let r = http
+        .post(h.url("/proxy/keap/upload"))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["body_len"], big.len());
+
+    // A path that climbs out of api_base_url is refused (sent raw: HTTP
+    // clients normalise dot segments themselves).
+    let calls = h.sim.sim.stats().api_calls;
+    for path in [
+        "/proxy/keap/a/%2e%2e/%2E%2e/token",
+        "/proxy/keap/a/../../token",
+    ] {
+        assert_eq!(raw_status(h.port, path).await, 400, "{path}");
+    }
+    assert_eq!(h.sim.sim.stats().api_calls, calls);
+    let r = http.get(h.url("/proxy/nope/x")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "unknown_provider"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_token_as_bearer_gets_the_spec_401() {
+    let h = ready(Options::default()).await;
+    let rt = h.sim.sim.current_refresh_token().unwrap();
+    let calls = h.sim.sim.stats().api_calls;
+    let r = h
+        .http
+        .get(h.url("/proxy/keap/crm/rest/v1/contacts"))
+        .bearer_auth(&rt)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        "Bearer error=\"invalid_token\", error_description=\"a refresh token was presented as a bearer token; refresh tokens only obtain new access tokens: use GET /v1/token/{provider}\""
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "invalid_token");
+    assert_eq!(
+        v["message"],
+        "a refresh token was presented as a bearer token; refresh tokens only obtain new access tokens: use GET /v1/token/{provider}"
+    );
+    assert_eq!(h.sim.sim.stats().api_calls, calls, "nothing went upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_is_checked_then_replaced() {
+    let mut h = Harness::new(Options {
+        server: "api_keys_file = \"api-keys\"".into(),
+        ..Options::default()
+    })
+    .await;
+    std::fs::write(h.dir.path().join("api-keys"), "app-key-1\n").unwrap();
+    h.start().await;
+    // Authorize through the browser flow (not behind the API key).
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let r = h.http.get(h.url("/proxy/keap/x")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = h
+        .http
+        .get(h.url("/proxy/keap/x"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = h
+        .http
+        .get(h.url("/proxy/keap/x"))
+        .bearer_auth("app-key-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_401_refreshes_once_and_retries() {
+    let h = ready(Options::default()).await;
+    let before = h.sim.sim.stats();
+    h.sim.sim.expire_access_tokens();
+    let r = h
+        .http
+        .post(h.url("/proxy/keap/crm/rest/v1/notes"))
+        .header("content-type", "application/json")
+        .body(r#"{"body":"replayed"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["body_len"], 19);
+    let after = h.sim.sim.stats();
+    assert_eq!(after.refresh_ok - before.refresh_ok, 1);
+    assert_eq!(after.api_unauthorized - before.api_unauthorized, 1);
+    assert_eq!(after.refresh_reuse, 0);
+
+    // A grant the provider revoked: one refresh attempt, then the 401 (or the
+    // daemon's 409) reaches the application; never a loop.
+    h.sim.sim.revoke_all_grants();
+    let r = h.http.get(h.url("/proxy/keap/x")).send().await.unwrap();
+    assert!([401, 409].contains(&r.status().as_u16()), "{}", r.status());
+    assert!(h.sim.sim.stats().api_calls - after.api_calls <= 2);
+}
+
+/// 500 requests at once against scaled Keap limits: nothing upstream is
+/// refused, everything is answered (200, or a local 429 with Retry-After),
+/// and the limits are used to at least 95 %.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_stays_within_the_limits() {
+    const PER_SECOND: u32 = 100;
+    const PER_MINUTE: u32 = 250;
+    let limits = SimLimits {
+        per_second: PER_SECOND,
+        per_minute: PER_MINUTE,
+        per_day: 1_000_000,
+        tenant_per_minute: 10_000,
+    };
+    let h = ready(Options {
+        sim: with_limits(limits),
+        server: "proxy_max_wait = \"3s\"".into(),
+        provider: format!(
+            "[providers.keap.limits]\nper_second = {PER_SECOND}\nper_minute = {PER_MINUTE}\nper_day = 1000000\n"
+        ),
+        rust_log: "warn,tokenkeeper=info".into(),
+        ..Options::default()
+    })
+    .await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..500 {
+        let http = h.http.clone();
+        let url = h.url(&format!("/proxy/keap/crm/rest/v1/contacts?i={i}"));
+        tasks.push(tokio::spawn(async move {
+            let r = http.get(url).send().await.expect("the daemon answers");
+            let status = r.status().as_u16();
+            let retry_after = r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            let _ = r.bytes().await;
+            (status, retry_after, started.elapsed())
+        }));
+    }
+    let mut ok = 0u32;
+    let mut limited = 0u32;
+    let mut last_ok = Duration::ZERO;
+    for t in tasks {
+        let (status, retry_after, at) = t.await.unwrap();
+        match status {
+            200 => {
+                ok += 1;
+                last_ok = last_ok.max(at);
+            }
+            429 => {
+                limited += 1;
+                assert!(
+                    retry_after.is_some_and(|s| s >= 1),
+                    "a local 429 says when to retry"
+                );
+            }
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    let stats = h.sim.sim.stats();
+    assert_eq!(stats.api_rate_limited, 0, "the provider refused nothing");
+    assert_eq!(ok + limited, 500);
+    assert_eq!(u64::from(ok), stats.api_calls);
+    // What the provider would have accepted in the time it took.
+    let t = last_ok.as_secs_f64();
+    let allowed = (f64::from(PER_SECOND) * (1.0 + t)).min(f64::from(PER_MINUTE) * (1.0 + t / 60.0));
+    assert!(
+        f64::from(ok) >= 0.95 * allowed,
+        "{ok} requests in {t:.2}s; the limits allowed {allowed:.0}"
+    );
+    assert!(
+        limited > 0,
+        "a 500-request burst exceeds a 250/min limit within 3s"
+    );
+    // The whole burst is answered within about proxy_max_wait.
+    assert!(started.elapsed() < Duration::from_secs(15));
+
+    let (_, v) = h.get_json("/v1/connections").await;
+    let quota = &v["connections"][0]["quota"];
+    assert_eq!(quota["reported"], true, "{quota}");
+    assert_eq!(quota["throttle_limit"], PER_MINUTE);
+    let metrics = h
+        .http
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tokenkeeper_proxy_limited_total{provider=\"keap\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tokenkeeper_proxy_requests_total{provider=\"keap\",result=\"ok\"}"));
+}
+
+/// The simulator reports a nearly used daily quota: the proxy believes it,
+/// stops before it, and says so in `/v1/connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_quota_from_headers_stops_the_proxy_before_the_provider() {
+    let limits = SimLimits {
+        per_second: 1000,
+        per_minute: 100_000,
+        per_day: 1000,
+        tenant_per_minute: 100_000,
+    };
+    let h = ready(Options {
+        sim: with_limits(limits),
+        server: "proxy_max_wait = \"1s\"".into(),
+        ..Options::default()
+    })
+    .await;
+    h.sim.sim.set_daily_used(990);
+    let mut statuses = Vec::new();
+    for _ in 0..15 {
+        let r = h.http.get(h.url("/proxy/keap/x")).send().await.unwrap();
+        let status = r.status().as_u16();
+        if status == 429 {
+            let secs: u64 = r.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(
+                (1..=86_401).contains(&secs),
+                "Retry-After until midnight: {secs}"
+            );
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["error"], "rate_limited");
+        }
+        statuses.push(status);
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 5);
+    assert_eq!(
+        h.sim.sim.stats().api_rate_limited,
+        0,
+        "the provider refused nothing"
+    );
+
+    let c = h.connection("default").await;
+    let q = &c["quota"];
+    assert_eq!(q["daily_limit"], 1000, "{c}");
+    assert_eq!(q["daily_available"], 0);
+    assert_eq!(q["daily_used"], 1000);
+    assert_eq!(q["reported"], true);
+    let resets_at = chrono::DateTime::parse_from_rfc3339(q["resets_at"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        resets_at.with_timezone(&chrono::Utc),
+        tokenkeeper::ratelimit::next_utc_midnight(chrono::Utc::now())
+    );
+    let out = h.cli(&["status"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("QUOTA") && text.contains("0/1000 left today"),
+        "{text}"
+    );
+}
