@@ -134,7 +134,7 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     engine.use_rate_limits(limits.clone());
     let state = AppState {
         engine: engine.clone(),
-        public_url: public_url.clone(),
+        public_url: Arc::new(public_url.clone()),
         allowed_hosts: Arc::new(allowed_hosts(&config, &public_url)),
         api_keys,
         tls_fingerprint: tls.as_ref().map(|t| Arc::from(t.fingerprint.as_str())),
@@ -159,6 +159,7 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
                 if let Err(e) = engine.tick().await {
                     tracing::error!(error = %e, "refresh scheduler tick failed");
                 }
+                crate::metrics::upkeep();
                 let now = systemd::summary(&engine);
                 let mut last = last_status.lock().unwrap_or_else(|e| e.into_inner());
                 if *last != now {

@@ -105,3 +105,11 @@ pub fn render(engine: &Engine) -> Option<String> {
     }
     Some(handle.render())
 }
+
+/// Drains histogram samples into their buckets. Without it, samples pile up
+/// in memory until the next scrape; the scheduler calls it every tick.
+pub fn upkeep() {
+    if let Some(Some(handle)) = HANDLE.get() {
+        handle.run_upkeep();
+    }
+}

@@ -50,7 +50,7 @@ fn callback_router(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> axum:
         router(
             AppState {
                 engine,
-                public_url: url::Url::parse("http://127.0.0.1:1/").unwrap(),
+                public_url: Arc::new(url::Url::parse("http://127.0.0.1:1/").unwrap()),
                 allowed_hosts: Arc::new(vec!["127.0.0.1".into()]),
                 api_keys: None,
                 tls_fingerprint: None,

@@ -39,7 +39,8 @@ pub const MAX_URI_BYTES: usize = 8 * 1024;
 pub struct AppState {
     pub engine: Engine,
     /// What the browser reaches: `redirect_uri = public_url + "/callback"`.
-    pub public_url: Url,
+    /// Behind an `Arc` because extractors clone the state on every request.
+    pub public_url: Arc<Url>,
     /// Lower-case host names accepted in `Host` (DNS-rebinding defence).
     pub allowed_hosts: Arc<Vec<String>>,
     /// Keys required on `/v1/*` when `server.api_keys_file` is set.
@@ -54,7 +55,7 @@ impl AppState {
     /// `{public_url}/callback`.
     pub fn redirect_uri(&self) -> Url {
         let base = self.public_url.as_str().trim_end_matches('/');
-        Url::parse(&format!("{base}/callback")).unwrap_or_else(|_| self.public_url.clone())
+        Url::parse(&format!("{base}/callback")).unwrap_or_else(|_| (*self.public_url).clone())
     }
 }
 

@@ -155,6 +155,9 @@ struct Slot {
     /// Finished attempts; a waiter that sees it move knows a flight ended
     /// while it queued and takes that result instead of starting another.
     attempts: AtomicU64,
+    /// Woken when a flight ends, so a herd of callers waiting for it
+    /// resumes at once instead of taking the flight lock one by one.
+    landed: tokio::sync::Notify,
     /// `tokenkeeper_token_requests_total` for this connection, resolved
     /// once so the hot path does not hash labels.
     served: metrics::Counter,
@@ -179,6 +182,7 @@ impl Drop for FlightGuard<'_> {
     fn drop(&mut self) {
         self.0.attempts.fetch_add(1, Ordering::SeqCst);
         self.0.in_flight.store(false, Ordering::SeqCst);
+        self.0.landed.notify_waiters();
     }
 }
 
@@ -456,6 +460,7 @@ impl Engine {
                         flight: tokio::sync::Mutex::new(()),
                         in_flight: AtomicBool::new(false),
                         attempts: AtomicU64::new(0),
+                        landed: tokio::sync::Notify::new(),
                         served: metrics::counter!(
                             crate::metrics::TOKEN_REQUESTS_TOTAL,
                             "provider" => row.provider.clone(),
@@ -720,6 +725,7 @@ impl Engine {
         self.reconcile().await?;
         let settings = self.settings();
         let now = Utc::now();
+        let mut due: Vec<(DateTime<Utc>, Arc<Slot>)> = Vec::new();
         for slot in self.all_slots() {
             if !settings.providers.contains_key(&slot.provider)
                 || slot.in_flight.load(Ordering::SeqCst)
@@ -732,16 +738,43 @@ impl Engine {
             {
                 continue;
             }
-            let due = snap.state == ConnState::Retrying
-                || policy::next_refresh_at(&snap.timing, &settings.refresh, slot.jitter) <= now;
-            if due {
-                let engine = self.clone();
-                self.inner.tasks.spawn(async move {
-                    if let Err(e) = engine.refresh_slot(&slot, Trigger::Scheduled).await {
-                        tracing::debug!(provider = %slot.provider, account = %slot.account, error = %e, "scheduled refresh did not produce a token");
-                    }
-                });
+            if snap.state == ConnState::Retrying
+                || policy::next_refresh_at(&snap.timing, &settings.refresh, slot.jitter) <= now
+            {
+                due.push((snap.timing.expires_at, slot));
             }
+        }
+        // Most urgent first; and no more per tick than the provider's
+        // per-second limit allows until the next tick, so a wave of due
+        // connections (10,000 restored from a backup) is spread over ticks
+        // instead of bursting past the limit. The rest wait for the next tick.
+        due.sort_by_key(|(expires_at, _)| *expires_at);
+        let interval = settings.refresh.check_interval.as_secs().max(1) as usize;
+        let mut started: HashMap<String, usize> = HashMap::new();
+        for (_, slot) in due {
+            // Within one interval, and within the time a refresh waits for
+            // its rate-limit slot (`request_timeout`).
+            let cap = settings
+                .providers
+                .get(&slot.provider)
+                .map_or(usize::MAX, |p| {
+                    let window = interval.min(p.config.request_timeout.as_secs().max(1) as usize);
+                    p.config
+                        .limits
+                        .per_second
+                        .map_or(usize::MAX, |r| (r as usize).saturating_mul(window))
+                });
+            let n = started.entry(slot.provider.clone()).or_default();
+            if *n >= cap {
+                continue;
+            }
+            *n += 1;
+            let engine = self.clone();
+            self.inner.tasks.spawn(async move {
+                if let Err(e) = engine.refresh_slot(&slot, Trigger::Scheduled).await {
+                    tracing::debug!(provider = %slot.provider, account = %slot.account, error = %e, "scheduled refresh did not produce a token");
+                }
+            });
         }
         Ok(())
     }
@@ -825,6 +858,21 @@ impl Engine {
         // ours to run, never as a joined one that did not rotate.
         let joined_from = slot.snapshot().generation;
         let seen = slot.attempts.load(Ordering::SeqCst);
+        if trigger != Trigger::Forced && slot.in_flight.load(Ordering::SeqCst) {
+            // Join the flight in the air: wait for it to land and share its
+            // result. Registering before re-checking means a landing in
+            // between cannot be missed.
+            let landed = slot.landed.notified();
+            tokio::pin!(landed);
+            landed.as_mut().enable();
+            if slot.attempts.load(Ordering::SeqCst) == seen && slot.in_flight.load(Ordering::SeqCst)
+            {
+                landed.await;
+            }
+            if slot.attempts.load(Ordering::SeqCst) != seen {
+                return answer(slot, &slot.snapshot(), Utc::now());
+            }
+        }
         let _flight = slot.flight.lock().await;
         if slot.attempts.load(Ordering::SeqCst) != seen {
             let snap = slot.snapshot();
