@@ -95,7 +95,7 @@ api_base_url = "{sim}/api"
 
 /// Authorizes `n` accounts of `demo` at the simulator (approve + code
 /// exchange) and stores each grant through `Engine::authorized`; `timing`
-/// may rewrite each grant's (received_at, expires_at).
+/// may rewrite each grant's (issued_at, expires_at).
 async fn seed(
     cfg_path: &Path,
     sim: &RunningSimulator,
@@ -149,7 +149,7 @@ async fn seed(
                     .await
                     .map_err(|e| format!("{e}"))?;
                 if let Some((received, expires)) = timing {
-                    grant.received_at = received;
+                    grant.issued_at = received;
                     grant.expires_at = expires;
                 }
                 engine.authorized("demo", account, &grant).await?;
