@@ -4,9 +4,8 @@
 
 use std::path::Path;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderMap};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -68,27 +67,34 @@ fn own_origin(state: &AppState, origin: &str) -> bool {
         })
 }
 
-/// `/v1/*` guard: cross-origin requests are refused (a browser page must not
-/// read tokens, whatever DNS says), then the API key is checked if keys are
-/// configured.
-pub async fn guard_v1(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(origin) = req
-        .headers()
-        .get(header::ORIGIN)
-        .and_then(|v| v.to_str().ok())
-    {
-        if !own_origin(&state, origin) {
-            tracing::warn!(origin, "cross-origin request to /v1 refused");
-            return ApiError::Forbidden(
-                "requests from other web origins are refused; call the API from a local program, not a web page".into(),
-            )
-            .into_response();
+/// `/v1/*` and `/proxy/*` guard: cross-origin requests are refused (a
+/// browser page must not read tokens, whatever DNS says), then the bearer
+/// credential is checked (SPEC 5, API keys).
+#[derive(Clone)]
+pub struct V1Guard(pub AppState);
+
+impl super::guard::RequestCheck for V1Guard {
+    fn check(&self, req: &Request) -> Option<Response> {
+        let state = &self.0;
+        if let Some(origin) = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok())
+        {
+            if !own_origin(state, origin) {
+                tracing::warn!(origin, "cross-origin request to /v1 refused");
+                return Some(
+                    ApiError::Forbidden(
+                        "requests from other web origins are refused; call the API from a local program, not a web page".into(),
+                    )
+                    .into_response(),
+                );
+            }
         }
+        check_bearer(state, req.headers())
+            .err()
+            .map(IntoResponse::into_response)
     }
-    if let Err(e) = check_bearer(&state, req.headers()) {
-        return e.into_response();
-    }
-    next.run(req).await
 }
 
 /// Checks the bearer credential where one is accepted (SPEC 5).

@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod callback;
 pub mod error;
+pub mod guard;
 pub mod openapi;
 pub mod pages;
 pub mod proxy;
@@ -16,7 +17,6 @@ use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, delete, get, post};
 use axum::Router;
@@ -72,19 +72,13 @@ pub fn router(state: AppState, extra: Option<Router>) -> Router {
             delete(api::delete_connection),
         )
         .route("/v1/inspect", post(api::inspect))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::guard_v1,
-        ));
+        .route_layer(guard::CheckLayer::new(auth::V1Guard(state.clone())));
     // The proxy takes the same guard (Origin check, SPEC 5 bearer check)
     // and no body limit: bodies stream, and only small ones are buffered.
     let proxied = Router::new()
         .route("/proxy/{target}", any(proxy::forward))
         .route("/proxy/{target}/{*path}", any(proxy::forward))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::guard_v1,
-        ))
+        .route_layer(guard::CheckLayer::new(auth::V1Guard(state.clone())))
         .layer(DefaultBodyLimit::disable());
     let mut app = Router::new()
         .route("/", get(dashboard))
@@ -102,12 +96,9 @@ pub fn router(state: AppState, extra: Option<Router>) -> Router {
         app = app.merge(extra);
     }
     app.layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        // Only the host list: cloning the whole `AppState` per request
-        // would copy `public_url` (an allocation) on every token request.
-        .layer(middleware::from_fn_with_state(
+        .layer(guard::CheckLayer::new(HostCheck(
             state.allowed_hosts.clone(),
-            check_host,
-        ))
+        )))
 }
 
 /// `GET /`: the dashboard.
@@ -182,32 +173,39 @@ fn host_allowed(allowed_hosts: &[String], value: &str) -> bool {
 /// Refuses oversized requests (431, 414), then requests whose `Host` is not
 /// ours with 421: a web page that rebinds its DNS name to 127.0.0.1 still
 /// sends its own name.
-async fn check_host(
-    State(allowed_hosts): State<Arc<Vec<String>>>,
-    req: Request,
-    next: Next,
-) -> Response {
+#[derive(Clone)]
+struct HostCheck(Arc<Vec<String>>);
+
+impl guard::RequestCheck for HostCheck {
+    fn check(&self, req: &Request) -> Option<Response> {
+        check_host(&self.0, req)
+    }
+}
+
+fn check_host(allowed_hosts: &[String], req: &Request) -> Option<Response> {
     let header_bytes: usize = req
         .headers()
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len())
         .sum();
     if header_bytes > MAX_HEADER_BYTES {
-        return (
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "request headers too large\n",
-        )
-            .into_response();
+        return Some(
+            (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request headers too large\n",
+            )
+                .into_response(),
+        );
     }
     if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > MAX_URI_BYTES {
-        return (StatusCode::URI_TOO_LONG, "request URI too long\n").into_response();
+        return Some((StatusCode::URI_TOO_LONG, "request URI too long\n").into_response());
     }
     let header_host = req
         .headers()
         .get(header::HOST)
         .and_then(|v| v.to_str().ok());
-    if header_host.is_some_and(|v| host_allowed(&allowed_hosts, v)) {
-        return next.run(req).await;
+    if header_host.is_some_and(|v| host_allowed(allowed_hosts, v)) {
+        return None;
     }
     let host = header_host
         .map(host_name)
@@ -222,16 +220,16 @@ async fn check_host(
             host = host.as_deref().unwrap_or("(none)"),
             "request with a foreign Host header refused"
         );
-        return (
+        return Some((
             StatusCode::MISDIRECTED_REQUEST,
             axum::Json(serde_json::json!({
                 "error": "misdirected_request",
                 "message": "this Host is not served here; use the address in server.public_url or add the name to server.allowed_hosts"
             })),
         )
-            .into_response();
+            .into_response());
     }
-    next.run(req).await
+    None
 }
 
 #[cfg(test)]
