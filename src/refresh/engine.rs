@@ -1333,9 +1333,13 @@ fn owner_id() -> String {
 
 /// True when `owner` names a process on this host that no longer exists
 /// (or an earlier life of our own pid). Other hosts' leases only lapse.
+///
+/// Only called for holders other than this process (our own leases match
+/// by exact owner string in SQL), so a holder with our pid is a dead
+/// predecessor that had the same pid: common for pid 1 in containers.
 fn owner_is_dead(owner: &str) -> bool {
     let mut parts = owner.rsplitn(3, ':');
-    let (Some(nonce), Some(pid), Some(host)) = (parts.next(), parts.next(), parts.next()) else {
+    let (Some(_nonce), Some(pid), Some(host)) = (parts.next(), parts.next(), parts.next()) else {
         return false;
     };
     if host != hostname() {
@@ -1344,15 +1348,5 @@ fn owner_is_dead(owner: &str) -> bool {
     let Ok(pid) = pid.parse::<u32>() else {
         return false;
     };
-    if pid == std::process::id() {
-        return !owner_id_matches(nonce);
-    }
-    !std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-fn owner_id_matches(_nonce: &str) -> bool {
-    // Our own leases are recognised by exact owner comparison in SQL; a
-    // lease with our pid but a different nonce belongs to a dead
-    // predecessor that had the same pid.
-    false
+    pid == std::process::id() || !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
