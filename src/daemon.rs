@@ -132,9 +132,9 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     // spend the same provider quota.
     let limits = Arc::new(RateLimits::new(config.providers.values()));
     engine.use_rate_limits(limits.clone());
-    let state = AppState {
+    let state = AppState::new(crate::http::Shared {
         engine: engine.clone(),
-        public_url: Arc::new(public_url.clone()),
+        public_url: public_url.clone(),
         allowed_hosts: Arc::new(allowed_hosts(&config, &public_url)),
         api_keys,
         tls_fingerprint: tls.as_ref().map(|t| Arc::from(t.fingerprint.as_str())),
@@ -142,7 +142,7 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
             limits.clone(),
             config.server.proxy_max_wait,
         )),
-    };
+    });
     let app = http::router(state, extra);
 
     let mut scheduler = JobScheduler::new().await?;

@@ -48,9 +48,9 @@ fn callback_router(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> axum:
             .await
             .unwrap();
         router(
-            AppState {
+            AppState::new(tokenkeeper::http::Shared {
                 engine,
-                public_url: Arc::new(url::Url::parse("http://127.0.0.1:1/").unwrap()),
+                public_url: url::Url::parse("http://127.0.0.1:1/").unwrap(),
                 allowed_hosts: Arc::new(vec!["127.0.0.1".into()]),
                 api_keys: None,
                 tls_fingerprint: None,
@@ -60,7 +60,7 @@ fn callback_router(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> axum:
                     )),
                     std::time::Duration::from_secs(1),
                 )),
-            },
+            }),
             None,
         )
     })

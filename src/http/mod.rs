@@ -34,13 +34,31 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Longest path and query accepted.
 pub const MAX_URI_BYTES: usize = 8 * 1024;
 
-/// What handlers share; cheap to clone.
+/// What handlers share: one `Arc`, because extractors and layers clone it
+/// on every request, and one reference count is cheaper than one per field
+/// (their cache lines would bounce between worker threads).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The fields of [`AppState`].
+pub struct Shared {
     pub engine: Engine,
     /// What the browser reaches: `redirect_uri = public_url + "/callback"`.
-    /// Behind an `Arc` because extractors clone the state on every request.
-    pub public_url: Arc<Url>,
+    pub public_url: Url,
     /// Lower-case host names accepted in `Host` (DNS-rebinding defence).
     pub allowed_hosts: Arc<Vec<String>>,
     /// Keys required on `/v1/*` when `server.api_keys_file` is set.
@@ -55,7 +73,7 @@ impl AppState {
     /// `{public_url}/callback`.
     pub fn redirect_uri(&self) -> Url {
         let base = self.public_url.as_str().trim_end_matches('/');
-        Url::parse(&format!("{base}/callback")).unwrap_or_else(|_| (*self.public_url).clone())
+        Url::parse(&format!("{base}/callback")).unwrap_or_else(|_| self.public_url.clone())
     }
 }
 
