@@ -41,7 +41,8 @@ use crate::config::{Limits, Preset, ProviderConfig};
 /// burst is that many emission intervals (at least one cell) below the
 /// provider's. Measured: over 100 ms for the first requests of a burst on a
 /// busy two-core machine; 250 ms leaves room. It costs a few requests of a
-/// burst (7 of Keap's 25 per second), never sustained throughput.
+/// burst, never sustained throughput. (The per-second limit has no burst at
+/// all: it is paced.)
 pub const JITTER_TOLERANCE: Duration = Duration::from_millis(250);
 
 /// How long an upstream 429 pauses a provider when it says nothing more
@@ -153,18 +154,26 @@ struct Scope {
 impl Scope {
     fn new(limits: Limits, now: DateTime<Utc>) -> Scope {
         let mut bursts = Vec::new();
-        let mut gcra = |n: Option<u32>, period: Duration| {
+        let mut gcra = |n: Option<u32>, period: Duration, paced: bool| {
             let n = n?;
             let rate = f64::from(n) / period.as_secs_f64();
             // Margin in cells for JITTER_TOLERANCE, at least one.
             let margin = (rate * JITTER_TOLERANCE.as_secs_f64()).ceil().max(1.0) as u32;
-            let burst = n.saturating_sub(margin).max(1);
+            // The per-second limit is paced, one request per 1/n s: a burst
+            // on top of the rate would put up to 2n requests into one
+            // second, and Keap's spike arrest (Apigee) counts in slices of
+            // 1/n s anyway.
+            let burst = if paced {
+                1
+            } else {
+                n.saturating_sub(margin).max(1)
+            };
             bursts.push((burst, rate));
             let quota = Quota::with_period(period / n.max(1))?.allow_burst(NonZeroU32::new(burst)?);
             Some(RateLimiter::direct_with_clock(quota, MonotonicClock))
         };
-        let per_second = gcra(limits.per_second, Duration::from_secs(1));
-        let per_minute = gcra(limits.per_minute, Duration::from_secs(60));
+        let per_second = gcra(limits.per_second, Duration::from_secs(1), true);
+        let per_minute = gcra(limits.per_minute, Duration::from_secs(60), false);
         Scope {
             per_second,
             per_minute,
@@ -741,8 +750,8 @@ mod tests {
         for t in tasks {
             ok += usize::from(t.await.unwrap());
         }
-        // Burst 15 (20 minus the jitter margin of 5) plus 20/s for 0.5 s.
-        assert!((22..=26).contains(&ok), "granted {ok}");
+        // Paced: one at once, then one every 50 ms for 0.5 s.
+        assert!((10..=12).contains(&ok), "granted {ok}");
         assert!(started.elapsed() < Duration::from_secs(2));
     }
 
