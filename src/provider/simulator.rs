@@ -620,12 +620,6 @@ impl Simulator {
         }
     }
 
-    /// Sets (or lifts, with `None`) the `/api/*` rate limits; usage so far
-    /// is kept.
-    pub fn set_limits(&self, limits: Option<SimLimits>) {
-        self.lock().config.limits = limits;
-    }
-
     /// Pretends `used` API calls were already made today (e.g. by other
     /// installations of the same client), so a test can start near the
     /// end of the daily quota.
