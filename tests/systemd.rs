@@ -272,10 +272,7 @@ async fn journal_lines_have_priorities_and_no_timestamps() {
         .expect("serving line");
     assert!(serving.starts_with("<6>"), "{serving}");
     assert!(!serving.contains("\u{1b}["), "no colours: {serving}");
-    assert!(
-        !serving.contains("2026-") && !serving.contains("T0"),
-        "no timestamp: {serving}"
-    );
+    assert!(!has_rfc3339_timestamp(serving), "no timestamp: {serving}");
     let warn = log
         .lines()
         .find(|l| l.contains("Keap only accepts HTTPS"))
@@ -298,4 +295,24 @@ async fn journal_lines_have_priorities_and_no_timestamps() {
         .expect("json stop line");
     let v: serde_json::Value = serde_json::from_str(line).expect("json log line");
     assert_eq!(v["level"], "INFO");
+}
+
+/// Whether `line` holds an RFC 3339 date-time such as `2026-11-28T03:25:20`.
+/// A loose substring check ("T0") would match random temp-dir names.
+fn has_rfc3339_timestamp(line: &str) -> bool {
+    let shape = b"dddd-dd-ddTdd:dd";
+    line.as_bytes().windows(shape.len()).any(|w| {
+        w.iter().zip(shape).all(|(c, s)| match s {
+            b'd' => c.is_ascii_digit(),
+            other => c == other,
+        })
+    })
+}
+
+#[test]
+fn timestamp_shape_is_recognised() {
+    assert!(has_rfc3339_timestamp("2026-11-28T03:25:20.123Z INFO x"));
+    assert!(!has_rfc3339_timestamp(
+        "<6>serving database=/tmp/.tmpT0ssdt/tokenkeeper.db"
+    ));
 }
