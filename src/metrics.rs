@@ -4,10 +4,10 @@
 
 use std::sync::OnceLock;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::refresh::Engine;
+use crate::refresh::{ConnectionReport, Engine};
 
 /// Counter: refresh attempts by `result` = ok | transient | rejected.
 pub const REFRESH_TOTAL: &str = "tokenkeeper_refresh_total";
@@ -54,7 +54,6 @@ fn describe() {
         metrics::Unit::Seconds,
         "Duration of refresh calls to the provider"
     );
-    metrics::describe_counter!(TOKEN_REQUESTS_TOTAL, "Access tokens handed out");
     metrics::describe_histogram!(
         TOKEN_REQUEST_DURATION,
         metrics::Unit::Seconds,
@@ -64,46 +63,97 @@ fn describe() {
         BEARER_MISUSE_TOTAL,
         "Refresh tokens presented as bearer tokens"
     );
-    metrics::describe_gauge!(
-        "tokenkeeper_access_token_expiry_seconds",
-        metrics::Unit::Seconds,
-        "Time left on the current access token"
+}
+
+/// The Prometheus text exposition: the recorder's series, then the
+/// per-connection ones.
+pub fn render(engine: &Engine) -> Option<String> {
+    let handle = install()?;
+    let mut out = handle.render();
+    write_connections(&mut out, &engine.report(), Utc::now());
+    Some(out)
+}
+
+/// The per-connection series, written at scrape time straight from the
+/// engine's snapshots rather than kept in the recorder: with 10,000
+/// connections that would be 70,000 series held in memory between scrapes,
+/// and series of deleted connections would linger.
+fn write_connections(out: &mut String, report: &[ConnectionReport], now: DateTime<Utc>) {
+    if report.is_empty() {
+        return;
+    }
+    family(
+        out,
+        ("tokenkeeper_access_token_expiry_seconds", "gauge"),
+        "Time left on the current access token, in seconds",
+        report,
+        &[""],
+        |c, _| seconds(c.expires_at - now),
     );
-    metrics::describe_gauge!(
-        "tokenkeeper_refresh_token_age_seconds",
-        metrics::Unit::Seconds,
-        "Age of the current refresh token"
+    family(
+        out,
+        ("tokenkeeper_refresh_token_age_seconds", "gauge"),
+        "Age of the current refresh token, in seconds",
+        report,
+        &[""],
+        |c, _| seconds((now - c.refresh_token_issued_at).max(chrono::TimeDelta::zero())),
     );
-    metrics::describe_gauge!(
-        "tokenkeeper_connection_state",
-        "1 for the connection's current state, 0 for the others"
+    family(
+        out,
+        ("tokenkeeper_connection_state", "gauge"),
+        "1 for the connection's current state, 0 for the others",
+        report,
+        &STATES,
+        |c, state| f64::from(u8::from(c.state == state)),
+    );
+    family(
+        out,
+        (TOKEN_REQUESTS_TOTAL, "counter"),
+        "Access tokens handed out",
+        report,
+        &[""],
+        |c, _| c.served as f64,
     );
 }
 
-/// The Prometheus text exposition, with per-connection gauges refreshed.
-pub fn render(engine: &Engine) -> Option<String> {
-    let handle = install()?;
-    let now = Utc::now();
-    for c in engine.report() {
-        let labels = [
-            ("provider", c.provider.clone()),
-            ("account", c.account.clone()),
-        ];
-        metrics::gauge!("tokenkeeper_access_token_expiry_seconds", &labels)
-            .set((c.expires_at - now).num_milliseconds() as f64 / 1000.0);
-        metrics::gauge!("tokenkeeper_refresh_token_age_seconds", &labels)
-            .set((now - c.refresh_token_issued_at).num_milliseconds().max(0) as f64 / 1000.0);
-        for state in STATES {
-            metrics::gauge!(
-                "tokenkeeper_connection_state",
-                "provider" => c.provider.clone(),
-                "account" => c.account.clone(),
-                "state" => state
-            )
-            .set(if c.state == state { 1.0 } else { 0.0 });
+/// One metric family: a series per connection and entry of `states` (the
+/// `state` label; `[""]` for none), valued by `value(connection, state)`.
+fn family(
+    out: &mut String,
+    (name, kind): (&str, &str),
+    help: &str,
+    report: &[ConnectionReport],
+    states: &[&str],
+    value: impl Fn(&ConnectionReport, &str) -> f64,
+) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for c in report {
+        let (provider, account) = (escape(&c.provider), escape(&c.account));
+        for state in states {
+            let _ = write!(out, "{name}{{provider=\"{provider}\",account=\"{account}\"");
+            if !state.is_empty() {
+                let _ = write!(out, ",state=\"{state}\"");
+            }
+            let _ = writeln!(out, "}} {}", value(c, state));
         }
     }
-    Some(handle.render())
+    out.push('\n');
+}
+
+fn seconds(d: chrono::TimeDelta) -> f64 {
+    d.num_milliseconds() as f64 / 1000.0
+}
+
+/// Label value escaping of the text format (`\\`, `\"`, newline).
+fn escape(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['\\', '"', '\n']) {
+        return v.into();
+    }
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+        .into()
 }
 
 /// Drains histogram samples into their buckets. Without it, samples pile up
@@ -111,5 +161,42 @@ pub fn render(engine: &Engine) -> Option<String> {
 pub fn upkeep() {
     if let Some(Some(handle)) = HANDLE.get() {
         handle.run_upkeep();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_connection_series() {
+        let now = Utc::now();
+        let c = ConnectionReport {
+            provider: "keap".into(),
+            account: "a\"b".into(),
+            state: "retrying",
+            expires_at: now + chrono::TimeDelta::seconds(90),
+            refreshed_at: None,
+            next_refresh_at: None,
+            refresh_token_issued_at: now - chrono::TimeDelta::seconds(5),
+            last_error: None,
+            served: 7,
+        };
+        let mut out = String::new();
+        write_connections(&mut out, &[c], now);
+        let labels = r#"provider="keap",account="a\"b""#;
+        for line in [
+            format!("tokenkeeper_access_token_expiry_seconds{{{labels}}} 90"),
+            format!("tokenkeeper_refresh_token_age_seconds{{{labels}}} 5"),
+            format!("tokenkeeper_connection_state{{{labels},state=\"retrying\"}} 1"),
+            format!("tokenkeeper_connection_state{{{labels},state=\"active\"}} 0"),
+            format!("tokenkeeper_token_requests_total{{{labels}}} 7"),
+            "# TYPE tokenkeeper_token_requests_total counter".to_string(),
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing {line} in\n{out}");
+        }
+        let mut empty = String::new();
+        write_connections(&mut empty, &[], now);
+        assert!(empty.is_empty());
     }
 }

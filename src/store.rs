@@ -21,6 +21,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
+use futures_util::TryStreamExt;
 use sqlx::{Row, SqlitePool};
 
 use crate::crypto::{self, SealKey};
@@ -208,7 +209,12 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // 512 KiB of page cache per pooled connection instead of 2 MiB:
+            // the start reads every row once, and each connection would
+            // keep the pages it read for the life of the daemon. Refreshes
+            // touch a handful of pages by primary key.
+            .pragma("cache_size", "-512");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
@@ -340,25 +346,27 @@ impl Store {
     }
 
     /// Every stored fingerprint, oldest first per connection:
-    /// `(connection_id, fingerprint)`.
-    pub async fn load_fingerprints(&self) -> Result<Vec<(i64, Fingerprint)>, StoreError> {
-        let rows =
+    /// `(connection_id, fingerprint)`, handed to `f` one row at a time so
+    /// that 10,000 connections never sit in memory as raw rows.
+    pub async fn each_fingerprint(
+        &self,
+        mut f: impl FnMut(i64, Fingerprint),
+    ) -> Result<(), StoreError> {
+        let mut rows =
             sqlx::query("SELECT connection_id, kind, digest FROM token_fingerprints ORDER BY id")
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter()
-            .map(|r| {
-                let kind = match r.try_get::<&str, _>("kind")? {
-                    "refresh" => TokenKind::Refresh,
-                    _ => TokenKind::Access,
-                };
-                let digest: Vec<u8> = r.try_get("digest")?;
-                let digest = digest
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("fingerprint of the wrong length".into()))?;
-                Ok((r.try_get("connection_id")?, Fingerprint { kind, digest }))
-            })
-            .collect()
+                .fetch(&self.pool);
+        while let Some(r) = rows.try_next().await? {
+            let kind = match r.try_get::<&str, _>("kind")? {
+                "refresh" => TokenKind::Refresh,
+                _ => TokenKind::Access,
+            };
+            let digest: &[u8] = r.try_get("digest")?;
+            let digest = digest
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("fingerprint of the wrong length".into()))?;
+            f(r.try_get("connection_id")?, Fingerprint { kind, digest });
+        }
+        Ok(())
     }
 
     /// Cheap liveness probe for `/readyz` and the watchdog.
@@ -436,12 +444,24 @@ impl Store {
     // ----- connections -----
 
     pub async fn load_connections(&self) -> Result<Vec<ConnectionRow>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM connections ORDER BY provider, account"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(|r| self.decode(r)).collect()
+        let mut all = Vec::new();
+        self.each_connection(|c| all.push(c)).await?;
+        Ok(all)
+    }
+
+    /// Every connection, decoded and handed to `f` one row at a time: the
+    /// daemon's start reads them all, and raw rows of 10,000 connections
+    /// held at once were most of its peak memory (`bench/run.sh`).
+    pub async fn each_connection(
+        &self,
+        mut f: impl FnMut(ConnectionRow),
+    ) -> Result<(), StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM connections ORDER BY provider, account");
+        let mut rows = sqlx::query(&sql).fetch(&self.pool);
+        while let Some(r) = rows.try_next().await? {
+            f(self.decode(&r)?);
+        }
+        Ok(())
     }
 
     pub async fn load_connection(&self, id: i64) -> Result<Option<ConnectionRow>, StoreError> {

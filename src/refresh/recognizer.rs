@@ -24,14 +24,11 @@ pub struct Recognizer {
 }
 
 impl Recognizer {
-    pub fn new(key: [u8; 32], stored: Vec<(i64, Fingerprint)>) -> Recognizer {
-        let known = stored
-            .into_iter()
-            .map(|(id, fp)| (fp.digest, (fp.kind, id)))
-            .collect();
+    /// An empty index; `add` fills it.
+    pub fn new(key: [u8; 32]) -> Recognizer {
         Recognizer {
             fingerprinter: Fingerprinter::new(key),
-            known: RwLock::new(known),
+            known: RwLock::new(HashMap::new()),
         }
     }
 
