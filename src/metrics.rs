@@ -69,8 +69,11 @@ fn describe() {
 /// per-connection ones.
 pub fn render(engine: &Engine) -> Option<String> {
     let handle = install()?;
+    let report = engine.report();
     let mut out = handle.render();
-    write_connections(&mut out, &engine.report(), Utc::now());
+    // About 600 bytes per connection: one allocation instead of doubling.
+    out.reserve(report.len() * 640);
+    write_connections(&mut out, &report, Utc::now());
     Some(out)
 }
 
