@@ -925,3 +925,45 @@ async fn forced_refresh_joining_a_failed_refresh_reports_it() {
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["access_token"], token0.as_str());
 }
+
+// ---------------------------------------------------------------------------
+// 9. a caller that goes away does not cancel the refresh it started
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_caller_that_disconnects_mid_refresh_does_not_lose_the_grant() {
+    let mut h = Harness::new(Options {
+        access_lifetime: Duration::from_secs(3600),
+        ..Options::default()
+    })
+    .await;
+    h.start().await;
+    let token0 = authorize(&h).await;
+    // The provider rotates the refresh token, then answers late: a flight
+    // dropped with its caller would never store the new token, and the next
+    // refresh would reuse the spent one (invalid_grant: the grant is dead).
+    h.sim
+        .sim
+        .set_token_delay(Duration::from_millis(600), DelayPhase::AfterRotation);
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(150))
+        .build()
+        .unwrap();
+    let gone = impatient
+        .post(h.url("/v1/token/keap/refresh"))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the caller gave up before the provider answered");
+    common::eventually(Duration::from_secs(5), "the refresh lands", || async {
+        h.sim.sim.stats().refresh_ok == 1 && h.token().await.1["access_token"] != token0.as_str()
+    })
+    .await;
+    h.sim
+        .sim
+        .set_token_delay(Duration::ZERO, DelayPhase::AfterRotation);
+    let (s, b) = post_refresh(&h).await;
+    assert_eq!(s, 200, "the stored refresh token is the current one: {b}");
+    let stats = h.sim.sim.stats();
+    assert_eq!(stats.refresh_reuse, 0, "{stats:?}");
+    assert_eq!(stats.refresh_ok, 2, "{stats:?}");
+    assert!(h.sim.sim.access_token_valid(b["access_token"].as_str().unwrap()));
+}

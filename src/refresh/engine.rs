@@ -23,6 +23,7 @@ use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::task::TaskTracker;
 
+use super::flights::FlightThread;
 use super::policy::{self, Timing};
 use super::recognizer::Recognizer;
 use crate::config::RefreshConfig;
@@ -151,8 +152,9 @@ struct Slot {
     /// std RwLock: held only to clone an `Arc`, never across `.await`.
     snap: RwLock<Arc<Snapshot>>,
     /// tokio Mutex: held across the provider call; waiting on it is how
-    /// concurrent callers share one refresh.
-    flight: tokio::sync::Mutex<()>,
+    /// concurrent callers share one refresh. Owned guards, because the
+    /// flight holding it runs apart from the caller that took it.
+    flight: Arc<tokio::sync::Mutex<()>>,
     in_flight: AtomicBool,
     /// Finished attempts; a waiter that sees it move knows a flight ended
     /// while it queued and takes that result instead of starting another.
@@ -179,9 +181,9 @@ impl Slot {
 }
 
 /// Clears `in_flight` even if the refresh future is dropped mid-way.
-struct FlightGuard<'a>(&'a Slot);
+struct FlightGuard(Arc<Slot>);
 
-impl Drop for FlightGuard<'_> {
+impl Drop for FlightGuard {
     fn drop(&mut self) {
         self.0.attempts.fetch_add(1, Ordering::SeqCst);
         self.0.in_flight.store(false, Ordering::SeqCst);
@@ -212,6 +214,8 @@ struct Inner {
     slots: RwLock<HashMap<(String, String), Arc<Slot>>>,
     owner: String,
     tasks: TaskTracker,
+    /// Where refresh flights run (see `flights`).
+    flights: FlightThread,
     recognizer: Recognizer,
     /// The provider rate limits the proxy also uses (set once by the
     /// daemon): a refresh spends the same quota as an API call.
@@ -259,6 +263,7 @@ impl Engine {
                 slots: RwLock::new(HashMap::new()),
                 owner: owner_id(),
                 tasks: TaskTracker::new(),
+                flights: FlightThread::start(),
                 recognizer,
                 limits: std::sync::OnceLock::new(),
                 peers: AtomicBool::new(false),
@@ -351,7 +356,8 @@ impl Engine {
         }
     }
 
-    /// Tasks spawned by the engine (scheduled refreshes), for shutdown.
+    /// Tasks spawned by the engine (scheduled refreshes, every flight), for
+    /// shutdown.
     pub fn tasks(&self) -> &TaskTracker {
         &self.inner.tasks
     }
@@ -473,7 +479,7 @@ impl Engine {
                         account: row.account.clone(),
                         jitter: policy::stable_jitter(&row.provider, &row.account, refresh.jitter),
                         snap: RwLock::new(Arc::new(Snapshot::from_row(row))),
-                        flight: tokio::sync::Mutex::new(()),
+                        flight: Arc::new(tokio::sync::Mutex::new(())),
                         in_flight: AtomicBool::new(false),
                         attempts: AtomicU64::new(0),
                         landed: tokio::sync::Notify::new(),
@@ -886,7 +892,7 @@ impl Engine {
                 return answer(slot, &slot.snapshot(), Utc::now());
             }
         }
-        let _flight = slot.flight.lock().await;
+        let flight = slot.flight.clone().lock_owned().await;
         if slot.attempts.load(Ordering::SeqCst) != seen {
             let snap = slot.snapshot();
             // Fix (issue 3): a forced refresh that joined a flight which
@@ -903,15 +909,39 @@ impl Engine {
             }
         }
         slot.in_flight.store(true, Ordering::SeqCst);
-        let _guard = FlightGuard(slot);
-        let before = slot.snapshot().generation;
-        let snap = self.refresh_locked(slot, trigger).await?;
-        if trigger == Trigger::Forced && snap.generation == before {
-            // Whoever forces a refresh wants to know it did not happen, even
-            // though the old token would still be served to ordinary callers.
-            return Err(failure(slot, &snap, Utc::now()));
+        // From here the flight owns the lock and the guard: it finishes on
+        // the flight thread even if this caller goes away.
+        let guard = FlightGuard(slot.clone());
+        let engine = self.clone();
+        let flying = slot.clone();
+        let landed = self
+            .inner
+            .flights
+            .spawn(self.inner.tasks.track_future(async move {
+                let _flight = flight;
+                let _guard = guard;
+                let before = flying.snapshot().generation;
+                let snap = engine.refresh_locked(&flying, trigger).await?;
+                if trigger == Trigger::Forced && snap.generation == before {
+                    // Whoever forces a refresh wants to know it did not
+                    // happen, even though the old token would still be
+                    // served to ordinary callers.
+                    return Err(failure(&flying, &snap, Utc::now()));
+                }
+                answer(&flying, &snap, Utc::now())
+            }));
+        match landed.await {
+            Ok(result) => result,
+            Err(e) => {
+                tracing::error!(provider = %slot.provider, account = %slot.account, "the refresh task failed: {e}");
+                Err(TokenError::RefreshFailed {
+                    provider: slot.provider.clone(),
+                    account: slot.account.clone(),
+                    reason: "internal error: the refresh task stopped".into(),
+                    retry_after: Duration::from_secs(1),
+                })
+            }
         }
-        answer(slot, &snap, Utc::now())
     }
 
     /// Runs one refresh with the flight lock held.

@@ -4,6 +4,7 @@
 //! engine directly, without HTTP.
 
 pub mod engine;
+pub mod flights;
 pub mod policy;
 pub mod recognizer;
 

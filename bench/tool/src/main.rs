@@ -339,9 +339,20 @@ async fn herd(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+            // Where the time goes: when the refresh reached the provider.
+            let seen = {
+                let sim = sim.sim.clone();
+                tokio::spawn(async move {
+                    while sim.stats().refresh_calls == before {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Instant::now()
+                })
+            };
             let t0 = Instant::now();
             go_tx.send(true)?;
             let mut last = t0;
+            let mut first: Option<Instant> = None;
             let mut ok = 0usize;
             let mut tokens = std::collections::HashSet::new();
             let mut expires_in = 0i64;
@@ -349,6 +360,7 @@ async fn herd(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
             while let Some(r) = set.join_next().await {
                 let (t, r, s) = r?;
                 last = last.max(t);
+                first = Some(first.map_or(t, |f| f.min(t)));
                 if let Ok((200, body)) = r {
                     ok += 1;
                     let body = String::from_utf8_lossy(&body).into_owned();
@@ -378,9 +390,13 @@ async fn herd(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
                 (delay.as_millis() + 50) as f64,
                 "(target: provider delay 200 ms + 50 ms)",
             );
+            let ms = |t: Instant| t.saturating_duration_since(t0).as_secs_f64() * 1e3;
             println!(
-                "herd_{n}_detail: {ok}/{n} answered 200, {} distinct token(s) handed out",
-                tokens.len()
+                "herd_{n}_detail: {ok}/{n} answered 200, {} distinct token(s) handed out; refresh reached the provider at +{:.1} ms, first token at +{:.1} ms, last at +{:.1} ms",
+                tokens.len(),
+                ms(seen.await?),
+                ms(first.unwrap_or(t0)),
+                ms(last),
             );
             stale_at = Utc::now() + chrono::Duration::seconds(expires_in - s_secs + 1);
         }
