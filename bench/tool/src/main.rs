@@ -349,6 +349,7 @@ async fn herd(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
                     Instant::now()
                 })
             };
+            let cpu0 = (cpu_secs(child.id()), cpu_secs(std::process::id()));
             let t0 = Instant::now();
             go_tx.send(true)?;
             let mut last = t0;
@@ -390,13 +391,19 @@ async fn herd(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
                 (delay.as_millis() + 50) as f64,
                 "(target: provider delay 200 ms + 50 ms)",
             );
+            let cpu = (
+                cpu_secs(child.id()) - cpu0.0,
+                cpu_secs(std::process::id()) - cpu0.1,
+            );
             let ms = |t: Instant| t.saturating_duration_since(t0).as_secs_f64() * 1e3;
             println!(
-                "herd_{n}_detail: {ok}/{n} answered 200, {} distinct token(s) handed out; refresh reached the provider at +{:.1} ms, first token at +{:.1} ms, last at +{:.1} ms",
+                "herd_{n}_detail: {ok}/{n} answered 200, {} distinct token(s) handed out; refresh reached the provider at +{:.1} ms, first token at +{:.1} ms, last at +{:.1} ms; CPU {:.0} ms in the daemon, {:.0} ms in this client",
                 tokens.len(),
                 ms(seen.await?),
                 ms(first.unwrap_or(t0)),
                 ms(last),
+                cpu.0 * 1e3,
+                cpu.1 * 1e3,
             );
             stale_at = Utc::now() + chrono::Duration::seconds(expires_in - s_secs + 1);
         }
