@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::ServiceExt;
 use tokio::net::TcpListener;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
@@ -203,7 +204,7 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     let served = match tls {
         Some(t) => {
             let tls_listener = crate::http::tls::TlsListener::new(listener, t.acceptor)?;
-            axum::serve(tls_listener, app)
+            axum::serve(tls_listener, app.into_make_service())
                 .with_graceful_shutdown(stop)
                 .await
         }
@@ -217,7 +218,7 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
                     tracing::debug!(error = %e, "cannot set TCP_NODELAY");
                 }
             });
-            axum::serve(listener, app)
+            axum::serve(listener, app.into_make_service())
                 .with_graceful_shutdown(stop)
                 .await
         }

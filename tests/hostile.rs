@@ -39,7 +39,7 @@ proptest! {
     }
 }
 
-fn callback_router(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> axum::Router {
+fn callback_router(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> tokenkeeper::http::App {
     rt.block_on(async {
         let store = Store::open(&dir.join("db.sqlite"), None).await.unwrap();
         let cfg = Config::dev("127.0.0.1:1".parse().unwrap(), dir.join("unused.db"), "s");

@@ -19,6 +19,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, delete, get, post};
+use tower_layer::Layer;
 use axum::Router;
 use url::Url;
 
@@ -77,9 +78,20 @@ impl AppState {
     }
 }
 
-/// The whole router; `extra` is merged in (the dev-mode simulator).
-pub fn router(state: AppState, extra: Option<Router>) -> Router {
-    let v1 = Router::new()
+/// What the daemon serves: the router behind one guard service.
+pub type App = guard::Checked<Router, Guards>;
+
+/// The whole application; `extra` is merged in (the dev-mode simulator).
+///
+/// The guards wrap the router once, as one service, rather than as
+/// `Router::layer`s: those wrap every route in its own boxed service, each
+/// cloned on every request, which cost about 4% of the token endpoint's CPU
+/// (`BENCH_PROFILE=1 bench/run.sh`).
+pub fn router(state: AppState, extra: Option<Router>) -> App {
+    let mut app = Router::new()
+        .route("/", get(dashboard))
+        .route("/connect/{provider}", get(callback::connect))
+        .route("/callback", get(callback::callback))
         .route("/v1/token/{provider}", get(api::token_default))
         .route("/v1/token/{provider}/refresh", post(api::refresh_default))
         .route("/v1/token/{provider}/{account}", get(api::token))
@@ -89,21 +101,14 @@ pub fn router(state: AppState, extra: Option<Router>) -> Router {
             "/v1/connections/{provider}/{account}",
             delete(api::delete_connection),
         )
-        .route("/v1/inspect", post(api::inspect))
-        .route_layer(guard::CheckLayer::new(auth::V1Guard(state.clone())));
-    // The proxy takes the same guard (Origin check, SPEC 5 bearer check)
-    // and no body limit: bodies stream, and only small ones are buffered.
-    let proxied = Router::new()
+        .route(
+            "/v1/inspect",
+            post(api::inspect).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        )
+        // No body limit on the proxy: bodies stream, and only small ones
+        // are buffered.
         .route("/proxy/{target}", any(proxy::forward))
         .route("/proxy/{target}/{*path}", any(proxy::forward))
-        .route_layer(guard::CheckLayer::new(auth::V1Guard(state.clone())))
-        .layer(DefaultBodyLimit::disable());
-    let mut app = Router::new()
-        .route("/", get(dashboard))
-        .route("/connect/{provider}", get(callback::connect))
-        .route("/callback", get(callback::callback))
-        .merge(v1)
-        .merge(proxied)
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
@@ -113,10 +118,33 @@ pub fn router(state: AppState, extra: Option<Router>) -> Router {
     if let Some(extra) = extra {
         app = app.merge(extra);
     }
-    app.layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(guard::CheckLayer::new(HostCheck(
-            state.allowed_hosts.clone(),
-        )))
+    guard::CheckLayer::new(Guards {
+        allowed_hosts: state.allowed_hosts.clone(),
+        v1: auth::V1Guard(state),
+    })
+    .layer(app)
+}
+
+/// Every check made from the request head before routing: sizes and `Host`
+/// on all paths (421 for a foreign host), then on `/v1/*` and `/proxy/*`
+/// the Origin and bearer checks of [`auth::V1Guard`].
+#[derive(Clone)]
+pub struct Guards {
+    allowed_hosts: Arc<Vec<String>>,
+    v1: auth::V1Guard,
+}
+
+impl guard::RequestCheck for Guards {
+    fn check(&self, req: &Request) -> Option<Response> {
+        if let Some(refused) = check_host(&self.allowed_hosts, req) {
+            return Some(refused);
+        }
+        let path = req.uri().path();
+        if path.starts_with("/v1/") || path.starts_with("/proxy/") {
+            return guard::RequestCheck::check(&self.v1, req);
+        }
+        None
+    }
 }
 
 /// `GET /`: the dashboard.
@@ -191,15 +219,6 @@ fn host_allowed(allowed_hosts: &[String], value: &str) -> bool {
 /// Refuses oversized requests (431, 414), then requests whose `Host` is not
 /// ours with 421: a web page that rebinds its DNS name to 127.0.0.1 still
 /// sends its own name.
-#[derive(Clone)]
-struct HostCheck(Arc<Vec<String>>);
-
-impl guard::RequestCheck for HostCheck {
-    fn check(&self, req: &Request) -> Option<Response> {
-        check_host(&self.0, req)
-    }
-}
-
 fn check_host(allowed_hosts: &[String], req: &Request) -> Option<Response> {
     let header_bytes: usize = req
         .headers()
