@@ -59,70 +59,23 @@ pub struct TokenBody<'a> {
 }
 
 fn token_response(t: &IssuedToken) -> Response {
-    let body = TokenBody {
-        access_token: t.access_token.expose_secret(),
-        token_type: "Bearer",
-        expires_at: t.expires_at.to_rfc3339_opts(SecondsFormat::Secs, true),
-        expires_in: (t.expires_at - Utc::now()).num_seconds().max(0),
-        provider: &t.provider,
-        account: &t.account,
-    };
-    let mut r = Json(body).into_response();
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
+    served_response(
+        &ServedToken {
+            provider: &t.provider,
+            account: &t.account,
+            access_token: t.access_token.expose_secret(),
+            expires_at: t.expires_at,
+        },
+        Utc::now(),
+    )
 }
 
-/// `expires_at` as `to_rfc3339_opts(SecondsFormat::Secs, true)` writes it,
-/// formatted straight into the serializer's buffer.
-struct Rfc3339Secs(chrono::DateTime<Utc>);
-
-impl Serialize for Rfc3339Secs {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use chrono::{Datelike, Timelike};
-        let t = self.0;
-        if !(0..=9999).contains(&t.year()) {
-            // Outside four-digit years chrono's own format differs; rare.
-            return s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Secs, true));
-        }
-        s.collect_str(&format_args!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-            t.year(),
-            t.month(),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        ))
-    }
-}
-
-/// The same bytes and headers as [`token_response`], serialized into one
+/// The answer carrying an access token: [`TokenBody`] as JSON, in one
 /// buffer sized up front.
 fn served_response(t: &ServedToken<'_>, now: chrono::DateTime<Utc>) -> Response {
-    #[derive(Serialize)]
-    struct Body<'a> {
-        access_token: &'a str,
-        token_type: &'static str,
-        expires_at: Rfc3339Secs,
-        expires_in: i64,
-        provider: &'a str,
-        account: &'a str,
-    }
-    let body = Body {
-        access_token: t.access_token,
-        token_type: "Bearer",
-        expires_at: Rfc3339Secs(t.expires_at),
-        expires_in: (t.expires_at - now).num_seconds().max(0),
-        provider: t.provider,
-        account: t.account,
-    };
     let mut buf =
         Vec::with_capacity(160 + t.access_token.len() + t.provider.len() + t.account.len());
-    if serde_json::to_writer(&mut buf, &body).is_err() {
-        // Serializing strings and integers cannot fail; stay correct anyway.
-        return ApiError::Internal("cannot serialize the token".into()).into_response();
-    }
+    write_token_json(&mut buf, t, (t.expires_at - now).num_seconds().max(0));
     let mut r = Response::new(axum::body::Body::from(buf));
     let h = r.headers_mut();
     h.insert(
@@ -131,6 +84,65 @@ fn served_response(t: &ServedToken<'_>, now: chrono::DateTime<Utc>) -> Response 
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+/// [`TokenBody`] as serde_json would write it, written by hand: this is the
+/// token endpoint's hot path, where serde's generic serializer and `fmt`
+/// were 2.5% of the CPU (`BENCH_PROFILE=1 bench/run.sh`). The test
+/// `token_json_is_what_serde_writes` compares the two byte for byte.
+fn write_token_json(buf: &mut Vec<u8>, t: &ServedToken<'_>, expires_in: i64) {
+    buf.extend_from_slice(b"{\"access_token\":");
+    json_str(buf, t.access_token);
+    buf.extend_from_slice(b",\"token_type\":\"Bearer\",\"expires_at\":");
+    json_rfc3339_secs(buf, t.expires_at);
+    buf.extend_from_slice(b",\"expires_in\":");
+    buf.extend_from_slice(itoa::Buffer::new().format(expires_in).as_bytes());
+    buf.extend_from_slice(b",\"provider\":");
+    json_str(buf, t.provider);
+    buf.extend_from_slice(b",\"account\":");
+    json_str(buf, t.account);
+    buf.push(b'}');
+}
+
+/// A JSON string; serde_json escapes only quotes, backslashes and control
+/// characters, which tokens and names do not contain in practice.
+fn json_str(buf: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    } else if serde_json::to_writer(&mut *buf, s).is_err() {
+        // Writing a string into a Vec cannot fail.
+        buf.extend_from_slice(b"\"\"");
+    }
+}
+
+/// `t.to_rfc3339_opts(SecondsFormat::Secs, true)` as a JSON string.
+fn json_rfc3339_secs(buf: &mut Vec<u8>, t: chrono::DateTime<Utc>) {
+    use chrono::{Datelike, Timelike};
+    let year = t.year();
+    if !(0..=9999).contains(&year) {
+        // Outside four-digit years chrono's own format differs; rare.
+        return json_str(buf, &t.to_rfc3339_opts(SecondsFormat::Secs, true));
+    }
+    let digits = |buf: &mut Vec<u8>, v: u32, width: u32| {
+        for i in (0..width).rev() {
+            buf.push(b'0' + (v / 10u32.pow(i) % 10) as u8);
+        }
+    };
+    buf.push(b'"');
+    digits(buf, year as u32, 4);
+    buf.push(b'-');
+    digits(buf, t.month(), 2);
+    buf.push(b'-');
+    digits(buf, t.day(), 2);
+    buf.push(b'T');
+    digits(buf, t.hour(), 2);
+    buf.push(b':');
+    digits(buf, t.minute(), 2);
+    buf.push(b':');
+    digits(buf, t.second(), 2);
+    buf.extend_from_slice(b"Z\"");
 }
 
 fn check_names(provider: &str, account: &str) -> Result<(), ApiError> {
@@ -421,5 +433,51 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             "metrics recorder unavailable\n",
         )
             .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn by_serde(t: &ServedToken<'_>, expires_in: i64) -> Vec<u8> {
+        serde_json::to_vec(&TokenBody {
+            access_token: t.access_token,
+            token_type: "Bearer",
+            expires_at: t.expires_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+            expires_in,
+            provider: t.provider,
+            account: t.account,
+        })
+        .unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn token_json_is_what_serde_writes(
+            token in prop_oneof![
+                "[A-Za-z0-9._~+/=-]{0,64}",
+                any::<String>(),
+                "[\"\\\\\u{0}-\u{1f}\u{7f}é😀a]{0,8}",
+            ],
+            name in prop_oneof!["[a-z0-9_-]{1,16}", any::<String>()],
+            // Stored instants are milliseconds; years -300 to 12000.
+            millis in -71_700_000_000_000i64..316_500_000_000_000,
+            expires_in in prop_oneof![0i64..100_000, any::<i64>()],
+        ) {
+            let t = ServedToken {
+                provider: &name,
+                account: "default",
+                access_token: &token,
+                expires_at: chrono::DateTime::from_timestamp_millis(millis).unwrap(),
+            };
+            let mut fast = Vec::new();
+            write_token_json(&mut fast, &t, expires_in);
+            prop_assert_eq!(
+                String::from_utf8(fast).unwrap(),
+                String::from_utf8(by_serde(&t, expires_in)).unwrap()
+            );
+        }
     }
 }
