@@ -17,11 +17,11 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
+use futures_util::TryStreamExt;
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use futures_util::TryStreamExt;
 use sqlx::{Row, SqlitePool};
 
 use crate::crypto::{self, SealKey};

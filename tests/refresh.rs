@@ -948,11 +948,11 @@ async fn a_caller_that_disconnects_mid_refresh_does_not_lose_the_grant() {
         .timeout(Duration::from_millis(150))
         .build()
         .unwrap();
-    let gone = impatient
-        .post(h.url("/v1/token/keap/refresh"))
-        .send()
-        .await;
-    assert!(gone.is_err(), "the caller gave up before the provider answered");
+    let gone = impatient.post(h.url("/v1/token/keap/refresh")).send().await;
+    assert!(
+        gone.is_err(),
+        "the caller gave up before the provider answered"
+    );
     common::eventually(Duration::from_secs(5), "the refresh lands", || async {
         h.sim.sim.stats().refresh_ok == 1 && h.token().await.1["access_token"] != token0.as_str()
     })
@@ -965,5 +965,8 @@ async fn a_caller_that_disconnects_mid_refresh_does_not_lose_the_grant() {
     let stats = h.sim.sim.stats();
     assert_eq!(stats.refresh_reuse, 0, "{stats:?}");
     assert_eq!(stats.refresh_ok, 2, "{stats:?}");
-    assert!(h.sim.sim.access_token_valid(b["access_token"].as_str().unwrap()));
+    assert!(h
+        .sim
+        .sim
+        .access_token_valid(b["access_token"].as_str().unwrap()));
 }

@@ -19,8 +19,8 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, delete, get, post};
-use tower_layer::Layer;
 use axum::Router;
+use tower_layer::Layer;
 use url::Url;
 
 use crate::refresh::Engine;

@@ -28,7 +28,9 @@ impl FlightThread {
         match Self::spawn_thread() {
             Ok(t) => t,
             Err(e) => {
-                tracing::warn!("cannot start the refresh thread ({e}); refreshing on the request threads");
+                tracing::warn!(
+                    "cannot start the refresh thread ({e}); refreshing on the request threads"
+                );
                 FlightThread {
                     handle: Handle::current(),
                     _stop: None,

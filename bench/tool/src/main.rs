@@ -445,8 +445,8 @@ fn cpu_secs(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 =
-        f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     ticks as f64 / hz
 }
@@ -465,7 +465,10 @@ async fn scale(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
     let accounts: Vec<String> = (0..n).map(|i| format!("a{i:05}")).collect();
     let t = Instant::now();
     seed(&cfg, &sim, accounts, None).await?;
-    eprintln!("seeded {n} connections in {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "seeded {n} connections in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 
     // Start-to-ready, idle RSS, CPU per tick (check_interval 1 s).
     let log = dir.join("scale.log");
