@@ -290,3 +290,50 @@ async fn host_header_is_checked() {
     let (s, _) = h.get_json("/readyz").await;
     assert_eq!(s, 200);
 }
+
+/// A fresh token is answered before routing (issue 9's fast lane); requests
+/// it leaves to the router (percent-encoded names, other methods, a token
+/// that needs a refresh) must get the same answer or the router's own.
+#[tokio::test]
+async fn token_answers_agree_on_both_serving_paths() {
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let fetch = |path: &'static str| {
+        let (http, url) = (h.http.clone(), h.url(path));
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            let status = r.status().as_u16();
+            let headers: Vec<String> = ["content-type", "cache-control"]
+                .iter()
+                .map(|n| format!("{n}: {:?}", r.headers().get(*n)))
+                .collect();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            (status, headers, body)
+        }
+    };
+    let fast = fetch("/v1/token/keap").await;
+    assert_eq!(fast.0, 200, "{:?}", fast.2);
+    for path in [
+        "/v1/token/keap/default",
+        "/v1/token/ke%61p",         // decoded by the router
+        "/v1/token/keap/d%65fault", // idem
+        "/v1/token/keap?x=1",
+    ] {
+        let other = fetch(path).await;
+        assert_eq!(other.0, 200, "{path}: {:?}", other.2);
+        assert_eq!(other.1, fast.1, "{path}: headers");
+        assert_eq!(other.2["access_token"], fast.2["access_token"], "{path}");
+        assert_eq!(other.2["expires_at"], fast.2["expires_at"], "{path}");
+        let keys =
+            |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&other.2), keys(&fast.2), "{path}: fields");
+    }
+    // Not the fast lane's to answer: the router's answers stand.
+    assert_eq!(fetch("/v1/token/keap/refresh").await.0, 405);
+    assert_eq!(fetch("/v1/token/Keap").await.0, 404);
+    assert_eq!(fetch("/v1/token/keap/nobody").await.0, 404);
+    assert_eq!(fetch("/v1/token/keap/default/extra").await.0, 404);
+    let head = h.http.head(h.url("/v1/token/keap")).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+}

@@ -157,6 +157,34 @@ fn check_names(provider: &str, account: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The fast lane of `GET /v1/token/{provider}[/{account}]`, taken by the
+/// guard service before routing: a fresh token is answered from its
+/// snapshot with the body as the only allocation, skipping the router's
+/// parameter map and the handler's boxed future (issue 9). `None` for
+/// anything else, which the router then handles: other requests, names
+/// that need percent-decoding or are invalid, tokens that need a refresh.
+pub fn token_fast_lane(state: &AppState, req: &axum::extract::Request) -> Option<Response> {
+    if req.method() != axum::http::Method::GET {
+        return None;
+    }
+    let rest = req.uri().path().strip_prefix("/v1/token/")?;
+    let (provider, account) = match rest.split_once('/') {
+        None => (rest, DEFAULT_ACCOUNT),
+        Some((p, a)) => (p, a),
+    };
+    // Valid names contain neither '%' nor '/': what passes needs no decoding.
+    if check_names(provider, account).is_err() {
+        return None;
+    }
+    let started = std::time::Instant::now();
+    let now = Utc::now();
+    let answer = state
+        .engine
+        .with_fresh_token(provider, account, now, |t| served_response(&t, now))?;
+    TOKEN_LATENCY.record(started.elapsed().as_secs_f64());
+    Some(answer)
+}
+
 async fn get_token(state: &AppState, provider: &str, account: &str) -> Result<Response, ApiError> {
     let started = std::time::Instant::now();
     let result = get_token_timed(state, provider, account).await;
@@ -173,16 +201,9 @@ async fn get_token_timed(
     provider: &str,
     account: &str,
 ) -> Result<Response, ApiError> {
+    // A fresh token was answered by `token_fast_lane` before routing; this
+    // is the full path: waiting for or running a refresh.
     check_names(provider, account)?;
-    // Issue 9: a fresh snapshot is answered in place, with the body as the
-    // only allocation; everything else takes the full path below.
-    let now = Utc::now();
-    if let Some(r) = state
-        .engine
-        .with_fresh_token(provider, account, now, |t| served_response(&t, now))
-    {
-        return Ok(r);
-    }
     let t = state
         .engine
         .token(provider, account)

@@ -127,7 +127,8 @@ pub fn router(state: AppState, extra: Option<Router>) -> App {
 
 /// Every check made from the request head before routing: sizes and `Host`
 /// on all paths (421 for a foreign host), then on `/v1/*` and `/proxy/*`
-/// the Origin and bearer checks of [`auth::V1Guard`].
+/// the Origin and bearer checks of [`auth::V1Guard`]; a request that passes
+/// them all may be answered by [`api::token_fast_lane`].
 #[derive(Clone)]
 pub struct Guards {
     allowed_hosts: Arc<Vec<String>>,
@@ -141,7 +142,8 @@ impl guard::RequestCheck for Guards {
         }
         let path = req.uri().path();
         if path.starts_with("/v1/") || path.starts_with("/proxy/") {
-            return guard::RequestCheck::check(&self.v1, req);
+            return guard::RequestCheck::check(&self.v1, req)
+                .or_else(|| api::token_fast_lane(&self.v1.0, req));
         }
         None
     }
