@@ -59,6 +59,10 @@ if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 10500 ]; then
     log "bench: warning: ulimit -n is $(ulimit -n); the 10,000-connection herd needs about 10,500 per process"
 fi
 
+# Taken before anything is written: the report's own file is rewritten
+# below, and must not mark the run as made from uncommitted code.
+REVISION="$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD -- . ':(exclude)bench/results' 2>/dev/null || echo ' (with uncommitted changes)')"
+
 # --- build --------------------------------------------------------------------
 log "building release binaries (tokenkeeper, bench/floor, bench/tool)"
 # One target directory for all three (bench/target): the helper depends on
@@ -250,7 +254,7 @@ mkdir -p "$RESULTS"
     echo "rustc: $(rustc -V)"
     echo "nginx: $("$NGINX_BIN" -v 2>&1 | cut -d/ -f2)"
     echo "wrk: $(wrk -v 2>&1 | head -1)"
-    echo "tokenkeeper: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+    echo "tokenkeeper: $REVISION"
     echo "load: wrk -t$THREADS -c$CONNS -d${DURATION}s, $ROUNDS rounds alternated tokenkeeper/nginx/floor, all on the same cores"
     echo '```'
     echo
