@@ -13,8 +13,9 @@
 //! - [`provider`]: OAuth2 calls to providers and the one place that decides
 //!   which failures are transient; [`provider::simulator`] is a Keap-like
 //!   provider for tests and `serve --dev`.
-//! - [`refresh`]: the refresh policy (pure functions) and the engine
-//!   (single-flight, crash recovery, in-memory snapshots for serving).
+//! - [`refresh`]: the refresh policy (pure functions), the engine
+//!   (single-flight, crash recovery, in-memory snapshots for serving) and
+//!   the thread its flights run on.
 //! - [`http`]: the local HTTP interface: `api` (JSON), `callback` (browser
 //!   authorization), `pages` (HTML), `proxy` (the rate-limited API proxy),
 //!   `error` (the one error enum).

@@ -1,7 +1,7 @@
 //! Keeping grants alive: the policy (pure functions: when is a connection
-//! due, how long to back off) and the engine (single-flight refresh,
-//! durable rotation, crash recovery, serving snapshots). Tests drive the
-//! engine directly, without HTTP.
+//! due, how long to back off), the engine (single-flight refresh, durable
+//! rotation, crash recovery, serving snapshots) and `flights`, the thread
+//! refreshes run on. Tests drive the engine directly, without HTTP.
 
 pub mod engine;
 pub mod flights;
