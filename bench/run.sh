@@ -14,7 +14,8 @@
 # it starts. Knobs (environment): BENCH_DURATION (s per wrk run, 10),
 # BENCH_ROUNDS (3), BENCH_HTTP_CONNECTIONS (64), BENCH_WRK_THREADS (2),
 # BENCH_PORT_BASE (18780), BENCH_WAVE_SECONDS (60), BENCH_PROFILE=1 (perf
-# profile of the token endpoint, needs perf), BENCH_SKIP_INSTALL=1.
+# profile of the token endpoint, needs perf), BENCH_SKIP_INSTALL=1,
+# BENCH_PARTS (which of "token herd scale cost" to run; all by default).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -33,6 +34,8 @@ RESULTS=$ROOT/bench/results
 OUT=$RESULTS/latest.md
 
 log() { printf '%s\n' "$*" >&2; }
+PARTS=" ${BENCH_PARTS:-token herd scale cost} "
+want() { [[ $PARTS == *" $1 "* ]]; }
 
 # --- 0. tools ---------------------------------------------------------------
 NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
@@ -103,6 +106,7 @@ wait_http() { # url
     log "bench: $1 did not answer"; return 1
 }
 
+if want token; then
 # --- 1. token endpoint vs nginx vs floor ---------------------------------------
 log "1/4 token endpoint: seeding one demo grant"
 mkdir -p "$TMP/tk"
@@ -223,20 +227,27 @@ PY
 kill "${PIDS[@]}" 2>/dev/null || true
 wait "${PIDS[@]}" 2>/dev/null || true
 PIDS=()
+fi
 
+if want herd; then
 # --- 2. herd --------------------------------------------------------------------
 log "2/4 herd: 1,000 and 10,000 concurrent requests for a token that must refresh"
 mkdir -p "$TMP/herd"
 timeout 180 "$TOOL" herd "$TK" "$TMP/herd" "$HERD_PORT" >>"$FIG"
+fi
 
+if want scale; then
 # --- 3. scale -------------------------------------------------------------------
 log "3/4 scale: 10,000 connections (seeding takes a while)"
 mkdir -p "$TMP/scale"
 timeout 600 "$TOOL" scale "$TK" "$TMP/scale" "$SCALE_PORT" >>"$FIG"
+fi
 
+if want cost; then
 # --- 4. cost --------------------------------------------------------------------
 log "4/4 cost per token-day"
 "$TOOL" cost >>"$FIG"
+fi
 
 # --- report -----------------------------------------------------------------------
 cat "$FIG"
