@@ -58,7 +58,7 @@ pub enum Command {
         provider: String,
         account: Option<String>,
     },
-    /// Print "Authorization: Bearer <token>".
+    /// Print "Authorization: Bearer TOKEN", the header to send to the API.
     Header {
         provider: String,
         account: Option<String>,

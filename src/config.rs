@@ -1184,7 +1184,7 @@ pub fn credential_candidates(raw: &str, config_path: &Path) -> Vec<PathBuf> {
     candidates
 }
 
-/// Resolves and reads a secret file (see [`Reader::secret_file`]).
+/// Resolves and reads a secret file (as `Reader::secret_file` does).
 pub fn read_secret_file(raw: &str, config_path: &Path) -> Result<SecretString, String> {
     let candidates = credential_candidates(raw, config_path);
     let mut last_err = None;

@@ -18,7 +18,7 @@ use crate::refresh::{ConnectionReport, IssuedToken, TokenIdentity};
 pub const DEFAULT_ACCOUNT: &str = "default";
 
 /// Every answer of the token endpoints (SPEC 4), for the OpenAPI document;
-/// handlers build them through [`token_response`] and `ApiError`.
+/// handlers build them through `served_response` and `ApiError`.
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)]
 pub enum TokenAnswers {
