@@ -88,19 +88,31 @@ impl Notifier {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let command = self.command.clone();
-        let webhook = self.webhook.clone();
-        let http = self.http.clone();
+        // Each hook on its own: a hung command must not hold back the
+        // webhook, nor the other way round.
+        if let Some(cmd) = self.command.clone() {
+            let event = event.clone();
+            self.deliver(&handle, async move { run_command(&cmd, &event).await });
+        }
+        if let Some(url) = self.webhook.clone() {
+            let http = self.http.clone();
+            self.deliver(
+                &handle,
+                async move { post_webhook(&http, &url, &event).await },
+            );
+        }
+    }
+
+    /// Runs one delivery in the background, at most `MAX_IN_FLIGHT` at once.
+    fn deliver(
+        &self,
+        handle: &tokio::runtime::Handle,
+        delivery: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
         let slots = self.slots.clone();
         handle.spawn(async move {
-            let Ok(_permit) = slots.acquire_owned().await else {
-                return;
-            };
-            if let Some(cmd) = command {
-                run_command(&cmd, &event).await;
-            }
-            if let Some(url) = webhook {
-                post_webhook(&http, &url, &event).await;
+            if let Ok(_permit) = slots.acquire_owned().await {
+                delivery.await;
             }
         });
     }

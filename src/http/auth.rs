@@ -69,40 +69,33 @@ fn own_origin(state: &AppState, origin: &str) -> bool {
 
 /// `/v1/*` and `/proxy/*` guard: cross-origin requests are refused (a
 /// browser page must not read tokens, whatever DNS says), then the bearer
-/// credential is checked (SPEC 5, API keys).
-#[derive(Clone)]
-pub struct V1Guard(pub AppState);
-
-impl super::guard::RequestCheck for V1Guard {
-    fn check(&self, req: &Request) -> Option<Response> {
-        let state = &self.0;
-        if let Some(origin) = req
-            .headers()
-            .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok())
-        {
-            if !own_origin(state, origin) {
-                tracing::warn!(origin, "cross-origin request to /v1 refused");
-                return Some(
-                    ApiError::Forbidden(
-                        "requests from other web origins are refused; call the API from a local program, not a web page".into(),
-                    )
-                    .into_response(),
-                );
-            }
+/// credential is checked (SPEC 5, API keys). `Some` is the refusal.
+pub fn check_v1(state: &AppState, req: &Request) -> Option<Response> {
+    if let Some(origin) = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+    {
+        if !own_origin(state, origin) {
+            tracing::warn!(origin, "cross-origin request to /v1 refused");
+            return Some(
+                ApiError::Forbidden(
+                    "requests from other web origins are refused; call the API from a local program, not a web page".into(),
+                )
+                .into_response(),
+            );
         }
-        check_bearer(state, req.headers())
-            .err()
-            .map(IntoResponse::into_response)
     }
+    check_bearer(state, req.headers())
+        .err()
+        .map(IntoResponse::into_response)
 }
 
 /// Checks the bearer credential where one is accepted (SPEC 5).
 pub fn check_bearer(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let presented = bearer(headers);
     if let Some(token) = presented {
-        if state.engine.is_refresh_token(token) {
-            state.engine.report_bearer_misuse(token);
+        if state.engine.refuse_refresh_token_as_bearer(token) {
             return Err(ApiError::refresh_token_presented());
         }
     }

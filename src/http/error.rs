@@ -57,15 +57,9 @@ pub struct ErrorBody {
 pub const REFRESH_TOKEN_DESCRIPTION: &str = "a refresh token was presented as a bearer token; refresh tokens only obtain new access tokens: use GET /v1/token/{provider}";
 
 impl ApiError {
-    /// A refresh token was presented as a bearer token (SPEC 5). Logged as
-    /// a security event, never with the token.
+    /// The answer to a refresh token presented as a bearer token (SPEC 5);
+    /// the engine has reported the misuse when it recognised the token.
     pub fn refresh_token_presented() -> ApiError {
-        metrics::counter!(crate::metrics::BEARER_MISUSE_TOTAL).increment(1);
-        tracing::warn!(
-            target: "tokenkeeper::security",
-            event = "bearer_misuse",
-            "a refresh token was presented as a bearer token and refused"
-        );
         ApiError::InvalidToken {
             message: REFRESH_TOKEN_DESCRIPTION.to_string(),
             www_authenticate: format!(

@@ -227,8 +227,7 @@ struct Inner {
 }
 
 /// What `inspect` found a token to be.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenIdentity {
     /// The access token this daemon currently hands out.
     CurrentAccessToken {
@@ -403,22 +402,24 @@ impl Engine {
         Ok(())
     }
 
-    /// Whether `token` is one of our refresh tokens, current or rotated out.
-    pub fn is_refresh_token(&self, token: &str) -> bool {
-        matches!(
-            self.inner.recognizer.lookup(token),
-            Some((TokenKind::Refresh, _))
-        )
-    }
-
-    /// Reports a refresh token presented as a bearer token (SPEC 5): a
-    /// security event for the operator, naming the grant, never the token.
-    pub fn report_bearer_misuse(&self, token: &str) {
-        let owner = match self.inner.recognizer.lookup(token) {
-            Some((TokenKind::Refresh, id)) => self.all_slots().into_iter().find(|s| s.id == id),
-            _ => None,
+    /// Whether a bearer credential is one of our refresh tokens, current or
+    /// rotated out (SPEC 5). If so, the misuse is reported here, once: a
+    /// security log line, `tokenkeeper_bearer_misuse_total` and the
+    /// `bearer_misuse` notification naming the grant, never the token.
+    pub fn refuse_refresh_token_as_bearer(&self, token: &str) -> bool {
+        let Some((TokenKind::Refresh, id)) = self.inner.recognizer.lookup(token) else {
+            return false;
         };
-        let (provider, account) = owner
+        metrics::counter!(crate::metrics::BEARER_MISUSE_TOTAL).increment(1);
+        tracing::warn!(
+            target: "tokenkeeper::security",
+            event = "bearer_misuse",
+            "a refresh token was presented as a bearer token and refused"
+        );
+        let (provider, account) = self
+            .all_slots()
+            .into_iter()
+            .find(|s| s.id == id)
             .map(|s| (s.provider.clone(), s.account.clone()))
             .unwrap_or_default();
         self.settings().notifier.emit(Event {
@@ -427,6 +428,7 @@ impl Engine {
             account,
             message: "a refresh token was presented as a bearer token and refused; the program sending it should use GET /v1/token instead".into(),
         });
+        true
     }
 
     fn notify(&self, slot: &Slot, event: EventKind, message: String) {
