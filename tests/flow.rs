@@ -292,8 +292,9 @@ async fn host_header_is_checked() {
 }
 
 /// A fresh token is answered before routing (issue 9's fast lane); requests
-/// it leaves to the router (percent-encoded names, other methods, a token
-/// that needs a refresh) must get the same answer or the router's own.
+/// it leaves to the router (percent-encoded names, other methods, invalid
+/// names) must get the same answer or the router's own. Tokens that need a
+/// refresh take the router's path throughout `tests/refresh.rs`.
 #[tokio::test]
 async fn token_answers_agree_on_both_serving_paths() {
     let mut h = Harness::new(Options::default()).await;
@@ -331,9 +332,19 @@ async fn token_answers_agree_on_both_serving_paths() {
     }
     // Not the fast lane's to answer: the router's answers stand.
     assert_eq!(fetch("/v1/token/keap/refresh").await.0, 405);
-    assert_eq!(fetch("/v1/token/Keap").await.0, 404);
-    assert_eq!(fetch("/v1/token/keap/nobody").await.0, 404);
-    assert_eq!(fetch("/v1/token/keap/default/extra").await.0, 404);
+    let error = |r: (u16, Vec<String>, serde_json::Value)| (r.0, r.2["error"].clone());
+    assert_eq!(
+        error(fetch("/v1/token/Keap").await),
+        (404, "unknown_provider".into())
+    );
+    assert_eq!(
+        error(fetch("/v1/token/keap/nobody").await),
+        (404, "unknown_connection".into())
+    );
+    assert_eq!(
+        error(fetch("/v1/token/keap/default/extra").await),
+        (404, "not_found".into())
+    );
     let head = h.http.head(h.url("/v1/token/keap")).send().await.unwrap();
     assert_eq!(head.status(), 200);
 }

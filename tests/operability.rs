@@ -45,12 +45,17 @@ fn parse_metrics(text: &str) -> HashMap<String, f64> {
     out
 }
 
+/// The sum of the series of `name` carrying all `labels`; a missing series
+/// fails the test rather than reading as 0.
 fn find(m: &HashMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
-    m.iter()
+    let values: Vec<f64> = m
+        .iter()
         .filter(|(k, _)| k.starts_with(&format!("{name}{{")) || *k == name)
         .filter(|(k, _)| labels.iter().all(|l| k.contains(l)))
         .map(|(_, v)| *v)
-        .sum()
+        .collect();
+    assert!(!values.is_empty(), "no series {name} with {labels:?}");
+    values.iter().sum()
 }
 
 async fn scrape(h: &Harness) -> HashMap<String, f64> {
@@ -272,15 +277,33 @@ async fn notifications_by_command_and_webhook() {
 #[tokio::test]
 async fn a_failing_hook_never_blocks_the_lifecycle() {
     let dir = tempfile::tempdir().unwrap();
+    let started_log = dir.path().join("started.txt");
     let script = dir.path().join("slow.sh");
-    std::fs::write(&script, "#!/bin/sh\nsleep 60\n").unwrap();
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$TOKENKEEPER_EVENT\" >> {}\nsleep 60\n",
+            started_log.display()
+        ),
+    )
+    .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let port = common::free_port();
+    // A webhook that accepts the connection and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
     let mut h = Harness::new(Options {
-        // A command that hangs and a webhook nobody listens on.
         provider: format!(
-            "\n[notify]\ncommand = \"{}\"\nwebhook_url = \"http://127.0.0.1:{port}/nobody\"\n",
+            "\n[notify]\ncommand = \"{}\"\nwebhook_url = \"{hook}\"\n",
             script.display()
         ),
         ..Options::default()
@@ -288,12 +311,34 @@ async fn a_failing_hook_never_blocks_the_lifecycle() {
     .await;
     h.start().await;
     let started = std::time::Instant::now();
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
-    for _ in 0..3 {
-        assert_eq!(h.post("/v1/token/keap/refresh").await.status(), 200);
+    // Three `authorized` events, each with a hanging command and webhook.
+    for account in ["default", "second", "third"] {
+        assert_eq!(h.authorize("keap", account).await.status(), 200);
+        assert_eq!(
+            h.post(&format!("/v1/token/keap/{account}/refresh"))
+                .await
+                .status(),
+            200
+        );
     }
+    assert_eq!(h.token().await.0, 200);
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "hooks held up the lifecycle"
     );
+    // The hooks did run (and are still hanging).
+    common::eventually(
+        Duration::from_secs(5),
+        "all three hooks started",
+        || async {
+            std::fs::read_to_string(&started_log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| *l == "authorized")
+                .count()
+                == 3
+                && accepted.load(std::sync::atomic::Ordering::SeqCst) >= 3
+        },
+    )
+    .await;
 }

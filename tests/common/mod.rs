@@ -177,13 +177,16 @@ api_base_url = "{sim}/api"
     pub async fn start(&mut self) {
         assert!(self.daemon.is_none(), "daemon already running");
         for _ in 0..5 {
+            let log_before = self.log().len();
             let serving_before = self.log().matches("tokenkeeper is serving").count();
             let mut child = spawn_daemon(&self.config_path, &self.log_path(), &self.rust_log, &[]);
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 if let Ok(Some(status)) = child.try_wait() {
                     let log = self.log();
-                    if log.contains("cannot listen on") {
+                    // Only this attempt's lines: an earlier port clash must
+                    // not turn a later real start-up failure into a retry.
+                    if log[log_before.min(log.len())..].contains("cannot listen on") {
                         let old = format!("127.0.0.1:{}", self.port);
                         self.port = free_port();
                         let text = std::fs::read_to_string(&self.config_path).unwrap();
