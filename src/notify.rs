@@ -165,22 +165,12 @@ async fn post_webhook(http: &reqwest::Client, url: &Url, event: &Event) {
                 tracing::warn!(status = %r.status(), attempt, "the notify webhook refused the event")
             }
             Err(e) => {
-                tracing::warn!(error = %without_url(&e), attempt, "cannot reach the notify webhook")
+                tracing::warn!(error = %crate::provider::without_url(&e), attempt, "cannot reach the notify webhook")
             }
         }
         if attempt < WEBHOOK_ATTEMPTS {
             tokio::time::sleep(delay).await;
             delay *= 2;
         }
-    }
-}
-
-fn without_url(e: &reqwest::Error) -> &'static str {
-    if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else {
-        "request failed"
     }
 }

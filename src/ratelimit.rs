@@ -451,7 +451,10 @@ impl Answer {
         };
         Answer {
             status,
-            retry_after: num("retry-after").map(Duration::from_secs),
+            retry_after: headers
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::provider::parse_retry_after),
             quota: reported("x-keap-product-quota"),
             throttle: reported("x-keap-product-throttle"),
             tenant_quota: reported("x-keap-tenant-quota"),

@@ -145,7 +145,8 @@ fn json_rfc3339_secs(buf: &mut Vec<u8>, t: chrono::DateTime<Utc>) {
     buf.extend_from_slice(b"Z\"");
 }
 
-fn check_names(provider: &str, account: &str) -> Result<(), ApiError> {
+/// Names as SPEC 3 allows them: an unknown provider or a 400 otherwise.
+pub(super) fn check_names(provider: &str, account: &str) -> Result<(), ApiError> {
     if !valid_name(provider) {
         return Err(ApiError::UnknownProvider(provider.to_string()));
     }

@@ -22,7 +22,6 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::config::{valid_account, valid_name};
 use crate::ratelimit::{Answer, LimitError, RateLimits};
 use crate::refresh::{Engine, IssuedToken};
 
@@ -189,14 +188,7 @@ impl Target {
         let (provider, account) = who
             .split_once('@')
             .unwrap_or((who.as_str(), super::api::DEFAULT_ACCOUNT));
-        if !valid_name(provider) {
-            return Err(ApiError::UnknownProvider(provider.to_string()));
-        }
-        if !valid_account(account) {
-            return Err(ApiError::BadRequest(format!(
-                "{account:?} is not a valid account name (lowercase letters, digits, '_' and '-'; not \"refresh\")"
-            )));
-        }
+        super::api::check_names(provider, account)?;
         // `..` would climb out of api_base_url once the URL is normalised
         // (e.g. to the token endpoint on the same host).
         let dot = |seg: &str| {
@@ -316,7 +308,6 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Pr
         .into());
     };
     let url = format!("{}/{}", base.as_str().trim_end_matches('/'), t.rest);
-    let deadline = tokio::time::Instant::now() + proxy.max_wait;
 
     let (parts, body) = req.into_parts();
     let replayable = body
@@ -333,16 +324,25 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Pr
     };
     let headers = request_headers(&parts.headers, replay.is_some());
 
-    let mut token = engine
-        .token(&t.provider, &t.account)
-        .await
-        .map_err(to_api)?;
+    // The token the provider refused with a 401, to be replaced once.
+    let mut refused: Option<IssuedToken> = None;
     let (mut refreshed, mut paused) = (false, false);
     loop {
+        // Each send waits up to `proxy_max_wait` for its own slot (SPEC 6).
+        let deadline = tokio::time::Instant::now() + proxy.max_wait;
         let permit = proxy
             .limits
             .acquire(&t.provider, &t.account, deadline)
             .await?;
+        // Taken after the wait: a refresh that landed meanwhile may have
+        // killed the token we would have held (SPEC 7).
+        let token = match refused.take() {
+            Some(old) => fresh_token(state, t, &old).await?,
+            None => engine
+                .token(&t.provider, &t.account)
+                .await
+                .map_err(to_api)?,
+        };
         let body = match (&replay, stream.take()) {
             (Some(b), _) => reqwest::Body::from(b.clone()),
             (None, Some(s)) => reqwest::Body::wrap_stream(s.into_data_stream()),
@@ -373,7 +373,7 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Pr
         let can_retry = replay.is_some();
         if status == StatusCode::UNAUTHORIZED && can_retry && !refreshed {
             refreshed = true;
-            token = fresh_token(state, t, &token).await?;
+            refused = Some(token);
             continue;
         }
         if status == StatusCode::TOO_MANY_REQUESTS {

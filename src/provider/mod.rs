@@ -36,7 +36,8 @@ pub struct TokenGrant {
     /// When the request left: the provider issued the token after this, so
     /// lifetimes counted from here never overstate what is left.
     pub issued_at: DateTime<Utc>,
-    /// Absolute expiry, computed on receipt (see [`expiry`]).
+    /// Absolute expiry, computed when the answer arrives, counted from when
+    /// the request left: a deliberate tightening of SPEC 7 (see [`expiry`]).
     pub expires_at: DateTime<Utc>,
 }
 
@@ -436,8 +437,10 @@ fn transient(message: String, retry_after: Option<Duration>) -> ProviderError {
 }
 
 /// reqwest errors print the URL, which can carry a query; keep the kind only.
-fn without_url(e: &reqwest::Error) -> String {
-    let kind = if e.is_connect() {
+/// What went wrong with an HTTP call, without the URL (which may carry
+/// credentials in its query) or anything the server sent.
+pub(crate) fn without_url(e: &reqwest::Error) -> &'static str {
+    if e.is_connect() {
         "connection failed"
     } else if e.is_timeout() {
         "timed out"
@@ -445,8 +448,7 @@ fn without_url(e: &reqwest::Error) -> String {
         "bad response body"
     } else {
         "request failed"
-    };
-    kind.to_string()
+    }
 }
 
 /// `Retry-After` as seconds (HTTP-dates are rare at token endpoints and are
