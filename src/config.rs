@@ -428,6 +428,19 @@ impl Preset {
             Preset::Generic => Limits::default(),
         }
     }
+
+    /// Limits per tenant (all apps of one account together), where the
+    /// provider has them. Keap: 10,000 per minute and 250,000 per day.
+    pub fn tenant_limits(self) -> Option<Limits> {
+        match self {
+            Preset::Keap => Some(Limits {
+                per_second: None,
+                per_minute: Some(10_000),
+                per_day: Some(250_000),
+            }),
+            Preset::Generic => None,
+        }
+    }
 }
 
 /// Walks the TOML tree, collecting problems instead of stopping at the first.

@@ -32,7 +32,7 @@ use governor::clock::MonotonicClock;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
-use crate::config::{Limits, Preset, ProviderConfig};
+use crate::config::{Limits, ProviderConfig};
 
 /// How much spread in the time from granting a slot to the provider
 /// seeing the request the limiters absorb: requests granted at exactly the
@@ -48,14 +48,6 @@ pub const JITTER_TOLERANCE: Duration = Duration::from_millis(250);
 /// How long an upstream 429 pauses a provider when it says nothing more
 /// precise (Keap sends no `Retry-After`): Keap's spike window is one second.
 pub const PAUSE_AFTER_429: Duration = Duration::from_secs(1);
-
-/// Keap's per-tenant limits (all apps of one tenant together): 10,000 per
-/// minute and 250,000 per day.
-pub const KEAP_TENANT_LIMITS: Limits = Limits {
-    per_second: None,
-    per_minute: Some(10_000),
-    per_day: Some(250_000),
-};
 
 /// Why a request did not get a slot.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -524,7 +516,7 @@ impl RateLimits {
         let mut map = self.providers.write().unwrap_or_else(|e| e.into_inner());
         let mut next = HashMap::new();
         for p in providers {
-            let tenant = (p.preset == Preset::Keap).then_some(KEAP_TENANT_LIMITS);
+            let tenant = p.preset.tenant_limits();
             let keep = map
                 .get(&p.name)
                 .filter(|old| old.limits == p.limits && old.tenant_limits == tenant)
@@ -673,6 +665,7 @@ fn round_up_secs(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Preset;
 
     fn limits(s: Option<u32>, m: Option<u32>, d: Option<u32>) -> Limits {
         Limits {
