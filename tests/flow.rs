@@ -61,15 +61,7 @@ async fn full_flow_connect_callback_token() {
     let (s, b) = h.get_json("/v1/token/keap/default").await;
     assert_eq!(s, 200);
     assert_eq!(b["access_token"], body["access_token"]);
-    let listing = h
-        .http
-        .get(h.url("/v1/connections"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let listing = h.get_text("/v1/connections").await;
     for rt in h.sim.sim.refresh_tokens_issued() {
         assert!(!listing.contains(&rt));
     }

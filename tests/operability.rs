@@ -147,23 +147,9 @@ async fn metrics_follow_the_lifecycle() {
         0.0
     );
     assert_eq!(find(&m, "tokenkeeper_bearer_misuse_total", &[]), 1.0);
-    let text = h
-        .http
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    for t in h
-        .sim
-        .sim
-        .access_tokens_issued()
-        .iter()
-        .chain(h.sim.sim.refresh_tokens_issued().iter())
-    {
-        assert!(!text.contains(t.as_str()), "token material in metrics");
+    let text = h.get_text("/metrics").await;
+    for t in h.issued_tokens() {
+        assert!(!text.contains(&t), "token material in metrics");
     }
 }
 
@@ -260,15 +246,9 @@ async fn notifications_by_command_and_webhook() {
     // Never a token in either channel.
     let cmd = std::fs::read_to_string(&out).unwrap();
     let hooks = serde_json::to_string(&*received.lock().unwrap()).unwrap();
-    for t in h
-        .sim
-        .sim
-        .access_tokens_issued()
-        .iter()
-        .chain(h.sim.sim.refresh_tokens_issued().iter())
-    {
+    for t in h.issued_tokens() {
         assert!(
-            !cmd.contains(t.as_str()) && !hooks.contains(t.as_str()),
+            !cmd.contains(&t) && !hooks.contains(&t),
             "a token reached a notification"
         );
     }

@@ -317,15 +317,7 @@ async fn burst_stays_within_the_limits() {
     let quota = &v["connections"][0]["quota"];
     assert_eq!(quota["reported"], true, "{quota}");
     assert_eq!(quota["throttle_limit"], PER_MINUTE);
-    let metrics = h
-        .http
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.get_text("/metrics").await;
     assert!(
         metrics.contains("tokenkeeper_proxy_limited_total{provider=\"keap\"}"),
         "{metrics}"

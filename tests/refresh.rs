@@ -47,14 +47,7 @@ async fn sample(sim: &Simulator, http: &reqwest::Client, url: &str) -> Sample {
 }
 
 async fn post_refresh(h: &Harness) -> (u16, Value) {
-    let r = h
-        .http
-        .post(h.url("/v1/token/keap/refresh"))
-        .send()
-        .await
-        .expect("daemon answers");
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null))
+    h.post_json("/v1/token/keap/refresh").await
 }
 
 /// What the database says about the `keap/default` connection.

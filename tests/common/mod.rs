@@ -319,6 +319,12 @@ api_base_url = "{sim}/api"
             .expect("daemon answers")
     }
 
+    pub async fn post_json(&self, path: &str) -> (u16, Value) {
+        let r = self.post(path).await;
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let r = self
             .http
@@ -328,6 +334,23 @@ api_base_url = "{sim}/api"
             .expect("daemon answers");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The body of `GET path` as text, whatever the status.
+    pub async fn get_text(&self, path: &str) -> String {
+        let r = self.http.get(self.url(path)).send().await;
+        r.expect("daemon answers")
+            .text()
+            .await
+            .expect("a text body")
+    }
+
+    /// Every access and refresh token the simulator has issued so far: what
+    /// must never appear in logs, metrics, notifications or files.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        let mut all = self.sim.sim.access_tokens_issued();
+        all.extend(self.sim.sim.refresh_tokens_issued());
+        all
     }
 
     pub async fn token(&self) -> (u16, Value) {
