@@ -39,12 +39,24 @@ pub enum ApiError {
     BadRequest(String),
     /// 500 `internal`: the database failed; details only in the log.
     Internal(String),
+    /// 429 `rate_limited` from the proxy, with `Retry-After`: no slot of the
+    /// provider's limits within `proxy_max_wait`.
+    RateLimited(crate::ratelimit::LimitError),
+    /// 502 `upstream_unreachable` from the proxy; the cause (without the
+    /// URL) only in the log.
+    UpstreamUnreachable(reqwest::Error),
+}
+
+impl From<crate::ratelimit::LimitError> for ApiError {
+    fn from(e: crate::ratelimit::LimitError) -> Self {
+        ApiError::RateLimited(e)
+    }
 }
 
 /// SPEC 4: the body of every `/v1/*` error.
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
-    /// unknown_provider | unknown_connection | authorization_required | refresh_failed | invalid_token | invalid_request | forbidden_origin | internal
+    /// unknown_provider | unknown_connection | authorization_required | refresh_failed | invalid_token | invalid_request | forbidden_origin | internal; from the proxy also rate_limited | upstream_unreachable
     pub error: String,
     /// One sentence saying what to do next.
     pub message: String,
@@ -138,6 +150,18 @@ impl IntoResponse for ApiError {
             }
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden_origin", m),
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "invalid_request", m),
+            ApiError::RateLimited(e) => {
+                extra = Some((header::RETRY_AFTER, HeaderValue::from(e.retry_after().as_secs().max(1))));
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limited", e.to_string())
+            }
+            ApiError::UpstreamUnreachable(e) => {
+                tracing::warn!(error = %e, "proxied request failed upstream");
+                (
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unreachable",
+                    "the provider's API could not be reached; try again later".into(),
+                )
+            }
             ApiError::Internal(cause) => {
                 tracing::error!(error = %cause, "request failed on an internal error");
                 (

@@ -16,13 +16,11 @@ use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use secrecy::ExposeSecret;
-use serde_json::json;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::ratelimit::{Answer, LimitError, RateLimits};
+use crate::ratelimit::{Answer, RateLimits};
 use crate::refresh::{Engine, IssuedToken};
 
 /// Request bodies up to this size (with a known length) are buffered so
@@ -93,60 +91,6 @@ impl Proxy {
     }
 }
 
-/// Why a proxied request was answered by the daemon itself.
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    /// 429 with `Retry-After`: no slot within `proxy_max_wait`.
-    #[error(transparent)]
-    Limited(#[from] LimitError),
-    /// The `/v1` answers: unknown provider or connection, 409, 503, 400.
-    #[error("{0:?}")]
-    Api(ApiError),
-    /// 502: the provider could not be reached or broke off.
-    #[error("the provider's API could not be reached: {0}")]
-    Upstream(#[source] reqwest::Error),
-    /// 400: the request body could not be read.
-    #[error("the request body could not be read: {0}")]
-    Body(String),
-}
-
-impl From<ApiError> for ProxyError {
-    fn from(e: ApiError) -> Self {
-        ProxyError::Api(e)
-    }
-}
-
-impl IntoResponse for ProxyError {
-    fn into_response(self) -> Response {
-        match self {
-            ProxyError::Limited(e) => {
-                let mut r = (
-                    StatusCode::TOO_MANY_REQUESTS,
-                    Json(json!({"error": "rate_limited", "message": e.to_string()})),
-                )
-                    .into_response();
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(e.retry_after().as_secs().max(1)));
-                r
-            }
-            ProxyError::Api(e) => e.into_response(),
-            ProxyError::Upstream(e) => {
-                tracing::warn!(error = %e, "proxied request failed upstream");
-                (
-                    StatusCode::BAD_GATEWAY,
-                    Json(json!({"error": "upstream_unreachable", "message": "the provider's API could not be reached; try again later"})),
-                )
-                    .into_response()
-            }
-            ProxyError::Body(m) => (
-                StatusCode::BAD_REQUEST,
-                Json(json!({"error": "invalid_request", "message": format!("the request body could not be read: {m}")})),
-            )
-                .into_response(),
-        }
-    }
-}
-
 /// `ANY /proxy/{provider}[@{account}]/{path}`.
 pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
     let target = match Target::parse(req.uri()) {
@@ -157,7 +101,7 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
     let outcome = match &result {
         Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => "upstream_429",
         Ok(_) => "ok",
-        Err(ProxyError::Limited(_)) => {
+        Err(ApiError::RateLimited(_)) => {
             metrics::counter!(PROXY_LIMITED_TOTAL, "provider" => target.provider.clone())
                 .increment(1);
             "limited"
@@ -170,6 +114,10 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
+}
+
+fn body_unreadable(e: &dyn std::fmt::Display) -> ApiError {
+    ApiError::BadRequest(format!("the request body could not be read: {e}"))
 }
 
 /// Where a proxied request goes.
@@ -292,20 +240,19 @@ async fn fresh_token(
         .map_err(to_api)
 }
 
-async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, ProxyError> {
+async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, ApiError> {
     let proxy = &state.proxy;
     let engine = &state.engine;
     let to_api = |e| ApiError::from_token_error(e, &state.public_url);
     let settings = engine.settings();
     let Some(provider) = settings.providers.get(&t.provider) else {
-        return Err(ApiError::UnknownProvider(t.provider.clone()).into());
+        return Err(ApiError::UnknownProvider(t.provider.clone()));
     };
     let Some(base) = &provider.config.api_base_url else {
         return Err(ApiError::BadRequest(format!(
             "provider {:?} has no api_base_url; set providers.{}.api_base_url",
             t.provider, t.provider
-        ))
-        .into());
+        )));
     };
     let url = format!("{}/{}", base.as_str().trim_end_matches('/'), t.rest);
 
@@ -317,7 +264,7 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Pr
     let (replay, mut stream): (Option<Bytes>, Option<Body>) = if replayable {
         let bytes = axum::body::to_bytes(body, REPLAY_MAX_BYTES as usize)
             .await
-            .map_err(|e| ProxyError::Body(e.to_string()))?;
+            .map_err(|e| body_unreadable(&e))?;
         (Some(bytes), None)
     } else {
         (None, Some(body))
@@ -347,7 +294,7 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Pr
             (Some(b), _) => reqwest::Body::from(b.clone()),
             (None, Some(s)) => reqwest::Body::wrap_stream(s.into_data_stream()),
             // A streamed body is sent once; the loop only repeats with `replay`.
-            (None, None) => return Err(ProxyError::Body("already sent".into())),
+            (None, None) => return Err(body_unreadable(&"already sent")),
         };
         let mut upstream_headers = headers.clone();
         upstream_headers.insert(header::AUTHORIZATION, bearer(&token));
@@ -358,7 +305,7 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Pr
             .body(body)
             .send()
             .await
-            .map_err(|e| ProxyError::Upstream(e.without_url()))?;
+            .map_err(|e| ApiError::UpstreamUnreachable(e.without_url()))?;
         let status = resp.status();
         let answer = Answer::from_headers(status.as_u16(), resp.headers());
         permit.learn(&answer);
@@ -399,7 +346,7 @@ async fn relay(
     resp: reqwest::Response,
     limits: &RateLimits,
     t: &Target,
-) -> Result<Response, ProxyError> {
+) -> Result<Response, ApiError> {
     let status = resp.status();
     let mut headers = response_headers(resp.headers());
     if status == StatusCode::TOO_MANY_REQUESTS && !headers.contains_key(header::RETRY_AFTER) {
@@ -416,7 +363,7 @@ async fn relay(
         Body::from(
             resp.bytes()
                 .await
-                .map_err(|e| ProxyError::Upstream(e.without_url()))?,
+                .map_err(|e| ApiError::UpstreamUnreachable(e.without_url()))?,
         )
     } else {
         Body::from_stream(resp.bytes_stream())
