@@ -34,7 +34,12 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("tokenkeeper: cannot start the async runtime: {e}");
+            // Not eprintln!: it panics when stderr is gone.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "tokenkeeper: cannot start the async runtime: {e}"
+            );
             return ExitCode::from(1);
         }
     };
