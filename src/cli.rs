@@ -855,6 +855,10 @@ async fn rekey(explicit: Option<&Path>, new_key_file: &Path) -> Result<(), CliEr
         Some(p) => Some(crate::crypto::SealKey::from_file(p).map_err(|e| usage(e.to_string()))?),
         None => None,
     };
+    // Refused while a daemon holds the database: its next commit would be
+    // sealed under the old key after this one re-sealed everything.
+    let _lock = crate::store::DbLock::exclusive(&cfg.storage.path)
+        .map_err(|e| runtime(e.to_string()))?;
     let store = crate::store::Store::open(&cfg.storage.path, old_key)
         .await
         .map_err(|e| runtime(e.to_string()))?;
