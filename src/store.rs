@@ -1374,3 +1374,266 @@ fn prepare_file(path: &Path) -> Result<(), StoreError> {
         .map_err(io)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> SealKey {
+        SealKey::from_bytes([9; 32])
+    }
+
+    async fn store_with_grant(dir: &Path, key: Option<SealKey>) -> (Store, ConnectionRow) {
+        let store = Store::open(&dir.join("t.db"), key).await.unwrap();
+        let access = SecretString::from("access-1".to_string());
+        let refresh = SecretString::from("refresh-1".to_string());
+        let now = Utc::now();
+        let row = store
+            .save_authorized(
+                "keap",
+                "default",
+                &NewGrant {
+                    access_token: &access,
+                    refresh_token: Some(&refresh),
+                    token_type: "Bearer",
+                    scope: None,
+                    issued_at: now,
+                    expires_at: now + chrono::Duration::hours(1),
+                },
+                &[],
+            )
+            .await
+            .unwrap();
+        (store, row)
+    }
+
+    async fn raw(store: &Store, sql: &str) {
+        sqlx::query(sql).execute(&store.pool).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn swapped_columns_and_replayed_values_do_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, row) = store_with_grant(dir.path(), Some(key())).await;
+        assert_eq!(row.access_token.expose_secret(), "access-1");
+        assert!(store.unreadable.lock().unwrap().is_empty());
+
+        // Swapped columns: reported, no token handed out.
+        raw(&store, "UPDATE connections SET access_token = refresh_token, refresh_token = access_token").await;
+        let got = store.load_connection(row.id).await.unwrap().unwrap();
+        assert_eq!(got.state, ConnState::AuthorizationRequired);
+        assert!(got.access_token.expose_secret().is_empty());
+        assert!(got.refresh_token.is_none());
+        assert!(got.expires_at < Utc::now());
+        let why = got.last_error.unwrap();
+        assert!(why.contains("does not decrypt"), "{why}");
+        assert!(why.contains("tokenkeeper connect keap default"), "{why}");
+        assert!(store.unreadable.lock().unwrap().contains(&row.id));
+        raw(&store, "UPDATE connections SET access_token = refresh_token, refresh_token = access_token").await;
+        assert_eq!(
+            store
+                .load_connection(row.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .access_token
+                .expose_secret(),
+            "access-1"
+        );
+        assert!(store.unreadable.lock().unwrap().is_empty());
+
+        // Replay: a value sealed for generation 1, put back after a commit.
+        let old: String = sqlx::query_scalar("SELECT refresh_token FROM connections")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        let (_, row2) = {
+            let access = SecretString::from("access-2".to_string());
+            let refresh = SecretString::from("refresh-2".to_string());
+            let now = Utc::now();
+            let row2 = store
+                .save_authorized(
+                    "keap",
+                    "default",
+                    &NewGrant {
+                        access_token: &access,
+                        refresh_token: Some(&refresh),
+                        token_type: "Bearer",
+                        scope: None,
+                        issued_at: now,
+                        expires_at: now + chrono::Duration::hours(1),
+                    },
+                    &[],
+                )
+                .await
+                .unwrap();
+            ((), row2)
+        };
+        assert_eq!(row2.generation, 2);
+        assert_eq!(
+            row2.refresh_token.unwrap().expose_secret(),
+            "refresh-2",
+            "sealed with the generation the row has after the write"
+        );
+        sqlx::query("UPDATE connections SET refresh_token = ?")
+            .bind(old)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let got = store.load_connection(row.id).await.unwrap().unwrap();
+        assert_eq!(got.state, ConnState::AuthorizationRequired);
+        assert!(got.last_error.unwrap().contains("refresh_token"));
+    }
+
+    #[tokio::test]
+    async fn a_database_sealed_the_old_way_is_resealed_once_and_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, row) = store_with_grant(dir.path(), Some(key())).await;
+        // Rewrite the row as the previous version sealed it.
+        let legacy = "connection:keap/default";
+        sqlx::query("UPDATE connections SET access_token = ?, refresh_token = ?")
+            .bind(key().seal("access-1", legacy))
+            .bind(key().seal("refresh-1", legacy))
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        raw(&store, "DELETE FROM installation WHERE name = 'seal_format'").await;
+        store.close().await;
+
+        let store = Store::open(&dir.path().join("t.db"), Some(key()))
+            .await
+            .unwrap();
+        let got = store.load_connection(row.id).await.unwrap().unwrap();
+        assert_eq!(got.state, ConnState::Active);
+        assert_eq!(got.access_token.expose_secret(), "access-1");
+        assert_eq!(got.refresh_token.unwrap().expose_secret(), "refresh-1");
+        // Now bound: the legacy binding no longer opens what is stored.
+        let stored: String = sqlx::query_scalar("SELECT access_token FROM connections")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert!(key().open(&stored, legacy).is_err());
+    }
+
+    #[tokio::test]
+    async fn bad_state_and_bad_timestamps_are_reported_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, row) = store_with_grant(dir.path(), None).await;
+        raw(&store, "UPDATE connections SET state = 'paused'").await;
+        let mut seen = Vec::new();
+        store.each_connection(|c| seen.push(c)).await.unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].state, ConnState::AuthorizationRequired);
+        assert!(seen[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("unknown state \"paused\""));
+        raw(&store, "UPDATE connections SET state = 'active', expires_at = 99999999999999999").await;
+        let got = store.load_connection(row.id).await.unwrap().unwrap();
+        assert!(got.last_error.unwrap().contains("expires_at"));
+        raw(&store, "UPDATE connections SET expires_at = 'soon'").await;
+        let got = store.load_connection(row.id).await.unwrap().unwrap();
+        assert_eq!(got.state, ConnState::AuthorizationRequired);
+    }
+
+    #[tokio::test]
+    async fn sqlite_failures_name_cause_and_fix() {
+        // Read-only: a real SQLITE_READONLY from a read-only connection.
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store_with_grant(dir.path(), None).await;
+        store.close().await;
+        let ro = SqlitePool::connect_with(
+            SqliteConnectOptions::new()
+                .filename(dir.path().join("t.db"))
+                .read_only(true),
+        )
+        .await
+        .unwrap();
+        let e = sqlx::query("DELETE FROM connections")
+            .execute(&ro)
+            .await
+            .unwrap_err();
+        let text = StoreError::from(e).to_string();
+        assert!(text.contains("read-only") && text.contains("write access"), "{text}");
+
+        // Full: a real SQLITE_FULL, the database capped at its current size.
+        let full = SqlitePool::connect_with(
+            SqliteConnectOptions::new()
+                .filename(dir.path().join("full.db"))
+                .create_if_missing(true),
+        )
+        .await
+        .unwrap();
+        sqlx::query("CREATE TABLE t (v BLOB)").execute(&full).await.unwrap();
+        let mut conn = full.acquire().await.unwrap();
+        sqlx::query("PRAGMA max_page_count = 3")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let e = sqlx::query("INSERT INTO t VALUES (zeroblob(100000))")
+            .execute(&mut *conn)
+            .await
+            .unwrap_err();
+        let text = StoreError::from(e).to_string();
+        assert!(text.contains("disk holding the database is full") && text.contains("free space"), "{text}");
+
+        assert!(sqlite_problem(Some("1032")).unwrap().contains("read-only"));
+        assert!(sqlite_problem(Some("5")).unwrap().contains("locked"));
+        assert!(sqlite_problem(Some("1")).is_none());
+        assert!(sqlite_problem(None).is_none());
+    }
+
+    #[tokio::test]
+    async fn newer_database_is_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store_with_grant(dir.path(), None).await;
+        raw(&store, "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+                     VALUES (99991231000000, 'from the future', 1, x'00', 0)").await;
+        store.close().await;
+        let Err(e) = Store::open(&dir.path().join("t.db"), None).await else {
+            panic!("a newer database must be refused");
+        };
+        let text = e.to_string();
+        assert!(text.contains("newer version of tokenkeeper") && text.contains("restore a backup"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn write_probe_fails_while_another_process_holds_the_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store_with_grant(dir.path(), None).await;
+        store.write_probe().await.unwrap();
+        let other = SqlitePool::connect_with(
+            SqliteConnectOptions::new()
+                .filename(dir.path().join("t.db"))
+                .busy_timeout(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
+        let mut conn = other.acquire().await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await.unwrap();
+        // Past the reuse window of the successful probe.
+        tokio::time::sleep(WRITE_PROBE_REUSE).await;
+        let e = store.write_probe().await.unwrap_err();
+        assert!(e.to_string().contains("cannot be written") || e.to_string().contains("locked"), "{e}");
+        sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+        store.write_probe().await.unwrap();
+        // Reads still work meanwhile: only a write probe tells.
+        store.ping().await.unwrap();
+    }
+
+    #[test]
+    fn offline_lock_excludes_daemons_and_daemons_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db");
+        let a = DbLock::shared(&db).unwrap();
+        let b = DbLock::shared(&db).unwrap();
+        let e = DbLock::exclusive(&db).err().unwrap();
+        assert!(e.to_string().contains("stop it first"), "{e}");
+        drop((a, b));
+        let x = DbLock::exclusive(&db).unwrap();
+        assert!(DbLock::shared(&db).is_err());
+        drop(x);
+        assert!(DbLock::shared(&db).is_ok());
+    }
+}
