@@ -290,6 +290,7 @@ async fn broken_pipes_and_closed_stdout() {
     for account in ["a1", "a2", "a3"] {
         assert_eq!(h.authorize("keap", account).await.status(), 200);
     }
+    // Not `output()`: tokio's replaces stdout with a pipe of its own.
     let run = |args: &[&str], stdout: std::process::Stdio| {
         tokio::process::Command::new(BIN)
             .args(args)
@@ -297,7 +298,9 @@ async fn broken_pipes_and_closed_stdout() {
             .arg(&h.config_path)
             .stdout(stdout)
             .stderr(std::process::Stdio::piped())
-            .output()
+            .spawn()
+            .unwrap()
+            .wait_with_output()
     };
     // `tokenkeeper status | head -1` with head gone: quiet, no panic.
     for args in [&["status"][..], &["status", "--json"], &["check-config"]] {
