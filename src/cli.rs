@@ -204,8 +204,7 @@ fn stdout_was_closed() -> bool {
         let st = st.assume_init();
         let null = std::fs::metadata("/dev/null");
         use std::os::unix::fs::MetadataExt;
-        (st.st_mode & libc::S_IFMT) == libc::S_IFCHR
-            && null.is_ok_and(|m| m.rdev() == st.st_rdev)
+        (st.st_mode & libc::S_IFMT) == libc::S_IFCHR && null.is_ok_and(|m| m.rdev() == st.st_rdev)
     }
 }
 
@@ -598,7 +597,10 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                 .and_then(Value::as_str)
                 .ok_or_else(|| runtime("the daemon answered without a token"))?;
             if matches!(command, Command::Header { .. }) {
-                outln(format_args!("Authorization: Bearer {token}"), Output::Essential)?;
+                outln(
+                    format_args!("Authorization: Bearer {token}"),
+                    Output::Essential,
+                )?;
             } else {
                 outln(token, Output::Essential)?;
             }
@@ -857,8 +859,8 @@ async fn rekey(explicit: Option<&Path>, new_key_file: &Path) -> Result<(), CliEr
     };
     // Refused while a daemon holds the database: its next commit would be
     // sealed under the old key after this one re-sealed everything.
-    let _lock = crate::store::DbLock::exclusive(&cfg.storage.path)
-        .map_err(|e| runtime(e.to_string()))?;
+    let _lock =
+        crate::store::DbLock::exclusive(&cfg.storage.path).map_err(|e| runtime(e.to_string()))?;
     let store = crate::store::Store::open(&cfg.storage.path, old_key)
         .await
         .map_err(|e| runtime(e.to_string()))?;

@@ -235,28 +235,28 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     systemd::ready(&systemd::summary(&engine));
     let stop = shutdown.clone().cancelled_owned();
     let listener = match tls {
-        Some(t) => Err(crate::http::tls::TlsListener::new(listener, t.acceptor)?),
-        None => Ok(listener),
+        Some(t) => Listener::Tls(crate::http::tls::TlsListener::new(listener, t.acceptor)?),
+        None => Listener::Plain(listener),
     };
     // On its own task, so that the stop can give up on connections that
     // do not drain (see the module doc).
     let mut server = tokio::spawn(async move {
         match listener {
-            Err(tls_listener) => {
+            Listener::Tls(tls_listener) => {
                 axum::serve(tls_listener, app.into_make_service())
                     .with_graceful_shutdown(stop)
                     .await
             }
-            Ok(listener) => {
-            // No Nagle: a proxied (streamed) answer leaves as headers, then
-            // body, and the second write would otherwise wait for the
-            // client's delayed ACK (~40 ms).
-            use axum::serve::ListenerExt;
-            let listener = listener.tap_io(|tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-                }
-            });
+            Listener::Plain(listener) => {
+                // No Nagle: a proxied (streamed) answer leaves as headers, then
+                // body, and the second write would otherwise wait for the
+                // client's delayed ACK (~40 ms).
+                use axum::serve::ListenerExt;
+                let listener = listener.tap_io(|tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                    }
+                });
                 axum::serve(listener, app.into_make_service())
                     .with_graceful_shutdown(stop)
                     .await
@@ -316,6 +316,12 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     }
     tracing::info!("stopped");
     Ok(served??)
+}
+
+/// The socket the server accepts on.
+enum Listener {
+    Plain(TcpListener),
+    Tls(crate::http::tls::TlsListener),
 }
 
 /// The scheduler's job: wakes every second and runs an engine tick once
@@ -401,11 +407,7 @@ struct Reloadable {
 /// (providers, refresh policy including `check_interval` and `jitter`,
 /// notify, the API keys) and name in a warning every changed setting that
 /// needs a restart; on failure log every problem and keep the old config.
-async fn reload_on_sighup(
-    mut r: Reloadable,
-    path: Option<PathBuf>,
-    shutdown: CancellationToken,
-) {
+async fn reload_on_sighup(mut r: Reloadable, path: Option<PathBuf>, shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP; config reload disabled");
@@ -482,11 +484,20 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut named = Vec::new();
     let checks: [(&'static str, bool); 6] = [
         ("server.listen", differs(&o.listen, &n.listen)),
-        ("server.allow_remote", differs(&o.allow_remote, &n.allow_remote)),
+        (
+            "server.allow_remote",
+            differs(&o.allow_remote, &n.allow_remote),
+        ),
         ("server.public_url", differs(&o.public_url, &n.public_url)),
         ("server.tls", differs(&o.tls, &n.tls)),
-        ("server.allowed_hosts", differs(&o.allowed_hosts, &n.allowed_hosts)),
-        ("server.proxy_max_wait", differs(&o.proxy_max_wait, &n.proxy_max_wait)),
+        (
+            "server.allowed_hosts",
+            differs(&o.allowed_hosts, &n.allowed_hosts),
+        ),
+        (
+            "server.proxy_max_wait",
+            differs(&o.proxy_max_wait, &n.proxy_max_wait),
+        ),
     ];
     named.extend(checks.iter().filter(|c| c.1).map(|c| c.0));
     // Any other [server] key (whatever this list does not know yet).
@@ -504,7 +515,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     ) {
         named.push("storage.encryption_key_file");
     }
-    if named.len() < 2 && differs(&old.storage, &new.storage) && !named.iter().any(|n| n.starts_with("storage")) {
+    if named.len() < 2
+        && differs(&old.storage, &new.storage)
+        && !named.iter().any(|n| n.starts_with("storage"))
+    {
         named.push("[storage] settings");
     }
     named

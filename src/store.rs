@@ -252,7 +252,6 @@ pub fn from_ms(ms: i64) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
-
 impl Store {
     /// Opens (creating with mode 0600, in a 0700 directory, if needed) and
     /// migrates the database at `path`, then checks `key` against it before
@@ -1174,7 +1173,10 @@ async fn reseal_rows(
 /// the generation row `id` will have after this transaction writes its
 /// token pair. With the lock held from here, no other writer can move the
 /// generation between this read and the write it seals for.
-async fn next_generation_by_id(tx: &mut sqlx::SqliteConnection, id: i64) -> Result<i64, StoreError> {
+async fn next_generation_by_id(
+    tx: &mut sqlx::SqliteConnection,
+    id: i64,
+) -> Result<i64, StoreError> {
     let g: Option<i64> = sqlx::query_scalar(
         "UPDATE connections SET generation = generation WHERE id = ? RETURNING generation",
     )
@@ -1419,7 +1421,11 @@ mod tests {
         assert!(store.unreadable.lock().unwrap().is_empty());
 
         // Swapped columns: reported, no token handed out.
-        raw(&store, "UPDATE connections SET access_token = refresh_token, refresh_token = access_token").await;
+        raw(
+            &store,
+            "UPDATE connections SET access_token = refresh_token, refresh_token = access_token",
+        )
+        .await;
         let got = store.load_connection(row.id).await.unwrap().unwrap();
         assert_eq!(got.state, ConnState::AuthorizationRequired);
         assert!(got.access_token.expose_secret().is_empty());
@@ -1429,7 +1435,11 @@ mod tests {
         assert!(why.contains("does not decrypt"), "{why}");
         assert!(why.contains("tokenkeeper connect keap default"), "{why}");
         assert!(store.unreadable.lock().unwrap().contains(&row.id));
-        raw(&store, "UPDATE connections SET access_token = refresh_token, refresh_token = access_token").await;
+        raw(
+            &store,
+            "UPDATE connections SET access_token = refresh_token, refresh_token = access_token",
+        )
+        .await;
         assert_eq!(
             store
                 .load_connection(row.id)
@@ -1497,7 +1507,11 @@ mod tests {
             .execute(&store.pool)
             .await
             .unwrap();
-        raw(&store, "DELETE FROM installation WHERE name = 'seal_format'").await;
+        raw(
+            &store,
+            "DELETE FROM installation WHERE name = 'seal_format'",
+        )
+        .await;
         store.close().await;
 
         let store = Store::open(&dir.path().join("t.db"), Some(key()))
@@ -1529,7 +1543,11 @@ mod tests {
             .as_deref()
             .unwrap()
             .contains("unknown state \"paused\""));
-        raw(&store, "UPDATE connections SET state = 'active', expires_at = 99999999999999999").await;
+        raw(
+            &store,
+            "UPDATE connections SET state = 'active', expires_at = 99999999999999999",
+        )
+        .await;
         let got = store.load_connection(row.id).await.unwrap().unwrap();
         assert!(got.last_error.unwrap().contains("expires_at"));
         raw(&store, "UPDATE connections SET expires_at = 'soon'").await;
@@ -1555,7 +1573,10 @@ mod tests {
             .await
             .unwrap_err();
         let text = StoreError::from(e).to_string();
-        assert!(text.contains("read-only") && text.contains("write access"), "{text}");
+        assert!(
+            text.contains("read-only") && text.contains("write access"),
+            "{text}"
+        );
 
         // Full: a real SQLITE_FULL, the database capped at its current size.
         let full = SqlitePool::connect_with(
@@ -1565,7 +1586,10 @@ mod tests {
         )
         .await
         .unwrap();
-        sqlx::query("CREATE TABLE t (v BLOB)").execute(&full).await.unwrap();
+        sqlx::query("CREATE TABLE t (v BLOB)")
+            .execute(&full)
+            .await
+            .unwrap();
         let mut conn = full.acquire().await.unwrap();
         sqlx::query("PRAGMA max_page_count = 3")
             .execute(&mut *conn)
@@ -1576,7 +1600,10 @@ mod tests {
             .await
             .unwrap_err();
         let text = StoreError::from(e).to_string();
-        assert!(text.contains("disk holding the database is full") && text.contains("free space"), "{text}");
+        assert!(
+            text.contains("disk holding the database is full") && text.contains("free space"),
+            "{text}"
+        );
 
         assert!(sqlite_problem(Some("1032")).unwrap().contains("read-only"));
         assert!(sqlite_problem(Some("5")).unwrap().contains("locked"));
@@ -1595,7 +1622,10 @@ mod tests {
             panic!("a newer database must be refused");
         };
         let text = e.to_string();
-        assert!(text.contains("newer version of tokenkeeper") && text.contains("restore a backup"), "{text}");
+        assert!(
+            text.contains("newer version of tokenkeeper") && text.contains("restore a backup"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
@@ -1611,11 +1641,17 @@ mod tests {
         .await
         .unwrap();
         let mut conn = other.acquire().await.unwrap();
-        sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
         // Past the reuse window of the successful probe.
         tokio::time::sleep(WRITE_PROBE_REUSE).await;
         let e = store.write_probe().await.unwrap_err();
-        assert!(e.to_string().contains("cannot be written") || e.to_string().contains("locked"), "{e}");
+        assert!(
+            e.to_string().contains("cannot be written") || e.to_string().contains("locked"),
+            "{e}"
+        );
         sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
         store.write_probe().await.unwrap();
         // Reads still work meanwhile: only a write probe tells.

@@ -260,7 +260,11 @@ async fn names_are_checked_and_never_reach_the_server_raw() {
         for cmd in ["revoke", "refresh", "token", "header", "connect"] {
             let out = h.cli(&[cmd, provider, account]).await;
             let err = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(2), "{cmd} {provider} {account}: {err}");
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{cmd} {provider} {account}: {err}"
+            );
             assert!(err.contains("not a valid"), "{err}");
         }
     }
@@ -339,7 +343,12 @@ async fn broken_pipes_and_closed_stdout() {
         .output()
         .await
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]
@@ -364,9 +373,11 @@ async fn self_signed_daemon_from_another_user_names_certificate_verification() {
         .spawn()
         .unwrap();
     let public = runtime.join("cert.pem");
-    common::eventually(std::time::Duration::from_secs(20), "public certificate", || async {
-        h.log().contains("tokenkeeper is serving")
-    })
+    common::eventually(
+        std::time::Duration::from_secs(20),
+        "public certificate",
+        || async { h.log().contains("tokenkeeper is serving") },
+    )
     .await;
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&public).unwrap().permissions().mode() & 0o777;
@@ -416,4 +427,22 @@ async fn self_signed_daemon_from_another_user_names_certificate_verification() {
     assert_eq!(out.status.code(), Some(2));
     common::signal(&child, libc::SIGTERM);
     let _ = common::wait_exit(&mut child, std::time::Duration::from_secs(30)).await;
+}
+
+#[test]
+fn api_base_url_with_a_query_or_fragment_is_a_config_error() {
+    for (base, part) in [
+        ("https://api.example/v1?tenant=a", "query"),
+        ("https://api.example/v1#top", "fragment"),
+    ] {
+        let text = format!(
+            "[providers.k]\npreset = \"keap\"\nclient_id = \"id\"\nclient_secret = \"s\"\napi_base_url = \"{base}\"\n"
+        );
+        let (code, err) = check_config(&text);
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains(":5: providers.k.api_base_url:") && err.contains(part),
+            "{err}"
+        );
+    }
 }

@@ -358,7 +358,10 @@ async fn one_unreadable_row_does_not_stop_the_daemon() {
     let (s, _) = h.token().await;
     assert_eq!(s, 200);
     // The bad ones are refused with what is wrong, never a token.
-    for (account, what) in [("second", "unknown state \"paused\""), ("third", "expires_at")] {
+    for (account, what) in [
+        ("second", "unknown state \"paused\""),
+        ("third", "expires_at"),
+    ] {
         let (s, v) = h.get_json(&format!("/v1/token/keap/{account}")).await;
         assert_eq!(s, 409, "{v}");
         assert_eq!(v["error"], "authorization_required");
@@ -367,7 +370,10 @@ async fn one_unreadable_row_does_not_stop_the_daemon() {
         let c = h.connection(account).await;
         assert_eq!(c["state"], "authorization_required");
         let last = c["last_error"].as_str().unwrap();
-        assert!(last.contains(what) && last.contains("authorize keap/"), "{last}");
+        assert!(
+            last.contains(what) && last.contains("authorize keap/"),
+            "{last}"
+        );
     }
     assert_eq!(h.connection("default").await["state"], "active");
     let log = h.log();
@@ -377,7 +383,10 @@ async fn one_unreadable_row_does_not_stop_the_daemon() {
         "{log}"
     );
     let metrics = parse_metrics(&h.get_text("/metrics").await);
-    assert_eq!(metrics.get("tokenkeeper_unreadable_connections"), Some(&2.0));
+    assert_eq!(
+        metrics.get("tokenkeeper_unreadable_connections"),
+        Some(&2.0)
+    );
     let status = h.cli(&["status"]).await;
     assert!(String::from_utf8_lossy(&status.stdout).contains("unknown state"));
 
@@ -426,7 +435,10 @@ async fn readyz_fails_while_the_database_cannot_be_written() {
     // Another process holds the write lock: reads still work, writes wait.
     let db = raw_db(&h).await;
     let mut conn = db.acquire().await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let r = h.http.get(h.url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 503);
@@ -564,7 +576,8 @@ async fn reload_applies_api_keys_and_check_interval_and_names_what_needs_a_resta
     assert_eq!(with_key("key-one").await, 401, "the old key stops working");
     let log = h.log();
     assert!(
-        log.lines().any(|l| l.contains("need a restart") && l.contains("server.proxy_max_wait")),
+        log.lines()
+            .any(|l| l.contains("need a restart") && l.contains("server.proxy_max_wait")),
         "{log}"
     );
     // The scheduler now looks every second: the 8 s token is refreshed by
@@ -617,16 +630,23 @@ async fn notify_command_gets_only_path_and_its_own_variables() {
     common::wait_healthy(&h.http, &h.url("/healthz"), &mut child).await;
     h.daemon = Some(child);
     assert_eq!(h.authorize("keap", "default").await.status(), 200);
-    eventually(Duration::from_secs(10), "hook ran", || async { out.exists() }).await;
+    eventually(Duration::from_secs(10), "hook ran", || async {
+        out.exists()
+    })
+    .await;
     let env = std::fs::read_to_string(&out).unwrap();
     assert!(env.contains("TOKENKEEPER_EVENT=authorized"), "{env}");
     assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
-    assert!(!env.contains(common::CLIENT_SECRET), "the client secret reached the hook");
+    assert!(
+        !env.contains(common::CLIENT_SECRET),
+        "the client secret reached the hook"
+    );
     // Only PATH, the event's variables, and what the shell sets itself.
     for line in env.lines() {
         let name = line.split('=').next().unwrap();
         assert!(
-            name.starts_with("TOKENKEEPER_") || ["PATH", "PWD", "OLDPWD", "SHLVL", "_"].contains(&name),
+            name.starts_with("TOKENKEEPER_")
+                || ["PATH", "PWD", "OLDPWD", "SHLVL", "_"].contains(&name),
             "the hook inherited {name}:\n{env}"
         );
     }

@@ -525,7 +525,10 @@ async fn swapped_sealed_columns_are_reported_and_never_served() {
     let c = h.connection("default").await;
     assert_eq!(c["state"], "authorization_required");
     assert!(
-        c["last_error"].as_str().unwrap().contains("does not decrypt"),
+        c["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("does not decrypt"),
         "{c}"
     );
     // The other connection is untouched and served.

@@ -774,8 +774,11 @@ impl Engine {
                 continue;
             }
             if snap.state == ConnState::Retrying
-                || policy::next_refresh_at(&snap.timing, &settings.refresh, slot.jitter(&settings.refresh))
-                    <= now
+                || policy::next_refresh_at(
+                    &snap.timing,
+                    &settings.refresh,
+                    slot.jitter(&settings.refresh),
+                ) <= now
             {
                 due.push((snap.timing.expires_at, slot));
             }
@@ -913,7 +916,8 @@ impl Engine {
             return Err(TokenError::RefreshFailed {
                 provider: slot.provider.clone(),
                 account: slot.account.clone(),
-                reason: "tokenkeeper is stopping and starts no new refresh; retry once it is back".into(),
+                reason: "tokenkeeper is stopping and starts no new refresh; retry once it is back"
+                    .into(),
                 retry_after: Duration::from_secs(5),
             });
         }
