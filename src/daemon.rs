@@ -568,3 +568,36 @@ fn release_freed_memory() {
         libc::malloc_trim(0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The unit's `TimeoutStopSec` covers the daemon's own worst-case stop
+    /// with the default `request_timeout`, so systemd never kills a refresh
+    /// mid-call (the arithmetic is in the module doc and the unit file).
+    #[test]
+    fn the_unit_stop_timeout_covers_the_longest_stop() {
+        let unit = include_str!("../systemd/tokenkeeper.service");
+        let value = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+            .expect("the unit sets TimeoutStopSec");
+        let unit_timeout = crate::config::parse_duration(value.trim()).unwrap();
+        let config = crate::config::parse(
+            "[providers.keap]\npreset = \"keap\"\nclient_id = \"id\"\nclient_secret = \"s\"\n",
+            std::path::Path::new("/tmp/t.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            config.providers["keap"].request_timeout,
+            Duration::from_secs(30)
+        );
+        let budget = stop_budget(&config);
+        assert_eq!(budget, Duration::from_secs(150));
+        assert!(
+            unit_timeout >= budget + Duration::from_secs(10),
+            "TimeoutStopSec={value} leaves no margin over the {budget:?} stop"
+        );
+    }
+}

@@ -302,6 +302,16 @@ impl Store {
             probe: Arc::new(tokio::sync::Mutex::new(None)),
         };
         store.check_key().await?;
+        // Now, with the path at hand, rather than at the first refresh: a
+        // read-only file or directory opens (SQLite falls back to reading)
+        // and fails only at the first write.
+        store
+            .write_once()
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
         Ok(store)
     }
 
@@ -477,6 +487,17 @@ impl Store {
         Ok(())
     }
 
+    /// One small write that changes nothing a reader sees.
+    async fn write_once(&self) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO installation (name, value) VALUES ('write_probe', x'01') \
+             ON CONFLICT (name) DO UPDATE SET value = value",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Readiness: the database answers *and* takes a write (a full disk, a
     /// read-only file or a lock held elsewhere fail here, where a read
     /// would pass). One small upsert, bounded by [`WRITE_PROBE_TIMEOUT`];
@@ -488,14 +509,8 @@ impl Store {
                 return Ok(());
             }
         }
-        let write = sqlx::query(
-            "INSERT INTO installation (name, value) VALUES ('ready_probe', ?1) \
-             ON CONFLICT (name) DO UPDATE SET value = ?1",
-        )
-        .bind(to_ms(Utc::now()).to_le_bytes().to_vec())
-        .execute(&self.pool);
-        let result = match tokio::time::timeout(WRITE_PROBE_TIMEOUT, write).await {
-            Ok(Ok(_)) => Ok(()),
+        let result = match tokio::time::timeout(WRITE_PROBE_TIMEOUT, self.write_once()).await {
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(StoreError::Sql(e)),
             Err(_) => Err(StoreError::NotWritable(format!(
                 "a write did not complete within {} s (another process holds the database locked, or the disk stalls)",
@@ -992,6 +1007,9 @@ impl Store {
     /// time it is seen so, and keeps the gauge in step.
     fn set_unreadable(&self, id: i64, message: Option<&str>, provider: &str, account: &str) {
         let mut set = self.unreadable.lock().unwrap_or_else(|e| e.into_inner());
+        if message.is_none() && set.is_empty() {
+            return;
+        }
         let changed = match message {
             Some(m) => {
                 let new = set.insert(id);

@@ -912,15 +912,6 @@ impl Engine {
                 return answer(slot, &slot.snapshot(), Utc::now());
             }
         }
-        if self.inner.stopping.load(Ordering::SeqCst) {
-            return Err(TokenError::RefreshFailed {
-                provider: slot.provider.clone(),
-                account: slot.account.clone(),
-                reason: "tokenkeeper is stopping and starts no new refresh; retry once it is back"
-                    .into(),
-                retry_after: Duration::from_secs(5),
-            });
-        }
         let flight = slot.flight.clone().lock_owned().await;
         if slot.attempts.load(Ordering::SeqCst) != seen {
             let snap = slot.snapshot();
@@ -936,6 +927,17 @@ impl Engine {
             if failed {
                 return Err(failure(slot, &snap, Utc::now()));
             }
+        }
+        // Checked under the flight lock: a caller queued on a flight that
+        // landed has taken its result above; nobody starts a new one.
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            return Err(TokenError::RefreshFailed {
+                provider: slot.provider.clone(),
+                account: slot.account.clone(),
+                reason: "tokenkeeper is stopping and starts no new refresh; retry once it is back"
+                    .into(),
+                retry_after: Duration::from_secs(5),
+            });
         }
         slot.in_flight.store(true, Ordering::SeqCst);
         // From here the flight owns the lock and the guard: it finishes on
