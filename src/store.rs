@@ -500,8 +500,8 @@ impl Store {
 
     /// Readiness: the database answers *and* takes a write (a full disk, a
     /// read-only file or a lock held elsewhere fail here, where a read
-    /// would pass). One small upsert, bounded by [`WRITE_PROBE_TIMEOUT`];
-    /// a result younger than [`WRITE_PROBE_REUSE`] is reused.
+    /// would pass). One small upsert, bounded by `WRITE_PROBE_TIMEOUT`;
+    /// a result younger than `WRITE_PROBE_REUSE` is reused.
     pub async fn write_probe(&self) -> Result<(), StoreError> {
         let mut last = self.probe.lock().await;
         if let Some((at, true)) = *last {
