@@ -606,17 +606,21 @@ impl Store {
         let sql = format!("SELECT {COLUMNS} FROM connections ORDER BY provider, account");
         let mut rows = sqlx::query(&sql).fetch(&self.pool);
         while let Some(r) = rows.try_next().await? {
-            f(self.decode(&r)?);
+            if let Some(row) = self.decode_or_skip(&r) {
+                f(row);
+            }
         }
         Ok(())
     }
 
+    /// One connection; `None` also when even its name cannot be read (such
+    /// a row is logged once and skipped, see [`Store::each_connection`]).
     pub async fn load_connection(&self, id: i64) -> Result<Option<ConnectionRow>, StoreError> {
         let row = sqlx::query(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(|r| self.decode(r)).transpose()
+        Ok(row.as_ref().and_then(|r| self.decode_or_skip(r)))
     }
 
     /// `(id, generation, state)` of every connection: what the engine compares
@@ -949,6 +953,23 @@ impl Store {
         }
     }
 
+    /// [`Store::decode`] for the readers that must go on past one row: a
+    /// row whose very identity cannot be read is logged once (error level,
+    /// counted as unreadable) and skipped rather than failing them all.
+    fn decode_or_skip(&self, r: &SqliteRow) -> Option<ConnectionRow> {
+        match self.decode(r) {
+            Ok(row) => Some(row),
+            Err(e) => {
+                let id: i64 = r.try_get("id").unwrap_or(-1);
+                let message = format!(
+                    "the stored connection row {id} cannot be read at all ({e}); it is skipped: delete it (DELETE FROM connections WHERE id = {id}) or restore a backup"
+                );
+                self.set_unreadable(id, Some(&message), "?", "?");
+                None
+            }
+        }
+    }
+
     fn decode_fields(
         &self,
         r: &SqliteRow,
@@ -1073,10 +1094,6 @@ where
         .map_err(|e| format!("column {column} cannot be read ({e})"))
 }
 
-/// Latest instant a stored timestamp may hold: anything later is damage,
-/// and would not even print as RFC 3339.
-const MAX_STORED_MS: i64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
-
 fn instant(r: &SqliteRow, column: &str) -> Result<DateTime<Utc>, String> {
     let ms: i64 = field(r, column)?;
     checked_ms(ms).ok_or_else(|| format!("{column} holds an impossible instant ({ms} ms)"))
@@ -1091,10 +1108,10 @@ fn opt_instant(r: &SqliteRow, column: &str) -> Result<Option<DateTime<Utc>>, Str
     }
 }
 
+/// An instant chrono can represent; anything else is damage. Far-future
+/// but representable values stay readable: such a row still holds a
+/// working grant, and losing it would cost a new authorization.
 fn checked_ms(ms: i64) -> Option<DateTime<Utc>> {
-    if !(0..=MAX_STORED_MS).contains(&ms) {
-        return None;
-    }
     Utc.timestamp_millis_opt(ms).single()
 }
 
@@ -1571,6 +1588,13 @@ mod tests {
         raw(&store, "UPDATE connections SET expires_at = 'soon'").await;
         let got = store.load_connection(row.id).await.unwrap().unwrap();
         assert_eq!(got.state, ConnState::AuthorizationRequired);
+        // Not even a name: skipped, not fatal.
+        raw(&store, "UPDATE connections SET provider = x'ff00'").await;
+        assert!(store.load_connection(row.id).await.unwrap().is_none());
+        let mut n = 0;
+        store.each_connection(|_| n += 1).await.unwrap();
+        assert_eq!(n, 0);
+        assert!(store.unreadable.lock().unwrap().contains(&row.id));
     }
 
     #[tokio::test]
