@@ -333,22 +333,24 @@ fn tick_job(
     last_status: Arc<Mutex<String>>,
 ) -> Result<Job, tokio_cron_scheduler::JobSchedulerError> {
     // The start runs a tick itself, so the first one here is one interval on.
-    let last_tick = Arc::new(Mutex::new(std::time::Instant::now()));
+    // tokio Mutex, held for the whole tick: a wake-up while a slow tick
+    // still runs is skipped rather than starting a second one.
+    let last_tick = Arc::new(tokio::sync::Mutex::new(std::time::Instant::now()));
     Job::new_repeated_async(Duration::from_secs(1), move |_id, _sched| {
         let engine = engine.clone();
         let last_status = last_status.clone();
         let last_tick = last_tick.clone();
         Box::pin(async move {
             let every = engine.settings().refresh.check_interval;
-            {
-                let mut last = last_tick.lock().unwrap_or_else(|e| e.into_inner());
-                // Slack for the scheduler's own wake-up jitter, so a 1 s
-                // interval does not skip every other wake-up.
-                if last.elapsed() + Duration::from_millis(200) < every {
-                    return;
-                }
-                *last = std::time::Instant::now();
+            let Ok(mut last_run) = last_tick.try_lock() else {
+                return;
+            };
+            // Slack for the scheduler's own wake-up jitter, so a 1 s
+            // interval does not skip every other wake-up.
+            if last_run.elapsed() + Duration::from_millis(200) < every {
+                return;
             }
+            *last_run = std::time::Instant::now();
             if let Err(e) = engine.tick().await {
                 tracing::error!(error = %e, "refresh scheduler tick failed");
             }
