@@ -508,19 +508,23 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if named.is_empty() && differs(&o2, n) {
         named.push("[server] settings");
     }
-    if differs(&old.storage.path, &new.storage.path) {
-        named.push("storage.path");
-    }
-    if differs(
-        &old.storage.encryption_key_file,
-        &new.storage.encryption_key_file,
-    ) {
-        named.push("storage.encryption_key_file");
-    }
-    if named.len() < 2
-        && differs(&old.storage, &new.storage)
-        && !named.iter().any(|n| n.starts_with("storage"))
-    {
+    let storage = [
+        (
+            "storage.path",
+            differs(&old.storage.path, &new.storage.path),
+        ),
+        (
+            "storage.encryption_key_file",
+            differs(
+                &old.storage.encryption_key_file,
+                &new.storage.encryption_key_file,
+            ),
+        ),
+    ];
+    let before = named.len();
+    named.extend(storage.iter().filter(|c| c.1).map(|c| c.0));
+    // Any other [storage] key.
+    if named.len() == before && differs(&old.storage, &new.storage) {
         named.push("[storage] settings");
     }
     named
@@ -574,6 +578,25 @@ fn release_freed_memory() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reload_names_exactly_the_settings_that_need_a_restart() {
+        let cfg = |extra_server: &str, db: &str, interval: &str| {
+            crate::config::parse(
+                &format!(
+                    "[server]\nlisten = \"127.0.0.1:8787\"\n{extra_server}\n[storage]\npath = \"{db}\"\n[refresh]\ncheck_interval = \"{interval}\"\n"
+                ),
+                std::path::Path::new("/tmp/t.toml"),
+            )
+            .unwrap()
+        };
+        let old = cfg("", "/tmp/a.db", "30s");
+        assert!(needs_restart(&old, &cfg("", "/tmp/a.db", "5s")).is_empty());
+        assert_eq!(
+            needs_restart(&old, &cfg("proxy_max_wait = \"3s\"", "/tmp/b.db", "5s")),
+            vec!["server.proxy_max_wait", "storage.path"]
+        );
+    }
 
     /// The unit's `TimeoutStopSec` covers the daemon's own worst-case stop
     /// with the default `request_timeout`, so systemd never kills a refresh
