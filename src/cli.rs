@@ -182,30 +182,18 @@ fn outln(text: impl std::fmt::Display, kind: Output) -> Result<(), CliError> {
     out(&format!("{text}\n"), kind)
 }
 
-/// Whether the process started with file descriptor 1 closed. The Rust
-/// runtime then opens /dev/null read-write on it before `main`, so writes
-/// "succeed" and the token would vanish with exit status 0; a shell's
-/// `>/dev/null` opens it write-only, which stays a deliberate choice.
+/// Set by the binary before anything else: standard output was closed
+/// when the process started (the runtime has since put /dev/null there).
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records whether file descriptor 1 was closed at process start (the
+/// binary learns it before the Rust runtime reopens it on /dev/null).
+pub fn stdout_closed_at_start(closed: bool) {
+    STDOUT_CLOSED.store(closed, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn stdout_was_closed() -> bool {
-    // SAFETY: fcntl(F_GETFL) and fstat only read the state of fd 1; the
-    // stat buffer is fully written by a successful fstat before it is read.
-    unsafe {
-        let flags = libc::fcntl(1, libc::F_GETFL);
-        if flags < 0 {
-            return true;
-        }
-        if flags & libc::O_ACCMODE != libc::O_RDWR {
-            return false;
-        }
-        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        if libc::fstat(1, st.as_mut_ptr()) != 0 {
-            return true;
-        }
-        let st = st.assume_init();
-        let null = std::fs::metadata("/dev/null");
-        use std::os::unix::fs::MetadataExt;
-        (st.st_mode & libc::S_IFMT) == libc::S_IFCHR && null.is_ok_and(|m| m.rdev() == st.st_rdev)
-    }
+    STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Writes an error sentence to stderr, ignoring a stderr that is gone

@@ -334,21 +334,26 @@ async fn broken_pipes_and_closed_stdout() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("standard output is closed"), "{err}");
-    // A deliberate `>/dev/null` stays a success.
-    let out = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg("exec \"$0\" token keap a1 --config \"$1\" >/dev/null")
-        .arg(BIN)
-        .arg(&h.config_path)
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // A deliberate /dev/null (write-only, or read-write as Python's
+    // DEVNULL opens it) stays a success.
+    for redirect in [">/dev/null", "1<>/dev/null"] {
+        let out = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "exec \"$0\" token keap a1 --config \"$1\" {redirect}"
+            ))
+            .arg(BIN)
+            .arg(&h.config_path)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{redirect}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[tokio::test]
