@@ -651,3 +651,75 @@ async fn notify_command_gets_only_path_and_its_own_variables() {
         );
     }
 }
+
+#[tokio::test]
+async fn once_shutdown_begins_no_new_refresh_starts() {
+    use tokenkeeper::provider::simulator::{Simulator, SimulatorConfig};
+    use tokenkeeper::store::{NewGrant, Store};
+    let sim = Simulator::start_local(SimulatorConfig {
+        client_secret: common::CLIENT_SECRET.into(),
+        ..SimulatorConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let base = &sim.base_url;
+    let cfg = tokenkeeper::config::parse(
+        &format!(
+            "[providers.keap]\npreset = \"keap\"\nclient_id = \"demo-client\"\nclient_secret = \"{}\"\n\
+             authorization_url = \"{base}/authorize\"\ntoken_url = \"{base}/token\"\n",
+            common::CLIENT_SECRET
+        ),
+        &dir.path().join("tk.toml"),
+    )
+    .unwrap();
+    let store = Store::open(&dir.path().join("tk.db"), None).await.unwrap();
+    // An expired access token: every token request wants a refresh.
+    let now = chrono::Utc::now();
+    let (access, refresh) = (
+        secrecy::SecretString::from("expired-access".to_string()),
+        secrecy::SecretString::from("some-refresh".to_string()),
+    );
+    for account in ["a", "b"] {
+        store
+            .save_authorized(
+                "keap",
+                account,
+                &NewGrant {
+                    access_token: &access,
+                    refresh_token: Some(&refresh),
+                    token_type: "Bearer",
+                    scope: None,
+                    issued_at: now - chrono::Duration::hours(2),
+                    expires_at: now - chrono::Duration::hours(1),
+                },
+                &[],
+            )
+            .await
+            .unwrap();
+    }
+    let engine = tokenkeeper::refresh::Engine::start(
+        store,
+        tokenkeeper::daemon::settings_from(&cfg, &reqwest::Client::new()),
+    )
+    .await
+    .unwrap();
+    // Before: a request refreshes (the simulator does not know this token).
+    let _ = engine.token("keap", "a").await;
+    assert_eq!(sim.sim.stats().refresh_calls, 1);
+
+    engine.stop_new_refreshes();
+    let e = engine.token("keap", "b").await.err().expect("no token");
+    assert!(e.to_string().contains("stopping"), "{e}");
+    let e = engine
+        .force_refresh("keap", "a")
+        .await
+        .err()
+        .expect("no token");
+    assert!(e.to_string().contains("stopping"), "{e}");
+    assert_eq!(
+        sim.sim.stats().refresh_calls,
+        1,
+        "no provider call after the stop began"
+    );
+}
