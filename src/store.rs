@@ -48,7 +48,7 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
-    #[error("cannot open the database {path} ({}); check that the service user can write both the file and its directory (SQLite creates -wal and -shm files next to it)", describe_sql(.source))]
+    #[error("cannot open the database {path}: {}", describe_open(.source))]
     Open { path: String, source: sqlx::Error },
     #[error("the database {path} was written by a newer version of tokenkeeper (it has migration {version}, which this version does not know); upgrade tokenkeeper, or restore a backup made by this version")]
     NewerVersion { path: String, version: i64 },
@@ -1247,6 +1247,21 @@ fn describe_sql(e: &sqlx::Error) -> String {
     match sqlite_problem(code.as_deref()) {
         Some(sentence) => format!("{sentence} ({e})"),
         None => format!("database error: {e}"),
+    }
+}
+
+/// Why a database could not be opened, with the fix; the generic fix
+/// when SQLite's code says nothing more specific.
+fn describe_open(e: &sqlx::Error) -> String {
+    let code = match e {
+        sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
+        _ => None,
+    };
+    match sqlite_problem(code.as_deref()) {
+        Some(sentence) => format!("{sentence} ({e})"),
+        None => format!(
+            "{e}; check that the service user can read and write the file and its directory (SQLite creates -wal and -shm files next to it)"
+        ),
     }
 }
 

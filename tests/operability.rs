@@ -723,3 +723,54 @@ async fn once_shutdown_begins_no_new_refresh_starts() {
         "no provider call after the stop began"
     );
 }
+
+#[tokio::test]
+async fn a_read_only_database_directory_is_refused_with_path_and_fix() {
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    h.stop().await;
+    // A read-only directory stops root only through a user who is not root.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let bin = h.dir.path().join("tokenkeeper");
+    let mut cmd = if root {
+        if !std::path::Path::new("/usr/bin/setpriv").exists() {
+            eprintln!("skipped: running as root without setpriv");
+            return;
+        }
+        std::fs::copy(common::BIN, &bin).unwrap();
+        let mut c = std::process::Command::new("/usr/bin/setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin);
+        c
+    } else {
+        std::process::Command::new(common::BIN)
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let dir = h.dir.path();
+    if root {
+        // The whole test directory belongs to `nobody`, as a state
+        // directory belongs to the service user.
+        for entry in std::fs::read_dir(dir).unwrap() {
+            std::os::unix::fs::chown(entry.unwrap().path(), Some(65534), Some(65534)).unwrap();
+        }
+        std::os::unix::fs::chown(dir, Some(65534), Some(65534)).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o500)).unwrap();
+    let out = cmd
+        .arg("serve")
+        .arg("--config")
+        .arg(&h.config_path)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&h.db_path().display().to_string()) && err.contains("read-only"),
+        "{err}"
+    );
+    assert!(err.contains("write access"), "{err}");
+}
