@@ -32,6 +32,11 @@ pub struct Cli {
     /// API key file for client commands (default: the config's server.api_keys_file; its first key is used).
     #[arg(long, global = true, value_name = "PATH")]
     pub api_key_file: Option<PathBuf>,
+    /// PEM certificate to trust for a daemon serving HTTPS (default: the
+    /// config's certificate if readable, else /run/tokenkeeper/cert.pem,
+    /// the public copy a `tls = "self-signed"` daemon writes under systemd).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -112,11 +117,90 @@ pub enum LogFormat {
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
-/// A failure with its exit code and the one sentence to print.
+/// A failure with its exit code and the one sentence to print (none when
+/// empty: a reader that went away needs no explanation).
 #[derive(Debug)]
 pub struct CliError {
     pub code: u8,
     pub message: String,
+}
+
+/// Where a `tls = "self-signed"` daemon under systemd publishes its public
+/// certificate (`RuntimeDirectory=tokenkeeper`, world-readable), so users
+/// other than the service user can verify it.
+pub const PUBLIC_CERT_PATH: &str = "/run/tokenkeeper/cert.pem";
+
+/// The reader of our output went away (`tokenkeeper status | head -1`):
+/// stop quietly, as `cat` would.
+fn reader_gone() -> CliError {
+    CliError {
+        code: 0,
+        message: String::new(),
+    }
+}
+
+/// What a write to standard output carries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// The token itself: if it cannot be written, the command failed.
+    Essential,
+    /// A report: a closed pipe just ends it.
+    Report,
+}
+
+/// Writes `text` to standard output; never panics (`println!` does on a
+/// broken pipe). A token that cannot be written is a failure with a
+/// sentence; a report whose reader went away ends quietly.
+fn out(text: &str, kind: Output) -> Result<(), CliError> {
+    use std::io::Write;
+    if kind == Output::Essential && stdout_was_closed() {
+        return Err(runtime(
+            "standard output is closed, so the token was not written; send it to a pipe, a file or a terminal",
+        ));
+    }
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => Ok(()),
+        Err(e) if kind == Output::Report && e.kind() == std::io::ErrorKind::BrokenPipe => {
+            Err(reader_gone())
+        }
+        Err(e) => Err(runtime(format!(
+            "cannot write to standard output ({e}); {}",
+            match kind {
+                Output::Essential => "the token was not delivered, retry with a working output",
+                Output::Report => "the output is incomplete",
+            }
+        ))),
+    }
+}
+
+/// `writeln!`-like shorthand for [`out`].
+fn outln(text: impl std::fmt::Display, kind: Output) -> Result<(), CliError> {
+    out(&format!("{text}\n"), kind)
+}
+
+/// Set by the binary before anything else: standard output was closed
+/// when the process started (the runtime has since put /dev/null there).
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records whether file descriptor 1 was closed at process start (the
+/// binary learns it before the Rust runtime reopens it on /dev/null).
+pub fn stdout_closed_at_start(closed: bool) {
+    STDOUT_CLOSED.store(closed, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn stdout_was_closed() -> bool {
+    STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Writes an error sentence to stderr, ignoring a stderr that is gone
+/// (`eprintln!` would panic).
+fn err_line(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 
 fn runtime(message: impl Into<String>) -> CliError {
@@ -158,7 +242,9 @@ pub async fn run(cli: Cli) -> u8 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("tokenkeeper: {}", e.message);
+            if !e.message.is_empty() {
+                err_line(format_args!("tokenkeeper: {}", e.message));
+            }
             e.code
         }
     }
@@ -214,15 +300,17 @@ fn load_config(explicit: Option<&Path>) -> Result<(PathBuf, Config), CliError> {
 fn check_config(explicit: Option<&Path>) -> Result<(), CliError> {
     let (path, cfg) = load_config(explicit)?;
     for w in &cfg.warnings {
-        eprintln!("warning: {w}");
+        err_line(format_args!("warning: {w}"));
     }
-    println!(
-        "{}: ok ({} provider{})",
-        path.display(),
-        cfg.providers.len(),
-        if cfg.providers.len() == 1 { "" } else { "s" }
-    );
-    Ok(())
+    outln(
+        format_args!(
+            "{}: ok ({} provider{})",
+            path.display(),
+            cfg.providers.len(),
+            if cfg.providers.len() == 1 { "" } else { "s" }
+        ),
+        Output::Report,
+    )
 }
 
 async fn shutdown_signal(token: CancellationToken) {
@@ -301,9 +389,13 @@ async fn serve(
     let bound = listener.local_addr().map_err(|e| runtime(e.to_string()))?;
     if dev {
         let url = cfg.public_url(bound);
-        println!(
-            "tokenkeeper dev mode: open {url} and click Connect; then: curl {}/v1/token/demo",
-            url.as_str().trim_end_matches('/')
+        // A closed or broken stdout must not stop the daemon.
+        let _ = outln(
+            format_args!(
+                "tokenkeeper dev mode: open {url} and click Connect; then: curl {}/v1/token/demo",
+                url.as_str().trim_end_matches('/')
+            ),
+            Output::Report,
         );
     }
     let shutdown = CancellationToken::new();
@@ -322,14 +414,14 @@ async fn serve(
     result.map_err(|e| runtime(format!("{e}")))
 }
 
-/// Where the daemon is: `--url`, else the config's `server.listen` (read
-/// leniently: a client needs no secrets), else the default.
 /// How a client command reaches the daemon.
 struct Target {
     base: String,
     api_key: Option<String>,
-    /// The self-signed certificate to trust, when the daemon serves HTTPS.
+    /// The certificate to trust, when the daemon serves HTTPS.
     ca_cert: Option<PathBuf>,
+    /// Whether `ca_cert` was named by `--ca-file` (then it must be usable).
+    ca_explicit: bool,
 }
 
 /// Where the daemon is: `--url`, else the config's `server.listen` (read
@@ -377,21 +469,80 @@ fn target(cli: &Cli) -> Target {
         .and_then(|v| v.as_str())
         .map(relative)
         .unwrap_or_else(config::default_db_path);
-    let ca_cert = match server.and_then(|s| s.get("tls")) {
+    let configured = match server.and_then(|s| s.get("tls")) {
         Some(toml::Value::String(s)) if s == "self-signed" => db
             .parent()
             .map(|d| crate::http::tls::self_signed_paths(d).0),
         Some(toml::Value::Table(t)) => t.get("cert_file").and_then(|v| v.as_str()).map(relative),
         _ => None,
     };
+    // The state directory is private to the service user; everyone else
+    // finds the daemon's public copy (or names one with --ca-file).
+    let readable = |p: &PathBuf| std::fs::File::open(p).is_ok();
+    let ca_cert = match &cli.ca_file {
+        Some(p) => Some(p.clone()),
+        None => configured
+            .filter(readable)
+            .or_else(|| Some(PathBuf::from(PUBLIC_CERT_PATH)).filter(readable)),
+    };
     Target {
         base,
         api_key,
         ca_cert,
+        ca_explicit: cli.ca_file.is_some(),
     }
 }
 
+/// `base` plus `segments`, each percent-encoded as one path segment: a
+/// name can never add a segment or climb out of the API (`a/../b`).
+fn endpoint(base: &str, segments: &[&str]) -> Result<url::Url, CliError> {
+    let mut url = url::Url::parse(base).map_err(|e| {
+        usage(format!(
+            "the daemon address {base:?} is not a valid URL ({e}); pass --url like http://127.0.0.1:8787"
+        ))
+    })?;
+    url.path_segments_mut()
+        .map_err(|()| {
+            usage(format!(
+                "the daemon address {base:?} cannot have a path; pass --url like http://127.0.0.1:8787"
+            ))
+        })?
+        .pop_if_empty()
+        .extend(segments);
+    Ok(url)
+}
+
+/// Checks provider and account names by the server's rule (SPEC 1), so a
+/// typo is refused here and never reaches the daemon.
+fn names(provider: &str, account: &Option<String>) -> Result<(String, String), CliError> {
+    if !config::valid_name(provider) {
+        return Err(usage(format!(
+            "{provider:?} is not a valid provider name (lowercase letters, digits, '-' and '_', at most 63, starting with a letter or digit); use a name from the config's [providers.NAME]"
+        )));
+    }
+    let account = account
+        .clone()
+        .unwrap_or_else(|| DEFAULT_ACCOUNT.to_string());
+    if !config::valid_account(&account) {
+        return Err(usage(format!(
+            "{account:?} is not a valid account name (lowercase letters, digits, '-' and '_', at most 63, starting with a letter or digit, not \"refresh\"); see `tokenkeeper status` for the accounts there are"
+        )));
+    }
+    Ok((provider.to_string(), account))
+}
+
 async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
+    // Names first: a bad one is a usage error whatever the daemon's state.
+    let checked = match command {
+        Command::Token { provider, account }
+        | Command::Header { provider, account }
+        | Command::Refresh { provider, account }
+        | Command::Revoke { provider, account }
+        | Command::Connect {
+            provider, account, ..
+        } => Some(names(provider, account)?),
+        _ => None,
+    };
     let target = target(cli);
     let base = target.base.clone();
     let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(120));
@@ -402,79 +553,80 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
         headers.insert(reqwest::header::AUTHORIZATION, value);
         builder = builder.default_headers(headers);
     }
-    if let Some(pem) = target.ca_cert.as_ref().and_then(|p| std::fs::read(p).ok()) {
-        let cert = reqwest::Certificate::from_pem(&pem)
-            .map_err(|e| runtime(format!("cannot use the daemon's certificate ({e})")))?;
-        builder = builder.add_root_certificate(cert);
+    if let Some(path) = &target.ca_cert {
+        match std::fs::read(path) {
+            Ok(pem) => {
+                let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                    usage(format!(
+                        "{} is not a usable PEM certificate ({e}); point --ca-file at the daemon's public certificate",
+                        path.display()
+                    ))
+                })?;
+                builder = builder.add_root_certificate(cert);
+            }
+            Err(e) if target.ca_explicit => {
+                return Err(usage(format!(
+                    "cannot read --ca-file {} ({e}); point it at the daemon's public certificate",
+                    path.display()
+                )))
+            }
+            Err(_) => {}
+        }
     }
     let http = builder.build().map_err(|e| runtime(e.to_string()))?;
-    let acct = |a: &Option<String>| a.clone().unwrap_or_else(|| DEFAULT_ACCOUNT.to_string());
+    let (provider, account) = checked.unwrap_or_default();
+    let (p, a) = (provider.as_str(), account.as_str());
     match command {
-        Command::Token { provider, account } | Command::Header { provider, account } => {
-            let v = call(
-                &http,
-                reqwest::Method::GET,
-                &format!("{base}/v1/token/{provider}/{}", acct(account)),
-                &base,
-                None,
-            )
-            .await?;
+        Command::Token { .. } | Command::Header { .. } => {
+            let url = endpoint(&base, &["v1", "token", p, a])?;
+            let v = call(&http, reqwest::Method::GET, url, &base, None).await?;
             let token = v
                 .get("access_token")
                 .and_then(Value::as_str)
                 .ok_or_else(|| runtime("the daemon answered without a token"))?;
             if matches!(command, Command::Header { .. }) {
-                println!("Authorization: Bearer {token}");
+                outln(
+                    format_args!("Authorization: Bearer {token}"),
+                    Output::Essential,
+                )?;
             } else {
-                println!("{token}");
+                outln(token, Output::Essential)?;
             }
         }
-        Command::Refresh { provider, account } => {
-            let v = call(
-                &http,
-                reqwest::Method::POST,
-                &format!("{base}/v1/token/{provider}/{}/refresh", acct(account)),
-                &base,
-                None,
-            )
-            .await?;
+        Command::Refresh { .. } => {
+            let url = endpoint(&base, &["v1", "token", p, a, "refresh"])?;
+            let v = call(&http, reqwest::Method::POST, url, &base, None).await?;
             let exp = v.get("expires_at").and_then(Value::as_str).unwrap_or("?");
-            println!(
-                "refreshed {provider}/{}: new access token expires at {exp}",
-                acct(account)
-            );
+            outln(
+                format_args!("refreshed {p}/{a}: new access token expires at {exp}"),
+                Output::Report,
+            )?;
         }
-        Command::Revoke { provider, account } => {
-            call(
-                &http,
-                reqwest::Method::DELETE,
-                &format!("{base}/v1/connections/{provider}/{}", acct(account)),
-                &base,
-                None,
-            )
-            .await?;
-            println!("revoked and forgot {provider}/{}", acct(account));
+        Command::Revoke { .. } => {
+            let url = endpoint(&base, &["v1", "connections", p, a])?;
+            call(&http, reqwest::Method::DELETE, url, &base, None).await?;
+            outln(format_args!("revoked and forgot {p}/{a}"), Output::Report)?;
         }
         Command::Status { json } => {
-            let v = call(
-                &http,
-                reqwest::Method::GET,
-                &format!("{base}/v1/connections"),
-                &base,
-                None,
-            )
-            .await?;
+            let url = endpoint(&base, &["v1", "connections"])?;
+            let v = call(&http, reqwest::Method::GET, url, &base, None).await?;
             let conns = v
                 .get("connections")
                 .and_then(Value::as_array)
                 .cloned()
                 .unwrap_or_default();
             if *json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                outln(
+                    serde_json::to_string_pretty(&v).unwrap_or_default(),
+                    Output::Report,
+                )?;
             } else {
-                print_status(&conns);
+                print_status(&conns)?;
                 if let Some(fp) = v.get("tls_fingerprint").and_then(Value::as_str) {
-                    println!("\nHTTPS certificate SHA-256: {fp}");
+                    outln(
+                        format_args!("\nHTTPS certificate SHA-256: {fp}"),
+                        Output::Report,
+                    )?;
                 }
             }
             if conns
@@ -484,22 +636,14 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                 return Err(runtime("some connections need a new authorization; run `tokenkeeper connect PROVIDER ACCOUNT`"));
             }
         }
-        Command::Connect {
-            provider,
-            account,
-            open,
-        } => {
-            if !config::valid_name(provider) {
-                return Err(usage(format!("{provider:?} is not a valid provider name")));
-            }
-            let account = acct(account);
-            if !config::valid_account(&account) {
-                return Err(usage(format!("{account:?} is not a valid account name")));
-            }
-            let url = format!("{base}/connect/{provider}?account={account}");
-            println!("{url}");
+        Command::Connect { open, .. } => {
+            let mut url = endpoint(&base, &["connect", p])?;
+            url.query_pairs_mut().append_pair("account", a);
+            outln(&url, Output::Report)?;
             if *open {
-                let opened = std::process::Command::new("xdg-open").arg(&url).status();
+                let opened = std::process::Command::new("xdg-open")
+                    .arg(url.as_str())
+                    .status();
                 if !opened.is_ok_and(|s| s.success()) {
                     return Err(runtime(
                         "cannot open a browser here; open the URL above yourself",
@@ -520,20 +664,21 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                     "give the token on stdin, e.g. `tokenkeeper inspect < token.txt`",
                 ));
             }
+            let url = endpoint(&base, &["v1", "inspect"])?;
             let v = call(
                 &http,
                 reqwest::Method::POST,
-                &format!("{base}/v1/inspect"),
+                url,
                 &base,
                 Some(token.to_string()),
             )
             .await?;
-            println!(
-                "{}",
+            outln(
                 v.get("message")
                     .and_then(Value::as_str)
-                    .unwrap_or("unknown")
-            );
+                    .unwrap_or("unknown"),
+                Output::Report,
+            )?;
         }
         Command::Serve { .. } | Command::CheckConfig | Command::Rekey { .. } => {
             unreachable!("handled in run")
@@ -546,7 +691,7 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
 async fn call(
     http: &reqwest::Client,
     method: reqwest::Method,
-    url: &str,
+    url: url::Url,
     base: &str,
     body: Option<String>,
 ) -> Result<Value, CliError> {
@@ -554,10 +699,13 @@ async fn call(
     if let Some(b) = body {
         req = req.body(b);
     }
-    let resp = req.send().await.map_err(|_| {
-        runtime(format!(
+    let resp = req.send().await.map_err(|e| match certificate_problem(&e) {
+        Some(detail) => runtime(format!(
+            "the daemon at {base} answers, but its HTTPS certificate cannot be verified ({detail}); pass --ca-file with the daemon's public certificate ({PUBLIC_CERT_PATH} under systemd, or tls-cert.pem in its state directory)"
+        )),
+        None => runtime(format!(
             "cannot reach the tokenkeeper daemon at {base}; start it with `tokenkeeper serve` or point --url at it"
-        ))
+        )),
     })?;
     let status = resp.status();
     if status == reqwest::StatusCode::NO_CONTENT {
@@ -579,6 +727,21 @@ async fn call(
     Err(CliError { code, message })
 }
 
+/// The TLS verification failure behind `e`, if that is what it is: the
+/// daemon runs, and saying it does not would send the operator looking in
+/// the wrong place.
+fn certificate_problem(e: &reqwest::Error) -> Option<String> {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = source {
+        let text = err.to_string();
+        if text.contains("certificate") {
+            return Some(text);
+        }
+        source = err.source();
+    }
+    None
+}
+
 /// `left/limit today`, or `used today` without a known limit; `paused`
 /// while the provider's 429 pause lasts.
 fn quota_cell(q: Option<&Value>) -> String {
@@ -596,12 +759,12 @@ fn quota_cell(q: Option<&Value>) -> String {
     s
 }
 
-fn print_status(conns: &[Value]) {
+fn print_status(conns: &[Value]) -> Result<(), CliError> {
     if conns.is_empty() {
-        println!(
-            "no connections yet; run `tokenkeeper connect PROVIDER` and open the URL it prints"
+        return outln(
+            "no connections yet; run `tokenkeeper connect PROVIDER` and open the URL it prints",
+            Output::Report,
         );
-        return;
     }
     let now = chrono::Utc::now();
     let when = |c: &Value, k: &str| -> String {
@@ -656,8 +819,9 @@ fn print_status(conns: &[Value]) {
                 }
             })
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        outln(line.join("  ").trim_end(), Output::Report)?;
     }
+    Ok(())
 }
 
 /// ANSI colour of a state cell: green active, blue refreshing, yellow
@@ -681,6 +845,10 @@ async fn rekey(explicit: Option<&Path>, new_key_file: &Path) -> Result<(), CliEr
         Some(p) => Some(crate::crypto::SealKey::from_file(p).map_err(|e| usage(e.to_string()))?),
         None => None,
     };
+    // Refused while a daemon holds the database: its next commit would be
+    // sealed under the old key after this one re-sealed everything.
+    let _lock =
+        crate::store::DbLock::exclusive(&cfg.storage.path).map_err(|e| runtime(e.to_string()))?;
     let store = crate::store::Store::open(&cfg.storage.path, old_key)
         .await
         .map_err(|e| runtime(e.to_string()))?;
@@ -689,10 +857,12 @@ async fn rekey(explicit: Option<&Path>, new_key_file: &Path) -> Result<(), CliEr
         .await
         .map_err(|e| runtime(e.to_string()))?;
     store.close().await;
-    println!(
-        "re-sealed {n} connection{} under {}; now set storage.encryption_key_file to it and restart the daemon",
-        if n == 1 { "" } else { "s" },
-        new_key_file.display()
-    );
-    Ok(())
+    outln(
+        format_args!(
+            "re-sealed {n} connection{} under {}; now set storage.encryption_key_file to it and restart the daemon",
+            if n == 1 { "" } else { "s" },
+            new_key_file.display()
+        ),
+        Output::Report,
+    )
 }

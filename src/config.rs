@@ -612,6 +612,27 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A URL that others are appended to (`api_base_url`): a query or a
+    /// fragment would end up in the middle of every proxied URL, or be
+    /// silently dropped, so either is refused with the fix.
+    fn base_url(&mut self, table: &Table<'_>, key: &str, path: &str) -> Option<Url> {
+        let u = self.url(table, key, path)?;
+        let part = if u.query().is_some() {
+            "a query (?...)"
+        } else if u.fragment().is_some() {
+            "a fragment (#...)"
+        } else {
+            return Some(u);
+        };
+        let span = self.get(table, key).map(|v| v.span());
+        self.problem(
+            &join(path, key),
+            span,
+            format!("must not contain {part}: requests are appended to its path; remove it, and pass query parameters on each proxied request instead"),
+        );
+        None
+    }
+
     fn string_array(&mut self, table: &Table<'_>, key: &str, path: &str) -> Option<Vec<String>> {
         let v = self.get(table, key)?;
         let DeValue::Array(items) = v.get_ref() else {
@@ -1117,7 +1138,7 @@ impl<'a> Reader<'a> {
         let token_url = required_url(self, "token_url", def_token);
         let revocation_url = self.url(t, "revocation_url", path);
         let api_base_url = self
-            .url(t, "api_base_url", path)
+            .base_url(t, "api_base_url", path)
             .or_else(|| def_api.and_then(|u| Url::parse(u).ok()));
         let scopes = self.string_array(t, "scopes", path).unwrap_or(def_scopes);
         let pkce = self.boolean(t, "pkce", path).unwrap_or(true);
@@ -1312,6 +1333,28 @@ mod tests {
                 .any(|p| p.key == "providers.k.client_secret_file" && p.line == Some(4)),
             "{ps:?}"
         );
+    }
+
+    #[test]
+    fn api_base_url_with_query_or_fragment_is_refused_with_key_and_line() {
+        for base in [
+            "https://api.example/v1?tenant=a",
+            "https://api.example/v1?",
+            "https://api.example/v1#x",
+            "https://api.example/v1/#",
+        ] {
+            let text = format!(
+                "[providers.k]\npreset = \"keap\"\nclient_id = \"id\"\nclient_secret = \"s\"\napi_base_url = \"{base}\"\n"
+            );
+            let ps = problems(&text);
+            assert!(
+                ps.iter()
+                    .any(|p| p.key == "providers.k.api_base_url" && p.line == Some(5)),
+                "{base}: {ps:?}"
+            );
+        }
+        let ok = "[providers.k]\npreset = \"keap\"\nclient_id = \"id\"\nclient_secret = \"s\"\napi_base_url = \"https://api.example/v1/\"\n";
+        assert!(problems(ok).is_empty());
     }
 
     #[test]

@@ -2,8 +2,26 @@
 //!
 //! The entry point is testable in the mini-redis way: the caller binds the
 //! listener and decides what shutdown means (a signal, a test's token).
-//! Shutdown is explicit: stop accepting, let in-flight refreshes commit
-//! (bounded), close the database.
+//! Shutdown is explicit and bounded, so it ends before systemd's
+//! `TimeoutStopSec` would kill a refresh mid-call:
+//!
+//! 1. SIGTERM: stop accepting connections; the scheduler stops and the
+//!    engine starts no new refresh flight.
+//! 2. Flights in the air land and commit, within [`shutdown_grace`]: the
+//!    longest possible flight, i.e. per try a rate-limit wait and a
+//!    provider call (each at most the provider's `request_timeout`), two
+//!    tries (a rejected token is retried once with a newer stored one),
+//!    and the database writes around them (each at most the SQLite busy
+//!    timeout, [`crate::store::BUSY_TIMEOUT`]): `4 × request_timeout +
+//!    2 × busy timeout`. With the defaults: 4 × 30 s + 2 × 10 s = 140 s.
+//! 3. Open HTTP connections drain for at most [`HTTP_DRAIN`] more (requests
+//!    waiting for a flight are answered as soon as it lands), then are cut.
+//! 4. The database is closed (WAL checkpoint), within [`CLOSE_BOUND`].
+//!
+//! Worst case with the defaults: 140 s + 5 s + 5 s = 150 s; the unit file
+//! sets `TimeoutStopSec=180s`. Raising `request_timeout` needs a matching
+//! `TimeoutStopSec` (4 × request_timeout + 60 s). A normal stop takes
+//! milliseconds: the bounds are only reached by a flight that is slow.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -23,10 +41,32 @@ use crate::refresh::{Engine, Settings};
 use crate::store::{Store, StoreError};
 use crate::systemd;
 
-/// How long shutdown waits for in-flight refreshes to commit: a provider
-/// call that has been answered must reach the database, or the rotated
-/// refresh token is lost.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long open HTTP connections may take to finish once the refresh
+/// flights have landed: enough to write the answers waiting for them, short
+/// enough that an idle or stalled client cannot hold the stop open.
+pub const HTTP_DRAIN: Duration = Duration::from_secs(5);
+
+/// Closing the database after the flights (a WAL checkpoint of a small file).
+pub const CLOSE_BOUND: Duration = Duration::from_secs(5);
+
+/// How long shutdown waits for refresh flights to land and commit: the
+/// longest possible flight (see the module doc for the arithmetic). A
+/// provider call that has been answered must reach the database, or the
+/// rotated refresh token is lost.
+pub fn shutdown_grace(config: &Config) -> Duration {
+    let request_timeout = config
+        .providers
+        .values()
+        .map(|p| p.request_timeout)
+        .max()
+        .unwrap_or(Duration::ZERO);
+    request_timeout * 4 + crate::store::BUSY_TIMEOUT * 2
+}
+
+/// The whole stop, worst case: what systemd's `TimeoutStopSec` must exceed.
+pub fn stop_budget(config: &Config) -> Duration {
+    shutdown_grace(config) + HTTP_DRAIN + CLOSE_BOUND
+}
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +81,8 @@ pub enum DaemonError {
     Key(#[from] crate::crypto::KeyError),
     #[error("cannot set up HTTPS: {0}")]
     Tls(#[from] crate::http::tls::TlsError),
+    #[error("HTTP server task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
     #[error("cannot read server.api_keys_file {path}: {source}")]
     ApiKeys {
         path: String,
@@ -96,6 +138,9 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     if let Some(path) = &config.server.api_keys_file {
         warn_if_readable_by_others(path, "server.api_keys_file");
     }
+    // Held until this function returns: offline commands (rekey) refuse to
+    // run while it is.
+    let _db_lock = crate::store::DbLock::shared(&config.storage.path)?;
     let store = Store::open(&config.storage.path, key).await?;
     if !store.encrypted() {
         tracing::warn!(
@@ -129,6 +174,9 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
             sha256 = %t.fingerprint,
             "serving HTTPS; compare this fingerprint when your browser asks"
         );
+        if config.server.tls == crate::config::TlsConfig::SelfSigned {
+            publish_certificate(&t.cert_path);
+        }
     }
     // One set of limits for the proxy and the engine's refresh calls: both
     // spend the same provider quota.
@@ -138,7 +186,7 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
         engine: engine.clone(),
         public_url: public_url.clone(),
         allowed_hosts: Arc::new(allowed_hosts(&config, &public_url)),
-        api_keys,
+        api_keys: api_keys.clone(),
         tls_fingerprint: tls.as_ref().map(|t| Arc::from(t.fingerprint.as_str())),
         proxy: Arc::new(http::proxy::Proxy::new(
             limits.clone(),
@@ -148,28 +196,9 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     let app = http::router(state, extra);
 
     let mut scheduler = JobScheduler::new().await?;
-    // The cron scheduler counts whole seconds; a sub-second interval would
-    // become zero and spin.
-    let every = config.refresh.check_interval.max(Duration::from_secs(1));
-    let ticker = engine.clone();
     let last_status = Arc::new(Mutex::new(String::new()));
     scheduler
-        .add(Job::new_repeated_async(every, move |_id, _sched| {
-            let engine = ticker.clone();
-            let last_status = last_status.clone();
-            Box::pin(async move {
-                if let Err(e) = engine.tick().await {
-                    tracing::error!(error = %e, "refresh scheduler tick failed");
-                }
-                crate::metrics::upkeep();
-                let now = systemd::summary(&engine);
-                let mut last = last_status.lock().unwrap_or_else(|e| e.into_inner());
-                if *last != now {
-                    systemd::status(&now);
-                    *last = now;
-                }
-            })
-        })?)
+        .add(tick_job(engine.clone(), last_status.clone())?)
         .await?;
     scheduler.start().await?;
     // Catch up at once rather than one interval late (interrupted refreshes,
@@ -179,10 +208,14 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     let background = tokio_util::task::TaskTracker::new();
     background.spawn(systemd::watchdog(engine.clone(), shutdown.clone()));
     background.spawn(reload_on_sighup(
-        engine.clone(),
+        Reloadable {
+            engine: engine.clone(),
+            http: http_client.clone(),
+            limits: limits.clone(),
+            api_keys,
+            config: config.clone(),
+        },
         config_path,
-        http_client.clone(),
-        limits.clone(),
         shutdown.clone(),
     ));
     let stop_notice = shutdown.clone();
@@ -201,58 +234,182 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     );
     systemd::ready(&systemd::summary(&engine));
     let stop = shutdown.clone().cancelled_owned();
-    let served = match tls {
-        Some(t) => {
-            let tls_listener = crate::http::tls::TlsListener::new(listener, t.acceptor)?;
-            axum::serve(tls_listener, app.into_make_service())
-                .with_graceful_shutdown(stop)
-                .await
+    let listener = match tls {
+        Some(t) => Listener::Tls(crate::http::tls::TlsListener::new(listener, t.acceptor)?),
+        None => Listener::Plain(listener),
+    };
+    // On its own task, so that the stop can give up on connections that
+    // do not drain (see the module doc).
+    let mut server = tokio::spawn(async move {
+        match listener {
+            Listener::Tls(tls_listener) => {
+                axum::serve(tls_listener, app.into_make_service())
+                    .with_graceful_shutdown(stop)
+                    .await
+            }
+            Listener::Plain(listener) => {
+                // No Nagle: a proxied (streamed) answer leaves as headers, then
+                // body, and the second write would otherwise wait for the
+                // client's delayed ACK (~40 ms).
+                use axum::serve::ListenerExt;
+                let listener = listener.tap_io(|tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                    }
+                });
+                axum::serve(listener, app.into_make_service())
+                    .with_graceful_shutdown(stop)
+                    .await
+            }
         }
-        None => {
-            // No Nagle: a proxied (streamed) answer leaves as headers, then
-            // body, and the second write would otherwise wait for the
-            // client's delayed ACK (~40 ms).
-            use axum::serve::ListenerExt;
-            let listener = listener.tap_io(|tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-                }
-            });
-            axum::serve(listener, app.into_make_service())
-                .with_graceful_shutdown(stop)
-                .await
-        }
+    });
+    let ended_early = tokio::select! {
+        r = &mut server => Some(r),
+        () = shutdown.cancelled() => None,
     };
 
-    tracing::info!("shutting down: waiting for in-flight refreshes to commit");
+    // 1. Nothing new: no scheduled and no on-demand refresh starts.
     shutdown.cancel();
+    engine.stop_new_refreshes();
     if let Err(e) = scheduler.shutdown().await {
         tracing::warn!(error = %e, "scheduler did not stop cleanly");
     }
+    // 2. Flights in the air land and commit.
+    let grace = shutdown_grace(&config);
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: waiting for in-flight refreshes to commit"
+    );
     engine.tasks().close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, engine.tasks().wait())
+    if tokio::time::timeout(grace, engine.tasks().wait())
         .await
         .is_err()
     {
-        tracing::warn!("some refreshes did not finish within the shutdown grace period");
+        tracing::error!(
+            grace_secs = grace.as_secs(),
+            "some refreshes did not finish within the shutdown grace period; their results may be lost"
+        );
     }
+    // 3. Open connections drain, briefly.
+    let served = match ended_early {
+        Some(r) => r,
+        None => match tokio::time::timeout(HTTP_DRAIN, &mut server).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::info!(
+                    "closing HTTP connections that did not finish within {} s",
+                    HTTP_DRAIN.as_secs()
+                );
+                server.abort();
+                Ok(Ok(()))
+            }
+        },
+    };
+    // 4. Close.
     background.wait().await;
-    engine.leave().await;
-    store.close().await;
+    let close = async {
+        engine.leave().await;
+        store.close().await;
+    };
+    if tokio::time::timeout(CLOSE_BOUND, close).await.is_err() {
+        tracing::warn!("the database did not close in time; SQLite recovers the WAL at next start");
+    }
     tracing::info!("stopped");
-    served.map_err(DaemonError::from)
+    Ok(served??)
 }
 
-/// SIGHUP: re-read the config; on success swap providers and policy, on
-/// failure log every problem and keep the old config. Server and storage
-/// settings need a restart (the socket and the database are already open).
-async fn reload_on_sighup(
+/// The socket the server accepts on.
+enum Listener {
+    Plain(TcpListener),
+    Tls(crate::http::tls::TlsListener),
+}
+
+/// The scheduler's job: wakes every second and runs an engine tick once
+/// `refresh.check_interval` (read from the current settings, so a reload
+/// applies it at once) has passed since the last one. The cron scheduler
+/// counts whole seconds, so intervals below one second act as one second.
+fn tick_job(
     engine: Engine,
-    path: Option<PathBuf>,
+    last_status: Arc<Mutex<String>>,
+) -> Result<Job, tokio_cron_scheduler::JobSchedulerError> {
+    // The start runs a tick itself, so the first one here is one interval on.
+    // tokio Mutex, held for the whole tick: a wake-up while a slow tick
+    // still runs is skipped rather than starting a second one.
+    let last_tick = Arc::new(tokio::sync::Mutex::new(std::time::Instant::now()));
+    Job::new_repeated_async(Duration::from_secs(1), move |_id, _sched| {
+        let engine = engine.clone();
+        let last_status = last_status.clone();
+        let last_tick = last_tick.clone();
+        Box::pin(async move {
+            let every = engine.settings().refresh.check_interval;
+            let Ok(mut last_run) = last_tick.try_lock() else {
+                return;
+            };
+            // Slack for the scheduler's own wake-up jitter, so a 1 s
+            // interval does not skip every other wake-up.
+            if last_run.elapsed() + Duration::from_millis(200) < every {
+                return;
+            }
+            *last_run = std::time::Instant::now();
+            if let Err(e) = engine.tick().await {
+                tracing::error!(error = %e, "refresh scheduler tick failed");
+            }
+            crate::metrics::upkeep();
+            let now = systemd::summary(&engine);
+            let mut last = last_status.lock().unwrap_or_else(|e| e.into_inner());
+            if *last != now {
+                systemd::status(&now);
+                *last = now;
+            }
+        })
+    })
+}
+
+/// Writes a world-readable copy of the self-signed certificate (public
+/// data) to `$RUNTIME_DIRECTORY/cert.pem` when systemd provides one: the
+/// state directory is private to the service user, and other users' CLI
+/// must be able to verify the daemon (`crate::cli::PUBLIC_CERT_PATH`).
+fn publish_certificate(cert: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") else {
+        return;
+    };
+    let Some(dir) = std::env::split_paths(&dir).next() else {
+        return;
+    };
+    let target = dir.join("cert.pem");
+    let copied = std::fs::read(cert)
+        .and_then(|pem| std::fs::write(&target, pem))
+        // After the write: the service's UMask would narrow a create mode.
+        .and_then(|()| std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)));
+    match copied {
+        Ok(()) => tracing::info!(
+            copy = %target.display(),
+            "published the public certificate for other users' `tokenkeeper` commands"
+        ),
+        Err(e) => tracing::warn!(
+            copy = %target.display(),
+            error = %e,
+            "cannot publish the public certificate; other users need --ca-file"
+        ),
+    }
+}
+
+/// What a reload can change in a running daemon.
+struct Reloadable {
+    engine: Engine,
     http: reqwest::Client,
     limits: Arc<RateLimits>,
-    shutdown: CancellationToken,
-) {
+    api_keys: Option<Arc<crate::http::auth::ApiKeys>>,
+    /// The configuration in force, to tell what a reload changes.
+    config: Config,
+}
+
+/// SIGHUP: re-read the config; on success apply what a running daemon can
+/// (providers, refresh policy including `check_interval` and `jitter`,
+/// notify, the API keys) and name in a warning every changed setting that
+/// needs a restart; on failure log every problem and keep the old config.
+async fn reload_on_sighup(mut r: Reloadable, path: Option<PathBuf>, shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP; config reload disabled");
@@ -273,10 +430,7 @@ async fn reload_on_sighup(
                 for w in &new.warnings {
                     tracing::warn!("{w}");
                 }
-                let names: Vec<&str> = new.providers.keys().map(String::as_str).collect();
-                tracing::info!(providers = ?names, "configuration reloaded");
-                engine.reload(settings_from(&new, &http));
-                limits.reload(new.providers.values());
+                apply(&mut r, new);
             }
             Err(e) => {
                 tracing::error!(
@@ -284,8 +438,96 @@ async fn reload_on_sighup(
                 );
             }
         }
-        systemd::ready(&systemd::summary(&engine));
+        systemd::ready(&systemd::summary(&r.engine));
     }
+}
+
+/// Applies a successfully read config (see [`reload_on_sighup`]).
+fn apply(r: &mut Reloadable, new: Config) {
+    let mut restart = needs_restart(&r.config, &new);
+    match (&r.api_keys, &new.server.api_keys_file) {
+        (Some(keys), Some(path)) => match keys.reload(path) {
+            Ok(n) => tracing::info!(keys = n, file = %path.display(), "API keys reloaded"),
+            Err(e) => tracing::error!(
+                file = %path.display(),
+                "cannot reload server.api_keys_file ({e}); the previous keys stay valid"
+            ),
+        },
+        (None, None) => {}
+        // Turning keys on or off changes which routes are guarded.
+        _ => restart.push("server.api_keys_file (turning API keys on or off)"),
+    }
+    let names: Vec<&str> = new.providers.keys().map(String::as_str).collect();
+    r.engine.reload(settings_from(&new, &r.http));
+    r.limits.reload(new.providers.values());
+    if restart.is_empty() {
+        tracing::info!(providers = ?names, "configuration reloaded");
+    } else {
+        tracing::warn!(
+            providers = ?names,
+            "configuration reloaded, except these changed settings, which need a restart (systemctl restart tokenkeeper): {}",
+            restart.join(", ")
+        );
+    }
+    // What is in force now: settings needing a restart keep their old values.
+    let mut kept = new;
+    kept.server = r.config.server.clone();
+    kept.storage = r.config.storage.clone();
+    r.config = kept;
+}
+
+/// Settings a running daemon cannot change (the socket, TLS, guards and
+/// the database are set up once), by name, when `new` differs from `old`.
+fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+        format!("{a:?}") != format!("{b:?}")
+    }
+    let (o, n) = (&old.server, &new.server);
+    let mut named = Vec::new();
+    let checks: [(&'static str, bool); 6] = [
+        ("server.listen", differs(&o.listen, &n.listen)),
+        (
+            "server.allow_remote",
+            differs(&o.allow_remote, &n.allow_remote),
+        ),
+        ("server.public_url", differs(&o.public_url, &n.public_url)),
+        ("server.tls", differs(&o.tls, &n.tls)),
+        (
+            "server.allowed_hosts",
+            differs(&o.allowed_hosts, &n.allowed_hosts),
+        ),
+        (
+            "server.proxy_max_wait",
+            differs(&o.proxy_max_wait, &n.proxy_max_wait),
+        ),
+    ];
+    named.extend(checks.iter().filter(|c| c.1).map(|c| c.0));
+    // Any other [server] key (whatever this list does not know yet).
+    let mut o2 = o.clone();
+    o2.api_keys_file = n.api_keys_file.clone();
+    if named.is_empty() && differs(&o2, n) {
+        named.push("[server] settings");
+    }
+    let storage = [
+        (
+            "storage.path",
+            differs(&old.storage.path, &new.storage.path),
+        ),
+        (
+            "storage.encryption_key_file",
+            differs(
+                &old.storage.encryption_key_file,
+                &new.storage.encryption_key_file,
+            ),
+        ),
+    ];
+    let before = named.len();
+    named.extend(storage.iter().filter(|c| c.1).map(|c| c.0));
+    // Any other [storage] key.
+    if named.len() == before && differs(&old.storage, &new.storage) {
+        named.push("[storage] settings");
+    }
+    named
 }
 
 /// Key files are the operator's; a readable one is worth a loud warning
@@ -330,5 +572,57 @@ fn release_freed_memory() {
     // SAFETY: malloc_trim only returns free pages; it is thread-safe.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reload_names_exactly_the_settings_that_need_a_restart() {
+        let cfg = |extra_server: &str, db: &str, interval: &str| {
+            crate::config::parse(
+                &format!(
+                    "[server]\nlisten = \"127.0.0.1:8787\"\n{extra_server}\n[storage]\npath = \"{db}\"\n[refresh]\ncheck_interval = \"{interval}\"\n"
+                ),
+                std::path::Path::new("/tmp/t.toml"),
+            )
+            .unwrap()
+        };
+        let old = cfg("", "/tmp/a.db", "30s");
+        assert!(needs_restart(&old, &cfg("", "/tmp/a.db", "5s")).is_empty());
+        assert_eq!(
+            needs_restart(&old, &cfg("proxy_max_wait = \"3s\"", "/tmp/b.db", "5s")),
+            vec!["server.proxy_max_wait", "storage.path"]
+        );
+    }
+
+    /// The unit's `TimeoutStopSec` covers the daemon's own worst-case stop
+    /// with the default `request_timeout`, so systemd never kills a refresh
+    /// mid-call (the arithmetic is in the module doc and the unit file).
+    #[test]
+    fn the_unit_stop_timeout_covers_the_longest_stop() {
+        let unit = include_str!("../systemd/tokenkeeper.service");
+        let value = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+            .expect("the unit sets TimeoutStopSec");
+        let unit_timeout = crate::config::parse_duration(value.trim()).unwrap();
+        let config = crate::config::parse(
+            "[providers.keap]\npreset = \"keap\"\nclient_id = \"id\"\nclient_secret = \"s\"\n",
+            std::path::Path::new("/tmp/t.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            config.providers["keap"].request_timeout,
+            Duration::from_secs(30)
+        );
+        let budget = stop_budget(&config);
+        assert_eq!(budget, Duration::from_secs(150));
+        assert!(
+            unit_timeout >= budget + Duration::from_secs(10),
+            "TimeoutStopSec={value} leaves no margin over the {budget:?} stop"
+        );
     }
 }

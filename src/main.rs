@@ -2,6 +2,7 @@
 //! dispatch. Everything else lives in the library.
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
 
@@ -25,8 +26,28 @@ fn tune_malloc() {
     }
 }
 
+/// Whether file descriptor 1 was closed when the process started (`>&-`).
+/// Rust's runtime opens /dev/null on a closed standard descriptor before
+/// `main`, after which writes "succeed" and a printed token would vanish;
+/// this is recorded first, by a constructor (see [`CHECK_STDOUT`]).
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Runs from `.init_array`, before the Rust runtime's own start-up.
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static CHECK_STDOUT: extern "C" fn() = {
+    extern "C" fn check_stdout() {
+        // SAFETY: fcntl(F_GETFD) only queries the descriptor table.
+        let closed = unsafe { libc::fcntl(1, libc::F_GETFD) } == -1;
+        STDOUT_CLOSED.store(closed, Ordering::Relaxed);
+    }
+    check_stdout
+};
+
 fn main() -> ExitCode {
     tune_malloc();
+    tokenkeeper::cli::stdout_closed_at_start(STDOUT_CLOSED.load(Ordering::Relaxed));
     let cli = tokenkeeper::cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -34,7 +55,12 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("tokenkeeper: cannot start the async runtime: {e}");
+            // Not eprintln!: it panics when stderr is gone.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "tokenkeeper: cannot start the async runtime: {e}"
+            );
             return ExitCode::from(1);
         }
     };

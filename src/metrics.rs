@@ -19,6 +19,12 @@ pub const TOKEN_REQUESTS_TOTAL: &str = "tokenkeeper_token_requests_total";
 pub const TOKEN_REQUEST_DURATION: &str = "tokenkeeper_token_request_duration_seconds";
 /// Counter: refresh tokens presented as bearer tokens.
 pub const BEARER_MISUSE_TOTAL: &str = "tokenkeeper_bearer_misuse_total";
+/// Gauge: stored connections whose row cannot be read (unknown state,
+/// a sealed token that does not open, a bad timestamp); each is reported
+/// in `/v1/connections` and never served.
+pub const UNREADABLE_CONNECTIONS: &str = "tokenkeeper_unreadable_connections";
+/// Gauge: 1 while the last readiness probe could write to the database.
+pub const DATABASE_WRITABLE: &str = "tokenkeeper_database_writable";
 
 const STATES: [&str; 4] = ["active", "refreshing", "retrying", "authorization_required"];
 
@@ -63,6 +69,17 @@ fn describe() {
         BEARER_MISUSE_TOTAL,
         "Refresh tokens presented as bearer tokens"
     );
+    metrics::describe_gauge!(
+        UNREADABLE_CONNECTIONS,
+        "Stored connections that cannot be read and are not served (see last_error in /v1/connections)"
+    );
+    metrics::describe_gauge!(
+        DATABASE_WRITABLE,
+        "1 while the readiness probe can write to the database, 0 when it cannot"
+    );
+    // Present from the start, so an alert on them needs no `absent()`.
+    metrics::gauge!(UNREADABLE_CONNECTIONS).set(0.0);
+    metrics::gauge!(DATABASE_WRITABLE).set(1.0);
 }
 
 /// The Prometheus text exposition: the recorder's series, then the

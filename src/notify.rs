@@ -1,5 +1,6 @@
 //! Telling an operator that a grant needs attention: a command run with
-//! `TOKENKEEPER_*` environment variables and/or a JSON webhook. Never any
+//! `TOKENKEEPER_*` environment variables (and `PATH`, nothing else of the
+//! daemon's environment) and/or a JSON webhook. Never any
 //! token in either. Delivery runs in the background with timeouts and
 //! bounded retries: a failing hook never blocks the lifecycle.
 
@@ -118,8 +119,18 @@ impl Notifier {
     }
 }
 
+/// `PATH` for the notify command when the daemon itself has none.
+const FALLBACK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
 async fn run_command(cmd: &PathBuf, event: &Event) {
+    // A clean environment: the daemon's own may hold the client secret
+    // (`client_secret_env`) or anything else the service was started with,
+    // and the command only needs the event. PATH stays so a script can
+    // find its tools.
+    let path = std::env::var_os("PATH").unwrap_or_else(|| FALLBACK_PATH.into());
     let child = tokio::process::Command::new(cmd)
+        .env_clear()
+        .env("PATH", path)
         .env("TOKENKEEPER_EVENT", event.event.as_str())
         .env("TOKENKEEPER_PROVIDER", &event.provider)
         .env("TOKENKEEPER_ACCOUNT", &event.account)

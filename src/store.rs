@@ -10,11 +10,25 @@
 //! The API is shaped by what the lifecycle needs (take a lease, commit a
 //! rotation, ...), not by tables, so a PostgreSQL backend can be added
 //! behind the same methods.
+//!
+//! Sealed tokens (with `storage.encryption_key_file`) are bound to their
+//! place: the associated data names the connection, the column and the
+//! grant generation the row has once the write lands, so a value swapped
+//! between columns, moved to another row or replayed from an older grant
+//! does not open. A row that cannot be read (such a value, an unknown
+//! state, a bad timestamp) never stops the daemon and is never served: it
+//! decodes as `authorization_required` with a `last_error` saying what is
+//! wrong, is logged once at error level and counted in
+//! `tokenkeeper_unreadable_connections`.
+//!
+//! Daemons hold a shared advisory lock on `<database>.lock` for their
+//! whole life; offline commands (`rekey`) take it exclusively, so they
+//! refuse to run under a daemon (see [`DbLock`]).
 
+use std::collections::HashSet;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
 use futures_util::TryStreamExt;
@@ -29,17 +43,26 @@ use crate::crypto::{self, SealKey};
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot prepare the database directory {path}: {source}")]
+    #[error("cannot prepare the database {path} ({source}); check that the service user can create and write it and its directory")]
     Directory {
         path: String,
         source: std::io::Error,
     },
-    #[error("cannot open the database {path}: {source}")]
+    #[error("cannot open the database {path}: {}", describe_open(.source))]
     Open { path: String, source: sqlx::Error },
-    #[error("cannot apply database migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("database error: {0}")]
+    #[error("the database {path} was written by a newer version of tokenkeeper (it has migration {version}, which this version does not know); upgrade tokenkeeper, or restore a backup made by this version")]
+    NewerVersion { path: String, version: i64 },
+    #[error("cannot apply database migrations to {path}: {}", describe_migrate(.source))]
+    Migrate {
+        path: String,
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("{}", describe_sql(.0))]
     Sql(#[from] sqlx::Error),
+    #[error("a tokenkeeper daemon is using the database {path}; stop it first (systemctl stop tokenkeeper), then run this command again")]
+    DaemonRunning { path: String },
+    #[error("an offline command (such as `tokenkeeper rekey`) is working on the database {path}; wait until it ends, then start the daemon again")]
+    OfflineCommandRunning { path: String },
     #[error("the database {path} can be read by other users (mode {mode:o}); run `chmod 600 {path}` and start again")]
     Permissions { path: String, mode: u32 },
     #[error("the database was encrypted with another key; set storage.encryption_key_file to the key it was written with (nothing was changed)")]
@@ -50,6 +73,8 @@ pub enum StoreError {
     Sealed(#[from] crypto::OpenError),
     #[error("the stored row is corrupt: {0}")]
     Corrupt(String),
+    #[error("the database cannot be written: {0}")]
+    NotWritable(String),
 }
 
 /// Lifecycle state of a connection (SPEC 7).
@@ -181,6 +206,40 @@ pub struct Store {
     /// Tokens are sealed with this key when `storage.encryption_key_file`
     /// is set; `None` stores them as they are.
     seal: Option<Arc<SealKey>>,
+    /// Ids of rows found unreadable, so each is logged once (not at every
+    /// scheduler pass that re-reads it) and counted in the metric.
+    unreadable: Arc<Mutex<HashSet<i64>>>,
+    /// The last write probe (`/readyz`): when, and whether it succeeded.
+    probe: Arc<tokio::sync::Mutex<Option<(std::time::Instant, bool)>>>,
+}
+
+/// How long a statement waits for another writer's lock before failing
+/// (SQLite `busy_timeout`). Part of the shutdown arithmetic in `daemon`.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long `/readyz` waits for its write probe. Below the pool's busy
+/// timeout on purpose: a database that holds a write for this long is not
+/// ready for a refresh commit either.
+const WRITE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A write probe result is reused this long, so a readiness check in a
+/// tight loop does not turn into a stream of fsyncs.
+const WRITE_PROBE_REUSE: Duration = Duration::from_secs(1);
+
+/// Which sealed column a value belongs to (part of its associated data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Column {
+    AccessToken,
+    RefreshToken,
+}
+
+impl Column {
+    fn as_str(self) -> &'static str {
+        match self {
+            Column::AccessToken => "access_token",
+            Column::RefreshToken => "refresh_token",
+        }
+    }
 }
 
 pub fn to_ms(t: DateTime<Utc>) -> i64 {
@@ -191,10 +250,6 @@ pub fn from_ms(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms)
         .single()
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
-}
-
-fn opt_ms(v: Option<i64>) -> Option<DateTime<Utc>> {
-    v.map(from_ms)
 }
 
 impl Store {
@@ -208,7 +263,7 @@ impl Store {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true)
             // 512 KiB of page cache per pooled connection instead of 2 MiB:
             // the start reads every row once, and each connection would
@@ -223,12 +278,40 @@ impl Store {
                 path: path.display().to_string(),
                 source,
             })?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .map_err(|source| match source {
+                sqlx::migrate::MigrateError::VersionMissing(version) => StoreError::NewerVersion {
+                    path: path.display().to_string(),
+                    version,
+                },
+                sqlx::migrate::MigrateError::Execute(e) => StoreError::Open {
+                    path: path.display().to_string(),
+                    source: e,
+                },
+                source => StoreError::Migrate {
+                    path: path.display().to_string(),
+                    source,
+                },
+            })?;
         let store = Store {
             pool,
             seal: key.map(Arc::new),
+            unreadable: Arc::new(Mutex::new(HashSet::new())),
+            probe: Arc::new(tokio::sync::Mutex::new(None)),
         };
         store.check_key().await?;
+        // Now, with the path at hand, rather than at the first refresh: a
+        // read-only file or directory opens (SQLite falls back to reading)
+        // and fails only at the first write.
+        store
+            .write_once()
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
         Ok(store)
     }
 
@@ -249,10 +332,11 @@ impl Store {
         match (&self.seal, check) {
             (None, None) => Ok(()),
             (None, Some(_)) => Err(StoreError::KeyRequired),
-            (Some(key), Some(c)) => key
-                .open(&c, KEY_CHECK_CONTEXT)
-                .map(|_| ())
-                .map_err(|_| StoreError::WrongKey),
+            (Some(key), Some(c)) => {
+                key.open(&c, KEY_CHECK_CONTEXT)
+                    .map_err(|_| StoreError::WrongKey)?;
+                self.upgrade_sealing(key).await
+            }
             (Some(key), None) => {
                 let n = self.reseal_all(None, key).await?;
                 if n > 0 {
@@ -269,34 +353,16 @@ impl Store {
     /// Re-seals every stored token under `new` (from `old`, or from
     /// plaintext) and replaces the key check, all in one transaction.
     /// Pending browser authorizations are dropped: they expire in minutes.
+    /// A value that does not open stays as it is (and is reported as
+    /// unreadable), rather than holding every other grant hostage.
     async fn reseal_all(&self, old: Option<&SealKey>, new: &SealKey) -> Result<usize, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
-            "SELECT id, provider, account, access_token, refresh_token FROM connections",
-        )
-        .fetch_all(&mut *tx)
+        let n = reseal_rows(&mut tx, new, |ctx, column, v| match old {
+            Some(k) => k.open(v, &ctx.column(column)).ok(),
+            None if crypto::is_sealed(v) => None,
+            None => Some(SecretString::from(v.to_owned())),
+        })
         .await?;
-        for r in &rows {
-            let ctx = context(r.try_get("provider")?, r.try_get("account")?);
-            let open = |v: String| -> Result<SecretString, StoreError> {
-                match old {
-                    Some(k) => Ok(k.open(&v, &ctx)?),
-                    None if crypto::is_sealed(&v) => Err(StoreError::WrongKey),
-                    None => Ok(SecretString::from(v)),
-                }
-            };
-            let access = open(r.try_get("access_token")?)?;
-            let refresh = r
-                .try_get::<Option<String>, _>("refresh_token")?
-                .map(open)
-                .transpose()?;
-            sqlx::query("UPDATE connections SET access_token = ?, refresh_token = ? WHERE id = ?")
-                .bind(new.seal(access.expose_secret(), &ctx))
-                .bind(refresh.map(|t| new.seal(t.expose_secret(), &ctx)))
-                .bind(r.try_get::<i64, _>("id")?)
-                .execute(&mut *tx)
-                .await?;
-        }
         sqlx::query("DELETE FROM pending_authorizations")
             .execute(&mut *tx)
             .await?;
@@ -304,13 +370,59 @@ impl Store {
             .bind(new.seal("tokenkeeper", KEY_CHECK_CONTEXT).into_bytes())
             .execute(&mut *tx)
             .await?;
+        mark_sealing_current(&mut tx).await?;
         tx.commit().await?;
-        Ok(rows.len())
+        Ok(n)
+    }
+
+    /// Databases sealed before values were bound to their column and
+    /// generation are re-sealed once, at open, in one transaction. Done
+    /// eagerly (rather than accepting the old binding on read) so that an
+    /// old value can never be swapped or replayed once this version runs.
+    async fn upgrade_sealing(&self, key: &SealKey) -> Result<(), StoreError> {
+        let format: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT value FROM installation WHERE name = 'seal_format'")
+                .fetch_optional(&self.pool)
+                .await?;
+        if format.as_deref() == Some(SEAL_FORMAT.as_bytes()) {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        let n = reseal_rows(&mut tx, key, |ctx, _, v| key.open(v, &ctx.legacy()).ok()).await?;
+        mark_sealing_current(&mut tx).await?;
+        tx.commit().await?;
+        if n > 0 {
+            tracing::info!(
+                connections = n,
+                "re-sealed the stored tokens, now bound to their column and grant generation"
+            );
+        }
+        Ok(())
     }
 
     /// `tokenkeeper rekey`: re-seals everything under `new`.
     pub async fn rekey(&self, new: &SealKey) -> Result<usize, StoreError> {
         self.reseal_all(self.seal.as_deref(), new).await
+    }
+
+    /// Seals the token pair of a row that will have `generation` once the
+    /// write lands.
+    fn seal_pair(
+        &self,
+        (provider, account): (&str, &str),
+        generation: i64,
+        g: &NewGrant<'_>,
+    ) -> (String, Option<String>) {
+        let ctx = SealContext {
+            provider,
+            account,
+            generation,
+        };
+        (
+            self.seal_value(g.access_token, &ctx.column(Column::AccessToken)),
+            g.refresh_token
+                .map(|t| self.seal_value(t, &ctx.column(Column::RefreshToken))),
+        )
     }
 
     fn seal_value(&self, plain: &SecretString, ctx: &str) -> String {
@@ -369,10 +481,45 @@ impl Store {
         Ok(())
     }
 
-    /// Cheap liveness probe for `/readyz` and the watchdog.
+    /// Cheap liveness probe for the watchdog.
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    /// One small write that changes nothing a reader sees.
+    async fn write_once(&self) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO installation (name, value) VALUES ('write_probe', x'01') \
+             ON CONFLICT (name) DO UPDATE SET value = value",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Readiness: the database answers *and* takes a write (a full disk, a
+    /// read-only file or a lock held elsewhere fail here, where a read
+    /// would pass). One small upsert, bounded by `WRITE_PROBE_TIMEOUT`;
+    /// a result younger than `WRITE_PROBE_REUSE` is reused.
+    pub async fn write_probe(&self) -> Result<(), StoreError> {
+        let mut last = self.probe.lock().await;
+        if let Some((at, true)) = *last {
+            if at.elapsed() < WRITE_PROBE_REUSE {
+                return Ok(());
+            }
+        }
+        let result = match tokio::time::timeout(WRITE_PROBE_TIMEOUT, self.write_once()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Sql(e)),
+            Err(_) => Err(StoreError::NotWritable(format!(
+                "a write did not complete within {} s (another process holds the database locked, or the disk stalls)",
+                WRITE_PROBE_TIMEOUT.as_secs()
+            ))),
+        };
+        *last = Some((std::time::Instant::now(), result.is_ok()));
+        metrics::gauge!(crate::metrics::DATABASE_WRITABLE).set(f64::from(u8::from(result.is_ok())));
+        result
     }
 
     /// Closes every pooled connection (checkpointing the WAL).
@@ -459,17 +606,21 @@ impl Store {
         let sql = format!("SELECT {COLUMNS} FROM connections ORDER BY provider, account");
         let mut rows = sqlx::query(&sql).fetch(&self.pool);
         while let Some(r) = rows.try_next().await? {
-            f(self.decode(&r)?);
+            if let Some(row) = self.decode_or_skip(&r) {
+                f(row);
+            }
         }
         Ok(())
     }
 
+    /// One connection; `None` also when even its name cannot be read (such
+    /// a row is logged once and skipped, see [`Store::each_connection`]).
     pub async fn load_connection(&self, id: i64) -> Result<Option<ConnectionRow>, StoreError> {
         let row = sqlx::query(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(|r| self.decode(r)).transpose()
+        Ok(row.as_ref().and_then(|r| self.decode_or_skip(r)))
     }
 
     /// `(id, generation, state)` of every connection: what the engine compares
@@ -494,8 +645,9 @@ impl Store {
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
     ) -> Result<ConnectionRow, StoreError> {
-        let ctx = context(provider, account);
         let mut tx = self.pool.begin().await?;
+        let generation = next_generation_by_name(&mut tx, provider, account).await?;
+        let sealed = self.seal_pair((provider, account), generation, g);
         let row = sqlx::query(&format!(
             "INSERT INTO connections (provider, account, state, access_token, refresh_token, token_type, scope, \
                  expires_at, issued_at, refreshed_at, refresh_token_issued_at, generation, created_at) \
@@ -510,8 +662,8 @@ impl Store {
         ))
         .bind(provider.to_owned())
         .bind(account.to_owned())
-        .bind(self.seal_value(g.access_token, &ctx))
-        .bind(g.refresh_token.map(|t| self.seal_value(t, &ctx)))
+        .bind(sealed.0)
+        .bind(sealed.1)
         .bind(g.token_type.to_owned())
         .bind(g.scope.map(str::to_owned))
         .bind(to_ms(g.expires_at))
@@ -605,16 +757,11 @@ impl Store {
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
     ) -> Result<(Option<ConnectionRow>, bool), StoreError> {
-        let ctx = context(provider, account);
-        let sealed = || {
-            (
-                self.seal_value(g.access_token, &ctx),
-                g.refresh_token.map(|t| self.seal_value(t, &ctx)),
-            )
-        };
         // One transaction: the pair and the fingerprints of the new tokens
         // become durable together.
         let mut tx = self.pool.begin().await?;
+        let generation = next_generation_by_id(&mut tx, id).await?;
+        let sealed = || self.seal_pair((provider, account), generation, g);
         let cas = format!(
             "UPDATE connections SET {GRANT_SET}, state = 'active', lease_owner = NULL, lease_until = NULL, \
              attempt_id = NULL, attempt_started_at = NULL \
@@ -751,6 +898,7 @@ impl Store {
         .await?;
         let decoded = row.as_ref().map(|r| self.decode(r)).transpose()?;
         if let Some(d) = &decoded {
+            self.set_unreadable(d.id, None, provider, account);
             sqlx::query("DELETE FROM token_fingerprints WHERE connection_id = ?")
                 .bind(d.id)
                 .execute(&mut *tx)
@@ -783,44 +931,359 @@ fn bind_grant<'q>(
 }
 
 impl Store {
-    /// A row as the lifecycle sees it: tokens opened.
+    /// A row as the lifecycle sees it: tokens opened. Only a row whose
+    /// identity (id, provider, account) cannot be read is an error; any
+    /// other problem yields the row as unreadable (see the module doc).
     fn decode(&self, r: &SqliteRow) -> Result<ConnectionRow, StoreError> {
+        let id: i64 = r.try_get("id")?;
         let provider: String = r.try_get("provider")?;
         let account: String = r.try_get("account")?;
-        let ctx = context(&provider, &account);
-        Ok(ConnectionRow {
-            id: r.try_get("id")?,
-            state: ConnState::parse(r.try_get::<&str, _>("state")?)?,
-            access_token: self.open_value(r.try_get("access_token")?, &ctx)?,
-            refresh_token: r
-                .try_get::<Option<String>, _>("refresh_token")?
-                .map(|v| self.open_value(v, &ctx))
-                .transpose()?,
+        match self.decode_fields(r, id, &provider, &account) {
+            Ok(row) => {
+                self.set_unreadable(id, None, &provider, &account);
+                Ok(row)
+            }
+            Err(problem) => {
+                let message = format!(
+                    "the stored grant cannot be read ({problem}); it is not used: authorize {provider}/{account} again (tokenkeeper connect {provider} {account}) or restore a backup"
+                );
+                self.set_unreadable(id, Some(&message), &provider, &account);
+                Ok(unreadable_row(r, id, provider, account, message))
+            }
+        }
+    }
+
+    /// [`Store::decode`] for the readers that must go on past one row: a
+    /// row whose very identity cannot be read is logged once (error level,
+    /// counted as unreadable) and skipped rather than failing them all.
+    fn decode_or_skip(&self, r: &SqliteRow) -> Option<ConnectionRow> {
+        match self.decode(r) {
+            Ok(row) => Some(row),
+            Err(e) => {
+                let id: i64 = r.try_get("id").unwrap_or(-1);
+                let message = format!(
+                    "the stored connection row {id} cannot be read at all ({e}); it is skipped: delete it (DELETE FROM connections WHERE id = {id}) or restore a backup"
+                );
+                self.set_unreadable(id, Some(&message), "?", "?");
+                None
+            }
+        }
+    }
+
+    fn decode_fields(
+        &self,
+        r: &SqliteRow,
+        id: i64,
+        provider: &str,
+        account: &str,
+    ) -> Result<ConnectionRow, String> {
+        let generation: i64 = field(r, "generation")?;
+        let ctx = SealContext {
             provider,
             account,
-            token_type: r.try_get("token_type")?,
-            scope: r.try_get("scope")?,
-            expires_at: from_ms(r.try_get("expires_at")?),
-            issued_at: from_ms(r.try_get("issued_at")?),
-            refreshed_at: opt_ms(r.try_get("refreshed_at")?),
-            refresh_token_issued_at: from_ms(r.try_get("refresh_token_issued_at")?),
-            generation: r.try_get("generation")?,
-            last_error: r.try_get("last_error")?,
-            failures: r.try_get::<i64, _>("failures")?.clamp(0, u32::MAX as i64) as u32,
-            next_attempt_at: opt_ms(r.try_get("next_attempt_at")?),
-            lease_owner: r.try_get("lease_owner")?,
-            lease_until: opt_ms(r.try_get("lease_until")?),
-            attempt_id: r.try_get("attempt_id")?,
-            attempt_started_at: opt_ms(r.try_get("attempt_started_at")?),
-            interrupted_at: opt_ms(r.try_get("interrupted_at")?),
+            generation,
+        };
+        let open = |column: Column, v: String| {
+            self.open_value(v, &ctx.column(column)).map_err(|e| match e {
+                StoreError::KeyRequired => format!(
+                    "its {} is encrypted but storage.encryption_key_file is not set",
+                    column.as_str()
+                ),
+                _ => format!(
+                    "its {} does not decrypt: it was altered, moved from another row or column, or replayed from an older grant",
+                    column.as_str()
+                ),
+            })
+        };
+        let state: String = field(r, "state")?;
+        let state = ConnState::parse(&state).map_err(|_| format!("unknown state {state:?}"))?;
+        Ok(ConnectionRow {
+            id,
+            state,
+            access_token: open(Column::AccessToken, field(r, "access_token")?)?,
+            refresh_token: field::<Option<String>>(r, "refresh_token")?
+                .map(|v| open(Column::RefreshToken, v))
+                .transpose()?,
+            provider: provider.to_owned(),
+            account: account.to_owned(),
+            token_type: field(r, "token_type")?,
+            scope: field(r, "scope")?,
+            expires_at: instant(r, "expires_at")?,
+            issued_at: instant(r, "issued_at")?,
+            refreshed_at: opt_instant(r, "refreshed_at")?,
+            refresh_token_issued_at: instant(r, "refresh_token_issued_at")?,
+            generation,
+            last_error: field(r, "last_error")?,
+            failures: field::<i64>(r, "failures")?.clamp(0, u32::MAX as i64) as u32,
+            next_attempt_at: opt_instant(r, "next_attempt_at")?,
+            lease_owner: field(r, "lease_owner")?,
+            lease_until: opt_instant(r, "lease_until")?,
+            attempt_id: field(r, "attempt_id")?,
+            attempt_started_at: opt_instant(r, "attempt_started_at")?,
+            interrupted_at: opt_instant(r, "interrupted_at")?,
         })
+    }
+
+    /// Records whether row `id` is unreadable; logs (error level) the first
+    /// time it is seen so, and keeps the gauge in step.
+    fn set_unreadable(&self, id: i64, message: Option<&str>, provider: &str, account: &str) {
+        let mut set = self.unreadable.lock().unwrap_or_else(|e| e.into_inner());
+        if message.is_none() && set.is_empty() {
+            return;
+        }
+        let changed = match message {
+            Some(m) => {
+                let new = set.insert(id);
+                if new {
+                    tracing::error!(provider, account, "{m}");
+                }
+                new
+            }
+            None => set.remove(&id),
+        };
+        if changed {
+            metrics::gauge!(crate::metrics::UNREADABLE_CONNECTIONS).set(set.len() as f64);
+        }
     }
 }
 
-/// Associated data of sealed tokens: the connection's identity, so a sealed
-/// value moved to another row does not open.
-fn context(provider: &str, account: &str) -> String {
-    format!("connection:{provider}/{account}")
+/// The stand-in for a row that cannot be read: no token, expired, and
+/// `authorization_required` with `message` as its last error, so it is
+/// reported and refused like a rejected grant and a new authorization
+/// (which rewrites the whole row) repairs it. Keeps the stored generation,
+/// so comparing versions does not re-read it as changed.
+fn unreadable_row(
+    r: &SqliteRow,
+    id: i64,
+    provider: String,
+    account: String,
+    message: String,
+) -> ConnectionRow {
+    let epoch = DateTime::<Utc>::UNIX_EPOCH;
+    ConnectionRow {
+        id,
+        provider,
+        account,
+        state: ConnState::AuthorizationRequired,
+        access_token: SecretString::from(String::new()),
+        refresh_token: None,
+        token_type: "Bearer".into(),
+        scope: None,
+        expires_at: epoch,
+        issued_at: epoch,
+        refreshed_at: None,
+        refresh_token_issued_at: epoch,
+        generation: r.try_get("generation").unwrap_or(0),
+        last_error: Some(message),
+        failures: 0,
+        next_attempt_at: None,
+        lease_owner: None,
+        lease_until: None,
+        attempt_id: None,
+        attempt_started_at: None,
+        interrupted_at: None,
+    }
+}
+
+/// One column, or a sentence naming it.
+fn field<'r, T>(r: &'r SqliteRow, column: &str) -> Result<T, String>
+where
+    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+{
+    r.try_get(column)
+        .map_err(|e| format!("column {column} cannot be read ({e})"))
+}
+
+fn instant(r: &SqliteRow, column: &str) -> Result<DateTime<Utc>, String> {
+    let ms: i64 = field(r, column)?;
+    checked_ms(ms).ok_or_else(|| format!("{column} holds an impossible instant ({ms} ms)"))
+}
+
+fn opt_instant(r: &SqliteRow, column: &str) -> Result<Option<DateTime<Utc>>, String> {
+    match field::<Option<i64>>(r, column)? {
+        None => Ok(None),
+        Some(ms) => checked_ms(ms)
+            .map(Some)
+            .ok_or_else(|| format!("{column} holds an impossible instant ({ms} ms)")),
+    }
+}
+
+/// An instant chrono can represent; anything else is damage. Far-future
+/// but representable values stay readable: such a row still holds a
+/// working grant, and losing it would cost a new authorization.
+fn checked_ms(ms: i64) -> Option<DateTime<Utc>> {
+    Utc.timestamp_millis_opt(ms).single()
+}
+
+/// What a sealed token's associated data names: its connection, and the
+/// grant generation the row has once the write lands (with the column,
+/// see [`SealContext::column`]).
+struct SealContext<'a> {
+    provider: &'a str,
+    account: &'a str,
+    generation: i64,
+}
+
+impl SealContext<'_> {
+    fn column(&self, column: Column) -> String {
+        format!(
+            "connection:{}/{}:{}:generation:{}",
+            self.provider,
+            self.account,
+            column.as_str(),
+            self.generation
+        )
+    }
+
+    /// The binding before `SEAL_FORMAT` 2: the connection only.
+    fn legacy(&self) -> String {
+        format!("connection:{}/{}", self.provider, self.account)
+    }
+}
+
+/// Value of `installation.seal_format` once every token is sealed with
+/// [`SealContext::column`].
+const SEAL_FORMAT: &str = "2";
+
+async fn mark_sealing_current(tx: &mut sqlx::SqliteConnection) -> Result<(), StoreError> {
+    sqlx::query("INSERT OR REPLACE INTO installation (name, value) VALUES ('seal_format', ?)")
+        .bind(SEAL_FORMAT.as_bytes().to_vec())
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Re-seals every row's tokens under `new`, bound to their column and
+/// current generation, opening each with `open`. A row whose tokens do not
+/// open is left as it is (and later reported as unreadable); returns how
+/// many rows were re-sealed.
+async fn reseal_rows(
+    tx: &mut sqlx::SqliteConnection,
+    new: &SealKey,
+    open: impl Fn(&SealContext<'_>, Column, &str) -> Option<SecretString>,
+) -> Result<usize, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, provider, account, generation, access_token, refresh_token FROM connections",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut n = 0;
+    for r in &rows {
+        let provider: String = r.try_get("provider")?;
+        let account: String = r.try_get("account")?;
+        let ctx = SealContext {
+            provider: &provider,
+            account: &account,
+            generation: r.try_get("generation")?,
+        };
+        let access: String = r.try_get("access_token")?;
+        let refresh: Option<String> = r.try_get("refresh_token")?;
+        let opened = (
+            open(&ctx, Column::AccessToken, &access),
+            match &refresh {
+                None => Some(None),
+                Some(v) => open(&ctx, Column::RefreshToken, v).map(Some),
+            },
+        );
+        let (Some(access), Some(refresh)) = opened else {
+            tracing::warn!(
+                provider = %provider,
+                account = %account,
+                "cannot re-seal this connection: its stored tokens do not open; left as they are"
+            );
+            continue;
+        };
+        sqlx::query("UPDATE connections SET access_token = ?, refresh_token = ? WHERE id = ?")
+            .bind(new.seal(access.expose_secret(), &ctx.column(Column::AccessToken)))
+            .bind(refresh.map(|t| new.seal(t.expose_secret(), &ctx.column(Column::RefreshToken))))
+            .bind(r.try_get::<i64, _>("id")?)
+            .execute(&mut *tx)
+            .await?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Takes the transaction's write lock at once (a no-op update) and returns
+/// the generation row `id` will have after this transaction writes its
+/// token pair. With the lock held from here, no other writer can move the
+/// generation between this read and the write it seals for.
+async fn next_generation_by_id(
+    tx: &mut sqlx::SqliteConnection,
+    id: i64,
+) -> Result<i64, StoreError> {
+    let g: Option<i64> = sqlx::query_scalar(
+        "UPDATE connections SET generation = generation WHERE id = ? RETURNING generation",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(g.map_or(1, |g| g + 1))
+}
+
+/// As [`next_generation_by_id`], by name; 1 for a row yet to be inserted.
+async fn next_generation_by_name(
+    tx: &mut sqlx::SqliteConnection,
+    provider: &str,
+    account: &str,
+) -> Result<i64, StoreError> {
+    let g: Option<i64> = sqlx::query_scalar(
+        "UPDATE connections SET generation = generation WHERE provider = ? AND account = ? RETURNING generation",
+    )
+    .bind(provider.to_owned())
+    .bind(account.to_owned())
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(g.map_or(1, |g| g + 1))
+}
+
+/// A sentence for an SQLite failure: the common operator-fixable ones
+/// (full disk, read-only file, locked database) name cause and fix.
+fn describe_sql(e: &sqlx::Error) -> String {
+    let code = match e {
+        sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
+        _ => None,
+    };
+    match sqlite_problem(code.as_deref()) {
+        Some(sentence) => format!("{sentence} ({e})"),
+        None => format!("database error: {e}"),
+    }
+}
+
+/// Why a database could not be opened, with the fix; the generic fix
+/// when SQLite's code says nothing more specific.
+fn describe_open(e: &sqlx::Error) -> String {
+    let code = match e {
+        sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
+        _ => None,
+    };
+    match sqlite_problem(code.as_deref()) {
+        Some(sentence) => format!("{sentence} ({e})"),
+        None => format!(
+            "{e}; check that the service user can read and write the file and its directory (SQLite creates -wal and -shm files next to it)"
+        ),
+    }
+}
+
+/// Cause and fix for an SQLite (extended) result code, by its primary code.
+fn sqlite_problem(code: Option<&str>) -> Option<&'static str> {
+    let primary = code?.parse::<i64>().ok()? & 0xff;
+    Some(match primary {
+        13 => "the disk holding the database is full; free space on it (tokenkeeper keeps new grants in memory and retries)",
+        8 => "the database or its directory is read-only; give the service user write access to both (SQLite also creates -wal and -shm files next to the database) and check the mount",
+        14 => "the database file cannot be opened; check that the service user can read and write the file and its directory",
+        5 | 6 => "the database is locked by another process; find what holds it (e.g. an sqlite3 shell in a transaction) and end it",
+        10 => "the disk reported an I/O error while using the database; check the disk and the kernel log",
+        11 | 26 => "the database file is damaged or not a tokenkeeper database; restore a backup",
+        _ => return None,
+    })
+}
+
+fn describe_migrate(e: &sqlx::migrate::MigrateError) -> String {
+    match e {
+        sqlx::migrate::MigrateError::Execute(e) => describe_sql(e),
+        other => format!("{other}; restore a backup made by this version"),
+    }
 }
 
 fn pending_context(state: &str) -> String {
@@ -855,6 +1318,70 @@ async fn record_fingerprints(
         .await?;
     }
     Ok(())
+}
+
+/// An advisory lock (`flock`) on `<database>.lock`, held until dropped.
+/// Daemons hold it shared for their whole life (several may share one
+/// database); offline commands that rewrite every row (`rekey`) take it
+/// exclusively, so neither can start while the other runs. The kernel
+/// releases it when the process dies, so a crash never leaves it stuck.
+pub struct DbLock {
+    _file: std::fs::File,
+}
+
+impl DbLock {
+    /// For a daemon: shared, refused while an offline command runs.
+    pub fn shared(db: &Path) -> Result<DbLock, StoreError> {
+        Self::take(db, libc::LOCK_SH).map_err(|e| match e {
+            Some(e) => e,
+            None => StoreError::OfflineCommandRunning {
+                path: db.display().to_string(),
+            },
+        })
+    }
+
+    /// For an offline command: exclusive, refused while a daemon runs.
+    pub fn exclusive(db: &Path) -> Result<DbLock, StoreError> {
+        Self::take(db, libc::LOCK_EX).map_err(|e| match e {
+            Some(e) => e,
+            None => StoreError::DaemonRunning {
+                path: db.display().to_string(),
+            },
+        })
+    }
+
+    /// `Err(None)`: someone holds a conflicting lock.
+    fn take(db: &Path, mode: libc::c_int) -> Result<DbLock, Option<StoreError>> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut name = db.as_os_str().to_owned();
+        name.push(".lock");
+        let path = std::path::PathBuf::from(name);
+        let io = |source| StoreError::Directory {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            create_private_dir(dir).map_err(|e| Some(io(e)))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Some(io(e)))?;
+        // SAFETY: flock on a descriptor this function owns; no memory involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(DbLock { _file: file });
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(None);
+        }
+        Err(Some(io(err)))
+    }
 }
 
 /// Creates a directory (and its parents) with mode 0700 if missing.
@@ -898,4 +1425,308 @@ fn prepare_file(path: &Path) -> Result<(), StoreError> {
         .open(path)
         .map_err(io)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> SealKey {
+        SealKey::from_bytes([9; 32])
+    }
+
+    async fn store_with_grant(dir: &Path, key: Option<SealKey>) -> (Store, ConnectionRow) {
+        let store = Store::open(&dir.join("t.db"), key).await.unwrap();
+        let access = SecretString::from("access-1".to_string());
+        let refresh = SecretString::from("refresh-1".to_string());
+        let now = Utc::now();
+        let row = store
+            .save_authorized(
+                "keap",
+                "default",
+                &NewGrant {
+                    access_token: &access,
+                    refresh_token: Some(&refresh),
+                    token_type: "Bearer",
+                    scope: None,
+                    issued_at: now,
+                    expires_at: now + chrono::Duration::hours(1),
+                },
+                &[],
+            )
+            .await
+            .unwrap();
+        (store, row)
+    }
+
+    async fn raw(store: &Store, sql: &str) {
+        sqlx::query(sql).execute(&store.pool).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn swapped_columns_and_replayed_values_do_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, row) = store_with_grant(dir.path(), Some(key())).await;
+        assert_eq!(row.access_token.expose_secret(), "access-1");
+        assert!(store.unreadable.lock().unwrap().is_empty());
+
+        // Swapped columns: reported, no token handed out.
+        raw(
+            &store,
+            "UPDATE connections SET access_token = refresh_token, refresh_token = access_token",
+        )
+        .await;
+        let got = store.load_connection(row.id).await.unwrap().unwrap();
+        assert_eq!(got.state, ConnState::AuthorizationRequired);
+        assert!(got.access_token.expose_secret().is_empty());
+        assert!(got.refresh_token.is_none());
+        assert!(got.expires_at < Utc::now());
+        let why = got.last_error.unwrap();
+        assert!(why.contains("does not decrypt"), "{why}");
+        assert!(why.contains("tokenkeeper connect keap default"), "{why}");
+        assert!(store.unreadable.lock().unwrap().contains(&row.id));
+        raw(
+            &store,
+            "UPDATE connections SET access_token = refresh_token, refresh_token = access_token",
+        )
+        .await;
+        assert_eq!(
+            store
+                .load_connection(row.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .access_token
+                .expose_secret(),
+            "access-1"
+        );
+        assert!(store.unreadable.lock().unwrap().is_empty());
+
+        // Replay: a value sealed for generation 1, put back after a commit.
+        let old: String = sqlx::query_scalar("SELECT refresh_token FROM connections")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        let (_, row2) = {
+            let access = SecretString::from("access-2".to_string());
+            let refresh = SecretString::from("refresh-2".to_string());
+            let now = Utc::now();
+            let row2 = store
+                .save_authorized(
+                    "keap",
+                    "default",
+                    &NewGrant {
+                        access_token: &access,
+                        refresh_token: Some(&refresh),
+                        token_type: "Bearer",
+                        scope: None,
+                        issued_at: now,
+                        expires_at: now + chrono::Duration::hours(1),
+                    },
+                    &[],
+                )
+                .await
+                .unwrap();
+            ((), row2)
+        };
+        assert_eq!(row2.generation, 2);
+        assert_eq!(
+            row2.refresh_token.unwrap().expose_secret(),
+            "refresh-2",
+            "sealed with the generation the row has after the write"
+        );
+        sqlx::query("UPDATE connections SET refresh_token = ?")
+            .bind(old)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let got = store.load_connection(row.id).await.unwrap().unwrap();
+        assert_eq!(got.state, ConnState::AuthorizationRequired);
+        assert!(got.last_error.unwrap().contains("refresh_token"));
+    }
+
+    #[tokio::test]
+    async fn a_database_sealed_the_old_way_is_resealed_once_and_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, row) = store_with_grant(dir.path(), Some(key())).await;
+        // Rewrite the row as the previous version sealed it.
+        let legacy = "connection:keap/default";
+        sqlx::query("UPDATE connections SET access_token = ?, refresh_token = ?")
+            .bind(key().seal("access-1", legacy))
+            .bind(key().seal("refresh-1", legacy))
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        raw(
+            &store,
+            "DELETE FROM installation WHERE name = 'seal_format'",
+        )
+        .await;
+        store.close().await;
+
+        let store = Store::open(&dir.path().join("t.db"), Some(key()))
+            .await
+            .unwrap();
+        let got = store.load_connection(row.id).await.unwrap().unwrap();
+        assert_eq!(got.state, ConnState::Active);
+        assert_eq!(got.access_token.expose_secret(), "access-1");
+        assert_eq!(got.refresh_token.unwrap().expose_secret(), "refresh-1");
+        // Now bound: the legacy binding no longer opens what is stored.
+        let stored: String = sqlx::query_scalar("SELECT access_token FROM connections")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert!(key().open(&stored, legacy).is_err());
+    }
+
+    #[tokio::test]
+    async fn bad_state_and_bad_timestamps_are_reported_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, row) = store_with_grant(dir.path(), None).await;
+        raw(&store, "UPDATE connections SET state = 'paused'").await;
+        let mut seen = Vec::new();
+        store.each_connection(|c| seen.push(c)).await.unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].state, ConnState::AuthorizationRequired);
+        assert!(seen[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("unknown state \"paused\""));
+        raw(
+            &store,
+            "UPDATE connections SET state = 'active', expires_at = 99999999999999999",
+        )
+        .await;
+        let got = store.load_connection(row.id).await.unwrap().unwrap();
+        assert!(got.last_error.unwrap().contains("expires_at"));
+        raw(&store, "UPDATE connections SET expires_at = 'soon'").await;
+        let got = store.load_connection(row.id).await.unwrap().unwrap();
+        assert_eq!(got.state, ConnState::AuthorizationRequired);
+        // Not even a name: skipped, not fatal.
+        raw(&store, "UPDATE connections SET provider = x'ff00'").await;
+        assert!(store.load_connection(row.id).await.unwrap().is_none());
+        let mut n = 0;
+        store.each_connection(|_| n += 1).await.unwrap();
+        assert_eq!(n, 0);
+        assert!(store.unreadable.lock().unwrap().contains(&row.id));
+    }
+
+    #[tokio::test]
+    async fn sqlite_failures_name_cause_and_fix() {
+        // Read-only: a real SQLITE_READONLY from a read-only connection.
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store_with_grant(dir.path(), None).await;
+        store.close().await;
+        let ro = SqlitePool::connect_with(
+            SqliteConnectOptions::new()
+                .filename(dir.path().join("t.db"))
+                .read_only(true),
+        )
+        .await
+        .unwrap();
+        let e = sqlx::query("DELETE FROM connections")
+            .execute(&ro)
+            .await
+            .unwrap_err();
+        let text = StoreError::from(e).to_string();
+        assert!(
+            text.contains("read-only") && text.contains("write access"),
+            "{text}"
+        );
+
+        // Full: a real SQLITE_FULL, the database capped at its current size.
+        let full = SqlitePool::connect_with(
+            SqliteConnectOptions::new()
+                .filename(dir.path().join("full.db"))
+                .create_if_missing(true),
+        )
+        .await
+        .unwrap();
+        sqlx::query("CREATE TABLE t (v BLOB)")
+            .execute(&full)
+            .await
+            .unwrap();
+        let mut conn = full.acquire().await.unwrap();
+        sqlx::query("PRAGMA max_page_count = 3")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let e = sqlx::query("INSERT INTO t VALUES (zeroblob(100000))")
+            .execute(&mut *conn)
+            .await
+            .unwrap_err();
+        let text = StoreError::from(e).to_string();
+        assert!(
+            text.contains("disk holding the database is full") && text.contains("free space"),
+            "{text}"
+        );
+
+        assert!(sqlite_problem(Some("1032")).unwrap().contains("read-only"));
+        assert!(sqlite_problem(Some("5")).unwrap().contains("locked"));
+        assert!(sqlite_problem(Some("1")).is_none());
+        assert!(sqlite_problem(None).is_none());
+    }
+
+    #[tokio::test]
+    async fn newer_database_is_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store_with_grant(dir.path(), None).await;
+        raw(&store, "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+                     VALUES (99991231000000, 'from the future', 1, x'00', 0)").await;
+        store.close().await;
+        let Err(e) = Store::open(&dir.path().join("t.db"), None).await else {
+            panic!("a newer database must be refused");
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("newer version of tokenkeeper") && text.contains("restore a backup"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn write_probe_fails_while_another_process_holds_the_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store_with_grant(dir.path(), None).await;
+        store.write_probe().await.unwrap();
+        let other = SqlitePool::connect_with(
+            SqliteConnectOptions::new()
+                .filename(dir.path().join("t.db"))
+                .busy_timeout(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
+        let mut conn = other.acquire().await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        // Past the reuse window of the successful probe.
+        tokio::time::sleep(WRITE_PROBE_REUSE).await;
+        let e = store.write_probe().await.unwrap_err();
+        assert!(
+            e.to_string().contains("cannot be written") || e.to_string().contains("locked"),
+            "{e}"
+        );
+        sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+        store.write_probe().await.unwrap();
+        // Reads still work meanwhile: only a write probe tells.
+        store.ping().await.unwrap();
+    }
+
+    #[test]
+    fn offline_lock_excludes_daemons_and_daemons_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db");
+        let a = DbLock::shared(&db).unwrap();
+        let b = DbLock::shared(&db).unwrap();
+        let e = DbLock::exclusive(&db).err().unwrap();
+        assert!(e.to_string().contains("stop it first"), "{e}");
+        drop((a, b));
+        let x = DbLock::exclusive(&db).unwrap();
+        assert!(DbLock::shared(&db).is_err());
+        drop(x);
+        assert!(DbLock::shared(&db).is_ok());
+    }
 }

@@ -240,3 +240,214 @@ fn help_is_there() {
         assert!(text.contains(cmd), "--help lacks {cmd}");
     }
 }
+
+#[tokio::test]
+async fn names_are_checked_and_never_reach_the_server_raw() {
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    assert_eq!(h.authorize("keap", "victim").await.status(), 200);
+    for (provider, account) in [
+        ("keap", "typo/../victim"),
+        ("keap", "../victim"),
+        ("keap", "victim/"),
+        ("keap", "victim%2f"),
+        ("keap", "Victim"),
+        ("keap", "a b"),
+        ("keap", "refresh"),
+        ("ke/ap", "victim"),
+        ("..", "victim"),
+    ] {
+        for cmd in ["revoke", "refresh", "token", "header", "connect"] {
+            let out = h.cli(&[cmd, provider, account]).await;
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{cmd} {provider} {account}: {err}"
+            );
+            assert!(err.contains("not a valid"), "{err}");
+        }
+    }
+    // Nothing was revoked.
+    assert_eq!(h.get_json("/v1/token/keap/victim").await.0, 200);
+    let out = h.cli(&["token", "keap", "victim"]).await;
+    assert_eq!(out.status.code(), Some(0));
+}
+
+/// A pipe whose reading end is already closed: every write fails (EPIPE).
+fn broken_pipe() -> std::process::Stdio {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills both descriptors, which are then owned here.
+    let (read, write) = unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+    };
+    drop(read);
+    std::process::Stdio::from(write)
+}
+
+#[tokio::test]
+async fn broken_pipes_and_closed_stdout() {
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    for account in ["a1", "a2", "a3"] {
+        assert_eq!(h.authorize("keap", account).await.status(), 200);
+    }
+    // Not `output()`: tokio's replaces stdout with a pipe of its own.
+    let run = |args: &[&str], stdout: std::process::Stdio| {
+        tokio::process::Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&h.config_path)
+            .stdout(stdout)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+            .wait_with_output()
+    };
+    // `tokenkeeper status | head -1` with head gone: quiet, no panic.
+    for args in [&["status"][..], &["status", "--json"], &["check-config"]] {
+        let out = run(args, broken_pipe()).await.unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!err.contains("tokenkeeper:"), "{args:?}: {err}");
+    }
+    // The token itself cannot be delivered: a failure, with a sentence.
+    for cmd in ["token", "header"] {
+        let out = run(&[cmd, "keap", "a1"], broken_pipe()).await.unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("cannot write to standard output"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // Standard output closed altogether (`>&-`).
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg("exec \"$0\" token keap a1 --config \"$1\" >&-")
+        .arg(BIN)
+        .arg(&h.config_path)
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("standard output is closed"), "{err}");
+    // A deliberate /dev/null (write-only, or read-write as Python's
+    // DEVNULL opens it) stays a success.
+    for redirect in [">/dev/null", "1<>/dev/null"] {
+        let out = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "exec \"$0\" token keap a1 --config \"$1\" {redirect}"
+            ))
+            .arg(BIN)
+            .arg(&h.config_path)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{redirect}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test]
+async fn self_signed_daemon_from_another_user_names_certificate_verification() {
+    let h = Harness::new(Options {
+        server: "tls = \"self-signed\"".into(),
+        ..Options::default()
+    })
+    .await;
+    // systemd's RuntimeDirectory=: where the public copy goes.
+    let runtime = h.dir.path().join("run");
+    std::fs::create_dir(&runtime).unwrap();
+    let log = std::fs::File::create(h.log_path()).unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&h.config_path)
+        .env("RUNTIME_DIRECTORY", &runtime)
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let public = runtime.join("cert.pem");
+    common::eventually(
+        std::time::Duration::from_secs(20),
+        "public certificate",
+        || async { h.log().contains("tokenkeeper is serving") },
+    )
+    .await;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&public).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644, "readable by every user");
+    assert_eq!(
+        std::fs::read(&public).unwrap(),
+        std::fs::read(h.dir.path().join("tls-cert.pem")).unwrap()
+    );
+
+    // Another user: the state directory (and its certificate) is out of
+    // reach, modelled by a config whose storage lies elsewhere.
+    let other = tempfile::tempdir().unwrap();
+    let cfg = other.path().join("tk.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{}\"\ntls = \"self-signed\"\n[storage]\npath = \"{}\"\n",
+            h.port,
+            other.path().join("no-state/tk.db").display()
+        ),
+    )
+    .unwrap();
+    let cli = |extra: &[&str]| {
+        tokio::process::Command::new(BIN)
+            .arg("status")
+            .arg("--config")
+            .arg(&cfg)
+            .args(extra)
+            .output()
+    };
+    let out = cli(&[]).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("certificate cannot be verified") && err.contains("--ca-file"),
+        "{err}"
+    );
+    assert!(!err.contains("cannot reach"), "{err}");
+    let out = cli(&["--ca-file", public.to_str().unwrap()]).await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&["--ca-file", "/nonexistent/cert.pem"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    common::signal(&child, libc::SIGTERM);
+    let _ = common::wait_exit(&mut child, std::time::Duration::from_secs(30)).await;
+}
+
+#[test]
+fn api_base_url_with_a_query_or_fragment_is_a_config_error() {
+    for (base, part) in [
+        ("https://api.example/v1?tenant=a", "query"),
+        ("https://api.example/v1#top", "fragment"),
+    ] {
+        let text = format!(
+            "[providers.k]\npreset = \"keap\"\nclient_id = \"id\"\nclient_secret = \"s\"\napi_base_url = \"{base}\"\n"
+        );
+        let (code, err) = check_config(&text);
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains(":5: providers.k.api_base_url:") && err.contains(part),
+            "{err}"
+        );
+    }
+}

@@ -322,3 +322,455 @@ async fn a_failing_hook_never_blocks_the_lifecycle() {
     )
     .await;
 }
+
+/// The database of a stopped daemon, for edits no daemon would make.
+async fn raw_db(h: &Harness) -> sqlx::SqlitePool {
+    sqlx::SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(h.db_path())
+            .busy_timeout(Duration::from_secs(5)),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn one_unreadable_row_does_not_stop_the_daemon() {
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    for account in ["default", "second", "third"] {
+        assert_eq!(h.authorize("keap", account).await.status(), 200);
+    }
+    h.stop().await;
+    let db = raw_db(&h).await;
+    sqlx::query("UPDATE connections SET state = 'paused' WHERE account = 'second'")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE connections SET expires_at = 'tomorrow' WHERE account = 'third'")
+        .execute(&db)
+        .await
+        .unwrap();
+    db.close().await;
+
+    h.start().await;
+    // The healthy connection is served.
+    let (s, _) = h.token().await;
+    assert_eq!(s, 200);
+    // The bad ones are refused with what is wrong, never a token.
+    for (account, what) in [
+        ("second", "unknown state \"paused\""),
+        ("third", "expires_at"),
+    ] {
+        let (s, v) = h.get_json(&format!("/v1/token/keap/{account}")).await;
+        assert_eq!(s, 409, "{v}");
+        assert_eq!(v["error"], "authorization_required");
+        assert!(v["message"].as_str().unwrap().contains(what), "{v}");
+        assert!(v.get("access_token").is_none());
+        let c = h.connection(account).await;
+        assert_eq!(c["state"], "authorization_required");
+        let last = c["last_error"].as_str().unwrap();
+        assert!(
+            last.contains(what) && last.contains("authorize keap/"),
+            "{last}"
+        );
+    }
+    assert_eq!(h.connection("default").await["state"], "active");
+    let log = h.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("unknown state \"paused\"")),
+        "{log}"
+    );
+    let metrics = parse_metrics(&h.get_text("/metrics").await);
+    assert_eq!(
+        metrics.get("tokenkeeper_unreadable_connections"),
+        Some(&2.0)
+    );
+    let status = h.cli(&["status"]).await;
+    assert!(String::from_utf8_lossy(&status.stdout).contains("unknown state"));
+
+    // A new authorization repairs it.
+    assert_eq!(h.authorize("keap", "second").await.status(), 200);
+    assert_eq!(h.get_json("/v1/token/keap/second").await.0, 200);
+    eventually(Duration::from_secs(10), "gauge follows", || async {
+        parse_metrics(&h.get_text("/metrics").await).get("tokenkeeper_unreadable_connections")
+            == Some(&1.0)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_database_from_a_newer_version_is_refused_with_the_fix() {
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    h.stop().await;
+    let db = raw_db(&h).await;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (29991231000000, 'a later schema', 1, x'00', 0)",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    db.close().await;
+    let mut child = common::spawn_daemon(&h.config_path, &h.log_path(), "info", &[]);
+    assert_eq!(
+        common::wait_exit(&mut child, Duration::from_secs(20)).await,
+        Some(1)
+    );
+    let log = h.log();
+    assert!(
+        log.contains("written by a newer version of tokenkeeper")
+            && log.contains("upgrade tokenkeeper, or restore a backup"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn readyz_fails_while_the_database_cannot_be_written() {
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    assert_eq!(h.get_text("/readyz").await, "ready\n");
+    // Another process holds the write lock: reads still work, writes wait.
+    let db = raw_db(&h).await;
+    let mut conn = db.acquire().await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = h.http.get(h.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("cannot be written"), "{body}");
+    assert!(!h.get_text("/healthz").await.is_empty());
+    sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+    drop(conn);
+    eventually(Duration::from_secs(20), "ready again", || async {
+        h.http
+            .get(h.url("/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_during_a_slow_refresh_commits_it_and_exits_in_time() {
+    use tokenkeeper::provider::simulator::DelayPhase;
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    // The provider rotates at once and answers 2 s later: the new refresh
+    // token exists only in that answer.
+    h.sim
+        .sim
+        .set_token_delay(Duration::from_secs(2), DelayPhase::AfterRotation);
+    let http = h.http.clone();
+    let url = h.url("/v1/token/keap/refresh");
+    let forced = tokio::spawn(async move { http.post(url).send().await.map(|r| r.status()) });
+    // A client that never finishes its request must not hold the stop open.
+    let mut stalled = tokio::net::TcpStream::connect(("127.0.0.1", h.port))
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stalled,
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(10), "provider rotated", || async {
+        h.sim.sim.refresh_tokens_issued().len() == 2
+    })
+    .await;
+    let mut child = h.daemon.take().unwrap();
+    let started = std::time::Instant::now();
+    common::signal(&child, libc::SIGTERM);
+    let code = common::wait_exit(&mut child, Duration::from_secs(60)).await;
+    assert_eq!(code, Some(0), "{}", h.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "stopped in {:?}",
+        started.elapsed()
+    );
+    // The rotated grant was committed before the process exited.
+    let db = raw_db(&h).await;
+    let stored: String = sqlx::query_scalar("SELECT refresh_token FROM connections")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(Some(stored), h.sim.sim.current_refresh_token());
+    assert_eq!(forced.await.unwrap().ok().map(|s| s.as_u16()), Some(200));
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn reload_applies_api_keys_and_check_interval_and_names_what_needs_a_restart() {
+    let mut h = Harness::new(Options {
+        access_lifetime: Duration::from_secs(8),
+        server: "api_keys_file = \"api-keys\"".into(),
+        refresh: "check_interval = \"1h\"".into(),
+        ..Options::default()
+    })
+    .await;
+    let keys = h.dir.path().join("api-keys");
+    std::fs::write(&keys, "key-one\n").unwrap();
+    h.start().await;
+    let with_key = |key: &'static str| {
+        let h = &h;
+        async move {
+            h.get_with(
+                h.url("/v1/connections"),
+                (AUTHORIZATION.as_str(), &format!("Bearer {key}")),
+            )
+            .await
+            .status()
+        }
+    };
+    assert_eq!(with_key("key-one").await, 200);
+    assert_eq!(with_key("key-two").await, 401);
+    // The browser flow, with the key on /connect in case it is guarded.
+    let (location, cookie) = {
+        let r = h
+            .http
+            .get(h.url("/connect/keap?account=default"))
+            .header(AUTHORIZATION, "Bearer key-one")
+            .send()
+            .await
+            .unwrap();
+        (
+            r.headers()["location"].to_str().unwrap().to_string(),
+            r.headers()["set-cookie"]
+                .to_str()
+                .unwrap()
+                .split(';')
+                .next()
+                .unwrap()
+                .to_string(),
+        )
+    };
+    let callback = h.approve(&location).await;
+    let r = h
+        .http
+        .get(callback)
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let issued = h.sim.sim.refresh_tokens_issued().len();
+
+    std::fs::write(&keys, "key-two\n").unwrap();
+    h.write_config(
+        "api_keys_file = \"api-keys\"\nproxy_max_wait = \"3s\"",
+        "check_interval = \"1s\"",
+        "",
+    );
+    common::signal(h.daemon.as_ref().unwrap(), libc::SIGHUP);
+    eventually(Duration::from_secs(10), "new key works", || async {
+        with_key("key-two").await == 200
+    })
+    .await;
+    assert_eq!(with_key("key-one").await, 401, "the old key stops working");
+    let log = h.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("need a restart") && l.contains("server.proxy_max_wait")),
+        "{log}"
+    );
+    // The scheduler now looks every second: the 8 s token is refreshed by
+    // it (nobody asks for a token here).
+    eventually(Duration::from_secs(20), "scheduled refresh", || async {
+        h.sim.sim.refresh_tokens_issued().len() > issued
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn notify_command_gets_only_path_and_its_own_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("env.txt");
+    let script = dir.path().join("dump-env.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nenv > {0}.tmp && mv {0}.tmp {0}\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut h = Harness::new(Options {
+        provider: format!("\n[notify]\ncommand = \"{}\"\n", script.display()),
+        ..Options::default()
+    })
+    .await;
+    // The client secret comes from the daemon's environment.
+    let cfg = std::fs::read_to_string(&h.config_path).unwrap().replace(
+        "client_secret_file = \"client-secret\"",
+        "client_secret_env = \"TK_TEST_CLIENT_SECRET\"",
+    );
+    std::fs::write(&h.config_path, cfg).unwrap();
+    let log = std::fs::File::create(h.log_path()).unwrap();
+    let mut child = std::process::Command::new(common::BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&h.config_path)
+        .env("TK_TEST_CLIENT_SECRET", common::CLIENT_SECRET)
+        .env("TK_TEST_UNRELATED", "not-for-the-hook")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    common::wait_healthy(&h.http, &h.url("/healthz"), &mut child).await;
+    h.daemon = Some(child);
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    eventually(Duration::from_secs(10), "hook ran", || async {
+        out.exists()
+    })
+    .await;
+    let env = std::fs::read_to_string(&out).unwrap();
+    assert!(env.contains("TOKENKEEPER_EVENT=authorized"), "{env}");
+    assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
+    assert!(
+        !env.contains(common::CLIENT_SECRET),
+        "the client secret reached the hook"
+    );
+    // Only PATH, the event's variables, and what the shell sets itself.
+    for line in env.lines() {
+        let name = line.split('=').next().unwrap();
+        assert!(
+            name.starts_with("TOKENKEEPER_")
+                || ["PATH", "PWD", "OLDPWD", "SHLVL", "_"].contains(&name),
+            "the hook inherited {name}:\n{env}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn once_shutdown_begins_no_new_refresh_starts() {
+    use tokenkeeper::provider::simulator::{Simulator, SimulatorConfig};
+    use tokenkeeper::store::{NewGrant, Store};
+    let sim = Simulator::start_local(SimulatorConfig {
+        client_secret: common::CLIENT_SECRET.into(),
+        ..SimulatorConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let base = &sim.base_url;
+    let cfg = tokenkeeper::config::parse(
+        &format!(
+            "[providers.keap]\npreset = \"keap\"\nclient_id = \"demo-client\"\nclient_secret = \"{}\"\n\
+             authorization_url = \"{base}/authorize\"\ntoken_url = \"{base}/token\"\n",
+            common::CLIENT_SECRET
+        ),
+        &dir.path().join("tk.toml"),
+    )
+    .unwrap();
+    let store = Store::open(&dir.path().join("tk.db"), None).await.unwrap();
+    // An expired access token: every token request wants a refresh.
+    let now = chrono::Utc::now();
+    let (access, refresh) = (
+        secrecy::SecretString::from("expired-access".to_string()),
+        secrecy::SecretString::from("some-refresh".to_string()),
+    );
+    for account in ["a", "b"] {
+        store
+            .save_authorized(
+                "keap",
+                account,
+                &NewGrant {
+                    access_token: &access,
+                    refresh_token: Some(&refresh),
+                    token_type: "Bearer",
+                    scope: None,
+                    issued_at: now - chrono::Duration::hours(2),
+                    expires_at: now - chrono::Duration::hours(1),
+                },
+                &[],
+            )
+            .await
+            .unwrap();
+    }
+    let engine = tokenkeeper::refresh::Engine::start(
+        store,
+        tokenkeeper::daemon::settings_from(&cfg, &reqwest::Client::new()),
+    )
+    .await
+    .unwrap();
+    // Before: a request refreshes (the simulator does not know this token).
+    let _ = engine.token("keap", "a").await;
+    assert_eq!(sim.sim.stats().refresh_calls, 1);
+
+    engine.stop_new_refreshes();
+    let e = engine.token("keap", "b").await.err().expect("no token");
+    assert!(e.to_string().contains("stopping"), "{e}");
+    let e = engine
+        .force_refresh("keap", "a")
+        .await
+        .err()
+        .expect("no token");
+    assert!(e.to_string().contains("stopping"), "{e}");
+    assert_eq!(
+        sim.sim.stats().refresh_calls,
+        1,
+        "no provider call after the stop began"
+    );
+}
+
+#[tokio::test]
+async fn a_read_only_database_directory_is_refused_with_path_and_fix() {
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    h.stop().await;
+    // A read-only directory stops root only through a user who is not root.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let bin = h.dir.path().join("tokenkeeper");
+    let mut cmd = if root {
+        if !std::path::Path::new("/usr/bin/setpriv").exists() {
+            eprintln!("skipped: running as root without setpriv");
+            return;
+        }
+        std::fs::copy(common::BIN, &bin).unwrap();
+        let mut c = std::process::Command::new("/usr/bin/setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin);
+        c
+    } else {
+        std::process::Command::new(common::BIN)
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let dir = h.dir.path();
+    if root {
+        // The whole test directory belongs to `nobody`, as a state
+        // directory belongs to the service user.
+        for entry in std::fs::read_dir(dir).unwrap() {
+            std::os::unix::fs::chown(entry.unwrap().path(), Some(65534), Some(65534)).unwrap();
+        }
+        std::os::unix::fs::chown(dir, Some(65534), Some(65534)).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o500)).unwrap();
+    let out = cmd
+        .arg("serve")
+        .arg("--config")
+        .arg(&h.config_path)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&h.db_path().display().to_string()) && err.contains("read-only"),
+        "{err}"
+    );
+    assert!(err.contains("write access"), "{err}");
+}

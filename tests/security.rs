@@ -477,3 +477,89 @@ async fn trace_logs_never_contain_secrets() {
         assert!(!log.contains(&s), "a secret reached the log");
     }
 }
+
+/// A harness whose database is sealed with `db-key` (key byte 1).
+async fn encrypted_harness() -> Harness {
+    let h = Harness::new(Options::default()).await;
+    write_key(&h.dir.path().join("db-key"), 1);
+    let cfg = std::fs::read_to_string(&h.config_path).unwrap().replace(
+        "[storage]\n",
+        "[storage]\nencryption_key_file = \"db-key\"\n",
+    );
+    std::fs::write(&h.config_path, cfg).unwrap();
+    h
+}
+
+#[tokio::test]
+async fn swapped_sealed_columns_are_reported_and_never_served() {
+    let mut h = encrypted_harness().await;
+    h.start().await;
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    assert_eq!(h.authorize("keap", "other").await.status(), 200);
+    h.stop().await;
+    let refresh_token = h.sim.sim.refresh_tokens_issued()[0].clone();
+    // No key needed to swap two columns of a row.
+    let db = sqlx::SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new().filename(h.db_path()),
+    )
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE connections SET access_token = refresh_token, refresh_token = access_token \
+         WHERE account = 'default'",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    db.close().await;
+
+    h.start().await;
+    let r = h.http.get(h.url("/v1/token/keap")).send().await.unwrap();
+    let status = r.status();
+    let body = r.text().await.unwrap();
+    assert_eq!(status, 409, "{body}");
+    for t in h.sim.sim.refresh_tokens_issued() {
+        assert!(!body.contains(&t), "a refresh token was served");
+    }
+    assert!(!body.contains(&refresh_token));
+    let c = h.connection("default").await;
+    assert_eq!(c["state"], "authorization_required");
+    assert!(
+        c["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("does not decrypt"),
+        "{c}"
+    );
+    // The other connection is untouched and served.
+    assert_eq!(h.get_json("/v1/token/keap/other").await.0, 200);
+    assert!(h
+        .log()
+        .lines()
+        .any(|l| l.contains("ERROR") && l.contains("does not decrypt")));
+}
+
+#[tokio::test]
+async fn rekey_refuses_while_a_daemon_holds_the_database() {
+    let mut h = encrypted_harness().await;
+    h.start().await;
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    write_key(&h.dir.path().join("new-key"), 3);
+    let out = h
+        .cli(&[
+            "rekey",
+            "--new-key-file",
+            h.dir.path().join("new-key").to_str().unwrap(),
+        ])
+        .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("daemon is using the database") && err.contains("systemctl stop tokenkeeper"),
+        "{err}"
+    );
+    // Still the old key: a restart with it serves the grant.
+    h.stop().await;
+    h.start().await;
+    assert_eq!(h.token().await.0, 200);
+}

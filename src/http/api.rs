@@ -378,13 +378,14 @@ pub async fn healthz() -> &'static str {
         (status = 200, description = "database answers, config loaded", body = String, content_type = "text/plain"),
         (status = 503, description = "not ready", body = String, content_type = "text/plain")
     ))]
-/// `GET /readyz`: the database answers and the config is loaded.
+/// `GET /readyz`: the database answers and takes a write (a full disk or a
+/// read-only file must not look ready), and the config is loaded.
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    match state.engine.store().ping().await {
+    match state.engine.store().write_probe().await {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
         Err(e) => {
-            tracing::warn!(error = %e, "readiness check: database does not answer");
-            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n").into_response()
+            tracing::warn!("readiness check failed: {e}");
+            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response()
         }
     }
 }

@@ -13,14 +13,30 @@ use subtle::ConstantTimeEq;
 use super::error::ApiError;
 use super::AppState;
 
-/// The keys allowed on `/v1/*` (and `/proxy/*`), as digests.
+/// The keys allowed on `/v1/*` (and `/proxy/*`), as digests. Replaced as a
+/// whole on reload (SIGHUP); a std RwLock, held only to compare digests.
 pub struct ApiKeys {
-    digests: Vec<[u8; 32]>,
+    digests: std::sync::RwLock<Vec<[u8; 32]>>,
 }
 
 impl ApiKeys {
     /// One key per line; blank lines and `#` comments are ignored.
     pub fn load(path: &Path) -> std::io::Result<ApiKeys> {
+        Ok(ApiKeys {
+            digests: std::sync::RwLock::new(Self::read(path)?),
+        })
+    }
+
+    /// Re-reads `path` and, if it holds keys, makes them the only valid
+    /// ones; on error the current keys stay. Returns how many keys there are.
+    pub fn reload(&self, path: &Path) -> std::io::Result<usize> {
+        let fresh = Self::read(path)?;
+        let n = fresh.len();
+        *self.digests.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(n)
+    }
+
+    fn read(path: &Path) -> std::io::Result<Vec<[u8; 32]>> {
         let text = std::fs::read_to_string(path)?;
         let digests: Vec<[u8; 32]> = text
             .lines()
@@ -34,14 +50,19 @@ impl ApiKeys {
                 "the file holds no key (one key per line)",
             ));
         }
-        Ok(ApiKeys { digests })
+        Ok(digests)
     }
 
     /// Constant time in the key and across all keys.
     pub fn matches(&self, presented: &str) -> bool {
         let d: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let mut any = subtle::Choice::from(0u8);
-        for k in &self.digests {
+        for k in self
+            .digests
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             any |= k.ct_eq(&d);
         }
         any.into()

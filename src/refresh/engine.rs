@@ -148,7 +148,6 @@ struct Slot {
     id: i64,
     provider: String,
     account: String,
-    jitter: Duration,
     /// std RwLock: held only to clone an `Arc`, never across `.await`.
     snap: RwLock<Arc<Snapshot>>,
     /// tokio Mutex: held across the provider call; waiting on it is how
@@ -169,6 +168,12 @@ struct Slot {
 }
 
 impl Slot {
+    /// This connection's stable share of `refresh.jitter`, computed from
+    /// the current settings so a reloaded jitter applies at once.
+    fn jitter(&self, refresh: &RefreshConfig) -> Duration {
+        policy::stable_jitter(&self.provider, &self.account, refresh.jitter)
+    }
+
     fn snapshot(&self) -> Arc<Snapshot> {
         self.snap.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -220,6 +225,9 @@ struct Inner {
     /// The provider rate limits the proxy also uses (set once by the
     /// daemon): a refresh spends the same quota as an API call.
     limits: std::sync::OnceLock<Arc<crate::ratelimit::RateLimits>>,
+    /// Set once shutdown begins: no new refresh flight starts (one in the
+    /// air still lands and commits).
+    stopping: AtomicBool,
     /// Another live process shares the database (see `heartbeat`). Alone,
     /// the in-memory snapshot is the truth and the hot path reads no
     /// storage; with peers, `token` checks storage first.
@@ -265,6 +273,7 @@ impl Engine {
                 flights: FlightThread::start(),
                 recognizer,
                 limits: std::sync::OnceLock::new(),
+                stopping: AtomicBool::new(false),
                 peers: AtomicBool::new(false),
             }),
         };
@@ -353,6 +362,13 @@ impl Engine {
                 "refreshing without a rate-limit slot: {e}"
             );
         }
+    }
+
+    /// Shutdown has begun: from now on no new refresh flight starts (a
+    /// provider call started now might not be answered and committed
+    /// before the process must exit); callers get `RefreshFailed`.
+    pub fn stop_new_refreshes(&self) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
     }
 
     /// Tasks spawned by the engine (scheduled refreshes, every flight), for
@@ -472,14 +488,12 @@ impl Engine {
                 slot.set(Snapshot::from_row(row));
             }
             _ => {
-                let refresh = self.settings().refresh.clone();
                 slots.insert(
                     key,
                     Arc::new(Slot {
                         id: row.id,
                         provider: row.provider.clone(),
                         account: row.account.clone(),
-                        jitter: policy::stable_jitter(&row.provider, &row.account, refresh.jitter),
                         snap: RwLock::new(Arc::new(Snapshot::from_row(row))),
                         flight: Arc::new(tokio::sync::Mutex::new(())),
                         in_flight: AtomicBool::new(false),
@@ -674,7 +688,7 @@ impl Engine {
                     _ => Some(policy::next_refresh_at(
                         &snap.timing,
                         &settings.refresh,
-                        slot.jitter,
+                        slot.jitter(&settings.refresh),
                     )),
                 };
                 let state = if slot.in_flight.load(Ordering::SeqCst) {
@@ -760,7 +774,11 @@ impl Engine {
                 continue;
             }
             if snap.state == ConnState::Retrying
-                || policy::next_refresh_at(&snap.timing, &settings.refresh, slot.jitter) <= now
+                || policy::next_refresh_at(
+                    &snap.timing,
+                    &settings.refresh,
+                    slot.jitter(&settings.refresh),
+                ) <= now
             {
                 due.push((snap.timing.expires_at, slot));
             }
@@ -910,6 +928,17 @@ impl Engine {
                 return Err(failure(slot, &snap, Utc::now()));
             }
         }
+        // Checked under the flight lock: a caller queued on a flight that
+        // landed has taken its result above; nobody starts a new one.
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            return Err(TokenError::RefreshFailed {
+                provider: slot.provider.clone(),
+                account: slot.account.clone(),
+                reason: "tokenkeeper is stopping and starts no new refresh; retry once it is back"
+                    .into(),
+                retry_after: Duration::from_secs(5),
+            });
+        }
         slot.in_flight.store(true, Ordering::SeqCst);
         // From here the flight owns the lock and the guard: it finishes on
         // the flight thread even if this caller goes away.
@@ -1021,7 +1050,11 @@ impl Engine {
             Trigger::Scheduled => {
                 row.interrupted_at.is_some()
                     || row.last_error.is_some()
-                    || policy::next_refresh_at(&fresh.timing, &settings.refresh, slot.jitter) <= now
+                    || policy::next_refresh_at(
+                        &fresh.timing,
+                        &settings.refresh,
+                        slot.jitter(&settings.refresh),
+                    ) <= now
             }
         };
         if row.state == ConnState::AuthorizationRequired || !needed {
