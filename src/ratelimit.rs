@@ -627,6 +627,29 @@ impl RateLimits {
         })
     }
 
+    /// Frees what is kept for `provider/account` (its tenant scope), once
+    /// the connection is forgotten: limiter state exists only for real
+    /// connections.
+    pub fn forget(&self, provider: &str, account: &str) {
+        if let Some(p) = self.provider(provider) {
+            p.tenants
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(account);
+        }
+    }
+
+    /// How many per-account (tenant) scopes are kept, over all providers:
+    /// bounded by the real connections (see [`RateLimits::forget`]).
+    pub fn tenant_count(&self) -> usize {
+        self.providers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|p| p.tenants.read().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
     /// Quota figures of a connection, if its provider is configured.
     pub fn quota(&self, provider: &str, account: &str) -> Option<ConnectionQuota> {
         let p = self.provider(provider)?;
