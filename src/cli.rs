@@ -77,6 +77,8 @@ pub enum Command {
         #[arg(long)]
         open: bool,
     },
+    /// Print a one-time login link to the dashboard (needed when API keys are set).
+    Dashboard,
     /// Force a refresh now.
     Refresh {
         provider: String,
@@ -496,7 +498,12 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
             if !config::valid_account(&account) {
                 return Err(usage(format!("{account:?} is not a valid account name")));
             }
-            let url = format!("{base}/connect/{provider}?account={account}");
+            let path = format!("/connect/{provider}?account={account}");
+            // Behind API keys a browser needs a one-time login link.
+            let url = match &target.api_key {
+                Some(_) => login_link(&http, &base, &path).await?,
+                None => format!("{base}{path}"),
+            };
             println!("{url}");
             if *open {
                 let opened = std::process::Command::new("xdg-open").arg(&url).status();
@@ -506,6 +513,13 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                     ));
                 }
             }
+        }
+        Command::Dashboard => {
+            let url = match &target.api_key {
+                Some(_) => login_link(&http, &base, "/").await?,
+                None => format!("{base}/"),
+            };
+            println!("{url}");
         }
         Command::Inspect => {
             let mut token = String::new();
@@ -542,6 +556,23 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
     Ok(())
 }
 
+/// A one-time login link to `path` from the daemon (`POST /v1/login-links`,
+/// with the API key).
+async fn login_link(http: &reqwest::Client, base: &str, path: &str) -> Result<String, CliError> {
+    let v = call(
+        http,
+        reqwest::Method::POST,
+        &format!("{base}/v1/login-links"),
+        base,
+        Some(serde_json::json!({ "next": path }).to_string()),
+    )
+    .await?;
+    v.get("url")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| runtime("the daemon answered without a login link"))
+}
+
 /// Calls the daemon and turns its JSON errors into one-sentence CLI errors.
 async fn call(
     http: &reqwest::Client,
@@ -552,7 +583,11 @@ async fn call(
 ) -> Result<Value, CliError> {
     let mut req = http.request(method, url);
     if let Some(b) = body {
+        let json = b.starts_with('{');
         req = req.body(b);
+        if json {
+            req = req.header(reqwest::header::CONTENT_TYPE, "application/json");
+        }
     }
     let resp = req.send().await.map_err(|_| {
         runtime(format!(

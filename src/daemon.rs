@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::ServiceExt;
 use tokio::net::TcpListener;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
@@ -200,29 +199,14 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
         "tokenkeeper is serving"
     );
     systemd::ready(&systemd::summary(&engine));
-    let stop = shutdown.clone().cancelled_owned();
-    let served = match tls {
-        Some(t) => {
-            let tls_listener = crate::http::tls::TlsListener::new(listener, t.acceptor)?;
-            axum::serve(tls_listener, app.into_make_service())
-                .with_graceful_shutdown(stop)
-                .await
-        }
-        None => {
-            // No Nagle: a proxied (streamed) answer leaves as headers, then
-            // body, and the second write would otherwise wait for the
-            // client's delayed ACK (~40 ms).
-            use axum::serve::ListenerExt;
-            let listener = listener.tap_io(|tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-                }
-            });
-            axum::serve(listener, app.into_make_service())
-                .with_graceful_shutdown(stop)
-                .await
-        }
-    };
+    let served = http::server::serve(
+        listener,
+        tls.map(|t| t.acceptor),
+        app,
+        server_limits(&config),
+        shutdown.clone(),
+    )
+    .await;
 
     tracing::info!("shutting down: waiting for in-flight refreshes to commit");
     shutdown.cancel();
@@ -302,6 +286,25 @@ fn warn_if_readable_by_others(path: &std::path::Path, key: &str) {
                 path.display()
             );
         }
+    }
+}
+
+/// `[server]` connection limits, with the file limit raised to fit them.
+fn server_limits(config: &Config) -> http::server::ServerLimits {
+    let want = config.server.max_connections as usize;
+    // Room for the database, outgoing connections and the listener.
+    let files = http::server::raise_file_limit(want as u64 + 256);
+    let max_connections = want.min((files as usize).saturating_sub(256).max(64));
+    if max_connections < want {
+        tracing::warn!(
+            max_connections,
+            "server.max_connections is {want}, but the open-file limit is {files}; raise LimitNOFILE"
+        );
+    }
+    http::server::ServerLimits {
+        header_read_timeout: config.server.header_read_timeout,
+        idle_timeout: config.server.idle_timeout,
+        max_connections,
     }
 }
 

@@ -12,6 +12,7 @@ pub mod login;
 pub mod openapi;
 pub mod pages;
 pub mod proxy;
+pub mod server;
 pub mod tls;
 
 use std::sync::Arc;
