@@ -874,17 +874,17 @@ impl<'a> Reader<'a> {
         let proxy_max_wait = self
             .duration(t, "proxy_max_wait", p)
             .unwrap_or(Duration::from_secs(10));
-        let positive = |this: &mut Self, key: &str, default: Duration| {
-            match this.duration(t, key, p) {
+        let positive =
+            |this: &mut Self, key: &str, default: Duration| match this.duration(t, key, p) {
                 Some(d) if d.is_zero() => {
                     this.problem(&join(p, key), None, "must be longer than 0s, e.g. \"10s\"");
                     default
                 }
                 Some(d) => d,
                 None => default,
-            }
-        };
-        let header_read_timeout = positive(self, "header_read_timeout", DEFAULT_HEADER_READ_TIMEOUT);
+            };
+        let header_read_timeout =
+            positive(self, "header_read_timeout", DEFAULT_HEADER_READ_TIMEOUT);
         let idle_timeout = positive(self, "idle_timeout", DEFAULT_IDLE_TIMEOUT);
         let max_connections = self
             .count(t, "max_connections", p)

@@ -97,7 +97,11 @@ fn unknown_proxy_accounts_leave_no_limiter_state() {
             assert_eq!(r.status(), StatusCode::NOT_FOUND);
         }
     });
-    assert_eq!(limits.tenant_count(), 0, "no limiter entry for unknown accounts");
+    assert_eq!(
+        limits.tenant_count(),
+        0,
+        "no limiter entry for unknown accounts"
+    );
     let q = limits.quota("demo", "flood-1").unwrap();
     assert_eq!(q.client.daily_used, 0, "no quota spent");
     assert!(q.tenant.is_none());
@@ -232,7 +236,9 @@ fn raise_nofile(want: u64) -> u64 {
 /// Opens a connection that sends part of a request head and then nothing.
 async fn slow_socket(port: u16) -> Option<tokio::net::TcpStream> {
     use tokio::io::AsyncWriteExt;
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
     s.write_all(b"GET /v1/token/keap HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a")
         .await
         .ok()?;
@@ -290,18 +296,26 @@ async fn slow_clients_do_not_starve_the_daemon() {
         .map(|s| tokio::spawn(closed_within(s, Duration::from_secs(20))))
         .collect();
     for c in closes {
-        assert!(c.await.unwrap(), "a socket with unfinished headers stayed open");
+        assert!(
+            c.await.unwrap(),
+            "a socket with unfinished headers stayed open"
+        );
     }
 
     // An idle keep-alive connection is closed after idle_timeout (3 s).
-    let mut ka = tokio::net::TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    let mut ka = tokio::net::TcpStream::connect(("127.0.0.1", h.port))
+        .await
+        .unwrap();
     ka.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .await
         .unwrap();
     let mut buf = [0u8; 512];
     let got = ka.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..got]).starts_with("HTTP/1.1 200"));
-    assert!(closed_within(ka, Duration::from_secs(20)).await, "idle keep-alive stayed open");
+    assert!(
+        closed_within(ka, Duration::from_secs(20)).await,
+        "idle keep-alive stayed open"
+    );
 
     // SIGTERM with slow sockets open: the daemon exits promptly.
     let mut held = Vec::new();
@@ -343,15 +357,22 @@ async fn max_connections_bounds_open_sockets() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let held = fds().saturating_sub(baseline);
-    assert!(held <= 16 + 4, "the daemon holds {held} more descriptors with max_connections = 16");
+    assert!(
+        held <= 16 + 4,
+        "the daemon holds {held} more descriptors with max_connections = 16"
+    );
     drop(slow);
     // Freed: the daemon answers again.
-    common::eventually(Duration::from_secs(20), "the daemon answers after the slow sockets close", || async {
-        common::client()
-            .get(h.url("/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
+    common::eventually(
+        Duration::from_secs(20),
+        "the daemon answers after the slow sockets close",
+        || async {
+            common::client()
+                .get(h.url("/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        },
+    )
     .await;
 }

@@ -28,7 +28,10 @@ async fn raw_get(port: u16, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -445,14 +448,27 @@ async fn paths_leaving_the_api_base_are_refused_and_never_sent() {
     ] {
         let (status, body) = raw_get(h.port, path).await;
         assert_eq!(status, 400, "{path}: {body}");
-        let v: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{path}: JSON body, got {body}"));
+        let v: Value =
+            serde_json::from_str(&body).unwrap_or_else(|_| panic!("{path}: JSON body, got {body}"));
         assert_eq!(v["error"], "invalid_request", "{path}");
-        assert!(v["message"].as_str().unwrap().contains("nothing was sent"), "{v}");
+        assert!(
+            v["message"].as_str().unwrap().contains("nothing was sent"),
+            "{v}"
+        );
     }
-    assert_eq!(h.sim.sim.stats().api_calls, calls, "nothing was sent upstream");
+    assert_eq!(
+        h.sim.sim.stats().api_calls,
+        calls,
+        "nothing was sent upstream"
+    );
 
     // Stays under the base: an '@' is a path character, not an authority.
-    let r = h.http.get(h.url("/proxy/keap/@evil.example/x")).send().await.unwrap();
+    let r = h
+        .http
+        .get(h.url("/proxy/keap/@evil.example/x"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["path"], "@evil.example/x");
 }
@@ -478,7 +494,10 @@ async fn unknown_accounts_cost_nothing() {
                     .await
                     .unwrap();
                 assert_eq!(r.status(), 404);
-                assert_eq!(r.json::<Value>().await.unwrap()["error"], "unknown_connection");
+                assert_eq!(
+                    r.json::<Value>().await.unwrap()["error"],
+                    "unknown_connection"
+                );
             }
         }));
     }
@@ -486,7 +505,11 @@ async fn unknown_accounts_cost_nothing() {
         t.await.unwrap();
     }
     assert_eq!(h.sim.sim.stats().api_calls, calls);
-    assert_eq!(used(&h.connection("default").await), before, "no quota spent");
+    assert_eq!(
+        used(&h.connection("default").await),
+        before,
+        "no quota spent"
+    );
 }
 
 /// Issue 12 item 7: one refresh rules out a stale token; an API that keeps
@@ -496,7 +519,10 @@ async fn unknown_accounts_cost_nothing() {
 async fn repeated_upstream_401s_rotate_once() {
     use axum::http::StatusCode;
     let api = common::serve_router(axum::Router::new().fallback(|| async {
-        (StatusCode::UNAUTHORIZED, "{\"message\":\"Invalid Access Token\"}")
+        (
+            StatusCode::UNAUTHORIZED,
+            "{\"message\":\"Invalid Access Token\"}",
+        )
     }))
     .await;
     let mut h = Harness::new(Options::default()).await;
@@ -516,7 +542,11 @@ async fn repeated_upstream_401s_rotate_once() {
         assert_eq!(r.status(), 401, "the API's 401 reaches the client");
     }
     let after = h.sim.sim.stats();
-    assert_eq!(after.refresh_calls - before.refresh_calls, 1, "one rotation, not one per request");
+    assert_eq!(
+        after.refresh_calls - before.refresh_calls,
+        1,
+        "one rotation, not one per request"
+    );
     assert_eq!(after.refresh_reuse, 0);
     let (status, _) = h.token().await;
     assert_eq!(status, 200, "the grant is fine");

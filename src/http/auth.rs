@@ -86,13 +86,19 @@ pub fn check_site(state: &AppState, req: &Request) -> Option<Response> {
     if let Some(site) = headers.get("sec-fetch-site") {
         let site = site.as_bytes();
         if site.eq_ignore_ascii_case(b"cross-site") || site.eq_ignore_ascii_case(b"same-site") {
-            tracing::warn!(path = req.uri().path(), "cross-site request refused (Sec-Fetch-Site)");
+            tracing::warn!(
+                path = req.uri().path(),
+                "cross-site request refused (Sec-Fetch-Site)"
+            );
             return Some(forbidden());
         }
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
         if !origin.to_str().is_ok_and(|o| own_origin(state, o)) {
-            tracing::warn!(path = req.uri().path(), "cross-origin request refused (Origin)");
+            tracing::warn!(
+                path = req.uri().path(),
+                "cross-origin request refused (Origin)"
+            );
             return Some(forbidden());
         }
     }

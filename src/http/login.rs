@@ -95,10 +95,11 @@ impl Sessions {
     /// A new single-use link token for `next` (a local path).
     pub fn new_link(&self, next: String) -> String {
         let token = random_secret();
-        self.links
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(digest(&token), Instant::now() + LOGIN_LINK_TTL, next);
+        self.links.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            digest(&token),
+            Instant::now() + LOGIN_LINK_TTL,
+            next,
+        );
         token
     }
 
@@ -224,8 +225,8 @@ pub async fn create_link(
     let body = match &state.api_keys {
         Some(keys) => {
             let token = keys.sessions.new_link(next);
-            let expires = Utc::now()
-                + chrono::Duration::from_std(LOGIN_LINK_TTL).unwrap_or_default();
+            let expires =
+                Utc::now() + chrono::Duration::from_std(LOGIN_LINK_TTL).unwrap_or_default();
             LinkBody {
                 url: format!("{base}/login?token={token}"),
                 expires_at: Some(expires.to_rfc3339_opts(SecondsFormat::Secs, true)),
@@ -321,7 +322,10 @@ mod tests {
             format!("a=b; {SESSION_COOKIE}={secret}").parse().unwrap(),
         );
         assert!(s.admits(&h));
-        h.insert(header::COOKIE, format!("{SESSION_COOKIE}=x").parse().unwrap());
+        h.insert(
+            header::COOKIE,
+            format!("{SESSION_COOKIE}=x").parse().unwrap(),
+        );
         assert!(!s.admits(&h));
         for _ in 0..(MAX_ENTRIES + 10) {
             s.new_link("/".into());
@@ -334,7 +338,15 @@ mod tests {
         for ok in ["/", "/connect/keap?account=a", "/metrics"] {
             assert!(local_target(ok), "{ok}");
         }
-        for bad in ["", "//evil", "https://evil", "/\\evil", "/login?token=x", "/a b", "evil"] {
+        for bad in [
+            "",
+            "//evil",
+            "https://evil",
+            "/\\evil",
+            "/login?token=x",
+            "/a b",
+            "evil",
+        ] {
             assert!(!local_target(bad), "{bad}");
         }
     }

@@ -336,9 +336,12 @@ fn under_base(base: &Url, url: &Url) -> bool {
     let url_segs = segs(url);
     url_segs.len() > base_segs.len()
         && url_segs.starts_with(&base_segs)
-        && url_segs[base_segs.len()..]
-            .iter()
-            .all(|s| s != "." && s != ".." && !s.eq_ignore_ascii_case("%2e") && !s.eq_ignore_ascii_case("%2e%2e"))
+        && url_segs[base_segs.len()..].iter().all(|s| {
+            s != "."
+                && s != ".."
+                && !s.eq_ignore_ascii_case("%2e")
+                && !s.eq_ignore_ascii_case("%2e%2e")
+        })
 }
 
 /// Whether an incoming or upstream header stays on this hop.
@@ -440,7 +443,10 @@ async fn after_unauthorized(
     if current.access_token.expose_secret() != used.access_token.expose_secret() {
         return Ok(Some(current));
     }
-    if !state.proxy.take_unauthorized_refresh(&t.provider, &t.account) {
+    if !state
+        .proxy
+        .take_unauthorized_refresh(&t.provider, &t.account)
+    {
         tracing::info!(provider = %t.provider, account = %t.account, "the provider refused a freshly refreshed access token; passing its 401 on without another refresh");
         return Ok(None);
     }
@@ -630,7 +636,10 @@ mod tests {
         assert_eq!(ok("", None), "https://api.example.com/api/");
         assert_eq!(ok("a/", None), "https://api.example.com/api/a/");
         assert_eq!(ok("x%2Fy", None), "https://api.example.com/api/x%2Fy");
-        assert_eq!(ok("@evil.host/x", None), "https://api.example.com/api/@evil.host/x");
+        assert_eq!(
+            ok("@evil.host/x", None),
+            "https://api.example.com/api/@evil.host/x"
+        );
         assert_eq!(ok("a..b/.x", None), "https://api.example.com/api/a..b/.x");
         for bad in [
             "..",
@@ -654,7 +663,10 @@ mod tests {
             "..;x/token",
             "a/%2e",
         ] {
-            assert!(upstream_url(&base, bad, None).is_err(), "{bad:?} was accepted");
+            assert!(
+                upstream_url(&base, bad, None).is_err(),
+                "{bad:?} was accepted"
+            );
         }
         // Segment-wise: `/api` does not admit `/api2`, even via the root.
         let root = Url::parse("http://127.0.0.1:9/").unwrap();
@@ -667,11 +679,26 @@ mod tests {
             upstream_url(&slash, "x", None).unwrap().as_str(),
             "http://127.0.0.1:9/api/x"
         );
-        assert!(!under_base(&base, &Url::parse("https://api.example.com/api2/x").unwrap()));
-        assert!(!under_base(&base, &Url::parse("https://api.example.com/api").unwrap()));
-        assert!(!under_base(&base, &Url::parse("https://api.example.com:444/api/x").unwrap()));
-        assert!(!under_base(&base, &Url::parse("http://api.example.com/api/x").unwrap()));
-        assert!(!under_base(&base, &Url::parse("https://u@api.example.com/api/x").unwrap()));
+        assert!(!under_base(
+            &base,
+            &Url::parse("https://api.example.com/api2/x").unwrap()
+        ));
+        assert!(!under_base(
+            &base,
+            &Url::parse("https://api.example.com/api").unwrap()
+        ));
+        assert!(!under_base(
+            &base,
+            &Url::parse("https://api.example.com:444/api/x").unwrap()
+        ));
+        assert!(!under_base(
+            &base,
+            &Url::parse("http://api.example.com/api/x").unwrap()
+        ));
+        assert!(!under_base(
+            &base,
+            &Url::parse("https://u@api.example.com/api/x").unwrap()
+        ));
     }
 
     mod property {

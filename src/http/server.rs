@@ -173,12 +173,9 @@ impl Activity {
         self.last_ms.store(now, Ordering::Relaxed);
         if self.active.load(Ordering::Acquire) == 0 {
             // Bytes while nothing is in flight start the next head.
-            let _ = self.head_since_ms.compare_exchange(
-                NONE,
-                now,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            );
+            let _ =
+                self.head_since_ms
+                    .compare_exchange(NONE, now, Ordering::AcqRel, Ordering::Relaxed);
         }
     }
 
@@ -360,6 +357,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
 /// limit), so `max_connections` sockets fit next to the database and the
 /// outgoing connections; returns the soft limit in force. systemd and
 /// login sessions often start services at a soft 1024.
+// `rlim_t` is `u64` on Linux but not everywhere.
+#[allow(clippy::unnecessary_cast)]
 pub fn raise_file_limit(want: u64) -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
