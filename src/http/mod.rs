@@ -1,7 +1,8 @@
 //! The local HTTP interface (SPEC 4): routing, shared state and the guards
-//! every request passes (Host check, body limit). Handlers live in `api`
-//! (JSON), `callback` (browser authorization), `pages` (HTML) and `proxy`
-//! (the rate-limited API proxy).
+//! every request passes (sizes, Host, site checks, API keys or a browser
+//! session; see [`Guards`]). Handlers live in `api` (JSON), `callback`
+//! (browser authorization), `login` (one-time login links), `pages` (HTML)
+//! and `proxy` (the rate-limited API proxy); `server` serves connections.
 
 pub mod api;
 pub mod auth;
