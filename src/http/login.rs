@@ -210,11 +210,20 @@ pub struct LinkBody {
 )]
 pub async fn create_link(
     State(state): State<AppState>,
-    body: Option<Json<LinkRequest>>,
+    body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let next = body
-        .and_then(|Json(b)| b.next)
-        .unwrap_or_else(|| "/".to_string());
+    // Parsed here so a malformed body is the documented JSON 400, whatever
+    // its content type says.
+    let request: LinkRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        LinkRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "the body must be JSON like {{\"next\": \"/\"}} ({e})"
+            ))
+        })?
+    };
+    let next = request.next.unwrap_or_else(|| "/".to_string());
     if !local_target(&next) {
         return Err(ApiError::BadRequest(
             "next must be a path on this daemon, e.g. \"/\" or \"/connect/keap?account=acme\""

@@ -17,7 +17,6 @@ use crate::config::TlsConfig;
 /// Names the generated certificate is valid for.
 const SELF_SIGNED_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 
-
 /// Why HTTPS could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -151,4 +150,3 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
     f.write_all(bytes).map_err(err)?;
     f.sync_all().map_err(err)
 }
-
