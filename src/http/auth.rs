@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use axum::extract::Request;
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, HeaderName};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -76,6 +76,9 @@ fn own_origin(state: &AppState, origin: &str) -> bool {
         })
 }
 
+/// Fetch Metadata: where a browser says the request comes from.
+const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
+
 /// SPEC 4, on `/v1/*`, `/proxy/*` and `/connect/*`: requests a browser
 /// marks as coming from another site are refused. Browsers omit `Origin`
 /// on GET navigations and subresources (`<img src=.../proxy/...>`), but
@@ -83,7 +86,7 @@ fn own_origin(state: &AppState, origin: &str) -> bool {
 /// lookups: this runs on the token fast path.
 pub fn check_site(state: &AppState, req: &Request) -> Option<Response> {
     let headers = req.headers();
-    if let Some(site) = headers.get("sec-fetch-site") {
+    if let Some(site) = headers.get(SEC_FETCH_SITE) {
         let site = site.as_bytes();
         if site.eq_ignore_ascii_case(b"cross-site") || site.eq_ignore_ascii_case(b"same-site") {
             tracing::warn!(

@@ -4,8 +4,9 @@
 //! - a request head must be complete within `header_read_timeout` of the
 //!   connection's accept or of its first byte (slow headers, silent
 //!   sockets);
-//! - a keep-alive connection with no request in flight and no byte moving
-//!   is closed after `idle_timeout`;
+//! - a connection with no request being answered and no byte moving
+//!   either way for `idle_timeout` is closed (an idle keep-alive, or a
+//!   streamed answer that stalled);
 //! - at most `max_connections` are open at once; beyond that, new ones wait
 //!   in the kernel's backlog (no descriptor, no task) until one closes;
 //! - on shutdown, accepting stops, idle connections close at once and
