@@ -136,8 +136,8 @@ fn open_path(path: &str) -> bool {
 
 /// Every path but `/v1/*` and `/proxy/*` (checked by [`check_v1`]): with
 /// API keys set, a key or a browser session is needed, except on
-/// `/healthz`, `/readyz`, `/callback` and `/login`. Browsers asking for HTML get a page saying how to log
-/// in; others the JSON 401.
+/// `/healthz`, `/readyz`, `/callback` and `/login`. Browsers asking for
+/// HTML get a page saying how to log in; others the JSON 401.
 pub fn check_page(state: &AppState, req: &Request) -> Option<Response> {
     let keys = state.api_keys.as_ref()?;
     let path = req.uri().path();

@@ -3,11 +3,18 @@
 //! the provider's rate limits ([`crate::ratelimit`]), so an application
 //! pointed here never gets blocked and never handles a token.
 //!
+//! Before anything is spent: the upstream URL is built by [`upstream_url`]
+//! and must stay under `api_base_url` (else a local 400, nothing sent), and
+//! the connection must exist (else a 404, no limiter entry, no quota).
+//!
 //! Bodies stream both ways; a request body of known length up to
 //! [`REPLAY_MAX_BYTES`] is buffered so that it can be sent again after an
-//! upstream 401 (one refresh, one retry) or 429 (one pause, one retry).
+//! upstream 401 (one refresh, one retry, at most one 401-driven refresh per
+//! connection per [`UNAUTHORIZED_COOLDOWN`]) or 429 (one pause, one retry).
 //! The incoming `Authorization` has already been checked (SPEC 5) by the
-//! route's guard; here it is dropped and replaced. Tokens are never logged.
+//! route's guard; here it is dropped and replaced, and so are cookies in
+//! both directions. Answers are marked inert for browsers (`nosniff`, CSP
+//! `sandbox`). Tokens are never logged.
 
 use std::collections::HashMap;
 use std::sync::Arc;
