@@ -793,6 +793,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tenant_state_is_freed_with_its_connection() {
+        let p = crate::config::Config::dev("127.0.0.1:1".parse().unwrap(), "/tmp/x.db".into(), "s")
+            .providers
+            .into_values()
+            .next()
+            .unwrap();
+        assert!(
+            p.preset.tenant_limits().is_some(),
+            "the dev provider has tenant limits"
+        );
+        let r = RateLimits::new([&p]);
+        let far = tokio::time::Instant::now() + Duration::from_secs(1);
+        r.acquire(&p.name, "a", far).await.unwrap();
+        r.acquire(&p.name, "b", far).await.unwrap();
+        assert_eq!(r.tenant_count(), 2);
+        r.forget(&p.name, "a");
+        assert_eq!(r.tenant_count(), 1);
+        assert!(r.quota(&p.name, "a").unwrap().tenant.is_none());
+    }
+
+    #[tokio::test]
     async fn upstream_429_pauses() {
         let r = registry(limits(None, None, None));
         let n = name();

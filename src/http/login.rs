@@ -336,6 +336,14 @@ mod tests {
             format!("{SESSION_COOKIE}=x").parse().unwrap(),
         );
         assert!(!s.admits(&h));
+        // An expired link is refused like a used one.
+        if let Some(past) = Instant::now().checked_sub(Duration::from_secs(1)) {
+            s.links
+                .lock()
+                .unwrap()
+                .insert(digest("old"), past, "/".into());
+            assert_eq!(s.spend_link("old"), None);
+        }
         for _ in 0..(MAX_ENTRIES + 10) {
             s.new_link("/".into());
         }
