@@ -82,6 +82,8 @@ pub enum Command {
         #[arg(long)]
         open: bool,
     },
+    /// Print a one-time login link to the dashboard (needed when API keys are set).
+    Dashboard,
     /// Force a refresh now.
     Refresh {
         provider: String,
@@ -639,6 +641,14 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
         Command::Connect { open, .. } => {
             let mut url = endpoint(&base, &["connect", p])?;
             url.query_pairs_mut().append_pair("account", a);
+            // Behind API keys a browser needs a one-time login link.
+            let url = match &target.api_key {
+                Some(_) => {
+                    let next = format!("{}?{}", url.path(), url.query().unwrap_or_default());
+                    login_link(&http, &base, &next).await?
+                }
+                None => url.to_string(),
+            };
             outln(&url, Output::Report)?;
             if *open {
                 let opened = std::process::Command::new("xdg-open")
@@ -650,6 +660,13 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                     ));
                 }
             }
+        }
+        Command::Dashboard => {
+            let url = match &target.api_key {
+                Some(_) => login_link(&http, &base, "/").await?,
+                None => endpoint(&base, &[""])?.to_string(),
+            };
+            outln(&url, Output::Report)?;
         }
         Command::Inspect => {
             let mut token = String::new();
@@ -687,6 +704,23 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
     Ok(())
 }
 
+/// A one-time login link to `path` from the daemon (`POST /v1/login-links`,
+/// with the API key).
+async fn login_link(http: &reqwest::Client, base: &str, path: &str) -> Result<String, CliError> {
+    let v = call(
+        http,
+        reqwest::Method::POST,
+        endpoint(base, &["v1", "login-links"])?,
+        base,
+        Some(serde_json::json!({ "next": path }).to_string()),
+    )
+    .await?;
+    v.get("url")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| runtime("the daemon answered without a login link"))
+}
+
 /// Calls the daemon and turns its JSON errors into one-sentence CLI errors.
 async fn call(
     http: &reqwest::Client,
@@ -697,7 +731,11 @@ async fn call(
 ) -> Result<Value, CliError> {
     let mut req = http.request(method, url);
     if let Some(b) = body {
+        let json = b.starts_with('{');
         req = req.body(b);
+        if json {
+            req = req.header(reqwest::header::CONTENT_TYPE, "application/json");
+        }
     }
     let resp = req.send().await.map_err(|e| match certificate_problem(&e) {
         Some(detail) => runtime(format!(

@@ -49,7 +49,25 @@ pub struct ServerConfig {
     pub api_keys_file: Option<PathBuf>,
     pub allowed_hosts: Vec<String>,
     pub proxy_max_wait: Duration,
+    /// A request head must be complete this long after the connection
+    /// opens or its first byte arrives (slow or silent clients).
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection with nothing in flight closes after this.
+    pub idle_timeout: Duration,
+    /// Open client connections at most; more wait in the listen backlog.
+    pub max_connections: u32,
 }
+
+/// `server.header_read_timeout` default: a real client sends its head in
+/// one packet; ten seconds leaves room for a slow link.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// `server.idle_timeout` default: long enough that a polling program keeps
+/// its connection between requests a minute apart.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `server.max_connections` default: room for 1,000 stuck sockets plus the
+/// real clients (the benchmark uses 64), within the file limit the daemon
+/// raises itself to at start.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4096;
 
 /// `server.tls`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,6 +396,9 @@ impl Config {
                 api_keys_file: None,
                 allowed_hosts: default_allowed_hosts(),
                 proxy_max_wait: Duration::from_secs(10),
+                header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+                idle_timeout: DEFAULT_IDLE_TIMEOUT,
+                max_connections: DEFAULT_MAX_CONNECTIONS,
             },
             storage: StorageConfig {
                 path: db_path,
@@ -808,6 +829,9 @@ impl<'a> Reader<'a> {
                 "api_keys_file",
                 "allowed_hosts",
                 "proxy_max_wait",
+                "header_read_timeout",
+                "idle_timeout",
+                "max_connections",
             ],
         );
         let listen = match self.string(t, "listen", p) {
@@ -871,6 +895,21 @@ impl<'a> Reader<'a> {
         let proxy_max_wait = self
             .duration(t, "proxy_max_wait", p)
             .unwrap_or(Duration::from_secs(10));
+        let positive =
+            |this: &mut Self, key: &str, default: Duration| match this.duration(t, key, p) {
+                Some(d) if d.is_zero() => {
+                    this.problem(&join(p, key), None, "must be longer than 0s, e.g. \"10s\"");
+                    default
+                }
+                Some(d) => d,
+                None => default,
+            };
+        let header_read_timeout =
+            positive(self, "header_read_timeout", DEFAULT_HEADER_READ_TIMEOUT);
+        let idle_timeout = positive(self, "idle_timeout", DEFAULT_IDLE_TIMEOUT);
+        let max_connections = self
+            .count(t, "max_connections", p)
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS);
         let (listen, listen_span) = listen?;
         let remote_ok = allow_remote && api_keys_file.is_some();
         if !(listen.ip().is_loopback() || remote_ok) {
@@ -890,6 +929,9 @@ impl<'a> Reader<'a> {
             api_keys_file,
             allowed_hosts,
             proxy_max_wait,
+            header_read_timeout,
+            idle_timeout,
+            max_connections,
         })
     }
 

@@ -28,7 +28,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::ServiceExt;
 use tokio::net::TcpListener;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
@@ -233,36 +232,16 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
         "tokenkeeper is serving"
     );
     systemd::ready(&systemd::summary(&engine));
-    let stop = shutdown.clone().cancelled_owned();
-    let listener = match tls {
-        Some(t) => Listener::Tls(crate::http::tls::TlsListener::new(listener, t.acceptor)?),
-        None => Listener::Plain(listener),
-    };
     // On its own task, so that the stop can give up on connections that
-    // do not drain (see the module doc).
-    let mut server = tokio::spawn(async move {
-        match listener {
-            Listener::Tls(tls_listener) => {
-                axum::serve(tls_listener, app.into_make_service())
-                    .with_graceful_shutdown(stop)
-                    .await
-            }
-            Listener::Plain(listener) => {
-                // No Nagle: a proxied (streamed) answer leaves as headers, then
-                // body, and the second write would otherwise wait for the
-                // client's delayed ACK (~40 ms).
-                use axum::serve::ListenerExt;
-                let listener = listener.tap_io(|tcp| {
-                    if let Err(e) = tcp.set_nodelay(true) {
-                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-                    }
-                });
-                axum::serve(listener, app.into_make_service())
-                    .with_graceful_shutdown(stop)
-                    .await
-            }
-        }
-    });
+    // do not drain (see the module doc). The server starts draining its
+    // own connections the moment `shutdown` is cancelled.
+    let mut server = tokio::spawn(http::server::serve(
+        listener,
+        tls.map(|t| t.acceptor),
+        app,
+        server_limits(&config),
+        shutdown.clone(),
+    ));
     let ended_early = tokio::select! {
         r = &mut server => Some(r),
         () = shutdown.cancelled() => None,
@@ -316,12 +295,6 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     }
     tracing::info!("stopped");
     Ok(served??)
-}
-
-/// The socket the server accepts on.
-enum Listener {
-    Plain(TcpListener),
-    Tls(crate::http::tls::TlsListener),
 }
 
 /// The scheduler's job: wakes every second and runs an engine tick once
@@ -544,6 +517,25 @@ fn warn_if_readable_by_others(path: &std::path::Path, key: &str) {
                 path.display()
             );
         }
+    }
+}
+
+/// `[server]` connection limits, with the file limit raised to fit them.
+fn server_limits(config: &Config) -> http::server::ServerLimits {
+    let want = config.server.max_connections as usize;
+    // Room for the database, outgoing connections and the listener.
+    let files = http::server::raise_file_limit(want as u64 + 256);
+    let max_connections = want.min((files as usize).saturating_sub(256).max(64));
+    if max_connections < want {
+        tracing::warn!(
+            max_connections,
+            "server.max_connections is {want}, but the open-file limit is {files}; raise LimitNOFILE"
+        );
+    }
+    http::server::ServerLimits {
+        header_read_timeout: config.server.header_read_timeout,
+        idle_timeout: config.server.idle_timeout,
+        max_connections,
     }
 }
 

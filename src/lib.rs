@@ -18,7 +18,9 @@
 //!   the thread its flights run on.
 //! - [`http`]: the local HTTP interface: `api` (JSON), `callback` (browser
 //!   authorization), `pages` (HTML), `proxy` (the rate-limited API proxy),
-//!   `error` (the one error enum).
+//!   `auth` and `login` (site checks, API keys, browser login links),
+//!   `server` (connections: timeouts, cap, drain), `error` (the one error
+//!   enum).
 //! - [`metrics`]: Prometheus names, the recorder, scrape-time gauges.
 //! - [`notify`]: operator notifications (command, webhook), never blocking.
 //! - [`ratelimit`]: client-side rate limits per provider and tenant (GCRA

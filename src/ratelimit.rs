@@ -627,6 +627,29 @@ impl RateLimits {
         })
     }
 
+    /// Frees what is kept for `provider/account` (its tenant scope), once
+    /// the connection is forgotten: limiter state exists only for real
+    /// connections.
+    pub fn forget(&self, provider: &str, account: &str) {
+        if let Some(p) = self.provider(provider) {
+            p.tenants
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(account);
+        }
+    }
+
+    /// How many per-account (tenant) scopes are kept, over all providers:
+    /// bounded by the real connections (see [`RateLimits::forget`]).
+    pub fn tenant_count(&self) -> usize {
+        self.providers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|p| p.tenants.read().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
     /// Quota figures of a connection, if its provider is configured.
     pub fn quota(&self, provider: &str, account: &str) -> Option<ConnectionQuota> {
         let p = self.provider(provider)?;
@@ -767,6 +790,27 @@ mod tests {
         h.insert("x-keap-product-quota-available", "7".parse().unwrap());
         first.learn(&Answer::from_headers(200, &h));
         assert_eq!(r.quota(&n, "a").unwrap().client.daily_available, Some(5));
+    }
+
+    #[tokio::test]
+    async fn tenant_state_is_freed_with_its_connection() {
+        let p = crate::config::Config::dev("127.0.0.1:1".parse().unwrap(), "/tmp/x.db".into(), "s")
+            .providers
+            .into_values()
+            .next()
+            .unwrap();
+        assert!(
+            p.preset.tenant_limits().is_some(),
+            "the dev provider has tenant limits"
+        );
+        let r = RateLimits::new([&p]);
+        let far = tokio::time::Instant::now() + Duration::from_secs(1);
+        r.acquire(&p.name, "a", far).await.unwrap();
+        r.acquire(&p.name, "b", far).await.unwrap();
+        assert_eq!(r.tenant_count(), 2);
+        r.forget(&p.name, "a");
+        assert_eq!(r.tenant_count(), 1);
+        assert!(r.quota(&p.name, "a").unwrap().tenant.is_none());
     }
 
     #[tokio::test]

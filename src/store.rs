@@ -156,6 +156,16 @@ pub struct PendingAuthorization {
     pub expires_at: DateTime<Utc>,
 }
 
+/// What [`Store::take_pending_for_browser`] found.
+pub enum PendingTake {
+    /// The flow's pending authorization, now removed (single use).
+    Taken(PendingAuthorization),
+    /// The state exists but belongs to another browser; it was kept.
+    OtherBrowser,
+    /// No such state: unknown, expired or already used.
+    Unknown,
+}
+
 /// Which kind of token a fingerprint belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TokenKind {
@@ -572,11 +582,55 @@ impl Store {
         let Some(r) = row else {
             return Ok(None);
         };
+        self.pending_from_row(&r, state).map(Some)
+    }
+
+    /// Like [`Store::take_pending`], but only for the browser that started
+    /// the flow (`browser_hash`): a callback from another browser, or
+    /// without the cookie, leaves the pending authorization in place for
+    /// the right one.
+    pub async fn take_pending_for_browser(
+        &self,
+        state: &str,
+        browser_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<PendingTake, StoreError> {
+        sqlx::query("DELETE FROM pending_authorizations WHERE expires_at < ?")
+            .bind(to_ms(now))
+            .execute(&self.pool)
+            .await?;
+        let row = sqlx::query(
+            "DELETE FROM pending_authorizations WHERE state = ? AND browser_hash = ? \
+             RETURNING state, provider, account, pkce_verifier, redirect_uri, browser_hash, created_at, expires_at",
+        )
+        .bind(state.to_owned())
+        .bind(browser_hash.to_owned())
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(r) = row {
+            return self.pending_from_row(&r, state).map(PendingTake::Taken);
+        }
+        let exists = sqlx::query("SELECT 1 FROM pending_authorizations WHERE state = ?")
+            .bind(state.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(if exists.is_some() {
+            PendingTake::OtherBrowser
+        } else {
+            PendingTake::Unknown
+        })
+    }
+
+    fn pending_from_row(
+        &self,
+        r: &sqlx::sqlite::SqliteRow,
+        state: &str,
+    ) -> Result<PendingAuthorization, StoreError> {
         let verifier = r
             .try_get::<Option<String>, _>("pkce_verifier")?
             .map(|v| self.open_value(v, &pending_context(state)))
             .transpose()?;
-        Ok(Some(PendingAuthorization {
+        Ok(PendingAuthorization {
             state: r.try_get("state")?,
             provider: r.try_get("provider")?,
             account: r.try_get("account")?,
@@ -585,7 +639,7 @@ impl Store {
             browser_hash: r.try_get("browser_hash")?,
             created_at: from_ms(r.try_get("created_at")?),
             expires_at: from_ms(r.try_get("expires_at")?),
-        }))
+        })
     }
 
     // ----- connections -----

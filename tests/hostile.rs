@@ -40,6 +40,18 @@ proptest! {
 }
 
 fn callback_router(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> tokenkeeper::http::App {
+    test_router(rt, dir).0
+}
+
+/// The real router in-process (dev config: provider `demo`, Keap preset),
+/// with the rate limits it uses.
+fn test_router(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+) -> (
+    tokenkeeper::http::App,
+    Arc<tokenkeeper::ratelimit::RateLimits>,
+) {
     rt.block_on(async {
         let store = Store::open(&dir.join("db.sqlite"), None).await.unwrap();
         let cfg = Config::dev("127.0.0.1:1".parse().unwrap(), dir.join("unused.db"), "s");
@@ -47,7 +59,10 @@ fn callback_router(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> token
         let engine = Engine::start(store, tokenkeeper::daemon::settings_from(&cfg, &http))
             .await
             .unwrap();
-        router(
+        let limits = Arc::new(tokenkeeper::ratelimit::RateLimits::new(
+            cfg.providers.values(),
+        ));
+        let app = router(
             AppState::new(tokenkeeper::http::Shared {
                 engine,
                 public_url: url::Url::parse("http://127.0.0.1:1/").unwrap(),
@@ -55,15 +70,41 @@ fn callback_router(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> token
                 api_keys: None,
                 tls_fingerprint: None,
                 proxy: Arc::new(tokenkeeper::http::proxy::Proxy::new(
-                    Arc::new(tokenkeeper::ratelimit::RateLimits::new(
-                        cfg.providers.values(),
-                    )),
+                    limits.clone(),
                     std::time::Duration::from_secs(1),
                 )),
             }),
             None,
-        )
+        );
+        (app, limits)
     })
+}
+
+/// Issue 12 item 11: a flood of unknown accounts on `/proxy/{p}@{account}`
+/// creates no limiter entry and spends none of the provider's quota.
+#[test]
+fn unknown_proxy_accounts_leave_no_limiter_state() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (app, limits) = test_router(&rt, dir.path());
+    rt.block_on(async {
+        for i in 0..10_000 {
+            let req = Request::get(format!("/proxy/demo@flood-{i}/crm/rest/v1/contacts"))
+                .header(header::HOST, "127.0.0.1")
+                .body(Body::empty())
+                .unwrap();
+            let r = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        }
+    });
+    assert_eq!(
+        limits.tenant_count(),
+        0,
+        "no limiter entry for unknown accounts"
+    );
+    let q = limits.quota("demo", "flood-1").unwrap();
+    assert_eq!(q.client.daily_used, 0, "no quota spent");
+    assert!(q.tenant.is_none());
 }
 
 #[test]
@@ -184,4 +225,154 @@ async fn oversized_bodies_and_headers_are_refused() {
         h.http.get(h.url("/healthz")).send().await.unwrap().status(),
         200
     );
+}
+
+/// Raises this process's open-file limit (the daemon inherits it) so a
+/// test can hold many sockets; returns the soft limit in force.
+fn raise_nofile(want: u64) -> u64 {
+    tokenkeeper::http::server::raise_file_limit(want)
+}
+
+/// Opens a connection that sends part of a request head and then nothing.
+async fn slow_socket(port: u16) -> Option<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(b"GET /v1/token/keap HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a")
+        .await
+        .ok()?;
+    Some(s)
+}
+
+/// Whether the daemon closed `s` within `limit` (EOF or reset).
+async fn closed_within(mut s: tokio::net::TcpStream, limit: std::time::Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // An error answer (e.g. 408) before the close is fine too.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// Issue 12 item 12: 1,000 sockets that never finish their headers
+/// neither block `/v1/token` nor stay open past `header_read_timeout`; an
+/// idle keep-alive connection is closed after `idle_timeout`; SIGTERM exits
+/// promptly while slow sockets are open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_do_not_starve_the_daemon() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let files = raise_nofile(4096);
+    let n = 1000.min(files.saturating_sub(200) as usize / 2);
+    let mut h = Harness::new(Options {
+        server: "header_read_timeout = \"2s\"\nidle_timeout = \"3s\"".into(),
+        rust_log: "warn,tokenkeeper=info".into(),
+        ..Options::default()
+    })
+    .await;
+    h.start().await;
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+
+    let mut slow = Vec::new();
+    for _ in 0..n {
+        if let Some(s) = slow_socket(h.port).await {
+            slow.push(s);
+        }
+    }
+    assert!(slow.len() >= n * 9 / 10, "opened {} of {n}", slow.len());
+    // A fresh client is answered while they are all open.
+    let fresh = common::client();
+    let r = fresh.get(h.url("/v1/token/keap")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // And they are closed after header_read_timeout (2 s), not kept.
+    let closes: Vec<_> = slow
+        .into_iter()
+        .map(|s| tokio::spawn(closed_within(s, Duration::from_secs(20))))
+        .collect();
+    for c in closes {
+        assert!(
+            c.await.unwrap(),
+            "a socket with unfinished headers stayed open"
+        );
+    }
+
+    // An idle keep-alive connection is closed after idle_timeout (3 s).
+    let mut ka = tokio::net::TcpStream::connect(("127.0.0.1", h.port))
+        .await
+        .unwrap();
+    ka.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let got = ka.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..got]).starts_with("HTTP/1.1 200"));
+    assert!(
+        closed_within(ka, Duration::from_secs(20)).await,
+        "idle keep-alive stayed open"
+    );
+
+    // SIGTERM with slow sockets open: the daemon exits promptly.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        if let Some(s) = slow_socket(h.port).await {
+            held.push(s);
+        }
+    }
+    let started = Instant::now();
+    assert_eq!(h.stop().await, Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "shutdown took {:?} with slow sockets open",
+        started.elapsed()
+    );
+    drop(held);
+}
+
+/// `server.max_connections` bounds the sockets the daemon holds: beyond it
+/// connections wait in the backlog, not in a descriptor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_bounds_open_sockets() {
+    use std::time::Duration;
+    let mut h = Harness::new(Options {
+        server: "max_connections = 16\nheader_read_timeout = \"30s\"".into(),
+        rust_log: "warn,tokenkeeper=info".into(),
+        ..Options::default()
+    })
+    .await;
+    h.start().await;
+    let pid = h.daemon.as_ref().unwrap().id();
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let baseline = fds();
+    let mut slow = Vec::new();
+    for _ in 0..100 {
+        if let Some(s) = slow_socket(h.port).await {
+            slow.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = fds().saturating_sub(baseline);
+    assert!(
+        held <= 16 + 4,
+        "the daemon holds {held} more descriptors with max_connections = 16"
+    );
+    drop(slow);
+    // Freed: the daemon answers again.
+    common::eventually(
+        Duration::from_secs(20),
+        "the daemon answers after the slow sockets close",
+        || async {
+            common::client()
+                .get(h.url("/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        },
+    )
+    .await;
 }

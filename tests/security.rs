@@ -76,6 +76,7 @@ async fn api_keys_and_refresh_tokens_as_bearer() {
         200
     );
 
+    h.login("key-one").await;
     assert_eq!(h.authorize("keap", "default").await.status(), 200);
     let first_refresh = h.sim.sim.current_refresh_token().unwrap();
     // The CLI sends the key from the same file.
@@ -562,4 +563,245 @@ async fn rekey_refuses_while_a_daemon_holds_the_database() {
     h.stop().await;
     h.start().await;
     assert_eq!(h.token().await.0, 200);
+}
+
+/// Issue 12 item 9 (SPEC 4): what a browser marks as cross-site or
+/// same-site is refused on `/v1/*`, `/proxy/*` and `/connect/*` (a foreign
+/// `Origin` too), not on `/callback`; proxied answers cannot be rendered
+/// as the daemon's own content, cookies stay on their side, and the
+/// daemon's pages refuse framing.
+#[tokio::test]
+async fn cross_site_requests_are_refused_and_answers_are_inert() {
+    use axum::http::header as h_;
+    let api = common::serve_router(axum::Router::new().fallback(
+        |headers: axum::http::HeaderMap| async move {
+            let cookie = headers
+                .get(h_::COOKIE)
+                .map(|v| v.to_str().unwrap_or("?").to_string());
+            (
+                [
+                    (h_::SET_COOKIE, "upstream=1; Path=/"),
+                    (h_::CONTENT_TYPE, "text/html"),
+                ],
+                format!("<script>alert(1)</script>{}", cookie.unwrap_or_default()),
+            )
+        },
+    ))
+    .await;
+    let mut h = Harness::new(Options::default()).await;
+    h.use_api_base(&api);
+    h.start().await;
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+
+    for site in ["cross-site", "same-site", "Cross-Site"] {
+        for path in [
+            "/v1/token/keap",
+            "/v1/connections",
+            "/proxy/keap/x",
+            "/connect/keap?account=x",
+        ] {
+            let r = h.get_with(h.url(path), ("sec-fetch-site", site)).await;
+            assert_eq!(r.status(), 403, "{site} {path}");
+            assert!(r.headers().get("access-control-allow-origin").is_none());
+        }
+    }
+    for path in ["/proxy/keap/x", "/connect/keap?account=x"] {
+        let r = h
+            .get_with(h.url(path), ("origin", "https://evil.example"))
+            .await;
+        assert_eq!(r.status(), 403, "foreign Origin on {path}");
+    }
+    for site in ["same-origin", "none"] {
+        let r = h
+            .get_with(h.url("/v1/token/keap"), ("sec-fetch-site", site))
+            .await;
+        assert_eq!(r.status(), 200, "{site}");
+        let r = h
+            .get_with(h.url("/connect/keap?account=x"), ("sec-fetch-site", site))
+            .await;
+        assert_eq!(r.status(), 302, "{site}");
+    }
+    // The provider's redirect reaches /callback cross-site: not refused
+    // for that (400 here only because the state is unknown).
+    let r = h
+        .get_with(
+            h.url("/callback?code=x&state=unknown"),
+            ("sec-fetch-site", "cross-site"),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+
+    // Proxied answers: inert, no cookie either way.
+    let r = h
+        .get_with(
+            h.url("/proxy/keap/page"),
+            ("cookie", "tokenkeeper_session=secret; other=1"),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(r.headers()["content-security-policy"], "sandbox");
+    assert!(
+        r.headers().get("set-cookie").is_none(),
+        "upstream Set-Cookie passed through"
+    );
+    assert_eq!(
+        r.text().await.unwrap(),
+        "<script>alert(1)</script>",
+        "a Cookie reached the API"
+    );
+
+    // Pages refuse framing.
+    for path in ["/", "/callback?state=x"] {
+        let r = h.http.get(h.url(path)).send().await.unwrap();
+        assert_eq!(r.headers()["x-frame-options"], "DENY", "{path}");
+        let csp = r.headers()["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("frame-ancestors 'none'"), "{path}: {csp}");
+    }
+}
+
+/// Issue 12 item 10: with API keys set, every path but /healthz, /readyz
+/// and /callback needs a key; a browser gets in with a one-time login link
+/// (from `tokenkeeper dashboard` or `connect`) that sets a short-lived
+/// HttpOnly, SameSite=Strict session cookie; used or unknown links fail.
+#[tokio::test]
+async fn api_keys_protect_every_path_and_browsers_log_in_once() {
+    let mut h = Harness::new(Options {
+        server: "api_keys_file = \"api-keys\"".into(),
+        ..Options::default()
+    })
+    .await;
+    std::fs::write(h.dir.path().join("api-keys"), "the-key\n").unwrap();
+    h.start().await;
+
+    for path in [
+        "/",
+        "/connect/keap?account=mine",
+        "/metrics",
+        "/openapi.json",
+        "/nope",
+        "/v1/connections",
+    ] {
+        let r = h.http.get(h.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path} without a key");
+        let r = h
+            .get_with(h.url(path), (AUTHORIZATION.as_str(), "Bearer wrong"))
+            .await;
+        assert_eq!(r.status(), 401, "{path} with a wrong key");
+    }
+    let r = h
+        .get_with(h.url("/connect/keap?account=mine"), ("accept", "text/html"))
+        .await;
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("tokenkeeper dashboard"));
+    for path in ["/", "/metrics", "/openapi.json"] {
+        let r = h
+            .get_with(h.url(path), (AUTHORIZATION.as_str(), "Bearer the-key"))
+            .await;
+        assert_eq!(r.status(), 200, "{path} with the key");
+    }
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(
+            h.http.get(h.url(path)).send().await.unwrap().status(),
+            200,
+            "{path}"
+        );
+    }
+    let r = h
+        .http
+        .get(h.url("/callback?code=x&state=y"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "/callback is reached without a key");
+
+    // `tokenkeeper dashboard` prints a one-time link.
+    let out = h.cli(&["dashboard"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let link = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(link.starts_with(&h.url("/login?token=")), "{link}");
+    let r = h.http.get(&link).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/");
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    for attr in ["HttpOnly", "SameSite=Strict", "Max-Age=", "Path=/"] {
+        assert!(set.contains(attr), "{set}");
+    }
+    assert!(!set.contains("Secure"), "plain HTTP here");
+    let session = set.split(';').next().unwrap().to_string();
+    let r = h.get_with(h.url("/"), ("cookie", &session)).await;
+    assert_eq!(r.status(), 200, "the session admits the browser to pages");
+    let r = h
+        .get_with(h.url("/v1/token/keap"), ("cookie", &session))
+        .await;
+    assert_eq!(r.status(), 401, "a session cookie is not an API key");
+    // Used once: refused the second time; a made-up one too.
+    assert_eq!(h.http.get(&link).send().await.unwrap().status(), 403);
+    let r = h.http.get(h.url("/login?token=0123")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get("set-cookie").is_none());
+    let r = h
+        .get_with(h.url("/"), ("cookie", "tokenkeeper_session=forged"))
+        .await;
+    assert_eq!(r.status(), 401);
+
+    // `tokenkeeper connect` prints a link that lands on the authorization.
+    let out = h.cli(&["connect", "keap", "mine"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let link = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let r = h.http.get(&link).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/connect/keap?account=mine");
+    let session = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    h.session = Some(session);
+    assert_eq!(h.authorize("keap", "mine").await.status(), 200);
+    let r = h
+        .get_with(
+            h.url("/v1/token/keap/mine"),
+            (AUTHORIZATION.as_str(), "Bearer the-key"),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+}
+
+/// Issue 12 item 26: a callback without the browser's cookie is refused
+/// and does not spend the pending authorization: the real browser then
+/// completes it.
+#[tokio::test]
+async fn callback_without_the_cookie_does_not_burn_the_authorization() {
+    use reqwest::header::COOKIE;
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    let (location, cookie) = h.start_connect("keap", "victim").await;
+    let cb = h.approve(&location).await;
+    let r = h.http.get(&cb).send().await.unwrap();
+    assert_eq!(r.status(), 400, "no cookie");
+    assert!(r.text().await.unwrap().contains("another browser"));
+    let r = h
+        .get_with(&cb, (COOKIE.as_str(), "tokenkeeper_flow=guess"))
+        .await;
+    assert_eq!(r.status(), 400, "a wrong cookie");
+    let r = h.get_with(&cb, (COOKIE.as_str(), &cookie)).await;
+    assert_eq!(
+        r.status(),
+        200,
+        "the browser that started it still completes it"
+    );
+    assert_eq!(h.connection("victim").await["state"], "active");
 }

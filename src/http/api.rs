@@ -360,6 +360,7 @@ pub async fn delete_connection(
         .await
         .map_err(|e| ApiError::from_token_error(e, &state.public_url))?;
     if forgotten {
+        state.proxy.forget(&provider, &account);
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::UnknownConnection { provider, account })

@@ -1,11 +1,14 @@
-//! Guards of `/v1/*`: API keys (when `server.api_keys_file` is set) and the
-//! Origin check that keeps web pages out. Keys are kept only as SHA-256
-//! digests and compared in constant time.
+//! Guards made from the request head: the site check that keeps web pages
+//! out of `/v1/*`, `/proxy/*` and `/connect/*` (`Sec-Fetch-Site`, `Origin`),
+//! and, when `server.api_keys_file` is set, the key (or, for browsers, the
+//! session cookie of [`super::login`]) every other path but `/healthz`,
+//! `/readyz`, `/callback` and `/login` needs. Keys are kept only as
+//! SHA-256 digests and compared in constant time.
 
 use std::path::Path;
 
 use axum::extract::Request;
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, HeaderName};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -13,10 +16,14 @@ use subtle::ConstantTimeEq;
 use super::error::ApiError;
 use super::AppState;
 
-/// The keys allowed on `/v1/*` (and `/proxy/*`), as digests. Replaced as a
-/// whole on reload (SIGHUP); a std RwLock, held only to compare digests.
+/// The keys allowed on `/v1/*` (and `/proxy/*`), as digests, and the
+/// browser sessions opened with login links. The digests are replaced as a
+/// whole on reload (SIGHUP; a std RwLock, held only to compare digests);
+/// sessions survive a reload.
 pub struct ApiKeys {
     digests: std::sync::RwLock<Vec<[u8; 32]>>,
+    /// Login links and browser sessions (only meaningful with keys).
+    pub sessions: super::login::Sessions,
 }
 
 impl ApiKeys {
@@ -24,6 +31,7 @@ impl ApiKeys {
     pub fn load(path: &Path) -> std::io::Result<ApiKeys> {
         Ok(ApiKeys {
             digests: std::sync::RwLock::new(Self::read(path)?),
+            sessions: Default::default(),
         })
     }
 
@@ -88,28 +96,101 @@ fn own_origin(state: &AppState, origin: &str) -> bool {
         })
 }
 
-/// `/v1/*` and `/proxy/*` guard: cross-origin requests are refused (a
+/// Fetch Metadata: where a browser says the request comes from.
+const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
+
+/// SPEC 4, on `/v1/*`, `/proxy/*` and `/connect/*`: requests a browser
+/// marks as coming from another site are refused. Browsers omit `Origin`
+/// on GET navigations and subresources (`<img src=.../proxy/...>`), but
+/// send `Sec-Fetch-Site` on all of them; programs send neither. Two header
+/// lookups: this runs on the token fast path.
+pub fn check_site(state: &AppState, req: &Request) -> Option<Response> {
+    let headers = req.headers();
+    if let Some(site) = headers.get(SEC_FETCH_SITE) {
+        let site = site.as_bytes();
+        if site.eq_ignore_ascii_case(b"cross-site") || site.eq_ignore_ascii_case(b"same-site") {
+            tracing::warn!(
+                path = req.uri().path(),
+                "cross-site request refused (Sec-Fetch-Site)"
+            );
+            return Some(forbidden());
+        }
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        if !origin.to_str().is_ok_and(|o| own_origin(state, o)) {
+            tracing::warn!(
+                path = req.uri().path(),
+                "cross-origin request refused (Origin)"
+            );
+            return Some(forbidden());
+        }
+    }
+    None
+}
+
+fn forbidden() -> Response {
+    ApiError::Forbidden(
+        "requests from other web sites are refused; call the API from a local program, or open the daemon's own pages".into(),
+    )
+    .into_response()
+}
+
+/// `/v1/*` and `/proxy/*` guard: cross-site requests are refused (a
 /// browser page must not read tokens, whatever DNS says), then the bearer
 /// credential is checked (SPEC 5, API keys). `Some` is the refusal.
 pub fn check_v1(state: &AppState, req: &Request) -> Option<Response> {
-    if let Some(origin) = req
-        .headers()
-        .get(header::ORIGIN)
-        .and_then(|v| v.to_str().ok())
-    {
-        if !own_origin(state, origin) {
-            tracing::warn!(origin, "cross-origin request to /v1 refused");
-            return Some(
-                ApiError::Forbidden(
-                    "requests from other web origins are refused; call the API from a local program, not a web page".into(),
-                )
-                .into_response(),
-            );
-        }
+    if let Some(refused) = check_site(state, req) {
+        return Some(refused);
     }
     check_bearer(state, req.headers())
         .err()
         .map(IntoResponse::into_response)
+}
+
+/// Paths open without a key even when API keys are set: probes, the
+/// provider's redirect (bound to its browser by the flow cookie), and the
+/// login link itself.
+fn open_path(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/callback" | "/login")
+}
+
+/// Every path but `/v1/*` and `/proxy/*` (checked by [`check_v1`]): with
+/// API keys set, a key or a browser session is needed, except on
+/// `/healthz`, `/readyz`, `/callback` and `/login`. Browsers asking for
+/// HTML get a page saying how to log in; others the JSON 401.
+pub fn check_page(state: &AppState, req: &Request) -> Option<Response> {
+    let keys = state.api_keys.as_ref()?;
+    let path = req.uri().path();
+    if open_path(path) {
+        return None;
+    }
+    if bearer(req.headers()).is_some() {
+        return check_bearer(state, req.headers())
+            .err()
+            .map(IntoResponse::into_response);
+    }
+    if keys.sessions.admits(req.headers()) {
+        return None;
+    }
+    let wants_html = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    if wants_html {
+        let mut r = super::pages::problem(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "Login needed",
+            "This tokenkeeper requires an API key. Run `tokenkeeper dashboard` (or `tokenkeeper connect PROVIDER ACCOUNT`) on the daemon's machine and open the one-time link it prints.",
+            None,
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer realm=\"tokenkeeper\""),
+        );
+        return Some(r);
+    }
+    Some(ApiError::MissingCredentials.into_response())
 }
 
 /// Checks the bearer credential where one is accepted (SPEC 5).

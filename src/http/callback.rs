@@ -1,8 +1,8 @@
 //! Browser authorization: `/connect/{provider}` starts it, `/callback`
 //! finishes it.
 //!
-//! The callback has two named phases: `check` (the state is consumed and
-//! verified against the browser cookie; nothing else changes) and
+//! The callback has two named phases: `check` (the state is consumed only
+//! together with the browser cookie that started it; nothing else changes) and
 //! `exchange_and_store` (the code is redeemed and the grant committed).
 //! A failure in either leaves nothing half-written.
 
@@ -18,7 +18,7 @@ use super::api::DEFAULT_ACCOUNT;
 use super::pages::{self, escape};
 use super::AppState;
 use crate::config::valid_account;
-use crate::store::PendingAuthorization;
+use crate::store::{PendingAuthorization, PendingTake};
 
 /// How long a started authorization may take: long enough to log in and
 /// consent, short enough that a leaked state is soon worthless.
@@ -43,6 +43,8 @@ fn sha256_hex(s: &str) -> String {
     responses(
         (status = 302, description = "to the provider's authorization page (state, PKCE S256)"),
         (status = 400, description = "invalid account name (HTML page)", body = String, content_type = "text/html"),
+        (status = 401, description = "API keys are set and neither a key nor a browser session (see /login) was presented", body = crate::http::error::ErrorBody),
+        (status = 403, description = "cross-site request (Sec-Fetch-Site cross-site or same-site, or a foreign Origin)", body = crate::http::error::ErrorBody),
         (status = 404, description = "unknown provider (HTML page)", body = String, content_type = "text/html")
     )
 )]
@@ -154,8 +156,9 @@ pub async fn callback(
     exchange_and_store(&state, pending, &q).await
 }
 
-/// Phase 1: consume the state and verify it belongs to this browser. The
-/// state is gone afterwards whatever the outcome: single use.
+/// Phase 1: consume the state if it belongs to this browser. Once taken it
+/// is gone whatever the outcome (single use); a callback without the
+/// right cookie leaves it for the browser that started the flow.
 async fn check(
     state: &AppState,
     headers: &HeaderMap,
@@ -169,9 +172,29 @@ async fn check(
             Some("/"),
         ));
     };
-    let pending = match state.engine.store().take_pending(st, Utc::now()).await {
-        Ok(Some(p)) => p,
-        Ok(None) => {
+    // The cookie is checked before the state is spent: someone holding
+    // the callback URL without the cookie must not burn the pending
+    // authorization of the browser that started it.
+    let browser_hash = flow_cookie(headers)
+        .map(|c| sha256_hex(&c))
+        .unwrap_or_default();
+    let taken = state
+        .engine
+        .store()
+        .take_pending_for_browser(st, &browser_hash, Utc::now())
+        .await;
+    let pending = match taken {
+        Ok(PendingTake::Taken(p)) => p,
+        Ok(PendingTake::OtherBrowser) => {
+            tracing::warn!("callback arrived without the cookie of the browser that started it; refused, the authorization stays pending for that browser");
+            return Err(pages::problem(
+                StatusCode::BAD_REQUEST,
+                "Authorization failed",
+                "This authorization was started in another browser (or cookies are blocked), so it was not accepted here. Finish it in the browser that started it, or start again in this one.",
+                Some("/"),
+            ));
+        }
+        Ok(PendingTake::Unknown) => {
             return Err(pages::problem(
                 StatusCode::BAD_REQUEST,
                 "Authorization failed",
@@ -190,16 +213,6 @@ async fn check(
         }
     };
     let retry = format!("/connect/{}?account={}", pending.provider, pending.account);
-    let same_browser = flow_cookie(headers).is_some_and(|c| sha256_hex(&c) == pending.browser_hash);
-    if !same_browser {
-        tracing::warn!(provider = %pending.provider, account = %pending.account, "callback arrived without the cookie of the browser that started it; refused");
-        return Err(pages::problem(
-            StatusCode::BAD_REQUEST,
-            "Authorization failed",
-            "This authorization was started in another browser (or cookies are blocked), so it was not accepted. Start it again in this browser.",
-            Some(&retry),
-        ));
-    }
     if let Some(err) = q.get("error") {
         let desc = q
             .get("error_description")

@@ -1,16 +1,19 @@
 //! The local HTTP interface (SPEC 4): routing, shared state and the guards
-//! every request passes (Host check, body limit). Handlers live in `api`
-//! (JSON), `callback` (browser authorization), `pages` (HTML) and `proxy`
-//! (the rate-limited API proxy).
+//! every request passes (sizes, Host, site checks, API keys or a browser
+//! session; see [`Guards`]). Handlers live in `api` (JSON), `callback`
+//! (browser authorization), `login` (one-time login links), `pages` (HTML)
+//! and `proxy` (the rate-limited API proxy); `server` serves connections.
 
 pub mod api;
 pub mod auth;
 pub mod callback;
 pub mod error;
 pub mod guard;
+pub mod login;
 pub mod openapi;
 pub mod pages;
 pub mod proxy;
+pub mod server;
 pub mod tls;
 
 use std::sync::Arc;
@@ -92,6 +95,11 @@ pub fn router(state: AppState, extra: Option<Router>) -> App {
         .route("/", get(dashboard))
         .route("/connect/{provider}", get(callback::connect))
         .route("/callback", get(callback::callback))
+        .route("/login", get(login::login))
+        .route(
+            "/v1/login-links",
+            post(login::create_link).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        )
         .route("/v1/token/{provider}", get(api::token_default))
         .route("/v1/token/{provider}/refresh", post(api::refresh_default))
         .route("/v1/token/{provider}/{account}", get(api::token))
@@ -123,8 +131,10 @@ pub fn router(state: AppState, extra: Option<Router>) -> App {
 
 /// Every check made from the request head before routing: sizes and `Host`
 /// on all paths (421 for a foreign host), then on `/v1/*` and `/proxy/*`
-/// the Origin and bearer checks of [`auth::check_v1`]; a request that passes
-/// them all may be answered by [`api::token_fast_lane`].
+/// the site and bearer checks of [`auth::check_v1`] (a request that passes
+/// them all may be answered by [`api::token_fast_lane`]); on `/connect/*`
+/// the site check; and with API keys set, on every other path but the
+/// open ones, a key or a browser session ([`auth::check_page`]).
 #[derive(Clone)]
 pub struct Guards(AppState);
 
@@ -138,7 +148,12 @@ impl guard::RequestCheck for Guards {
         if path.starts_with("/v1/") || path.starts_with("/proxy/") {
             return auth::check_v1(state, req).or_else(|| api::token_fast_lane(state, req));
         }
-        None
+        if path.starts_with("/connect/") {
+            if let Some(refused) = auth::check_site(state, req) {
+                return Some(refused);
+            }
+        }
+        auth::check_page(state, req)
     }
 }
 

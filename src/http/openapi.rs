@@ -4,7 +4,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use super::{api, callback};
+use super::{api, callback, login};
 
 /// The document served at `/openapi.json`.
 #[derive(OpenApi)]
@@ -18,6 +18,8 @@ use super::{api, callback};
         super::dashboard,
         callback::connect,
         callback::callback,
+        login::create_link,
+        login::login,
         api::token_default,
         api::token,
         api::refresh_default,
@@ -35,6 +37,8 @@ use super::{api, callback};
         api::ConnectionsBody,
         api::ConnectionJson,
         api::InspectBody,
+        login::LinkRequest,
+        login::LinkBody,
         super::error::ErrorBody
     ))
 )]

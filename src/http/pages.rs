@@ -49,11 +49,31 @@ fn layout(status: StatusCode, title: &str, body: &str) -> Response {
         t = escape(title)
     );
     let mut r = (status, Html(html)).into_response();
-    r.headers_mut().insert(
-        axum::http::header::CACHE_CONTROL,
-        axum::http::HeaderValue::from_static("no-store"),
-    );
+    html_headers(r.headers_mut());
     r
+}
+
+/// Headers of every HTML page: never cached, never framed (SPEC 4: a
+/// framing page could click Connect for the user), no inline script or
+/// outside resource, and no `Referer` that could carry a login link.
+pub fn html_headers(h: &mut axum::http::HeaderMap) {
+    use axum::http::{header, HeaderValue};
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
 }
 
 /// A page that says what went wrong and how to retry.

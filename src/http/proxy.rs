@@ -3,12 +3,20 @@
 //! the provider's rate limits ([`crate::ratelimit`]), so an application
 //! pointed here never gets blocked and never handles a token.
 //!
+//! Before anything is spent: the upstream URL is built by [`upstream_url`]
+//! and must stay under `api_base_url` (else a local 400, nothing sent), and
+//! the connection must exist (else a 404, no limiter entry, no quota).
+//!
 //! Bodies stream both ways; a request body of known length up to
 //! [`REPLAY_MAX_BYTES`] is buffered so that it can be sent again after an
-//! upstream 401 (one refresh, one retry) or 429 (one pause, one retry).
+//! upstream 401 (one refresh, one retry, at most one 401-driven refresh per
+//! connection per [`UNAUTHORIZED_COOLDOWN`]) or 429 (one pause, one retry).
 //! The incoming `Authorization` has already been checked (SPEC 5) by the
-//! route's guard; here it is dropped and replaced. Tokens are never logged.
+//! route's guard; here it is dropped and replaced, and so are cookies in
+//! both directions. Answers are marked inert for browsers (`nosniff`, CSP
+//! `sandbox`). Tokens are never logged.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +25,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use secrecy::ExposeSecret;
+use url::Url;
 
 use super::error::ApiError;
 use super::AppState;
@@ -39,6 +48,15 @@ pub const PROXY_LIMITED_TOTAL: &str = "tokenkeeper_proxy_limited_total";
 /// Gauge: requests left today as last known (reported by the provider or counted).
 pub const PROXY_DAILY_AVAILABLE: &str = "tokenkeeper_proxy_daily_available";
 
+/// After an upstream 401 forced a refresh, further 401s of that connection
+/// within this time are passed to the client without another rotation:
+/// one refresh rules out a stale token, and a provider that refuses the
+/// fresh one refuses for another reason (scope, permission, endpoint), so
+/// rotating on every call would spend a single-use refresh token and quota
+/// per request. A minute still recovers promptly from a token the provider
+/// really invalidated again.
+pub const UNAUTHORIZED_COOLDOWN: Duration = Duration::from_secs(60);
+
 /// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus
 /// the ones the proxy sets itself.
 const HOP_BY_HOP: [&str; 9] = [
@@ -59,6 +77,10 @@ pub struct Proxy {
     /// The limits; the refresh engine takes its slots here too.
     pub limits: Arc<RateLimits>,
     max_wait: Duration,
+    /// When a 401 last caused a refresh, per connection (see
+    /// [`UNAUTHORIZED_COOLDOWN`]); entries exist only for connections that
+    /// were refreshed, and [`Proxy::forget`] drops them.
+    unauthorized_refreshes: std::sync::Mutex<HashMap<(String, String), std::time::Instant>>,
 }
 
 impl Proxy {
@@ -87,7 +109,35 @@ impl Proxy {
             http,
             limits,
             max_wait,
+            unauthorized_refreshes: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether an upstream 401 of `provider/account` may force a refresh
+    /// now; if so, the cool-down starts.
+    fn take_unauthorized_refresh(&self, provider: &str, account: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut map = self
+            .unauthorized_refreshes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, at| now.duration_since(*at) < UNAUTHORIZED_COOLDOWN);
+        let key = (provider.to_string(), account.to_string());
+        if map.contains_key(&key) {
+            return false;
+        }
+        map.insert(key, now);
+        true
+    }
+
+    /// Drops what the proxy keeps for a forgotten connection (its limiter
+    /// scope, its 401 cool-down).
+    pub fn forget(&self, provider: &str, account: &str) {
+        self.limits.forget(provider, account);
+        self.unauthorized_refreshes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(provider.to_string(), account.to_string()));
     }
 }
 
@@ -124,8 +174,9 @@ fn body_unreadable(e: &dyn std::fmt::Display) -> ApiError {
 struct Target {
     provider: String,
     account: String,
-    /// Path below `api_base_url`, still percent-encoded, plus `?query`.
-    rest: String,
+    /// Path below `api_base_url`, still percent-encoded as received.
+    path: String,
+    query: Option<String>,
 }
 
 impl Target {
@@ -137,27 +188,167 @@ impl Target {
             .split_once('@')
             .unwrap_or((who.as_str(), super::api::DEFAULT_ACCOUNT));
         super::api::check_names(provider, account)?;
-        // `..` would climb out of api_base_url once the URL is normalised
-        // (e.g. to the token endpoint on the same host).
-        let dot = |seg: &str| {
-            let s = seg.to_ascii_lowercase().replace("%2e", ".");
-            s == "." || s == ".."
-        };
-        if rest.split('/').any(dot) {
-            return Err(ApiError::BadRequest(
-                "the path may not contain \".\" or \"..\" segments".into(),
-            ));
-        }
-        let rest = match uri.query() {
-            Some(q) => format!("{rest}?{q}"),
-            None => rest.to_string(),
-        };
         Ok(Target {
             provider: provider.to_string(),
             account: account.to_string(),
-            rest,
+            path: rest.to_string(),
+            query: uri.query().map(str::to_string),
         })
     }
+}
+
+/// Why a request path cannot be forwarded: it would leave `api_base_url`
+/// (SPEC 6), or might be read that way by some server on the way.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyPathError {
+    /// A `.` or `..` segment, in any spelling (`%2e`, `..;`, after `%2f`
+    /// or `\\` decoding to a separator).
+    #[error("the path may not contain \".\" or \"..\" segments, in any spelling or encoding")]
+    DotSegment,
+    /// An empty segment (`//`), which some servers collapse and others
+    /// read as the start of an authority.
+    #[error("the path may not contain empty segments (\"//\")")]
+    EmptySegment,
+    /// A backslash, encoded or not: some servers read it as `/`.
+    #[error("the path may not contain backslashes (\"\\\" or %5C)")]
+    Backslash,
+    /// An unencoded `?` or `#` in the path part: it would move the rest
+    /// into the query or fragment.
+    #[error("the path may not contain an unencoded \"?\" or \"#\"")]
+    QueryOrFragment,
+    /// The URL built could not be parsed, or left the base (scheme, host,
+    /// port or path): refused rather than sent.
+    #[error("the path does not stay under the provider's api_base_url")]
+    OutsideBase,
+}
+
+/// How many rounds of percent-decoding a segment is checked through: a
+/// server or framework on the way may decode more than once (`%252e`).
+const DECODE_ROUNDS: usize = 4;
+
+/// `api_base_url` + `path` (percent-encoded, relative to the base) +
+/// `?query`, verified to stay under the base: same scheme, host and port,
+/// and a path whose leading segments are the base's (segment-wise: base
+/// `/api` does not admit `/api2`).
+///
+/// Refused whatever the spelling: `.` and `..` segments (also `%2e`,
+/// `%252e`, `..;x`, and after `%2f` or `%5c` decode to a separator),
+/// empty segments (`//`, hence absolute URLs in the path) and backslashes.
+/// The result is what is sent; it is never normalised again.
+pub fn upstream_url(base: &Url, path: &str, query: Option<&str>) -> Result<Url, ProxyPathError> {
+    if path.starts_with('/') {
+        return Err(ProxyPathError::EmptySegment);
+    }
+    if path.contains(['?', '#']) {
+        return Err(ProxyPathError::QueryOrFragment);
+    }
+    if !path.is_empty() {
+        check_segments(path)?;
+    }
+    let base_path = base.path().trim_end_matches('/');
+    let mut text = String::with_capacity(base.as_str().len() + path.len() + 2);
+    text.push_str(base.scheme());
+    text.push_str("://");
+    text.push_str(&base[url::Position::BeforeUsername..url::Position::AfterPort]);
+    text.push_str(base_path);
+    text.push('/');
+    text.push_str(path);
+    if let Some(q) = query {
+        text.push('?');
+        text.push_str(q);
+    }
+    let url = Url::parse(&text).map_err(|_| ProxyPathError::OutsideBase)?;
+    if !under_base(base, &url) {
+        return Err(ProxyPathError::OutsideBase);
+    }
+    // What is sent, checked again: the parser drops tabs and newlines and
+    // re-encodes, so the path it emits is not always the one checked above.
+    let sent = url
+        .path()
+        .strip_prefix(base_path)
+        .and_then(|p| p.strip_prefix('/'))
+        .ok_or(ProxyPathError::OutsideBase)?;
+    if !sent.is_empty() {
+        check_segments(sent)?;
+    }
+    Ok(url)
+}
+
+/// Every segment of a raw path, after up to [`DECODE_ROUNDS`] rounds of
+/// percent-decoding and splitting at the separators they reveal.
+fn check_segments(raw: &str) -> Result<(), ProxyPathError> {
+    let segments: Vec<&str> = raw.split('/').collect();
+    let last = segments.len() - 1;
+    for (i, seg) in segments.iter().enumerate() {
+        // A trailing slash is part of many APIs' paths; any other empty
+        // segment is not.
+        if seg.is_empty() {
+            if i == last {
+                continue;
+            }
+            return Err(ProxyPathError::EmptySegment);
+        }
+        let mut text = std::borrow::Cow::Borrowed(*seg);
+        for _ in 0..=DECODE_ROUNDS {
+            if text.contains('\\') {
+                return Err(ProxyPathError::Backslash);
+            }
+            for part in text.split('/') {
+                // Path parameters: `..;jsessionid=x` is `..` to Tomcat.
+                let name = part.split(';').next().unwrap_or(part);
+                if name == "." || name == ".." {
+                    return Err(ProxyPathError::DotSegment);
+                }
+                // A decoded `%2F` next to another separator or at an end.
+                if part.is_empty() {
+                    return Err(ProxyPathError::EmptySegment);
+                }
+            }
+            if !text.contains('%') {
+                break;
+            }
+            let decoded = percent_encoding::percent_decode_str(&text)
+                .decode_utf8_lossy()
+                .into_owned();
+            if decoded == text {
+                break;
+            }
+            text = std::borrow::Cow::Owned(decoded);
+        }
+    }
+    Ok(())
+}
+
+/// Whether `url` has the base's scheme, host and port, no credentials and
+/// no fragment, and a path whose leading segments are the base's.
+fn under_base(base: &Url, url: &Url) -> bool {
+    if url.scheme() != base.scheme()
+        || url.host_str() != base.host_str()
+        || url.port_or_known_default() != base.port_or_known_default()
+        || !url.username().is_empty()
+        || url.password().is_some()
+        || url.fragment().is_some()
+    {
+        return false;
+    }
+    let segs = |u: &Url| -> Vec<String> {
+        u.path_segments()
+            .map(|s| s.map(str::to_string).collect())
+            .unwrap_or_default()
+    };
+    let mut base_segs = segs(base);
+    if base_segs.last().is_some_and(String::is_empty) {
+        base_segs.pop();
+    }
+    let url_segs = segs(url);
+    url_segs.len() > base_segs.len()
+        && url_segs.starts_with(&base_segs)
+        && url_segs[base_segs.len()..].iter().all(|s| {
+            s != "."
+                && s != ".."
+                && !s.eq_ignore_ascii_case("%2e")
+                && !s.eq_ignore_ascii_case("%2e%2e")
+        })
 }
 
 /// Whether an incoming or upstream header stays on this hop.
@@ -186,6 +377,8 @@ fn request_headers(incoming: &HeaderMap, buffered: bool) -> HeaderMap {
         if hop_by_hop(name, &listed)
             || name == header::HOST
             || name == header::AUTHORIZATION
+            // The daemon's own cookies (session, flow) are not the API's.
+            || name == header::COOKIE
             || (buffered && name == header::CONTENT_LENGTH)
         {
             continue;
@@ -196,16 +389,34 @@ fn request_headers(incoming: &HeaderMap, buffered: bool) -> HeaderMap {
 }
 
 /// End-to-end response headers; CORS headers are dropped too, since the
-/// daemon never sends any (SPEC 4) and must not let a provider's through.
+/// daemon never sends any (SPEC 4) and must not let a provider's through,
+/// and so is `Set-Cookie`: a cookie set on the daemon's origin would reach
+/// its pages and every other proxied provider.
 fn response_headers(upstream: &HeaderMap) -> HeaderMap {
     let listed = connection_listed(upstream);
     let mut out = HeaderMap::with_capacity(upstream.len());
     for (name, value) in upstream {
-        if hop_by_hop(name, &listed) || name.as_str().starts_with("access-control-") {
+        if hop_by_hop(name, &listed)
+            || name.as_str().starts_with("access-control-")
+            || name == header::SET_COOKIE
+            || name == header::CONTENT_SECURITY_POLICY
+            || name == header::X_CONTENT_TYPE_OPTIONS
+        {
             continue;
         }
         out.append(name.clone(), value.clone());
     }
+    // The answer is rendered on the daemon's origin if a browser ever
+    // loads it: no sniffing it into HTML, no scripts, no same-origin
+    // access to the daemon.
+    out.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    out.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox"),
+    );
     out
 }
 
@@ -217,13 +428,19 @@ fn bearer(token: &IssuedToken) -> HeaderValue {
     v
 }
 
-/// After an upstream 401: the token another request already refreshed, or
-/// a forced refresh (single-flight in the engine).
-async fn fresh_token(
+/// After an upstream 401 to `used`: whether to send once more, and with
+/// which token. The token another request already refreshed is always
+/// worth one retry; otherwise a forced refresh (single-flight in the
+/// engine), unless one was made for a 401 of this connection within
+/// [`UNAUTHORIZED_COOLDOWN`]: then the 401 is the provider's answer to a
+/// good token (a missing scope, a revoked app permission, an endpoint that
+/// answers 401 for other reasons), and rotating again would only spend
+/// the single-use refresh token. `None`: relay the 401.
+async fn after_unauthorized(
     state: &AppState,
     t: &Target,
     used: &IssuedToken,
-) -> Result<IssuedToken, ApiError> {
+) -> Result<Option<IssuedToken>, ApiError> {
     let to_api = |e| ApiError::from_token_error(e, &state.public_url);
     let engine: &Engine = &state.engine;
     let current = engine
@@ -231,12 +448,20 @@ async fn fresh_token(
         .await
         .map_err(to_api)?;
     if current.access_token.expose_secret() != used.access_token.expose_secret() {
-        return Ok(current);
+        return Ok(Some(current));
+    }
+    if !state
+        .proxy
+        .take_unauthorized_refresh(&t.provider, &t.account)
+    {
+        tracing::info!(provider = %t.provider, account = %t.account, "the provider refused a freshly refreshed access token; passing its 401 on without another refresh");
+        return Ok(None);
     }
     tracing::info!(provider = %t.provider, account = %t.account, "the provider refused the access token; refreshing once");
     engine
         .force_refresh(&t.provider, &t.account)
         .await
+        .map(Some)
         .map_err(to_api)
 }
 
@@ -254,7 +479,13 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
             t.provider, t.provider
         )));
     };
-    let url = format!("{}/{}", base.as_str().trim_end_matches('/'), t.rest);
+    // Refused before anything else is touched (body, limits, token).
+    let url = upstream_url(base, &t.path, t.query.as_deref())
+        .map_err(|e| ApiError::BadRequest(format!("{e}; nothing was sent")))?;
+    // Unknown names cost nothing: no limiter entry, no quota.
+    engine
+        .check_known(&t.provider, &t.account)
+        .map_err(to_api)?;
 
     let (parts, body) = req.into_parts();
     let replayable = body
@@ -271,9 +502,9 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
     };
     let headers = request_headers(&parts.headers, replay.is_some());
 
-    // The token the provider refused with a 401, to be replaced once.
-    let mut refused: Option<IssuedToken> = None;
-    let (mut refreshed, mut paused) = (false, false);
+    // The token to send next, when the previous answer decided it.
+    let mut next: Option<IssuedToken> = None;
+    let (mut retried_401, mut paused) = (false, false);
     loop {
         // Each send waits up to `proxy_max_wait` for its own slot (SPEC 6).
         let deadline = tokio::time::Instant::now() + proxy.max_wait;
@@ -283,12 +514,18 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
             .await?;
         // Taken after the wait: a refresh that landed meanwhile may have
         // killed the token we would have held (SPEC 7).
-        let token = match refused.take() {
-            Some(old) => fresh_token(state, t, &old).await?,
-            None => engine
-                .token(&t.provider, &t.account)
-                .await
-                .map_err(to_api)?,
+        let token = match next.take() {
+            Some(fresh) => fresh,
+            None => match engine.token(&t.provider, &t.account).await {
+                Ok(token) => token,
+                Err(e) => {
+                    if matches!(e, crate::refresh::TokenError::UnknownConnection { .. }) {
+                        // Forgotten during the wait.
+                        proxy.limits.forget(&t.provider, &t.account);
+                    }
+                    return Err(to_api(e));
+                }
+            },
         };
         let body = match (&replay, stream.take()) {
             (Some(b), _) => reqwest::Body::from(b.clone()),
@@ -300,7 +537,7 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
         upstream_headers.insert(header::AUTHORIZATION, bearer(&token));
         let resp = proxy
             .http
-            .request(parts.method.clone(), &url)
+            .request(parts.method.clone(), url.clone())
             .headers(upstream_headers)
             .body(body)
             .send()
@@ -318,10 +555,12 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
             }
         }
         let can_retry = replay.is_some();
-        if status == StatusCode::UNAUTHORIZED && can_retry && !refreshed {
-            refreshed = true;
-            refused = Some(token);
-            continue;
+        if status == StatusCode::UNAUTHORIZED && can_retry && !retried_401 {
+            retried_401 = true;
+            if let Some(fresh) = after_unauthorized(state, t, &token).await? {
+                next = Some(fresh);
+                continue;
+            }
         }
         if status == StatusCode::TOO_MANY_REQUESTS {
             tracing::warn!(provider = %t.provider, "the provider answered 429; pausing it");
@@ -385,13 +624,170 @@ mod tests {
             .unwrap();
         let t = Target::parse(&uri).unwrap();
         assert_eq!((t.provider.as_str(), t.account.as_str()), ("keap", "acme"));
-        assert_eq!(t.rest, "crm/rest/v1/contacts?limit=5");
+        assert_eq!(t.path, "crm/rest/v1/contacts");
+        assert_eq!(t.query.as_deref(), Some("limit=5"));
         let t = Target::parse(&"/proxy/keap/x%2Fy".parse().unwrap()).unwrap();
-        assert_eq!((t.account.as_str(), t.rest.as_str()), ("default", "x%2Fy"));
-        assert!(Target::parse(&"/proxy/keap/a/../token".parse().unwrap()).is_err());
-        assert!(Target::parse(&"/proxy/keap/a/%2E%2e/token".parse().unwrap()).is_err());
+        assert_eq!((t.account.as_str(), t.path.as_str()), ("default", "x%2Fy"));
         assert!(Target::parse(&"/proxy/Bad/x".parse().unwrap()).is_err());
         assert!(Target::parse(&"/proxy/keap@refresh/x".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn upstream_urls_stay_under_the_base() {
+        let base = Url::parse("https://api.example.com/api").unwrap();
+        let ok = |p: &str, q: Option<&str>| upstream_url(&base, p, q).unwrap().to_string();
+        assert_eq!(
+            ok("crm/rest/v1/contacts", Some("limit=5")),
+            "https://api.example.com/api/crm/rest/v1/contacts?limit=5"
+        );
+        assert_eq!(ok("", None), "https://api.example.com/api/");
+        assert_eq!(ok("a/", None), "https://api.example.com/api/a/");
+        assert_eq!(ok("x%2Fy", None), "https://api.example.com/api/x%2Fy");
+        assert_eq!(
+            ok("@evil.host/x", None),
+            "https://api.example.com/api/@evil.host/x"
+        );
+        assert_eq!(ok("a..b/.x", None), "https://api.example.com/api/a..b/.x");
+        for bad in [
+            "..",
+            "a/../../token",
+            "a/%2e%2e/token",
+            "%2E%2e/",
+            "a/.%2E/b",
+            "..%2ftoken",
+            "a/..%2Ftoken",
+            "%5c..",
+            "a\\..\\token",
+            "a%5Cb",
+            "./x",
+            "a/./b",
+            "a//b",
+            "/token",
+            "//evil.host/x",
+            "http://evil.host/x",
+            "https:%2F%2Fevil.host",
+            "%252e%252e/token",
+            "..;x/token",
+            "a/%2e",
+        ] {
+            assert!(
+                upstream_url(&base, bad, None).is_err(),
+                "{bad:?} was accepted"
+            );
+        }
+        // Segment-wise: `/api` does not admit `/api2`, even via the root.
+        let root = Url::parse("http://127.0.0.1:9/").unwrap();
+        assert_eq!(
+            upstream_url(&root, "x", Some("a=b")).unwrap().as_str(),
+            "http://127.0.0.1:9/x?a=b"
+        );
+        let slash = Url::parse("http://127.0.0.1:9/api/").unwrap();
+        assert_eq!(
+            upstream_url(&slash, "x", None).unwrap().as_str(),
+            "http://127.0.0.1:9/api/x"
+        );
+        assert!(!under_base(
+            &base,
+            &Url::parse("https://api.example.com/api2/x").unwrap()
+        ));
+        assert!(!under_base(
+            &base,
+            &Url::parse("https://api.example.com/api").unwrap()
+        ));
+        assert!(!under_base(
+            &base,
+            &Url::parse("https://api.example.com:444/api/x").unwrap()
+        ));
+        assert!(!under_base(
+            &base,
+            &Url::parse("http://api.example.com/api/x").unwrap()
+        ));
+        assert!(!under_base(
+            &base,
+            &Url::parse("https://u@api.example.com/api/x").unwrap()
+        ));
+    }
+
+    mod property {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Fully decoded (as a server decoding repeatedly would see it),
+        /// separators `/` and `\\` alike.
+        fn decoded_segments(path: &str) -> Vec<String> {
+            let mut text = path.to_string();
+            for _ in 0..8 {
+                let d = percent_encoding::percent_decode_str(&text)
+                    .decode_utf8_lossy()
+                    .into_owned();
+                if d == text {
+                    break;
+                }
+                text = d;
+            }
+            text.split(['/', '\\']).map(str::to_string).collect()
+        }
+
+        fn piece() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just(".".to_string()),
+                Just("..".to_string()),
+                Just("/".to_string()),
+                Just("//".to_string()),
+                Just("\\".to_string()),
+                Just("%2e".to_string()),
+                Just("%2E".to_string()),
+                Just("%2f".to_string()),
+                Just("%2F".to_string()),
+                Just("%5c".to_string()),
+                Just("%25".to_string()),
+                Just("%".to_string()),
+                Just(";".to_string()),
+                Just("@".to_string()),
+                Just(":".to_string()),
+                Just("?".to_string()),
+                Just("#".to_string()),
+                Just("evil.host".to_string()),
+                Just("http:".to_string()),
+                "[a-z0-9]{1,3}",
+                any::<char>().prop_map(String::from),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+            /// The result is always under the base (host, port, scheme,
+            /// path segments) with no dot segment however it is decoded,
+            /// or the path is refused.
+            #[test]
+            fn upstream_url_is_under_the_base_or_refused(
+                pieces in proptest::collection::vec(piece(), 0..12),
+                query in proptest::option::of("[a-z=&%.]{0,8}"),
+                base in prop_oneof![
+                    Just("https://api.example.com/api"),
+                    Just("https://api.example.com/api/v1/"),
+                    Just("http://127.0.0.1:8080/"),
+                    Just("http://[::1]:9/x"),
+                ],
+            ) {
+                let base = Url::parse(base).unwrap();
+                let path: String = pieces.concat();
+                if let Ok(url) = upstream_url(&base, &path, query.as_deref()) {
+                    prop_assert_eq!(url.scheme(), base.scheme());
+                    prop_assert_eq!(url.host_str(), base.host_str());
+                    prop_assert_eq!(url.port_or_known_default(), base.port_or_known_default());
+                    let base_path = base.path().trim_end_matches('/');
+                    let rest = url.path().strip_prefix(base_path);
+                    prop_assert!(rest.is_some_and(|r| r.starts_with('/')), "{} not under {}", url, base);
+                    let rest = rest.unwrap_or_default();
+                    for seg in decoded_segments(&rest[1..]) {
+                        let name = seg.split(';').next().unwrap_or_default();
+                        prop_assert!(name != "." && name != "..", "{} has a dot segment", url);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -403,13 +799,18 @@ mod tests {
         h.insert(header::AUTHORIZATION, "Bearer key".parse().unwrap());
         h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
         h.insert(header::HOST, "127.0.0.1".parse().unwrap());
+        h.insert(header::COOKIE, "tokenkeeper_session=x".parse().unwrap());
         let out = request_headers(&h, true);
         assert_eq!(out.len(), 1);
         assert_eq!(out["x-app"], "2");
         let mut h = HeaderMap::new();
         h.insert("access-control-allow-origin", "*".parse().unwrap());
         h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        h.insert(header::SET_COOKIE, "sid=1".parse().unwrap());
         let out = response_headers(&h);
-        assert_eq!(out.len(), 1);
+        assert_eq!(out.len(), 3);
+        assert!(out.get(header::SET_COOKIE).is_none());
+        assert_eq!(out[header::CONTENT_SECURITY_POLICY], "sandbox");
+        assert_eq!(out[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
     }
 }

@@ -664,6 +664,13 @@ impl Engine {
         Ok(false)
     }
 
+    /// Whether `provider/account` is a known connection, from memory only
+    /// (no storage read, no refresh): lets the proxy refuse unknown names
+    /// before it spends a rate-limit slot or quota on them.
+    pub fn check_known(&self, provider: &str, account: &str) -> Result<(), TokenError> {
+        self.slot(provider, account).map(|_| ())
+    }
+
     /// Refreshes now, whatever the schedule says (SPEC: `POST .../refresh`).
     pub async fn force_refresh(
         &self,

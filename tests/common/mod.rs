@@ -53,6 +53,9 @@ pub struct Harness {
     pub http: reqwest::Client,
     pub daemon: Option<Child>,
     pub rust_log: String,
+    /// A browser session cookie (`name=value`) from [`Harness::login`],
+    /// sent by `start_connect` (needed when API keys are set).
+    pub session: Option<String>,
     starts: usize,
 }
 
@@ -96,6 +99,7 @@ impl Harness {
             http: client(),
             daemon: None,
             rust_log: opts.rust_log.clone(),
+            session: None,
             starts: 0,
             dir,
         };
@@ -259,12 +263,13 @@ api_base_url = "{sim}/api"
 
     /// `GET /connect/...`: returns the provider URL and the flow cookie.
     pub async fn start_connect(&self, provider: &str, account: &str) -> (String, String) {
-        let r = self
+        let mut req = self
             .http
-            .get(self.url(&format!("/connect/{provider}?account={account}")))
-            .send()
-            .await
-            .expect("connect answers");
+            .get(self.url(&format!("/connect/{provider}?account={account}")));
+        if let Some(session) = &self.session {
+            req = req.header(COOKIE, session);
+        }
+        let r = req.send().await.expect("connect answers");
         assert_eq!(r.status(), 302, "connect must redirect");
         let location = r.headers()[LOCATION].to_str().unwrap().to_string();
         let cookie = r.headers()[SET_COOKIE]
@@ -275,6 +280,38 @@ api_base_url = "{sim}/api"
             .unwrap()
             .to_string();
         (location, cookie)
+    }
+
+    /// Logs a browser in with a one-time link obtained with `key` (API keys
+    /// set): later `start_connect`/`authorize` calls send its cookie.
+    pub async fn login(&mut self, key: &str) {
+        let r = self
+            .http
+            .post(self.url("/v1/login-links"))
+            .bearer_auth(key)
+            .json(&serde_json::json!({"next": "/"}))
+            .send()
+            .await
+            .expect("login-links answers");
+        assert_eq!(r.status(), 200, "a login link with the key");
+        let v: Value = r.json().await.unwrap();
+        let link = v["url"].as_str().expect("a url").to_string();
+        let r = self.http.get(&link).send().await.expect("login answers");
+        assert_eq!(r.status(), 303, "the login link redirects");
+        let cookie = r.headers()[SET_COOKIE].to_str().unwrap();
+        self.session = Some(cookie.split(';').next().unwrap().to_string());
+    }
+
+    /// Points the provider's `api_base_url` at `base` (before `start`).
+    pub fn use_api_base(&self, base: &str) {
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        let from = format!("api_base_url = \"{}/api\"", self.sim.base_url);
+        assert!(text.contains(&from));
+        std::fs::write(
+            &self.config_path,
+            text.replace(&from, &format!("api_base_url = \"{base}\"")),
+        )
+        .unwrap();
     }
 
     /// Posts the simulator's Approve form; returns the callback URL.
@@ -447,4 +484,15 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Serves `router` on a loopback port for the rest of the test (a stand-in
+/// API behind the proxy); returns its base URL.
+pub async fn serve_router(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    format!("http://{addr}")
 }
