@@ -19,6 +19,10 @@ pub const TOKEN_REQUESTS_TOTAL: &str = "tokenkeeper_token_requests_total";
 pub const TOKEN_REQUEST_DURATION: &str = "tokenkeeper_token_request_duration_seconds";
 /// Counter: refresh tokens presented as bearer tokens.
 pub const BEARER_MISUSE_TOTAL: &str = "tokenkeeper_bearer_misuse_total";
+/// Counter: failed attempts to store a grant the provider issued.
+pub const COMMIT_FAILURES_TOTAL: &str = "tokenkeeper_commit_failures_total";
+/// Gauge: grants the provider issued that are held in memory, not yet stored.
+pub const UNCOMMITTED_GRANTS: &str = "tokenkeeper_uncommitted_grants";
 
 const STATES: [&str; 4] = ["active", "refreshing", "retrying", "authorization_required"];
 
@@ -63,6 +67,17 @@ fn describe() {
         BEARER_MISUSE_TOTAL,
         "Refresh tokens presented as bearer tokens"
     );
+    metrics::describe_counter!(
+        COMMIT_FAILURES_TOTAL,
+        "Failed attempts to store a grant the provider issued (it is kept in memory and retried)"
+    );
+    metrics::describe_gauge!(
+        UNCOMMITTED_GRANTS,
+        "Grants the provider issued that are held in memory because storing them failed"
+    );
+    // Present from the start, at zero.
+    metrics::counter!(COMMIT_FAILURES_TOTAL).increment(0);
+    metrics::gauge!(UNCOMMITTED_GRANTS).set(0.0);
 }
 
 /// The Prometheus text exposition: the recorder's series, then the

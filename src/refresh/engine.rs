@@ -5,14 +5,30 @@
 //! Invariants:
 //! - A snapshot is replaced only after the database commit that produced it,
 //!   so no caller ever sees an access token whose refresh token is not
-//!   durable.
+//!   durable. The one exception: a grant the provider issued whose commit
+//!   failed, once the stored access token is no longer usable (logged).
 //! - At most one refresh per connection runs in this process (`Slot::flight`)
 //!   and across processes (the lease in `connections.lease_owner`); callers
-//!   that arrive during a refresh wait for it and share its result.
-//! - The refresh token itself is never kept in memory: it is read from the
-//!   database under the lease, which is the only point where it can be
-//!   current.
+//!   that arrive during a refresh wait for it and share its result. Another
+//!   process's lease is taken over only when that process is certainly dead
+//!   (`owner`) or its lease has stood still for [`LEASE`] on our monotonic
+//!   clock (`clock::LeaseWatch`); never by comparing wall clocks.
+//! - The refresh token is not kept in memory: it is read from the database
+//!   under the lease, which is the only point where it can be current. The
+//!   exception is a grant whose commit failed: it is held in the slot's
+//!   pending commit (secrecy types) and retried with backoff until it lands;
+//!   while it is held, no refresh of the connection calls the provider (it
+//!   could not be committed either), and the flight lock orders the retries
+//!   with flights and revocations.
+//! - A commit is compare-and-swap on the generation the refresh read under
+//!   its lease: a newer authorization always wins, and the late result is
+//!   discarded (its new refresh token revoked upstream where possible).
+//! - A revocation holds the flight lock and the lease, so it revokes the
+//!   newest refresh token, never one a flight is about to replace.
 //! - A still-valid access token is never discarded because of a failure.
+//! - Expiry is judged on the later of the wall clock and the token's
+//!   receipt plus monotonic time since (`clock::Anchor`), so a clock set
+//!   back cannot make a dead token look alive.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,14 +39,17 @@ use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::task::TaskTracker;
 
+use super::clock::{Anchor, Clock, ClockHandle, LeaseWatch, SystemClock};
 use super::flights::FlightThread;
+use super::owner;
 use super::policy::{self, Timing};
 use super::recognizer::Recognizer;
 use crate::config::RefreshConfig;
 use crate::notify::{Event, EventKind, Notifier};
 use crate::provider::{Provider, ProviderError, TokenGrant};
 use crate::store::{
-    BeginRefresh, ConnState, ConnectionRow, Fingerprint, NewGrant, Store, StoreError, TokenKind,
+    BeginRefresh, CommitOutcome, ConnState, ConnectionRow, Fingerprint, LeaseSeen, NewGrant, Store,
+    StoreError, TokenKind,
 };
 
 /// How long a refresh lease lasts without renewal. Long enough that a
@@ -41,6 +60,14 @@ const LEASE: Duration = Duration::from_secs(30);
 
 /// How often a caller waiting on another process's lease looks again.
 const LEASE_POLL: Duration = Duration::from_millis(50);
+
+/// First wait before retrying a failed commit of a grant the provider
+/// issued: short, because until it lands the grant exists only in memory.
+const COMMIT_RETRY_INITIAL: Duration = Duration::from_millis(500);
+
+/// Longest wait between commit retries: each attempt already waits up to
+/// the store's busy timeout, so retrying more often only adds log lines.
+const COMMIT_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Errors a token request can end in (mapped to SPEC 4 statuses by `http`).
 #[derive(Debug, thiserror::Error)]
@@ -55,15 +82,56 @@ pub enum TokenError {
         account: String,
         reason: String,
     },
-    #[error("no valid access token is left for {provider}/{account} and the provider could not be reached: {reason}")]
+    #[error("{}", refresh_failed_text(provider, account, reason, still_valid_until.as_ref()))]
     RefreshFailed {
         provider: String,
         account: String,
         reason: String,
         retry_after: Duration,
+        /// The access token still served, if one is: then the message says
+        /// so instead of claiming none is left.
+        still_valid_until: Option<DateTime<Utc>>,
     },
+    /// The provider refused or failed the revocation; nothing was forgotten.
+    #[error("the provider did not revoke the grant of {provider}/{account} ({reason}); it is kept, so the revocation can be retried; to forget it here without revoking it upstream, use `tokenkeeper revoke {provider} {account} --local` (DELETE ...?local=true)")]
+    RevocationFailed {
+        provider: String,
+        account: String,
+        reason: String,
+    },
+    /// Another process held the connection's lease for longer than a
+    /// revocation waits.
+    #[error("another tokenkeeper process is refreshing {provider}/{account} and did not finish in time; nothing was revoked or forgotten; try again")]
+    Busy { provider: String, account: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+fn refresh_failed_text(
+    provider: &str,
+    account: &str,
+    reason: &str,
+    still_valid_until: Option<&DateTime<Utc>>,
+) -> String {
+    match still_valid_until {
+        Some(t) => format!(
+            "the refresh of {provider}/{account} did not produce a new access token: {reason}; the current one stays valid until {} and is still served",
+            t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
+        None => format!(
+            "no valid access token is left for {provider}/{account} and the provider could not be reached: {reason}"
+        ),
+    }
+}
+
+/// Whether `forget` also revokes upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    /// Revoke the newest refresh token at the provider (where it offers
+    /// revocation); if that fails, keep the grant.
+    Upstream,
+    /// Forget locally only; the grant stays valid at the provider.
+    LocalOnly,
 }
 
 /// What a caller gets: the access token and when it expires.
@@ -98,10 +166,12 @@ pub struct Snapshot {
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub interrupted_at: Option<DateTime<Utc>>,
     pub has_refresh_token: bool,
+    /// Where this access token was taken in, on both clocks.
+    pub anchor: Anchor,
 }
 
 impl Snapshot {
-    fn from_row(r: &ConnectionRow) -> Snapshot {
+    fn from_row(r: &ConnectionRow, anchor: Anchor) -> Snapshot {
         Snapshot {
             access_token: r.access_token.clone(),
             token_type: r.token_type.clone(),
@@ -118,6 +188,7 @@ impl Snapshot {
             next_attempt_at: r.next_attempt_at,
             interrupted_at: r.interrupted_at,
             has_refresh_token: r.refresh_token.is_some(),
+            anchor,
         }
     }
 }
@@ -166,6 +237,23 @@ struct Slot {
     /// written into `/metrics` at scrape time. A plain atomic, not a
     /// recorder series: 10,000 of those cost megabytes of idle memory.
     served: AtomicU64,
+    /// A grant the provider issued that could not be stored yet (see the
+    /// module invariants). std Mutex: never held across `.await`.
+    pending: std::sync::Mutex<Option<Arc<PendingCommit>>>,
+    /// What we last saw of another process's lease on this connection.
+    lease_watch: std::sync::Mutex<Option<LeaseWatch>>,
+}
+
+/// A grant the provider issued whose commit failed: kept until it lands.
+struct PendingCommit {
+    grant: TokenGrant,
+    /// The refresh token the provider was given (now spent).
+    used: SecretString,
+    attempt: String,
+    base_generation: i64,
+    fps: Vec<Fingerprint>,
+    /// When the provider's answer arrived, on both clocks.
+    anchor: Anchor,
 }
 
 impl Slot {
@@ -173,10 +261,35 @@ impl Slot {
         self.snap.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn set(&self, s: Snapshot) -> Arc<Snapshot> {
+    /// Replaces the snapshot. The same token keeps its anchor: it was taken
+    /// in once, and re-anchoring it would forget a clock jump since.
+    fn set(&self, mut s: Snapshot) -> Arc<Snapshot> {
+        let mut cur = self.snap.write().unwrap_or_else(|e| e.into_inner());
+        if cur.generation == s.generation && cur.timing.expires_at == s.timing.expires_at {
+            s.anchor = cur.anchor;
+        }
         let s = Arc::new(s);
-        *self.snap.write().unwrap_or_else(|e| e.into_inner()) = s.clone();
+        *cur = s.clone();
         s
+    }
+
+    fn pending(&self) -> Option<Arc<PendingCommit>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn take_pending(&self) -> Option<Arc<PendingCommit>> {
+        let taken = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if taken.is_some() {
+            metrics::gauge!(crate::metrics::UNCOMMITTED_GRANTS).decrement(1.0);
+        }
+        taken
     }
 }
 
@@ -210,6 +323,9 @@ pub struct Engine {
 
 struct Inner {
     store: Store,
+    clock: ClockHandle,
+    /// Cancelled by [`Engine::stop`]: commit retries make their last try.
+    stopping: tokio_util::sync::CancellationToken,
     settings: RwLock<Arc<Settings>>,
     slots: RwLock<HashMap<(String, String), Arc<Slot>>>,
     owner: String,
@@ -251,6 +367,16 @@ impl Engine {
     /// Loads every stored grant and reports refreshes that a previous
     /// process started and never finished.
     pub async fn start(store: Store, settings: Settings) -> Result<Engine, StoreError> {
+        Engine::start_with_clock(store, settings, SystemClock::handle()).await
+    }
+
+    /// [`Engine::start`] with the clock it reads time from (tests move a
+    /// `clock::TestClock`).
+    pub async fn start_with_clock(
+        store: Store,
+        settings: Settings,
+        clock: ClockHandle,
+    ) -> Result<Engine, StoreError> {
         let recognizer = Recognizer::new(store.fingerprint_key().await?);
         store
             .each_fingerprint(|id, fp| recognizer.add(id, &[fp]))
@@ -258,9 +384,11 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Inner {
                 store,
+                clock,
+                stopping: tokio_util::sync::CancellationToken::new(),
                 settings: RwLock::new(Arc::new(settings)),
                 slots: RwLock::new(HashMap::new()),
-                owner: owner_id(),
+                owner: owner::Identity::current().owner(rand::random()),
                 tasks: TaskTracker::new(),
                 flights: FlightThread::start(),
                 recognizer,
@@ -269,7 +397,6 @@ impl Engine {
             }),
         };
         engine.heartbeat().await?;
-        let now = Utc::now();
         // Installed as they stream in; the few with an unfinished refresh
         // are handled afterwards, since that writes to the store.
         let mut unfinished = Vec::new();
@@ -283,11 +410,13 @@ impl Engine {
                 }
             })
             .await?;
+        // Only holders certainly dead are dealt with now; any other lease is
+        // taken over once seen standing still (`refresh_locked`), so a live
+        // holder in another PID namespace is never cut off.
         for mut row in unfinished {
             if let (Some(started), Some(holder)) = (row.attempt_started_at, row.lease_owner.clone())
             {
-                let lapsed = row.lease_until.is_none_or(|u| u < now);
-                if lapsed || owner_is_dead(&holder) {
+                if holder != engine.inner.owner && owner_is_dead(&holder) {
                     let msg = format!(
                         "a refresh started at {} was interrupted before its result was stored (the process stopped); retrying with the stored refresh token",
                         started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
@@ -386,7 +515,7 @@ impl Engine {
             expires_at: grant.expires_at,
         };
         let fps = self.fingerprints(grant);
-        let row = self
+        let (row, replaced) = self
             .inner
             .store
             .save_authorized(provider, account, &new, &fps)
@@ -399,7 +528,70 @@ impl Engine {
             account: account.to_string(),
             message: "authorized in the browser; the grant is stored".into(),
         });
+        // The grant this authorization replaced (an earlier one, or a second
+        // browser flow for the same account) would otherwise stay valid at
+        // the provider with nobody holding it.
+        if let Some(old) = replaced {
+            let same = grant
+                .refresh_token
+                .as_ref()
+                .is_some_and(|t| t.expose_secret() == old.expose_secret());
+            if !same {
+                self.revoke_in_background(
+                    provider,
+                    account,
+                    old,
+                    "the grant replaced by a newer authorization",
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// Revokes a refresh token nobody holds any more, best effort, without
+    /// delaying the caller; the outcome is logged (never the token).
+    fn revoke_in_background(
+        &self,
+        provider: &str,
+        account: &str,
+        token: SecretString,
+        what: &'static str,
+    ) {
+        let Some(p) = self.settings().providers.get(provider).cloned() else {
+            return;
+        };
+        let (provider, account) = (provider.to_string(), account.to_string());
+        self.inner.tasks.spawn(async move {
+            match p.revoke(&token, "refresh_token").await {
+                Ok(true) => tracing::info!(%provider, %account, "revoked upstream: {what}"),
+                Ok(false) => tracing::info!(
+                    %provider,
+                    %account,
+                    "{what} stays valid at the provider: it offers no revocation"
+                ),
+                Err(e) => tracing::warn!(
+                    %provider,
+                    %account,
+                    error = %e,
+                    "could not revoke {what} upstream; it may stay valid at the provider until it expires"
+                ),
+            }
+        });
+    }
+
+    fn clock(&self) -> &dyn Clock {
+        &*self.inner.clock
+    }
+
+    /// A snapshot of `row`, taken in now.
+    fn snap_of(&self, row: &ConnectionRow) -> Snapshot {
+        Snapshot::from_row(row, Anchor::at(self.clock()))
+    }
+
+    /// Stops background work at shutdown: grants held in memory get one
+    /// last attempt to be stored (their retry loops end after it).
+    pub fn stop(&self) {
+        self.inner.stopping.cancel();
     }
 
     /// Whether a bearer credential is one of our refresh tokens, current or
@@ -469,7 +661,7 @@ impl Engine {
         let mut slots = self.inner.slots.write().unwrap_or_else(|e| e.into_inner());
         match slots.get(&key) {
             Some(slot) if slot.id == row.id => {
-                slot.set(Snapshot::from_row(row));
+                slot.set(self.snap_of(row));
             }
             _ => {
                 let refresh = self.settings().refresh.clone();
@@ -480,12 +672,14 @@ impl Engine {
                         provider: row.provider.clone(),
                         account: row.account.clone(),
                         jitter: policy::stable_jitter(&row.provider, &row.account, refresh.jitter),
-                        snap: RwLock::new(Arc::new(Snapshot::from_row(row))),
+                        snap: RwLock::new(Arc::new(self.snap_of(row))),
                         flight: Arc::new(tokio::sync::Mutex::new(())),
                         in_flight: AtomicBool::new(false),
                         attempts: AtomicU64::new(0),
                         landed: tokio::sync::Notify::new(),
                         served: AtomicU64::new(0),
+                        pending: std::sync::Mutex::new(None),
+                        lease_watch: std::sync::Mutex::new(None),
                     }),
                 );
             }
@@ -571,6 +765,7 @@ impl Engine {
             return None;
         }
         let snap = slot.snap.read().unwrap_or_else(|e| e.into_inner());
+        let now = now.max(snap.anchor.now(self.clock()));
         if !policy::fresh_enough(&snap.timing, now, &refresh) {
             return None;
         }
@@ -596,9 +791,12 @@ impl Engine {
         } else {
             false
         };
-        let snap = slot.snapshot();
-        let now = Utc::now();
+        let mut snap = slot.snapshot();
         let settings = self.settings();
+        if slot.pending().is_some() {
+            snap = self.serve_pending_if_stored_dead(&slot, &settings.refresh);
+        }
+        let now = snap.anchor.now(self.clock());
         let waiting = foreign_flight || slot.in_flight.load(Ordering::SeqCst);
         if !waiting && policy::fresh_enough(&snap.timing, now, &settings.refresh) {
             return Ok(issued(&slot, &snap));
@@ -606,7 +804,7 @@ impl Engine {
         let parked = snap.state == ConnState::AuthorizationRequired
             || snap.next_attempt_at.is_some_and(|t| t > now);
         if parked && !waiting {
-            return answer(&slot, &snap, now);
+            return answer(&slot, &snap, self.clock());
         }
         // Another process's refresh: `begin_refresh` finds its lease busy
         // and `wait_for_other_process` adopts what it stores.
@@ -619,7 +817,8 @@ impl Engine {
     /// provider may already have revoked the token in our snapshot (SPEC 7).
     /// Skipped while this process refreshes the slot itself.
     async fn sync_with_store(&self, slot: &Arc<Slot>) -> Result<bool, TokenError> {
-        if slot.in_flight.load(Ordering::SeqCst) {
+        // A grant held in memory is newer than anything stored.
+        if slot.in_flight.load(Ordering::SeqCst) || slot.pending().is_some() {
             return Ok(false);
         }
         let attempts = slot.attempts.load(Ordering::SeqCst);
@@ -629,9 +828,15 @@ impl Engine {
                 account: slot.account.clone(),
             });
         };
-        let foreign = row.attempt_id.is_some()
-            && row.lease_owner.as_deref() != Some(self.inner.owner.as_str())
-            && row.lease_until.is_some_and(|u| u >= Utc::now());
+        // Any attempt of another holder counts as in flight (a stalled one
+        // is taken over by `refresh_locked` once seen standing still): the
+        // wall clock cannot tell a live lease from a lapsed one.
+        let foreign = match row.lease_owner.as_deref() {
+            Some(holder) if row.attempt_id.is_some() && holder != self.inner.owner => self
+                .holder_gone(slot, holder, row.attempt_id.as_deref(), row.lease_until)
+                .is_none(),
+            _ => false,
+        };
         if foreign {
             return Ok(true);
         }
@@ -642,12 +847,54 @@ impl Engine {
             return Ok(false);
         }
         let snap = slot.snapshot();
-        if row.generation > snap.generation
-            || (row.generation == snap.generation && row.state != snap.state)
-        {
+        if row.generation > snap.generation {
+            self.learn_fingerprints(row.id).await?;
+            self.install(&row);
+        } else if row.generation == snap.generation && row.state != snap.state {
             self.install(&row);
         }
         Ok(false)
+    }
+
+    /// Whether another process's lease may be taken over: its holder is
+    /// certainly dead, or its lease has not moved for [`LEASE`] as measured
+    /// on our monotonic clock (each call is an observation). Returns what was
+    /// seen, for the compare-and-swap takeover in `begin_refresh`.
+    fn holder_gone(
+        &self,
+        slot: &Slot,
+        holder: &str,
+        attempt: Option<&str>,
+        until: Option<DateTime<Utc>>,
+    ) -> Option<LeaseSeen> {
+        let seen = LeaseSeen {
+            owner: holder.to_string(),
+            attempt: attempt.map(str::to_string),
+            until_ms: until.map(crate::store::to_ms),
+        };
+        if owner_is_dead(holder) {
+            return Some(seen);
+        }
+        let mut watch = slot.lease_watch.lock().unwrap_or_else(|e| e.into_inner());
+        let lapsed = LeaseWatch::observe(
+            &mut watch,
+            (
+                seen.owner.clone(),
+                seen.attempt.clone(),
+                seen.until_ms.unwrap_or(i64::MIN),
+            ),
+            self.clock().monotonic(),
+            LEASE,
+        );
+        lapsed.then_some(seen)
+    }
+
+    /// Mirrors the stored fingerprints of a connection another process
+    /// wrote (SPEC 5: its rotated refresh tokens are ours to recognise too).
+    async fn learn_fingerprints(&self, id: i64) -> Result<(), StoreError> {
+        let fps = self.inner.store.fingerprints_of(id).await?;
+        self.inner.recognizer.replace(id, &fps);
+        Ok(())
     }
 
     /// Refreshes now, whatever the schedule says (SPEC: `POST .../refresh`).
@@ -697,63 +944,221 @@ impl Engine {
             .collect()
     }
 
-    /// Forgets a grant locally and revokes it upstream where the provider
-    /// can. Returns `false` if there was nothing to forget.
-    pub async fn forget(&self, provider: &str, account: &str) -> Result<bool, TokenError> {
+    /// Revokes a grant upstream where the provider can (unless `mode` is
+    /// [`Revocation::LocalOnly`]) and forgets it locally. Returns `false` if
+    /// there was nothing to forget.
+    ///
+    /// It first holds the flight lock (waiting for this process's refresh,
+    /// or a commit retry, to finish) and then the lease (waiting for another
+    /// process's), so the token it revokes is the newest: a flight cannot
+    /// land a successor afterwards. If the provider fails the revocation, the
+    /// grant is kept and the error returned, so the operator can retry.
+    pub async fn forget(
+        &self,
+        provider: &str,
+        account: &str,
+        mode: Revocation,
+    ) -> Result<bool, TokenError> {
         let settings = self.settings();
         let Some(p) = settings.providers.get(provider) else {
             return Err(TokenError::UnknownProvider(provider.to_string()));
         };
-        let removed = self
+        let slot = match self.slot(provider, account) {
+            Ok(s) => s,
+            Err(TokenError::UnknownConnection { .. }) => {
+                // Perhaps stored by another process since our last look.
+                self.reconcile().await?;
+                match self.slot(provider, account) {
+                    Ok(s) => s,
+                    Err(TokenError::UnknownConnection { .. }) => return Ok(false),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let _flight = slot.flight.clone().lock_owned().await;
+        // A grant held in memory is the newest: store it first if storage
+        // allows, so the revocation below names it either way.
+        if slot.pending().is_some() {
+            if let Err(e) = self.land_pending(&slot).await {
+                tracing::error!(provider, account, error = %e, "the grant held in memory still cannot be stored; revoking it from memory");
+            }
+        }
+        for _ in 0..3 {
+            let attempt = format!("{:016x}", rand::random::<u64>());
+            let Some(row) = self.lease_for_revocation(&slot, &attempt, p).await? else {
+                self.drop_slot(&slot);
+                return Ok(false);
+            };
+            let held = slot.pending();
+            if mode == Revocation::Upstream {
+                // Newest first: the held grant's refresh token, then what
+                // is stored (the access token if no refresh token exists).
+                let mut tokens: Vec<(&SecretString, &str)> = Vec::new();
+                if let Some(t) = held.as_ref().and_then(|h| h.grant.refresh_token.as_ref()) {
+                    tokens.push((t, "refresh_token"));
+                }
+                match &row.refresh_token {
+                    Some(t) => tokens.push((t, "refresh_token")),
+                    None => tokens.push((&row.access_token, "access_token")),
+                }
+                let mut revoked = false;
+                for (token, hint) in tokens {
+                    match p.revoke(token, hint).await {
+                        Ok(r) => revoked = r,
+                        Err(e) => {
+                            tracing::warn!(provider, account, error = %e, "upstream revocation failed; the grant is kept");
+                            self.release_lease(&slot, &attempt).await;
+                            return Err(TokenError::RevocationFailed {
+                                provider: provider.to_string(),
+                                account: account.to_string(),
+                                reason: e.to_string(),
+                            });
+                        }
+                    }
+                }
+                if revoked {
+                    tracing::info!(provider, account, "grant revoked upstream");
+                } else {
+                    tracing::info!(provider, account, "the provider offers no revocation; the grant is only forgotten here");
+                }
+            } else {
+                tracing::warn!(provider, account, "forgetting the grant here only, as asked: it stays valid at the provider");
+            }
+            if self
+                .inner
+                .store
+                .delete_connection_at(row.id, row.generation)
+                .await?
+            {
+                tracing::info!(provider, account, "grant forgotten");
+                self.drop_slot(&slot);
+                return Ok(true);
+            }
+            // A newer authorization was stored meanwhile: revoke that too.
+            tracing::info!(provider, account, "a newer grant was stored during the revocation; revoking it as well");
+        }
+        Err(TokenError::Busy {
+            provider: provider.to_string(),
+            account: account.to_string(),
+        })
+    }
+
+    /// Takes the lease for a revocation, waiting for another process's
+    /// flight (bounded); returns the stored row, or `None` if it is gone.
+    async fn lease_for_revocation(
+        &self,
+        slot: &Arc<Slot>,
+        attempt: &str,
+        provider: &Provider,
+    ) -> Result<Option<ConnectionRow>, TokenError> {
+        let deadline = tokio::time::Instant::now()
+            + provider.config.request_timeout.saturating_mul(2)
+            + LEASE
+            + LEASE_POLL;
+        let mut takeover: Option<LeaseSeen> = None;
+        loop {
+            let now = self.clock().now();
+            match self
+                .inner
+                .store
+                .begin_refresh(
+                    slot.id,
+                    &self.inner.owner,
+                    attempt,
+                    now,
+                    now + chrono_dur(LEASE),
+                    takeover.as_ref(),
+                )
+                .await?
+            {
+                BeginRefresh::Started(row) => return Ok(Some(*row)),
+                BeginRefresh::Gone => return Ok(None),
+                BeginRefresh::Busy {
+                    owner: holder,
+                    attempt: theirs,
+                    until,
+                } => {
+                    takeover = self.holder_gone(slot, &holder, theirs.as_deref(), Some(until));
+                    if takeover.is_none() {
+                        if tokio::time::Instant::now() >= deadline {
+                            return Err(TokenError::Busy {
+                                provider: slot.provider.clone(),
+                                account: slot.account.clone(),
+                            });
+                        }
+                        tokio::time::sleep(LEASE_POLL).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives back a lease taken for a revocation that did not happen,
+    /// restoring the state the connection had.
+    async fn release_lease(&self, slot: &Slot, attempt: &str) {
+        let snap = slot.snapshot();
+        let state = match snap.state {
+            ConnState::Refreshing => ConnState::Active,
+            s => s,
+        };
+        match self
             .inner
             .store
-            .delete_connection(provider, account)
-            .await?;
+            .finish_attempt(
+                slot.id,
+                &self.inner.owner,
+                attempt,
+                state,
+                snap.last_error.as_deref(),
+                snap.failures,
+                snap.next_attempt_at,
+            )
+            .await
+        {
+            Ok(Some(row)) if slot.pending().is_none() => {
+                slot.set(self.snap_of(&row));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(provider = %slot.provider, account = %slot.account, error = %e, "cannot release the lease; it lapses by itself")
+            }
+        }
+    }
+
+    /// Removes a forgotten connection from memory: its snapshot, its
+    /// fingerprints and any grant held for it.
+    fn drop_slot(&self, slot: &Slot) {
         self.inner
             .slots
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&(provider.to_string(), account.to_string()));
-        let Some(row) = removed else {
-            return Ok(false);
-        };
-        // Revocation is best effort: the grant is already forgotten here,
-        // and a provider outage must not keep it alive locally.
-        let token = row
-            .refresh_token
-            .as_ref()
-            .map(|t| (t, "refresh_token"))
-            .unwrap_or((&row.access_token, "access_token"));
-        match p.revoke(token.0, token.1).await {
-            Ok(true) => tracing::info!(provider, account, "grant revoked upstream and forgotten"),
-            Ok(false) => tracing::info!(
-                provider,
-                account,
-                "grant forgotten (the provider offers no revocation)"
-            ),
-            Err(e) => {
-                tracing::warn!(provider, account, error = %e, "grant forgotten, but upstream revocation failed")
-            }
-        }
-        Ok(true)
+            .retain(|_, s| s.id != slot.id);
+        self.inner.recognizer.forget(slot.id);
+        slot.take_pending();
     }
 
     /// One scheduler pass: notice other processes' writes, then start every
-    /// due refresh. Decisions compare stored absolute instants with the wall
-    /// clock now, so time spent suspended is caught up here.
+    /// due refresh. Decisions compare stored absolute instants with each
+    /// token's own idea of now (`clock::Anchor`): the wall clock, or its
+    /// receipt plus monotonic time since if that is later, so time spent
+    /// suspended is caught up here and a clock set back delays nothing.
     pub async fn tick(&self) -> Result<(), StoreError> {
         self.heartbeat().await?;
         self.reconcile().await?;
         let settings = self.settings();
-        let now = Utc::now();
         let mut due: Vec<(DateTime<Utc>, Arc<Slot>)> = Vec::new();
         for slot in self.all_slots() {
+            // A slot holding an uncommitted grant is looked after by its
+            // commit retry loop, not refreshed.
             if !settings.providers.contains_key(&slot.provider)
                 || slot.in_flight.load(Ordering::SeqCst)
+                || slot.pending().is_some()
             {
                 continue;
             }
             let snap = slot.snapshot();
+            let now = snap.anchor.now(self.clock());
             if snap.state == ConnState::AuthorizationRequired
                 || snap.next_attempt_at.is_some_and(|t| t > now)
             {
@@ -845,26 +1250,45 @@ impl Engine {
         let known: HashMap<i64, Arc<Slot>> =
             self.all_slots().into_iter().map(|s| (s.id, s)).collect();
         for (id, generation, state) in &versions {
-            let stale = match known.get(id) {
-                None => true,
+            // (stale, new grant): a new grant brings new fingerprints.
+            let (stale, regrant) = match known.get(id) {
+                None => (true, true),
                 Some(slot) => {
                     let snap = slot.snapshot();
-                    !slot.in_flight.load(Ordering::SeqCst)
-                        && (snap.generation != *generation || snap.state.as_str() != state)
+                    let quiet =
+                        !slot.in_flight.load(Ordering::SeqCst) && slot.pending().is_none();
+                    let regrant = snap.generation != *generation;
+                    (
+                        quiet && (regrant || snap.state.as_str() != state),
+                        quiet && regrant,
+                    )
                 }
             };
             if stale {
                 if let Some(row) = self.inner.store.load_connection(*id).await? {
+                    if regrant {
+                        self.learn_fingerprints(*id).await?;
+                    }
                     self.install(&row);
                 }
             }
         }
         let live: std::collections::HashSet<i64> = versions.iter().map(|v| v.0).collect();
+        let mut gone = Vec::new();
         self.inner
             .slots
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, s| live.contains(&s.id));
+            .retain(|_, s| {
+                let keep = live.contains(&s.id);
+                if !keep {
+                    gone.push(s.id);
+                }
+                keep
+            });
+        for id in gone {
+            self.inner.recognizer.forget(id);
+        }
         Ok(())
     }
 
@@ -891,7 +1315,7 @@ impl Engine {
                 landed.await;
             }
             if slot.attempts.load(Ordering::SeqCst) != seen {
-                return answer(slot, &slot.snapshot(), Utc::now());
+                return answer(slot, &slot.snapshot(), self.clock());
             }
         }
         let flight = slot.flight.clone().lock_owned().await;
@@ -904,10 +1328,10 @@ impl Engine {
             let rotated = snap.generation != joined_from;
             let failed = snap.state != ConnState::Active || snap.last_error.is_some();
             if trigger != Trigger::Forced || rotated {
-                return answer(slot, &snap, Utc::now());
+                return answer(slot, &snap, self.clock());
             }
             if failed {
-                return Err(failure(slot, &snap, Utc::now()));
+                return Err(failure(slot, &snap, self.clock()));
             }
         }
         slot.in_flight.store(true, Ordering::SeqCst);
@@ -928,19 +1352,23 @@ impl Engine {
                     // Whoever forces a refresh wants to know it did not
                     // happen, even though the old token would still be
                     // served to ordinary callers.
-                    return Err(failure(&flying, &snap, Utc::now()));
+                    return Err(failure(&flying, &snap, engine.clock()));
                 }
-                answer(&flying, &snap, Utc::now())
+                answer(&flying, &snap, engine.clock())
             }));
         match landed.await {
             Ok(result) => result,
             Err(e) => {
                 tracing::error!(provider = %slot.provider, account = %slot.account, "the refresh task failed: {e}");
+                let snap = slot.snapshot();
+                let now = snap.anchor.now(self.clock());
                 Err(TokenError::RefreshFailed {
                     provider: slot.provider.clone(),
                     account: slot.account.clone(),
                     reason: "internal error: the refresh task stopped".into(),
                     retry_after: Duration::from_secs(1),
+                    still_valid_until: (snap.timing.expires_at > now)
+                        .then_some(snap.timing.expires_at),
                 })
             }
         }
@@ -949,7 +1377,7 @@ impl Engine {
     /// Runs one refresh with the flight lock held.
     async fn refresh_locked(
         &self,
-        slot: &Slot,
+        slot: &Arc<Slot>,
         trigger: Trigger,
     ) -> Result<Arc<Snapshot>, TokenError> {
         let settings = self.settings();
@@ -959,12 +1387,28 @@ impl Engine {
             .ok_or_else(|| TokenError::UnknownProvider(slot.provider.clone()))?;
         let store = &self.inner.store;
         let owner = &self.inner.owner;
+
+        // 0. A grant held in memory comes first: store it, and that is this
+        // flight's result. While it cannot be stored, no refresh calls the
+        // provider (its result could not be stored either, SPEC 9), and
+        // the stored refresh token is the rotated-out one anyway.
+        if slot.pending().is_some() {
+            return match self.land_pending(slot).await {
+                Ok(()) => Ok(slot.snapshot()),
+                Err(e) => {
+                    tracing::error!(provider = %slot.provider, account = %slot.account, error = %e, "the grant held in memory still cannot be stored; no refresh until it is");
+                    Ok(self.serve_pending_if_stored_dead(slot, &settings.refresh))
+                }
+            };
+        }
+
         let attempt = format!("{:016x}", rand::random::<u64>());
 
         // 1. Take the lease; this also commits "refresh started".
-        let mut dead_owner: Option<String> = None;
+        let mut takeover: Option<LeaseSeen> = None;
+        let mut takeovers = 0;
         let row = loop {
-            let now = Utc::now();
+            let now = self.clock().now();
             match store
                 .begin_refresh(
                     slot.id,
@@ -972,19 +1416,20 @@ impl Engine {
                     &attempt,
                     now,
                     now + chrono_dur(LEASE),
-                    dead_owner.as_deref(),
+                    takeover.as_ref(),
                 )
                 .await?
             {
                 BeginRefresh::Started(row) => {
-                    if let (Some(dead), Some(at)) = (&dead_owner, row.interrupted_at) {
+                    *slot.lease_watch.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    if let (Some(previous), Some(at)) = (&takeover, row.interrupted_at) {
                         // Report it now, not only if the provider later
                         // rejects the token: the operator should know.
                         tracing::warn!(
                             provider = %slot.provider,
                             account = %slot.account,
-                            previous_holder = %dead,
-                            "a refresh started at {} by a process that has since died was interrupted; took over its lease and retrying with the stored refresh token",
+                            previous_holder = %previous.owner,
+                            "a refresh started at {} by a process that has since died or stopped renewing its lease was interrupted; took over its lease and retrying with the stored refresh token",
                             at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                         );
                     }
@@ -998,23 +1443,27 @@ impl Engine {
                 }
                 BeginRefresh::Busy {
                     owner: holder,
+                    attempt: theirs,
                     until,
                 } => {
-                    if dead_owner.is_none() && owner_is_dead(&holder) {
-                        dead_owner = Some(holder);
-                        continue;
+                    if takeovers < 2 {
+                        takeover = self.holder_gone(slot, &holder, theirs.as_deref(), Some(until));
+                        if takeover.is_some() {
+                            takeovers += 1;
+                            continue;
+                        }
                     }
                     // Someone else refreshes this grant: we are not alone.
                     self.inner.peers.store(true, Ordering::Relaxed);
-                    return self.wait_for_other_process(slot, until, provider).await;
+                    return self.wait_for_other_process(slot, provider).await;
                 }
             }
         };
 
         // 2. The re-read grant may be newer than our snapshot: another
         // process rotated it. If it no longer needs refreshing, we are done.
-        let now = Utc::now();
-        let fresh = Snapshot::from_row(&row);
+        let fresh = self.snap_of(&row);
+        let now = slot.set(fresh.clone()).anchor.now(self.clock());
         let needed = match trigger {
             Trigger::Forced => true,
             Trigger::OnDemand => !policy::fresh_enough(&fresh.timing, now, &settings.refresh),
@@ -1042,17 +1491,17 @@ impl Engine {
                 )
                 .await?
                 .unwrap_or(row);
-            return Ok(slot.set(Snapshot::from_row(&row)));
+            return Ok(slot.set(self.snap_of(&row)));
         }
         let Some(mut refresh_token) = row.refresh_token.clone() else {
             let reason = "the provider never issued a refresh token for this grant; authorize again (ask for offline access if the provider needs it)";
             return self.reject(slot, &attempt, &row, reason.to_string()).await;
         };
-        slot.set(fresh);
 
         // 3. Call the provider, renewing the lease while we wait; retry once
         // with a newer stored token if the provider rejects ours.
         let mut retried = false;
+        let mut base_generation = row.generation;
         loop {
             let started = std::time::Instant::now();
             let result = {
@@ -1069,7 +1518,11 @@ impl Engine {
             };
             let elapsed = started.elapsed();
             match result {
-                Ok(grant) => return self.commit(slot, &attempt, grant, elapsed).await,
+                Ok(grant) => {
+                    return self
+                        .commit(slot, &attempt, base_generation, refresh_token, grant, elapsed)
+                        .await
+                }
                 Err(ProviderError::Transient {
                     message,
                     retry_after,
@@ -1082,12 +1535,14 @@ impl Engine {
                     let current = store.load_connection(slot.id).await?;
                     let newer = current
                         .as_ref()
-                        .and_then(|c| c.refresh_token.clone())
-                        .filter(|t| t.expose_secret() != refresh_token.expose_secret());
+                        .filter(|c| c.refresh_token.as_ref().is_some_and(|t| t.expose_secret() != refresh_token.expose_secret()));
                     match newer {
-                        Some(t) if !retried => {
+                        Some(c) if !retried => {
                             tracing::info!(provider = %slot.provider, account = %slot.account, "refresh token rejected, but storage holds a newer one (another process rotated it); retrying once with it");
-                            refresh_token = t;
+                            if let Some(t) = c.refresh_token.clone() {
+                                refresh_token = t;
+                            }
+                            base_generation = c.generation;
                             retried = true;
                         }
                         _ => {
@@ -1111,7 +1566,7 @@ impl Engine {
     async fn renew_lease_while(&self, id: i64, attempt: String) {
         loop {
             tokio::time::sleep(LEASE / 3).await;
-            let until = Utc::now() + chrono_dur(LEASE);
+            let until = self.clock().now() + chrono_dur(LEASE);
             match self
                 .inner
                 .store
@@ -1133,58 +1588,275 @@ impl Engine {
         }
     }
 
+    /// Stores what the provider issued. A failed write does not lose it: it
+    /// is held in memory and retried (see the module invariants). A write
+    /// that finds a newer grant stored (a re-authorization after our read)
+    /// discards it instead.
     async fn commit(
         &self,
-        slot: &Slot,
+        slot: &Arc<Slot>,
         attempt: &str,
+        base_generation: i64,
+        used: SecretString,
         grant: TokenGrant,
         elapsed: Duration,
     ) -> Result<Arc<Snapshot>, TokenError> {
-        let new = NewGrant {
-            access_token: &grant.access_token,
-            refresh_token: grant.refresh_token.as_ref(),
-            token_type: &grant.token_type,
-            scope: grant.scope.as_deref(),
-            issued_at: grant.issued_at,
-            expires_at: grant.expires_at,
-        };
-        let fps = self.fingerprints(&grant);
         count_refresh(slot, "ok", Some(elapsed));
-        let was_failing = slot.snapshot().failures > 0;
-        let (row, kept_lease) = self
+        let pending = Arc::new(PendingCommit {
+            fps: self.fingerprints(&grant),
+            grant,
+            used,
+            attempt: attempt.to_string(),
+            base_generation,
+            anchor: Anchor::at(self.clock()),
+        });
+        match self.try_commit(slot, &pending).await {
+            Ok(snap) => {
+                tracing::info!(
+                    provider = %slot.provider,
+                    account = %slot.account,
+                    expires_at = %snap.timing.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    rotated = pending.grant.refresh_token.is_some(),
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "access token refreshed"
+                );
+                Ok(snap)
+            }
+            Err(CommitError::Superseded) => Ok(slot.snapshot()),
+            Err(CommitError::Gone) => Err(TokenError::UnknownConnection {
+                provider: slot.provider.clone(),
+                account: slot.account.clone(),
+            }),
+            Err(CommitError::Store(e)) => Ok(self.hold_pending(slot, pending, &e)),
+        }
+    }
+
+    /// One commit attempt of `p`; on success the snapshot is replaced.
+    async fn try_commit(
+        &self,
+        slot: &Arc<Slot>,
+        p: &PendingCommit,
+    ) -> Result<Arc<Snapshot>, CommitError> {
+        let g = &p.grant;
+        let new = NewGrant {
+            access_token: &g.access_token,
+            refresh_token: g.refresh_token.as_ref(),
+            token_type: &g.token_type,
+            scope: g.scope.as_deref(),
+            issued_at: g.issued_at,
+            expires_at: g.expires_at,
+        };
+        let was_failing = slot.snapshot().failures > 0 || slot.pending().is_some();
+        let outcome = self
             .inner
             .store
             .commit_refresh(
                 slot.id,
                 (&slot.provider, &slot.account),
                 &self.inner.owner,
-                attempt,
+                &p.attempt,
+                p.base_generation,
                 &new,
-                &fps,
+                &p.fps,
             )
-            .await?;
-        self.inner.recognizer.add(slot.id, &fps);
-        if !kept_lease {
-            tracing::warn!(provider = %slot.provider, account = %slot.account, "refresh lease had lapsed before commit; stored the new grant anyway, since the provider already rotated");
+            .await
+            .map_err(CommitError::Store)?;
+        match outcome {
+            CommitOutcome::Committed { row, kept_lease } => {
+                self.inner.recognizer.add(slot.id, &p.fps);
+                if !kept_lease {
+                    tracing::warn!(provider = %slot.provider, account = %slot.account, "refresh lease had lapsed before commit; stored the new grant anyway, since the provider already rotated");
+                }
+                // Anchored where the provider answered, not at the commit.
+                let snap = slot.set(Snapshot::from_row(&row, p.anchor));
+                if was_failing {
+                    self.notify(slot, EventKind::Recovered, "refreshing works again".into());
+                }
+                Ok(snap)
+            }
+            CommitOutcome::Superseded(current) => {
+                self.discard_superseded(slot, p, current.as_deref());
+                match current {
+                    Some(row) => {
+                        if slot.pending().is_none() {
+                            self.install(&row);
+                        }
+                        Err(CommitError::Superseded)
+                    }
+                    None => Err(CommitError::Gone),
+                }
+            }
         }
-        let Some(row) = row else {
-            return Err(TokenError::UnknownConnection {
-                provider: slot.provider.clone(),
-                account: slot.account.clone(),
-            });
-        };
-        tracing::info!(
+    }
+
+    /// A refresh that started before a newer grant was stored finished
+    /// after it: the newer grant wins. The late result's new refresh token
+    /// is revoked upstream unless it could belong to the stored grant.
+    fn discard_superseded(&self, slot: &Slot, p: &PendingCommit, current: Option<&ConnectionRow>) {
+        let stored = current.and_then(|c| c.refresh_token.as_ref());
+        let ours = p.grant.refresh_token.as_ref().filter(|t| {
+            t.expose_secret() != p.used.expose_secret()
+                && stored.is_none_or(|s| s.expose_secret() != t.expose_secret())
+        });
+        // The stored grant descends from ours only if it holds the token we
+        // spent (no rotation) or ours: then revoking would kill it too.
+        let same_family = stored.is_some_and(|s| s.expose_secret() == p.used.expose_secret());
+        tracing::warn!(
             provider = %slot.provider,
             account = %slot.account,
-            expires_at = %row.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            rotated = grant.refresh_token.is_some(),
-            elapsed_ms = elapsed.as_millis() as u64,
-            "access token refreshed"
+            "a refresh that started before a newer grant was stored (a new authorization, or the connection was forgotten) finished after it; its result is discarded"
         );
-        if was_failing {
-            self.notify(slot, EventKind::Recovered, "refreshing works again".into());
+        if let (Some(token), false) = (ours, same_family) {
+            self.revoke_in_background(
+                &slot.provider,
+                &slot.account,
+                token.clone(),
+                "the discarded result of a refresh overtaken by a newer grant",
+            );
         }
-        Ok(slot.set(Snapshot::from_row(&row)))
+    }
+
+    /// Keeps a grant whose commit failed: in memory, served as the module
+    /// invariants say, retried in the background until it lands.
+    fn hold_pending(
+        &self,
+        slot: &Arc<Slot>,
+        pending: Arc<PendingCommit>,
+        error: &StoreError,
+    ) -> Arc<Snapshot> {
+        tracing::error!(
+            provider = %slot.provider,
+            account = %slot.account,
+            error = %error,
+            "the provider issued a new grant but storing it failed; it is held in memory and storing is retried until it lands"
+        );
+        metrics::counter!(crate::metrics::COMMIT_FAILURES_TOTAL).increment(1);
+        let first = {
+            let mut held = slot.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let first = held.is_none();
+            *held = Some(pending);
+            first
+        };
+        if first {
+            metrics::gauge!(crate::metrics::UNCOMMITTED_GRANTS).increment(1.0);
+            self.notify(
+                slot,
+                EventKind::RefreshFailing,
+                format!("the provider issued a new grant but it could not be stored ({error}); it is held in memory and storing is retried until it lands"),
+            );
+            let engine = self.clone();
+            let slot = slot.clone();
+            self.inner.tasks.spawn(async move {
+                engine.retry_pending(slot).await;
+            });
+        }
+        let settings = self.settings();
+        self.mark_held(slot, error, &settings.refresh)
+    }
+
+    /// The snapshot while a grant is held: `retrying`, saying so, and
+    /// parked (token requests answer from it instead of refreshing).
+    fn mark_held(&self, slot: &Slot, error: &StoreError, refresh: &RefreshConfig) -> Arc<Snapshot> {
+        let mut snap = (*slot.snapshot()).clone();
+        let now = snap.anchor.now(self.clock());
+        snap.state = ConnState::Retrying;
+        snap.last_error = Some(format!(
+            "the provider issued a new grant, but it could not be stored ({error}); it is held in memory and not yet stored; storing is retried until it lands"
+        ));
+        snap.failures = snap.failures.saturating_add(1);
+        snap.next_attempt_at = Some(now + chrono_dur(COMMIT_RETRY_MAX.min(refresh.retry_max)));
+        slot.set(snap);
+        self.serve_pending_if_stored_dead(slot, refresh)
+    }
+
+    /// While a grant is held, the stored access token is served as long as
+    /// it satisfies callers (some providers keep it valid, and it is the
+    /// one a crash would leave); once it does not, the held one is served,
+    /// and the log says why.
+    fn serve_pending_if_stored_dead(&self, slot: &Slot, refresh: &RefreshConfig) -> Arc<Snapshot> {
+        let snap = slot.snapshot();
+        let Some(p) = slot.pending() else {
+            return snap;
+        };
+        let serving_held = snap.access_token.expose_secret() == p.grant.access_token.expose_secret();
+        if serving_held || policy::fresh_enough(&snap.timing, snap.anchor.now(self.clock()), refresh)
+        {
+            return snap;
+        }
+        tracing::warn!(
+            provider = %slot.provider,
+            account = %slot.account,
+            "serving the access token held in memory although its grant is not stored yet: the stored access token has expired or is about to"
+        );
+        let mut held = (*snap).clone();
+        held.access_token = p.grant.access_token.clone();
+        held.token_type = p.grant.token_type.clone();
+        held.timing = Timing {
+            issued_at: p.grant.issued_at,
+            expires_at: p.grant.expires_at,
+            refresh_token_issued_at: if p.grant.refresh_token.is_some() {
+                p.grant.issued_at
+            } else {
+                snap.timing.refresh_token_issued_at
+            },
+        };
+        held.anchor = p.anchor;
+        slot.set(held)
+    }
+
+    /// Lands the held grant, if any (`Ok` also when it was discarded as
+    /// superseded). Callers hold the flight lock.
+    async fn land_pending(&self, slot: &Arc<Slot>) -> Result<(), StoreError> {
+        let Some(p) = slot.pending() else {
+            return Ok(());
+        };
+        match self.try_commit(slot, &p).await {
+            Ok(_) => {
+                slot.take_pending();
+                tracing::info!(provider = %slot.provider, account = %slot.account, "the grant held in memory is stored now");
+                Ok(())
+            }
+            Err(CommitError::Superseded) | Err(CommitError::Gone) => {
+                slot.take_pending();
+                if let Some(row) = self.inner.store.load_connection(slot.id).await? {
+                    self.install(&row);
+                }
+                Ok(())
+            }
+            Err(CommitError::Store(e)) => {
+                metrics::counter!(crate::metrics::COMMIT_FAILURES_TOTAL).increment(1);
+                let settings = self.settings();
+                self.mark_held(slot, &e, &settings.refresh);
+                Err(e)
+            }
+        }
+    }
+
+    /// Retries the held grant's commit with backoff until it lands (or the
+    /// connection is forgotten); at shutdown, one last attempt.
+    async fn retry_pending(&self, slot: Arc<Slot>) {
+        let mut delay = COMMIT_RETRY_INITIAL;
+        loop {
+            let last = tokio::select! {
+                () = tokio::time::sleep(delay) => false,
+                () = self.inner.stopping.cancelled() => true,
+            };
+            let _flight = slot.flight.lock().await;
+            if slot.pending().is_none() {
+                return;
+            }
+            match self.land_pending(&slot).await {
+                Ok(()) => return,
+                Err(e) if last => {
+                    tracing::error!(provider = %slot.provider, account = %slot.account, error = %e, "stopping with a grant the provider issued that could not be stored: the stored refresh token is rotated out, so this connection will need a new authorization");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(provider = %slot.provider, account = %slot.account, error = %e, retry_in_ms = delay.as_millis() as u64, "storing the grant held in memory failed again; retrying");
+                    delay = (delay * 2).min(COMMIT_RETRY_MAX);
+                }
+            }
+        }
     }
 
     async fn transient(
@@ -1203,7 +1875,7 @@ impl Engine {
             &settings.refresh,
             rand::random::<f64>(),
         );
-        let next = Utc::now() + chrono_dur(delay);
+        let next = slot.snapshot().anchor.now(self.clock()) + chrono_dur(delay);
         tracing::warn!(
             provider = %slot.provider,
             account = %slot.account,
@@ -1233,7 +1905,7 @@ impl Engine {
             )
             .await?;
         Ok(match row {
-            Some(r) => slot.set(Snapshot::from_row(&r)),
+            Some(r) => slot.set(self.snap_of(&r)),
             None => slot.snapshot(),
         })
     }
@@ -1262,17 +1934,18 @@ impl Engine {
             )
             .await?;
         Ok(match row {
-            Some(r) => slot.set(Snapshot::from_row(&r)),
+            Some(r) => slot.set(self.snap_of(&r)),
             None => slot.snapshot(),
         })
     }
 
-    /// Another live process holds the lease: wait (bounded by the provider
-    /// timeout) until it lets go, then adopt whatever it stored.
+    /// Another process holds the lease: wait (bounded by the provider
+    /// timeout) until it lets go, then adopt whatever it stored. Its lease
+    /// counts as given up when it is released or replaced, or once it has
+    /// stood still for [`LEASE`] on our monotonic clock.
     async fn wait_for_other_process(
         &self,
         slot: &Slot,
-        until: DateTime<Utc>,
         provider: &Provider,
     ) -> Result<Arc<Snapshot>, TokenError> {
         let deadline = tokio::time::Instant::now() + provider.config.request_timeout + LEASE_POLL;
@@ -1284,26 +1957,43 @@ impl Engine {
                     account: slot.account.clone(),
                 });
             };
-            let released =
-                row.lease_owner.is_none() || row.lease_until.is_none_or(|u| u < Utc::now());
-            if released || tokio::time::Instant::now() >= deadline || Utc::now() > until {
-                return Ok(slot.set(Snapshot::from_row(&row)));
+            let released = match row.lease_owner.as_deref() {
+                None => true,
+                Some(holder) => self
+                    .holder_gone(slot, holder, row.attempt_id.as_deref(), row.lease_until)
+                    .is_some(),
+            };
+            if released || tokio::time::Instant::now() >= deadline {
+                return Ok(slot.set(self.snap_of(&row)));
             }
         }
     }
 }
 
-/// Turns a snapshot into what a caller gets: the token while it is still
-/// valid (even after failures), else the error that explains why not.
-fn answer(slot: &Slot, snap: &Snapshot, now: DateTime<Utc>) -> Result<IssuedToken, TokenError> {
-    if snap.timing.expires_at > now {
-        return Ok(issued(slot, snap));
-    }
-    Err(failure(slot, snap, now))
+/// Why a commit attempt did not store the grant.
+enum CommitError {
+    /// A newer grant is stored; ours was discarded.
+    Superseded,
+    /// The connection was forgotten; ours was discarded.
+    Gone,
+    /// Storage failed; the grant must be kept and retried.
+    Store(StoreError),
 }
 
-/// The error that explains why `snap` yields no (new) token.
-fn failure(slot: &Slot, snap: &Snapshot, now: DateTime<Utc>) -> TokenError {
+/// Turns a snapshot into what a caller gets: the token while it is still
+/// valid (even after failures), else the error that explains why not.
+fn answer(slot: &Slot, snap: &Snapshot, clock: &dyn Clock) -> Result<IssuedToken, TokenError> {
+    if snap.timing.expires_at > snap.anchor.now(clock) {
+        return Ok(issued(slot, snap));
+    }
+    Err(failure(slot, snap, clock))
+}
+
+/// The error that explains why `snap` yields no (new) token. It says
+/// whether the current token is still served, so a failed forced refresh
+/// does not claim that none is left.
+fn failure(slot: &Slot, snap: &Snapshot, clock: &dyn Clock) -> TokenError {
+    let now = snap.anchor.now(clock);
     if snap.state == ConnState::AuthorizationRequired {
         return TokenError::AuthorizationRequired {
             provider: slot.provider.clone(),
@@ -1327,6 +2017,7 @@ fn failure(slot: &Slot, snap: &Snapshot, now: DateTime<Utc>) -> TokenError {
             .clone()
             .unwrap_or_else(|| "the refresh did not complete".into()),
         retry_after,
+        still_valid_until: (snap.timing.expires_at > now).then_some(snap.timing.expires_at),
     }
 }
 
@@ -1359,39 +2050,7 @@ fn chrono_dur(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
-}
-
-/// `host:pid:nonce`: enough to tell, on the same host, whether a lease
-/// holder still runs (the nonce tells apart two lives of one pid).
-fn owner_id() -> String {
-    format!(
-        "{}:{}:{:08x}",
-        hostname(),
-        std::process::id(),
-        rand::random::<u32>()
-    )
-}
-
-/// True when `owner` names a process on this host that no longer exists
-/// (or an earlier life of our own pid). Other hosts' leases only lapse.
-///
-/// Only called for holders other than this process (our own leases match
-/// by exact owner string in SQL), so a holder with our pid is a dead
-/// predecessor that had the same pid: common for pid 1 in containers.
+/// Whether the lease holder `owner` is certainly gone (see `owner`).
 fn owner_is_dead(owner: &str) -> bool {
-    let mut parts = owner.rsplitn(3, ':');
-    let (Some(_nonce), Some(pid), Some(host)) = (parts.next(), parts.next(), parts.next()) else {
-        return false;
-    };
-    if host != hostname() {
-        return false;
-    }
-    let Ok(pid) = pid.parse::<u32>() else {
-        return false;
-    };
-    pid == std::process::id() || !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    owner::certainly_dead(owner, owner::Identity::current(), owner::probe)
 }

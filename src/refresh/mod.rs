@@ -3,11 +3,14 @@
 //! rotation, crash recovery, serving snapshots) and `flights`, the thread
 //! refreshes run on. Tests drive the engine directly, without HTTP.
 
+pub mod clock;
 pub mod engine;
 pub mod flights;
+pub mod owner;
 pub mod policy;
 pub mod recognizer;
 
 pub use engine::{
-    ConnectionReport, Engine, IssuedToken, Settings, Snapshot, TokenError, TokenIdentity, Trigger,
+    ConnectionReport, Engine, IssuedToken, Revocation, Settings, Snapshot, TokenError, TokenIdentity,
+    Trigger,
 };
