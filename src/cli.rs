@@ -82,10 +82,13 @@ pub enum Command {
         provider: String,
         account: Option<String>,
     },
-    /// Revoke the grant upstream where the provider can, and forget it.
+    /// Revoke the grant upstream where the provider can, and forget it (if the provider fails the revocation, the grant is kept).
     Revoke {
         provider: String,
         account: Option<String>,
+        /// Forget the grant here only, without revoking it at the provider (it stays valid there).
+        #[arg(long)]
+        local: bool,
     },
     /// Validate the config: exit 0, or print every problem with its key and line and exit 2.
     CheckConfig,
@@ -168,7 +171,7 @@ fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,tokio_cron_scheduler=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     let format = match format {
         LogFormat::Auto if crate::systemd::under_journal() => LogFormat::Journal,
         LogFormat::Auto => LogFormat::Human,
@@ -444,16 +447,28 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                 acct(account)
             );
         }
-        Command::Revoke { provider, account } => {
+        Command::Revoke {
+            provider,
+            account,
+            local,
+        } => {
+            let query = if *local { "?local=true" } else { "" };
             call(
                 &http,
                 reqwest::Method::DELETE,
-                &format!("{base}/v1/connections/{provider}/{}", acct(account)),
+                &format!("{base}/v1/connections/{provider}/{}{query}", acct(account)),
                 &base,
                 None,
             )
             .await?;
-            println!("revoked and forgot {provider}/{}", acct(account));
+            if *local {
+                println!(
+                    "forgot {provider}/{} here; it was not revoked at the provider and stays valid there",
+                    acct(account)
+                );
+            } else {
+                println!("revoked and forgot {provider}/{}", acct(account));
+            }
         }
         Command::Status { json } => {
             let v = call(

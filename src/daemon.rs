@@ -7,12 +7,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::ServiceExt;
 use tokio::net::TcpListener;
-use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -33,8 +32,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub enum DaemonError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot start the refresh scheduler: {0}")]
-    Scheduler(#[from] tokio_cron_scheduler::JobSchedulerError),
     #[error("the HTTP server failed: {0}")]
     Serve(#[from] std::io::Error),
     #[error(transparent)]
@@ -147,34 +144,14 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     });
     let app = http::router(state, extra);
 
-    let mut scheduler = JobScheduler::new().await?;
-    // The cron scheduler counts whole seconds; a sub-second interval would
-    // become zero and spin.
-    let every = config.refresh.check_interval.max(Duration::from_secs(1));
-    let ticker = engine.clone();
-    let last_status = Arc::new(Mutex::new(String::new()));
-    scheduler
-        .add(Job::new_repeated_async(every, move |_id, _sched| {
-            let engine = ticker.clone();
-            let last_status = last_status.clone();
-            Box::pin(async move {
-                if let Err(e) = engine.tick().await {
-                    tracing::error!(error = %e, "refresh scheduler tick failed");
-                }
-                crate::metrics::upkeep();
-                let now = systemd::summary(&engine);
-                let mut last = last_status.lock().unwrap_or_else(|e| e.into_inner());
-                if *last != now {
-                    systemd::status(&now);
-                    *last = now;
-                }
-            })
-        })?)
-        .await?;
-    scheduler.start().await?;
     // Catch up at once rather than one interval late (interrupted refreshes,
     // tokens that expired while the daemon was down).
     engine.tick().await?;
+    let scheduler = tokio::spawn(schedule(
+        engine.clone(),
+        config.refresh.check_interval,
+        shutdown.clone(),
+    ));
 
     let background = tokio_util::task::TaskTracker::new();
     background.spawn(systemd::watchdog(engine.clone(), shutdown.clone()));
@@ -226,9 +203,11 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
 
     tracing::info!("shutting down: waiting for in-flight refreshes to commit");
     shutdown.cancel();
-    if let Err(e) = scheduler.shutdown().await {
+    if let Err(e) = scheduler.await {
         tracing::warn!(error = %e, "scheduler did not stop cleanly");
     }
+    // Grants held in memory (a failed commit) get their last attempt.
+    engine.stop();
     engine.tasks().close();
     if tokio::time::timeout(SHUTDOWN_GRACE, engine.tasks().wait())
         .await
@@ -241,6 +220,32 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     store.close().await;
     tracing::info!("stopped");
     served.map_err(DaemonError::from)
+}
+
+/// The refresh scheduler: a tick every `every` on tokio's monotonic clock,
+/// so a wall clock set back (or forward) neither stops nor bunches ticks;
+/// the decisions inside a tick are the engine's (`Engine::tick`).
+async fn schedule(engine: Engine, every: Duration, shutdown: CancellationToken) {
+    // Sub-second intervals are allowed in tests; zero would spin.
+    let every = every.max(Duration::from_millis(100));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_status = String::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if let Err(e) = engine.tick().await {
+            tracing::error!(error = %e, "refresh scheduler tick failed");
+        }
+        crate::metrics::upkeep();
+        let now = systemd::summary(&engine);
+        if last_status != now {
+            systemd::status(&now);
+            last_status = now;
+        }
+    }
 }
 
 /// SIGHUP: re-read the config; on success swap providers and policy, on
