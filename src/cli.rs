@@ -170,8 +170,7 @@ pub async fn run(cli: Cli) -> u8 {
 fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let format = match format {
         LogFormat::Auto if crate::systemd::under_journal() => LogFormat::Journal,
         LogFormat::Auto => LogFormat::Human,

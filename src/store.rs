@@ -529,11 +529,13 @@ impl Store {
         // BEGIN IMMEDIATE semantics: the first statement writes, so the
         // replaced token read below is the one this write replaces.
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE connections SET generation = generation WHERE provider = ? AND account = ?")
-            .bind(provider.to_owned())
-            .bind(account.to_owned())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE connections SET generation = generation WHERE provider = ? AND account = ?",
+        )
+        .bind(provider.to_owned())
+        .bind(account.to_owned())
+        .execute(&mut *tx)
+        .await?;
         let replaced: Option<Option<String>> = sqlx::query_scalar(
             "SELECT refresh_token FROM connections WHERE provider = ? AND account = ?",
         )
@@ -616,11 +618,12 @@ impl Store {
         if let Some(row) = row {
             return Ok(BeginRefresh::Started(Box::new(self.decode(&row)?)));
         }
-        let holder =
-            sqlx::query("SELECT lease_owner, lease_until, attempt_id FROM connections WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let holder = sqlx::query(
+            "SELECT lease_owner, lease_until, attempt_id FROM connections WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(match holder {
             None => BeginRefresh::Gone,
             Some(r) => BeginRefresh::Busy {
@@ -872,7 +875,10 @@ impl Store {
 
     /// The fingerprints stored for one connection, oldest first: what the
     /// recognizer mirrors after another process wrote the connection.
-    pub async fn fingerprints_of(&self, connection_id: i64) -> Result<Vec<Fingerprint>, StoreError> {
+    pub async fn fingerprints_of(
+        &self,
+        connection_id: i64,
+    ) -> Result<Vec<Fingerprint>, StoreError> {
         let rows = sqlx::query(
             "SELECT kind, digest FROM token_fingerprints WHERE connection_id = ? ORDER BY id",
         )
@@ -893,7 +899,6 @@ impl Store {
             })
             .collect()
     }
-
 }
 
 /// Columns written by a rotation, bound by [`bind_grant`] as ?1..?6.

@@ -102,7 +102,9 @@ async fn authorize(s: &Setup) -> TokenGrant {
 
 fn fresh(s: &Setup) -> Option<String> {
     s.engine
-        .with_fresh_token("demo", "default", s.clock.now(), |t| t.access_token.to_string())
+        .with_fresh_token("demo", "default", s.clock.now(), |t| {
+            t.access_token.to_string()
+        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,7 +122,10 @@ async fn a_wall_clock_set_back_does_not_keep_a_dead_token_alive() {
     s.clock.jump_wall(-chrono::Duration::hours(2));
     assert_eq!(fresh(&s), None, "a dead token is served as fresh");
     let t = s.engine.token("demo", "default").await.unwrap();
-    assert_ne!(t.access_token.expose_secret(), grant.access_token.expose_secret());
+    assert_ne!(
+        t.access_token.expose_secret(),
+        grant.access_token.expose_secret()
+    );
     assert_eq!(s.sim.sim.stats().refresh_ok, 1, "it was refreshed instead");
     assert_eq!(s.engine.report()[0].state, "active");
 }
@@ -132,7 +137,11 @@ async fn a_wall_clock_set_forward_does_not_make_a_live_lease_look_lapsed() {
     // Another daemon, on another host, holds the lease for 30 s more.
     let until = (s.clock.now() + chrono::Duration::seconds(30)).timestamp_millis();
     let holder = "tk2;host=elsewhere;boot=-;pidns=-;pid=7;start=-;nonce=00000001";
-    let mut c = SqliteConnectOptions::new().filename(&s.db).connect().await.unwrap();
+    let mut c = SqliteConnectOptions::new()
+        .filename(&s.db)
+        .connect()
+        .await
+        .unwrap();
     sqlx::query(
         "UPDATE connections SET lease_owner = ?, lease_until = ?, attempt_id = 'other', attempt_started_at = ?",
     )
@@ -147,7 +156,11 @@ async fn a_wall_clock_set_forward_does_not_make_a_live_lease_look_lapsed() {
     // long ago, but no time passed and the holder may be renewing it.
     s.clock.jump_wall(chrono::Duration::hours(1));
     assert!(s.engine.force_refresh("demo", "default").await.is_err());
-    assert_eq!(s.sim.sim.stats().refresh_calls, 0, "a live lease was taken over");
+    assert_eq!(
+        s.sim.sim.stats().refresh_calls,
+        0,
+        "a live lease was taken over"
+    );
     assert_eq!(lease_owner(&mut c).await.as_deref(), Some(holder));
 
     // It stands still for a whole lease on our monotonic clock: now it is

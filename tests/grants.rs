@@ -139,7 +139,10 @@ async fn a_grant_whose_commit_fails_is_held_in_memory_until_it_lands() {
     let (s, b) = h.token().await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["access_token"], token0.as_str());
-    assert!(h.log().contains("storing it failed"), "logged at error level");
+    assert!(
+        h.log().contains("storing it failed"),
+        "logged at error level"
+    );
 
     // Storage comes back: the held grant lands without another provider call.
     sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
@@ -149,18 +152,29 @@ async fn a_grant_whose_commit_fails_is_held_in_memory_until_it_lands() {
         Duration::from_secs(30),
         "the held grant is stored",
         || async {
-            stored_refresh_token(&db).await.is_some() && stored_refresh_token(&db).await == sim.current_refresh_token()
+            stored_refresh_token(&db).await.is_some()
+                && stored_refresh_token(&db).await == sim.current_refresh_token()
         },
     )
     .await;
-    common::eventually(Duration::from_secs(5), "the connection is active again", || async {
-        h.connection("default").await["state"] == "active"
-    })
+    common::eventually(
+        Duration::from_secs(5),
+        "the connection is active again",
+        || async { h.connection("default").await["state"] == "active" },
+    )
     .await;
-    assert_eq!(sim.stats().refresh_calls, 1, "landing it needed no new refresh");
+    assert_eq!(
+        sim.stats().refresh_calls,
+        1,
+        "landing it needed no new refresh"
+    );
     let (s, b) = h.token().await;
     assert_eq!(s, 200, "{b}");
-    assert_ne!(b["access_token"], token0.as_str(), "the new token is served now");
+    assert_ne!(
+        b["access_token"],
+        token0.as_str(),
+        "the new token is served now"
+    );
 
     // The next refresh sends the rotated refresh token: no invalid_grant.
     sim.set_token_delay(Duration::ZERO, DelayPhase::BeforeProcessing);
@@ -219,7 +233,10 @@ async fn a_reauthorization_wins_over_a_refresh_that_started_before_it() {
         || async { sim.live_grants() == 1 },
     )
     .await;
-    assert_eq!(sim.current_refresh_token().as_deref(), Some(newest.as_str()));
+    assert_eq!(
+        sim.current_refresh_token().as_deref(),
+        Some(newest.as_str())
+    );
     assert!(h.log().contains("its result is discarded"));
 }
 
@@ -285,7 +302,11 @@ async fn a_holder_in_another_pid_namespace_is_not_taken_over_before_its_lease_la
     assert_ne!(s, 200, "no refresh while another live holder may run: {b}");
     // A few scheduler ticks later, still untouched.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(h.sim.sim.stats().refresh_calls, 0, "the lease was taken over");
+    assert_eq!(
+        h.sim.sim.stats().refresh_calls,
+        0,
+        "the lease was taken over"
+    );
     let mut c = SqliteConnectOptions::new()
         .filename(h.db_path())
         .read_only(true)
@@ -376,8 +397,14 @@ async fn a_failed_upstream_revocation_keeps_the_grant_unless_local_is_asked() {
     assert_eq!(s, 502, "{b}");
     assert_eq!(b["error"], "revocation_failed", "{b}");
     let message = b["message"].as_str().unwrap_or_default();
-    assert!(message.contains("temporarily_unavailable"), "the provider's error: {b}");
-    assert!(message.contains("--local"), "says how to forget anyway: {b}");
+    assert!(
+        message.contains("temporarily_unavailable"),
+        "the provider's error: {b}"
+    );
+    assert!(
+        message.contains("--local"),
+        "says how to forget anyway: {b}"
+    );
     let (s, b) = h.token().await;
     assert_eq!(s, 200, "the grant is kept: {b}");
     assert_eq!(b["access_token"], token0.as_str());
@@ -398,7 +425,11 @@ async fn a_failed_upstream_revocation_keeps_the_grant_unless_local_is_asked() {
     sim.set_revoke_fault(None);
     let (s, b) = delete(&h, "?local=false").await;
     assert_eq!(s, 204, "{b}");
-    assert_eq!(sim.live_grants(), 1, "only the locally forgotten grant is left");
+    assert_eq!(
+        sim.live_grants(),
+        1,
+        "only the locally forgotten grant is left"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -418,9 +449,11 @@ async fn two_browser_flows_for_one_account_leave_one_live_grant() {
         let r = h.http.get(cb).header(COOKIE, cookie).send().await.unwrap();
         assert_eq!(r.status(), 200);
     }
-    common::eventually(Duration::from_secs(5), "the replaced grant is revoked", || async {
-        sim.live_grants() == 1
-    })
+    common::eventually(
+        Duration::from_secs(5),
+        "the replaced grant is revoked",
+        || async { sim.live_grants() == 1 },
+    )
     .await;
     assert_eq!(
         stored_refresh_token(&h.db_path()).await,

@@ -467,7 +467,6 @@ pub fn http_client() -> reqwest::Client {
         .unwrap_or_default()
 }
 
-
 /// The provider's own words from a failed revocation (RFC 7009 answers
 /// with an OAuth error body): `: error (description)`, or nothing. Only
 /// these two fields are read, bounded, so nothing else of the body (which
@@ -484,12 +483,7 @@ async fn revocation_error(resp: reqwest::Response) -> String {
     let Ok(e) = serde_json::from_slice::<OAuthError>(&bytes[..bytes.len().min(4096)]) else {
         return String::new();
     };
-    let clean = |v: &str| -> String {
-        v.chars()
-            .filter(|c| !c.is_control())
-            .take(200)
-            .collect()
-    };
+    let clean = |v: &str| -> String { v.chars().filter(|c| !c.is_control()).take(200).collect() };
     match e.error_description {
         Some(d) => format!(": {} ({})", clean(&e.error), clean(&d)),
         None => format!(": {}", clean(&e.error)),

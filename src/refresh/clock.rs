@@ -196,16 +196,41 @@ mod tests {
         let lease = Duration::from_secs(30);
         let mut w = None;
         let seen = |until: i64| ("other".to_string(), Some("a1".to_string()), until);
-        assert!(!LeaseWatch::observe(&mut w, seen(100), clock.monotonic(), lease));
+        assert!(!LeaseWatch::observe(
+            &mut w,
+            seen(100),
+            clock.monotonic(),
+            lease
+        ));
         // A wall-clock jump of a day changes nothing: no time passed.
         clock.jump_wall(chrono::Duration::days(1));
-        assert!(!LeaseWatch::observe(&mut w, seen(100), clock.monotonic(), lease));
+        assert!(!LeaseWatch::observe(
+            &mut w,
+            seen(100),
+            clock.monotonic(),
+            lease
+        ));
         clock.advance(Duration::from_secs(20));
         // Renewed: the watch starts over.
-        assert!(!LeaseWatch::observe(&mut w, seen(200), clock.monotonic(), lease));
+        assert!(!LeaseWatch::observe(
+            &mut w,
+            seen(200),
+            clock.monotonic(),
+            lease
+        ));
         clock.advance(Duration::from_secs(29));
-        assert!(!LeaseWatch::observe(&mut w, seen(200), clock.monotonic(), lease));
+        assert!(!LeaseWatch::observe(
+            &mut w,
+            seen(200),
+            clock.monotonic(),
+            lease
+        ));
         clock.advance(Duration::from_secs(1));
-        assert!(LeaseWatch::observe(&mut w, seen(200), clock.monotonic(), lease));
+        assert!(LeaseWatch::observe(
+            &mut w,
+            seen(200),
+            clock.monotonic(),
+            lease
+        ));
     }
 }

@@ -1020,10 +1020,18 @@ impl Engine {
                 if revoked {
                     tracing::info!(provider, account, "grant revoked upstream");
                 } else {
-                    tracing::info!(provider, account, "the provider offers no revocation; the grant is only forgotten here");
+                    tracing::info!(
+                        provider,
+                        account,
+                        "the provider offers no revocation; the grant is only forgotten here"
+                    );
                 }
             } else {
-                tracing::warn!(provider, account, "forgetting the grant here only, as asked: it stays valid at the provider");
+                tracing::warn!(
+                    provider,
+                    account,
+                    "forgetting the grant here only, as asked: it stays valid at the provider"
+                );
             }
             if self
                 .inner
@@ -1036,7 +1044,11 @@ impl Engine {
                 return Ok(true);
             }
             // A newer authorization was stored meanwhile: revoke that too.
-            tracing::info!(provider, account, "a newer grant was stored during the revocation; revoking it as well");
+            tracing::info!(
+                provider,
+                account,
+                "a newer grant was stored during the revocation; revoking it as well"
+            );
         }
         Err(TokenError::Busy {
             provider: provider.to_string(),
@@ -1255,8 +1267,7 @@ impl Engine {
                 None => (true, true),
                 Some(slot) => {
                     let snap = slot.snapshot();
-                    let quiet =
-                        !slot.in_flight.load(Ordering::SeqCst) && slot.pending().is_none();
+                    let quiet = !slot.in_flight.load(Ordering::SeqCst) && slot.pending().is_none();
                     let regrant = snap.generation != *generation;
                     (
                         quiet && (regrant || snap.state.as_str() != state),
@@ -1520,7 +1531,14 @@ impl Engine {
             match result {
                 Ok(grant) => {
                     return self
-                        .commit(slot, &attempt, base_generation, refresh_token, grant, elapsed)
+                        .commit(
+                            slot,
+                            &attempt,
+                            base_generation,
+                            refresh_token,
+                            grant,
+                            elapsed,
+                        )
                         .await
                 }
                 Err(ProviderError::Transient {
@@ -1533,9 +1551,11 @@ impl Engine {
                 }
                 Err(ProviderError::Rejected { message }) => {
                     let current = store.load_connection(slot.id).await?;
-                    let newer = current
-                        .as_ref()
-                        .filter(|c| c.refresh_token.as_ref().is_some_and(|t| t.expose_secret() != refresh_token.expose_secret()));
+                    let newer = current.as_ref().filter(|c| {
+                        c.refresh_token
+                            .as_ref()
+                            .is_some_and(|t| t.expose_secret() != refresh_token.expose_secret())
+                    });
                     match newer {
                         Some(c) if !retried => {
                             tracing::info!(provider = %slot.provider, account = %slot.account, "refresh token rejected, but storage holds a newer one (another process rotated it); retrying once with it");
@@ -1778,8 +1798,10 @@ impl Engine {
         let Some(p) = slot.pending() else {
             return snap;
         };
-        let serving_held = snap.access_token.expose_secret() == p.grant.access_token.expose_secret();
-        if serving_held || policy::fresh_enough(&snap.timing, snap.anchor.now(self.clock()), refresh)
+        let serving_held =
+            snap.access_token.expose_secret() == p.grant.access_token.expose_secret();
+        if serving_held
+            || policy::fresh_enough(&snap.timing, snap.anchor.now(self.clock()), refresh)
         {
             return snap;
         }

@@ -253,7 +253,11 @@ mod tests {
     fn anything_uncertain_is_alive() {
         let absent = |_| PidProbe::Absent;
         // Another PID namespace: the pid we cannot see may well run there.
-        assert!(!certainly_dead(&holder(|h| h.pid_ns = Some(1)), &me(), absent));
+        assert!(!certainly_dead(
+            &holder(|h| h.pid_ns = Some(1)),
+            &me(),
+            absent
+        ));
         assert!(!certainly_dead(&holder(|h| h.pid_ns = None), &me(), absent));
         // Another boot, another host, an unknown boot id.
         assert!(!certainly_dead(
@@ -261,13 +265,23 @@ mod tests {
             &me(),
             absent
         ));
-        assert!(!certainly_dead(&holder(|h| h.boot_id = None), &me(), absent));
-        assert!(!certainly_dead(&holder(|h| h.host = "b".into()), &me(), absent));
+        assert!(!certainly_dead(
+            &holder(|h| h.boot_id = None),
+            &me(),
+            absent
+        ));
+        assert!(!certainly_dead(
+            &holder(|h| h.host = "b".into()),
+            &me(),
+            absent
+        ));
         // Present but its start time hidden (ProtectProc=invisible, EPERM).
         assert!(!certainly_dead(&holder(|_| {}), &me(), |_| {
             PidProbe::Present { start_time: None }
         }));
-        assert!(!certainly_dead(&holder(|_| {}), &me(), |_| PidProbe::Unknown));
+        assert!(!certainly_dead(&holder(|_| {}), &me(), |_| {
+            PidProbe::Unknown
+        }));
         // A holder whose own start time was unknown cannot be told from a reuse.
         assert!(!certainly_dead(
             &holder(|h| h.start_time = None),

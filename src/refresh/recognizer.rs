@@ -49,7 +49,11 @@ impl Index {
         let kept = usize::try_from(FINGERPRINTS_KEPT).unwrap_or(usize::MAX);
         while lists[slot].len() > kept {
             if let Some(old) = lists[slot].pop_front() {
-                if self.known.get(&old).is_some_and(|(_, c)| *c == connection_id) {
+                if self
+                    .known
+                    .get(&old)
+                    .is_some_and(|(_, c)| *c == connection_id)
+                {
                     self.known.remove(&old);
                 }
             }
