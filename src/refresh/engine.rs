@@ -917,7 +917,7 @@ impl Engine {
                 let snap = slot.snapshot();
                 let next = match snap.state {
                     ConnState::AuthorizationRequired => None,
-                    ConnState::Retrying => snap.next_attempt_at.or(Some(Utc::now())),
+                    ConnState::Retrying => snap.next_attempt_at.or(Some(self.clock().now())),
                     _ => Some(policy::next_refresh_at(
                         &snap.timing,
                         &settings.refresh,
@@ -1221,7 +1221,7 @@ impl Engine {
     /// A peer is alive if seen within three scheduler intervals (at least
     /// 10 s), so one slow tick does not flip the answer.
     async fn heartbeat(&self) -> Result<(), StoreError> {
-        let now = Utc::now();
+        let now = self.clock().now();
         let every = self
             .settings()
             .refresh
