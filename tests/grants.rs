@@ -187,6 +187,65 @@ async fn a_grant_whose_commit_fails_is_held_in_memory_until_it_lands() {
     assert!(sim.access_token_valid(b["access_token"].as_str().unwrap()));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_held_grant_is_served_once_the_stored_access_token_has_expired() {
+    // The stored access token lives 6 s; the new one an hour.
+    let mut h = Harness::new(Options {
+        access_lifetime: Duration::from_secs(6),
+        ..Options::default()
+    })
+    .await;
+    h.start().await;
+    let token0 = authorize(&h).await;
+    let sim = h.sim.sim.clone();
+    sim.set_access_lifetime(Duration::from_secs(3600));
+    sim.set_token_delay(Duration::from_millis(500), DelayPhase::BeforeProcessing);
+    let forced = spawn_post(&h, "/v1/token/keap/refresh");
+    common::eventually(
+        Duration::from_secs(5),
+        "the refresh call is out",
+        || async { sim.stats().refresh_calls == 1 },
+    )
+    .await;
+    let mut lock = SqliteConnectOptions::new()
+        .filename(h.db_path())
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    // The commit fails after the busy timeout, by when token0 has expired:
+    // the new token is served from memory, and the log says why.
+    let (s, b) = forced.await.unwrap();
+    assert_eq!(s, 200, "{b}");
+    let held = b["access_token"].as_str().unwrap().to_string();
+    assert_ne!(held, token0);
+    assert!(sim.access_token_valid(&held));
+    let (s, b) = h.token().await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["access_token"], held.as_str());
+    assert!(h.log().contains("serving the access token held in memory"));
+    assert_eq!(h.connection("default").await["state"], "retrying");
+
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    drop(lock);
+    let db = h.db_path();
+    common::eventually(
+        Duration::from_secs(30),
+        "the held grant is stored",
+        || async { stored_refresh_token(&db).await == sim.current_refresh_token() },
+    )
+    .await;
+    sim.set_token_delay(Duration::ZERO, DelayPhase::BeforeProcessing);
+    let (s, b) = h.post_json("/v1/token/keap/refresh").await;
+    assert_eq!(s, 200, "{b}");
+    let stats = sim.stats();
+    assert_eq!(stats.refresh_rejected, 0, "{stats:?}");
+    assert_eq!(stats.refresh_reuse, 0, "{stats:?}");
+}
+
 // ---------------------------------------------------------------------------
 // Item 3: a re-authorization racing an in-flight refresh
 
@@ -340,10 +399,20 @@ async fn a_holder_certainly_dead_is_taken_over_at_once() {
         gone_pid()
     );
     hand_lease_to(&mut h, &owner, 3_600_000).await;
+    // Its interrupted refresh is reported and retried at start.
+    let sim = h.sim.sim.clone();
+    common::eventually(
+        Duration::from_secs(5),
+        "the interrupted refresh is retried at once",
+        || async { sim.stats().refresh_ok >= 1 },
+    )
+    .await;
+    assert!(h.log().contains("interrupted"), "the takeover is reported");
     let (s, b) = h.post_json("/v1/token/keap/refresh").await;
     assert_eq!(s, 200, "{b}");
-    assert_eq!(h.sim.sim.stats().refresh_ok, 1);
-    assert!(h.log().contains("interrupted"), "the takeover is reported");
+    let stats = sim.stats();
+    assert_eq!(stats.refresh_reuse, 0, "{stats:?}");
+    assert_eq!(stats.refresh_rejected, 0, "{stats:?}");
 }
 
 // ---------------------------------------------------------------------------

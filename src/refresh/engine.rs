@@ -1359,7 +1359,11 @@ impl Engine {
                 let _guard = guard;
                 let before = flying.snapshot().generation;
                 let snap = engine.refresh_locked(&flying, trigger).await?;
-                if trigger == Trigger::Forced && snap.generation == before {
+                // A held grant's token being served is a new token too.
+                let held = flying.pending().is_some_and(|p| {
+                    p.grant.access_token.expose_secret() == snap.access_token.expose_secret()
+                });
+                if trigger == Trigger::Forced && snap.generation == before && !held {
                     // Whoever forces a refresh wants to know it did not
                     // happen, even though the old token would still be
                     // served to ordinary callers.
