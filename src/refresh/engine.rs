@@ -11,7 +11,7 @@
 //!   and across processes (the lease in `connections.lease_owner`); callers
 //!   that arrive during a refresh wait for it and share its result. Another
 //!   process's lease is taken over only when that process is certainly dead
-//!   (`owner`) or its lease has stood still for [`LEASE`] on our monotonic
+//!   (`owner`) or its lease has stood still for `LEASE` (30 s) on our monotonic
 //!   clock (`clock::LeaseWatch`); never by comparing wall clocks.
 //! - The refresh token is not kept in memory: it is read from the database
 //!   under the lease, which is the only point where it can be current. The
