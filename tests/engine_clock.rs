@@ -131,6 +131,29 @@ async fn a_wall_clock_set_back_does_not_keep_a_dead_token_alive() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_refreshes_on_time_after_the_wall_clock_was_set_back() {
+    let s = setup().await;
+    authorize(&s).await;
+    // 50 minutes pass (due at 45: three quarters of the hour), and the wall
+    // clock is set back two hours: by the wall clock the token was issued
+    // in the future.
+    s.clock.advance(Duration::from_secs(50 * 60));
+    s.clock.jump_wall(-chrono::Duration::hours(2));
+    s.engine.tick().await.unwrap();
+    for _ in 0..100 {
+        if s.sim.sim.stats().refresh_ok == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        s.sim.sim.stats().refresh_ok,
+        1,
+        "the due refresh did not run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wall_clock_set_forward_does_not_make_a_live_lease_look_lapsed() {
     let s = setup().await;
     authorize(&s).await;

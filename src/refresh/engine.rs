@@ -530,13 +530,11 @@ impl Engine {
         });
         // The grant this authorization replaced (an earlier one, or a second
         // browser flow for the same account) would otherwise stay valid at
-        // the provider with nobody holding it.
-        if let Some(old) = replaced {
-            let same = grant
-                .refresh_token
-                .as_ref()
-                .is_some_and(|t| t.expose_secret() == old.expose_secret());
-            if !same {
+        // the provider with nobody holding it. Only when the new grant
+        // brings its own refresh token: without one, the old token may be
+        // the only refresh token of this very grant.
+        if let (Some(old), Some(new)) = (replaced, grant.refresh_token.as_ref()) {
+            if new.expose_secret() != old.expose_secret() {
                 self.revoke_in_background(
                     provider,
                     account,
