@@ -180,8 +180,11 @@ fn pid_namespace() -> Option<u64> {
 /// The command name (field 2) may hold spaces and parentheses, so fields
 /// are counted after its closing parenthesis.
 fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 1..];
+    parse_start_time(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let after = stat.get(stat.rfind(')')? + 1..)?;
     // Fields 3.. follow; 22 is the 20th of them.
     after.split_whitespace().nth(19)?.parse().ok()
 }
@@ -293,6 +296,21 @@ mod tests {
         // Old-format owners, even naming a pid that does not exist.
         assert!(!certainly_dead("box:200:deadbeef", &me(), absent));
         assert!(!certainly_dead("garbage", &me(), absent));
+    }
+
+    #[test]
+    fn start_time_is_field_22_whatever_the_command_name() {
+        let tail = "S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 424242 20 21";
+        assert_eq!(
+            parse_start_time(&format!("77 (a) b) c) {tail}")),
+            Some(424242)
+        );
+        assert_eq!(
+            parse_start_time(&format!("77 (tokio ) (x)) {tail}")),
+            Some(424242)
+        );
+        assert_eq!(parse_start_time("77 (short) S 1"), None);
+        assert_eq!(parse_start_time(""), None);
     }
 
     #[test]
