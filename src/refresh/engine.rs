@@ -1468,7 +1468,14 @@ impl Engine {
                     }
                     // Someone else refreshes this grant: we are not alone.
                     self.inner.peers.store(true, Ordering::Relaxed);
-                    return self.wait_for_other_process(slot, provider).await;
+                    match self.wait_for_other_process(slot, provider).await? {
+                        Waited::Settled(snap) => return Ok(snap),
+                        Waited::Lapsed(seen) if takeovers < 2 => {
+                            takeover = Some(seen);
+                            takeovers += 1;
+                        }
+                        Waited::Lapsed(_) => return Ok(slot.snapshot()),
+                    }
                 }
             }
         };
@@ -1964,14 +1971,14 @@ impl Engine {
     }
 
     /// Another process holds the lease: wait (bounded by the provider
-    /// timeout) until it lets go, then adopt whatever it stored. Its lease
-    /// counts as given up when it is released or replaced, or once it has
-    /// stood still for [`LEASE`] on our monotonic clock.
+    /// timeout) until it lets go, then adopt whatever it stored; or, if its
+    /// lease stands still for [`LEASE`] on our monotonic clock meanwhile,
+    /// say so, for the caller to take it over.
     async fn wait_for_other_process(
         &self,
         slot: &Slot,
         provider: &Provider,
-    ) -> Result<Arc<Snapshot>, TokenError> {
+    ) -> Result<Waited, TokenError> {
         let deadline = tokio::time::Instant::now() + provider.config.request_timeout + LEASE_POLL;
         loop {
             tokio::time::sleep(LEASE_POLL).await;
@@ -1981,17 +1988,28 @@ impl Engine {
                     account: slot.account.clone(),
                 });
             };
-            let released = match row.lease_owner.as_deref() {
-                None => true,
-                Some(holder) => self
-                    .holder_gone(slot, holder, row.attempt_id.as_deref(), row.lease_until)
-                    .is_some(),
-            };
-            if released || tokio::time::Instant::now() >= deadline {
-                return Ok(slot.set(self.snap_of(&row)));
+            if let Some(holder) = row.lease_owner.as_deref() {
+                if holder != self.inner.owner {
+                    if let Some(seen) =
+                        self.holder_gone(slot, holder, row.attempt_id.as_deref(), row.lease_until)
+                    {
+                        return Ok(Waited::Lapsed(seen));
+                    }
+                }
+            }
+            if row.lease_owner.is_none() || tokio::time::Instant::now() >= deadline {
+                return Ok(Waited::Settled(slot.set(self.snap_of(&row))));
             }
         }
     }
+}
+
+/// How waiting for another process's lease ended.
+enum Waited {
+    /// It let go (or we stopped waiting): what is stored now.
+    Settled(Arc<Snapshot>),
+    /// Its holder is gone; take over exactly this lease.
+    Lapsed(LeaseSeen),
 }
 
 /// Why a commit attempt did not store the grant.
