@@ -1,6 +1,8 @@
 //! The refresh engine: in-memory snapshots for serving, single-flight
 //! refreshes (in-process and across processes), durable rotation, failure
-//! classes, crash recovery.
+//! classes, crash recovery. Storing what the provider issued (and holding
+//! it when that fails) lives in `commit`; forgetting and revoking grants
+//! in `revoke`.
 //!
 //! Invariants:
 //! - A snapshot is replaced only after the database commit that produced it,
@@ -39,6 +41,11 @@ use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::task::TaskTracker;
 
+mod commit;
+mod revoke;
+
+use commit::PendingCommit;
+
 use super::clock::{Anchor, Clock, ClockHandle, LeaseWatch, SystemClock};
 use super::flights::FlightThread;
 use super::owner;
@@ -48,8 +55,8 @@ use crate::config::RefreshConfig;
 use crate::notify::{Event, EventKind, Notifier};
 use crate::provider::{Provider, ProviderError, TokenGrant};
 use crate::store::{
-    BeginRefresh, CommitOutcome, ConnState, ConnectionRow, Fingerprint, LeaseSeen, NewGrant, Store,
-    StoreError, TokenKind,
+    BeginRefresh, ConnState, ConnectionRow, Fingerprint, LeaseSeen, NewGrant, Store, StoreError,
+    TokenKind,
 };
 
 /// How long a refresh lease lasts without renewal. Long enough that a
@@ -60,14 +67,6 @@ const LEASE: Duration = Duration::from_secs(30);
 
 /// How often a caller waiting on another process's lease looks again.
 const LEASE_POLL: Duration = Duration::from_millis(50);
-
-/// First wait before retrying a failed commit of a grant the provider
-/// issued: short, because until it lands the grant exists only in memory.
-const COMMIT_RETRY_INITIAL: Duration = Duration::from_millis(500);
-
-/// Longest wait between commit retries: each attempt already waits up to
-/// the store's busy timeout, so retrying more often only adds log lines.
-const COMMIT_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Errors a token request can end in (mapped to SPEC 4 statuses by `http`).
 #[derive(Debug, thiserror::Error)]
@@ -244,18 +243,6 @@ struct Slot {
     lease_watch: std::sync::Mutex<Option<LeaseWatch>>,
 }
 
-/// A grant the provider issued whose commit failed: kept until it lands.
-struct PendingCommit {
-    grant: TokenGrant,
-    /// The refresh token the provider was given (now spent).
-    used: SecretString,
-    attempt: String,
-    base_generation: i64,
-    fps: Vec<Fingerprint>,
-    /// When the provider's answer arrived, on both clocks.
-    anchor: Anchor,
-}
-
 impl Slot {
     fn snapshot(&self) -> Arc<Snapshot> {
         self.snap.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -271,25 +258,6 @@ impl Slot {
         let s = Arc::new(s);
         *cur = s.clone();
         s
-    }
-
-    fn pending(&self) -> Option<Arc<PendingCommit>> {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn take_pending(&self) -> Option<Arc<PendingCommit>> {
-        let taken = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if taken.is_some() {
-            metrics::gauge!(crate::metrics::UNCOMMITTED_GRANTS).decrement(1.0);
-        }
-        taken
     }
 }
 
@@ -544,37 +512,6 @@ impl Engine {
             }
         }
         Ok(())
-    }
-
-    /// Revokes a refresh token nobody holds any more, best effort, without
-    /// delaying the caller; the outcome is logged (never the token).
-    fn revoke_in_background(
-        &self,
-        provider: &str,
-        account: &str,
-        token: SecretString,
-        what: &'static str,
-    ) {
-        let Some(p) = self.settings().providers.get(provider).cloned() else {
-            return;
-        };
-        let (provider, account) = (provider.to_string(), account.to_string());
-        self.inner.tasks.spawn(async move {
-            match p.revoke(&token, "refresh_token").await {
-                Ok(true) => tracing::info!(%provider, %account, "revoked upstream: {what}"),
-                Ok(false) => tracing::info!(
-                    %provider,
-                    %account,
-                    "{what} stays valid at the provider: it offers no revocation"
-                ),
-                Err(e) => tracing::warn!(
-                    %provider,
-                    %account,
-                    error = %e,
-                    "could not revoke {what} upstream; it may stay valid at the provider until it expires"
-                ),
-            }
-        });
     }
 
     fn clock(&self) -> &dyn Clock {
@@ -940,212 +877,6 @@ impl Engine {
                 }
             })
             .collect()
-    }
-
-    /// Revokes a grant upstream where the provider can (unless `mode` is
-    /// [`Revocation::LocalOnly`]) and forgets it locally. Returns `false` if
-    /// there was nothing to forget.
-    ///
-    /// It first holds the flight lock (waiting for this process's refresh,
-    /// or a commit retry, to finish) and then the lease (waiting for another
-    /// process's), so the token it revokes is the newest: a flight cannot
-    /// land a successor afterwards. If the provider fails the revocation, the
-    /// grant is kept and the error returned, so the operator can retry.
-    pub async fn forget(
-        &self,
-        provider: &str,
-        account: &str,
-        mode: Revocation,
-    ) -> Result<bool, TokenError> {
-        let settings = self.settings();
-        let Some(p) = settings.providers.get(provider) else {
-            return Err(TokenError::UnknownProvider(provider.to_string()));
-        };
-        let slot = match self.slot(provider, account) {
-            Ok(s) => s,
-            Err(TokenError::UnknownConnection { .. }) => {
-                // Perhaps stored by another process since our last look.
-                self.reconcile().await?;
-                match self.slot(provider, account) {
-                    Ok(s) => s,
-                    Err(TokenError::UnknownConnection { .. }) => return Ok(false),
-                    Err(e) => return Err(e),
-                }
-            }
-            Err(e) => return Err(e),
-        };
-        let _flight = slot.flight.clone().lock_owned().await;
-        // A grant held in memory is the newest: store it first if storage
-        // allows, so the revocation below names it either way.
-        if slot.pending().is_some() {
-            if let Err(e) = self.land_pending(&slot).await {
-                tracing::error!(provider, account, error = %e, "the grant held in memory still cannot be stored; revoking it from memory");
-            }
-        }
-        for _ in 0..3 {
-            let attempt = format!("{:016x}", rand::random::<u64>());
-            let Some(row) = self.lease_for_revocation(&slot, &attempt, p).await? else {
-                self.drop_slot(&slot);
-                return Ok(false);
-            };
-            let held = slot.pending();
-            if mode == Revocation::Upstream {
-                // Newest first: the held grant's refresh token, then what
-                // is stored (the access token if no refresh token exists).
-                let mut tokens: Vec<(&SecretString, &str)> = Vec::new();
-                if let Some(t) = held.as_ref().and_then(|h| h.grant.refresh_token.as_ref()) {
-                    tokens.push((t, "refresh_token"));
-                }
-                match &row.refresh_token {
-                    Some(t) => tokens.push((t, "refresh_token")),
-                    None => tokens.push((&row.access_token, "access_token")),
-                }
-                let mut revoked = false;
-                for (token, hint) in tokens {
-                    match p.revoke(token, hint).await {
-                        Ok(r) => revoked = r,
-                        Err(e) => {
-                            tracing::warn!(provider, account, error = %e, "upstream revocation failed; the grant is kept");
-                            self.release_lease(&slot, &attempt).await;
-                            return Err(TokenError::RevocationFailed {
-                                provider: provider.to_string(),
-                                account: account.to_string(),
-                                reason: e.to_string(),
-                            });
-                        }
-                    }
-                }
-                if revoked {
-                    tracing::info!(provider, account, "grant revoked upstream");
-                } else {
-                    tracing::info!(
-                        provider,
-                        account,
-                        "the provider offers no revocation; the grant is only forgotten here"
-                    );
-                }
-            } else {
-                tracing::warn!(
-                    provider,
-                    account,
-                    "forgetting the grant here only, as asked: it stays valid at the provider"
-                );
-            }
-            if self
-                .inner
-                .store
-                .delete_connection_at(row.id, row.generation)
-                .await?
-            {
-                tracing::info!(provider, account, "grant forgotten");
-                self.drop_slot(&slot);
-                return Ok(true);
-            }
-            // A newer authorization was stored meanwhile: revoke that too.
-            tracing::info!(
-                provider,
-                account,
-                "a newer grant was stored during the revocation; revoking it as well"
-            );
-        }
-        Err(TokenError::Busy {
-            provider: provider.to_string(),
-            account: account.to_string(),
-        })
-    }
-
-    /// Takes the lease for a revocation, waiting for another process's
-    /// flight (bounded); returns the stored row, or `None` if it is gone.
-    async fn lease_for_revocation(
-        &self,
-        slot: &Arc<Slot>,
-        attempt: &str,
-        provider: &Provider,
-    ) -> Result<Option<ConnectionRow>, TokenError> {
-        let deadline = tokio::time::Instant::now()
-            + provider.config.request_timeout.saturating_mul(2)
-            + LEASE
-            + LEASE_POLL;
-        let mut takeover: Option<LeaseSeen> = None;
-        loop {
-            let now = self.clock().now();
-            match self
-                .inner
-                .store
-                .begin_refresh(
-                    slot.id,
-                    &self.inner.owner,
-                    attempt,
-                    now,
-                    now + chrono_dur(LEASE),
-                    takeover.as_ref(),
-                )
-                .await?
-            {
-                BeginRefresh::Started(row) => return Ok(Some(*row)),
-                BeginRefresh::Gone => return Ok(None),
-                BeginRefresh::Busy {
-                    owner: holder,
-                    attempt: theirs,
-                    until,
-                } => {
-                    takeover = self.holder_gone(slot, &holder, theirs.as_deref(), Some(until));
-                    if takeover.is_none() {
-                        if tokio::time::Instant::now() >= deadline {
-                            return Err(TokenError::Busy {
-                                provider: slot.provider.clone(),
-                                account: slot.account.clone(),
-                            });
-                        }
-                        tokio::time::sleep(LEASE_POLL).await;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Gives back a lease taken for a revocation that did not happen,
-    /// restoring the state the connection had.
-    async fn release_lease(&self, slot: &Slot, attempt: &str) {
-        let snap = slot.snapshot();
-        let state = match snap.state {
-            ConnState::Refreshing => ConnState::Active,
-            s => s,
-        };
-        match self
-            .inner
-            .store
-            .finish_attempt(
-                slot.id,
-                &self.inner.owner,
-                attempt,
-                state,
-                snap.last_error.as_deref(),
-                snap.failures,
-                snap.next_attempt_at,
-            )
-            .await
-        {
-            Ok(Some(row)) if slot.pending().is_none() => {
-                slot.set(self.snap_of(&row));
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(provider = %slot.provider, account = %slot.account, error = %e, "cannot release the lease; it lapses by itself")
-            }
-        }
-    }
-
-    /// Removes a forgotten connection from memory: its snapshot, its
-    /// fingerprints and any grant held for it.
-    fn drop_slot(&self, slot: &Slot) {
-        self.inner
-            .slots
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, s| s.id != slot.id);
-        self.inner.recognizer.forget(slot.id);
-        slot.take_pending();
     }
 
     /// One scheduler pass: notice other processes' writes, then start every
@@ -1617,279 +1348,6 @@ impl Engine {
         }
     }
 
-    /// Stores what the provider issued. A failed write does not lose it: it
-    /// is held in memory and retried (see the module invariants). A write
-    /// that finds a newer grant stored (a re-authorization after our read)
-    /// discards it instead.
-    async fn commit(
-        &self,
-        slot: &Arc<Slot>,
-        attempt: &str,
-        base_generation: i64,
-        used: SecretString,
-        grant: TokenGrant,
-        elapsed: Duration,
-    ) -> Result<Arc<Snapshot>, TokenError> {
-        count_refresh(slot, "ok", Some(elapsed));
-        let pending = Arc::new(PendingCommit {
-            fps: self.fingerprints(&grant),
-            grant,
-            used,
-            attempt: attempt.to_string(),
-            base_generation,
-            anchor: Anchor::at(self.clock()),
-        });
-        match self.try_commit(slot, &pending).await {
-            Ok(snap) => {
-                tracing::info!(
-                    provider = %slot.provider,
-                    account = %slot.account,
-                    expires_at = %snap.timing.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                    rotated = pending.grant.refresh_token.is_some(),
-                    elapsed_ms = elapsed.as_millis() as u64,
-                    "access token refreshed"
-                );
-                Ok(snap)
-            }
-            Err(CommitError::Superseded) => Ok(slot.snapshot()),
-            Err(CommitError::Gone) => Err(TokenError::UnknownConnection {
-                provider: slot.provider.clone(),
-                account: slot.account.clone(),
-            }),
-            Err(CommitError::Store(e)) => Ok(self.hold_pending(slot, pending, &e)),
-        }
-    }
-
-    /// One commit attempt of `p`; on success the snapshot is replaced.
-    async fn try_commit(
-        &self,
-        slot: &Arc<Slot>,
-        p: &PendingCommit,
-    ) -> Result<Arc<Snapshot>, CommitError> {
-        let g = &p.grant;
-        let new = NewGrant {
-            access_token: &g.access_token,
-            refresh_token: g.refresh_token.as_ref(),
-            token_type: &g.token_type,
-            scope: g.scope.as_deref(),
-            issued_at: g.issued_at,
-            expires_at: g.expires_at,
-        };
-        let was_failing = slot.snapshot().failures > 0 || slot.pending().is_some();
-        let outcome = self
-            .inner
-            .store
-            .commit_refresh(
-                slot.id,
-                (&slot.provider, &slot.account),
-                &self.inner.owner,
-                &p.attempt,
-                p.base_generation,
-                &new,
-                &p.fps,
-            )
-            .await
-            .map_err(CommitError::Store)?;
-        match outcome {
-            CommitOutcome::Committed { row, kept_lease } => {
-                self.inner.recognizer.add(slot.id, &p.fps);
-                if !kept_lease {
-                    tracing::warn!(provider = %slot.provider, account = %slot.account, "refresh lease had lapsed before commit; stored the new grant anyway, since the provider already rotated");
-                }
-                // Anchored where the provider answered, not at the commit.
-                let snap = slot.set(Snapshot::from_row(&row, p.anchor));
-                if was_failing {
-                    self.notify(slot, EventKind::Recovered, "refreshing works again".into());
-                }
-                Ok(snap)
-            }
-            CommitOutcome::Superseded(current) => {
-                self.discard_superseded(slot, p, current.as_deref());
-                match current {
-                    Some(row) => {
-                        if slot.pending().is_none() {
-                            self.install(&row);
-                        }
-                        Err(CommitError::Superseded)
-                    }
-                    None => Err(CommitError::Gone),
-                }
-            }
-        }
-    }
-
-    /// A refresh that started before a newer grant was stored finished
-    /// after it: the newer grant wins. The late result's new refresh token
-    /// is revoked upstream unless it could belong to the stored grant.
-    fn discard_superseded(&self, slot: &Slot, p: &PendingCommit, current: Option<&ConnectionRow>) {
-        let stored = current.and_then(|c| c.refresh_token.as_ref());
-        let ours = p.grant.refresh_token.as_ref().filter(|t| {
-            t.expose_secret() != p.used.expose_secret()
-                && stored.is_none_or(|s| s.expose_secret() != t.expose_secret())
-        });
-        // The stored grant descends from ours only if it holds the token we
-        // spent (no rotation) or ours: then revoking would kill it too.
-        let same_family = stored.is_some_and(|s| s.expose_secret() == p.used.expose_secret());
-        tracing::warn!(
-            provider = %slot.provider,
-            account = %slot.account,
-            "a refresh that started before a newer grant was stored (a new authorization, or the connection was forgotten) finished after it; its result is discarded"
-        );
-        if let (Some(token), false) = (ours, same_family) {
-            self.revoke_in_background(
-                &slot.provider,
-                &slot.account,
-                token.clone(),
-                "the discarded result of a refresh overtaken by a newer grant",
-            );
-        }
-    }
-
-    /// Keeps a grant whose commit failed: in memory, served as the module
-    /// invariants say, retried in the background until it lands.
-    fn hold_pending(
-        &self,
-        slot: &Arc<Slot>,
-        pending: Arc<PendingCommit>,
-        error: &StoreError,
-    ) -> Arc<Snapshot> {
-        tracing::error!(
-            provider = %slot.provider,
-            account = %slot.account,
-            error = %error,
-            "the provider issued a new grant but storing it failed; it is held in memory and storing is retried until it lands"
-        );
-        metrics::counter!(crate::metrics::COMMIT_FAILURES_TOTAL).increment(1);
-        let first = {
-            let mut held = slot.pending.lock().unwrap_or_else(|e| e.into_inner());
-            let first = held.is_none();
-            *held = Some(pending);
-            first
-        };
-        if first {
-            metrics::gauge!(crate::metrics::UNCOMMITTED_GRANTS).increment(1.0);
-            self.notify(
-                slot,
-                EventKind::RefreshFailing,
-                format!("the provider issued a new grant but it could not be stored ({error}); it is held in memory and storing is retried until it lands"),
-            );
-            let engine = self.clone();
-            let slot = slot.clone();
-            self.inner.tasks.spawn(async move {
-                engine.retry_pending(slot).await;
-            });
-        }
-        let settings = self.settings();
-        self.mark_held(slot, error, &settings.refresh)
-    }
-
-    /// The snapshot while a grant is held: `retrying`, saying so, and
-    /// parked (token requests answer from it instead of refreshing).
-    fn mark_held(&self, slot: &Slot, error: &StoreError, refresh: &RefreshConfig) -> Arc<Snapshot> {
-        let mut snap = (*slot.snapshot()).clone();
-        let now = snap.anchor.now(self.clock());
-        snap.state = ConnState::Retrying;
-        snap.last_error = Some(format!(
-            "the provider issued a new grant, but it could not be stored ({error}); it is held in memory and not yet stored; storing is retried until it lands"
-        ));
-        snap.failures = snap.failures.saturating_add(1);
-        snap.next_attempt_at = Some(now + chrono_dur(COMMIT_RETRY_MAX.min(refresh.retry_max)));
-        slot.set(snap);
-        self.serve_pending_if_stored_dead(slot, refresh)
-    }
-
-    /// While a grant is held, the stored access token is served as long as
-    /// it satisfies callers (some providers keep it valid, and it is the
-    /// one a crash would leave); once it does not, the held one is served,
-    /// and the log says why.
-    fn serve_pending_if_stored_dead(&self, slot: &Slot, refresh: &RefreshConfig) -> Arc<Snapshot> {
-        let snap = slot.snapshot();
-        let Some(p) = slot.pending() else {
-            return snap;
-        };
-        let serving_held =
-            snap.access_token.expose_secret() == p.grant.access_token.expose_secret();
-        if serving_held
-            || policy::fresh_enough(&snap.timing, snap.anchor.now(self.clock()), refresh)
-        {
-            return snap;
-        }
-        tracing::warn!(
-            provider = %slot.provider,
-            account = %slot.account,
-            "serving the access token held in memory although its grant is not stored yet: the stored access token has expired or is about to"
-        );
-        let mut held = (*snap).clone();
-        held.access_token = p.grant.access_token.clone();
-        held.token_type = p.grant.token_type.clone();
-        held.timing = Timing {
-            issued_at: p.grant.issued_at,
-            expires_at: p.grant.expires_at,
-            refresh_token_issued_at: if p.grant.refresh_token.is_some() {
-                p.grant.issued_at
-            } else {
-                snap.timing.refresh_token_issued_at
-            },
-        };
-        held.anchor = p.anchor;
-        slot.set(held)
-    }
-
-    /// Lands the held grant, if any (`Ok` also when it was discarded as
-    /// superseded). Callers hold the flight lock.
-    async fn land_pending(&self, slot: &Arc<Slot>) -> Result<(), StoreError> {
-        let Some(p) = slot.pending() else {
-            return Ok(());
-        };
-        match self.try_commit(slot, &p).await {
-            Ok(_) => {
-                slot.take_pending();
-                tracing::info!(provider = %slot.provider, account = %slot.account, "the grant held in memory is stored now");
-                Ok(())
-            }
-            Err(CommitError::Superseded) | Err(CommitError::Gone) => {
-                slot.take_pending();
-                if let Some(row) = self.inner.store.load_connection(slot.id).await? {
-                    self.install(&row);
-                }
-                Ok(())
-            }
-            Err(CommitError::Store(e)) => {
-                metrics::counter!(crate::metrics::COMMIT_FAILURES_TOTAL).increment(1);
-                let settings = self.settings();
-                self.mark_held(slot, &e, &settings.refresh);
-                Err(e)
-            }
-        }
-    }
-
-    /// Retries the held grant's commit with backoff until it lands (or the
-    /// connection is forgotten); at shutdown, one last attempt.
-    async fn retry_pending(&self, slot: Arc<Slot>) {
-        let mut delay = COMMIT_RETRY_INITIAL;
-        loop {
-            let last = tokio::select! {
-                () = tokio::time::sleep(delay) => false,
-                () = self.inner.stopping.cancelled() => true,
-            };
-            let _flight = slot.flight.lock().await;
-            if slot.pending().is_none() {
-                return;
-            }
-            match self.land_pending(&slot).await {
-                Ok(()) => return,
-                Err(e) if last => {
-                    tracing::error!(provider = %slot.provider, account = %slot.account, error = %e, "stopping with a grant the provider issued that could not be stored: the stored refresh token is rotated out, so this connection will need a new authorization");
-                    return;
-                }
-                Err(e) => {
-                    tracing::error!(provider = %slot.provider, account = %slot.account, error = %e, retry_in_ms = delay.as_millis() as u64, "storing the grant held in memory failed again; retrying");
-                    delay = (delay * 2).min(COMMIT_RETRY_MAX);
-                }
-            }
-        }
-    }
-
     async fn transient(
         &self,
         slot: &Slot,
@@ -2010,16 +1468,6 @@ enum Waited {
     Settled(Arc<Snapshot>),
     /// Its holder is gone; take over exactly this lease.
     Lapsed(LeaseSeen),
-}
-
-/// Why a commit attempt did not store the grant.
-enum CommitError {
-    /// A newer grant is stored; ours was discarded.
-    Superseded,
-    /// The connection was forgotten; ours was discarded.
-    Gone,
-    /// Storage failed; the grant must be kept and retried.
-    Store(StoreError),
 }
 
 /// Turns a snapshot into what a caller gets: the token while it is still
