@@ -89,10 +89,13 @@ pub enum Command {
         provider: String,
         account: Option<String>,
     },
-    /// Revoke the grant upstream where the provider can, and forget it.
+    /// Revoke the grant upstream where the provider can, and forget it (if the provider fails the revocation, the grant is kept).
     Revoke {
         provider: String,
         account: Option<String>,
+        /// Forget the grant here only, without revoking it at the provider (it stays valid there).
+        #[arg(long)]
+        local: bool,
     },
     /// Validate the config: exit 0, or print every problem with its key and line and exit 2.
     CheckConfig,
@@ -255,8 +258,7 @@ pub async fn run(cli: Cli) -> u8 {
 fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,tokio_cron_scheduler=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let format = match format {
         LogFormat::Auto if crate::systemd::under_journal() => LogFormat::Journal,
         LogFormat::Auto => LogFormat::Human,
@@ -539,7 +541,9 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
         Command::Token { provider, account }
         | Command::Header { provider, account }
         | Command::Refresh { provider, account }
-        | Command::Revoke { provider, account }
+        | Command::Revoke {
+            provider, account, ..
+        }
         | Command::Connect {
             provider, account, ..
         } => Some(names(provider, account)?),
@@ -604,10 +608,22 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                 Output::Report,
             )?;
         }
-        Command::Revoke { .. } => {
-            let url = endpoint(&base, &["v1", "connections", p, a])?;
+        Command::Revoke { local, .. } => {
+            let mut url = endpoint(&base, &["v1", "connections", p, a])?;
+            if *local {
+                url.query_pairs_mut().append_pair("local", "true");
+            }
             call(&http, reqwest::Method::DELETE, url, &base, None).await?;
-            outln(format_args!("revoked and forgot {p}/{a}"), Output::Report)?;
+            if *local {
+                outln(
+                    format_args!(
+                        "forgot {p}/{a} here; it was not revoked at the provider and stays valid there"
+                    ),
+                    Output::Report,
+                )?;
+            } else {
+                outln(format_args!("revoked and forgot {p}/{a}"), Output::Report)?;
+            }
         }
         Command::Status { json } => {
             let url = endpoint(&base, &["v1", "connections"])?;

@@ -25,11 +25,10 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -72,8 +71,6 @@ pub fn stop_budget(config: &Config) -> Duration {
 pub enum DaemonError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot start the refresh scheduler: {0}")]
-    Scheduler(#[from] tokio_cron_scheduler::JobSchedulerError),
     #[error("the HTTP server failed: {0}")]
     Serve(#[from] std::io::Error),
     #[error(transparent)]
@@ -194,15 +191,10 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     });
     let app = http::router(state, extra);
 
-    let mut scheduler = JobScheduler::new().await?;
-    let last_status = Arc::new(Mutex::new(String::new()));
-    scheduler
-        .add(tick_job(engine.clone(), last_status.clone())?)
-        .await?;
-    scheduler.start().await?;
     // Catch up at once rather than one interval late (interrupted refreshes,
     // tokens that expired while the daemon was down).
     engine.tick().await?;
+    let scheduler = tokio::spawn(schedule(engine.clone(), shutdown.clone()));
 
     let background = tokio_util::task::TaskTracker::new();
     background.spawn(systemd::watchdog(engine.clone(), shutdown.clone()));
@@ -250,9 +242,11 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     // 1. Nothing new: no scheduled and no on-demand refresh starts.
     shutdown.cancel();
     engine.stop_new_refreshes();
-    if let Err(e) = scheduler.shutdown().await {
+    if let Err(e) = scheduler.await {
         tracing::warn!(error = %e, "scheduler did not stop cleanly");
     }
+    // Grants held in memory (a failed commit) get their last attempt.
+    engine.stop();
     // 2. Flights in the air land and commit.
     let grace = shutdown_grace(&config);
     tracing::info!(
@@ -297,45 +291,43 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     Ok(served??)
 }
 
-/// The scheduler's job: wakes every second and runs an engine tick once
-/// `refresh.check_interval` (read from the current settings, so a reload
-/// applies it at once) has passed since the last one. The cron scheduler
-/// counts whole seconds, so intervals below one second act as one second.
-fn tick_job(
-    engine: Engine,
-    last_status: Arc<Mutex<String>>,
-) -> Result<Job, tokio_cron_scheduler::JobSchedulerError> {
-    // The start runs a tick itself, so the first one here is one interval on.
-    // tokio Mutex, held for the whole tick: a wake-up while a slow tick
-    // still runs is skipped rather than starting a second one.
-    let last_tick = Arc::new(tokio::sync::Mutex::new(std::time::Instant::now()));
-    Job::new_repeated_async(Duration::from_secs(1), move |_id, _sched| {
-        let engine = engine.clone();
-        let last_status = last_status.clone();
-        let last_tick = last_tick.clone();
-        Box::pin(async move {
-            let every = engine.settings().refresh.check_interval;
-            let Ok(mut last_run) = last_tick.try_lock() else {
-                return;
+/// The refresh scheduler: runs an engine tick every
+/// `refresh.check_interval` on tokio's monotonic clock, so a wall clock set
+/// back (or forward) neither stops nor bunches ticks; the decisions inside
+/// a tick are the engine's (`Engine::tick`). The interval is read from the
+/// current settings at least once a second, so a reload applies it at once;
+/// ticks never overlap (a slow tick delays the next one).
+async fn schedule(engine: Engine, shutdown: CancellationToken) {
+    /// Longest single sleep: how late a reloaded, shorter interval is noticed.
+    const RECHECK: Duration = Duration::from_secs(1);
+    let mut last_status = String::new();
+    loop {
+        let since = tokio::time::Instant::now();
+        loop {
+            // Sub-second intervals are allowed in tests; zero would spin.
+            let every = engine
+                .settings()
+                .refresh
+                .check_interval
+                .max(Duration::from_millis(100));
+            let Some(left) = every.checked_sub(since.elapsed()).filter(|d| !d.is_zero()) else {
+                break;
             };
-            // Slack for the scheduler's own wake-up jitter, so a 1 s
-            // interval does not skip every other wake-up.
-            if last_run.elapsed() + Duration::from_millis(200) < every {
-                return;
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(left.min(RECHECK)) => {}
             }
-            *last_run = std::time::Instant::now();
-            if let Err(e) = engine.tick().await {
-                tracing::error!(error = %e, "refresh scheduler tick failed");
-            }
-            crate::metrics::upkeep();
-            let now = systemd::summary(&engine);
-            let mut last = last_status.lock().unwrap_or_else(|e| e.into_inner());
-            if *last != now {
-                systemd::status(&now);
-                *last = now;
-            }
-        })
-    })
+        }
+        if let Err(e) = engine.tick().await {
+            tracing::error!(error = %e, "refresh scheduler tick failed");
+        }
+        crate::metrics::upkeep();
+        let now = systemd::summary(&engine);
+        if last_status != now {
+            systemd::status(&now);
+            last_status = now;
+        }
+    }
 }
 
 /// Writes a world-readable copy of the self-signed certificate (public

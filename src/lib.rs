@@ -14,8 +14,9 @@
 //!   which failures are transient; [`provider::simulator`] is a Keap-like
 //!   provider for tests and `serve --dev`.
 //! - [`refresh`]: the refresh policy (pure functions), the engine
-//!   (single-flight, crash recovery, in-memory snapshots for serving) and
-//!   the thread its flights run on.
+//!   (single-flight, crash recovery, in-memory snapshots for serving, grants
+//!   held in memory until they are stored), the thread its flights run on,
+//!   the injectable clock, and lease-holder identities.
 //! - [`http`]: the local HTTP interface: `api` (JSON), `callback` (browser
 //!   authorization), `pages` (HTML), `proxy` (the rate-limited API proxy),
 //!   `auth` and `login` (site checks, API keys, browser login links),

@@ -25,6 +25,10 @@ pub const BEARER_MISUSE_TOTAL: &str = "tokenkeeper_bearer_misuse_total";
 pub const UNREADABLE_CONNECTIONS: &str = "tokenkeeper_unreadable_connections";
 /// Gauge: 1 while the last readiness probe could write to the database.
 pub const DATABASE_WRITABLE: &str = "tokenkeeper_database_writable";
+/// Counter: failed attempts to store a grant the provider issued.
+pub const COMMIT_FAILURES_TOTAL: &str = "tokenkeeper_commit_failures_total";
+/// Gauge: grants the provider issued that are held in memory, not yet stored.
+pub const UNCOMMITTED_GRANTS: &str = "tokenkeeper_uncommitted_grants";
 
 const STATES: [&str; 4] = ["active", "refreshing", "retrying", "authorization_required"];
 
@@ -80,6 +84,17 @@ fn describe() {
     // Present from the start, so an alert on them needs no `absent()`.
     metrics::gauge!(UNREADABLE_CONNECTIONS).set(0.0);
     metrics::gauge!(DATABASE_WRITABLE).set(1.0);
+    metrics::describe_counter!(
+        COMMIT_FAILURES_TOTAL,
+        "Failed attempts to store a grant the provider issued (it is kept in memory and retried)"
+    );
+    metrics::describe_gauge!(
+        UNCOMMITTED_GRANTS,
+        "Grants the provider issued that are held in memory because storing them failed"
+    );
+    // Present from the start, at zero.
+    metrics::counter!(COMMIT_FAILURES_TOTAL).increment(0);
+    metrics::gauge!(UNCOMMITTED_GRANTS).set(0.0);
 }
 
 /// The Prometheus text exposition: the recorder's series, then the

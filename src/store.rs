@@ -194,13 +194,42 @@ pub struct Fingerprint {
 /// Keap's 24 h tokens), bounded so the table cannot grow without limit.
 pub const FINGERPRINTS_KEPT: i64 = 64;
 
+/// Another holder's lease exactly as it was seen: a takeover only happens
+/// if it is still exactly this (not renewed, not released, not replaced).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseSeen {
+    pub owner: String,
+    pub attempt: Option<String>,
+    pub until_ms: Option<i64>,
+}
+
+/// What became of a commit.
+pub enum CommitOutcome {
+    /// The pair is stored; `kept_lease` says whether the lease was still
+    /// ours (if not, it was written anyway: see `commit_refresh`).
+    Committed {
+        row: Box<ConnectionRow>,
+        kept_lease: bool,
+    },
+    /// A newer grant (a re-authorization, an import) was stored after this
+    /// refresh read the grant: nothing was written. The current row, or
+    /// `None` if the connection was forgotten.
+    Superseded(Option<Box<ConnectionRow>>),
+}
+
 /// Result of trying to start a refresh.
 pub enum BeginRefresh {
     /// The lease is ours and "refresh started" is committed; the row is the
     /// freshly re-read grant (another process may have rotated it).
     Started(Box<ConnectionRow>),
-    /// Another live holder has it until the given instant.
-    Busy { owner: String, until: DateTime<Utc> },
+    /// Another holder has it: who, its attempt and its stored deadline.
+    /// Whether the holder still lives is the engine's call (`owner`,
+    /// `clock::LeaseWatch`), never a comparison with this process's clock.
+    Busy {
+        owner: String,
+        attempt: Option<String>,
+        until: DateTime<Utc>,
+    },
     /// The connection no longer exists.
     Gone,
 }
@@ -691,16 +720,37 @@ impl Store {
 
     /// Stores a grant obtained by a browser authorization, replacing any
     /// earlier grant of the same provider/account (a re-authorization wins
-    /// over whatever refresh was in flight).
+    /// over whatever refresh was in flight: its commit finds the generation
+    /// moved). Returns the stored row and the refresh token of the grant it
+    /// replaced, if any, so the caller can revoke it upstream.
     pub async fn save_authorized(
         &self,
         provider: &str,
         account: &str,
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
-    ) -> Result<ConnectionRow, StoreError> {
+    ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
         let mut tx = self.pool.begin().await?;
+        // The first statement writes (BEGIN IMMEDIATE semantics), so the
+        // replaced token read below is the one this write replaces.
         let generation = next_generation_by_name(&mut tx, provider, account).await?;
+        let replaced: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT refresh_token FROM connections WHERE provider = ? AND account = ?",
+        )
+        .bind(provider.to_owned())
+        .bind(account.to_owned())
+        .fetch_optional(&mut *tx)
+        .await?;
+        // A replaced token that no longer opens is not worth failing the
+        // new authorization for: it is simply not revoked.
+        let old = SealContext {
+            provider,
+            account,
+            generation: generation - 1,
+        };
+        let replaced = replaced
+            .flatten()
+            .and_then(|v| self.open_value(v, &old.column(Column::RefreshToken)).ok());
         let sealed = self.seal_pair((provider, account), generation, g);
         let row = sqlx::query(&format!(
             "INSERT INTO connections (provider, account, state, access_token, refresh_token, token_type, scope, \
@@ -727,13 +777,17 @@ impl Store {
         let decoded = self.decode(&row)?;
         record_fingerprints(&mut tx, decoded.id, fps, g.issued_at).await?;
         tx.commit().await?;
-        Ok(decoded)
+        Ok((decoded, replaced))
     }
 
     /// Takes the refresh lease and records "refresh started" in one
     /// statement (an implicit write transaction), then returns the re-read
-    /// grant. `dead_owner` names a previous holder known to be dead, whose
-    /// lease may be taken before it lapses.
+    /// grant. The lease is free when nobody (or this owner) holds it;
+    /// another holder's lease is taken only when `takeover` names exactly
+    /// what the engine saw of it (owner, attempt, deadline) and judged dead
+    /// or lapsed: if it was renewed since, the takeover does not happen.
+    /// No wall-clock comparison is made here: a clock set forward must not
+    /// make a live lease look lapsed.
     pub async fn begin_refresh(
         &self,
         id: i64,
@@ -741,7 +795,7 @@ impl Store {
         attempt_id: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
-        dead_owner: Option<&str>,
+        takeover: Option<&LeaseSeen>,
     ) -> Result<BeginRefresh, StoreError> {
         // An unfinished attempt of another holder means it died mid-refresh:
         // remember when, so a later rejection can say precisely why.
@@ -751,7 +805,8 @@ impl Store {
                                        THEN attempt_started_at ELSE interrupted_at END, \
                  lease_owner = ?1, lease_until = ?2, attempt_id = ?3, attempt_started_at = ?4, \
                  state = CASE WHEN state = 'authorization_required' THEN state ELSE 'refreshing' END \
-             WHERE id = ?5 AND (lease_owner IS NULL OR lease_owner = ?1 OR lease_until < ?4 OR lease_owner = ?6) \
+             WHERE id = ?5 AND (lease_owner IS NULL OR lease_owner = ?1 \
+                 OR (lease_owner = ?6 AND attempt_id IS ?7 AND lease_until IS ?8)) \
              RETURNING {COLUMNS}"
         ))
         .bind(owner.to_owned())
@@ -759,21 +814,26 @@ impl Store {
         .bind(attempt_id.to_owned())
         .bind(to_ms(now))
         .bind(id)
-        .bind(dead_owner.map(str::to_owned))
+        .bind(takeover.map(|t| t.owner.clone()))
+        .bind(takeover.and_then(|t| t.attempt.clone()))
+        .bind(takeover.and_then(|t| t.until_ms))
         .fetch_optional(&self.pool)
         .await?;
         if let Some(row) = row {
             return Ok(BeginRefresh::Started(Box::new(self.decode(&row)?)));
         }
-        let holder = sqlx::query("SELECT lease_owner, lease_until FROM connections WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let holder = sqlx::query(
+            "SELECT lease_owner, lease_until, attempt_id FROM connections WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(match holder {
             None => BeginRefresh::Gone,
             Some(r) => BeginRefresh::Busy {
                 owner: r.get::<Option<String>, _>(0).unwrap_or_default(),
                 until: from_ms(r.get::<Option<i64>, _>(1).unwrap_or(0)),
+                attempt: r.get::<Option<String>, _>(2),
             },
         })
     }
@@ -796,11 +856,15 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Commits a rotation. If the lease was lost meanwhile (we stalled past
-    /// it), the pair is written anyway: the provider has already rotated,
-    /// so ours is the only refresh token that still works, and the other
-    /// holder's rejection path re-reads storage and finds it. Returns the
-    /// row and whether the lease was still ours.
+    /// Commits a rotation, compare-and-swap on `base_generation`, the
+    /// generation the refresh read under its lease. If the lease was lost
+    /// meanwhile (we stalled past it) but the generation is unchanged, the
+    /// pair is written anyway: the provider has already rotated, so ours is
+    /// the only refresh token that still works, and the other holder's
+    /// rejection path re-reads storage and finds it. If the generation
+    /// moved, a newer grant was stored after our read and wins: nothing is
+    /// written, our lease (if still ours) is released, and the caller deals
+    /// with the result it holds.
     #[allow(clippy::too_many_arguments)]
     pub async fn commit_refresh(
         &self,
@@ -808,9 +872,10 @@ impl Store {
         (provider, account): (&str, &str),
         owner: &str,
         attempt_id: &str,
+        base_generation: i64,
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
-    ) -> Result<(Option<ConnectionRow>, bool), StoreError> {
+    ) -> Result<CommitOutcome, StoreError> {
         // One transaction: the pair and the fingerprints of the new tokens
         // become durable together.
         let mut tx = self.pool.begin().await?;
@@ -819,34 +884,106 @@ impl Store {
         let cas = format!(
             "UPDATE connections SET {GRANT_SET}, state = 'active', lease_owner = NULL, lease_until = NULL, \
              attempt_id = NULL, attempt_started_at = NULL \
-             WHERE id = ?7 AND lease_owner = ?8 AND attempt_id = ?9 RETURNING {COLUMNS}"
+             WHERE id = ?7 AND lease_owner = ?8 AND attempt_id = ?9 AND generation = ?10 RETURNING {COLUMNS}"
         );
         let row = bind_grant(sqlx::query(&cas), g, sealed())
             .bind(id)
             .bind(owner.to_owned())
             .bind(attempt_id.to_owned())
+            .bind(base_generation)
             .fetch_optional(&mut *tx)
             .await?;
-        if let Some(row) = row {
-            let decoded = self.decode(&row)?;
+        if row.is_some() {
+            let decoded = self
+                .reseal_kept_refresh_token(&mut tx, id, (provider, account), generation, g)
+                .await?;
             record_fingerprints(&mut tx, id, fps, g.issued_at).await?;
             tx.commit().await?;
-            return Ok((Some(decoded), true));
+            return Ok(CommitOutcome::Committed {
+                row: Box::new(decoded),
+                kept_lease: true,
+            });
         }
         let forced = format!(
             "UPDATE connections SET {GRANT_SET}, state = CASE WHEN lease_owner IS NULL THEN 'active' ELSE state END \
-             WHERE id = ?7 RETURNING {COLUMNS}"
+             WHERE id = ?7 AND generation = ?8 RETURNING {COLUMNS}"
         );
         let row = bind_grant(sqlx::query(&forced), g, sealed())
             .bind(id)
+            .bind(base_generation)
             .fetch_optional(&mut *tx)
             .await?;
-        let decoded = row.as_ref().map(|r| self.decode(r)).transpose()?;
-        if decoded.is_some() {
+        if row.is_some() {
+            let decoded = self
+                .reseal_kept_refresh_token(&mut tx, id, (provider, account), generation, g)
+                .await?;
             record_fingerprints(&mut tx, id, fps, g.issued_at).await?;
+            tx.commit().await?;
+            return Ok(CommitOutcome::Committed {
+                row: Box::new(decoded),
+                kept_lease: false,
+            });
         }
+        sqlx::query(
+            "UPDATE connections SET lease_owner = NULL, lease_until = NULL, attempt_id = NULL, \
+                 attempt_started_at = NULL, \
+                 state = CASE WHEN state = 'refreshing' THEN 'active' ELSE state END \
+             WHERE id = ? AND lease_owner = ? AND attempt_id = ?",
+        )
+        .bind(id)
+        .bind(owner.to_owned())
+        .bind(attempt_id.to_owned())
+        .execute(&mut *tx)
+        .await?;
+        let current = sqlx::query(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
         tx.commit().await?;
-        Ok((decoded, false))
+        let current = current.as_ref().map(|r| self.decode(r)).transpose()?;
+        Ok(CommitOutcome::Superseded(current.map(Box::new)))
+    }
+
+    /// After a commit: an answer without a new refresh token keeps the
+    /// stored one (SPEC 7), but sealed it is bound to the generation it was
+    /// written under, so it is re-sealed for the new generation in the same
+    /// transaction. Returns the committed row.
+    async fn reseal_kept_refresh_token(
+        &self,
+        tx: &mut sqlx::SqliteConnection,
+        id: i64,
+        (provider, account): (&str, &str),
+        generation: i64,
+        g: &NewGrant<'_>,
+    ) -> Result<ConnectionRow, StoreError> {
+        if g.refresh_token.is_none() && self.seal.is_some() {
+            let kept: Option<String> =
+                sqlx::query_scalar("SELECT refresh_token FROM connections WHERE id = ?")
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if let Some(v) = kept {
+                let ctx = |generation| SealContext {
+                    provider,
+                    account,
+                    generation,
+                };
+                let plain =
+                    self.open_value(v, &ctx(generation - 1).column(Column::RefreshToken))?;
+                let resealed =
+                    self.seal_value(&plain, &ctx(generation).column(Column::RefreshToken));
+                sqlx::query("UPDATE connections SET refresh_token = ? WHERE id = ?")
+                    .bind(resealed)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?"))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        self.decode(&row)
     }
 
     /// Ends an attempt without a new grant: transient failure (`retrying`),
@@ -960,6 +1097,53 @@ impl Store {
         }
         tx.commit().await?;
         Ok(decoded)
+    }
+
+    /// Forgets connection `id` only if its grant is still `generation` (the
+    /// one just revoked); `false` if a newer grant was stored meanwhile or
+    /// the row is already gone.
+    pub async fn delete_connection_at(&self, id: i64, generation: i64) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("DELETE FROM connections WHERE id = ? AND generation = ?")
+            .bind(id)
+            .bind(generation)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 1 {
+            sqlx::query("DELETE FROM token_fingerprints WHERE connection_id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The fingerprints stored for one connection, oldest first: what the
+    /// recognizer mirrors after another process wrote the connection.
+    pub async fn fingerprints_of(
+        &self,
+        connection_id: i64,
+    ) -> Result<Vec<Fingerprint>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT kind, digest FROM token_fingerprints WHERE connection_id = ? ORDER BY id",
+        )
+        .bind(connection_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let kind = match r.try_get::<&str, _>("kind")? {
+                    "refresh" => TokenKind::Refresh,
+                    _ => TokenKind::Access,
+                };
+                let digest: &[u8] = r.try_get("digest")?;
+                let digest = digest
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("fingerprint of the wrong length".into()))?;
+                Ok(Fingerprint { kind, digest })
+            })
+            .collect()
     }
 }
 
@@ -1509,7 +1693,8 @@ mod tests {
                 &[],
             )
             .await
-            .unwrap();
+            .unwrap()
+            .0;
         (store, row)
     }
 
@@ -1580,7 +1765,8 @@ mod tests {
                     &[],
                 )
                 .await
-                .unwrap();
+                .unwrap()
+                .0;
             ((), row2)
         };
         assert_eq!(row2.generation, 2);

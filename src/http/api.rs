@@ -12,7 +12,7 @@ use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::config::{valid_account, valid_name};
 use crate::refresh::engine::ServedToken;
-use crate::refresh::{ConnectionReport, IssuedToken, TokenIdentity};
+use crate::refresh::{ConnectionReport, IssuedToken, Revocation, TokenIdentity};
 
 /// Default account when a path omits it.
 pub const DEFAULT_ACCOUNT: &str = "default";
@@ -340,23 +340,46 @@ pub async fn connections(State(state): State<AppState>) -> Response {
     r
 }
 
-#[utoipa::path(delete, path = "/v1/connections/{provider}/{account}", summary = "Revoke and forget a grant", params(("provider" = String, Path, description = "provider name from the config", example = "demo"), ("account" = String, Path, description = "account name", example = "default")), responses(
-        (status = 204, description = "revoked upstream where possible and forgotten"),
-        (status = 400, description = "malformed account name", body = crate::http::error::ErrorBody),
+/// Query of `DELETE /v1/connections/{provider}/{account}`.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// `true`: forget the grant here without revoking it at the provider
+    /// (it stays valid there). Default `false`: revoke upstream first, and
+    /// keep the grant if that fails.
+    #[serde(default)]
+    pub local: bool,
+}
+
+#[utoipa::path(delete, path = "/v1/connections/{provider}/{account}", summary = "Revoke and forget a grant", params(("provider" = String, Path, description = "provider name from the config", example = "demo"), ("account" = String, Path, description = "account name", example = "default"), DeleteQuery), responses(
+        (status = 204, description = "revoked upstream where possible (waiting for a refresh in flight, so the newest token is revoked) and forgotten; with local=true only forgotten"),
+        (status = 400, description = "malformed account name or query", body = crate::http::error::ErrorBody),
         (status = 401, description = "a bearer credential was presented and is wrong (SPEC 5)", body = crate::http::error::ErrorBody),
         (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
-        (status = 404, description = "unknown_provider or unknown_connection", body = crate::http::error::ErrorBody)
+        (status = 404, description = "unknown_provider or unknown_connection", body = crate::http::error::ErrorBody),
+        (status = 502, description = "revocation_failed: the provider did not revoke the grant; it is kept (retry, or use local=true to forget it here only)", body = crate::http::error::ErrorBody),
+        (status = 503, description = "refresh_failed: another process held the connection's refresh lease too long; nothing changed, try again", body = crate::http::error::ErrorBody)
     ))]
-/// `DELETE /v1/connections/{provider}/{account}`: revoke upstream where
-/// possible and forget locally.
+/// `DELETE /v1/connections/{provider}/{account}[?local=true]`: revoke
+/// upstream where possible and forget locally; with `local=true`, forget
+/// locally only.
 pub async fn delete_connection(
     State(state): State<AppState>,
     Path((provider, account)): Path<(String, String)>,
+    query: Result<axum::extract::Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
     check_names(&provider, &account)?;
+    let axum::extract::Query(query) = query.map_err(|_| {
+        ApiError::BadRequest("the only query parameter is local=true or local=false".into())
+    })?;
+    let mode = if query.local {
+        Revocation::LocalOnly
+    } else {
+        Revocation::Upstream
+    };
     let forgotten = state
         .engine
-        .forget(&provider, &account)
+        .forget(&provider, &account, mode)
         .await
         .map_err(|e| ApiError::from_token_error(e, &state.public_url))?;
     if forgotten {

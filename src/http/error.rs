@@ -45,6 +45,9 @@ pub enum ApiError {
     /// 502 `upstream_unreachable` from the proxy; the cause (without the
     /// URL) only in the log.
     UpstreamUnreachable(reqwest::Error),
+    /// 502 `revocation_failed`: the provider did not revoke a grant, which
+    /// is therefore kept; the message carries the provider's error.
+    RevocationFailed(String),
 }
 
 impl From<crate::ratelimit::LimitError> for ApiError {
@@ -56,7 +59,7 @@ impl From<crate::ratelimit::LimitError> for ApiError {
 /// SPEC 4: the body of every `/v1/*` error.
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
-    /// unknown_provider | unknown_connection | authorization_required | refresh_failed | invalid_token | invalid_request | forbidden_origin | internal; from the proxy also rate_limited | upstream_unreachable
+    /// unknown_provider | unknown_connection | authorization_required | refresh_failed | invalid_token | invalid_request | forbidden_origin | internal; from the proxy also rate_limited | upstream_unreachable; from DELETE also revocation_failed
     pub error: String,
     /// One sentence saying what to do next.
     pub message: String,
@@ -98,6 +101,11 @@ impl ApiError {
             TokenError::RefreshFailed { retry_after, .. } => ApiError::RefreshFailed {
                 message: e.to_string(),
                 retry_after,
+            },
+            TokenError::RevocationFailed { .. } => ApiError::RevocationFailed(e.to_string()),
+            TokenError::Busy { .. } => ApiError::RefreshFailed {
+                message: e.to_string(),
+                retry_after: Duration::from_secs(5),
             },
             TokenError::Store(s) => ApiError::Internal(s.to_string()),
         }
@@ -162,6 +170,7 @@ impl IntoResponse for ApiError {
                     "the provider's API could not be reached; try again later".into(),
                 )
             }
+            ApiError::RevocationFailed(m) => (StatusCode::BAD_GATEWAY, "revocation_failed", m),
             ApiError::Internal(cause) => {
                 tracing::error!(error = %cause, "request failed on an internal error");
                 (

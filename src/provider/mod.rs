@@ -247,15 +247,14 @@ impl Provider {
                 )
             })?;
         let status = resp.status().as_u16();
+        if (200..=299).contains(&status) {
+            return Ok(true);
+        }
+        let said = revocation_error(resp).await;
+        let message = format!("the revocation endpoint answered HTTP {status}{said}");
         match status {
-            200..=299 => Ok(true),
-            429 | 500..=599 => Err(transient(
-                format!("the revocation endpoint answered HTTP {status}"),
-                None,
-            )),
-            _ => Err(ProviderError::Rejected {
-                message: format!("the revocation endpoint answered HTTP {status}"),
-            }),
+            429 | 500..=599 => Err(transient(message, None)),
+            _ => Err(ProviderError::Rejected { message }),
         }
     }
 
@@ -466,6 +465,29 @@ pub fn http_client() -> reqwest::Client {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap_or_default()
+}
+
+/// The provider's own words from a failed revocation (RFC 7009 answers
+/// with an OAuth error body): `: error (description)`, or nothing. Only
+/// these two fields are read, bounded, so nothing else of the body (which
+/// could echo the token) reaches a message.
+async fn revocation_error(resp: reqwest::Response) -> String {
+    #[derive(serde::Deserialize)]
+    struct OAuthError {
+        error: String,
+        error_description: Option<String>,
+    }
+    let Ok(bytes) = resp.bytes().await else {
+        return String::new();
+    };
+    let Ok(e) = serde_json::from_slice::<OAuthError>(&bytes[..bytes.len().min(4096)]) else {
+        return String::new();
+    };
+    let clean = |v: &str| -> String { v.chars().filter(|c| !c.is_control()).take(200).collect() };
+    match e.error_description {
+        Some(d) => format!(": {} ({})", clean(&e.error), clean(&d)),
+        None => format!(": {}", clean(&e.error)),
+    }
 }
 
 #[cfg(test)]

@@ -258,6 +258,13 @@ struct State {
     access_log: Vec<String>,
     stats: SimStats,
     usage: Usage,
+    /// `/revoke` answers this status (with an OAuth error body) instead of
+    /// revoking.
+    revoke_fault: Option<u16>,
+    /// `/revoke` ignores tokens that are no longer valid (RFC 7009 2.2: an
+    /// invalid token is not an error, and revokes nothing) instead of
+    /// revoking the whole grant they came from.
+    strict_revocation: bool,
 }
 
 /// A token bucket of `capacity` requests refilled evenly over `window`.
@@ -526,6 +533,8 @@ impl Simulator {
                 access_log: Vec::new(),
                 stats: SimStats::default(),
                 usage: Usage::new(),
+                revoke_fault: None,
+                strict_revocation: false,
             })),
         }
     }
@@ -635,6 +644,36 @@ impl Simulator {
         for e in self.lock().access.values_mut() {
             e.revoked = true;
         }
+    }
+
+    /// Makes `/revoke` fail with this status and an OAuth error body
+    /// (`None`: revoke normally).
+    pub fn set_revoke_fault(&self, status: Option<u16>) {
+        self.lock().revoke_fault = status;
+    }
+
+    /// With `true`, revoking a token that is no longer valid (a rotated-out
+    /// refresh token, an expired access token) revokes nothing, as at
+    /// providers that only know a grant by its current tokens; by default
+    /// any token of a grant revokes the whole grant.
+    pub fn set_strict_revocation(&self, on: bool) {
+        self.lock().strict_revocation = on;
+    }
+
+    /// How many grants still hold a refresh token that works.
+    pub fn live_grants(&self) -> usize {
+        let st = self.lock();
+        st.grants
+            .iter()
+            .filter(|g| {
+                !g.revoked
+                    && g.refresh_tokens.iter().any(|t| {
+                        st.refresh
+                            .get(t)
+                            .is_some_and(|e| e.status == RefreshStatus::Valid)
+                    })
+            })
+            .count()
     }
 
     /// Snapshot of the counters.
@@ -1327,6 +1366,24 @@ async fn revoke_endpoint(
     }
     let params = parse_params(&raw);
     let mut st = sim.lock();
+    if let Some(status) = st.revoke_fault {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let error = if status.is_server_error() {
+            "temporarily_unavailable"
+        } else {
+            "unsupported_token_type"
+        };
+        return (
+            status,
+            [(header::CONTENT_TYPE, JSON_CT)],
+            serde_json::json!({
+                "error": error,
+                "error_description": "simulated revocation failure",
+            })
+            .to_string(),
+        )
+            .into_response();
+    }
     if let Err(resp) = authenticate_client(&st.config, &headers, &params, false) {
         return resp;
     }
@@ -1334,11 +1391,18 @@ async fn revoke_endpoint(
         return invalid_request("Missing token");
     };
     // The hint is only an optimisation in RFC 7009; both tables are searched.
+    let strict = st.strict_revocation;
     let grant = st
         .refresh
         .get(token)
+        .filter(|e| !strict || e.status == RefreshStatus::Valid)
         .map(|e| e.grant)
-        .or_else(|| st.access.get(token).map(|e| e.grant));
+        .or_else(|| {
+            st.access
+                .get(token)
+                .filter(|_| !strict || st.access_valid(token))
+                .map(|e| e.grant)
+        });
     if let Some(g) = grant {
         if st.grants.get(g).is_some_and(|g| !g.revoked) {
             st.revoke_grant(g);

@@ -1,18 +1,36 @@
 //! The refresh engine: in-memory snapshots for serving, single-flight
 //! refreshes (in-process and across processes), durable rotation, failure
-//! classes, crash recovery.
+//! classes, crash recovery. Storing what the provider issued (and holding
+//! it when that fails) lives in `commit`; forgetting and revoking grants
+//! in `revoke`.
 //!
 //! Invariants:
 //! - A snapshot is replaced only after the database commit that produced it,
 //!   so no caller ever sees an access token whose refresh token is not
-//!   durable.
+//!   durable. The one exception: a grant the provider issued whose commit
+//!   failed, once the stored access token is no longer usable (logged).
 //! - At most one refresh per connection runs in this process (`Slot::flight`)
 //!   and across processes (the lease in `connections.lease_owner`); callers
-//!   that arrive during a refresh wait for it and share its result.
-//! - The refresh token itself is never kept in memory: it is read from the
-//!   database under the lease, which is the only point where it can be
-//!   current.
+//!   that arrive during a refresh wait for it and share its result. Another
+//!   process's lease is taken over only when that process is certainly dead
+//!   (`owner`) or its lease has stood still for `LEASE` (30 s) on our monotonic
+//!   clock (`clock::LeaseWatch`); never by comparing wall clocks.
+//! - The refresh token is not kept in memory: it is read from the database
+//!   under the lease, which is the only point where it can be current. The
+//!   exception is a grant whose commit failed: it is held in the slot's
+//!   pending commit (secrecy types) and retried with backoff until it lands;
+//!   while it is held, no refresh of the connection calls the provider (it
+//!   could not be committed either), and the flight lock orders the retries
+//!   with flights and revocations.
+//! - A commit is compare-and-swap on the generation the refresh read under
+//!   its lease: a newer authorization always wins, and the late result is
+//!   discarded (its new refresh token revoked upstream where possible).
+//! - A revocation holds the flight lock and the lease, so it revokes the
+//!   newest refresh token, never one a flight is about to replace.
 //! - A still-valid access token is never discarded because of a failure.
+//! - Expiry is judged on the later of the wall clock and the token's
+//!   receipt plus monotonic time since (`clock::Anchor`), so a clock set
+//!   back cannot make a dead token look alive.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,14 +41,22 @@ use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::task::TaskTracker;
 
+mod commit;
+mod revoke;
+
+use commit::PendingCommit;
+
+use super::clock::{Anchor, Clock, ClockHandle, LeaseWatch, SystemClock};
 use super::flights::FlightThread;
+use super::owner;
 use super::policy::{self, Timing};
 use super::recognizer::Recognizer;
 use crate::config::RefreshConfig;
 use crate::notify::{Event, EventKind, Notifier};
 use crate::provider::{Provider, ProviderError, TokenGrant};
 use crate::store::{
-    BeginRefresh, ConnState, ConnectionRow, Fingerprint, NewGrant, Store, StoreError, TokenKind,
+    BeginRefresh, ConnState, ConnectionRow, Fingerprint, LeaseSeen, NewGrant, Store, StoreError,
+    TokenKind,
 };
 
 /// How long a refresh lease lasts without renewal. Long enough that a
@@ -55,15 +81,56 @@ pub enum TokenError {
         account: String,
         reason: String,
     },
-    #[error("no valid access token is left for {provider}/{account} and the provider could not be reached: {reason}")]
+    #[error("{}", refresh_failed_text(provider, account, reason, still_valid_until.as_ref()))]
     RefreshFailed {
         provider: String,
         account: String,
         reason: String,
         retry_after: Duration,
+        /// The access token still served, if one is: then the message says
+        /// so instead of claiming none is left.
+        still_valid_until: Option<DateTime<Utc>>,
     },
+    /// The provider refused or failed the revocation; nothing was forgotten.
+    #[error("the provider did not revoke the grant of {provider}/{account} ({reason}); it is kept, so the revocation can be retried; to forget it here without revoking it upstream, use `tokenkeeper revoke {provider} {account} --local` (DELETE ...?local=true)")]
+    RevocationFailed {
+        provider: String,
+        account: String,
+        reason: String,
+    },
+    /// Another process held the connection's lease for longer than a
+    /// revocation waits.
+    #[error("another tokenkeeper process is refreshing {provider}/{account} and did not finish in time; nothing was revoked or forgotten; try again")]
+    Busy { provider: String, account: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+fn refresh_failed_text(
+    provider: &str,
+    account: &str,
+    reason: &str,
+    still_valid_until: Option<&DateTime<Utc>>,
+) -> String {
+    match still_valid_until {
+        Some(t) => format!(
+            "the refresh of {provider}/{account} did not produce a new access token: {reason}; the current one stays valid until {} and is still served",
+            t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
+        None => format!(
+            "no valid access token is left for {provider}/{account} and the provider could not be reached: {reason}"
+        ),
+    }
+}
+
+/// Whether `forget` also revokes upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    /// Revoke the newest refresh token at the provider (where it offers
+    /// revocation); if that fails, keep the grant.
+    Upstream,
+    /// Forget locally only; the grant stays valid at the provider.
+    LocalOnly,
 }
 
 /// What a caller gets: the access token and when it expires.
@@ -98,10 +165,12 @@ pub struct Snapshot {
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub interrupted_at: Option<DateTime<Utc>>,
     pub has_refresh_token: bool,
+    /// Where this access token was taken in, on both clocks.
+    pub anchor: Anchor,
 }
 
 impl Snapshot {
-    fn from_row(r: &ConnectionRow) -> Snapshot {
+    fn from_row(r: &ConnectionRow, anchor: Anchor) -> Snapshot {
         Snapshot {
             access_token: r.access_token.clone(),
             token_type: r.token_type.clone(),
@@ -118,6 +187,7 @@ impl Snapshot {
             next_attempt_at: r.next_attempt_at,
             interrupted_at: r.interrupted_at,
             has_refresh_token: r.refresh_token.is_some(),
+            anchor,
         }
     }
 }
@@ -165,6 +235,11 @@ struct Slot {
     /// written into `/metrics` at scrape time. A plain atomic, not a
     /// recorder series: 10,000 of those cost megabytes of idle memory.
     served: AtomicU64,
+    /// A grant the provider issued that could not be stored yet (see the
+    /// module invariants). std Mutex: never held across `.await`.
+    pending: std::sync::Mutex<Option<Arc<PendingCommit>>>,
+    /// What we last saw of another process's lease on this connection.
+    lease_watch: std::sync::Mutex<Option<LeaseWatch>>,
 }
 
 impl Slot {
@@ -178,9 +253,15 @@ impl Slot {
         self.snap.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn set(&self, s: Snapshot) -> Arc<Snapshot> {
+    /// Replaces the snapshot. The same token keeps its anchor: it was taken
+    /// in once, and re-anchoring it would forget a clock jump since.
+    fn set(&self, mut s: Snapshot) -> Arc<Snapshot> {
+        let mut cur = self.snap.write().unwrap_or_else(|e| e.into_inner());
+        if cur.generation == s.generation && cur.timing.expires_at == s.timing.expires_at {
+            s.anchor = cur.anchor;
+        }
         let s = Arc::new(s);
-        *self.snap.write().unwrap_or_else(|e| e.into_inner()) = s.clone();
+        *cur = s.clone();
         s
     }
 }
@@ -215,6 +296,9 @@ pub struct Engine {
 
 struct Inner {
     store: Store,
+    clock: ClockHandle,
+    /// Cancelled by [`Engine::stop`]: commit retries make their last try.
+    stopping: tokio_util::sync::CancellationToken,
     settings: RwLock<Arc<Settings>>,
     slots: RwLock<HashMap<(String, String), Arc<Slot>>>,
     owner: String,
@@ -227,7 +311,8 @@ struct Inner {
     limits: std::sync::OnceLock<Arc<crate::ratelimit::RateLimits>>,
     /// Set once shutdown begins: no new refresh flight starts (one in the
     /// air still lands and commits).
-    stopping: AtomicBool,
+    /// Shutdown has begun: no new flight starts (`stop_new_refreshes`).
+    no_new_refreshes: AtomicBool,
     /// Another live process shares the database (see `heartbeat`). Alone,
     /// the in-memory snapshot is the truth and the hot path reads no
     /// storage; with peers, `token` checks storage first.
@@ -259,6 +344,16 @@ impl Engine {
     /// Loads every stored grant and reports refreshes that a previous
     /// process started and never finished.
     pub async fn start(store: Store, settings: Settings) -> Result<Engine, StoreError> {
+        Engine::start_with_clock(store, settings, SystemClock::handle()).await
+    }
+
+    /// [`Engine::start`] with the clock it reads time from (tests move a
+    /// `clock::TestClock`).
+    pub async fn start_with_clock(
+        store: Store,
+        settings: Settings,
+        clock: ClockHandle,
+    ) -> Result<Engine, StoreError> {
         let recognizer = Recognizer::new(store.fingerprint_key().await?);
         store
             .each_fingerprint(|id, fp| recognizer.add(id, &[fp]))
@@ -266,19 +361,20 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Inner {
                 store,
+                clock,
+                stopping: tokio_util::sync::CancellationToken::new(),
                 settings: RwLock::new(Arc::new(settings)),
                 slots: RwLock::new(HashMap::new()),
-                owner: owner_id(),
+                owner: owner::Identity::current().owner(rand::random()),
                 tasks: TaskTracker::new(),
                 flights: FlightThread::start(),
                 recognizer,
                 limits: std::sync::OnceLock::new(),
-                stopping: AtomicBool::new(false),
+                no_new_refreshes: AtomicBool::new(false),
                 peers: AtomicBool::new(false),
             }),
         };
         engine.heartbeat().await?;
-        let now = Utc::now();
         // Installed as they stream in; the few with an unfinished refresh
         // are handled afterwards, since that writes to the store.
         let mut unfinished = Vec::new();
@@ -292,11 +388,13 @@ impl Engine {
                 }
             })
             .await?;
+        // Only holders certainly dead are dealt with now; any other lease is
+        // taken over once seen standing still (`refresh_locked`), so a live
+        // holder in another PID namespace is never cut off.
         for mut row in unfinished {
             if let (Some(started), Some(holder)) = (row.attempt_started_at, row.lease_owner.clone())
             {
-                let lapsed = row.lease_until.is_none_or(|u| u < now);
-                if lapsed || owner_is_dead(&holder) {
+                if holder != engine.inner.owner && owner_is_dead(&holder) {
                     let msg = format!(
                         "a refresh started at {} was interrupted before its result was stored (the process stopped); retrying with the stored refresh token",
                         started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
@@ -368,7 +466,7 @@ impl Engine {
     /// provider call started now might not be answered and committed
     /// before the process must exit); callers get `RefreshFailed`.
     pub fn stop_new_refreshes(&self) {
-        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner.no_new_refreshes.store(true, Ordering::SeqCst);
     }
 
     /// Tasks spawned by the engine (scheduled refreshes, every flight), for
@@ -402,7 +500,7 @@ impl Engine {
             expires_at: grant.expires_at,
         };
         let fps = self.fingerprints(grant);
-        let row = self
+        let (row, replaced) = self
             .inner
             .store
             .save_authorized(provider, account, &new, &fps)
@@ -415,7 +513,37 @@ impl Engine {
             account: account.to_string(),
             message: "authorized in the browser; the grant is stored".into(),
         });
+        // The grant this authorization replaced (an earlier one, or a second
+        // browser flow for the same account) would otherwise stay valid at
+        // the provider with nobody holding it. Only when the new grant
+        // brings its own refresh token: without one, the old token may be
+        // the only refresh token of this very grant.
+        if let (Some(old), Some(new)) = (replaced, grant.refresh_token.as_ref()) {
+            if new.expose_secret() != old.expose_secret() {
+                self.revoke_in_background(
+                    provider,
+                    account,
+                    old,
+                    "the grant replaced by a newer authorization",
+                );
+            }
+        }
         Ok(())
+    }
+
+    fn clock(&self) -> &dyn Clock {
+        &*self.inner.clock
+    }
+
+    /// A snapshot of `row`, taken in now.
+    fn snap_of(&self, row: &ConnectionRow) -> Snapshot {
+        Snapshot::from_row(row, Anchor::at(self.clock()))
+    }
+
+    /// Stops background work at shutdown: grants held in memory get one
+    /// last attempt to be stored (their retry loops end after it).
+    pub fn stop(&self) {
+        self.inner.stopping.cancel();
     }
 
     /// Whether a bearer credential is one of our refresh tokens, current or
@@ -485,7 +613,7 @@ impl Engine {
         let mut slots = self.inner.slots.write().unwrap_or_else(|e| e.into_inner());
         match slots.get(&key) {
             Some(slot) if slot.id == row.id => {
-                slot.set(Snapshot::from_row(row));
+                slot.set(self.snap_of(row));
             }
             _ => {
                 slots.insert(
@@ -494,12 +622,14 @@ impl Engine {
                         id: row.id,
                         provider: row.provider.clone(),
                         account: row.account.clone(),
-                        snap: RwLock::new(Arc::new(Snapshot::from_row(row))),
+                        snap: RwLock::new(Arc::new(self.snap_of(row))),
                         flight: Arc::new(tokio::sync::Mutex::new(())),
                         in_flight: AtomicBool::new(false),
                         attempts: AtomicU64::new(0),
                         landed: tokio::sync::Notify::new(),
                         served: AtomicU64::new(0),
+                        pending: std::sync::Mutex::new(None),
+                        lease_watch: std::sync::Mutex::new(None),
                     }),
                 );
             }
@@ -585,6 +715,7 @@ impl Engine {
             return None;
         }
         let snap = slot.snap.read().unwrap_or_else(|e| e.into_inner());
+        let now = now.max(snap.anchor.now(self.clock()));
         if !policy::fresh_enough(&snap.timing, now, &refresh) {
             return None;
         }
@@ -610,9 +741,12 @@ impl Engine {
         } else {
             false
         };
-        let snap = slot.snapshot();
-        let now = Utc::now();
+        let mut snap = slot.snapshot();
         let settings = self.settings();
+        if slot.pending().is_some() {
+            snap = self.serve_pending_if_stored_dead(&slot, &settings.refresh);
+        }
+        let now = snap.anchor.now(self.clock());
         let waiting = foreign_flight || slot.in_flight.load(Ordering::SeqCst);
         if !waiting && policy::fresh_enough(&snap.timing, now, &settings.refresh) {
             return Ok(issued(&slot, &snap));
@@ -620,7 +754,7 @@ impl Engine {
         let parked = snap.state == ConnState::AuthorizationRequired
             || snap.next_attempt_at.is_some_and(|t| t > now);
         if parked && !waiting {
-            return answer(&slot, &snap, now);
+            return answer(&slot, &snap, self.clock());
         }
         // Another process's refresh: `begin_refresh` finds its lease busy
         // and `wait_for_other_process` adopts what it stores.
@@ -633,7 +767,8 @@ impl Engine {
     /// provider may already have revoked the token in our snapshot (SPEC 7).
     /// Skipped while this process refreshes the slot itself.
     async fn sync_with_store(&self, slot: &Arc<Slot>) -> Result<bool, TokenError> {
-        if slot.in_flight.load(Ordering::SeqCst) {
+        // A grant held in memory is newer than anything stored.
+        if slot.in_flight.load(Ordering::SeqCst) || slot.pending().is_some() {
             return Ok(false);
         }
         let attempts = slot.attempts.load(Ordering::SeqCst);
@@ -643,9 +778,15 @@ impl Engine {
                 account: slot.account.clone(),
             });
         };
-        let foreign = row.attempt_id.is_some()
-            && row.lease_owner.as_deref() != Some(self.inner.owner.as_str())
-            && row.lease_until.is_some_and(|u| u >= Utc::now());
+        // Any attempt of another holder counts as in flight (a stalled one
+        // is taken over by `refresh_locked` once seen standing still): the
+        // wall clock cannot tell a live lease from a lapsed one.
+        let foreign = match row.lease_owner.as_deref() {
+            Some(holder) if row.attempt_id.is_some() && holder != self.inner.owner => self
+                .holder_gone(slot, holder, row.attempt_id.as_deref(), row.lease_until)
+                .is_none(),
+            _ => false,
+        };
         if foreign {
             return Ok(true);
         }
@@ -656,9 +797,10 @@ impl Engine {
             return Ok(false);
         }
         let snap = slot.snapshot();
-        if row.generation > snap.generation
-            || (row.generation == snap.generation && row.state != snap.state)
-        {
+        if row.generation > snap.generation {
+            self.learn_fingerprints(row.id).await?;
+            self.install(&row);
+        } else if row.generation == snap.generation && row.state != snap.state {
             self.install(&row);
         }
         Ok(false)
@@ -669,6 +811,47 @@ impl Engine {
     /// before it spends a rate-limit slot or quota on them.
     pub fn check_known(&self, provider: &str, account: &str) -> Result<(), TokenError> {
         self.slot(provider, account).map(|_| ())
+    }
+
+    /// Whether another process's lease may be taken over: its holder is
+    /// certainly dead, or its lease has not moved for [`LEASE`] as measured
+    /// on our monotonic clock (each call is an observation). Returns what was
+    /// seen, for the compare-and-swap takeover in `begin_refresh`.
+    fn holder_gone(
+        &self,
+        slot: &Slot,
+        holder: &str,
+        attempt: Option<&str>,
+        until: Option<DateTime<Utc>>,
+    ) -> Option<LeaseSeen> {
+        let seen = LeaseSeen {
+            owner: holder.to_string(),
+            attempt: attempt.map(str::to_string),
+            until_ms: until.map(crate::store::to_ms),
+        };
+        if owner_is_dead(holder) {
+            return Some(seen);
+        }
+        let mut watch = slot.lease_watch.lock().unwrap_or_else(|e| e.into_inner());
+        let lapsed = LeaseWatch::observe(
+            &mut watch,
+            (
+                seen.owner.clone(),
+                seen.attempt.clone(),
+                seen.until_ms.unwrap_or(i64::MIN),
+            ),
+            self.clock().monotonic(),
+            LEASE,
+        );
+        lapsed.then_some(seen)
+    }
+
+    /// Mirrors the stored fingerprints of a connection another process
+    /// wrote (SPEC 5: its rotated refresh tokens are ours to recognise too).
+    async fn learn_fingerprints(&self, id: i64) -> Result<(), StoreError> {
+        let fps = self.inner.store.fingerprints_of(id).await?;
+        self.inner.recognizer.replace(id, &fps);
+        Ok(())
     }
 
     /// Refreshes now, whatever the schedule says (SPEC: `POST .../refresh`).
@@ -691,7 +874,7 @@ impl Engine {
                 let snap = slot.snapshot();
                 let next = match snap.state {
                     ConnState::AuthorizationRequired => None,
-                    ConnState::Retrying => snap.next_attempt_at.or(Some(Utc::now())),
+                    ConnState::Retrying => snap.next_attempt_at.or(Some(self.clock().now())),
                     _ => Some(policy::next_refresh_at(
                         &snap.timing,
                         &settings.refresh,
@@ -718,63 +901,27 @@ impl Engine {
             .collect()
     }
 
-    /// Forgets a grant locally and revokes it upstream where the provider
-    /// can. Returns `false` if there was nothing to forget.
-    pub async fn forget(&self, provider: &str, account: &str) -> Result<bool, TokenError> {
-        let settings = self.settings();
-        let Some(p) = settings.providers.get(provider) else {
-            return Err(TokenError::UnknownProvider(provider.to_string()));
-        };
-        let removed = self
-            .inner
-            .store
-            .delete_connection(provider, account)
-            .await?;
-        self.inner
-            .slots
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(provider.to_string(), account.to_string()));
-        let Some(row) = removed else {
-            return Ok(false);
-        };
-        // Revocation is best effort: the grant is already forgotten here,
-        // and a provider outage must not keep it alive locally.
-        let token = row
-            .refresh_token
-            .as_ref()
-            .map(|t| (t, "refresh_token"))
-            .unwrap_or((&row.access_token, "access_token"));
-        match p.revoke(token.0, token.1).await {
-            Ok(true) => tracing::info!(provider, account, "grant revoked upstream and forgotten"),
-            Ok(false) => tracing::info!(
-                provider,
-                account,
-                "grant forgotten (the provider offers no revocation)"
-            ),
-            Err(e) => {
-                tracing::warn!(provider, account, error = %e, "grant forgotten, but upstream revocation failed")
-            }
-        }
-        Ok(true)
-    }
-
     /// One scheduler pass: notice other processes' writes, then start every
-    /// due refresh. Decisions compare stored absolute instants with the wall
-    /// clock now, so time spent suspended is caught up here.
+    /// due refresh. Decisions compare stored absolute instants with each
+    /// token's own idea of now (`clock::Anchor`): the wall clock, or its
+    /// receipt plus monotonic time since if that is later, so time spent
+    /// suspended is caught up here and a clock set back delays nothing.
     pub async fn tick(&self) -> Result<(), StoreError> {
         self.heartbeat().await?;
         self.reconcile().await?;
         let settings = self.settings();
-        let now = Utc::now();
         let mut due: Vec<(DateTime<Utc>, Arc<Slot>)> = Vec::new();
         for slot in self.all_slots() {
+            // A slot holding an uncommitted grant is looked after by its
+            // commit retry loop, not refreshed.
             if !settings.providers.contains_key(&slot.provider)
                 || slot.in_flight.load(Ordering::SeqCst)
+                || slot.pending().is_some()
             {
                 continue;
             }
             let snap = slot.snapshot();
+            let now = snap.anchor.now(self.clock());
             if snap.state == ConnState::AuthorizationRequired
                 || snap.next_attempt_at.is_some_and(|t| t > now)
             {
@@ -829,7 +976,7 @@ impl Engine {
     /// A peer is alive if seen within three scheduler intervals (at least
     /// 10 s), so one slow tick does not flip the answer.
     async fn heartbeat(&self) -> Result<(), StoreError> {
-        let now = Utc::now();
+        let now = self.clock().now();
         let every = self
             .settings()
             .refresh
@@ -870,26 +1017,44 @@ impl Engine {
         let known: HashMap<i64, Arc<Slot>> =
             self.all_slots().into_iter().map(|s| (s.id, s)).collect();
         for (id, generation, state) in &versions {
-            let stale = match known.get(id) {
-                None => true,
+            // (stale, new grant): a new grant brings new fingerprints.
+            let (stale, regrant) = match known.get(id) {
+                None => (true, true),
                 Some(slot) => {
                     let snap = slot.snapshot();
-                    !slot.in_flight.load(Ordering::SeqCst)
-                        && (snap.generation != *generation || snap.state.as_str() != state)
+                    let quiet = !slot.in_flight.load(Ordering::SeqCst) && slot.pending().is_none();
+                    let regrant = snap.generation != *generation;
+                    (
+                        quiet && (regrant || snap.state.as_str() != state),
+                        quiet && regrant,
+                    )
                 }
             };
             if stale {
                 if let Some(row) = self.inner.store.load_connection(*id).await? {
+                    if regrant {
+                        self.learn_fingerprints(*id).await?;
+                    }
                     self.install(&row);
                 }
             }
         }
         let live: std::collections::HashSet<i64> = versions.iter().map(|v| v.0).collect();
+        let mut gone = Vec::new();
         self.inner
             .slots
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, s| live.contains(&s.id));
+            .retain(|_, s| {
+                let keep = live.contains(&s.id);
+                if !keep {
+                    gone.push(s.id);
+                }
+                keep
+            });
+        for id in gone {
+            self.inner.recognizer.forget(id);
+        }
         Ok(())
     }
 
@@ -916,7 +1081,7 @@ impl Engine {
                 landed.await;
             }
             if slot.attempts.load(Ordering::SeqCst) != seen {
-                return answer(slot, &slot.snapshot(), Utc::now());
+                return answer(slot, &slot.snapshot(), self.clock());
             }
         }
         let flight = slot.flight.clone().lock_owned().await;
@@ -929,21 +1094,27 @@ impl Engine {
             let rotated = snap.generation != joined_from;
             let failed = snap.state != ConnState::Active || snap.last_error.is_some();
             if trigger != Trigger::Forced || rotated {
-                return answer(slot, &snap, Utc::now());
+                return answer(slot, &snap, self.clock());
             }
             if failed {
-                return Err(failure(slot, &snap, Utc::now()));
+                return Err(failure(slot, &snap, self.clock()));
             }
         }
         // Checked under the flight lock: a caller queued on a flight that
         // landed has taken its result above; nobody starts a new one.
-        if self.inner.stopping.load(Ordering::SeqCst) {
+        if self.inner.no_new_refreshes.load(Ordering::SeqCst) {
+            let snap = slot.snapshot();
+            let valid = snap.timing.expires_at > snap.anchor.now(self.clock());
+            if valid && trigger != Trigger::Forced {
+                return answer(slot, &snap, self.clock());
+            }
             return Err(TokenError::RefreshFailed {
                 provider: slot.provider.clone(),
                 account: slot.account.clone(),
                 reason: "tokenkeeper is stopping and starts no new refresh; retry once it is back"
                     .into(),
                 retry_after: Duration::from_secs(5),
+                still_valid_until: valid.then_some(snap.timing.expires_at),
             });
         }
         slot.in_flight.store(true, Ordering::SeqCst);
@@ -960,23 +1131,31 @@ impl Engine {
                 let _guard = guard;
                 let before = flying.snapshot().generation;
                 let snap = engine.refresh_locked(&flying, trigger).await?;
-                if trigger == Trigger::Forced && snap.generation == before {
+                // A held grant's token being served is a new token too.
+                let held = flying.pending().is_some_and(|p| {
+                    p.grant.access_token.expose_secret() == snap.access_token.expose_secret()
+                });
+                if trigger == Trigger::Forced && snap.generation == before && !held {
                     // Whoever forces a refresh wants to know it did not
                     // happen, even though the old token would still be
                     // served to ordinary callers.
-                    return Err(failure(&flying, &snap, Utc::now()));
+                    return Err(failure(&flying, &snap, engine.clock()));
                 }
-                answer(&flying, &snap, Utc::now())
+                answer(&flying, &snap, engine.clock())
             }));
         match landed.await {
             Ok(result) => result,
             Err(e) => {
                 tracing::error!(provider = %slot.provider, account = %slot.account, "the refresh task failed: {e}");
+                let snap = slot.snapshot();
+                let now = snap.anchor.now(self.clock());
                 Err(TokenError::RefreshFailed {
                     provider: slot.provider.clone(),
                     account: slot.account.clone(),
                     reason: "internal error: the refresh task stopped".into(),
                     retry_after: Duration::from_secs(1),
+                    still_valid_until: (snap.timing.expires_at > now)
+                        .then_some(snap.timing.expires_at),
                 })
             }
         }
@@ -985,7 +1164,7 @@ impl Engine {
     /// Runs one refresh with the flight lock held.
     async fn refresh_locked(
         &self,
-        slot: &Slot,
+        slot: &Arc<Slot>,
         trigger: Trigger,
     ) -> Result<Arc<Snapshot>, TokenError> {
         let settings = self.settings();
@@ -995,12 +1174,28 @@ impl Engine {
             .ok_or_else(|| TokenError::UnknownProvider(slot.provider.clone()))?;
         let store = &self.inner.store;
         let owner = &self.inner.owner;
+
+        // 0. A grant held in memory comes first: store it, and that is this
+        // flight's result. While it cannot be stored, no refresh calls the
+        // provider (its result could not be stored either, SPEC 9), and
+        // the stored refresh token is the rotated-out one anyway.
+        if slot.pending().is_some() {
+            return match self.land_pending(slot).await {
+                Ok(()) => Ok(slot.snapshot()),
+                Err(e) => {
+                    tracing::error!(provider = %slot.provider, account = %slot.account, error = %e, "the grant held in memory still cannot be stored; no refresh until it is");
+                    Ok(self.serve_pending_if_stored_dead(slot, &settings.refresh))
+                }
+            };
+        }
+
         let attempt = format!("{:016x}", rand::random::<u64>());
 
         // 1. Take the lease; this also commits "refresh started".
-        let mut dead_owner: Option<String> = None;
+        let mut takeover: Option<LeaseSeen> = None;
+        let mut takeovers = 0;
         let row = loop {
-            let now = Utc::now();
+            let now = self.clock().now();
             match store
                 .begin_refresh(
                     slot.id,
@@ -1008,19 +1203,20 @@ impl Engine {
                     &attempt,
                     now,
                     now + chrono_dur(LEASE),
-                    dead_owner.as_deref(),
+                    takeover.as_ref(),
                 )
                 .await?
             {
                 BeginRefresh::Started(row) => {
-                    if let (Some(dead), Some(at)) = (&dead_owner, row.interrupted_at) {
+                    *slot.lease_watch.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    if let (Some(previous), Some(at)) = (&takeover, row.interrupted_at) {
                         // Report it now, not only if the provider later
                         // rejects the token: the operator should know.
                         tracing::warn!(
                             provider = %slot.provider,
                             account = %slot.account,
-                            previous_holder = %dead,
-                            "a refresh started at {} by a process that has since died was interrupted; took over its lease and retrying with the stored refresh token",
+                            previous_holder = %previous.owner,
+                            "a refresh started at {} by a process that has since died or stopped renewing its lease was interrupted; took over its lease and retrying with the stored refresh token",
                             at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                         );
                     }
@@ -1034,23 +1230,34 @@ impl Engine {
                 }
                 BeginRefresh::Busy {
                     owner: holder,
+                    attempt: theirs,
                     until,
                 } => {
-                    if dead_owner.is_none() && owner_is_dead(&holder) {
-                        dead_owner = Some(holder);
-                        continue;
+                    if takeovers < 2 {
+                        takeover = self.holder_gone(slot, &holder, theirs.as_deref(), Some(until));
+                        if takeover.is_some() {
+                            takeovers += 1;
+                            continue;
+                        }
                     }
                     // Someone else refreshes this grant: we are not alone.
                     self.inner.peers.store(true, Ordering::Relaxed);
-                    return self.wait_for_other_process(slot, until, provider).await;
+                    match self.wait_for_other_process(slot, provider).await? {
+                        Waited::Settled(snap) => return Ok(snap),
+                        Waited::Lapsed(seen) if takeovers < 2 => {
+                            takeover = Some(seen);
+                            takeovers += 1;
+                        }
+                        Waited::Lapsed(_) => return Ok(slot.snapshot()),
+                    }
                 }
             }
         };
 
         // 2. The re-read grant may be newer than our snapshot: another
         // process rotated it. If it no longer needs refreshing, we are done.
-        let now = Utc::now();
-        let fresh = Snapshot::from_row(&row);
+        let fresh = self.snap_of(&row);
+        let now = slot.set(fresh.clone()).anchor.now(self.clock());
         let needed = match trigger {
             Trigger::Forced => true,
             Trigger::OnDemand => !policy::fresh_enough(&fresh.timing, now, &settings.refresh),
@@ -1082,17 +1289,17 @@ impl Engine {
                 )
                 .await?
                 .unwrap_or(row);
-            return Ok(slot.set(Snapshot::from_row(&row)));
+            return Ok(slot.set(self.snap_of(&row)));
         }
         let Some(mut refresh_token) = row.refresh_token.clone() else {
             let reason = "the provider never issued a refresh token for this grant; authorize again (ask for offline access if the provider needs it)";
             return self.reject(slot, &attempt, &row, reason.to_string()).await;
         };
-        slot.set(fresh);
 
         // 3. Call the provider, renewing the lease while we wait; retry once
         // with a newer stored token if the provider rejects ours.
         let mut retried = false;
+        let mut base_generation = row.generation;
         loop {
             let started = std::time::Instant::now();
             let result = {
@@ -1109,7 +1316,18 @@ impl Engine {
             };
             let elapsed = started.elapsed();
             match result {
-                Ok(grant) => return self.commit(slot, &attempt, grant, elapsed).await,
+                Ok(grant) => {
+                    return self
+                        .commit(
+                            slot,
+                            &attempt,
+                            base_generation,
+                            refresh_token,
+                            grant,
+                            elapsed,
+                        )
+                        .await
+                }
                 Err(ProviderError::Transient {
                     message,
                     retry_after,
@@ -1120,14 +1338,18 @@ impl Engine {
                 }
                 Err(ProviderError::Rejected { message }) => {
                     let current = store.load_connection(slot.id).await?;
-                    let newer = current
-                        .as_ref()
-                        .and_then(|c| c.refresh_token.clone())
-                        .filter(|t| t.expose_secret() != refresh_token.expose_secret());
+                    let newer = current.as_ref().filter(|c| {
+                        c.refresh_token
+                            .as_ref()
+                            .is_some_and(|t| t.expose_secret() != refresh_token.expose_secret())
+                    });
                     match newer {
-                        Some(t) if !retried => {
+                        Some(c) if !retried => {
                             tracing::info!(provider = %slot.provider, account = %slot.account, "refresh token rejected, but storage holds a newer one (another process rotated it); retrying once with it");
-                            refresh_token = t;
+                            if let Some(t) = c.refresh_token.clone() {
+                                refresh_token = t;
+                            }
+                            base_generation = c.generation;
                             retried = true;
                         }
                         _ => {
@@ -1151,7 +1373,7 @@ impl Engine {
     async fn renew_lease_while(&self, id: i64, attempt: String) {
         loop {
             tokio::time::sleep(LEASE / 3).await;
-            let until = Utc::now() + chrono_dur(LEASE);
+            let until = self.clock().now() + chrono_dur(LEASE);
             match self
                 .inner
                 .store
@@ -1173,60 +1395,6 @@ impl Engine {
         }
     }
 
-    async fn commit(
-        &self,
-        slot: &Slot,
-        attempt: &str,
-        grant: TokenGrant,
-        elapsed: Duration,
-    ) -> Result<Arc<Snapshot>, TokenError> {
-        let new = NewGrant {
-            access_token: &grant.access_token,
-            refresh_token: grant.refresh_token.as_ref(),
-            token_type: &grant.token_type,
-            scope: grant.scope.as_deref(),
-            issued_at: grant.issued_at,
-            expires_at: grant.expires_at,
-        };
-        let fps = self.fingerprints(&grant);
-        count_refresh(slot, "ok", Some(elapsed));
-        let was_failing = slot.snapshot().failures > 0;
-        let (row, kept_lease) = self
-            .inner
-            .store
-            .commit_refresh(
-                slot.id,
-                (&slot.provider, &slot.account),
-                &self.inner.owner,
-                attempt,
-                &new,
-                &fps,
-            )
-            .await?;
-        self.inner.recognizer.add(slot.id, &fps);
-        if !kept_lease {
-            tracing::warn!(provider = %slot.provider, account = %slot.account, "refresh lease had lapsed before commit; stored the new grant anyway, since the provider already rotated");
-        }
-        let Some(row) = row else {
-            return Err(TokenError::UnknownConnection {
-                provider: slot.provider.clone(),
-                account: slot.account.clone(),
-            });
-        };
-        tracing::info!(
-            provider = %slot.provider,
-            account = %slot.account,
-            expires_at = %row.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            rotated = grant.refresh_token.is_some(),
-            elapsed_ms = elapsed.as_millis() as u64,
-            "access token refreshed"
-        );
-        if was_failing {
-            self.notify(slot, EventKind::Recovered, "refreshing works again".into());
-        }
-        Ok(slot.set(Snapshot::from_row(&row)))
-    }
-
     async fn transient(
         &self,
         slot: &Slot,
@@ -1243,7 +1411,7 @@ impl Engine {
             &settings.refresh,
             rand::random::<f64>(),
         );
-        let next = Utc::now() + chrono_dur(delay);
+        let next = slot.snapshot().anchor.now(self.clock()) + chrono_dur(delay);
         tracing::warn!(
             provider = %slot.provider,
             account = %slot.account,
@@ -1273,7 +1441,7 @@ impl Engine {
             )
             .await?;
         Ok(match row {
-            Some(r) => slot.set(Snapshot::from_row(&r)),
+            Some(r) => slot.set(self.snap_of(&r)),
             None => slot.snapshot(),
         })
     }
@@ -1302,19 +1470,20 @@ impl Engine {
             )
             .await?;
         Ok(match row {
-            Some(r) => slot.set(Snapshot::from_row(&r)),
+            Some(r) => slot.set(self.snap_of(&r)),
             None => slot.snapshot(),
         })
     }
 
-    /// Another live process holds the lease: wait (bounded by the provider
-    /// timeout) until it lets go, then adopt whatever it stored.
+    /// Another process holds the lease: wait (bounded by the provider
+    /// timeout) until it lets go, then adopt whatever it stored; or, if its
+    /// lease stands still for [`LEASE`] on our monotonic clock meanwhile,
+    /// say so, for the caller to take it over.
     async fn wait_for_other_process(
         &self,
         slot: &Slot,
-        until: DateTime<Utc>,
         provider: &Provider,
-    ) -> Result<Arc<Snapshot>, TokenError> {
+    ) -> Result<Waited, TokenError> {
         let deadline = tokio::time::Instant::now() + provider.config.request_timeout + LEASE_POLL;
         loop {
             tokio::time::sleep(LEASE_POLL).await;
@@ -1324,26 +1493,44 @@ impl Engine {
                     account: slot.account.clone(),
                 });
             };
-            let released =
-                row.lease_owner.is_none() || row.lease_until.is_none_or(|u| u < Utc::now());
-            if released || tokio::time::Instant::now() >= deadline || Utc::now() > until {
-                return Ok(slot.set(Snapshot::from_row(&row)));
+            if let Some(holder) = row.lease_owner.as_deref() {
+                if holder != self.inner.owner {
+                    if let Some(seen) =
+                        self.holder_gone(slot, holder, row.attempt_id.as_deref(), row.lease_until)
+                    {
+                        return Ok(Waited::Lapsed(seen));
+                    }
+                }
+            }
+            if row.lease_owner.is_none() || tokio::time::Instant::now() >= deadline {
+                return Ok(Waited::Settled(slot.set(self.snap_of(&row))));
             }
         }
     }
 }
 
-/// Turns a snapshot into what a caller gets: the token while it is still
-/// valid (even after failures), else the error that explains why not.
-fn answer(slot: &Slot, snap: &Snapshot, now: DateTime<Utc>) -> Result<IssuedToken, TokenError> {
-    if snap.timing.expires_at > now {
-        return Ok(issued(slot, snap));
-    }
-    Err(failure(slot, snap, now))
+/// How waiting for another process's lease ended.
+enum Waited {
+    /// It let go (or we stopped waiting): what is stored now.
+    Settled(Arc<Snapshot>),
+    /// Its holder is gone; take over exactly this lease.
+    Lapsed(LeaseSeen),
 }
 
-/// The error that explains why `snap` yields no (new) token.
-fn failure(slot: &Slot, snap: &Snapshot, now: DateTime<Utc>) -> TokenError {
+/// Turns a snapshot into what a caller gets: the token while it is still
+/// valid (even after failures), else the error that explains why not.
+fn answer(slot: &Slot, snap: &Snapshot, clock: &dyn Clock) -> Result<IssuedToken, TokenError> {
+    if snap.timing.expires_at > snap.anchor.now(clock) {
+        return Ok(issued(slot, snap));
+    }
+    Err(failure(slot, snap, clock))
+}
+
+/// The error that explains why `snap` yields no (new) token. It says
+/// whether the current token is still served, so a failed forced refresh
+/// does not claim that none is left.
+fn failure(slot: &Slot, snap: &Snapshot, clock: &dyn Clock) -> TokenError {
+    let now = snap.anchor.now(clock);
     if snap.state == ConnState::AuthorizationRequired {
         return TokenError::AuthorizationRequired {
             provider: slot.provider.clone(),
@@ -1367,6 +1554,7 @@ fn failure(slot: &Slot, snap: &Snapshot, now: DateTime<Utc>) -> TokenError {
             .clone()
             .unwrap_or_else(|| "the refresh did not complete".into()),
         retry_after,
+        still_valid_until: (snap.timing.expires_at > now).then_some(snap.timing.expires_at),
     }
 }
 
@@ -1399,39 +1587,7 @@ fn chrono_dur(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
-}
-
-/// `host:pid:nonce`: enough to tell, on the same host, whether a lease
-/// holder still runs (the nonce tells apart two lives of one pid).
-fn owner_id() -> String {
-    format!(
-        "{}:{}:{:08x}",
-        hostname(),
-        std::process::id(),
-        rand::random::<u32>()
-    )
-}
-
-/// True when `owner` names a process on this host that no longer exists
-/// (or an earlier life of our own pid). Other hosts' leases only lapse.
-///
-/// Only called for holders other than this process (our own leases match
-/// by exact owner string in SQL), so a holder with our pid is a dead
-/// predecessor that had the same pid: common for pid 1 in containers.
+/// Whether the lease holder `owner` is certainly gone (see `owner`).
 fn owner_is_dead(owner: &str) -> bool {
-    let mut parts = owner.rsplitn(3, ':');
-    let (Some(_nonce), Some(pid), Some(host)) = (parts.next(), parts.next(), parts.next()) else {
-        return false;
-    };
-    if host != hostname() {
-        return false;
-    }
-    let Ok(pid) = pid.parse::<u32>() else {
-        return false;
-    };
-    pid == std::process::id() || !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    owner::certainly_dead(owner, owner::Identity::current(), owner::probe)
 }

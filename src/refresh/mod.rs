@@ -1,13 +1,19 @@
 //! Keeping grants alive: the policy (pure functions: when is a connection
 //! due, how long to back off), the engine (single-flight refresh, durable
-//! rotation, crash recovery, serving snapshots) and `flights`, the thread
-//! refreshes run on. Tests drive the engine directly, without HTTP.
+//! rotation, crash recovery, serving snapshots), `flights`, the thread
+//! refreshes run on, `clock` (the wall and monotonic time the engine reads,
+//! injectable for tests), `owner` (who holds a lease and when its death is
+//! certain) and `recognizer` (fingerprints of our tokens). Tests drive the
+//! engine directly, without HTTP.
 
+pub mod clock;
 pub mod engine;
 pub mod flights;
+pub mod owner;
 pub mod policy;
 pub mod recognizer;
 
 pub use engine::{
-    ConnectionReport, Engine, IssuedToken, Settings, Snapshot, TokenError, TokenIdentity, Trigger,
+    ConnectionReport, Engine, IssuedToken, Revocation, Settings, Snapshot, TokenError,
+    TokenIdentity, Trigger,
 };

@@ -1,6 +1,8 @@
 //! When to refresh and how long to back off: pure functions of stored
-//! absolute instants and the wall clock, so a suspended laptop or a clock
-//! jump is caught up at the next tick instead of sleeping through a refresh.
+//! absolute instants and a `now` the caller chooses (the engine passes each
+//! token's `clock::Anchor::now`, which a wall clock set back cannot move
+//! backwards), so a suspended laptop or a clock jump is caught up at the
+//! next tick instead of sleeping through a refresh.
 
 use std::time::Duration;
 

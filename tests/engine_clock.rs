@@ -1,0 +1,226 @@
+//! Issue 12 item 21 (and the forgetting half of 14b) at the engine's own
+//! interface, with a simulated clock: the engine against the simulator and a
+//! real SQLite file, time moved by hand.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use secrecy::ExposeSecret;
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+use tokenkeeper::config::Config;
+use tokenkeeper::provider::simulator::{RunningSimulator, Simulator, SimulatorConfig};
+use tokenkeeper::provider::{Provider, TokenGrant};
+use tokenkeeper::refresh::clock::{Clock, TestClock};
+use tokenkeeper::refresh::{Engine, Revocation};
+use tokenkeeper::store::Store;
+
+const SECRET: &str = "clock-test-secret";
+
+struct Setup {
+    sim: RunningSimulator,
+    engine: Engine,
+    clock: Arc<TestClock>,
+    provider: Provider,
+    db: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let sim = Simulator::start_local(SimulatorConfig {
+        client_secret: SECRET.into(),
+        access_lifetime: Duration::from_secs(3600),
+        ..SimulatorConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tokenkeeper.db");
+    let mut cfg = Config::dev("127.0.0.1:1".parse().unwrap(), db.clone(), SECRET);
+    let p = cfg.providers.get_mut("demo").unwrap();
+    p.authorization_url = url::Url::parse(&sim.url("/authorize")).unwrap();
+    p.token_url = url::Url::parse(&sim.url("/token")).unwrap();
+    p.revocation_url = Some(url::Url::parse(&sim.url("/revoke")).unwrap());
+    p.request_timeout = Duration::from_secs(1);
+    let http = reqwest::Client::new();
+    let provider = Provider::new(p.clone(), http.clone());
+    let store = Store::open(&db, None).await.unwrap();
+    let clock = TestClock::new(Utc::now());
+    let engine = Engine::start_with_clock(
+        store,
+        tokenkeeper::daemon::settings_from(&cfg, &http),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    Setup {
+        sim,
+        engine,
+        clock,
+        provider,
+        db,
+        _dir: dir,
+    }
+}
+
+/// A browser authorization against the simulator, stored through the
+/// engine, its lifetime counted on the test clock.
+async fn authorize(s: &Setup) -> TokenGrant {
+    let redirect = url::Url::parse("http://127.0.0.1:1/callback").unwrap();
+    let start = s.provider.authorization_start(&redirect);
+    let r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .post(s.sim.url("/approve"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(start.url.query().unwrap_or_default().to_string())
+        .send()
+        .await
+        .unwrap();
+    let location = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+    let code = location
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .to_string();
+    let mut grant = s
+        .provider
+        .exchange_code(&code, start.pkce_verifier.as_ref(), &redirect)
+        .await
+        .unwrap();
+    grant.issued_at = s.clock.now();
+    grant.expires_at = s.clock.now() + chrono::Duration::hours(1);
+    s.engine
+        .authorized("demo", "default", &grant)
+        .await
+        .unwrap();
+    grant
+}
+
+fn fresh(s: &Setup) -> Option<String> {
+    s.engine
+        .with_fresh_token("demo", "default", s.clock.now(), |t| {
+            t.access_token.to_string()
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_set_back_does_not_keep_a_dead_token_alive() {
+    let s = setup().await;
+    let grant = authorize(&s).await;
+    assert_eq!(
+        fresh(&s).as_deref(),
+        Some(grant.access_token.expose_secret())
+    );
+    // An hour and a minute pass; meanwhile the wall clock is set back two
+    // hours. By the wall clock the token has an hour and more left; it is
+    // in fact expired.
+    s.clock.advance(Duration::from_secs(61 * 60));
+    s.clock.jump_wall(-chrono::Duration::hours(2));
+    assert_eq!(fresh(&s), None, "a dead token is served as fresh");
+    let t = s.engine.token("demo", "default").await.unwrap();
+    assert_ne!(
+        t.access_token.expose_secret(),
+        grant.access_token.expose_secret()
+    );
+    assert_eq!(s.sim.sim.stats().refresh_ok, 1, "it was refreshed instead");
+    assert_eq!(s.engine.report()[0].state, "active");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_refreshes_on_time_after_the_wall_clock_was_set_back() {
+    let s = setup().await;
+    authorize(&s).await;
+    // 50 minutes pass (due at 45: three quarters of the hour), and the wall
+    // clock is set back two hours: by the wall clock the token was issued
+    // in the future.
+    s.clock.advance(Duration::from_secs(50 * 60));
+    s.clock.jump_wall(-chrono::Duration::hours(2));
+    s.engine.tick().await.unwrap();
+    for _ in 0..100 {
+        if s.sim.sim.stats().refresh_ok == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        s.sim.sim.stats().refresh_ok,
+        1,
+        "the due refresh did not run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_set_forward_does_not_make_a_live_lease_look_lapsed() {
+    let s = setup().await;
+    authorize(&s).await;
+    // Another daemon, on another host, holds the lease for 30 s more.
+    let until = (s.clock.now() + chrono::Duration::seconds(30)).timestamp_millis();
+    let holder = "tk2;host=elsewhere;boot=-;pidns=-;pid=7;start=-;nonce=00000001";
+    let mut c = SqliteConnectOptions::new()
+        .filename(&s.db)
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE connections SET lease_owner = ?, lease_until = ?, attempt_id = 'other', attempt_started_at = ?",
+    )
+    .bind(holder)
+    .bind(until)
+    .bind(until - 30_000)
+    .execute(&mut c)
+    .await
+    .unwrap();
+
+    // Our wall clock jumps an hour ahead: by wall clocks the lease lapsed
+    // long ago, but no time passed and the holder may be renewing it.
+    s.clock.jump_wall(chrono::Duration::hours(1));
+    assert!(s.engine.force_refresh("demo", "default").await.is_err());
+    assert_eq!(
+        s.sim.sim.stats().refresh_calls,
+        0,
+        "a live lease was taken over"
+    );
+    assert_eq!(lease_owner(&mut c).await.as_deref(), Some(holder));
+
+    // It stands still for a whole lease on our monotonic clock: now it is
+    // lapsed, and the refresh takes it over. (The wall clock is set right
+    // again first: the provider module dates new tokens by the system clock.)
+    s.clock.jump_wall(-chrono::Duration::hours(1));
+    s.clock.advance(Duration::from_secs(31));
+    let t = s.engine.force_refresh("demo", "default").await.unwrap();
+    assert_eq!(s.sim.sim.stats().refresh_ok, 1);
+    assert!(s.sim.sim.access_token_valid(t.access_token.expose_secret()));
+    assert_eq!(lease_owner(&mut c).await, None);
+    let _ = c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_grant_is_no_longer_recognised() {
+    let s = setup().await;
+    let grant = authorize(&s).await;
+    let refresh = grant.refresh_token.unwrap();
+    assert!(s
+        .engine
+        .refuse_refresh_token_as_bearer(refresh.expose_secret()));
+    assert!(s
+        .engine
+        .forget("demo", "default", Revocation::LocalOnly)
+        .await
+        .unwrap());
+    assert!(
+        !s.engine
+            .refuse_refresh_token_as_bearer(refresh.expose_secret()),
+        "the recognizer still holds a forgotten grant's token"
+    );
+}
+
+async fn lease_owner(c: &mut sqlx::SqliteConnection) -> Option<String> {
+    sqlx::query_scalar("SELECT lease_owner FROM connections")
+        .fetch_one(c)
+        .await
+        .unwrap()
+}
