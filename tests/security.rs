@@ -481,7 +481,11 @@ async fn trace_logs_never_contain_secrets() {
 
 /// A harness whose database is sealed with `db-key` (key byte 1).
 async fn encrypted_harness() -> Harness {
-    let h = Harness::new(Options::default()).await;
+    encrypted_harness_with(Options::default()).await
+}
+
+async fn encrypted_harness_with(opts: Options) -> Harness {
+    let h = Harness::new(opts).await;
     write_key(&h.dir.path().join("db-key"), 1);
     let cfg = std::fs::read_to_string(&h.config_path).unwrap().replace(
         "[storage]\n",
@@ -804,4 +808,33 @@ async fn callback_without_the_cookie_does_not_burn_the_authorization() {
         "the browser that started it still completes it"
     );
     assert_eq!(h.connection("victim").await["state"], "active");
+}
+
+/// Sealed values are bound to the grant generation; a refresh answer
+/// without a new refresh token keeps the stored one (SPEC 7), which must
+/// then still open under the new generation: the grant survives refreshes
+/// and restarts.
+#[tokio::test]
+async fn a_kept_refresh_token_still_opens_after_refreshes_without_rotation() {
+    let mut opts = Options::default();
+    opts.sim.rotate_refresh_tokens = false;
+    let mut h = encrypted_harness_with(opts).await;
+    h.start().await;
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    for _ in 0..3 {
+        let (status, body) = h.post_json("/v1/token/keap/default/refresh").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    h.stop().await;
+    h.start().await;
+    let (status, body) = h.token().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(h.connection("default").await["state"], "active");
+    let (status, body) = h.post_json("/v1/token/keap/default/refresh").await;
+    assert_eq!(status, 200, "after a restart: {body}");
+    assert_eq!(
+        h.sim.sim.refresh_tokens_issued().len(),
+        1,
+        "one grant, never rotated"
+    );
 }
