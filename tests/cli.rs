@@ -367,7 +367,8 @@ async fn self_signed_daemon_from_another_user_names_certificate_verification() {
     let runtime = h.dir.path().join("run");
     std::fs::create_dir(&runtime).unwrap();
     let log = std::fs::File::create(h.log_path()).unwrap();
-    let mut child = std::process::Command::new(BIN)
+    let mut h = h;
+    let child = std::process::Command::new(BIN)
         .arg("serve")
         .arg("--config")
         .arg(&h.config_path)
@@ -377,6 +378,8 @@ async fn self_signed_daemon_from_another_user_names_certificate_verification() {
         .stderr(log)
         .spawn()
         .unwrap();
+    // The harness stops it, even if an assertion fails first.
+    h.daemon = Some(child);
     let public = runtime.join("cert.pem");
     common::eventually(
         std::time::Duration::from_secs(20),
@@ -430,8 +433,7 @@ async fn self_signed_daemon_from_another_user_names_certificate_verification() {
     );
     let out = cli(&["--ca-file", "/nonexistent/cert.pem"]).await.unwrap();
     assert_eq!(out.status.code(), Some(2));
-    common::signal(&child, libc::SIGTERM);
-    let _ = common::wait_exit(&mut child, std::time::Duration::from_secs(30)).await;
+    assert_eq!(h.stop().await, Some(0));
 }
 
 #[test]

@@ -757,17 +757,29 @@ async fn a_read_only_database_directory_is_refused_with_path_and_fix() {
         std::os::unix::fs::chown(dir, Some(65534), Some(65534)).unwrap();
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
+    // The file too: with its -wal and -shm files left in place, SQLite
+    // would not need the directory.
+    for suffix in ["", "-wal", "-shm"] {
+        let p = format!("{}{suffix}", h.db_path().display());
+        if std::path::Path::new(&p).exists() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o400)).unwrap();
+        }
+    }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o500)).unwrap();
-    let out = cmd
+    let stderr = h.dir.path().join("stderr.txt");
+    let mut child = cmd
         .arg("serve")
         .arg("--config")
         .arg(&h.config_path)
         .env("RUST_LOG", "warn")
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
         .unwrap();
+    let code = common::wait_exit(&mut child, Duration::from_secs(20)).await;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let err = std::fs::read_to_string(&stderr).unwrap();
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains(&h.db_path().display().to_string()) && err.contains("read-only"),
         "{err}"
