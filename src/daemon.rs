@@ -277,6 +277,13 @@ async fn reload_on_sighup(
                 tracing::info!(providers = ?names, "configuration reloaded");
                 engine.reload(settings_from(&new, &http));
                 limits.reload(new.providers.values());
+                let failing = engine.retry_failing_now();
+                if failing > 0 {
+                    tracing::info!(
+                        connections = failing,
+                        "retrying failing connections at once with the new configuration"
+                    );
+                }
             }
             Err(e) => {
                 tracing::error!(
