@@ -215,14 +215,20 @@ fn success(
     let access_token = string(fields, "access_token");
     let problem = match &access_token {
         Some(t) if usable_access_token(t) => None,
-        Some(_) => Some("an access_token that is empty or holds characters no HTTP header can carry".to_string()),
+        Some(_) => Some(
+            "an access_token that is empty or holds characters no HTTP header can carry"
+                .to_string(),
+        ),
         None if fields.contains_key("access_token") => {
             Some("an access_token that is not a string".to_string())
         }
         None => match OAuthError::from_fields(fields) {
             // A 200 carrying an OAuth error is an error like a 400's.
             Some(e) if refresh_token.is_none() => return Err(e.classify(ctx.provider, status)),
-            Some(e) => Some(format!("an OAuth error ({}) instead of an access_token", e.summary())),
+            Some(e) => Some(format!(
+                "an OAuth error ({}) instead of an access_token",
+                e.summary()
+            )),
             None => Some("no access_token".to_string()),
         },
     };
@@ -289,7 +295,8 @@ impl OAuthError {
             .to_ascii_lowercase();
         self.code == "invalid_request"
             && (d.contains("invalid refresh token")
-                || (d.contains("refresh token") && (d.contains("expired") || d.contains("revoked"))))
+                || (d.contains("refresh token")
+                    && (d.contains("expired") || d.contains("revoked"))))
     }
 
     /// Only a rejected grant ends a grant (SPEC 7); every other refusal is
@@ -368,32 +375,58 @@ mod tests {
 
     #[test]
     fn odd_but_valid_answers_are_accepted() {
-        let g = ok(200, r#"{"access_token":"a","expires_in":"3600","refresh_token":"r"}"#);
+        let g = ok(
+            200,
+            r#"{"access_token":"a","expires_in":"3600","refresh_token":"r"}"#,
+        );
         assert_eq!(lifetime_of(&g), 3_599_000);
         assert_eq!(g.token_type, "Bearer");
         assert_eq!(g.refresh_token.unwrap().expose_secret(), "r");
-        assert_eq!(lifetime_of(&ok(201, r#"{"access_token":"a","expires_in":120.5}"#)), 119_500);
-        assert_eq!(lifetime_of(&ok(200, r#"{"access_token":"a","expires_in":" 60 "}"#)), 59_000);
+        assert_eq!(
+            lifetime_of(&ok(201, r#"{"access_token":"a","expires_in":120.5}"#)),
+            119_500
+        );
+        assert_eq!(
+            lifetime_of(&ok(200, r#"{"access_token":"a","expires_in":" 60 "}"#)),
+            59_000
+        );
         // Negative and zero lifetimes are not lifetimes: the default applies.
-        for v in ["-5", "0", "\"0\"", "\"soon\"", "null", "true", "\"NaN\"", "0.2"] {
+        for v in [
+            "-5", "0", "\"0\"", "\"soon\"", "null", "true", "\"NaN\"", "0.2",
+        ] {
             let g = ok(200, &format!(r#"{{"access_token":"a","expires_in":{v}}}"#));
             assert_eq!(lifetime_of(&g), 3_599_000, "{v}");
         }
-        let g = ok(200, "\u{feff}{\"access_token\":\"a\",\"scope\":[\"x\",\"y\"]}");
+        let g = ok(
+            200,
+            "\u{feff}{\"access_token\":\"a\",\"scope\":[\"x\",\"y\"]}",
+        );
         assert_eq!(g.scope.as_deref(), Some("x y"));
     }
 
     #[test]
     fn absurd_lifetimes_are_capped() {
         for v in [
-            "1e13", "1e12", "9223372036854775807", "18446744073709551616", "1e308", "1e400",
-            "\"1e400\"", "\"99999999999999999999999999999999\"", "-1e400",
+            "1e13",
+            "1e12",
+            "9223372036854775807",
+            "18446744073709551616",
+            "1e308",
+            "1e400",
+            "\"1e400\"",
+            "\"99999999999999999999999999999999\"",
+            "-1e400",
         ] {
             let g = ok(200, &format!(r#"{{"access_token":"a","expires_in":{v}}}"#));
             let life = g.expires_at - g.issued_at;
-            assert!(life <= chrono::Duration::from_std(MAX_LIFETIME).unwrap(), "{v}");
+            assert!(
+                life <= chrono::Duration::from_std(MAX_LIFETIME).unwrap(),
+                "{v}"
+            );
             assert!(life > chrono::Duration::zero(), "{v}");
-            let text = g.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let text = g
+                .expires_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
             assert!(DateTime::parse_from_rfc3339(&text).is_ok(), "{v}: {text}");
         }
     }
@@ -431,7 +464,8 @@ mod tests {
 
     #[test]
     fn errors_are_classified_by_code_whatever_the_status() {
-        let class = |status: u16, body: &str| match interpret(&ctx(), status, None, body.as_bytes()) {
+        let class = |status: u16, body: &str| match interpret(&ctx(), status, None, body.as_bytes())
+        {
             Ok(_) => "ok",
             Err(ProviderError::Transient { .. }) => "transient",
             Err(ProviderError::Rejected { .. }) => "rejected",
@@ -441,16 +475,25 @@ mod tests {
         assert_eq!(class(200, r#"{"error":"invalid_grant"}"#), "rejected");
         assert_eq!(class(400, r#"{"error":"invalid_grant"}"#), "rejected");
         assert_eq!(
-            class(400, r#"{"error":"invalid_request","error_description":"Invalid Refresh Token"}"#),
+            class(
+                400,
+                r#"{"error":"invalid_request","error_description":"Invalid Refresh Token"}"#
+            ),
             "rejected"
         );
         assert_eq!(class(401, r#"{"error":"invalid_client"}"#), "refused");
         assert_eq!(class(200, r#"{"error":"invalid_client"}"#), "refused");
         assert_eq!(class(400, r#"{"error":"unauthorized_client"}"#), "refused");
         assert_eq!(class(400, r#"{"error":"invalid_scope"}"#), "refused");
-        assert_eq!(class(400, r#"{"error":"unsupported_grant_type"}"#), "refused");
         assert_eq!(
-            class(400, r#"{"error":"invalid_request","error_description":"Missing refresh_token"}"#),
+            class(400, r#"{"error":"unsupported_grant_type"}"#),
+            "refused"
+        );
+        assert_eq!(
+            class(
+                400,
+                r#"{"error":"invalid_request","error_description":"Missing refresh_token"}"#
+            ),
             "refused"
         );
         assert_eq!(class(400, r#"{"error":"something_new"}"#), "refused");
@@ -471,7 +514,10 @@ mod tests {
         else {
             panic!("not refused");
         };
-        assert!(message.contains("client_id and the client secret"), "{message}");
+        assert!(
+            message.contains("client_id and the client secret"),
+            "{message}"
+        );
         assert!(message.contains("[providers.keap]"), "{message}");
         assert!(message.len() < 600, "{}", message.len());
         assert!(!message.contains('\u{7}'));

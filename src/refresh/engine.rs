@@ -81,6 +81,8 @@ pub struct ServedToken<'a> {
     pub provider: &'a str,
     pub account: &'a str,
     pub access_token: &'a str,
+    /// As the provider named it ("Bearer", "DPoP", ...).
+    pub token_type: &'a str,
     pub expires_at: DateTime<Utc>,
 }
 
@@ -579,6 +581,7 @@ impl Engine {
             provider: &slot.provider,
             account: &slot.account,
             access_token: snap.access_token.expose_secret(),
+            token_type: &snap.token_type,
             expires_at: snap.timing.expires_at,
         }))
     }
@@ -1411,8 +1414,7 @@ impl Engine {
             // Under the snapshot's write lock, so a flight landing meanwhile
             // is never overwritten with the older snapshot.
             let mut snap = slot.snap.write().unwrap_or_else(|e| e.into_inner());
-            if snap.state == ConnState::Retrying && snap.next_attempt_at.is_some_and(|t| t > now)
-            {
+            if snap.state == ConnState::Retrying && snap.next_attempt_at.is_some_and(|t| t > now) {
                 let mut next = (**snap).clone();
                 next.next_attempt_at = None;
                 *snap = Arc::new(next);
