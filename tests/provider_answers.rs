@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{eventually, signal, Harness, Options};
 use serde_json::Value;
-use tokenkeeper::provider::simulator::{AnswerShape, Fault};
+use tokenkeeper::provider::simulator::{AnswerShape, DelayPhase, Fault};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -84,7 +84,11 @@ async fn odd_but_valid_token_answers_keep_the_grant() {
 async fn a_refresh_token_in_an_unusable_answer_is_stored() {
     let h = started(Options::default()).await;
     h.sim.sim.set_answer_shape(Some(AnswerShape::NoAccessToken));
-    force(&h).await;
+    let (status, body) = force(&h).await;
+    assert_eq!(
+        status, 503,
+        "a forced refresh that got no token says so: {body}"
+    );
     let c = h.connection("default").await;
     assert_eq!(c["state"], "retrying", "{c}");
     let reason = c["last_error"].as_str().unwrap_or_default();
@@ -320,4 +324,45 @@ async fn only_a_rejected_grant_ends_a_grant() {
     h.sim.sim.push_fault(Fault::RejectRefresh);
     let (status, body) = force(&h).await;
     assert_eq!(status, 409, "{body}");
+}
+
+/// A lifetime shorter than the round trip yields a token dead on arrival:
+/// reported and backed off, not refreshed again by every request.
+#[tokio::test]
+async fn a_token_dead_on_arrival_is_not_refreshed_in_a_loop() {
+    let h = started(Options {
+        refresh: "retry_initial = \"30s\"\nretry_max = \"1h\"\n".into(),
+        ..Options::default()
+    })
+    .await;
+    h.sim
+        .sim
+        .set_answer_shape(Some(AnswerShape::ExpiresIn("1".into())));
+    h.sim
+        .sim
+        .set_token_delay(Duration::from_millis(1200), DelayPhase::BeforeProcessing);
+    let (status, body) = force(&h).await;
+    assert_ne!(status, 200, "{body}");
+    let before = h.sim.sim.stats().refresh_calls;
+    for _ in 0..20 {
+        h.token().await;
+    }
+    let calls = h.sim.sim.stats().refresh_calls - before;
+    assert!(calls <= 1, "{calls} refreshes for 20 token requests");
+    let c = h.connection("default").await;
+    assert_eq!(c["state"], "retrying", "{c}");
+    assert!(
+        c["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("expired before"),
+        "{c}"
+    );
+    h.sim.sim.set_answer_shape(None);
+    h.sim
+        .sim
+        .set_token_delay(Duration::ZERO, DelayPhase::BeforeProcessing);
+    let (status, body) = force(&h).await;
+    assert_eq!(status, 200, "{body}");
+    assert_grant_intact(&h);
 }

@@ -320,11 +320,26 @@ impl Provider {
                 sent_at,
                 default_lifetime: self.config.default_lifetime,
             };
-            let read = answer::interpret(&ctx, status, retry_after, &body);
-            if let Ok(grant) = &read {
-                self.warn_if_short_lived(grant);
+            let grant = answer::interpret(&ctx, status, retry_after, &body)?;
+            self.warn_if_short_lived(&grant);
+            // A token dead on arrival (a lifetime shorter than the round
+            // trip) is no token: serving it answers 503, and every request
+            // would refresh again at once. Reported instead, so backoff
+            // applies; the answer's refresh token is still kept.
+            if grant.expires_at <= Utc::now() {
+                let message = format!(
+                    "the provider issued an access token that had expired before its answer arrived (the call took {} ms)",
+                    (Utc::now() - sent_at).num_milliseconds()
+                );
+                return Err(match grant.refresh_token {
+                    Some(refresh_token) => ProviderError::Unusable {
+                        message: format!("{message}; its new refresh token was kept"),
+                        refresh_token,
+                    },
+                    None => transient(message, None),
+                });
             }
-            return read;
+            return Ok(grant);
         }
         // No complete answer: the transport failed.
         Err(match result {

@@ -1313,7 +1313,8 @@ impl Engine {
     ///   access token we already have (the provider has most likely rotated,
     ///   so the token we sent is spent), then the failure is recorded like a
     ///   transient one under a new lease, so the next attempt backs off and
-    ///   uses the stored token.
+    ///   uses the stored token. The caller gets the failure, not the old
+    ///   token: the provider may have invalidated it when it rotated.
     async fn provider_refused_or_unusable(
         &self,
         slot: &Slot,
@@ -1395,7 +1396,12 @@ impl Engine {
             )
             .await?
         {
-            BeginRefresh::Started(row) => self.transient(slot, &attempt, &row, message, None).await,
+            BeginRefresh::Started(row) => {
+                let snap = self.transient(slot, &attempt, &row, message, None).await?;
+                // The commit above moved the generation, which would read as
+                // a successful refresh to a caller that forced this one.
+                Err(failure(slot, &snap, Utc::now()))
+            }
             // Someone else took over meanwhile: the token is stored, and
             // their attempt reports for itself.
             _ => Ok(slot.snapshot()),
