@@ -93,7 +93,10 @@ async fn a_refresh_token_in_an_unusable_answer_is_stored() {
     assert_eq!(c["state"], "retrying", "{c}");
     let reason = c["last_error"].as_str().unwrap_or_default();
     assert!(reason.contains("access_token"), "{reason}");
-    assert!(reason.contains("refresh token was kept"), "{reason}");
+    assert!(
+        reason.contains("refresh token in that answer was stored"),
+        "{reason}"
+    );
     // The answer's refresh token is the grant now: the next refresh sends it.
     h.sim.sim.set_answer_shape(None);
     let (status, body) = force(&h).await;

@@ -236,7 +236,7 @@ fn success(
         let message = format!("the token endpoint answered HTTP {status} with {problem}");
         return Err(match refresh_token {
             Some(t) => ProviderError::Unusable {
-                message: format!("{message}; its new refresh token was kept"),
+                message,
                 refresh_token: SecretString::from(t),
             },
             None => transient(message, None),
@@ -504,6 +504,61 @@ mod tests {
         assert_eq!(class(200, "<html>"), "transient");
         assert_eq!(class(200, "[]"), "transient");
         assert_eq!(class(200, r#"{"token_type":"bearer"}"#), "transient");
+    }
+
+    /// A JSON value as raw text: the shapes providers send, and junk.
+    fn raw_value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<f64>().prop_map(|f| f.to_string()),
+            any::<i64>().prop_map(|i| i.to_string()),
+            "-?[0-9]{1,400}(\\.[0-9]{0,5})?([eE][+-]?[0-9]{1,4})?",
+            any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap()),
+            Just("null".to_string()),
+            Just("[\"a\"]".to_string()),
+            Just("{}".to_string()),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// The fuzz target's properties (fuzz/fuzz_targets/token_answer.rs),
+        /// run with every `cargo test`.
+        #[test]
+        fn any_answer_is_read_without_panic_and_only_usable_ones_are_accepted(
+            status in proptest::prop_oneof![200u16..300, 100u16..600],
+            access in raw_value(),
+            expires in raw_value(),
+            refresh in raw_value(),
+            kind in raw_value(),
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            structured in proptest::prelude::any::<bool>(),
+        ) {
+            let body = if structured {
+                format!(r#"{{"access_token":{access},"expires_in":{expires},"refresh_token":{refresh},"token_type":{kind}}}"#).into_bytes()
+            } else {
+                junk
+            };
+            match interpret(&ctx(), status, None, &body) {
+                Ok(g) => {
+                    proptest::prop_assert!((200..300).contains(&status));
+                    proptest::prop_assert!(usable_access_token(g.access_token.expose_secret()));
+                    let life = g.expires_at - g.issued_at;
+                    proptest::prop_assert!(life >= chrono::Duration::zero());
+                    proptest::prop_assert!(life <= chrono::Duration::from_std(MAX_LIFETIME).unwrap());
+                    let text = g.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                    proptest::prop_assert!(DateTime::parse_from_rfc3339(&text).is_ok());
+                    proptest::prop_assert!(!g.token_type.is_empty());
+                }
+                Err(e) => {
+                    let m = e.to_string();
+                    proptest::prop_assert!(m.len() < 2000 && !m.contains(['\n', '\r']));
+                    if let ProviderError::Unusable { refresh_token, .. } = e {
+                        proptest::prop_assert!(!refresh_token.expose_secret().is_empty());
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -333,7 +333,7 @@ impl Provider {
                 );
                 return Err(match grant.refresh_token {
                     Some(refresh_token) => ProviderError::Unusable {
-                        message: format!("{message}; its new refresh token was kept"),
+                        message,
                         refresh_token,
                     },
                     None => transient(message, None),

@@ -1371,6 +1371,9 @@ impl Engine {
                     .await
             }
         };
+        let message = format!(
+            "{message}; the refresh token in that answer was stored and the next attempt uses it"
+        );
         tracing::error!(provider = %slot.provider, account = %slot.account, "{message}");
         let kept = TokenGrant {
             access_token: row.access_token.clone(),
