@@ -63,7 +63,8 @@ pub enum Command {
         provider: String,
         account: Option<String>,
     },
-    /// Print "Authorization: Bearer TOKEN", the header to send to the API.
+    /// Print "Authorization: Bearer TOKEN" (or the token type the provider
+    /// issued, e.g. DPoP), the header to send to the API.
     Header {
         provider: String,
         account: Option<String>,
@@ -591,8 +592,15 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                 .and_then(Value::as_str)
                 .ok_or_else(|| runtime("the daemon answered without a token"))?;
             if matches!(command, Command::Header { .. }) {
+                // The scheme the provider issued the token for ("Bearer",
+                // "DPoP", ...), as /v1/token says.
+                let scheme = v
+                    .get("token_type")
+                    .and_then(Value::as_str)
+                    .filter(|t| !t.is_empty())
+                    .unwrap_or("Bearer");
                 outln(
-                    format_args!("Authorization: Bearer {token}"),
+                    format_args!("Authorization: {scheme} {token}"),
                     Output::Essential,
                 )?;
             } else {

@@ -425,6 +425,14 @@ fn apply(r: &mut Reloadable, new: Config) {
     let names: Vec<&str> = new.providers.keys().map(String::as_str).collect();
     r.engine.reload(settings_from(&new, &r.http));
     r.limits.reload(new.providers.values());
+    // A reload may be the fix (a new client secret): try at once.
+    let failing = r.engine.retry_failing_now();
+    if failing > 0 {
+        tracing::info!(
+            connections = failing,
+            "retrying failing connections at once with the new configuration"
+        );
+    }
     if restart.is_empty() {
         tracing::info!(providers = ?names, "configuration reloaded");
     } else {

@@ -10,8 +10,10 @@
 //! - [`config`]: the TOML config, its lookup order, presets, secret files.
 //! - [`store`]: SQLite (the only SQL), migrations, leases, durable rotation.
 //! - [`crypto`]: sealing tokens at rest (AEAD) and keyed token fingerprints.
-//! - [`provider`]: OAuth2 calls to providers and the one place that decides
-//!   which failures are transient; [`provider::simulator`] is a Keap-like
+//! - [`provider`]: OAuth2 calls to providers; [`provider::answer`] reads
+//!   token answers leniently and is the one place that decides which
+//!   failures are transient, which reject the grant and which are the
+//!   client's configuration; [`provider::simulator`] is a Keap-like
 //!   provider for tests and `serve --dev`.
 //! - [`refresh`]: the refresh policy (pure functions), the engine
 //!   (single-flight, crash recovery, in-memory snapshots for serving, grants

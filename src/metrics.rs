@@ -9,7 +9,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::refresh::{ConnectionReport, Engine};
 
-/// Counter: refresh attempts by `result` = ok | transient | rejected.
+/// Counter: refresh attempts by `result` = ok | transient | rejected | refused
+/// (refused: the provider refused the client configuration, the grant is kept).
 pub const REFRESH_TOTAL: &str = "tokenkeeper_refresh_total";
 /// Histogram: duration of refresh calls to the provider.
 pub const REFRESH_DURATION: &str = "tokenkeeper_refresh_duration_seconds";
@@ -57,7 +58,7 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 fn describe() {
     metrics::describe_counter!(
         REFRESH_TOTAL,
-        "Refresh attempts by result (ok, transient, rejected)"
+        "Refresh attempts by result (ok, transient, rejected, refused)"
     );
     metrics::describe_histogram!(
         REFRESH_DURATION,

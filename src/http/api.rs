@@ -51,7 +51,9 @@ pub enum TokenAnswers {
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct TokenBody<'a> {
     access_token: &'a str,
-    token_type: &'static str,
+    /// The scheme to send it with: "Bearer" unless the provider issued
+    /// another type (e.g. "DPoP").
+    token_type: &'a str,
     expires_at: String,
     expires_in: i64,
     provider: &'a str,
@@ -64,6 +66,7 @@ fn token_response(t: &IssuedToken) -> Response {
             provider: &t.provider,
             account: &t.account,
             access_token: t.access_token.expose_secret(),
+            token_type: &t.token_type,
             expires_at: t.expires_at,
         },
         Utc::now(),
@@ -73,8 +76,9 @@ fn token_response(t: &IssuedToken) -> Response {
 /// The answer carrying an access token: [`TokenBody`] as JSON, in one
 /// buffer sized up front.
 fn served_response(t: &ServedToken<'_>, now: chrono::DateTime<Utc>) -> Response {
-    let mut buf =
-        Vec::with_capacity(160 + t.access_token.len() + t.provider.len() + t.account.len());
+    let mut buf = Vec::with_capacity(
+        160 + t.access_token.len() + t.token_type.len() + t.provider.len() + t.account.len(),
+    );
     write_token_json(&mut buf, t, (t.expires_at - now).num_seconds().max(0));
     let mut r = Response::new(axum::body::Body::from(buf));
     let h = r.headers_mut();
@@ -93,7 +97,9 @@ fn served_response(t: &ServedToken<'_>, now: chrono::DateTime<Utc>) -> Response 
 fn write_token_json(buf: &mut Vec<u8>, t: &ServedToken<'_>, expires_in: i64) {
     buf.extend_from_slice(b"{\"access_token\":");
     json_str(buf, t.access_token);
-    buf.extend_from_slice(b",\"token_type\":\"Bearer\",\"expires_at\":");
+    buf.extend_from_slice(b",\"token_type\":");
+    json_str(buf, t.token_type);
+    buf.extend_from_slice(b",\"expires_at\":");
     json_rfc3339_secs(buf, t.expires_at);
     buf.extend_from_slice(b",\"expires_in\":");
     buf.extend_from_slice(itoa::Buffer::new().format(expires_in).as_bytes());
@@ -491,7 +497,7 @@ mod json_tests {
     fn by_serde(t: &ServedToken<'_>, expires_in: i64) -> Vec<u8> {
         serde_json::to_vec(&TokenBody {
             access_token: t.access_token,
-            token_type: "Bearer",
+            token_type: t.token_type,
             expires_at: t.expires_at.to_rfc3339_opts(SecondsFormat::Secs, true),
             expires_in,
             provider: t.provider,
@@ -509,6 +515,7 @@ mod json_tests {
                 "[\"\\\\\u{0}-\u{1f}\u{7f}é😀a]{0,8}",
             ],
             name in prop_oneof!["[a-z0-9_-]{1,16}", any::<String>()],
+            token_type in prop_oneof![Just("Bearer".to_string()), "[A-Za-z0-9_-]{1,8}"],
             // Stored instants are milliseconds; years -300 to 12000.
             millis in -71_700_000_000_000i64..316_500_000_000_000,
             expires_in in prop_oneof![0i64..100_000, any::<i64>()],
@@ -517,6 +524,7 @@ mod json_tests {
                 provider: &name,
                 account: "default",
                 access_token: &token,
+                token_type: &token_type,
                 expires_at: chrono::DateTime::from_timestamp_millis(millis).unwrap(),
             };
             let mut fast = Vec::new();

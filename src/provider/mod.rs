@@ -2,21 +2,25 @@
 //! revocation, and the one place that decides which failures are transient.
 //!
 //! Requests are built by the `oauth2` crate and sent through our own
-//! `reqwest` client (one per daemon, connection-pooled), because the
-//! lifecycle needs the HTTP status and `Retry-After` that `oauth2`'s error
-//! type does not carry. This module holds no state and never touches the
-//! database.
+//! `reqwest` client (one per daemon, connection-pooled). The answer is read
+//! by our own lenient parser ([`answer`]), not by `oauth2`'s strict one: the
+//! transport keeps the status, `Retry-After` and body it saw, and whatever
+//! `oauth2` made of them is ignored except for transport errors. A strict
+//! parser refusing a 2xx answer the provider has already rotated on loses
+//! the grant (see [`answer`]). This module holds no state and never
+//! touches the database.
 
+pub mod answer;
 pub mod simulator;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use oauth2::basic::{BasicClient, BasicErrorResponseType, BasicTokenResponse};
+use oauth2::basic::{BasicClient, BasicTokenResponse};
 use oauth2::{
     AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, PkceCodeChallenge,
-    PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope, TokenResponse, TokenUrl,
+    PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope, TokenUrl,
 };
 use secrecy::{ExposeSecret, SecretString};
 use url::Url;
@@ -31,6 +35,8 @@ pub struct TokenGrant {
     pub access_token: SecretString,
     /// `None` when the provider did not rotate the refresh token.
     pub refresh_token: Option<SecretString>,
+    /// As the provider named it, case-normalized ("Bearer", "DPoP", ...;
+    /// see [`answer::normalize_token_type`]).
     pub token_type: String,
     pub scope: Option<String>,
     /// When the request left: the provider issued the token after this, so
@@ -41,19 +47,36 @@ pub struct TokenGrant {
     pub expires_at: DateTime<Utc>,
 }
 
-/// Why a token call failed, classified once, here.
+/// Why a token call failed, classified once, in [`answer::interpret`].
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProviderError {
-    /// Worth retrying later: network, timeout, 429, 5xx, garbage answers.
+    /// Worth retrying later: network, timeout, 408, 429, 5xx, garbage answers.
     #[error("{message}")]
     Transient {
         message: String,
         retry_after: Option<Duration>,
     },
-    /// The provider refused the grant or the client; retrying the same
-    /// request will not help.
+    /// The provider rejected the grant itself (`invalid_grant`, or Keap's
+    /// `invalid_request` "Invalid Refresh Token"): only a new authorization
+    /// helps (SPEC 7).
     #[error("{message}")]
     Rejected { message: String },
+    /// The provider refused the client or the request (`invalid_client`,
+    /// `unauthorized_client`, `invalid_scope`, any other OAuth error, a 4xx
+    /// without one): a configuration problem, not a dead grant. `message`
+    /// says what was refused and what to fix. The grant stays; retrying
+    /// after a reload (new secret) can succeed.
+    #[error("{message}")]
+    Refused { message: String },
+    /// A 2xx answer that cannot be used (no usable access token) but
+    /// carries a refresh token. The provider has most likely rotated
+    /// already, so `refresh_token` is the grant now: the caller must store
+    /// it, then report `message`.
+    #[error("{message}")]
+    Unusable {
+        message: String,
+        refresh_token: SecretString,
+    },
 }
 
 /// The start of a browser authorization.
@@ -70,11 +93,14 @@ pub struct Provider {
     http: reqwest::Client,
 }
 
-/// What the transport saw, for classification.
+/// What the transport saw: the answer is read from here, not from what
+/// `oauth2` parsed.
 #[derive(Default)]
 struct Observed {
     status: Option<u16>,
     retry_after: Option<Duration>,
+    /// The whole body, once it was read completely.
+    body: Option<Vec<u8>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,40 +309,77 @@ impl Provider {
         observed: &Arc<Mutex<Observed>>,
         sent_at: DateTime<Utc>,
     ) -> Result<TokenGrant, ProviderError> {
-        let (status, retry_after) = observed
+        let seen = observed
             .lock()
-            .map(|o| (o.status, o.retry_after))
-            .unwrap_or((None, None));
-        match result {
-            Ok(r) => {
-                let access = r.access_token().secret();
-                if access.is_empty() {
-                    return Err(transient(
-                        "the token endpoint answered an empty access_token".into(),
-                        None,
-                    ));
-                }
-                let lifetime = r.expires_in().unwrap_or(self.config.default_lifetime);
-                let expires_at = expiry(sent_at, lifetime);
-                Ok(TokenGrant {
-                    access_token: SecretString::from(access.to_string()),
-                    refresh_token: r
-                        .refresh_token()
-                        .map(|t| t.secret())
-                        .filter(|t| !t.is_empty())
-                        .map(|t| SecretString::from(t.to_string())),
-                    token_type: "Bearer".to_string(),
-                    scope: r
-                        .scopes()
-                        .map(|s| s.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ")),
-                    issued_at: sent_at,
-                    expires_at,
-                })
+            .map(|mut o| (o.status, o.retry_after, o.body.take()))
+            .unwrap_or((None, None, None));
+        if let (Some(status), retry_after, Some(body)) = seen {
+            let ctx = answer::AnswerContext {
+                provider: self.name(),
+                sent_at,
+                default_lifetime: self.config.default_lifetime,
+            };
+            let grant = answer::interpret(&ctx, status, retry_after, &body)?;
+            self.warn_if_short_lived(&grant);
+            // A token dead on arrival (a lifetime shorter than the round
+            // trip) is no token: serving it answers 503, and every request
+            // would refresh again at once. Reported instead, so backoff
+            // applies; the answer's refresh token is still kept.
+            if grant.expires_at <= Utc::now() {
+                let message = format!(
+                    "the provider issued an access token that had expired before its answer arrived (the call took {} ms)",
+                    (Utc::now() - sent_at).num_milliseconds()
+                );
+                return Err(match grant.refresh_token {
+                    Some(refresh_token) => ProviderError::Unusable {
+                        message,
+                        refresh_token,
+                    },
+                    None => transient(message, None),
+                });
             }
-            Err(e) => Err(classify(status, retry_after, &e)),
+            return Ok(grant);
+        }
+        // No complete answer: the transport failed.
+        Err(match result {
+            Err(RequestTokenError::Request(TransportError::Http(re))) if re.is_timeout() => {
+                transient("the token endpoint did not answer in time".into(), None)
+            }
+            Err(RequestTokenError::Request(TransportError::Http(re))) => transient(
+                format!("cannot reach the token endpoint: {}", without_url(&re)),
+                None,
+            ),
+            Err(RequestTokenError::Request(other)) => {
+                transient(format!("bad answer from the token endpoint: {other}"), None)
+            }
+            _ => transient("the token endpoint's answer could not be read".into(), None),
+        })
+    }
+
+    /// A token that lives less than `min_validity` can never satisfy it; the
+    /// refresh policy then serves it for half its life instead of
+    /// refreshing on every request, which the operator should know about
+    /// (once per process: it is a property of the provider, not news).
+    fn warn_if_short_lived(&self, grant: &TokenGrant) {
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        let lifetime = (grant.expires_at - grant.issued_at)
+            .to_std()
+            .unwrap_or_default();
+        if lifetime < SHORT_LIFETIME && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                provider = self.name(),
+                lifetime_ms = lifetime.as_millis() as u64,
+                "the provider issues access tokens that live under a minute; each is served for half its lifetime (less than refresh.min_validity), then refreshed"
+            );
         }
     }
 }
+
+/// Below this, access-token lifetimes are worth a warning (see
+/// [`Provider::warn_if_short_lived`]): shorter than the default
+/// `min_validity` of 5 minutes would be noisy for providers with 5-minute
+/// tokens, which are deliberate; under a minute rarely is.
+const SHORT_LIFETIME: Duration = Duration::from_secs(60);
 
 async fn send(
     http: reqwest::Client,
@@ -342,6 +405,7 @@ async fn send(
     if let Ok(mut o) = observed.lock() {
         o.status = Some(status.as_u16());
         o.retry_after = retry_after;
+        o.body = None;
     }
     let mut builder = axum::http::Response::builder().status(status);
     for (name, value) in resp.headers().iter() {
@@ -354,6 +418,9 @@ async fn send(
         }
         buf.extend_from_slice(&chunk);
     }
+    if let Ok(mut o) = observed.lock() {
+        o.body = Some(buf.clone());
+    }
     builder
         .body(buf)
         .map_err(|e| TransportError::Build(e.to_string()))
@@ -365,67 +432,14 @@ async fn send(
 /// count `expires_in` from their own issue time rounded down to the second
 /// (oidc-provider does): handing out a token the provider already considers
 /// expired is worse than refreshing a second early.
+///
+/// Lifetimes are capped at [`answer::MAX_LIFETIME`] and the sum is
+/// checked, so no provider answer can overflow the date arithmetic.
 pub fn expiry(sent_at: DateTime<Utc>, lifetime: Duration) -> DateTime<Utc> {
+    let lifetime = lifetime.min(answer::MAX_LIFETIME);
     let margin = Duration::from_secs(1).min(lifetime / 10);
-    let lifetime =
-        chrono::Duration::from_std(lifetime - margin).unwrap_or(chrono::Duration::days(3650));
-    sent_at + lifetime
-}
-
-/// The single decision of which failures are transient (SPEC 7): network
-/// errors, timeouts, 429 and 5xx, and answers we cannot parse, are; a
-/// well-formed OAuth error on a 4xx is a rejection.
-fn classify(
-    status: Option<u16>,
-    retry_after: Option<Duration>,
-    e: &RequestTokenError<TransportError, oauth2::basic::BasicErrorResponse>,
-) -> ProviderError {
-    let http = status.map(|s| format!("HTTP {s}")).unwrap_or_default();
-    match (status, e) {
-        (_, RequestTokenError::Request(t)) => match t {
-            TransportError::Http(re) if re.is_timeout() => {
-                transient("the token endpoint did not answer in time".into(), None)
-            }
-            TransportError::Http(re) => {
-                transient(format!("cannot reach the token endpoint: {}", without_url(re)), None)
-            }
-            other => transient(format!("bad answer from the token endpoint: {other}"), None),
-        },
-        (Some(429), _) => transient(format!("the provider is rate limiting ({http})"), retry_after),
-        (Some(s), _) if s >= 500 => transient(format!("the provider failed ({http})"), retry_after),
-        (Some(s), RequestTokenError::ServerResponse(err)) if (400..500).contains(&s) => {
-            let desc = err.error_description().map(|d| format!(": {d}")).unwrap_or_default();
-            let code = err.error().to_string();
-            let message = format!("the provider rejected the request ({http} {code}{desc})");
-            match err.error() {
-                BasicErrorResponseType::InvalidGrant
-                | BasicErrorResponseType::InvalidClient
-                | BasicErrorResponseType::UnauthorizedClient
-                | BasicErrorResponseType::UnsupportedGrantType
-                | BasicErrorResponseType::InvalidScope
-                | BasicErrorResponseType::InvalidRequest => ProviderError::Rejected { message },
-                BasicErrorResponseType::Extension(_) => ProviderError::Rejected { message },
-            }
-        }
-        (Some(s), RequestTokenError::Parse(pe, _)) if (200..300).contains(&s) => transient(
-            format!(
-                "the token endpoint answered {http} with a body that is not a token response (at `{}`)",
-                pe.path()
-            ),
-            None,
-        ),
-        (Some(s), _) => transient(format!("the token endpoint answered {http} with an unexpected body (status {s})"), retry_after),
-        (None, other) => transient(format!("the token endpoint answered unexpectedly: {}", short(other)), None),
-    }
-}
-
-fn short(e: &RequestTokenError<TransportError, oauth2::basic::BasicErrorResponse>) -> String {
-    match e {
-        RequestTokenError::Other(s) => s.clone(),
-        RequestTokenError::Parse(p, _) => format!("unparseable at `{}`", p.path()),
-        RequestTokenError::ServerResponse(r) => r.error().to_string(),
-        RequestTokenError::Request(r) => r.to_string(),
-    }
+    let lifetime = chrono::Duration::from_std(lifetime - margin).unwrap_or_default();
+    sent_at.checked_add_signed(lifetime).unwrap_or(sent_at)
 }
 
 fn transient(message: String, retry_after: Option<Duration>) -> ProviderError {

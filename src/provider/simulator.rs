@@ -165,6 +165,36 @@ pub enum Fault {
     /// Reject as an invalid refresh token (per the configured error style)
     /// without consuming the token.
     RejectRefresh,
+    /// Answer this status with an RFC 6749 error body (`error`, and
+    /// `error_description` when `Some`), e.g. 400 `invalid_scope`, or a
+    /// 200 carrying `invalid_grant`; no state changes.
+    OAuthError {
+        status: u16,
+        error: String,
+        description: Option<String>,
+    },
+}
+
+/// How successful token answers are shaped: odd-but-valid shapes real
+/// providers send, and broken ones. Applied after the tokens were issued
+/// (and the used refresh token rotated out), like a real provider whose
+/// answer format is unusual, not like a failure before processing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AnswerShape {
+    /// `expires_in` written as this raw JSON text (`"\"3600\""`, `-5`,
+    /// `0.5`, `1e13`, `1e400`, ...).
+    ExpiresIn(String),
+    /// No `token_type` member.
+    NoTokenType,
+    /// `token_type` set to this (`"DPoP"`, `"mac"`, ...).
+    TokenType(String),
+    /// `Content-Type: text/plain` on a JSON body.
+    TextPlain,
+    /// This 2xx status instead of 200 (e.g. 201).
+    Status(u16),
+    /// No `access_token` member, though the refresh token was rotated and
+    /// the new one is in the answer: a client must keep it.
+    NoAccessToken,
 }
 
 /// When the configured `/token` delay is applied.
@@ -250,6 +280,7 @@ struct State {
     delay_phase: DelayPhase,
     fault_queue: VecDeque<Fault>,
     persistent_fault: Option<Fault>,
+    answer_shape: Option<AnswerShape>,
     codes: HashMap<String, AuthCode>,
     grants: Vec<Grant>,
     refresh: HashMap<String, RefreshEntry>,
@@ -525,6 +556,7 @@ impl Simulator {
                 delay_phase: DelayPhase::BeforeProcessing,
                 fault_queue: VecDeque::new(),
                 persistent_fault: None,
+                answer_shape: None,
                 codes: HashMap::new(),
                 grants: Vec::new(),
                 refresh: HashMap::new(),
@@ -606,6 +638,19 @@ impl Simulator {
     /// request until cleared. Queued faults take precedence.
     pub fn set_fault(&self, fault: Option<Fault>) {
         self.lock().persistent_fault = fault;
+    }
+
+    /// Shapes every successful `/token` answer from now on (`None`: the
+    /// standard shape).
+    pub fn set_answer_shape(&self, shape: Option<AnswerShape>) {
+        self.lock().answer_shape = shape;
+    }
+
+    /// Changes the client secret the simulator expects, as when the
+    /// operator rotates it at the provider: a client still sending the old
+    /// one gets `invalid_client`.
+    pub fn set_client_secret(&self, secret: &str) {
+        self.lock().config.client_secret = secret.to_owned();
     }
 
     /// Delays every `/token` response; `Duration::ZERO` disables the delay.
@@ -1005,6 +1050,18 @@ fn fault_response_immediate(fault: &Fault, style: RefreshErrorStyle) -> Option<R
             serde_json::json!({ "token_type": "bearer", "expires_in": 86400, "scope": SIM_SCOPE }),
         ),
         Fault::RejectRefresh => refresh_rejected(style),
+        Fault::OAuthError {
+            status,
+            error,
+            description,
+        } => {
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST);
+            let mut body = serde_json::json!({ "error": error });
+            if let (Some(d), Some(obj)) = (description, body.as_object_mut()) {
+                obj.insert("error_description".into(), d.as_str().into());
+            }
+            json_response(status, body)
+        }
         Fault::Hang(_) => return None,
     };
     Some(resp)
@@ -1163,20 +1220,59 @@ async fn deny(AxState(sim): AxState<Simulator>, body: Body) -> Response {
 // ---------------------------------------------------------------------------
 // token endpoint
 
-fn token_success(issued: &Issued) -> Response {
+fn token_success(issued: &Issued, shape: Option<&AnswerShape>) -> Response {
     let mut body = serde_json::json!({
         "access_token": issued.access_token,
         "token_type": "bearer",
         "expires_in": issued.expires_in,
         "scope": SIM_SCOPE,
     });
-    if let (Some(rt), Some(obj)) = (&issued.refresh_token, body.as_object_mut()) {
+    let Some(obj) = body.as_object_mut() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    if let Some(rt) = &issued.refresh_token {
         obj.insert(
             "refresh_token".to_owned(),
             serde_json::Value::from(rt.as_str()),
         );
     }
-    json_response(StatusCode::OK, body)
+    let mut status = StatusCode::OK;
+    let mut raw_expires_in = None;
+    match shape {
+        None | Some(AnswerShape::TextPlain) => {}
+        Some(AnswerShape::ExpiresIn(raw)) => {
+            obj.remove("expires_in");
+            raw_expires_in = Some(raw.as_str());
+        }
+        Some(AnswerShape::NoTokenType) => {
+            obj.remove("token_type");
+        }
+        Some(AnswerShape::TokenType(t)) => {
+            obj.insert("token_type".into(), t.as_str().into());
+        }
+        Some(AnswerShape::Status(code)) => {
+            status = StatusCode::from_u16(*code).unwrap_or(StatusCode::OK);
+        }
+        Some(AnswerShape::NoAccessToken) => {
+            obj.remove("access_token");
+        }
+    }
+    let mut text = body.to_string();
+    if let Some(raw) = raw_expires_in {
+        // Spliced as text: `1e400` is no serde_json number.
+        text = format!("{{\"expires_in\":{raw},{}", &text[1..]);
+    }
+    let mut resp = (status, text).into_response();
+    let h = resp.headers_mut();
+    let ct = if shape == Some(&AnswerShape::TextPlain) {
+        "text/plain; charset=utf-8"
+    } else {
+        JSON_CT
+    };
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    resp
 }
 
 /// Processes a validated token request; `Ok` means tokens were issued.
@@ -1231,9 +1327,10 @@ fn process_token(
             let grant = st.new_grant();
             let issued = st.issue(grant, true);
             st.stats.code_exchanges += 1;
+            let shape = st.answer_shape.clone();
             drop(st);
             tracing::debug!("simulator: authorization code exchanged");
-            Ok(token_success(&issued))
+            Ok(token_success(&issued, shape.as_ref()))
         }
         Some("refresh_token") => {
             let basic_only = st.config.require_basic_on_refresh && !st.is_public_client();
@@ -1276,9 +1373,10 @@ fn process_token(
             }
             let issued = st.issue(grant, rotate);
             st.stats.refresh_ok += 1;
+            let shape = st.answer_shape.clone();
             drop(st);
             tracing::debug!(rotated = rotate, "simulator: refresh succeeded");
-            Ok(token_success(&issued))
+            Ok(token_success(&issued, shape.as_ref()))
         }
         Some(_) => Err(oauth_error(
             StatusCode::BAD_REQUEST,
@@ -1574,16 +1672,28 @@ async fn sim_revoke_all(AxState(sim): AxState<Simulator>) -> StatusCode {
 /// JSON representation of a [`Fault`] for `/_sim/config`, e.g.
 /// `{"type":"status","status":503}`, `{"type":"rate_limited","retry_after_secs":5}`,
 /// `{"type":"garbage"}`, `{"type":"missing_access_token"}`,
-/// `{"type":"hang","ms":2000}`, `{"type":"reject_refresh"}`.
+/// `{"type":"hang","ms":2000}`, `{"type":"reject_refresh"}`,
+/// `{"type":"oauth_error","status":401,"error":"invalid_client"}`.
 #[derive(Debug, serde::Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 enum FaultSpec {
-    Status { status: u16 },
-    RateLimited { retry_after_secs: Option<u64> },
+    Status {
+        status: u16,
+    },
+    RateLimited {
+        retry_after_secs: Option<u64>,
+    },
     Garbage,
     MissingAccessToken,
-    Hang { ms: u64 },
+    Hang {
+        ms: u64,
+    },
     RejectRefresh,
+    OauthError {
+        status: u16,
+        error: String,
+        description: Option<String>,
+    },
 }
 
 impl From<FaultSpec> for Fault {
@@ -1595,6 +1705,15 @@ impl From<FaultSpec> for Fault {
             FaultSpec::MissingAccessToken => Fault::MissingAccessToken,
             FaultSpec::Hang { ms } => Fault::Hang(Duration::from_millis(ms)),
             FaultSpec::RejectRefresh => Fault::RejectRefresh,
+            FaultSpec::OauthError {
+                status,
+                error,
+                description,
+            } => Fault::OAuthError {
+                status,
+                error,
+                description,
+            },
         }
     }
 }

@@ -148,6 +148,8 @@ pub struct ServedToken<'a> {
     pub provider: &'a str,
     pub account: &'a str,
     pub access_token: &'a str,
+    /// As the provider named it ("Bearer", "DPoP", ...).
+    pub token_type: &'a str,
     pub expires_at: DateTime<Utc>,
 }
 
@@ -724,6 +726,7 @@ impl Engine {
             provider: &slot.provider,
             account: &slot.account,
             access_token: snap.access_token.expose_secret(),
+            token_type: &snap.token_type,
             expires_at: snap.timing.expires_at,
         }))
     }
@@ -1336,6 +1339,17 @@ impl Engine {
                         .transient(slot, &attempt, &row, message, retry_after)
                         .await;
                 }
+                Err(e @ (ProviderError::Refused { .. } | ProviderError::Unusable { .. })) => {
+                    return self
+                        .provider_refused_or_unusable(
+                            slot,
+                            (&attempt, base_generation, refresh_token),
+                            &row,
+                            e,
+                            elapsed,
+                        )
+                        .await;
+                }
                 Err(ProviderError::Rejected { message }) => {
                     let current = store.load_connection(slot.id).await?;
                     let newer = current.as_ref().filter(|c| {
@@ -1507,7 +1521,149 @@ impl Engine {
             }
         }
     }
+
+    /// A refresh the provider answered with a configuration refusal or an
+    /// unusable answer (see [`ProviderError`]); neither ends the grant.
+    ///
+    /// - `Refused`: the connection is `retrying` with the provider's reason
+    ///   and what to fix as `last_error`, the operator is told once per new
+    ///   reason, and the next attempt waits [`REFUSED_RETRY_MAX`] at most:
+    ///   backing off gently would only hammer a provider that keeps saying
+    ///   the same thing until someone changes the config. A reload
+    ///   ([`Engine::retry_failing_now`]) or a forced refresh tries at once.
+    /// - `Unusable`: the answer's refresh token is stored first, with the
+    ///   access token we already have (the provider has most likely rotated,
+    ///   so the token we sent is spent), then the failure is recorded like a
+    ///   transient one under a new lease, so the next attempt backs off and
+    ///   uses the stored token. The caller gets the failure, not the old
+    ///   token: the provider may have invalidated it when it rotated.
+    async fn provider_refused_or_unusable(
+        &self,
+        slot: &Arc<Slot>,
+        (attempt, base_generation, used): (&str, i64, SecretString),
+        row: &ConnectionRow,
+        error: ProviderError,
+        elapsed: Duration,
+    ) -> Result<Arc<Snapshot>, TokenError> {
+        let (message, refresh_token) = match error {
+            ProviderError::Unusable {
+                message,
+                refresh_token,
+            } => (message, refresh_token),
+            ProviderError::Refused { message } => {
+                let settings = self.settings();
+                let failures = row.failures.saturating_add(1);
+                let delay = settings
+                    .refresh
+                    .retry_max
+                    .min(REFUSED_RETRY_MAX)
+                    .max(settings.refresh.retry_initial);
+                tracing::error!(
+                    provider = %slot.provider,
+                    account = %slot.account,
+                    failures,
+                    retry_in_secs = delay.as_secs(),
+                    "refresh refused by the provider (the grant is kept; a reload or a forced refresh retries at once): {message}"
+                );
+                count_refresh(slot, "refused", None);
+                if row.last_error.as_deref() != Some(message.as_str()) {
+                    self.notify(slot, EventKind::RefreshFailing, message.clone());
+                }
+                let row = self
+                    .inner
+                    .store
+                    .finish_attempt(
+                        slot.id,
+                        &self.inner.owner,
+                        attempt,
+                        ConnState::Retrying,
+                        Some(&message),
+                        failures,
+                        Some(self.clock().now() + chrono_dur(delay)),
+                    )
+                    .await?;
+                return Ok(match row {
+                    Some(r) => slot.set(self.snap_of(&r)),
+                    None => slot.snapshot(),
+                });
+            }
+            other => {
+                return self
+                    .transient(slot, attempt, row, other.to_string(), None)
+                    .await
+            }
+        };
+        let message = format!(
+            "{message}; the refresh token in that answer was stored and the next attempt uses it"
+        );
+        tracing::error!(provider = %slot.provider, account = %slot.account, "{message}");
+        let kept = TokenGrant {
+            access_token: row.access_token.clone(),
+            refresh_token: Some(refresh_token),
+            token_type: row.token_type.clone(),
+            scope: None,
+            issued_at: row.issued_at,
+            expires_at: row.expires_at,
+        };
+        self.commit(slot, attempt, base_generation, used, kept, elapsed)
+            .await?;
+        let attempt = format!("{:016x}", rand::random::<u64>());
+        let now = self.clock().now();
+        match self
+            .inner
+            .store
+            .begin_refresh(
+                slot.id,
+                &self.inner.owner,
+                &attempt,
+                now,
+                now + chrono_dur(LEASE),
+                None,
+            )
+            .await?
+        {
+            BeginRefresh::Started(row) => {
+                let snap = self.transient(slot, &attempt, &row, message, None).await?;
+                // The commit above moved the generation, which would read as
+                // a successful refresh to a caller that forced this one.
+                Err(failure(slot, &snap, self.clock()))
+            }
+            // Someone else took over meanwhile: the token is stored, and
+            // their attempt reports for itself.
+            _ => Ok(slot.snapshot()),
+        }
+    }
+
+    /// After a config reload: every `retrying` connection is due at the
+    /// next scheduler tick instead of after its backoff, since the reload
+    /// may have fixed what failed (a client secret, `token_url`, scopes, a
+    /// timeout). Costs at most one provider call per failing connection
+    /// per reload, spread by the scheduler's per-tick cap. Returns how many.
+    pub fn retry_failing_now(&self) -> usize {
+        let now = self.clock().now();
+        let mut n = 0;
+        for slot in self.all_slots() {
+            // Under the snapshot's write lock, so a flight landing meanwhile
+            // is never overwritten with the older snapshot.
+            let mut snap = slot.snap.write().unwrap_or_else(|e| e.into_inner());
+            if snap.state == ConnState::Retrying && snap.next_attempt_at.is_some_and(|t| t > now) {
+                let mut next = (**snap).clone();
+                next.next_attempt_at = None;
+                *snap = Arc::new(next);
+                n += 1;
+            }
+        }
+        n
+    }
 }
+
+/// The longest wait between attempts after a configuration refusal
+/// ([`Engine::provider_refused_or_unusable`]): `retry_max` if shorter. A
+/// quarter of an hour lets a grant whose access token lives a day (Keap)
+/// recover well before it expires once the provider accepts the client
+/// again (a fix made at the provider needs no reload here), at four calls
+/// an hour.
+const REFUSED_RETRY_MAX: Duration = Duration::from_secs(15 * 60);
 
 /// How waiting for another process's lease ended.
 enum Waited {
