@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
@@ -147,13 +147,112 @@ fn flow_cookie(headers: &HeaderMap) -> Option<String> {
 pub async fn callback(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
+    let q = match read_query(raw.as_deref().unwrap_or_default()) {
+        Ok(q) => q,
+        Err(problem) => {
+            return pages::problem(
+                StatusCode::BAD_REQUEST,
+                "Authorization failed",
+                &problem.to_string(),
+                Some("/"),
+            )
+        }
+    };
     let pending = match check(&state, &headers, &q).await {
         Ok(p) => p,
         Err(r) => return r,
     };
-    exchange_and_store(&state, pending, &q).await
+    exchange_and_store(&state, pending, &q.outcome).await
+}
+
+/// Longest `state` accepted (ours are 43 characters).
+const MAX_STATE: usize = 512;
+/// Longest authorization code accepted.
+const MAX_CODE: usize = 4096;
+/// How much of a provider's `error` / `error_description` is shown: they
+/// come from the URL, so anyone can put anything there.
+const MAX_ERROR_TEXT: usize = 300;
+
+/// The provider's redirect to `/callback` (RFC 6749 4.1.2, 4.1.2.1), read
+/// and checked for shape before anything is looked up or spent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallbackQuery {
+    /// Matches the pending authorization.
+    pub state: String,
+    pub outcome: CallbackOutcome,
+}
+
+/// What the provider sent back beside the state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallbackOutcome {
+    /// An authorization code to redeem.
+    Code(String),
+    /// The provider's `error` (e.g. `access_denied`), shortened to one line.
+    Error {
+        error: String,
+        description: Option<String>,
+    },
+    /// Neither a code nor an error (or a code too long to be real).
+    NoCode,
+}
+
+/// Why a callback query cannot be matched to any authorization.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallbackQueryError {
+    #[error("The callback has no state parameter, so it cannot be matched to an authorization started here. Start again from the tokenkeeper page.")]
+    NoState,
+    #[error("The callback carries a parameter more than once (RFC 6749 forbids it), so it was not trusted. Start again from the tokenkeeper page.")]
+    Repeated,
+}
+
+/// Reads the raw query of a callback (or the query of an address pasted by
+/// a person). Pure: the fuzz target `callback_query` runs it on any input.
+pub fn read_query(raw: &str) -> Result<CallbackQuery, CallbackQueryError> {
+    let mut state = None;
+    let mut code = None;
+    let mut error = None;
+    let mut description = None;
+    for (k, v) in url::form_urlencoded::parse(raw.as_bytes()) {
+        let slot = match &*k {
+            "state" => &mut state,
+            "code" => &mut code,
+            "error" => &mut error,
+            "error_description" => &mut description,
+            _ => continue,
+        };
+        if slot.replace(v.into_owned()).is_some() {
+            return Err(CallbackQueryError::Repeated);
+        }
+    }
+    let state = state
+        .filter(|s| !s.is_empty() && s.len() <= MAX_STATE)
+        .ok_or(CallbackQueryError::NoState)?;
+    let outcome = match (error, code) {
+        (Some(error), _) => CallbackOutcome::Error {
+            error: one_line(&error),
+            description: description.map(|d| one_line(&d)),
+        },
+        (None, Some(code)) if !code.is_empty() && code.len() <= MAX_CODE => {
+            CallbackOutcome::Code(code)
+        }
+        (None, _) => CallbackOutcome::NoCode,
+    };
+    Ok(CallbackQuery { state, outcome })
+}
+
+/// `text` on one line, at most [`MAX_ERROR_TEXT`] characters.
+fn one_line(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_ERROR_TEXT)
+        .collect();
+    if text.chars().count() > MAX_ERROR_TEXT {
+        out.push('…');
+    }
+    out
 }
 
 /// Phase 1: consume the state if it belongs to this browser. Once taken it
@@ -162,16 +261,9 @@ pub async fn callback(
 async fn check(
     state: &AppState,
     headers: &HeaderMap,
-    q: &HashMap<String, String>,
+    q: &CallbackQuery,
 ) -> Result<PendingAuthorization, Response> {
-    let Some(st) = q.get("state").filter(|s| !s.is_empty() && s.len() <= 512) else {
-        return Err(pages::problem(
-            StatusCode::BAD_REQUEST,
-            "Authorization failed",
-            "The callback has no state parameter, so it cannot be matched to an authorization started here. Start again from the tokenkeeper page.",
-            Some("/"),
-        ));
-    };
+    let st = &q.state;
     // The cookie is checked before the state is spent: someone holding
     // the callback URL without the cookie must not burn the pending
     // authorization of the browser that started it.
@@ -213,9 +305,13 @@ async fn check(
         }
     };
     let retry = format!("/connect/{}?account={}", pending.provider, pending.account);
-    if let Some(err) = q.get("error") {
-        let desc = q
-            .get("error_description")
+    if let CallbackOutcome::Error {
+        error: err,
+        description,
+    } = &q.outcome
+    {
+        let desc = description
+            .as_ref()
             .map(|d| format!(" ({d})"))
             .unwrap_or_default();
         let what = if err == "access_denied" {
@@ -238,10 +334,10 @@ async fn check(
 async fn exchange_and_store(
     state: &AppState,
     pending: PendingAuthorization,
-    q: &HashMap<String, String>,
+    outcome: &CallbackOutcome,
 ) -> Response {
     let retry = format!("/connect/{}?account={}", pending.provider, pending.account);
-    let Some(code) = q.get("code").filter(|c| !c.is_empty() && c.len() <= 4096) else {
+    let CallbackOutcome::Code(code) = outcome else {
         return pages::problem(
             StatusCode::BAD_REQUEST,
             "Authorization failed",
@@ -309,5 +405,50 @@ async fn exchange_and_store(
                 Some(&retry),
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod query_tests {
+    use super::*;
+
+    #[test]
+    fn a_callback_query_is_read_by_shape() {
+        let q = read_query("code=abc&state=s1&extra=1").unwrap();
+        assert_eq!(q.state, "s1");
+        assert_eq!(q.outcome, CallbackOutcome::Code("abc".into()));
+        let q = read_query("state=s1&error=access_denied&error_description=no%0Athanks").unwrap();
+        assert_eq!(
+            q.outcome,
+            CallbackOutcome::Error {
+                error: "access_denied".into(),
+                description: Some("no thanks".into())
+            }
+        );
+        assert_eq!(
+            read_query("state=s1").unwrap().outcome,
+            CallbackOutcome::NoCode
+        );
+        assert_eq!(read_query("code=abc"), Err(CallbackQueryError::NoState));
+        assert_eq!(
+            read_query("code=a&state="),
+            Err(CallbackQueryError::NoState)
+        );
+        assert_eq!(
+            read_query("code=a&state=s&state=t"),
+            Err(CallbackQueryError::Repeated)
+        );
+        let long = "x".repeat(5000);
+        assert_eq!(
+            read_query(&format!("state=s&code={long}")).unwrap().outcome,
+            CallbackOutcome::NoCode
+        );
+        let CallbackOutcome::Error { error, .. } = read_query(&format!("state=s&error={long}"))
+            .unwrap()
+            .outcome
+        else {
+            panic!("an error outcome");
+        };
+        assert!(error.chars().count() <= MAX_ERROR_TEXT + 1);
     }
 }
