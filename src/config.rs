@@ -153,6 +153,12 @@ pub struct ProviderConfig {
     pub limits: Limits,
     /// Bound on one call to the provider's token endpoint.
     pub request_timeout: Duration,
+    /// Revoke upstream the refresh token of a grant that a newer
+    /// authorization replaced, or of a refresh result overtaken by one
+    /// (default true). Turn off for providers where revoking one refresh
+    /// token ends the user's whole authorization of the client (Google
+    /// does): there it would also kill the new grant.
+    pub revoke_replaced: bool,
 }
 
 impl fmt::Debug for ProviderConfig {
@@ -237,7 +243,9 @@ pub fn locate(explicit: Option<&Path>) -> Option<PathBuf> {
 
 /// Reads and validates the file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    /// A config is a few KiB; this only stops `--config /dev/zero`.
+    const MAX_CONFIG_FILE: u64 = 4 * 1024 * 1024;
+    let text = read_bounded(path, MAX_CONFIG_FILE).map_err(|e| ConfigError {
         file: path.display().to_string(),
         problems: vec![ConfigProblem {
             key: "(file)".into(),
@@ -385,6 +393,7 @@ impl Config {
                 default_lifetime: Duration::from_secs(3600),
                 limits: Preset::Keap.limits(),
                 request_timeout: Duration::from_secs(30),
+                revoke_replaced: true,
             },
         );
         Config {
@@ -1066,6 +1075,7 @@ impl<'a> Reader<'a> {
                 "default_lifetime",
                 "limits",
                 "request_timeout",
+                "revoke_replaced",
             ],
         );
         let before = self.problems.len();
@@ -1190,9 +1200,26 @@ impl<'a> Reader<'a> {
         let default_lifetime = self
             .duration(t, "default_lifetime", path)
             .unwrap_or(Duration::from_secs(3600));
-        let request_timeout = self
-            .duration(t, "request_timeout", path)
-            .unwrap_or(Duration::from_secs(30));
+        let request_timeout = match self.duration(t, "request_timeout", path) {
+            // The stop budget (daemon::shutdown_grace) is a multiple of it,
+            // and a provider that needs minutes to answer is down.
+            Some(d) if !(MIN_REQUEST_TIMEOUT..=MAX_REQUEST_TIMEOUT).contains(&d) => {
+                let span = self.string(t, "request_timeout", path).map(|(_, s)| s);
+                self.problem(
+                    &join(path, "request_timeout"),
+                    span,
+                    format!(
+                        "must be between {}s and {}s; a token endpoint slower than that is treated as down",
+                        MIN_REQUEST_TIMEOUT.as_secs(),
+                        MAX_REQUEST_TIMEOUT.as_secs()
+                    ),
+                );
+                Duration::from_secs(30)
+            }
+            Some(d) => d,
+            None => Duration::from_secs(30),
+        };
+        let revoke_replaced = self.boolean(t, "revoke_replaced", path).unwrap_or(true);
         let mut limits = preset.map(Preset::limits).unwrap_or_default();
         if let Some(lt) = self.table(t, "limits", path) {
             let lp = join(path, "limits");
@@ -1227,9 +1254,15 @@ impl<'a> Reader<'a> {
             default_lifetime,
             limits,
             request_timeout,
+            revoke_replaced,
         })
     }
 }
+
+/// Bounds of `request_timeout` (one token-endpoint call).
+pub const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// See [`MIN_REQUEST_TIMEOUT`]; the stop budget is a multiple of it.
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Where a `*_file` value may be: relative names in
 /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) first, then next to
@@ -1260,12 +1293,32 @@ pub fn credential_candidates(raw: &str, config_path: &Path) -> Vec<PathBuf> {
     candidates
 }
 
+/// Largest secret file read: a secret is a line, and a path such as
+/// `/dev/zero` must end in an error, not fill the memory.
+const MAX_SECRET_FILE: u64 = 64 * 1024;
+
+/// Reads a text file of at most `limit` bytes.
+fn read_bounded(path: &Path, limit: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {limit} bytes, so not a secret file"),
+        ));
+    }
+    Ok(text)
+}
+
 /// Resolves and reads a secret file (as `Reader::secret_file` does).
 pub fn read_secret_file(raw: &str, config_path: &Path) -> Result<SecretString, String> {
     let candidates = credential_candidates(raw, config_path);
     let mut last_err = None;
     for c in &candidates {
-        match std::fs::read_to_string(c) {
+        match read_bounded(c, MAX_SECRET_FILE) {
             Ok(s) => {
                 let s = s.trim_end_matches(['\n', '\r']).to_string();
                 if s.is_empty() {
@@ -1294,6 +1347,43 @@ fn join(path: &str, key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endless_files_are_refused_not_read_forever() {
+        let err = read_secret_file("/dev/zero", Path::new("/tmp/t.toml")).unwrap_err();
+        assert!(err.contains("not a secret file"), "{err}");
+        let err = load(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(err.contains("larger than"), "{err}");
+    }
+
+    #[test]
+    fn request_timeout_is_bounded_and_revoke_replaced_read() {
+        let provider = |extra: &str| {
+            format!("[providers.keap]\npreset = \"keap\"\nclient_id = \"id\"\nclient_secret = \"s\"\n{extra}\n")
+        };
+        let path = Path::new("/tmp/t.toml");
+        for bad in ["0s", "500ms", "121s", "1d"] {
+            let err = parse(&provider(&format!("request_timeout = \"{bad}\"")), path)
+                .err()
+                .unwrap_or_else(|| panic!("request_timeout = {bad} was accepted"));
+            let text = err.to_string();
+            assert!(
+                text.contains("providers.keap.request_timeout") && text.contains("between"),
+                "{text}"
+            );
+        }
+        let ok = parse(
+            &provider("request_timeout = \"120s\"\nrevoke_replaced = false"),
+            path,
+        )
+        .unwrap();
+        assert_eq!(
+            ok.providers["keap"].request_timeout,
+            Duration::from_secs(120)
+        );
+        assert!(!ok.providers["keap"].revoke_replaced);
+        assert!(parse(&provider(""), path).unwrap().providers["keap"].revoke_replaced);
+    }
 
     fn problems(text: &str) -> Vec<ConfigProblem> {
         match parse(text, Path::new("/tmp/t.toml")) {

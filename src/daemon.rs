@@ -11,16 +11,20 @@
 //!    longest possible flight, i.e. per try a rate-limit wait and a
 //!    provider call (each at most the provider's `request_timeout`), two
 //!    tries (a rejected token is retried once with a newer stored one),
-//!    and the database writes around them (each at most the SQLite busy
-//!    timeout, [`crate::store::BUSY_TIMEOUT`]): `4 × request_timeout +
-//!    2 × busy timeout`. With the defaults: 4 × 30 s + 2 × 10 s = 140 s.
+//!    a wait for another process's lease (one more `request_timeout`), and
+//!    the database writes around them plus the last attempt of a grant held
+//!    in memory (each at most the SQLite busy timeout,
+//!    [`crate::store::BUSY_TIMEOUT`]): `5 × request_timeout + 3 × busy
+//!    timeout`. With the defaults: 5 × 30 s + 3 × 10 s = 180 s.
 //! 3. Open HTTP connections drain for at most [`HTTP_DRAIN`] more (requests
 //!    waiting for a flight are answered as soon as it lands), then are cut.
 //! 4. The database is closed (WAL checkpoint), within [`CLOSE_BOUND`].
 //!
-//! Worst case with the defaults: 140 s + 5 s + 5 s = 150 s; the unit file
-//! sets `TimeoutStopSec=180s`. Raising `request_timeout` needs a matching
-//! `TimeoutStopSec` (4 × request_timeout + 60 s). A normal stop takes
+//! Worst case with the defaults: 180 s + 5 s + 5 s = 190 s; the unit file
+//! sets `TimeoutStopSec=210s`. `request_timeout` is capped at 120 s
+//! ([`crate::config::MAX_REQUEST_TIMEOUT`]); a configuration whose budget
+//! exceeds the unit's timeout is covered anyway: at SIGTERM the daemon tells
+//! systemd its budget (`EXTEND_TIMEOUT_USEC`). A normal stop takes
 //! milliseconds: the bounds are only reached by a flight that is slow.
 
 use std::collections::HashMap;
@@ -58,7 +62,7 @@ pub fn shutdown_grace(config: &Config) -> Duration {
         .map(|p| p.request_timeout)
         .max()
         .unwrap_or(Duration::ZERO);
-    request_timeout * 4 + crate::store::BUSY_TIMEOUT * 2
+    request_timeout * 5 + crate::store::BUSY_TIMEOUT * 3
 }
 
 /// The whole stop, worst case: what systemd's `TimeoutStopSec` must exceed.
@@ -210,9 +214,10 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
         shutdown.clone(),
     ));
     let stop_notice = shutdown.clone();
+    let budget = stop_budget(&config);
     background.spawn(async move {
         stop_notice.cancelled().await;
-        systemd::stopping();
+        systemd::stopping(budget);
     });
     background.close();
 
@@ -611,7 +616,7 @@ mod tests {
             Duration::from_secs(30)
         );
         let budget = stop_budget(&config);
-        assert_eq!(budget, Duration::from_secs(150));
+        assert_eq!(budget, Duration::from_secs(190));
         assert!(
             unit_timeout >= budget + Duration::from_secs(10),
             "TimeoutStopSec={value} leaves no margin over the {budget:?} stop"

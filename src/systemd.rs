@@ -45,8 +45,17 @@ pub fn reloading() {
 }
 
 /// `STOPPING=1`.
-pub fn stopping() {
-    send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+/// Stopping, and how long it may take at most: systemd extends its stop
+/// timeout to that (`EXTEND_TIMEOUT_USEC`), so a configuration whose
+/// worst-case stop exceeds the unit's `TimeoutStopSec` is not killed
+/// mid-commit.
+pub fn stopping(budget: std::time::Duration) {
+    let usec = u32::try_from(budget.as_micros()).unwrap_or(u32::MAX);
+    send(&[
+        NotifyState::Stopping,
+        NotifyState::ExtendTimeoutUsec(usec),
+        NotifyState::Status("stopping"),
+    ]);
 }
 
 /// The one-line summary used for `STATUS=`.

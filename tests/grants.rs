@@ -531,6 +531,35 @@ async fn two_browser_flows_for_one_account_leave_one_live_grant() {
     );
 }
 
+/// `revoke_replaced = false` (providers where revoking one refresh token
+/// ends the whole authorization, which would kill the new grant too): the
+/// replaced grant is left alone, and the log says so.
+#[tokio::test]
+async fn revoke_replaced_false_leaves_the_replaced_grant_alone() {
+    let mut h = Harness::new(Options {
+        provider: "revoke_replaced = false".into(),
+        ..Options::default()
+    })
+    .await;
+    h.start().await;
+    let sim = h.sim.sim.clone();
+    sim.set_strict_revocation(true);
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    common::eventually(
+        Duration::from_secs(5),
+        "the log says the replaced grant is not revoked",
+        || async { h.log().contains("revoke_replaced = false") },
+    )
+    .await;
+    assert_eq!(sim.live_grants(), 2, "nothing was revoked");
+    assert_eq!(
+        stored_refresh_token(&h.db_path()).await,
+        sim.current_refresh_token(),
+        "the newest grant is the stored one"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_forced_refresh_says_the_current_token_is_still_served() {
     let mut h = Harness::new(Options {

@@ -25,6 +25,14 @@ impl Engine {
         let Some(p) = self.settings().providers.get(provider).cloned() else {
             return;
         };
+        if !p.config.revoke_replaced {
+            tracing::info!(
+                provider,
+                account,
+                "{what} is not revoked upstream (revoke_replaced = false for this provider)"
+            );
+            return;
+        }
         let (provider, account) = (provider.to_string(), account.to_string());
         self.inner.tasks.spawn(async move {
             match p.revoke(&token, "refresh_token").await {
