@@ -464,10 +464,21 @@ pub(crate) fn without_url(e: &reqwest::Error) -> &'static str {
     }
 }
 
-/// `Retry-After` as seconds (HTTP-dates are rare at token endpoints and are
-/// treated as absent, falling back to our own backoff).
+/// `Retry-After` (RFC 9110 10.2.3): delay-seconds, or an HTTP-date,
+/// turned into the time left from now (a date already past is zero).
 pub fn parse_retry_after(v: &str) -> Option<Duration> {
-    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+    retry_after_at(v, Utc::now())
+}
+
+/// [`parse_retry_after`] with `now` given, for tests.
+fn retry_after_at(v: &str, now: DateTime<Utc>) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    // IMF-fixdate ("Sun, 06 Nov 1994 08:49:37 GMT") is RFC 2822 syntax.
+    let at = DateTime::parse_from_rfc2822(v).ok()?.with_timezone(&Utc);
+    Some((at - now).to_std().unwrap_or(Duration::ZERO))
 }
 
 /// The HTTP client shared by all provider calls: rustls, no cookies, a
@@ -526,6 +537,19 @@ mod tests {
     #[test]
     fn retry_after_seconds() {
         assert_eq!(parse_retry_after(" 12 "), Some(Duration::from_secs(12)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        let now = DateTime::parse_from_rfc3339("2015-10-21T07:27:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(
+            retry_after_at("Wed, 21 Oct 2015 07:28:00 GMT", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            retry_after_at("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO),
+            "a date already past"
+        );
+        assert_eq!(retry_after_at("soon", now), None);
+        assert_eq!(retry_after_at("-5", now), None);
     }
 }
