@@ -167,6 +167,10 @@ pub struct Snapshot {
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub interrupted_at: Option<DateTime<Utc>>,
     pub has_refresh_token: bool,
+    /// Why the stored row cannot be read, if it cannot (see
+    /// `store::ConnectionRow::unreadable`): then nothing here is real and
+    /// no refresh or upstream revocation acts on it.
+    pub unreadable: Option<String>,
     /// Where this access token was taken in, on both clocks.
     pub anchor: Anchor,
 }
@@ -189,6 +193,7 @@ impl Snapshot {
             next_attempt_at: r.next_attempt_at,
             interrupted_at: r.interrupted_at,
             has_refresh_token: r.refresh_token.is_some(),
+            unreadable: r.unreadable.clone(),
             anchor,
         }
     }
@@ -1231,6 +1236,12 @@ impl Engine {
                         account: slot.account.clone(),
                     })
                 }
+                // Nothing was written; whatever the stand-in says is not
+                // the grant, so nothing is refreshed (or parked) on it.
+                BeginRefresh::Unreadable(row) => {
+                    slot.set(self.snap_of(&row));
+                    return Err(unreadable_error(slot, &row, "it was not refreshed"));
+                }
                 BeginRefresh::Busy {
                     owner: holder,
                     attempt: theirs,
@@ -1296,7 +1307,9 @@ impl Engine {
         }
         let Some(mut refresh_token) = row.refresh_token.clone() else {
             let reason = "the provider never issued a refresh token for this grant; authorize again (ask for offline access if the provider needs it)";
-            return self.reject(slot, &attempt, &row, reason.to_string()).await;
+            return self
+                .reject(slot, (&attempt, row.generation), &row, reason.to_string())
+                .await;
         };
 
         // 3. Call the provider, renewing the lease while we wait; retry once
@@ -1374,7 +1387,9 @@ impl Engine {
                                 ),
                                 None => format!("{message}; authorize again"),
                             };
-                            return self.reject(slot, &attempt, &row, reason).await;
+                            return self
+                                .reject(slot, (&attempt, base_generation), &row, reason)
+                                .await;
                         }
                     }
                 }
@@ -1460,33 +1475,39 @@ impl Engine {
         })
     }
 
+    /// Parks the grant as `authorization_required`, unless a newer grant
+    /// was stored since `generation` was read (a previous holder of the
+    /// lease landed the grant it held, or a new authorization): that one is
+    /// adopted instead.
     async fn reject(
         &self,
         slot: &Slot,
-        attempt: &str,
+        (attempt, generation): (&str, i64),
         row: &ConnectionRow,
         reason: String,
     ) -> Result<Arc<Snapshot>, TokenError> {
+        let rejected = self
+            .inner
+            .store
+            .reject_attempt(
+                slot.id,
+                (&self.inner.owner, attempt),
+                generation,
+                &reason,
+                row.failures,
+            )
+            .await?;
+        let Some(r) = rejected else {
+            tracing::info!(provider = %slot.provider, account = %slot.account, "the refresh token was rejected, but a newer grant was stored meanwhile; keeping it");
+            return Ok(match self.inner.store.load_connection(slot.id).await? {
+                Some(r) => slot.set(self.snap_of(&r)),
+                None => slot.snapshot(),
+            });
+        };
         tracing::error!(provider = %slot.provider, account = %slot.account, "grant needs a new authorization: {reason}");
         count_refresh(slot, "rejected", None);
         self.notify(slot, EventKind::AuthorizationRequired, reason.clone());
-        let row = self
-            .inner
-            .store
-            .finish_attempt(
-                slot.id,
-                &self.inner.owner,
-                attempt,
-                ConnState::AuthorizationRequired,
-                Some(&reason),
-                row.failures,
-                None,
-            )
-            .await?;
-        Ok(match row {
-            Some(r) => slot.set(self.snap_of(&r)),
-            None => slot.snapshot(),
-        })
+        Ok(slot.set(self.snap_of(&r)))
     }
 
     /// Another process holds the lease: wait (bounded by the provider
@@ -1711,6 +1732,22 @@ fn failure(slot: &Slot, snap: &Snapshot, clock: &dyn Clock) -> TokenError {
             .unwrap_or_else(|| "the refresh did not complete".into()),
         retry_after,
         still_valid_until: (snap.timing.expires_at > now).then_some(snap.timing.expires_at),
+    }
+}
+
+/// The answer for a connection whose stored row cannot be read: shaped
+/// like `authorization_required` (a new authorization repairs it), saying
+/// what is wrong and what was not done.
+fn unreadable_error(slot: &Slot, row: &ConnectionRow, not_done: &str) -> TokenError {
+    TokenError::AuthorizationRequired {
+        provider: slot.provider.clone(),
+        account: slot.account.clone(),
+        reason: format!(
+            "{}; {not_done}",
+            row.unreadable
+                .as_deref()
+                .unwrap_or("the stored grant cannot be read")
+        ),
     }
 }
 
