@@ -14,7 +14,14 @@
 //!   that arrive during a refresh wait for it and share its result. Another
 //!   process's lease is taken over only when that process is certainly dead
 //!   (`owner`) or its lease has stood still for `LEASE` (30 s) on our monotonic
-//!   clock (`clock::LeaseWatch`); never by comparing wall clocks.
+//!   clock (`clock::LeaseWatch`); never by comparing wall clocks. A failed
+//!   write of our own restarts that watch (the holder could not renew
+//!   either), and a held grant's lease is renewed at every commit retry.
+//! - A row the store could not read (`Snapshot::unreadable`) is never
+//!   leased, refreshed, parked or revoked from: the store refuses to lease
+//!   it (`BeginRefresh::Unreadable`), forced refreshes and upstream
+//!   revocations are refused naming the problem; a local forget or a new
+//!   authorization are the ways out.
 //! - The refresh token is not kept in memory: it is read from the database
 //!   under the lease, which is the only point where it can be current. The
 //!   exception is a grant whose commit failed: it is held in the slot's
@@ -25,6 +32,8 @@
 //! - A commit is compare-and-swap on the generation the refresh read under
 //!   its lease: a newer authorization always wins, and the late result is
 //!   discarded (its new refresh token revoked upstream where possible).
+//!   Parking a grant after a rejection is compare-and-swap on it too: a
+//!   grant stored since the rejected token was read is kept.
 //! - A revocation holds the flight lock and the lease, so it revokes the
 //!   newest refresh token, never one a flight is about to replace.
 //! - A still-valid access token is never discarded because of a failure.
@@ -270,6 +279,16 @@ impl Slot {
         let s = Arc::new(s);
         *cur = s.clone();
         s
+    }
+}
+
+impl Slot {
+    /// Our own write of the lease failed (the database is locked): the
+    /// other holder cannot renew its lease either, so what we saw of it
+    /// standing still says nothing about whether it lives. Watching starts
+    /// over once writes work again.
+    fn forget_lease_watch(&self) {
+        *self.lease_watch.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
@@ -1213,7 +1232,8 @@ impl Engine {
                     now + chrono_dur(LEASE),
                     takeover.as_ref(),
                 )
-                .await?
+                .await
+                .inspect_err(|_| slot.forget_lease_watch())?
             {
                 BeginRefresh::Started(row) => {
                     *slot.lease_watch.lock().unwrap_or_else(|e| e.into_inner()) = None;

@@ -195,7 +195,8 @@ impl Engine {
                     now + chrono_dur(LEASE),
                     takeover.as_ref(),
                 )
-                .await?
+                .await
+                .inspect_err(|_| slot.forget_lease_watch())?
             {
                 // No lease is taken on it: the caller refuses to revoke
                 // from a stand-in, and a local forget needs none.
