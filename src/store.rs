@@ -17,9 +17,12 @@
 //! between columns, moved to another row or replayed from an older grant
 //! does not open. A row that cannot be read (such a value, an unknown
 //! state, a bad timestamp) never stops the daemon and is never served: it
-//! decodes as `authorization_required` with a `last_error` saying what is
-//! wrong, is logged once at error level and counted in
-//! `tokenkeeper_unreadable_connections`.
+//! decodes as a stand-in (`authorization_required`, no token) with
+//! `unreadable` and `last_error` saying what is wrong, is logged once at
+//! error level and counted in `tokenkeeper_unreadable_connections`. The
+//! lifecycle never writes it: `begin_refresh` rolls back and answers
+//! `BeginRefresh::Unreadable`, so no lease, attempt or state is recorded
+//! over it; only a new authorization or a forget rewrites or removes it.
 //!
 //! Daemons hold a shared advisory lock on `<database>.lock` for their
 //! whole life; offline commands (`rekey`) take it exclusively, so they
@@ -130,6 +133,11 @@ pub struct ConnectionRow {
     pub attempt_id: Option<String>,
     pub attempt_started_at: Option<DateTime<Utc>>,
     pub interrupted_at: Option<DateTime<Utc>>,
+    /// Why the stored row cannot be read, if it cannot: then the other
+    /// fields are a stand-in (see [`Store::decode`]), never to be acted on
+    /// or written back by the lifecycle; only a new authorization (which
+    /// rewrites the whole row) or a local forget touches it.
+    pub unreadable: Option<String>,
 }
 
 /// A token pair just received from the provider.
@@ -232,6 +240,9 @@ pub enum BeginRefresh {
     },
     /// The connection no longer exists.
     Gone,
+    /// The stored row cannot be read (its stand-in, with the reason in
+    /// `unreadable`): nothing was written, no lease was taken.
+    Unreadable(Box<ConnectionRow>),
 }
 
 const COLUMNS: &str = "id, provider, account, state, access_token, refresh_token, token_type, scope, \
@@ -798,13 +809,17 @@ impl Store {
         takeover: Option<&LeaseSeen>,
     ) -> Result<BeginRefresh, StoreError> {
         // An unfinished attempt of another holder means it died mid-refresh:
-        // remember when, so a later rejection can say precisely why.
+        // remember when, so a later rejection can say precisely why. One
+        // transaction: a row that turns out unreadable is rolled back
+        // untouched (its state is left as stored, so an unknown one still
+        // reads as unknown after the update).
+        let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
             "UPDATE connections SET \
                  interrupted_at = CASE WHEN attempt_id IS NOT NULL AND lease_owner IS NOT ?1 \
                                        THEN attempt_started_at ELSE interrupted_at END, \
                  lease_owner = ?1, lease_until = ?2, attempt_id = ?3, attempt_started_at = ?4, \
-                 state = CASE WHEN state = 'authorization_required' THEN state ELSE 'refreshing' END \
+                 state = CASE WHEN state IN ('active', 'retrying', 'refreshing') THEN 'refreshing' ELSE state END \
              WHERE id = ?5 AND (lease_owner IS NULL OR lease_owner = ?1 \
                  OR (lease_owner = ?6 AND attempt_id IS ?7 AND lease_until IS ?8)) \
              RETURNING {COLUMNS}"
@@ -817,11 +832,18 @@ impl Store {
         .bind(takeover.map(|t| t.owner.clone()))
         .bind(takeover.and_then(|t| t.attempt.clone()))
         .bind(takeover.and_then(|t| t.until_ms))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
         if let Some(row) = row {
-            return Ok(BeginRefresh::Started(Box::new(self.decode(&row)?)));
+            let decoded = self.decode(&row)?;
+            if decoded.unreadable.is_some() {
+                tx.rollback().await?;
+                return Ok(BeginRefresh::Unreadable(Box::new(decoded)));
+            }
+            tx.commit().await?;
+            return Ok(BeginRefresh::Started(Box::new(decoded)));
         }
+        tx.commit().await?;
         let holder = sqlx::query(
             "SELECT lease_owner, lease_until, attempt_id FROM connections WHERE id = ?",
         )
@@ -1014,6 +1036,51 @@ impl Store {
         .bind(attempt_id.to_owned())
         .fetch_optional(&self.pool)
         .await?;
+        row.as_ref().map(|r| self.decode(r)).transpose()
+    }
+
+    /// Ends an attempt whose refresh token the provider rejected, as
+    /// `authorization_required`, but only if the grant is still
+    /// `generation`: if a newer grant was stored meanwhile (a previous
+    /// holder landed the grant it held, or a new authorization), that one
+    /// is not parked; the lease is released and `None` returned.
+    pub async fn reject_attempt(
+        &self,
+        id: i64,
+        (owner, attempt_id): (&str, &str),
+        generation: i64,
+        reason: &str,
+        failures: u32,
+    ) -> Result<Option<ConnectionRow>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "UPDATE connections SET state = 'authorization_required', last_error = ?1, failures = ?2, \
+                 next_attempt_at = NULL, lease_owner = NULL, lease_until = NULL, attempt_id = NULL, \
+                 attempt_started_at = NULL \
+             WHERE id = ?3 AND lease_owner = ?4 AND attempt_id = ?5 AND generation = ?6 RETURNING {COLUMNS}"
+        ))
+        .bind(reason.to_owned())
+        .bind(failures as i64)
+        .bind(id)
+        .bind(owner.to_owned())
+        .bind(attempt_id.to_owned())
+        .bind(generation)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if row.is_none() {
+            sqlx::query(
+                "UPDATE connections SET lease_owner = NULL, lease_until = NULL, attempt_id = NULL, \
+                     attempt_started_at = NULL, \
+                     state = CASE WHEN state = 'refreshing' THEN 'active' ELSE state END \
+                 WHERE id = ? AND lease_owner = ? AND attempt_id = ?",
+            )
+            .bind(id)
+            .bind(owner.to_owned())
+            .bind(attempt_id.to_owned())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         row.as_ref().map(|r| self.decode(r)).transpose()
     }
 
@@ -1259,6 +1326,7 @@ impl Store {
             attempt_id: field(r, "attempt_id")?,
             attempt_started_at: opt_instant(r, "attempt_started_at")?,
             interrupted_at: opt_instant(r, "interrupted_at")?,
+            unreadable: None,
         })
     }
 
@@ -1312,7 +1380,7 @@ fn unreadable_row(
         refreshed_at: None,
         refresh_token_issued_at: epoch,
         generation: r.try_get("generation").unwrap_or(0),
-        last_error: Some(message),
+        last_error: Some(message.clone()),
         failures: 0,
         next_attempt_at: None,
         lease_owner: None,
@@ -1320,6 +1388,7 @@ fn unreadable_row(
         attempt_id: None,
         attempt_started_at: None,
         interrupted_at: None,
+        unreadable: Some(message),
     }
 }
 
@@ -1968,5 +2037,86 @@ mod tests {
         assert!(DbLock::shared(&db).is_err());
         drop(x);
         assert!(DbLock::shared(&db).is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_row_is_not_leased_or_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, row) = store_with_grant(dir.path(), None).await;
+        raw(&store, "UPDATE connections SET state = 'paused'").await;
+        let now = Utc::now();
+        let until = now + chrono::Duration::seconds(30);
+        let got = store
+            .begin_refresh(row.id, "me", "a1", now, until, None)
+            .await
+            .unwrap();
+        let BeginRefresh::Unreadable(stand_in) = got else {
+            panic!("an unreadable row must not be leased");
+        };
+        assert!(stand_in.unreadable.unwrap().contains("unknown state"));
+        let (state, owner): (String, Option<String>) =
+            sqlx::query_as("SELECT state, lease_owner FROM connections")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!((state.as_str(), owner), ("paused", None));
+    }
+
+    #[tokio::test]
+    async fn a_rejection_does_not_park_a_grant_stored_since_it_was_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, row) = store_with_grant(dir.path(), None).await;
+        let now = Utc::now();
+        let until = now + chrono::Duration::seconds(30);
+        // B took the lease over and read generation 1 ...
+        let BeginRefresh::Started(read) = store
+            .begin_refresh(row.id, "b", "b1", now, until, None)
+            .await
+            .unwrap()
+        else {
+            panic!("lease taken");
+        };
+        // ... then A, the previous holder, landed the grant it held.
+        let access = SecretString::from("access-2".to_string());
+        let refresh = SecretString::from("refresh-2".to_string());
+        let landed = store
+            .commit_refresh(
+                row.id,
+                ("keap", "default"),
+                "a",
+                "a1",
+                read.generation,
+                &NewGrant {
+                    access_token: &access,
+                    refresh_token: Some(&refresh),
+                    token_type: "Bearer",
+                    scope: None,
+                    issued_at: now,
+                    expires_at: now + chrono::Duration::hours(1),
+                },
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(matches!(
+            landed,
+            CommitOutcome::Committed {
+                kept_lease: false,
+                ..
+            }
+        ));
+        // B's spent token is rejected: the landed grant is not parked.
+        let parked = store
+            .reject_attempt(row.id, ("b", "b1"), read.generation, "rejected", 0)
+            .await
+            .unwrap();
+        assert!(parked.is_none());
+        let now_stored = store.load_connection(row.id).await.unwrap().unwrap();
+        assert_eq!(now_stored.state, ConnState::Active);
+        assert!(now_stored.lease_owner.is_none());
+        assert_eq!(
+            now_stored.refresh_token.unwrap().expose_secret(),
+            "refresh-2"
+        );
     }
 }

@@ -642,3 +642,74 @@ async fn refresh_tokens_rotated_by_another_process_are_recognised() {
     let _ = second.kill();
     let _ = second.wait();
 }
+
+/// `lease_owner` and `lease_until` of keap/default.
+async fn lease(db: &Path) -> (Option<String>, Option<i64>) {
+    let mut c = SqliteConnectOptions::new()
+        .filename(db)
+        .read_only(true)
+        .connect()
+        .await
+        .expect("open the database");
+    let r =
+        sqlx::query("SELECT lease_owner, lease_until FROM connections WHERE account = 'default'")
+            .fetch_one(&mut c)
+            .await
+            .expect("read the row");
+    let _ = c.close().await;
+    (r.get(0), r.get(1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn while_a_grant_is_held_its_lease_is_kept_alive() {
+    let mut h = Harness::new(Options {
+        access_lifetime: Duration::from_secs(3600),
+        ..Options::default()
+    })
+    .await;
+    h.start().await;
+    authorize(&h).await;
+    let sim = h.sim.sim.clone();
+    let db = h.db_path();
+    // Storing a new grant fails (as a full disk would), while lease
+    // bookkeeping still works: only writes of the tokens are refused.
+    write_db(
+        &db,
+        "CREATE TRIGGER no_grant_writes BEFORE UPDATE OF access_token ON connections \
+         BEGIN SELECT RAISE(ABORT, 'injected: the disk is full'); END",
+    )
+    .await;
+    let (s, b) = h.post_json("/v1/token/keap/refresh").await;
+    assert_eq!(sim.stats().refresh_ok, 1, "the provider rotated");
+    assert_eq!(s, 503, "{b}");
+    let (owner, until) = lease(&db).await;
+    assert!(owner.is_some(), "the lease of the held grant is still ours");
+    // Another process takes a lease over once it stands still for 30 s; it
+    // must keep moving while the grant waits to be stored.
+    common::eventually(
+        Duration::from_secs(20),
+        "the held grant's lease is renewed",
+        || async {
+            let (o, u) = lease(&db).await;
+            o == owner && u > until
+        },
+    )
+    .await;
+    assert!(h
+        .log()
+        .contains("storing the grant held in memory failed again"));
+
+    write_db(&db, "DROP TRIGGER no_grant_writes").await;
+    common::eventually(
+        Duration::from_secs(30),
+        "the held grant is stored and the lease released",
+        || async {
+            stored_refresh_token(&db).await == sim.current_refresh_token()
+                && lease(&db).await.0.is_none()
+        },
+    )
+    .await;
+    let stats = sim.stats();
+    assert_eq!(stats.refresh_calls, 1, "{stats:?}");
+    assert_eq!(stats.refresh_rejected, 0, "{stats:?}");
+}

@@ -786,3 +786,112 @@ async fn a_read_only_database_directory_is_refused_with_path_and_fix() {
     );
     assert!(err.contains("write access"), "{err}");
 }
+
+/// Every column of one row, as SQLite quotes it: to prove nothing wrote it.
+async fn row_text(db: &sqlx::SqlitePool, account: &str) -> String {
+    let cols = [
+        "state",
+        "access_token",
+        "refresh_token",
+        "expires_at",
+        "generation",
+        "last_error",
+        "failures",
+        "next_attempt_at",
+        "lease_owner",
+        "lease_until",
+        "attempt_id",
+        "attempt_started_at",
+        "interrupted_at",
+    ];
+    let select = cols
+        .iter()
+        .map(|c| format!("'{c}=' || quote({c})"))
+        .collect::<Vec<_>>()
+        .join(" || ', ' || ");
+    sqlx::query_scalar(&format!(
+        "SELECT {select} FROM connections WHERE provider = 'keap' AND account = ?"
+    ))
+    .bind(account)
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_unreadable_row_is_never_refreshed_written_or_revoked_from() {
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    for account in ["second", "third"] {
+        assert_eq!(h.authorize("keap", account).await.status(), 200);
+    }
+    h.stop().await;
+    let db = raw_db(&h).await;
+    sqlx::query("UPDATE connections SET state = 'paused' WHERE account = 'second'")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE connections SET expires_at = 'tomorrow' WHERE account = 'third'")
+        .execute(&db)
+        .await
+        .unwrap();
+    let before = [row_text(&db, "second").await, row_text(&db, "third").await];
+    db.close().await;
+    let sim = h.sim.sim.clone();
+    let live = sim.live_grants();
+
+    h.start().await;
+    for (account, what) in [
+        ("second", "unknown state \"paused\""),
+        ("third", "expires_at"),
+    ] {
+        // A forced refresh is refused, naming the problem.
+        let (s, v) = h
+            .post_json(&format!("/v1/token/keap/{account}/refresh"))
+            .await;
+        assert_eq!(s, 409, "{v}");
+        assert_eq!(v["error"], "authorization_required", "{v}");
+        let m = v["message"].as_str().unwrap();
+        assert!(m.contains(what) && m.contains("not refreshed"), "{v}");
+        // An upstream revocation is refused: the refresh token is unknown.
+        let r = h
+            .http
+            .delete(h.url(&format!("/v1/connections/keap/{account}")))
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.unwrap_or_default();
+        assert_eq!(s, 409, "{v}");
+        let m = v["message"].as_str().unwrap_or_default();
+        assert!(m.contains(what) && m.contains("local"), "{v}");
+    }
+    assert_eq!(sim.stats().refresh_calls, 0, "no provider call");
+    assert_eq!(sim.live_grants(), live, "nothing revoked upstream");
+    h.stop().await;
+
+    // Nothing was written into either row.
+    let db = raw_db(&h).await;
+    let after = [row_text(&db, "second").await, row_text(&db, "third").await];
+    assert_eq!(before, after);
+    // The operator repairs one column: the grant works at once.
+    sqlx::query("UPDATE connections SET expires_at = 4102444800000 WHERE account = 'third'")
+        .execute(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    h.start().await;
+    let (s, v) = h.post_json("/v1/token/keap/third/refresh").await;
+    assert_eq!(s, 200, "{v}");
+    assert!(sim.access_token_valid(v["access_token"].as_str().unwrap()));
+
+    // A local forget of the other is allowed.
+    let r = h
+        .http
+        .delete(h.url("/v1/connections/keap/second?local=true"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert!(h.connection("second").await.is_null());
+}

@@ -14,7 +14,14 @@
 //!   that arrive during a refresh wait for it and share its result. Another
 //!   process's lease is taken over only when that process is certainly dead
 //!   (`owner`) or its lease has stood still for `LEASE` (30 s) on our monotonic
-//!   clock (`clock::LeaseWatch`); never by comparing wall clocks.
+//!   clock (`clock::LeaseWatch`); never by comparing wall clocks. A failed
+//!   write of our own restarts that watch (the holder could not renew
+//!   either), and a held grant's lease is renewed at every commit retry.
+//! - A row the store could not read (`Snapshot::unreadable`) is never
+//!   leased, refreshed, parked or revoked from: the store refuses to lease
+//!   it (`BeginRefresh::Unreadable`), forced refreshes and upstream
+//!   revocations are refused naming the problem; a local forget or a new
+//!   authorization are the ways out.
 //! - The refresh token is not kept in memory: it is read from the database
 //!   under the lease, which is the only point where it can be current. The
 //!   exception is a grant whose commit failed: it is held in the slot's
@@ -25,6 +32,8 @@
 //! - A commit is compare-and-swap on the generation the refresh read under
 //!   its lease: a newer authorization always wins, and the late result is
 //!   discarded (its new refresh token revoked upstream where possible).
+//!   Parking a grant after a rejection is compare-and-swap on it too: a
+//!   grant stored since the rejected token was read is kept.
 //! - A revocation holds the flight lock and the lease, so it revokes the
 //!   newest refresh token, never one a flight is about to replace.
 //! - A still-valid access token is never discarded because of a failure.
@@ -167,6 +176,10 @@ pub struct Snapshot {
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub interrupted_at: Option<DateTime<Utc>>,
     pub has_refresh_token: bool,
+    /// Why the stored row cannot be read, if it cannot (see
+    /// `store::ConnectionRow::unreadable`): then nothing here is real and
+    /// no refresh or upstream revocation acts on it.
+    pub unreadable: Option<String>,
     /// Where this access token was taken in, on both clocks.
     pub anchor: Anchor,
 }
@@ -189,6 +202,7 @@ impl Snapshot {
             next_attempt_at: r.next_attempt_at,
             interrupted_at: r.interrupted_at,
             has_refresh_token: r.refresh_token.is_some(),
+            unreadable: r.unreadable.clone(),
             anchor,
         }
     }
@@ -265,6 +279,16 @@ impl Slot {
         let s = Arc::new(s);
         *cur = s.clone();
         s
+    }
+}
+
+impl Slot {
+    /// Our own write of the lease failed (the database is locked): the
+    /// other holder cannot renew its lease either, so what we saw of it
+    /// standing still says nothing about whether it lives. Watching starts
+    /// over once writes work again.
+    fn forget_lease_watch(&self) {
+        *self.lease_watch.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
@@ -1208,7 +1232,8 @@ impl Engine {
                     now + chrono_dur(LEASE),
                     takeover.as_ref(),
                 )
-                .await?
+                .await
+                .inspect_err(|_| slot.forget_lease_watch())?
             {
                 BeginRefresh::Started(row) => {
                     *slot.lease_watch.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -1230,6 +1255,12 @@ impl Engine {
                         provider: slot.provider.clone(),
                         account: slot.account.clone(),
                     })
+                }
+                // Nothing was written; whatever the stand-in says is not
+                // the grant, so nothing is refreshed (or parked) on it.
+                BeginRefresh::Unreadable(row) => {
+                    slot.set(self.snap_of(&row));
+                    return Err(unreadable_error(slot, &row, "it was not refreshed"));
                 }
                 BeginRefresh::Busy {
                     owner: holder,
@@ -1296,7 +1327,9 @@ impl Engine {
         }
         let Some(mut refresh_token) = row.refresh_token.clone() else {
             let reason = "the provider never issued a refresh token for this grant; authorize again (ask for offline access if the provider needs it)";
-            return self.reject(slot, &attempt, &row, reason.to_string()).await;
+            return self
+                .reject(slot, (&attempt, row.generation), &row, reason.to_string())
+                .await;
         };
 
         // 3. Call the provider, renewing the lease while we wait; retry once
@@ -1374,7 +1407,9 @@ impl Engine {
                                 ),
                                 None => format!("{message}; authorize again"),
                             };
-                            return self.reject(slot, &attempt, &row, reason).await;
+                            return self
+                                .reject(slot, (&attempt, base_generation), &row, reason)
+                                .await;
                         }
                     }
                 }
@@ -1460,33 +1495,39 @@ impl Engine {
         })
     }
 
+    /// Parks the grant as `authorization_required`, unless a newer grant
+    /// was stored since `generation` was read (a previous holder of the
+    /// lease landed the grant it held, or a new authorization): that one is
+    /// adopted instead.
     async fn reject(
         &self,
         slot: &Slot,
-        attempt: &str,
+        (attempt, generation): (&str, i64),
         row: &ConnectionRow,
         reason: String,
     ) -> Result<Arc<Snapshot>, TokenError> {
+        let rejected = self
+            .inner
+            .store
+            .reject_attempt(
+                slot.id,
+                (&self.inner.owner, attempt),
+                generation,
+                &reason,
+                row.failures,
+            )
+            .await?;
+        let Some(r) = rejected else {
+            tracing::info!(provider = %slot.provider, account = %slot.account, "the refresh token was rejected, but a newer grant was stored meanwhile; keeping it");
+            return Ok(match self.inner.store.load_connection(slot.id).await? {
+                Some(r) => slot.set(self.snap_of(&r)),
+                None => slot.snapshot(),
+            });
+        };
         tracing::error!(provider = %slot.provider, account = %slot.account, "grant needs a new authorization: {reason}");
         count_refresh(slot, "rejected", None);
         self.notify(slot, EventKind::AuthorizationRequired, reason.clone());
-        let row = self
-            .inner
-            .store
-            .finish_attempt(
-                slot.id,
-                &self.inner.owner,
-                attempt,
-                ConnState::AuthorizationRequired,
-                Some(&reason),
-                row.failures,
-                None,
-            )
-            .await?;
-        Ok(match row {
-            Some(r) => slot.set(self.snap_of(&r)),
-            None => slot.snapshot(),
-        })
+        Ok(slot.set(self.snap_of(&r)))
     }
 
     /// Another process holds the lease: wait (bounded by the provider
@@ -1711,6 +1752,22 @@ fn failure(slot: &Slot, snap: &Snapshot, clock: &dyn Clock) -> TokenError {
             .unwrap_or_else(|| "the refresh did not complete".into()),
         retry_after,
         still_valid_until: (snap.timing.expires_at > now).then_some(snap.timing.expires_at),
+    }
+}
+
+/// The answer for a connection whose stored row cannot be read: shaped
+/// like `authorization_required` (a new authorization repairs it), saying
+/// what is wrong and what was not done.
+fn unreadable_error(slot: &Slot, row: &ConnectionRow, not_done: &str) -> TokenError {
+    TokenError::AuthorizationRequired {
+        provider: slot.provider.clone(),
+        account: slot.account.clone(),
+        reason: format!(
+            "{}; {not_done}",
+            row.unreadable
+                .as_deref()
+                .unwrap_or("the stored grant cannot be read")
+        ),
     }
 }
 

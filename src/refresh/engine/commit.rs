@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{chrono_dur, count_refresh, Engine, Slot, Snapshot, TokenError};
+use super::{chrono_dur, count_refresh, Engine, Slot, Snapshot, TokenError, LEASE};
 use crate::config::RefreshConfig;
 use crate::notify::EventKind;
 use crate::provider::TokenGrant;
@@ -23,9 +23,14 @@ use crate::store::{CommitOutcome, ConnState, ConnectionRow, Fingerprint, NewGran
 /// issued: short, because until it lands the grant exists only in memory.
 const COMMIT_RETRY_INITIAL: Duration = Duration::from_millis(500);
 
-/// Longest wait between commit retries: each attempt already waits up to
-/// the store's busy timeout, so retrying more often only adds log lines.
-const COMMIT_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Longest wait between commit retries: a third of the lease, because each
+/// retry that fails also renews the lease the grant was obtained under. A
+/// lease standing still for `LEASE` is taken over by another process, which
+/// would then send the stored, rotated-out refresh token (at providers with
+/// reuse detection that kills the whole grant).
+const COMMIT_RETRY_MAX: Duration = Duration::from_secs(LEASE.as_secs() / 3);
+
+const _: () = assert!(COMMIT_RETRY_MAX.as_secs() * 3 <= LEASE.as_secs());
 
 /// A grant the provider issued whose commit failed: kept until it lands.
 pub(super) struct PendingCommit {
@@ -321,8 +326,14 @@ impl Engine {
         }
     }
 
-    /// Retries the held grant's commit with backoff until it lands (or the
-    /// connection is forgotten); at shutdown, one last attempt.
+    /// Retries the held grant's commit with backoff (at most a third of the
+    /// lease apart) until it lands (or the connection is forgotten); at
+    /// shutdown, one last attempt. Each failed attempt renews the lease the
+    /// grant was obtained under, so another process never sees it stand
+    /// still and takes it over to spend the rotated-out refresh token; a
+    /// renewal failing too (the database is locked) is only logged: the
+    /// next attempt, at most `LEASE / 3` later, moves the lease (or lands
+    /// the grant) as soon as the database is writable again.
     pub(super) async fn retry_pending(&self, slot: Arc<Slot>) {
         let mut delay = COMMIT_RETRY_INITIAL;
         loop {
@@ -342,8 +353,37 @@ impl Engine {
                 }
                 Err(e) => {
                     tracing::error!(provider = %slot.provider, account = %slot.account, error = %e, retry_in_ms = delay.as_millis() as u64, "storing the grant held in memory failed again; retrying");
+                    self.renew_held_lease(&slot).await;
                     delay = (delay * 2).min(COMMIT_RETRY_MAX);
                 }
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Keeps the lease of the held grant's attempt alive (see
+    /// [`Engine::retry_pending`]).
+    async fn renew_held_lease(&self, slot: &Slot) {
+        let Some(p) = slot.pending() else {
+            return;
+        };
+        let until = self.clock().now() + chrono_dur(LEASE);
+        match self
+            .inner
+            .store
+            .renew_lease(slot.id, &self.inner.owner, &p.attempt, until)
+            .await
+        {
+            Ok(true) => {}
+            // Taken over, released or the connection replaced: the held
+            // commit still lands only on its own generation (see
+            // `Store::commit_refresh`), and a taker's rejection re-reads it.
+            Ok(false) => {
+                tracing::warn!(provider = %slot.provider, account = %slot.account, "the lease of the refresh whose grant is held in memory is no longer ours")
+            }
+            Err(e) => {
+                tracing::warn!(provider = %slot.provider, account = %slot.account, error = %e, "cannot renew the lease of the grant held in memory; retrying with the next commit attempt")
             }
         }
     }

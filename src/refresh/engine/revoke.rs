@@ -60,7 +60,11 @@ impl Engine {
     /// or a commit retry, to finish) and then the lease (waiting for another
     /// process's), so the token it revokes is the newest: a flight cannot
     /// land a successor afterwards. If the provider fails the revocation, the
-    /// grant is kept and the error returned, so the operator can retry.
+    /// grant is kept and the error returned, so the operator can retry. A
+    /// stored row that cannot be read is never revoked from (its refresh
+    /// token is unknown: revoking the stand-in's empty token would succeed
+    /// at an RFC 7009 provider and forget a grant still live upstream); it
+    /// is refused unless only a local forget is asked.
     pub async fn forget(
         &self,
         provider: &str,
@@ -98,6 +102,13 @@ impl Engine {
                 self.drop_slot(&slot);
                 return Ok(false);
             };
+            if row.unreadable.is_some() && mode == Revocation::Upstream {
+                return Err(super::unreadable_error(
+                    &slot,
+                    &row,
+                    &format!("its refresh token is unknown, so nothing was revoked upstream or forgotten: forget it here only with `tokenkeeper revoke {provider} {account} --local` (DELETE ...?local=true) and revoke it at the provider, or authorize again"),
+                ));
+            }
             let held = slot.pending();
             if mode == Revocation::Upstream {
                 // Newest first: the held grant's refresh token, then what
@@ -166,6 +177,8 @@ impl Engine {
 
     /// Takes the lease for a revocation, waiting for another process's
     /// flight (bounded); returns the stored row, or `None` if it is gone.
+    /// A row that cannot be read comes back as its stand-in (`unreadable`
+    /// set) with no lease taken and nothing written.
     pub(super) async fn lease_for_revocation(
         &self,
         slot: &Arc<Slot>,
@@ -190,9 +203,14 @@ impl Engine {
                     now + chrono_dur(LEASE),
                     takeover.as_ref(),
                 )
-                .await?
+                .await
+                .inspect_err(|_| slot.forget_lease_watch())?
             {
-                BeginRefresh::Started(row) => return Ok(Some(*row)),
+                // No lease is taken on it: the caller refuses to revoke
+                // from a stand-in, and a local forget needs none.
+                BeginRefresh::Started(row) | BeginRefresh::Unreadable(row) => {
+                    return Ok(Some(*row))
+                }
                 BeginRefresh::Gone => return Ok(None),
                 BeginRefresh::Busy {
                     owner: holder,
