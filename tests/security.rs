@@ -838,3 +838,84 @@ async fn a_kept_refresh_token_still_opens_after_refreshes_without_rotation() {
         "one grant, never rotated"
     );
 }
+
+/// Review of issue 12: removing an API key by reload (SIGHUP) also ends
+/// the browser sessions and unspent login links it made; those of a key
+/// that stays keep working.
+#[tokio::test]
+async fn removing_an_api_key_ends_its_sessions_and_links() {
+    use std::time::Duration;
+    let mut h = Harness::new(Options {
+        server: "api_keys_file = \"api-keys\"".into(),
+        ..Options::default()
+    })
+    .await;
+    let keys = h.dir.path().join("api-keys");
+    std::fs::write(&keys, "key-a\nkey-kept\n").unwrap();
+    h.start().await;
+
+    let link = |key: &'static str| {
+        let h = &h;
+        async move {
+            let r = h
+                .http
+                .post(h.url("/v1/login-links"))
+                .bearer_auth(key)
+                .json(&serde_json::json!({"next": "/"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let v: serde_json::Value = r.json().await.unwrap();
+            v["url"].as_str().unwrap().to_string()
+        }
+    };
+    let open = |url: String| {
+        let h = &h;
+        async move {
+            let r = h.http.get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 303, "the link opens");
+            r.headers()["set-cookie"]
+                .to_str()
+                .unwrap()
+                .split(';')
+                .next()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let session_a = open(link("key-a").await).await;
+    let unspent_a = link("key-a").await;
+    let session_kept = open(link("key-kept").await).await;
+    let unspent_kept = link("key-kept").await;
+    for s in [&session_a, &session_kept] {
+        let r = h.get_with(h.url("/"), ("cookie", s)).await;
+        assert_eq!(r.status(), 200, "the session works before the reload");
+    }
+
+    std::fs::write(&keys, "key-b\nkey-kept\n").unwrap();
+    common::signal(h.daemon.as_ref().unwrap(), libc::SIGHUP);
+    common::eventually(
+        Duration::from_secs(10),
+        "the reload removes key-a",
+        || async {
+            h.get_with(
+                h.url("/v1/connections"),
+                (AUTHORIZATION.as_str(), "Bearer key-a"),
+            )
+            .await
+            .status()
+                == 401
+        },
+    )
+    .await;
+
+    let r = h.get_with(h.url("/"), ("cookie", &session_a)).await;
+    assert_eq!(r.status(), 401, "a removed key's session is refused");
+    let r = h.http.get(&unspent_a).send().await.unwrap();
+    assert_eq!(r.status(), 403, "a removed key's unspent link is refused");
+    assert!(r.headers().get("set-cookie").is_none());
+    let r = h.get_with(h.url("/"), ("cookie", &session_kept)).await;
+    assert_eq!(r.status(), 200, "a kept key's session still works");
+    open(unspent_kept).await;
+}
