@@ -919,3 +919,72 @@ async fn removing_an_api_key_ends_its_sessions_and_links() {
     assert_eq!(r.status(), 200, "a kept key's session still works");
     open(unspent_kept).await;
 }
+
+/// Review of issue 12: `connect --open` behind API keys never puts the
+/// one-time login link in the browser opener's command line (readable by
+/// every local user): it hands over a private file that forwards to it.
+/// A stand-in `xdg-open` records its arguments.
+#[tokio::test]
+async fn connect_open_keeps_the_login_link_out_of_argv() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::new(Options {
+        server: "api_keys_file = \"api-keys\"".into(),
+        ..Options::default()
+    })
+    .await;
+    std::fs::write(h.dir.path().join("api-keys"), "the-key\n").unwrap();
+    let mut h = h;
+    h.start().await;
+    let bin = h.dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let record = h.dir.path().join("argv");
+    let opener = bin.join("xdg-open");
+    std::fs::write(
+        &opener,
+        format!("#!/bin/sh\nprintf '%s' \"$*\" > '{}'\n", record.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&opener, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let runtime = h.dir.path().join("run");
+    std::fs::create_dir(&runtime).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = tokio::process::Command::new(common::BIN)
+        .args(["connect", "keap", "mine", "--open", "--config"])
+        .arg(&h.config_path)
+        .env("PATH", path)
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let link = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(link.contains("/login?token="), "{link}");
+    let token = link.split("token=").nth(1).unwrap();
+    let argv = std::fs::read_to_string(&record).unwrap();
+    assert!(
+        !argv.contains(token),
+        "the link is in the opener's argv: {argv}"
+    );
+    let file = std::path::Path::new(&argv);
+    assert!(file.starts_with(&runtime), "{argv}");
+    let mode = std::fs::metadata(file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let html = std::fs::read_to_string(file).unwrap();
+    assert!(
+        html.contains(&format!("content=\"0;url={}\"", link.replace('&', "&amp;"))),
+        "{html}"
+    );
+    // The link itself still works (the stand-in spent nothing).
+    let r = h.http.get(&link).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+}
