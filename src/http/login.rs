@@ -3,8 +3,10 @@
 //! one-time login link. A client holding a key asks for one
 //! (`POST /v1/login-links`, what `tokenkeeper connect` and `tokenkeeper
 //! dashboard` do); opening it (`GET /login?token=..`) spends it and sets a
-//! short-lived session cookie (`HttpOnly; SameSite=Strict`, `Secure` over
-//! HTTPS), then redirects to the page it was made for.
+//! short-lived session cookie (`HttpOnly; SameSite=Strict`; over HTTPS
+//! `Secure` and named with the `__Host-` prefix, because browsers scope
+//! cookies to the host, not the port), then redirects to the page it was
+//! made for.
 //!
 //! Link tokens and session secrets are 256 random bits, kept only as
 //! SHA-256 digests, in memory: a restart logs every browser out, which is
