@@ -988,3 +988,82 @@ async fn connect_open_keeps_the_login_link_out_of_argv() {
     let r = h.http.get(&link).send().await.unwrap();
     assert_eq!(r.status(), 303);
 }
+
+/// Review of issue 12: over HTTPS the session cookie is
+/// `__Host-tokenkeeper_session` with `Secure` (browsers scope cookies to
+/// the host, not the port: a plain-HTTP server on another local port then
+/// neither receives nor can plant it); the plain name is not accepted.
+#[tokio::test]
+async fn https_session_cookie_is_host_prefixed_and_secure() {
+    let h = Harness::new(Options {
+        server: "tls = \"self-signed\"\napi_keys_file = \"api-keys\"".into(),
+        ..Options::default()
+    })
+    .await;
+    std::fs::write(h.dir.path().join("api-keys"), "the-key\n").unwrap();
+    let mut child = common::spawn_daemon(&h.config_path, &h.log_path(), "info", &[]);
+    let cert_path = h.dir.path().join("tls-cert.pem");
+    common::eventually(Duration::from_secs(20), "certificate generated", || async {
+        cert_path.exists()
+    })
+    .await;
+    let pem = std::fs::read_to_string(&cert_path).unwrap();
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let base = format!("https://localhost:{}", h.port);
+    let mut link = None;
+    for _ in 0..100 {
+        if let Ok(r) = https
+            .post(format!("{base}/v1/login-links"))
+            .bearer_auth("the-key")
+            .json(&serde_json::json!({"next": "/"}))
+            .send()
+            .await
+        {
+            assert_eq!(r.status(), 200);
+            let v: serde_json::Value = r.json().await.unwrap();
+            link = Some(v["url"].as_str().unwrap().to_string());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let link = link.expect("HTTPS answers");
+    let token = link.split("token=").nth(1).unwrap();
+    let r = https
+        .get(format!("{base}/login?token={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(set.starts_with("__Host-tokenkeeper_session="), "{set}");
+    for attr in ["; Secure", "; Path=/", "HttpOnly", "SameSite=Strict"] {
+        assert!(set.contains(attr), "{set}");
+    }
+    assert!(!set.contains("Domain"), "{set}");
+    let session = set.split(';').next().unwrap().to_string();
+    let page = |cookie: String| {
+        let (https, base) = (&https, &base);
+        async move {
+            https
+                .get(format!("{base}/"))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(page(session.clone()).await, 200);
+    let plain = session.replacen("__Host-", "", 1);
+    assert_eq!(
+        page(plain).await,
+        401,
+        "the unprefixed name is not accepted over HTTPS"
+    );
+    common::signal(&child, libc::SIGTERM);
+    common::wait_exit(&mut child, Duration::from_secs(20)).await;
+}
