@@ -393,7 +393,7 @@ async fn slow_request_bodies_are_timed_out_but_slow_answers_are_not() {
     }))
     .await;
     let mut h = Harness::new(Options {
-        server: "header_read_timeout = \"1s\"\nidle_timeout = \"60s\"\nmax_connections = 4".into(),
+        server: "header_read_timeout = \"1s\"\nidle_timeout = \"60s\"\nmax_connections = 5".into(),
         rust_log: "warn,tokenkeeper=info".into(),
         ..Options::default()
     })
