@@ -675,9 +675,20 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
             };
             outln(&url, Output::Report)?;
             if *open {
-                let opened = std::process::Command::new("xdg-open")
-                    .arg(url.as_str())
-                    .status();
+                // A login link is a secret: in xdg-open's argv any local
+                // user could read it (/proc/*/cmdline) and spend it first.
+                // The browser gets a private file that forwards to it.
+                let arg = match &target.api_key {
+                    Some(_) => login_redirect_file(&redirect_dir(), &url)
+                        .map_err(|e| {
+                            runtime(format!(
+                                "cannot write the login page for the browser ({e}); open the URL above yourself"
+                            ))
+                        })?
+                        .into_os_string(),
+                    None => url.clone().into(),
+                };
+                let opened = std::process::Command::new("xdg-open").arg(&arg).status();
                 if !opened.is_ok_and(|s| s.success()) {
                     return Err(runtime(
                         "cannot open a browser here; open the URL above yourself",
@@ -927,4 +938,81 @@ async fn rekey(explicit: Option<&Path>, new_key_file: &Path) -> Result<(), CliEr
         ),
         Output::Report,
     )
+}
+
+/// Where `connect --open` writes its login page: the per-user runtime
+/// directory (private, emptied at logout) when there is one.
+fn redirect_dir() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.is_absolute() && d.is_dir())
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// Writes a new owner-only (0600) HTML file in `dir` that sends a browser
+/// on to `url` (meta refresh, and a link should that be blocked) and
+/// returns its path: what `connect --open` hands to the browser instead of
+/// the one-time login link itself, so the link never appears in a command
+/// line. The file is left behind (the browser reads it after we exit); the
+/// link in it is spent on first use and expires within minutes.
+pub fn login_redirect_file(dir: &Path, url: &str) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let escaped = url
+        .replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
+    let html = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\">\n\
+         <meta name=\"referrer\" content=\"no-referrer\">\n\
+         <meta http-equiv=\"refresh\" content=\"0;url={escaped}\">\n\
+         <title>tokenkeeper login</title></head>\n\
+         <body><p><a href=\"{escaped}\">Continue to tokenkeeper</a></p></body></html>\n"
+    );
+    let suffix: [u8; 16] = rand::random();
+    let name: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.join(format!("tokenkeeper-login-{name}.html"));
+    // create_new: never follow or reuse a file someone placed there.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(html.as_bytes())?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_redirect_file_is_private_and_forwards() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let url = "http://127.0.0.1:8080/login?token=abc&x=\"<y>'";
+        let path = login_redirect_file(dir.path(), url).unwrap();
+        assert!(path.starts_with(dir.path()));
+        assert!(
+            !path.to_string_lossy().contains("abc"),
+            "no secret in the path"
+        );
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "owner-only: {mode:o}");
+        let html = std::fs::read_to_string(&path).unwrap();
+        let escaped = "http://127.0.0.1:8080/login?token=abc&amp;x=&quot;&lt;y&gt;&#39;";
+        assert!(
+            html.contains(&format!(
+                "<meta http-equiv=\"refresh\" content=\"0;url={escaped}\">"
+            )),
+            "{html}"
+        );
+        assert!(html.contains(&format!("<a href=\"{escaped}\">")), "{html}");
+        assert!(!html.contains("\"<y>"), "the URL is escaped: {html}");
+        // A second call makes a new file, never reusing one.
+        let again = login_redirect_file(dir.path(), url).unwrap();
+        assert_ne!(path, again);
+    }
 }

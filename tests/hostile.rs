@@ -376,3 +376,82 @@ async fn max_connections_bounds_open_sockets() {
     )
     .await;
 }
+
+/// Review of issue 12: a request body that stops coming holds its
+/// connection no longer than `header_read_timeout` (it used to disable
+/// every timer while the handler waited); a silent socket is closed after
+/// `header_read_timeout` from accept, not `idle_timeout`; and a handler
+/// that is busy longer than that after reading its body (a slow upstream
+/// behind `/proxy`) is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_bodies_are_timed_out_but_slow_answers_are_not() {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    let api = common::serve_router(axum::Router::new().fallback(|| async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        "{\"ok\":true}"
+    }))
+    .await;
+    let mut h = Harness::new(Options {
+        server: "header_read_timeout = \"1s\"\nidle_timeout = \"60s\"\nmax_connections = 5".into(),
+        rust_log: "warn,tokenkeeper=info".into(),
+        ..Options::default()
+    })
+    .await;
+    h.use_api_base(&api);
+    h.start().await;
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+
+    let mut socks = Vec::new();
+    for path in [
+        "/v1/inspect",
+        "/v1/login-links",
+        "/proxy/keap/crm/rest/v1/notes",
+    ] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", h.port))
+            .await
+            .unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{",
+            h.port
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        socks.push(s);
+    }
+    // Sends nothing at all.
+    socks.push(
+        tokio::net::TcpStream::connect(("127.0.0.1", h.port))
+            .await
+            .unwrap(),
+    );
+    let closes: Vec<_> = socks
+        .into_iter()
+        .map(|s| tokio::spawn(closed_within(s, Duration::from_secs(20))))
+        .collect();
+    for (i, c) in closes.into_iter().enumerate() {
+        assert!(
+            c.await.unwrap(),
+            "socket {i} (a stalled body or a silent socket) stayed open past header_read_timeout"
+        );
+    }
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        common::client().get(h.url("/healthz")).send(),
+    )
+    .await
+    .expect("/healthz answers once the stalled sockets are closed")
+    .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // A complete body and a 3 s upstream: the answer is not cut.
+    let r = h
+        .http
+        .post(h.url("/proxy/keap/crm/rest/v1/notes"))
+        .header("content-type", "application/json")
+        .body("{\"note\":\"x\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "{\"ok\":true}");
+}

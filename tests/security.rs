@@ -838,3 +838,232 @@ async fn a_kept_refresh_token_still_opens_after_refreshes_without_rotation() {
         "one grant, never rotated"
     );
 }
+
+/// Review of issue 12: removing an API key by reload (SIGHUP) also ends
+/// the browser sessions and unspent login links it made; those of a key
+/// that stays keep working.
+#[tokio::test]
+async fn removing_an_api_key_ends_its_sessions_and_links() {
+    use std::time::Duration;
+    let mut h = Harness::new(Options {
+        server: "api_keys_file = \"api-keys\"".into(),
+        ..Options::default()
+    })
+    .await;
+    let keys = h.dir.path().join("api-keys");
+    std::fs::write(&keys, "key-a\nkey-kept\n").unwrap();
+    h.start().await;
+
+    let link = |key: &'static str| {
+        let h = &h;
+        async move {
+            let r = h
+                .http
+                .post(h.url("/v1/login-links"))
+                .bearer_auth(key)
+                .json(&serde_json::json!({"next": "/"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let v: serde_json::Value = r.json().await.unwrap();
+            v["url"].as_str().unwrap().to_string()
+        }
+    };
+    let open = |url: String| {
+        let h = &h;
+        async move {
+            let r = h.http.get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 303, "the link opens");
+            r.headers()["set-cookie"]
+                .to_str()
+                .unwrap()
+                .split(';')
+                .next()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let session_a = open(link("key-a").await).await;
+    let unspent_a = link("key-a").await;
+    let session_kept = open(link("key-kept").await).await;
+    let unspent_kept = link("key-kept").await;
+    for s in [&session_a, &session_kept] {
+        let r = h.get_with(h.url("/"), ("cookie", s)).await;
+        assert_eq!(r.status(), 200, "the session works before the reload");
+    }
+
+    std::fs::write(&keys, "key-b\nkey-kept\n").unwrap();
+    common::signal(h.daemon.as_ref().unwrap(), libc::SIGHUP);
+    common::eventually(
+        Duration::from_secs(10),
+        "the reload removes key-a",
+        || async {
+            h.get_with(
+                h.url("/v1/connections"),
+                (AUTHORIZATION.as_str(), "Bearer key-a"),
+            )
+            .await
+            .status()
+                == 401
+        },
+    )
+    .await;
+
+    let r = h.get_with(h.url("/"), ("cookie", &session_a)).await;
+    assert_eq!(r.status(), 401, "a removed key's session is refused");
+    let r = h.http.get(&unspent_a).send().await.unwrap();
+    assert_eq!(r.status(), 403, "a removed key's unspent link is refused");
+    assert!(r.headers().get("set-cookie").is_none());
+    let r = h.get_with(h.url("/"), ("cookie", &session_kept)).await;
+    assert_eq!(r.status(), 200, "a kept key's session still works");
+    open(unspent_kept).await;
+}
+
+/// Review of issue 12: `connect --open` behind API keys never puts the
+/// one-time login link in the browser opener's command line (readable by
+/// every local user): it hands over a private file that forwards to it.
+/// A stand-in `xdg-open` records its arguments.
+#[tokio::test]
+async fn connect_open_keeps_the_login_link_out_of_argv() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::new(Options {
+        server: "api_keys_file = \"api-keys\"".into(),
+        ..Options::default()
+    })
+    .await;
+    std::fs::write(h.dir.path().join("api-keys"), "the-key\n").unwrap();
+    let mut h = h;
+    h.start().await;
+    let bin = h.dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let record = h.dir.path().join("argv");
+    let opener = bin.join("xdg-open");
+    std::fs::write(
+        &opener,
+        format!("#!/bin/sh\nprintf '%s' \"$*\" > '{}'\n", record.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&opener, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let runtime = h.dir.path().join("run");
+    std::fs::create_dir(&runtime).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = tokio::process::Command::new(common::BIN)
+        .args(["connect", "keap", "mine", "--open", "--config"])
+        .arg(&h.config_path)
+        .env("PATH", path)
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let link = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(link.contains("/login?token="), "{link}");
+    let token = link.split("token=").nth(1).unwrap();
+    let argv = std::fs::read_to_string(&record).unwrap();
+    assert!(
+        !argv.contains(token),
+        "the link is in the opener's argv: {argv}"
+    );
+    let file = std::path::Path::new(&argv);
+    assert!(file.starts_with(&runtime), "{argv}");
+    let mode = std::fs::metadata(file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let html = std::fs::read_to_string(file).unwrap();
+    assert!(
+        html.contains(&format!("content=\"0;url={}\"", link.replace('&', "&amp;"))),
+        "{html}"
+    );
+    // The link itself still works (the stand-in spent nothing).
+    let r = h.http.get(&link).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+}
+
+/// Review of issue 12: over HTTPS the session cookie is
+/// `__Host-tokenkeeper_session` with `Secure` (browsers scope cookies to
+/// the host, not the port: a plain-HTTP server on another local port then
+/// neither receives nor can plant it); the plain name is not accepted.
+#[tokio::test]
+async fn https_session_cookie_is_host_prefixed_and_secure() {
+    let h = Harness::new(Options {
+        server: "tls = \"self-signed\"\napi_keys_file = \"api-keys\"".into(),
+        ..Options::default()
+    })
+    .await;
+    std::fs::write(h.dir.path().join("api-keys"), "the-key\n").unwrap();
+    let mut child = common::spawn_daemon(&h.config_path, &h.log_path(), "info", &[]);
+    let cert_path = h.dir.path().join("tls-cert.pem");
+    common::eventually(Duration::from_secs(20), "certificate generated", || async {
+        cert_path.exists()
+    })
+    .await;
+    let pem = std::fs::read_to_string(&cert_path).unwrap();
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let base = format!("https://localhost:{}", h.port);
+    let mut link = None;
+    for _ in 0..100 {
+        if let Ok(r) = https
+            .post(format!("{base}/v1/login-links"))
+            .bearer_auth("the-key")
+            .json(&serde_json::json!({"next": "/"}))
+            .send()
+            .await
+        {
+            assert_eq!(r.status(), 200);
+            let v: serde_json::Value = r.json().await.unwrap();
+            link = Some(v["url"].as_str().unwrap().to_string());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let link = link.expect("HTTPS answers");
+    let token = link.split("token=").nth(1).unwrap();
+    let r = https
+        .get(format!("{base}/login?token={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(set.starts_with("__Host-tokenkeeper_session="), "{set}");
+    for attr in ["; Secure", "; Path=/", "HttpOnly", "SameSite=Strict"] {
+        assert!(set.contains(attr), "{set}");
+    }
+    assert!(!set.contains("Domain"), "{set}");
+    let session = set.split(';').next().unwrap().to_string();
+    let page = |cookie: String| {
+        let (https, base) = (&https, &base);
+        async move {
+            https
+                .get(format!("{base}/"))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(page(session.clone()).await, 200);
+    let plain = session.replacen("__Host-", "", 1);
+    assert_eq!(
+        page(plain).await,
+        401,
+        "the unprefixed name is not accepted over HTTPS"
+    );
+    common::signal(&child, libc::SIGTERM);
+    common::wait_exit(&mut child, Duration::from_secs(20)).await;
+}

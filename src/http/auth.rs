@@ -19,7 +19,8 @@ use super::AppState;
 /// The keys allowed on `/v1/*` (and `/proxy/*`), as digests, and the
 /// browser sessions opened with login links. The digests are replaced as a
 /// whole on reload (SIGHUP; a std RwLock, held only to compare digests);
-/// sessions survive a reload.
+/// the links and sessions of a key that a reload removes are dropped, and
+/// each use checks that its key is still valid.
 pub struct ApiKeys {
     digests: std::sync::RwLock<Vec<[u8; 32]>>,
     /// Login links and browser sessions (only meaningful with keys).
@@ -41,6 +42,7 @@ impl ApiKeys {
         let fresh = Self::read(path)?;
         let n = fresh.len();
         *self.digests.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        self.sessions.forget_owners_except(|d| self.is_current(d));
         Ok(n)
     }
 
@@ -63,7 +65,12 @@ impl ApiKeys {
 
     /// Constant time in the key and across all keys.
     pub fn matches(&self, presented: &str) -> bool {
-        let d: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        self.is_current(&Sha256::digest(presented.as_bytes()).into())
+    }
+
+    /// Whether `d` is the digest of a currently valid key (constant time
+    /// across all keys).
+    pub fn is_current(&self, d: &[u8; 32]) -> bool {
         let mut any = subtle::Choice::from(0u8);
         for k in self
             .digests
@@ -71,9 +78,20 @@ impl ApiKeys {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
-            any |= k.ct_eq(&d);
+            any |= k.ct_eq(d);
         }
         any.into()
+    }
+}
+
+impl ApiKeys {
+    /// Whether the request carries a live session cookie whose key is still
+    /// valid (`https`: the daemon's public URL is HTTPS, which names the
+    /// cookie).
+    pub fn admits_session(&self, headers: &HeaderMap, https: bool) -> bool {
+        self.sessions
+            .session_owner(headers, super::login::session_cookie_name(https))
+            .is_some_and(|owner| self.is_current(&owner))
     }
 }
 
@@ -169,7 +187,8 @@ pub fn check_page(state: &AppState, req: &Request) -> Option<Response> {
             .err()
             .map(IntoResponse::into_response);
     }
-    if keys.sessions.admits(req.headers()) {
+    let https = state.public_url.scheme() == "https";
+    if keys.admits_session(req.headers(), https) {
         return None;
     }
     let wants_html = req

@@ -3,12 +3,19 @@
 //! one-time login link. A client holding a key asks for one
 //! (`POST /v1/login-links`, what `tokenkeeper connect` and `tokenkeeper
 //! dashboard` do); opening it (`GET /login?token=..`) spends it and sets a
-//! short-lived session cookie (`HttpOnly; SameSite=Strict`, `Secure` over
-//! HTTPS), then redirects to the page it was made for.
+//! short-lived session cookie (`HttpOnly; SameSite=Strict`; over HTTPS
+//! `Secure` and named with the `__Host-` prefix, because browsers scope
+//! cookies to the host, not the port), then redirects to the page it was
+//! made for.
 //!
 //! Link tokens and session secrets are 256 random bits, kept only as
 //! SHA-256 digests, in memory: a restart logs every browser out, which is
 //! the safe direction. Both tables are bounded.
+//!
+//! Each link and session carries the digest of the API key that made it
+//! (the session inherits its link's): when a reload (SIGHUP) removes that
+//! key, its unspent links and its sessions are dropped and refused, so
+//! revoking a key also logs out the browsers it let in.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -38,12 +45,30 @@ pub const SESSION_TTL: Duration = Duration::from_secs(60 * 60);
 /// oldest goes first. Only key holders create them.
 const MAX_ENTRIES: usize = 1024;
 
-/// The session cookie's name.
+/// The session cookie's name over plain HTTP.
 pub const SESSION_COOKIE: &str = "tokenkeeper_session";
 
-type Digest32 = [u8; 32];
+/// The session cookie's name over HTTPS: the `__Host-` prefix makes the
+/// browser accept it only with `Secure`, `Path=/` and no `Domain`, so a
+/// plain-HTTP server on another port of the same host can neither read
+/// nor overwrite it (cookies are scoped to the host, not the port).
+pub const SECURE_SESSION_COOKIE: &str = "__Host-tokenkeeper_session";
 
-fn digest(secret: &str) -> Digest32 {
+/// The session cookie's name for a daemon whose public URL is `https`
+/// (or not).
+pub fn session_cookie_name(https: bool) -> &'static str {
+    if https {
+        SECURE_SESSION_COOKIE
+    } else {
+        SESSION_COOKIE
+    }
+}
+
+/// A SHA-256 digest: of a link token, a session secret or an API key.
+pub type Digest32 = [u8; 32];
+
+/// The digest under which secrets (and API keys) are kept.
+pub fn digest(secret: &str) -> Digest32 {
     Sha256::digest(secret.as_bytes()).into()
 }
 
@@ -58,6 +83,11 @@ struct Table<T> {
 }
 
 impl<T> Table<T> {
+    /// Drops entries whose owner `keep` refuses.
+    fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        self.entries.retain(|_, (_, v)| keep(v));
+    }
+
     fn insert(&mut self, key: Digest32, until: Instant, value: T) {
         let now = Instant::now();
         self.entries.retain(|_, (u, _)| *u > now);
@@ -87,25 +117,28 @@ impl<T> Default for Table<T> {
 #[derive(Default)]
 pub struct Sessions {
     /// std Mutex: held for a map operation, never across `.await`.
-    links: Mutex<Table<String>>,
-    sessions: Mutex<Table<()>>,
+    /// Target page and owner (the digest of the key that asked).
+    links: Mutex<Table<(String, Digest32)>>,
+    /// Owner, inherited from the link.
+    sessions: Mutex<Table<Digest32>>,
 }
 
 impl Sessions {
-    /// A new single-use link token for `next` (a local path).
-    pub fn new_link(&self, next: String) -> String {
+    /// A new single-use link token for `next` (a local path), owned by the
+    /// key whose digest is `owner`.
+    pub fn new_link(&self, next: String, owner: Digest32) -> String {
         let token = random_secret();
         self.links.lock().unwrap_or_else(|e| e.into_inner()).insert(
             digest(&token),
             Instant::now() + LOGIN_LINK_TTL,
-            next,
+            (next, owner),
         );
         token
     }
 
-    /// Spends a link token: its target when it was valid, `None` when
-    /// unknown, expired or already used.
-    pub fn spend_link(&self, token: &str) -> Option<String> {
+    /// Spends a link token: its target and owner when it was valid, `None`
+    /// when unknown, expired or already used.
+    pub fn spend_link(&self, token: &str) -> Option<(String, Digest32)> {
         let (until, next) = self
             .links
             .lock()
@@ -115,32 +148,47 @@ impl Sessions {
         (until > Instant::now()).then_some(next)
     }
 
-    /// Opens a session; returns its secret (the cookie value).
-    pub fn open_session(&self) -> String {
+    /// Opens a session owned by `owner` (the link's owner); returns its
+    /// secret (the cookie value).
+    pub fn open_session(&self, owner: Digest32) -> String {
         let secret = random_secret();
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(digest(&secret), Instant::now() + SESSION_TTL, ());
+            .insert(digest(&secret), Instant::now() + SESSION_TTL, owner);
         secret
     }
 
-    /// Whether the request carries a live session cookie.
-    pub fn admits(&self, headers: &HeaderMap) -> bool {
-        let Some(secret) = cookie(headers, SESSION_COOKIE) else {
-            return false;
-        };
-        let d = digest(secret);
+    /// The owner of the live session whose cookie the request carries.
+    /// [`super::auth::ApiKeys::admits_session`] also checks that the owner
+    /// is still a valid key.
+    pub fn session_owner(&self, headers: &HeaderMap, name: &str) -> Option<Digest32> {
+        let d = cookie_values(headers, name).map(digest);
         let now = Instant::now();
         let mut table = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        match table.entries.get(&d) {
-            Some((until, ())) if *until > now => true,
-            Some(_) => {
-                table.entries.remove(&d);
-                false
+        for d in d {
+            match table.entries.get(&d) {
+                Some((until, owner)) if *until > now => return Some(*owner),
+                Some(_) => {
+                    table.entries.remove(&d);
+                }
+                None => {}
             }
-            None => false,
         }
+        None
+    }
+
+    /// Drops the links and sessions of keys no longer valid (after a
+    /// reload); `live` tells whether a key digest still is.
+    pub fn forget_owners_except(&self, live: impl Fn(&Digest32) -> bool) {
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(_, owner)| live(owner));
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|owner| live(owner));
     }
 
     /// Unused links and live sessions, for tests and bounds checks.
@@ -157,14 +205,25 @@ impl Sessions {
 
 /// The value of cookie `name`, if sent.
 pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    cookie_values(headers, name).next()
+}
+
+/// Every value sent for cookie `name` (a browser sends two cookies of one
+/// name when another local site set one for the same host; at most 8 are
+/// looked at).
+fn cookie_values<'a, 'n>(
+    headers: &'a HeaderMap,
+    name: &'n str,
+) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
+        .filter(move |(k, _)| *k == name)
         .map(|(_, v)| v.trim())
+        .take(8)
 }
 
 /// Whether `next` is a path on this daemon (not `//host`, not a scheme,
@@ -210,6 +269,7 @@ pub struct LinkBody {
 )]
 pub async fn create_link(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     // Parsed here so a malformed body is the documented JSON 400, whatever
@@ -233,7 +293,11 @@ pub async fn create_link(
     let base = state.public_url.as_str().trim_end_matches('/');
     let body = match &state.api_keys {
         Some(keys) => {
-            let token = keys.sessions.new_link(next);
+            // The guard has checked the key; the link belongs to it.
+            let Some(key) = super::auth::bearer(&headers) else {
+                return Err(ApiError::MissingCredentials);
+            };
+            let token = keys.sessions.new_link(next, digest(key));
             let expires =
                 Utc::now() + chrono::Duration::from_std(LOGIN_LINK_TTL).unwrap_or_default();
             LinkBody {
@@ -278,22 +342,25 @@ pub async fn login(
         // Nothing to log in to: every page is open.
         return redirect("/", None);
     };
-    let Some(next) = q
+    let Some((next, owner)) = q
         .get("token")
         .filter(|t| t.len() <= 256)
         .and_then(|t| keys.sessions.spend_link(t))
+        .filter(|(_, owner)| keys.is_current(owner))
     else {
-        tracing::warn!("a login link was refused (unknown, expired or already used)");
+        tracing::warn!(
+            "a login link was refused (unknown, expired, already used, or its API key was removed)"
+        );
         return refused();
     };
-    let secret = keys.sessions.open_session();
-    let secure = if state.public_url.scheme() == "https" {
-        "; Secure"
-    } else {
-        ""
-    };
+    let secret = keys.sessions.open_session(owner);
+    let https = state.public_url.scheme() == "https";
+    let (name, secure) = (
+        session_cookie_name(https),
+        if https { "; Secure" } else { "" },
+    );
     let cookie = format!(
-        "{SESSION_COOKIE}={secret}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+        "{name}={secret}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
         SESSION_TTL.as_secs()
     );
     tracing::info!("a login link was used; browser session opened");
@@ -320,32 +387,53 @@ mod tests {
     #[test]
     fn links_are_single_use_and_sessions_admit() {
         let s = Sessions::default();
-        let t = s.new_link("/connect/keap?account=a".into());
+        let key = digest("key");
+        let t = s.new_link("/connect/keap?account=a".into(), key);
         assert_eq!(s.spend_link("nope"), None);
-        assert_eq!(s.spend_link(&t).as_deref(), Some("/connect/keap?account=a"));
+        assert_eq!(
+            s.spend_link(&t),
+            Some(("/connect/keap?account=a".to_string(), key))
+        );
         assert_eq!(s.spend_link(&t), None, "single use");
-        let secret = s.open_session();
+        let secret = s.open_session(key);
         let mut h = HeaderMap::new();
         h.insert(
             header::COOKIE,
             format!("a=b; {SESSION_COOKIE}={secret}").parse().unwrap(),
         );
-        assert!(s.admits(&h));
+        assert_eq!(s.session_owner(&h, SESSION_COOKIE), Some(key));
+        assert_eq!(s.session_owner(&h, SECURE_SESSION_COOKIE), None);
+        // Another local site's cookie of the same name does not hide ours.
+        h.insert(
+            header::COOKIE,
+            format!("{SESSION_COOKIE}=x; {SESSION_COOKIE}={secret}")
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(s.session_owner(&h, SESSION_COOKIE), Some(key));
+        // Removing the key drops its sessions and links.
+        let unspent = s.new_link("/".into(), key);
+        let other = digest("other");
+        let kept = s.new_link("/".into(), other);
+        s.forget_owners_except(|o| *o == other);
+        assert_eq!(s.session_owner(&h, SESSION_COOKIE), None);
+        assert_eq!(s.spend_link(&unspent), None);
+        assert!(s.spend_link(&kept).is_some());
         h.insert(
             header::COOKIE,
             format!("{SESSION_COOKIE}=x").parse().unwrap(),
         );
-        assert!(!s.admits(&h));
+        assert_eq!(s.session_owner(&h, SESSION_COOKIE), None);
         // An expired link is refused like a used one.
         if let Some(past) = Instant::now().checked_sub(Duration::from_secs(1)) {
             s.links
                 .lock()
                 .unwrap()
-                .insert(digest("old"), past, "/".into());
+                .insert(digest("old"), past, ("/".into(), key));
             assert_eq!(s.spend_link("old"), None);
         }
         for _ in 0..(MAX_ENTRIES + 10) {
-            s.new_link("/".into());
+            s.new_link("/".into(), key);
         }
         assert!(s.counts().0 <= MAX_ENTRIES);
     }

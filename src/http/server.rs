@@ -4,6 +4,11 @@
 //! - a request head must be complete within `header_read_timeout` of the
 //!   connection's accept or of its first byte (slow headers, silent
 //!   sockets);
+//! - while a handler waits for the request body, the client must keep it
+//!   moving: no byte for `header_read_timeout` closes the connection (a
+//!   slow body is a slow head by other means). The timer runs only while
+//!   the body is polled and empty, so a handler that is busy (waiting for a
+//!   refresh, streaming a proxied answer) is never cut by it;
 //! - a connection with no request being answered and no byte moving
 //!   either way for `idle_timeout` is closed (an idle keep-alive, or a
 //!   streamed answer that stalled);
@@ -149,6 +154,9 @@ struct Activity {
     head_since_ms: AtomicU64,
     /// Requests being answered (until the answer's head is ready).
     active: AtomicUsize,
+    /// Since when a handler waits for request body bytes that have not
+    /// come; [`NONE`] while it does not (see [`Watched`]).
+    body_since_ms: AtomicU64,
 }
 
 const NONE: u64 = u64::MAX;
@@ -162,6 +170,7 @@ impl Activity {
             // socket that sends nothing is closed like a slow one.
             head_since_ms: AtomicU64::new(0),
             active: AtomicUsize::new(0),
+            body_since_ms: AtomicU64::new(NONE),
         }
     }
 
@@ -194,15 +203,36 @@ impl Activity {
         self.last_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
+    /// The handler's body poll found no bytes (`true`) or got a frame, the
+    /// end, or dropped the body (`false`).
+    fn body_waiting(&self, waiting: bool) {
+        if waiting {
+            let now = self.now_ms();
+            let _ =
+                self.body_since_ms
+                    .compare_exchange(NONE, now, Ordering::AcqRel, Ordering::Relaxed);
+        } else {
+            self.body_since_ms.store(NONE, Ordering::Release);
+        }
+    }
+
     /// When the connection must close if nothing changes, in ms; `None`
-    /// while a request is in flight.
+    /// while a request is in flight and not starved of its body.
     fn deadline_ms(&self, limits: &ServerLimits) -> Option<u64> {
+        let head_limit = limits.header_read_timeout.as_millis() as u64;
         let head = self.head_since_ms.load(Ordering::Acquire);
         if head != NONE {
-            return Some(head.saturating_add(limits.header_read_timeout.as_millis() as u64));
+            return Some(head.saturating_add(head_limit));
         }
         if self.active.load(Ordering::Acquire) > 0 {
-            return None;
+            let body = self.body_since_ms.load(Ordering::Acquire);
+            if body == NONE {
+                return None;
+            }
+            // Any byte read counts as progress (a chunk header may arrive
+            // without making a frame yet).
+            let last = self.last_ms.load(Ordering::Relaxed);
+            return Some(body.max(last).saturating_add(head_limit));
         }
         Some(
             self.last_ms
@@ -220,8 +250,12 @@ async fn watchdog(activity: &Activity, limits: &ServerLimits) {
         let wait = match activity.deadline_ms(limits) {
             Some(d) if d <= now => return,
             Some(d) => d - now,
-            // Re-checked later: an answer in flight is not idle.
-            None => limits.idle_timeout.as_millis() as u64,
+            // Re-checked later: an answer in flight is not idle, but its
+            // handler may start waiting for body bytes at any time.
+            None => limits
+                .header_read_timeout
+                .min(limits.idle_timeout)
+                .as_millis() as u64,
         };
         tokio::time::sleep(Duration::from_millis(wait.max(10))).await;
     }
@@ -251,7 +285,12 @@ async fn serve_connection<I>(
         let guard = InFlight(svc_activity.clone());
         let mut app = app.clone();
         async move {
-            let req: Request = req.map(axum::body::Body::new);
+            let req: Request = req.map(|inner| {
+                axum::body::Body::new(Watched {
+                    inner,
+                    activity: guard.0.clone(),
+                })
+            });
             let ready: Result<(), Infallible> =
                 std::future::poll_fn(|cx| Service::<Request>::poll_ready(&mut app, cx)).await;
             if let Err(e) = ready {
@@ -292,6 +331,42 @@ async fn serve_connection<I>(
                 return;
             }
         }
+    }
+}
+
+/// A request body that tells [`Activity`] when its handler waits for
+/// bytes the client has not sent (the body timer of the module doc).
+struct Watched {
+    inner: hyper::body::Incoming,
+    activity: Arc<Activity>,
+}
+
+impl hyper::body::Body for Watched {
+    type Data = hyper::body::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        self.activity.body_waiting(polled.is_pending());
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        // A handler that gives up on the body no longer waits for it.
+        self.activity.body_waiting(false);
     }
 }
 
