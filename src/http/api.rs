@@ -167,7 +167,7 @@ pub(super) fn check_names(provider: &str, account: &str) -> Result<(), ApiError>
 /// The fast lane of `GET /v1/token/{provider}[/{account}]`, taken by the
 /// guard service before routing: a fresh token is answered from its
 /// snapshot with the body as the only allocation, skipping the router's
-/// parameter map and the handler's boxed future (issue 9). `None` for
+/// parameter map and the handler's boxed future. `None` for
 /// anything else, which the router then handles: other requests, names
 /// that need percent-decoding or are invalid, tokens that need a refresh.
 pub fn token_fast_lane(state: &AppState, req: &axum::extract::Request) -> Option<Response> {

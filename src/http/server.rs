@@ -1,5 +1,5 @@
 //! Serving connections (plain and TLS) with the limits that keep slow or
-//! idle clients from starving the daemon (issue 12):
+//! idle clients from starving the daemon:
 //!
 //! - a request head must be complete within `header_read_timeout` of the
 //!   connection's accept or of its first byte (slow headers, silent

@@ -691,7 +691,7 @@ impl Engine {
         v
     }
 
-    /// The hot path's synchronous half (issue 9): when this process is
+    /// The hot path's synchronous half: when this process is
     /// alone on its database, no refresh of the connection is in flight and
     /// its snapshot is fresh enough, `f` sees the token in place and its
     /// result is returned: no storage read, no allocation, no `Arc` clone,
@@ -760,7 +760,7 @@ impl Engine {
     /// handing out a token that refresh may be about to kill.
     pub async fn token(&self, provider: &str, account: &str) -> Result<IssuedToken, TokenError> {
         let slot = self.slot(provider, account)?;
-        // Fix (issue 3, two daemons on one database): the snapshot alone
+        // With two daemons on one database, the snapshot alone
         // would only learn of another process's refresh at our next tick,
         // and until then hand out the access token that refresh killed.
         let foreign_flight = if self.inner.peers.load(Ordering::Relaxed) {
@@ -1114,7 +1114,7 @@ impl Engine {
         let flight = slot.flight.clone().lock_owned().await;
         if slot.attempts.load(Ordering::SeqCst) != seen {
             let snap = slot.snapshot();
-            // Fix (issue 3): a forced refresh that joined a flight which
+            // A forced refresh that joined a flight which
             // failed must report the failure, like one that ran it (below),
             // not answer 200 with the token it was asked to replace. A
             // joined flight that had nothing to do does not count: run ours.
