@@ -1742,28 +1742,30 @@ mod tests {
         SealKey::from_bytes([9; 32])
     }
 
-    async fn store_with_grant(dir: &Path, key: Option<SealKey>) -> (Store, ConnectionRow) {
-        let store = Store::open(&dir.join("t.db"), key).await.unwrap();
-        let access = SecretString::from("access-1".to_string());
-        let refresh = SecretString::from("refresh-1".to_string());
+    /// Stores a browser authorization of keap/default whose tokens are
+    /// `access-{n}` and `refresh-{n}`.
+    async fn authorize(store: &Store, n: &str) -> ConnectionRow {
+        let access = SecretString::from(format!("access-{n}"));
+        let refresh = SecretString::from(format!("refresh-{n}"));
         let now = Utc::now();
-        let row = store
-            .save_authorized(
-                "keap",
-                "default",
-                &NewGrant {
-                    access_token: &access,
-                    refresh_token: Some(&refresh),
-                    token_type: "Bearer",
-                    scope: None,
-                    issued_at: now,
-                    expires_at: now + chrono::Duration::hours(1),
-                },
-                &[],
-            )
+        let new = NewGrant {
+            access_token: &access,
+            refresh_token: Some(&refresh),
+            token_type: "Bearer",
+            scope: None,
+            issued_at: now,
+            expires_at: now + chrono::Duration::hours(1),
+        };
+        store
+            .save_authorized("keap", "default", &new, &[])
             .await
             .unwrap()
-            .0;
+            .0
+    }
+
+    async fn store_with_grant(dir: &Path, key: Option<SealKey>) -> (Store, ConnectionRow) {
+        let store = Store::open(&dir.join("t.db"), key).await.unwrap();
+        let row = authorize(&store, "1").await;
         (store, row)
     }
 
@@ -1815,29 +1817,7 @@ mod tests {
             .fetch_one(&store.pool)
             .await
             .unwrap();
-        let (_, row2) = {
-            let access = SecretString::from("access-2".to_string());
-            let refresh = SecretString::from("refresh-2".to_string());
-            let now = Utc::now();
-            let row2 = store
-                .save_authorized(
-                    "keap",
-                    "default",
-                    &NewGrant {
-                        access_token: &access,
-                        refresh_token: Some(&refresh),
-                        token_type: "Bearer",
-                        scope: None,
-                        issued_at: now,
-                        expires_at: now + chrono::Duration::hours(1),
-                    },
-                    &[],
-                )
-                .await
-                .unwrap()
-                .0;
-            ((), row2)
-        };
+        let row2 = authorize(&store, "2").await;
         assert_eq!(row2.generation, 2);
         assert_eq!(
             row2.refresh_token.unwrap().expose_secret(),

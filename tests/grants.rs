@@ -63,6 +63,33 @@ fn spawn_post(h: &Harness, path: &str) -> tokio::task::JoinHandle<(u16, Value)> 
     })
 }
 
+/// An authorized connection with a forced refresh in the air: the provider
+/// has rotated (a second refresh token exists) but not answered yet. With
+/// strict revocation, as providers that know a grant only by its current
+/// token: revoking a rotated-out token leaves the new one alive.
+async fn refresh_in_the_air() -> (
+    Harness,
+    tokenkeeper::provider::simulator::Simulator,
+    tokio::task::JoinHandle<(u16, Value)>,
+) {
+    let mut h = Harness::new(Options {
+        access_lifetime: Duration::from_secs(3600),
+        ..Options::default()
+    })
+    .await;
+    h.start().await;
+    authorize(&h).await;
+    let sim = h.sim.sim.clone();
+    sim.set_strict_revocation(true);
+    sim.set_token_delay(Duration::from_millis(1500), DelayPhase::AfterRotation);
+    let flight = spawn_post(&h, "/v1/token/keap/refresh");
+    common::eventually(Duration::from_secs(5), "the provider rotated", || async {
+        sim.refresh_tokens_issued().len() == 2
+    })
+    .await;
+    (h, sim, flight)
+}
+
 async fn delete(h: &Harness, query: &str) -> (u16, Value) {
     let r = h
         .http
@@ -251,23 +278,8 @@ async fn a_held_grant_is_served_once_the_stored_access_token_has_expired() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reauthorization_wins_over_a_refresh_that_started_before_it() {
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
-    h.start().await;
-    authorize(&h).await;
-    let sim = h.sim.sim.clone();
-    // Only tokens still valid are revoked, so a revocation below can only
-    // come from the discarded late result.
-    sim.set_strict_revocation(true);
-    sim.set_token_delay(Duration::from_millis(1500), DelayPhase::AfterRotation);
-    let late = spawn_post(&h, "/v1/token/keap/refresh");
-    common::eventually(Duration::from_secs(5), "the provider rotated", || async {
-        sim.refresh_tokens_issued().len() == 2
-    })
-    .await;
+    // A revocation below can only come from the discarded late result.
+    let (h, sim, late) = refresh_in_the_air().await;
     // The delay was read when the refresh arrived; the browser is quick.
     sim.set_token_delay(Duration::ZERO, DelayPhase::AfterRotation);
     authorize(&h).await;
@@ -420,23 +432,7 @@ async fn a_holder_certainly_dead_is_taken_over_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn revoking_during_a_refresh_revokes_the_newest_token() {
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
-    h.start().await;
-    authorize(&h).await;
-    let sim = h.sim.sim.clone();
-    // Like providers that only know a grant by its current token: revoking
-    // the rotated-out one would leave the new one alive.
-    sim.set_strict_revocation(true);
-    sim.set_token_delay(Duration::from_millis(1500), DelayPhase::AfterRotation);
-    let flight = spawn_post(&h, "/v1/token/keap/refresh");
-    common::eventually(Duration::from_secs(5), "the provider rotated", || async {
-        sim.refresh_tokens_issued().len() == 2
-    })
-    .await;
+    let (h, sim, flight) = refresh_in_the_air().await;
     let (s, b) = delete(&h, "").await;
     assert_eq!(s, 204, "{b}");
     let _ = flight.await.unwrap();
