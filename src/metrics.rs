@@ -33,6 +33,10 @@ pub const UNCOMMITTED_GRANTS: &str = "tokenkeeper_uncommitted_grants";
 
 const STATES: [&str; 4] = ["active", "refreshing", "retrying", "authorization_required"];
 
+/// The `result` label values of [`REFRESH_TOTAL`], in the order of
+/// `ConnectionReport::refreshes`.
+pub const REFRESH_RESULTS: [&str; 4] = ["ok", "transient", "rejected", "refused"];
+
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Installs the process-wide recorder once; later calls return the same
@@ -56,10 +60,6 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 }
 
 fn describe() {
-    metrics::describe_counter!(
-        REFRESH_TOTAL,
-        "Refresh attempts by result (ok, transient, rejected, refused)"
-    );
     metrics::describe_histogram!(
         REFRESH_DURATION,
         metrics::Unit::Seconds,
@@ -74,6 +74,7 @@ fn describe() {
         BEARER_MISUSE_TOTAL,
         "Refresh tokens presented as bearer tokens"
     );
+    metrics::counter!(BEARER_MISUSE_TOTAL).increment(0);
     metrics::describe_gauge!(
         UNREADABLE_CONNECTIONS,
         "Stored connections that cannot be read and are not served (see last_error in /v1/connections)"
@@ -123,7 +124,7 @@ fn write_connections(out: &mut String, report: &[ConnectionReport], now: DateTim
         ("tokenkeeper_access_token_expiry_seconds", "gauge"),
         "Time left on the current access token, in seconds",
         report,
-        &[""],
+        ("", &[""]),
         |c, _| seconds(c.expires_at - now),
     );
     family(
@@ -131,7 +132,7 @@ fn write_connections(out: &mut String, report: &[ConnectionReport], now: DateTim
         ("tokenkeeper_refresh_token_age_seconds", "gauge"),
         "Age of the current refresh token, in seconds",
         report,
-        &[""],
+        ("", &[""]),
         |c, _| seconds((now - c.refresh_token_issued_at).max(chrono::TimeDelta::zero())),
     );
     family(
@@ -139,7 +140,7 @@ fn write_connections(out: &mut String, report: &[ConnectionReport], now: DateTim
         ("tokenkeeper_connection_state", "gauge"),
         "1 for the connection's current state, 0 for the others",
         report,
-        &STATES,
+        ("state", &STATES),
         |c, state| f64::from(u8::from(c.state == state)),
     );
     family(
@@ -147,29 +148,43 @@ fn write_connections(out: &mut String, report: &[ConnectionReport], now: DateTim
         (TOKEN_REQUESTS_TOTAL, "counter"),
         "Access tokens handed out",
         report,
-        &[""],
+        ("", &[""]),
         |c, _| c.served as f64,
+    );
+    family(
+        out,
+        (REFRESH_TOTAL, "counter"),
+        "Refresh attempts by result (ok, transient, rejected, refused)",
+        report,
+        ("result", &REFRESH_RESULTS),
+        |c, result| {
+            REFRESH_RESULTS
+                .iter()
+                .position(|r| *r == result)
+                .map_or(0.0, |i| c.refreshes[i] as f64)
+        },
     );
 }
 
-/// One metric family: a series per connection and entry of `states` (the
-/// `state` label; `[""]` for none), valued by `value(connection, state)`.
+/// One metric family: a series per connection and entry of `values` (the
+/// values of the label named `label`; `[""]` for no such label), valued by
+/// `value(connection, label value)`.
 fn family(
     out: &mut String,
     (name, kind): (&str, &str),
     help: &str,
     report: &[ConnectionReport],
-    states: &[&str],
+    (label, values): (&str, &[&str]),
     value: impl Fn(&ConnectionReport, &str) -> f64,
 ) {
     use std::fmt::Write;
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     for c in report {
         let (provider, account) = (escape(&c.provider), escape(&c.account));
-        for state in states {
+        for state in values {
             let _ = write!(out, "{name}{{provider=\"{provider}\",account=\"{account}\"");
             if !state.is_empty() {
-                let _ = write!(out, ",state=\"{state}\"");
+                let _ = write!(out, ",{label}=\"{state}\"");
             }
             let _ = writeln!(out, "}} {}", value(c, state));
         }
@@ -217,6 +232,7 @@ mod tests {
             refresh_token_issued_at: now - chrono::TimeDelta::seconds(5),
             last_error: None,
             served: 7,
+            refreshes: [2, 1, 0, 0],
         };
         let mut out = String::new();
         write_connections(&mut out, &[c], now);
@@ -227,6 +243,8 @@ mod tests {
             format!("tokenkeeper_connection_state{{{labels},state=\"retrying\"}} 1"),
             format!("tokenkeeper_connection_state{{{labels},state=\"active\"}} 0"),
             format!("tokenkeeper_token_requests_total{{{labels}}} 7"),
+            format!("tokenkeeper_refresh_total{{{labels},result=\"ok\"}} 2"),
+            format!("tokenkeeper_refresh_total{{{labels},result=\"refused\"}} 0"),
             "# TYPE tokenkeeper_token_requests_total counter".to_string(),
         ] {
             assert!(out.lines().any(|l| l == line), "missing {line} in\n{out}");

@@ -72,7 +72,23 @@ async fn scrape(h: &Harness) -> HashMap<String, f64> {
 async fn metrics_follow_the_lifecycle() {
     let mut h = Harness::new(Options::default()).await;
     h.start().await;
+    // SPEC 4: every series a fresh daemon knows of is there, at 0.
+    let m = scrape(&h).await;
+    assert_eq!(find(&m, "tokenkeeper_bearer_misuse_total", &[]), 0.0);
     assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let m = scrape(&h).await;
+    for result in ["ok", "transient", "rejected", "refused"] {
+        let label = format!("result=\"{result}\"");
+        assert_eq!(
+            find(
+                &m,
+                "tokenkeeper_refresh_total",
+                &["provider=\"keap\"", &label]
+            ),
+            0.0,
+            "{result}"
+        );
+    }
     for _ in 0..3 {
         assert_eq!(h.token().await.0, 200);
     }

@@ -221,6 +221,10 @@ pub struct ConnectionReport {
     pub last_error: Option<String>,
     /// Access tokens handed out since the daemon started.
     pub served: u64,
+    /// Refresh attempts since start by result, in the order of
+    /// [`crate::metrics::REFRESH_RESULTS`] (for `/metrics` only).
+    #[serde(skip)]
+    pub refreshes: [u64; 4],
 }
 
 /// Reloadable part of the engine's configuration.
@@ -251,6 +255,9 @@ struct Slot {
     /// written into `/metrics` at scrape time. A plain atomic, not a
     /// recorder series: 10,000 of those cost megabytes of idle memory.
     served: AtomicU64,
+    /// Refresh attempts by result (`tokenkeeper_refresh_total`), written at
+    /// scrape time like `served`, so every series exists from the start.
+    refreshes: [AtomicU64; 4],
     /// A grant the provider issued that could not be stored yet (see the
     /// module invariants). std Mutex: never held across `.await`.
     pending: std::sync::Mutex<Option<Arc<PendingCommit>>>,
@@ -654,6 +661,7 @@ impl Engine {
                         attempts: AtomicU64::new(0),
                         landed: tokio::sync::Notify::new(),
                         served: AtomicU64::new(0),
+                        refreshes: Default::default(),
                         pending: std::sync::Mutex::new(None),
                         lease_watch: std::sync::Mutex::new(None),
                     }),
@@ -923,6 +931,7 @@ impl Engine {
                     refresh_token_issued_at: snap.timing.refresh_token_issued_at,
                     last_error: snap.last_error.clone(),
                     served: slot.served.load(Ordering::Relaxed),
+                    refreshes: std::array::from_fn(|i| slot.refreshes[i].load(Ordering::Relaxed)),
                 }
             })
             .collect()
@@ -1772,13 +1781,12 @@ fn unreadable_error(slot: &Slot, row: &ConnectionRow, not_done: &str) -> TokenEr
 }
 
 fn count_refresh(slot: &Slot, result: &'static str, elapsed: Option<Duration>) {
-    metrics::counter!(
-        crate::metrics::REFRESH_TOTAL,
-        "provider" => slot.provider.clone(),
-        "account" => slot.account.clone(),
-        "result" => result
-    )
-    .increment(1);
+    if let Some(i) = crate::metrics::REFRESH_RESULTS
+        .iter()
+        .position(|r| *r == result)
+    {
+        slot.refreshes[i].fetch_add(1, Ordering::Relaxed);
+    }
     if let Some(d) = elapsed {
         metrics::histogram!(crate::metrics::REFRESH_DURATION, "provider" => slot.provider.clone())
             .record(d.as_secs_f64());
