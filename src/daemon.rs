@@ -193,6 +193,7 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
             config.server.proxy_max_wait,
         )),
     });
+    http::proxy::Proxy::register(config.providers.keys().map(String::as_str));
     let app = http::router(state, extra);
 
     // Catch up at once rather than one interval late (interrupted refreshes,
@@ -430,6 +431,7 @@ fn apply(r: &mut Reloadable, new: Config) {
     let names: Vec<&str> = new.providers.keys().map(String::as_str).collect();
     r.engine.reload(settings_from(&new, &r.http));
     r.limits.reload(new.providers.values());
+    http::proxy::Proxy::register(new.providers.keys().map(String::as_str));
     // A reload may be the fix (a new client secret): try at once.
     let failing = r.engine.retry_failing_now();
     if failing > 0 {

@@ -134,7 +134,7 @@ pub struct ConnectionRow {
     pub attempt_started_at: Option<DateTime<Utc>>,
     pub interrupted_at: Option<DateTime<Utc>>,
     /// Why the stored row cannot be read, if it cannot: then the other
-    /// fields are a stand-in (see [`Store::decode`]), never to be acted on
+    /// fields are a stand-in (see `Store::decode`), never to be acted on
     /// or written back by the lifecycle; only a new authorization (which
     /// rewrites the whole row) or a local forget touches it.
     pub unreadable: Option<String>,

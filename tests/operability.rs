@@ -75,6 +75,26 @@ async fn metrics_follow_the_lifecycle() {
     // SPEC 4: every series a fresh daemon knows of is there, at 0.
     let m = scrape(&h).await;
     assert_eq!(find(&m, "tokenkeeper_bearer_misuse_total", &[]), 0.0);
+    assert_eq!(
+        find(
+            &m,
+            "tokenkeeper_proxy_requests_total",
+            &["provider=\"keap\"", "result=\"ok\""]
+        ),
+        0.0
+    );
+    // A made-up provider name costs no series.
+    for i in 0..20 {
+        let r = h
+            .http
+            .get(h.url(&format!("/proxy/nosuch{i}/x")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+    }
+    let text = h.get_text("/metrics").await;
+    assert!(!text.contains("nosuch"), "a series for an unknown provider");
     assert_eq!(h.authorize("keap", "default").await.status(), 200);
     let m = scrape(&h).await;
     for result in ["ok", "transient", "rejected", "refused"] {

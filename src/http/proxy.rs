@@ -113,6 +113,18 @@ impl Proxy {
         }
     }
 
+    /// Makes every proxy series of these providers exist from the start,
+    /// at 0 (SPEC 4: `rate()` and alerts work on a fresh daemon).
+    pub fn register<'a>(providers: impl IntoIterator<Item = &'a str>) {
+        for p in providers {
+            for outcome in ["ok", "upstream_429", "limited", "error"] {
+                metrics::counter!(PROXY_REQUESTS_TOTAL, "provider" => p.to_string(), "result" => outcome)
+                    .increment(0);
+            }
+            metrics::counter!(PROXY_LIMITED_TOTAL, "provider" => p.to_string()).increment(0);
+        }
+    }
+
     /// Whether an upstream 401 of `provider/account` may force a refresh
     /// now; if so, the cool-down starts.
     fn take_unauthorized_refresh(&self, provider: &str, account: &str) -> bool {
@@ -148,6 +160,16 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
         Err(e) => return e.into_response(),
     };
     let result = send(&state, &target, req).await;
+    // Counted per configured provider only: a label per name a client
+    // makes up would grow the recorder without bound.
+    if !state
+        .engine
+        .settings()
+        .providers
+        .contains_key(&target.provider)
+    {
+        return result.unwrap_or_else(IntoResponse::into_response);
+    }
     let outcome = match &result {
         Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => "upstream_429",
         Ok(_) => "ok",
