@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use serde::Deserialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -18,6 +19,7 @@ use crate::config::{self, Config};
 use crate::http::api::DEFAULT_ACCOUNT;
 use crate::http::pages::relative;
 use crate::provider::simulator::{Simulator, SimulatorConfig};
+use crate::store::ConnState;
 
 /// Keeps OAuth2 grants alive and hands fresh access tokens to local programs.
 #[derive(Debug, Parser)]
@@ -657,7 +659,7 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
             }
             if conns
                 .iter()
-                .any(|c| c.get("state").and_then(Value::as_str) == Some("authorization_required"))
+                .any(|c| conn_state(c) == Some(ConnState::AuthorizationRequired))
             {
                 return Err(runtime("some connections need a new authorization; run `tokenkeeper connect PROVIDER ACCOUNT`"));
             }
@@ -832,6 +834,12 @@ fn quota_cell(q: Option<&Value>) -> String {
     s
 }
 
+/// The `state` of one connection in `/v1/connections`; `None` when it is
+/// missing or a name this build does not know (a newer daemon).
+fn conn_state(c: &Value) -> Option<ConnState> {
+    c.get("state").and_then(|s| ConnState::deserialize(s).ok())
+}
+
 fn print_status(conns: &[Value]) -> Result<(), CliError> {
     if conns.is_empty() {
         return outln(
@@ -873,6 +881,7 @@ fn print_status(conns: &[Value]) -> Result<(), CliError> {
                 .to_string(),
         ]);
     }
+    let states: Vec<Option<ConnState>> = conns.iter().map(conn_state).collect();
     let widths: Vec<usize> = (0..8)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
@@ -885,10 +894,9 @@ fn print_status(conns: &[Value]) -> Result<(), CliError> {
             .map(|(i, c)| {
                 // Pad first: escape codes must not count towards the width.
                 let cell = format!("{c:<w$}", w = widths[i]);
-                if colour && i == 2 && n > 0 {
-                    state_colour(c.as_str(), &cell)
-                } else {
-                    cell
+                match states.get(n.wrapping_sub(1)) {
+                    Some(Some(state)) if colour && i == 2 && n > 0 => state_colour(*state, &cell),
+                    _ => cell,
                 }
             })
             .collect();
@@ -899,13 +907,12 @@ fn print_status(conns: &[Value]) -> Result<(), CliError> {
 
 /// ANSI colour of a state cell: green active, blue refreshing, yellow
 /// retrying, red authorization_required.
-fn state_colour(state: &str, cell: &str) -> String {
+fn state_colour(state: ConnState, cell: &str) -> String {
     let code = match state {
-        "active" => "32",
-        "refreshing" => "34",
-        "retrying" => "33",
-        "authorization_required" => "31",
-        _ => return cell.to_string(),
+        ConnState::Active => "32",
+        ConnState::Refreshing => "34",
+        ConnState::Retrying => "33",
+        ConnState::AuthorizationRequired => "31",
     };
     format!("\x1b[{code}m{cell}\x1b[0m")
 }

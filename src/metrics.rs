@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::refresh::{ConnectionReport, Engine};
+use crate::store::ConnState;
 
 /// Counter: refresh attempts by `result` = ok | transient | rejected | refused
 /// (refused: the provider refused the client configuration, the grant is kept).
@@ -30,8 +31,6 @@ pub const DATABASE_WRITABLE: &str = "tokenkeeper_database_writable";
 pub const COMMIT_FAILURES_TOTAL: &str = "tokenkeeper_commit_failures_total";
 /// Gauge: grants the provider issued that are held in memory, not yet stored.
 pub const UNCOMMITTED_GRANTS: &str = "tokenkeeper_uncommitted_grants";
-
-const STATES: [&str; 4] = ["active", "refreshing", "retrying", "authorization_required"];
 
 /// The `result` label values of [`REFRESH_TOTAL`], in the order of
 /// `ConnectionReport::refreshes`.
@@ -140,8 +139,8 @@ fn write_connections(out: &mut String, report: &[ConnectionReport], now: DateTim
         ("tokenkeeper_connection_state", "gauge"),
         "1 for the connection's current state, 0 for the others",
         report,
-        ("state", &STATES),
-        |c, state| f64::from(u8::from(c.state == state)),
+        ("state", &ConnState::ALL),
+        |c, state| f64::from(u8::from(c.state == *state)),
     );
     family(
         out,
@@ -160,7 +159,7 @@ fn write_connections(out: &mut String, report: &[ConnectionReport], now: DateTim
         |c, result| {
             REFRESH_RESULTS
                 .iter()
-                .position(|r| *r == result)
+                .position(|r| r == result)
                 .map_or(0.0, |i| c.refreshes[i] as f64)
         },
     );
@@ -169,13 +168,13 @@ fn write_connections(out: &mut String, report: &[ConnectionReport], now: DateTim
 /// One metric family: a series per connection and entry of `values` (the
 /// values of the label named `label`; `[""]` for no such label), valued by
 /// `value(connection, label value)`.
-fn family(
+fn family<V: std::fmt::Display>(
     out: &mut String,
     (name, kind): (&str, &str),
     help: &str,
     report: &[ConnectionReport],
-    (label, values): (&str, &[&str]),
-    value: impl Fn(&ConnectionReport, &str) -> f64,
+    (label, values): (&str, &[V]),
+    value: impl Fn(&ConnectionReport, &V) -> f64,
 ) {
     use std::fmt::Write;
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -183,7 +182,7 @@ fn family(
         let (provider, account) = (escape(&c.provider), escape(&c.account));
         for state in values {
             let _ = write!(out, "{name}{{provider=\"{provider}\",account=\"{account}\"");
-            if !state.is_empty() {
+            if !label.is_empty() {
                 let _ = write!(out, ",{label}=\"{state}\"");
             }
             let _ = writeln!(out, "}} {}", value(c, state));
@@ -225,7 +224,7 @@ mod tests {
         let c = ConnectionReport {
             provider: "keap".into(),
             account: "a\"b".into(),
-            state: "retrying",
+            state: ConnState::Retrying,
             expires_at: now + chrono::TimeDelta::seconds(90),
             refreshed_at: None,
             next_refresh_at: None,

@@ -80,8 +80,11 @@ pub enum StoreError {
     NotWritable(String),
 }
 
-/// Lifecycle state of a connection (SPEC 7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Lifecycle state of a connection (SPEC 7). Serialised, stored and shown
+/// under SPEC's names (`active`, `refreshing`, `retrying`,
+/// `authorization_required`); Rust code matches on the variants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ConnState {
     Active,
     Refreshing,
@@ -90,6 +93,16 @@ pub enum ConnState {
 }
 
 impl ConnState {
+    /// Every state, in SPEC 7's order (the `state` label values of
+    /// `/metrics`).
+    pub const ALL: [ConnState; 4] = [
+        ConnState::Active,
+        ConnState::Refreshing,
+        ConnState::Retrying,
+        ConnState::AuthorizationRequired,
+    ];
+
+    /// SPEC's name of the state, as stored and serialised.
     pub fn as_str(self) -> &'static str {
         match self {
             ConnState::Active => "active",
@@ -107,6 +120,12 @@ impl ConnState {
             "authorization_required" => ConnState::AuthorizationRequired,
             other => return Err(StoreError::Corrupt(format!("unknown state {other:?}"))),
         })
+    }
+}
+
+impl std::fmt::Display for ConnState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -16,6 +16,7 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::refresh::Engine;
+use crate::store::ConnState;
 
 fn send(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
@@ -61,11 +62,9 @@ pub fn stopping(budget: std::time::Duration) {
 /// The one-line summary used for `STATUS=`.
 pub fn summary(engine: &Engine) -> String {
     let report = engine.report();
-    let needs = report
-        .iter()
-        .filter(|c| c.state == "authorization_required")
-        .count();
-    let retrying = report.iter().filter(|c| c.state == "retrying").count();
+    let count = |state: ConnState| report.iter().filter(|c| c.state == state).count();
+    let needs = count(ConnState::AuthorizationRequired);
+    let retrying = count(ConnState::Retrying);
     let active = report.len() - needs - retrying;
     format!("{active} active, {retrying} retrying, {needs} need authorization")
 }

@@ -14,7 +14,7 @@ use tokenkeeper::provider::simulator::{RunningSimulator, Simulator, SimulatorCon
 use tokenkeeper::provider::{Provider, TokenGrant};
 use tokenkeeper::refresh::clock::{Clock, TestClock};
 use tokenkeeper::refresh::{Engine, Revocation};
-use tokenkeeper::store::Store;
+use tokenkeeper::store::{ConnState, Store};
 
 const SECRET: &str = "clock-test-secret";
 
@@ -127,7 +127,7 @@ async fn a_wall_clock_set_back_does_not_keep_a_dead_token_alive() {
         grant.access_token.expose_secret()
     );
     assert_eq!(s.sim.sim.stats().refresh_ok, 1, "it was refreshed instead");
-    assert_eq!(s.engine.report()[0].state, "active");
+    assert_eq!(s.engine.report()[0].state, ConnState::Active);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -283,7 +283,8 @@ pub struct ConnectionsBody {
 pub struct ConnectionJson {
     provider: String,
     account: String,
-    state: &'static str,
+    #[schema(value_type = String)]
+    state: crate::store::ConnState,
     expires_at: String,
     refreshed_at: Option<String>,
     next_refresh_at: Option<String>,

@@ -6,6 +6,7 @@ use axum::response::{Html, IntoResponse, Response};
 use chrono::{DateTime, Utc};
 
 use crate::refresh::ConnectionReport;
+use crate::store::ConnState;
 
 /// Escapes text for HTML element and attribute content.
 pub fn escape(s: &str) -> String {
@@ -136,10 +137,9 @@ pub fn dashboard(providers: &[String], connections: &[ConnectionReport]) -> Resp
             escape(&c.provider),
             escape(&c.account)
         );
-        let label = if c.state == "authorization_required" {
-            "Re-connect"
-        } else {
-            "Connect again"
+        let label = match c.state {
+            ConnState::AuthorizationRequired => "Re-connect",
+            ConnState::Active | ConnState::Refreshing | ConnState::Retrying => "Connect again",
         };
         rows.push_str(&format!(
             "<tr><td data-label=\"Provider\">{p}</td><td data-label=\"Account\">{a}</td><td data-label=\"State\"><span class=\"badge {s}\">{s}</span></td><td data-label=\"Expires\">{exp}</td><td data-label=\"Refreshed\">{refr}</td><td data-label=\"Next refresh\">{next}</td><td data-label=\"Refresh token age\">{age}</td><td data-label=\"Last error\" class=\"error\">{err}</td><td><a class=\"button\" href=\"{connect}\">{label}</a></td></tr>",

@@ -213,7 +213,7 @@ impl Snapshot {
 pub struct ConnectionReport {
     pub provider: String,
     pub account: String,
-    pub state: &'static str,
+    pub state: ConnState,
     pub expires_at: DateTime<Utc>,
     pub refreshed_at: Option<DateTime<Utc>>,
     pub next_refresh_at: Option<DateTime<Utc>>,
@@ -924,7 +924,7 @@ impl Engine {
                 ConnectionReport {
                     provider: slot.provider.clone(),
                     account: slot.account.clone(),
-                    state: state.as_str(),
+                    state,
                     expires_at: snap.timing.expires_at,
                     refreshed_at: snap.refreshed_at,
                     next_refresh_at: next,
