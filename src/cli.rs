@@ -16,9 +16,9 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config};
+use crate::dev::{Simulator, SimulatorConfig};
 use crate::http::api::DEFAULT_ACCOUNT;
 use crate::http::pages::relative;
-use crate::provider::simulator::{Simulator, SimulatorConfig};
 use crate::store::ConnState;
 
 /// Keeps OAuth2 grants alive and hands fresh access tokens to local programs.
@@ -356,12 +356,12 @@ async fn serve(
             access_lifetime: lifetime,
             // Dev mode shows Keap's limits and x-keap-* headers through
             // /proxy/demo/... (the demo provider's preset has the same).
-            limits: Some(crate::provider::simulator::SimLimits::KEAP),
+            limits: Some(crate::dev::SimLimits::KEAP),
             ..SimulatorConfig::default()
         });
         let router = axum::Router::new().nest("/dev-provider", sim.router());
         (
-            Config::dev(addr, dir.join("tokenkeeper.db"), &secret),
+            crate::dev::config(addr, dir.join("tokenkeeper.db"), &secret),
             None,
             Some(router),
             Some(dir),

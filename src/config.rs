@@ -366,60 +366,26 @@ pub fn default_db_path() -> PathBuf {
     home.join(".local/state/tokenkeeper/tokenkeeper.db")
 }
 
-impl Config {
-    /// The configuration of `serve --dev`: no file, the built-in `demo`
-    /// provider served by the simulator under `/dev-provider` on the same
-    /// listener, a throw-away database.
-    pub fn dev(listen: SocketAddr, db_path: PathBuf, client_secret: &str) -> Config {
-        let base = format!("http://{listen}/dev-provider");
-        let url = |p: &str| Url::parse(&format!("{base}{p}")).expect("dev URLs are well-formed");
-        let mut providers = BTreeMap::new();
-        providers.insert(
-            "demo".to_string(),
-            ProviderConfig {
-                name: "demo".into(),
-                preset: Preset::Keap,
-                client_id: crate::provider::simulator::SimulatorConfig::default().client_id,
-                client_secret: Some(SecretString::from(client_secret.to_string())),
-                authorization_url: url("/authorize"),
-                token_url: url("/token"),
-                revocation_url: Some(url("/revoke")),
-                api_base_url: Some(url("/api")),
-                scopes: vec!["full".into()],
-                code_auth: ClientAuth::Body,
-                refresh_auth: ClientAuth::Basic,
-                pkce: true,
-                extra_authorize_params: BTreeMap::new(),
-                default_lifetime: Duration::from_secs(3600),
-                limits: Preset::Keap.limits(),
-                request_timeout: Duration::from_secs(30),
-                revoke_replaced: true,
-            },
-        );
-        Config {
-            server: ServerConfig {
-                listen,
-                allow_remote: false,
-                public_url: None,
-                tls: TlsConfig::Off,
-                api_keys_file: None,
-                allowed_hosts: default_allowed_hosts(),
-                proxy_max_wait: Duration::from_secs(10),
-                header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
-                idle_timeout: DEFAULT_IDLE_TIMEOUT,
-                max_connections: DEFAULT_MAX_CONNECTIONS,
-            },
-            storage: StorageConfig {
-                path: db_path,
-                encryption_key_file: None,
-            },
-            refresh: RefreshConfig::default(),
-            providers,
-            notify: NotifyConfig::default(),
-            warnings: Vec::new(),
+/// `[server]` as it is when the file has none: loopback, no TLS, no API keys.
+impl ServerConfig {
+    /// The defaults, listening on `listen`.
+    pub fn local(listen: SocketAddr) -> ServerConfig {
+        ServerConfig {
+            listen,
+            allow_remote: false,
+            public_url: None,
+            tls: TlsConfig::Off,
+            api_keys_file: None,
+            allowed_hosts: default_allowed_hosts(),
+            proxy_max_wait: Duration::from_secs(10),
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
+}
 
+impl Config {
     /// The URL a browser reaches the daemon at, given the bound address.
     pub fn public_url(&self, bound: SocketAddr) -> Url {
         if let Some(u) = &self.server.public_url {
@@ -814,9 +780,8 @@ impl<'a> Reader<'a> {
             }
         }
         Config {
-            server: server.unwrap_or_else(|| {
-                Config::dev(DEFAULT_LISTEN.parse().expect("valid"), PathBuf::new(), "").server
-            }),
+            server: server
+                .unwrap_or_else(|| ServerConfig::local(DEFAULT_LISTEN.parse().expect("valid"))),
             storage,
             refresh,
             providers,

@@ -13,8 +13,7 @@
 //! - [`provider`]: OAuth2 calls to providers; [`provider::answer`] reads
 //!   token answers leniently and is the one place that decides which
 //!   failures are transient, which reject the grant and which are the
-//!   client's configuration; [`provider::simulator`] is a Keap-like
-//!   provider for tests and `serve --dev`.
+//!   client's configuration. It knows nothing of the simulator.
 //! - [`refresh`]: the refresh policy (pure functions), the engine
 //!   (single-flight, crash recovery, in-memory snapshots for serving, grants
 //!   held in memory until they are stored), the thread its flights run on,
@@ -29,6 +28,9 @@
 //! - [`ratelimit`]: client-side rate limits per provider and tenant (GCRA
 //!   per second/minute, daily counter), corrected by the provider's quota
 //!   headers; the proxy and refreshes take their slots here.
+//! - [`dev`]: the Keap-like provider simulator for tests and `serve --dev`
+//!   (OAuth endpoints, API, control and faults) and [`dev::config`], the
+//!   configuration of `serve --dev`. Never used for real traffic.
 //! - [`daemon`]: wires store, engine, scheduler and server; graceful stop.
 //! - [`cli`]: the command line: `serve` and the client commands.
 //! - [`systemd`]: sd_notify, watchdog, socket activation, journal log lines.
@@ -37,6 +39,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
+pub mod dev;
 pub mod http;
 pub mod metrics;
 pub mod notify;

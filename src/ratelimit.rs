@@ -699,7 +699,7 @@ mod tests {
     }
 
     fn registry(l: Limits) -> RateLimits {
-        let p = crate::config::Config::dev("127.0.0.1:1".parse().unwrap(), "/tmp/x.db".into(), "s")
+        let p = crate::dev::config("127.0.0.1:1".parse().unwrap(), "/tmp/x.db".into(), "s")
             .providers
             .into_values()
             .next()
@@ -713,7 +713,7 @@ mod tests {
     }
 
     fn name() -> String {
-        crate::config::Config::dev("127.0.0.1:1".parse().unwrap(), "/tmp/x.db".into(), "s")
+        crate::dev::config("127.0.0.1:1".parse().unwrap(), "/tmp/x.db".into(), "s")
             .providers
             .into_keys()
             .next()
@@ -794,7 +794,7 @@ mod tests {
 
     #[tokio::test]
     async fn tenant_state_is_freed_with_its_connection() {
-        let p = crate::config::Config::dev("127.0.0.1:1".parse().unwrap(), "/tmp/x.db".into(), "s")
+        let p = crate::dev::config("127.0.0.1:1".parse().unwrap(), "/tmp/x.db".into(), "s")
             .providers
             .into_values()
             .next()

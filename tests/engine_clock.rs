@@ -9,8 +9,7 @@ use chrono::Utc;
 use secrecy::ExposeSecret;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection};
-use tokenkeeper::config::Config;
-use tokenkeeper::provider::simulator::{RunningSimulator, Simulator, SimulatorConfig};
+use tokenkeeper::dev::{RunningSimulator, Simulator, SimulatorConfig};
 use tokenkeeper::provider::{Provider, TokenGrant};
 use tokenkeeper::refresh::clock::{Clock, TestClock};
 use tokenkeeper::refresh::{Engine, Revocation};
@@ -37,7 +36,7 @@ async fn setup() -> Setup {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("tokenkeeper.db");
-    let mut cfg = Config::dev("127.0.0.1:1".parse().unwrap(), db.clone(), SECRET);
+    let mut cfg = tokenkeeper::dev::config("127.0.0.1:1".parse().unwrap(), db.clone(), SECRET);
     let p = cfg.providers.get_mut("demo").unwrap();
     p.authorization_url = url::Url::parse(&sim.url("/authorize")).unwrap();
     p.token_url = url::Url::parse(&sim.url("/token")).unwrap();

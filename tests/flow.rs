@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{Harness, Options};
 use reqwest::header::{CACHE_CONTROL, COOKIE, LOCATION, RETRY_AFTER};
-use tokenkeeper::provider::simulator::Fault;
+use tokenkeeper::dev::Fault;
 
 #[tokio::test]
 async fn full_flow_connect_callback_token() {

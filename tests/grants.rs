@@ -15,7 +15,7 @@ use reqwest::header::COOKIE;
 use serde_json::Value;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection, Row};
-use tokenkeeper::provider::simulator::{DelayPhase, Fault};
+use tokenkeeper::dev::{DelayPhase, Fault};
 
 async fn authorize(h: &Harness) -> String {
     let r = h.authorize("keap", "default").await;
@@ -69,7 +69,7 @@ fn spawn_post(h: &Harness, path: &str) -> tokio::task::JoinHandle<(u16, Value)> 
 /// token: revoking a rotated-out token leaves the new one alive.
 async fn refresh_in_the_air() -> (
     Harness,
-    tokenkeeper::provider::simulator::Simulator,
+    tokenkeeper::dev::Simulator,
     tokio::task::JoinHandle<(u16, Value)>,
 ) {
     let mut h = Harness::new(Options {

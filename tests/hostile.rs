@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use common::{Harness, Options};
 use proptest::prelude::*;
-use tokenkeeper::config::{self, Config};
+use tokenkeeper::config;
 use tokenkeeper::http::{router, AppState};
 use tokenkeeper::refresh::Engine;
 use tokenkeeper::store::Store;
@@ -54,7 +54,8 @@ fn test_router(
 ) {
     rt.block_on(async {
         let store = Store::open(&dir.join("db.sqlite"), None).await.unwrap();
-        let cfg = Config::dev("127.0.0.1:1".parse().unwrap(), dir.join("unused.db"), "s");
+        let cfg =
+            tokenkeeper::dev::config("127.0.0.1:1".parse().unwrap(), dir.join("unused.db"), "s");
         let http = reqwest::Client::new();
         let engine = Engine::start(store, tokenkeeper::daemon::settings_from(&cfg, &http))
             .await

@@ -11,7 +11,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use common::{eventually, Harness, Options};
 use reqwest::header::AUTHORIZATION;
-use tokenkeeper::provider::simulator::Fault;
+use tokenkeeper::dev::Fault;
 
 /// Parses Prometheus text: `name{labels} value` lines, `#` comments.
 fn parse_metrics(text: &str) -> HashMap<String, f64> {
@@ -495,7 +495,7 @@ async fn readyz_fails_while_the_database_cannot_be_written() {
 
 #[tokio::test]
 async fn sigterm_during_a_slow_refresh_commits_it_and_exits_in_time() {
-    use tokenkeeper::provider::simulator::DelayPhase;
+    use tokenkeeper::dev::DelayPhase;
     let mut h = Harness::new(Options::default()).await;
     h.start().await;
     assert_eq!(h.authorize("keap", "default").await.status(), 200);
@@ -690,7 +690,7 @@ async fn notify_command_gets_only_path_and_its_own_variables() {
 
 #[tokio::test]
 async fn once_shutdown_begins_no_new_refresh_starts() {
-    use tokenkeeper::provider::simulator::{Simulator, SimulatorConfig};
+    use tokenkeeper::dev::{Simulator, SimulatorConfig};
     use tokenkeeper::store::{NewGrant, Store};
     let sim = Simulator::start_local(SimulatorConfig {
         client_secret: common::CLIENT_SECRET.into(),

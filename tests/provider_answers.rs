@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{eventually, signal, Harness, Options};
 use serde_json::Value;
-use tokenkeeper::provider::simulator::{AnswerShape, DelayPhase, Fault};
+use tokenkeeper::dev::{AnswerShape, DelayPhase, Fault};
 
 const WAIT: Duration = Duration::from_secs(15);
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{Harness, Options};
 use serde_json::Value;
-use tokenkeeper::provider::simulator::{SimLimits, SimulatorConfig};
+use tokenkeeper::dev::{SimLimits, SimulatorConfig};
 
 /// Status and body of a GET sent byte for byte as given.
 async fn raw_get(port: u16, path: &str) -> (u16, String) {

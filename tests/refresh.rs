@@ -17,7 +17,7 @@ use common::{Harness, Options};
 use rand::{Rng, SeedableRng};
 use reqwest::header::RETRY_AFTER;
 use serde_json::Value;
-use tokenkeeper::provider::simulator::{DelayPhase, Fault, Simulator};
+use tokenkeeper::dev::{DelayPhase, Fault, Simulator};
 
 /// One `GET /v1/token/...` and the simulator's verdict on what came back.
 struct Sample {

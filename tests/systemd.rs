@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{eventually, signal, wait_exit, wait_healthy, Harness, Options, BIN};
-use tokenkeeper::provider::simulator::DelayPhase;
+use tokenkeeper::dev::DelayPhase;
 use tokio::net::UnixDatagram;
 
 /// Receives sd_notify datagrams; each may hold several `KEY=VALUE` lines.

@@ -11,7 +11,6 @@
 //! touches the database.
 
 pub mod answer;
-pub mod simulator;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

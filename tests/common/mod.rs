@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 use reqwest::redirect::Policy;
 use serde_json::Value;
-use tokenkeeper::provider::simulator::{RunningSimulator, Simulator, SimulatorConfig};
+use tokenkeeper::dev::{RunningSimulator, Simulator, SimulatorConfig};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tokenkeeper");
 pub const CLIENT_SECRET: &str = "sim-client+secret/9f8e7d=";

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokenkeeper::config::RefreshConfig;
-use tokenkeeper::provider::simulator::{DelayPhase, RunningSimulator, Simulator, SimulatorConfig};
+use tokenkeeper::dev::{DelayPhase, RunningSimulator, Simulator, SimulatorConfig};
 use tokenkeeper::refresh::policy::{next_refresh_at, stable_jitter, Timing};
 use tokenkeeper::refresh::Engine;
 use tokenkeeper::store::Store;
