@@ -965,17 +965,7 @@ impl Store {
                 kept_lease: false,
             });
         }
-        sqlx::query(
-            "UPDATE connections SET lease_owner = NULL, lease_until = NULL, attempt_id = NULL, \
-                 attempt_started_at = NULL, \
-                 state = CASE WHEN state = 'refreshing' THEN 'active' ELSE state END \
-             WHERE id = ? AND lease_owner = ? AND attempt_id = ?",
-        )
-        .bind(id)
-        .bind(owner.to_owned())
-        .bind(attempt_id.to_owned())
-        .execute(&mut *tx)
-        .await?;
+        release_lease(&mut tx, id, owner, attempt_id).await?;
         let current = sqlx::query(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?"))
             .bind(id)
             .fetch_optional(&mut *tx)
@@ -1087,17 +1077,7 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         if row.is_none() {
-            sqlx::query(
-                "UPDATE connections SET lease_owner = NULL, lease_until = NULL, attempt_id = NULL, \
-                     attempt_started_at = NULL, \
-                     state = CASE WHEN state = 'refreshing' THEN 'active' ELSE state END \
-                 WHERE id = ? AND lease_owner = ? AND attempt_id = ?",
-            )
-            .bind(id)
-            .bind(owner.to_owned())
-            .bind(attempt_id.to_owned())
-            .execute(&mut *tx)
-            .await?;
+            release_lease(&mut tx, id, owner, attempt_id).await?;
         }
         tx.commit().await?;
         row.as_ref().map(|r| self.decode(r)).transpose()
@@ -1534,6 +1514,28 @@ async fn reseal_rows(
 /// the generation row `id` will have after this transaction writes its
 /// token pair. With the lock held from here, no other writer can move the
 /// generation between this read and the write it seals for.
+/// Lets go of a lease this attempt still holds, without touching the
+/// grant (a result that lost to a newer grant, a rejection that did).
+async fn release_lease(
+    tx: &mut sqlx::SqliteConnection,
+    id: i64,
+    owner: &str,
+    attempt_id: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE connections SET lease_owner = NULL, lease_until = NULL, attempt_id = NULL, \
+             attempt_started_at = NULL, \
+             state = CASE WHEN state = 'refreshing' THEN 'active' ELSE state END \
+         WHERE id = ? AND lease_owner = ? AND attempt_id = ?",
+    )
+    .bind(id)
+    .bind(owner.to_owned())
+    .bind(attempt_id.to_owned())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 async fn next_generation_by_id(
     tx: &mut sqlx::SqliteConnection,
     id: i64,
