@@ -12,7 +12,7 @@ use sqlx::{ConnectOptions, Connection};
 use tokenkeeper::dev::{RunningSimulator, Simulator, SimulatorConfig};
 use tokenkeeper::provider::{Provider, TokenGrant};
 use tokenkeeper::refresh::clock::{Clock, TestClock};
-use tokenkeeper::refresh::{Engine, Revocation};
+use tokenkeeper::refresh::{Engine, EngineParts, Revocation};
 use tokenkeeper::store::{ConnState, Store};
 
 const SECRET: &str = "clock-test-secret";
@@ -46,11 +46,10 @@ async fn setup() -> Setup {
     let provider = Provider::new(p.clone(), http.clone());
     let store = Store::open(&db, None).await.unwrap();
     let clock = TestClock::new(Utc::now());
-    let engine = Engine::start_with_clock(
-        store,
-        tokenkeeper::daemon::settings_from(&cfg, &http),
-        clock.clone(),
-    )
+    let engine = Engine::start(EngineParts {
+        clock: clock.clone(),
+        ..EngineParts::new(store, tokenkeeper::daemon::settings_from(&cfg, &http))
+    })
     .await
     .unwrap();
     Setup {

@@ -198,9 +198,13 @@ async fn wait_for_other_process(
         };
         if let Some(holder) = row.lease_owner.as_deref() {
             if holder != shared.owner {
-                if let Some(seen) =
-                    holder_gone(shared, slot, holder, row.attempt_id.as_deref(), row.lease_until)
-                {
+                if let Some(seen) = holder_gone(
+                    shared,
+                    slot,
+                    holder,
+                    row.attempt_id.as_deref(),
+                    row.lease_until,
+                ) {
                     return Ok(Waited::Lapsed(seen));
                 }
             }

@@ -19,7 +19,9 @@ use super::policy;
 use super::shared::Shared;
 use super::slot::Slot;
 use super::snapshot::TokenState;
-use super::types::{ConnectionReport, IssuedToken, ServedToken, TokenError, TokenIdentity, Trigger};
+use super::types::{
+    ConnectionReport, IssuedToken, ServedToken, TokenError, TokenIdentity, Trigger,
+};
 use crate::notify::{Event, EventKind};
 use crate::provider::TokenGrant;
 use crate::store::{ConnState, NewGrant, StoreError, TokenKind};
@@ -148,10 +150,14 @@ async fn sync_with_store(shared: &Shared, slot: &Arc<Slot>) -> Result<bool, Toke
     // taken over by the flight once seen standing still): the wall clock
     // cannot tell a live lease from a lapsed one.
     let foreign = match row.lease_owner.as_deref() {
-        Some(holder) if row.attempt_id.is_some() && holder != shared.owner => {
-            lease::holder_gone(shared, slot, holder, row.attempt_id.as_deref(), row.lease_until)
-                .is_none()
-        }
+        Some(holder) if row.attempt_id.is_some() && holder != shared.owner => lease::holder_gone(
+            shared,
+            slot,
+            holder,
+            row.attempt_id.as_deref(),
+            row.lease_until,
+        )
+        .is_none(),
         _ => false,
     };
     if foreign {

@@ -395,10 +395,7 @@ pub(crate) mod tests {
         assert_eq!(rejected.last_error(), Some("invalid_grant"));
         assert!(rejected.parked(t0()));
         // A still-valid token is never discarded because of a failure.
-        assert_eq!(
-            rejected.token().unwrap().access_token.expose_secret(),
-            "at"
-        );
+        assert_eq!(rejected.token().unwrap().access_token.expose_secret(), "at");
 
         // Refreshing after a failure keeps the failure, reported as it was.
         let mut r = row(ConnState::Refreshing);
@@ -407,7 +404,10 @@ pub(crate) mod tests {
         let refreshing = snap(&r);
         assert_eq!(refreshing.last_error(), Some("timeout"));
         assert_eq!(refreshing.journal().0, ConnState::Retrying);
-        assert_eq!(snap(&row(ConnState::Refreshing)).journal().0, ConnState::Active);
+        assert_eq!(
+            snap(&row(ConnState::Refreshing)).journal().0,
+            ConnState::Active
+        );
     }
 
     #[test]

@@ -142,11 +142,20 @@ pub enum Trigger {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenIdentity {
     /// The access token this daemon currently hands out.
-    CurrentAccessToken { provider: String, account: String },
+    CurrentAccessToken {
+        provider: String,
+        account: String,
+    },
     /// An access token this daemon handed out before.
-    OldAccessToken { provider: String, account: String },
+    OldAccessToken {
+        provider: String,
+        account: String,
+    },
     /// A refresh token: never to be sent as a bearer token.
-    RefreshToken { provider: String, account: String },
+    RefreshToken {
+        provider: String,
+        account: String,
+    },
     Unknown,
 }
 

@@ -241,8 +241,7 @@ pub fn serve_pending_if_stored_dead(
         // An unreadable row: nothing stored to compare with or to keep.
         return snap;
     };
-    let serving_held =
-        stored.access_token.expose_secret() == p.grant.access_token.expose_secret();
+    let serving_held = stored.access_token.expose_secret() == p.grant.access_token.expose_secret();
     if serving_held || snap.fresh_enough(snap.now(shared.clock()), refresh) {
         return snap;
     }

@@ -98,14 +98,33 @@ mod tests {
     fn scheduled_refreshes_at_the_fraction_of_the_lifetime() {
         let r = row(ConnState::Refreshing);
         let p = policy();
-        let at = t0() + chrono::Duration::from_std(Duration::from_secs(3600).mul_f64(p.at_fraction)).unwrap();
-        assert!(!refreshes(decide(Trigger::Scheduled, &r, at - mins(1), &p, Duration::ZERO)));
-        assert!(refreshes(decide(Trigger::Scheduled, &r, at, &p, Duration::ZERO)));
+        let at = t0()
+            + chrono::Duration::from_std(Duration::from_secs(3600).mul_f64(p.at_fraction)).unwrap();
+        assert!(!refreshes(decide(
+            Trigger::Scheduled,
+            &r,
+            at - mins(1),
+            &p,
+            Duration::ZERO
+        )));
+        assert!(refreshes(decide(
+            Trigger::Scheduled,
+            &r,
+            at,
+            &p,
+            Duration::ZERO
+        )));
         // Jitter delays it, never past min_validity before expiry.
         let late = Duration::from_secs(10 * 60);
         assert!(!refreshes(decide(Trigger::Scheduled, &r, at, &p, late)));
         let latest = r.expires_at - chrono::Duration::from_std(p.min_validity).unwrap();
-        assert!(refreshes(decide(Trigger::Scheduled, &r, latest, &p, Duration::from_secs(3600))));
+        assert!(refreshes(decide(
+            Trigger::Scheduled,
+            &r,
+            latest,
+            &p,
+            Duration::from_secs(3600)
+        )));
     }
 
     #[test]
@@ -114,8 +133,20 @@ mod tests {
         let p = policy();
         let edge = r.expires_at - chrono::Duration::from_std(p.min_validity).unwrap();
         // Past the scheduler's point, but still enough for a caller.
-        assert!(!refreshes(decide(Trigger::OnDemand, &r, edge - mins(1), &p, Duration::ZERO)));
-        assert!(refreshes(decide(Trigger::OnDemand, &r, edge + mins(1), &p, Duration::ZERO)));
+        assert!(!refreshes(decide(
+            Trigger::OnDemand,
+            &r,
+            edge - mins(1),
+            &p,
+            Duration::ZERO
+        )));
+        assert!(refreshes(decide(
+            Trigger::OnDemand,
+            &r,
+            edge + mins(1),
+            &p,
+            Duration::ZERO
+        )));
     }
 
     #[test]
@@ -123,22 +154,46 @@ mod tests {
         let p = policy();
         let mut r = row(ConnState::Refreshing);
         // Long before the fraction: nothing to do...
-        assert!(!refreshes(decide(Trigger::Scheduled, &r, t0(), &p, Duration::ZERO)));
+        assert!(!refreshes(decide(
+            Trigger::Scheduled,
+            &r,
+            t0(),
+            &p,
+            Duration::ZERO
+        )));
         // ...unless the last attempt failed (its backoff has run out, or
         // the scheduler would not have started this flight)...
         r.last_error = Some("timeout".into());
-        assert!(refreshes(decide(Trigger::Scheduled, &r, t0(), &p, Duration::ZERO)));
+        assert!(refreshes(decide(
+            Trigger::Scheduled,
+            &r,
+            t0(),
+            &p,
+            Duration::ZERO
+        )));
         // ...or was interrupted by a crash.
         r.last_error = None;
         r.interrupted_at = Some(t0());
-        assert!(refreshes(decide(Trigger::Scheduled, &r, t0(), &p, Duration::ZERO)));
+        assert!(refreshes(decide(
+            Trigger::Scheduled,
+            &r,
+            t0(),
+            &p,
+            Duration::ZERO
+        )));
     }
 
     #[test]
     fn forced_always_refreshes_and_a_rejected_grant_never() {
         let p = policy();
         let r = row(ConnState::Refreshing);
-        assert!(refreshes(decide(Trigger::Forced, &r, t0(), &p, Duration::ZERO)));
+        assert!(refreshes(decide(
+            Trigger::Forced,
+            &r,
+            t0(),
+            &p,
+            Duration::ZERO
+        )));
         let rejected = row(ConnState::AuthorizationRequired);
         for trigger in [Trigger::Forced, Trigger::OnDemand, Trigger::Scheduled] {
             let late = rejected.expires_at + mins(1);

@@ -98,28 +98,26 @@ pub async fn refresh(
     // flight thread even if this caller goes away.
     let guard = FlightGuard::new(slot.clone());
     let (flying_shared, flying) = (shared.clone(), slot.clone());
-    let landed = shared
-        .flights
-        .spawn(shared.tasks.track_future(async move {
-            let _flight = flight;
-            let _guard = guard;
-            let shared = flying_shared;
-            let before = flying.snapshot().generation;
-            let snap = run(&shared, &flying, trigger).await?;
-            // A held grant's token being served is a new token too.
-            let held = flying.pending().is_some_and(|p| {
-                snap.token().is_some_and(|t| {
-                    p.grant.access_token.expose_secret() == t.access_token.expose_secret()
-                })
-            });
-            if trigger == Trigger::Forced && snap.generation == before && !held {
-                // Whoever forces a refresh wants to know it did not happen,
-                // even though the old token would still be served to
-                // ordinary callers.
-                return Err(flying.failure(&snap, shared.clock()));
-            }
-            flying.answer(&snap, shared.clock())
-        }));
+    let landed = shared.flights.spawn(shared.tasks.track_future(async move {
+        let _flight = flight;
+        let _guard = guard;
+        let shared = flying_shared;
+        let before = flying.snapshot().generation;
+        let snap = run(&shared, &flying, trigger).await?;
+        // A held grant's token being served is a new token too.
+        let held = flying.pending().is_some_and(|p| {
+            snap.token().is_some_and(|t| {
+                p.grant.access_token.expose_secret() == t.access_token.expose_secret()
+            })
+        });
+        if trigger == Trigger::Forced && snap.generation == before && !held {
+            // Whoever forces a refresh wants to know it did not happen,
+            // even though the old token would still be served to
+            // ordinary callers.
+            return Err(flying.failure(&snap, shared.clock()));
+        }
+        flying.answer(&snap, shared.clock())
+    }));
     match landed.await {
         Ok(result) => result,
         Err(e) => {
@@ -191,8 +189,16 @@ pub async fn run(
         let (result, elapsed) = call(shared, slot, provider, &attempt, &used).await;
         return match result {
             Ok(grant) => {
-                commit::commit(shared, slot, &attempt, base_generation, used, grant, elapsed)
-                    .await
+                commit::commit(
+                    shared,
+                    slot,
+                    &attempt,
+                    base_generation,
+                    used,
+                    grant,
+                    elapsed,
+                )
+                .await
             }
             Err(ProviderError::Transient {
                 message,

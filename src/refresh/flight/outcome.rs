@@ -84,7 +84,12 @@ pub fn plan(class: Class, failures_before: u32, refresh: &RefreshConfig, unit: f
                     .max(refresh.retry_initial),
             ),
         },
-        Class::Unusable => plan(Class::Transient { retry_after: None }, failures_before, refresh, unit),
+        Class::Unusable => plan(
+            Class::Transient { retry_after: None },
+            failures_before,
+            refresh,
+            unit,
+        ),
         Class::Rejected => Plan {
             state: ConnState::AuthorizationRequired,
             failures: failures_before,
@@ -136,7 +141,12 @@ async fn retry_later(
     class: Class,
 ) -> Result<Arc<Snapshot>, TokenError> {
     let settings = shared.settings();
-    let p = plan(class, row.failures, &settings.refresh, rand::random::<f64>());
+    let p = plan(
+        class,
+        row.failures,
+        &settings.refresh,
+        rand::random::<f64>(),
+    );
     let delay = p.retry_in.unwrap_or_default();
     let next = slot.snapshot().now(shared.clock()) + chrono_dur(delay);
     tracing::warn!(
@@ -266,7 +276,12 @@ pub async fn rejected(
     row: &ConnectionRow,
     reason: String,
 ) -> Result<Arc<Snapshot>, TokenError> {
-    let p = plan(Class::Rejected, row.failures, &shared.settings().refresh, 0.0);
+    let p = plan(
+        Class::Rejected,
+        row.failures,
+        &shared.settings().refresh,
+        0.0,
+    );
     let rejected = shared
         .store
         .reject_attempt(
@@ -311,12 +326,17 @@ mod tests {
         assert!(wait <= p.retry_max && wait > p.retry_max / 2, "{wait:?}");
         // The provider's Retry-After wins when longer, capped at retry_max.
         let asked = plan(
-            Class::Transient { retry_after: Some(Duration::from_secs(7200)) },
+            Class::Transient {
+                retry_after: Some(Duration::from_secs(7200)),
+            },
             0,
             &p,
             0.0,
         );
-        assert_eq!(asked.retry_in, Some(p.retry_max.min(Duration::from_secs(7200))));
+        assert_eq!(
+            asked.retry_in,
+            Some(p.retry_max.min(Duration::from_secs(7200)))
+        );
     }
 
     #[test]
@@ -353,7 +373,11 @@ mod tests {
             Class::Refused,
             Class::Unusable,
         ] {
-            assert_eq!(plan(class, 0, &p, 0.5).state, ConnState::Retrying, "{class:?}");
+            assert_eq!(
+                plan(class, 0, &p, 0.5).state,
+                ConnState::Retrying,
+                "{class:?}"
+            );
         }
     }
 
@@ -361,8 +385,14 @@ mod tests {
     fn a_rejection_after_an_interrupted_refresh_says_the_likely_cause() {
         let t = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
         let r = rejected_reason("invalid_grant", Some(t));
-        assert!(r.starts_with("invalid_grant; a refresh started at 2027-"), "{r}");
+        assert!(
+            r.starts_with("invalid_grant; a refresh started at 2027-"),
+            "{r}"
+        );
         assert!(r.contains("interrupted"), "{r}");
-        assert_eq!(rejected_reason("invalid_grant", None), "invalid_grant; authorize again");
+        assert_eq!(
+            rejected_reason("invalid_grant", None),
+            "invalid_grant; authorize again"
+        );
     }
 }
