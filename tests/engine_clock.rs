@@ -222,3 +222,64 @@ async fn lease_owner(c: &mut sqlx::SqliteConnection) -> Option<String> {
         .await
         .unwrap()
 }
+
+/// Each failure class the provider module names ends in the state SPEC 7
+/// gives it, with the backoff its class allows, on the test clock; only a
+/// rejection ends the grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_failure_class_leaves_the_state_it_names() {
+    use tokenkeeper::dev::{AnswerShape, Fault};
+    let s = setup().await;
+    authorize(&s).await;
+    let refresh = s.engine.settings().refresh.clone();
+    let report = |s: &Setup| s.engine.report().remove(0);
+
+    // Transient (a 503): retrying, backing off at least retry_initial.
+    s.sim.sim.push_fault(Fault::Status(503));
+    assert!(s.engine.force_refresh("demo", "default").await.is_err());
+    let r = report(&s);
+    assert_eq!(r.state, ConnState::Retrying);
+    // (Stored instants are whole milliseconds.)
+    let wait = r.next_refresh_at.unwrap() - s.clock.now() + chrono::Duration::milliseconds(1);
+    assert!(wait >= chrono::Duration::from_std(refresh.retry_initial).unwrap());
+    assert!(wait <= chrono::Duration::from_std(refresh.retry_max).unwrap());
+
+    // Refused (a configuration problem): retrying, never longer than a
+    // quarter of an hour, the provider's words kept.
+    s.sim.sim.push_fault(Fault::OAuthError {
+        status: 401,
+        error: "invalid_client".into(),
+        description: None,
+    });
+    assert!(s.engine.force_refresh("demo", "default").await.is_err());
+    let r = report(&s);
+    assert_eq!(r.state, ConnState::Retrying);
+    assert!(r.last_error.unwrap().contains("invalid_client"));
+    let wait = r.next_refresh_at.unwrap() - s.clock.now();
+    assert!(
+        wait <= chrono::Duration::minutes(15)
+            .max(chrono::Duration::from_std(refresh.retry_initial).unwrap())
+    );
+
+    // Unusable (a 2xx without an access token, with a new refresh token):
+    // retrying, and the refresh token it carried is the one used next.
+    s.sim.sim.set_answer_shape(Some(AnswerShape::NoAccessToken));
+    assert!(s.engine.force_refresh("demo", "default").await.is_err());
+    s.sim.sim.set_answer_shape(None);
+    assert_eq!(report(&s).state, ConnState::Retrying);
+    s.engine.force_refresh("demo", "default").await.unwrap();
+    assert_eq!(report(&s).state, ConnState::Active);
+    assert_eq!(report(&s).last_error, None);
+    assert_eq!(
+        s.sim.sim.stats().refresh_reuse,
+        0,
+        "the stored token was spent"
+    );
+
+    // Rejected: the grant needs a new authorization.
+    s.sim.sim.push_fault(Fault::RejectRefresh);
+    assert!(s.engine.force_refresh("demo", "default").await.is_err());
+    let r = report(&s);
+    assert_eq!(r.state, ConnState::AuthorizationRequired);
+    assert_eq!(r.next_refresh_at, None);
+}
