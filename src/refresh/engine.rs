@@ -212,7 +212,12 @@ impl Engine {
         self.inner.install(row);
     }
 
-    /// See [`registry::with_fresh_token`]: the token fast lane.
+    /// The token fast lane: when this process is alone on its database, no
+    /// refresh of the connection is in flight and its snapshot is fresh
+    /// enough, `f` sees the token in place (no storage read, no
+    /// allocation) and its result is returned. `None` means "take
+    /// [`Engine::token`]", which decides every other case; when `Some`,
+    /// `token` would have returned the same token (`registry.rs`).
     pub fn with_fresh_token<R>(
         &self,
         provider: &str,
@@ -224,7 +229,9 @@ impl Engine {
     }
 
     /// The hot path: a token with at least `min_validity` left, refreshing
-    /// first when needed (see [`registry::token`]).
+    /// first when needed, waiting for an in-flight refresh rather than
+    /// handing out a token that refresh may be about to kill
+    /// (`registry.rs`).
     pub async fn token(&self, provider: &str, account: &str) -> Result<IssuedToken, TokenError> {
         registry::token(&self.inner, provider, account).await
     }
@@ -255,23 +262,26 @@ impl Engine {
         registry::inspect(&self.inner, token)
     }
 
-    /// Whether a bearer credential is one of our refresh tokens (SPEC 5);
-    /// the misuse is reported (see
-    /// [`registry::refuse_refresh_token_as_bearer`]).
+    /// Whether a bearer credential is one of our refresh tokens, current or
+    /// rotated out (SPEC 5). If so, the misuse is reported, once: a
+    /// security log line, `tokenkeeper_bearer_misuse_total` and the
+    /// `bearer_misuse` notification naming the grant, never the token.
     pub fn refuse_refresh_token_as_bearer(&self, token: &str) -> bool {
         registry::refuse_refresh_token_as_bearer(&self.inner, token)
     }
 
     /// After a config reload: every `retrying` connection is due at the
-    /// next scheduler pass (see [`registry::retry_failing_now`]). Returns
-    /// how many.
+    /// next scheduler pass instead of after its backoff, since the reload
+    /// may have fixed what failed. Returns how many.
     pub fn retry_failing_now(&self) -> usize {
         registry::retry_failing_now(&self.inner)
     }
 
     /// Revokes a grant upstream where the provider can (unless `mode` is
-    /// [`Revocation::LocalOnly`]) and forgets it locally (see
-    /// [`revoke::forget`]). Returns `false` if there was nothing to forget.
+    /// [`Revocation::LocalOnly`]) and forgets it locally, under the flight
+    /// lock and the lease so the newest token is the one revoked
+    /// (`flight/revoke.rs`); if the provider fails the revocation, the
+    /// grant is kept. Returns `false` if there was nothing to forget.
     pub async fn forget(
         &self,
         provider: &str,
