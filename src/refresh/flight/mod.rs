@@ -6,9 +6,9 @@
 //! 1. land a grant held in memory first, if any ([`commit`]);
 //! 2. take the lease, which also journals "refresh started" (`lease`);
 //! 3. decide on the grant as stored now ([`decide`]);
-//! 4. call the provider, renewing the lease meanwhile ([`call`]);
+//! 4. call the provider, renewing the lease meanwhile (`call`);
 //! 5. commit what it issued ([`commit`]), or end by failure class
-//!    ([`outcome`]: transient, refused, unusable, rejected).
+//!    ([`outcome`]: transient, refused, unusable, rejected) (`conclude`).
 //!
 //! [`revoke`] forgets a grant under the same flight lock and lease.
 //!
@@ -179,66 +179,97 @@ pub async fn run(
         }
     };
 
-    // 4. and 5. Call the provider and end by what it answered; a rejection
-    // is retried once with a newer stored token (another process rotated
-    // it while we called).
-    let mut used = refresh_token;
-    let mut base_generation = row.generation;
-    let mut retried = false;
-    loop {
-        let (result, elapsed) = call(shared, slot, provider, &attempt, &used).await;
-        return match result {
-            Ok(grant) => {
-                commit::commit(
-                    shared,
-                    slot,
-                    &attempt,
-                    base_generation,
-                    used,
-                    grant,
-                    elapsed,
-                )
-                .await
-            }
-            Err(ProviderError::Transient {
-                message,
-                retry_after,
-            }) => outcome::transient(shared, slot, &attempt, &row, message, retry_after).await,
-            Err(ProviderError::Refused { message }) => {
-                outcome::refused(shared, slot, &attempt, &row, message).await
-            }
-            Err(ProviderError::Unusable {
+    // 4. Call the provider, renewing the lease meanwhile.
+    let called = call(
+        shared,
+        slot,
+        provider,
+        &attempt,
+        refresh_token,
+        row.generation,
+    )
+    .await?;
+
+    // 5. Commit what it issued, or end by failure class.
+    conclude(shared, slot, &attempt, &row, called).await
+}
+
+/// What the provider answered, with the refresh token it was sent and the
+/// generation that token was read at (the commit compares against it).
+struct Called {
+    result: Result<TokenGrant, ProviderError>,
+    used: SecretString,
+    base_generation: i64,
+    elapsed: Duration,
+}
+
+/// Calls the provider with `refresh_token`; if it rejects the token but
+/// storage holds a newer one (another process rotated it while we
+/// called), calls once more with that.
+async fn call(
+    shared: &Shared,
+    slot: &Slot,
+    provider: &Provider,
+    attempt: &str,
+    refresh_token: SecretString,
+    generation: i64,
+) -> Result<Called, TokenError> {
+    let called = call_once(shared, slot, provider, attempt, refresh_token, generation).await;
+    if !matches!(called.result, Err(ProviderError::Rejected { .. })) {
+        return Ok(called);
+    }
+    let Some((newer, generation)) = newer_stored_token(shared, slot, &called.used).await? else {
+        return Ok(called);
+    };
+    tracing::info!(provider = %slot.provider, account = %slot.account, "refresh token rejected, but storage holds a newer one (another process rotated it); retrying once with it");
+    Ok(call_once(shared, slot, provider, attempt, newer, generation).await)
+}
+
+/// Ends the flight by what the provider answered: a commit, or the state
+/// of the failure's class (`outcome`).
+async fn conclude(
+    shared: &Arc<Shared>,
+    slot: &Arc<Slot>,
+    attempt: &str,
+    row: &ConnectionRow,
+    called: Called,
+) -> Result<Arc<Snapshot>, TokenError> {
+    let Called {
+        result,
+        used,
+        base_generation,
+        elapsed,
+    } = called;
+    match result {
+        Ok(grant) => {
+            commit::commit(shared, slot, attempt, base_generation, used, grant, elapsed).await
+        }
+        Err(ProviderError::Transient {
+            message,
+            retry_after,
+        }) => outcome::transient(shared, slot, attempt, row, message, retry_after).await,
+        Err(ProviderError::Refused { message }) => {
+            outcome::refused(shared, slot, attempt, row, message).await
+        }
+        Err(ProviderError::Unusable {
+            message,
+            refresh_token,
+        }) => {
+            outcome::unusable(
+                shared,
+                slot,
+                (attempt, base_generation, used),
+                row,
                 message,
                 refresh_token,
-            }) => {
-                outcome::unusable(
-                    shared,
-                    slot,
-                    (&attempt, base_generation, used),
-                    &row,
-                    message,
-                    refresh_token,
-                    elapsed,
-                )
-                .await
-            }
-            Err(ProviderError::Rejected { message }) => {
-                match newer_stored_token(shared, slot, &used).await? {
-                    Some((token, generation)) if !retried => {
-                        tracing::info!(provider = %slot.provider, account = %slot.account, "refresh token rejected, but storage holds a newer one (another process rotated it); retrying once with it");
-                        used = token;
-                        base_generation = generation;
-                        retried = true;
-                        continue;
-                    }
-                    _ => {
-                        let reason = outcome::rejected_reason(&message, row.interrupted_at);
-                        outcome::rejected(shared, slot, (&attempt, base_generation), &row, reason)
-                            .await
-                    }
-                }
-            }
-        };
+                elapsed,
+            )
+            .await
+        }
+        Err(ProviderError::Rejected { message }) => {
+            let reason = outcome::rejected_reason(&message, row.interrupted_at);
+            outcome::rejected(shared, slot, (attempt, base_generation), row, reason).await
+        }
     }
 }
 
@@ -270,28 +301,35 @@ async fn skip(
     Ok(slot.set(shared.snap_of(&row)))
 }
 
-/// Calls the provider with `refresh_token` within its rate limits,
-/// renewing the lease while it runs. Returns the answer and how long it
-/// took.
-async fn call(
+/// One provider call with `refresh_token`, within the provider's rate
+/// limits, renewing the lease while it runs.
+async fn call_once(
     shared: &Shared,
     slot: &Slot,
     provider: &Provider,
     attempt: &str,
-    refresh_token: &SecretString,
-) -> (Result<TokenGrant, ProviderError>, Duration) {
+    refresh_token: SecretString,
+    generation: i64,
+) -> Called {
     let started = std::time::Instant::now();
-    let renew = lease::renew_while(shared, slot.id, attempt);
-    let call = async {
-        shared.rate_slot(provider, &slot.account).await;
-        provider.refresh(refresh_token).await
+    let result = {
+        let renew = lease::renew_while(shared, slot.id, attempt);
+        let call = async {
+            shared.rate_slot(provider, &slot.account).await;
+            provider.refresh(&refresh_token).await
+        };
+        tokio::pin!(call);
+        tokio::select! {
+            r = &mut call => r,
+            () = renew => call.await,
+        }
     };
-    tokio::pin!(call);
-    let result = tokio::select! {
-        r = &mut call => r,
-        () = renew => call.await,
-    };
-    (result, started.elapsed())
+    Called {
+        result,
+        used: refresh_token,
+        base_generation: generation,
+        elapsed: started.elapsed(),
+    }
 }
 
 /// The stored refresh token and generation, if storage holds a different
