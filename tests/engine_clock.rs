@@ -283,3 +283,65 @@ async fn each_failure_class_leaves_the_state_it_names() {
     assert_eq!(r.state, ConnState::AuthorizationRequired);
     assert_eq!(r.next_refresh_at, None);
 }
+
+/// Counts heap allocations made by the current thread while asked to, so
+/// the token fast lane can be shown to make none.
+struct CountingAlloc;
+
+thread_local! {
+    static COUNTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn note_allocation() {
+    let _ = COUNTING.try_with(|on| {
+        if on.get() {
+            let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+        }
+    });
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        note_allocation();
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        note_allocation();
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        note_allocation();
+        unsafe { std::alloc::System.realloc(ptr, layout, size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAlloc = CountingAlloc;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_fast_lane_does_not_allocate() {
+    let s = setup().await;
+    let grant = authorize(&s).await;
+    let serve = |s: &Setup| {
+        s.engine
+            .with_fresh_token("demo", "default", s.clock.now(), |t| {
+                t.access_token.len() + t.token_type.len() + t.provider.len()
+            })
+    };
+    // The first call on a thread sizes its lookup-key buffer.
+    assert!(serve(&s).is_some());
+    COUNTING.with(|on| on.set(true));
+    let served = serve(&s);
+    COUNTING.with(|on| on.set(false));
+    let n = ALLOCATIONS.with(|n| n.get());
+    assert_eq!(
+        served,
+        Some(grant.access_token.expose_secret().len() + grant.token_type.len() + "demo".len())
+    );
+    assert_eq!(n, 0, "the fast lane allocated {n} times");
+}
