@@ -345,3 +345,36 @@ async fn the_token_fast_lane_does_not_allocate() {
     );
     assert_eq!(n, 0, "the fast lane allocated {n} times");
 }
+
+/// A grant that failed transiently is retried by the scheduler only once
+/// its backoff has run out, measured on the test clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_waits_out_a_retrying_grants_backoff() {
+    let s = setup().await;
+    authorize(&s).await;
+    s.sim.sim.push_fault(tokenkeeper::dev::Fault::Status(503));
+    assert!(s.engine.force_refresh("demo", "default").await.is_err());
+    let r = s.engine.report().remove(0);
+    assert_eq!(r.state, ConnState::Retrying);
+    let next = r.next_refresh_at.unwrap();
+    assert_eq!(s.sim.sim.stats().refresh_calls, 1);
+
+    // Not yet: the backoff has not run out (a refresh, if one were wrongly
+    // started, would reach the simulator well within this wait).
+    s.engine.tick().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.sim.sim.stats().refresh_calls, 1, "retried during backoff");
+
+    // Once it has, the next pass retries and the grant is active again.
+    s.clock
+        .advance((next - s.clock.now()).to_std().unwrap() + Duration::from_secs(1));
+    s.engine.tick().await.unwrap();
+    for _ in 0..100 {
+        if s.engine.report()[0].state == ConnState::Active {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.engine.report()[0].state, ConnState::Active);
+    assert_eq!(s.sim.sim.stats().refresh_ok, 1);
+}
