@@ -39,7 +39,7 @@ use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::provider::{self, Provider};
 use crate::ratelimit::RateLimits;
-use crate::refresh::{Engine, Settings};
+use crate::refresh::{Engine, EngineParts, Settings};
 use crate::store::{Store, StoreError};
 use crate::systemd;
 
@@ -157,7 +157,14 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
         None => None,
     };
     let http_client = provider::http_client();
-    let engine = Engine::start(store.clone(), settings_from(&config, &http_client)).await?;
+    // One set of limits for the proxy and the engine's refresh calls: both
+    // spend the same provider quota.
+    let limits = Arc::new(RateLimits::new(config.providers.values()));
+    let engine = Engine::start(EngineParts {
+        limits: Some(limits.clone()),
+        ..EngineParts::new(store.clone(), settings_from(&config, &http_client))
+    })
+    .await?;
     release_freed_memory();
     let bound = listener.local_addr()?;
     let public_url = config.public_url(bound);
@@ -178,10 +185,6 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
             publish_certificate(&t.cert_path);
         }
     }
-    // One set of limits for the proxy and the engine's refresh calls: both
-    // spend the same provider quota.
-    let limits = Arc::new(RateLimits::new(config.providers.values()));
-    engine.use_rate_limits(limits.clone());
     let state = AppState::new(crate::http::Shared {
         engine: engine.clone(),
         public_url: public_url.clone(),

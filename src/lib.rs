@@ -14,10 +14,13 @@
 //!   token answers leniently and is the one place that decides which
 //!   failures are transient, which reject the grant and which are the
 //!   client's configuration. It knows nothing of the simulator.
-//! - [`refresh`]: the refresh policy (pure functions), the engine
-//!   (single-flight, crash recovery, in-memory snapshots for serving, grants
-//!   held in memory until they are stored), the thread its flights run on,
-//!   the injectable clock, and lease-holder identities.
+//! - [`refresh`]: the refresh policy (pure functions) and the engine in
+//!   layers: the served state as an enum (`snapshot`), the lease and the
+//!   refresh journal (`lease`), one refresh as named phases (`flight`:
+//!   decide, call, commit or end by failure class), serving from snapshots
+//!   (`registry`) and the façade that wires them (`engine`); also the
+//!   thread flights run on, the injectable clock, and lease-holder
+//!   identities.
 //! - [`http`]: the local HTTP interface: `api` (JSON), `callback` (browser
 //!   authorization), `pages` (HTML), `proxy` (the rate-limited API proxy),
 //!   `auth` and `login` (site checks, API keys, browser login links),

@@ -12,7 +12,7 @@ use sqlx::{ConnectOptions, Connection};
 use tokenkeeper::dev::{RunningSimulator, Simulator, SimulatorConfig};
 use tokenkeeper::provider::{Provider, TokenGrant};
 use tokenkeeper::refresh::clock::{Clock, TestClock};
-use tokenkeeper::refresh::{Engine, Revocation};
+use tokenkeeper::refresh::{Engine, EngineParts, Revocation};
 use tokenkeeper::store::{ConnState, Store};
 
 const SECRET: &str = "clock-test-secret";
@@ -46,11 +46,10 @@ async fn setup() -> Setup {
     let provider = Provider::new(p.clone(), http.clone());
     let store = Store::open(&db, None).await.unwrap();
     let clock = TestClock::new(Utc::now());
-    let engine = Engine::start_with_clock(
-        store,
-        tokenkeeper::daemon::settings_from(&cfg, &http),
-        clock.clone(),
-    )
+    let engine = Engine::start(EngineParts {
+        clock: clock.clone(),
+        ..EngineParts::new(store, tokenkeeper::daemon::settings_from(&cfg, &http))
+    })
     .await
     .unwrap();
     Setup {
@@ -222,4 +221,160 @@ async fn lease_owner(c: &mut sqlx::SqliteConnection) -> Option<String> {
         .fetch_one(c)
         .await
         .unwrap()
+}
+
+/// Each failure class the provider module names ends in the state SPEC 7
+/// gives it, with the backoff its class allows, on the test clock; only a
+/// rejection ends the grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_failure_class_leaves_the_state_it_names() {
+    use tokenkeeper::dev::{AnswerShape, Fault};
+    let s = setup().await;
+    authorize(&s).await;
+    let refresh = s.engine.settings().refresh.clone();
+    let report = |s: &Setup| s.engine.report().remove(0);
+
+    // Transient (a 503): retrying, backing off at least retry_initial.
+    s.sim.sim.push_fault(Fault::Status(503));
+    assert!(s.engine.force_refresh("demo", "default").await.is_err());
+    let r = report(&s);
+    assert_eq!(r.state, ConnState::Retrying);
+    // (Stored instants are whole milliseconds.)
+    let wait = r.next_refresh_at.unwrap() - s.clock.now() + chrono::Duration::milliseconds(1);
+    assert!(wait >= chrono::Duration::from_std(refresh.retry_initial).unwrap());
+    assert!(wait <= chrono::Duration::from_std(refresh.retry_max).unwrap());
+
+    // Refused (a configuration problem): retrying, never longer than a
+    // quarter of an hour, the provider's words kept.
+    s.sim.sim.push_fault(Fault::OAuthError {
+        status: 401,
+        error: "invalid_client".into(),
+        description: None,
+    });
+    assert!(s.engine.force_refresh("demo", "default").await.is_err());
+    let r = report(&s);
+    assert_eq!(r.state, ConnState::Retrying);
+    assert!(r.last_error.unwrap().contains("invalid_client"));
+    let wait = r.next_refresh_at.unwrap() - s.clock.now();
+    assert!(
+        wait <= chrono::Duration::minutes(15)
+            .max(chrono::Duration::from_std(refresh.retry_initial).unwrap())
+    );
+
+    // Unusable (a 2xx without an access token, with a new refresh token):
+    // retrying, and the refresh token it carried is the one used next.
+    s.sim.sim.set_answer_shape(Some(AnswerShape::NoAccessToken));
+    assert!(s.engine.force_refresh("demo", "default").await.is_err());
+    s.sim.sim.set_answer_shape(None);
+    assert_eq!(report(&s).state, ConnState::Retrying);
+    s.engine.force_refresh("demo", "default").await.unwrap();
+    assert_eq!(report(&s).state, ConnState::Active);
+    assert_eq!(report(&s).last_error, None);
+    assert_eq!(
+        s.sim.sim.stats().refresh_reuse,
+        0,
+        "the stored token was spent"
+    );
+
+    // Rejected: the grant needs a new authorization.
+    s.sim.sim.push_fault(Fault::RejectRefresh);
+    assert!(s.engine.force_refresh("demo", "default").await.is_err());
+    let r = report(&s);
+    assert_eq!(r.state, ConnState::AuthorizationRequired);
+    assert_eq!(r.next_refresh_at, None);
+}
+
+/// Counts heap allocations made by the current thread while asked to, so
+/// the token fast lane can be shown to make none.
+struct CountingAlloc;
+
+thread_local! {
+    static COUNTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn note_allocation() {
+    let _ = COUNTING.try_with(|on| {
+        if on.get() {
+            let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+        }
+    });
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        note_allocation();
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        note_allocation();
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        note_allocation();
+        unsafe { std::alloc::System.realloc(ptr, layout, size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAlloc = CountingAlloc;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_fast_lane_does_not_allocate() {
+    let s = setup().await;
+    let grant = authorize(&s).await;
+    let serve = |s: &Setup| {
+        s.engine
+            .with_fresh_token("demo", "default", s.clock.now(), |t| {
+                t.access_token.len() + t.token_type.len() + t.provider.len()
+            })
+    };
+    // The first call on a thread sizes its lookup-key buffer.
+    assert!(serve(&s).is_some());
+    COUNTING.with(|on| on.set(true));
+    let served = serve(&s);
+    COUNTING.with(|on| on.set(false));
+    let n = ALLOCATIONS.with(|n| n.get());
+    assert_eq!(
+        served,
+        Some(grant.access_token.expose_secret().len() + grant.token_type.len() + "demo".len())
+    );
+    assert_eq!(n, 0, "the fast lane allocated {n} times");
+}
+
+/// A grant that failed transiently is retried by the scheduler only once
+/// its backoff has run out, measured on the test clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_waits_out_a_retrying_grants_backoff() {
+    let s = setup().await;
+    authorize(&s).await;
+    s.sim.sim.push_fault(tokenkeeper::dev::Fault::Status(503));
+    assert!(s.engine.force_refresh("demo", "default").await.is_err());
+    let r = s.engine.report().remove(0);
+    assert_eq!(r.state, ConnState::Retrying);
+    let next = r.next_refresh_at.unwrap();
+    assert_eq!(s.sim.sim.stats().refresh_calls, 1);
+
+    // Not yet: the backoff has not run out (a refresh, if one were wrongly
+    // started, would reach the simulator well within this wait).
+    s.engine.tick().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.sim.sim.stats().refresh_calls, 1, "retried during backoff");
+
+    // Once it has, the next pass retries and the grant is active again.
+    s.clock
+        .advance((next - s.clock.now()).to_std().unwrap() + Duration::from_secs(1));
+    s.engine.tick().await.unwrap();
+    for _ in 0..100 {
+        if s.engine.report()[0].state == ConnState::Active {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.engine.report()[0].state, ConnState::Active);
+    assert_eq!(s.sim.sim.stats().refresh_ok, 1);
 }

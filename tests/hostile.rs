@@ -11,7 +11,7 @@ use common::{Harness, Options};
 use proptest::prelude::*;
 use tokenkeeper::config;
 use tokenkeeper::http::{router, AppState};
-use tokenkeeper::refresh::Engine;
+use tokenkeeper::refresh::{Engine, EngineParts};
 use tokenkeeper::store::Store;
 use tower::ServiceExt;
 
@@ -57,9 +57,12 @@ fn test_router(
         let cfg =
             tokenkeeper::dev::config("127.0.0.1:1".parse().unwrap(), dir.join("unused.db"), "s");
         let http = reqwest::Client::new();
-        let engine = Engine::start(store, tokenkeeper::daemon::settings_from(&cfg, &http))
-            .await
-            .unwrap();
+        let engine = Engine::start(EngineParts::new(
+            store,
+            tokenkeeper::daemon::settings_from(&cfg, &http),
+        ))
+        .await
+        .unwrap();
         let limits = Arc::new(tokenkeeper::ratelimit::RateLimits::new(
             cfg.providers.values(),
         ));

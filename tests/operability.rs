@@ -734,10 +734,10 @@ async fn once_shutdown_begins_no_new_refresh_starts() {
             .await
             .unwrap();
     }
-    let engine = tokenkeeper::refresh::Engine::start(
+    let engine = tokenkeeper::refresh::Engine::start(tokenkeeper::refresh::EngineParts::new(
         store,
         tokenkeeper::daemon::settings_from(&cfg, &reqwest::Client::new()),
-    )
+    ))
     .await
     .unwrap();
     // Before: a request refreshes (the simulator does not know this token).

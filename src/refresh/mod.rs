@@ -1,19 +1,42 @@
-//! Keeping grants alive: the policy (pure functions: when is a connection
-//! due, how long to back off), the engine (single-flight refresh, durable
-//! rotation, crash recovery, serving snapshots), `flights`, the thread
-//! refreshes run on, `clock` (the wall and monotonic time the engine reads,
-//! injectable for tests), `owner` (who holds a lease and when its death is
-//! certain) and `recognizer` (fingerprints of our tokens). Tests drive the
-//! engine directly, without HTTP.
+//! Keeping grants alive. From the bottom up (each layer uses only those
+//! below it):
+//!
+//! - `types` (errors, triggers, settings, what callers get), `policy`
+//!   (pure functions: when is a connection due, how long to back off),
+//!   `clock` (the wall and monotonic time the engine reads, injectable for
+//!   tests), `owner` (who holds a lease and when its death is certain),
+//!   `recognizer` (fingerprints of our tokens), `flights` (the thread
+//!   refreshes run on);
+//! - `snapshot`: the served state of a connection, an enum;
+//! - `slot`: one connection in memory, and the table of them;
+//! - `shared`: the context every layer acts through;
+//! - `lease`: the lease and the refresh journal (take, renew, take over,
+//!   interrupted refreshes);
+//! - `flight`: one refresh as named phases (decide, call, commit or end by
+//!   failure class), and revocation;
+//! - `registry`: serving tokens from snapshots, starting flights;
+//! - `engine`: the façade that wires them, and the scheduler pass
+//!   (`engine/sweep.rs`).
+//!
+//! Tests drive the engine directly, without HTTP.
 
 pub mod clock;
 pub mod engine;
+mod flight;
 pub mod flights;
+mod lease;
 pub mod owner;
 pub mod policy;
 pub mod recognizer;
+mod registry;
+mod shared;
+mod slot;
+pub mod snapshot;
+mod types;
 
-pub use engine::{
-    ConnectionReport, Engine, IssuedToken, Revocation, Settings, Snapshot, TokenError,
-    TokenIdentity, Trigger,
+pub use engine::{Engine, EngineParts};
+pub use snapshot::{Failing, HeldToken, Snapshot, TokenState};
+pub use types::{
+    ConnectionReport, IssuedToken, Revocation, ServedToken, Settings, TokenError, TokenIdentity,
+    Trigger,
 };

@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use tokenkeeper::config::RefreshConfig;
 use tokenkeeper::dev::{DelayPhase, RunningSimulator, Simulator, SimulatorConfig};
 use tokenkeeper::refresh::policy::{next_refresh_at, stable_jitter, Timing};
-use tokenkeeper::refresh::Engine;
+use tokenkeeper::refresh::{Engine, EngineParts};
 use tokenkeeper::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -105,10 +105,10 @@ async fn seed(
     let cfg = tokenkeeper::config::load(cfg_path).map_err(|e| format!("{e}"))?;
     let http = tokenkeeper::provider::http_client();
     let store = Store::open(&cfg.storage.path, None).await?;
-    let engine = Engine::start(
+    let engine = Engine::start(EngineParts::new(
         store.clone(),
         tokenkeeper::daemon::settings_from(&cfg, &http),
-    )
+    ))
     .await?;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())

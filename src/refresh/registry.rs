@@ -1,0 +1,353 @@
+//! Serving: the token a caller asks for, from the connection's snapshot
+//! ([`with_fresh_token`], the allocation-free fast lane; [`token`], which
+//! refreshes first when needed by starting or joining a flight), what a
+//! token is ([`inspect`], [`refuse_refresh_token_as_bearer`]), reports,
+//! and where a new grant lands ([`authorized`]).
+//!
+//! Must not: write the refresh journal or call the provider itself (a
+//! flight does), or serve a snapshot older than the last commit.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use secrecy::ExposeSecret;
+
+use super::flight::{self, commit};
+use super::lease;
+use super::policy;
+use super::shared::Shared;
+use super::slot::Slot;
+use super::snapshot::TokenState;
+use super::types::{
+    ConnectionReport, IssuedToken, ServedToken, TokenError, TokenIdentity, Trigger,
+};
+use crate::notify::{Event, EventKind};
+use crate::provider::TokenGrant;
+use crate::store::{ConnState, NewGrant, StoreError, TokenKind};
+
+/// The slot of `provider/account`, if the provider is configured and the
+/// connection known.
+pub fn slot(shared: &Shared, provider: &str, account: &str) -> Result<Arc<Slot>, TokenError> {
+    if !shared.settings().providers.contains_key(provider) {
+        return Err(TokenError::UnknownProvider(provider.to_string()));
+    }
+    shared
+        .slots
+        .get(provider, account)
+        .ok_or_else(|| TokenError::UnknownConnection {
+            provider: provider.to_string(),
+            account: account.to_string(),
+        })
+}
+
+/// The hot path's synchronous half: when this process is alone on its
+/// database, no refresh of the connection is in flight and its snapshot
+/// is fresh enough, `f` sees the token in place and its result is
+/// returned: no storage read, no allocation, no `Arc` clone, only shared
+/// read locks. `None` means "take [`token`]", which decides every other
+/// case (unknown names, peers, refreshes, failures); when `Some`, `token`
+/// would have returned the same token, and the served counter moves the
+/// same way.
+pub fn with_fresh_token<R>(
+    shared: &Shared,
+    provider: &str,
+    account: &str,
+    now: DateTime<Utc>,
+    f: impl FnOnce(ServedToken<'_>) -> R,
+) -> Option<R> {
+    if shared.peers.load(Ordering::Relaxed) {
+        return None;
+    }
+    // Copied out so no two locks of different kinds are ever nested here
+    // (`install` takes slots, then settings).
+    let refresh = {
+        let settings = shared.settings.read().unwrap_or_else(|e| e.into_inner());
+        if !settings.providers.contains_key(provider) {
+            return None;
+        }
+        settings.refresh.clone()
+    };
+    shared
+        .slots
+        .with(provider, account, |slot| {
+            if slot.in_flight() {
+                return None;
+            }
+            let snap = slot.snap.read().unwrap_or_else(|e| e.into_inner());
+            let token = snap.token()?;
+            let now = now.max(token.anchor.now(shared.clock()));
+            if !policy::fresh_enough(&token.timing, now, &refresh) {
+                return None;
+            }
+            slot.served.fetch_add(1, Ordering::Relaxed);
+            Some(f(ServedToken {
+                provider: &slot.provider,
+                account: &slot.account,
+                access_token: token.access_token.expose_secret(),
+                token_type: &token.token_type,
+                expires_at: token.timing.expires_at,
+            }))
+        })
+        .flatten()
+}
+
+/// The hot path: a token with at least `min_validity` left, refreshing
+/// first when needed, waiting for an in-flight refresh rather than
+/// handing out a token that refresh may be about to kill.
+pub async fn token(
+    shared: &Arc<Shared>,
+    provider: &str,
+    account: &str,
+) -> Result<IssuedToken, TokenError> {
+    let slot = slot(shared, provider, account)?;
+    // With two daemons on one database, the snapshot alone would only
+    // learn of another process's refresh at our next tick, and until then
+    // hand out the access token that refresh killed.
+    let foreign_flight = if shared.peers.load(Ordering::Relaxed) {
+        sync_with_store(shared, &slot).await?
+    } else {
+        false
+    };
+    let mut snap = slot.snapshot();
+    let settings = shared.settings();
+    if slot.pending().is_some() {
+        snap = commit::serve_pending_if_stored_dead(shared, &slot, &settings.refresh);
+    }
+    let now = snap.now(shared.clock());
+    let waiting = foreign_flight || slot.in_flight();
+    if !waiting && snap.fresh_enough(now, &settings.refresh) {
+        if let Some(t) = slot.issue(&snap) {
+            return Ok(t);
+        }
+    }
+    if snap.parked(now) && !waiting {
+        return slot.answer(&snap, shared.clock());
+    }
+    // Another process's refresh: the flight finds its lease busy and
+    // waits for, then adopts, what it stores.
+    flight::refresh(shared, &slot, Trigger::OnDemand).await
+}
+
+/// Brings the slot up to date with what other processes sharing the
+/// database wrote (a newer grant, a new state), and tells whether one of
+/// them holds a live lease, i.e. is refreshing this connection now: its
+/// provider may already have revoked the token in our snapshot (SPEC 7).
+/// Skipped while this process refreshes the slot itself.
+async fn sync_with_store(shared: &Shared, slot: &Arc<Slot>) -> Result<bool, TokenError> {
+    // A grant held in memory is newer than anything stored.
+    if slot.in_flight() || slot.pending().is_some() {
+        return Ok(false);
+    }
+    let attempts = slot.attempts.load(Ordering::SeqCst);
+    let Some(row) = shared.store.load_connection(slot.id).await? else {
+        return Err(TokenError::UnknownConnection {
+            provider: slot.provider.clone(),
+            account: slot.account.clone(),
+        });
+    };
+    // Any attempt of another holder counts as in flight (a stalled one is
+    // taken over by the flight once seen standing still): the wall clock
+    // cannot tell a live lease from a lapsed one.
+    let foreign = match row.lease_owner.as_deref() {
+        Some(holder) if row.attempt_id.is_some() && holder != shared.owner => lease::holder_gone(
+            shared,
+            slot,
+            holder,
+            row.attempt_id.as_deref(),
+            row.lease_until,
+        )
+        .is_none(),
+        _ => false,
+    };
+    if foreign {
+        return Ok(true);
+    }
+    // A flight of ours that started or ended since the read has newer
+    // information than the row; never install an older generation.
+    if slot.in_flight() || slot.attempts.load(Ordering::SeqCst) != attempts {
+        return Ok(false);
+    }
+    let snap = slot.snapshot();
+    if row.generation > snap.generation {
+        shared.learn_fingerprints(row.id).await?;
+        shared.install(&row);
+    } else if row.generation == snap.generation && row.state != snap.state() {
+        shared.install(&row);
+    }
+    Ok(false)
+}
+
+/// Refreshes now, whatever the schedule says (SPEC: `POST .../refresh`).
+pub async fn force_refresh(
+    shared: &Arc<Shared>,
+    provider: &str,
+    account: &str,
+) -> Result<IssuedToken, TokenError> {
+    let slot = slot(shared, provider, account)?;
+    flight::refresh(shared, &slot, Trigger::Forced).await
+}
+
+/// Every known connection of a configured provider, for reports.
+pub fn report(shared: &Shared) -> Vec<ConnectionReport> {
+    let settings = shared.settings();
+    let epoch = DateTime::<Utc>::UNIX_EPOCH;
+    shared
+        .slots
+        .all()
+        .into_iter()
+        .filter(|s| settings.providers.contains_key(&s.provider))
+        .map(|slot| {
+            let snap = slot.snapshot();
+            let next = match &snap.state {
+                TokenState::AuthorizationRequired { .. } | TokenState::Unreadable { .. } => None,
+                TokenState::Retrying { failing, .. } => {
+                    failing.next_attempt_at.or(Some(shared.clock().now()))
+                }
+                TokenState::Active { token } | TokenState::Refreshing { token, .. } => {
+                    Some(policy::next_refresh_at(
+                        &token.timing,
+                        &settings.refresh,
+                        slot.jitter(&settings.refresh),
+                    ))
+                }
+            };
+            let state = if slot.in_flight() {
+                ConnState::Refreshing
+            } else {
+                snap.state()
+            };
+            let token = snap.token();
+            ConnectionReport {
+                provider: slot.provider.clone(),
+                account: slot.account.clone(),
+                state,
+                expires_at: token.map_or(epoch, |t| t.timing.expires_at),
+                refreshed_at: token.and_then(|t| t.refreshed_at),
+                next_refresh_at: next,
+                refresh_token_issued_at: token.map_or(epoch, |t| t.timing.refresh_token_issued_at),
+                last_error: snap.last_error().map(str::to_string),
+                served: slot.served.load(Ordering::Relaxed),
+                refreshes: std::array::from_fn(|i| slot.refreshes[i].load(Ordering::Relaxed)),
+            }
+        })
+        .collect()
+}
+
+/// Says what a token is (for `tokenkeeper inspect`).
+pub fn inspect(shared: &Shared, token: &str) -> TokenIdentity {
+    let Some((kind, id)) = shared.recognizer.lookup(token) else {
+        return TokenIdentity::Unknown;
+    };
+    let Some(slot) = shared.slots.by_id(id) else {
+        return TokenIdentity::Unknown;
+    };
+    let (provider, account) = (slot.provider.clone(), slot.account.clone());
+    let snap = slot.snapshot();
+    let current = snap.token().is_some_and(|t| {
+        shared
+            .recognizer
+            .same(token, t.access_token.expose_secret())
+    });
+    match kind {
+        TokenKind::Refresh => TokenIdentity::RefreshToken { provider, account },
+        TokenKind::Access if current => TokenIdentity::CurrentAccessToken { provider, account },
+        TokenKind::Access => TokenIdentity::OldAccessToken { provider, account },
+    }
+}
+
+/// Whether a bearer credential is one of our refresh tokens, current or
+/// rotated out (SPEC 5). If so, the misuse is reported here, once: a
+/// security log line, `tokenkeeper_bearer_misuse_total` and the
+/// `bearer_misuse` notification naming the grant, never the token.
+pub fn refuse_refresh_token_as_bearer(shared: &Shared, token: &str) -> bool {
+    let Some((TokenKind::Refresh, id)) = shared.recognizer.lookup(token) else {
+        return false;
+    };
+    metrics::counter!(crate::metrics::BEARER_MISUSE_TOTAL).increment(1);
+    tracing::warn!(
+        target: "tokenkeeper::security",
+        event = "bearer_misuse",
+        "a refresh token was presented as a bearer token and refused"
+    );
+    let (provider, account) = shared
+        .slots
+        .by_id(id)
+        .map(|s| (s.provider.clone(), s.account.clone()))
+        .unwrap_or_default();
+    shared.settings().notifier.emit(Event {
+        event: EventKind::BearerMisuse,
+        provider,
+        account,
+        message: "a refresh token was presented as a bearer token and refused; the program sending it should use GET /v1/token instead".into(),
+    });
+    true
+}
+
+/// After a config reload: every `retrying` connection is due at the next
+/// scheduler pass instead of after its backoff, since the reload may have
+/// fixed what failed (a client secret, `token_url`, scopes, a timeout).
+/// Costs at most one provider call per failing connection per reload,
+/// spread by the scheduler's per-pass cap. Returns how many.
+pub fn retry_failing_now(shared: &Shared) -> usize {
+    let now = shared.clock().now();
+    let mut n = 0;
+    for slot in shared.slots.all() {
+        // Under the snapshot's write lock, so a flight landing meanwhile is
+        // never overwritten with the older snapshot.
+        let mut snap = slot.snap.write().unwrap_or_else(|e| e.into_inner());
+        if snap.state() == ConnState::Retrying && snap.next_attempt_at().is_some_and(|t| t > now) {
+            let mut next = (**snap).clone();
+            next.retry_now(now);
+            *snap = Arc::new(next);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Stores the grant of a completed browser authorization and serves it.
+pub async fn authorized(
+    shared: &Shared,
+    provider: &str,
+    account: &str,
+    grant: &TokenGrant,
+) -> Result<(), StoreError> {
+    let new = NewGrant {
+        access_token: &grant.access_token,
+        refresh_token: grant.refresh_token.as_ref(),
+        token_type: &grant.token_type,
+        scope: grant.scope.as_deref(),
+        issued_at: grant.issued_at,
+        expires_at: grant.expires_at,
+    };
+    let fps = shared.fingerprints(grant);
+    let (row, replaced) = shared
+        .store
+        .save_authorized(provider, account, &new, &fps)
+        .await?;
+    shared.recognizer.add(row.id, &fps);
+    shared.install(&row);
+    shared.settings().notifier.emit(Event {
+        event: EventKind::Authorized,
+        provider: provider.to_string(),
+        account: account.to_string(),
+        message: "authorized in the browser; the grant is stored".into(),
+    });
+    // The grant this authorization replaced (an earlier one, or a second
+    // browser flow for the same account) would otherwise stay valid at the
+    // provider with nobody holding it. Only when the new grant brings its
+    // own refresh token: without one, the old token may be the only
+    // refresh token of this very grant.
+    if let (Some(old), Some(new)) = (replaced, grant.refresh_token.as_ref()) {
+        if new.expose_secret() != old.expose_secret() {
+            shared.revoke_in_background(
+                provider,
+                account,
+                old,
+                "the grant replaced by a newer authorization",
+            );
+        }
+    }
+    Ok(())
+}

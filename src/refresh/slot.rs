@@ -1,0 +1,332 @@
+//! One connection in memory ([`Slot`]: its snapshot, its flight lock,
+//! counters, a grant held after a failed commit, what we saw of another
+//! process's lease) and the table of them ([`Slots`]). Also how a snapshot
+//! becomes a caller's answer ([`Slot::answer`], [`Slot::failure`]).
+//!
+//! Must not: touch storage, call a provider or decide when to refresh.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use super::clock::{Anchor, Clock, LeaseWatch};
+use super::policy;
+use super::snapshot::Snapshot;
+use super::types::{IssuedToken, TokenError};
+use crate::config::RefreshConfig;
+use crate::provider::TokenGrant;
+use crate::store::{ConnectionRow, Fingerprint};
+
+/// A grant the provider issued whose commit failed: kept until it lands
+/// (see `flight::commit`).
+pub struct PendingCommit {
+    pub grant: TokenGrant,
+    /// The refresh token the provider was given (now spent).
+    pub used: SecretString,
+    pub attempt: String,
+    pub base_generation: i64,
+    pub fps: Vec<Fingerprint>,
+    /// When the provider's answer arrived, on both clocks.
+    pub anchor: Anchor,
+}
+
+/// One connection's in-memory state.
+pub struct Slot {
+    pub id: i64,
+    pub provider: String,
+    pub account: String,
+    /// std RwLock: held only to clone an `Arc`, never across `.await`.
+    pub(super) snap: RwLock<Arc<Snapshot>>,
+    /// tokio Mutex: held across the provider call; waiting on it is how
+    /// concurrent callers share one refresh. Owned guards, because the
+    /// flight holding it runs apart from the caller that took it.
+    pub(super) flight: Arc<tokio::sync::Mutex<()>>,
+    pub(super) in_flight: AtomicBool,
+    /// Finished attempts; a waiter that sees it move knows a flight ended
+    /// while it queued and takes that result instead of starting another.
+    pub(super) attempts: AtomicU64,
+    /// Woken when a flight ends, so a herd of callers waiting for it
+    /// resumes at once instead of taking the flight lock one by one.
+    pub(super) landed: tokio::sync::Notify,
+    /// Tokens handed out since start: `tokenkeeper_token_requests_total`,
+    /// written into `/metrics` at scrape time. A plain atomic, not a
+    /// recorder series: 10,000 of those cost megabytes of idle memory.
+    pub(super) served: AtomicU64,
+    /// Refresh attempts by result (`tokenkeeper_refresh_total`), written at
+    /// scrape time like `served`, so every series exists from the start.
+    pub(super) refreshes: [AtomicU64; 4],
+    /// A grant the provider issued that could not be stored yet (see the
+    /// engine's invariants). std Mutex: never held across `.await`.
+    pub(super) pending: std::sync::Mutex<Option<Arc<PendingCommit>>>,
+    /// What we last saw of another process's lease on this connection.
+    pub(super) lease_watch: std::sync::Mutex<Option<LeaseWatch>>,
+}
+
+impl Slot {
+    fn new(row: &ConnectionRow, snap: Snapshot) -> Slot {
+        Slot {
+            id: row.id,
+            provider: row.provider.clone(),
+            account: row.account.clone(),
+            snap: RwLock::new(Arc::new(snap)),
+            flight: Arc::new(tokio::sync::Mutex::new(())),
+            in_flight: AtomicBool::new(false),
+            attempts: AtomicU64::new(0),
+            landed: tokio::sync::Notify::new(),
+            served: AtomicU64::new(0),
+            refreshes: Default::default(),
+            pending: std::sync::Mutex::new(None),
+            lease_watch: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// This connection's stable share of `refresh.jitter`, computed from
+    /// the current settings so a reloaded jitter applies at once.
+    pub fn jitter(&self, refresh: &RefreshConfig) -> Duration {
+        policy::stable_jitter(&self.provider, &self.account, refresh.jitter)
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snap.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the snapshot. The same token keeps its anchor (see
+    /// [`Snapshot::keep_anchor_of`]).
+    pub fn set(&self, mut s: Snapshot) -> Arc<Snapshot> {
+        let mut cur = self.snap.write().unwrap_or_else(|e| e.into_inner());
+        s.keep_anchor_of(&cur);
+        let s = Arc::new(s);
+        *cur = s.clone();
+        s
+    }
+
+    /// Whether a refresh of this connection is in the air in this process.
+    pub fn in_flight(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The grant held in memory after a failed commit, if any.
+    pub fn pending(&self) -> Option<Arc<PendingCommit>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Drops the held grant (it landed, or lost to a newer one).
+    pub fn take_pending(&self) -> Option<Arc<PendingCommit>> {
+        let taken = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if taken.is_some() {
+            metrics::gauge!(crate::metrics::UNCOMMITTED_GRANTS).decrement(1.0);
+        }
+        taken
+    }
+
+    /// Our own write of the lease failed (the database is locked): the
+    /// other holder cannot renew its lease either, so what we saw of it
+    /// standing still says nothing about whether it lives. Watching starts
+    /// over once writes work again.
+    pub fn forget_lease_watch(&self) {
+        *self.lease_watch.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Turns a snapshot into what a caller gets: the token while it is
+    /// still valid (even after failures), else the error that explains why
+    /// not.
+    pub fn answer(&self, snap: &Snapshot, clock: &dyn Clock) -> Result<IssuedToken, TokenError> {
+        if snap.valid_until(snap.now(clock)).is_some() {
+            if let Some(t) = self.issue(snap) {
+                return Ok(t);
+            }
+        }
+        Err(self.failure(snap, clock))
+    }
+
+    /// The error that explains why `snap` yields no (new) token. It says
+    /// whether the current token is still served, so a failed forced
+    /// refresh does not claim that none is left.
+    pub fn failure(&self, snap: &Snapshot, clock: &dyn Clock) -> TokenError {
+        let now = snap.now(clock);
+        if snap.needs_authorization() {
+            return TokenError::AuthorizationRequired {
+                provider: self.provider.clone(),
+                account: self.account.clone(),
+                reason: snap.last_error().unwrap_or_default().to_string(),
+            };
+        }
+        let retry_after = snap
+            .next_attempt_at()
+            .and_then(|t| (t - now).to_std().ok())
+            .unwrap_or(Duration::from_secs(1))
+            .max(Duration::from_secs(1));
+        TokenError::RefreshFailed {
+            provider: self.provider.clone(),
+            account: self.account.clone(),
+            reason: snap
+                .last_error()
+                .unwrap_or("the refresh did not complete")
+                .to_string(),
+            retry_after,
+            still_valid_until: snap.valid_until(now),
+        }
+    }
+
+    /// The answer for a connection whose stored row cannot be read: shaped
+    /// like `authorization_required` (a new authorization repairs it),
+    /// saying what is wrong and what was not done.
+    pub fn unreadable_error(&self, row: &ConnectionRow, not_done: &str) -> TokenError {
+        TokenError::AuthorizationRequired {
+            provider: self.provider.clone(),
+            account: self.account.clone(),
+            reason: format!(
+                "{}; {not_done}",
+                row.unreadable
+                    .as_deref()
+                    .unwrap_or("the stored grant cannot be read")
+            ),
+        }
+    }
+
+    /// Hands out the snapshot's token (counted as served); `None` if the
+    /// row could not be read.
+    pub fn issue(&self, snap: &Snapshot) -> Option<IssuedToken> {
+        let t = snap.token()?;
+        self.served.fetch_add(1, Ordering::Relaxed);
+        Some(IssuedToken {
+            provider: self.provider.clone(),
+            account: self.account.clone(),
+            access_token: t.access_token.clone(),
+            token_type: t.token_type.clone(),
+            expires_at: t.timing.expires_at,
+        })
+    }
+
+    /// Counts a refresh attempt by result (and its duration, if it reached
+    /// the provider and succeeded).
+    pub fn count_refresh(&self, result: &'static str, elapsed: Option<Duration>) {
+        if let Some(i) = crate::metrics::REFRESH_RESULTS
+            .iter()
+            .position(|r| *r == result)
+        {
+            self.refreshes[i].fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(d) = elapsed {
+            metrics::histogram!(crate::metrics::REFRESH_DURATION, "provider" => self.provider.clone())
+                .record(d.as_secs_f64());
+        }
+    }
+}
+
+/// Marks a slot in flight; clears it, counts the attempt and wakes the
+/// waiters when dropped, even if the refresh future is dropped mid-way.
+pub struct FlightGuard(Arc<Slot>);
+
+impl FlightGuard {
+    /// Marks `slot` in flight until the guard is dropped.
+    pub fn new(slot: Arc<Slot>) -> FlightGuard {
+        slot.in_flight.store(true, Ordering::SeqCst);
+        FlightGuard(slot)
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        self.0.attempts.fetch_add(1, Ordering::SeqCst);
+        self.0.in_flight.store(false, Ordering::SeqCst);
+        self.0.landed.notify_waiters();
+    }
+}
+
+/// Every known connection's slot, by `(provider, account)`.
+#[derive(Default)]
+pub struct Slots {
+    /// std RwLock: never held across `.await`.
+    map: RwLock<HashMap<(String, String), Arc<Slot>>>,
+}
+
+impl Slots {
+    /// Makes a stored row visible: replaces the snapshot of its slot, or
+    /// starts a new slot (a new connection, or one authorized anew after
+    /// it was forgotten).
+    pub fn install(&self, row: &ConnectionRow, snap: Snapshot) {
+        let key = (row.provider.clone(), row.account.clone());
+        let mut slots = self.map.write().unwrap_or_else(|e| e.into_inner());
+        match slots.get(&key) {
+            Some(slot) if slot.id == row.id => {
+                slot.set(snap);
+            }
+            _ => {
+                slots.insert(key, Arc::new(Slot::new(row, snap)));
+            }
+        }
+    }
+
+    /// The slot of `provider/account`.
+    pub fn get(&self, provider: &str, account: &str) -> Option<Arc<Slot>> {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(provider.to_string(), account.to_string()))
+            .cloned()
+    }
+
+    /// `f` on the slot of `provider/account`, under the read lock and
+    /// without allocating (the token fast lane).
+    pub fn with<R>(&self, provider: &str, account: &str, f: impl FnOnce(&Slot) -> R) -> Option<R> {
+        let slots = self.map.read().unwrap_or_else(|e| e.into_inner());
+        // The map is keyed by owned strings; a per-thread key buffer keeps
+        // the lookup free of allocations.
+        thread_local! {
+            static KEY: std::cell::RefCell<(String, String)> =
+                const { std::cell::RefCell::new((String::new(), String::new())) };
+        }
+        let slot = KEY.with(|k| {
+            let mut k = k.borrow_mut();
+            k.0.clear();
+            k.0.push_str(provider);
+            k.1.clear();
+            k.1.push_str(account);
+            slots.get(&*k).map(|s| &**s)
+        })?;
+        Some(f(slot))
+    }
+
+    /// Every slot, sorted by provider and account.
+    pub fn all(&self) -> Vec<Arc<Slot>> {
+        let mut v: Vec<_> = self
+            .map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| (&a.provider, &a.account).cmp(&(&b.provider, &b.account)));
+        v
+    }
+
+    /// The slot of connection `id`.
+    pub fn by_id(&self, id: i64) -> Option<Arc<Slot>> {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .find(|s| s.id == id)
+            .cloned()
+    }
+
+    /// Keeps the slots for which `keep` holds.
+    pub fn retain(&self, mut keep: impl FnMut(&Slot) -> bool) {
+        self.map
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, s| keep(s));
+    }
+}
