@@ -3,15 +3,12 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use common::{Harness, Options};
 use proptest::prelude::*;
 use tokenkeeper::config;
-use tokenkeeper::http::{router, AppState};
-use tokenkeeper::refresh::Engine;
+use tokenkeeper::daemon::App;
 use tokenkeeper::store::Store;
 use tower::ServiceExt;
 
@@ -40,45 +37,15 @@ proptest! {
 }
 
 fn callback_router(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> tokenkeeper::http::App {
-    test_router(rt, dir).0
+    test_app(rt, dir).router()
 }
 
-/// The real router in-process (dev config: provider `demo`, Keap preset),
-/// with the rate limits it uses.
-fn test_router(
-    rt: &tokio::runtime::Runtime,
-    dir: &std::path::Path,
-) -> (
-    tokenkeeper::http::App,
-    Arc<tokenkeeper::ratelimit::RateLimits>,
-) {
-    rt.block_on(async {
-        let store = Store::open(&dir.join("db.sqlite"), None).await.unwrap();
-        let cfg =
-            tokenkeeper::dev::config("127.0.0.1:1".parse().unwrap(), dir.join("unused.db"), "s");
-        let http = reqwest::Client::new();
-        let engine = Engine::start(store, tokenkeeper::daemon::settings_from(&cfg, &http))
-            .await
-            .unwrap();
-        let limits = Arc::new(tokenkeeper::ratelimit::RateLimits::new(
-            cfg.providers.values(),
-        ));
-        let app = router(
-            AppState::new(tokenkeeper::http::Shared {
-                engine,
-                public_url: url::Url::parse("http://127.0.0.1:1/").unwrap(),
-                allowed_hosts: Arc::new(vec!["127.0.0.1".into()]),
-                api_keys: None,
-                tls_fingerprint: None,
-                proxy: Arc::new(tokenkeeper::http::proxy::Proxy::new(
-                    limits.clone(),
-                    std::time::Duration::from_secs(1),
-                )),
-            }),
-            None,
-        );
-        (app, limits)
-    })
+/// The daemon's application in-process, built as `serve --dev` builds it
+/// (provider `demo`, Keap preset), with its database in `dir`.
+fn test_app(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> App {
+    let addr = "127.0.0.1:1".parse().unwrap();
+    let cfg = tokenkeeper::dev::config(addr, dir.join("db.sqlite"), "s");
+    rt.block_on(App::build(cfg, addr, None)).unwrap()
 }
 
 /// Issue 12 item 11: a flood of unknown accounts on `/proxy/{p}@{account}`
@@ -87,7 +54,8 @@ fn test_router(
 fn unknown_proxy_accounts_leave_no_limiter_state() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (app, limits) = test_router(&rt, dir.path());
+    let built = test_app(&rt, dir.path());
+    let (app, limits) = (built.router(), built.limits());
     rt.block_on(async {
         for i in 0..10_000 {
             let req = Request::get(format!("/proxy/demo@flood-{i}/crm/rest/v1/contacts"))

@@ -702,14 +702,15 @@ async fn once_shutdown_begins_no_new_refresh_starts() {
     let base = &sim.base_url;
     let cfg = tokenkeeper::config::parse(
         &format!(
-            "[providers.keap]\npreset = \"keap\"\nclient_id = \"demo-client\"\nclient_secret = \"{}\"\n\
+            "[storage]\npath = \"tk.db\"\n\
+             [providers.keap]\npreset = \"keap\"\nclient_id = \"demo-client\"\nclient_secret = \"{}\"\n\
              authorization_url = \"{base}/authorize\"\ntoken_url = \"{base}/token\"\n",
             common::CLIENT_SECRET
         ),
         &dir.path().join("tk.toml"),
     )
     .unwrap();
-    let store = Store::open(&dir.path().join("tk.db"), None).await.unwrap();
+    let store = Store::open(&cfg.storage.path, None).await.unwrap();
     // An expired access token: every token request wants a refresh.
     let now = chrono::Utc::now();
     let (access, refresh) = (
@@ -734,12 +735,12 @@ async fn once_shutdown_begins_no_new_refresh_starts() {
             .await
             .unwrap();
     }
-    let engine = tokenkeeper::refresh::Engine::start(
-        store,
-        tokenkeeper::daemon::settings_from(&cfg, &reqwest::Client::new()),
-    )
-    .await
-    .unwrap();
+    store.close().await;
+    let listen = cfg.server.listen;
+    let app = tokenkeeper::daemon::App::build(cfg, listen, None)
+        .await
+        .unwrap();
+    let engine = app.engine();
     // Before: a request refreshes (the simulator does not know this token).
     let _ = engine.token("keap", "a").await;
     assert_eq!(sim.sim.stats().refresh_calls, 1);
