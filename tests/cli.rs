@@ -10,10 +10,15 @@ fn check_config(text: &str) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tk.toml");
     std::fs::write(&path, text).unwrap();
+    check_config_file(&path)
+}
+
+/// `check-config --config path`: the exit code and stderr.
+fn check_config_file(path: &std::path::Path) -> (i32, String) {
     let out = Command::new(BIN)
         .arg("check-config")
         .arg("--config")
-        .arg(&path)
+        .arg(path)
         .output()
         .unwrap();
     (
@@ -452,4 +457,114 @@ fn api_base_url_with_a_query_or_fragment_is_a_config_error() {
             "{err}"
         );
     }
+}
+
+/// A client command whose answer is not what the daemon's API answers
+/// (another program on that port, a daemon of another version) says so in
+/// a sentence and exits 1: it neither reports "no connections" nor prints
+/// something that is not a token.
+#[tokio::test]
+async fn an_unexpected_answer_is_a_sentence_not_a_wrong_result() {
+    for body in [
+        "<html>some other server</html>",
+        "{}",
+        r#"{"connections": "none"}"#,
+    ] {
+        let router = axum::Router::new().fallback(move || async move { body });
+        let base = common::serve_router(router).await;
+        for args in [
+            &["status"][..],
+            &["status", "--json"],
+            &["token", "keap"],
+            &["header", "keap"],
+            &["refresh", "keap"],
+        ] {
+            let out = tokio::process::Command::new(BIN)
+                .args(args)
+                .args(["--url", &base])
+                .env_remove("TOKENKEEPER_CONFIG")
+                .output()
+                .await
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?} on {body}: {err}");
+            assert!(
+                err.contains(&format!("the daemon at {base} answered"))
+                    && err.contains("cannot read")
+                    && err.contains("same version"),
+                "{args:?} on {body}: {err}"
+            );
+            assert!(
+                out.stdout.is_empty(),
+                "{args:?} on {body}: printed a result"
+            );
+        }
+    }
+}
+
+/// Client commands read only what they need from the daemon's config: a
+/// client secret this user cannot read (here: gone, or an unset
+/// variable) does not stop them.
+#[tokio::test]
+async fn client_commands_work_without_the_provider_secret() {
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    std::fs::remove_file(h.dir.path().join("client-secret")).unwrap();
+    let text = std::fs::read_to_string(&h.config_path).unwrap();
+    std::fs::write(
+        &h.config_path,
+        format!("{text}\n[providers.other]\npreset = \"keap\"\nclient_id = \"x\"\nclient_secret_env = \"TK_CLI_TEST_UNSET\"\n"),
+    )
+    .unwrap();
+    let (code, err) = check_config_file(&h.config_path);
+    assert_eq!(code, 2, "the daemon would refuse this file: {err}");
+    for args in [&["token", "keap"][..], &["status"], &["refresh", "keap"]] {
+        let out = h.cli(args).await;
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A problem in what client commands read (here `server.listen`) is a
+/// config error with key and line, not a daemon that "cannot be reached".
+#[test]
+fn a_bad_listen_address_is_a_config_error_for_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tk.toml");
+    std::fs::write(&path, "[server]\nlisten = \"localhost\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["status", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(":2: server.listen:"), "{err}");
+    assert!(!err.contains("cannot reach"), "{err}");
+}
+
+/// URLs for a browser (`connect`, `dashboard` without API keys) use
+/// `server.public_url`, the address the browser reaches the daemon at and
+/// the one its callback and cookies belong to.
+#[tokio::test]
+async fn browser_urls_use_the_public_url() {
+    let h = Harness::new(Options::default()).await;
+    let public = format!("http://localhost:{}", h.port);
+    h.write_config(&format!("public_url = \"{public}/\""), "", "");
+    let out = h.cli(&["connect", "keap", "work"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{public}/connect/keap?account=work")
+    );
+    let out = h.cli(&["dashboard"]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{public}/")
+    );
 }

@@ -4,6 +4,7 @@
 //! (browser authorization), `login` (one-time login links), `pages` (HTML)
 //! and `proxy` (the rate-limited API proxy); `server` serves connections.
 
+pub mod answers;
 pub mod api;
 pub mod auth;
 pub mod callback;
