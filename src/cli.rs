@@ -744,10 +744,12 @@ impl Daemon {
                     })?;
                     builder = builder.add_root_certificate(cert);
                 }
-                Err(e) if target.ca_explicit => return Err(usage(format!(
-                    "cannot read --ca-file {} ({e}); point it at the daemon's public certificate",
-                    path.display()
-                ))),
+                Err(e) if target.ca_explicit => {
+                    let path = path.display();
+                    return Err(usage(format!(
+                        "cannot read --ca-file {path} ({e}); point it at the daemon's public certificate"
+                    )));
+                }
                 Err(_) => {}
             }
         }

@@ -147,8 +147,7 @@ fn unreachable_daemon_is_exit_1_with_a_sentence() {
 
 #[tokio::test]
 async fn client_commands_against_a_running_daemon() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
 
     // Not authorized yet: exit 1 and a hint.
     let out = h.cli(&["token", "keap"]).await;
@@ -248,8 +247,7 @@ fn help_is_there() {
 
 #[tokio::test]
 async fn names_are_checked_and_never_reach_the_server_raw() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
     assert_eq!(h.authorize("keap", "victim").await.status(), 200);
     for (provider, account) in [
         ("keap", "typo/../victim"),
@@ -294,8 +292,7 @@ fn broken_pipe() -> std::process::Stdio {
 
 #[tokio::test]
 async fn broken_pipes_and_closed_stdout() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
     for account in ["a1", "a2", "a3"] {
         assert_eq!(h.authorize("keap", account).await.status(), 200);
     }
@@ -507,9 +504,7 @@ async fn an_unexpected_answer_is_a_sentence_not_a_wrong_result() {
 /// variable) does not stop them.
 #[tokio::test]
 async fn client_commands_work_without_the_provider_secret() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let h = Harness::authorized(Options::default()).await;
     std::fs::remove_file(h.dir.path().join("client-secret")).unwrap();
     let text = std::fs::read_to_string(&h.config_path).unwrap();
     std::fs::write(

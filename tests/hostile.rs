@@ -156,8 +156,7 @@ fn callback_query_fuzz_never_fails_the_server() {
 
 #[tokio::test]
 async fn oversized_bodies_and_headers_are_refused() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
     let r = h
         .http
         .post(h.url("/v1/inspect"))
@@ -239,14 +238,12 @@ async fn slow_clients_do_not_starve_the_daemon() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let files = raise_nofile(4096);
     let n = 1000.min(files.saturating_sub(200) as usize / 2);
-    let mut h = Harness::new(Options {
+    let mut h = Harness::authorized(Options {
         server: "header_read_timeout = \"2s\"\nidle_timeout = \"3s\"".into(),
         rust_log: "warn,tokenkeeper=info".into(),
         ..Options::default()
     })
     .await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
 
     let mut slow = Vec::new();
     for _ in 0..n {
@@ -308,13 +305,12 @@ async fn slow_clients_do_not_starve_the_daemon() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_bounds_open_sockets() {
     use std::time::Duration;
-    let mut h = Harness::new(Options {
+    let h = Harness::started(Options {
         server: "max_connections = 16\nheader_read_timeout = \"30s\"".into(),
         rust_log: "warn,tokenkeeper=info".into(),
         ..Options::default()
     })
     .await;
-    h.start().await;
     let pid = h.daemon.as_ref().unwrap().id();
     let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     let baseline = fds();

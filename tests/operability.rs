@@ -70,8 +70,7 @@ async fn scrape(h: &Harness) -> HashMap<String, f64> {
 
 #[tokio::test]
 async fn metrics_follow_the_lifecycle() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
     // SPEC 4: every series a fresh daemon knows of is there, at 0.
     let m = scrape(&h).await;
     assert_eq!(find(&m, "tokenkeeper_bearer_misuse_total", &[]), 0.0);
@@ -222,7 +221,7 @@ async fn notifications_by_command_and_webhook() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
 
-    let mut h = Harness::new(Options {
+    let h = Harness::started(Options {
         provider: format!(
             "\n[notify]\ncommand = \"{}\"\nwebhook_url = \"{hook}\"\n",
             script.display()
@@ -230,7 +229,6 @@ async fn notifications_by_command_and_webhook() {
         ..Options::default()
     })
     .await;
-    h.start().await;
 
     let events = |expected: &'static str| {
         let out = out.clone();
@@ -317,7 +315,7 @@ async fn a_failing_hook_never_blocks_the_lifecycle() {
             held.push(stream);
         }
     });
-    let mut h = Harness::new(Options {
+    let h = Harness::started(Options {
         provider: format!(
             "\n[notify]\ncommand = \"{}\"\nwebhook_url = \"{hook}\"\n",
             script.display()
@@ -325,7 +323,6 @@ async fn a_failing_hook_never_blocks_the_lifecycle() {
         ..Options::default()
     })
     .await;
-    h.start().await;
     let started = std::time::Instant::now();
     // Three `authorized` events, each with a hanging command and webhook.
     for account in ["default", "second", "third"] {
@@ -372,8 +369,7 @@ async fn raw_db(h: &Harness) -> sqlx::SqlitePool {
 
 #[tokio::test]
 async fn one_unreadable_row_does_not_stop_the_daemon() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let mut h = Harness::started(Options::default()).await;
     for account in ["default", "second", "third"] {
         assert_eq!(h.authorize("keap", account).await.status(), 200);
     }
@@ -438,8 +434,7 @@ async fn one_unreadable_row_does_not_stop_the_daemon() {
 
 #[tokio::test]
 async fn a_database_from_a_newer_version_is_refused_with_the_fix() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let mut h = Harness::started(Options::default()).await;
     h.stop().await;
     let db = raw_db(&h).await;
     sqlx::query(
@@ -465,8 +460,7 @@ async fn a_database_from_a_newer_version_is_refused_with_the_fix() {
 
 #[tokio::test]
 async fn readyz_fails_while_the_database_cannot_be_written() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
     assert_eq!(h.get_text("/readyz").await, "ready\n");
     // Another process holds the write lock: reads still work, writes wait.
     let db = raw_db(&h).await;
@@ -496,9 +490,7 @@ async fn readyz_fails_while_the_database_cannot_be_written() {
 #[tokio::test]
 async fn sigterm_during_a_slow_refresh_commits_it_and_exits_in_time() {
     use tokenkeeper::dev::DelayPhase;
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let mut h = Harness::authorized(Options::default()).await;
     // The provider rotates at once and answers 2 s later: the new refresh
     // token exists only in that answer.
     h.sim
@@ -763,8 +755,7 @@ async fn once_shutdown_begins_no_new_refresh_starts() {
 
 #[tokio::test]
 async fn a_read_only_database_directory_is_refused_with_path_and_fix() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let mut h = Harness::started(Options::default()).await;
     h.stop().await;
     // A read-only directory stops root only through a user who is not root.
     // SAFETY: geteuid has no preconditions.
@@ -857,8 +848,7 @@ async fn row_text(db: &sqlx::SqlitePool, account: &str) -> String {
 
 #[tokio::test]
 async fn an_unreadable_row_is_never_refreshed_written_or_revoked_from() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let mut h = Harness::started(Options::default()).await;
     for account in ["second", "third"] {
         assert_eq!(h.authorize("keap", account).await.status(), 200);
     }

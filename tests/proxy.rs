@@ -52,13 +52,6 @@ async fn raw_status(port: u16, path: &str) -> u16 {
         .unwrap_or(0)
 }
 
-async fn ready(opts: Options) -> Harness {
-    let mut h = Harness::new(opts).await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
-    h
-}
-
 fn with_limits(limits: SimLimits) -> SimulatorConfig {
     SimulatorConfig {
         client_secret: common::CLIENT_SECRET.into(),
@@ -69,7 +62,7 @@ fn with_limits(limits: SimLimits) -> SimulatorConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passes_requests_through_and_replaces_the_token() {
-    let h = ready(Options::default()).await;
+    let h = Harness::authorized(Options::default()).await;
     let http = &h.http;
 
     // Methods, path, query, JSON body.
@@ -169,7 +162,7 @@ async fn passes_requests_through_and_replaces_the_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_token_as_bearer_gets_the_spec_401() {
-    let h = ready(Options::default()).await;
+    let h = Harness::authorized(Options::default()).await;
     let rt = h.sim.sim.current_refresh_token().unwrap();
     let calls = h.sim.sim.stats().api_calls;
     let r = h
@@ -227,7 +220,7 @@ async fn api_key_is_checked_then_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_401_refreshes_once_and_retries() {
-    let h = ready(Options::default()).await;
+    let h = Harness::authorized(Options::default()).await;
     let before = h.sim.sim.stats();
     h.sim.sim.expire_access_tokens();
     let r = h
@@ -273,7 +266,7 @@ async fn burst_stays_within_the_limits() {
         per_day: 1_000_000,
         tenant_per_minute: 10_000,
     };
-    let h = ready(Options {
+    let h = Harness::authorized(Options {
         sim: with_limits(limits),
         server: "proxy_max_wait = \"3s\"".into(),
         provider: format!(
@@ -360,7 +353,7 @@ async fn daily_quota_from_headers_stops_the_proxy_before_the_provider() {
         per_day: 1000,
         tenant_per_minute: 100_000,
     };
-    let h = ready(Options {
+    let h = Harness::authorized(Options {
         sim: with_limits(limits),
         server: "proxy_max_wait = \"1s\"".into(),
         ..Options::default()
@@ -423,7 +416,7 @@ async fn daily_quota_from_headers_stops_the_proxy_before_the_provider() {
 /// the API under the base.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paths_leaving_the_api_base_are_refused_and_never_sent() {
-    let h = ready(Options::default()).await;
+    let h = Harness::authorized(Options::default()).await;
     let calls = h.sim.sim.stats().api_calls;
     for path in [
         "/proxy/keap/..",
@@ -478,7 +471,7 @@ async fn paths_leaving_the_api_base_are_refused_and_never_sent() {
 /// and the provider's daily count unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_accounts_cost_nothing() {
-    let h = ready(Options::default()).await;
+    let h = Harness::authorized(Options::default()).await;
     let used = |c: &Value| c["quota"]["daily_used"].as_u64().unwrap_or(0);
     let before = used(&h.connection("default").await);
     let calls = h.sim.sim.stats().api_calls;

@@ -110,9 +110,7 @@ async fn api_keys_and_refresh_tokens_as_bearer() {
 
 #[tokio::test]
 async fn refresh_token_as_bearer_is_refused_even_without_api_keys() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let h = Harness::authorized(Options::default()).await;
     let rt = h.sim.sim.current_refresh_token().unwrap();
     assert_refresh_token_refused(&h, &rt).await;
     // An unrelated bearer is ignored when no API keys are configured.
@@ -127,9 +125,7 @@ async fn refresh_token_as_bearer_is_refused_even_without_api_keys() {
 
 #[tokio::test]
 async fn inspect_says_what_a_token_is() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let h = Harness::authorized(Options::default()).await;
     let old_access = h.sim.sim.access_tokens_issued().last().unwrap().clone();
     let old_refresh = h.sim.sim.current_refresh_token().unwrap();
     assert_eq!(h.cli(&["refresh", "keap"]).await.status.code(), Some(0));
@@ -179,8 +175,7 @@ async fn inspect_says_what_a_token_is() {
 
 #[tokio::test]
 async fn cross_origin_requests_are_refused() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
     let r = h
         .get_with(h.url("/v1/connections"), ("origin", "https://evil.example"))
         .await;
@@ -424,8 +419,7 @@ async fn encryption_at_rest_wrong_key_and_rekey() {
 
 #[tokio::test]
 async fn world_readable_database_is_refused_with_the_fix() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let mut h = Harness::started(Options::default()).await;
     h.stop().await;
     let mode = std::fs::metadata(h.db_path()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "created 0600");
@@ -447,13 +441,11 @@ async fn world_readable_database_is_refused_with_the_fix() {
 
 #[tokio::test]
 async fn trace_logs_never_contain_secrets() {
-    let mut h = Harness::new(Options {
+    let mut h = Harness::authorized(Options {
         rust_log: "trace".into(),
         ..Options::default()
     })
     .await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
     assert_eq!(h.cli(&["refresh", "keap"]).await.status.code(), Some(0));
     let (s, _) = h.token().await;
     assert_eq!(s, 200);
@@ -790,8 +782,7 @@ async fn api_keys_protect_every_path_and_browsers_log_in_once() {
 #[tokio::test]
 async fn callback_without_the_cookie_does_not_burn_the_authorization() {
     use reqwest::header::COOKIE;
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
     let (location, cookie) = h.start_connect("keap", "victim").await;
     let cb = h.approve(&location).await;
     let r = h.http.get(&cb).send().await.unwrap();

@@ -107,6 +107,48 @@ impl Harness {
         h
     }
 
+    /// A running daemon ([`Harness::new`], then [`Harness::start`]).
+    pub async fn started(opts: Options) -> Harness {
+        let mut h = Harness::new(opts).await;
+        h.start().await;
+        h
+    }
+
+    /// A running daemon with `keap/default` authorized: where most tests
+    /// begin.
+    pub async fn authorized(opts: Options) -> Harness {
+        let h = Harness::started(opts).await;
+        h.authorize_default().await;
+        h
+    }
+
+    /// Authorizes `keap/default` through the browser flow; returns the
+    /// access token the daemon then serves.
+    pub async fn authorize_default(&self) -> String {
+        let r = self.authorize("keap", "default").await;
+        assert_eq!(r.status(), 200, "authorization succeeds");
+        let (s, b) = self.token().await;
+        assert_eq!(s, 200, "{b}");
+        b["access_token"].as_str().unwrap().to_string()
+    }
+
+    /// `POST /v1/token/keap/refresh`: a forced refresh of `keap/default`.
+    pub async fn force_refresh(&self) -> (u16, Value) {
+        self.post_json("/v1/token/keap/refresh").await
+    }
+
+    /// `POST path` on a task of its own (a request left in the air while
+    /// the test goes on); the task yields the status and JSON body.
+    pub fn spawn_post(&self, path: &str) -> tokio::task::JoinHandle<(u16, Value)> {
+        let http = self.http.clone();
+        let url = self.url(path);
+        tokio::spawn(async move {
+            let r = http.post(url).send().await.expect("daemon answers");
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        })
+    }
+
     pub fn db_path(&self) -> PathBuf {
         self.dir.path().join("tokenkeeper.db")
     }
