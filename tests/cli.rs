@@ -98,12 +98,7 @@ fn check_config_accepts_a_good_file() {
         .arg(&path)
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     // The secret is resolved against $CREDENTIALS_DIRECTORY too.
     let creds = tempfile::tempdir().unwrap();
     std::fs::write(creds.path().join("keap-client-secret"), "fromcreds").unwrap();
@@ -119,12 +114,7 @@ fn check_config_accepts_a_good_file() {
         .env("CREDENTIALS_DIRECTORY", creds.path())
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
 }
 
 #[test]
@@ -194,12 +184,7 @@ async fn client_commands_against_a_running_daemon() {
     );
 
     let out = h.cli(&["refresh", "keap"]).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let newest = h.sim.sim.access_tokens_issued().last().unwrap().clone();
     assert_ne!(newest, current);
     assert_eq!(
@@ -217,12 +202,7 @@ async fn client_commands_against_a_running_daemon() {
     assert_eq!(out.status.code(), Some(1));
 
     let out = h.cli(&["revoke", "keap"]).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let out = h.cli(&["token", "keap"]).await;
     assert_eq!(out.status.code(), Some(1));
 }
@@ -427,12 +407,7 @@ async fn self_signed_daemon_from_another_user_names_certificate_verification() {
     );
     assert!(!err.contains("cannot reach"), "{err}");
     let out = cli(&["--ca-file", public.to_str().unwrap()]).await.unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let out = cli(&["--ca-file", "/nonexistent/cert.pem"]).await.unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(h.stop().await, Some(0));

@@ -54,11 +54,7 @@ async fn refresh_in_the_air() -> (
     tokenkeeper::dev::Simulator,
     tokio::task::JoinHandle<(u16, Value)>,
 ) {
-    let h = Harness::authorized(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::authorized(Options::lifetime(Duration::from_secs(3600))).await;
     let sim = h.sim.sim.clone();
     sim.set_strict_revocation(true);
     sim.set_token_delay(Duration::from_millis(1500), DelayPhase::AfterRotation);
@@ -119,11 +115,7 @@ async fn delete(h: &Harness, query: &str) -> (u16, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_grant_whose_commit_fails_is_held_in_memory_until_it_lands() {
-    let h = Harness::started(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::started(Options::lifetime(Duration::from_secs(3600))).await;
     let token0 = h.authorize_default().await;
     let sim = h.sim.sim.clone();
 
@@ -202,19 +194,14 @@ async fn a_grant_whose_commit_fails_is_held_in_memory_until_it_lands() {
     assert_eq!(s, 200, "{b}");
     let stats = sim.stats();
     assert_eq!(stats.refresh_ok, 2, "{stats:?}");
-    assert_eq!(stats.refresh_rejected, 0, "{stats:?}");
-    assert_eq!(stats.refresh_reuse, 0, "{stats:?}");
+    common::assert_no_reuse_or_rejection(&stats);
     assert!(sim.access_token_valid(b["access_token"].as_str().unwrap()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_held_grant_is_served_once_the_stored_access_token_has_expired() {
     // The stored access token lives 6 s; the new one an hour.
-    let h = Harness::started(Options {
-        access_lifetime: Duration::from_secs(6),
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::started(Options::lifetime(Duration::from_secs(6))).await;
     let token0 = h.authorize_default().await;
     let sim = h.sim.sim.clone();
     sim.set_access_lifetime(Duration::from_secs(3600));
@@ -245,9 +232,7 @@ async fn a_held_grant_is_served_once_the_stored_access_token_has_expired() {
     sim.set_token_delay(Duration::ZERO, DelayPhase::BeforeProcessing);
     let (s, b) = h.force_refresh().await;
     assert_eq!(s, 200, "{b}");
-    let stats = sim.stats();
-    assert_eq!(stats.refresh_rejected, 0, "{stats:?}");
-    assert_eq!(stats.refresh_reuse, 0, "{stats:?}");
+    common::assert_no_reuse_or_rejection(&sim.stats());
 }
 
 // ---------------------------------------------------------------------------
@@ -369,11 +354,7 @@ async fn a_holder_in_another_pid_namespace_is_not_taken_over_before_its_lease_la
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_holder_certainly_dead_is_taken_over_at_once() {
-    let mut h = Harness::authorized(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
+    let mut h = Harness::authorized(Options::lifetime(Duration::from_secs(3600))).await;
     // Our host, boot and PID namespace, and the pid does not exist: dead,
     // though its stored deadline is an hour away.
     let owner = format!(
@@ -395,9 +376,7 @@ async fn a_holder_certainly_dead_is_taken_over_at_once() {
     assert!(h.log().contains("interrupted"), "the takeover is reported");
     let (s, b) = h.force_refresh().await;
     assert_eq!(s, 200, "{b}");
-    let stats = sim.stats();
-    assert_eq!(stats.refresh_reuse, 0, "{stats:?}");
-    assert_eq!(stats.refresh_rejected, 0, "{stats:?}");
+    common::assert_no_reuse_or_rejection(&sim.stats());
 }
 
 // ---------------------------------------------------------------------------
@@ -421,11 +400,7 @@ async fn revoking_during_a_refresh_revokes_the_newest_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_upstream_revocation_keeps_the_grant_unless_local_is_asked() {
-    let h = Harness::started(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::started(Options::lifetime(Duration::from_secs(3600))).await;
     let token0 = h.authorize_default().await;
     let sim = h.sim.sim.clone();
     sim.set_revoke_fault(Some(503));
@@ -528,11 +503,7 @@ async fn revoke_replaced_false_leaves_the_replaced_grant_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_forced_refresh_says_the_current_token_is_still_served() {
-    let h = Harness::started(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::started(Options::lifetime(Duration::from_secs(3600))).await;
     let token0 = h.authorize_default().await;
     h.sim.sim.set_fault(Some(Fault::Status(503)));
     let (s, b) = h.force_refresh().await;
@@ -550,11 +521,7 @@ async fn a_failed_forced_refresh_says_the_current_token_is_still_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refresh_tokens_rotated_by_another_process_are_recognised() {
-    let h = Harness::authorized(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::authorized(Options::lifetime(Duration::from_secs(3600))).await;
 
     let port2 = common::free_port();
     let text = std::fs::read_to_string(&h.config_path).unwrap();
@@ -625,11 +592,7 @@ async fn lease(db: &Path) -> (Option<String>, Option<i64>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn while_a_grant_is_held_its_lease_is_kept_alive() {
-    let h = Harness::authorized(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::authorized(Options::lifetime(Duration::from_secs(3600))).await;
     let sim = h.sim.sim.clone();
     let db = h.db_path();
     // Storing a new grant fails (as a full disk would), while lease

@@ -367,10 +367,12 @@ async fn raw_db(h: &Harness) -> sqlx::SqlitePool {
     .unwrap()
 }
 
-#[tokio::test]
-async fn one_unreadable_row_does_not_stop_the_daemon() {
+/// A stopped daemon that authorized `accounts`, after which the row of
+/// `second` got a state this build does not know and the row of `third` an
+/// expiry that is not an instant; with the database, still open.
+async fn with_unreadable_rows(accounts: &[&str]) -> (Harness, sqlx::SqlitePool) {
     let mut h = Harness::started(Options::default()).await;
-    for account in ["default", "second", "third"] {
+    for account in accounts {
         assert_eq!(h.authorize("keap", account).await.status(), 200);
     }
     h.stop().await;
@@ -383,6 +385,12 @@ async fn one_unreadable_row_does_not_stop_the_daemon() {
         .execute(&db)
         .await
         .unwrap();
+    (h, db)
+}
+
+#[tokio::test]
+async fn one_unreadable_row_does_not_stop_the_daemon() {
+    let (mut h, db) = with_unreadable_rows(&["default", "second", "third"]).await;
     db.close().await;
 
     h.start().await;
@@ -536,15 +544,16 @@ async fn sigterm_during_a_slow_refresh_commits_it_and_exits_in_time() {
 
 #[tokio::test]
 async fn reload_applies_api_keys_and_check_interval_and_names_what_needs_a_restart() {
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(8),
-        server: "api_keys_file = \"api-keys\"".into(),
-        refresh: "check_interval = \"1h\"".into(),
-        ..Options::default()
-    })
+    let mut h = Harness::with_api_keys(
+        Options {
+            access_lifetime: Duration::from_secs(8),
+            refresh: "check_interval = \"1h\"".into(),
+            ..Options::default()
+        },
+        "key-one\n",
+    )
     .await;
-    let keys = h.dir.path().join("api-keys");
-    std::fs::write(&keys, "key-one\n").unwrap();
+    let keys = h.api_keys_path();
     h.start().await;
     let with_key = |key: &'static str| {
         let h = &h;
@@ -570,13 +579,7 @@ async fn reload_applies_api_keys_and_check_interval_and_names_what_needs_a_resta
             .unwrap();
         (
             r.headers()["location"].to_str().unwrap().to_string(),
-            r.headers()["set-cookie"]
-                .to_str()
-                .unwrap()
-                .split(';')
-                .next()
-                .unwrap()
-                .to_string(),
+            common::cookie(&r),
         )
     };
     let callback = h.approve(&location).await;
@@ -848,20 +851,7 @@ async fn row_text(db: &sqlx::SqlitePool, account: &str) -> String {
 
 #[tokio::test]
 async fn an_unreadable_row_is_never_refreshed_written_or_revoked_from() {
-    let mut h = Harness::started(Options::default()).await;
-    for account in ["second", "third"] {
-        assert_eq!(h.authorize("keap", account).await.status(), 200);
-    }
-    h.stop().await;
-    let db = raw_db(&h).await;
-    sqlx::query("UPDATE connections SET state = 'paused' WHERE account = 'second'")
-        .execute(&db)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE connections SET expires_at = 'tomorrow' WHERE account = 'third'")
-        .execute(&db)
-        .await
-        .unwrap();
+    let (mut h, db) = with_unreadable_rows(&["second", "third"]).await;
     let before = [row_text(&db, "second").await, row_text(&db, "third").await];
     db.close().await;
     let sim = h.sim.sim.clone();

@@ -37,19 +37,7 @@ async fn raw_get(port: u16, path: &str) -> (u16, String) {
 
 /// Status of a GET sent byte for byte as given.
 async fn raw_status(port: u16, path: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf);
-    text.split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+    raw_get(port, path).await.0
 }
 
 fn with_limits(limits: SimLimits) -> SimulatorConfig {
@@ -188,12 +176,7 @@ async fn refresh_token_as_bearer_gets_the_spec_401() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_key_is_checked_then_replaced() {
-    let mut h = Harness::new(Options {
-        server: "api_keys_file = \"api-keys\"".into(),
-        ..Options::default()
-    })
-    .await;
-    std::fs::write(h.dir.path().join("api-keys"), "app-key-1\n").unwrap();
+    let mut h = Harness::with_api_keys(Options::default(), "app-key-1\n").await;
     h.start().await;
     // Authorize through the browser flow (a browser logged in with a link).
     h.login("app-key-1").await;

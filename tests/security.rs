@@ -30,16 +30,8 @@ async fn assert_refresh_token_refused(h: &Harness, token: &str) {
 
 #[tokio::test]
 async fn api_keys_and_refresh_tokens_as_bearer() {
-    let mut h = Harness::new(Options {
-        server: "api_keys_file = \"api-keys\"".into(),
-        ..Options::default()
-    })
-    .await;
-    std::fs::write(
-        h.dir.path().join("api-keys"),
-        "# local apps\nkey-one\nkey-two\n",
-    )
-    .unwrap();
+    let mut h =
+        Harness::with_api_keys(Options::default(), "# local apps\nkey-one\nkey-two\n").await;
     h.start().await;
 
     // Missing key: 401 with the realm challenge.
@@ -50,12 +42,7 @@ async fn api_keys_and_refresh_tokens_as_bearer() {
         "Bearer realm=\"tokenkeeper\""
     );
     // Wrong key: invalid_token.
-    let r = h
-        .get_with(
-            h.url("/v1/connections"),
-            (AUTHORIZATION.as_str(), "Bearer nope"),
-        )
-        .await;
+    let r = h.get_bearer("/v1/connections", "nope").await;
     assert_eq!(r.status(), 401);
     assert_eq!(
         r.json::<serde_json::Value>().await.unwrap()["error"],
@@ -81,12 +68,7 @@ async fn api_keys_and_refresh_tokens_as_bearer() {
     let first_refresh = h.sim.sim.current_refresh_token().unwrap();
     // The CLI sends the key from the same file.
     let out = h.cli(&["refresh", "keap"]).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let current_refresh = h.sim.sim.current_refresh_token().unwrap();
     assert_ne!(first_refresh, current_refresh);
 
@@ -114,12 +96,7 @@ async fn refresh_token_as_bearer_is_refused_even_without_api_keys() {
     let rt = h.sim.sim.current_refresh_token().unwrap();
     assert_refresh_token_refused(&h, &rt).await;
     // An unrelated bearer is ignored when no API keys are configured.
-    let r = h
-        .get_with(
-            h.url("/v1/token/keap"),
-            (AUTHORIZATION.as_str(), "Bearer something-else"),
-        )
-        .await;
+    let r = h.get_bearer("/v1/token/keap", "something-else").await;
     assert_eq!(r.status(), 200);
 }
 
@@ -255,12 +232,7 @@ async fn https_with_a_self_signed_certificate() {
     assert!(h.http.get(h.url("/healthz")).send().await.is_err());
     // The CLI trusts the generated certificate and shows its fingerprint.
     let out = h.cli(&["status"]).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&expected));
     common::signal(&child, libc::SIGTERM);
     common::wait_exit(&mut child, Duration::from_secs(20)).await;
@@ -398,12 +370,7 @@ async fn encryption_at_rest_wrong_key_and_rekey() {
             h.dir.path().join("new-key").to_str().unwrap(),
         ])
         .await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("re-sealed 1 connection"));
     std::fs::write(&h.config_path, cfg.replace("\"db-key\"", "\"new-key\"")).unwrap();
     h.start().await;
@@ -662,12 +629,7 @@ async fn cross_site_requests_are_refused_and_answers_are_inert() {
 /// HttpOnly, SameSite=Strict session cookie; used or unknown links fail.
 #[tokio::test]
 async fn api_keys_protect_every_path_and_browsers_log_in_once() {
-    let mut h = Harness::new(Options {
-        server: "api_keys_file = \"api-keys\"".into(),
-        ..Options::default()
-    })
-    .await;
-    std::fs::write(h.dir.path().join("api-keys"), "the-key\n").unwrap();
+    let mut h = Harness::with_api_keys(Options::default(), "the-key\n").await;
     h.start().await;
 
     for path in [
@@ -680,9 +642,7 @@ async fn api_keys_protect_every_path_and_browsers_log_in_once() {
     ] {
         let r = h.http.get(h.url(path)).send().await.unwrap();
         assert_eq!(r.status(), 401, "{path} without a key");
-        let r = h
-            .get_with(h.url(path), (AUTHORIZATION.as_str(), "Bearer wrong"))
-            .await;
+        let r = h.get_bearer(path, "wrong").await;
         assert_eq!(r.status(), 401, "{path} with a wrong key");
     }
     let r = h
@@ -691,9 +651,7 @@ async fn api_keys_protect_every_path_and_browsers_log_in_once() {
     assert_eq!(r.status(), 401);
     assert!(r.text().await.unwrap().contains("tokenkeeper dashboard"));
     for path in ["/", "/metrics", "/openapi.json"] {
-        let r = h
-            .get_with(h.url(path), (AUTHORIZATION.as_str(), "Bearer the-key"))
-            .await;
+        let r = h.get_bearer(path, "the-key").await;
         assert_eq!(r.status(), 200, "{path} with the key");
     }
     for path in ["/healthz", "/readyz"] {
@@ -713,12 +671,7 @@ async fn api_keys_protect_every_path_and_browsers_log_in_once() {
 
     // `tokenkeeper dashboard` prints a one-time link.
     let out = h.cli(&["dashboard"]).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let link = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(link.starts_with(&h.url("/login?token=")), "{link}");
     let r = h.http.get(&link).send().await.unwrap();
@@ -748,31 +701,14 @@ async fn api_keys_protect_every_path_and_browsers_log_in_once() {
 
     // `tokenkeeper connect` prints a link that lands on the authorization.
     let out = h.cli(&["connect", "keap", "mine"]).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let link = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let r = h.http.get(&link).send().await.unwrap();
     assert_eq!(r.status(), 303);
     assert_eq!(r.headers()["location"], "/connect/keap?account=mine");
-    let session = r.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    h.session = Some(session);
+    h.session = Some(common::cookie(&r));
     assert_eq!(h.authorize("keap", "mine").await.status(), 200);
-    let r = h
-        .get_with(
-            h.url("/v1/token/keap/mine"),
-            (AUTHORIZATION.as_str(), "Bearer the-key"),
-        )
-        .await;
+    let r = h.get_bearer("/v1/token/keap/mine", "the-key").await;
     assert_eq!(r.status(), 200);
 }
 
@@ -836,43 +772,17 @@ async fn a_kept_refresh_token_still_opens_after_refreshes_without_rotation() {
 #[tokio::test]
 async fn removing_an_api_key_ends_its_sessions_and_links() {
     use std::time::Duration;
-    let mut h = Harness::new(Options {
-        server: "api_keys_file = \"api-keys\"".into(),
-        ..Options::default()
-    })
-    .await;
-    let keys = h.dir.path().join("api-keys");
-    std::fs::write(&keys, "key-a\nkey-kept\n").unwrap();
+    let mut h = Harness::with_api_keys(Options::default(), "key-a\nkey-kept\n").await;
+    let keys = h.api_keys_path();
     h.start().await;
 
-    let link = |key: &'static str| {
-        let h = &h;
-        async move {
-            let r = h
-                .http
-                .post(h.url("/v1/login-links"))
-                .bearer_auth(key)
-                .json(&serde_json::json!({"next": "/"}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            let v: serde_json::Value = r.json().await.unwrap();
-            v["url"].as_str().unwrap().to_string()
-        }
-    };
+    let link = |key: &'static str| h.login_link(key);
     let open = |url: String| {
         let h = &h;
         async move {
             let r = h.http.get(&url).send().await.unwrap();
             assert_eq!(r.status(), 303, "the link opens");
-            r.headers()["set-cookie"]
-                .to_str()
-                .unwrap()
-                .split(';')
-                .next()
-                .unwrap()
-                .to_string()
+            common::cookie(&r)
         }
     };
     let session_a = open(link("key-a").await).await;
@@ -889,15 +799,7 @@ async fn removing_an_api_key_ends_its_sessions_and_links() {
     common::eventually(
         Duration::from_secs(10),
         "the reload removes key-a",
-        || async {
-            h.get_with(
-                h.url("/v1/connections"),
-                (AUTHORIZATION.as_str(), "Bearer key-a"),
-            )
-            .await
-            .status()
-                == 401
-        },
+        || async { h.get_bearer("/v1/connections", "key-a").await.status() == 401 },
     )
     .await;
 
@@ -918,13 +820,7 @@ async fn removing_an_api_key_ends_its_sessions_and_links() {
 #[tokio::test]
 async fn connect_open_keeps_the_login_link_out_of_argv() {
     use std::os::unix::fs::PermissionsExt;
-    let h = Harness::new(Options {
-        server: "api_keys_file = \"api-keys\"".into(),
-        ..Options::default()
-    })
-    .await;
-    std::fs::write(h.dir.path().join("api-keys"), "the-key\n").unwrap();
-    let mut h = h;
+    let mut h = Harness::with_api_keys(Options::default(), "the-key\n").await;
     h.start().await;
     let bin = h.dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
@@ -952,12 +848,7 @@ async fn connect_open_keeps_the_login_link_out_of_argv() {
         .output()
         .await
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let link = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(link.contains("/login?token="), "{link}");
     let token = link.split("token=").nth(1).unwrap();
@@ -986,12 +877,14 @@ async fn connect_open_keeps_the_login_link_out_of_argv() {
 /// neither receives nor can plant it); the plain name is not accepted.
 #[tokio::test]
 async fn https_session_cookie_is_host_prefixed_and_secure() {
-    let h = Harness::new(Options {
-        server: "tls = \"self-signed\"\napi_keys_file = \"api-keys\"".into(),
-        ..Options::default()
-    })
+    let h = Harness::with_api_keys(
+        Options {
+            server: "tls = \"self-signed\"".into(),
+            ..Options::default()
+        },
+        "the-key\n",
+    )
     .await;
-    std::fs::write(h.dir.path().join("api-keys"), "the-key\n").unwrap();
     let mut child = common::spawn_daemon(&h.config_path, &h.log_path(), "info", &[]);
     let cert_path = h.dir.path().join("tls-cert.pem");
     common::eventually(Duration::from_secs(20), "certificate generated", || async {

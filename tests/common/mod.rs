@@ -45,6 +45,17 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// The defaults, with the provider issuing access tokens that live
+    /// `lifetime`.
+    pub fn lifetime(lifetime: Duration) -> Options {
+        Options {
+            access_lifetime: lifetime,
+            ..Options::default()
+        }
+    }
+}
+
 pub struct Harness {
     pub sim: RunningSimulator,
     pub dir: tempfile::TempDir,
@@ -105,6 +116,20 @@ impl Harness {
         };
         h.write_config(&opts.server, &opts.refresh, &opts.provider);
         h
+    }
+
+    /// [`Harness::new`] with `server.api_keys_file` set to a file holding
+    /// `keys` ([`Harness::api_keys_path`]); not started.
+    pub async fn with_api_keys(mut opts: Options, keys: &str) -> Harness {
+        opts.server = format!("{}\napi_keys_file = \"api-keys\"", opts.server);
+        let h = Harness::new(opts).await;
+        std::fs::write(h.api_keys_path(), keys).unwrap();
+        h
+    }
+
+    /// The API key file of [`Harness::with_api_keys`].
+    pub fn api_keys_path(&self) -> PathBuf {
+        self.dir.path().join("api-keys")
     }
 
     /// A running daemon ([`Harness::new`], then [`Harness::start`]).
@@ -314,19 +339,21 @@ api_base_url = "{sim}/api"
         let r = req.send().await.expect("connect answers");
         assert_eq!(r.status(), 302, "connect must redirect");
         let location = r.headers()[LOCATION].to_str().unwrap().to_string();
-        let cookie = r.headers()[SET_COOKIE]
-            .to_str()
-            .unwrap()
-            .split(';')
-            .next()
-            .unwrap()
-            .to_string();
+        let cookie = cookie(&r);
         (location, cookie)
     }
 
     /// Logs a browser in with a one-time link obtained with `key` (API keys
     /// set): later `start_connect`/`authorize` calls send its cookie.
     pub async fn login(&mut self, key: &str) {
+        let link = self.login_link(key).await;
+        let r = self.http.get(&link).send().await.expect("login answers");
+        assert_eq!(r.status(), 303, "the login link redirects");
+        self.session = Some(cookie(&r));
+    }
+
+    /// A one-time login link to `/`, obtained with the API key `key`.
+    pub async fn login_link(&self, key: &str) -> String {
         let r = self
             .http
             .post(self.url("/v1/login-links"))
@@ -337,11 +364,7 @@ api_base_url = "{sim}/api"
             .expect("login-links answers");
         assert_eq!(r.status(), 200, "a login link with the key");
         let v: Value = r.json().await.unwrap();
-        let link = v["url"].as_str().expect("a url").to_string();
-        let r = self.http.get(&link).send().await.expect("login answers");
-        assert_eq!(r.status(), 303, "the login link redirects");
-        let cookie = r.headers()[SET_COOKIE].to_str().unwrap();
-        self.session = Some(cookie.split(';').next().unwrap().to_string());
+        v["url"].as_str().expect("a url").to_string()
     }
 
     /// Points the provider's `api_base_url` at `base` (before `start`).
@@ -384,6 +407,16 @@ api_base_url = "{sim}/api"
         self.http
             .get(url)
             .header(header.0, header.1)
+            .send()
+            .await
+            .expect("daemon answers")
+    }
+
+    /// GET a daemon path with `Authorization: Bearer {credential}`.
+    pub async fn get_bearer(&self, path: &str, credential: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(credential)
             .send()
             .await
             .expect("daemon answers")
@@ -510,6 +543,37 @@ pub async fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The provider never saw a spent refresh token sent again, nor refused
+/// one: every grant came through intact.
+pub fn assert_no_reuse_or_rejection(stats: &tokenkeeper::dev::SimStats) {
+    assert_eq!(
+        stats.refresh_reuse, 0,
+        "a spent refresh token was sent again: {stats:?}"
+    );
+    assert_eq!(
+        stats.refresh_rejected, 0,
+        "a refresh token was rejected: {stats:?}"
+    );
+}
+
+/// A command exited 0; its stderr otherwise.
+pub fn assert_success(out: &Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `name=value` of the cookie `r` sets.
+pub fn cookie(r: &reqwest::Response) -> String {
+    let set = r.headers()[SET_COOKIE]
+        .to_str()
+        .expect("a Set-Cookie header");
+    set.split(';').next().unwrap_or_default().to_string()
 }
 
 /// Polls `cond` every 50 ms until it holds or `limit` passes.
