@@ -2,6 +2,10 @@
 //! are clients of a running daemon over its HTTP API, except
 //! `check-config`, which only reads the file.
 //!
+//! Clients read the daemon's answers through the types the server writes
+//! ([`crate::http::answers`]) and the config through the daemon's own
+//! reader in its client mode ([`config::load_for_client`]).
+//!
 //! Exit codes: 0 ok, 1 runtime failure (daemon unreachable, connection needs
 //! authorization), 2 usage or config error. Errors are one sentence on
 //! stderr that says what to do next.

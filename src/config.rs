@@ -267,14 +267,7 @@ fn read_config_file(path: &Path) -> Result<String, ConfigError> {
 /// for resolving relative secret files).
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let (config, problems) = read(text, path, Mode::Daemon);
-    if problems.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigError {
-            file: path.display().to_string(),
-            problems,
-        })
-    }
+    checked(config, problems, path)
 }
 
 /// How strictly a file is read.
@@ -316,6 +309,15 @@ pub fn load_for_client(path: &Path) -> Result<Config, ConfigError> {
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
         })
     });
+    checked(config, problems, path)
+}
+
+/// `config`, unless there are `problems`.
+fn checked(
+    config: Config,
+    problems: Vec<ConfigProblem>,
+    path: &Path,
+) -> Result<Config, ConfigError> {
     if problems.is_empty() {
         Ok(config)
     } else {
