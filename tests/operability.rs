@@ -912,3 +912,44 @@ async fn an_unreadable_row_is_never_refreshed_written_or_revoked_from() {
     assert!(r.status().is_success(), "{}", r.status());
     assert!(h.connection("second").await.is_null());
 }
+
+/// The daemon's entry point is testable in-process: the application built
+/// from a config serves on a listener the caller bound, and stops, with
+/// the store closed, when the caller's shutdown signal fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_application_serves_on_a_given_listener_until_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cfg = tokenkeeper::dev::config(addr, dir.path().join("tk.db"), "s");
+    let app = tokenkeeper::daemon::App::build(cfg, addr, None)
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let served = tokio::spawn(app.serve(listener, None, shutdown.clone()));
+    let http = common::client();
+    let r = http
+        .get(format!("http://{addr}/v1/connections"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: tokenkeeper::http::answers::ConnectionsBody = r.json().await.unwrap();
+    assert!(body.connections.is_empty());
+    shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(30), served)
+        .await
+        .expect("the stop is bounded")
+        .unwrap();
+    assert!(result.is_ok(), "{result:?}");
+    assert!(
+        http.get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .is_err(),
+        "nothing listens after the stop"
+    );
+    // The database lock went with the application: an offline command may
+    // take it now.
+    assert!(tokenkeeper::store::DbLock::exclusive(&dir.path().join("tk.db")).is_ok());
+}
