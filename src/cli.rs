@@ -444,12 +444,28 @@ struct Target {
 /// `server.listen` (the config read as a client reads it,
 /// [`config::load_for_client`]: no secret is needed), else the default.
 fn target(cli: &Cli) -> Result<Target, CliError> {
+    // What the command line gives needs no config.
+    let mut unused = Vec::new();
+    if cli.url.is_some() {
+        unused.push("server.listen");
+    }
+    if cli.api_key_file.is_some() {
+        unused.push("server.api_keys_file");
+    }
+    let named = cli.config.is_some()
+        || std::env::var_os("TOKENKEEPER_CONFIG").is_some_and(|v| !v.is_empty());
     let cfg = match config::locate(cli.config.as_deref()) {
-        Some(path) => Some(config::load_for_client(&path).map_err(|e| {
-            usage(format!(
-                "the config has problems in what client commands read; fix them and retry:\n{e}"
-            ))
-        })?),
+        Some(path) => match config::load_for_client(&path, &unused) {
+            Ok(c) => Some(c),
+            // A system config this user may not read: the defaults, and
+            // --url, still find a daemon; a file the user named must be read.
+            Err(e) if !named && e.problems.iter().all(|p| p.key == "(file)") => None,
+            Err(e) => {
+                return Err(usage(format!(
+                    "the config has problems in what client commands read; fix them and retry:\n{e}"
+                )))
+            }
+        },
         None => None,
     };
     let server = cfg.as_ref().map(|c| &c.server);

@@ -297,17 +297,18 @@ const CLIENT_KEYS: [&str; 5] = [
 /// find the daemon from the same config): `server.listen`, `public_url`,
 /// `tls`, `api_keys_file` and `storage.path` (where a self-signed
 /// certificate lives). Problems in other keys, such as a client secret
-/// file this user cannot read, are not the client's and are ignored;
-/// problems in these keys are reported, with key and line.
-pub fn load_for_client(path: &Path) -> Result<Config, ConfigError> {
+/// file this user cannot read, are not the client's and are ignored, and
+/// so are those in `unused`, keys the caller has from elsewhere (the
+/// command line); problems in the rest are reported, with key and line.
+pub fn load_for_client(path: &Path, unused: &[&str]) -> Result<Config, ConfigError> {
     let text = read_config_file(path)?;
     let (config, mut problems) = read(&text, path, Mode::Client);
+    let under = |key: &str, k: &str| {
+        key.strip_prefix(k)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+    };
     problems.retain(|p| {
-        CLIENT_KEYS.iter().any(|k| {
-            p.key
-                .strip_prefix(k)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
-        })
+        CLIENT_KEYS.iter().any(|k| under(&p.key, k)) && !unused.iter().any(|k| under(&p.key, k))
     });
     checked(config, problems, path)
 }
@@ -1544,7 +1545,7 @@ mod tests {
             [providers.other]\npreset = \"keap\"\nclient_id = \"id\"\nclient_secret_env = \"TK_UNIT_TEST_UNSET\"\n";
         std::fs::write(&path, text).unwrap();
         assert!(load(&path).is_err(), "the daemon refuses this file");
-        let cfg = load_for_client(&path).unwrap();
+        let cfg = load_for_client(&path, &[]).unwrap();
         assert_eq!(cfg.server.listen.to_string(), "10.1.2.3:9000");
         assert_eq!(cfg.server.api_keys_file, Some(dir.path().join("keys")));
         assert_eq!(
@@ -1561,14 +1562,15 @@ mod tests {
             "[server]\nlisten = \"nope\"\n[refresh]\njitter = \"soon\"\n",
         )
         .unwrap();
-        let err = load_for_client(&path).unwrap_err();
+        let err = load_for_client(&path, &[]).unwrap_err();
         let keys: Vec<_> = err
             .problems
             .iter()
             .map(|p| (p.key.as_str(), p.line))
             .collect();
         assert_eq!(keys, vec![("server.listen", Some(2))]);
-        let missing = load_for_client(&dir.path().join("absent.toml")).unwrap_err();
+        assert!(load_for_client(&path, &["server.listen"]).is_ok());
+        let missing = load_for_client(&dir.path().join("absent.toml"), &[]).unwrap_err();
         assert!(missing.to_string().contains("cannot read the config file"));
     }
 

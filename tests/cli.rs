@@ -516,6 +516,25 @@ fn a_bad_listen_address_is_a_config_error_for_clients() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains(":2: server.listen:"), "{err}");
     assert!(!err.contains("cannot reach"), "{err}");
+    // With --url the listen address is not needed.
+    let url = format!("http://127.0.0.1:{}", common::free_port());
+    let out = Command::new(BIN)
+        .args(["status", "--url", &url, "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+    // A config file named on the command line must be there.
+    let out = Command::new(BIN)
+        .args(["status", "--url", &url, "--config"])
+        .arg(dir.path().join("absent.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot read the config file"), "{err}");
 }
 
 /// URLs for a browser (`connect`, `dashboard` without API keys) use
