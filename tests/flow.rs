@@ -139,15 +139,8 @@ async fn spec_error_rows() {
     let b: serde_json::Value = r.json().await.unwrap();
     assert_eq!(b["error"], "authorization_required");
     assert_eq!(b["connect_url"], h.url("/connect/keap?account=default"));
-    let c = h.connection("default").await;
-    assert_eq!(c["state"], "authorization_required");
-    assert!(
-        c["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("Invalid Refresh Token"),
-        "{c}"
-    );
+    h.assert_connection("default", "authorization_required", "Invalid Refresh Token")
+        .await;
 
     // A fresh authorization brings it back.
     assert_eq!(h.authorize("keap", "default").await.status(), 200);

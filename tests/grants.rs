@@ -133,14 +133,8 @@ async fn a_grant_whose_commit_fails_is_held_in_memory_until_it_lands() {
 
     // While it is held: visible in status, metrics; the stored access token
     // (still valid by its expiry) keeps being served.
-    let c = h.connection("default").await;
-    assert_eq!(c["state"], "retrying", "{c}");
-    assert!(
-        c["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("held in memory and not yet stored")),
-        "{c}"
-    );
+    h.assert_connection("default", "retrying", "held in memory and not yet stored")
+        .await;
     let metrics = h.get_text("/metrics").await;
     assert!(
         metrics

@@ -335,15 +335,8 @@ async fn a_token_dead_on_arrival_is_not_refreshed_in_a_loop() {
     }
     let calls = h.sim.sim.stats().refresh_calls - before;
     assert!(calls <= 1, "{calls} refreshes for 20 token requests");
-    let c = h.connection("default").await;
-    assert_eq!(c["state"], "retrying", "{c}");
-    assert!(
-        c["last_error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("expired before"),
-        "{c}"
-    );
+    h.assert_connection("default", "retrying", "expired before")
+        .await;
     h.sim.sim.set_answer_shape(None);
     h.sim
         .sim

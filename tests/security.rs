@@ -362,14 +362,7 @@ async fn encryption_at_rest_wrong_key_and_rekey() {
     // Rekey from key 1 to key 3, then serve with key 3.
     write_key(&h.dir.path().join("db-key"), 1);
     std::fs::write(&h.config_path, &cfg).unwrap();
-    write_key(&h.dir.path().join("new-key"), 3);
-    let out = h
-        .cli(&[
-            "rekey",
-            "--new-key-file",
-            h.dir.path().join("new-key").to_str().unwrap(),
-        ])
-        .await;
+    let out = rekey_to_new_key(&h, 3).await;
     common::assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("re-sealed 1 connection"));
     std::fs::write(&h.config_path, cfg.replace("\"db-key\"", "\"new-key\"")).unwrap();
@@ -439,6 +432,14 @@ async fn trace_logs_never_contain_secrets() {
 }
 
 /// A harness whose database is sealed with `db-key` (key byte 1).
+/// Writes a key of `byte`s to `new-key` and runs `tokenkeeper rekey` to it.
+async fn rekey_to_new_key(h: &Harness, byte: u8) -> std::process::Output {
+    let new_key = h.dir.path().join("new-key");
+    write_key(&new_key, byte);
+    h.cli(&["rekey", "--new-key-file", new_key.to_str().unwrap()])
+        .await
+}
+
 async fn encrypted_harness() -> Harness {
     encrypted_harness_with(Options::default()).await
 }
@@ -486,15 +487,8 @@ async fn swapped_sealed_columns_are_reported_and_never_served() {
         assert!(!body.contains(&t), "a refresh token was served");
     }
     assert!(!body.contains(&refresh_token));
-    let c = h.connection("default").await;
-    assert_eq!(c["state"], "authorization_required");
-    assert!(
-        c["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("does not decrypt"),
-        "{c}"
-    );
+    h.assert_connection("default", "authorization_required", "does not decrypt")
+        .await;
     // The other connection is untouched and served.
     assert_eq!(h.get_json("/v1/token/keap/other").await.0, 200);
     assert!(h
@@ -508,14 +502,7 @@ async fn rekey_refuses_while_a_daemon_holds_the_database() {
     let mut h = encrypted_harness().await;
     h.start().await;
     assert_eq!(h.authorize("keap", "default").await.status(), 200);
-    write_key(&h.dir.path().join("new-key"), 3);
-    let out = h
-        .cli(&[
-            "rekey",
-            "--new-key-file",
-            h.dir.path().join("new-key").to_str().unwrap(),
-        ])
-        .await;
+    let out = rekey_to_new_key(&h, 3).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0), "{err}");
     assert!(

@@ -476,6 +476,18 @@ api_base_url = "{sim}/api"
             .and_then(|a| a.iter().find(|c| c["account"] == account).cloned())
             .unwrap_or(Value::Null)
     }
+
+    /// Asserts that `keap/{account}` is in `state` with a `last_error`
+    /// that contains `error`; returns the connection.
+    pub async fn assert_connection(&self, account: &str, state: &str, error: &str) -> Value {
+        let c = self.connection(account).await;
+        assert_eq!(c["state"], state, "{c}");
+        assert!(
+            c["last_error"].as_str().is_some_and(|e| e.contains(error)),
+            "{c}"
+        );
+        c
+    }
 }
 
 impl Drop for Harness {
