@@ -162,6 +162,14 @@ impl Harness {
         self.post_json("/v1/token/keap/refresh").await
     }
 
+    /// A forced refresh succeeds, and the provider never saw a spent
+    /// refresh token sent again nor refused one: the grant is intact.
+    pub async fn assert_refresh_keeps_the_grant(&self) {
+        let (s, b) = self.force_refresh().await;
+        assert_eq!(s, 200, "{b}");
+        assert_no_reuse_or_rejection(&self.sim.sim.stats());
+    }
+
     /// `POST path` on a task of its own (a request left in the air while
     /// the test goes on); the task yields the status and JSON body.
     pub fn spawn_post(&self, path: &str) -> tokio::task::JoinHandle<(u16, Value)> {
