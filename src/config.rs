@@ -301,8 +301,12 @@ const CLIENT_KEYS: [&str; 5] = [
 /// so are those in `unused`, keys the caller has from elsewhere (the
 /// command line); problems in the rest are reported, with key and line.
 pub fn load_for_client(path: &Path, unused: &[&str]) -> Result<Config, ConfigError> {
-    let text = read_config_file(path)?;
-    let (config, mut problems) = read(&text, path, Mode::Client);
+    parse_for_client(&read_config_file(path)?, path, unused)
+}
+
+/// [`load_for_client`] of `text`, a config file found at `path`.
+pub fn parse_for_client(text: &str, path: &Path, unused: &[&str]) -> Result<Config, ConfigError> {
+    let (config, mut problems) = read(text, path, Mode::Client);
     let under = |key: &str, k: &str| {
         key.strip_prefix(k)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))

@@ -18,7 +18,13 @@ proptest! {
     /// Arbitrary text never panics the parser; it is accepted or explained.
     #[test]
     fn config_parser_never_panics(text in "\\PC{0,300}") {
-        match config::parse(&text, std::path::Path::new("/tmp/x.toml")) {
+        let path = std::path::Path::new("/tmp/x.toml");
+        match config::parse(&text, path) {
+            Ok(_) => {}
+            Err(e) => prop_assert!(!e.problems.is_empty()),
+        }
+        // The client reading of the same file, too.
+        match config::parse_for_client(&text, path, &[]) {
             Ok(_) => {}
             Err(e) => prop_assert!(!e.problems.is_empty()),
         }
@@ -32,7 +38,9 @@ proptest! {
         value in prop::sample::select(vec!["\"\"", "\"10x\"", "-1", "1e400", "[1, \"a\"]", "{ a = 1 }", "true", "\"self-signed\"", "\"0.0.0.0:1\"", "99999999999999999999", "\"keap\"", "0.5"]),
     ) {
         let text = format!("[{section}]\n{key} = {value}\n");
-        let _ = config::parse(&text, std::path::Path::new("/tmp/x.toml"));
+        let path = std::path::Path::new("/tmp/x.toml");
+        let _ = config::parse(&text, path);
+        let _ = config::parse_for_client(&text, path, &[]);
     }
 }
 
