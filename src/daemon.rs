@@ -1,7 +1,10 @@
 //! Assembles and runs the daemon: store, engine, scheduler, HTTP server.
 //!
-//! The entry point is testable in the mini-redis way: the caller binds the
-//! listener and decides what shutdown means (a signal, a test's token).
+//! Two steps, testable in the mini-redis way: [`App::build`] makes the
+//! application from a config (it opens the store and starts the engine, but
+//! serves and schedules nothing), and [`App::serve`] serves it on a
+//! listener the caller bound until a shutdown signal the caller owns (a
+//! signal handler, a test's token). [`run`] is the two in a row.
 //! Shutdown is explicit and bounded, so it ends before systemd's
 //! `TimeoutStopSec` would kill a refresh mid-call:
 //!
