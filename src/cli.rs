@@ -2,6 +2,10 @@
 //! are clients of a running daemon over its HTTP API, except
 //! `check-config`, which only reads the file.
 //!
+//! Clients read the daemon's answers through the types the server writes
+//! ([`crate::http::answers`]) and the config through the daemon's own
+//! reader in its client mode ([`config::load_for_client`]).
+//!
 //! Exit codes: 0 ok, 1 runtime failure (daemon unreachable, connection needs
 //! authorization), 2 usage or config error. Errors are one sentence on
 //! stderr that says what to do next.
@@ -11,14 +15,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use serde::Deserialize;
-use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config};
 use crate::dev::{Simulator, SimulatorConfig};
+use crate::http::answers::{
+    rfc3339_secs, ConnectionJson, ConnectionsBody, ErrorBody, InspectBody, LinkBody, TokenBody,
+};
 use crate::http::api::DEFAULT_ACCOUNT;
 use crate::http::pages::relative;
+use crate::ratelimit::ConnectionQuota;
 use crate::store::ConnState;
 
 /// Keeps OAuth2 grants alive and hands fresh access tokens to local programs.
@@ -424,6 +430,9 @@ async fn serve(
 /// How a client command reaches the daemon.
 struct Target {
     base: String,
+    /// Where a browser reaches the daemon: `server.public_url` when the
+    /// config sets it, else `base`.
+    browser_base: String,
     api_key: Option<String>,
     /// The certificate to trust, when the daemon serves HTTPS.
     ca_cert: Option<PathBuf>,
@@ -431,37 +440,59 @@ struct Target {
     ca_explicit: bool,
 }
 
-/// Where the daemon is: `--url`, else the config's `server.listen` (read
-/// leniently: a client needs no secrets), else the default.
-fn target(cli: &Cli) -> Target {
-    let config_path = config::locate(cli.config.as_deref());
-    let table = config_path
-        .as_ref()
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|text| text.parse::<toml::Table>().ok())
-        .unwrap_or_default();
-    let relative = |v: &str| -> PathBuf {
-        let p = PathBuf::from(v);
-        match config_path.as_ref().and_then(|c| c.parent()) {
-            Some(dir) if p.is_relative() => dir.join(p),
-            _ => p,
-        }
+/// Where the daemon is and how to trust it: `--url`, else the config's
+/// `server.listen` (the config read as a client reads it,
+/// [`config::load_for_client`]: no secret is needed), else the default.
+fn target(cli: &Cli) -> Result<Target, CliError> {
+    // What the command line gives needs no config.
+    let mut unused = Vec::new();
+    if cli.url.is_some() {
+        unused.push("server.listen");
+    }
+    if cli.api_key_file.is_some() {
+        unused.push("server.api_keys_file");
+    }
+    let named = cli.config.is_some()
+        || std::env::var_os("TOKENKEEPER_CONFIG").is_some_and(|v| !v.is_empty());
+    let cfg = match config::locate(cli.config.as_deref()) {
+        Some(path) => match config::load_for_client(&path, &unused) {
+            Ok(c) => Some(c),
+            // A system config this user may not read: the defaults, and
+            // --url, still find a daemon; a file the user named must be read.
+            Err(e) if !named && e.problems.iter().all(|p| p.key == "(file)") => None,
+            Err(e) => {
+                return Err(usage(format!(
+                    "the config has problems in what client commands read; fix them and retry:\n{e}"
+                )))
+            }
+        },
+        None => None,
     };
-    let server = table.get("server").and_then(|s| s.as_table());
-    let get = |k: &str| server.and_then(|s| s.get(k)).and_then(|v| v.as_str());
-    let tls = server.is_some_and(|s| s.get("tls").is_some());
+    let server = cfg.as_ref().map(|c| &c.server);
+    let tls = server.map_or(&config::TlsConfig::Off, |s| &s.tls);
     let base = match &cli.url {
         Some(u) => u.trim_end_matches('/').to_string(),
         None => format!(
             "{}://{}",
-            if tls { "https" } else { "http" },
-            get("listen").unwrap_or(config::DEFAULT_LISTEN)
+            if *tls == config::TlsConfig::Off {
+                "http"
+            } else {
+                "https"
+            },
+            server.map_or_else(
+                || config::DEFAULT_LISTEN.to_string(),
+                |s| s.listen.to_string()
+            )
         ),
     };
+    let browser_base = server.and_then(|s| s.public_url.as_ref()).map_or_else(
+        || base.clone(),
+        |u| u.as_str().trim_end_matches('/').to_string(),
+    );
     let key_file = cli
         .api_key_file
         .clone()
-        .or_else(|| get("api_keys_file").map(relative));
+        .or_else(|| server.and_then(|s| s.api_keys_file.clone()));
     let api_key = key_file
         .and_then(|f| std::fs::read_to_string(f).ok())
         .and_then(|t| {
@@ -470,17 +501,13 @@ fn target(cli: &Cli) -> Target {
                 .find(|l| !l.is_empty() && !l.starts_with('#'))
                 .map(str::to_string)
         });
-    let db = table
-        .get("storage")
-        .and_then(|s| s.get("path"))
-        .and_then(|v| v.as_str())
-        .map(relative)
-        .unwrap_or_else(config::default_db_path);
-    let configured = match server.and_then(|s| s.get("tls")) {
-        Some(toml::Value::String(s)) if s == "self-signed" => db
+    let configured = match (tls, &cfg) {
+        (config::TlsConfig::SelfSigned, Some(c)) => c
+            .storage
+            .path
             .parent()
             .map(|d| crate::http::tls::self_signed_paths(d).0),
-        Some(toml::Value::Table(t)) => t.get("cert_file").and_then(|v| v.as_str()).map(relative),
+        (config::TlsConfig::Files { cert_file, .. }, _) => Some(cert_file.clone()),
         _ => None,
     };
     // The state directory is private to the service user; everyone else
@@ -492,12 +519,13 @@ fn target(cli: &Cli) -> Target {
             .filter(readable)
             .or_else(|| Some(PathBuf::from(PUBLIC_CERT_PATH)).filter(readable)),
     };
-    Target {
+    Ok(Target {
         base,
+        browser_base,
         api_key,
         ca_cert,
         ca_explicit: cli.ca_file.is_some(),
-    }
+    })
 }
 
 /// `base` plus `segments`, each percent-encoded as one path segment: a
@@ -552,78 +580,51 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
         } => Some(names(provider, account)?),
         _ => None,
     };
-    let target = target(cli);
-    let base = target.base.clone();
-    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(120));
-    if let Some(key) = &target.api_key {
-        let mut headers = reqwest::header::HeaderMap::new();
-        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
-            .map_err(|_| usage("the API key file holds characters that cannot go in a header"))?;
-        headers.insert(reqwest::header::AUTHORIZATION, value);
-        builder = builder.default_headers(headers);
-    }
-    if let Some(path) = &target.ca_cert {
-        match std::fs::read(path) {
-            Ok(pem) => {
-                let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
-                    usage(format!(
-                        "{} is not a usable PEM certificate ({e}); point --ca-file at the daemon's public certificate",
-                        path.display()
-                    ))
-                })?;
-                builder = builder.add_root_certificate(cert);
-            }
-            Err(e) if target.ca_explicit => {
-                return Err(usage(format!(
-                    "cannot read --ca-file {} ({e}); point it at the daemon's public certificate",
-                    path.display()
-                )))
-            }
-            Err(_) => {}
-        }
-    }
-    let http = builder.build().map_err(|e| runtime(e.to_string()))?;
+    let target = target(cli)?;
+    let daemon = Daemon::new(&target)?;
     let (provider, account) = checked.unwrap_or_default();
     let (p, a) = (provider.as_str(), account.as_str());
     match command {
         Command::Token { .. } | Command::Header { .. } => {
-            let url = endpoint(&base, &["v1", "token", p, a])?;
-            let v = call(&http, reqwest::Method::GET, url, &base, None).await?;
-            let token = v
-                .get("access_token")
-                .and_then(Value::as_str)
-                .ok_or_else(|| runtime("the daemon answered without a token"))?;
+            let t: TokenBody = daemon
+                .call(reqwest::Method::GET, &["v1", "token", p, a], None)
+                .await?;
             if matches!(command, Command::Header { .. }) {
                 // The scheme the provider issued the token for ("Bearer",
                 // "DPoP", ...), as /v1/token says.
-                let scheme = v
-                    .get("token_type")
-                    .and_then(Value::as_str)
+                let scheme = Some(t.token_type.as_str())
                     .filter(|t| !t.is_empty())
                     .unwrap_or("Bearer");
                 outln(
-                    format_args!("Authorization: {scheme} {token}"),
+                    format_args!("Authorization: {scheme} {}", t.access_token),
                     Output::Essential,
                 )?;
             } else {
-                outln(token, Output::Essential)?;
+                outln(&t.access_token, Output::Essential)?;
             }
         }
         Command::Refresh { .. } => {
-            let url = endpoint(&base, &["v1", "token", p, a, "refresh"])?;
-            let v = call(&http, reqwest::Method::POST, url, &base, None).await?;
-            let exp = v.get("expires_at").and_then(Value::as_str).unwrap_or("?");
+            let t: TokenBody = daemon
+                .call(
+                    reqwest::Method::POST,
+                    &["v1", "token", p, a, "refresh"],
+                    None,
+                )
+                .await?;
             outln(
-                format_args!("refreshed {p}/{a}: new access token expires at {exp}"),
+                format_args!(
+                    "refreshed {p}/{a}: new access token expires at {}",
+                    rfc3339_secs::format(&t.expires_at)
+                ),
                 Output::Report,
             )?;
         }
         Command::Revoke { local, .. } => {
-            let mut url = endpoint(&base, &["v1", "connections", p, a])?;
+            let mut url = daemon.endpoint(&["v1", "connections", p, a])?;
             if *local {
                 url.query_pairs_mut().append_pair("local", "true");
             }
-            call(&http, reqwest::Method::DELETE, url, &base, None).await?;
+            daemon.send(reqwest::Method::DELETE, url, None).await?;
             if *local {
                 outln(
                     format_args!(
@@ -636,42 +637,39 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
             }
         }
         Command::Status { json } => {
-            let url = endpoint(&base, &["v1", "connections"])?;
-            let v = call(&http, reqwest::Method::GET, url, &base, None).await?;
-            let conns = v
-                .get("connections")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
+            let body: ConnectionsBody = daemon
+                .call(reqwest::Method::GET, &["v1", "connections"], None)
+                .await?;
             if *json {
                 outln(
-                    serde_json::to_string_pretty(&v).unwrap_or_default(),
+                    serde_json::to_string_pretty(&body).unwrap_or_default(),
                     Output::Report,
                 )?;
             } else {
-                print_status(&conns)?;
-                if let Some(fp) = v.get("tls_fingerprint").and_then(Value::as_str) {
+                print_status(&body.connections)?;
+                if let Some(fp) = &body.tls_fingerprint {
                     outln(
                         format_args!("\nHTTPS certificate SHA-256: {fp}"),
                         Output::Report,
                     )?;
                 }
             }
-            if conns
+            if body
+                .connections
                 .iter()
-                .any(|c| conn_state(c) == Some(ConnState::AuthorizationRequired))
+                .any(|c| c.state.known() == Some(ConnState::AuthorizationRequired))
             {
                 return Err(runtime("some connections need a new authorization; run `tokenkeeper connect PROVIDER ACCOUNT`"));
             }
         }
         Command::Connect { open, .. } => {
-            let mut url = endpoint(&base, &["connect", p])?;
+            let mut url = endpoint(&target.browser_base, &["connect", p])?;
             url.query_pairs_mut().append_pair("account", a);
             // Behind API keys a browser needs a one-time login link.
             let url = match &target.api_key {
                 Some(_) => {
                     let next = format!("{}?{}", url.path(), url.query().unwrap_or_default());
-                    login_link(&http, &base, &next).await?
+                    daemon.login_link(&next).await?
                 }
                 None => url.to_string(),
             };
@@ -700,8 +698,8 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
         }
         Command::Dashboard => {
             let url = match &target.api_key {
-                Some(_) => login_link(&http, &base, "/").await?,
-                None => endpoint(&base, &[""])?.to_string(),
+                Some(_) => daemon.login_link("/").await?,
+                None => endpoint(&target.browser_base, &[""])?.to_string(),
             };
             outln(&url, Output::Report)?;
         }
@@ -718,21 +716,14 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                     "give the token on stdin, e.g. `tokenkeeper inspect < token.txt`",
                 ));
             }
-            let url = endpoint(&base, &["v1", "inspect"])?;
-            let v = call(
-                &http,
-                reqwest::Method::POST,
-                url,
-                &base,
-                Some(token.to_string()),
-            )
-            .await?;
-            outln(
-                v.get("message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("unknown"),
-                Output::Report,
-            )?;
+            let answer: InspectBody = daemon
+                .call(
+                    reqwest::Method::POST,
+                    &["v1", "inspect"],
+                    Some(token.to_string()),
+                )
+                .await?;
+            outln(&answer.message, Output::Report)?;
         }
         Command::Serve { .. } | Command::CheckConfig | Command::Rekey { .. } => {
             unreachable!("handled in run")
@@ -741,65 +732,136 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
     Ok(())
 }
 
-/// A one-time login link to `path` from the daemon (`POST /v1/login-links`,
-/// with the API key).
-async fn login_link(http: &reqwest::Client, base: &str, path: &str) -> Result<String, CliError> {
-    let v = call(
-        http,
-        reqwest::Method::POST,
-        endpoint(base, &["v1", "login-links"])?,
-        base,
-        Some(serde_json::json!({ "next": path }).to_string()),
-    )
-    .await?;
-    v.get("url")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .ok_or_else(|| runtime("the daemon answered without a login link"))
+/// A running daemon as client commands talk to it: its HTTP API, read
+/// through the answer types the server writes ([`crate::http::answers`]).
+struct Daemon {
+    http: reqwest::Client,
+    base: String,
 }
 
-/// Calls the daemon and turns its JSON errors into one-sentence CLI errors.
-async fn call(
-    http: &reqwest::Client,
-    method: reqwest::Method,
-    url: url::Url,
-    base: &str,
-    body: Option<String>,
-) -> Result<Value, CliError> {
-    let mut req = http.request(method, url);
-    if let Some(b) = body {
-        let json = b.starts_with('{');
-        req = req.body(b);
-        if json {
-            req = req.header(reqwest::header::CONTENT_TYPE, "application/json");
+impl Daemon {
+    /// An HTTP client for `target`: its API key on every request, its
+    /// certificate trusted.
+    fn new(target: &Target) -> Result<Daemon, CliError> {
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(120));
+        if let Some(key) = &target.api_key {
+            let mut headers = reqwest::header::HeaderMap::new();
+            let value =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+                    usage("the API key file holds characters that cannot go in a header")
+                })?;
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+            builder = builder.default_headers(headers);
         }
+        if let Some(path) = &target.ca_cert {
+            match std::fs::read(path) {
+                Ok(pem) => {
+                    let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                        usage(format!(
+                            "{} is not a usable PEM certificate ({e}); point --ca-file at the daemon's public certificate",
+                            path.display()
+                        ))
+                    })?;
+                    builder = builder.add_root_certificate(cert);
+                }
+                Err(e) if target.ca_explicit => {
+                    let path = path.display();
+                    return Err(usage(format!(
+                        "cannot read --ca-file {path} ({e}); point it at the daemon's public certificate"
+                    )));
+                }
+                Err(_) => {}
+            }
+        }
+        Ok(Daemon {
+            http: builder.build().map_err(|e| runtime(e.to_string()))?,
+            base: target.base.clone(),
+        })
     }
-    let resp = req.send().await.map_err(|e| match certificate_problem(&e) {
-        Some(detail) => runtime(format!(
-            "the daemon at {base} answers, but its HTTPS certificate cannot be verified ({detail}); pass --ca-file with the daemon's public certificate ({PUBLIC_CERT_PATH} under systemd, or tls-cert.pem in its state directory)"
-        )),
-        None => runtime(format!(
-            "cannot reach the tokenkeeper daemon at {base}; start it with `tokenkeeper serve` or point --url at it"
-        )),
-    })?;
-    let status = resp.status();
-    if status == reqwest::StatusCode::NO_CONTENT {
-        return Ok(Value::Null);
+
+    fn endpoint(&self, segments: &[&str]) -> Result<url::Url, CliError> {
+        endpoint(&self.base, segments)
     }
-    let body: Value = resp.json().await.unwrap_or(Value::Null);
-    if status.is_success() {
-        return Ok(body);
+
+    /// Calls `segments` and reads the answer as a `T`; a body that is not
+    /// one (another server at that address, a daemon of another version)
+    /// is a sentence saying so.
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        segments: &[&str],
+        body: Option<String>,
+    ) -> Result<T, CliError> {
+        let url = self.endpoint(segments)?;
+        let what = format!("{method} {}", url.path());
+        let bytes = self.send(method, url, body).await?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            runtime(format!(
+                "the daemon at {} answered {what} with a body this tokenkeeper cannot read ({e}); check that --url or server.listen points at a tokenkeeper daemon, and that it runs the same version as this command",
+                self.base
+            ))
+        })
     }
-    let message = body
-        .get("message")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("the daemon answered HTTP {status}"));
-    let code = match body.get("error").and_then(Value::as_str) {
-        Some("unknown_provider") | Some("invalid_request") => EXIT_USAGE,
-        _ => EXIT_RUNTIME,
-    };
-    Err(CliError { code, message })
+
+    /// Sends the request; returns the body of a successful answer, and
+    /// turns the daemon's JSON errors into one-sentence CLI errors.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        url: url::Url,
+        body: Option<String>,
+    ) -> Result<axum::body::Bytes, CliError> {
+        let base = &self.base;
+        let mut req = self.http.request(method, url);
+        if let Some(b) = body {
+            let json = b.starts_with('{');
+            req = req.body(b);
+            if json {
+                req = req.header(reqwest::header::CONTENT_TYPE, "application/json");
+            }
+        }
+        let resp = req.send().await.map_err(|e| match certificate_problem(&e) {
+            Some(detail) => runtime(format!(
+                "the daemon at {base} answers, but its HTTPS certificate cannot be verified ({detail}); pass --ca-file with the daemon's public certificate ({PUBLIC_CERT_PATH} under systemd, or tls-cert.pem in its state directory)"
+            )),
+            None => runtime(format!(
+                "cannot reach the tokenkeeper daemon at {base}; start it with `tokenkeeper serve` or point --url at it"
+            )),
+        })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| {
+            runtime(format!(
+                "the daemon at {base} stopped answering mid-way ({e}); try again"
+            ))
+        })?;
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(e) => {
+                let code = match e.error.as_str() {
+                    "unknown_provider" | "invalid_request" => EXIT_USAGE,
+                    _ => EXIT_RUNTIME,
+                };
+                (code, e.message)
+            }
+            Err(_) => (EXIT_RUNTIME, format!("the daemon answered HTTP {status}")),
+        };
+        Err(CliError { code, message })
+    }
+
+    /// A one-time login link to `path` from the daemon (`POST
+    /// /v1/login-links`, with the API key).
+    async fn login_link(&self, path: &str) -> Result<String, CliError> {
+        let link: LinkBody = self
+            .call(
+                reqwest::Method::POST,
+                &["v1", "login-links"],
+                Some(serde_json::json!({ "next": path }).to_string()),
+            )
+            .await?;
+        Ok(link.url)
+    }
 }
 
 /// The TLS verification failure behind `e`, if that is what it is: the
@@ -819,28 +881,21 @@ fn certificate_problem(e: &reqwest::Error) -> Option<String> {
 
 /// `left/limit today`, or `used today` without a known limit; `paused`
 /// while the provider's 429 pause lasts.
-fn quota_cell(q: Option<&Value>) -> String {
-    let Some(q) = q.filter(|q| q.is_object()) else {
+fn quota_cell(q: Option<&ConnectionQuota>) -> String {
+    let Some(q) = q else {
         return "-".into();
     };
-    let n = |k: &str| q.get(k).and_then(Value::as_u64);
-    let mut s = match (n("daily_available"), n("daily_limit")) {
+    let mut s = match (q.client.daily_available, q.client.daily_limit) {
         (Some(a), Some(l)) => format!("{a}/{l} left today"),
-        _ => format!("{} used today", n("daily_used").unwrap_or(0)),
+        _ => format!("{} used today", q.client.daily_used),
     };
-    if q.get("paused_until").is_some_and(|v| !v.is_null()) {
+    if q.paused_until.is_some() {
         s.push_str(" (paused after 429)");
     }
     s
 }
 
-/// The `state` of one connection in `/v1/connections`; `None` when it is
-/// missing or a name this build does not know (a newer daemon).
-fn conn_state(c: &Value) -> Option<ConnState> {
-    c.get("state").and_then(|s| ConnState::deserialize(s).ok())
-}
-
-fn print_status(conns: &[Value]) -> Result<(), CliError> {
+fn print_status(conns: &[ConnectionJson]) -> Result<(), CliError> {
     if conns.is_empty() {
         return outln(
             "no connections yet; run `tokenkeeper connect PROVIDER` and open the URL it prints",
@@ -848,12 +903,8 @@ fn print_status(conns: &[Value]) -> Result<(), CliError> {
         );
     }
     let now = chrono::Utc::now();
-    let when = |c: &Value, k: &str| -> String {
-        c.get(k)
-            .and_then(Value::as_str)
-            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
-            .map(|t| relative(t.with_timezone(&chrono::Utc), now))
-            .unwrap_or_else(|| "-".into())
+    let when = |t: Option<chrono::DateTime<chrono::Utc>>| -> String {
+        t.map(|t| relative(t, now)).unwrap_or_else(|| "-".into())
     };
     let mut rows = vec![[
         "PROVIDER".to_string(),
@@ -866,22 +917,18 @@ fn print_status(conns: &[Value]) -> Result<(), CliError> {
         "LAST ERROR".into(),
     ]];
     for c in conns {
-        let s = |k: &str| c.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
         rows.push([
-            s("provider"),
-            s("account"),
-            s("state"),
-            when(c, "expires_at"),
-            when(c, "refreshed_at"),
-            when(c, "next_refresh_at"),
-            quota_cell(c.get("quota")),
-            c.get("last_error")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
+            c.provider.clone(),
+            c.account.clone(),
+            c.state.to_string(),
+            when(Some(c.expires_at)),
+            when(c.refreshed_at),
+            when(c.next_refresh_at),
+            quota_cell(c.quota.as_ref()),
+            c.last_error.clone().unwrap_or_default(),
         ]);
     }
-    let states: Vec<Option<ConnState>> = conns.iter().map(conn_state).collect();
+    let states: Vec<Option<ConnState>> = conns.iter().map(|c| c.state.known()).collect();
     let widths: Vec<usize> = (0..8)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();

@@ -243,9 +243,15 @@ pub fn locate(explicit: Option<&Path>) -> Option<PathBuf> {
 
 /// Reads and validates the file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    parse(&read_config_file(path)?, path)
+}
+
+/// The text of the config file, as a problem naming the file when it
+/// cannot be read.
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
     /// A config is a few KiB; this only stops `--config /dev/zero`.
     const MAX_CONFIG_FILE: u64 = 4 * 1024 * 1024;
-    let text = read_bounded(path, MAX_CONFIG_FILE).map_err(|e| ConfigError {
+    read_bounded(path, MAX_CONFIG_FILE).map_err(|e| ConfigError {
         file: path.display().to_string(),
         problems: vec![ConfigProblem {
             key: "(file)".into(),
@@ -254,14 +260,83 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
                 "cannot read the config file ({e}); check the path and its permissions"
             ),
         }],
-    })?;
-    parse(&text, path)
+    })
 }
 
 /// Validates `text` as a config file found at `path` (used for messages and
 /// for resolving relative secret files).
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-    let mut r = Reader::new(text, path);
+    let (config, problems) = read(text, path, Mode::Daemon);
+    checked(config, problems, path)
+}
+
+/// How strictly a file is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Everything the daemon needs, checked: secrets read, files present,
+    /// the listen address allowed.
+    Daemon,
+    /// What a client command needs to find and trust the daemon: no secret
+    /// is read (the user running the client may not be allowed to), a
+    /// `*_file` need not exist here, and the listen address may be a
+    /// remote daemon's.
+    Client,
+}
+
+/// The keys client commands read (with everything below them): a problem
+/// elsewhere in the file is the daemon's business, not theirs.
+const CLIENT_KEYS: [&str; 5] = [
+    "server.listen",
+    "server.public_url",
+    "server.tls",
+    "server.api_keys_file",
+    "storage.path",
+];
+
+/// Reads the file at `path` for a client command (SPEC 2: client commands
+/// find the daemon from the same config): `server.listen`, `public_url`,
+/// `tls`, `api_keys_file` and `storage.path` (where a self-signed
+/// certificate lives). Problems in other keys, such as a client secret
+/// file this user cannot read, are not the client's and are ignored, and
+/// so are those in `unused`, keys the caller has from elsewhere (the
+/// command line); problems in the rest are reported, with key and line.
+pub fn load_for_client(path: &Path, unused: &[&str]) -> Result<Config, ConfigError> {
+    parse_for_client(&read_config_file(path)?, path, unused)
+}
+
+/// [`load_for_client`] of `text`, a config file found at `path`.
+pub fn parse_for_client(text: &str, path: &Path, unused: &[&str]) -> Result<Config, ConfigError> {
+    let (config, mut problems) = read(text, path, Mode::Client);
+    let under = |key: &str, k: &str| {
+        key.strip_prefix(k)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+    };
+    problems.retain(|p| {
+        CLIENT_KEYS.iter().any(|k| under(&p.key, k)) && !unused.iter().any(|k| under(&p.key, k))
+    });
+    checked(config, problems, path)
+}
+
+/// `config`, unless there are `problems`.
+fn checked(
+    config: Config,
+    problems: Vec<ConfigProblem>,
+    path: &Path,
+) -> Result<Config, ConfigError> {
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError {
+            file: path.display().to_string(),
+            problems,
+        })
+    }
+}
+
+/// Reads `text` in `mode`: the config built from what could be read, and
+/// every problem found.
+fn read(text: &str, path: &Path, mode: Mode) -> (Config, Vec<ConfigProblem>) {
+    let mut r = Reader::new(text, path, mode);
     let (root, parse_errors) = DeTable::parse_recoverable(text);
     for e in parse_errors {
         let line = e.span().map(|s| r.line_of(s.start));
@@ -272,14 +347,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         });
     }
     let config = r.config(root.get_ref());
-    if r.problems.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigError {
-            file: path.display().to_string(),
-            problems: r.problems,
-        })
-    }
+    (config, r.problems)
 }
 
 /// Parses `"10m"`, `"1h30m"`, `"500ms"`, `"30d"`.
@@ -443,6 +511,7 @@ impl Preset {
 struct Reader<'a> {
     text: &'a str,
     path: &'a Path,
+    mode: Mode,
     problems: Vec<ConfigProblem>,
     warnings: Vec<String>,
 }
@@ -451,10 +520,11 @@ type Table<'i> = DeTable<'i>;
 type Value<'i> = Spanned<DeValue<'i>>;
 
 impl<'a> Reader<'a> {
-    fn new(text: &'a str, path: &'a Path) -> Self {
+    fn new(text: &'a str, path: &'a Path, mode: Mode) -> Self {
         Reader {
             text,
             path,
+            mode,
             problems: Vec::new(),
             warnings: Vec::new(),
         }
@@ -699,6 +769,10 @@ impl<'a> Reader<'a> {
         let candidates = credential_candidates(&raw, self.path);
         match candidates.iter().find(|c| c.is_file()) {
             Some(found) => Some(found.clone()),
+            // A client may run where the file is not (another user, another
+            // machine); the path is all it needs, and a missing file is the
+            // daemon's problem.
+            None if self.mode == Mode::Client => self.path_value(table, key, path).map(|(p, _)| p),
             None => {
                 let tried: Vec<String> =
                     candidates.iter().map(|c| c.display().to_string()).collect();
@@ -720,6 +794,10 @@ impl<'a> Reader<'a> {
     /// absolute paths that do not exist, by file name.
     fn secret_file(&mut self, table: &Table<'_>, key: &str, path: &str) -> Option<SecretString> {
         let (raw, span) = self.string(table, key, path)?;
+        if self.mode == Mode::Client {
+            // Clients never need a secret, and must not fail on one.
+            return None;
+        }
         match read_secret_file(&raw, self.path) {
             Ok(s) => Some(s),
             Err(msg) => {
@@ -886,7 +964,8 @@ impl<'a> Reader<'a> {
             .unwrap_or(DEFAULT_MAX_CONNECTIONS);
         let (listen, listen_span) = listen?;
         let remote_ok = allow_remote && api_keys_file.is_some();
-        if !(listen.ip().is_loopback() || remote_ok) {
+        // A client may be pointed at a remote daemon.
+        if !(listen.ip().is_loopback() || remote_ok || self.mode == Mode::Client) {
             self.problem(
                 "server.listen",
                 Some(listen_span).filter(|s| s.end > 0),
@@ -1094,6 +1173,7 @@ impl<'a> Reader<'a> {
             self.secret_file(t, "client_secret_file", path)
         } else if let Some((var, span)) = self.string(t, "client_secret_env", path) {
             match std::env::var(&var) {
+                _ if self.mode == Mode::Client => None,
                 Ok(v) if !v.is_empty() => Some(SecretString::from(v)),
                 _ => {
                     self.problem(
@@ -1112,7 +1192,8 @@ impl<'a> Reader<'a> {
         } else {
             None
         };
-        if client_secret.is_none() && !public && secret_keys.is_empty() {
+        if client_secret.is_none() && !public && secret_keys.is_empty() && self.mode == Mode::Daemon
+        {
             self.problem(
                 &join(path, "client_secret_file"),
                 Some(name_span.clone()),
@@ -1452,6 +1533,49 @@ mod tests {
         }
         let ok = "[providers.k]\npreset = \"keap\"\nclient_id = \"id\"\nclient_secret = \"s\"\napi_base_url = \"https://api.example/v1/\"\n";
         assert!(problems(ok).is_empty());
+    }
+
+    /// Client commands read what they need from a file the daemon would
+    /// refuse for reasons that are not theirs (a secret this user cannot
+    /// read, a remote listen address), and still report, with key and
+    /// line, a problem in what they read.
+    #[test]
+    fn client_reading_ignores_what_clients_do_not_need() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tk.toml");
+        let text = "[server]\nlisten = \"10.1.2.3:9000\"\ntls = { cert_file = \"c.pem\", key_file = \"k.pem\" }\napi_keys_file = \"keys\"\n\
+            [refresh]\njitter = \"soon\"\n\
+            [providers.keap]\npreset = \"keap\"\nclient_id = \"id\"\nclient_secret_file = \"/nonexistent/secret\"\n\
+            [providers.other]\npreset = \"keap\"\nclient_id = \"id\"\nclient_secret_env = \"TK_UNIT_TEST_UNSET\"\n";
+        std::fs::write(&path, text).unwrap();
+        assert!(load(&path).is_err(), "the daemon refuses this file");
+        let cfg = load_for_client(&path, &[]).unwrap();
+        assert_eq!(cfg.server.listen.to_string(), "10.1.2.3:9000");
+        assert_eq!(cfg.server.api_keys_file, Some(dir.path().join("keys")));
+        assert_eq!(
+            cfg.server.tls,
+            TlsConfig::Files {
+                cert_file: dir.path().join("c.pem"),
+                key_file: dir.path().join("k.pem"),
+            }
+        );
+        assert!(cfg.providers["keap"].client_secret.is_none());
+
+        std::fs::write(
+            &path,
+            "[server]\nlisten = \"nope\"\n[refresh]\njitter = \"soon\"\n",
+        )
+        .unwrap();
+        let err = load_for_client(&path, &[]).unwrap_err();
+        let keys: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
+        assert_eq!(keys, vec![("server.listen", Some(2))]);
+        assert!(load_for_client(&path, &["server.listen"]).is_ok());
+        let missing = load_for_client(&dir.path().join("absent.toml"), &[]).unwrap_err();
+        assert!(missing.to_string().contains("cannot read the config file"));
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Assembles and runs the daemon: store, engine, scheduler, HTTP server.
 //!
-//! The entry point is testable in the mini-redis way: the caller binds the
-//! listener and decides what shutdown means (a signal, a test's token).
+//! Two steps, testable in the mini-redis way: [`App::build`] makes the
+//! application from a config (it opens the store and starts the engine, but
+//! serves and schedules nothing), and [`App::serve`] serves it on a
+//! listener the caller bound until a shutdown signal the caller owns (a
+//! signal handler, a test's token). [`run`] is the two in a row.
 //! Shutdown is explicit and bounded, so it ends before systemd's
 //! `TimeoutStopSec` would kill a refresh mid-call:
 //!
@@ -114,60 +117,253 @@ pub struct RunOptions {
     pub extra: Option<axum::Router>,
 }
 
-/// Runs until `shutdown` is cancelled.
+/// Builds the application from `opts.config` and serves it on
+/// `opts.listener` until `opts.shutdown` is cancelled.
 pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
-    let RunOptions {
-        config,
-        config_path,
-        listener,
-        shutdown,
-        extra,
-    } = opts;
-    for w in &config.warnings {
-        tracing::warn!("{w}");
-    }
-    // Before the engine exists, so the handles it caches are real ones.
-    crate::metrics::install();
-    let key = match &config.storage.encryption_key_file {
-        Some(path) => {
-            warn_if_readable_by_others(path, "storage.encryption_key_file");
-            Some(crate::crypto::SealKey::from_file(path)?)
+    let bound = opts.listener.local_addr()?;
+    let app = App::build(opts.config, bound, opts.extra).await?;
+    app.serve(opts.listener, opts.config_path, opts.shutdown)
+        .await
+}
+
+/// The application built from a config: the open store, the engine, the
+/// rate limits shared by the proxy and the refreshes, the HTTP state and
+/// router, TLS, and what a reload can change. Nothing is served or
+/// scheduled until [`App::serve`]; tests build the same value and drive
+/// [`App::router`] or [`App::engine`] in-process.
+pub struct App {
+    /// What a reload can change, with the engine and the config in force.
+    reload: Reloadable,
+    store: Store,
+    router: http::App,
+    tls: Option<crate::http::tls::TlsMaterial>,
+    public_url: url::Url,
+    /// Held while the application lives: offline commands (rekey) refuse
+    /// to run while it is.
+    db_lock: crate::store::DbLock,
+}
+
+impl App {
+    /// Opens the store and builds everything on top of it for a daemon
+    /// whose listener is bound to `bound` (the default `public_url` is
+    /// derived from it); `extra` routes are merged into the router (dev
+    /// mode mounts the simulator).
+    pub async fn build(
+        config: Config,
+        bound: std::net::SocketAddr,
+        extra: Option<axum::Router>,
+    ) -> Result<App, DaemonError> {
+        for w in &config.warnings {
+            tracing::warn!("{w}");
         }
-        None => None,
-    };
-    if let Some(path) = &config.server.api_keys_file {
-        warn_if_readable_by_others(path, "server.api_keys_file");
-    }
-    // Held until this function returns: offline commands (rekey) refuse to
-    // run while it is.
-    let _db_lock = crate::store::DbLock::shared(&config.storage.path)?;
-    let store = Store::open(&config.storage.path, key).await?;
-    if !store.encrypted() {
-        tracing::warn!(
-            "tokens are stored unencrypted; set storage.encryption_key_file to seal them at rest"
-        );
-    }
-    let api_keys = match &config.server.api_keys_file {
-        Some(path) => Some(Arc::new(crate::http::auth::ApiKeys::load(path).map_err(
-            |source| DaemonError::ApiKeys {
-                path: path.display().to_string(),
-                source,
+        // Before the engine exists, so the handles it caches are real ones.
+        crate::metrics::install();
+        let key = match &config.storage.encryption_key_file {
+            Some(path) => {
+                warn_if_readable_by_others(path, "storage.encryption_key_file");
+                Some(crate::crypto::SealKey::from_file(path)?)
+            }
+            None => None,
+        };
+        if let Some(path) = &config.server.api_keys_file {
+            warn_if_readable_by_others(path, "server.api_keys_file");
+        }
+        let db_lock = crate::store::DbLock::shared(&config.storage.path)?;
+        let store = Store::open(&config.storage.path, key).await?;
+        if !store.encrypted() {
+            tracing::warn!(
+                "tokens are stored unencrypted; set storage.encryption_key_file to seal them at rest"
+            );
+        }
+        let api_keys = match &config.server.api_keys_file {
+            Some(path) => Some(Arc::new(crate::http::auth::ApiKeys::load(path).map_err(
+                |source| DaemonError::ApiKeys {
+                    path: path.display().to_string(),
+                    source,
+                },
+            )?)),
+            None => None,
+        };
+        let http_client = provider::http_client();
+        // One set of limits for the proxy and the engine's refresh calls:
+        // both spend the same provider quota.
+        let limits = Arc::new(RateLimits::new(config.providers.values()));
+        let engine = Engine::start(EngineParts {
+            limits: Some(limits.clone()),
+            ..EngineParts::new(store.clone(), settings_from(&config, &http_client))
+        })
+        .await?;
+        release_freed_memory();
+        let public_url = config.public_url(bound);
+        let tls = load_tls(&config, &public_url)?;
+        let state = AppState::new(crate::http::Shared {
+            engine: engine.clone(),
+            public_url: public_url.clone(),
+            allowed_hosts: Arc::new(allowed_hosts(&config, &public_url)),
+            api_keys: api_keys.clone(),
+            tls_fingerprint: tls.as_ref().map(|t| Arc::from(t.fingerprint.as_str())),
+            proxy: Arc::new(http::proxy::Proxy::new(
+                limits.clone(),
+                config.server.proxy_max_wait,
+            )),
+        });
+        http::proxy::Proxy::register(config.providers.keys().map(String::as_str));
+        Ok(App {
+            reload: Reloadable {
+                engine,
+                http: http_client,
+                limits,
+                api_keys,
+                config,
             },
-        )?)),
-        None => None,
-    };
-    let http_client = provider::http_client();
-    // One set of limits for the proxy and the engine's refresh calls: both
-    // spend the same provider quota.
-    let limits = Arc::new(RateLimits::new(config.providers.values()));
-    let engine = Engine::start(EngineParts {
-        limits: Some(limits.clone()),
-        ..EngineParts::new(store.clone(), settings_from(&config, &http_client))
-    })
-    .await?;
-    release_freed_memory();
-    let bound = listener.local_addr()?;
-    let public_url = config.public_url(bound);
+            store,
+            router: http::router(state, extra),
+            tls,
+            public_url,
+            db_lock,
+        })
+    }
+
+    /// The refresh engine.
+    pub fn engine(&self) -> &Engine {
+        &self.reload.engine
+    }
+
+    /// The rate limits the proxy and the refreshes share.
+    pub fn limits(&self) -> &Arc<RateLimits> {
+        &self.reload.limits
+    }
+
+    /// The whole HTTP application (guards and routes), for serving or for
+    /// calling in-process.
+    pub fn router(&self) -> http::App {
+        self.router.clone()
+    }
+
+    /// Serves on `listener` until `shutdown` is cancelled, then stops in
+    /// the order of the module doc; SIGHUP re-reads `reload_from` (`None`:
+    /// nothing to reload). The scheduler, the watchdog and the reload
+    /// listener run only here.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        reload_from: Option<PathBuf>,
+        shutdown: CancellationToken,
+    ) -> Result<(), DaemonError> {
+        let App {
+            reload,
+            store,
+            router,
+            tls,
+            public_url,
+            db_lock,
+        } = self;
+        let engine = reload.engine.clone();
+        let config = reload.config.clone();
+        let bound = listener.local_addr()?;
+
+        // Catch up at once rather than one interval late (interrupted refreshes,
+        // tokens that expired while the daemon was down).
+        engine.tick().await?;
+        let scheduler = tokio::spawn(schedule(engine.clone(), shutdown.clone()));
+
+        let background = tokio_util::task::TaskTracker::new();
+        background.spawn(systemd::watchdog(engine.clone(), shutdown.clone()));
+        background.spawn(reload_on_sighup(reload, reload_from, shutdown.clone()));
+        let stop_notice = shutdown.clone();
+        let budget = stop_budget(&config);
+        background.spawn(async move {
+            stop_notice.cancelled().await;
+            systemd::stopping(budget);
+        });
+        background.close();
+
+        tracing::info!(
+            listen = %bound,
+            public_url = %public_url,
+            database = %config.storage.path.display(),
+            providers = config.providers.len(),
+            "tokenkeeper is serving"
+        );
+        systemd::ready(&systemd::summary(&engine));
+        // On its own task, so that the stop can give up on connections that
+        // do not drain (see the module doc). The server starts draining its
+        // own connections the moment `shutdown` is cancelled.
+        let mut server = tokio::spawn(http::server::serve(
+            listener,
+            tls.map(|t| t.acceptor),
+            router,
+            server_limits(&config),
+            shutdown.clone(),
+        ));
+        let ended_early = tokio::select! {
+            r = &mut server => Some(r),
+            () = shutdown.cancelled() => None,
+        };
+
+        // 1. Nothing new: no scheduled and no on-demand refresh starts.
+        shutdown.cancel();
+        engine.stop_new_refreshes();
+        if let Err(e) = scheduler.await {
+            tracing::warn!(error = %e, "scheduler did not stop cleanly");
+        }
+        // Grants held in memory (a failed commit) get their last attempt.
+        engine.stop();
+        // 2. Flights in the air land and commit.
+        let grace = shutdown_grace(&config);
+        tracing::info!(
+            grace_secs = grace.as_secs(),
+            "shutting down: waiting for in-flight refreshes to commit"
+        );
+        engine.tasks().close();
+        if tokio::time::timeout(grace, engine.tasks().wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                grace_secs = grace.as_secs(),
+                "some refreshes did not finish within the shutdown grace period; their results may be lost"
+            );
+        }
+        // 3. Open connections drain, briefly.
+        let served = match ended_early {
+            Some(r) => r,
+            None => match tokio::time::timeout(HTTP_DRAIN, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::info!(
+                        "closing HTTP connections that did not finish within {} s",
+                        HTTP_DRAIN.as_secs()
+                    );
+                    server.abort();
+                    Ok(Ok(()))
+                }
+            },
+        };
+        // 4. Close.
+        background.wait().await;
+        let close = async {
+            engine.leave().await;
+            store.close().await;
+        };
+        if tokio::time::timeout(CLOSE_BOUND, close).await.is_err() {
+            tracing::warn!(
+                "the database did not close in time; SQLite recovers the WAL at next start"
+            );
+        }
+        drop(db_lock);
+        tracing::info!("stopped");
+        Ok(served??)
+    }
+}
+
+/// The TLS material `[server] tls` asks for (a self-signed certificate is
+/// made in the database's directory on first use), logged with its
+/// fingerprint and published for other users' CLI.
+fn load_tls(
+    config: &Config,
+    public_url: &url::Url,
+) -> Result<Option<crate::http::tls::TlsMaterial>, DaemonError> {
     let state_dir = config
         .storage
         .path
@@ -185,119 +381,7 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
             publish_certificate(&t.cert_path);
         }
     }
-    let state = AppState::new(crate::http::Shared {
-        engine: engine.clone(),
-        public_url: public_url.clone(),
-        allowed_hosts: Arc::new(allowed_hosts(&config, &public_url)),
-        api_keys: api_keys.clone(),
-        tls_fingerprint: tls.as_ref().map(|t| Arc::from(t.fingerprint.as_str())),
-        proxy: Arc::new(http::proxy::Proxy::new(
-            limits.clone(),
-            config.server.proxy_max_wait,
-        )),
-    });
-    http::proxy::Proxy::register(config.providers.keys().map(String::as_str));
-    let app = http::router(state, extra);
-
-    // Catch up at once rather than one interval late (interrupted refreshes,
-    // tokens that expired while the daemon was down).
-    engine.tick().await?;
-    let scheduler = tokio::spawn(schedule(engine.clone(), shutdown.clone()));
-
-    let background = tokio_util::task::TaskTracker::new();
-    background.spawn(systemd::watchdog(engine.clone(), shutdown.clone()));
-    background.spawn(reload_on_sighup(
-        Reloadable {
-            engine: engine.clone(),
-            http: http_client.clone(),
-            limits: limits.clone(),
-            api_keys,
-            config: config.clone(),
-        },
-        config_path,
-        shutdown.clone(),
-    ));
-    let stop_notice = shutdown.clone();
-    let budget = stop_budget(&config);
-    background.spawn(async move {
-        stop_notice.cancelled().await;
-        systemd::stopping(budget);
-    });
-    background.close();
-
-    tracing::info!(
-        listen = %bound,
-        public_url = %public_url,
-        database = %config.storage.path.display(),
-        providers = config.providers.len(),
-        "tokenkeeper is serving"
-    );
-    systemd::ready(&systemd::summary(&engine));
-    // On its own task, so that the stop can give up on connections that
-    // do not drain (see the module doc). The server starts draining its
-    // own connections the moment `shutdown` is cancelled.
-    let mut server = tokio::spawn(http::server::serve(
-        listener,
-        tls.map(|t| t.acceptor),
-        app,
-        server_limits(&config),
-        shutdown.clone(),
-    ));
-    let ended_early = tokio::select! {
-        r = &mut server => Some(r),
-        () = shutdown.cancelled() => None,
-    };
-
-    // 1. Nothing new: no scheduled and no on-demand refresh starts.
-    shutdown.cancel();
-    engine.stop_new_refreshes();
-    if let Err(e) = scheduler.await {
-        tracing::warn!(error = %e, "scheduler did not stop cleanly");
-    }
-    // Grants held in memory (a failed commit) get their last attempt.
-    engine.stop();
-    // 2. Flights in the air land and commit.
-    let grace = shutdown_grace(&config);
-    tracing::info!(
-        grace_secs = grace.as_secs(),
-        "shutting down: waiting for in-flight refreshes to commit"
-    );
-    engine.tasks().close();
-    if tokio::time::timeout(grace, engine.tasks().wait())
-        .await
-        .is_err()
-    {
-        tracing::error!(
-            grace_secs = grace.as_secs(),
-            "some refreshes did not finish within the shutdown grace period; their results may be lost"
-        );
-    }
-    // 3. Open connections drain, briefly.
-    let served = match ended_early {
-        Some(r) => r,
-        None => match tokio::time::timeout(HTTP_DRAIN, &mut server).await {
-            Ok(r) => r,
-            Err(_) => {
-                tracing::info!(
-                    "closing HTTP connections that did not finish within {} s",
-                    HTTP_DRAIN.as_secs()
-                );
-                server.abort();
-                Ok(Ok(()))
-            }
-        },
-    };
-    // 4. Close.
-    background.wait().await;
-    let close = async {
-        engine.leave().await;
-        store.close().await;
-    };
-    if tokio::time::timeout(CLOSE_BOUND, close).await.is_err() {
-        tracing::warn!("the database did not close in time; SQLite recovers the WAL at next start");
-    }
-    tracing::info!("stopped");
-    Ok(served??)
+    Ok(tls)
 }
 
 /// The refresh scheduler: runs an engine tick every

@@ -22,7 +22,8 @@
 //!   thread flights run on, the injectable clock, and lease-holder
 //!   identities.
 //! - [`http`]: the local HTTP interface: `api` (JSON), `callback` (browser
-//!   authorization), `pages` (HTML), `proxy` (the rate-limited API proxy),
+//!   authorization), `answers` (the JSON bodies, shared with the CLI),
+//!   `pages` (HTML), `proxy` (the rate-limited API proxy),
 //!   `auth` and `login` (site checks, API keys, browser login links),
 //!   `server` (connections: timeouts, cap, drain), `error` (the one error
 //!   enum).
@@ -34,8 +35,11 @@
 //! - [`dev`]: the Keap-like provider simulator for tests and `serve --dev`
 //!   (OAuth endpoints, API, control and faults) and [`dev::config`], the
 //!   configuration of `serve --dev`. Never used for real traffic.
-//! - [`daemon`]: wires store, engine, scheduler and server; graceful stop.
-//! - [`cli`]: the command line: `serve` and the client commands.
+//! - [`daemon`]: builds the application from a config ([`daemon::App`]:
+//!   store, engine, rate limits, HTTP state) and serves it on a listener
+//!   until a shutdown signal; graceful stop.
+//! - [`cli`]: the command line: `serve` and the client commands, which read
+//!   the API through the types of [`http::answers`].
 //! - [`systemd`]: sd_notify, watchdog, socket activation, journal log lines.
 
 pub mod cli;

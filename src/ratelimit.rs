@@ -300,7 +300,7 @@ impl Scope {
 }
 
 /// Quota figures of one scope, for `/v1/connections`, `status`, metrics.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ScopeQuota {
     /// Requests allowed per day (configured, or as the provider reports).
     pub daily_limit: Option<u64>,
@@ -318,7 +318,7 @@ pub struct ScopeQuota {
 
 /// Quota figures of a connection: its client's, and its tenant's where the
 /// provider has tenant limits.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ConnectionQuota {
     #[serde(flatten)]
     pub client: ScopeQuota,

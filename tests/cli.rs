@@ -10,10 +10,15 @@ fn check_config(text: &str) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tk.toml");
     std::fs::write(&path, text).unwrap();
+    check_config_file(&path)
+}
+
+/// `check-config --config path`: the exit code and stderr.
+fn check_config_file(path: &std::path::Path) -> (i32, String) {
     let out = Command::new(BIN)
         .arg("check-config")
         .arg("--config")
-        .arg(&path)
+        .arg(path)
         .output()
         .unwrap();
     (
@@ -93,12 +98,7 @@ fn check_config_accepts_a_good_file() {
         .arg(&path)
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     // The secret is resolved against $CREDENTIALS_DIRECTORY too.
     let creds = tempfile::tempdir().unwrap();
     std::fs::write(creds.path().join("keap-client-secret"), "fromcreds").unwrap();
@@ -114,12 +114,7 @@ fn check_config_accepts_a_good_file() {
         .env("CREDENTIALS_DIRECTORY", creds.path())
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
 }
 
 #[test]
@@ -142,8 +137,7 @@ fn unreachable_daemon_is_exit_1_with_a_sentence() {
 
 #[tokio::test]
 async fn client_commands_against_a_running_daemon() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
 
     // Not authorized yet: exit 1 and a hint.
     let out = h.cli(&["token", "keap"]).await;
@@ -190,12 +184,7 @@ async fn client_commands_against_a_running_daemon() {
     );
 
     let out = h.cli(&["refresh", "keap"]).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let newest = h.sim.sim.access_tokens_issued().last().unwrap().clone();
     assert_ne!(newest, current);
     assert_eq!(
@@ -213,12 +202,7 @@ async fn client_commands_against_a_running_daemon() {
     assert_eq!(out.status.code(), Some(1));
 
     let out = h.cli(&["revoke", "keap"]).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let out = h.cli(&["token", "keap"]).await;
     assert_eq!(out.status.code(), Some(1));
 }
@@ -243,8 +227,7 @@ fn help_is_there() {
 
 #[tokio::test]
 async fn names_are_checked_and_never_reach_the_server_raw() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
     assert_eq!(h.authorize("keap", "victim").await.status(), 200);
     for (provider, account) in [
         ("keap", "typo/../victim"),
@@ -289,8 +272,7 @@ fn broken_pipe() -> std::process::Stdio {
 
 #[tokio::test]
 async fn broken_pipes_and_closed_stdout() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
     for account in ["a1", "a2", "a3"] {
         assert_eq!(h.authorize("keap", account).await.status(), 200);
     }
@@ -425,12 +407,7 @@ async fn self_signed_daemon_from_another_user_names_certificate_verification() {
     );
     assert!(!err.contains("cannot reach"), "{err}");
     let out = cli(&["--ca-file", public.to_str().unwrap()]).await.unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let out = cli(&["--ca-file", "/nonexistent/cert.pem"]).await.unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(h.stop().await, Some(0));
@@ -452,4 +429,131 @@ fn api_base_url_with_a_query_or_fragment_is_a_config_error() {
             "{err}"
         );
     }
+}
+
+/// A client command whose answer is not what the daemon's API answers
+/// (another program on that port, a daemon of another version) says so in
+/// a sentence and exits 1: it neither reports "no connections" nor prints
+/// something that is not a token.
+#[tokio::test]
+async fn an_unexpected_answer_is_a_sentence_not_a_wrong_result() {
+    for body in [
+        "<html>some other server</html>",
+        "{}",
+        r#"{"connections": "none"}"#,
+    ] {
+        let router = axum::Router::new().fallback(move || async move { body });
+        let base = common::serve_router(router).await;
+        for args in [
+            &["status"][..],
+            &["status", "--json"],
+            &["token", "keap"],
+            &["header", "keap"],
+            &["refresh", "keap"],
+        ] {
+            let out = tokio::process::Command::new(BIN)
+                .args(args)
+                .args(["--url", &base])
+                .env_remove("TOKENKEEPER_CONFIG")
+                .output()
+                .await
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?} on {body}: {err}");
+            assert!(
+                err.contains(&format!("the daemon at {base} answered"))
+                    && err.contains("cannot read")
+                    && err.contains("same version"),
+                "{args:?} on {body}: {err}"
+            );
+            assert!(
+                out.stdout.is_empty(),
+                "{args:?} on {body}: printed a result"
+            );
+        }
+    }
+}
+
+/// Client commands read only what they need from the daemon's config: a
+/// client secret this user cannot read (here: gone, or an unset
+/// variable) does not stop them.
+#[tokio::test]
+async fn client_commands_work_without_the_provider_secret() {
+    let h = Harness::authorized(Options::default()).await;
+    std::fs::remove_file(h.dir.path().join("client-secret")).unwrap();
+    let text = std::fs::read_to_string(&h.config_path).unwrap();
+    std::fs::write(
+        &h.config_path,
+        format!("{text}\n[providers.other]\npreset = \"keap\"\nclient_id = \"x\"\nclient_secret_env = \"TK_CLI_TEST_UNSET\"\n"),
+    )
+    .unwrap();
+    let (code, err) = check_config_file(&h.config_path);
+    assert_eq!(code, 2, "the daemon would refuse this file: {err}");
+    for args in [&["token", "keap"][..], &["status"], &["refresh", "keap"]] {
+        let out = h.cli(args).await;
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A problem in what client commands read (here `server.listen`) is a
+/// config error with key and line, not a daemon that "cannot be reached".
+#[test]
+fn a_bad_listen_address_is_a_config_error_for_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tk.toml");
+    std::fs::write(&path, "[server]\nlisten = \"localhost\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["status", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(":2: server.listen:"), "{err}");
+    assert!(!err.contains("cannot reach"), "{err}");
+    // With --url the listen address is not needed.
+    let url = format!("http://127.0.0.1:{}", common::free_port());
+    let out = Command::new(BIN)
+        .args(["status", "--url", &url, "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+    // A config file named on the command line must be there.
+    let out = Command::new(BIN)
+        .args(["status", "--url", &url, "--config"])
+        .arg(dir.path().join("absent.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot read the config file"), "{err}");
+}
+
+/// URLs for a browser (`connect`, `dashboard` without API keys) use
+/// `server.public_url`, the address the browser reaches the daemon at and
+/// the one its callback and cookies belong to.
+#[tokio::test]
+async fn browser_urls_use_the_public_url() {
+    let h = Harness::new(Options::default()).await;
+    let public = format!("http://localhost:{}", h.port);
+    h.write_config(&format!("public_url = \"{public}/\""), "", "");
+    let out = h.cli(&["connect", "keap", "work"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{public}/connect/keap?account=work")
+    );
+    let out = h.cli(&["dashboard"]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{public}/")
+    );
 }

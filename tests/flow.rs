@@ -11,8 +11,7 @@ use tokenkeeper::dev::Fault;
 
 #[tokio::test]
 async fn full_flow_connect_callback_token() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
 
     let (location, cookie) = h.start_connect("keap", "default").await;
     let url = url::Url::parse(&location).unwrap();
@@ -83,9 +82,7 @@ async fn full_flow_connect_callback_token() {
 
 #[tokio::test]
 async fn restart_keeps_the_grant() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let mut h = Harness::authorized(Options::default()).await;
     let (_, before) = h.token().await;
     assert_eq!(h.stop().await, Some(0), "SIGTERM exits 0");
     h.start().await;
@@ -106,13 +103,12 @@ async fn restart_keeps_the_grant() {
 
 #[tokio::test]
 async fn spec_error_rows() {
-    let mut h = Harness::new(Options {
+    let h = Harness::started(Options {
         access_lifetime: Duration::from_secs(2),
         refresh: "min_validity = \"0s\"\ncheck_interval = \"1h\"".into(),
         ..Options::default()
     })
     .await;
-    h.start().await;
 
     // 404 unknown_provider
     let (s, b) = h.get_json("/v1/token/nosuch").await;
@@ -143,15 +139,8 @@ async fn spec_error_rows() {
     let b: serde_json::Value = r.json().await.unwrap();
     assert_eq!(b["error"], "authorization_required");
     assert_eq!(b["connect_url"], h.url("/connect/keap?account=default"));
-    let c = h.connection("default").await;
-    assert_eq!(c["state"], "authorization_required");
-    assert!(
-        c["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("Invalid Refresh Token"),
-        "{c}"
-    );
+    h.assert_connection("default", "authorization_required", "Invalid Refresh Token")
+        .await;
 
     // A fresh authorization brings it back.
     assert_eq!(h.authorize("keap", "default").await.status(), 200);
@@ -192,8 +181,7 @@ async fn spec_error_rows() {
 
 #[tokio::test]
 async fn callback_failures_store_nothing() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
 
     // The user clicks Deny.
     let (location, cookie) = h.start_connect("keap", "denied").await;
@@ -268,8 +256,7 @@ async fn callback_failures_store_nothing() {
 
 #[tokio::test]
 async fn host_header_is_checked() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
     let r = h
         .get_with(h.url("/v1/connections"), ("host", "evil.example"))
         .await;
@@ -289,9 +276,7 @@ async fn host_header_is_checked() {
 /// refresh take the router's path throughout `tests/refresh.rs`.
 #[tokio::test]
 async fn token_answers_agree_on_both_serving_paths() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let h = Harness::authorized(Options::default()).await;
     let fetch = |path: &'static str| {
         let (http, url) = (h.http.clone(), h.url(path));
         async move {

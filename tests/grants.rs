@@ -17,14 +17,6 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection, Row};
 use tokenkeeper::dev::{DelayPhase, Fault};
 
-async fn authorize(h: &Harness) -> String {
-    let r = h.authorize("keap", "default").await;
-    assert_eq!(r.status(), 200, "authorization succeeds");
-    let (s, b) = h.token().await;
-    assert_eq!(s, 200, "{b}");
-    b["access_token"].as_str().unwrap().to_string()
-}
-
 /// The stored refresh token of keap/default, read on a connection of our own.
 async fn stored_refresh_token(db: &Path) -> Option<String> {
     let mut c = SqliteConnectOptions::new()
@@ -53,16 +45,6 @@ async fn write_db(db: &Path, sql: &str) {
     let _ = c.close().await;
 }
 
-fn spawn_post(h: &Harness, path: &str) -> tokio::task::JoinHandle<(u16, Value)> {
-    let http = h.http.clone();
-    let url = h.url(path);
-    tokio::spawn(async move {
-        let r = http.post(url).send().await.expect("daemon answers");
-        let s = r.status().as_u16();
-        (s, r.json::<Value>().await.unwrap_or(Value::Null))
-    })
-}
-
 /// An authorized connection with a forced refresh in the air: the provider
 /// has rotated (a second refresh token exists) but not answered yet. With
 /// strict revocation, as providers that know a grant only by its current
@@ -72,17 +54,11 @@ async fn refresh_in_the_air() -> (
     tokenkeeper::dev::Simulator,
     tokio::task::JoinHandle<(u16, Value)>,
 ) {
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
-    h.start().await;
-    authorize(&h).await;
+    let h = Harness::authorized(Options::lifetime(Duration::from_secs(3600))).await;
     let sim = h.sim.sim.clone();
     sim.set_strict_revocation(true);
     sim.set_token_delay(Duration::from_millis(1500), DelayPhase::AfterRotation);
-    let flight = spawn_post(&h, "/v1/token/keap/refresh");
+    let flight = h.spawn_post("/v1/token/keap/refresh");
     common::eventually(Duration::from_secs(5), "the provider rotated", || async {
         sim.refresh_tokens_issued().len() == 2
     })
@@ -104,7 +80,7 @@ async fn forced_refresh_under_a_write_lock(
 ) {
     let sim = h.sim.sim.clone();
     sim.set_token_delay(delay, DelayPhase::BeforeProcessing);
-    let forced = spawn_post(h, "/v1/token/keap/refresh");
+    let forced = h.spawn_post("/v1/token/keap/refresh");
     common::eventually(
         Duration::from_secs(5),
         "the refresh call is out",
@@ -139,13 +115,8 @@ async fn delete(h: &Harness, query: &str) -> (u16, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_grant_whose_commit_fails_is_held_in_memory_until_it_lands() {
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
-    h.start().await;
-    let token0 = authorize(&h).await;
+    let h = Harness::started(Options::lifetime(Duration::from_secs(3600))).await;
+    let token0 = h.authorize_default().await;
     let sim = h.sim.sim.clone();
 
     let (forced, mut lock) =
@@ -162,14 +133,8 @@ async fn a_grant_whose_commit_fails_is_held_in_memory_until_it_lands() {
 
     // While it is held: visible in status, metrics; the stored access token
     // (still valid by its expiry) keeps being served.
-    let c = h.connection("default").await;
-    assert_eq!(c["state"], "retrying", "{c}");
-    assert!(
-        c["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("held in memory and not yet stored")),
-        "{c}"
-    );
+    h.assert_connection("default", "retrying", "held in memory and not yet stored")
+        .await;
     let metrics = h.get_text("/metrics").await;
     assert!(
         metrics
@@ -219,25 +184,19 @@ async fn a_grant_whose_commit_fails_is_held_in_memory_until_it_lands() {
 
     // The next refresh sends the rotated refresh token: no invalid_grant.
     sim.set_token_delay(Duration::ZERO, DelayPhase::BeforeProcessing);
-    let (s, b) = h.post_json("/v1/token/keap/refresh").await;
+    let (s, b) = h.force_refresh().await;
     assert_eq!(s, 200, "{b}");
     let stats = sim.stats();
     assert_eq!(stats.refresh_ok, 2, "{stats:?}");
-    assert_eq!(stats.refresh_rejected, 0, "{stats:?}");
-    assert_eq!(stats.refresh_reuse, 0, "{stats:?}");
+    common::assert_no_reuse_or_rejection(&stats);
     assert!(sim.access_token_valid(b["access_token"].as_str().unwrap()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_held_grant_is_served_once_the_stored_access_token_has_expired() {
     // The stored access token lives 6 s; the new one an hour.
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(6),
-        ..Options::default()
-    })
-    .await;
-    h.start().await;
-    let token0 = authorize(&h).await;
+    let h = Harness::started(Options::lifetime(Duration::from_secs(6))).await;
+    let token0 = h.authorize_default().await;
     let sim = h.sim.sim.clone();
     sim.set_access_lifetime(Duration::from_secs(3600));
     let (forced, mut lock) =
@@ -265,11 +224,7 @@ async fn a_held_grant_is_served_once_the_stored_access_token_has_expired() {
     )
     .await;
     sim.set_token_delay(Duration::ZERO, DelayPhase::BeforeProcessing);
-    let (s, b) = h.post_json("/v1/token/keap/refresh").await;
-    assert_eq!(s, 200, "{b}");
-    let stats = sim.stats();
-    assert_eq!(stats.refresh_rejected, 0, "{stats:?}");
-    assert_eq!(stats.refresh_reuse, 0, "{stats:?}");
+    h.assert_refresh_keeps_the_grant().await;
 }
 
 // ---------------------------------------------------------------------------
@@ -281,7 +236,7 @@ async fn a_reauthorization_wins_over_a_refresh_that_started_before_it() {
     let (h, sim, late) = refresh_in_the_air().await;
     // The delay was read when the refresh arrived; the browser is quick.
     sim.set_token_delay(Duration::ZERO, DelayPhase::AfterRotation);
-    authorize(&h).await;
+    h.authorize_default().await;
     let newest = sim.current_refresh_token().expect("the new grant is live");
     let _ = late.await.unwrap();
 
@@ -349,14 +304,12 @@ async fn hand_lease_to(h: &mut Harness, owner: &str, until_offset_ms: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_holder_in_another_pid_namespace_is_not_taken_over_before_its_lease_lapses() {
-    let mut h = Harness::new(Options {
+    let mut h = Harness::authorized(Options {
         access_lifetime: Duration::from_secs(3600),
         provider: "request_timeout = \"2s\"".into(),
         ..Options::default()
     })
     .await;
-    h.start().await;
-    authorize(&h).await;
     // Same host and boot, another PID namespace, a pid we cannot see: it
     // may be alive there. Its stored deadline has passed by our wall clock,
     // which proves nothing either.
@@ -368,7 +321,7 @@ async fn a_holder_in_another_pid_namespace_is_not_taken_over_before_its_lease_la
         gone_pid()
     );
     hand_lease_to(&mut h, &owner, -60_000).await;
-    let (s, b) = h.post_json("/v1/token/keap/refresh").await;
+    let (s, b) = h.force_refresh().await;
     assert_ne!(s, 200, "no refresh while another live holder may run: {b}");
     // A few scheduler ticks later, still untouched.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -393,13 +346,7 @@ async fn a_holder_in_another_pid_namespace_is_not_taken_over_before_its_lease_la
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_holder_certainly_dead_is_taken_over_at_once() {
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
-    h.start().await;
-    authorize(&h).await;
+    let mut h = Harness::authorized(Options::lifetime(Duration::from_secs(3600))).await;
     // Our host, boot and PID namespace, and the pid does not exist: dead,
     // though its stored deadline is an hour away.
     let owner = format!(
@@ -419,11 +366,7 @@ async fn a_holder_certainly_dead_is_taken_over_at_once() {
     )
     .await;
     assert!(h.log().contains("interrupted"), "the takeover is reported");
-    let (s, b) = h.post_json("/v1/token/keap/refresh").await;
-    assert_eq!(s, 200, "{b}");
-    let stats = sim.stats();
-    assert_eq!(stats.refresh_reuse, 0, "{stats:?}");
-    assert_eq!(stats.refresh_rejected, 0, "{stats:?}");
+    h.assert_refresh_keeps_the_grant().await;
 }
 
 // ---------------------------------------------------------------------------
@@ -447,13 +390,8 @@ async fn revoking_during_a_refresh_revokes_the_newest_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_upstream_revocation_keeps_the_grant_unless_local_is_asked() {
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
-    h.start().await;
-    let token0 = authorize(&h).await;
+    let h = Harness::started(Options::lifetime(Duration::from_secs(3600))).await;
+    let token0 = h.authorize_default().await;
     let sim = h.sim.sim.clone();
     sim.set_revoke_fault(Some(503));
 
@@ -482,7 +420,7 @@ async fn a_failed_upstream_revocation_keeps_the_grant_unless_local_is_asked() {
     assert_eq!(sim.live_grants(), 1, "and not revoked upstream");
 
     // The CLI without --local reports the failure and exits 1.
-    authorize(&h).await;
+    h.authorize_default().await;
     let out = h.cli(&["revoke", "keap"]).await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("temporarily_unavailable"));
@@ -501,8 +439,7 @@ async fn a_failed_upstream_revocation_keeps_the_grant_unless_local_is_asked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_browser_flows_for_one_account_leave_one_live_grant() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
     let sim = h.sim.sim.clone();
     sim.set_strict_revocation(true);
     let (first, cookie1) = h.start_connect("keap", "default").await;
@@ -531,12 +468,11 @@ async fn two_browser_flows_for_one_account_leave_one_live_grant() {
 /// replaced grant is left alone, and the log says so.
 #[tokio::test]
 async fn revoke_replaced_false_leaves_the_replaced_grant_alone() {
-    let mut h = Harness::new(Options {
+    let h = Harness::started(Options {
         provider: "revoke_replaced = false".into(),
         ..Options::default()
     })
     .await;
-    h.start().await;
     let sim = h.sim.sim.clone();
     sim.set_strict_revocation(true);
     assert_eq!(h.authorize("keap", "default").await.status(), 200);
@@ -557,15 +493,10 @@ async fn revoke_replaced_false_leaves_the_replaced_grant_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_forced_refresh_says_the_current_token_is_still_served() {
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
-    h.start().await;
-    let token0 = authorize(&h).await;
+    let h = Harness::started(Options::lifetime(Duration::from_secs(3600))).await;
+    let token0 = h.authorize_default().await;
     h.sim.sim.set_fault(Some(Fault::Status(503)));
-    let (s, b) = h.post_json("/v1/token/keap/refresh").await;
+    let (s, b) = h.force_refresh().await;
     assert_eq!(s, 503, "{b}");
     let message = b["message"].as_str().unwrap_or_default();
     assert!(!message.contains("no valid access token is left"), "{b}");
@@ -580,13 +511,7 @@ async fn a_failed_forced_refresh_says_the_current_token_is_still_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refresh_tokens_rotated_by_another_process_are_recognised() {
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
-    h.start().await;
-    authorize(&h).await;
+    let h = Harness::authorized(Options::lifetime(Duration::from_secs(3600))).await;
 
     let port2 = common::free_port();
     let text = std::fs::read_to_string(&h.config_path).unwrap();
@@ -657,13 +582,7 @@ async fn lease(db: &Path) -> (Option<String>, Option<i64>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn while_a_grant_is_held_its_lease_is_kept_alive() {
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
-    h.start().await;
-    authorize(&h).await;
+    let h = Harness::authorized(Options::lifetime(Duration::from_secs(3600))).await;
     let sim = h.sim.sim.clone();
     let db = h.db_path();
     // Storing a new grant fails (as a full disk would), while lease
@@ -674,7 +593,7 @@ async fn while_a_grant_is_held_its_lease_is_kept_alive() {
          BEGIN SELECT RAISE(ABORT, 'injected: the disk is full'); END",
     )
     .await;
-    let (s, b) = h.post_json("/v1/token/keap/refresh").await;
+    let (s, b) = h.force_refresh().await;
     assert_eq!(sim.stats().refresh_ok, 1, "the provider rotated");
     assert_eq!(s, 503, "{b}");
     let (owner, until) = lease(&db).await;

@@ -3,15 +3,12 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use common::{Harness, Options};
 use proptest::prelude::*;
 use tokenkeeper::config;
-use tokenkeeper::http::{router, AppState};
-use tokenkeeper::refresh::{Engine, EngineParts};
+use tokenkeeper::daemon::App;
 use tokenkeeper::store::Store;
 use tower::ServiceExt;
 
@@ -21,7 +18,13 @@ proptest! {
     /// Arbitrary text never panics the parser; it is accepted or explained.
     #[test]
     fn config_parser_never_panics(text in "\\PC{0,300}") {
-        match config::parse(&text, std::path::Path::new("/tmp/x.toml")) {
+        let path = std::path::Path::new("/tmp/x.toml");
+        match config::parse(&text, path) {
+            Ok(_) => {}
+            Err(e) => prop_assert!(!e.problems.is_empty()),
+        }
+        // The client reading of the same file, too.
+        match config::parse_for_client(&text, path, &[]) {
             Ok(_) => {}
             Err(e) => prop_assert!(!e.problems.is_empty()),
         }
@@ -35,53 +38,22 @@ proptest! {
         value in prop::sample::select(vec!["\"\"", "\"10x\"", "-1", "1e400", "[1, \"a\"]", "{ a = 1 }", "true", "\"self-signed\"", "\"0.0.0.0:1\"", "99999999999999999999", "\"keap\"", "0.5"]),
     ) {
         let text = format!("[{section}]\n{key} = {value}\n");
-        let _ = config::parse(&text, std::path::Path::new("/tmp/x.toml"));
+        let path = std::path::Path::new("/tmp/x.toml");
+        let _ = config::parse(&text, path);
+        let _ = config::parse_for_client(&text, path, &[]);
     }
 }
 
 fn callback_router(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> tokenkeeper::http::App {
-    test_router(rt, dir).0
+    test_app(rt, dir).router()
 }
 
-/// The real router in-process (dev config: provider `demo`, Keap preset),
-/// with the rate limits it uses.
-fn test_router(
-    rt: &tokio::runtime::Runtime,
-    dir: &std::path::Path,
-) -> (
-    tokenkeeper::http::App,
-    Arc<tokenkeeper::ratelimit::RateLimits>,
-) {
-    rt.block_on(async {
-        let store = Store::open(&dir.join("db.sqlite"), None).await.unwrap();
-        let cfg =
-            tokenkeeper::dev::config("127.0.0.1:1".parse().unwrap(), dir.join("unused.db"), "s");
-        let http = reqwest::Client::new();
-        let engine = Engine::start(EngineParts::new(
-            store,
-            tokenkeeper::daemon::settings_from(&cfg, &http),
-        ))
-        .await
-        .unwrap();
-        let limits = Arc::new(tokenkeeper::ratelimit::RateLimits::new(
-            cfg.providers.values(),
-        ));
-        let app = router(
-            AppState::new(tokenkeeper::http::Shared {
-                engine,
-                public_url: url::Url::parse("http://127.0.0.1:1/").unwrap(),
-                allowed_hosts: Arc::new(vec!["127.0.0.1".into()]),
-                api_keys: None,
-                tls_fingerprint: None,
-                proxy: Arc::new(tokenkeeper::http::proxy::Proxy::new(
-                    limits.clone(),
-                    std::time::Duration::from_secs(1),
-                )),
-            }),
-            None,
-        );
-        (app, limits)
-    })
+/// The daemon's application in-process, built as `serve --dev` builds it
+/// (provider `demo`, Keap preset), with its database in `dir`.
+fn test_app(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> App {
+    let addr = "127.0.0.1:1".parse().unwrap();
+    let cfg = tokenkeeper::dev::config(addr, dir.join("db.sqlite"), "s");
+    rt.block_on(App::build(cfg, addr, None)).unwrap()
 }
 
 /// Issue 12 item 11: a flood of unknown accounts on `/proxy/{p}@{account}`
@@ -90,7 +62,8 @@ fn test_router(
 fn unknown_proxy_accounts_leave_no_limiter_state() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (app, limits) = test_router(&rt, dir.path());
+    let built = test_app(&rt, dir.path());
+    let (app, limits) = (built.router(), built.limits());
     rt.block_on(async {
         for i in 0..10_000 {
             let req = Request::get(format!("/proxy/demo@flood-{i}/crm/rest/v1/contacts"))
@@ -191,8 +164,7 @@ fn callback_query_fuzz_never_fails_the_server() {
 
 #[tokio::test]
 async fn oversized_bodies_and_headers_are_refused() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
     let r = h
         .http
         .post(h.url("/v1/inspect"))
@@ -274,14 +246,12 @@ async fn slow_clients_do_not_starve_the_daemon() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let files = raise_nofile(4096);
     let n = 1000.min(files.saturating_sub(200) as usize / 2);
-    let mut h = Harness::new(Options {
+    let mut h = Harness::authorized(Options {
         server: "header_read_timeout = \"2s\"\nidle_timeout = \"3s\"".into(),
         rust_log: "warn,tokenkeeper=info".into(),
         ..Options::default()
     })
     .await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
 
     let mut slow = Vec::new();
     for _ in 0..n {
@@ -343,13 +313,12 @@ async fn slow_clients_do_not_starve_the_daemon() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_bounds_open_sockets() {
     use std::time::Duration;
-    let mut h = Harness::new(Options {
+    let h = Harness::started(Options {
         server: "max_connections = 16\nheader_read_timeout = \"30s\"".into(),
         rust_log: "warn,tokenkeeper=info".into(),
         ..Options::default()
     })
     .await;
-    h.start().await;
     let pid = h.daemon.as_ref().unwrap().id();
     let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     let baseline = fds();

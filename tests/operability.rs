@@ -70,8 +70,7 @@ async fn scrape(h: &Harness) -> HashMap<String, f64> {
 
 #[tokio::test]
 async fn metrics_follow_the_lifecycle() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
     // SPEC 4: every series a fresh daemon knows of is there, at 0.
     let m = scrape(&h).await;
     assert_eq!(find(&m, "tokenkeeper_bearer_misuse_total", &[]), 0.0);
@@ -222,7 +221,7 @@ async fn notifications_by_command_and_webhook() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
 
-    let mut h = Harness::new(Options {
+    let h = Harness::started(Options {
         provider: format!(
             "\n[notify]\ncommand = \"{}\"\nwebhook_url = \"{hook}\"\n",
             script.display()
@@ -230,7 +229,6 @@ async fn notifications_by_command_and_webhook() {
         ..Options::default()
     })
     .await;
-    h.start().await;
 
     let events = |expected: &'static str| {
         let out = out.clone();
@@ -317,7 +315,7 @@ async fn a_failing_hook_never_blocks_the_lifecycle() {
             held.push(stream);
         }
     });
-    let mut h = Harness::new(Options {
+    let h = Harness::started(Options {
         provider: format!(
             "\n[notify]\ncommand = \"{}\"\nwebhook_url = \"{hook}\"\n",
             script.display()
@@ -325,7 +323,6 @@ async fn a_failing_hook_never_blocks_the_lifecycle() {
         ..Options::default()
     })
     .await;
-    h.start().await;
     let started = std::time::Instant::now();
     // Three `authorized` events, each with a hanging command and webhook.
     for account in ["default", "second", "third"] {
@@ -370,11 +367,12 @@ async fn raw_db(h: &Harness) -> sqlx::SqlitePool {
     .unwrap()
 }
 
-#[tokio::test]
-async fn one_unreadable_row_does_not_stop_the_daemon() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
-    for account in ["default", "second", "third"] {
+/// A stopped daemon that authorized `accounts`, after which the row of
+/// `second` got a state this build does not know and the row of `third` an
+/// expiry that is not an instant; with the database, still open.
+async fn with_unreadable_rows(accounts: &[&str]) -> (Harness, sqlx::SqlitePool) {
+    let mut h = Harness::started(Options::default()).await;
+    for account in accounts {
         assert_eq!(h.authorize("keap", account).await.status(), 200);
     }
     h.stop().await;
@@ -387,6 +385,12 @@ async fn one_unreadable_row_does_not_stop_the_daemon() {
         .execute(&db)
         .await
         .unwrap();
+    (h, db)
+}
+
+#[tokio::test]
+async fn one_unreadable_row_does_not_stop_the_daemon() {
+    let (mut h, db) = with_unreadable_rows(&["default", "second", "third"]).await;
     db.close().await;
 
     h.start().await;
@@ -438,8 +442,7 @@ async fn one_unreadable_row_does_not_stop_the_daemon() {
 
 #[tokio::test]
 async fn a_database_from_a_newer_version_is_refused_with_the_fix() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let mut h = Harness::started(Options::default()).await;
     h.stop().await;
     let db = raw_db(&h).await;
     sqlx::query(
@@ -465,8 +468,7 @@ async fn a_database_from_a_newer_version_is_refused_with_the_fix() {
 
 #[tokio::test]
 async fn readyz_fails_while_the_database_cannot_be_written() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
     assert_eq!(h.get_text("/readyz").await, "ready\n");
     // Another process holds the write lock: reads still work, writes wait.
     let db = raw_db(&h).await;
@@ -496,9 +498,7 @@ async fn readyz_fails_while_the_database_cannot_be_written() {
 #[tokio::test]
 async fn sigterm_during_a_slow_refresh_commits_it_and_exits_in_time() {
     use tokenkeeper::dev::DelayPhase;
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let mut h = Harness::authorized(Options::default()).await;
     // The provider rotates at once and answers 2 s later: the new refresh
     // token exists only in that answer.
     h.sim
@@ -544,15 +544,16 @@ async fn sigterm_during_a_slow_refresh_commits_it_and_exits_in_time() {
 
 #[tokio::test]
 async fn reload_applies_api_keys_and_check_interval_and_names_what_needs_a_restart() {
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(8),
-        server: "api_keys_file = \"api-keys\"".into(),
-        refresh: "check_interval = \"1h\"".into(),
-        ..Options::default()
-    })
+    let mut h = Harness::with_api_keys(
+        Options {
+            access_lifetime: Duration::from_secs(8),
+            refresh: "check_interval = \"1h\"".into(),
+            ..Options::default()
+        },
+        "key-one\n",
+    )
     .await;
-    let keys = h.dir.path().join("api-keys");
-    std::fs::write(&keys, "key-one\n").unwrap();
+    let keys = h.api_keys_path();
     h.start().await;
     let with_key = |key: &'static str| {
         let h = &h;
@@ -578,13 +579,7 @@ async fn reload_applies_api_keys_and_check_interval_and_names_what_needs_a_resta
             .unwrap();
         (
             r.headers()["location"].to_str().unwrap().to_string(),
-            r.headers()["set-cookie"]
-                .to_str()
-                .unwrap()
-                .split(';')
-                .next()
-                .unwrap()
-                .to_string(),
+            common::cookie(&r),
         )
     };
     let callback = h.approve(&location).await;
@@ -702,14 +697,15 @@ async fn once_shutdown_begins_no_new_refresh_starts() {
     let base = &sim.base_url;
     let cfg = tokenkeeper::config::parse(
         &format!(
-            "[providers.keap]\npreset = \"keap\"\nclient_id = \"demo-client\"\nclient_secret = \"{}\"\n\
+            "[storage]\npath = \"tk.db\"\n\
+             [providers.keap]\npreset = \"keap\"\nclient_id = \"demo-client\"\nclient_secret = \"{}\"\n\
              authorization_url = \"{base}/authorize\"\ntoken_url = \"{base}/token\"\n",
             common::CLIENT_SECRET
         ),
         &dir.path().join("tk.toml"),
     )
     .unwrap();
-    let store = Store::open(&dir.path().join("tk.db"), None).await.unwrap();
+    let store = Store::open(&cfg.storage.path, None).await.unwrap();
     // An expired access token: every token request wants a refresh.
     let now = chrono::Utc::now();
     let (access, refresh) = (
@@ -734,12 +730,12 @@ async fn once_shutdown_begins_no_new_refresh_starts() {
             .await
             .unwrap();
     }
-    let engine = tokenkeeper::refresh::Engine::start(tokenkeeper::refresh::EngineParts::new(
-        store,
-        tokenkeeper::daemon::settings_from(&cfg, &reqwest::Client::new()),
-    ))
-    .await
-    .unwrap();
+    store.close().await;
+    let listen = cfg.server.listen;
+    let app = tokenkeeper::daemon::App::build(cfg, listen, None)
+        .await
+        .unwrap();
+    let engine = app.engine();
     // Before: a request refreshes (the simulator does not know this token).
     let _ = engine.token("keap", "a").await;
     assert_eq!(sim.sim.stats().refresh_calls, 1);
@@ -762,8 +758,7 @@ async fn once_shutdown_begins_no_new_refresh_starts() {
 
 #[tokio::test]
 async fn a_read_only_database_directory_is_refused_with_path_and_fix() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let mut h = Harness::started(Options::default()).await;
     h.stop().await;
     // A read-only directory stops root only through a user who is not root.
     // SAFETY: geteuid has no preconditions.
@@ -856,21 +851,7 @@ async fn row_text(db: &sqlx::SqlitePool, account: &str) -> String {
 
 #[tokio::test]
 async fn an_unreadable_row_is_never_refreshed_written_or_revoked_from() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
-    for account in ["second", "third"] {
-        assert_eq!(h.authorize("keap", account).await.status(), 200);
-    }
-    h.stop().await;
-    let db = raw_db(&h).await;
-    sqlx::query("UPDATE connections SET state = 'paused' WHERE account = 'second'")
-        .execute(&db)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE connections SET expires_at = 'tomorrow' WHERE account = 'third'")
-        .execute(&db)
-        .await
-        .unwrap();
+    let (mut h, db) = with_unreadable_rows(&["second", "third"]).await;
     let before = [row_text(&db, "second").await, row_text(&db, "third").await];
     db.close().await;
     let sim = h.sim.sim.clone();
@@ -930,4 +911,45 @@ async fn an_unreadable_row_is_never_refreshed_written_or_revoked_from() {
         .unwrap();
     assert!(r.status().is_success(), "{}", r.status());
     assert!(h.connection("second").await.is_null());
+}
+
+/// The daemon's entry point is testable in-process: the application built
+/// from a config serves on a listener the caller bound, and stops, with
+/// the store closed, when the caller's shutdown signal fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_application_serves_on_a_given_listener_until_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cfg = tokenkeeper::dev::config(addr, dir.path().join("tk.db"), "s");
+    let app = tokenkeeper::daemon::App::build(cfg, addr, None)
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let served = tokio::spawn(app.serve(listener, None, shutdown.clone()));
+    let http = common::client();
+    let r = http
+        .get(format!("http://{addr}/v1/connections"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: tokenkeeper::http::answers::ConnectionsBody = r.json().await.unwrap();
+    assert!(body.connections.is_empty());
+    shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(30), served)
+        .await
+        .expect("the stop is bounded")
+        .unwrap();
+    assert!(result.is_ok(), "{result:?}");
+    assert!(
+        http.get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .is_err(),
+        "nothing listens after the stop"
+    );
+    // The database lock went with the application: an offline command may
+    // take it now.
+    assert!(tokenkeeper::store::DbLock::exclusive(&dir.path().join("tk.db")).is_ok());
 }

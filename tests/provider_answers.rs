@@ -14,27 +14,10 @@ use tokenkeeper::dev::{AnswerShape, DelayPhase, Fault};
 
 const WAIT: Duration = Duration::from_secs(15);
 
-async fn started(opts: Options) -> Harness {
-    let mut h = Harness::new(opts).await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
-    h
-}
-
-/// Forces a refresh and returns the status and body.
-async fn force(h: &Harness) -> (u16, Value) {
-    h.post_json("/v1/token/keap/refresh").await
-}
-
 /// The grant is alive and was never sent twice: the provider rotated
 /// every time and saw no reuse of a spent refresh token.
 fn assert_grant_intact(h: &Harness) {
-    let stats = h.sim.sim.stats();
-    assert_eq!(
-        stats.refresh_reuse, 0,
-        "a spent refresh token was sent again"
-    );
-    assert_eq!(stats.refresh_rejected, 0, "{stats:?}");
+    common::assert_no_reuse_or_rejection(&h.sim.sim.stats());
     assert!(h.sim.sim.current_refresh_token().is_some());
 }
 
@@ -46,7 +29,7 @@ fn assert_serves_newest(h: &Harness, body: &Value) {
 
 #[tokio::test]
 async fn odd_but_valid_token_answers_keep_the_grant() {
-    let h = started(Options::default()).await;
+    let h = Harness::authorized(Options::default()).await;
     let shapes = [
         AnswerShape::ExpiresIn("\"3600\"".into()),
         AnswerShape::ExpiresIn("\" 7200 \"".into()),
@@ -63,7 +46,7 @@ async fn odd_but_valid_token_answers_keep_the_grant() {
         // Twice with the same shape: the second refresh proves the first
         // answer's refresh token was stored.
         for round in 0..2 {
-            let (status, body) = force(&h).await;
+            let (status, body) = h.force_refresh().await;
             assert_eq!(status, 200, "{shape:?} round {round}: {body}");
             assert_serves_newest(&h, &body);
             assert_eq!(body["token_type"], "Bearer", "{shape:?}");
@@ -82,9 +65,9 @@ async fn odd_but_valid_token_answers_keep_the_grant() {
 
 #[tokio::test]
 async fn a_refresh_token_in_an_unusable_answer_is_stored() {
-    let h = started(Options::default()).await;
+    let h = Harness::authorized(Options::default()).await;
     h.sim.sim.set_answer_shape(Some(AnswerShape::NoAccessToken));
-    let (status, body) = force(&h).await;
+    let (status, body) = h.force_refresh().await;
     assert_eq!(
         status, 503,
         "a forced refresh that got no token says so: {body}"
@@ -99,7 +82,7 @@ async fn a_refresh_token_in_an_unusable_answer_is_stored() {
     );
     // The answer's refresh token is the grant now: the next refresh sends it.
     h.sim.sim.set_answer_shape(None);
-    let (status, body) = force(&h).await;
+    let (status, body) = h.force_refresh().await;
     assert_eq!(status, 200, "{body}");
     assert_serves_newest(&h, &body);
     assert_grant_intact(&h);
@@ -108,27 +91,27 @@ async fn a_refresh_token_in_an_unusable_answer_is_stored() {
 
 #[tokio::test]
 async fn an_oauth_error_in_a_200_is_classified_by_its_code() {
-    let h = started(Options::default()).await;
+    let h = Harness::authorized(Options::default()).await;
     h.sim.sim.push_fault(Fault::OAuthError {
         status: 200,
         error: "invalid_client".into(),
         description: None,
     });
-    assert_eq!(force(&h).await.0, 503);
+    assert_eq!(h.force_refresh().await.0, 503);
     assert_eq!(h.connection("default").await["state"], "retrying");
     h.sim.sim.push_fault(Fault::OAuthError {
         status: 200,
         error: "invalid_grant".into(),
         description: Some("refresh token revoked".into()),
     });
-    let (status, body) = force(&h).await;
+    let (status, body) = h.force_refresh().await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"], "authorization_required");
 }
 
 #[tokio::test]
 async fn absurd_lifetimes_are_capped_and_served_as_rfc3339() {
-    let h = started(Options::default()).await;
+    let h = Harness::authorized(Options::default()).await;
     let year = chrono::Duration::days(367);
     for raw in [
         "1e13",
@@ -142,7 +125,7 @@ async fn absurd_lifetimes_are_capped_and_served_as_rfc3339() {
         h.sim
             .sim
             .set_answer_shape(Some(AnswerShape::ExpiresIn(raw.into())));
-        let (status, body) = force(&h).await;
+        let (status, body) = h.force_refresh().await;
         assert_eq!(status, 200, "{raw}: {body}");
         assert_serves_newest(&h, &body);
         let at = body["expires_at"].as_str().unwrap();
@@ -154,7 +137,7 @@ async fn absurd_lifetimes_are_capped_and_served_as_rfc3339() {
         assert_eq!(listed["connections"][0]["state"], "active", "{raw}");
     }
     h.sim.sim.set_answer_shape(None);
-    assert_eq!(force(&h).await.0, 200);
+    assert_eq!(h.force_refresh().await.0, 200);
     assert_grant_intact(&h);
 }
 
@@ -167,7 +150,7 @@ async fn a_zero_lifetime_does_not_make_every_request_refresh() {
         .set_answer_shape(Some(AnswerShape::ExpiresIn("0".into())));
     h.start().await;
     assert_eq!(h.authorize("keap", "default").await.status(), 200);
-    assert_eq!(force(&h).await.0, 200);
+    assert_eq!(h.force_refresh().await.0, 200);
     let before = h.sim.sim.stats().refresh_calls;
     for _ in 0..40 {
         let (status, body) = h.token().await;
@@ -181,12 +164,12 @@ async fn a_zero_lifetime_does_not_make_every_request_refresh() {
 
 #[tokio::test]
 async fn non_bearer_token_types_are_served_as_issued() {
-    let h = started(Options::default()).await;
+    let h = Harness::authorized(Options::default()).await;
     for (sent, served) in [("DPoP", "DPoP"), ("mac", "MAC"), ("bearer", "Bearer")] {
         h.sim
             .sim
             .set_answer_shape(Some(AnswerShape::TokenType(sent.into())));
-        let (status, body) = force(&h).await;
+        let (status, body) = h.force_refresh().await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["token_type"], served, "{sent}");
         let (_, body) = h.token().await;
@@ -217,7 +200,7 @@ async fn a_refused_client_is_a_configuration_problem_a_reload_fixes() {
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let h = started(Options {
+    let h = Harness::authorized(Options {
         // Long backoffs: any attempt seen below was asked for, not scheduled.
         refresh: "retry_max = \"1h\"\n".into(),
         provider: format!("\n[notify]\ncommand = \"{}\"\n", script.display()),
@@ -228,7 +211,7 @@ async fn a_refused_client_is_a_configuration_problem_a_reload_fixes() {
     let old = first["access_token"].as_str().unwrap().to_string();
 
     h.sim.sim.set_client_secret("rotated-at-the-provider");
-    let (status, body) = force(&h).await;
+    let (status, body) = h.force_refresh().await;
     assert_eq!(status, 503, "{body}");
     let c = h.connection("default").await;
     assert_eq!(c["state"], "retrying", "{c}");
@@ -264,7 +247,7 @@ async fn a_refused_client_is_a_configuration_problem_a_reload_fixes() {
 
     // A forced refresh tries again at once, whatever the backoff says.
     let calls = h.sim.sim.stats().refresh_calls;
-    assert_eq!(force(&h).await.0, 503);
+    assert_eq!(h.force_refresh().await.0, 503);
     assert_eq!(h.sim.sim.stats().refresh_calls, calls + 1);
     assert_eq!(h.connection("default").await["state"], "retrying");
 
@@ -291,7 +274,7 @@ async fn a_refused_client_is_a_configuration_problem_a_reload_fixes() {
 /// Every OAuth refusal other than a rejected grant leaves the grant alive.
 #[tokio::test]
 async fn only_a_rejected_grant_ends_a_grant() {
-    let h = started(Options::default()).await;
+    let h = Harness::authorized(Options::default()).await;
     let refusals = [
         (401, "invalid_client", None),
         (400, "unauthorized_client", None),
@@ -306,7 +289,7 @@ async fn only_a_rejected_grant_ends_a_grant() {
             error: error.into(),
             description: description.map(Into::into),
         });
-        let (got, body) = force(&h).await;
+        let (got, body) = h.force_refresh().await;
         assert_eq!(got, 503, "{error}: {body}");
         let c = h.connection("default").await;
         assert_eq!(c["state"], "retrying", "{error}: {c}");
@@ -317,15 +300,15 @@ async fn only_a_rejected_grant_ends_a_grant() {
     }
     // A 401 without an OAuth body (a gateway, a wrong token_url).
     h.sim.sim.push_fault(Fault::Status(401));
-    assert_eq!(force(&h).await.0, 503);
+    assert_eq!(h.force_refresh().await.0, 503);
     assert_eq!(h.connection("default").await["state"], "retrying");
     // The grant survived all of it.
-    let (status, body) = force(&h).await;
+    let (status, body) = h.force_refresh().await;
     assert_eq!(status, 200, "{body}");
     assert_grant_intact(&h);
     // Keap's way of saying the refresh token is dead does end it.
     h.sim.sim.push_fault(Fault::RejectRefresh);
-    let (status, body) = force(&h).await;
+    let (status, body) = h.force_refresh().await;
     assert_eq!(status, 409, "{body}");
 }
 
@@ -333,7 +316,7 @@ async fn only_a_rejected_grant_ends_a_grant() {
 /// reported and backed off, not refreshed again by every request.
 #[tokio::test]
 async fn a_token_dead_on_arrival_is_not_refreshed_in_a_loop() {
-    let h = started(Options {
+    let h = Harness::authorized(Options {
         refresh: "retry_initial = \"30s\"\nretry_max = \"1h\"\n".into(),
         ..Options::default()
     })
@@ -344,7 +327,7 @@ async fn a_token_dead_on_arrival_is_not_refreshed_in_a_loop() {
     h.sim
         .sim
         .set_token_delay(Duration::from_millis(1200), DelayPhase::BeforeProcessing);
-    let (status, body) = force(&h).await;
+    let (status, body) = h.force_refresh().await;
     assert_ne!(status, 200, "{body}");
     let before = h.sim.sim.stats().refresh_calls;
     for _ in 0..20 {
@@ -352,20 +335,13 @@ async fn a_token_dead_on_arrival_is_not_refreshed_in_a_loop() {
     }
     let calls = h.sim.sim.stats().refresh_calls - before;
     assert!(calls <= 1, "{calls} refreshes for 20 token requests");
-    let c = h.connection("default").await;
-    assert_eq!(c["state"], "retrying", "{c}");
-    assert!(
-        c["last_error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("expired before"),
-        "{c}"
-    );
+    h.assert_connection("default", "retrying", "expired before")
+        .await;
     h.sim.sim.set_answer_shape(None);
     h.sim
         .sim
         .set_token_delay(Duration::ZERO, DelayPhase::BeforeProcessing);
-    let (status, body) = force(&h).await;
+    let (status, body) = h.force_refresh().await;
     assert_eq!(status, 200, "{body}");
     assert_grant_intact(&h);
 }

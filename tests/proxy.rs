@@ -37,26 +37,7 @@ async fn raw_get(port: u16, path: &str) -> (u16, String) {
 
 /// Status of a GET sent byte for byte as given.
 async fn raw_status(port: u16, path: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf);
-    text.split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
-}
-
-async fn ready(opts: Options) -> Harness {
-    let mut h = Harness::new(opts).await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
-    h
+    raw_get(port, path).await.0
 }
 
 fn with_limits(limits: SimLimits) -> SimulatorConfig {
@@ -69,7 +50,7 @@ fn with_limits(limits: SimLimits) -> SimulatorConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passes_requests_through_and_replaces_the_token() {
-    let h = ready(Options::default()).await;
+    let h = Harness::authorized(Options::default()).await;
     let http = &h.http;
 
     // Methods, path, query, JSON body.
@@ -169,7 +150,7 @@ async fn passes_requests_through_and_replaces_the_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_token_as_bearer_gets_the_spec_401() {
-    let h = ready(Options::default()).await;
+    let h = Harness::authorized(Options::default()).await;
     let rt = h.sim.sim.current_refresh_token().unwrap();
     let calls = h.sim.sim.stats().api_calls;
     let r = h
@@ -195,12 +176,7 @@ async fn refresh_token_as_bearer_gets_the_spec_401() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_key_is_checked_then_replaced() {
-    let mut h = Harness::new(Options {
-        server: "api_keys_file = \"api-keys\"".into(),
-        ..Options::default()
-    })
-    .await;
-    std::fs::write(h.dir.path().join("api-keys"), "app-key-1\n").unwrap();
+    let mut h = Harness::with_api_keys(Options::default(), "app-key-1\n").await;
     h.start().await;
     // Authorize through the browser flow (a browser logged in with a link).
     h.login("app-key-1").await;
@@ -227,7 +203,7 @@ async fn api_key_is_checked_then_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_401_refreshes_once_and_retries() {
-    let h = ready(Options::default()).await;
+    let h = Harness::authorized(Options::default()).await;
     let before = h.sim.sim.stats();
     h.sim.sim.expire_access_tokens();
     let r = h
@@ -273,7 +249,7 @@ async fn burst_stays_within_the_limits() {
         per_day: 1_000_000,
         tenant_per_minute: 10_000,
     };
-    let h = ready(Options {
+    let h = Harness::authorized(Options {
         sim: with_limits(limits),
         server: "proxy_max_wait = \"3s\"".into(),
         provider: format!(
@@ -363,7 +339,7 @@ async fn daily_quota_from_headers_stops_the_proxy_before_the_provider() {
         per_day: 1000,
         tenant_per_minute: 100_000,
     };
-    let h = ready(Options {
+    let h = Harness::authorized(Options {
         sim: with_limits(limits),
         server: "proxy_max_wait = \"1s\"".into(),
         ..Options::default()
@@ -426,7 +402,7 @@ async fn daily_quota_from_headers_stops_the_proxy_before_the_provider() {
 /// the API under the base.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paths_leaving_the_api_base_are_refused_and_never_sent() {
-    let h = ready(Options::default()).await;
+    let h = Harness::authorized(Options::default()).await;
     let calls = h.sim.sim.stats().api_calls;
     for path in [
         "/proxy/keap/..",
@@ -481,7 +457,7 @@ async fn paths_leaving_the_api_base_are_refused_and_never_sent() {
 /// and the provider's daily count unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_accounts_cost_nothing() {
-    let h = ready(Options::default()).await;
+    let h = Harness::authorized(Options::default()).await;
     let used = |c: &Value| c["quota"]["daily_used"].as_u64().unwrap_or(0);
     let before = used(&h.connection("default").await);
     let calls = h.sim.sim.stats().api_calls;

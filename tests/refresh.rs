@@ -46,10 +46,6 @@ async fn sample(sim: &Simulator, http: &reqwest::Client, url: &str) -> Sample {
     }
 }
 
-async fn post_refresh(h: &Harness) -> (u16, Value) {
-    h.post_json("/v1/token/keap/refresh").await
-}
-
 /// What the database says about the `keap/default` connection.
 #[derive(Debug, Clone)]
 struct DbRow {
@@ -84,14 +80,6 @@ async fn read_db(path: &Path) -> DbRow {
     row
 }
 
-async fn authorize(h: &Harness) -> String {
-    let r = h.authorize("keap", "default").await;
-    assert_eq!(r.status(), 200, "authorization succeeds");
-    let (s, b) = h.token().await;
-    assert_eq!(s, 200, "{b}");
-    b["access_token"].as_str().unwrap().to_string()
-}
-
 /// Kills the child on drop, so a failed assertion leaves no daemon behind.
 struct KillOnDrop(Option<std::process::Child>);
 
@@ -112,7 +100,7 @@ async fn proactive_refresh_keeps_tokens_valid_on_schedule() {
     let lifetime = 4.0;
     let at_fraction = 0.5;
     let tick = 1.0;
-    let mut h = Harness::new(Options {
+    let h = Harness::started(Options {
         access_lifetime: Duration::from_secs(4),
         refresh:
             "at_fraction = 0.5\nmin_validity = \"1s\"\ncheck_interval = \"1s\"\njitter = \"0s\""
@@ -120,9 +108,8 @@ async fn proactive_refresh_keeps_tokens_valid_on_schedule() {
         ..Options::default()
     })
     .await;
-    h.start().await;
     let before_auth = Instant::now();
-    authorize(&h).await;
+    h.authorize_default().await;
     let after_auth = Instant::now();
 
     let url = h.url("/v1/token/keap");
@@ -169,8 +156,7 @@ async fn proactive_refresh_keeps_tokens_valid_on_schedule() {
     );
     assert!(min >= 4, "the test ran too few cycles to mean anything");
     assert_eq!(stats.refresh_ok, stats.refresh_calls, "{stats:?}");
-    assert_eq!(stats.refresh_reuse, 0, "{stats:?}");
-    assert_eq!(stats.refresh_rejected, 0, "{stats:?}");
+    common::assert_no_reuse_or_rejection(&stats);
     assert_eq!(h.connection("default").await["state"], "active");
 }
 
@@ -179,14 +165,13 @@ async fn proactive_refresh_keeps_tokens_valid_on_schedule() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn herd_of_500_shares_one_refresh() {
-    let mut h = Harness::new(Options {
+    let h = Harness::started(Options {
         access_lifetime: Duration::from_secs(2),
         refresh: "check_interval = \"1h\"".into(),
         ..Options::default()
     })
     .await;
-    h.start().await;
-    let old = authorize(&h).await;
+    let old = h.authorize_default().await;
     h.sim.sim.set_access_lifetime(Duration::from_secs(60));
     tokio::time::sleep(Duration::from_millis(2300)).await;
     assert!(!h.sim.sim.access_token_valid(&old), "the token has expired");
@@ -248,15 +233,14 @@ async fn herd_of_500_shares_one_refresh() {
 async fn two_processes_share_one_database_without_reuse() {
     let lifetime = 3.0;
     let at_fraction = 0.5;
-    let mut h = Harness::new(Options {
+    let h = Harness::started(Options {
         access_lifetime: Duration::from_secs(3),
         refresh: "at_fraction = 0.5\nmin_validity = \"1s\"\ncheck_interval = \"1s\"".into(),
         ..Options::default()
     })
     .await;
-    h.start().await;
     let before_auth = Instant::now();
-    authorize(&h).await;
+    h.authorize_default().await;
 
     // Second daemon: same config and database, another port.
     let port2 = common::free_port();
@@ -377,13 +361,7 @@ async fn two_processes_share_one_database_without_reuse() {
 async fn kill9_at_random_instants_loses_no_committed_grant() {
     const ITERATIONS: usize = 56;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x70c3_4b33);
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
-    h.start().await;
-    authorize(&h).await;
+    let mut h = Harness::authorized(Options::lifetime(Duration::from_secs(3600))).await;
 
     let (mut kills, mut in_flight_kills, mut losses, mut reported, mut startup_kills) =
         (0usize, 0usize, 0usize, 0usize, 0usize);
@@ -417,7 +395,7 @@ async fn kill9_at_random_instants_loses_no_committed_grant() {
             }
             first = false;
             // ---- after a restart: judge the previous kill(s) ----
-            let (s, b) = post_refresh(&h).await;
+            let (s, b) = h.force_refresh().await;
             match s {
                 200 => {
                     assert!(
@@ -445,7 +423,7 @@ async fn kill9_at_random_instants_loses_no_committed_grant() {
                         "iteration {i}: the log does not say the refresh was interrupted"
                     );
                     losses += 1;
-                    authorize(&h).await;
+                    h.authorize_default().await;
                     dead = false;
                 }
                 _ => panic!("iteration {i}: unexpected answer {s}: {b}"),
@@ -524,7 +502,7 @@ async fn kill9_at_random_instants_loses_no_committed_grant() {
         starts_while_dead += 1;
     }
     h.start().await;
-    let (s, b) = post_refresh(&h).await;
+    let (s, b) = h.force_refresh().await;
     if dead {
         assert_eq!(s, 409, "{b}");
         losses += 1;
@@ -568,17 +546,16 @@ async fn kill9_at_random_instants_loses_no_committed_grant() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn outage_across_expiry_backs_off_and_recovers() {
-    let mut h = Harness::new(Options {
+    let h = Harness::started(Options {
         access_lifetime: Duration::from_secs(4),
         refresh: "retry_initial = \"1s\"\nretry_max = \"2s\"\ncheck_interval = \"1s\"".into(),
         provider: "request_timeout = \"1s\"".into(),
         ..Options::default()
     })
     .await;
-    h.start().await;
     h.sim.sim.set_fault(Some(Fault::Status(503)));
     let before_auth = Instant::now();
-    let token0 = authorize(&h).await;
+    let token0 = h.authorize_default().await;
     let t0 = Instant::now();
     let url = h.url("/v1/token/keap");
 
@@ -702,15 +679,14 @@ async fn outage_across_expiry_backs_off_and_recovers() {
 
 #[tokio::test]
 async fn rejected_refresh_token_requires_authorization_but_serves_valid_token() {
-    let mut h = Harness::new(Options {
+    let h = Harness::started(Options {
         access_lifetime: Duration::from_secs(5),
         refresh: "at_fraction = 0.5\ncheck_interval = \"1s\"".into(),
         ..Options::default()
     })
     .await;
-    h.start().await;
     let before_auth = Instant::now();
-    let token0 = authorize(&h).await;
+    let token0 = h.authorize_default().await;
     h.sim.sim.set_fault(Some(Fault::RejectRefresh));
 
     common::eventually(Duration::from_secs(5), "authorization_required", || async {
@@ -755,7 +731,7 @@ async fn rejected_refresh_token_requires_authorization_but_serves_valid_token() 
 
     // A fresh authorization brings it back.
     h.sim.sim.set_fault(None);
-    let token1 = authorize(&h).await;
+    let token1 = h.authorize_default().await;
     assert_ne!(token1, token0);
     assert_eq!(Some(&token1), h.sim.sim.access_tokens_issued().last());
     assert!(h.sim.sim.access_token_valid(&token1));
@@ -768,13 +744,7 @@ async fn rejected_refresh_token_requires_authorization_but_serves_valid_token() 
 // 7. crash recovery, precisely reported
 
 async fn crash_mid_refresh(phase: DelayPhase) -> Harness {
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
-    h.start().await;
-    authorize(&h).await;
+    let mut h = Harness::authorized(Options::lifetime(Duration::from_secs(3600))).await;
     h.sim.sim.set_token_delay(Duration::from_secs(2), phase);
     let http = h.http.clone();
     let url = h.url("/v1/token/keap/refresh");
@@ -815,7 +785,7 @@ async fn crash_after_rotation_is_reported_as_interrupted() {
     assert!(err.contains("interrupted"), "{c}");
     let log = &h.log()[mark..];
     assert!(log.contains("was interrupted"), "{log}");
-    let (s, b) = post_refresh(&h).await;
+    let (s, b) = h.force_refresh().await;
     assert_eq!(s, 409, "{b}");
     assert!(
         b["message"].as_str().unwrap().contains("interrupted"),
@@ -827,7 +797,7 @@ async fn crash_after_rotation_is_reported_as_interrupted() {
     assert_eq!(stats.refresh_calls, 2, "{stats:?}");
     assert_eq!(stats.refresh_reuse, 1, "{stats:?}");
     // Re-authorization recovers.
-    let t = authorize(&h).await;
+    let t = h.authorize_default().await;
     assert!(h.sim.sim.access_token_valid(&t));
     assert_eq!(h.connection("default").await["state"], "active");
 }
@@ -862,12 +832,11 @@ async fn crash_before_rotation_recovers_and_reports() {
     let stats = h.sim.sim.stats();
     eprintln!("crash before rotation: sim {stats:?}");
     assert_eq!(stats.refresh_ok, 1, "recovered with one refresh: {stats:?}");
-    assert_eq!(stats.refresh_reuse, 0);
-    assert_eq!(stats.refresh_rejected, 0);
+    common::assert_no_reuse_or_rejection(&stats);
     let c = h.connection("default").await;
     assert!(c["last_error"].is_null(), "{c}");
     // And it keeps refreshing.
-    let (s, b) = post_refresh(&h).await;
+    let (s, b) = h.force_refresh().await;
     assert_eq!(s, 200, "{b}");
     assert!(h
         .sim
@@ -880,14 +849,13 @@ async fn crash_before_rotation_recovers_and_reports() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forced_refresh_joining_a_failed_refresh_reports_it() {
-    let mut h = Harness::new(Options {
+    let h = Harness::started(Options {
         access_lifetime: Duration::from_secs(3600),
         provider: "request_timeout = \"1s\"".into(),
         ..Options::default()
     })
     .await;
-    h.start().await;
-    let token0 = authorize(&h).await;
+    let token0 = h.authorize_default().await;
     h.sim
         .sim
         .set_fault(Some(Fault::Hang(Duration::from_secs(2))));
@@ -901,7 +869,7 @@ async fn forced_refresh_joining_a_failed_refresh_reports_it() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (s2, b2) = post_refresh(&h).await; // queues behind the first
+    let (s2, b2) = h.force_refresh().await; // queues behind the first
     let (s1, b1) = first.await.unwrap();
     let stats = h.sim.sim.stats();
     eprintln!("forced join: first {s1}, joined {s2}; sim {stats:?}");
@@ -923,13 +891,8 @@ async fn forced_refresh_joining_a_failed_refresh_reports_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_caller_that_disconnects_mid_refresh_does_not_lose_the_grant() {
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
-    h.start().await;
-    let token0 = authorize(&h).await;
+    let h = Harness::started(Options::lifetime(Duration::from_secs(3600))).await;
+    let token0 = h.authorize_default().await;
     // The provider rotates the refresh token, then answers late: a flight
     // dropped with its caller would never store the new token, and the next
     // refresh would reuse the spent one (invalid_grant: the grant is dead).
@@ -952,7 +915,7 @@ async fn a_caller_that_disconnects_mid_refresh_does_not_lose_the_grant() {
     h.sim
         .sim
         .set_token_delay(Duration::ZERO, DelayPhase::AfterRotation);
-    let (s, b) = post_refresh(&h).await;
+    let (s, b) = h.force_refresh().await;
     assert_eq!(s, 200, "the stored refresh token is the current one: {b}");
     let stats = h.sim.sim.stats();
     assert_eq!(stats.refresh_reuse, 0, "{stats:?}");

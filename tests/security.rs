@@ -30,16 +30,8 @@ async fn assert_refresh_token_refused(h: &Harness, token: &str) {
 
 #[tokio::test]
 async fn api_keys_and_refresh_tokens_as_bearer() {
-    let mut h = Harness::new(Options {
-        server: "api_keys_file = \"api-keys\"".into(),
-        ..Options::default()
-    })
-    .await;
-    std::fs::write(
-        h.dir.path().join("api-keys"),
-        "# local apps\nkey-one\nkey-two\n",
-    )
-    .unwrap();
+    let mut h =
+        Harness::with_api_keys(Options::default(), "# local apps\nkey-one\nkey-two\n").await;
     h.start().await;
 
     // Missing key: 401 with the realm challenge.
@@ -50,12 +42,7 @@ async fn api_keys_and_refresh_tokens_as_bearer() {
         "Bearer realm=\"tokenkeeper\""
     );
     // Wrong key: invalid_token.
-    let r = h
-        .get_with(
-            h.url("/v1/connections"),
-            (AUTHORIZATION.as_str(), "Bearer nope"),
-        )
-        .await;
+    let r = h.get_bearer("/v1/connections", "nope").await;
     assert_eq!(r.status(), 401);
     assert_eq!(
         r.json::<serde_json::Value>().await.unwrap()["error"],
@@ -81,12 +68,7 @@ async fn api_keys_and_refresh_tokens_as_bearer() {
     let first_refresh = h.sim.sim.current_refresh_token().unwrap();
     // The CLI sends the key from the same file.
     let out = h.cli(&["refresh", "keap"]).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let current_refresh = h.sim.sim.current_refresh_token().unwrap();
     assert_ne!(first_refresh, current_refresh);
 
@@ -110,26 +92,17 @@ async fn api_keys_and_refresh_tokens_as_bearer() {
 
 #[tokio::test]
 async fn refresh_token_as_bearer_is_refused_even_without_api_keys() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let h = Harness::authorized(Options::default()).await;
     let rt = h.sim.sim.current_refresh_token().unwrap();
     assert_refresh_token_refused(&h, &rt).await;
     // An unrelated bearer is ignored when no API keys are configured.
-    let r = h
-        .get_with(
-            h.url("/v1/token/keap"),
-            (AUTHORIZATION.as_str(), "Bearer something-else"),
-        )
-        .await;
+    let r = h.get_bearer("/v1/token/keap", "something-else").await;
     assert_eq!(r.status(), 200);
 }
 
 #[tokio::test]
 async fn inspect_says_what_a_token_is() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let h = Harness::authorized(Options::default()).await;
     let old_access = h.sim.sim.access_tokens_issued().last().unwrap().clone();
     let old_refresh = h.sim.sim.current_refresh_token().unwrap();
     assert_eq!(h.cli(&["refresh", "keap"]).await.status.code(), Some(0));
@@ -179,8 +152,7 @@ async fn inspect_says_what_a_token_is() {
 
 #[tokio::test]
 async fn cross_origin_requests_are_refused() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
     let r = h
         .get_with(h.url("/v1/connections"), ("origin", "https://evil.example"))
         .await;
@@ -260,12 +232,7 @@ async fn https_with_a_self_signed_certificate() {
     assert!(h.http.get(h.url("/healthz")).send().await.is_err());
     // The CLI trusts the generated certificate and shows its fingerprint.
     let out = h.cli(&["status"]).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&expected));
     common::signal(&child, libc::SIGTERM);
     common::wait_exit(&mut child, Duration::from_secs(20)).await;
@@ -395,20 +362,8 @@ async fn encryption_at_rest_wrong_key_and_rekey() {
     // Rekey from key 1 to key 3, then serve with key 3.
     write_key(&h.dir.path().join("db-key"), 1);
     std::fs::write(&h.config_path, &cfg).unwrap();
-    write_key(&h.dir.path().join("new-key"), 3);
-    let out = h
-        .cli(&[
-            "rekey",
-            "--new-key-file",
-            h.dir.path().join("new-key").to_str().unwrap(),
-        ])
-        .await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = rekey_to_new_key(&h, 3).await;
+    common::assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("re-sealed 1 connection"));
     std::fs::write(&h.config_path, cfg.replace("\"db-key\"", "\"new-key\"")).unwrap();
     h.start().await;
@@ -424,8 +379,7 @@ async fn encryption_at_rest_wrong_key_and_rekey() {
 
 #[tokio::test]
 async fn world_readable_database_is_refused_with_the_fix() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let mut h = Harness::started(Options::default()).await;
     h.stop().await;
     let mode = std::fs::metadata(h.db_path()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "created 0600");
@@ -447,13 +401,11 @@ async fn world_readable_database_is_refused_with_the_fix() {
 
 #[tokio::test]
 async fn trace_logs_never_contain_secrets() {
-    let mut h = Harness::new(Options {
+    let mut h = Harness::authorized(Options {
         rust_log: "trace".into(),
         ..Options::default()
     })
     .await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
     assert_eq!(h.cli(&["refresh", "keap"]).await.status.code(), Some(0));
     let (s, _) = h.token().await;
     assert_eq!(s, 200);
@@ -480,6 +432,14 @@ async fn trace_logs_never_contain_secrets() {
 }
 
 /// A harness whose database is sealed with `db-key` (key byte 1).
+/// Writes a key of `byte`s to `new-key` and runs `tokenkeeper rekey` to it.
+async fn rekey_to_new_key(h: &Harness, byte: u8) -> std::process::Output {
+    let new_key = h.dir.path().join("new-key");
+    write_key(&new_key, byte);
+    h.cli(&["rekey", "--new-key-file", new_key.to_str().unwrap()])
+        .await
+}
+
 async fn encrypted_harness() -> Harness {
     encrypted_harness_with(Options::default()).await
 }
@@ -527,15 +487,8 @@ async fn swapped_sealed_columns_are_reported_and_never_served() {
         assert!(!body.contains(&t), "a refresh token was served");
     }
     assert!(!body.contains(&refresh_token));
-    let c = h.connection("default").await;
-    assert_eq!(c["state"], "authorization_required");
-    assert!(
-        c["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("does not decrypt"),
-        "{c}"
-    );
+    h.assert_connection("default", "authorization_required", "does not decrypt")
+        .await;
     // The other connection is untouched and served.
     assert_eq!(h.get_json("/v1/token/keap/other").await.0, 200);
     assert!(h
@@ -549,14 +502,7 @@ async fn rekey_refuses_while_a_daemon_holds_the_database() {
     let mut h = encrypted_harness().await;
     h.start().await;
     assert_eq!(h.authorize("keap", "default").await.status(), 200);
-    write_key(&h.dir.path().join("new-key"), 3);
-    let out = h
-        .cli(&[
-            "rekey",
-            "--new-key-file",
-            h.dir.path().join("new-key").to_str().unwrap(),
-        ])
-        .await;
+    let out = rekey_to_new_key(&h, 3).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0), "{err}");
     assert!(
@@ -670,12 +616,7 @@ async fn cross_site_requests_are_refused_and_answers_are_inert() {
 /// HttpOnly, SameSite=Strict session cookie; used or unknown links fail.
 #[tokio::test]
 async fn api_keys_protect_every_path_and_browsers_log_in_once() {
-    let mut h = Harness::new(Options {
-        server: "api_keys_file = \"api-keys\"".into(),
-        ..Options::default()
-    })
-    .await;
-    std::fs::write(h.dir.path().join("api-keys"), "the-key\n").unwrap();
+    let mut h = Harness::with_api_keys(Options::default(), "the-key\n").await;
     h.start().await;
 
     for path in [
@@ -688,9 +629,7 @@ async fn api_keys_protect_every_path_and_browsers_log_in_once() {
     ] {
         let r = h.http.get(h.url(path)).send().await.unwrap();
         assert_eq!(r.status(), 401, "{path} without a key");
-        let r = h
-            .get_with(h.url(path), (AUTHORIZATION.as_str(), "Bearer wrong"))
-            .await;
+        let r = h.get_bearer(path, "wrong").await;
         assert_eq!(r.status(), 401, "{path} with a wrong key");
     }
     let r = h
@@ -699,9 +638,7 @@ async fn api_keys_protect_every_path_and_browsers_log_in_once() {
     assert_eq!(r.status(), 401);
     assert!(r.text().await.unwrap().contains("tokenkeeper dashboard"));
     for path in ["/", "/metrics", "/openapi.json"] {
-        let r = h
-            .get_with(h.url(path), (AUTHORIZATION.as_str(), "Bearer the-key"))
-            .await;
+        let r = h.get_bearer(path, "the-key").await;
         assert_eq!(r.status(), 200, "{path} with the key");
     }
     for path in ["/healthz", "/readyz"] {
@@ -721,12 +658,7 @@ async fn api_keys_protect_every_path_and_browsers_log_in_once() {
 
     // `tokenkeeper dashboard` prints a one-time link.
     let out = h.cli(&["dashboard"]).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let link = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(link.starts_with(&h.url("/login?token=")), "{link}");
     let r = h.http.get(&link).send().await.unwrap();
@@ -756,31 +688,14 @@ async fn api_keys_protect_every_path_and_browsers_log_in_once() {
 
     // `tokenkeeper connect` prints a link that lands on the authorization.
     let out = h.cli(&["connect", "keap", "mine"]).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let link = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let r = h.http.get(&link).send().await.unwrap();
     assert_eq!(r.status(), 303);
     assert_eq!(r.headers()["location"], "/connect/keap?account=mine");
-    let session = r.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    h.session = Some(session);
+    h.session = Some(common::cookie(&r));
     assert_eq!(h.authorize("keap", "mine").await.status(), 200);
-    let r = h
-        .get_with(
-            h.url("/v1/token/keap/mine"),
-            (AUTHORIZATION.as_str(), "Bearer the-key"),
-        )
-        .await;
+    let r = h.get_bearer("/v1/token/keap/mine", "the-key").await;
     assert_eq!(r.status(), 200);
 }
 
@@ -790,8 +705,7 @@ async fn api_keys_protect_every_path_and_browsers_log_in_once() {
 #[tokio::test]
 async fn callback_without_the_cookie_does_not_burn_the_authorization() {
     use reqwest::header::COOKIE;
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
+    let h = Harness::started(Options::default()).await;
     let (location, cookie) = h.start_connect("keap", "victim").await;
     let cb = h.approve(&location).await;
     let r = h.http.get(&cb).send().await.unwrap();
@@ -845,43 +759,17 @@ async fn a_kept_refresh_token_still_opens_after_refreshes_without_rotation() {
 #[tokio::test]
 async fn removing_an_api_key_ends_its_sessions_and_links() {
     use std::time::Duration;
-    let mut h = Harness::new(Options {
-        server: "api_keys_file = \"api-keys\"".into(),
-        ..Options::default()
-    })
-    .await;
-    let keys = h.dir.path().join("api-keys");
-    std::fs::write(&keys, "key-a\nkey-kept\n").unwrap();
+    let mut h = Harness::with_api_keys(Options::default(), "key-a\nkey-kept\n").await;
+    let keys = h.api_keys_path();
     h.start().await;
 
-    let link = |key: &'static str| {
-        let h = &h;
-        async move {
-            let r = h
-                .http
-                .post(h.url("/v1/login-links"))
-                .bearer_auth(key)
-                .json(&serde_json::json!({"next": "/"}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            let v: serde_json::Value = r.json().await.unwrap();
-            v["url"].as_str().unwrap().to_string()
-        }
-    };
+    let link = |key: &'static str| h.login_link(key);
     let open = |url: String| {
         let h = &h;
         async move {
             let r = h.http.get(&url).send().await.unwrap();
             assert_eq!(r.status(), 303, "the link opens");
-            r.headers()["set-cookie"]
-                .to_str()
-                .unwrap()
-                .split(';')
-                .next()
-                .unwrap()
-                .to_string()
+            common::cookie(&r)
         }
     };
     let session_a = open(link("key-a").await).await;
@@ -898,15 +786,7 @@ async fn removing_an_api_key_ends_its_sessions_and_links() {
     common::eventually(
         Duration::from_secs(10),
         "the reload removes key-a",
-        || async {
-            h.get_with(
-                h.url("/v1/connections"),
-                (AUTHORIZATION.as_str(), "Bearer key-a"),
-            )
-            .await
-            .status()
-                == 401
-        },
+        || async { h.get_bearer("/v1/connections", "key-a").await.status() == 401 },
     )
     .await;
 
@@ -927,13 +807,7 @@ async fn removing_an_api_key_ends_its_sessions_and_links() {
 #[tokio::test]
 async fn connect_open_keeps_the_login_link_out_of_argv() {
     use std::os::unix::fs::PermissionsExt;
-    let h = Harness::new(Options {
-        server: "api_keys_file = \"api-keys\"".into(),
-        ..Options::default()
-    })
-    .await;
-    std::fs::write(h.dir.path().join("api-keys"), "the-key\n").unwrap();
-    let mut h = h;
+    let mut h = Harness::with_api_keys(Options::default(), "the-key\n").await;
     h.start().await;
     let bin = h.dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
@@ -961,12 +835,7 @@ async fn connect_open_keeps_the_login_link_out_of_argv() {
         .output()
         .await
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let link = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(link.contains("/login?token="), "{link}");
     let token = link.split("token=").nth(1).unwrap();
@@ -995,12 +864,14 @@ async fn connect_open_keeps_the_login_link_out_of_argv() {
 /// neither receives nor can plant it); the plain name is not accepted.
 #[tokio::test]
 async fn https_session_cookie_is_host_prefixed_and_secure() {
-    let h = Harness::new(Options {
-        server: "tls = \"self-signed\"\napi_keys_file = \"api-keys\"".into(),
-        ..Options::default()
-    })
+    let h = Harness::with_api_keys(
+        Options {
+            server: "tls = \"self-signed\"".into(),
+            ..Options::default()
+        },
+        "the-key\n",
+    )
     .await;
-    std::fs::write(h.dir.path().join("api-keys"), "the-key\n").unwrap();
     let mut child = common::spawn_daemon(&h.config_path, &h.log_path(), "info", &[]);
     let cert_path = h.dir.path().join("tls-cert.pem");
     common::eventually(Duration::from_secs(20), "certificate generated", || async {

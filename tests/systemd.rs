@@ -92,9 +92,7 @@ async fn readiness_watchdog_and_stopping() {
 
 #[tokio::test]
 async fn sighup_reloads_valid_config_and_refuses_invalid() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let mut h = Harness::authorized(Options::default()).await;
     let (_, before) = h.token().await;
     let pid_child = h.daemon.as_ref().unwrap();
 
@@ -160,9 +158,7 @@ async fn sighup_reloads_valid_config_and_refuses_invalid() {
 
 #[tokio::test]
 async fn sigterm_waits_for_an_in_flight_refresh_to_commit() {
-    let mut h = Harness::new(Options::default()).await;
-    h.start().await;
-    assert_eq!(h.authorize("keap", "default").await.status(), 200);
+    let mut h = Harness::authorized(Options::default()).await;
     h.sim
         .sim
         .set_token_delay(Duration::from_millis(1500), DelayPhase::AfterRotation);

@@ -1,5 +1,6 @@
-//! The config reader (`config::parse`): no input panics, and every refusal
-//! names at least one problem.
+//! The config reader (`config::parse`, and its client reading
+//! `config::parse_for_client`): no input panics, and every refusal names at
+//! least one problem.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -18,6 +19,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let path = std::path::Path::new("/nonexistent/tokenkeeper-fuzz/tokenkeeper.toml");
     if let Err(e) = tokenkeeper::config::parse(text, path) {
+        assert!(!e.problems.is_empty());
+    }
+    if let Err(e) = tokenkeeper::config::parse_for_client(text, path, &[]) {
         assert!(!e.problems.is_empty());
     }
 });

@@ -6,8 +6,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{SecondsFormat, Utc};
 use secrecy::ExposeSecret;
-use serde::Serialize;
 
+pub use super::answers::{ConnectionJson, ConnectionsBody, InspectBody, TokenBody};
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::config::{valid_account, valid_name};
@@ -23,7 +23,7 @@ pub const DEFAULT_ACCOUNT: &str = "default";
 #[allow(dead_code)]
 pub enum TokenAnswers {
     #[response(status = 200, description = "a fresh access token")]
-    Token(#[to_schema] TokenBody<'static>),
+    Token(#[to_schema] TokenBody),
     #[response(status = 400, description = "malformed account name")]
     BadRequest(#[to_schema] ErrorBody),
     #[response(
@@ -45,19 +45,6 @@ pub enum TokenAnswers {
         description = "refresh_failed: no valid token left and the provider could not be reached"
     )]
     RefreshFailed(#[to_schema] ErrorBody),
-}
-
-/// SPEC 4: the answer carrying an access token.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct TokenBody<'a> {
-    access_token: &'a str,
-    /// The scheme to send it with: "Bearer" unless the provider issued
-    /// another type (e.g. "DPoP").
-    token_type: &'a str,
-    expires_at: String,
-    expires_in: i64,
-    provider: &'a str,
-    account: &'a str,
 }
 
 fn token_response(t: &IssuedToken) -> Response {
@@ -269,50 +256,16 @@ pub async fn refresh(
     refresh_token(&state, &provider, &account).await
 }
 
-/// SPEC 4: `GET /v1/connections`.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ConnectionsBody {
-    connections: Vec<ConnectionJson>,
-    /// SHA-256 of the HTTPS certificate, for `tokenkeeper status`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tls_fingerprint: Option<String>,
-}
-
-/// One connection in `GET /v1/connections`.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ConnectionJson {
-    provider: String,
-    account: String,
-    #[schema(value_type = String)]
-    state: crate::store::ConnState,
-    expires_at: String,
-    refreshed_at: Option<String>,
-    next_refresh_at: Option<String>,
-    refresh_token_issued_at: String,
-    last_error: Option<String>,
-    /// Rate-limit figures of the provider (and tenant) as the proxy knows
-    /// them: `daily_limit`, `daily_available`, `daily_used`, `resets_at`,
-    /// `reported`, `throttle_limit`, `throttle_available`, `paused_until`,
-    /// `tenant`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
-    quota: Option<crate::ratelimit::ConnectionQuota>,
-}
-
-fn rfc3339(t: chrono::DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
-}
-
 impl From<ConnectionReport> for ConnectionJson {
     fn from(c: ConnectionReport) -> Self {
         ConnectionJson {
             provider: c.provider,
             account: c.account,
-            state: c.state,
-            expires_at: rfc3339(c.expires_at),
-            refreshed_at: c.refreshed_at.map(rfc3339),
-            next_refresh_at: c.next_refresh_at.map(rfc3339),
-            refresh_token_issued_at: rfc3339(c.refresh_token_issued_at),
+            state: c.state.into(),
+            expires_at: c.expires_at,
+            refreshed_at: c.refreshed_at,
+            next_refresh_at: c.next_refresh_at,
+            refresh_token_issued_at: c.refresh_token_issued_at,
             last_error: c.last_error,
             quota: None,
         }
@@ -421,16 +374,6 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// The answer of `POST /v1/inspect` (provider and account only when known).
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct InspectBody {
-    /// current_access_token | old_access_token | refresh_token | unknown
-    pub kind: String,
-    pub provider: Option<String>,
-    pub account: Option<String>,
-    pub message: String,
-}
-
 /// `POST /v1/inspect`: the body is a token; the answer says what it is.
 /// The token travels in the body, never as a credential, so asking about a
 /// refresh token is not itself a misuse.
@@ -497,12 +440,12 @@ mod json_tests {
 
     fn by_serde(t: &ServedToken<'_>, expires_in: i64) -> Vec<u8> {
         serde_json::to_vec(&TokenBody {
-            access_token: t.access_token,
-            token_type: t.token_type,
-            expires_at: t.expires_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+            access_token: t.access_token.into(),
+            token_type: t.token_type.into(),
+            expires_at: t.expires_at,
             expires_in,
-            provider: t.provider,
-            account: t.account,
+            provider: t.provider.into(),
+            account: t.account.into(),
         })
         .unwrap()
     }

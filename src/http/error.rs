@@ -7,6 +7,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+pub use super::answers::ErrorBody;
 use crate::refresh::TokenError;
 
 /// Errors answered on `/v1/*`.
@@ -54,18 +55,6 @@ impl From<crate::ratelimit::LimitError> for ApiError {
     fn from(e: crate::ratelimit::LimitError) -> Self {
         ApiError::RateLimited(e)
     }
-}
-
-/// SPEC 4: the body of every `/v1/*` error.
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    /// unknown_provider | unknown_connection | authorization_required | refresh_failed | invalid_token | invalid_request | forbidden_origin | internal; from the proxy also rate_limited | upstream_unreachable; from DELETE also revocation_failed
-    pub error: String,
-    /// One sentence saying what to do next.
-    pub message: String,
-    /// With authorization_required: where a person re-authorizes.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub connect_url: Option<String>,
 }
 
 /// SPEC 5: the exact answer to a refresh token presented as a bearer token.

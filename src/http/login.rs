@@ -28,6 +28,7 @@ use axum::Json;
 use chrono::{SecondsFormat, Utc};
 use sha2::{Digest, Sha256};
 
+pub use super::answers::LinkBody;
 use super::error::ApiError;
 use super::{pages, AppState};
 
@@ -244,17 +245,6 @@ pub struct LinkRequest {
     /// `/connect/keap?account=acme`.
     #[serde(default)]
     pub next: Option<String>,
-}
-
-/// The answer of `POST /v1/login-links`.
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct LinkBody {
-    /// Open this in a browser; it works once, until `expires_at`.
-    pub url: String,
-    /// RFC 3339 UTC; absent when the daemon has no API keys (the URL is
-    /// then the page itself).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<String>,
 }
 
 /// `POST /v1/login-links`: a one-time login link for a browser.

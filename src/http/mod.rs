@@ -2,8 +2,10 @@
 //! every request passes (sizes, Host, site checks, API keys or a browser
 //! session; see [`Guards`]). Handlers live in `api` (JSON), `callback`
 //! (browser authorization), `login` (one-time login links), `pages` (HTML)
-//! and `proxy` (the rate-limited API proxy); `server` serves connections.
+//! and `proxy` (the rate-limited API proxy); `server` serves connections;
+//! `answers` holds the JSON bodies, which the CLI reads with the same types.
 
+pub mod answers;
 pub mod api;
 pub mod auth;
 pub mod callback;

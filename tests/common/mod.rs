@@ -45,6 +45,17 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// The defaults, with the provider issuing access tokens that live
+    /// `lifetime`.
+    pub fn lifetime(lifetime: Duration) -> Options {
+        Options {
+            access_lifetime: lifetime,
+            ..Options::default()
+        }
+    }
+}
+
 pub struct Harness {
     pub sim: RunningSimulator,
     pub dir: tempfile::TempDir,
@@ -105,6 +116,70 @@ impl Harness {
         };
         h.write_config(&opts.server, &opts.refresh, &opts.provider);
         h
+    }
+
+    /// [`Harness::new`] with `server.api_keys_file` set to a file holding
+    /// `keys` ([`Harness::api_keys_path`]); not started.
+    pub async fn with_api_keys(mut opts: Options, keys: &str) -> Harness {
+        opts.server = format!("{}\napi_keys_file = \"api-keys\"", opts.server);
+        let h = Harness::new(opts).await;
+        std::fs::write(h.api_keys_path(), keys).unwrap();
+        h
+    }
+
+    /// The API key file of [`Harness::with_api_keys`].
+    pub fn api_keys_path(&self) -> PathBuf {
+        self.dir.path().join("api-keys")
+    }
+
+    /// A running daemon ([`Harness::new`], then [`Harness::start`]).
+    pub async fn started(opts: Options) -> Harness {
+        let mut h = Harness::new(opts).await;
+        h.start().await;
+        h
+    }
+
+    /// A running daemon with `keap/default` authorized: where most tests
+    /// begin.
+    pub async fn authorized(opts: Options) -> Harness {
+        let h = Harness::started(opts).await;
+        h.authorize_default().await;
+        h
+    }
+
+    /// Authorizes `keap/default` through the browser flow; returns the
+    /// access token the daemon then serves.
+    pub async fn authorize_default(&self) -> String {
+        let r = self.authorize("keap", "default").await;
+        assert_eq!(r.status(), 200, "authorization succeeds");
+        let (s, b) = self.token().await;
+        assert_eq!(s, 200, "{b}");
+        b["access_token"].as_str().unwrap().to_string()
+    }
+
+    /// `POST /v1/token/keap/refresh`: a forced refresh of `keap/default`.
+    pub async fn force_refresh(&self) -> (u16, Value) {
+        self.post_json("/v1/token/keap/refresh").await
+    }
+
+    /// A forced refresh succeeds, and the provider never saw a spent
+    /// refresh token sent again nor refused one: the grant is intact.
+    pub async fn assert_refresh_keeps_the_grant(&self) {
+        let (s, b) = self.force_refresh().await;
+        assert_eq!(s, 200, "{b}");
+        assert_no_reuse_or_rejection(&self.sim.sim.stats());
+    }
+
+    /// `POST path` on a task of its own (a request left in the air while
+    /// the test goes on); the task yields the status and JSON body.
+    pub fn spawn_post(&self, path: &str) -> tokio::task::JoinHandle<(u16, Value)> {
+        let http = self.http.clone();
+        let url = self.url(path);
+        tokio::spawn(async move {
+            let r = http.post(url).send().await.expect("daemon answers");
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        })
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -272,19 +347,21 @@ api_base_url = "{sim}/api"
         let r = req.send().await.expect("connect answers");
         assert_eq!(r.status(), 302, "connect must redirect");
         let location = r.headers()[LOCATION].to_str().unwrap().to_string();
-        let cookie = r.headers()[SET_COOKIE]
-            .to_str()
-            .unwrap()
-            .split(';')
-            .next()
-            .unwrap()
-            .to_string();
+        let cookie = cookie(&r);
         (location, cookie)
     }
 
     /// Logs a browser in with a one-time link obtained with `key` (API keys
     /// set): later `start_connect`/`authorize` calls send its cookie.
     pub async fn login(&mut self, key: &str) {
+        let link = self.login_link(key).await;
+        let r = self.http.get(&link).send().await.expect("login answers");
+        assert_eq!(r.status(), 303, "the login link redirects");
+        self.session = Some(cookie(&r));
+    }
+
+    /// A one-time login link to `/`, obtained with the API key `key`.
+    pub async fn login_link(&self, key: &str) -> String {
         let r = self
             .http
             .post(self.url("/v1/login-links"))
@@ -295,11 +372,7 @@ api_base_url = "{sim}/api"
             .expect("login-links answers");
         assert_eq!(r.status(), 200, "a login link with the key");
         let v: Value = r.json().await.unwrap();
-        let link = v["url"].as_str().expect("a url").to_string();
-        let r = self.http.get(&link).send().await.expect("login answers");
-        assert_eq!(r.status(), 303, "the login link redirects");
-        let cookie = r.headers()[SET_COOKIE].to_str().unwrap();
-        self.session = Some(cookie.split(';').next().unwrap().to_string());
+        v["url"].as_str().expect("a url").to_string()
     }
 
     /// Points the provider's `api_base_url` at `base` (before `start`).
@@ -342,6 +415,16 @@ api_base_url = "{sim}/api"
         self.http
             .get(url)
             .header(header.0, header.1)
+            .send()
+            .await
+            .expect("daemon answers")
+    }
+
+    /// GET a daemon path with `Authorization: Bearer {credential}`.
+    pub async fn get_bearer(&self, path: &str, credential: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(credential)
             .send()
             .await
             .expect("daemon answers")
@@ -400,6 +483,18 @@ api_base_url = "{sim}/api"
             .as_array()
             .and_then(|a| a.iter().find(|c| c["account"] == account).cloned())
             .unwrap_or(Value::Null)
+    }
+
+    /// Asserts that `keap/{account}` is in `state` with a `last_error`
+    /// that contains `error`; returns the connection.
+    pub async fn assert_connection(&self, account: &str, state: &str, error: &str) -> Value {
+        let c = self.connection(account).await;
+        assert_eq!(c["state"], state, "{c}");
+        assert!(
+            c["last_error"].as_str().is_some_and(|e| e.contains(error)),
+            "{c}"
+        );
+        c
     }
 }
 
@@ -468,6 +563,37 @@ pub async fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The provider never saw a spent refresh token sent again, nor refused
+/// one: every grant came through intact.
+pub fn assert_no_reuse_or_rejection(stats: &tokenkeeper::dev::SimStats) {
+    assert_eq!(
+        stats.refresh_reuse, 0,
+        "a spent refresh token was sent again: {stats:?}"
+    );
+    assert_eq!(
+        stats.refresh_rejected, 0,
+        "a refresh token was rejected: {stats:?}"
+    );
+}
+
+/// A command exited 0; its stderr otherwise.
+pub fn assert_success(out: &Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `name=value` of the cookie `r` sets.
+pub fn cookie(r: &reqwest::Response) -> String {
+    let set = r.headers()[SET_COOKIE]
+        .to_str()
+        .expect("a Set-Cookie header");
+    set.split(';').next().unwrap_or_default().to_string()
 }
 
 /// Polls `cond` every 50 ms until it holds or `limit` passes.
