@@ -140,8 +140,9 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     }
     // Held until this function returns: offline commands (rekey) refuse to
     // run while it is.
-    let _db_lock = crate::store::DbLock::shared(&config.storage.path)?;
-    let store = Store::open(&config.storage.path, key).await?;
+    let location = config.storage.location();
+    let _db_lock = crate::store::StoreLock::shared(&location).await?;
+    let store = Store::open_at(&location, key).await?;
     if !store.encrypted() {
         tracing::warn!(
             "tokens are stored unencrypted; set storage.encryption_key_file to seal them at rest"
@@ -225,7 +226,7 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     tracing::info!(
         listen = %bound,
         public_url = %public_url,
-        database = %config.storage.path.display(),
+        database = %config.storage.location().describe(),
         providers = config.providers.len(),
         "tokenkeeper is serving"
     );
@@ -488,7 +489,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if named.is_empty() && differs(&o2, n) {
         named.push("[server] settings");
     }
-    let storage = [
+    let storage: [(&str, bool); 3] = [
         (
             "storage.path",
             differs(&old.storage.path, &new.storage.path),
@@ -499,6 +500,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
                 &old.storage.encryption_key_file,
                 &new.storage.encryption_key_file,
             ),
+        ),
+        (
+            "storage.url",
+            old.storage.location().describe() != new.storage.location().describe(),
         ),
     ];
     let before = named.len();
