@@ -927,11 +927,7 @@ impl<'a> Reader<'a> {
 
     fn storage(&mut self, t: &Table<'_>) -> StorageConfig {
         let p = "storage";
-        self.check_keys(
-            t,
-            p,
-            &["path", "url", "url_file", "encryption_key_file"],
-        );
+        self.check_keys(t, p, &["path", "url", "url_file", "encryption_key_file"]);
         let path_given = self.path_value(t, "path", p);
         let url = self.storage_url(t, p);
         if let (Some(_), Some((_, key, span))) = (&path_given, &url) {
@@ -1529,7 +1525,8 @@ mod tests {
     #[test]
     fn storage_url_selects_postgres_and_path_with_url_is_refused() {
         use secrecy::ExposeSecret;
-        let provider = "[providers.keap]\npreset = \"keap\"\nclient_id = \"id\"\nclient_secret = \"s\"\n";
+        let provider =
+            "[providers.keap]\npreset = \"keap\"\nclient_id = \"id\"\nclient_secret = \"s\"\n";
         let path = Path::new("/tmp/t.toml");
         let cfg = parse(
             &format!("[storage]\nurl = \"postgres://tk@127.0.0.1:5432/tk\"\n{provider}"),
@@ -1564,14 +1561,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            cfg.storage.url.as_ref().map(|u| u.expose_secret().to_owned()),
+            cfg.storage
+                .url
+                .as_ref()
+                .map(|u| u.expose_secret().to_owned()),
             Some("postgres://tk:pw@h:5/tk".to_owned())
         );
         let p = problems(&format!(
             "[storage]\nurl = \"postgres://h/tk\"\nurl_file = \"pg-url\"\n{provider}"
         ));
         assert!(
-            p.iter().any(|p| p.message.contains("url_file") && p.key == "storage.url"),
+            p.iter()
+                .any(|p| p.message.contains("url_file") && p.key == "storage.url"),
             "{p:?}"
         );
         let p = problems(&format!(

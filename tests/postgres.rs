@@ -48,7 +48,12 @@ async fn another_daemon(h: &Harness, n: usize) -> (KillOnDrop, String) {
     let log = h.dir.path().join(format!("daemon-{n}.log"));
     let mut child = KillOnDrop(Some(common::spawn_daemon(&config, &log, &h.rust_log, &[])));
     let base = format!("http://127.0.0.1:{port}");
-    common::wait_healthy(&h.http, &format!("{base}/healthz"), child.0.as_mut().unwrap()).await;
+    common::wait_healthy(
+        &h.http,
+        &format!("{base}/healthz"),
+        child.0.as_mut().unwrap(),
+    )
+    .await;
     (child, base)
 }
 
@@ -89,7 +94,10 @@ async fn a_daemon_on_postgres_refreshes_and_keeps_its_grant_across_a_restart() {
     let (s, b) = h.token().await;
     assert_eq!(s, 200, "{b}");
     let token = b["access_token"].as_str().unwrap();
-    assert!(h.sim.sim.access_token_valid(token), "a valid token after restart");
+    assert!(
+        h.sim.sim.access_token_valid(token),
+        "a valid token after restart"
+    );
     let (s, ready) = h.get_json("/readyz").await;
     assert_eq!(s, 200, "{ready}");
     assert_eq!(h.sim.sim.stats().refresh_reuse, 0);
@@ -121,7 +129,10 @@ async fn three_daemons_on_one_postgres_make_one_refresh_for_a_herd() {
         .sim
         .set_token_delay(Duration::from_secs(1), DelayPhase::BeforeProcessing);
     let before = h.sim.sim.stats();
-    assert_eq!(before.refresh_calls, 0, "the schedulers stayed out of the way");
+    assert_eq!(
+        before.refresh_calls, 0,
+        "the schedulers stayed out of the way"
+    );
 
     let started = Instant::now();
     let mut set = tokio::task::JoinSet::new();
@@ -156,7 +167,11 @@ async fn three_daemons_on_one_postgres_make_one_refresh_for_a_herd() {
     );
     assert_eq!(statuses.get(&200).copied(), Some(300), "{statuses:?}");
     assert_eq!(calls, 1, "exactly one refresh in the whole cluster");
-    assert_eq!(tokens.len(), 1, "every daemon serves the same token: {tokens:?}");
+    assert_eq!(
+        tokens.len(),
+        1,
+        "every daemon serves the same token: {tokens:?}"
+    );
     let served = tokens.keys().next().unwrap();
     assert!(h.sim.sim.access_token_valid(served));
     assert_eq!(after.refresh_reuse, 0);
@@ -198,14 +213,25 @@ async fn migrate_storage_copies_sqlite_to_postgres_and_back() {
         "{said}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(said.contains("copied 1 connection") && said.contains("verified"), "{said}");
+    assert!(
+        said.contains("copied 1 connection") && said.contains("verified"),
+        "{said}"
+    );
     // Again: the target holds connections now.
     let out = h.cli(&["migrate-storage", "--to", &url]).await;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--replace") && err.contains("1 connection"), "{err}");
+    assert!(
+        err.contains("--replace") && err.contains("1 connection"),
+        "{err}"
+    );
     let out = h.cli(&["migrate-storage", "--to", &url, "--replace"]).await;
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The daemon on PostgreSQL serves the same grant, sealed under the same key.
     let sqlite_config = std::fs::read_to_string(&h.config_path).unwrap();
@@ -247,4 +273,96 @@ async fn migrate_storage_copies_sqlite_to_postgres_and_back() {
     let (s, b) = h.post_json("/v1/token/keap/refresh").await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(h.sim.sim.stats().refresh_reuse, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_holder_killed_mid_refresh_is_taken_over_by_another_daemon() {
+    let Some(url) = fresh_database("kill9_takeover").await else {
+        return;
+    };
+    let mut h = Harness::new(Options {
+        access_lifetime: Duration::from_secs(3600),
+        ..Options::default()
+    })
+    .await;
+    use_postgres(&h.config_path, &url);
+    h.start().await;
+    authorize(&h).await;
+    let (_second, url2) = another_daemon(&h, 2).await;
+    let log2 = h.dir.path().join("daemon-2.log");
+
+    // Daemon 1 takes the lease and calls the provider, which holds the call.
+    h.sim
+        .sim
+        .set_token_delay(Duration::from_secs(2), DelayPhase::BeforeProcessing);
+    let http = h.http.clone();
+    let refresh1 = h.url("/v1/token/keap/refresh");
+    tokio::spawn(async move {
+        let _ = http.post(refresh1).send().await;
+    });
+    common::eventually(Duration::from_secs(5), "the refresh in flight", || async {
+        h.sim.sim.stats().refresh_calls == 1
+    })
+    .await;
+    h.kill9().await;
+    // Past the simulator's delay: the dropped request was not processed.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        h.sim.sim.stats().refresh_ok,
+        0,
+        "the provider dropped the call"
+    );
+    h.sim
+        .sim
+        .set_token_delay(Duration::ZERO, DelayPhase::BeforeProcessing);
+
+    // Daemon 2 finds the dead holder's lease in PostgreSQL, takes it over
+    // and refreshes; the interrupted attempt is reported.
+    let r = h
+        .http
+        .post(format!("{url2}/v1/token/keap/refresh"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let b: Value = r.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, 200, "{b}");
+    let token = b["access_token"].as_str().unwrap();
+    assert!(h.sim.sim.access_token_valid(token));
+    let log = std::fs::read_to_string(&log2).unwrap();
+    assert!(log.contains("was interrupted"), "{log}");
+    let stats = h.sim.sim.stats();
+    assert_eq!((stats.refresh_ok, stats.refresh_reuse), (1, 0), "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_daemon_whose_key_does_not_open_the_cluster_refuses_to_start() {
+    let Some(url) = fresh_database("wrong_key").await else {
+        return;
+    };
+    let mut h = Harness::new(Options::default()).await;
+    let key_file = h.dir.path().join("db-key");
+    std::fs::write(&key_file, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
+    let config = std::fs::read_to_string(&h.config_path).unwrap();
+    std::fs::write(
+        &h.config_path,
+        config.replace(
+            "[storage]\n",
+            "[storage]\nencryption_key_file = \"db-key\"\n",
+        ),
+    )
+    .unwrap();
+    use_postgres(&h.config_path, &url);
+    h.start().await;
+    authorize(&h).await;
+    assert_eq!(h.stop().await, Some(0));
+
+    // Another key: the daemon names the problem and exits.
+    std::fs::write(&key_file, "HwEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n").unwrap();
+    let log = h.dir.path().join("wrong-key.log");
+    let mut child = common::spawn_daemon(&h.config_path, &log, &h.rust_log, &[]);
+    let code = common::wait_exit(&mut child, Duration::from_secs(20)).await;
+    assert_ne!(code, Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("encrypted with another key"), "{text}");
 }

@@ -112,7 +112,14 @@ async fn begin_seen(
 ) -> BeginRefresh {
     let now = Utc::now();
     store
-        .begin_refresh(id, owner, attempt, now, now + Duration::seconds(30), takeover)
+        .begin_refresh(
+            id,
+            owner,
+            attempt,
+            now,
+            now + Duration::seconds(30),
+            takeover,
+        )
         .await
         .unwrap()
 }
@@ -245,7 +252,10 @@ async fn concurrent_takers_get_exactly_one_lease(kind: Kind) {
     for t in tasks {
         started += usize::from(t.await.unwrap());
     }
-    assert_eq!(started, 1, "exactly one of eight racing owners holds the lease");
+    assert_eq!(
+        started, 1,
+        "exactly one of eight racing owners holds the lease"
+    );
 }
 
 async fn a_commit_lands_only_at_the_generation_read_and_ends_the_lease(kind: Kind) {
@@ -370,7 +380,11 @@ async fn fingerprints_are_kept_in_order_and_bounded(kind: Kind) {
         return;
     };
     let key_a = f.store.fingerprint_key().await.unwrap();
-    assert_eq!(key_a, f.store.fingerprint_key().await.unwrap(), "created once");
+    assert_eq!(
+        key_a,
+        f.store.fingerprint_key().await.unwrap(),
+        "created once"
+    );
     let (id, mut generation) = authorize(&f.store, "1").await;
     let total = FINGERPRINTS_KEPT as usize + 3;
     for n in 0..total {
@@ -406,7 +420,11 @@ async fn fingerprints_are_kept_in_order_and_bounded(kind: Kind) {
     }
     let kept = f.store.fingerprints_of(id).await.unwrap();
     assert_eq!(kept.len(), FINGERPRINTS_KEPT as usize);
-    assert_eq!(kept[0], fp(TokenKind::Refresh, 3), "the oldest were dropped");
+    assert_eq!(
+        kept[0],
+        fp(TokenKind::Refresh, 3),
+        "the oldest were dropped"
+    );
     assert_eq!(
         kept.last().copied(),
         Some(fp(TokenKind::Refresh, (total - 1) as u8))
@@ -418,7 +436,11 @@ async fn fingerprints_are_kept_in_order_and_bounded(kind: Kind) {
         .unwrap();
     assert_eq!(all.len(), kept.len());
     // Forgetting the connection (at its generation) forgets its fingerprints.
-    assert!(!f.store.delete_connection_at(id, generation - 1).await.unwrap());
+    assert!(!f
+        .store
+        .delete_connection_at(id, generation - 1)
+        .await
+        .unwrap());
     assert!(f.store.delete_connection_at(id, generation).await.unwrap());
     assert!(f.store.load_connection(id).await.unwrap().is_none());
     assert!(f.store.fingerprints_of(id).await.unwrap().is_empty());
@@ -471,7 +493,10 @@ async fn a_pending_authorization_is_taken_once_by_its_browser(kind: Kind) {
     );
     // Racing takers: one wins.
     f.store.insert_pending(&pending("s2", 600)).await.unwrap();
-    let (a, b) = tokio::join!(f.store.take_pending("s2", now), f.store.take_pending("s2", now));
+    let (a, b) = tokio::join!(
+        f.store.take_pending("s2", now),
+        f.store.take_pending("s2", now)
+    );
     assert_eq!(
         usize::from(a.unwrap().is_some()) + usize::from(b.unwrap().is_some()),
         1
@@ -502,9 +527,15 @@ async fn sealed_values_are_bound_to_their_place_and_key(kind: Kind) {
 
     // Another key, or none, refuses to open the store at all.
     let wrong = Store::open_at(&f.location, Some(key(4))).await;
-    assert!(matches!(wrong, Err(StoreError::WrongKey)), "a wrong key is refused");
+    assert!(
+        matches!(wrong, Err(StoreError::WrongKey)),
+        "a wrong key is refused"
+    );
     let none = Store::open_at(&f.location, None).await;
-    assert!(matches!(none, Err(StoreError::KeyRequired)), "a missing key is refused");
+    assert!(
+        matches!(none, Err(StoreError::KeyRequired)),
+        "a missing key is refused"
+    );
     let right = Store::open_at(&f.location, Some(key(3))).await.unwrap();
     assert!(right.encrypted());
     assert_eq!(

@@ -82,7 +82,10 @@ impl StoredConnection {
             account: r.text("account").map_err(c)?,
             state: r.text("state").map_err(c)?,
             access_token: SecretString::from(r.text("access_token").map_err(c)?),
-            refresh_token: r.opt_text("refresh_token").map_err(c)?.map(SecretString::from),
+            refresh_token: r
+                .opt_text("refresh_token")
+                .map_err(c)?
+                .map(SecretString::from),
             token_type: r.text("token_type").map_err(c)?,
             scope: r.opt_text("scope").map_err(c)?,
             expires_at: r.int("expires_at").map_err(c)?,
@@ -216,7 +219,11 @@ impl Dump {
             return Some("the token fingerprints differ".into());
         }
         if self.pending.len() != other.pending.len()
-            || self.pending.iter().zip(&other.pending).any(|(a, b)| !a.same_as(b))
+            || self
+                .pending
+                .iter()
+                .zip(&other.pending)
+                .any(|(a, b)| !a.same_as(b))
         {
             return Some("the pending authorizations differ".into());
         }

@@ -411,8 +411,7 @@ pub trait Backend {
     async fn fingerprint_key(&self) -> Result<[u8; 32], StoreError>;
 
     /// Every stored fingerprint, oldest first per connection, one at a time.
-    async fn each_fingerprint(&self, f: impl FnMut(i64, Fingerprint))
-        -> Result<(), StoreError>;
+    async fn each_fingerprint(&self, f: impl FnMut(i64, Fingerprint)) -> Result<(), StoreError>;
 
     /// The fingerprints of one connection, oldest first.
     async fn fingerprints_of(&self, connection_id: i64) -> Result<Vec<Fingerprint>, StoreError>;
@@ -695,14 +694,6 @@ impl Store {
         self.codec().encrypted()
     }
 
-    /// Whether a lease holder of this database can be another process on
-    /// another host. With PostgreSQL it can: its death is then known only
-    /// from a lapsed lease (`owner`'s rule already treats another host as
-    /// uncertain; this says so up front).
-    pub fn shared_across_hosts(&self) -> bool {
-        matches!(self.db, Db::Postgres(_))
-    }
-
     /// The key check: a value sealed under the key the database was written
     /// with. A wrong or missing key fails here, before any write; a key set
     /// for the first time seals the existing plaintext rows in one
@@ -873,10 +864,7 @@ impl Store {
     /// Every connection, decoded and handed to `f` one row at a time: the
     /// daemon's start reads them all, and raw rows of 10,000 connections
     /// held at once were most of its peak memory (`bench/run.sh`).
-    pub async fn each_connection(
-        &self,
-        f: impl FnMut(ConnectionRow),
-    ) -> Result<(), StoreError> {
+    pub async fn each_connection(&self, f: impl FnMut(ConnectionRow)) -> Result<(), StoreError> {
         on_backend!(self, b => b.each_connection(f).await)
     }
 
@@ -1039,7 +1027,9 @@ impl StoreLock {
     pub async fn shared(location: &Location) -> Result<StoreLock, StoreError> {
         Ok(match location {
             Location::Sqlite(p) => StoreLock::File(DbLock::shared(p)?),
-            Location::Postgres(url) => StoreLock::Postgres(postgres::SessionLock::take(url, false).await?),
+            Location::Postgres(url) => {
+                StoreLock::Postgres(postgres::SessionLock::take(url, false).await?)
+            }
         })
     }
 
@@ -1047,7 +1037,9 @@ impl StoreLock {
     pub async fn exclusive(location: &Location) -> Result<StoreLock, StoreError> {
         Ok(match location {
             Location::Sqlite(p) => StoreLock::File(DbLock::exclusive(p)?),
-            Location::Postgres(url) => StoreLock::Postgres(postgres::SessionLock::take(url, true).await?),
+            Location::Postgres(url) => {
+                StoreLock::Postgres(postgres::SessionLock::take(url, true).await?)
+            }
         })
     }
 }

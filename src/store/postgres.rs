@@ -86,21 +86,18 @@ pub fn redact(url: &str) -> String {
 /// The connection options of `url`, with this daemon's session settings.
 fn options(url: &SecretString) -> Result<PgConnectOptions, StoreError> {
     let redacted = redact(url.expose_secret());
-    let opts = PgConnectOptions::from_str(url.expose_secret()).map_err(|source| {
-        StoreError::Connect {
+    let opts =
+        PgConnectOptions::from_str(url.expose_secret()).map_err(|source| StoreError::Connect {
             url: redacted,
             source,
-        }
-    })?;
+        })?;
     let timeout = format!("{}", STATEMENT_TIMEOUT.as_millis());
-    Ok(opts
-        .application_name("tokenkeeper")
-        .options([
-            ("statement_timeout", timeout.as_str()),
-            // A transaction left open by a stalled daemon must not hold
-            // row locks for long.
-            ("idle_in_transaction_session_timeout", "30000"),
-        ]))
+    Ok(opts.application_name("tokenkeeper").options([
+        ("statement_timeout", timeout.as_str()),
+        // A transaction left open by a stalled daemon must not hold
+        // row locks for long.
+        ("idle_in_transaction_session_timeout", "30000"),
+    ]))
 }
 
 /// A connection of its own holding [`LOCK_DAEMONS`] (shared for a daemon,
@@ -274,7 +271,10 @@ impl Backend for Postgres {
                 .await?;
             sqlx::query(upsert)
                 .bind("key_check")
-                .bind(new.seal("tokenkeeper", codec::KEY_CHECK_CONTEXT).into_bytes())
+                .bind(
+                    new.seal("tokenkeeper", codec::KEY_CHECK_CONTEXT)
+                        .into_bytes(),
+                )
                 .execute(&mut *tx)
                 .await?;
         }
@@ -877,7 +877,11 @@ const GRANT_SET: &str = "access_token = $1, refresh_token = COALESCE($2, refresh
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
-fn bind_grant<'q>(q: PgQuery<'q>, g: &NewGrant<'_>, sealed: (String, Option<String>)) -> PgQuery<'q> {
+fn bind_grant<'q>(
+    q: PgQuery<'q>,
+    g: &NewGrant<'_>,
+    sealed: (String, Option<String>),
+) -> PgQuery<'q> {
     q.bind(sealed.0)
         .bind(sealed.1)
         .bind(g.token_type.to_string())
@@ -987,7 +991,10 @@ mod tests {
         assert!(is_url("PostgreSQL://u@h/db"));
         assert!(!is_url("/var/lib/tokenkeeper/tokenkeeper.db"));
         let shown = redact("postgres://tk:s3cret@db.example:5432/tk?password=other");
-        assert!(!shown.contains("s3cret") && !shown.contains("other"), "{shown}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("other"),
+            "{shown}"
+        );
         assert!(shown.contains("db.example:5432/tk"), "{shown}");
         assert!(!redact("postgres://tk:s3cret@[bad").contains("s3cret"));
     }

@@ -26,8 +26,8 @@ use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PEND
 use super::migrate::{self, Dump, MigrateError};
 use super::{
     create_private_dir, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState, ConnectionRow,
-    Fingerprint, LeaseSeen, NewGrant, PendingAuthorization, PendingTake, StoreError,
-    BUSY_TIMEOUT, FINGERPRINTS_KEPT,
+    Fingerprint, LeaseSeen, NewGrant, PendingAuthorization, PendingTake, StoreError, BUSY_TIMEOUT,
+    FINGERPRINTS_KEPT,
 };
 use crate::crypto::SealKey;
 
@@ -153,7 +153,10 @@ impl Backend for Sqlite {
             sqlx::query(
                 "INSERT OR REPLACE INTO installation (name, value) VALUES ('key_check', ?)",
             )
-            .bind(new.seal("tokenkeeper", codec::KEY_CHECK_CONTEXT).into_bytes())
+            .bind(
+                new.seal("tokenkeeper", codec::KEY_CHECK_CONTEXT)
+                    .into_bytes(),
+            )
             .execute(&mut *tx)
             .await?;
         }
@@ -1016,7 +1019,7 @@ mod tests {
     }
 
     async fn raw(store: &Store, sql: &str) {
-        sqlx::query(sql).execute(pool(&store)).await.unwrap();
+        sqlx::query(sql).execute(pool(store)).await.unwrap();
     }
 
     #[tokio::test]

@@ -42,7 +42,13 @@ pub async fn fresh_database(test: &str) -> Option<String> {
     let admin = cluster_url(test)?;
     let tag: String = test
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .take(32)
         .collect();
     let name = format!(
