@@ -100,7 +100,7 @@ fn options(url: &SecretString) -> Result<PgConnectOptions, StoreError> {
     ]))
 }
 
-/// A connection of its own holding [`LOCK_DAEMONS`] (shared for a daemon,
+/// A connection of its own holding the daemons' advisory lock (shared for a daemon,
 /// exclusive for an offline command) until dropped. Closing the connection
 /// releases the lock, so a daemon that dies never leaves it held.
 pub struct SessionLock {
