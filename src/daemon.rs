@@ -501,10 +501,11 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
                 &new.storage.encryption_key_file,
             ),
         ),
-        (
-            "storage.url",
-            old.storage.location().describe() != new.storage.location().describe(),
-        ),
+        ("storage.url", {
+            use secrecy::ExposeSecret;
+            let url = |c: &Config| c.storage.url.as_ref().map(|u| u.expose_secret().to_owned());
+            url(old) != url(new)
+        }),
     ];
     let before = named.len();
     named.extend(storage.iter().filter(|c| c.1).map(|c| c.0));
@@ -599,6 +600,23 @@ mod tests {
         assert_eq!(
             needs_restart(&old, &cfg("proxy_max_wait = \"3s\"", "/tmp/b.db", "5s")),
             vec!["server.proxy_max_wait", "storage.path"]
+        );
+    }
+
+    #[test]
+    fn a_changed_storage_url_needs_a_restart() {
+        let cfg = |url: &str| {
+            crate::config::parse(
+                &format!("[storage]\nurl = \"{url}\"\n"),
+                std::path::Path::new("/tmp/t.toml"),
+            )
+            .unwrap()
+        };
+        let old = cfg("postgres://tk@a/tk");
+        assert!(needs_restart(&old, &cfg("postgres://tk@a/tk")).is_empty());
+        assert_eq!(
+            needs_restart(&old, &cfg("postgres://tk:other@a/tk")),
+            vec!["storage.url"]
         );
     }
 
