@@ -366,3 +366,60 @@ async fn a_daemon_whose_key_does_not_open_the_cluster_refuses_to_start() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("encrypted with another key"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn daemons_starting_at_once_migrate_and_seal_once() {
+    use secrecy::SecretString;
+    use tokenkeeper::crypto::SealKey;
+    use tokenkeeper::store::Store;
+    let Some(url) = fresh_database("concurrent_start").await else {
+        return;
+    };
+    let url = SecretString::from(url);
+    let mut starts = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let url = url.clone();
+        starts.spawn(async move { Store::connect(&url, Some(SealKey::from_bytes([5; 32]))).await });
+    }
+    let mut stores = Vec::new();
+    while let Some(r) = starts.join_next().await {
+        stores.push(r.unwrap().expect("every daemon starts"));
+    }
+    // One fingerprint key and one key check for all of them.
+    let key = stores[0].fingerprint_key().await.unwrap();
+    for s in &stores {
+        assert_eq!(s.fingerprint_key().await.unwrap(), key);
+    }
+    let other = Store::connect(&url, Some(SealKey::from_bytes([6; 32]))).await;
+    assert!(
+        other.err().unwrap().to_string().contains("another key"),
+        "a daemon with another key refuses to start"
+    );
+}
+
+#[tokio::test]
+async fn offline_commands_and_daemons_exclude_each_other_on_postgres() {
+    use secrecy::SecretString;
+    use tokenkeeper::store::{Location, StoreLock};
+    let Some(url) = fresh_database("session_lock").await else {
+        return;
+    };
+    let at = Location::Postgres(SecretString::from(url));
+    let a = StoreLock::shared(&at).await.unwrap();
+    let b = StoreLock::shared(&at).await.unwrap();
+    let e = StoreLock::exclusive(&at).await.err().unwrap().to_string();
+    assert!(e.contains("stop it first"), "{e}");
+    drop((a, b));
+    // The lock goes with its connection; the server notices the close.
+    let mut x = None;
+    for _ in 0..100 {
+        if let Ok(l) = StoreLock::exclusive(&at).await {
+            x = Some(l);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(x.is_some(), "free once the daemons are gone");
+    let e = StoreLock::shared(&at).await.err().unwrap().to_string();
+    assert!(e.contains("offline command"), "{e}");
+}
