@@ -423,3 +423,87 @@ async fn offline_commands_and_daemons_exclude_each_other_on_postgres() {
     let e = StoreLock::shared(&at).await.err().unwrap().to_string();
     assert!(e.contains("offline command"), "{e}");
 }
+
+#[tokio::test]
+async fn a_row_locked_elsewhere_fails_a_write_within_the_statement_timeout() {
+    use secrecy::SecretString;
+    use sqlx::Connection;
+    use tokenkeeper::store::Store;
+    let Some(url) = fresh_database("statement_timeout").await else {
+        return;
+    };
+    let store = Store::connect(&SecretString::from(url.clone()), None)
+        .await
+        .unwrap();
+    let mut h = Harness::new(Options::default()).await;
+    use_postgres(&h.config_path, &url);
+    h.start().await;
+    authorize(&h).await;
+    assert_eq!(h.stop().await, Some(0));
+    let id = store.load_connections().await.unwrap()[0].id;
+
+    // Another session holds the row (a stuck client, a long migration).
+    let mut other = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("SELECT * FROM connections FOR UPDATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let now = chrono::Utc::now();
+    let e = store
+        .begin_refresh(
+            id,
+            "me",
+            "a1",
+            now,
+            now + chrono::Duration::seconds(30),
+            None,
+        )
+        .await
+        .err()
+        .expect("the write gives up");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "bounded by the statement timeout"
+    );
+    assert!(e.to_string().contains("statement timeout"), "{e}");
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    assert!(matches!(
+        store
+            .begin_refresh(
+                id,
+                "me",
+                "a2",
+                now,
+                now + chrono::Duration::seconds(30),
+                None
+            )
+            .await
+            .unwrap(),
+        tokenkeeper::store::BeginRefresh::Started(_)
+    ));
+}
+
+#[tokio::test]
+async fn check_config_refuses_path_and_url_together_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("t.toml");
+    std::fs::write(
+        &config,
+        "[storage]\npath = \"/tmp/x.db\"\nurl = \"postgres://tk@127.0.0.1/tk\"\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(common::BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(":3: storage.url:") && err.contains("storage.path"),
+        "{err}"
+    );
+}
