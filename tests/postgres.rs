@@ -507,3 +507,43 @@ async fn check_config_refuses_path_and_url_together_naming_both() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotation_committed_by_one_daemon_is_what_the_others_serve_next() {
+    let Some(url) = fresh_database("rotation_visible").await else {
+        return;
+    };
+    let mut h = Harness::new(Options {
+        access_lifetime: Duration::from_secs(3600),
+        ..Options::default()
+    })
+    .await;
+    use_postgres(&h.config_path, &url);
+    h.start().await;
+    let first = authorize(&h).await;
+    let (_second, url2) = another_daemon(&h, 2).await;
+    let token_at = |base: String| {
+        let http = h.http.clone();
+        async move {
+            let v: Value = http
+                .get(format!("{base}/v1/token/keap"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["access_token"].as_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(token_at(url2.clone()).await, first);
+    for _ in 0..3 {
+        // Daemon 1 rotates; the very next answer of daemon 2 is the new token.
+        let (s, b) = h.post_json("/v1/token/keap/refresh").await;
+        assert_eq!(s, 200, "{b}");
+        let rotated = b["access_token"].as_str().unwrap().to_string();
+        assert_eq!(token_at(url2.clone()).await, rotated);
+        assert!(h.sim.sim.access_token_valid(&rotated));
+    }
+    assert_eq!(h.sim.sim.stats().refresh_reuse, 0);
+}
