@@ -116,6 +116,15 @@ pub enum Command {
         #[arg(long, value_name = "F")]
         new_key_file: PathBuf,
     },
+    /// Copy every grant, fingerprint, pending authorization and setting from the configured store to another (an SQLite file or a postgres:// URL), in one transaction, and verify the copy (stop the daemon first).
+    MigrateStorage {
+        /// The target: a postgres://USER@HOST:PORT/DATABASE URL, or the path of an SQLite file.
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// Overwrite a target that already holds connections.
+        #[arg(long)]
+        replace: bool,
+    },
 }
 
 /// How `serve` writes log lines.
@@ -251,6 +260,9 @@ pub async fn run(cli: Cli) -> u8 {
         }
         Command::CheckConfig => check_config(cli.config.as_deref()),
         Command::Rekey { ref new_key_file } => rekey(cli.config.as_deref(), new_key_file).await,
+        Command::MigrateStorage { ref to, replace } => {
+            migrate_storage(cli.config.as_deref(), to, replace).await
+        }
         ref other => client(&cli, other).await,
     };
     match result {
@@ -725,7 +737,10 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                 .await?;
             outln(&answer.message, Output::Report)?;
         }
-        Command::Serve { .. } | Command::CheckConfig | Command::Rekey { .. } => {
+        Command::Serve { .. }
+        | Command::CheckConfig
+        | Command::Rekey { .. }
+        | Command::MigrateStorage { .. } => {
             unreachable!("handled in run")
         }
     }
@@ -974,9 +989,11 @@ async fn rekey(explicit: Option<&Path>, new_key_file: &Path) -> Result<(), CliEr
     };
     // Refused while a daemon holds the database: its next commit would be
     // sealed under the old key after this one re-sealed everything.
-    let _lock =
-        crate::store::DbLock::exclusive(&cfg.storage.path).map_err(|e| runtime(e.to_string()))?;
-    let store = crate::store::Store::open(&cfg.storage.path, old_key)
+    let location = cfg.storage.location();
+    let _lock = crate::store::StoreLock::exclusive(&location)
+        .await
+        .map_err(|e| runtime(e.to_string()))?;
+    let store = crate::store::Store::open_at(&location, old_key)
         .await
         .map_err(|e| runtime(e.to_string()))?;
     let n = store
@@ -989,6 +1006,42 @@ async fn rekey(explicit: Option<&Path>, new_key_file: &Path) -> Result<(), CliEr
             "re-sealed {n} connection{} under {}; now set storage.encryption_key_file to it and restart the daemon",
             if n == 1 { "" } else { "s" },
             new_key_file.display()
+        ),
+        Output::Report,
+    )
+}
+
+/// `tokenkeeper migrate-storage --to URL [--replace]` (SPEC 9): see
+/// [`crate::store::migrate`].
+async fn migrate_storage(explicit: Option<&Path>, to: &str, replace: bool) -> Result<(), CliError> {
+    let (_, cfg) = load_config(explicit)?;
+    let key = || match &cfg.storage.encryption_key_file {
+        Some(p) => crate::crypto::SealKey::from_file(p)
+            .map(Some)
+            .map_err(|e| usage(e.to_string())),
+        None => Ok(None),
+    };
+    let from = cfg.storage.location();
+    let target = crate::store::Location::parse(to);
+    let copied = crate::store::migrate::migrate_storage(&from, &target, (key()?, key()?), replace)
+        .await
+        .map_err(|e| runtime(e.to_string()))?;
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    outln(
+        format_args!(
+            "copied {} connection{}, {} fingerprint{} and {} pending authorization{} from {} to {} and verified the copy; now point [storage] at the target (storage.{}) and start the daemon",
+            copied.connections,
+            plural(copied.connections),
+            copied.fingerprints,
+            plural(copied.fingerprints),
+            copied.pending,
+            plural(copied.pending),
+            from.describe(),
+            target.describe(),
+            match target {
+                crate::store::Location::Sqlite(_) => "path",
+                crate::store::Location::Postgres(_) => "url",
+            }
         ),
         Output::Report,
     )

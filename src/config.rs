@@ -83,8 +83,24 @@ pub enum TlsConfig {
 /// `[storage]`.
 #[derive(Debug, Clone)]
 pub struct StorageConfig {
+    /// The SQLite database (`storage.path`, or the default location);
+    /// unused when `url` is set.
     pub path: PathBuf,
+    /// `storage.url` (or the content of `storage.url_file`): a PostgreSQL
+    /// URL, which selects PostgreSQL (SPEC 9). A secret: it may hold a
+    /// password.
+    pub url: Option<SecretString>,
     pub encryption_key_file: Option<PathBuf>,
+}
+
+impl StorageConfig {
+    /// Where the grants live: PostgreSQL when a URL is set, else SQLite.
+    pub fn location(&self) -> crate::store::Location {
+        match &self.url {
+            Some(url) => crate::store::Location::Postgres(url.clone()),
+            None => crate::store::Location::Sqlite(self.path.clone()),
+        }
+    }
 }
 
 /// `[refresh]`: the refresh policy knobs (see `refresh::policy`).
@@ -990,16 +1006,59 @@ impl<'a> Reader<'a> {
 
     fn storage(&mut self, t: &Table<'_>) -> StorageConfig {
         let p = "storage";
-        self.check_keys(t, p, &["path", "encryption_key_file"]);
-        let path = self
-            .path_value(t, "path", p)
-            .map(|(p, _)| p)
-            .unwrap_or_else(default_db_path);
+        self.check_keys(t, p, &["path", "url", "url_file", "encryption_key_file"]);
+        let path_given = self.path_value(t, "path", p);
+        let url = self.storage_url(t, p);
+        if let (Some(_), Some((_, key, span))) = (&path_given, &url) {
+            self.problem(
+                &join(p, key),
+                Some(span.clone()),
+                format!(
+                    "storage.path and storage.{key} cannot both be set: path selects SQLite, {key} selects PostgreSQL; keep one (to move the grants over, see `tokenkeeper migrate-storage`)"
+                ),
+            );
+        }
+        let path = path_given.map(|(p, _)| p).unwrap_or_else(default_db_path);
         let encryption_key_file = self.file_value(t, "encryption_key_file", p);
         StorageConfig {
             path,
+            url: url.map(|(u, _, _)| u),
             encryption_key_file,
         }
+    }
+
+    /// `storage.url` or `storage.url_file` (never both): the URL, the key
+    /// it came from and that key's span.
+    fn storage_url(
+        &mut self,
+        t: &Table<'_>,
+        p: &str,
+    ) -> Option<(SecretString, &'static str, Range<usize>)> {
+        let inline = self.string(t, "url", p);
+        let span_of_file = self.get(t, "url_file").map(|v| v.span());
+        if let (Some((_, span)), Some(_)) = (&inline, &span_of_file) {
+            self.problem(
+                "storage.url",
+                Some(span.clone()),
+                "storage.url and storage.url_file cannot both be set; keep one (url_file for a URL with a password)",
+            );
+            return None;
+        }
+        let (url, key, span) = match (inline, span_of_file) {
+            (Some((u, span)), _) => (SecretString::from(u), "url", span),
+            (None, Some(span)) => (self.secret_file(t, "url_file", p)?, "url_file", span),
+            (None, None) => return None,
+        };
+        use secrecy::ExposeSecret;
+        if !crate::store::postgres::is_url(url.expose_secret()) {
+            self.problem(
+                &join(p, key),
+                Some(span),
+                "must be a PostgreSQL URL: postgres://USER@HOST:PORT/DATABASE (for SQLite, set storage.path instead)",
+            );
+            return None;
+        }
+        Some((url, key, span))
     }
 
     fn refresh(&mut self, t: &Table<'_>) -> RefreshConfig {
@@ -1585,5 +1644,64 @@ mod tests {
             ps.iter().any(|p| p.key == "(syntax)" && p.line.is_some()),
             "{ps:?}"
         );
+    }
+
+    #[test]
+    fn storage_url_selects_postgres_and_path_with_url_is_refused() {
+        use secrecy::ExposeSecret;
+        let provider =
+            "[providers.keap]\npreset = \"keap\"\nclient_id = \"id\"\nclient_secret = \"s\"\n";
+        let path = Path::new("/tmp/t.toml");
+        let cfg = parse(
+            &format!("[storage]\nurl = \"postgres://tk@127.0.0.1:5432/tk\"\n{provider}"),
+            path,
+        )
+        .unwrap();
+        assert!(matches!(
+            cfg.storage.location(),
+            crate::store::Location::Postgres(u) if u.expose_secret() == "postgres://tk@127.0.0.1:5432/tk"
+        ));
+        // Both: an error naming both keys, at the url's line.
+        let p = problems(&format!(
+            "[storage]\npath = \"/tmp/x.db\"\nurl = \"postgres://tk@h/tk\"\n{provider}"
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!((p[0].key.as_str(), p[0].line), ("storage.url", Some(3)));
+        assert!(
+            p[0].message.contains("storage.path") && p[0].message.contains("storage.url"),
+            "{}",
+            p[0].message
+        );
+        // Not a PostgreSQL URL.
+        let p = problems(&format!("[storage]\nurl = \"/var/lib/x.db\"\n{provider}"));
+        assert!(p[0].message.contains("postgres://"), "{p:?}");
+        // url_file: resolved like every *_file, $CREDENTIALS_DIRECTORY included.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pg-url"), "postgres://tk:pw@h:5/tk\n").unwrap();
+        let cfg_path = dir.path().join("t.toml");
+        let cfg = parse(
+            &format!("[storage]\nurl_file = \"pg-url\"\n{provider}"),
+            &cfg_path,
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.storage
+                .url
+                .as_ref()
+                .map(|u| u.expose_secret().to_owned()),
+            Some("postgres://tk:pw@h:5/tk".to_owned())
+        );
+        let p = problems(&format!(
+            "[storage]\nurl = \"postgres://h/tk\"\nurl_file = \"pg-url\"\n{provider}"
+        ));
+        assert!(
+            p.iter()
+                .any(|p| p.message.contains("url_file") && p.key == "storage.url"),
+            "{p:?}"
+        );
+        let p = problems(&format!(
+            "[storage]\npath = \"x.db\"\nurl_file = \"/nonexistent/pg-url\"\n{provider}"
+        ));
+        assert!(p.iter().any(|p| p.key == "storage.url_file"), "{p:?}");
     }
 }

@@ -140,7 +140,7 @@ pub struct App {
     public_url: url::Url,
     /// Held while the application lives: offline commands (rekey) refuse
     /// to run while it is.
-    db_lock: crate::store::DbLock,
+    db_lock: crate::store::StoreLock,
 }
 
 impl App {
@@ -168,8 +168,9 @@ impl App {
         if let Some(path) = &config.server.api_keys_file {
             warn_if_readable_by_others(path, "server.api_keys_file");
         }
-        let db_lock = crate::store::DbLock::shared(&config.storage.path)?;
-        let store = Store::open(&config.storage.path, key).await?;
+        let location = config.storage.location();
+        let db_lock = crate::store::StoreLock::shared(&location).await?;
+        let store = Store::open_at(&location, key).await?;
         if !store.encrypted() {
             tracing::warn!(
                 "tokens are stored unencrypted; set storage.encryption_key_file to seal them at rest"
@@ -281,7 +282,7 @@ impl App {
         tracing::info!(
             listen = %bound,
             public_url = %public_url,
-            database = %config.storage.path.display(),
+            database = %config.storage.location().describe(),
             providers = config.providers.len(),
             "tokenkeeper is serving"
         );
@@ -575,7 +576,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if named.is_empty() && differs(&o2, n) {
         named.push("[server] settings");
     }
-    let storage = [
+    let storage: [(&str, bool); 3] = [
         (
             "storage.path",
             differs(&old.storage.path, &new.storage.path),
@@ -587,6 +588,11 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
                 &new.storage.encryption_key_file,
             ),
         ),
+        ("storage.url", {
+            use secrecy::ExposeSecret;
+            let url = |c: &Config| c.storage.url.as_ref().map(|u| u.expose_secret().to_owned());
+            url(old) != url(new)
+        }),
     ];
     let before = named.len();
     named.extend(storage.iter().filter(|c| c.1).map(|c| c.0));
@@ -681,6 +687,23 @@ mod tests {
         assert_eq!(
             needs_restart(&old, &cfg("proxy_max_wait = \"3s\"", "/tmp/b.db", "5s")),
             vec!["server.proxy_max_wait", "storage.path"]
+        );
+    }
+
+    #[test]
+    fn a_changed_storage_url_needs_a_restart() {
+        let cfg = |url: &str| {
+            crate::config::parse(
+                &format!("[storage]\nurl = \"{url}\"\n"),
+                std::path::Path::new("/tmp/t.toml"),
+            )
+            .unwrap()
+        };
+        let old = cfg("postgres://tk@a/tk");
+        assert!(needs_restart(&old, &cfg("postgres://tk@a/tk")).is_empty());
+        assert_eq!(
+            needs_restart(&old, &cfg("postgres://tk:other@a/tk")),
+            vec!["storage.url"]
         );
     }
 

@@ -8,7 +8,8 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML config, its lookup order, presets, secret files.
-//! - [`store`]: SQLite (the only SQL), migrations, leases, durable rotation.
+//! - [`store`]: the only SQL, one interface over SQLite and PostgreSQL:
+//!   migrations, leases, durable rotation, `migrate-storage`.
 //! - [`crypto`]: sealing tokens at rest (AEAD) and keyed token fingerprints.
 //! - [`provider`]: OAuth2 calls to providers; [`provider::answer`] reads
 //!   token answers leniently and is the one place that decides which

@@ -47,6 +47,7 @@ pub fn config(listen: SocketAddr, db_path: PathBuf, client_secret: &str) -> Conf
         server: ServerConfig::local(listen),
         storage: StorageConfig {
             path: db_path,
+            url: None,
             encryption_key_file: None,
         },
         refresh: RefreshConfig::default(),

@@ -3,6 +3,8 @@
 //! tests can inject faults and inspect what the provider saw.
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -1,0 +1,1009 @@
+//! The PostgreSQL backend (`storage.url`): several daemons, on one host or
+//! many, sharing one database as a cluster (SPEC 9).
+//!
+//! Cross-host compare-and-swap: every lifecycle write is one conditional
+//! `UPDATE ... RETURNING` (PostgreSQL re-checks its `WHERE` against the
+//! newest row version after waiting for a concurrent writer, so two
+//! daemons racing for a lease cannot both win), or a transaction that
+//! locks the row first (`SELECT ... FOR UPDATE`) when the written values
+//! depend on what is read (sealing for the next generation). Leases are
+//! judged by the engine from what it sees of them, never here.
+//!
+//! Queries are checked at run time (no `DATABASE_URL` at build time).
+//! Migrations (`migrations/postgres/`) and the key check run at start
+//! under an advisory lock, so daemons starting at once take turns. The
+//! pool is small (a token daemon makes a handful of writes per refresh),
+//! and every session has a `statement_timeout`, so a stuck database fails
+//! a refresh (which is retried) instead of blocking it forever; tokens are
+//! served from memory and never wait for the database.
+//!
+//! Must not: be reached other than through [`super::Store`]; check a lease
+//! holder's process (it may be on another host).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::TryStreamExt;
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Row};
+
+use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PENDING_COLUMNS};
+use super::migrate::{self, Dump, MigrateError};
+use super::{
+    to_ms, Backend, BeginRefresh, CommitOutcome, ConnState, ConnectionRow, Fingerprint, LeaseSeen,
+    NewGrant, PendingAuthorization, PendingTake, StoreError, FINGERPRINTS_KEPT,
+};
+use crate::crypto::SealKey;
+
+impl_columns!(PgRow);
+
+/// Connections in the pool: a refresh holds one for a few statements;
+/// the token endpoint holds none. Enough for a wave of refreshes paced by
+/// the provider's rate limit plus `/readyz` and the scheduler's reads.
+const POOL_SIZE: u32 = 4;
+
+/// Longest a statement may run (waiting for a row lock included). Below
+/// [`super::BUSY_TIMEOUT`] so the shutdown arithmetic in `daemon` holds.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long to wait for a pooled connection (or a new one) before failing.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Advisory lock held (shared) by every daemon for its life and
+/// (exclusive) by offline commands: the PostgreSQL form of
+/// [`super::DbLock`]. The value spells "tokenkp" and a 1.
+const LOCK_DAEMONS: i64 = 0x746f_6b65_6e6b_7001;
+
+/// Advisory lock around migrating and checking the key at start.
+const LOCK_STARTUP: i64 = 0x746f_6b65_6e6b_7002;
+
+/// Whether `s` is a PostgreSQL URL (`postgres://` or `postgresql://`).
+pub fn is_url(s: &str) -> bool {
+    let lower = s.trim_start().to_ascii_lowercase();
+    lower.starts_with("postgres://") || lower.starts_with("postgresql://")
+}
+
+/// The URL without its password, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            // Query parameters may carry a password too.
+            if u.query().is_some() {
+                u.set_query(Some("..."));
+            }
+            u.to_string()
+        }
+        Err(_) => "the PostgreSQL URL in storage.url".to_owned(),
+    }
+}
+
+/// The connection options of `url`, with this daemon's session settings.
+fn options(url: &SecretString) -> Result<PgConnectOptions, StoreError> {
+    let redacted = redact(url.expose_secret());
+    let opts =
+        PgConnectOptions::from_str(url.expose_secret()).map_err(|source| StoreError::Connect {
+            url: redacted,
+            source,
+        })?;
+    let timeout = format!("{}", STATEMENT_TIMEOUT.as_millis());
+    Ok(opts.application_name("tokenkeeper").options([
+        ("statement_timeout", timeout.as_str()),
+        // A transaction left open by a stalled daemon must not hold
+        // row locks for long.
+        ("idle_in_transaction_session_timeout", "30000"),
+    ]))
+}
+
+/// A connection of its own holding the daemons' advisory lock (shared for a daemon,
+/// exclusive for an offline command) until dropped. Closing the connection
+/// releases the lock, so a daemon that dies never leaves it held.
+pub struct SessionLock {
+    _conn: sqlx::PgConnection,
+}
+
+impl SessionLock {
+    /// Takes the lock without waiting; refused while a conflicting holder
+    /// has it.
+    pub async fn take(url: &SecretString, exclusive: bool) -> Result<SessionLock, StoreError> {
+        let redacted = redact(url.expose_secret());
+        let mut conn = sqlx::PgConnection::connect_with(&options(url)?)
+            .await
+            .map_err(|source| StoreError::Connect {
+                url: redacted.clone(),
+                source,
+            })?;
+        let sql = if exclusive {
+            "SELECT pg_try_advisory_lock($1)"
+        } else {
+            "SELECT pg_try_advisory_lock_shared($1)"
+        };
+        let got: bool = sqlx::query_scalar(sql)
+            .bind(LOCK_DAEMONS)
+            .fetch_one(&mut conn)
+            .await?;
+        if !got {
+            return Err(if exclusive {
+                StoreError::DaemonRunning { path: redacted }
+            } else {
+                StoreError::OfflineCommandRunning { path: redacted }
+            });
+        }
+        Ok(SessionLock { _conn: conn })
+    }
+}
+
+/// A connected PostgreSQL database.
+#[derive(Clone)]
+pub struct Postgres {
+    pool: PgPool,
+    codec: Codec,
+}
+
+impl Postgres {
+    /// Connects (the pool opens one connection at once, so a wrong URL,
+    /// password or unreachable server fails here, naming the URL).
+    pub(super) async fn connect(url: &SecretString, codec: Codec) -> Result<Postgres, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options(url)?)
+            .await
+            .map_err(|source| StoreError::Connect {
+                url: redact(url.expose_secret()),
+                source,
+            })?;
+        Ok(Postgres { pool, codec })
+    }
+
+    /// Waits for [`LOCK_STARTUP`]; held until the returned connection is
+    /// dropped (it is closed then, which releases the lock).
+    pub(super) async fn startup_lock(&self) -> Result<PoolConnection<sqlx::Postgres>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        conn.close_on_drop();
+        // Without a statement timeout: daemons starting at once wait for
+        // each other's migration, however long it takes.
+        sqlx::query("SET statement_timeout = 0")
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(LOCK_STARTUP)
+            .execute(&mut *conn)
+            .await?;
+        Ok(conn)
+    }
+
+    /// Applies `migrations/postgres/` (the caller holds the startup lock).
+    pub(super) async fn migrate(&self, url: &str) -> Result<(), StoreError> {
+        sqlx::migrate!("./migrations/postgres")
+            .run(&self.pool)
+            .await
+            .map_err(|source| match source {
+                sqlx::migrate::MigrateError::VersionMissing(version) => StoreError::NewerVersion {
+                    path: url.to_owned(),
+                    version,
+                },
+                source => StoreError::Migrate {
+                    path: url.to_owned(),
+                    source,
+                },
+            })
+    }
+
+    /// The pool, for tests that must write what no method writes.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// The one PostgreSQL connection of a transaction.
+type Conn = sqlx::PgConnection;
+
+impl Backend for Postgres {
+    fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    async fn setting(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM installation WHERE name = $1")
+                .bind(name.to_owned())
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn reseal(
+        &self,
+        new: &SealKey,
+        open: &(dyn Fn(&SealContext<'_>, Column, &str) -> Option<SecretString> + Sync),
+        key_check: bool,
+    ) -> Result<usize, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Locked: a daemon of the cluster committing meanwhile waits, so
+        // no rotation is overwritten with the value read here.
+        let rows = sqlx::query(
+            "SELECT id, provider, account, generation, access_token, refresh_token FROM connections FOR UPDATE",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut n = 0;
+        for r in &rows {
+            let provider: String = r.try_get("provider")?;
+            let account: String = r.try_get("account")?;
+            let ctx = SealContext {
+                provider: &provider,
+                account: &account,
+                generation: r.try_get("generation")?,
+            };
+            let access: String = r.try_get("access_token")?;
+            let refresh: Option<String> = r.try_get("refresh_token")?;
+            let Some((access, refresh)) =
+                codec::reseal_row(new, &ctx, (&access, refresh.as_deref()), open)
+            else {
+                tracing::warn!(
+                    provider = %provider,
+                    account = %account,
+                    "cannot re-seal this connection: its stored tokens do not open; left as they are"
+                );
+                continue;
+            };
+            sqlx::query(
+                "UPDATE connections SET access_token = $1, refresh_token = $2 WHERE id = $3",
+            )
+            .bind(access)
+            .bind(refresh)
+            .bind(r.try_get::<i64, _>("id")?)
+            .execute(&mut *tx)
+            .await?;
+            n += 1;
+        }
+        let upsert = "INSERT INTO installation (name, value) VALUES ($1, $2) \
+                      ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value";
+        if key_check {
+            sqlx::query("DELETE FROM pending_authorizations")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(upsert)
+                .bind("key_check")
+                .bind(
+                    new.seal("tokenkeeper", codec::KEY_CHECK_CONTEXT)
+                        .into_bytes(),
+                )
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(upsert)
+            .bind("seal_format")
+            .bind(codec::SEAL_FORMAT.as_bytes().to_vec())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn fingerprint_key(&self) -> Result<[u8; 32], StoreError> {
+        let fresh: [u8; 32] = rand::random();
+        sqlx::query(
+            "INSERT INTO installation (name, value) VALUES ('fingerprint_key', $1) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(fresh.to_vec())
+        .execute(&self.pool)
+        .await?;
+        let v: Vec<u8> =
+            sqlx::query_scalar("SELECT value FROM installation WHERE name = 'fingerprint_key'")
+                .fetch_one(&self.pool)
+                .await?;
+        v.try_into()
+            .map_err(|_| StoreError::Corrupt("fingerprint key has the wrong length".into()))
+    }
+
+    async fn each_fingerprint(
+        &self,
+        mut f: impl FnMut(i64, Fingerprint),
+    ) -> Result<(), StoreError> {
+        let mut rows =
+            sqlx::query("SELECT connection_id, kind, digest FROM token_fingerprints ORDER BY id")
+                .fetch(&self.pool);
+        while let Some(r) = rows.try_next().await? {
+            let fp = Fingerprint::from_stored(r.try_get("kind")?, r.try_get("digest")?)?;
+            f(r.try_get("connection_id")?, fp);
+        }
+        Ok(())
+    }
+
+    async fn fingerprints_of(&self, connection_id: i64) -> Result<Vec<Fingerprint>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT kind, digest FROM token_fingerprints WHERE connection_id = $1 ORDER BY id",
+        )
+        .bind(connection_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Fingerprint::from_stored(r.try_get("kind")?, r.try_get("digest")?))
+            .collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn write_once(&self) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO installation (name, value) VALUES ('write_probe', '\\x01'::bytea) \
+             ON CONFLICT (name) DO UPDATE SET value = installation.value",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn insert_pending(&self, p: &PendingAuthorization) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "INSERT INTO pending_authorizations ({PENDING_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        ))
+        .bind(p.state.clone())
+        .bind(p.provider.clone())
+        .bind(p.account.clone())
+        .bind(
+            p.pkce_verifier
+                .as_ref()
+                .map(|v| self.codec.seal_value(v, &codec::pending_context(&p.state))),
+        )
+        .bind(p.redirect_uri.clone())
+        .bind(p.browser_hash.clone())
+        .bind(to_ms(p.created_at))
+        .bind(to_ms(p.expires_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn take_pending(
+        &self,
+        state: &str,
+        browser_hash: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<PendingTake, StoreError> {
+        sqlx::query("DELETE FROM pending_authorizations WHERE expires_at < $1")
+            .bind(to_ms(now))
+            .execute(&self.pool)
+            .await?;
+        let row = sqlx::query(&format!(
+            "DELETE FROM pending_authorizations WHERE state = $1 AND ($2::text IS NULL OR browser_hash = $2) \
+             RETURNING {PENDING_COLUMNS}"
+        ))
+        .bind(state.to_owned())
+        .bind(browser_hash.map(str::to_owned))
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(r) = row {
+            return self.codec.pending(&r, state).map(PendingTake::Taken);
+        }
+        if browser_hash.is_none() {
+            return Ok(PendingTake::Unknown);
+        }
+        let exists = sqlx::query("SELECT 1 FROM pending_authorizations WHERE state = $1")
+            .bind(state.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(if exists.is_some() {
+            PendingTake::OtherBrowser
+        } else {
+            PendingTake::Unknown
+        })
+    }
+
+    async fn each_connection(&self, mut f: impl FnMut(ConnectionRow)) -> Result<(), StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM connections ORDER BY provider, account");
+        let mut rows = sqlx::query(&sql).fetch(&self.pool);
+        while let Some(r) = rows.try_next().await? {
+            if let Some(row) = self.codec.decode_or_skip(&r) {
+                f(row);
+            }
+        }
+        Ok(())
+    }
+
+    async fn load_connection(&self, id: i64) -> Result<Option<ConnectionRow>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM connections WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().and_then(|r| self.codec.decode_or_skip(r)))
+    }
+
+    async fn versions(&self) -> Result<Vec<(i64, i64, String)>, StoreError> {
+        let rows = sqlx::query("SELECT id, generation, state FROM connections")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect()
+    }
+
+    async fn save_authorized(
+        &self,
+        provider: &str,
+        account: &str,
+        g: &NewGrant<'_>,
+        fps: &[Fingerprint],
+    ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Two daemons storing the first grant of one name at once: the
+        // second waits here, then sees the first's row (a row lock alone
+        // cannot cover a row that does not exist yet).
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1 || '/' || $2))")
+            .bind(provider.to_owned())
+            .bind(account.to_owned())
+            .execute(&mut *tx)
+            .await?;
+        let current: Option<(i64, Option<String>)> = sqlx::query_as(
+            "SELECT generation, refresh_token FROM connections WHERE provider = $1 AND account = $2 FOR UPDATE",
+        )
+        .bind(provider.to_owned())
+        .bind(account.to_owned())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let generation = current.as_ref().map_or(1, |c| c.0 + 1);
+        // A replaced token that no longer opens is not worth failing the
+        // new authorization for: it is simply not revoked.
+        let old = SealContext {
+            provider,
+            account,
+            generation: generation - 1,
+        };
+        let replaced = current.and_then(|c| c.1).and_then(|v| {
+            self.codec
+                .open_value(v, &old.column(Column::RefreshToken))
+                .ok()
+        });
+        let sealed = self.codec.seal_pair((provider, account), generation, g);
+        let row = sqlx::query(&format!(
+            "INSERT INTO connections (provider, account, state, access_token, refresh_token, token_type, scope, \
+                 expires_at, issued_at, refreshed_at, refresh_token_issued_at, generation, created_at) \
+             VALUES ($1, $2, 'active', $3, $4, $5, $6, $7, $8, NULL, $8, 1, $8) \
+             ON CONFLICT (provider, account) DO UPDATE SET \
+                 state = 'active', access_token = $3, refresh_token = $4, token_type = $5, scope = $6, \
+                 expires_at = $7, issued_at = $8, refreshed_at = NULL, refresh_token_issued_at = $8, \
+                 generation = connections.generation + 1, last_error = NULL, failures = 0, next_attempt_at = NULL, \
+                 lease_owner = NULL, lease_until = NULL, attempt_id = NULL, attempt_started_at = NULL, \
+                 interrupted_at = NULL \
+             RETURNING {COLUMNS}"
+        ))
+        .bind(provider.to_owned())
+        .bind(account.to_owned())
+        .bind(sealed.0)
+        .bind(sealed.1)
+        .bind(g.token_type.to_owned())
+        .bind(g.scope.map(str::to_owned))
+        .bind(to_ms(g.expires_at))
+        .bind(to_ms(g.issued_at))
+        .fetch_one(&mut *tx)
+        .await?;
+        let decoded = self.codec.decode(&row)?;
+        record_fingerprints(&mut tx, decoded.id, fps, g.issued_at).await?;
+        tx.commit().await?;
+        Ok((decoded, replaced))
+    }
+
+    async fn begin_refresh(
+        &self,
+        id: i64,
+        owner: &str,
+        attempt_id: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        takeover: Option<&LeaseSeen>,
+    ) -> Result<BeginRefresh, StoreError> {
+        // One conditional UPDATE: a concurrent taker waits for this row's
+        // lock, then re-evaluates the WHERE against the lease written here
+        // and finds it taken. In a transaction so an unreadable row is
+        // rolled back untouched.
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "UPDATE connections SET \
+                 interrupted_at = CASE WHEN attempt_id IS NOT NULL AND lease_owner IS DISTINCT FROM $1 \
+                                       THEN attempt_started_at ELSE interrupted_at END, \
+                 lease_owner = $1, lease_until = $2, attempt_id = $3, attempt_started_at = $4, \
+                 state = CASE WHEN state IN ('active', 'retrying', 'refreshing') THEN 'refreshing' ELSE state END \
+             WHERE id = $5 AND (lease_owner IS NULL OR lease_owner = $1 \
+                 OR (lease_owner = $6 AND attempt_id IS NOT DISTINCT FROM $7 \
+                     AND lease_until IS NOT DISTINCT FROM $8)) \
+             RETURNING {COLUMNS}"
+        ))
+        .bind(owner.to_owned())
+        .bind(to_ms(lease_until))
+        .bind(attempt_id.to_owned())
+        .bind(to_ms(now))
+        .bind(id)
+        .bind(takeover.map(|t| t.owner.clone()))
+        .bind(takeover.and_then(|t| t.attempt.clone()))
+        .bind(takeover.and_then(|t| t.until_ms))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = row {
+            let decoded = self.codec.decode(&row)?;
+            if decoded.unreadable.is_some() {
+                tx.rollback().await?;
+                return Ok(BeginRefresh::Unreadable(Box::new(decoded)));
+            }
+            tx.commit().await?;
+            return Ok(BeginRefresh::Started(Box::new(decoded)));
+        }
+        tx.commit().await?;
+        let holder = sqlx::query(
+            "SELECT lease_owner, lease_until, attempt_id FROM connections WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match holder {
+            None => BeginRefresh::Gone,
+            Some(r) => BeginRefresh::Busy {
+                owner: r.try_get::<Option<String>, _>(0)?.unwrap_or_default(),
+                until: super::from_ms(r.try_get::<Option<i64>, _>(1)?.unwrap_or(0)),
+                attempt: r.try_get::<Option<String>, _>(2)?,
+            },
+        })
+    }
+
+    async fn renew_lease(
+        &self,
+        id: i64,
+        owner: &str,
+        attempt_id: &str,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE connections SET lease_until = $1 WHERE id = $2 AND lease_owner = $3 AND attempt_id = $4",
+        )
+        .bind(to_ms(until))
+        .bind(id)
+        .bind(owner.to_owned())
+        .bind(attempt_id.to_owned())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn commit_refresh(
+        &self,
+        id: i64,
+        name: (&str, &str),
+        owner: &str,
+        attempt_id: &str,
+        base_generation: i64,
+        g: &NewGrant<'_>,
+        fps: &[Fingerprint],
+    ) -> Result<CommitOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The row locked from here to commit: the generation read is the
+        // one the sealed values below are written over.
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT generation FROM connections WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let generation = current.map_or(1, |g| g + 1);
+        let sealed = || self.codec.seal_pair(name, generation, g);
+        let cas = format!(
+            "UPDATE connections SET {GRANT_SET}, state = 'active', lease_owner = NULL, lease_until = NULL, \
+             attempt_id = NULL, attempt_started_at = NULL \
+             WHERE id = $7 AND lease_owner = $8 AND attempt_id = $9 AND generation = $10 RETURNING {COLUMNS}"
+        );
+        let row = bind_grant(sqlx::query(&cas), g, sealed())
+            .bind(id)
+            .bind(owner.to_owned())
+            .bind(attempt_id.to_owned())
+            .bind(base_generation)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if row.is_some() {
+            let decoded = self.finish_commit(&mut tx, id, name, generation, g).await?;
+            record_fingerprints(&mut tx, id, fps, g.issued_at).await?;
+            tx.commit().await?;
+            return Ok(CommitOutcome::Committed {
+                row: Box::new(decoded),
+                kept_lease: true,
+            });
+        }
+        let forced = format!(
+            "UPDATE connections SET {GRANT_SET}, state = CASE WHEN lease_owner IS NULL THEN 'active' ELSE state END \
+             WHERE id = $7 AND generation = $8 RETURNING {COLUMNS}"
+        );
+        let row = bind_grant(sqlx::query(&forced), g, sealed())
+            .bind(id)
+            .bind(base_generation)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if row.is_some() {
+            let decoded = self.finish_commit(&mut tx, id, name, generation, g).await?;
+            record_fingerprints(&mut tx, id, fps, g.issued_at).await?;
+            tx.commit().await?;
+            return Ok(CommitOutcome::Committed {
+                row: Box::new(decoded),
+                kept_lease: false,
+            });
+        }
+        release_lease(&mut tx, id, owner, attempt_id).await?;
+        let current = sqlx::query(&format!("SELECT {COLUMNS} FROM connections WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let current = current.as_ref().map(|r| self.codec.decode(r)).transpose()?;
+        Ok(CommitOutcome::Superseded(current.map(Box::new)))
+    }
+
+    async fn finish_attempt(
+        &self,
+        id: i64,
+        owner: &str,
+        attempt_id: &str,
+        state: ConnState,
+        last_error: Option<&str>,
+        failures: u32,
+        next_attempt_at: Option<DateTime<Utc>>,
+    ) -> Result<Option<ConnectionRow>, StoreError> {
+        let row = sqlx::query(&format!(
+            "UPDATE connections SET state = $1, last_error = $2, failures = $3, next_attempt_at = $4, \
+                 lease_owner = NULL, lease_until = NULL, attempt_id = NULL, attempt_started_at = NULL \
+             WHERE id = $5 AND lease_owner = $6 AND attempt_id = $7 RETURNING {COLUMNS}"
+        ))
+        .bind(state.as_str())
+        .bind(last_error.map(str::to_owned))
+        .bind(failures as i64)
+        .bind(next_attempt_at.map(to_ms))
+        .bind(id)
+        .bind(owner.to_owned())
+        .bind(attempt_id.to_owned())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(|r| self.codec.decode(r)).transpose()
+    }
+
+    async fn reject_attempt(
+        &self,
+        id: i64,
+        (owner, attempt_id): (&str, &str),
+        generation: i64,
+        reason: &str,
+        failures: u32,
+    ) -> Result<Option<ConnectionRow>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "UPDATE connections SET state = 'authorization_required', last_error = $1, failures = $2, \
+                 next_attempt_at = NULL, lease_owner = NULL, lease_until = NULL, attempt_id = NULL, \
+                 attempt_started_at = NULL \
+             WHERE id = $3 AND lease_owner = $4 AND attempt_id = $5 AND generation = $6 RETURNING {COLUMNS}"
+        ))
+        .bind(reason.to_owned())
+        .bind(failures as i64)
+        .bind(id)
+        .bind(owner.to_owned())
+        .bind(attempt_id.to_owned())
+        .bind(generation)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if row.is_none() {
+            release_lease(&mut tx, id, owner, attempt_id).await?;
+        }
+        tx.commit().await?;
+        row.as_ref().map(|r| self.codec.decode(r)).transpose()
+    }
+
+    async fn mark_interrupted(
+        &self,
+        id: i64,
+        dead_owner: Option<&str>,
+        message: &str,
+    ) -> Result<Option<ConnectionRow>, StoreError> {
+        let row = sqlx::query(&format!(
+            "UPDATE connections SET interrupted_at = attempt_started_at, last_error = $1, \
+                 state = CASE WHEN state = 'authorization_required' THEN state ELSE 'retrying' END, \
+                 lease_owner = NULL, lease_until = NULL, attempt_id = NULL, attempt_started_at = NULL, \
+                 next_attempt_at = NULL \
+             WHERE id = $2 AND attempt_id IS NOT NULL AND lease_owner IS NOT DISTINCT FROM $3 RETURNING {COLUMNS}"
+        ))
+        .bind(message.to_owned())
+        .bind(id)
+        .bind(dead_owner.map(str::to_owned))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(|r| self.codec.decode(r)).transpose()
+    }
+
+    async fn heartbeat(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        alive_since: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        sqlx::query(
+            "INSERT INTO processes (owner, seen_at) VALUES ($1, $2) ON CONFLICT (owner) DO UPDATE SET seen_at = $2",
+        )
+        .bind(owner.to_owned())
+        .bind(to_ms(now))
+        .execute(&self.pool)
+        .await?;
+        sqlx::query("DELETE FROM processes WHERE seen_at < $1")
+            .bind(to_ms(alive_since))
+            .execute(&self.pool)
+            .await?;
+        let others: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM processes WHERE owner <> $1")
+            .bind(owner.to_owned())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(others.max(0) as usize)
+    }
+
+    async fn leave(&self, owner: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM processes WHERE owner = $1")
+            .bind(owner.to_owned())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_connection(
+        &self,
+        provider: &str,
+        account: &str,
+    ) -> Result<Option<ConnectionRow>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "DELETE FROM connections WHERE provider = $1 AND account = $2 RETURNING {COLUMNS}"
+        ))
+        .bind(provider.to_owned())
+        .bind(account.to_owned())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let decoded = row.as_ref().map(|r| self.codec.decode(r)).transpose()?;
+        if let Some(d) = &decoded {
+            sqlx::query("DELETE FROM token_fingerprints WHERE connection_id = $1")
+                .bind(d.id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(decoded)
+    }
+
+    async fn delete_connection_at(&self, id: i64, generation: i64) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("DELETE FROM connections WHERE id = $1 AND generation = $2")
+            .bind(id)
+            .bind(generation)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 1 {
+            sqlx::query("DELETE FROM token_fingerprints WHERE connection_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn export(&self) -> Result<Dump, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // One snapshot for all four tables.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut *tx)
+            .await?;
+        let dump = read_dump(&mut tx).await?;
+        tx.commit().await?;
+        Ok(dump)
+    }
+
+    async fn import(&self, dump: &Dump, replace: bool, target: &str) -> Result<(), MigrateError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        // Writers of the cluster wait until this commits, so the emptiness
+        // seen below is what this transaction replaces.
+        sqlx::query("LOCK TABLE connections IN EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        check_empty(&mut tx, replace, target).await?;
+        write_dump(&mut tx, dump).await?;
+        // Rows came with their ids: new ones continue after them.
+        for table in ["connections", "token_fingerprints"] {
+            sqlx::query(&format!(
+                "SELECT setval(pg_get_serial_sequence('{table}', 'id'), \
+                 COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)"
+            ))
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+}
+
+migrate::dump_sql!(Conn, '$');
+
+impl Postgres {
+    /// After a commit's write: re-seals a kept refresh token for the new
+    /// generation (see [`Codec::reseal_kept`]) and returns the row.
+    async fn finish_commit(
+        &self,
+        tx: &mut Conn,
+        id: i64,
+        name: (&str, &str),
+        generation: i64,
+        g: &NewGrant<'_>,
+    ) -> Result<ConnectionRow, StoreError> {
+        if g.refresh_token.is_none() && self.codec.encrypted() {
+            let kept: Option<String> =
+                sqlx::query_scalar("SELECT refresh_token FROM connections WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if let Some(v) = kept {
+                let resealed = self.codec.reseal_kept(name, generation, v)?;
+                sqlx::query("UPDATE connections SET refresh_token = $1 WHERE id = $2")
+                    .bind(resealed)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM connections WHERE id = $1"))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        self.codec.decode(&row)
+    }
+}
+
+/// Columns written by a rotation, bound by [`bind_grant`] as $1..$6.
+const GRANT_SET: &str = "access_token = $1, refresh_token = COALESCE($2, refresh_token), token_type = $3, \
+     scope = COALESCE($4, scope), expires_at = $5, issued_at = $6, refreshed_at = $6, \
+     refresh_token_issued_at = CASE WHEN $2::text IS NULL THEN refresh_token_issued_at ELSE $6 END, \
+     generation = generation + 1, failures = 0, next_attempt_at = NULL, last_error = NULL, interrupted_at = NULL";
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+fn bind_grant<'q>(
+    q: PgQuery<'q>,
+    g: &NewGrant<'_>,
+    sealed: (String, Option<String>),
+) -> PgQuery<'q> {
+    q.bind(sealed.0)
+        .bind(sealed.1)
+        .bind(g.token_type.to_string())
+        .bind(g.scope.map(str::to_string))
+        .bind(to_ms(g.expires_at))
+        .bind(to_ms(g.issued_at))
+}
+
+/// Lets go of a lease this attempt still holds, without touching the grant.
+async fn release_lease(
+    tx: &mut Conn,
+    id: i64,
+    owner: &str,
+    attempt_id: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE connections SET lease_owner = NULL, lease_until = NULL, attempt_id = NULL, \
+             attempt_started_at = NULL, \
+             state = CASE WHEN state = 'refreshing' THEN 'active' ELSE state END \
+         WHERE id = $1 AND lease_owner = $2 AND attempt_id = $3",
+    )
+    .bind(id)
+    .bind(owner.to_owned())
+    .bind(attempt_id.to_owned())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Records fingerprints and drops the oldest beyond [`FINGERPRINTS_KEPT`].
+async fn record_fingerprints(
+    tx: &mut Conn,
+    connection_id: i64,
+    fps: &[Fingerprint],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    for fp in fps {
+        sqlx::query(
+            "INSERT INTO token_fingerprints (connection_id, kind, digest, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(connection_id)
+        .bind(fp.kind.as_str())
+        .bind(fp.digest.to_vec())
+        .bind(to_ms(now))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM token_fingerprints WHERE connection_id = $1 AND kind = $2 AND id NOT IN \
+             (SELECT id FROM token_fingerprints WHERE connection_id = $1 AND kind = $2 ORDER BY id DESC LIMIT $3)",
+        )
+        .bind(connection_id)
+        .bind(fp.kind.as_str())
+        .bind(FINGERPRINTS_KEPT)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Cause and fix of a PostgreSQL failure, if it is one an operator can fix.
+pub(super) fn problem_of(e: &sqlx::Error) -> Option<&'static str> {
+    let sqlx::Error::Database(d) = e else {
+        return None;
+    };
+    d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()?;
+    pg_problem(d.code().as_deref()?)
+}
+
+/// Cause and fix for a PostgreSQL SQLSTATE.
+fn pg_problem(code: &str) -> Option<&'static str> {
+    Some(match code {
+        "57014" => "the database did not answer within the statement timeout (a lock held elsewhere, or an overloaded server); tokenkeeper retries",
+        "25006" => "the database is read-only (a standby, or default_transaction_read_only); point storage.url at the primary",
+        "53100" => "the disk holding the PostgreSQL database is full; free space on it",
+        "53300" => "the PostgreSQL server has no connection slot left; raise max_connections or reduce other clients",
+        "28P01" | "28000" => "PostgreSQL refused the login; check the user and password in storage.url",
+        "3D000" => "the PostgreSQL database named in storage.url does not exist; create it (createdb) or fix the URL",
+        "42501" => "the PostgreSQL user lacks a privilege tokenkeeper needs; make it the owner of the database (or grant CREATE and ALL on its tables)",
+        "57P01" | "57P02" | "57P03" => "the PostgreSQL server is shutting down or starting up; tokenkeeper retries",
+        _ => return None,
+    })
+}
+
+/// Why a connection could not be made, with the fix.
+pub(super) fn describe_connect(e: &sqlx::Error) -> String {
+    if let Some(sentence) = problem_of(e) {
+        return format!("{sentence} ({e})");
+    }
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => format!(
+            "{e}; check that the server runs and listens at the host and port in storage.url, and that no firewall is in between"
+        ),
+        sqlx::Error::Configuration(_) => {
+            format!("{e}; check storage.url (postgres://USER@HOST:PORT/DATABASE)")
+        }
+        _ => format!("{e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_recognised_and_passwords_never_shown() {
+        assert!(is_url("postgres://u@h/db"));
+        assert!(is_url("PostgreSQL://u@h/db"));
+        assert!(!is_url("/var/lib/tokenkeeper/tokenkeeper.db"));
+        let shown = redact("postgres://tk:s3cret@db.example:5432/tk?password=other");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("other"),
+            "{shown}"
+        );
+        assert!(shown.contains("db.example:5432/tk"), "{shown}");
+        assert!(!redact("postgres://tk:s3cret@[bad").contains("s3cret"));
+    }
+
+    #[test]
+    fn common_failures_name_their_fix() {
+        assert!(pg_problem("57014").unwrap().contains("statement timeout"));
+        assert!(pg_problem("25006").unwrap().contains("primary"));
+        assert!(pg_problem("3D000").unwrap().contains("createdb"));
+        assert!(pg_problem("23505").is_none());
+    }
+}

@@ -1,0 +1,1351 @@
+//! The SQLite backend: the zero-setup default (`storage.path`).
+//!
+//! WAL, `synchronous = FULL` (a rotated refresh token must survive power
+//! loss the moment it is committed), migrations embedded from
+//! `migrations/sqlite/` and applied at open. Compare-and-swap writes are
+//! single statements or transactions whose first statement writes, so
+//! they hold SQLite's one write lock from their first read to commit.
+//!
+//! Daemons hold a shared advisory lock on `<database>.lock` for their
+//! whole life; offline commands (`rekey`, `migrate-storage`) take it
+//! exclusively, so they refuse to run under a daemon (see [`DbLock`]).
+//!
+//! Must not: be reached other than through [`super::Store`].
+
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use futures_util::TryStreamExt;
+use secrecy::SecretString;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, SqlitePool};
+
+use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PENDING_COLUMNS};
+use super::migrate::{self, Dump, MigrateError};
+use super::{
+    create_private_dir, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState, ConnectionRow,
+    Fingerprint, LeaseSeen, NewGrant, PendingAuthorization, PendingTake, StoreError, BUSY_TIMEOUT,
+    FINGERPRINTS_KEPT,
+};
+use crate::crypto::SealKey;
+
+impl_columns!(SqliteRow);
+
+/// An open SQLite database.
+#[derive(Clone)]
+pub struct Sqlite {
+    pool: SqlitePool,
+    codec: Codec,
+}
+
+impl Sqlite {
+    /// Opens (creating with mode 0600, in a 0700 directory, if needed) and
+    /// migrates the database at `path`.
+    pub(super) async fn open(path: &Path, codec: Codec) -> Result<Sqlite, StoreError> {
+        prepare_file(path)?;
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true)
+            // 512 KiB of page cache per pooled connection instead of 2 MiB:
+            // the start reads every row once, and each connection would
+            // keep the pages it read for the life of the daemon. Refreshes
+            // touch a handful of pages by primary key.
+            .pragma("cache_size", "-512");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&pool)
+            .await
+            .map_err(|source| match source {
+                sqlx::migrate::MigrateError::VersionMissing(version) => StoreError::NewerVersion {
+                    path: path.display().to_string(),
+                    version,
+                },
+                sqlx::migrate::MigrateError::Execute(e) => StoreError::Open {
+                    path: path.display().to_string(),
+                    source: e,
+                },
+                source => StoreError::Migrate {
+                    path: path.display().to_string(),
+                    source,
+                },
+            })?;
+        Ok(Sqlite { pool, codec })
+    }
+
+    /// The pool, for tests that must write what no method writes.
+    #[cfg(test)]
+    pub(super) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+/// The one SQLite connection of a transaction.
+type Conn = sqlx::SqliteConnection;
+
+impl Backend for Sqlite {
+    fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    async fn setting(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM installation WHERE name = ?")
+                .bind(name.to_owned())
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn reseal(
+        &self,
+        new: &SealKey,
+        open: &(dyn Fn(&SealContext<'_>, Column, &str) -> Option<SecretString> + Sync),
+        key_check: bool,
+    ) -> Result<usize, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, provider, account, generation, access_token, refresh_token FROM connections",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut n = 0;
+        for r in &rows {
+            let provider: String = r.try_get("provider")?;
+            let account: String = r.try_get("account")?;
+            let ctx = SealContext {
+                provider: &provider,
+                account: &account,
+                generation: r.try_get("generation")?,
+            };
+            let access: String = r.try_get("access_token")?;
+            let refresh: Option<String> = r.try_get("refresh_token")?;
+            let Some((access, refresh)) =
+                codec::reseal_row(new, &ctx, (&access, refresh.as_deref()), open)
+            else {
+                warn_not_resealed(&provider, &account);
+                continue;
+            };
+            sqlx::query("UPDATE connections SET access_token = ?, refresh_token = ? WHERE id = ?")
+                .bind(access)
+                .bind(refresh)
+                .bind(r.try_get::<i64, _>("id")?)
+                .execute(&mut *tx)
+                .await?;
+            n += 1;
+        }
+        if key_check {
+            sqlx::query("DELETE FROM pending_authorizations")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT OR REPLACE INTO installation (name, value) VALUES ('key_check', ?)",
+            )
+            .bind(
+                new.seal("tokenkeeper", codec::KEY_CHECK_CONTEXT)
+                    .into_bytes(),
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("INSERT OR REPLACE INTO installation (name, value) VALUES ('seal_format', ?)")
+            .bind(codec::SEAL_FORMAT.as_bytes().to_vec())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn fingerprint_key(&self) -> Result<[u8; 32], StoreError> {
+        let fresh: [u8; 32] = rand::random();
+        sqlx::query(
+            "INSERT OR IGNORE INTO installation (name, value) VALUES ('fingerprint_key', ?)",
+        )
+        .bind(fresh.to_vec())
+        .execute(&self.pool)
+        .await?;
+        let v: Vec<u8> =
+            sqlx::query_scalar("SELECT value FROM installation WHERE name = 'fingerprint_key'")
+                .fetch_one(&self.pool)
+                .await?;
+        v.try_into()
+            .map_err(|_| StoreError::Corrupt("fingerprint key has the wrong length".into()))
+    }
+
+    async fn each_fingerprint(
+        &self,
+        mut f: impl FnMut(i64, Fingerprint),
+    ) -> Result<(), StoreError> {
+        let mut rows =
+            sqlx::query("SELECT connection_id, kind, digest FROM token_fingerprints ORDER BY id")
+                .fetch(&self.pool);
+        while let Some(r) = rows.try_next().await? {
+            let fp = Fingerprint::from_stored(r.try_get("kind")?, r.try_get("digest")?)?;
+            f(r.try_get("connection_id")?, fp);
+        }
+        Ok(())
+    }
+
+    async fn fingerprints_of(&self, connection_id: i64) -> Result<Vec<Fingerprint>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT kind, digest FROM token_fingerprints WHERE connection_id = ? ORDER BY id",
+        )
+        .bind(connection_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Fingerprint::from_stored(r.try_get("kind")?, r.try_get("digest")?))
+            .collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn write_once(&self) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO installation (name, value) VALUES ('write_probe', x'01') \
+             ON CONFLICT (name) DO UPDATE SET value = value",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn insert_pending(&self, p: &PendingAuthorization) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "INSERT INTO pending_authorizations ({PENDING_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(p.state.clone())
+        .bind(p.provider.clone())
+        .bind(p.account.clone())
+        .bind(
+            p.pkce_verifier
+                .as_ref()
+                .map(|v| self.codec.seal_value(v, &codec::pending_context(&p.state))),
+        )
+        .bind(p.redirect_uri.clone())
+        .bind(p.browser_hash.clone())
+        .bind(to_ms(p.created_at))
+        .bind(to_ms(p.expires_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn take_pending(
+        &self,
+        state: &str,
+        browser_hash: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<PendingTake, StoreError> {
+        sqlx::query("DELETE FROM pending_authorizations WHERE expires_at < ?")
+            .bind(to_ms(now))
+            .execute(&self.pool)
+            .await?;
+        let row = sqlx::query(&format!(
+            "DELETE FROM pending_authorizations WHERE state = ?1 AND (?2 IS NULL OR browser_hash = ?2) \
+             RETURNING {PENDING_COLUMNS}"
+        ))
+        .bind(state.to_owned())
+        .bind(browser_hash.map(str::to_owned))
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(r) = row {
+            return self.codec.pending(&r, state).map(PendingTake::Taken);
+        }
+        if browser_hash.is_none() {
+            return Ok(PendingTake::Unknown);
+        }
+        let exists = sqlx::query("SELECT 1 FROM pending_authorizations WHERE state = ?")
+            .bind(state.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(if exists.is_some() {
+            PendingTake::OtherBrowser
+        } else {
+            PendingTake::Unknown
+        })
+    }
+
+    async fn each_connection(&self, mut f: impl FnMut(ConnectionRow)) -> Result<(), StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM connections ORDER BY provider, account");
+        let mut rows = sqlx::query(&sql).fetch(&self.pool);
+        while let Some(r) = rows.try_next().await? {
+            if let Some(row) = self.codec.decode_or_skip(&r) {
+                f(row);
+            }
+        }
+        Ok(())
+    }
+
+    async fn load_connection(&self, id: i64) -> Result<Option<ConnectionRow>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().and_then(|r| self.codec.decode_or_skip(r)))
+    }
+
+    async fn versions(&self) -> Result<Vec<(i64, i64, String)>, StoreError> {
+        let rows = sqlx::query("SELECT id, generation, state FROM connections")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect()
+    }
+
+    async fn save_authorized(
+        &self,
+        provider: &str,
+        account: &str,
+        g: &NewGrant<'_>,
+        fps: &[Fingerprint],
+    ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The first statement writes (BEGIN IMMEDIATE semantics), so the
+        // replaced token read below is the one this write replaces.
+        let generation = next_generation_by_name(&mut tx, provider, account).await?;
+        let replaced: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT refresh_token FROM connections WHERE provider = ? AND account = ?",
+        )
+        .bind(provider.to_owned())
+        .bind(account.to_owned())
+        .fetch_optional(&mut *tx)
+        .await?;
+        // A replaced token that no longer opens is not worth failing the
+        // new authorization for: it is simply not revoked.
+        let old = SealContext {
+            provider,
+            account,
+            generation: generation - 1,
+        };
+        let replaced = replaced.flatten().and_then(|v| {
+            self.codec
+                .open_value(v, &old.column(Column::RefreshToken))
+                .ok()
+        });
+        let sealed = self.codec.seal_pair((provider, account), generation, g);
+        let row = sqlx::query(&format!(
+            "INSERT INTO connections (provider, account, state, access_token, refresh_token, token_type, scope, \
+                 expires_at, issued_at, refreshed_at, refresh_token_issued_at, generation, created_at) \
+             VALUES (?1, ?2, 'active', ?3, ?4, ?5, ?6, ?7, ?8, NULL, ?8, 1, ?8) \
+             ON CONFLICT (provider, account) DO UPDATE SET \
+                 state = 'active', access_token = ?3, refresh_token = ?4, token_type = ?5, scope = ?6, \
+                 expires_at = ?7, issued_at = ?8, refreshed_at = NULL, refresh_token_issued_at = ?8, \
+                 generation = generation + 1, last_error = NULL, failures = 0, next_attempt_at = NULL, \
+                 lease_owner = NULL, lease_until = NULL, attempt_id = NULL, attempt_started_at = NULL, \
+                 interrupted_at = NULL \
+             RETURNING {COLUMNS}"
+        ))
+        .bind(provider.to_owned())
+        .bind(account.to_owned())
+        .bind(sealed.0)
+        .bind(sealed.1)
+        .bind(g.token_type.to_owned())
+        .bind(g.scope.map(str::to_owned))
+        .bind(to_ms(g.expires_at))
+        .bind(to_ms(g.issued_at))
+        .fetch_one(&mut *tx)
+        .await?;
+        let decoded = self.codec.decode(&row)?;
+        record_fingerprints(&mut tx, decoded.id, fps, g.issued_at).await?;
+        tx.commit().await?;
+        Ok((decoded, replaced))
+    }
+
+    async fn begin_refresh(
+        &self,
+        id: i64,
+        owner: &str,
+        attempt_id: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        takeover: Option<&LeaseSeen>,
+    ) -> Result<BeginRefresh, StoreError> {
+        // An unfinished attempt of another holder means it died mid-refresh:
+        // remember when, so a later rejection can say precisely why. One
+        // transaction: a row that turns out unreadable is rolled back
+        // untouched (its state is left as stored, so an unknown one still
+        // reads as unknown after the update).
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "UPDATE connections SET \
+                 interrupted_at = CASE WHEN attempt_id IS NOT NULL AND lease_owner IS NOT ?1 \
+                                       THEN attempt_started_at ELSE interrupted_at END, \
+                 lease_owner = ?1, lease_until = ?2, attempt_id = ?3, attempt_started_at = ?4, \
+                 state = CASE WHEN state IN ('active', 'retrying', 'refreshing') THEN 'refreshing' ELSE state END \
+             WHERE id = ?5 AND (lease_owner IS NULL OR lease_owner = ?1 \
+                 OR (lease_owner = ?6 AND attempt_id IS ?7 AND lease_until IS ?8)) \
+             RETURNING {COLUMNS}"
+        ))
+        .bind(owner.to_owned())
+        .bind(to_ms(lease_until))
+        .bind(attempt_id.to_owned())
+        .bind(to_ms(now))
+        .bind(id)
+        .bind(takeover.map(|t| t.owner.clone()))
+        .bind(takeover.and_then(|t| t.attempt.clone()))
+        .bind(takeover.and_then(|t| t.until_ms))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = row {
+            let decoded = self.codec.decode(&row)?;
+            if decoded.unreadable.is_some() {
+                tx.rollback().await?;
+                return Ok(BeginRefresh::Unreadable(Box::new(decoded)));
+            }
+            tx.commit().await?;
+            return Ok(BeginRefresh::Started(Box::new(decoded)));
+        }
+        tx.commit().await?;
+        let holder = sqlx::query(
+            "SELECT lease_owner, lease_until, attempt_id FROM connections WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match holder {
+            None => BeginRefresh::Gone,
+            Some(r) => BeginRefresh::Busy {
+                owner: r.try_get::<Option<String>, _>(0)?.unwrap_or_default(),
+                until: super::from_ms(r.try_get::<Option<i64>, _>(1)?.unwrap_or(0)),
+                attempt: r.try_get::<Option<String>, _>(2)?,
+            },
+        })
+    }
+
+    async fn renew_lease(
+        &self,
+        id: i64,
+        owner: &str,
+        attempt_id: &str,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE connections SET lease_until = ? WHERE id = ? AND lease_owner = ? AND attempt_id = ?")
+            .bind(to_ms(until))
+            .bind(id)
+            .bind(owner.to_owned())
+            .bind(attempt_id.to_owned())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn commit_refresh(
+        &self,
+        id: i64,
+        name: (&str, &str),
+        owner: &str,
+        attempt_id: &str,
+        base_generation: i64,
+        g: &NewGrant<'_>,
+        fps: &[Fingerprint],
+    ) -> Result<CommitOutcome, StoreError> {
+        // One transaction: the pair and the fingerprints of the new tokens
+        // become durable together.
+        let mut tx = self.pool.begin().await?;
+        let generation = next_generation_by_id(&mut tx, id).await?;
+        let sealed = || self.codec.seal_pair(name, generation, g);
+        let cas = format!(
+            "UPDATE connections SET {GRANT_SET}, state = 'active', lease_owner = NULL, lease_until = NULL, \
+             attempt_id = NULL, attempt_started_at = NULL \
+             WHERE id = ?7 AND lease_owner = ?8 AND attempt_id = ?9 AND generation = ?10 RETURNING {COLUMNS}"
+        );
+        let row = bind_grant(sqlx::query(&cas), g, sealed())
+            .bind(id)
+            .bind(owner.to_owned())
+            .bind(attempt_id.to_owned())
+            .bind(base_generation)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if row.is_some() {
+            let decoded = self.finish_commit(&mut tx, id, name, generation, g).await?;
+            record_fingerprints(&mut tx, id, fps, g.issued_at).await?;
+            tx.commit().await?;
+            return Ok(CommitOutcome::Committed {
+                row: Box::new(decoded),
+                kept_lease: true,
+            });
+        }
+        let forced = format!(
+            "UPDATE connections SET {GRANT_SET}, state = CASE WHEN lease_owner IS NULL THEN 'active' ELSE state END \
+             WHERE id = ?7 AND generation = ?8 RETURNING {COLUMNS}"
+        );
+        let row = bind_grant(sqlx::query(&forced), g, sealed())
+            .bind(id)
+            .bind(base_generation)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if row.is_some() {
+            let decoded = self.finish_commit(&mut tx, id, name, generation, g).await?;
+            record_fingerprints(&mut tx, id, fps, g.issued_at).await?;
+            tx.commit().await?;
+            return Ok(CommitOutcome::Committed {
+                row: Box::new(decoded),
+                kept_lease: false,
+            });
+        }
+        release_lease(&mut tx, id, owner, attempt_id).await?;
+        let current = sqlx::query(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let current = current.as_ref().map(|r| self.codec.decode(r)).transpose()?;
+        Ok(CommitOutcome::Superseded(current.map(Box::new)))
+    }
+
+    async fn finish_attempt(
+        &self,
+        id: i64,
+        owner: &str,
+        attempt_id: &str,
+        state: ConnState,
+        last_error: Option<&str>,
+        failures: u32,
+        next_attempt_at: Option<DateTime<Utc>>,
+    ) -> Result<Option<ConnectionRow>, StoreError> {
+        let row = sqlx::query(&format!(
+            "UPDATE connections SET state = ?1, last_error = ?2, failures = ?3, next_attempt_at = ?4, \
+                 lease_owner = NULL, lease_until = NULL, attempt_id = NULL, attempt_started_at = NULL \
+             WHERE id = ?5 AND lease_owner = ?6 AND attempt_id = ?7 RETURNING {COLUMNS}"
+        ))
+        .bind(state.as_str())
+        .bind(last_error.map(str::to_owned))
+        .bind(failures as i64)
+        .bind(next_attempt_at.map(to_ms))
+        .bind(id)
+        .bind(owner.to_owned())
+        .bind(attempt_id.to_owned())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(|r| self.codec.decode(r)).transpose()
+    }
+
+    async fn reject_attempt(
+        &self,
+        id: i64,
+        (owner, attempt_id): (&str, &str),
+        generation: i64,
+        reason: &str,
+        failures: u32,
+    ) -> Result<Option<ConnectionRow>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "UPDATE connections SET state = 'authorization_required', last_error = ?1, failures = ?2, \
+                 next_attempt_at = NULL, lease_owner = NULL, lease_until = NULL, attempt_id = NULL, \
+                 attempt_started_at = NULL \
+             WHERE id = ?3 AND lease_owner = ?4 AND attempt_id = ?5 AND generation = ?6 RETURNING {COLUMNS}"
+        ))
+        .bind(reason.to_owned())
+        .bind(failures as i64)
+        .bind(id)
+        .bind(owner.to_owned())
+        .bind(attempt_id.to_owned())
+        .bind(generation)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if row.is_none() {
+            release_lease(&mut tx, id, owner, attempt_id).await?;
+        }
+        tx.commit().await?;
+        row.as_ref().map(|r| self.codec.decode(r)).transpose()
+    }
+
+    async fn mark_interrupted(
+        &self,
+        id: i64,
+        dead_owner: Option<&str>,
+        message: &str,
+    ) -> Result<Option<ConnectionRow>, StoreError> {
+        let row = sqlx::query(&format!(
+            "UPDATE connections SET interrupted_at = attempt_started_at, last_error = ?1, \
+                 state = CASE WHEN state = 'authorization_required' THEN state ELSE 'retrying' END, \
+                 lease_owner = NULL, lease_until = NULL, attempt_id = NULL, attempt_started_at = NULL, \
+                 next_attempt_at = NULL \
+             WHERE id = ?2 AND attempt_id IS NOT NULL AND lease_owner IS ?3 RETURNING {COLUMNS}"
+        ))
+        .bind(message.to_owned())
+        .bind(id)
+        .bind(dead_owner.map(str::to_owned))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(|r| self.codec.decode(r)).transpose()
+    }
+
+    async fn heartbeat(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        alive_since: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        sqlx::query("INSERT INTO processes (owner, seen_at) VALUES (?1, ?2) ON CONFLICT (owner) DO UPDATE SET seen_at = ?2")
+            .bind(owner.to_owned())
+            .bind(to_ms(now))
+            .execute(&self.pool)
+            .await?;
+        sqlx::query("DELETE FROM processes WHERE seen_at < ?")
+            .bind(to_ms(alive_since))
+            .execute(&self.pool)
+            .await?;
+        let others: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM processes WHERE owner != ?")
+            .bind(owner.to_owned())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(others.max(0) as usize)
+    }
+
+    async fn leave(&self, owner: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM processes WHERE owner = ?")
+            .bind(owner.to_owned())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_connection(
+        &self,
+        provider: &str,
+        account: &str,
+    ) -> Result<Option<ConnectionRow>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "DELETE FROM connections WHERE provider = ? AND account = ? RETURNING {COLUMNS}"
+        ))
+        .bind(provider.to_owned())
+        .bind(account.to_owned())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let decoded = row.as_ref().map(|r| self.codec.decode(r)).transpose()?;
+        if let Some(d) = &decoded {
+            sqlx::query("DELETE FROM token_fingerprints WHERE connection_id = ?")
+                .bind(d.id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(decoded)
+    }
+
+    async fn delete_connection_at(&self, id: i64, generation: i64) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("DELETE FROM connections WHERE id = ? AND generation = ?")
+            .bind(id)
+            .bind(generation)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 1 {
+            sqlx::query("DELETE FROM token_fingerprints WHERE connection_id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn export(&self) -> Result<Dump, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let dump = read_dump(&mut tx).await?;
+        tx.commit().await?;
+        Ok(dump)
+    }
+
+    async fn import(&self, dump: &Dump, replace: bool, target: &str) -> Result<(), MigrateError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        // A write first, so the transaction holds the write lock and the
+        // emptiness seen below is what this commit replaces.
+        sqlx::query("DELETE FROM processes")
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        check_empty(&mut tx, replace, target).await?;
+        write_dump(&mut tx, dump).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+}
+
+migrate::dump_sql!(Conn, '?');
+
+impl Sqlite {
+    /// After a commit's write: re-seals a kept refresh token for the new
+    /// generation (see [`Codec::reseal_kept`]) and returns the row.
+    async fn finish_commit(
+        &self,
+        tx: &mut Conn,
+        id: i64,
+        name: (&str, &str),
+        generation: i64,
+        g: &NewGrant<'_>,
+    ) -> Result<ConnectionRow, StoreError> {
+        if g.refresh_token.is_none() && self.codec.encrypted() {
+            let kept: Option<String> =
+                sqlx::query_scalar("SELECT refresh_token FROM connections WHERE id = ?")
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if let Some(v) = kept {
+                let resealed = self.codec.reseal_kept(name, generation, v)?;
+                sqlx::query("UPDATE connections SET refresh_token = ? WHERE id = ?")
+                    .bind(resealed)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?"))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        self.codec.decode(&row)
+    }
+}
+
+fn warn_not_resealed(provider: &str, account: &str) {
+    tracing::warn!(
+        provider = %provider,
+        account = %account,
+        "cannot re-seal this connection: its stored tokens do not open; left as they are"
+    );
+}
+
+/// Columns written by a rotation, bound by [`bind_grant`] as ?1..?6.
+const GRANT_SET: &str = "access_token = ?1, refresh_token = COALESCE(?2, refresh_token), token_type = ?3, \
+     scope = COALESCE(?4, scope), expires_at = ?5, issued_at = ?6, refreshed_at = ?6, \
+     refresh_token_issued_at = CASE WHEN ?2 IS NULL THEN refresh_token_issued_at ELSE ?6 END, \
+     generation = generation + 1, failures = 0, next_attempt_at = NULL, last_error = NULL, interrupted_at = NULL";
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+fn bind_grant<'q>(
+    q: SqliteQuery<'q>,
+    g: &NewGrant<'_>,
+    sealed: (String, Option<String>),
+) -> SqliteQuery<'q> {
+    q.bind(sealed.0)
+        .bind(sealed.1)
+        .bind(g.token_type.to_string())
+        .bind(g.scope.map(str::to_string))
+        .bind(to_ms(g.expires_at))
+        .bind(to_ms(g.issued_at))
+}
+
+/// Lets go of a lease this attempt still holds, without touching the
+/// grant (a result that lost to a newer grant, a rejection that did).
+async fn release_lease(
+    tx: &mut Conn,
+    id: i64,
+    owner: &str,
+    attempt_id: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE connections SET lease_owner = NULL, lease_until = NULL, attempt_id = NULL, \
+             attempt_started_at = NULL, \
+             state = CASE WHEN state = 'refreshing' THEN 'active' ELSE state END \
+         WHERE id = ? AND lease_owner = ? AND attempt_id = ?",
+    )
+    .bind(id)
+    .bind(owner.to_owned())
+    .bind(attempt_id.to_owned())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Takes the transaction's write lock at once (a no-op update) and returns
+/// the generation row `id` will have after this transaction writes its
+/// token pair. With the lock held from here, no other writer can move the
+/// generation between this read and the write it seals for.
+async fn next_generation_by_id(tx: &mut Conn, id: i64) -> Result<i64, StoreError> {
+    let g: Option<i64> = sqlx::query_scalar(
+        "UPDATE connections SET generation = generation WHERE id = ? RETURNING generation",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(g.map_or(1, |g| g + 1))
+}
+
+/// As [`next_generation_by_id`], by name; 1 for a row yet to be inserted.
+async fn next_generation_by_name(
+    tx: &mut Conn,
+    provider: &str,
+    account: &str,
+) -> Result<i64, StoreError> {
+    let g: Option<i64> = sqlx::query_scalar(
+        "UPDATE connections SET generation = generation WHERE provider = ? AND account = ? RETURNING generation",
+    )
+    .bind(provider.to_owned())
+    .bind(account.to_owned())
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(g.map_or(1, |g| g + 1))
+}
+
+/// Records fingerprints and drops the oldest beyond [`FINGERPRINTS_KEPT`].
+async fn record_fingerprints(
+    tx: &mut Conn,
+    connection_id: i64,
+    fps: &[Fingerprint],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    for fp in fps {
+        sqlx::query("INSERT INTO token_fingerprints (connection_id, kind, digest, created_at) VALUES (?, ?, ?, ?)")
+            .bind(connection_id)
+            .bind(fp.kind.as_str())
+            .bind(fp.digest.to_vec())
+            .bind(to_ms(now))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "DELETE FROM token_fingerprints WHERE connection_id = ?1 AND kind = ?2 AND id NOT IN \
+             (SELECT id FROM token_fingerprints WHERE connection_id = ?1 AND kind = ?2 ORDER BY id DESC LIMIT ?3)",
+        )
+        .bind(connection_id)
+        .bind(fp.kind.as_str())
+        .bind(FINGERPRINTS_KEPT)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Cause and fix of an SQLite failure, if it is one an operator can fix.
+pub(super) fn problem_of(e: &sqlx::Error) -> Option<&'static str> {
+    let sqlx::Error::Database(d) = e else {
+        return None;
+    };
+    d.try_downcast_ref::<sqlx::sqlite::SqliteError>()?;
+    sqlite_problem(d.code().as_deref())
+}
+
+/// Why a database could not be opened, with the fix; the generic fix
+/// when SQLite's code says nothing more specific.
+pub(super) fn describe_open(e: &sqlx::Error) -> String {
+    match problem_of(e) {
+        Some(sentence) => format!("{sentence} ({e})"),
+        None => format!(
+            "{e}; check that the service user can read and write the file and its directory (SQLite creates -wal and -shm files next to it)"
+        ),
+    }
+}
+
+/// Cause and fix for an SQLite (extended) result code, by its primary code.
+fn sqlite_problem(code: Option<&str>) -> Option<&'static str> {
+    let primary = code?.parse::<i64>().ok()? & 0xff;
+    Some(match primary {
+        13 => "the disk holding the database is full; free space on it (tokenkeeper keeps new grants in memory and retries)",
+        8 => "the database or its directory is read-only; give the service user write access to both (SQLite also creates -wal and -shm files next to the database) and check the mount",
+        14 => "the database file cannot be opened; check that the service user can read and write the file and its directory",
+        5 | 6 => "the database is locked by another process; find what holds it (e.g. an sqlite3 shell in a transaction) and end it",
+        10 => "the disk reported an I/O error while using the database; check the disk and the kernel log",
+        11 | 26 => "the database file is damaged or not a tokenkeeper database; restore a backup",
+        _ => return None,
+    })
+}
+/// An advisory lock (`flock`) on `<database>.lock`, held until dropped.
+/// Daemons hold it shared for their whole life (several may share one
+/// database); offline commands that rewrite every row (`rekey`) take it
+/// exclusively, so neither can start while the other runs. The kernel
+/// releases it when the process dies, so a crash never leaves it stuck.
+pub struct DbLock {
+    _file: std::fs::File,
+}
+
+impl DbLock {
+    /// For a daemon: shared, refused while an offline command runs.
+    pub fn shared(db: &Path) -> Result<DbLock, StoreError> {
+        Self::take(db, libc::LOCK_SH).map_err(|e| match e {
+            Some(e) => e,
+            None => StoreError::OfflineCommandRunning {
+                path: db.display().to_string(),
+            },
+        })
+    }
+
+    /// For an offline command: exclusive, refused while a daemon runs.
+    pub fn exclusive(db: &Path) -> Result<DbLock, StoreError> {
+        Self::take(db, libc::LOCK_EX).map_err(|e| match e {
+            Some(e) => e,
+            None => StoreError::DaemonRunning {
+                path: db.display().to_string(),
+            },
+        })
+    }
+
+    /// `Err(None)`: someone holds a conflicting lock.
+    fn take(db: &Path, mode: libc::c_int) -> Result<DbLock, Option<StoreError>> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut name = db.as_os_str().to_owned();
+        name.push(".lock");
+        let path = std::path::PathBuf::from(name);
+        let io = |source| StoreError::Directory {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            create_private_dir(dir).map_err(|e| Some(io(e)))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Some(io(e)))?;
+        // SAFETY: flock on a descriptor this function owns; no memory involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(DbLock { _file: file });
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(None);
+        }
+        Err(Some(io(err)))
+    }
+}
+
+/// Creates the parent directory (0700) and the file (0600) before SQLite
+/// does, so the database is never readable by others, not even briefly; an
+/// existing database that others can read is refused, with the fix.
+fn prepare_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |source| StoreError::Directory {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        create_private_dir(dir).map_err(io)?;
+    }
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(StoreError::Permissions {
+                path: path.display().to_string(),
+                mode,
+            });
+        }
+        return Ok(());
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Db, Store};
+    use secrecy::ExposeSecret;
+    use std::time::Duration;
+
+    /// The SQLite pool behind `store`.
+    fn pool(store: &Store) -> &SqlitePool {
+        match store.backend() {
+            Db::Sqlite(s) => s.pool(),
+            Db::Postgres(_) => unreachable!("an SQLite store"),
+        }
+    }
+
+    fn unreadable(store: &Store, id: i64) -> bool {
+        match store.backend() {
+            Db::Sqlite(s) => s.codec.is_unreadable(id),
+            Db::Postgres(_) => unreachable!("an SQLite store"),
+        }
+    }
+
+    fn none_unreadable(store: &Store) -> bool {
+        match store.backend() {
+            Db::Sqlite(s) => s.codec.none_unreadable(),
+            Db::Postgres(_) => unreachable!("an SQLite store"),
+        }
+    }
+
+    fn key() -> SealKey {
+        SealKey::from_bytes([9; 32])
+    }
+
+    /// Stores a browser authorization of keap/default whose tokens are
+    /// `access-{n}` and `refresh-{n}`.
+    async fn authorize(store: &Store, n: &str) -> ConnectionRow {
+        let access = SecretString::from(format!("access-{n}"));
+        let refresh = SecretString::from(format!("refresh-{n}"));
+        let now = Utc::now();
+        let new = NewGrant {
+            access_token: &access,
+            refresh_token: Some(&refresh),
+            token_type: "Bearer",
+            scope: None,
+            issued_at: now,
+            expires_at: now + chrono::Duration::hours(1),
+        };
+        store
+            .save_authorized("keap", "default", &new, &[])
+            .await
+            .unwrap()
+            .0
+    }
+
+    async fn store_with_grant(dir: &Path, key: Option<SealKey>) -> (Store, ConnectionRow) {
+        let store = Store::open(&dir.join("t.db"), key).await.unwrap();
+        let row = authorize(&store, "1").await;
+        (store, row)
+    }
+
+    async fn raw(store: &Store, sql: &str) {
+        sqlx::query(sql).execute(pool(store)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn swapped_columns_and_replayed_values_do_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, row) = store_with_grant(dir.path(), Some(key())).await;
+        assert_eq!(row.access_token.expose_secret(), "access-1");
+        assert!(none_unreadable(&store));
+
+        // Swapped columns: reported, no token handed out.
+        raw(
+            &store,
+            "UPDATE connections SET access_token = refresh_token, refresh_token = access_token",
+        )
+        .await;
+        let got = store.load_connection(row.id).await.unwrap().unwrap();
+        assert_eq!(got.state, ConnState::AuthorizationRequired);
+        assert!(got.access_token.expose_secret().is_empty());
+        assert!(got.refresh_token.is_none());
+        assert!(got.expires_at < Utc::now());
+        let why = got.last_error.unwrap();
+        assert!(why.contains("does not decrypt"), "{why}");
+        assert!(why.contains("tokenkeeper connect keap default"), "{why}");
+        assert!(unreadable(&store, row.id));
+        raw(
+            &store,
+            "UPDATE connections SET access_token = refresh_token, refresh_token = access_token",
+        )
+        .await;
+        assert_eq!(
+            store
+                .load_connection(row.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .access_token
+                .expose_secret(),
+            "access-1"
+        );
+        assert!(none_unreadable(&store));
+
+        // Replay: a value sealed for generation 1, put back after a commit.
+        let old: String = sqlx::query_scalar("SELECT refresh_token FROM connections")
+            .fetch_one(pool(&store))
+            .await
+            .unwrap();
+        let row2 = authorize(&store, "2").await;
+        assert_eq!(row2.generation, 2);
+        assert_eq!(
+            row2.refresh_token.unwrap().expose_secret(),
+            "refresh-2",
+            "sealed with the generation the row has after the write"
+        );
+        sqlx::query("UPDATE connections SET refresh_token = ?")
+            .bind(old)
+            .execute(pool(&store))
+            .await
+            .unwrap();
+        let got = store.load_connection(row.id).await.unwrap().unwrap();
+        assert_eq!(got.state, ConnState::AuthorizationRequired);
+        assert!(got.last_error.unwrap().contains("refresh_token"));
+    }
+
+    #[tokio::test]
+    async fn a_database_sealed_the_old_way_is_resealed_once_and_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, row) = store_with_grant(dir.path(), Some(key())).await;
+        // Rewrite the row as the previous version sealed it.
+        let legacy = "connection:keap/default";
+        sqlx::query("UPDATE connections SET access_token = ?, refresh_token = ?")
+            .bind(key().seal("access-1", legacy))
+            .bind(key().seal("refresh-1", legacy))
+            .execute(pool(&store))
+            .await
+            .unwrap();
+        raw(
+            &store,
+            "DELETE FROM installation WHERE name = 'seal_format'",
+        )
+        .await;
+        store.close().await;
+
+        let store = Store::open(&dir.path().join("t.db"), Some(key()))
+            .await
+            .unwrap();
+        let got = store.load_connection(row.id).await.unwrap().unwrap();
+        assert_eq!(got.state, ConnState::Active);
+        assert_eq!(got.access_token.expose_secret(), "access-1");
+        assert_eq!(got.refresh_token.unwrap().expose_secret(), "refresh-1");
+        // Now bound: the legacy binding no longer opens what is stored.
+        let stored: String = sqlx::query_scalar("SELECT access_token FROM connections")
+            .fetch_one(pool(&store))
+            .await
+            .unwrap();
+        assert!(key().open(&stored, legacy).is_err());
+    }
+
+    #[tokio::test]
+    async fn bad_state_and_bad_timestamps_are_reported_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, row) = store_with_grant(dir.path(), None).await;
+        raw(&store, "UPDATE connections SET state = 'paused'").await;
+        let mut seen = Vec::new();
+        store.each_connection(|c| seen.push(c)).await.unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].state, ConnState::AuthorizationRequired);
+        assert!(seen[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("unknown state \"paused\""));
+        raw(
+            &store,
+            "UPDATE connections SET state = 'active', expires_at = 99999999999999999",
+        )
+        .await;
+        let got = store.load_connection(row.id).await.unwrap().unwrap();
+        assert!(got.last_error.unwrap().contains("expires_at"));
+        raw(&store, "UPDATE connections SET expires_at = 'soon'").await;
+        let got = store.load_connection(row.id).await.unwrap().unwrap();
+        assert_eq!(got.state, ConnState::AuthorizationRequired);
+        // Not even a name: skipped, not fatal.
+        raw(&store, "UPDATE connections SET provider = x'ff00'").await;
+        assert!(store.load_connection(row.id).await.unwrap().is_none());
+        let mut n = 0;
+        store.each_connection(|_| n += 1).await.unwrap();
+        assert_eq!(n, 0);
+        assert!(unreadable(&store, row.id));
+    }
+
+    #[tokio::test]
+    async fn sqlite_failures_name_cause_and_fix() {
+        // Read-only: a real SQLITE_READONLY from a read-only connection.
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store_with_grant(dir.path(), None).await;
+        store.close().await;
+        let ro = SqlitePool::connect_with(
+            SqliteConnectOptions::new()
+                .filename(dir.path().join("t.db"))
+                .read_only(true),
+        )
+        .await
+        .unwrap();
+        let e = sqlx::query("DELETE FROM connections")
+            .execute(&ro)
+            .await
+            .unwrap_err();
+        let text = StoreError::from(e).to_string();
+        assert!(
+            text.contains("read-only") && text.contains("write access"),
+            "{text}"
+        );
+
+        // Full: a real SQLITE_FULL, the database capped at its current size.
+        let full = SqlitePool::connect_with(
+            SqliteConnectOptions::new()
+                .filename(dir.path().join("full.db"))
+                .create_if_missing(true),
+        )
+        .await
+        .unwrap();
+        sqlx::query("CREATE TABLE t (v BLOB)")
+            .execute(&full)
+            .await
+            .unwrap();
+        let mut conn = full.acquire().await.unwrap();
+        sqlx::query("PRAGMA max_page_count = 3")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let e = sqlx::query("INSERT INTO t VALUES (zeroblob(100000))")
+            .execute(&mut *conn)
+            .await
+            .unwrap_err();
+        let text = StoreError::from(e).to_string();
+        assert!(
+            text.contains("disk holding the database is full") && text.contains("free space"),
+            "{text}"
+        );
+
+        assert!(sqlite_problem(Some("1032")).unwrap().contains("read-only"));
+        assert!(sqlite_problem(Some("5")).unwrap().contains("locked"));
+        assert!(sqlite_problem(Some("1")).is_none());
+        assert!(sqlite_problem(None).is_none());
+    }
+
+    #[tokio::test]
+    async fn newer_database_is_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store_with_grant(dir.path(), None).await;
+        raw(&store, "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+                     VALUES (99991231000000, 'from the future', 1, x'00', 0)").await;
+        store.close().await;
+        let Err(e) = Store::open(&dir.path().join("t.db"), None).await else {
+            panic!("a newer database must be refused");
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("newer version of tokenkeeper") && text.contains("restore a backup"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn write_probe_fails_while_another_process_holds_the_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store_with_grant(dir.path(), None).await;
+        store.write_probe().await.unwrap();
+        let other = SqlitePool::connect_with(
+            SqliteConnectOptions::new()
+                .filename(dir.path().join("t.db"))
+                .busy_timeout(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
+        let mut conn = other.acquire().await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        // Past the reuse window of the successful probe.
+        tokio::time::sleep(crate::store::WRITE_PROBE_REUSE).await;
+        let e = store.write_probe().await.unwrap_err();
+        assert!(
+            e.to_string().contains("cannot be written") || e.to_string().contains("locked"),
+            "{e}"
+        );
+        sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+        store.write_probe().await.unwrap();
+        // Reads still work meanwhile: only a write probe tells.
+        store.ping().await.unwrap();
+    }
+
+    #[test]
+    fn offline_lock_excludes_daemons_and_daemons_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db");
+        let a = DbLock::shared(&db).unwrap();
+        let b = DbLock::shared(&db).unwrap();
+        let e = DbLock::exclusive(&db).err().unwrap();
+        assert!(e.to_string().contains("stop it first"), "{e}");
+        drop((a, b));
+        let x = DbLock::exclusive(&db).unwrap();
+        assert!(DbLock::shared(&db).is_err());
+        drop(x);
+        assert!(DbLock::shared(&db).is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_row_is_not_leased_or_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, row) = store_with_grant(dir.path(), None).await;
+        raw(&store, "UPDATE connections SET state = 'paused'").await;
+        let now = Utc::now();
+        let until = now + chrono::Duration::seconds(30);
+        let got = store
+            .begin_refresh(row.id, "me", "a1", now, until, None)
+            .await
+            .unwrap();
+        let BeginRefresh::Unreadable(stand_in) = got else {
+            panic!("an unreadable row must not be leased");
+        };
+        assert!(stand_in.unreadable.unwrap().contains("unknown state"));
+        let (state, owner): (String, Option<String>) =
+            sqlx::query_as("SELECT state, lease_owner FROM connections")
+                .fetch_one(pool(&store))
+                .await
+                .unwrap();
+        assert_eq!((state.as_str(), owner), ("paused", None));
+    }
+
+    #[tokio::test]
+    async fn a_rejection_does_not_park_a_grant_stored_since_it_was_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, row) = store_with_grant(dir.path(), None).await;
+        let now = Utc::now();
+        let until = now + chrono::Duration::seconds(30);
+        // B took the lease over and read generation 1 ...
+        let BeginRefresh::Started(read) = store
+            .begin_refresh(row.id, "b", "b1", now, until, None)
+            .await
+            .unwrap()
+        else {
+            panic!("lease taken");
+        };
+        // ... then A, the previous holder, landed the grant it held.
+        let access = SecretString::from("access-2".to_string());
+        let refresh = SecretString::from("refresh-2".to_string());
+        let landed = store
+            .commit_refresh(
+                row.id,
+                ("keap", "default"),
+                "a",
+                "a1",
+                read.generation,
+                &NewGrant {
+                    access_token: &access,
+                    refresh_token: Some(&refresh),
+                    token_type: "Bearer",
+                    scope: None,
+                    issued_at: now,
+                    expires_at: now + chrono::Duration::hours(1),
+                },
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(matches!(
+            landed,
+            CommitOutcome::Committed {
+                kept_lease: false,
+                ..
+            }
+        ));
+        // B's spent token is rejected: the landed grant is not parked.
+        let parked = store
+            .reject_attempt(row.id, ("b", "b1"), read.generation, "rejected", 0)
+            .await
+            .unwrap();
+        assert!(parked.is_none());
+        let now_stored = store.load_connection(row.id).await.unwrap().unwrap();
+        assert_eq!(now_stored.state, ConnState::Active);
+        assert!(now_stored.lease_owner.is_none());
+        assert_eq!(
+            now_stored.refresh_token.unwrap().expose_secret(),
+            "refresh-2"
+        );
+    }
+}

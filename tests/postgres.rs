@@ -1,0 +1,549 @@
+//! The real daemon binary on PostgreSQL (`storage.url`) against the
+//! simulator: one daemon's whole flow, several daemons as one cluster,
+//! and `migrate-storage` both ways. Each test has a database of its own in
+//! the cluster named by `TOKENKEEPER_TEST_PG_URL` (skipped without it,
+//! except in CI; see `tests/common/postgres.rs`).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::postgres::{fresh_database, use_postgres};
+use common::{Harness, Options};
+use serde_json::Value;
+use tokenkeeper::dev::DelayPhase;
+
+/// Kills the child on drop, so a failed assertion leaves no daemon behind.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn authorize(h: &Harness) -> String {
+    let r = h.authorize("keap", "default").await;
+    assert_eq!(r.status(), 200, "authorization succeeds");
+    let (s, b) = h.token().await;
+    assert_eq!(s, 200, "{b}");
+    b["access_token"].as_str().unwrap().to_string()
+}
+
+/// Another daemon of the same cluster: `h`'s config on another port.
+async fn another_daemon(h: &Harness, n: usize) -> (KillOnDrop, String) {
+    let port = common::free_port();
+    let text = std::fs::read_to_string(&h.config_path).unwrap();
+    let listen = format!("listen = \"127.0.0.1:{}\"", h.port);
+    assert!(text.contains(&listen));
+    let config = h.dir.path().join(format!("tokenkeeper-{n}.toml"));
+    std::fs::write(
+        &config,
+        text.replace(&listen, &format!("listen = \"127.0.0.1:{port}\"")),
+    )
+    .unwrap();
+    let log = h.dir.path().join(format!("daemon-{n}.log"));
+    let mut child = KillOnDrop(Some(common::spawn_daemon(&config, &log, &h.rust_log, &[])));
+    let base = format!("http://127.0.0.1:{port}");
+    common::wait_healthy(
+        &h.http,
+        &format!("{base}/healthz"),
+        child.0.as_mut().unwrap(),
+    )
+    .await;
+    (child, base)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_daemon_on_postgres_refreshes_and_keeps_its_grant_across_a_restart() {
+    let Some(url) = fresh_database("daemon_flow").await else {
+        return;
+    };
+    let mut h = Harness::new(Options {
+        access_lifetime: Duration::from_secs(3),
+        refresh: "at_fraction = 0.5\nmin_validity = \"1s\"".into(),
+        ..Options::default()
+    })
+    .await;
+    use_postgres(&h.config_path, &url);
+    h.start().await;
+    let first = authorize(&h).await;
+    // Refreshed on schedule, committed to PostgreSQL.
+    common::eventually(Duration::from_secs(15), "a scheduled refresh", || async {
+        h.sim.sim.stats().refresh_ok >= 1
+    })
+    .await;
+    common::eventually(Duration::from_secs(5), "the new token served", || async {
+        let (_, b) = h.token().await;
+        b["access_token"].as_str().is_some_and(|t| t != first)
+    })
+    .await;
+    assert_eq!(h.stop().await, Some(0));
+    assert!(
+        !h.db_path().exists(),
+        "no SQLite file is created when storage.url is set"
+    );
+    let log = h.log();
+    assert!(log.contains("tokenkeeper is serving"), "{log}");
+
+    // A new process reads the grant back from PostgreSQL.
+    h.start().await;
+    let (s, b) = h.token().await;
+    assert_eq!(s, 200, "{b}");
+    let token = b["access_token"].as_str().unwrap();
+    assert!(
+        h.sim.sim.access_token_valid(token),
+        "a valid token after restart"
+    );
+    let (s, ready) = h.get_json("/readyz").await;
+    assert_eq!(s, 200, "{ready}");
+    assert_eq!(h.sim.sim.stats().refresh_reuse, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_daemons_on_one_postgres_make_one_refresh_for_a_herd() {
+    let Some(url) = fresh_database("three_daemons_herd").await else {
+        return;
+    };
+    let mut h = Harness::new(Options {
+        access_lifetime: Duration::from_secs(2),
+        refresh: "check_interval = \"1h\"".into(),
+        ..Options::default()
+    })
+    .await;
+    use_postgres(&h.config_path, &url);
+    h.start().await;
+    let old = authorize(&h).await;
+    h.sim.sim.set_access_lifetime(Duration::from_secs(60));
+    let (_second, url2) = another_daemon(&h, 2).await;
+    let (_third, url3) = another_daemon(&h, 3).await;
+    // Wait out the first token.
+    common::eventually(Duration::from_secs(10), "the token to expire", || async {
+        !h.sim.sim.access_token_valid(&old)
+    })
+    .await;
+    h.sim
+        .sim
+        .set_token_delay(Duration::from_secs(1), DelayPhase::BeforeProcessing);
+    let before = h.sim.sim.stats();
+    assert_eq!(
+        before.refresh_calls, 0,
+        "the schedulers stayed out of the way"
+    );
+
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let base = [h.url(""), url2.clone(), url3.clone()][i % 3].clone();
+        let http = h.http.clone();
+        set.spawn(async move {
+            let r = http
+                .get(format!("{base}/v1/token/keap"))
+                .send()
+                .await
+                .expect("daemon answers");
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        });
+    }
+    let mut tokens = std::collections::HashMap::<String, u32>::new();
+    let mut statuses = std::collections::HashMap::<u16, u32>::new();
+    while let Some(res) = set.join_next().await {
+        let (s, b) = res.unwrap();
+        *statuses.entry(s).or_default() += 1;
+        if let Some(t) = b["access_token"].as_str() {
+            *tokens.entry(t.to_string()).or_default() += 1;
+        }
+    }
+    let after = h.sim.sim.stats();
+    let calls = after.refresh_calls - before.refresh_calls;
+    eprintln!(
+        "three daemons: 300 requests in {:.2} s, statuses {statuses:?}, {} distinct tokens, {calls} upstream refresh call(s)",
+        started.elapsed().as_secs_f64(),
+        tokens.len()
+    );
+    assert_eq!(statuses.get(&200).copied(), Some(300), "{statuses:?}");
+    assert_eq!(calls, 1, "exactly one refresh in the whole cluster");
+    assert_eq!(
+        tokens.len(),
+        1,
+        "every daemon serves the same token: {tokens:?}"
+    );
+    let served = tokens.keys().next().unwrap();
+    assert!(h.sim.sim.access_token_valid(served));
+    assert_eq!(after.refresh_reuse, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_storage_copies_sqlite_to_postgres_and_back() {
+    let Some(url) = fresh_database("migrate_storage").await else {
+        return;
+    };
+    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let mut h = Harness::new(Options::default()).await;
+    std::fs::write(h.dir.path().join("db-key"), format!("{key}\n")).unwrap();
+    let config = std::fs::read_to_string(&h.config_path).unwrap();
+    std::fs::write(
+        &h.config_path,
+        config.replace(
+            "[storage]\n",
+            "[storage]\nencryption_key_file = \"db-key\"\n",
+        ),
+    )
+    .unwrap();
+    h.start().await;
+    let token = authorize(&h).await;
+
+    // Refused while the daemon runs on the source.
+    let out = h.cli(&["migrate-storage", "--to", &url]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stop it first"), "{err}");
+    assert_eq!(h.stop().await, Some(0));
+
+    // SQLite -> PostgreSQL.
+    let out = h.cli(&["migrate-storage", "--to", &url]).await;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("copied 1 connection") && said.contains("verified"),
+        "{said}"
+    );
+    // Again: the target holds connections now.
+    let out = h.cli(&["migrate-storage", "--to", &url]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--replace") && err.contains("1 connection"),
+        "{err}"
+    );
+    let out = h.cli(&["migrate-storage", "--to", &url, "--replace"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The daemon on PostgreSQL serves the same grant, sealed under the same key.
+    let sqlite_config = std::fs::read_to_string(&h.config_path).unwrap();
+    use_postgres(&h.config_path, &url);
+    h.start().await;
+    let (s, b) = h.token().await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["access_token"].as_str(), Some(token.as_str()));
+    // A refresh on PostgreSQL, then back to a new SQLite file.
+    let (s, b) = h.post_json("/v1/token/keap/refresh").await;
+    assert_eq!(s, 200, "{b}");
+    let refreshed = b["access_token"].as_str().unwrap().to_string();
+    assert_ne!(refreshed, token);
+    assert_eq!(h.stop().await, Some(0));
+    let back = h.dir.path().join("back.db");
+    let out = h
+        .cli(&["migrate-storage", "--to", back.to_str().unwrap()])
+        .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(
+        &h.config_path,
+        sqlite_config.replace(
+            &format!("path = \"{}\"", h.db_path().display()),
+            &format!("path = \"{}\"", back.display()),
+        ),
+    )
+    .unwrap();
+    h.start().await;
+    let (s, b) = h.token().await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["access_token"].as_str(), Some(refreshed.as_str()));
+    assert!(h.sim.sim.access_token_valid(&refreshed));
+    // The copied refresh token is the current one: it still refreshes.
+    let (s, b) = h.post_json("/v1/token/keap/refresh").await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(h.sim.sim.stats().refresh_reuse, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_holder_killed_mid_refresh_is_taken_over_by_another_daemon() {
+    let Some(url) = fresh_database("kill9_takeover").await else {
+        return;
+    };
+    let mut h = Harness::new(Options {
+        access_lifetime: Duration::from_secs(3600),
+        ..Options::default()
+    })
+    .await;
+    use_postgres(&h.config_path, &url);
+    h.start().await;
+    authorize(&h).await;
+    let (_second, url2) = another_daemon(&h, 2).await;
+    let log2 = h.dir.path().join("daemon-2.log");
+
+    // Daemon 1 takes the lease and calls the provider, which holds the call.
+    h.sim
+        .sim
+        .set_token_delay(Duration::from_secs(2), DelayPhase::BeforeProcessing);
+    let http = h.http.clone();
+    let refresh1 = h.url("/v1/token/keap/refresh");
+    tokio::spawn(async move {
+        let _ = http.post(refresh1).send().await;
+    });
+    common::eventually(Duration::from_secs(5), "the refresh in flight", || async {
+        h.sim.sim.stats().refresh_calls == 1
+    })
+    .await;
+    h.kill9().await;
+    // Past the simulator's delay: the dropped request was not processed.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        h.sim.sim.stats().refresh_ok,
+        0,
+        "the provider dropped the call"
+    );
+    h.sim
+        .sim
+        .set_token_delay(Duration::ZERO, DelayPhase::BeforeProcessing);
+
+    // Daemon 2 finds the dead holder's lease in PostgreSQL, takes it over
+    // and refreshes; the interrupted attempt is reported.
+    let r = h
+        .http
+        .post(format!("{url2}/v1/token/keap/refresh"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let b: Value = r.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, 200, "{b}");
+    let token = b["access_token"].as_str().unwrap();
+    assert!(h.sim.sim.access_token_valid(token));
+    let log = std::fs::read_to_string(&log2).unwrap();
+    assert!(log.contains("was interrupted"), "{log}");
+    let stats = h.sim.sim.stats();
+    assert_eq!((stats.refresh_ok, stats.refresh_reuse), (1, 0), "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_daemon_whose_key_does_not_open_the_cluster_refuses_to_start() {
+    let Some(url) = fresh_database("wrong_key").await else {
+        return;
+    };
+    let mut h = Harness::new(Options::default()).await;
+    let key_file = h.dir.path().join("db-key");
+    std::fs::write(&key_file, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
+    let config = std::fs::read_to_string(&h.config_path).unwrap();
+    std::fs::write(
+        &h.config_path,
+        config.replace(
+            "[storage]\n",
+            "[storage]\nencryption_key_file = \"db-key\"\n",
+        ),
+    )
+    .unwrap();
+    use_postgres(&h.config_path, &url);
+    h.start().await;
+    authorize(&h).await;
+    assert_eq!(h.stop().await, Some(0));
+
+    // Another key: the daemon names the problem and exits.
+    std::fs::write(&key_file, "HwEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n").unwrap();
+    let log = h.dir.path().join("wrong-key.log");
+    let mut child = common::spawn_daemon(&h.config_path, &log, &h.rust_log, &[]);
+    let code = common::wait_exit(&mut child, Duration::from_secs(20)).await;
+    assert_ne!(code, Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("encrypted with another key"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn daemons_starting_at_once_migrate_and_seal_once() {
+    use secrecy::SecretString;
+    use tokenkeeper::crypto::SealKey;
+    use tokenkeeper::store::Store;
+    let Some(url) = fresh_database("concurrent_start").await else {
+        return;
+    };
+    let url = SecretString::from(url);
+    let mut starts = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let url = url.clone();
+        starts.spawn(async move { Store::connect(&url, Some(SealKey::from_bytes([5; 32]))).await });
+    }
+    let mut stores = Vec::new();
+    while let Some(r) = starts.join_next().await {
+        stores.push(r.unwrap().expect("every daemon starts"));
+    }
+    // One fingerprint key and one key check for all of them.
+    let key = stores[0].fingerprint_key().await.unwrap();
+    for s in &stores {
+        assert_eq!(s.fingerprint_key().await.unwrap(), key);
+    }
+    let other = Store::connect(&url, Some(SealKey::from_bytes([6; 32]))).await;
+    assert!(
+        other.err().unwrap().to_string().contains("another key"),
+        "a daemon with another key refuses to start"
+    );
+}
+
+#[tokio::test]
+async fn offline_commands_and_daemons_exclude_each_other_on_postgres() {
+    use secrecy::SecretString;
+    use tokenkeeper::store::{Location, StoreLock};
+    let Some(url) = fresh_database("session_lock").await else {
+        return;
+    };
+    let at = Location::Postgres(SecretString::from(url));
+    let a = StoreLock::shared(&at).await.unwrap();
+    let b = StoreLock::shared(&at).await.unwrap();
+    let e = StoreLock::exclusive(&at).await.err().unwrap().to_string();
+    assert!(e.contains("stop it first"), "{e}");
+    drop((a, b));
+    // The lock goes with its connection; the server notices the close.
+    let mut x = None;
+    for _ in 0..100 {
+        if let Ok(l) = StoreLock::exclusive(&at).await {
+            x = Some(l);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(x.is_some(), "free once the daemons are gone");
+    let e = StoreLock::shared(&at).await.err().unwrap().to_string();
+    assert!(e.contains("offline command"), "{e}");
+}
+
+#[tokio::test]
+async fn a_row_locked_elsewhere_fails_a_write_within_the_statement_timeout() {
+    use secrecy::SecretString;
+    use sqlx::Connection;
+    use tokenkeeper::store::Store;
+    let Some(url) = fresh_database("statement_timeout").await else {
+        return;
+    };
+    let store = Store::connect(&SecretString::from(url.clone()), None)
+        .await
+        .unwrap();
+    let mut h = Harness::new(Options::default()).await;
+    use_postgres(&h.config_path, &url);
+    h.start().await;
+    authorize(&h).await;
+    assert_eq!(h.stop().await, Some(0));
+    let id = store.load_connections().await.unwrap()[0].id;
+
+    // Another session holds the row (a stuck client, a long migration).
+    let mut other = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("SELECT * FROM connections FOR UPDATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let now = chrono::Utc::now();
+    let e = store
+        .begin_refresh(
+            id,
+            "me",
+            "a1",
+            now,
+            now + chrono::Duration::seconds(30),
+            None,
+        )
+        .await
+        .err()
+        .expect("the write gives up");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "bounded by the statement timeout"
+    );
+    assert!(e.to_string().contains("statement timeout"), "{e}");
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    assert!(matches!(
+        store
+            .begin_refresh(
+                id,
+                "me",
+                "a2",
+                now,
+                now + chrono::Duration::seconds(30),
+                None
+            )
+            .await
+            .unwrap(),
+        tokenkeeper::store::BeginRefresh::Started(_)
+    ));
+}
+
+#[tokio::test]
+async fn check_config_refuses_path_and_url_together_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("t.toml");
+    std::fs::write(
+        &config,
+        "[storage]\npath = \"/tmp/x.db\"\nurl = \"postgres://tk@127.0.0.1/tk\"\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(common::BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(":3: storage.url:") && err.contains("storage.path"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotation_committed_by_one_daemon_is_what_the_others_serve_next() {
+    let Some(url) = fresh_database("rotation_visible").await else {
+        return;
+    };
+    let mut h = Harness::new(Options {
+        access_lifetime: Duration::from_secs(3600),
+        ..Options::default()
+    })
+    .await;
+    use_postgres(&h.config_path, &url);
+    h.start().await;
+    let first = authorize(&h).await;
+    let (_second, url2) = another_daemon(&h, 2).await;
+    let token_at = |base: String| {
+        let http = h.http.clone();
+        async move {
+            let v: Value = http
+                .get(format!("{base}/v1/token/keap"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["access_token"].as_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(token_at(url2.clone()).await, first);
+    for _ in 0..3 {
+        // Daemon 1 rotates; the very next answer of daemon 2 is the new token.
+        let (s, b) = h.post_json("/v1/token/keap/refresh").await;
+        assert_eq!(s, 200, "{b}");
+        let rotated = b["access_token"].as_str().unwrap().to_string();
+        assert_eq!(token_at(url2.clone()).await, rotated);
+        assert!(h.sim.sim.access_token_valid(&rotated));
+    }
+    assert_eq!(h.sim.sim.stats().refresh_reuse, 0);
+}
