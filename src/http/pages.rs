@@ -242,3 +242,56 @@ fn connection_row(c: &ConnectionReport, now: DateTime<Utc>) -> Markup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOSTILE: &str = "<script>alert(1)</script>\"><img src=x onerror=alert(1)>";
+    const ESCAPED: &str =
+        "&lt;script&gt;alert(1)&lt;/script&gt;&quot;&gt;&lt;img src=x onerror=alert(1)&gt;";
+
+    async fn body(r: Response) -> String {
+        let bytes = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    fn assert_inert(html: &str) {
+        assert!(html.contains(ESCAPED), "shown, escaped: {html}");
+        assert!(
+            !html.contains("<script") && !html.contains("<img"),
+            "{html}"
+        );
+    }
+
+    /// The pages whose values cannot be made hostile through the daemon
+    /// (names are checked before they get there), fed hostile values
+    /// directly; tests/html_escaping.rs covers the others end to end.
+    #[tokio::test]
+    async fn hostile_values_are_escaped_in_text_and_attributes() {
+        let html = body(connected(HOSTILE, HOSTILE, false)).await;
+        assert_inert(&html);
+        assert!(html.contains("no refresh token"), "{html}");
+        let html = body(problem(
+            StatusCode::BAD_REQUEST,
+            HOSTILE,
+            HOSTILE,
+            Some(HOSTILE),
+        ))
+        .await;
+        assert_inert(&html);
+        assert!(html.contains(&format!("href=\"{ESCAPED}\"")), "{html}");
+        assert!(
+            html.contains(&format!("<title>{ESCAPED} · tokenkeeper</title>")),
+            "{html}"
+        );
+        let html = login_redirect(HOSTILE);
+        assert_inert(&html);
+        assert!(
+            html.contains(&format!("content=\"0;url={ESCAPED}\"")),
+            "{html}"
+        );
+    }
+}
