@@ -1065,19 +1065,7 @@ fn redirect_dir() -> PathBuf {
 pub fn login_redirect_file(dir: &Path, url: &str) -> std::io::Result<PathBuf> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let escaped = url
-        .replace('&', "&amp;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;");
-    let html = format!(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\">\n\
-         <meta name=\"referrer\" content=\"no-referrer\">\n\
-         <meta http-equiv=\"refresh\" content=\"0;url={escaped}\">\n\
-         <title>tokenkeeper login</title></head>\n\
-         <body><p><a href=\"{escaped}\">Continue to tokenkeeper</a></p></body></html>\n"
-    );
+    let html = crate::http::pages::login_redirect(url);
     let suffix: [u8; 16] = rand::random();
     let name: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
     let path = dir.join(format!("tokenkeeper-login-{name}.html"));
@@ -1109,7 +1097,8 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "owner-only: {mode:o}");
         let html = std::fs::read_to_string(&path).unwrap();
-        let escaped = "http://127.0.0.1:8080/login?token=abc&amp;x=&quot;&lt;y&gt;&#39;";
+        // A single quote needs no escaping inside a double-quoted attribute.
+        let escaped = "http://127.0.0.1:8080/login?token=abc&amp;x=&quot;&lt;y&gt;'";
         assert!(
             html.contains(&format!(
                 "<meta http-equiv=\"refresh\" content=\"0;url={escaped}\">"

@@ -14,7 +14,7 @@ pub(super) fn fault_response_immediate(
                 html_page(
                     status,
                     &format!("{} {reason}", status.as_u16()),
-                    "<p>The upstream server is temporarily unable to service your request.</p>",
+                    maud::html! { p { "The upstream server is temporarily unable to service your request." } },
                 )
             } else {
                 let mut resp = (status, format!("{} {reason}\n", status.as_u16())).into_response();

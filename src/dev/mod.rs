@@ -864,28 +864,17 @@ fn apigee_fault(status: StatusCode, faultstring: &str, errorcode: &str) -> Respo
     )
 }
 
-fn html_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            _ => out.push(c),
+/// The simulator's pages: plain, like a provider's, and escaped by
+/// construction (`maud`), as the daemon's own are.
+fn html_page(status: StatusCode, title: &str, body: maud::Markup) -> Response {
+    let page = maud::html! {
+        (maud::DOCTYPE)
+        html {
+            head { meta charset="utf-8"; title { (title) } }
+            body { h1 { (title) } (body) }
         }
-    }
-    out
-}
-
-fn html_page(status: StatusCode, title: &str, body_html: &str) -> Response {
-    let page = format!(
-        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{t}</title></head>\
-         <body><h1>{t}</h1>\n{body_html}\n</body></html>\n",
-        t = html_escape(title)
-    );
-    let mut resp = (status, page).into_response();
+    };
+    let mut resp = (status, page.into_string()).into_response();
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -905,7 +894,7 @@ fn redirect(location: &str) -> Response {
         Err(_) => html_page(
             StatusCode::BAD_REQUEST,
             "Invalid redirect_uri",
-            "<p>The redirect URI cannot be used in a Location header.</p>",
+            maud::html! { p { "The redirect URI cannot be used in a Location header." } },
         ),
     }
 }

@@ -116,7 +116,7 @@ fn validate_authorize(
         html_page(
             StatusCode::BAD_REQUEST,
             "Invalid authorization request",
-            &format!("<p>{}</p>", html_escape(msg)),
+            maud::html! { p { (msg) } },
         )
     };
     if param(&params, "client_id") != Some(config.client_id.as_str()) {
@@ -164,26 +164,24 @@ pub(super) async fn authorize_page(
         Ok(r) => r,
         Err(resp) => return resp,
     };
-    let hidden: String = req
-        .params
-        .iter()
-        .map(|(k, v)| {
-            format!(
-                "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
-                html_escape(k),
-                html_escape(v)
-            )
-        })
-        .collect();
-    let body = format!(
-        "<p>The application <b>{client}</b> wants access to your Keap account \
-         (simulated; scope <code>{scope}</code>).</p>\n\
-         <form method=\"post\" action=\"approve\">{hidden}<button type=\"submit\" id=\"approve\">Approve</button></form>\n\
-         <form method=\"post\" action=\"deny\">{hidden}<button type=\"submit\" id=\"deny\">Deny</button></form>",
-        client = html_escape(&config.client_id),
-        scope = html_escape(SIM_SCOPE),
-    );
-    html_page(StatusCode::OK, "Keap simulator: authorize access", &body)
+    let hidden = maud::html! {
+        @for (k, v) in &req.params {
+            input type="hidden" name=(k) value=(v);
+        }
+    };
+    let body = maud::html! {
+        p {
+            "The application " b { (config.client_id) } " wants access to your Keap account "
+            "(simulated; scope " code { (SIM_SCOPE) } ")."
+        }
+        form method="post" action="approve" {
+            (hidden) button type="submit" id="approve" { "Approve" }
+        }
+        form method="post" action="deny" {
+            (hidden) button type="submit" id="deny" { "Deny" }
+        }
+    };
+    html_page(StatusCode::OK, "Keap simulator: authorize access", body)
 }
 
 pub(super) async fn approve(AxState(sim): AxState<Simulator>, body: Body) -> Response {

@@ -15,7 +15,7 @@ use chrono::Utc;
 use sha2::{Digest, Sha256};
 
 use super::api::DEFAULT_ACCOUNT;
-use super::pages::{self, escape};
+use super::pages;
 use super::AppState;
 use crate::config::valid_account;
 use crate::store::{PendingAuthorization, PendingTake};
@@ -380,20 +380,10 @@ async fn exchange_and_store(
     {
         Ok(()) => {
             tracing::info!(provider = %pending.provider, account = %pending.account, "authorized; grant stored");
-            let warn = if grant.refresh_token.is_none() {
-                "<p class=\"error\">The provider issued no refresh token, so this grant cannot be renewed: it ends when the access token expires.</p>"
-            } else {
-                ""
-            };
-            pages::page(
-                StatusCode::OK,
-                "Connected",
-                &format!(
-                    "<div class=\"card\"><p><span class=\"badge active\">active</span> {p}/{a} is authorized. You can close this window.</p>{warn}\
-                     <p>Programs get the access token with <code>tokenkeeper token {p} {a}</code> or <code>GET /v1/token/{p}/{a}</code>.</p></div>",
-                    p = escape(&pending.provider),
-                    a = escape(&pending.account)
-                ),
+            pages::connected(
+                &pending.provider,
+                &pending.account,
+                grant.refresh_token.is_some(),
             )
         }
         Err(e) => {

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Checks systemd/tokenkeeper.{service,socket}:
+# Checks systemd/tokenkeeper.{service,socket} (or, with TOKENKEEPER_UNIT_DIR
+# and TOKENKEEPER_BIN, installed units and the binary they start: the
+# Debian package's check, packaging/check-deb.sh, uses that):
 #   1. `systemd-analyze verify` on both units must print nothing and exit 0;
 #   2. `systemd-analyze security --offline=true` on the service must report an
 #      overall exposure level <= LIMIT (default 1.5).
@@ -8,12 +10,13 @@
 set -euo pipefail
 
 LIMIT="${TOKENKEEPER_EXPOSURE_LIMIT:-1.5}"
-BIN=/usr/local/bin/tokenkeeper
+BIN="${TOKENKEEPER_BIN:-/usr/local/bin/tokenkeeper}"
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
-service="$repo/systemd/tokenkeeper.service"
-socket="$repo/systemd/tokenkeeper.socket"
+unit_dir="${TOKENKEEPER_UNIT_DIR:-$repo/systemd}"
+service="$unit_dir/tokenkeeper.service"
+socket="$unit_dir/tokenkeeper.socket"
 
 die() { echo "check-unit: $*" >&2; exit 1; }
 
