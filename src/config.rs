@@ -1139,7 +1139,8 @@ impl<'a> Reader<'a> {
             device_authorization_url: t.get("device_authorization_url").is_some(),
         };
         let preset_url = |u: &Option<String>| u.as_deref().and_then(|u| Url::parse(u).ok());
-        let authorization_url = required_url(self, "authorization_url", &endpoints.authorization_url);
+        let authorization_url =
+            required_url(self, "authorization_url", &endpoints.authorization_url);
         let token_url = required_url(self, "token_url", &endpoints.token_url);
         let revocation_url = if explicit.revocation_url {
             self.url(t, "revocation_url", path)
@@ -1516,7 +1517,10 @@ mod tests {
             assert_eq!(p.rotation, spec.rotation, "{}", spec.name);
             assert_eq!(p.default_lifetime, spec.default_lifetime, "{}", spec.name);
             for (k, v) in spec.offline_params {
-                assert_eq!(p.extra_authorize_params.get(*k).map(String::as_str), Some(*v));
+                assert_eq!(
+                    p.extra_authorize_params.get(*k).map(String::as_str),
+                    Some(*v)
+                );
             }
             assert_eq!(p.issuer, None);
         }
@@ -1538,7 +1542,10 @@ mod tests {
             p.authorization_url.as_str(),
             "https://accounts.google.com/o/oauth2/v2/auth"
         );
-        assert_eq!(p.scopes, vec!["https://www.googleapis.com/auth/drive".to_string()]);
+        assert_eq!(
+            p.scopes,
+            vec!["https://www.googleapis.com/auth/drive".to_string()]
+        );
         assert_eq!(p.extra_authorize_params["prompt"], "select_account");
         assert_eq!(p.extra_authorize_params["access_type"], "offline");
         assert_eq!(p.refresh_auth, ClientAuth::Basic);
@@ -1546,45 +1553,80 @@ mod tests {
         assert!(p.revoke_replaced);
         // Microsoft without offline_access would never get a refresh token.
         let cfg = parse(
-            &provider_with("microsoft", "scopes = [\"Mail.Read\"]\ntenant = \"organizations\""),
+            &provider_with(
+                "microsoft",
+                "scopes = [\"Mail.Read\"]\ntenant = \"organizations\"",
+            ),
             Path::new("/tmp/t.toml"),
         )
         .unwrap();
         let p = &cfg.providers["p"];
-        assert_eq!(p.scopes, vec!["Mail.Read".to_string(), "offline_access".into()]);
+        assert_eq!(
+            p.scopes,
+            vec!["Mail.Read".to_string(), "offline_access".into()]
+        );
         assert!(cfg.warnings.iter().any(|w| w.contains("offline_access")));
         assert_eq!(
             p.token_url.as_str(),
             "https://login.microsoftonline.com/organizations/oauth2/v2.0/token"
         );
-        let cfg = parse(&provider_with("zoho", "region = \"eu\""), Path::new("/tmp/t.toml")).unwrap();
+        let cfg = parse(
+            &provider_with("zoho", "region = \"eu\""),
+            Path::new("/tmp/t.toml"),
+        )
+        .unwrap();
         let p = &cfg.providers["p"];
-        assert_eq!(p.token_url.as_str(), "https://accounts.zoho.eu/oauth/v2/token");
-        assert_eq!(p.api_base_url.as_ref().unwrap().as_str(), "https://www.zohoapis.eu/");
+        assert_eq!(
+            p.token_url.as_str(),
+            "https://accounts.zoho.eu/oauth/v2/token"
+        );
+        assert_eq!(
+            p.api_base_url.as_ref().unwrap().as_str(),
+            "https://www.zohoapis.eu/"
+        );
         assert_eq!(p.scope_delimiter, ",");
     }
 
     #[test]
     fn unknown_preset_and_bad_parameters_name_key_line_and_choices() {
         let ps = problems(&provider_with("okta", ""));
-        let p = ps.iter().find(|p| p.key == "providers.p.preset").expect("preset named");
+        let p = ps
+            .iter()
+            .find(|p| p.key == "providers.p.preset")
+            .expect("preset named");
         assert_eq!(p.line, Some(2));
-        assert!(p.message.contains("\"okta\"") && p.message.contains("\"microsoft\""), "{p:?}");
+        assert!(
+            p.message.contains("\"okta\"") && p.message.contains("\"microsoft\""),
+            "{p:?}"
+        );
         let ps = problems(&provider_with("microsoft", "tenant = \"evil.example/x\""));
-        let p = ps.iter().find(|p| p.key == "providers.p.tenant").expect("tenant named");
+        let p = ps
+            .iter()
+            .find(|p| p.key == "providers.p.tenant")
+            .expect("tenant named");
         assert_eq!(p.line, Some(5));
         assert!(p.message.contains("\"common\""), "{p:?}");
         let ps = problems(&provider_with("zoho", "region = \"de\""));
-        let p = ps.iter().find(|p| p.key == "providers.p.region").expect("region named");
+        let p = ps
+            .iter()
+            .find(|p| p.key == "providers.p.region")
+            .expect("region named");
         assert_eq!(p.line, Some(5));
         assert!(p.message.contains("\"eu\""), "{p:?}");
         let ps = problems(&provider_with("zoho", "region = 3"));
         assert!(ps.iter().any(|p| p.key == "providers.p.region"), "{ps:?}");
         let ps = problems(&provider_with("google", "tenant = \"common\""));
-        let p = ps.iter().find(|p| p.key == "providers.p.tenant").expect("tenant named");
+        let p = ps
+            .iter()
+            .find(|p| p.key == "providers.p.tenant")
+            .expect("tenant named");
         assert!(p.message.contains("microsoft"), "{p:?}");
         let ps = problems(&provider_with("keap", "region = \"eu\""));
-        assert!(ps.iter().any(|p| p.key == "providers.p.region" && p.message.contains("zoho")), "{ps:?}");
+        assert!(
+            ps.iter()
+                .any(|p| p.key == "providers.p.region" && p.message.contains("zoho")),
+            "{ps:?}"
+        );
     }
 
     #[test]
@@ -1592,10 +1634,17 @@ mod tests {
         let text = "[providers.p]\nclient_id = \"id\"\nclient_secret = \"s\"\nissuer = \"https://id.example/realm\"\nrevocation_url = \"https://id.example/rev\"\n";
         let cfg = parse(text, Path::new("/tmp/t.toml")).unwrap();
         let p = &cfg.providers["p"];
-        assert_eq!(p.issuer.as_ref().unwrap().as_str(), "https://id.example/realm");
+        assert_eq!(
+            p.issuer.as_ref().unwrap().as_str(),
+            "https://id.example/realm"
+        );
         assert!(!p.explicit.token_url && p.explicit.revocation_url);
         let ps = problems("[providers.p]\nclient_id = \"id\"\nclient_secret = \"s\"\nissuer = \"https://id.example/?x=1\"\n");
-        assert!(ps.iter().any(|p| p.key == "providers.p.issuer" && p.line == Some(4)), "{ps:?}");
+        assert!(
+            ps.iter()
+                .any(|p| p.key == "providers.p.issuer" && p.line == Some(4)),
+            "{ps:?}"
+        );
     }
 
     #[test]

@@ -512,9 +512,8 @@ impl PresetSpec {
         let subs = match &self.parameter {
             Some(p) => {
                 let v = value.unwrap_or(p.default);
-                (p.resolve)(v).ok_or_else(|| {
-                    format!("\"{v}\" is not accepted; use {}", p.accepted)
-                })?
+                (p.resolve)(v)
+                    .ok_or_else(|| format!("\"{v}\" is not accepted; use {}", p.accepted))?
             }
             None => Vec::new(),
         };
@@ -555,9 +554,7 @@ fn microsoft_tenant(v: &str) -> Option<Vec<(&'static str, String)>> {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         });
     (special || guid || domain).then(|| vec![("{tenant}", v)])
 }
@@ -599,7 +596,9 @@ mod tests {
         for spec in PRESETS {
             assert_eq!(Preset::from_name(spec.name), Some(spec.preset));
             assert_eq!(spec.preset.spec().name, spec.name);
-            let e = spec.endpoints(None).expect("the default parameter is accepted");
+            let e = spec
+                .endpoints(None)
+                .expect("the default parameter is accepted");
             for u in [
                 &e.authorization_url,
                 &e.token_url,
@@ -614,7 +613,11 @@ mod tests {
                 assert!(!spec.docs.is_empty(), "{} cites its docs", spec.name);
                 assert!(!spec.scopes.is_empty(), "{} has scopes", spec.name);
                 for s in spec.offline_scopes {
-                    assert!(spec.scopes.contains(s), "{}: default scopes are offline", spec.name);
+                    assert!(
+                        spec.scopes.contains(s),
+                        "{}: default scopes are offline",
+                        spec.name
+                    );
                 }
             }
             for d in spec.docs {
@@ -641,9 +644,10 @@ mod tests {
         ] {
             let e = ms.endpoints(Some(ok)).unwrap();
             assert!(
-                e.authorization_url
-                    .unwrap()
-                    .contains(&format!("/{}/oauth2/v2.0/authorize", ok.to_ascii_lowercase())),
+                e.authorization_url.unwrap().contains(&format!(
+                    "/{}/oauth2/v2.0/authorize",
+                    ok.to_ascii_lowercase()
+                )),
                 "{ok}"
             );
         }
@@ -659,7 +663,10 @@ mod tests {
             "x@y.com",
         ] {
             let err = ms.endpoints(Some(bad)).unwrap_err();
-            assert!(err.contains("\"common\", \"organizations\""), "{bad}: {err}");
+            assert!(
+                err.contains("\"common\", \"organizations\""),
+                "{bad}: {err}"
+            );
         }
     }
 
@@ -704,10 +711,19 @@ mod tests {
         assert_eq!(intuit.idle, Some(Duration::from_secs(100 * DAY)));
         assert_eq!(intuit.max, Some(Duration::from_secs(5 * 365 * DAY)));
         let keap = Preset::Keap.spec();
-        assert_eq!(keap.refresh_token_lifetime.idle, Some(Duration::from_secs(45 * DAY)));
+        assert_eq!(
+            keap.refresh_token_lifetime.idle,
+            Some(Duration::from_secs(45 * DAY))
+        );
         assert_eq!(keap.limits.per_second, Some(25));
         assert_eq!(Preset::Zoho.spec().scope_delimiter, ",");
-        assert_eq!(Preset::Xero.spec().tenant_limits.unwrap().per_minute, Some(60));
-        assert_eq!(Preset::Intuit.spec().tenant_limits.unwrap().per_minute, Some(500));
+        assert_eq!(
+            Preset::Xero.spec().tenant_limits.unwrap().per_minute,
+            Some(60)
+        );
+        assert_eq!(
+            Preset::Intuit.spec().tenant_limits.unwrap().per_minute,
+            Some(500)
+        );
     }
 }
