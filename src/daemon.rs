@@ -83,6 +83,10 @@ pub enum DaemonError {
     Tls(#[from] crate::http::tls::TlsError),
     #[error("HTTP server task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// A provider's `issuer` gave no endpoints and none are kept: a
+    /// configuration problem (exit 2), named with the URLs tried.
+    #[error(transparent)]
+    Discovery(#[from] crate::provider::discovery::DiscoveryError),
     #[error("cannot read server.api_keys_file {path}: {source}")]
     ApiKeys {
         path: String,
@@ -117,7 +121,7 @@ pub struct RunOptions {
 /// Runs until `shutdown` is cancelled.
 pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     let RunOptions {
-        config,
+        mut config,
         config_path,
         listener,
         shutdown,
@@ -157,6 +161,9 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
         None => None,
     };
     let http_client = provider::http_client();
+    // Before the engine sees the providers: an issuer's endpoints are
+    // part of their configuration.
+    crate::provider::discovery::resolve(&mut config, &store, &http_client).await?;
     let engine = Engine::start(store.clone(), settings_from(&config, &http_client)).await?;
     release_freed_memory();
     let bound = listener.local_addr()?;
@@ -396,10 +403,22 @@ async fn reload_on_sighup(mut r: Reloadable, path: Option<PathBuf>, shutdown: Ca
             continue;
         };
         systemd::reloading();
-        match crate::config::load(path) {
-            Ok(new) => {
+        let loaded = crate::config::load(path);
+        match loaded {
+            Ok(mut new) => {
                 for w in &new.warnings {
                     tracing::warn!("{w}");
+                }
+                // Issuers are asked again: a reload is how an operator
+                // picks up a provider's moved endpoints.
+                let store = r.engine.store().clone();
+                if let Err(e) = crate::provider::discovery::resolve(&mut new, &store, &r.http).await
+                {
+                    tracing::error!(
+                        "configuration reload refused, the previous configuration stays in force: {e}"
+                    );
+                    systemd::ready(&systemd::summary(&r.engine));
+                    continue;
                 }
                 apply(&mut r, new);
             }

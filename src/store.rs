@@ -1211,6 +1211,41 @@ impl Store {
             })
             .collect()
     }
+
+    /// Keeps the discovery document fetched from `issuer`, replacing the
+    /// one kept before, so that a restart without network still knows the
+    /// provider's endpoints (`provider::discovery`).
+    pub async fn save_discovery(
+        &self,
+        issuer: &str,
+        document: &str,
+        fetched_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO discovery (issuer, document, fetched_at) VALUES (?, ?, ?) \
+             ON CONFLICT (issuer) DO UPDATE SET document = excluded.document, fetched_at = excluded.fetched_at",
+        )
+        .bind(issuer)
+        .bind(document)
+        .bind(to_ms(fetched_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The discovery document last kept for `issuer`, and when it was
+    /// fetched.
+    pub async fn load_discovery(
+        &self,
+        issuer: &str,
+    ) -> Result<Option<(String, DateTime<Utc>)>, StoreError> {
+        let row = sqlx::query("SELECT document, fetched_at FROM discovery WHERE issuer = ?")
+            .bind(issuer)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get("document")?, from_ms(r.try_get("fetched_at")?))))
+            .transpose()
+    }
 }
 
 /// Columns written by a rotation, bound by [`bind_grant`] as ?1..?6.
