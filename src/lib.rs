@@ -7,13 +7,18 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the TOML config, its lookup order, presets, secret files.
+//! - [`config`]: the TOML config, its lookup order, secret files; applies
+//!   the presets of [`provider::presets`], explicit keys winning.
 //! - [`store`]: SQLite (the only SQL), migrations, leases, durable rotation.
 //! - [`crypto`]: sealing tokens at rest (AEAD) and keyed token fingerprints.
 //! - [`provider`]: OAuth2 calls to providers; [`provider::answer`] reads
 //!   token answers leniently and is the one place that decides which
 //!   failures are transient, which reject the grant and which are the
-//!   client's configuration. It knows nothing of the simulator.
+//!   client's configuration. [`provider::presets`] is the table of built-in
+//!   providers (endpoints, scopes, offline parameters, client
+//!   authentication, rotation, refresh-token lifetime, limits), each citing
+//!   its documentation; [`provider::discovery`] fills endpoints from an
+//!   `issuer`'s metadata. It knows nothing of the simulator.
 //! - [`refresh`]: the refresh policy (pure functions), the engine
 //!   (single-flight, crash recovery, in-memory snapshots for serving, grants
 //!   held in memory until they are stored), the thread its flights run on,
@@ -29,7 +34,8 @@
 //!   per second/minute, daily counter), corrected by the provider's quota
 //!   headers; the proxy and refreshes take their slots here.
 //! - [`dev`]: the Keap-like provider simulator for tests and `serve --dev`
-//!   (OAuth endpoints, API, control and faults) and [`dev::config`], the
+//!   (OAuth endpoints, API, control and faults, discovery documents, and
+//!   each preset's quirks via [`dev::SimulatorConfig::like`]) and [`dev::config`], the
 //!   configuration of `serve --dev`. Never used for real traffic.
 //! - [`daemon`]: wires store, engine, scheduler and server; graceful stop.
 //! - [`cli`]: the command line: `serve` and the client commands.
