@@ -98,7 +98,7 @@ pub fn parse(
         };
         let text = v.as_str().unwrap_or("");
         match Url::parse(text) {
-            Ok(u) if issuer.scheme() == "https" && u.scheme() != "https" => Err(format!(
+            Ok(u) if issuer.scheme() == "https" && u.scheme() == "http" => Err(format!(
                 "{from} gives {key} \"{}\", not an https URL, for an https issuer; refusing to send credentials there",
                 clean(text)
             )),

@@ -66,8 +66,11 @@ pub struct Parameter {
     pub accepted: &'static str,
     /// Turns a value into the `{placeholder}` substitutions, or says why
     /// it is not accepted.
-    pub resolve: fn(&str) -> Option<Vec<(&'static str, String)>>,
+    pub resolve: fn(&str) -> Option<Substitutions>,
 }
+
+/// `{placeholder}` → value pairs for an endpoint template.
+pub type Substitutions = Vec<(&'static str, String)>;
 
 /// One preset: every value a `[providers.NAME]` table may leave out.
 #[derive(Debug, Clone, Copy)]
@@ -536,7 +539,7 @@ impl PresetSpec {
 /// Microsoft's `{tenant}`: the three special tenants, a GUID, or a domain
 /// name (letters, digits and hyphens in dot-separated labels). Anything
 /// else could change the URL's path or host.
-fn microsoft_tenant(v: &str) -> Option<Vec<(&'static str, String)>> {
+fn microsoft_tenant(v: &str) -> Option<Substitutions> {
     let v = v.to_ascii_lowercase();
     let special = ["common", "organizations", "consumers"].contains(&v.as_str());
     let guid = v.len() == 36
@@ -560,7 +563,7 @@ fn microsoft_tenant(v: &str) -> Option<Vec<(&'static str, String)>> {
 }
 
 /// Zoho's data centres: the accounts server and the API host of each.
-fn zoho_region(v: &str) -> Option<Vec<(&'static str, String)>> {
+fn zoho_region(v: &str) -> Option<Substitutions> {
     let (accounts, api) = match v {
         "us" => ("accounts.zoho.com", "www.zohoapis.com"),
         "eu" => ("accounts.zoho.eu", "www.zohoapis.eu"),
