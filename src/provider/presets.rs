@@ -564,7 +564,7 @@ fn microsoft_tenant(v: &str) -> Option<Substitutions> {
 
 /// Zoho's data centres: the accounts server and the API host of each.
 fn zoho_region(v: &str) -> Option<Substitutions> {
-    let (accounts, api) = match v {
+    let (accounts, api) = match v.to_ascii_lowercase().as_str() {
         "us" => ("accounts.zoho.com", "www.zohoapis.com"),
         "eu" => ("accounts.zoho.eu", "www.zohoapis.eu"),
         "in" => ("accounts.zoho.in", "www.zohoapis.in"),
@@ -693,7 +693,8 @@ mod tests {
             eu.revocation_url.as_deref(),
             Some("https://accounts.zoho.eu/oauth/v2/token/revoke")
         );
-        for bad in ["EU", "de", "com", "", "eu/"] {
+        assert_eq!(z.endpoints(Some("EU")).unwrap(), eu);
+        for bad in ["de", "com", "", "eu/", "zoho.eu"] {
             let err = z.endpoints(Some(bad)).unwrap_err();
             assert!(err.contains("\"us\", \"eu\""), "{bad}: {err}");
         }
