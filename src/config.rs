@@ -1123,6 +1123,10 @@ impl<'a> Reader<'a> {
                 // Filled by discovery before any request (see the field doc).
                 return Some(issuer.clone());
             }
+            if preset.is_none() {
+                // The unknown preset is the problem to report.
+                return None;
+            }
             r.problem(
                 &join(path, key),
                 Some(name_span.clone()),
