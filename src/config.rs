@@ -1123,10 +1123,8 @@ impl<'a> Reader<'a> {
                 // Filled by discovery before any request (see the field doc).
                 return Some(issuer.clone());
             }
-            if preset.is_none() {
-                // The unknown preset is the problem to report.
-                return None;
-            }
+            // With an unknown preset, that is the problem to report.
+            preset?;
             r.problem(
                 &join(path, key),
                 Some(name_span.clone()),
