@@ -183,6 +183,25 @@ async fn an_explicit_endpoint_wins_and_may_be_missing_from_the_document() {
 }
 
 #[tokio::test]
+async fn failed_discovery_only_warns_when_the_file_sets_both_required_endpoints() {
+    let mut h = harness("").await;
+    let sim = h.sim.base_url.clone();
+    let text = std::fs::read_to_string(&h.config_path).unwrap()
+        + &format!("authorization_url = \"{sim}/authorize\"\ntoken_url = \"{sim}/token\"\n");
+    std::fs::write(&h.config_path, text).unwrap();
+    h.sim
+        .sim
+        .set_discovery_fault(Some(DiscoveryFault::NotFound));
+    h.start().await;
+    assert!(
+        h.log().contains("using the configured endpoints"),
+        "{}",
+        h.log()
+    );
+    connect_and_refresh(&h).await;
+}
+
+#[tokio::test]
 async fn check_config_accepts_an_issuer_without_fetching_it() {
     let h = harness("").await;
     h.sim

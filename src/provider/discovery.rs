@@ -279,6 +279,14 @@ pub async fn resolve(
                         .map(|m| (m, at))
                 });
                 let Some((meta, fetched_at)) = usable else {
+                    if p.explicit.authorization_url && p.explicit.token_url {
+                        // Only the optional endpoints were to come from it.
+                        tracing::warn!(
+                            provider = %name,
+                            "discovery failed ({fetch_error}); using the configured endpoints without the revocation and device endpoints it might have given"
+                        );
+                        continue;
+                    }
                     return Err(DiscoveryError::Unavailable {
                         provider: name.clone(),
                         message: format!(
