@@ -436,7 +436,11 @@ async fn serve(
     if let Some(dir) = dev_dir {
         let _ = std::fs::remove_dir_all(dir);
     }
-    result.map_err(|e| runtime(format!("{e}")))
+    result.map_err(|e| match e {
+        // A configuration problem found only by asking the issuer.
+        crate::daemon::DaemonError::Discovery(_) => usage(format!("{e}")),
+        e => runtime(format!("{e}")),
+    })
 }
 
 /// How a client command reaches the daemon.

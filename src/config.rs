@@ -175,6 +175,22 @@ pub struct ProviderConfig {
     /// token ends the user's whole authorization of the client (Google
     /// does): there it would also kill the new grant.
     pub revoke_replaced: bool,
+    /// RFC 8628 device authorization endpoint, where the provider has one
+    /// (preset, discovery or the file).
+    pub device_authorization_url: Option<Url>,
+    /// `issuer`: the endpoints the file does not set come from its
+    /// discovery document (`provider::discovery`), applied at start and on
+    /// reload. Until then, `authorization_url` and `token_url` not set in
+    /// the file hold the issuer itself, which no request is sent to.
+    pub issuer: Option<Url>,
+    /// Which endpoints the file set itself (discovery never overrides them).
+    pub explicit: ExplicitEndpoints,
+    /// How scopes are joined in the authorization request (`" "`; Zoho: `","`).
+    pub scope_delimiter: &'static str,
+    /// What a refresh does to the refresh token (from the preset).
+    pub rotation: Rotation,
+    /// How long a refresh token lives (from the preset; SPEC 11).
+    pub refresh_token_lifetime: RefreshTokenLifetime,
 }
 
 impl fmt::Debug for ProviderConfig {
@@ -194,11 +210,17 @@ impl fmt::Debug for ProviderConfig {
     }
 }
 
-/// Built-in provider descriptions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Preset {
-    Keap,
-    Generic,
+pub use crate::provider::presets::Preset;
+use crate::provider::presets::{RefreshTokenLifetime, Rotation};
+
+/// Which endpoint keys a `[providers.NAME]` table set itself: discovery
+/// (`issuer`) fills only the others.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExplicitEndpoints {
+    pub authorization_url: bool,
+    pub token_url: bool,
+    pub revocation_url: bool,
+    pub device_authorization_url: bool,
 }
 
 /// `[notify]`.
@@ -486,41 +508,6 @@ impl Config {
 
 fn default_allowed_hosts() -> Vec<String> {
     vec!["localhost".into(), "127.0.0.1".into(), "[::1]".into()]
-}
-
-impl Preset {
-    fn parse(s: &str) -> Option<Preset> {
-        match s {
-            "keap" => Some(Preset::Keap),
-            "generic" => Some(Preset::Generic),
-            _ => None,
-        }
-    }
-
-    /// Keap: 25/s, 1500/min, 150000/day per client (its published limits).
-    pub fn limits(self) -> Limits {
-        match self {
-            Preset::Keap => Limits {
-                per_second: Some(25),
-                per_minute: Some(1500),
-                per_day: Some(150_000),
-            },
-            Preset::Generic => Limits::default(),
-        }
-    }
-
-    /// Limits per tenant (all apps of one account together), where the
-    /// provider has them. Keap: 10,000 per minute and 250,000 per day.
-    pub fn tenant_limits(self) -> Option<Limits> {
-        match self {
-            Preset::Keap => Some(Limits {
-                per_second: None,
-                per_minute: Some(10_000),
-                per_day: Some(250_000),
-            }),
-            Preset::Generic => None,
-        }
-    }
 }
 
 /// Walks the TOML tree, collecting problems instead of stopping at the first.
@@ -1179,20 +1166,26 @@ impl<'a> Reader<'a> {
                 "limits",
                 "request_timeout",
                 "revoke_replaced",
+                "issuer",
+                "device_authorization_url",
+                "tenant",
+                "region",
             ],
         );
         let before = self.problems.len();
         let preset = match self.string(t, "preset", path) {
-            Some((s, span)) => Preset::parse(&s).or_else(|| {
+            Some((s, span)) => Preset::from_name(&s).or_else(|| {
                 self.problem(
                     &join(path, "preset"),
                     Some(span),
-                    "unknown preset; use \"keap\" or \"generic\"",
+                    format!("unknown preset \"{s}\"; use one of {}", Preset::names()),
                 );
                 None
             }),
             None => Some(Preset::Generic),
         };
+        let spec = preset.unwrap_or(Preset::Generic).spec();
+        let endpoints = self.preset_endpoints(t, path, preset);
         let client_id = self.string(t, "client_id", path).map(|(s, _)| s);
         if client_id.as_deref().is_none_or(str::is_empty) && self.get(t, "client_id").is_none() {
             self.problem(
@@ -1203,16 +1196,13 @@ impl<'a> Reader<'a> {
         }
         let code_auth = self.client_auth(t, "code_auth", path);
         let refresh_auth = self.client_auth(t, "refresh_auth", path);
-        let preset_keap = preset == Some(Preset::Keap);
-        let code_auth = code_auth.unwrap_or(if preset_keap {
-            ClientAuth::Body
-        } else {
-            ClientAuth::Basic
-        });
-        let refresh_auth = refresh_auth.unwrap_or(if preset_keap {
-            ClientAuth::Basic
-        } else {
+        let code_auth = code_auth.unwrap_or(spec.code_auth);
+        // A generic provider refreshes the way it exchanges codes unless
+        // told otherwise; presets know better.
+        let refresh_auth = refresh_auth.unwrap_or(if spec.preset == Preset::Generic {
             code_auth
+        } else {
+            spec.refresh_auth
         });
         let public = code_auth == ClientAuth::None && refresh_auth == ClientAuth::None;
 
@@ -1260,51 +1250,71 @@ impl<'a> Reader<'a> {
             );
         }
 
-        let (def_auth, def_token, def_api, def_scopes): (
-            Option<&str>,
-            Option<&str>,
-            Option<&str>,
-            Vec<String>,
-        ) = if preset_keap {
-            (
-                Some("https://accounts.infusionsoft.com/app/oauth/authorize"),
-                Some("https://api.infusionsoft.com/token"),
-                Some("https://api.infusionsoft.com"),
-                vec!["full".into()],
-            )
-        } else {
-            (None, None, None, Vec::new())
-        };
-        let required_url = |r: &mut Self, key: &str, default: Option<&str>| -> Option<Url> {
+        let issuer = self.issuer(t, path);
+        let preset_name = spec.name;
+        let required_url = |r: &mut Self, key: &str, default: &Option<String>| -> Option<Url> {
             if r.get(t, key).is_some() {
                 return r.url(t, key, path);
             }
-            match default {
-                Some(d) => Url::parse(d).ok(),
-                None => {
-                    r.problem(
-                        &join(path, key),
-                        Some(name_span.clone()),
-                        format!("missing; the generic preset needs {key}"),
-                    );
-                    None
-                }
+            if let Some(d) = default {
+                return Url::parse(d).ok();
             }
+            if let Some(issuer) = &issuer {
+                // Filled by discovery before any request (see the field doc).
+                return Some(issuer.clone());
+            }
+            // With an unknown preset, that is the problem to report.
+            preset?;
+            r.problem(
+                &join(path, key),
+                Some(name_span.clone()),
+                format!(
+                    "missing; preset \"{preset_name}\" needs {key}, or issuer = \"https://...\" to discover it"
+                ),
+            );
+            None
         };
-        let authorization_url = required_url(self, "authorization_url", def_auth);
-        let token_url = required_url(self, "token_url", def_token);
-        let revocation_url = self.url(t, "revocation_url", path);
-        let api_base_url = self
-            .base_url(t, "api_base_url", path)
-            .or_else(|| def_api.and_then(|u| Url::parse(u).ok()));
-        let scopes = self.string_array(t, "scopes", path).unwrap_or(def_scopes);
+        let explicit = ExplicitEndpoints {
+            authorization_url: t.get("authorization_url").is_some(),
+            token_url: t.get("token_url").is_some(),
+            revocation_url: t.get("revocation_url").is_some(),
+            device_authorization_url: t.get("device_authorization_url").is_some(),
+        };
+        let preset_url = |u: &Option<String>| u.as_deref().and_then(|u| Url::parse(u).ok());
+        let authorization_url =
+            required_url(self, "authorization_url", &endpoints.authorization_url);
+        let token_url = required_url(self, "token_url", &endpoints.token_url);
+        let revocation_url = if explicit.revocation_url {
+            self.url(t, "revocation_url", path)
+        } else {
+            preset_url(&endpoints.revocation_url)
+        };
+        let device_authorization_url = if explicit.device_authorization_url {
+            self.url(t, "device_authorization_url", path)
+        } else {
+            preset_url(&endpoints.device_authorization_url)
+        };
+        let api_base_url = if t.get("api_base_url").is_some() {
+            self.base_url(t, "api_base_url", path)
+        } else {
+            preset_url(&endpoints.api_base_url)
+        };
+        let scopes = self.scopes(t, path, spec);
         let pkce = self.boolean(t, "pkce", path).unwrap_or(true);
-        let extra_authorize_params = self
-            .string_map(t, "extra_authorize_params", path)
-            .unwrap_or_default();
+        // The preset's offline-access parameters, then the file's: a key
+        // the file sets itself wins.
+        let mut extra_authorize_params: BTreeMap<String, String> = spec
+            .offline_params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        extra_authorize_params.extend(
+            self.string_map(t, "extra_authorize_params", path)
+                .unwrap_or_default(),
+        );
         let default_lifetime = self
             .duration(t, "default_lifetime", path)
-            .unwrap_or(Duration::from_secs(3600));
+            .unwrap_or(spec.default_lifetime);
         let request_timeout = match self.duration(t, "request_timeout", path) {
             // The stop budget (daemon::shutdown_grace) is a multiple of it,
             // and a provider that needs minutes to answer is down.
@@ -1324,8 +1334,10 @@ impl<'a> Reader<'a> {
             Some(d) => d,
             None => Duration::from_secs(30),
         };
-        let revoke_replaced = self.boolean(t, "revoke_replaced", path).unwrap_or(true);
-        let mut limits = preset.map(Preset::limits).unwrap_or_default();
+        let revoke_replaced = self
+            .boolean(t, "revoke_replaced", path)
+            .unwrap_or(spec.revoke_replaced);
+        let mut limits = spec.limits;
         if let Some(lt) = self.table(t, "limits", path) {
             let lp = join(path, "limits");
             self.check_keys(lt, &lp, &["per_second", "per_minute", "per_day"]);
@@ -1360,7 +1372,97 @@ impl<'a> Reader<'a> {
             limits,
             request_timeout,
             revoke_replaced,
+            device_authorization_url,
+            issuer,
+            explicit,
+            scope_delimiter: spec.scope_delimiter,
+            rotation: spec.rotation,
+            refresh_token_lifetime: spec.refresh_token_lifetime,
         })
+    }
+
+    /// The preset's endpoints with its parameter (`tenant`, `region`)
+    /// substituted; a parameter key the preset does not read, or a value
+    /// it does not accept, is a problem naming the key and what is.
+    fn preset_endpoints(
+        &mut self,
+        t: &Table<'_>,
+        path: &str,
+        preset: Option<Preset>,
+    ) -> crate::provider::presets::Endpoints {
+        let Some(preset) = preset else {
+            return Default::default();
+        };
+        let spec = preset.spec();
+        for key in ["tenant", "region"] {
+            let Some(v) = self.get(t, key) else { continue };
+            if spec.parameter.map(|p| p.key) != Some(key) {
+                let owner = crate::provider::presets::PRESETS
+                    .iter()
+                    .find(|s| s.parameter.is_some_and(|p| p.key == key))
+                    .map_or("", |s| s.name);
+                let span = v.span();
+                self.problem(
+                    &join(path, key),
+                    Some(span),
+                    format!(
+                        "only preset = \"{owner}\" reads {key}; remove it (this provider's preset is \"{}\")",
+                        spec.name
+                    ),
+                );
+            }
+        }
+        let value = spec
+            .parameter
+            .and_then(|p| self.string(t, p.key, path).map(|v| (p.key, v)));
+        match spec.endpoints(value.as_ref().map(|(_, (v, _))| v.as_str())) {
+            Ok(e) => e,
+            Err(msg) => {
+                if let Some((key, (_, span))) = value {
+                    self.problem(&join(path, key), Some(span), msg);
+                }
+                Default::default()
+            }
+        }
+    }
+
+    /// `scopes`, or the preset's; a scope without which the preset's
+    /// provider issues no refresh token is added when missing, with a
+    /// warning, since a grant that cannot be renewed is useless here.
+    fn scopes(
+        &mut self,
+        t: &Table<'_>,
+        path: &str,
+        spec: &crate::provider::presets::PresetSpec,
+    ) -> Vec<String> {
+        let Some(mut scopes) = self.string_array(t, "scopes", path) else {
+            return spec.scopes.iter().map(|s| s.to_string()).collect();
+        };
+        for needed in spec.offline_scopes {
+            if !scopes.iter().any(|s| s == needed) {
+                self.warnings.push(format!(
+                    "{path}.scopes lacks \"{needed}\", without which {} issues no refresh token; it is added",
+                    spec.name
+                ));
+                scopes.push(needed.to_string());
+            }
+        }
+        scopes
+    }
+
+    /// `issuer`: an http(s) URL without query or fragment (RFC 8414 2).
+    fn issuer(&mut self, t: &Table<'_>, path: &str) -> Option<Url> {
+        let u = self.url(t, "issuer", path)?;
+        if u.query().is_some() || u.fragment().is_some() {
+            let span = self.get(t, "issuer").map(|v| v.span());
+            self.problem(
+                &join(path, "issuer"),
+                span,
+                "must not contain a query or a fragment; use the issuer URL exactly as the provider publishes it",
+            );
+            return None;
+        }
+        Some(u)
     }
 }
 
@@ -1535,6 +1637,156 @@ mod tests {
         assert_eq!(p.limits.per_second, Some(25));
         assert_eq!(p.scopes, vec!["full".to_string()]);
         assert!(cfg.warnings.iter().any(|w| w.contains("client_secret")));
+    }
+
+    fn provider_with(preset: &str, extra: &str) -> String {
+        format!("[providers.p]\npreset = \"{preset}\"\nclient_id = \"id\"\nclient_secret = \"s\"\n{extra}\n")
+    }
+
+    #[test]
+    fn every_preset_resolves_with_only_its_client() {
+        for spec in crate::provider::presets::PRESETS {
+            if spec.preset == Preset::Generic {
+                continue;
+            }
+            let cfg = parse(&provider_with(spec.name, ""), Path::new("/tmp/t.toml"))
+                .unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+            let p = &cfg.providers["p"];
+            assert_eq!(p.preset, spec.preset);
+            assert_eq!(p.code_auth, spec.code_auth, "{}", spec.name);
+            assert_eq!(p.refresh_auth, spec.refresh_auth, "{}", spec.name);
+            assert_eq!(p.limits, spec.limits, "{}", spec.name);
+            assert_eq!(p.rotation, spec.rotation, "{}", spec.name);
+            assert_eq!(p.default_lifetime, spec.default_lifetime, "{}", spec.name);
+            for (k, v) in spec.offline_params {
+                assert_eq!(
+                    p.extra_authorize_params.get(*k).map(String::as_str),
+                    Some(*v)
+                );
+            }
+            assert_eq!(p.issuer, None);
+        }
+    }
+
+    #[test]
+    fn explicit_keys_win_over_the_preset() {
+        let cfg = parse(
+            &provider_with(
+                "google",
+                "token_url = \"http://127.0.0.1:9/token\"\nscopes = [\"https://www.googleapis.com/auth/drive\"]\nextra_authorize_params = { prompt = \"select_account\" }\nrefresh_auth = \"basic\"\nrevoke_replaced = true",
+            ),
+            Path::new("/tmp/t.toml"),
+        )
+        .unwrap();
+        let p = &cfg.providers["p"];
+        assert_eq!(p.token_url.as_str(), "http://127.0.0.1:9/token");
+        assert_eq!(
+            p.authorization_url.as_str(),
+            "https://accounts.google.com/o/oauth2/v2/auth"
+        );
+        assert_eq!(
+            p.scopes,
+            vec!["https://www.googleapis.com/auth/drive".to_string()]
+        );
+        assert_eq!(p.extra_authorize_params["prompt"], "select_account");
+        assert_eq!(p.extra_authorize_params["access_type"], "offline");
+        assert_eq!(p.refresh_auth, ClientAuth::Basic);
+        assert_eq!(p.code_auth, ClientAuth::Body);
+        assert!(p.revoke_replaced);
+        // Microsoft without offline_access would never get a refresh token.
+        let cfg = parse(
+            &provider_with(
+                "microsoft",
+                "scopes = [\"Mail.Read\"]\ntenant = \"organizations\"",
+            ),
+            Path::new("/tmp/t.toml"),
+        )
+        .unwrap();
+        let p = &cfg.providers["p"];
+        assert_eq!(
+            p.scopes,
+            vec!["Mail.Read".to_string(), "offline_access".into()]
+        );
+        assert!(cfg.warnings.iter().any(|w| w.contains("offline_access")));
+        assert_eq!(
+            p.token_url.as_str(),
+            "https://login.microsoftonline.com/organizations/oauth2/v2.0/token"
+        );
+        let cfg = parse(
+            &provider_with("zoho", "region = \"eu\""),
+            Path::new("/tmp/t.toml"),
+        )
+        .unwrap();
+        let p = &cfg.providers["p"];
+        assert_eq!(
+            p.token_url.as_str(),
+            "https://accounts.zoho.eu/oauth/v2/token"
+        );
+        assert_eq!(
+            p.api_base_url.as_ref().unwrap().as_str(),
+            "https://www.zohoapis.eu/"
+        );
+        assert_eq!(p.scope_delimiter, ",");
+    }
+
+    #[test]
+    fn unknown_preset_and_bad_parameters_name_key_line_and_choices() {
+        let ps = problems(&provider_with("okta", ""));
+        let p = ps
+            .iter()
+            .find(|p| p.key == "providers.p.preset")
+            .expect("preset named");
+        assert_eq!(p.line, Some(2));
+        assert!(
+            p.message.contains("\"okta\"") && p.message.contains("\"microsoft\""),
+            "{p:?}"
+        );
+        let ps = problems(&provider_with("microsoft", "tenant = \"evil.example/x\""));
+        let p = ps
+            .iter()
+            .find(|p| p.key == "providers.p.tenant")
+            .expect("tenant named");
+        assert_eq!(p.line, Some(5));
+        assert!(p.message.contains("\"common\""), "{p:?}");
+        let ps = problems(&provider_with("zoho", "region = \"de\""));
+        let p = ps
+            .iter()
+            .find(|p| p.key == "providers.p.region")
+            .expect("region named");
+        assert_eq!(p.line, Some(5));
+        assert!(p.message.contains("\"eu\""), "{p:?}");
+        let ps = problems(&provider_with("zoho", "region = 3"));
+        assert!(ps.iter().any(|p| p.key == "providers.p.region"), "{ps:?}");
+        let ps = problems(&provider_with("google", "tenant = \"common\""));
+        let p = ps
+            .iter()
+            .find(|p| p.key == "providers.p.tenant")
+            .expect("tenant named");
+        assert!(p.message.contains("microsoft"), "{p:?}");
+        let ps = problems(&provider_with("keap", "region = \"eu\""));
+        assert!(
+            ps.iter()
+                .any(|p| p.key == "providers.p.region" && p.message.contains("zoho")),
+            "{ps:?}"
+        );
+    }
+
+    #[test]
+    fn issuer_stands_in_for_the_endpoints() {
+        let text = "[providers.p]\nclient_id = \"id\"\nclient_secret = \"s\"\nissuer = \"https://id.example/realm\"\nrevocation_url = \"https://id.example/rev\"\n";
+        let cfg = parse(text, Path::new("/tmp/t.toml")).unwrap();
+        let p = &cfg.providers["p"];
+        assert_eq!(
+            p.issuer.as_ref().unwrap().as_str(),
+            "https://id.example/realm"
+        );
+        assert!(!p.explicit.token_url && p.explicit.revocation_url);
+        let ps = problems("[providers.p]\nclient_id = \"id\"\nclient_secret = \"s\"\nissuer = \"https://id.example/?x=1\"\n");
+        assert!(
+            ps.iter()
+                .any(|p| p.key == "providers.p.issuer" && p.line == Some(4)),
+            "{ps:?}"
+        );
     }
 
     #[test]

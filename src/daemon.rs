@@ -86,6 +86,10 @@ pub enum DaemonError {
     Tls(#[from] crate::http::tls::TlsError),
     #[error("HTTP server task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// A provider's `issuer` gave no endpoints and none are kept: a
+    /// configuration problem (exit 2), named with the URLs tried.
+    #[error(transparent)]
+    Discovery(#[from] crate::provider::discovery::DiscoveryError),
     #[error("cannot read server.api_keys_file {path}: {source}")]
     ApiKeys {
         path: String,
@@ -149,7 +153,7 @@ impl App {
     /// derived from it); `extra` routes are merged into the router (dev
     /// mode mounts the simulator).
     pub async fn build(
-        config: Config,
+        mut config: Config,
         bound: std::net::SocketAddr,
         extra: Option<axum::Router>,
     ) -> Result<App, DaemonError> {
@@ -186,6 +190,9 @@ impl App {
             None => None,
         };
         let http_client = provider::http_client();
+        // Before the engine and the limits see the providers: an issuer's
+        // endpoints are part of their configuration.
+        crate::provider::discovery::resolve(&mut config, &store, &http_client).await?;
         // One set of limits for the proxy and the engine's refresh calls:
         // both spend the same provider quota.
         let limits = Arc::new(RateLimits::new(config.providers.values()));
@@ -484,10 +491,22 @@ async fn reload_on_sighup(mut r: Reloadable, path: Option<PathBuf>, shutdown: Ca
             continue;
         };
         systemd::reloading();
-        match crate::config::load(path) {
-            Ok(new) => {
+        let loaded = crate::config::load(path);
+        match loaded {
+            Ok(mut new) => {
                 for w in &new.warnings {
                     tracing::warn!("{w}");
+                }
+                // Issuers are asked again: a reload is how an operator
+                // picks up a provider's moved endpoints.
+                let store = r.engine.store().clone();
+                if let Err(e) = crate::provider::discovery::resolve(&mut new, &store, &r.http).await
+                {
+                    tracing::error!(
+                        "configuration reload refused, the previous configuration stays in force: {e}"
+                    );
+                    systemd::ready(&systemd::summary(&r.engine));
+                    continue;
                 }
                 apply(&mut r, new);
             }

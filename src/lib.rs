@@ -7,14 +7,19 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the TOML config, its lookup order, presets, secret files.
+//! - [`config`]: the TOML config, its lookup order, secret files; applies
+//!   the presets of [`provider::presets`], explicit keys winning.
 //! - [`store`]: the only SQL, one interface over SQLite and PostgreSQL:
 //!   migrations, leases, durable rotation, `migrate-storage`.
 //! - [`crypto`]: sealing tokens at rest (AEAD) and keyed token fingerprints.
 //! - [`provider`]: OAuth2 calls to providers; [`provider::answer`] reads
 //!   token answers leniently and is the one place that decides which
 //!   failures are transient, which reject the grant and which are the
-//!   client's configuration. It knows nothing of the simulator.
+//!   client's configuration. [`provider::presets`] is the table of built-in
+//!   providers (endpoints, scopes, offline parameters, client
+//!   authentication, rotation, refresh-token lifetime, limits), each citing
+//!   its documentation; [`provider::discovery`] fills endpoints from an
+//!   `issuer`'s metadata. It knows nothing of the simulator.
 //! - [`refresh`]: the refresh policy (pure functions) and the engine in
 //!   layers: the served state as an enum (`snapshot`), the lease and the
 //!   refresh journal (`lease`), one refresh as named phases (`flight`:
@@ -34,7 +39,8 @@
 //!   per second/minute, daily counter), corrected by the provider's quota
 //!   headers; the proxy and refreshes take their slots here.
 //! - [`dev`]: the Keap-like provider simulator for tests and `serve --dev`
-//!   (OAuth endpoints, API, control and faults) and [`dev::config`], the
+//!   (OAuth endpoints, API, control and faults, discovery documents, and
+//!   each preset's quirks via [`dev::SimulatorConfig::like`]) and [`dev::config`], the
 //!   configuration of `serve --dev`. Never used for real traffic.
 //! - [`daemon`]: builds the application from a config ([`daemon::App`]:
 //!   store, engine, rate limits, HTTP state) and serves it on a listener

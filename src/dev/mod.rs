@@ -27,12 +27,16 @@
 
 mod api;
 mod control;
+mod discovery;
 mod faults;
 mod oauth;
+mod presets;
 mod serve;
 #[cfg(test)]
 mod tests;
 
+pub use discovery::DiscoveryFault;
+pub use presets::{Offline, Quirks};
 pub use serve::config;
 
 use api::api_endpoint;
@@ -94,6 +98,9 @@ pub struct SimulatorConfig {
     /// authorized API answer and 429 + Apigee fault beyond them. `None` (the
     /// default): no limits and no headers.
     pub limits: Option<SimLimits>,
+    /// Provider quirks beyond Keap's (see [`Quirks`] and
+    /// [`SimulatorConfig::like`]); the default is Keap's behaviour.
+    pub quirks: Quirks,
 }
 
 /// Rate limits the simulator enforces on `/api/*`, like Keap: per-second
@@ -130,6 +137,7 @@ impl Default for SimulatorConfig {
             require_basic_on_refresh: true,
             control_api: false,
             limits: None,
+            quirks: Quirks::default(),
         }
     }
 }
@@ -150,6 +158,7 @@ impl fmt::Debug for SimulatorConfig {
             .field("require_basic_on_refresh", &self.require_basic_on_refresh)
             .field("control_api", &self.control_api)
             .field("limits", &self.limits)
+            .field("quirks", &self.quirks)
             .finish()
     }
 }
@@ -252,6 +261,8 @@ pub struct SimStats {
     pub api_rate_limited: u64,
     /// Grants revoked through `/revoke` (unknown tokens do not count).
     pub revocations: u64,
+    /// Requests for a discovery document (either path, any outcome).
+    pub discovery_fetches: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -288,6 +299,9 @@ enum ChallengeMethod {
 }
 
 struct AuthCode {
+    /// The authorization request earned a refresh token (see
+    /// [`Offline`]).
+    offline: bool,
     client_id: String,
     redirect_uri: String,
     challenge: Option<(String, ChallengeMethod)>,
@@ -317,6 +331,9 @@ struct State {
     /// invalid token is not an error, and revokes nothing) instead of
     /// revoking the whole grant they came from.
     strict_revocation: bool,
+    /// What the discovery documents name as issuer; `None`: they answer 404.
+    issuer: Option<String>,
+    discovery_fault: Option<DiscoveryFault>,
 }
 
 /// A token bucket of `capacity` requests refilled evenly over `window`.
@@ -442,6 +459,9 @@ struct Issued {
     access_token: String,
     refresh_token: Option<String>,
     expires_in: u64,
+    /// Members the provider adds to its answers (see [`Quirks::token_extras`]).
+    extras: Vec<(String, serde_json::Value)>,
+    omit_expires_in: bool,
 }
 
 impl State {
@@ -497,6 +517,8 @@ impl State {
             access_token,
             refresh_token,
             expires_in: lifetime.as_secs(),
+            extras: self.config.quirks.token_extras.clone(),
+            omit_expires_in: self.config.quirks.omit_expires_in,
         }
     }
 
@@ -588,6 +610,8 @@ impl Simulator {
                 usage: Usage::new(),
                 revoke_fault: None,
                 strict_revocation: false,
+                issuer: None,
+                discovery_fault: None,
             })),
         }
     }
@@ -605,6 +629,9 @@ impl Simulator {
     /// - `POST /deny`: 302 to `redirect_uri?error=access_denied&..`.
     /// - `POST /token`: `authorization_code` and `refresh_token` grants.
     /// - `POST /revoke`: RFC 7009; revokes the whole grant.
+    /// - `GET /.well-known/openid-configuration` and
+    ///   `/.well-known/oauth-authorization-server`: the endpoints above, for
+    ///   the issuer set with [`Simulator::set_issuer`] (404 without one).
     /// - `ANY /api/{*path}`: bearer-protected echo; `large?bytes=N` streams
     ///   N bytes of `application/octet-stream`; `headers` echoes the request
     ///   headers (not the bearer token). With `limits`, Keap's rate limits
@@ -619,7 +646,15 @@ impl Simulator {
             .route("/deny", post(deny))
             .route("/token", post(token_endpoint))
             .route("/revoke", post(revoke_endpoint))
-            .route("/api/{*path}", any(api_endpoint));
+            .route("/api/{*path}", any(api_endpoint))
+            .route(
+                "/.well-known/openid-configuration",
+                get(discovery::openid_configuration),
+            )
+            .route(
+                "/.well-known/oauth-authorization-server",
+                get(discovery::oauth_authorization_server),
+            );
         if control {
             router = router
                 .route("/_sim/stats", get(sim_stats))
@@ -635,6 +670,7 @@ impl Simulator {
         let sim = Simulator::new(config);
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
+        sim.set_issuer(Some(format!("http://{addr}")));
         let router = sim.router();
         let handle = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {

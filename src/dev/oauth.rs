@@ -45,6 +45,11 @@ fn authenticate_client(
     basic_only: bool,
 ) -> Result<(), Response> {
     let public = config.client_secret.is_empty();
+    if config.quirks.refuse_basic && headers.contains_key(header::AUTHORIZATION) {
+        return Err(invalid_client(
+            "Client credentials must be sent as client_id and client_secret parameters",
+        ));
+    }
     let body_id = param(params, "client_id");
     let body_secret = param(params, "client_secret");
     match basic_credentials(headers)? {
@@ -78,9 +83,7 @@ fn authenticate_client(
                 };
             }
             if basic_only {
-                return Err(invalid_client(
-                    "Client must authenticate with HTTP Basic on refresh",
-                ));
+                return Err(invalid_client("Client must authenticate with HTTP Basic"));
             }
             match body_secret {
                 Some(s) if s == config.client_secret => Ok(()),
@@ -135,6 +138,12 @@ fn validate_authorize(
     };
     if param(&params, "response_type") != Some("code") {
         return Err(bad("response_type must be \"code\"."));
+    }
+    let delimiter = config.quirks.scope_delimiter;
+    if delimiter != ' ' && param(&params, "scope").is_some_and(|s| s.contains(' ')) {
+        return Err(bad(&format!(
+            "Invalid scope: separate scopes with \"{delimiter}\"."
+        )));
     }
     let challenge = match param(&params, "code_challenge") {
         None => None,
@@ -198,11 +207,14 @@ pub(super) async fn approve(AxState(sim): AxState<Simulator>, body: Body) -> Res
     let code = random_token();
     let now = Instant::now();
     let client_id = st.config.client_id.clone();
+    let quirks = st.config.quirks.clone();
+    let offline = quirks.offline.earned(&req.params, quirks.scope_delimiter);
     // Expired codes are useless; dropping them keeps long dev sessions small.
     st.codes.retain(|_, c| c.expires_at > now);
     st.codes.insert(
         code.clone(),
         AuthCode {
+            offline,
             client_id,
             redirect_uri: param(&req.params, "redirect_uri")
                 .unwrap_or_default()
@@ -220,6 +232,9 @@ pub(super) async fn approve(AxState(sim): AxState<Simulator>, body: Body) -> Res
         q.append_pair("code", &code);
         if let Some(state) = param(&req.params, "state") {
             q.append_pair("state", state);
+        }
+        for (k, v) in &quirks.callback_extras {
+            q.append_pair(k, v);
         }
     }
     redirect(location.as_str())
@@ -268,6 +283,12 @@ fn token_success(issued: &Issued, shape: Option<&AnswerShape>) -> Response {
             "refresh_token".to_owned(),
             serde_json::Value::from(rt.as_str()),
         );
+    }
+    for (k, v) in &issued.extras {
+        obj.insert(k.clone(), v.clone());
+    }
+    if issued.omit_expires_in {
+        obj.remove("expires_in");
     }
     let mut status = StatusCode::OK;
     let mut raw_expires_in = None;
@@ -326,7 +347,8 @@ fn process_token(
     match param(params, "grant_type") {
         None => Err(invalid_request("Missing grant_type")),
         Some("authorization_code") => {
-            authenticate_client(&st.config, headers, params, false)?;
+            let basic_only = st.config.quirks.require_basic_on_code && !st.is_public_client();
+            authenticate_client(&st.config, headers, params, basic_only)?;
             let Some(code) = param(params, "code") else {
                 return Err(invalid_request("Missing code"));
             };
@@ -357,8 +379,9 @@ fn process_token(
                 (None, None) => {}
             }
             entry.used = true;
+            let offline = entry.offline;
             let grant = st.new_grant();
-            let issued = st.issue(grant, true);
+            let issued = st.issue(grant, offline);
             st.stats.code_exchanges += 1;
             let shape = st.answer_shape.clone();
             drop(st);
@@ -399,7 +422,7 @@ fn process_token(
                 RefreshStatus::Valid => {}
             }
             let rotate = st.config.rotate_refresh_tokens;
-            if rotate {
+            if rotate && !st.config.quirks.keep_used_refresh_tokens {
                 if let Some(e) = st.refresh.get_mut(rt) {
                     e.status = RefreshStatus::Used;
                 }

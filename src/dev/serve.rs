@@ -41,6 +41,12 @@ pub fn config(listen: SocketAddr, db_path: PathBuf, client_secret: &str) -> Conf
             limits: Preset::Keap.limits(),
             request_timeout: Duration::from_secs(30),
             revoke_replaced: true,
+            device_authorization_url: None,
+            issuer: None,
+            explicit: Default::default(),
+            scope_delimiter: " ",
+            rotation: crate::provider::presets::Rotation::SingleUse,
+            refresh_token_lifetime: Preset::Keap.spec().refresh_token_lifetime,
         },
     );
     Config {

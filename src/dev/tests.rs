@@ -762,3 +762,26 @@ async fn router_works_when_nested() {
     assert_eq!(resp.status(), 200);
     task.abort();
 }
+
+#[tokio::test]
+async fn discovery_documents_name_the_simulator_and_faults_apply() {
+    let rs = Simulator::start_local(SimulatorConfig::default())
+        .await
+        .unwrap();
+    let http = client();
+    let oidc = rs.url("/.well-known/openid-configuration");
+    let oauth = rs.url("/.well-known/oauth-authorization-server");
+    for url in [&oidc, &oauth] {
+        let v: serde_json::Value = http.get(url).send().await.unwrap().json().await.unwrap();
+        assert_eq!(v["issuer"], rs.base_url.as_str());
+        assert_eq!(v["token_endpoint"], format!("{}/token", rs.base_url));
+        assert_eq!(v["revocation_endpoint"], format!("{}/revoke", rs.base_url));
+    }
+    rs.sim
+        .set_discovery_fault(Some(DiscoveryFault::OnlyOAuthMetadata));
+    assert_eq!(http.get(&oidc).send().await.unwrap().status(), 404);
+    assert_eq!(http.get(&oauth).send().await.unwrap().status(), 200);
+    rs.sim.set_issuer(None);
+    assert_eq!(http.get(&oauth).send().await.unwrap().status(), 404);
+    assert_eq!(rs.sim.stats().discovery_fetches, 5);
+}

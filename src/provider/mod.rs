@@ -11,6 +11,8 @@
 //! touches the database.
 
 pub mod answer;
+pub mod discovery;
+pub mod presets;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -156,9 +158,18 @@ impl Provider {
         let client = self
             .client(self.config.code_auth)
             .set_redirect_uri(RedirectUrl::from_url(redirect_uri.clone()));
-        let mut req = client
-            .authorize_url(CsrfToken::new_random)
-            .add_scopes(self.config.scopes.iter().cloned().map(Scope::new));
+        let mut req = client.authorize_url(CsrfToken::new_random);
+        // `oauth2` joins scopes with spaces; a provider wanting another
+        // delimiter (Zoho: commas) gets them pre-joined as one.
+        req = if self.config.scope_delimiter == " " {
+            req.add_scopes(self.config.scopes.iter().cloned().map(Scope::new))
+        } else if self.config.scopes.is_empty() {
+            req
+        } else {
+            req.add_scope(Scope::new(
+                self.config.scopes.join(self.config.scope_delimiter),
+            ))
+        };
         for (k, v) in &self.config.extra_authorize_params {
             req = req.add_extra_param(k.clone(), v.clone());
         }

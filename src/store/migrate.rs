@@ -30,12 +30,13 @@ pub enum MigrateError {
 }
 
 /// The tables a dump covers, children first (the order to empty them in).
-pub const TABLES: [&str; 5] = [
+pub const TABLES: [&str; 6] = [
     "token_fingerprints",
     "pending_authorizations",
     "connections",
     "installation",
     "processes",
+    "discovery",
 ];
 
 /// A connection row exactly as stored (tokens sealed, or plain without a
@@ -195,6 +196,9 @@ pub struct Dump {
     pub pending: Vec<StoredPending>,
     /// The `installation` table (fingerprint key, key check, seal format).
     pub settings: Vec<(String, Vec<u8>)>,
+    /// Discovery documents kept per issuer: `(issuer, document,
+    /// fetched_at)`, so the target starts without network too.
+    pub discovery: Vec<(String, String, i64)>,
 }
 
 impl Dump {
@@ -229,6 +233,9 @@ impl Dump {
         }
         if self.settings != other.settings {
             return Some("the installation settings differ".into());
+        }
+        if self.discovery != other.discovery {
+            return Some("the kept discovery documents differ".into());
         }
         None
     }
@@ -304,6 +311,17 @@ macro_rules! dump_sql {
                 dump.settings.push((
                     sqlx::Row::try_get(&r, "name")?,
                     sqlx::Row::try_get(&r, "value")?,
+                ));
+            }
+            for r in
+                sqlx::query("SELECT issuer, document, fetched_at FROM discovery ORDER BY issuer")
+                    .fetch_all(&mut *tx)
+                    .await?
+            {
+                dump.discovery.push((
+                    sqlx::Row::try_get(&r, "issuer")?,
+                    sqlx::Row::try_get(&r, "document")?,
+                    sqlx::Row::try_get(&r, "fetched_at")?,
                 ));
             }
             Ok(dump)
@@ -408,6 +426,18 @@ macro_rules! dump_sql {
                 sqlx::query(&insert)
                     .bind(name.clone())
                     .bind(value.clone())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let insert = format!(
+                "INSERT INTO discovery (issuer, document, fetched_at) VALUES ({})",
+                values(3, $sigil)
+            );
+            for (issuer, document, fetched_at) in &dump.discovery {
+                sqlx::query(&insert)
+                    .bind(issuer.clone())
+                    .bind(document.clone())
+                    .bind(*fetched_at)
                     .execute(&mut *tx)
                     .await?;
             }

@@ -449,6 +449,22 @@ pub trait Backend {
     /// `(id, generation, state)` of every connection.
     async fn versions(&self) -> Result<Vec<(i64, i64, String)>, StoreError>;
 
+    /// Keeps the discovery document fetched from `issuer`, replacing the
+    /// one kept before.
+    async fn save_discovery(
+        &self,
+        issuer: &str,
+        document: &str,
+        fetched_at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// The discovery document last kept for `issuer`, and when it was
+    /// fetched.
+    async fn load_discovery(
+        &self,
+        issuer: &str,
+    ) -> Result<Option<(String, DateTime<Utc>)>, StoreError>;
+
     /// Stores a grant from a new authorization, replacing any earlier grant
     /// of the same provider/account unconditionally: the generation moves
     /// (so any refresh in flight finds it moved at commit), lease, attempt,
@@ -878,6 +894,27 @@ impl Store {
     /// to notice writes by other processes without reading tokens.
     pub async fn versions(&self) -> Result<Vec<(i64, i64, String)>, StoreError> {
         on_backend!(self, b => b.versions().await)
+    }
+
+    /// Keeps the discovery document fetched from `issuer`, replacing the
+    /// one kept before, so that a restart without network still knows the
+    /// provider's endpoints (`provider::discovery`).
+    pub async fn save_discovery(
+        &self,
+        issuer: &str,
+        document: &str,
+        fetched_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        on_backend!(self, b => b.save_discovery(issuer, document, fetched_at).await)
+    }
+
+    /// The discovery document last kept for `issuer`, and when it was
+    /// fetched.
+    pub async fn load_discovery(
+        &self,
+        issuer: &str,
+    ) -> Result<Option<(String, DateTime<Utc>)>, StoreError> {
+        on_backend!(self, b => b.load_discovery(issuer).await)
     }
 
     /// Stores a grant obtained by a browser authorization, replacing any

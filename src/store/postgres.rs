@@ -33,8 +33,8 @@ use sqlx::{Connection, Row};
 use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PENDING_COLUMNS};
 use super::migrate::{self, Dump, MigrateError};
 use super::{
-    to_ms, Backend, BeginRefresh, CommitOutcome, ConnState, ConnectionRow, Fingerprint, LeaseSeen,
-    NewGrant, PendingAuthorization, PendingTake, StoreError, FINGERPRINTS_KEPT,
+    from_ms, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState, ConnectionRow, Fingerprint,
+    LeaseSeen, NewGrant, PendingAuthorization, PendingTake, StoreError, FINGERPRINTS_KEPT,
 };
 use crate::crypto::SealKey;
 
@@ -430,6 +430,36 @@ impl Backend for Postgres {
         rows.iter()
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
             .collect()
+    }
+
+    async fn save_discovery(
+        &self,
+        issuer: &str,
+        document: &str,
+        fetched_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO discovery (issuer, document, fetched_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (issuer) DO UPDATE SET document = excluded.document, fetched_at = excluded.fetched_at",
+        )
+        .bind(issuer.to_owned())
+        .bind(document.to_owned())
+        .bind(to_ms(fetched_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn load_discovery(
+        &self,
+        issuer: &str,
+    ) -> Result<Option<(String, DateTime<Utc>)>, StoreError> {
+        let row = sqlx::query("SELECT document, fetched_at FROM discovery WHERE issuer = $1")
+            .bind(issuer.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get("document")?, from_ms(r.try_get("fetched_at")?))))
+            .transpose()
     }
 
     async fn save_authorized(

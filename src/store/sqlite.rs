@@ -25,9 +25,9 @@ use sqlx::{Row, SqlitePool};
 use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PENDING_COLUMNS};
 use super::migrate::{self, Dump, MigrateError};
 use super::{
-    create_private_dir, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState, ConnectionRow,
-    Fingerprint, LeaseSeen, NewGrant, PendingAuthorization, PendingTake, StoreError, BUSY_TIMEOUT,
-    FINGERPRINTS_KEPT,
+    create_private_dir, from_ms, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState,
+    ConnectionRow, Fingerprint, LeaseSeen, NewGrant, PendingAuthorization, PendingTake, StoreError,
+    BUSY_TIMEOUT, FINGERPRINTS_KEPT,
 };
 use crate::crypto::SealKey;
 
@@ -311,6 +311,36 @@ impl Backend for Sqlite {
         rows.iter()
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
             .collect()
+    }
+
+    async fn save_discovery(
+        &self,
+        issuer: &str,
+        document: &str,
+        fetched_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO discovery (issuer, document, fetched_at) VALUES (?, ?, ?) \
+             ON CONFLICT (issuer) DO UPDATE SET document = excluded.document, fetched_at = excluded.fetched_at",
+        )
+        .bind(issuer.to_owned())
+        .bind(document.to_owned())
+        .bind(to_ms(fetched_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn load_discovery(
+        &self,
+        issuer: &str,
+    ) -> Result<Option<(String, DateTime<Utc>)>, StoreError> {
+        let row = sqlx::query("SELECT document, fetched_at FROM discovery WHERE issuer = ?")
+            .bind(issuer.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get("document")?, from_ms(r.try_get("fetched_at")?))))
+            .transpose()
     }
 
     async fn save_authorized(

@@ -197,12 +197,15 @@ code_auth = "basic"
 refresh_auth = "basic"
 ${endpoints}
 
+# No endpoint by hand: discovered from the issuer's metadata.
 [providers.oidcpub]
 preset = "generic"
 client_id = "${clients.public}"
 code_auth = "none"
 refresh_auth = "none"
-${endpoints}
+issuer = "${op.base}"
+scopes = ["openid", "offline_access"]
+extra_authorize_params = { prompt = "consent" }
 `);
   }
 
@@ -669,8 +672,16 @@ async function main() {
     const tests = [
       ['confidential client (client_secret_basic): authorize, refresh under load, restart, revoke',
         (() => { const d = tk('confidential', confPort, 'tk-e2e-confidential'); return () => lifecycle({ browser, op, tk: d, provider: 'oidc', clientId: 'tk-e2e-confidential', label: 'confidential' }); })(), daemons.at(-1)],
-      ['public client (none + PKCE): authorize, refresh under load, restart, revoke',
-        (() => { const d = tk('public', pubPort, 'tk-e2e-confidential'); return () => lifecycle({ browser, op, tk: d, provider: 'oidcpub', clientId: 'tk-e2e-public', label: 'public' }); })(), daemons.at(-1)],
+      ['public client (none + PKCE), endpoints discovered from the issuer: authorize, refresh under load, restart, revoke',
+        (() => {
+          const d = tk('public', pubPort, 'tk-e2e-confidential');
+          return async () => {
+            const detail = await lifecycle({ browser, op, tk: d, provider: 'oidcpub', clientId: 'tk-e2e-public', label: 'public' });
+            const log = readFileSync(d.logPath, 'utf8');
+            check(/provider=oidcpub.*endpoints discovered|endpoints discovered.*provider=oidcpub/.test(log), 'the oidcpub endpoints were not discovered from the issuer');
+            return `${detail}; endpoints discovered from ${op.base}`;
+          };
+        })(), daemons.at(-1)],
       ['grant revoked at the provider: 409 authorization_required, reconnect heals',
         (() => { const d = tk('upstream', upPort, 'tk-e2e-upstream'); return () => upstreamRevoked({ browser, tk: d, op, clientId: 'tk-e2e-upstream' }); })(), daemons.at(-1)],
       ['user cancels at the consent page: 400 page that explains, nothing stored',

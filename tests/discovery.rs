@@ -1,0 +1,213 @@
+//! Discovery (SPEC 11) through the real daemon: a provider configured with
+//! only `issuer` gets its endpoints from the simulator's metadata, keeps
+//! the document for restarts without network, asks again on reload, and a
+//! first start without any usable document is a configuration error
+//! (exit 2) naming the URLs tried and what was wrong.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, signal, Harness, Options, BIN};
+use tokenkeeper::dev::DiscoveryFault;
+
+/// A harness whose provider `keap` has `issuer` instead of endpoints
+/// (`extra` is appended to its table).
+async fn harness(extra: &str) -> Harness {
+    let h = Harness::new(Options::default()).await;
+    let sim = &h.sim.base_url;
+    let text = format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+
+[storage]
+path = "{db}"
+
+[refresh]
+check_interval = "1s"
+jitter = "0s"
+retry_initial = "1s"
+retry_max = "4s"
+
+[providers.keap]
+client_id = "demo-client"
+client_secret_file = "client-secret"
+issuer = "{sim}"
+api_base_url = "{sim}/api"
+{extra}
+"#,
+        port = h.port,
+        db = h.db_path().display(),
+    );
+    std::fs::write(&h.config_path, text).unwrap();
+    h
+}
+
+/// Runs `serve` on `h`'s config, expecting it to stop at once; returns
+/// its exit code and everything it printed.
+async fn failed_start(h: &Harness) -> (Option<i32>, String) {
+    let run = tokio::process::Command::new(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&h.config_path)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("serve stops by itself")
+        .expect("serve runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+async fn connect_and_refresh(h: &Harness) {
+    let page = h.authorize("keap", "default").await;
+    assert_eq!(page.status(), 200);
+    let (status, v) = h.token().await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = h.post_json("/v1/token/keap/refresh").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(h.sim.sim.stats().refresh_ok, 1);
+}
+
+#[tokio::test]
+async fn issuer_alone_gives_the_endpoints_and_a_restart_without_discovery_uses_the_kept_document() {
+    let mut h = harness("").await;
+    h.start().await;
+    assert!(h.sim.sim.stats().discovery_fetches >= 1);
+    connect_and_refresh(&h).await;
+    h.stop().await;
+
+    // The provider's metadata is unreachable now: the kept document serves.
+    h.sim
+        .sim
+        .set_discovery_fault(Some(DiscoveryFault::Status(503)));
+    h.start().await;
+    assert!(
+        h.log().contains("using the document kept"),
+        "the fallback is logged:\n{}",
+        h.log()
+    );
+    let (status, v) = h.post_json("/v1/token/keap/refresh").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(h.sim.sim.stats().refresh_ok, 2);
+
+    // A reload asks the issuer again.
+    h.sim.sim.set_discovery_fault(None);
+    let before = h.sim.sim.stats().discovery_fetches;
+    signal(h.daemon.as_ref().unwrap(), libc::SIGHUP);
+    eventually(
+        Duration::from_secs(10),
+        "the reload fetches again",
+        || async {
+            h.sim.sim.stats().discovery_fetches > before
+                && h.log().contains("configuration reloaded")
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn rfc8414_metadata_is_used_when_there_is_no_openid_configuration() {
+    let mut h = harness("").await;
+    h.sim
+        .sim
+        .set_discovery_fault(Some(DiscoveryFault::OnlyOAuthMetadata));
+    h.start().await;
+    connect_and_refresh(&h).await;
+}
+
+#[tokio::test]
+async fn a_first_start_without_discovery_is_a_config_error_naming_the_urls() {
+    let h = harness("").await;
+    h.sim
+        .sim
+        .set_discovery_fault(Some(DiscoveryFault::NotFound));
+    let (code, out) = failed_start(&h).await;
+    assert_eq!(code, Some(2), "{out}");
+    let sim = &h.sim.base_url;
+    for needle in [
+        "providers.keap.issuer".to_string(),
+        format!("{sim}/.well-known/openid-configuration answered HTTP 404"),
+        format!("{sim}/.well-known/oauth-authorization-server answered HTTP 404"),
+        "no earlier document is kept".to_string(),
+    ] {
+        assert!(out.contains(&needle), "missing {needle:?} in:\n{out}");
+    }
+}
+
+#[tokio::test]
+async fn garbage_discovery_documents_each_get_a_sentence_and_exit_2() {
+    let h = harness("request_timeout = \"1s\"").await;
+    for (fault, says) in [
+        (DiscoveryFault::NotJson, "did not answer a JSON document"),
+        (
+            DiscoveryFault::NoTokenEndpoint,
+            "has no token_endpoint; set token_url",
+        ),
+        (
+            DiscoveryFault::WrongIssuer,
+            "names the issuer \"https://attacker.example\"",
+        ),
+        (DiscoveryFault::Huge, "answered more than 256 KiB"),
+        (
+            DiscoveryFault::Hang(Duration::from_secs(3)),
+            "did not answer within 1 s",
+        ),
+        (DiscoveryFault::Status(500), "answered HTTP 500"),
+    ] {
+        h.sim.sim.set_discovery_fault(Some(fault.clone()));
+        let (code, out) = failed_start(&h).await;
+        assert_eq!(code, Some(2), "{fault:?}: {out}");
+        assert!(out.contains(says), "{fault:?}: missing {says:?} in:\n{out}");
+        assert!(!out.contains("panicked"), "{out}");
+    }
+}
+
+#[tokio::test]
+async fn an_explicit_endpoint_wins_and_may_be_missing_from_the_document() {
+    let mut h = harness("").await;
+    let token_url = format!("token_url = \"{}/token\"\n", h.sim.base_url);
+    let text = std::fs::read_to_string(&h.config_path).unwrap() + &token_url;
+    std::fs::write(&h.config_path, text).unwrap();
+    h.sim
+        .sim
+        .set_discovery_fault(Some(DiscoveryFault::NoTokenEndpoint));
+    h.start().await;
+    connect_and_refresh(&h).await;
+}
+
+#[tokio::test]
+async fn failed_discovery_only_warns_when_the_file_sets_both_required_endpoints() {
+    let mut h = harness("").await;
+    let sim = h.sim.base_url.clone();
+    let text = std::fs::read_to_string(&h.config_path).unwrap()
+        + &format!("authorization_url = \"{sim}/authorize\"\ntoken_url = \"{sim}/token\"\n");
+    std::fs::write(&h.config_path, text).unwrap();
+    h.sim
+        .sim
+        .set_discovery_fault(Some(DiscoveryFault::NotFound));
+    h.start().await;
+    assert!(
+        h.log().contains("using the configured endpoints"),
+        "{}",
+        h.log()
+    );
+    connect_and_refresh(&h).await;
+}
+
+#[tokio::test]
+async fn check_config_accepts_an_issuer_without_fetching_it() {
+    let h = harness("").await;
+    h.sim
+        .sim
+        .set_discovery_fault(Some(DiscoveryFault::NotFound));
+    let out = h.cli(&["check-config"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(h.sim.sim.stats().discovery_fetches, 0);
+}
