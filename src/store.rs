@@ -280,6 +280,30 @@ pub struct Store {
     unreadable: Arc<Mutex<HashSet<i64>>>,
     /// The last write probe (`/readyz`): when, and whether it succeeded.
     probe: Arc<tokio::sync::Mutex<Option<(std::time::Instant, bool)>>>,
+    /// The scheduler's own connection, outside the pool (see
+    /// [`Store::changed`]): opened at its first use with these options.
+    watch: Arc<tokio::sync::Mutex<Watch>>,
+}
+
+/// A connection of its own and the `PRAGMA data_version` it last read.
+/// SQLite changes that number when any *other* connection commits, never
+/// for this connection's own writes, which is why the heartbeat is written
+/// here: the scheduler's own bookkeeping never counts as a change.
+struct Watch {
+    options: SqliteConnectOptions,
+    conn: Option<sqlx::SqliteConnection>,
+    version: Option<i64>,
+}
+
+impl Watch {
+    async fn connection(&mut self) -> Result<&mut sqlx::SqliteConnection, sqlx::Error> {
+        use sqlx::ConnectOptions;
+        let conn = match self.conn.take() {
+            Some(c) => c,
+            None => self.options.connect().await?,
+        };
+        Ok(self.conn.insert(conn))
+    }
 }
 
 /// How long a statement waits for another writer's lock before failing
@@ -339,6 +363,11 @@ impl Store {
             // keep the pages it read for the life of the daemon. Refreshes
             // touch a handful of pages by primary key.
             .pragma("cache_size", "-512");
+        let watch = Watch {
+            options: options.clone(),
+            conn: None,
+            version: None,
+        };
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
@@ -369,6 +398,7 @@ impl Store {
             seal: key.map(Arc::new),
             unreadable: Arc::new(Mutex::new(HashSet::new())),
             probe: Arc::new(tokio::sync::Mutex::new(None)),
+            watch: Arc::new(tokio::sync::Mutex::new(watch)),
         };
         store.check_key().await?;
         // Now, with the path at hand, rather than at the first refresh: a
@@ -593,6 +623,10 @@ impl Store {
 
     /// Closes every pooled connection (checkpointing the WAL).
     pub async fn close(&self) {
+        if let Some(conn) = self.watch.lock().await.conn.take() {
+            use sqlx::Connection;
+            let _ = conn.close().await;
+        }
         self.pool.close().await;
     }
 
@@ -1107,27 +1141,47 @@ impl Store {
     }
 
     /// Records that `owner` is alive and returns how many other processes
-    /// were seen since `alive_since` (older entries are dropped).
+    /// were seen since `alive_since` (older entries are dropped). One
+    /// transaction (one commit) on the scheduler's own connection, so it
+    /// does not make [`Store::changed`] answer `true`.
     pub async fn heartbeat(
         &self,
         owner: &str,
         now: DateTime<Utc>,
         alive_since: DateTime<Utc>,
     ) -> Result<usize, StoreError> {
+        use sqlx::Connection;
+        let mut watch = self.watch.lock().await;
+        let mut tx = watch.connection().await?.begin().await?;
         sqlx::query("INSERT INTO processes (owner, seen_at) VALUES (?1, ?2) ON CONFLICT (owner) DO UPDATE SET seen_at = ?2")
             .bind(owner.to_owned())
             .bind(to_ms(now))
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         sqlx::query("DELETE FROM processes WHERE seen_at < ?")
             .bind(to_ms(alive_since))
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         let others: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM processes WHERE owner != ?")
             .bind(owner.to_owned())
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(others.max(0) as usize)
+    }
+
+    /// Whether another connection committed anything since the previous
+    /// call (`true` at the first): another process sharing the file, or
+    /// this process's own pool. Costs one `PRAGMA data_version` (no table
+    /// is read), so an idle scheduler can look often and read every row
+    /// only when something was written. May answer `true` for a write that
+    /// changed nothing the caller cares about; never `false` after a commit.
+    pub async fn changed(&self) -> Result<bool, StoreError> {
+        let mut watch = self.watch.lock().await;
+        let version: i64 = sqlx::query_scalar("PRAGMA data_version")
+            .fetch_one(watch.connection().await?)
+            .await?;
+        Ok(watch.version.replace(version) != Some(version))
     }
 
     /// Removes `owner`'s heartbeat at a clean stop.

@@ -12,6 +12,7 @@ pub mod flights;
 pub mod owner;
 pub mod policy;
 pub mod recognizer;
+pub mod scheduler;
 
 pub use engine::{
     ConnectionReport, Engine, IssuedToken, Revocation, Settings, Snapshot, TokenError,
