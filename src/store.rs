@@ -2079,6 +2079,47 @@ mod tests {
         store.ping().await.unwrap();
     }
 
+    /// The scheduler's idle look: its own heartbeat is not a change; a
+    /// commit by this process's pool or by another process is, once.
+    #[tokio::test]
+    async fn changed_reports_other_connections_writes_not_the_heartbeat() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store_with_grant(dir.path(), None).await;
+        assert!(store.changed().await.unwrap(), "the first look reads");
+        assert!(!store.changed().await.unwrap());
+        let now = Utc::now();
+        for _ in 0..3 {
+            store
+                .heartbeat("me", now, now - chrono::Duration::seconds(10))
+                .await
+                .unwrap();
+            assert!(!store.changed().await.unwrap(), "our heartbeat");
+        }
+        // This process's pool: a new authorization.
+        authorize(&store, "2").await;
+        assert!(store.changed().await.unwrap());
+        assert!(!store.changed().await.unwrap());
+        // Another process: a write on a connection of its own.
+        use sqlx::ConnectOptions;
+        let mut other = SqliteConnectOptions::new()
+            .filename(dir.path().join("t.db"))
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query("UPDATE connections SET state = 'retrying'")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        assert!(store.changed().await.unwrap());
+        assert!(!store.changed().await.unwrap());
+        // Reads change nothing.
+        store.versions().await.unwrap();
+        assert!(!store.changed().await.unwrap());
+        use sqlx::Connection;
+        other.close().await.unwrap();
+        store.close().await;
+    }
+
     #[test]
     fn offline_lock_excludes_daemons_and_daemons_share() {
         let dir = tempfile::tempdir().unwrap();
