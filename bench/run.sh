@@ -44,7 +44,7 @@ want() { [[ $PARTS == *" $1 "* ]]; }
 
 # --- 0. tools ---------------------------------------------------------------
 NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
-if [ "${BENCH_SKIP_INSTALL:-0}" != 1 ] && { ! command -v wrk >/dev/null || [ ! -x "$NGINX_BIN" ]; }; then
+if want token && [ "${BENCH_SKIP_INSTALL:-0}" != 1 ] && { ! command -v wrk >/dev/null || [ ! -x "$NGINX_BIN" ]; }; then
     log "installing nginx-light and wrk (Debian packages)"
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO=sudo
@@ -53,7 +53,9 @@ if [ "${BENCH_SKIP_INSTALL:-0}" != 1 ] && { ! command -v wrk >/dev/null || [ ! -
     $SUDO env RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk >/dev/null
     NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
 fi
-for t in wrk python3 cargo curl; do
+NEEDED="python3 cargo curl"
+want token && NEEDED="wrk $NEEDED"
+for t in $NEEDED; do
     command -v "$t" >/dev/null || { log "bench: $t is required"; exit 2; }
 done
 for p in $TK_PORT $NGINX_PORT $FLOOR_PORT $HERD_PORT $SCALE_PORT; do

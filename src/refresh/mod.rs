@@ -3,8 +3,9 @@
 //! rotation, crash recovery, serving snapshots), `flights`, the thread
 //! refreshes run on, `clock` (the wall and monotonic time the engine reads,
 //! injectable for tests), `owner` (who holds a lease and when its death is
-//! certain) and `recognizer` (fingerprints of our tokens). Tests drive the
-//! engine directly, without HTTP.
+//! certain), `recognizer` (fingerprints of our tokens) and `scheduler` (the
+//! task that sleeps until the next connection falls due and runs an engine
+//! pass). Tests drive the engine directly, without HTTP.
 
 pub mod clock;
 pub mod engine;
