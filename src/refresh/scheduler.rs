@@ -156,7 +156,7 @@ impl State {
 /// How the scheduler waits after a pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Wait {
-    /// From the start of the pass.
+    /// From the end of the pass.
     pub after: Duration,
     /// Whether a wake-up ends the wait early.
     pub wakeable: bool,
@@ -254,7 +254,9 @@ pub async fn drive<F, Fut>(
         let _ = state.wake.notified().now_or_never();
         let outcome = pass().await;
         let wait = wait_after(outcome.as_ref(), check_interval());
-        let until = began + wait.after;
+        // From the end of the pass: a due instant is then met just after
+        // it, not a few milliseconds early (which would cost another pass).
+        let until = Instant::now() + wait.after;
         if wait.wakeable {
             tokio::select! {
                 () = shutdown.cancelled() => return,
