@@ -477,7 +477,7 @@ impl Engine {
     }
 
     /// What the refresh scheduler shares with the engine (its wake-up).
-    pub fn scheduler(&self) -> &super::scheduler::State {
+    pub(crate) fn scheduler(&self) -> &super::scheduler::State {
         &self.inner.scheduler
     }
 

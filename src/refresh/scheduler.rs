@@ -110,21 +110,21 @@ impl State {
 
     /// Whether this pass writes the heartbeat (at most every
     /// [`HEARTBEAT_MIN`]); `now` is monotonic.
-    pub fn heartbeat_due(&self, now: Duration) -> bool {
+    pub(crate) fn heartbeat_due(&self, now: Duration) -> bool {
         self.marks()
             .heartbeat_at
             .is_none_or(|at| now.saturating_sub(at) >= HEARTBEAT_MIN)
     }
 
     /// The heartbeat was written at `now`.
-    pub fn heartbeat_done(&self, now: Duration) {
+    pub(crate) fn heartbeat_done(&self, now: Duration) {
         self.marks().heartbeat_at = Some(now);
     }
 
     /// Records whether the store saw another connection's write, and says
     /// whether this pass reconciles: something changed since the last
     /// reconcile, and that was at least `every` ago (or never).
-    pub fn reconcile_due(&self, changed: bool, now: Duration, every: Duration) -> bool {
+    pub(crate) fn reconcile_due(&self, changed: bool, now: Duration, every: Duration) -> bool {
         let mut m = self.marks();
         m.changed |= changed;
         m.changed
@@ -134,14 +134,14 @@ impl State {
 
     /// A reconcile finished at `now`; writes after its read are seen as a
     /// new change.
-    pub fn reconciled(&self, now: Duration) {
+    pub(crate) fn reconciled(&self, now: Duration) {
         let mut m = self.marks();
         m.changed = false;
         m.reconciled_at = Some(now);
     }
 
     /// How long a noticed change waits for its reconcile, if one does.
-    pub fn reconcile_in(&self, now: Duration, every: Duration) -> Option<Duration> {
+    pub(crate) fn reconcile_in(&self, now: Duration, every: Duration) -> Option<Duration> {
         let m = self.marks();
         if !m.changed {
             return None;
