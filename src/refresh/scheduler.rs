@@ -199,8 +199,10 @@ pub fn wait_after(pass: Option<&Pass>, check_interval: Duration) -> Wait {
 /// A pass in progress finishes first (it only starts refreshes; the
 /// daemon waits for those separately).
 pub async fn run(engine: Engine, shutdown: CancellationToken) {
-    // (status line last sent, when upkeep last ran)
-    let upkeep = Mutex::new((String::new(), None::<Instant>));
+    // (status line last sent, when upkeep last ran). The first is one
+    // interval after the start: the daemon announces itself (READY=1 with
+    // its status) after spawning this task.
+    let upkeep = Mutex::new((String::new(), Instant::now()));
     let (engine, upkeep) = (&engine, &upkeep);
     drive(
         engine.scheduler(),
@@ -218,8 +220,8 @@ pub async fn run(engine: Engine, shutdown: CancellationToken) {
             // connection: once per interval is as often as they need.
             let every = engine.settings().refresh.check_interval;
             let mut u = upkeep.lock().unwrap_or_else(|e| e.into_inner());
-            if u.1.is_none_or(|at| at.elapsed() >= every) {
-                u.1 = Some(Instant::now());
+            if u.1.elapsed() >= every {
+                u.1 = Instant::now();
                 crate::metrics::upkeep();
                 let now = crate::systemd::summary(engine);
                 if u.0 != now {
