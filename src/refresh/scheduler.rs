@@ -17,7 +17,7 @@
 //!   scheduled a retry or moved the connection's due time;
 //! - the daemon's cancellation token, which ends the task.
 //!
-//! When a pass held due connections back (no more start per pass than the
+//! When a pass held due connections back (no more started per pass than the
 //! provider's `per_second` limit, see `Engine::tick`), the next pass comes
 //! exactly [`PACE`] later, whatever wakes it meanwhile, so the wave goes on
 //! at the provider's limit and never faster.
