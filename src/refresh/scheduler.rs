@@ -216,13 +216,17 @@ pub async fn run(engine: Engine, shutdown: CancellationToken) {
                     None
                 }
             };
-            // Histogram upkeep and the systemd status line walk every
-            // connection: once per interval is as often as they need.
+            // Histogram upkeep and the systemd status line (which walks every
+            // connection, and only under systemd): once per interval is as
+            // often as they need.
             let every = engine.settings().refresh.check_interval;
             let mut u = upkeep.lock().unwrap_or_else(|e| e.into_inner());
             if u.1.elapsed() >= every {
                 u.1 = Instant::now();
                 crate::metrics::upkeep();
+                if std::env::var_os("NOTIFY_SOCKET").is_none() {
+                    return pass;
+                }
                 let now = crate::systemd::summary(engine);
                 if u.0 != now {
                     crate::systemd::status(&now);
