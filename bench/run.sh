@@ -6,6 +6,7 @@
 # 2. Herd: 1,000 and 10,000 concurrent requests for a token that must
 #    refresh, provider token endpoint delayed 200 ms.
 # 3. Scale: 10,000 connections: start-to-ready, idle RSS, CPU per tick,
+#    idle CPU with the default settings (% of a core, CPU-ms per hour),
 #    refresh wave.
 # 4. Cost per token-day with Keap's 24 h tokens.
 #
@@ -15,7 +16,11 @@
 # BENCH_ROUNDS (3), BENCH_HTTP_CONNECTIONS (64), BENCH_WRK_THREADS (2),
 # BENCH_PORT_BASE (18780), BENCH_WAVE_SECONDS (60), BENCH_PROFILE=1 (perf
 # profile of the token endpoint, needs perf), BENCH_SKIP_INSTALL=1,
-# BENCH_PARTS (which of "token herd scale cost" to run; all by default).
+# BENCH_PARTS (which of "token herd scale cost" to run; all by default),
+# BENCH_IDLE_SECONDS (120: the idle-CPU window of part 3; 0 skips it),
+# BENCH_IDLE_BASELINE (a git revision, e.g. d74c930: its daemon is built
+# from a temporary worktree and its idle CPU measured beside this one's),
+# BENCH_CONNECTIONS (10000).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -39,7 +44,7 @@ want() { [[ $PARTS == *" $1 "* ]]; }
 
 # --- 0. tools ---------------------------------------------------------------
 NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
-if [ "${BENCH_SKIP_INSTALL:-0}" != 1 ] && { ! command -v wrk >/dev/null || [ ! -x "$NGINX_BIN" ]; }; then
+if want token && [ "${BENCH_SKIP_INSTALL:-0}" != 1 ] && { ! command -v wrk >/dev/null || [ ! -x "$NGINX_BIN" ]; }; then
     log "installing nginx-light and wrk (Debian packages)"
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO=sudo
@@ -48,7 +53,9 @@ if [ "${BENCH_SKIP_INSTALL:-0}" != 1 ] && { ! command -v wrk >/dev/null || [ ! -
     $SUDO env RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk >/dev/null
     NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
 fi
-for t in wrk python3 cargo curl; do
+NEEDED="python3 cargo curl"
+want token && NEEDED="wrk $NEEDED"
+for t in $NEEDED; do
     command -v "$t" >/dev/null || { log "bench: $t is required"; exit 2; }
 done
 for p in $TK_PORT $NGINX_PORT $FLOOR_PORT $HERD_PORT $SCALE_PORT; do
@@ -89,10 +96,20 @@ PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    [ -d "$TMP/baseline-src" ] && git worktree remove --force "$TMP/baseline-src" 2>/dev/null
     rm -rf "$TMP"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+if [ -n "${BENCH_IDLE_BASELINE:-}" ] && want scale; then
+    log "building the baseline daemon ($BENCH_IDLE_BASELINE) for the idle-CPU comparison"
+    git worktree add --quiet --detach "$TMP/baseline-src" "$BENCH_IDLE_BASELINE"
+    (cd "$TMP/baseline-src" && CARGO_TARGET_DIR=$ROOT/bench/target/baseline cargo build --release --quiet --bin tokenkeeper)
+    cp "$ROOT/bench/target/baseline/release/tokenkeeper" "$TMP/bin/tokenkeeper-baseline"
+    git worktree remove --force "$TMP/baseline-src"
+    export BENCH_BASELINE_BIN=$TMP/bin/tokenkeeper-baseline
+fi
 RAW=$TMP/raw.txt
 FIG=$TMP/figures.txt
 : >"$RAW"
@@ -240,7 +257,7 @@ if want scale; then
 # --- 3. scale -------------------------------------------------------------------
 log "3/4 scale: 10,000 connections (seeding takes a while)"
 mkdir -p "$TMP/scale"
-timeout 600 "$TOOL" scale "$TK" "$TMP/scale" "$SCALE_PORT" >>"$FIG"
+timeout 1500 "$TOOL" scale "$TK" "$TMP/scale" "$SCALE_PORT" >>"$FIG"
 fi
 
 if want cost; then

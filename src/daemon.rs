@@ -273,7 +273,10 @@ impl App {
         // Catch up at once rather than one interval late (interrupted refreshes,
         // tokens that expired while the daemon was down).
         engine.tick().await?;
-        let scheduler = tokio::spawn(schedule(engine.clone(), shutdown.clone()));
+        let scheduler = tokio::spawn(crate::refresh::scheduler::run(
+            engine.clone(),
+            shutdown.clone(),
+        ));
 
         let background = tokio_util::task::TaskTracker::new();
         background.spawn(systemd::watchdog(engine.clone(), shutdown.clone()));
@@ -390,45 +393,6 @@ fn load_tls(
         }
     }
     Ok(tls)
-}
-
-/// The refresh scheduler: runs an engine tick every
-/// `refresh.check_interval` on tokio's monotonic clock, so a wall clock set
-/// back (or forward) neither stops nor bunches ticks; the decisions inside
-/// a tick are the engine's (`Engine::tick`). The interval is read from the
-/// current settings at least once a second, so a reload applies it at once;
-/// ticks never overlap (a slow tick delays the next one).
-async fn schedule(engine: Engine, shutdown: CancellationToken) {
-    /// Longest single sleep: how late a reloaded, shorter interval is noticed.
-    const RECHECK: Duration = Duration::from_secs(1);
-    let mut last_status = String::new();
-    loop {
-        let since = tokio::time::Instant::now();
-        loop {
-            // Sub-second intervals are allowed in tests; zero would spin.
-            let every = engine
-                .settings()
-                .refresh
-                .check_interval
-                .max(Duration::from_millis(100));
-            let Some(left) = every.checked_sub(since.elapsed()).filter(|d| !d.is_zero()) else {
-                break;
-            };
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(left.min(RECHECK)) => {}
-            }
-        }
-        if let Err(e) = engine.tick().await {
-            tracing::error!(error = %e, "refresh scheduler tick failed");
-        }
-        crate::metrics::upkeep();
-        let now = systemd::summary(&engine);
-        if last_status != now {
-            systemd::status(&now);
-            last_status = now;
-        }
-    }
 }
 
 /// Writes a world-readable copy of the self-signed certificate (public

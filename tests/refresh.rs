@@ -166,14 +166,20 @@ async fn proactive_refresh_keeps_tokens_valid_on_schedule() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn herd_of_500_shares_one_refresh() {
     let h = Harness::started(Options {
-        access_lifetime: Duration::from_secs(2),
+        access_lifetime: Duration::from_secs(4),
         refresh: "check_interval = \"1h\"".into(),
         ..Options::default()
     })
     .await;
     let old = h.authorize_default().await;
+    // The scheduler refreshes a token when it falls due (here 2 s after it
+    // was issued, whatever check_interval says). The daemon is stopped
+    // (SIGSTOP) across that instant so that the herd finds the token
+    // expired, and continued just before the herd arrives: whichever of the
+    // scheduler and the herd starts the refresh, everyone shares it.
+    common::signal(h.daemon.as_ref().unwrap(), libc::SIGSTOP);
     h.sim.sim.set_access_lifetime(Duration::from_secs(60));
-    tokio::time::sleep(Duration::from_millis(2300)).await;
+    tokio::time::sleep(Duration::from_millis(4300)).await;
     assert!(!h.sim.sim.access_token_valid(&old), "the token has expired");
     h.sim
         .sim
@@ -183,6 +189,7 @@ async fn herd_of_500_shares_one_refresh() {
         before.refresh_calls, 0,
         "the scheduler stayed out of the way"
     );
+    common::signal(h.daemon.as_ref().unwrap(), libc::SIGCONT);
 
     let started = Instant::now();
     let mut set = tokio::task::JoinSet::new();

@@ -129,6 +129,7 @@ impl Engine {
                 limits,
                 no_new_refreshes: AtomicBool::new(false),
                 peers: AtomicBool::new(false),
+                scheduler: Default::default(),
             }),
         };
         engine.heartbeat().await?;
@@ -169,6 +170,13 @@ impl Engine {
             .settings
             .write()
             .unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+        // check_interval, at_fraction or jitter may move every due time.
+        self.inner.scheduler.wake();
+    }
+
+    /// What the refresh scheduler shares with the engine (its wake-up).
+    pub(crate) fn scheduler(&self) -> &crate::refresh::due::State {
+        &self.inner.scheduler
     }
 
     /// Shutdown has begun: from now on no new refresh flight starts (a

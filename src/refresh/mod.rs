@@ -16,11 +16,14 @@
 //!   failure class), and revocation;
 //! - `registry`: serving tokens from snapshots, starting flights;
 //! - `engine`: the façade that wires them, and the scheduler pass
-//!   (`engine/sweep.rs`).
+//!   (`engine/sweep.rs`);
+//! - `scheduler`: the task that sleeps until the next connection falls
+//!   due (or `check_interval`, or a wake-up) and runs a pass.
 //!
 //! Tests drive the engine directly, without HTTP.
 
 pub mod clock;
+mod due;
 pub mod engine;
 mod flight;
 pub mod flights;
@@ -29,6 +32,7 @@ pub mod owner;
 pub mod policy;
 pub mod recognizer;
 mod registry;
+pub mod scheduler;
 mod shared;
 mod slot;
 pub mod snapshot;

@@ -290,6 +290,13 @@ pub fn refuse_refresh_token_as_bearer(shared: &Shared, token: &str) -> bool {
 /// Costs at most one provider call per failing connection per reload,
 /// spread by the scheduler's per-pass cap. Returns how many.
 pub fn retry_failing_now(shared: &Shared) -> usize {
+    let n = clear_backoffs(shared);
+    shared.scheduler.wake();
+    n
+}
+
+/// Clears every failing connection's backoff; how many.
+fn clear_backoffs(shared: &Shared) -> usize {
     let now = shared.clock().now();
     let mut n = 0;
     for slot in shared.slots.all() {

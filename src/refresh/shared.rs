@@ -49,6 +49,8 @@ pub struct Shared {
     /// the in-memory snapshot is the truth and the hot path reads no
     /// storage; with peers, `token` checks storage first.
     pub peers: AtomicBool,
+    /// The scheduler's wake-up and the bookkeeping between passes.
+    pub scheduler: crate::refresh::due::State,
 }
 
 impl Shared {
@@ -73,6 +75,8 @@ impl Shared {
     /// Makes a stored row visible.
     pub fn install(&self, row: &ConnectionRow) {
         self.slots.install(row, self.snap_of(row));
+        // Its due time may be earlier than the scheduler's next look.
+        self.scheduler.wake();
     }
 
     /// Tells the operator about `slot`.

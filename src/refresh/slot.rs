@@ -312,6 +312,16 @@ impl Slots {
         v
     }
 
+    /// Every slot, in no particular order (the scheduler's pass).
+    pub fn unsorted(&self) -> Vec<Arc<Slot>> {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// The slot of connection `id`.
     pub fn by_id(&self, id: i64) -> Option<Arc<Slot>> {
         self.map

@@ -589,6 +589,13 @@ pub trait Backend {
     /// Removes `owner`'s heartbeat.
     async fn leave(&self, owner: &str) -> Result<(), StoreError>;
 
+    /// Whether another connection (another process, or this process's own
+    /// pool) committed anything since the previous call (`true` at the
+    /// first); this process's heartbeat does not count. May answer `true`
+    /// for a write that changed nothing the caller cares about; never
+    /// `false` after such a commit. Cheap: an idle scheduler asks often.
+    async fn changed(&self) -> Result<bool, StoreError>;
+
     /// Forgets a connection and its fingerprints, unconditionally.
     async fn delete_connection(
         &self,
@@ -1026,6 +1033,13 @@ impl Store {
     /// Removes `owner`'s heartbeat at a clean stop.
     pub async fn leave(&self, owner: &str) -> Result<(), StoreError> {
         on_backend!(self, b => b.leave(owner).await)
+    }
+
+    /// Whether another connection committed since the previous call, so
+    /// that an idle scheduler reads every row only after a write (see
+    /// [`Backend::changed`]).
+    pub async fn changed(&self) -> Result<bool, StoreError> {
+        on_backend!(self, b => b.changed().await)
     }
 
     /// Forgets a connection; returns it (for upstream revocation) if it existed.

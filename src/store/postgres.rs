@@ -754,6 +754,13 @@ impl Backend for Postgres {
         row.as_ref().map(|r| self.codec.decode(r)).transpose()
     }
 
+    /// Always yes: the scheduler then reads every row at most once per
+    /// `check_interval`, as the polling scheduler did. (A `LISTEN/NOTIFY`
+    /// channel can make this exact.)
+    async fn changed(&self) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
     async fn heartbeat(
         &self,
         owner: &str,

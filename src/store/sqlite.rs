@@ -38,6 +38,30 @@ impl_columns!(SqliteRow);
 pub struct Sqlite {
     pool: SqlitePool,
     codec: Codec,
+    /// The scheduler's own connection, outside the pool (see
+    /// `Backend::changed`): opened at its first use with these options.
+    watch: std::sync::Arc<tokio::sync::Mutex<Watch>>,
+}
+
+/// A connection of its own and the `PRAGMA data_version` it last read.
+/// SQLite changes that number when any *other* connection commits, never
+/// for this connection's own writes, which is why the heartbeat is written
+/// here: the scheduler's own bookkeeping never counts as a change.
+struct Watch {
+    options: SqliteConnectOptions,
+    conn: Option<sqlx::SqliteConnection>,
+    version: Option<i64>,
+}
+
+impl Watch {
+    async fn connection(&mut self) -> Result<&mut sqlx::SqliteConnection, sqlx::Error> {
+        use sqlx::ConnectOptions;
+        let conn = match self.conn.take() {
+            Some(c) => c,
+            None => self.options.connect().await?,
+        };
+        Ok(self.conn.insert(conn))
+    }
 }
 
 impl Sqlite {
@@ -57,6 +81,11 @@ impl Sqlite {
             // keep the pages it read for the life of the daemon. Refreshes
             // touch a handful of pages by primary key.
             .pragma("cache_size", "-512");
+        let watch = Watch {
+            options: options.clone(),
+            conn: None,
+            version: None,
+        };
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
@@ -82,7 +111,11 @@ impl Sqlite {
                     source,
                 },
             })?;
-        Ok(Sqlite { pool, codec })
+        Ok(Sqlite {
+            pool,
+            codec,
+            watch: std::sync::Arc::new(tokio::sync::Mutex::new(watch)),
+        })
     }
 
     /// The pool, for tests that must write what no method writes.
@@ -226,6 +259,10 @@ impl Backend for Sqlite {
     }
 
     async fn close(&self) {
+        if let Some(conn) = self.watch.lock().await.conn.take() {
+            use sqlx::Connection;
+            let _ = conn.close().await;
+        }
         self.pool.close().await;
     }
 
@@ -628,20 +665,34 @@ impl Backend for Sqlite {
         now: DateTime<Utc>,
         alive_since: DateTime<Utc>,
     ) -> Result<usize, StoreError> {
+        // One transaction on the scheduler's own connection, so that it
+        // does not make `changed` answer yes.
+        use sqlx::Connection;
+        let mut watch = self.watch.lock().await;
+        let mut tx = watch.connection().await?.begin().await?;
         sqlx::query("INSERT INTO processes (owner, seen_at) VALUES (?1, ?2) ON CONFLICT (owner) DO UPDATE SET seen_at = ?2")
             .bind(owner.to_owned())
             .bind(to_ms(now))
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         sqlx::query("DELETE FROM processes WHERE seen_at < ?")
             .bind(to_ms(alive_since))
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         let others: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM processes WHERE owner != ?")
             .bind(owner.to_owned())
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(others.max(0) as usize)
+    }
+
+    async fn changed(&self) -> Result<bool, StoreError> {
+        let mut watch = self.watch.lock().await;
+        let version: i64 = sqlx::query_scalar("PRAGMA data_version")
+            .fetch_one(watch.connection().await?)
+            .await?;
+        Ok(watch.version.replace(version) != Some(version))
     }
 
     async fn leave(&self, owner: &str) -> Result<(), StoreError> {
@@ -1377,5 +1428,46 @@ mod tests {
             now_stored.refresh_token.unwrap().expose_secret(),
             "refresh-2"
         );
+    }
+
+    /// The scheduler's idle look: its own heartbeat is not a change; a
+    /// commit by this process's pool or by another process is, once.
+    #[tokio::test]
+    async fn changed_reports_other_connections_writes_not_the_heartbeat() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store_with_grant(dir.path(), None).await;
+        assert!(store.changed().await.unwrap(), "the first look reads");
+        assert!(!store.changed().await.unwrap());
+        let now = Utc::now();
+        for _ in 0..3 {
+            store
+                .heartbeat("me", now, now - chrono::Duration::seconds(10))
+                .await
+                .unwrap();
+            assert!(!store.changed().await.unwrap(), "our heartbeat");
+        }
+        // This process's pool: a new authorization.
+        authorize(&store, "2").await;
+        assert!(store.changed().await.unwrap());
+        assert!(!store.changed().await.unwrap());
+        // Another process: a write on a connection of its own.
+        use sqlx::ConnectOptions;
+        let mut other = SqliteConnectOptions::new()
+            .filename(dir.path().join("t.db"))
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query("UPDATE connections SET state = 'retrying'")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        assert!(store.changed().await.unwrap());
+        assert!(!store.changed().await.unwrap());
+        // Reads change nothing.
+        store.versions().await.unwrap();
+        assert!(!store.changed().await.unwrap());
+        use sqlx::Connection;
+        other.close().await.unwrap();
+        store.close().await;
     }
 }

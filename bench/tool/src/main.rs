@@ -9,7 +9,8 @@
 //! - `herd BIN DIR PORT`: 1,000 and 10,000 concurrent requests for a token
 //!   that must refresh, provider token endpoint delayed 200 ms.
 //! - `scale BIN DIR PORT`: 10,000 connections: start-to-ready, idle RSS,
-//!   CPU per scheduler tick, refresh wave.
+//!   CPU per scheduler tick, idle CPU with the default settings (beside a
+//!   baseline build's with `BENCH_BASELINE_BIN`), refresh wave.
 //! - `cost`: provider calls per connection per day with 24 h tokens.
 
 use std::path::{Path, PathBuf};
@@ -292,8 +293,11 @@ async fn start_sim_apart(config: SimulatorConfig) -> Res<RunningSimulator> {
 async fn herd(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
     let delay = Duration::from_millis(200);
     // Tokens live 2*S: `min_validity` becomes S (half the lifetime), so a
-    // token must be refreshed S after it was issued. The scheduler ticks
-    // only at start (check_interval 1h): the herd triggers the refresh.
+    // token must be refreshed S after it was issued. The scheduler would
+    // refresh it then; the daemon is stopped (SIGSTOP) across that instant
+    // and continued as the herd is let go, so the herd meets a token that
+    // must be refreshed (the scheduler, woken at the same moment, may be
+    // the one to start that refresh; everyone shares it either way).
     let s_secs: i64 = 12;
     let sim = start_sim_apart(SimulatorConfig {
         access_lifetime: Duration::from_secs(2 * s_secs as u64),
@@ -338,7 +342,10 @@ async fn herd(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
         let mut stale_at = seeded + chrono::Duration::seconds(s_secs);
         sim.sim.set_token_delay(delay, DelayPhase::BeforeProcessing);
         for n in sizes {
-            let wait = (stale_at - Utc::now()).to_std().unwrap_or_default();
+            let until = |t: DateTime<Utc>| (t - Utc::now()).to_std().unwrap_or_default();
+            tokio::time::sleep(until(stale_at - chrono::Duration::seconds(3))).await;
+            signal(child.id(), libc::SIGSTOP);
+            let wait = until(stale_at);
             tokio::time::sleep(wait + Duration::from_millis(300)).await;
             let before = sim.sim.stats().refresh_calls;
             let (go_tx, go_rx) = tokio::sync::watch::channel(false);
@@ -369,6 +376,7 @@ async fn herd(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
                 })
             };
             let cpu0 = (cpu_secs(child.id()), cpu_secs(std::process::id()));
+            signal(child.id(), libc::SIGCONT);
             let t0 = Instant::now();
             go_tx.send(true)?;
             let mut last = t0;
@@ -429,8 +437,16 @@ async fn herd(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
         Res::Ok(())
     }
     .await;
+    signal(child.id(), libc::SIGCONT);
     stop(&mut child);
     result
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a child we spawned and have not reaped yet.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
 }
 
 fn proc_field(pid: u32, key: &str) -> Option<u64> {
@@ -504,6 +520,9 @@ async fn scale(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
     .await;
     stop(&mut child);
     r?;
+
+    idle(&bin, &dir, port, &sim, n).await?;
+    write_config(&dir, port, &sim.base_url, "check_interval = \"1s\"")?;
 
     // Refresh wave: every grant due now (the worst case of "all due within
     // the same hour"): issued 18 h 10 min ago, 5 h 50 min left.
@@ -602,6 +621,73 @@ async fn scale(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
         })
         .collect();
     println!("wave_{n}_calls_per_second: [{}]", per_sec.join(", "));
+    Ok(())
+}
+
+/// Idle CPU of a daemon holding `n` connections with the default refresh
+/// settings (`check_interval` 30 s, nothing due for hours): utime + stime
+/// from `/proc/PID/stat` over `BENCH_IDLE_SECONDS` (120), after
+/// `BENCH_IDLE_SETTLE` seconds (35: start-up, and the one read of every row
+/// that the readiness probe's write causes within an interval). With
+/// `BENCH_BASELINE_BIN` (a build of another revision, e.g. main's polling
+/// scheduler) the same is measured for it, on the same database.
+async fn idle(bin: &Path, dir: &Path, port: u16, sim: &RunningSimulator, n: usize) -> Res<()> {
+    let secs = |var: &str, default: f64| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(default)
+    };
+    let window = secs("BENCH_IDLE_SECONDS", 120.0);
+    let settle = secs("BENCH_IDLE_SETTLE", 35.0);
+    if window <= 0.0 {
+        return Ok(());
+    }
+    let cfg = write_config(dir, port, &sim.base_url, "")?;
+    let log = dir.join("idle.log");
+    let measure = |bin: PathBuf| {
+        let (cfg, log) = (cfg.clone(), log.clone());
+        async move {
+            let mut child = spawn_daemon(&bin, &cfg, &log)?;
+            let pid = child.id();
+            let r = async {
+                wait_ready(port, Instant::now(), Duration::from_secs(60)).await?;
+                tokio::time::sleep(Duration::from_secs_f64(settle)).await;
+                let c0 = cpu_secs(pid);
+                tokio::time::sleep(Duration::from_secs_f64(window)).await;
+                Res::Ok((cpu_secs(pid) - c0) / window)
+            }
+            .await;
+            stop(&mut child);
+            r
+        }
+    };
+    let ours = measure(bin.to_path_buf()).await?;
+    let report = |name: &str, share: f64, baseline: f64, note: &str| {
+        figure(name, share * 100.0, "% of a core", baseline * 100.0, note);
+        figure(
+            &format!("{name}_ms_per_hour"),
+            share * 3600.0 * 1e3,
+            "CPU-ms/h",
+            baseline * 3600.0 * 1e3,
+            note,
+        );
+    };
+    report(
+        &format!("scale_{n}_idle_cpu"),
+        ours,
+        0.001,
+        &format!("(target: 0.1 % of a core; {window:.0} s window, check_interval 30 s)"),
+    );
+    if let Some(base) = std::env::var_os("BENCH_BASELINE_BIN") {
+        let theirs = measure(PathBuf::from(base)).await?;
+        report(
+            &format!("scale_{n}_idle_cpu_of_baseline_bin"),
+            theirs,
+            ours,
+            "(baseline: this build; ratio = baseline build / this build)",
+        );
+    }
     Ok(())
 }
 

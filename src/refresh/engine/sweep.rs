@@ -13,6 +13,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::Engine;
+use crate::refresh::due::Pass;
 use crate::refresh::policy;
 use crate::refresh::slot::Slot;
 use crate::refresh::types::{chrono_dur, Trigger};
@@ -20,69 +21,98 @@ use crate::store::{ConnState, StoreError};
 
 impl Engine {
     /// One scheduler pass: notice other processes' writes, then start every
-    /// due refresh. Decisions compare stored absolute instants with each
-    /// token's own idea of now (`clock::Anchor`): the wall clock, or its
-    /// receipt plus monotonic time since if that is later, so time spent
-    /// suspended is caught up here and a clock set back delays nothing.
-    pub async fn tick(&self) -> Result<(), StoreError> {
-        self.heartbeat().await?;
-        self.reconcile().await?;
+    /// due refresh, and say when the next connection falls due. Decisions
+    /// compare stored absolute instants with each token's own idea of now
+    /// (`clock::Anchor`): the wall clock, or its receipt plus monotonic time
+    /// since if that is later, so time spent suspended is caught up here
+    /// and a clock set back delays nothing. The stored rows are read again
+    /// (`reconcile`) only when another connection wrote since the last pass,
+    /// at most once per `check_interval`; an idle pass reads no table.
+    pub async fn tick(&self) -> Result<Pass, StoreError> {
+        let sched = &self.inner.scheduler;
+        let every = self.settings().refresh.check_interval;
+        let mono = self.clock().monotonic();
+        if sched.heartbeat_due(mono) {
+            self.heartbeat().await?;
+            sched.heartbeat_done(mono);
+        }
+        if sched.reconcile_due(self.inner.store.changed().await?, mono, every) {
+            self.reconcile().await?;
+            sched.reconciled(mono);
+        }
         let settings = self.settings();
+        let mut pass = Pass {
+            reconcile_in: sched.reconcile_in(mono, every),
+            ..Default::default()
+        };
+        let mut earliest: Option<Duration> = None;
         let mut due: Vec<(DateTime<Utc>, Arc<Slot>)> = Vec::new();
-        for slot in self.all_slots() {
+        // Unsorted (`due` is sorted below): an idle pass over 10,000
+        // connections should not pay for ordering them by name.
+        for slot in self.inner.slots.unsorted() {
+            if !settings.providers.contains_key(&slot.provider) {
+                continue;
+            }
             // A slot holding an uncommitted grant is looked after by its
-            // commit retry loop, not refreshed.
-            if !settings.providers.contains_key(&slot.provider)
-                || slot.in_flight.load(Ordering::SeqCst)
-                || slot.pending().is_some()
-            {
+            // commit retry loop, not refreshed; one in flight is looked at
+            // again once it lands (`scheduler::PACE`).
+            if slot.in_flight.load(Ordering::SeqCst) || slot.pending().is_some() {
+                pass.in_flight = true;
                 continue;
             }
             let snap = slot.snapshot();
-            let now = snap.now(self.clock());
-            if snap.state() == ConnState::AuthorizationRequired
-                || snap.next_attempt_at().is_some_and(|t| t > now)
-            {
+            if snap.state() == ConnState::AuthorizationRequired {
                 continue;
             }
             let Some(timing) = snap.timing() else {
                 continue;
             };
-            if snap.state() == ConnState::Retrying
-                || policy::next_refresh_at(
+            let now = snap.now(self.clock());
+            // A retrying connection is due at its next attempt; any other at
+            // its planned refresh, but not before a pending next attempt.
+            let due_at = if snap.state() == ConnState::Retrying {
+                snap.next_attempt_at().unwrap_or(now)
+            } else {
+                let planned = policy::next_refresh_at(
                     timing,
                     &settings.refresh,
                     slot.jitter(&settings.refresh),
-                ) <= now
-            {
+                );
+                snap.next_attempt_at().map_or(planned, |t| t.max(planned))
+            };
+            if due_at <= now {
                 due.push((timing.expires_at, slot));
+            } else {
+                let left = (due_at - now).to_std().unwrap_or_default();
+                earliest = Some(earliest.map_or(left, |e| e.min(left)));
             }
         }
-        // Most urgent first; and no more per tick than the provider's
-        // per-second limit allows until the next tick, so a wave of due
-        // connections (10,000 restored from a backup) is spread over ticks
-        // instead of bursting past the limit. The rest wait for the next tick.
+        // Most urgent first; and no more per pass than the provider's
+        // per-second limit: while any are held back the scheduler looks
+        // again one second later (`scheduler::PACE`), so a wave of due
+        // connections (10,000 restored from a backup) goes at the provider's
+        // limit instead of bursting past it.
         due.sort_by_key(|(expires_at, _)| *expires_at);
-        let interval = settings.refresh.check_interval.as_secs().max(1) as usize;
         let mut started: HashMap<String, usize> = HashMap::new();
         for (_, slot) in due {
-            // Within one interval, and within the time a refresh waits for
-            // its rate-limit slot (`request_timeout`).
             let cap = settings
                 .providers
                 .get(&slot.provider)
                 .map_or(usize::MAX, |p| {
-                    let window = interval.min(p.config.request_timeout.as_secs().max(1) as usize);
+                    // A second's worth: the time until the next pass.
                     p.config
                         .limits
                         .per_second
-                        .map_or(usize::MAX, |r| (r as usize).saturating_mul(window))
+                        .map_or(usize::MAX, |r| (r as usize).max(1))
                 });
             let n = started.entry(slot.provider.clone()).or_default();
             if *n >= cap {
+                pass.deferred = true;
+                earliest = Some(Duration::ZERO);
                 continue;
             }
             *n += 1;
+            pass.started += 1;
             let engine = self.clone();
             self.inner.tasks.spawn(async move {
                 if let Err(e) = engine.refresh_slot(&slot, Trigger::Scheduled).await {
@@ -90,7 +120,11 @@ impl Engine {
                 }
             });
         }
-        Ok(())
+        pass.next_due_in = earliest;
+        if pass.started > 0 {
+            pass.in_flight = true;
+        }
+        Ok(pass)
     }
 
     /// Announces this process and learns whether others share the database.
