@@ -118,8 +118,21 @@ async fn three_daemons_on_one_postgres_make_one_refresh_for_a_herd() {
     h.start().await;
     let old = authorize(&h).await;
     h.sim.sim.set_access_lifetime(Duration::from_secs(60));
-    let (_second, url2) = another_daemon(&h, 2).await;
-    let (_third, url3) = another_daemon(&h, 3).await;
+    let (second, url2) = another_daemon(&h, 2).await;
+    let (third, url3) = another_daemon(&h, 3).await;
+    // Each scheduler refreshes the token when it falls due, whatever
+    // check_interval says: the daemons are stopped (SIGSTOP) across that
+    // instant so that the herd finds the token expired, and continued just
+    // before the herd arrives; whichever of the schedulers and the herd
+    // starts the refresh, the cluster makes one.
+    let daemons = [
+        h.daemon.as_ref().unwrap(),
+        second.0.as_ref().unwrap(),
+        third.0.as_ref().unwrap(),
+    ];
+    for d in daemons {
+        common::signal(d, libc::SIGSTOP);
+    }
     // Wait out the first token.
     common::eventually(Duration::from_secs(10), "the token to expire", || async {
         !h.sim.sim.access_token_valid(&old)
@@ -133,6 +146,9 @@ async fn three_daemons_on_one_postgres_make_one_refresh_for_a_herd() {
         before.refresh_calls, 0,
         "the schedulers stayed out of the way"
     );
+    for d in daemons {
+        common::signal(d, libc::SIGCONT);
+    }
 
     let started = Instant::now();
     let mut set = tokio::task::JoinSet::new();
