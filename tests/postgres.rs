@@ -424,6 +424,37 @@ async fn offline_commands_and_daemons_exclude_each_other_on_postgres() {
     assert!(e.contains("offline command"), "{e}");
 }
 
+/// A server-side idle limit must not close the connection holding a
+/// daemon's lock: the lock would go with it, unnoticed.
+#[tokio::test]
+async fn a_daemons_lock_outlives_the_servers_idle_session_timeout() {
+    use secrecy::SecretString;
+    use sqlx::Connection;
+    use tokenkeeper::store::{Location, StoreLock};
+    let Some(url) = fresh_database("idle_session_lock").await else {
+        return;
+    };
+    let name = url::Url::parse(&url).unwrap().path()[1..].to_owned();
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{name}\" SET idle_session_timeout = '200ms'"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let _ = admin.close().await;
+    let at = Location::Postgres(SecretString::from(url));
+    let daemon = StoreLock::shared(&at).await.unwrap();
+    // Well past the idle limit: a closed connection would have freed it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let e = StoreLock::exclusive(&at).await.err().map(|e| e.to_string());
+    assert!(
+        e.as_deref().is_some_and(|e| e.contains("stop it first")),
+        "an offline command must still be refused while the daemon runs: {e:?}"
+    );
+    drop(daemon);
+}
+
 #[tokio::test]
 async fn a_row_locked_elsewhere_fails_a_write_within_the_statement_timeout() {
     use secrecy::SecretString;

@@ -97,6 +97,11 @@ fn options(url: &SecretString) -> Result<PgConnectOptions, StoreError> {
         // A transaction left open by a stalled daemon must not hold
         // row locks for long.
         ("idle_in_transaction_session_timeout", "30000"),
+        // The daemons' advisory lock lives on an idle connection: a server
+        // or database `idle_session_timeout` would close it and silently
+        // free the lock, letting `rekey` or `migrate-storage` run beside
+        // a daemon. The pool keeps its own idle limit.
+        ("idle_session_timeout", "0"),
     ]))
 }
 
