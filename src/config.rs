@@ -1045,6 +1045,11 @@ impl<'a> Reader<'a> {
             );
             return None;
         }
+        if key == "url" && crate::store::postgres::has_password(url.expose_secret()) {
+            self.warnings.push(
+                "storage.url holds a password in the config file, which other users may read; move the URL to a private file named by storage.url_file".into(),
+            );
+        }
         Some((url, key, span))
     }
 
@@ -1637,6 +1642,24 @@ mod tests {
         assert_eq!(p.limits.per_second, Some(25));
         assert_eq!(p.scopes, vec!["full".to_string()]);
         assert!(cfg.warnings.iter().any(|w| w.contains("client_secret")));
+    }
+
+    #[test]
+    fn a_password_written_in_storage_url_is_warned_about() {
+        let warned = |url: &str| {
+            parse(
+                &format!("[storage]\nurl = \"{url}\"\n"),
+                Path::new("/tmp/t.toml"),
+            )
+            .unwrap()
+            .warnings
+            .iter()
+            .any(|w| w.contains("storage.url holds a password") && !w.contains("s3cret"))
+        };
+        assert!(warned("postgres://tk:s3cret@db.example/tk"));
+        assert!(warned("postgres://tk@db.example/tk?password=s3cret"));
+        assert!(!warned("postgres://tk@db.example/tk"));
+        assert!(!warned("postgres://tk@db.example/tk?sslmode=require"));
     }
 
     fn provider_with(preset: &str, extra: &str) -> String {

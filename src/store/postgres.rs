@@ -83,6 +83,16 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Whether `url` carries a password (in its user part or as a
+/// `password` query parameter).
+pub fn has_password(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|u| {
+        u.password().is_some_and(|p| !p.is_empty())
+            || u.query_pairs()
+                .any(|(k, v)| k.eq_ignore_ascii_case("password") && !v.is_empty())
+    })
+}
+
 /// The connection options of `url`, with this daemon's session settings.
 fn options(url: &SecretString) -> Result<PgConnectOptions, StoreError> {
     let redacted = redact(url.expose_secret());
