@@ -455,6 +455,60 @@ async fn a_daemons_lock_outlives_the_servers_idle_session_timeout() {
     drop(daemon);
 }
 
+/// The server closing the connection that holds a daemon's lock (a
+/// restart, a failover, an administrator) must not leave the daemon
+/// running unlocked: it takes the lock again, and offline commands are
+/// refused again.
+#[tokio::test]
+async fn a_daemon_takes_its_lock_again_after_the_server_drops_its_connection() {
+    use secrecy::SecretString;
+    use sqlx::Connection;
+    use tokenkeeper::store::{Location, StoreLock};
+    let Some(url) = fresh_database("lock_retaken").await else {
+        return;
+    };
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    let holders = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ShareLock' \
+                   AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let at = Location::Postgres(SecretString::from(url));
+    let daemon = StoreLock::shared(&at).await.unwrap();
+    let pids: Vec<i32> = sqlx::query_scalar(holders)
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(pids.len(), 1, "the daemon's lock is seen: {pids:?}");
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pids[0])
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert!(killed);
+    let deadline = Instant::now() + tokenkeeper::store::postgres::LOCK_CHECK_INTERVAL * 8;
+    let retaken = loop {
+        let now: Vec<i32> = sqlx::query_scalar(holders)
+            .fetch_all(&mut admin)
+            .await
+            .unwrap();
+        if now.iter().any(|p| *p != pids[0]) {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        retaken,
+        "the daemon took its lock again on a new connection"
+    );
+    let e = StoreLock::exclusive(&at).await.err().map(|e| e.to_string());
+    assert!(
+        e.as_deref().is_some_and(|e| e.contains("stop it first")),
+        "an offline command is refused again: {e:?}"
+    );
+    drop(daemon);
+}
+
 #[tokio::test]
 async fn a_row_locked_elsewhere_fails_a_write_within_the_statement_timeout() {
     use secrecy::SecretString;

@@ -115,17 +115,56 @@ fn options(url: &SecretString) -> Result<PgConnectOptions, StoreError> {
     ]))
 }
 
+/// How often a daemon checks that its advisory lock is still held.
+pub const LOCK_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
 /// A connection of its own holding the daemons' advisory lock (shared for a daemon,
 /// exclusive for an offline command) until dropped. Closing the connection
 /// releases the lock, so a daemon that dies never leaves it held.
+///
+/// The server can close that connection under a living daemon (a restart,
+/// a failover, `pg_terminate_backend`), taking the lock with it; a daemon's
+/// lock is therefore checked every [`LOCK_CHECK_INTERVAL`] and taken again
+/// on a new connection when it is gone, so offline commands are refused
+/// again from then on.
 pub struct SessionLock {
-    _conn: sqlx::PgConnection,
+    /// An offline command's connection (held for its short life).
+    _conn: Option<sqlx::PgConnection>,
+    /// A daemon's keeper task, which owns its connection.
+    keeper: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SessionLock {
+    fn drop(&mut self) {
+        if let Some(k) = &self.keeper {
+            k.abort();
+        }
+    }
 }
 
 impl SessionLock {
     /// Takes the lock without waiting; refused while a conflicting holder
     /// has it.
     pub async fn take(url: &SecretString, exclusive: bool) -> Result<SessionLock, StoreError> {
+        let conn = Self::lock_connection(url, exclusive).await?;
+        if exclusive {
+            return Ok(SessionLock {
+                _conn: Some(conn),
+                keeper: None,
+            });
+        }
+        let keeper = tokio::spawn(keep(url.clone(), conn));
+        Ok(SessionLock {
+            _conn: None,
+            keeper: Some(keeper),
+        })
+    }
+
+    /// A new connection holding the lock.
+    async fn lock_connection(
+        url: &SecretString,
+        exclusive: bool,
+    ) -> Result<sqlx::PgConnection, StoreError> {
         let redacted = redact(url.expose_secret());
         let mut conn = sqlx::PgConnection::connect_with(&options(url)?)
             .await
@@ -149,7 +188,36 @@ impl SessionLock {
                 StoreError::OfflineCommandRunning { path: redacted }
             });
         }
-        Ok(SessionLock { _conn: conn })
+        Ok(conn)
+    }
+}
+
+/// A daemon's lock keeper: checks the connection holding the shared lock
+/// and takes the lock again on a new one when the server dropped it.
+async fn keep(url: SecretString, conn: sqlx::PgConnection) {
+    let mut held = Some(conn);
+    loop {
+        tokio::time::sleep(LOCK_CHECK_INTERVAL).await;
+        if let Some(c) = held.as_mut() {
+            if sqlx::query("SELECT 1").execute(&mut *c).await.is_ok() {
+                continue;
+            }
+            held = None;
+            tracing::warn!(
+                database = %redact(url.expose_secret()),
+                "the connection holding this daemon's lock on the database was closed; taking the lock again"
+            );
+        }
+        match SessionLock::lock_connection(&url, false).await {
+            Ok(c) => {
+                tracing::info!("the daemon's lock on the database is held again");
+                held = Some(c);
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "cannot take this daemon's lock on the database again; an offline command (rekey, migrate-storage) could run beside this daemon until it is"
+            ),
+        }
     }
 }
 
