@@ -557,3 +557,38 @@ async fn browser_urls_use_the_public_url() {
         format!("{public}/")
     );
 }
+
+/// A parameter of `storage.url` the PostgreSQL driver does not know (libpq's
+/// `sslpassword`, a mistyped `password`) may hold a secret: the daemon's
+/// output names it and never shows its value.
+#[test]
+fn an_unknown_postgres_url_parameter_is_named_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tk.toml");
+    // Nothing listens on port 1: the start fails after reading the URL.
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nurl = \"postgres://tk@127.0.0.1:1/tk?sslpassword=S3CRETVALUE&passwrd=0THERSECRET\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(out.status.code(), Some(0), "{all}");
+    assert!(
+        !all.contains("S3CRETVALUE") && !all.contains("0THERSECRET"),
+        "{all}"
+    );
+    assert!(
+        all.contains("sslpassword") && all.contains("passwrd"),
+        "{all}"
+    );
+}

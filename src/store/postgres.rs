@@ -93,9 +93,76 @@ pub fn has_password(url: &str) -> bool {
     })
 }
 
+/// The query parameters the PostgreSQL driver reads from a URL. It logs
+/// any other one together with its value, and that value can be a secret
+/// (libpq's `sslpassword`, a mistyped `password`), so others never reach it.
+const KNOWN_PARAMETERS: [&str; 18] = [
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// `url` without the query parameters the driver does not know, and the
+/// names of those left out (fit for a log line; never their values).
+fn known_parameters_only(url: &str) -> (SecretString, Vec<String>) {
+    let Ok(mut u) = url::Url::parse(url) else {
+        // The driver refuses it too, before reading any parameter.
+        return (SecretString::from(url.to_owned()), Vec::new());
+    };
+    if u.query().is_none() {
+        return (SecretString::from(url.to_owned()), Vec::new());
+    }
+    let known = |k: &str| KNOWN_PARAMETERS.contains(&k) || k.starts_with("options[");
+    let (kept, dropped): (Vec<_>, Vec<_>) = u
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .partition(|(k, _)| known(k));
+    let names = dropped
+        .into_iter()
+        .map(|(k, _)| {
+            let plain = k.len() <= 40
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if plain {
+                k
+            } else {
+                "(a parameter with an unusual name)".to_owned()
+            }
+        })
+        .collect();
+    if kept.is_empty() {
+        u.set_query(None);
+    } else {
+        u.query_pairs_mut().clear().extend_pairs(kept);
+    }
+    (SecretString::from(String::from(u)), names)
+}
+
 /// The connection options of `url`, with this daemon's session settings.
 fn options(url: &SecretString) -> Result<PgConnectOptions, StoreError> {
     let redacted = redact(url.expose_secret());
+    let (url, unknown) = known_parameters_only(url.expose_secret());
+    if !unknown.is_empty() {
+        tracing::warn!(
+            "the PostgreSQL URL has parameters tokenkeeper does not use ({}); they are left out, remove them from the URL",
+            unknown.join(", ")
+        );
+    }
     let opts =
         PgConnectOptions::from_str(url.expose_secret()).map_err(|source| StoreError::Connect {
             url: redacted,
@@ -1110,6 +1177,28 @@ mod tests {
         );
         assert!(shown.contains("db.example:5432/tk"), "{shown}");
         assert!(!redact("postgres://tk:s3cret@[bad").contains("s3cret"));
+    }
+
+    #[test]
+    fn unknown_url_parameters_never_reach_the_driver_and_only_their_names_are_told() {
+        let (url, dropped) = known_parameters_only(
+            "postgres://tk:pw@db.example/tk?sslmode=require&sslpassword=s3cret&passwrd=other&options[search_path]=a",
+        );
+        let url = url.expose_secret().to_owned();
+        assert!(!url.contains("s3cret") && !url.contains("other"), "{url}");
+        assert!(
+            url.contains("sslmode=require") && url.contains("tk:pw@"),
+            "{url}"
+        );
+        assert_eq!(dropped, vec!["sslpassword", "passwrd"]);
+        let opts = PgConnectOptions::from_str(&url).unwrap();
+        assert_eq!(opts.get_host(), "db.example");
+        let (url, dropped) = known_parameters_only("postgres://tk@db.example/tk?a%3Dx%20y=s3cret");
+        assert_eq!(url.expose_secret(), "postgres://tk@db.example/tk");
+        assert!(!dropped[0].contains("s3cret"), "{dropped:?}");
+        let (url, dropped) = known_parameters_only("postgres://tk@db.example/tk");
+        assert_eq!(url.expose_secret(), "postgres://tk@db.example/tk");
+        assert!(dropped.is_empty());
     }
 
     #[test]
