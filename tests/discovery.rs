@@ -217,7 +217,7 @@ async fn check_config_accepts_an_issuer_without_fetching_it() {
 /// start past systemd's start timeout, kept documents or not.
 #[tokio::test]
 async fn issuers_are_asked_at_once_so_unanswering_ones_do_not_add_up() {
-    let mut h = harness("").await;
+    let h = harness("").await;
     let sim = h.sim.base_url.clone();
     let endpoints = format!(
         "authorization_url = \"{sim}/authorize\"\ntoken_url = \"{sim}/token\"\nrequest_timeout = \"5s\"\n"
