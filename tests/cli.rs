@@ -592,3 +592,38 @@ fn an_unknown_postgres_url_parameter_is_named_never_shown() {
         "{all}"
     );
 }
+
+/// `migrate-storage` names the configured store itself as such whatever
+/// the spelling of `--to` (`dir/./tk.db`, a symlink to it), rather than
+/// blaming a daemon or "copying" the store onto itself.
+#[test]
+fn migrate_storage_recognises_the_store_itself_under_another_name() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tk.db");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&db)
+        .unwrap();
+    std::os::unix::fs::symlink(&db, dir.path().join("link.db")).unwrap();
+    let config = dir.path().join("tk.toml");
+    std::fs::write(&config, format!("[storage]\npath = \"{}\"\n", db.display())).unwrap();
+    for to in [
+        format!("{}/./tk.db", dir.path().display()),
+        format!("{}/link.db", dir.path().display()),
+    ] {
+        let out = Command::new(BIN)
+            .args(["migrate-storage", "--to", &to, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "--to {to}: {err}");
+        assert!(
+            err.contains("is the configured store itself"),
+            "--to {to}: {err}"
+        );
+    }
+}
