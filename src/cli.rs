@@ -1026,6 +1026,13 @@ async fn migrate_storage(explicit: Option<&Path>, to: &str, replace: bool) -> Re
         None => Ok(None),
     };
     let from = cfg.storage.location();
+    if crate::store::postgres::is_url(to) && crate::store::postgres::has_password(to) {
+        // Any local user can read a command line (/proc/*/cmdline), and the
+        // shell keeps it in its history.
+        err_line(format_args!(
+            "tokenkeeper: warning: the --to URL holds a password, which other local users can see in the process list; next time leave it out and give it in PGPASSWORD or ~/.pgpass instead"
+        ));
+    }
     let target = crate::store::Location::parse(to);
     let copied = crate::store::migrate::migrate_storage(&from, &target, (key()?, key()?), replace)
         .await

@@ -627,3 +627,39 @@ fn migrate_storage_recognises_the_store_itself_under_another_name() {
         );
     }
 }
+
+/// A password in `migrate-storage --to` is visible to every local user in
+/// the process list: the command says so, names the private ways to give
+/// it, and never repeats it.
+#[test]
+fn a_password_in_migrate_storage_to_is_warned_about_and_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tk.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\npath = \"{}\"\n",
+            dir.path().join("tk.db").display()
+        ),
+    )
+    .unwrap();
+    // Nothing listens on port 1: the copy fails after the warning.
+    let out = Command::new(BIN)
+        .args([
+            "migrate-storage",
+            "--to",
+            "postgres://tk:S3CRETPW@127.0.0.1:1/tk",
+            "--config",
+        ])
+        .arg(&config)
+        .env_remove("PGPASSWORD")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("PGPASSWORD") && err.contains("process list"),
+        "{err}"
+    );
+    assert!(!err.contains("S3CRETPW"), "{err}");
+}
