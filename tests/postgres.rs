@@ -424,6 +424,40 @@ async fn offline_commands_and_daemons_exclude_each_other_on_postgres() {
     assert!(e.contains("offline command"), "{e}");
 }
 
+/// A rotated refresh token must survive a server crash the moment its
+/// commit returns: the daemon's sessions commit synchronously even where
+/// the database's default is `synchronous_commit = off`.
+#[tokio::test]
+async fn commits_are_durable_whatever_the_databases_synchronous_commit() {
+    use secrecy::SecretString;
+    use sqlx::Connection;
+    use tokenkeeper::store::{Db, Store};
+    let Some(url) = fresh_database("synchronous_commit").await else {
+        return;
+    };
+    let name = url::Url::parse(&url).unwrap().path()[1..].to_owned();
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{name}\" SET synchronous_commit = off"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let _ = admin.close().await;
+    let store = Store::connect(&SecretString::from(url), None)
+        .await
+        .unwrap();
+    let Db::Postgres(pg) = store.backend() else {
+        panic!("a PostgreSQL store");
+    };
+    let setting: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+    assert_eq!(setting, "on");
+    store.close().await;
+}
+
 /// A server-side idle limit must not close the connection holding a
 /// daemon's lock: the lock would go with it, unnoticed.
 #[tokio::test]

@@ -179,6 +179,10 @@ fn options(url: &SecretString) -> Result<PgConnectOptions, StoreError> {
         // free the lock, letting `rekey` or `migrate-storage` run beside
         // a daemon. The pool keeps its own idle limit.
         ("idle_session_timeout", "0"),
+        // As SQLite's `synchronous = FULL`: a rotated refresh token is the
+        // only valid one the moment the provider answered, so a commit
+        // must be on disk when it returns, whatever the server's default.
+        ("synchronous_commit", "on"),
     ]))
 }
 
