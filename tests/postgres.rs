@@ -428,7 +428,7 @@ async fn offline_commands_and_daemons_exclude_each_other_on_postgres() {
 /// commit returns: the daemon's sessions commit synchronously even where
 /// the database's default is `synchronous_commit = off`.
 #[tokio::test]
-async fn commits_are_durable_whatever_the_databases_synchronous_commit() {
+async fn sessions_commit_durably_at_read_committed_whatever_the_database_defaults() {
     use secrecy::SecretString;
     use sqlx::Connection;
     use tokenkeeper::store::{Db, Store};
@@ -437,12 +437,15 @@ async fn commits_are_durable_whatever_the_databases_synchronous_commit() {
     };
     let name = url::Url::parse(&url).unwrap().path()[1..].to_owned();
     let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::query(&format!(
-        "ALTER DATABASE \"{name}\" SET synchronous_commit = off"
-    ))
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    for setting in [
+        "synchronous_commit = off",
+        "default_transaction_isolation = serializable",
+    ] {
+        sqlx::query(&format!("ALTER DATABASE \"{name}\" SET {setting}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
     let _ = admin.close().await;
     let store = Store::connect(&SecretString::from(url), None)
         .await
@@ -455,6 +458,13 @@ async fn commits_are_durable_whatever_the_databases_synchronous_commit() {
         .await
         .unwrap();
     assert_eq!(setting, "on");
+    // And the compare-and-swap writes see READ COMMITTED, which they are
+    // written for.
+    let isolation: String = sqlx::query_scalar("SHOW default_transaction_isolation")
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+    assert_eq!(isolation, "read committed");
     store.close().await;
 }
 

@@ -183,6 +183,11 @@ fn options(url: &SecretString) -> Result<PgConnectOptions, StoreError> {
         // only valid one the moment the provider answered, so a commit
         // must be on disk when it returns, whatever the server's default.
         ("synchronous_commit", "on"),
+        // The conditional UPDATEs rely on READ COMMITTED: a second writer
+        // waits, re-reads the row and changes nothing (rather than failing
+        // with a serialization error under a stricter server default).
+        // A space in a startup option is escaped with a backslash.
+        ("default_transaction_isolation", "read\\ committed"),
     ]))
 }
 
