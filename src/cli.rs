@@ -1026,6 +1026,13 @@ async fn migrate_storage(explicit: Option<&Path>, to: &str, replace: bool) -> Re
         None => Ok(None),
     };
     let from = cfg.storage.location();
+    if crate::store::postgres::is_url(to) && crate::store::postgres::has_password(to) {
+        // Any local user can read a command line (/proc/*/cmdline), and the
+        // shell keeps it in its history.
+        err_line(format_args!(
+            "tokenkeeper: warning: the --to URL holds a password, which other local users can see in the process list; next time leave it out and give it in PGPASSWORD or ~/.pgpass instead"
+        ));
+    }
     let target = crate::store::Location::parse(to);
     let copied = crate::store::migrate::migrate_storage(&from, &target, (key()?, key()?), replace)
         .await
@@ -1091,18 +1098,18 @@ mod tests {
     fn login_redirect_file_is_private_and_forwards() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let url = "http://127.0.0.1:8080/login?token=abc&x=\"<y>'";
+        let url = "http://127.0.0.1:8080/login?token=s3cr3t-link&x=\"<y>'";
         let path = login_redirect_file(dir.path(), url).unwrap();
         assert!(path.starts_with(dir.path()));
         assert!(
-            !path.to_string_lossy().contains("abc"),
+            !path.to_string_lossy().contains("s3cr3t-link"),
             "no secret in the path"
         );
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "owner-only: {mode:o}");
         let html = std::fs::read_to_string(&path).unwrap();
         // A single quote needs no escaping inside a double-quoted attribute.
-        let escaped = "http://127.0.0.1:8080/login?token=abc&amp;x=&quot;&lt;y&gt;'";
+        let escaped = "http://127.0.0.1:8080/login?token=s3cr3t-link&amp;x=&quot;&lt;y&gt;'";
         assert!(
             html.contains(&format!(
                 "<meta http-equiv=\"refresh\" content=\"0;url={escaped}\">"

@@ -792,6 +792,25 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A warning when the secret file `raw` names (the candidate that was
+    /// read) can be read by users other than its owner.
+    fn warn_if_shared(&mut self, raw: &str, key: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let read = credential_candidates(raw, self.path)
+            .into_iter()
+            .find_map(|c| std::fs::metadata(&c).ok().map(|m| (c, m)));
+        if let Some((file, meta)) = read {
+            let mode = meta.permissions().mode() & 0o777;
+            if meta.is_file() && mode & 0o077 != 0 {
+                self.warnings.push(format!(
+                    "{key}: {} can be read by other users (mode {mode:o}); run `chmod 600 {}`",
+                    file.display(),
+                    file.display()
+                ));
+            }
+        }
+    }
+
     /// Reads a `*_file` secret; relative names are first looked up in
     /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`), and so are
     /// absolute paths that do not exist, by file name.
@@ -802,7 +821,10 @@ impl<'a> Reader<'a> {
             return None;
         }
         match read_secret_file(&raw, self.path) {
-            Ok(s) => Some(s),
+            Ok(s) => {
+                self.warn_if_shared(&raw, &join(path, key));
+                Some(s)
+            }
             Err(msg) => {
                 self.problem(&join(path, key), Some(span), msg);
                 None
@@ -1044,6 +1066,11 @@ impl<'a> Reader<'a> {
                 "must be a PostgreSQL URL: postgres://USER@HOST:PORT/DATABASE (for SQLite, set storage.path instead)",
             );
             return None;
+        }
+        if key == "url" && crate::store::postgres::has_password(url.expose_secret()) {
+            self.warnings.push(
+                "storage.url holds a password in the config file, which other users may read; move the URL to a private file named by storage.url_file".into(),
+            );
         }
         Some((url, key, span))
     }
@@ -1637,6 +1664,59 @@ mod tests {
         assert_eq!(p.limits.per_second, Some(25));
         assert_eq!(p.scopes, vec!["full".to_string()]);
         assert!(cfg.warnings.iter().any(|w| w.contains("client_secret")));
+    }
+
+    #[test]
+    fn secret_files_others_can_read_are_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("tk.toml");
+        let write = |name: &str, text: &str, mode: u32| {
+            let f = dir.path().join(name);
+            std::fs::write(&f, text).unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write("pg-url", "postgres://tk:s3cret@db.example/tk\n", 0o644);
+        write("secret", "s3cret\n", 0o640);
+        let text = "[storage]\nurl_file = \"pg-url\"\n[providers.p]\nclient_id = \"id\"\nclient_secret_file = \"secret\"\ntoken_url = \"https://id.example/t\"\nauthorization_url = \"https://id.example/a\"\n";
+        let warnings = parse(text, &config).unwrap().warnings;
+        for key in ["storage.url_file", "providers.p.client_secret_file"] {
+            assert!(
+                warnings
+                    .iter()
+                    .any(|w| w.starts_with(key) && w.contains("chmod 600")),
+                "{key}: {warnings:?}"
+            );
+        }
+        assert!(
+            !warnings.iter().any(|w| w.contains("s3cret")),
+            "{warnings:?}"
+        );
+        write("pg-url", "postgres://tk:s3cret@db.example/tk\n", 0o600);
+        write("secret", "s3cret\n", 0o400);
+        let warnings = parse(text, &config).unwrap().warnings;
+        assert!(
+            !warnings.iter().any(|w| w.contains("chmod")),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn a_password_written_in_storage_url_is_warned_about() {
+        let warned = |url: &str| {
+            parse(
+                &format!("[storage]\nurl = \"{url}\"\n"),
+                Path::new("/tmp/t.toml"),
+            )
+            .unwrap()
+            .warnings
+            .iter()
+            .any(|w| w.contains("storage.url holds a password") && !w.contains("s3cret"))
+        };
+        assert!(warned("postgres://tk:s3cret@db.example/tk"));
+        assert!(warned("postgres://tk@db.example/tk?password=s3cret"));
+        assert!(!warned("postgres://tk@db.example/tk"));
+        assert!(!warned("postgres://tk@db.example/tk?sslmode=require"));
     }
 
     fn provider_with(preset: &str, extra: &str) -> String {

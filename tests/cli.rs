@@ -557,3 +557,109 @@ async fn browser_urls_use_the_public_url() {
         format!("{public}/")
     );
 }
+
+/// A parameter of `storage.url` the PostgreSQL driver does not know (libpq's
+/// `sslpassword`, a mistyped `password`) may hold a secret: the daemon's
+/// output names it and never shows its value.
+#[test]
+fn an_unknown_postgres_url_parameter_is_named_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tk.toml");
+    // Nothing listens on port 1: the start fails after reading the URL.
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nurl = \"postgres://tk@127.0.0.1:1/tk?sslpassword=S3CRETVALUE&passwrd=0THERSECRET\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(out.status.code(), Some(0), "{all}");
+    assert!(
+        !all.contains("S3CRETVALUE") && !all.contains("0THERSECRET"),
+        "{all}"
+    );
+    assert!(
+        all.contains("sslpassword") && all.contains("passwrd"),
+        "{all}"
+    );
+}
+
+/// `migrate-storage` names the configured store itself as such whatever
+/// the spelling of `--to` (`dir/./tk.db`, a symlink to it), rather than
+/// blaming a daemon or "copying" the store onto itself.
+#[test]
+fn migrate_storage_recognises_the_store_itself_under_another_name() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tk.db");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&db)
+        .unwrap();
+    std::os::unix::fs::symlink(&db, dir.path().join("link.db")).unwrap();
+    let config = dir.path().join("tk.toml");
+    std::fs::write(&config, format!("[storage]\npath = \"{}\"\n", db.display())).unwrap();
+    for to in [
+        format!("{}/./tk.db", dir.path().display()),
+        format!("{}/link.db", dir.path().display()),
+    ] {
+        let out = Command::new(BIN)
+            .args(["migrate-storage", "--to", &to, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "--to {to}: {err}");
+        assert!(
+            err.contains("is the configured store itself"),
+            "--to {to}: {err}"
+        );
+    }
+}
+
+/// A password in `migrate-storage --to` is visible to every local user in
+/// the process list: the command says so, names the private ways to give
+/// it, and never repeats it.
+#[test]
+fn a_password_in_migrate_storage_to_is_warned_about_and_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tk.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\npath = \"{}\"\n",
+            dir.path().join("tk.db").display()
+        ),
+    )
+    .unwrap();
+    // Nothing listens on port 1: the copy fails after the warning.
+    let out = Command::new(BIN)
+        .args([
+            "migrate-storage",
+            "--to",
+            "postgres://tk:S3CRETPW@127.0.0.1:1/tk",
+            "--config",
+        ])
+        .arg(&config)
+        .env_remove("PGPASSWORD")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("PGPASSWORD") && err.contains("process list"),
+        "{err}"
+    );
+    assert!(!err.contains("S3CRETPW"), "{err}");
+}

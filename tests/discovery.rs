@@ -211,3 +211,46 @@ async fn check_config_accepts_an_issuer_without_fetching_it() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(h.sim.sim.stats().discovery_fetches, 0);
 }
+
+/// Issuers are asked all at once: one after the other, a few that do not
+/// answer (two URLs each, up to request_timeout apiece) would hold the
+/// start past systemd's start timeout, kept documents or not.
+#[tokio::test]
+async fn issuers_are_asked_at_once_so_unanswering_ones_do_not_add_up() {
+    let h = harness("").await;
+    let sim = h.sim.base_url.clone();
+    let endpoints = format!(
+        "authorization_url = \"{sim}/authorize\"\ntoken_url = \"{sim}/token\"\nrequest_timeout = \"5s\"\n"
+    );
+    let mut text = std::fs::read_to_string(&h.config_path).unwrap() + &endpoints;
+    for n in 2..=4 {
+        text += &format!(
+            "\n[providers.other{n}]\nclient_id = \"demo-client\"\nclient_secret_file = \"client-secret\"\nissuer = \"{sim}\"\n{endpoints}"
+        );
+    }
+    std::fs::write(&h.config_path, text).unwrap();
+    h.sim
+        .sim
+        .set_discovery_fault(Some(DiscoveryFault::Hang(Duration::from_secs(60))));
+    let mut child = common::spawn_daemon(&h.config_path, &h.log_path(), &h.rust_log, &[]);
+    // One at a time, the second request would come only after the first
+    // one's 5 s timeout.
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    let all_asked = loop {
+        if h.sim.sim.stats().discovery_fetches >= 4 {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        all_asked,
+        "the four issuers were asked at once: {} requests\n{}",
+        h.sim.sim.stats().discovery_fetches,
+        h.log()
+    );
+}

@@ -440,6 +440,135 @@ async fn offline_commands_and_daemons_exclude_each_other_on_postgres() {
     assert!(e.contains("offline command"), "{e}");
 }
 
+/// A rotated refresh token must survive a server crash the moment its
+/// commit returns: the daemon's sessions commit synchronously even where
+/// the database's default is `synchronous_commit = off`.
+#[tokio::test]
+async fn sessions_commit_durably_at_read_committed_whatever_the_database_defaults() {
+    use secrecy::SecretString;
+    use sqlx::Connection;
+    use tokenkeeper::store::{Db, Store};
+    let Some(url) = fresh_database("synchronous_commit").await else {
+        return;
+    };
+    let name = url::Url::parse(&url).unwrap().path()[1..].to_owned();
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    for setting in [
+        "synchronous_commit = off",
+        "default_transaction_isolation = serializable",
+    ] {
+        sqlx::query(&format!("ALTER DATABASE \"{name}\" SET {setting}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+    let _ = admin.close().await;
+    let store = Store::connect(&SecretString::from(url), None)
+        .await
+        .unwrap();
+    let Db::Postgres(pg) = store.backend() else {
+        panic!("a PostgreSQL store");
+    };
+    let setting: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+    assert_eq!(setting, "on");
+    // And the compare-and-swap writes see READ COMMITTED, which they are
+    // written for.
+    let isolation: String = sqlx::query_scalar("SHOW default_transaction_isolation")
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+    assert_eq!(isolation, "read committed");
+    store.close().await;
+}
+
+/// A server-side idle limit must not close the connection holding a
+/// daemon's lock: the lock would go with it, unnoticed.
+#[tokio::test]
+async fn a_daemons_lock_outlives_the_servers_idle_session_timeout() {
+    use secrecy::SecretString;
+    use sqlx::Connection;
+    use tokenkeeper::store::{Location, StoreLock};
+    let Some(url) = fresh_database("idle_session_lock").await else {
+        return;
+    };
+    let name = url::Url::parse(&url).unwrap().path()[1..].to_owned();
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{name}\" SET idle_session_timeout = '200ms'"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let _ = admin.close().await;
+    let at = Location::Postgres(SecretString::from(url));
+    let daemon = StoreLock::shared(&at).await.unwrap();
+    // Well past the idle limit: a closed connection would have freed it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let e = StoreLock::exclusive(&at).await.err().map(|e| e.to_string());
+    assert!(
+        e.as_deref().is_some_and(|e| e.contains("stop it first")),
+        "an offline command must still be refused while the daemon runs: {e:?}"
+    );
+    drop(daemon);
+}
+
+/// The server closing the connection that holds a daemon's lock (a
+/// restart, a failover, an administrator) must not leave the daemon
+/// running unlocked: it takes the lock again, and offline commands are
+/// refused again.
+#[tokio::test]
+async fn a_daemon_takes_its_lock_again_after_the_server_drops_its_connection() {
+    use secrecy::SecretString;
+    use sqlx::Connection;
+    use tokenkeeper::store::{Location, StoreLock};
+    let Some(url) = fresh_database("lock_retaken").await else {
+        return;
+    };
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    let holders = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ShareLock' \
+                   AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let at = Location::Postgres(SecretString::from(url));
+    let daemon = StoreLock::shared(&at).await.unwrap();
+    let pids: Vec<i32> = sqlx::query_scalar(holders)
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(pids.len(), 1, "the daemon's lock is seen: {pids:?}");
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pids[0])
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert!(killed);
+    let deadline = Instant::now() + tokenkeeper::store::postgres::LOCK_CHECK_INTERVAL * 8;
+    let retaken = loop {
+        let now: Vec<i32> = sqlx::query_scalar(holders)
+            .fetch_all(&mut admin)
+            .await
+            .unwrap();
+        if now.iter().any(|p| *p != pids[0]) {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        retaken,
+        "the daemon took its lock again on a new connection"
+    );
+    let e = StoreLock::exclusive(&at).await.err().map(|e| e.to_string());
+    assert!(
+        e.as_deref().is_some_and(|e| e.contains("stop it first")),
+        "an offline command is refused again: {e:?}"
+    );
+    drop(daemon);
+}
+
 #[tokio::test]
 async fn a_row_locked_elsewhere_fails_a_write_within_the_statement_timeout() {
     use secrecy::SecretString;

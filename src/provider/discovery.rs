@@ -251,12 +251,24 @@ pub async fn resolve(
     store: &Store,
     http: &reqwest::Client,
 ) -> Result<(), DiscoveryError> {
-    for (name, p) in config.providers.iter_mut() {
-        let Some(issuer) = p.issuer.clone() else {
+    // All issuers at once: one after the other, a few unreachable ones
+    // (two URLs, each up to request_timeout) would keep the daemon from
+    // starting past systemd's start timeout, even with kept documents.
+    let fetched =
+        futures_util::future::join_all(config.providers.iter().filter_map(|(name, p)| {
+            let issuer = p.issuer.clone()?;
+            Some(async move {
+                let found = fetch(http, p, &issuer).await;
+                (name.clone(), issuer, found)
+            })
+        }))
+        .await;
+    for (name, issuer, found) in fetched {
+        let Some(p) = config.providers.get_mut(&name) else {
             continue;
         };
         let key = issuer.as_str();
-        match fetch(http, p, &issuer).await {
+        match found {
             Ok((text, meta)) => {
                 apply(p, &meta);
                 if let Err(e) = store.save_discovery(key, &text, Utc::now()).await {

@@ -465,7 +465,7 @@ pub async fn migrate_storage(
     keys: (Option<SealKey>, Option<SealKey>),
     replace: bool,
 ) -> Result<Copied, MigrateError> {
-    if from.describe() == to.describe() {
+    if same_store(from, to) {
         return Err(MigrateError::SameStore(from.describe()));
     }
     let _from_lock = StoreLock::exclusive(from).await?;
@@ -476,6 +476,33 @@ pub async fn migrate_storage(
     source.close().await;
     target.close().await;
     result
+}
+
+/// Whether `a` and `b` name one store: SQLite paths are compared as the
+/// files they reach (`./tk.db`, a symlink), so the target is never the
+/// source under another spelling, refused with a misleading "a daemon is
+/// using it" by the source's own lock.
+fn same_store(a: &Location, b: &Location) -> bool {
+    match (a, b) {
+        (Location::Sqlite(x), Location::Sqlite(y)) => real_path(x) == real_path(y),
+        _ => a.describe() == b.describe(),
+    }
+}
+
+/// `p` with its directory (and the file, if it exists) resolved; `p` as
+/// given when its directory does not exist yet.
+fn real_path(p: &std::path::Path) -> std::path::PathBuf {
+    if let Ok(full) = p.canonicalize() {
+        return full;
+    }
+    let dir = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    match (dir.canonicalize(), p.file_name()) {
+        (Ok(d), Some(name)) => d.join(name),
+        _ => p.to_path_buf(),
+    }
 }
 
 /// [`migrate_storage`] between two open stores.

@@ -83,9 +83,86 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Whether `url` carries a password (in its user part or as a
+/// `password` query parameter).
+pub fn has_password(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|u| {
+        u.password().is_some_and(|p| !p.is_empty())
+            || u.query_pairs()
+                .any(|(k, v)| k.eq_ignore_ascii_case("password") && !v.is_empty())
+    })
+}
+
+/// The query parameters the PostgreSQL driver reads from a URL. It logs
+/// any other one together with its value, and that value can be a secret
+/// (libpq's `sslpassword`, a mistyped `password`), so others never reach it.
+const KNOWN_PARAMETERS: [&str; 18] = [
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// `url` without the query parameters the driver does not know, and the
+/// names of those left out (fit for a log line; never their values).
+fn known_parameters_only(url: &str) -> (SecretString, Vec<String>) {
+    let Ok(mut u) = url::Url::parse(url) else {
+        // The driver refuses it too, before reading any parameter.
+        return (SecretString::from(url.to_owned()), Vec::new());
+    };
+    if u.query().is_none() {
+        return (SecretString::from(url.to_owned()), Vec::new());
+    }
+    let known = |k: &str| KNOWN_PARAMETERS.contains(&k) || k.starts_with("options[");
+    let (kept, dropped): (Vec<_>, Vec<_>) = u
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .partition(|(k, _)| known(k));
+    let names = dropped
+        .into_iter()
+        .map(|(k, _)| {
+            let plain = k.len() <= 40
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if plain {
+                k
+            } else {
+                "(a parameter with an unusual name)".to_owned()
+            }
+        })
+        .collect();
+    if kept.is_empty() {
+        u.set_query(None);
+    } else {
+        u.query_pairs_mut().clear().extend_pairs(kept);
+    }
+    (SecretString::from(String::from(u)), names)
+}
+
 /// The connection options of `url`, with this daemon's session settings.
 fn options(url: &SecretString) -> Result<PgConnectOptions, StoreError> {
     let redacted = redact(url.expose_secret());
+    let (url, unknown) = known_parameters_only(url.expose_secret());
+    if !unknown.is_empty() {
+        tracing::warn!(
+            "the PostgreSQL URL has parameters tokenkeeper does not use ({}); they are left out, remove them from the URL",
+            unknown.join(", ")
+        );
+    }
     let opts =
         PgConnectOptions::from_str(url.expose_secret()).map_err(|source| StoreError::Connect {
             url: redacted,
@@ -97,20 +174,73 @@ fn options(url: &SecretString) -> Result<PgConnectOptions, StoreError> {
         // A transaction left open by a stalled daemon must not hold
         // row locks for long.
         ("idle_in_transaction_session_timeout", "30000"),
+        // The daemons' advisory lock lives on an idle connection: a server
+        // or database `idle_session_timeout` would close it and silently
+        // free the lock, letting `rekey` or `migrate-storage` run beside
+        // a daemon. The pool keeps its own idle limit.
+        ("idle_session_timeout", "0"),
+        // As SQLite's `synchronous = FULL`: a rotated refresh token is the
+        // only valid one the moment the provider answered, so a commit
+        // must be on disk when it returns, whatever the server's default.
+        ("synchronous_commit", "on"),
+        // The conditional UPDATEs rely on READ COMMITTED: a second writer
+        // waits, re-reads the row and changes nothing (rather than failing
+        // with a serialization error under a stricter server default).
+        // A space in a startup option is escaped with a backslash.
+        ("default_transaction_isolation", "read\\ committed"),
     ]))
 }
+
+/// How often a daemon checks that its advisory lock is still held.
+pub const LOCK_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A connection of its own holding the daemons' advisory lock (shared for a daemon,
 /// exclusive for an offline command) until dropped. Closing the connection
 /// releases the lock, so a daemon that dies never leaves it held.
+///
+/// The server can close that connection under a living daemon (a restart,
+/// a failover, `pg_terminate_backend`), taking the lock with it; a daemon's
+/// lock is therefore checked every [`LOCK_CHECK_INTERVAL`] and taken again
+/// on a new connection when it is gone, so offline commands are refused
+/// again from then on.
 pub struct SessionLock {
-    _conn: sqlx::PgConnection,
+    /// An offline command's connection (held for its short life).
+    _conn: Option<sqlx::PgConnection>,
+    /// A daemon's keeper task, which owns its connection.
+    keeper: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SessionLock {
+    fn drop(&mut self) {
+        if let Some(k) = &self.keeper {
+            k.abort();
+        }
+    }
 }
 
 impl SessionLock {
     /// Takes the lock without waiting; refused while a conflicting holder
     /// has it.
     pub async fn take(url: &SecretString, exclusive: bool) -> Result<SessionLock, StoreError> {
+        let conn = Self::lock_connection(url, exclusive).await?;
+        if exclusive {
+            return Ok(SessionLock {
+                _conn: Some(conn),
+                keeper: None,
+            });
+        }
+        let keeper = tokio::spawn(keep(url.clone(), conn));
+        Ok(SessionLock {
+            _conn: None,
+            keeper: Some(keeper),
+        })
+    }
+
+    /// A new connection holding the lock.
+    async fn lock_connection(
+        url: &SecretString,
+        exclusive: bool,
+    ) -> Result<sqlx::PgConnection, StoreError> {
         let redacted = redact(url.expose_secret());
         let mut conn = sqlx::PgConnection::connect_with(&options(url)?)
             .await
@@ -134,7 +264,36 @@ impl SessionLock {
                 StoreError::OfflineCommandRunning { path: redacted }
             });
         }
-        Ok(SessionLock { _conn: conn })
+        Ok(conn)
+    }
+}
+
+/// A daemon's lock keeper: checks the connection holding the shared lock
+/// and takes the lock again on a new one when the server dropped it.
+async fn keep(url: SecretString, conn: sqlx::PgConnection) {
+    let mut held = Some(conn);
+    loop {
+        tokio::time::sleep(LOCK_CHECK_INTERVAL).await;
+        if let Some(c) = held.as_mut() {
+            if sqlx::query("SELECT 1").execute(&mut *c).await.is_ok() {
+                continue;
+            }
+            held = None;
+            tracing::warn!(
+                database = %redact(url.expose_secret()),
+                "the connection holding this daemon's lock on the database was closed; taking the lock again"
+            );
+        }
+        match SessionLock::lock_connection(&url, false).await {
+            Ok(c) => {
+                tracing::info!("the daemon's lock on the database is held again");
+                held = Some(c);
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "cannot take this daemon's lock on the database again; an offline command (rekey, migrate-storage) could run beside this daemon until it is"
+            ),
+        }
     }
 }
 
@@ -1034,6 +1193,28 @@ mod tests {
         );
         assert!(shown.contains("db.example:5432/tk"), "{shown}");
         assert!(!redact("postgres://tk:s3cret@[bad").contains("s3cret"));
+    }
+
+    #[test]
+    fn unknown_url_parameters_never_reach_the_driver_and_only_their_names_are_told() {
+        let (url, dropped) = known_parameters_only(
+            "postgres://tk:pw@db.example/tk?sslmode=require&sslpassword=s3cret&passwrd=other&options[search_path]=a",
+        );
+        let url = url.expose_secret().to_owned();
+        assert!(!url.contains("s3cret") && !url.contains("other"), "{url}");
+        assert!(
+            url.contains("sslmode=require") && url.contains("tk:pw@"),
+            "{url}"
+        );
+        assert_eq!(dropped, vec!["sslpassword", "passwrd"]);
+        let opts = PgConnectOptions::from_str(&url).unwrap();
+        assert_eq!(opts.get_host(), "db.example");
+        let (url, dropped) = known_parameters_only("postgres://tk@db.example/tk?a%3Dx%20y=s3cret");
+        assert_eq!(url.expose_secret(), "postgres://tk@db.example/tk");
+        assert!(!dropped[0].contains("s3cret"), "{dropped:?}");
+        let (url, dropped) = known_parameters_only("postgres://tk@db.example/tk");
+        assert_eq!(url.expose_secret(), "postgres://tk@db.example/tk");
+        assert!(dropped.is_empty());
     }
 
     #[test]
