@@ -1755,7 +1755,24 @@ impl Reader<'_> {
     /// for the daemon, the path is not a symbolic link and its directory
     /// exists.
     fn check_sinks(&mut self, sinks: &[ReadSink], storage: &StorageConfig) {
-        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        // The nearest existing ancestor resolved, the rest kept as written,
+        // so links in either path cannot hide that one is inside the other.
+        let canonical = |p: &Path| {
+            let mut rest = Vec::new();
+            let mut at = p;
+            loop {
+                if let Ok(real) = std::fs::canonicalize(at) {
+                    return rest.iter().rev().fold(real, |acc: PathBuf, n| acc.join(n));
+                }
+                match (at.parent(), at.file_name()) {
+                    (Some(parent), Some(name)) => {
+                        rest.push(name.to_os_string());
+                        at = parent;
+                    }
+                    _ => return p.to_path_buf(),
+                }
+            }
+        };
         let mut state_dirs: Vec<PathBuf> = Vec::new();
         if storage.url.is_none() {
             if let Some(d) = storage.path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -377,4 +377,27 @@ async fn a_refused_write_is_logged_and_retried_while_refreshing_goes_on() {
     let log = h.log();
     assert!(log.contains(&path.display().to_string()), "the path is named");
     assert!(log.contains("the token file is written again"), "{log}");
+    assert!(log.contains("sink_failed"), "the operator is notified: {log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_rereads_the_sinks() {
+    let out = tempfile::tempdir().unwrap();
+    let (a, b) = (out.path().join("a"), out.path().join("b"));
+    let h = Harness::started(Options {
+        provider: sink(&a, ""),
+        ..Options::default()
+    })
+    .await;
+    let first = h.authorize_default().await;
+    file_holds(&a, &first).await;
+    h.write_config("", "", &sink(&b, "format = \"header\""));
+    common::signal(h.daemon.as_ref().unwrap(), libc::SIGHUP);
+    file_holds(&b, &format!("Authorization: Bearer {first}")).await;
+    // The removed sink is written no more.
+    let (s, r) = h.force_refresh().await;
+    assert_eq!(s, 200, "{r}");
+    let next = r["access_token"].as_str().unwrap();
+    file_holds(&b, &format!("Authorization: Bearer {next}")).await;
+    assert_eq!(read(&a).as_deref(), Some(first.as_str()));
 }
