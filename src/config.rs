@@ -1729,7 +1729,11 @@ impl Reader<'_> {
             }
         };
         let Some(program) = argv.first().filter(|p| !p.is_empty()) else {
-            self.problem(&join(key, "command"), Some(v.span()), "is empty; name the program to run, or remove command");
+            self.problem(
+                &join(key, "command"),
+                Some(v.span()),
+                "is empty; name the program to run, or remove command",
+            );
             return None;
         };
         let p = Path::new(program);
@@ -1788,12 +1792,17 @@ impl Reader<'_> {
             let path = &sink.path;
             let dir = path.parent().unwrap_or(Path::new("/"));
             let real_dir = canonical(dir);
-            let real = path.file_name().map_or(real_dir.clone(), |n| real_dir.join(n));
+            let real = path
+                .file_name()
+                .map_or(real_dir.clone(), |n| real_dir.join(n));
             if let Some((_, other)) = seen.iter().find(|(p, _)| *p == real) {
                 self.problem(
                     &pkey,
                     Some(span.clone()),
-                    format!("{} is also the path of {other}; each token file needs its own path", path.display()),
+                    format!(
+                        "{} is also the path of {other}; each token file needs its own path",
+                        path.display()
+                    ),
                 );
                 continue;
             }
@@ -1823,7 +1832,10 @@ impl Reader<'_> {
                 self.problem(
                     &pkey,
                     Some(span.clone()),
-                    format!("{} is a directory; give the path of the token file itself", path.display()),
+                    format!(
+                        "{} is a directory; give the path of the token file itself",
+                        path.display()
+                    ),
                 );
             } else if !dir.is_dir() {
                 self.problem(

@@ -199,10 +199,16 @@ pub fn write_atomic(
     gid: Option<u32>,
 ) -> std::io::Result<bool> {
     let dir = path.parent().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path has no directory")
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the path has no directory",
+        )
     })?;
     let name = path.file_name().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path has no file name")
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the path has no file name",
+        )
     })?;
     let was_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
     let mut tmp_name = std::ffi::OsString::from(".");

@@ -44,7 +44,9 @@ async fn served(h: &Harness) -> Value {
 fn expected(b: &Value) -> [String; 3] {
     let t = b["access_token"].as_str().unwrap();
     let exp = b["expires_at"].as_str().unwrap();
-    let unix = chrono::DateTime::parse_from_rfc3339(exp).unwrap().timestamp();
+    let unix = chrono::DateTime::parse_from_rfc3339(exp)
+        .unwrap()
+        .timestamp();
     [
         t.to_string(),
         format!("Authorization: Bearer {t}"),
@@ -69,7 +71,10 @@ fn assert_json_is_the_body(file: &str, body: &Value) {
     ] {
         assert_eq!(v[k], body[k], "{k}");
     }
-    let (a, b) = (v["expires_in"].as_i64().unwrap(), body["expires_in"].as_i64().unwrap());
+    let (a, b) = (
+        v["expires_in"].as_i64().unwrap(),
+        body["expires_in"].as_i64().unwrap(),
+    );
     assert!((a - b).abs() <= 30, "expires_in {a} vs {b}");
 }
 
@@ -103,12 +108,14 @@ async fn token_files_hold_each_format_exactly_from_start_and_after_refreshes() {
         ..Options::default()
     })
     .await;
-    assert!(read(&p("token")).is_none(), "nothing to write before a grant");
+    assert!(
+        read(&p("token")).is_none(),
+        "nothing to write before a grant"
+    );
     h.authorize_default().await;
 
     let check = |b: Value| {
         let [token, header, env] = expected(&b);
-        let p = p.clone();
         async move {
             file_holds(&p("token"), &token).await;
             file_holds(&p("header"), &header).await;
@@ -166,9 +173,11 @@ async fn a_scheduled_refresh_rewrites_the_file() {
     let first = h.authorize_default().await;
     file_holds(&path, &first).await;
     // No request from here on: only the scheduler refreshes.
-    eventually(Duration::from_secs(20), "a new token in the file", || async {
-        read(&path).is_some_and(|t| t != first)
-    })
+    eventually(
+        Duration::from_secs(20),
+        "a new token in the file",
+        || async { read(&path).is_some_and(|t| t != first) },
+    )
     .await;
     let now = read(&path).unwrap();
     assert!(h.sim.sim.access_tokens_issued().contains(&now));
@@ -213,9 +222,11 @@ async fn the_command_runs_after_each_write_and_its_failure_stops_nothing() {
     .await;
     let first = h.authorize_default().await;
     let line = |t: &str| format!("{t} keap default clean");
-    eventually(Duration::from_secs(20), "the command saw the written file", || async {
-        read(&seen).is_some_and(|s| s.lines().any(|l| l == line(&first)))
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the command saw the written file",
+        || async { read(&seen).is_some_and(|s| s.lines().any(|l| l == line(&first))) },
+    )
     .await;
     // The failing command: logged, counted; refreshing goes on and both
     // files follow.
@@ -223,7 +234,10 @@ async fn the_command_runs_after_each_write_and_its_failure_stops_nothing() {
         let (s, b) = h.force_refresh().await;
         assert_eq!(s, 200, "{b}");
     }
-    let last = served(&h).await["access_token"].as_str().unwrap().to_string();
+    let last = served(&h).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
     file_holds(&bad_path, &last).await;
     file_holds(&good_path, &last).await;
     eventually(Duration::from_secs(20), "the command ran again", || async {
@@ -320,8 +334,16 @@ async fn bad_sinks_are_config_errors_naming_key_and_line() {
         ("sinks[0].format", "\"yaml\"", "unknown format"),
         ("sinks[1].mode", "\"0999\"", "not a file mode"),
         ("sinks[2].path", "relative/token", "relative"),
-        ("sinks[3].path", &format!("{}\"", db_dir.join("token").display()), "state directory"),
-        ("sinks[5].path", "", "also the path of providers.keap.sinks[4]"),
+        (
+            "sinks[3].path",
+            &format!("{}\"", db_dir.join("token").display()),
+            "state directory",
+        ),
+        (
+            "sinks[5].path",
+            "",
+            "also the path of providers.keap.sinks[4]",
+        ),
         ("sinks[6].path", "no-such-dir", "does not exist"),
         ("sinks[7].mode", "mode = 600", "octal string"),
         ("sinks[8].group", "no-such-group-tk", "no group"),
@@ -358,26 +380,35 @@ async fn a_refused_write_is_logged_and_retried_while_refreshing_goes_on() {
     // would not stop the write).
     std::fs::remove_dir(&dir).unwrap();
     let first = h.authorize_default().await;
-    eventually(Duration::from_secs(20), "the refused write is logged", || async {
-        h.log().contains("cannot write the token file")
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the refused write is logged",
+        || async { h.log().contains("cannot write the token file") },
+    )
     .await;
     let (s, b) = h.force_refresh().await;
     assert_eq!(s, 200, "refreshing goes on: {b}");
     assert_ne!(b["access_token"].as_str().unwrap(), first);
     let metrics = h.get_text("/metrics").await;
     assert!(
-        metrics.lines().any(|l| l.starts_with("tokenkeeper_sink_failures_total{")
-            && !l.ends_with(" 0")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tokenkeeper_sink_failures_total{") && !l.ends_with(" 0")),
         "{metrics}"
     );
     std::fs::create_dir(&dir).unwrap();
     file_holds(&path, b["access_token"].as_str().unwrap()).await;
     h.stop().await;
     let log = h.log();
-    assert!(log.contains(&path.display().to_string()), "the path is named");
+    assert!(
+        log.contains(&path.display().to_string()),
+        "the path is named"
+    );
     assert!(log.contains("the token file is written again"), "{log}");
-    assert!(log.contains("sink_failed"), "the operator is notified: {log}");
+    assert!(
+        log.contains("sink_failed"),
+        "the operator is notified: {log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
