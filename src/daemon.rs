@@ -19,13 +19,13 @@
 //!    in memory (each at most the SQLite busy timeout,
 //!    [`crate::store::BUSY_TIMEOUT`]): `5 × request_timeout + 3 × busy
 //!    timeout`. With the defaults: 5 × 30 s + 3 × 10 s = 180 s.
-//!    Token files then get their last write, within
-//!    [`crate::sinks::FINAL_WRITE_BOUND`].
 //! 3. Open HTTP connections drain for at most [`HTTP_DRAIN`] more (requests
-//!    waiting for a flight are answered as soon as it lands), then are cut.
+//!    waiting for a flight are answered as soon as it lands), then are cut;
+//!    meanwhile token files get their last write, within
+//!    [`crate::sinks::FINAL_WRITE_BOUND`] (no longer than the drain).
 //! 4. The database is closed (WAL checkpoint), within [`CLOSE_BOUND`].
 //!
-//! Worst case with the defaults: 180 s + 5 s + 5 s + 5 s = 195 s; the unit file
+//! Worst case with the defaults: 180 s + 5 s + 5 s = 190 s; the unit file
 //! sets `TimeoutStopSec=210s`. `request_timeout` is capped at 120 s
 //! ([`crate::config::MAX_REQUEST_TIMEOUT`]); a configuration whose budget
 //! exceeds the unit's timeout is covered anyway: at SIGTERM the daemon tells
@@ -72,7 +72,7 @@ pub fn shutdown_grace(config: &Config) -> Duration {
 
 /// The whole stop, worst case: what systemd's `TimeoutStopSec` must exceed.
 pub fn stop_budget(config: &Config) -> Duration {
-    shutdown_grace(config) + crate::sinks::FINAL_WRITE_BOUND + HTTP_DRAIN + CLOSE_BOUND
+    shutdown_grace(config) + HTTP_DRAIN.max(crate::sinks::FINAL_WRITE_BOUND) + CLOSE_BOUND
 }
 
 /// Why the daemon could not run.
@@ -340,23 +340,26 @@ impl App {
                 "some refreshes did not finish within the shutdown grace period; their results may be lost"
             );
         }
-        // A refresh that landed during the stop still reaches its files.
-        sinks.stop().await;
-        // 3. Open connections drain, briefly.
-        let served = match ended_early {
-            Some(r) => r,
-            None => match tokio::time::timeout(HTTP_DRAIN, &mut server).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::info!(
-                        "closing HTTP connections that did not finish within {} s",
-                        HTTP_DRAIN.as_secs()
-                    );
-                    server.abort();
-                    Ok(Ok(()))
-                }
-            },
+        // 3. Open connections drain, briefly; meanwhile token files get
+        // their last write (a refresh that landed during the stop), within
+        // the same few seconds.
+        let drain = async {
+            match ended_early {
+                Some(r) => r,
+                None => match tokio::time::timeout(HTTP_DRAIN, &mut server).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::info!(
+                            "closing HTTP connections that did not finish within {} s",
+                            HTTP_DRAIN.as_secs()
+                        );
+                        server.abort();
+                        Ok(Ok(()))
+                    }
+                },
+            }
         };
+        let (served, ()) = tokio::join!(drain, sinks.stop());
         // 4. Close.
         background.wait().await;
         let close = async {
