@@ -211,9 +211,8 @@ pub fn write_atomic(
         )
     })?;
     let was_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tokenkeeper-{:016x}.tmp", rand::random::<u64>()));
+    let mut tmp_name = temp_prefix(name);
+    tmp_name.push(format!("{:016x}{TEMP_SUFFIX}", rand::random::<u64>()));
     let tmp = dir.join(tmp_name);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -238,6 +237,41 @@ pub fn write_atomic(
     }
     std::fs::File::open(dir)?.sync_all()?;
     Ok(was_link)
+}
+
+/// How a temporary file of [`write_atomic`] for the file `name` begins.
+fn temp_prefix(name: &std::ffi::OsStr) -> std::ffi::OsString {
+    let mut p = std::ffi::OsString::from(".");
+    p.push(name);
+    p.push(".tokenkeeper-");
+    p
+}
+
+/// How a temporary file of [`write_atomic`] ends.
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// Removes temporary files a crash between their creation and their rename
+/// left beside `path` (they may hold a token); returns how many. Only
+/// names [`write_atomic`] makes are touched, and a link is removed, never
+/// followed.
+pub fn remove_stale_temps(path: &Path) -> usize {
+    use std::os::unix::ffi::OsStrExt;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return 0;
+    };
+    let prefix = temp_prefix(name);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.as_bytes();
+            n.starts_with(prefix.as_bytes()) && n.ends_with(TEMP_SUFFIX.as_bytes())
+        })
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
 }
 
 /// The running sink tasks; [`Sinks::reload`] replaces them, [`Sinks::stop`]
@@ -356,6 +390,11 @@ async fn run(
 ) {
     let mut changes = engine.token_changes();
     let mut state = SinkState::default();
+    let path = sink.path.clone();
+    if let Ok(n @ 1..) = tokio::task::spawn_blocking(move || remove_stale_temps(&path)).await {
+        tracing::info!(path = %sink.path.display(), removed = n,
+            "removed temporary token files an earlier run left behind");
+    }
     loop {
         changes.borrow_and_update();
         tokio::select! {
@@ -560,6 +599,13 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
         // No temporary file left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        // One a crash left is removed; nothing else is.
+        let stale = dir.path().join(".token.tokenkeeper-00000000deadbeef.tmp");
+        std::fs::write(&stale, "old").unwrap();
+        std::fs::write(dir.path().join(".other.tokenkeeper-1.tmp"), "x").unwrap();
+        assert_eq!(remove_stale_temps(&path), 1);
+        assert!(!stale.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
         // A missing directory is an error, not a panic.
         assert!(write_atomic(&dir.path().join("no/such"), b"x", 0o600, None).is_err());
     }

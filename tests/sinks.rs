@@ -432,3 +432,28 @@ async fn a_reload_rereads_the_sinks() {
     file_holds(&b, &format!("Authorization: Bearer {next}")).await;
     assert_eq!(read(&a).as_deref(), Some(first.as_str()));
 }
+
+#[tokio::test]
+async fn a_sink_under_the_state_directory_of_systemd_is_refused() {
+    let state = tempfile::tempdir().unwrap();
+    std::fs::create_dir(state.path().join("sub")).unwrap();
+    let h = Harness::new(Options {
+        provider: sink(&state.path().join("sub/token"), ""),
+        ..Options::default()
+    })
+    .await;
+    let out = tokio::process::Command::new(common::BIN)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&h.config_path)
+        .env("STATE_DIRECTORY", state.path())
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("providers.keap.sinks[0].path") && err.contains("state directory"),
+        "{err}"
+    );
+}
