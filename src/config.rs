@@ -34,6 +34,8 @@ pub struct Config {
     pub refresh: RefreshConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
     pub notify: NotifyConfig,
+    /// Token files (SPEC 12), every provider's, in file order.
+    pub sinks: Vec<crate::sinks::SinkConfig>,
     /// Things that work but deserve the operator's attention.
     pub warnings: Vec<String>,
 }
@@ -848,6 +850,7 @@ impl<'a> Reader<'a> {
         let notify_t = self.table(root, "notify", "").unwrap_or(&empty);
         let notify = self.notify(notify_t);
         let mut providers = BTreeMap::new();
+        let mut sinks = Vec::new();
         if let Some(pt) = self.table(root, "providers", "") {
             for (name, v) in pt.iter() {
                 let name_s = name.get_ref().to_string();
@@ -864,10 +867,12 @@ impl<'a> Reader<'a> {
                     continue;
                 };
                 if let Some(p) = self.provider(&name_s, t, &path, name.span()) {
-                    providers.insert(name_s, p);
+                    providers.insert(name_s.clone(), p);
                 }
+                self.sinks(&name_s, t, &path, &mut sinks);
             }
         }
+        self.check_sinks(&sinks, &storage);
         if let Some(server) = &server {
             let uses_keap = providers.values().any(|p| p.preset == Preset::Keap);
             if uses_keap && server.tls == TlsConfig::Off {
@@ -889,6 +894,7 @@ impl<'a> Reader<'a> {
             refresh,
             providers,
             notify,
+            sinks: sinks.into_iter().map(|(s, _, _)| s).collect(),
             warnings: std::mem::take(&mut self.warnings),
         }
     }
@@ -1197,6 +1203,7 @@ impl<'a> Reader<'a> {
                 "device_authorization_url",
                 "tenant",
                 "region",
+                "sinks",
             ],
         );
         let before = self.problems.len();
@@ -1568,6 +1575,304 @@ pub fn read_secret_file(raw: &str, config_path: &Path) -> Result<SecretString, S
         "cannot read {} ({e}); check the path and that this user may read it",
         c.display()
     ))
+}
+
+/// A sink as read, with its key (`providers.NAME.sinks[i]`) and the span
+/// of its `path`, for the checks across sinks.
+type ReadSink = (crate::sinks::SinkConfig, String, Range<usize>);
+
+impl Reader<'_> {
+    /// `[[providers.NAME.sinks]]` (SPEC 12): each checked on its own here;
+    /// the checks across sinks and against storage are in
+    /// [`Reader::check_sinks`].
+    fn sinks(&mut self, provider: &str, t: &Table<'_>, path: &str, out: &mut Vec<ReadSink>) {
+        use crate::sinks::{self, SinkConfig, SinkFormat};
+        let Some(v) = self.get(t, "sinks") else {
+            return;
+        };
+        let DeValue::Array(items) = v.get_ref() else {
+            let msg = format!(
+                "expected [[{path}.sinks]] tables, found {}",
+                v.get_ref().type_str()
+            );
+            self.problem(&join(path, "sinks"), Some(v.span()), msg);
+            return;
+        };
+        for (i, item) in items.iter().enumerate() {
+            let key = format!("{path}.sinks[{i}]");
+            let DeValue::Table(st) = item.get_ref() else {
+                self.problem(&key, Some(item.span()), "expected a table [[...sinks]]");
+                continue;
+            };
+            let before = self.problems.len();
+            self.check_keys(
+                st,
+                &key,
+                &[
+                    "path",
+                    "format",
+                    "mode",
+                    "group",
+                    "command",
+                    "command_timeout",
+                    "account",
+                ],
+            );
+            let file = match self.string(st, "path", &key) {
+                Some((raw, span)) if Path::new(&raw).is_absolute() => {
+                    Some((PathBuf::from(raw), span))
+                }
+                Some((raw, span)) => {
+                    self.problem(
+                        &join(&key, "path"),
+                        Some(span),
+                        format!("\"{raw}\" is relative; give the token file's absolute path, e.g. \"/run/myapp/keap-token\""),
+                    );
+                    None
+                }
+                None => {
+                    if self.get(st, "path").is_none() {
+                        self.problem(
+                            &join(&key, "path"),
+                            Some(item.span()),
+                            "missing; set path to the absolute path of the token file to write",
+                        );
+                    }
+                    None
+                }
+            };
+            let format = match self.string(st, "format", &key) {
+                Some((f, span)) => SinkFormat::from_name(&f).or_else(|| {
+                    self.problem(
+                        &join(&key, "format"),
+                        Some(span),
+                        format!("unknown format \"{f}\"; use one of {}", SinkFormat::NAMES),
+                    );
+                    None
+                }),
+                None => Some(SinkFormat::Token),
+            };
+            let mode = match self.get(st, "mode") {
+                None => 0o600,
+                Some(m) => match m.get_ref() {
+                    DeValue::String(ms) => sinks::parse_mode(ms).unwrap_or_else(|e| {
+                        self.problem(&join(&key, "mode"), Some(m.span()), e);
+                        0o600
+                    }),
+                    other => {
+                        let msg = format!("expected an octal string such as \"0640\", found {} (a bare number would be read as decimal)", other.type_str());
+                        self.problem(&join(&key, "mode"), Some(m.span()), msg);
+                        0o600
+                    }
+                },
+            };
+            let group = match self.get(st, "group") {
+                None => None,
+                Some(g) => {
+                    let name = match g.get_ref() {
+                        DeValue::String(n) => Some(n.to_string()),
+                        DeValue::Integer(n) => Some(n.as_str().replace('_', "")),
+                        _ => None,
+                    };
+                    match name.map(|n| sinks::resolve_group(&n)) {
+                        Some(Ok(gid)) => Some(gid),
+                        Some(Err(e)) => {
+                            self.problem(&join(&key, "group"), Some(g.span()), e);
+                            None
+                        }
+                        None => {
+                            self.problem(
+                                &join(&key, "group"),
+                                Some(g.span()),
+                                "expected a group name or gid, e.g. \"www-data\"",
+                            );
+                            None
+                        }
+                    }
+                }
+            };
+            let command = self.sink_command(st, &key);
+            let command_timeout = match self.duration(st, "command_timeout", &key) {
+                Some(d) if d.is_zero() || d > Duration::from_secs(3600) => {
+                    let span = self.get(st, "command_timeout").map(|v| v.span());
+                    self.problem(
+                        &join(&key, "command_timeout"),
+                        span,
+                        "must be between 1s and 1h, e.g. \"30s\"",
+                    );
+                    sinks::DEFAULT_COMMAND_TIMEOUT
+                }
+                Some(d) => d,
+                None => sinks::DEFAULT_COMMAND_TIMEOUT,
+            };
+            let account = match self.string(st, "account", &key) {
+                Some((a, span)) if !valid_account(&a) => {
+                    self.problem(
+                        &join(&key, "account"),
+                        Some(span),
+                        format!("\"{a}\" is not an account name: lowercase letters, digits, '_' and '-', at most 63 characters, not \"refresh\""),
+                    );
+                    None
+                }
+                Some((a, _)) => Some(a),
+                None => Some("default".to_string()),
+            };
+            if self.problems.len() != before {
+                continue;
+            }
+            if let (Some((path, span)), Some(format), Some(account)) = (file, format, account) {
+                out.push((
+                    SinkConfig {
+                        provider: provider.to_string(),
+                        account,
+                        path,
+                        format,
+                        mode,
+                        group,
+                        command,
+                        command_timeout,
+                    },
+                    key,
+                    span,
+                ));
+            }
+        }
+    }
+
+    /// A sink's `command`: a program (string) or a program and its
+    /// arguments (array); never a shell line.
+    fn sink_command(&mut self, st: &Table<'_>, key: &str) -> Option<Vec<String>> {
+        let v = self.get(st, "command")?;
+        let argv = match v.get_ref() {
+            DeValue::String(s) => vec![s.to_string()],
+            DeValue::Array(_) => self.string_array(st, "command", key)?,
+            other => {
+                let msg = format!(
+                    "expected a program path or an array [program, arguments...], found {}",
+                    other.type_str()
+                );
+                self.problem(&join(key, "command"), Some(v.span()), msg);
+                return None;
+            }
+        };
+        let Some(program) = argv.first().filter(|p| !p.is_empty()) else {
+            self.problem(
+                &join(key, "command"),
+                Some(v.span()),
+                "is empty; name the program to run, or remove command",
+            );
+            return None;
+        };
+        let p = Path::new(program);
+        if self.mode == Mode::Daemon && program.contains('/') && !p.is_file() {
+            let hint = if program.contains(' ') {
+                "; no shell runs it: to pass arguments, write command = [\"/path/to/program\", \"arg\", ...]"
+            } else {
+                ""
+            };
+            self.problem(
+                &join(key, "command"),
+                Some(v.span()),
+                format!("no such program {program}{hint}"),
+            );
+            return None;
+        }
+        Some(argv)
+    }
+
+    /// Checks across sinks and against storage: no two sinks share a path,
+    /// none is inside the state directory (beside the database, where a
+    /// stray file could be taken for state, or state for a token file), and,
+    /// for the daemon, the path is not a symbolic link and its directory
+    /// exists.
+    fn check_sinks(&mut self, sinks: &[ReadSink], storage: &StorageConfig) {
+        // The nearest existing ancestor resolved, the rest kept as written,
+        // so links in either path cannot hide that one is inside the other.
+        let canonical = |p: &Path| {
+            let mut rest = Vec::new();
+            let mut at = p;
+            loop {
+                if let Ok(real) = std::fs::canonicalize(at) {
+                    return rest.iter().rev().fold(real, |acc: PathBuf, n| acc.join(n));
+                }
+                match (at.parent(), at.file_name()) {
+                    (Some(parent), Some(name)) => {
+                        rest.push(name.to_os_string());
+                        at = parent;
+                    }
+                    _ => return p.to_path_buf(),
+                }
+            }
+        };
+        let mut state_dirs: Vec<PathBuf> = Vec::new();
+        if storage.url.is_none() {
+            if let Some(d) = storage.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                state_dirs.push(canonical(d));
+            }
+        }
+        if let Some(dirs) = std::env::var_os("STATE_DIRECTORY") {
+            state_dirs.extend(std::env::split_paths(&dirs).map(|d| canonical(&d)));
+        }
+        let mut seen: Vec<(PathBuf, &str)> = Vec::new();
+        for (sink, key, span) in sinks {
+            let pkey = join(key, "path");
+            let path = &sink.path;
+            let dir = path.parent().unwrap_or(Path::new("/"));
+            let real_dir = canonical(dir);
+            let real = path
+                .file_name()
+                .map_or(real_dir.clone(), |n| real_dir.join(n));
+            if let Some((_, other)) = seen.iter().find(|(p, _)| *p == real) {
+                self.problem(
+                    &pkey,
+                    Some(span.clone()),
+                    format!(
+                        "{} is also the path of {other}; each token file needs its own path",
+                        path.display()
+                    ),
+                );
+                continue;
+            }
+            seen.push((real.clone(), key));
+            if let Some(d) = state_dirs.iter().find(|d| real_dir.starts_with(d)) {
+                self.problem(
+                    &pkey,
+                    Some(span.clone()),
+                    format!(
+                        "{} is inside the state directory {} (beside the database); put token files elsewhere, e.g. under /run/NAME/",
+                        path.display(),
+                        d.display()
+                    ),
+                );
+                continue;
+            }
+            if self.mode != Mode::Daemon {
+                continue;
+            }
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+                self.problem(
+                    &pkey,
+                    Some(span.clone()),
+                    format!("{} is a symbolic link; token files are never written through links; remove the link or give the real path", path.display()),
+                );
+            } else if path.is_dir() {
+                self.problem(
+                    &pkey,
+                    Some(span.clone()),
+                    format!(
+                        "{} is a directory; give the path of the token file itself",
+                        path.display()
+                    ),
+                );
+            } else if !dir.is_dir() {
+                self.problem(
+                    &pkey,
+                    Some(span.clone()),
+                    format!("the directory {} does not exist; create it (writable by this service's user) or fix the path", dir.display()),
+                );
+            }
+        }
+    }
 }
 
 fn join(path: &str, key: &str) -> String {

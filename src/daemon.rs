@@ -20,7 +20,9 @@
 //!    [`crate::store::BUSY_TIMEOUT`]): `5 × request_timeout + 3 × busy
 //!    timeout`. With the defaults: 5 × 30 s + 3 × 10 s = 180 s.
 //! 3. Open HTTP connections drain for at most [`HTTP_DRAIN`] more (requests
-//!    waiting for a flight are answered as soon as it lands), then are cut.
+//!    waiting for a flight are answered as soon as it lands), then are cut;
+//!    meanwhile token files get their last write, within
+//!    [`crate::sinks::FINAL_WRITE_BOUND`] (no longer than the drain).
 //! 4. The database is closed (WAL checkpoint), within [`CLOSE_BOUND`].
 //!
 //! Worst case with the defaults: 180 s + 5 s + 5 s = 190 s; the unit file
@@ -70,7 +72,7 @@ pub fn shutdown_grace(config: &Config) -> Duration {
 
 /// The whole stop, worst case: what systemd's `TimeoutStopSec` must exceed.
 pub fn stop_budget(config: &Config) -> Duration {
-    shutdown_grace(config) + HTTP_DRAIN + CLOSE_BOUND
+    shutdown_grace(config) + HTTP_DRAIN.max(crate::sinks::FINAL_WRITE_BOUND) + CLOSE_BOUND
 }
 
 /// Why the daemon could not run.
@@ -223,6 +225,7 @@ impl App {
                 limits,
                 api_keys,
                 config,
+                sinks: None,
             },
             store,
             router: http::router(state, extra),
@@ -259,7 +262,7 @@ impl App {
         shutdown: CancellationToken,
     ) -> Result<(), DaemonError> {
         let App {
-            reload,
+            mut reload,
             store,
             router,
             tls,
@@ -277,6 +280,10 @@ impl App {
             engine.clone(),
             shutdown.clone(),
         ));
+        // Token files: written now from the caught-up snapshots, then at
+        // every change, on tasks of their own.
+        let sinks = Arc::new(crate::sinks::Sinks::start(engine.clone(), &config.sinks));
+        reload.sinks = Some(sinks.clone());
 
         let background = tokio_util::task::TaskTracker::new();
         background.spawn(systemd::watchdog(engine.clone(), shutdown.clone()));
@@ -336,21 +343,26 @@ impl App {
                 "some refreshes did not finish within the shutdown grace period; their results may be lost"
             );
         }
-        // 3. Open connections drain, briefly.
-        let served = match ended_early {
-            Some(r) => r,
-            None => match tokio::time::timeout(HTTP_DRAIN, &mut server).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::info!(
-                        "closing HTTP connections that did not finish within {} s",
-                        HTTP_DRAIN.as_secs()
-                    );
-                    server.abort();
-                    Ok(Ok(()))
-                }
-            },
+        // 3. Open connections drain, briefly; meanwhile token files get
+        // their last write (a refresh that landed during the stop), within
+        // the same few seconds.
+        let drain = async {
+            match ended_early {
+                Some(r) => r,
+                None => match tokio::time::timeout(HTTP_DRAIN, &mut server).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::info!(
+                            "closing HTTP connections that did not finish within {} s",
+                            HTTP_DRAIN.as_secs()
+                        );
+                        server.abort();
+                        Ok(Ok(()))
+                    }
+                },
+            }
         };
+        let (served, ()) = tokio::join!(drain, sinks.stop());
         // 4. Close.
         background.wait().await;
         let close = async {
@@ -433,6 +445,8 @@ struct Reloadable {
     api_keys: Option<Arc<crate::http::auth::ApiKeys>>,
     /// The configuration in force, to tell what a reload changes.
     config: Config,
+    /// The token-file writers, once serving (re-read at a reload).
+    sinks: Option<Arc<crate::sinks::Sinks>>,
 }
 
 /// SIGHUP: re-read the config; on success apply what a running daemon can
@@ -502,6 +516,9 @@ fn apply(r: &mut Reloadable, new: Config) {
     let names: Vec<&str> = new.providers.keys().map(String::as_str).collect();
     r.engine.reload(settings_from(&new, &r.http));
     r.limits.reload(new.providers.values());
+    if let Some(sinks) = &r.sinks {
+        sinks.reload(&new.sinks);
+    }
     http::proxy::Proxy::register(new.providers.keys().map(String::as_str));
     // A reload may be the fix (a new client secret): try at once.
     let failing = r.engine.retry_failing_now();

@@ -38,6 +38,8 @@
 //! - [`ratelimit`]: client-side rate limits per provider and tenant (GCRA
 //!   per second/minute, daily counter), corrected by the provider's quota
 //!   headers; the proxy and refreshes take their slots here.
+//! - [`sinks`]: token files (SPEC 12): the served token mirrored into
+//!   files, replaced atomically after each change, off the engine's path.
 //! - [`dev`]: the Keap-like provider simulator for tests and `serve --dev`
 //!   (OAuth endpoints, API, control and faults, discovery documents, and
 //!   each preset's quirks via [`dev::SimulatorConfig::like`]) and [`dev::config`], the
@@ -60,5 +62,6 @@ pub mod notify;
 pub mod provider;
 pub mod ratelimit;
 pub mod refresh;
+pub mod sinks;
 pub mod store;
 pub mod systemd;

@@ -93,6 +93,10 @@ fn describe() {
         UNCOMMITTED_GRANTS,
         "Grants the provider issued that are held in memory because storing them failed"
     );
+    metrics::describe_counter!(
+        crate::sinks::SINK_FAILURES_TOTAL,
+        "Failed token-file writes and failed sink commands (see the warning logged with the path)"
+    );
     // Present from the start, at zero.
     metrics::counter!(COMMIT_FAILURES_TOTAL).increment(0);
     metrics::gauge!(UNCOMMITTED_GRANTS).set(0.0);

@@ -33,6 +33,8 @@ pub enum EventKind {
     Recovered,
     BearerMisuse,
     Authorized,
+    /// A token file could not be written, or its command failed.
+    SinkFailed,
 }
 
 impl EventKind {
@@ -43,6 +45,7 @@ impl EventKind {
             EventKind::Recovered => "recovered",
             EventKind::BearerMisuse => "bearer_misuse",
             EventKind::Authorized => "authorized",
+            EventKind::SinkFailed => "sink_failed",
         }
     }
 }

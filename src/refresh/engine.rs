@@ -251,6 +251,20 @@ impl Engine {
         registry::slot(&self.inner, provider, account).map(|_| ())
     }
 
+    /// The token `provider/account` serves now, if still valid, without
+    /// refreshing or counting it as served (token files mirror it).
+    pub fn current_token(&self, provider: &str, account: &str) -> Option<IssuedToken> {
+        registry::current(&self.inner, provider, account)
+    }
+
+    /// A receiver woken whenever a served token may have changed (a commit,
+    /// a new connection, another process's refresh seen): subscribers
+    /// compare what they mirror with [`Engine::current_token`]. The engine
+    /// does not know who listens.
+    pub fn token_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.slots.subscribe()
+    }
+
     /// Refreshes now, whatever the schedule says (SPEC: `POST .../refresh`).
     pub async fn force_refresh(
         &self,

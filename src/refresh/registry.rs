@@ -92,6 +92,23 @@ pub fn with_fresh_token<R>(
         .flatten()
 }
 
+/// The token `provider/account` serves now, if it has one that is still
+/// valid: read from the snapshot only (no refresh, no storage read, not
+/// counted as served). For what mirrors the served token elsewhere.
+pub fn current(shared: &Shared, provider: &str, account: &str) -> Option<IssuedToken> {
+    let slot = shared.slots.get(provider, account)?;
+    let snap = slot.snapshot();
+    let token = snap.token()?;
+    snap.valid_until(snap.now(shared.clock()))?;
+    Some(IssuedToken {
+        provider: slot.provider.clone(),
+        account: slot.account.clone(),
+        access_token: token.access_token.clone(),
+        token_type: token.token_type.clone(),
+        expires_at: token.timing.expires_at,
+    })
+}
+
 /// The hot path: a token with at least `min_validity` left, refreshing
 /// first when needed, waiting for an in-flight refresh rather than
 /// handing out a token that refresh may be about to kill.

@@ -63,10 +63,13 @@ pub struct Slot {
     pub(super) pending: std::sync::Mutex<Option<Arc<PendingCommit>>>,
     /// What we last saw of another process's lease on this connection.
     pub(super) lease_watch: std::sync::Mutex<Option<LeaseWatch>>,
+    /// The table's change counter (see [`Slots::changes`]), moved by
+    /// [`Slot::set`].
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Slot {
-    fn new(row: &ConnectionRow, snap: Snapshot) -> Slot {
+    fn new(row: &ConnectionRow, snap: Snapshot, changes: tokio::sync::watch::Sender<u64>) -> Slot {
         Slot {
             id: row.id,
             provider: row.provider.clone(),
@@ -80,6 +83,7 @@ impl Slot {
             refreshes: Default::default(),
             pending: std::sync::Mutex::new(None),
             lease_watch: std::sync::Mutex::new(None),
+            changes,
         }
     }
 
@@ -101,6 +105,8 @@ impl Slot {
         s.keep_anchor_of(&cur);
         let s = Arc::new(s);
         *cur = s.clone();
+        drop(cur);
+        bump(&self.changes);
         s
     }
 
@@ -245,14 +251,39 @@ impl Drop for FlightGuard {
     }
 }
 
+/// Moves a change counter; receivers wake and look at what they mirror.
+fn bump(changes: &tokio::sync::watch::Sender<u64>) {
+    changes.send_modify(|n| *n = n.wrapping_add(1));
+}
+
 /// Every known connection's slot, by `(provider, account)`.
-#[derive(Default)]
 pub struct Slots {
     /// std RwLock: never held across `.await`.
     map: RwLock<HashMap<(String, String), Arc<Slot>>>,
+    /// Moves whenever a served snapshot is replaced or a connection
+    /// appears, so that what mirrors tokens outside the engine (token
+    /// files, `sinks`) learns of it without the engine knowing of them. A
+    /// counter, not the change itself: a slow subscriber only ever needs
+    /// the latest state, which it reads from the snapshots.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Slots {
+    fn default() -> Slots {
+        Slots {
+            map: RwLock::default(),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl Slots {
+    /// A receiver woken whenever a served snapshot changes (see
+    /// [`Slots::changes`]).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     /// Makes a stored row visible: replaces the snapshot of its slot, or
     /// starts a new slot (a new connection, or one authorized anew after
     /// it was forgotten).
@@ -264,7 +295,10 @@ impl Slots {
                 slot.set(snap);
             }
             _ => {
-                slots.insert(key, Arc::new(Slot::new(row, snap)));
+                let slot = Slot::new(row, snap, self.changes.clone());
+                slots.insert(key, Arc::new(slot));
+                drop(slots);
+                bump(&self.changes);
             }
         }
     }
