@@ -22,7 +22,7 @@ use crate::store::{PendingAuthorization, PendingTake};
 
 /// How long a started authorization may take: long enough to log in and
 /// consent, short enough that a leaked state is soon worthless.
-const AUTHORIZATION_TTL: chrono::Duration = chrono::Duration::minutes(10);
+pub(super) const AUTHORIZATION_TTL: chrono::Duration = chrono::Duration::minutes(10);
 
 /// Cookie binding a flow to the browser that started it.
 const FLOW_COOKIE: &str = "tokenkeeper_flow";

@@ -207,6 +207,20 @@ impl Engine {
         registry::authorized(&self.inner, provider, account, grant).await
     }
 
+    /// Adopts a refresh token another program holds (`tokenkeeper
+    /// import`): redeemed once at the provider, then stored like a new
+    /// authorization; an active connection is replaced only with `replace`
+    /// (`import.rs`).
+    pub async fn import(
+        &self,
+        provider: &str,
+        account: &str,
+        refresh_token: &secrecy::SecretString,
+        replace: bool,
+    ) -> Result<super::import::Imported, super::import::ImportError> {
+        super::import::import(&self.inner, provider, account, refresh_token, replace).await
+    }
+
     /// Makes a freshly stored row (e.g. a new authorization) visible.
     pub fn install(&self, row: &ConnectionRow) {
         self.inner.install(row);
