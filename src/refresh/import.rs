@@ -224,3 +224,79 @@ pub async fn import(
         replaced: existing.is_some(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    fn jwt(header: &str, payload: &str) -> String {
+        let e = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.sig", e(header), e(payload))
+    }
+
+    #[test]
+    fn a_refresh_token_is_told_from_junk_and_access_tokens() {
+        assert_eq!(
+            check_refresh_token("  abc.DEF-123_~+/=\n"),
+            Ok("abc.DEF-123_~+/=")
+        );
+        assert_eq!(check_refresh_token(" \n\t"), Err(TokenShapeError::Empty));
+        assert_eq!(
+            check_refresh_token("a\nb"),
+            Err(TokenShapeError::MultipleLines)
+        );
+        assert_eq!(
+            check_refresh_token("a\r\nb"),
+            Err(TokenShapeError::MultipleLines)
+        );
+        assert_eq!(
+            check_refresh_token("Bearer abc"),
+            Err(TokenShapeError::NotPrintable)
+        );
+        assert_eq!(
+            check_refresh_token("ab\u{0}c"),
+            Err(TokenShapeError::NotPrintable)
+        );
+        assert_eq!(
+            check_refresh_token("abé"),
+            Err(TokenShapeError::NotPrintable)
+        );
+        assert_eq!(
+            check_refresh_token("{\"refresh_token\":1}"),
+            Err(TokenShapeError::Json)
+        );
+        assert_eq!(
+            check_refresh_token(&"a".repeat(MAX_REFRESH_TOKEN_BYTES + 1)),
+            Err(TokenShapeError::TooLong)
+        );
+        let access = jwt(r#"{"alg":"RS256","typ":"at+jwt"}"#, r#"{"scp":"x"}"#);
+        assert_eq!(
+            check_refresh_token(&access),
+            Err(TokenShapeError::AccessTokenJwt)
+        );
+        let id = jwt(r#"{"alg":"RS256"}"#, "not json");
+        assert_eq!(
+            check_refresh_token(&id),
+            Err(TokenShapeError::AccessTokenJwt)
+        );
+        // Keycloak's refresh tokens are JWTs that say so.
+        let keycloak = jwt(r#"{"alg":"HS512"}"#, r#"{"typ":"Refresh"}"#);
+        assert!(check_refresh_token(&keycloak).is_ok());
+        let offline = jwt(r#"{"alg":"HS512"}"#, r#"{"typ":"Offline"}"#);
+        assert!(check_refresh_token(&offline).is_ok());
+        // Dotted opaque tokens are not JWTs.
+        assert!(check_refresh_token("a.b.c").is_ok());
+        // No message quotes the token.
+        for e in [
+            TokenShapeError::Empty,
+            TokenShapeError::TooLong,
+            TokenShapeError::MultipleLines,
+            TokenShapeError::NotPrintable,
+            TokenShapeError::Json,
+            TokenShapeError::AccessTokenJwt,
+        ] {
+            assert!(e.to_string().contains("refresh token"));
+        }
+    }
+}
