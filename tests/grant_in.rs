@@ -214,6 +214,22 @@ async fn import_replaces_an_active_connection_only_when_told() {
 }
 
 #[tokio::test]
+async fn import_needs_no_replace_for_a_dead_grant() {
+    let h = Harness::authorized(Options::default()).await;
+    h.sim.sim.revoke_all_grants();
+    let (s, b) = h.force_refresh().await;
+    assert_eq!(s, 409, "{b}");
+    let theirs = mint_refresh_token(&h).await;
+    let file = token_file(&h, theirs.as_bytes());
+    let out = h
+        .cli(&["import", "keap", "--refresh-token-file", &file])
+        .await;
+    assert_success(&out);
+    let (s, b) = h.token().await;
+    assert_eq!(s, 200, "{b}");
+}
+
+#[tokio::test]
 async fn import_refuses_what_is_not_a_refresh_token() {
     let h = Harness::authorized(Options::default()).await;
     let (_, b) = h.token().await;
@@ -326,6 +342,14 @@ async fn connect_paste_authorizes_headless() {
     let out = run.paste(&landed).await;
     assert_success(&out);
     assert!(stdout(&out).contains("authorized keap/default"));
+    let code = url::Url::parse(&landed)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .into_owned();
+    assert!(!h.log().contains(&code), "the code reached the log");
     let (s, b) = h.token().await;
     assert_eq!(s, 200, "{b}");
     // Replaying the same address is refused: the flow was used once.

@@ -282,7 +282,7 @@ async fn check(
             return Err(pages::problem(
                 StatusCode::BAD_REQUEST,
                 "Authorization failed",
-                "This authorization was started in another browser (or cookies are blocked), so it was not accepted here. Finish it in the browser that started it, or start again in this one.",
+                "This authorization was started in another browser (or cookies are blocked), so it was not accepted here. Finish it in the browser that started it, or start again in this one. If it was started with `tokenkeeper connect --paste`, paste this page's address at that command's prompt.",
                 Some("/"),
             ));
         }

@@ -218,6 +218,11 @@ impl Engine {
         refresh_token: &secrecy::SecretString,
         replace: bool,
     ) -> Result<super::import::Imported, super::import::ImportError> {
+        // A connection another process sharing the database stored since
+        // our last pass must count as existing.
+        if self.inner.slots.get(provider, account).is_none() {
+            self.reconcile().await?;
+        }
         super::import::import(&self.inner, provider, account, refresh_token, replace).await
     }
 

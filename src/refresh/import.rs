@@ -103,7 +103,7 @@ pub enum ImportError {
     Shape(#[from] TokenShapeError),
     #[error("this is an access token tokenkeeper issued for {provider}/{account}, not a refresh token; import needs the refresh token the other program holds")]
     OurAccessToken { provider: String, account: String },
-    #[error("tokenkeeper already holds this refresh token for {provider}/{account}; there is nothing to import")]
+    #[error("this is a refresh token of {provider}/{account} that tokenkeeper holds or has rotated out; there is nothing to import: tokenkeeper keeps that grant itself")]
     OurRefreshToken { provider: String, account: String },
     #[error("{provider}/{account} already has a working grant; nothing was stored. Add --replace to replace it with the imported one (the current grant is then revoked)")]
     Exists { provider: String, account: String },
