@@ -63,6 +63,8 @@ fn read_json<T: serde::de::DeserializeOwned>(body: &[u8], shape: &str) -> Result
         (status = 200, description = "the token was redeemed once and the grant stored", body = ImportBody),
         (status = 400, description = "not_a_refresh_token (junk, an access token) or refresh_token_rejected by the provider: nothing stored", body = crate::http::error::ErrorBody),
         (status = 404, description = "unknown_provider", body = crate::http::error::ErrorBody),
+        (status = 401, description = "a bearer credential was presented and is wrong, or API keys are set and none was presented", body = crate::http::error::ErrorBody),
+        (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
         (status = 409, description = "connection_exists: the connection has a working grant and replace is false", body = crate::http::error::ErrorBody),
         (status = 502, description = "provider_refused: a configuration problem; nothing stored", body = crate::http::error::ErrorBody),
         (status = 503, description = "refresh_failed: the provider could not be reached; nothing stored, try again", body = crate::http::error::ErrorBody)
@@ -133,6 +135,9 @@ fn paste_binding(secret: &str) -> String {
     params(("provider" = String, Path, description = "provider name from the config"), ("account" = String, Path, description = "account name")),
     responses(
         (status = 200, description = "the authorization URL to open anywhere, and the secret that finishes it", body = PasteStartBody),
+        (status = 400, description = "malformed account name", body = crate::http::error::ErrorBody),
+        (status = 401, description = "a bearer credential was presented and is wrong, or API keys are set and none was presented", body = crate::http::error::ErrorBody),
+        (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
         (status = 404, description = "unknown_provider", body = crate::http::error::ErrorBody)
     ))]
 /// `POST /v1/connections/{provider}/{account}/paste/start`.
@@ -235,7 +240,10 @@ pub fn read_pasted(text: &str) -> Result<CallbackQuery, PasteError> {
     request_body = PasteFinishRequest,
     responses(
         (status = 200, description = "code exchanged, grant stored", body = PasteFinishBody),
-        (status = 400, description = "authorization_failed: unreadable paste, unknown/expired/used state, another flow's state, provider error: nothing stored", body = crate::http::error::ErrorBody),
+        (status = 400, description = "authorization_failed: unreadable paste, unknown/expired/used state, another flow's state, provider error: nothing stored; invalid_request: malformed body or name", body = crate::http::error::ErrorBody),
+        (status = 401, description = "a bearer credential was presented and is wrong, or API keys are set and none was presented", body = crate::http::error::ErrorBody),
+        (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
+        (status = 404, description = "unknown_provider", body = crate::http::error::ErrorBody),
         (status = 502, description = "authorization_failed: the provider refused the code; nothing stored", body = crate::http::error::ErrorBody)
     ))]
 /// `POST /v1/connections/{provider}/{account}/paste/finish`: phase 1
