@@ -106,7 +106,11 @@ fn token_file(h: &Harness, text: &[u8]) -> String {
 
 #[tokio::test]
 async fn import_adopts_a_grant_and_kills_the_other_copy() {
-    let h = Harness::started(Options::default()).await;
+    let h = Harness::started(Options {
+        rust_log: "trace".into(),
+        ..Options::default()
+    })
+    .await;
     let theirs = mint_refresh_token(&h).await;
     let file = token_file(&h, format!("  {theirs}\n").as_bytes());
     let out = h
@@ -134,8 +138,9 @@ async fn import_adopts_a_grant_and_kills_the_other_copy() {
     // The daemon keeps the grant alive with the rotated token.
     let (s, b) = h.force_refresh().await;
     assert_eq!(s, 200, "{b}");
-    // No token in the daemon's log (debug level), whatever it saw.
+    // No token in the daemon's log, at trace level, whatever it saw.
     let log = h.log();
+    assert!(log.contains("grant imported"), "the log is at trace level");
     for t in h.issued_tokens() {
         assert!(!log.contains(&t), "a token reached the log");
     }
@@ -209,8 +214,45 @@ async fn import_replaces_an_active_connection_only_when_told() {
         .cli(&["import", "keap", "--refresh-token-file", &file, "--replace"])
         .await;
     assert_success(&out);
+    assert!(stdout(&out).contains("revoked"), "{}", stdout(&out));
     let (s, b) = h.token().await;
     assert_eq!(s, 200, "{b}");
+    // The grant it replaced is revoked at the provider, not left behind.
+    eventually(
+        Duration::from_secs(10),
+        "the replaced grant is revoked",
+        || async { h.sim.sim.stats().revocations == 1 },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn import_and_paste_need_the_api_key() {
+    let mut h = Harness::with_api_keys(Options::default(), "key-1\n").await;
+    h.start().await;
+    let theirs = mint_refresh_token(&h).await;
+    let r = h
+        .http
+        .post(h.url("/v1/connections/keap/default/import"))
+        .json(&serde_json::json!({ "refresh_token": theirs }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = h
+        .http
+        .post(h.url("/v1/connections/keap/default/paste/start"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(h.sim.sim.stats().refresh_calls, 0);
+    // The CLI sends the key from the config's api_keys_file.
+    let file = token_file(&h, theirs.as_bytes());
+    let out = h
+        .cli(&["import", "keap", "--refresh-token-file", &file])
+        .await;
+    assert_success(&out);
 }
 
 #[tokio::test]
