@@ -952,13 +952,22 @@ async fn import(
     } else {
         ""
     };
-    outln(
-        format_args!(
-            "imported {p}/{a}{replaced}: the provider accepted the refresh token; access token valid until {}",
-            rfc3339_secs::format(&done.expires_at)
-        ),
-        Output::Report,
-    )?;
+    if done.access_token_usable {
+        outln(
+            format_args!(
+                "imported {p}/{a}{replaced}: the provider accepted the refresh token; access token valid until {}",
+                rfc3339_secs::format(&done.expires_at)
+            ),
+            Output::Report,
+        )?;
+    } else {
+        outln(
+            format_args!(
+                "imported {p}/{a}{replaced}: the provider accepted the refresh token and issued a new one, but its answer carried no usable access token; the new refresh token is stored and tokenkeeper obtains an access token at the first request"
+            ),
+            Output::Report,
+        )?;
+    }
     if done.rotated {
         outln(
             "The provider rotated the refresh token: the copy the other program holds no longer works. That program must get its access tokens from tokenkeeper from now on (GET /v1/token or `tokenkeeper token`); remove the refresh token from it.",

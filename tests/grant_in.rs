@@ -256,6 +256,53 @@ async fn import_and_paste_need_the_api_key() {
 }
 
 #[tokio::test]
+async fn import_from_a_provider_that_does_not_rotate_says_so() {
+    let h = Harness::started(Options {
+        sim: tokenkeeper::dev::SimulatorConfig {
+            rotate_refresh_tokens: false,
+            client_secret: CLIENT_SECRET.into(),
+            ..Default::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let theirs = mint_refresh_token(&h).await;
+    let file = token_file(&h, theirs.as_bytes());
+    let out = h
+        .cli(&["import", "keap", "--refresh-token-file", &file])
+        .await;
+    assert_success(&out);
+    assert!(stdout(&out).contains("did not rotate"), "{}", stdout(&out));
+    // The daemon keeps refreshing with the imported token itself.
+    let (s, b) = h.force_refresh().await;
+    assert_eq!(s, 200, "{b}");
+}
+
+#[tokio::test]
+async fn import_keeps_a_rotated_token_whose_answer_is_unusable() {
+    let h = Harness::started(Options::default()).await;
+    let theirs = mint_refresh_token(&h).await;
+    h.sim
+        .sim
+        .set_answer_shape(Some(tokenkeeper::dev::AnswerShape::NoAccessToken));
+    let file = token_file(&h, theirs.as_bytes());
+    let out = h
+        .cli(&["import", "keap", "--refresh-token-file", &file])
+        .await;
+    assert_success(&out);
+    assert!(
+        stdout(&out).contains("no usable access token"),
+        "{}",
+        stdout(&out)
+    );
+    h.sim.sim.set_answer_shape(None);
+    // The rotated token was kept: the first request refreshes with it.
+    let (s, b) = h.token().await;
+    assert_eq!(s, 200, "{b}");
+    assert_no_reuse_or_rejection(&h.sim.sim.stats());
+}
+
+#[tokio::test]
 async fn import_needs_no_replace_for_a_dead_grant() {
     let h = Harness::authorized(Options::default()).await;
     h.sim.sim.revoke_all_grants();

@@ -157,6 +157,9 @@ pub struct ImportBody {
     #[serde(with = "rfc3339_secs")]
     #[schema(value_type = String)]
     pub expires_at: DateTime<Utc>,
+    /// `false`: the provider's answer had no usable access token; its new
+    /// refresh token is stored and the first request refreshes it.
+    pub access_token_usable: bool,
 }
 
 // No `Debug`: `flow_secret` binds the flow to the command that started it.

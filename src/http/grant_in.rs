@@ -89,6 +89,7 @@ pub async fn import(
         rotated: done.rotated,
         replaced: done.replaced,
         expires_at: done.expires_at,
+        access_token_usable: done.usable,
     }))
 }
 

@@ -130,6 +130,9 @@ pub struct Imported {
     pub expires_at: DateTime<Utc>,
     /// An existing connection was replaced.
     pub replaced: bool,
+    /// The answer carried a usable access token; when not, the rotated
+    /// refresh token is stored and the first request refreshes it.
+    pub usable: bool,
 }
 
 /// Checks `token`, redeems it once at `provider`, and stores the result as
@@ -170,6 +173,7 @@ pub async fn import(
     }
     let token = SecretString::from(text.to_string());
     shared.rate_slot(p, account).await;
+    let mut usable = true;
     let grant = match p.refresh(&token).await {
         Ok(mut g) => {
             // A provider that does not rotate keeps the imported token valid.
@@ -184,6 +188,7 @@ pub async fn import(
             // Stored with an access token already expired, so the first
             // caller's request refreshes it.
             let now = Utc::now();
+            usable = false;
             TokenGrant {
                 access_token: SecretString::from(String::new()),
                 refresh_token: Some(refresh_token),
@@ -222,6 +227,7 @@ pub async fn import(
         rotated,
         expires_at: grant.expires_at,
         replaced: existing.is_some(),
+        usable,
     })
 }
 
