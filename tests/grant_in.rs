@@ -517,3 +517,27 @@ async fn connect_paste_refuses_a_wrong_state_an_error_and_garbage() {
     assert_eq!(h.sim.sim.stats().code_exchanges, 0);
     assert_eq!(h.connection("default").await, serde_json::Value::Null);
 }
+
+#[tokio::test]
+async fn connect_paste_refuses_an_expired_flow() {
+    let h = Harness::started(Options::default()).await;
+    let run = start_paste(&h, "default").await;
+    let landed = h.approve(&run.url).await;
+    // Ten minutes pass for the pending authorization.
+    let db = sqlx::SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new().filename(h.db_path()),
+    )
+    .await
+    .unwrap();
+    let aged = sqlx::query("UPDATE pending_authorizations SET expires_at = 0")
+        .execute(&db)
+        .await
+        .unwrap();
+    assert_eq!(aged.rows_affected(), 1);
+    db.close().await;
+    let out = run.paste(&landed).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("expired"), "{}", stderr(&out));
+    assert_eq!(h.sim.sim.stats().code_exchanges, 0);
+    assert_eq!(h.connection("default").await, serde_json::Value::Null);
+}
