@@ -107,7 +107,7 @@ pub enum ImportError {
     OurRefreshToken { provider: String, account: String },
     #[error("{provider}/{account} already has a working grant; nothing was stored. Add --replace to replace it with the imported one (the current grant is then revoked)")]
     Exists { provider: String, account: String },
-    #[error("the provider rejected this refresh token ({message}); nothing was stored. It is expired, revoked, already used, or belongs to another client id: authorize with `tokenkeeper connect` instead")]
+    #[error("the provider rejected this refresh token ({message}); nothing was stored. It is expired, revoked, already used, an access token rather than the refresh token, or belongs to another client id: give the refresh token the program holds now, or authorize with `tokenkeeper connect` instead")]
     Rejected { message: String },
     #[error("the provider refused the request ({message}); nothing was stored. This is a configuration problem (client id, secret, token_url): fix it and import again")]
     Refused { message: String },
