@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, Config};
 use crate::dev::{Simulator, SimulatorConfig};
 use crate::http::answers::{
-    rfc3339_secs, ConnectionJson, ConnectionsBody, ErrorBody, InspectBody, LinkBody, TokenBody,
+    rfc3339_secs, ConnectionJson, ConnectionsBody, ErrorBody, ImportBody, InspectBody, LinkBody,
+    PasteFinishBody, PasteStartBody, TokenBody,
 };
 use crate::http::api::DEFAULT_ACCOUNT;
 use crate::http::pages::relative;
@@ -90,6 +91,20 @@ pub enum Command {
         /// Also open it in the default browser.
         #[arg(long)]
         open: bool,
+        /// Headless: open the printed URL in a browser on any machine, approve, then paste here the address the browser ended on (even if that page did not load).
+        #[arg(long, conflicts_with = "open")]
+        paste: bool,
+    },
+    /// Adopt a grant another program holds: its refresh token is redeemed once at once (so that program's copy stops working) and the grant stored.
+    Import {
+        provider: String,
+        account: Option<String>,
+        /// File holding the refresh token alone ("-": standard input). Never give the token as an argument.
+        #[arg(long, value_name = "F")]
+        refresh_token_file: PathBuf,
+        /// Replace a connection that has a working grant (that grant is then revoked).
+        #[arg(long)]
+        replace: bool,
     },
     /// Print a one-time login link to the dashboard (needed when API keys are set).
     Dashboard,
@@ -593,6 +608,9 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
         }
         | Command::Connect {
             provider, account, ..
+        }
+        | Command::Import {
+            provider, account, ..
         } => Some(names(provider, account)?),
         _ => None,
     };
@@ -678,6 +696,12 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                 return Err(runtime("some connections need a new authorization; run `tokenkeeper connect PROVIDER ACCOUNT`"));
             }
         }
+        Command::Connect { paste: true, .. } => paste_flow(&daemon, p, a).await?,
+        Command::Import {
+            refresh_token_file,
+            replace,
+            ..
+        } => import(&daemon, p, a, refresh_token_file, *replace).await?,
         Command::Connect { open, .. } => {
             let mut url = endpoint(&target.browser_base, &["connect", p])?;
             url.query_pairs_mut().append_pair("account", a);
@@ -859,7 +883,7 @@ impl Daemon {
         let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
             Ok(e) => {
                 let code = match e.error.as_str() {
-                    "unknown_provider" | "invalid_request" => EXIT_USAGE,
+                    "unknown_provider" | "invalid_request" | "not_a_refresh_token" => EXIT_USAGE,
                     _ => EXIT_RUNTIME,
                 };
                 (code, e.message)
@@ -881,6 +905,141 @@ impl Daemon {
             .await?;
         Ok(link.url)
     }
+}
+
+/// `tokenkeeper import`: the token from a file or stdin, checked here
+/// for shape (so junk never leaves the machine), then sent in a POST body.
+async fn import(
+    daemon: &Daemon,
+    p: &str,
+    a: &str,
+    file: &Path,
+    replace: bool,
+) -> Result<(), CliError> {
+    use crate::refresh::import::{check_refresh_token, MAX_REFRESH_TOKEN_BYTES};
+    use std::io::Read;
+    let from_stdin = file.as_os_str() == "-";
+    let mut raw = Vec::new();
+    let limit = MAX_REFRESH_TOKEN_BYTES as u64 + 1;
+    let read = if from_stdin {
+        std::io::stdin().lock().take(limit).read_to_end(&mut raw)
+    } else {
+        std::fs::File::open(file).and_then(|f| f.take(limit).read_to_end(&mut raw))
+    };
+    let source = if from_stdin {
+        "standard input".to_string()
+    } else {
+        file.display().to_string()
+    };
+    read.map_err(|e| usage(format!("cannot read the refresh token from {source} ({e})")))?;
+    let text = secrecy::SecretString::from(String::from_utf8(raw).map_err(|_| {
+        usage(format!(
+            "{source} holds bytes that are not text, so it is not a refresh token; put the refresh token in it, alone on one line"
+        ))
+    })?);
+    let token = check_refresh_token(secrecy::ExposeSecret::expose_secret(&text))
+        .map_err(|e| usage(format!("{source}: {e}")))?;
+    let body = serde_json::json!({ "refresh_token": token, "replace": replace }).to_string();
+    let done: ImportBody = daemon
+        .call(
+            reqwest::Method::POST,
+            &["v1", "connections", p, a, "import"],
+            Some(body),
+        )
+        .await?;
+    let replaced = if done.replaced {
+        " (the grant it held before is revoked)"
+    } else {
+        ""
+    };
+    if done.access_token_usable {
+        outln(
+            format_args!(
+                "imported {p}/{a}{replaced}: the provider accepted the refresh token; access token valid until {}",
+                rfc3339_secs::format(&done.expires_at)
+            ),
+            Output::Report,
+        )?;
+    } else {
+        outln(
+            format_args!(
+                "imported {p}/{a}{replaced}: the provider accepted the refresh token and issued a new one, but its answer carried no usable access token; the new refresh token is stored and tokenkeeper obtains an access token at the first request"
+            ),
+            Output::Report,
+        )?;
+    }
+    if done.rotated {
+        outln(
+            "The provider rotated the refresh token: the copy the other program holds no longer works. That program must get its access tokens from tokenkeeper from now on (GET /v1/token or `tokenkeeper token`); remove the refresh token from it.",
+            Output::Report,
+        )
+    } else {
+        outln(
+            format_args!("The provider did not rotate the refresh token, so the other program's copy still works: remove it there, and let that program get its access tokens from tokenkeeper from now on (GET /v1/token or `tokenkeeper token`), or two holders will refresh the same grant."),
+            Output::Report,
+        )
+    }
+}
+
+/// `tokenkeeper connect --paste`: the daemon starts a flow bound to a
+/// secret only this command holds; the person approves in any browser and
+/// pastes the address it ended on; the daemon finishes as `/callback` would.
+async fn paste_flow(daemon: &Daemon, p: &str, a: &str) -> Result<(), CliError> {
+    let started: PasteStartBody = daemon
+        .call(
+            reqwest::Method::POST,
+            &["v1", "connections", p, a, "paste", "start"],
+            None,
+        )
+        .await?;
+    err_line(format_args!(
+        "Open this address in a browser on any machine and approve (within 10 minutes):"
+    ));
+    outln(&started.authorization_url, Output::Report)?;
+    err_line(format_args!(
+        "Then paste here the whole address the browser ends on (it starts with {} and may show an error page: that is fine), and press Enter:",
+        started.redirect_uri
+    ));
+    let line = tokio::task::spawn_blocking(|| {
+        use std::io::{BufRead, Read};
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .take(64 * 1024)
+            .read_line(&mut line)
+            .map(|_| line)
+    })
+    .await
+    .map_err(|e| runtime(format!("cannot read the pasted address ({e})")))?
+    .map_err(|e| usage(format!("cannot read the pasted address from standard input ({e}); paste it as one line of text")))?;
+    if line.trim().is_empty() {
+        return Err(runtime(
+            "nothing was pasted, so nothing was stored; run the command again and paste the address the browser ended on",
+        ));
+    }
+    let body = serde_json::json!({ "flow_secret": started.flow_secret, "pasted": line.trim() })
+        .to_string();
+    let done: PasteFinishBody = daemon
+        .call(
+            reqwest::Method::POST,
+            &["v1", "connections", p, a, "paste", "finish"],
+            Some(body),
+        )
+        .await?;
+    outln(
+        format_args!(
+            "authorized {}/{}; the grant is stored",
+            done.provider, done.account
+        ),
+        Output::Report,
+    )?;
+    if !done.refresh_token {
+        outln(
+            "The provider issued no refresh token: this grant ends when its access token expires. Check the provider's offline-access settings.",
+            Output::Report,
+        )?;
+    }
+    Ok(())
 }
 
 /// The TLS verification failure behind `e`, if that is what it is: the

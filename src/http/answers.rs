@@ -133,6 +133,71 @@ pub struct LinkBody {
     pub expires_at: Option<String>,
 }
 
+// No `Debug`: it carries a refresh token.
+/// The body of `POST /v1/connections/{provider}/{account}/import` (SPEC 10).
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ImportRequest {
+    /// The refresh token another program holds today.
+    pub refresh_token: String,
+    /// Replace a connection that has a working grant.
+    #[serde(default)]
+    pub replace: bool,
+}
+
+/// The answer of a successful import.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ImportBody {
+    pub provider: String,
+    pub account: String,
+    /// The provider issued a new refresh token: the imported copy is spent.
+    pub rotated: bool,
+    /// An existing connection was replaced.
+    pub replaced: bool,
+    /// When the access token the proving refresh obtained expires.
+    #[serde(with = "rfc3339_secs")]
+    #[schema(value_type = String)]
+    pub expires_at: DateTime<Utc>,
+    /// `false`: the provider's answer had no usable access token; its new
+    /// refresh token is stored and the first request refreshes it.
+    pub access_token_usable: bool,
+}
+
+// No `Debug`: `flow_secret` binds the flow to the command that started it.
+/// The answer of `POST /v1/connections/{provider}/{account}/paste/start`.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PasteStartBody {
+    /// Open this in any browser and approve.
+    pub authorization_url: String,
+    /// Where the provider sends the browser; the address it ends on is
+    /// what to paste, even if that page does not load.
+    pub redirect_uri: String,
+    /// Sent back with the pasted address; only the starting command holds it.
+    pub flow_secret: String,
+    #[serde(with = "rfc3339_secs")]
+    #[schema(value_type = String)]
+    pub expires_at: DateTime<Utc>,
+}
+
+// No `Debug`: it carries the flow secret and an authorization code.
+/// The body of `POST /v1/connections/{provider}/{account}/paste/finish`.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PasteFinishRequest {
+    pub flow_secret: String,
+    /// The address the browser ended on, or its query
+    /// (`code=...&state=...`), or the code and the state separated by a space.
+    pub pasted: String,
+}
+
+/// The answer of a finished pasted authorization.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PasteFinishBody {
+    pub provider: String,
+    pub account: String,
+    /// The provider issued a refresh token (without one the grant ends
+    /// with its access token).
+    pub refresh_token: bool,
+}
+
 /// SPEC 4: the body of every `/v1/*` error.
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {

@@ -22,7 +22,7 @@ use crate::store::{PendingAuthorization, PendingTake};
 
 /// How long a started authorization may take: long enough to log in and
 /// consent, short enough that a leaked state is soon worthless.
-const AUTHORIZATION_TTL: chrono::Duration = chrono::Duration::minutes(10);
+pub(super) const AUTHORIZATION_TTL: chrono::Duration = chrono::Duration::minutes(10);
 
 /// Cookie binding a flow to the browser that started it.
 const FLOW_COOKIE: &str = "tokenkeeper_flow";
@@ -282,7 +282,7 @@ async fn check(
             return Err(pages::problem(
                 StatusCode::BAD_REQUEST,
                 "Authorization failed",
-                "This authorization was started in another browser (or cookies are blocked), so it was not accepted here. Finish it in the browser that started it, or start again in this one.",
+                "This authorization was started in another browser (or cookies are blocked), so it was not accepted here. Finish it in the browser that started it, or start again in this one. If it was started with `tokenkeeper connect --paste`, paste this page's address at that command's prompt.",
                 Some("/"),
             ));
         }

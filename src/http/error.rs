@@ -49,6 +49,13 @@ pub enum ApiError {
     /// 502 `revocation_failed`: the provider did not revoke a grant, which
     /// is therefore kept; the message carries the provider's error.
     RevocationFailed(String),
+    /// A grant that did not get in (import, pasted authorization), with its
+    /// own status and code; the message never carries a secret.
+    GrantRefused {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+    },
 }
 
 impl From<crate::ratelimit::LimitError> for ApiError {
@@ -160,6 +167,7 @@ impl IntoResponse for ApiError {
                 )
             }
             ApiError::RevocationFailed(m) => (StatusCode::BAD_GATEWAY, "revocation_failed", m),
+            ApiError::GrantRefused { status, code, message } => (status, code, message),
             ApiError::Internal(cause) => {
                 tracing::error!(error = %cause, "request failed on an internal error");
                 (

@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod callback;
 pub mod error;
+pub mod grant_in;
 pub mod guard;
 pub mod login;
 pub mod openapi;
@@ -110,6 +111,18 @@ pub fn router(state: AppState, extra: Option<Router>) -> App {
         .route(
             "/v1/connections/{provider}/{account}",
             delete(api::delete_connection),
+        )
+        .route(
+            "/v1/connections/{provider}/{account}/import",
+            post(grant_in::import).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        )
+        .route(
+            "/v1/connections/{provider}/{account}/paste/start",
+            post(grant_in::paste_start),
+        )
+        .route(
+            "/v1/connections/{provider}/{account}/paste/finish",
+            post(grant_in::paste_finish).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
         )
         .route(
             "/v1/inspect",

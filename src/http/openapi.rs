@@ -4,7 +4,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use super::{api, callback, login};
+use super::{api, callback, grant_in, login};
 
 /// The document served at `/openapi.json`.
 #[derive(OpenApi)]
@@ -27,6 +27,9 @@ use super::{api, callback, login};
         api::connections,
         api::delete_connection,
         api::inspect,
+        grant_in::import,
+        grant_in::paste_start,
+        grant_in::paste_finish,
         api::healthz,
         api::readyz,
         api::metrics,
@@ -39,6 +42,11 @@ use super::{api, callback, login};
         api::InspectBody,
         login::LinkRequest,
         login::LinkBody,
+        super::answers::ImportRequest,
+        super::answers::ImportBody,
+        super::answers::PasteStartBody,
+        super::answers::PasteFinishRequest,
+        super::answers::PasteFinishBody,
         super::error::ErrorBody
     ))
 )]

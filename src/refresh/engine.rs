@@ -215,6 +215,25 @@ impl Engine {
         registry::authorized(&self.inner, provider, account, grant).await
     }
 
+    /// Adopts a refresh token another program holds (`tokenkeeper
+    /// import`): redeemed once at the provider, then stored like a new
+    /// authorization; an active connection is replaced only with `replace`
+    /// (`import.rs`).
+    pub async fn import(
+        &self,
+        provider: &str,
+        account: &str,
+        refresh_token: &secrecy::SecretString,
+        replace: bool,
+    ) -> Result<super::import::Imported, super::import::ImportError> {
+        // A connection another process sharing the database stored since
+        // our last pass must count as existing.
+        if self.inner.slots.get(provider, account).is_none() {
+            self.reconcile().await?;
+        }
+        super::import::import(&self.inner, provider, account, refresh_token, replace).await
+    }
+
     /// Makes a freshly stored row (e.g. a new authorization) visible.
     pub fn install(&self, row: &ConnectionRow) {
         self.inner.install(row);

@@ -14,7 +14,9 @@
 //!   interrupted refreshes);
 //! - `flight`: one refresh as named phases (decide, call, commit or end by
 //!   failure class), and revocation;
-//! - `registry`: serving tokens from snapshots, starting flights;
+//! - `registry`: serving tokens from snapshots, starting flights, and
+//!   where a new grant lands;
+//! - `import`: adopting a refresh token another program holds;
 //! - `engine`: the façade that wires them, and the scheduler pass
 //!   (`engine/sweep.rs`);
 //! - `scheduler`: the task that sleeps until the next connection falls
@@ -27,6 +29,7 @@ mod due;
 pub mod engine;
 mod flight;
 pub mod flights;
+pub mod import;
 mod lease;
 pub mod owner;
 pub mod policy;

@@ -337,6 +337,26 @@ pub async fn authorized(
     account: &str,
     grant: &TokenGrant,
 ) -> Result<(), StoreError> {
+    land(
+        shared,
+        provider,
+        account,
+        grant,
+        "authorized in the browser; the grant is stored",
+    )
+    .await
+}
+
+/// Where every new grant lands (a browser or pasted authorization, an
+/// import): stored, served, and the grant it replaced revoked; `how` is
+/// the `authorized` notification's message.
+pub(super) async fn land(
+    shared: &Shared,
+    provider: &str,
+    account: &str,
+    grant: &TokenGrant,
+    how: &str,
+) -> Result<(), StoreError> {
     let new = NewGrant {
         access_token: &grant.access_token,
         refresh_token: grant.refresh_token.as_ref(),
@@ -356,7 +376,7 @@ pub async fn authorized(
         event: EventKind::Authorized,
         provider: provider.to_string(),
         account: account.to_string(),
-        message: "authorized in the browser; the grant is stored".into(),
+        message: how.into(),
     });
     // The grant this authorization replaced (an earlier one, or a second
     // browser flow for the same account) would otherwise stay valid at the
