@@ -25,7 +25,9 @@ use super::slot::Slot;
 use super::snapshot::Snapshot;
 use super::types::{chrono_dur, TokenError};
 use crate::provider::Provider;
-use crate::store::{BeginRefresh, ConnState, ConnectionRow, LeaseSeen, StoreError};
+use crate::store::{
+    BeginRefresh, ConnState, ConnectionRow, EventKind, LeaseSeen, NewEvent, StoreError,
+};
 
 /// How long a refresh lease lasts without renewal. Long enough that a
 /// renewal (every third of it) surviving one slow database write keeps it;
@@ -394,7 +396,7 @@ pub async fn recover_interrupted(
                 tracing::warn!(provider = %row.provider, account = %row.account, "{msg}");
                 if let Some(updated) = shared
                     .store
-                    .mark_interrupted(row.id, Some(&holder), &msg)
+                    .mark_interrupted(row.id, Some(&holder), &msg, &[NewEvent::new((&row.provider, &row.account), shared.clock().now(), EventKind::Interrupted).detail(&msg)])
                     .await?
                 {
                     row = updated;

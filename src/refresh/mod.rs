@@ -23,6 +23,7 @@
 pub mod clock;
 pub mod engine;
 mod flight;
+mod history;
 pub mod flights;
 mod lease;
 pub mod owner;

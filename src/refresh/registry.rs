@@ -24,7 +24,8 @@ use super::types::{
 };
 use crate::notify::{Event, EventKind};
 use crate::provider::TokenGrant;
-use crate::store::{ConnState, NewGrant, StoreError, TokenKind};
+use super::history;
+use crate::store::{ConnState, EventKind as HistoryKind, NewEvent, NewGrant, StoreError, TokenKind};
 
 /// The slot of `provider/account`, if the provider is configured and the
 /// connection known.
@@ -275,6 +276,7 @@ pub fn refuse_refresh_token_as_bearer(shared: &Shared, token: &str) -> bool {
         .by_id(id)
         .map(|s| (s.provider.clone(), s.account.clone()))
         .unwrap_or_default();
+    history::record_later(shared, vec![NewEvent::new((&provider, &account), shared.clock().now(), HistoryKind::BearerMisuse)]);
     shared.settings().notifier.emit(Event {
         event: EventKind::BearerMisuse,
         provider,
@@ -324,7 +326,7 @@ pub async fn authorized(
     let fps = shared.fingerprints(grant);
     let (row, replaced) = shared
         .store
-        .save_authorized(provider, account, &new, &fps)
+        .save_authorized(provider, account, &new, &fps, &[NewEvent::new((provider, account), shared.clock().now(), HistoryKind::Authorized)])
         .await?;
     shared.recognizer.add(row.id, &fps);
     shared.install(&row);

@@ -34,7 +34,8 @@ use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PEND
 use super::migrate::{self, Dump, MigrateError};
 use super::{
     from_ms, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState, ConnectionRow, Fingerprint,
-    LeaseSeen, NewGrant, PendingAuthorization, PendingTake, StoreError, FINGERPRINTS_KEPT,
+    Event, EventQuery, LeaseSeen, NewEvent, NewGrant, PendingAuthorization, PendingTake, StoreError,
+    FINGERPRINTS_KEPT,
 };
 use crate::crypto::SealKey;
 
@@ -468,6 +469,7 @@ impl Backend for Postgres {
         account: &str,
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
+        events: &[NewEvent],
     ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
         let mut tx = self.pool.begin().await?;
         // Two daemons storing the first grant of one name at once: the
@@ -523,6 +525,7 @@ impl Backend for Postgres {
         .await?;
         let decoded = self.codec.decode(&row)?;
         record_fingerprints(&mut tx, decoded.id, fps, g.issued_at).await?;
+        insert_events(&mut tx, events).await?;
         tx.commit().await?;
         Ok((decoded, replaced))
     }
@@ -616,6 +619,7 @@ impl Backend for Postgres {
         base_generation: i64,
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
+        events: &[NewEvent],
     ) -> Result<CommitOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         // The row locked from here to commit: the generation read is the
@@ -642,6 +646,7 @@ impl Backend for Postgres {
         if row.is_some() {
             let decoded = self.finish_commit(&mut tx, id, name, generation, g).await?;
             record_fingerprints(&mut tx, id, fps, g.issued_at).await?;
+            insert_events(&mut tx, events).await?;
             tx.commit().await?;
             return Ok(CommitOutcome::Committed {
                 row: Box::new(decoded),
@@ -660,6 +665,7 @@ impl Backend for Postgres {
         if row.is_some() {
             let decoded = self.finish_commit(&mut tx, id, name, generation, g).await?;
             record_fingerprints(&mut tx, id, fps, g.issued_at).await?;
+            insert_events(&mut tx, events).await?;
             tx.commit().await?;
             return Ok(CommitOutcome::Committed {
                 row: Box::new(decoded),
@@ -710,6 +716,7 @@ impl Backend for Postgres {
         generation: i64,
         reason: &str,
         failures: u32,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
@@ -728,6 +735,8 @@ impl Backend for Postgres {
         .await?;
         if row.is_none() {
             release_lease(&mut tx, id, owner, attempt_id).await?;
+        } else {
+            insert_events(&mut tx, events).await?;
         }
         tx.commit().await?;
         row.as_ref().map(|r| self.codec.decode(r)).transpose()
@@ -738,7 +747,9 @@ impl Backend for Postgres {
         id: i64,
         dead_owner: Option<&str>,
         message: &str,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
             "UPDATE connections SET interrupted_at = attempt_started_at, last_error = $1, \
                  state = CASE WHEN state = 'authorization_required' THEN state ELSE 'retrying' END, \
@@ -749,8 +760,12 @@ impl Backend for Postgres {
         .bind(message.to_owned())
         .bind(id)
         .bind(dead_owner.map(str::to_owned))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        if row.is_some() {
+            insert_events(&mut tx, events).await?;
+        }
+        tx.commit().await?;
         row.as_ref().map(|r| self.codec.decode(r)).transpose()
     }
 
@@ -790,6 +805,7 @@ impl Backend for Postgres {
         &self,
         provider: &str,
         account: &str,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
@@ -805,12 +821,18 @@ impl Backend for Postgres {
                 .bind(d.id)
                 .execute(&mut *tx)
                 .await?;
+            insert_events(&mut tx, events).await?;
         }
         tx.commit().await?;
         Ok(decoded)
     }
 
-    async fn delete_connection_at(&self, id: i64, generation: i64) -> Result<bool, StoreError> {
+    async fn delete_connection_at(
+        &self,
+        id: i64,
+        generation: i64,
+        events: &[NewEvent],
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query("DELETE FROM connections WHERE id = $1 AND generation = $2")
             .bind(id)
@@ -822,9 +844,32 @@ impl Backend for Postgres {
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
+            insert_events(&mut tx, events).await?;
         }
         tx.commit().await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn record_events(&self, events: &[NewEvent]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        insert_events(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn events(
+        &self,
+        provider: &str,
+        account: &str,
+        q: &EventQuery,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut c = self.pool.acquire().await?;
+        list_events(&mut c, provider, account, q).await
+    }
+
+    async fn purge_events(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut c = self.pool.acquire().await?;
+        purge_events(&mut c, before).await
     }
 
     async fn export(&self) -> Result<Dump, StoreError> {
@@ -849,7 +894,7 @@ impl Backend for Postgres {
         check_empty(&mut tx, replace, target).await?;
         write_dump(&mut tx, dump).await?;
         // Rows came with their ids: new ones continue after them.
-        for table in ["connections", "token_fingerprints"] {
+        for table in ["connections", "token_fingerprints", "events"] {
             sqlx::query(&format!(
                 "SELECT setval(pg_get_serial_sequence('{table}', 'id'), \
                  COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)"
@@ -864,6 +909,7 @@ impl Backend for Postgres {
 }
 
 migrate::dump_sql!(Conn, '$');
+super::events::events_sql!(Conn, '$');
 
 impl Postgres {
     /// After a commit's write: re-seals a kept refresh token for the new

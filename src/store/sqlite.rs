@@ -26,7 +26,7 @@ use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PEND
 use super::migrate::{self, Dump, MigrateError};
 use super::{
     create_private_dir, from_ms, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState,
-    ConnectionRow, Fingerprint, LeaseSeen, NewGrant, PendingAuthorization, PendingTake, StoreError,
+    ConnectionRow, Event, EventQuery, Fingerprint, LeaseSeen, NewEvent, NewGrant, PendingAuthorization, PendingTake, StoreError,
     BUSY_TIMEOUT, FINGERPRINTS_KEPT,
 };
 use crate::crypto::SealKey;
@@ -349,6 +349,7 @@ impl Backend for Sqlite {
         account: &str,
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
+        events: &[NewEvent],
     ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
         let mut tx = self.pool.begin().await?;
         // The first statement writes (BEGIN IMMEDIATE semantics), so the
@@ -398,6 +399,7 @@ impl Backend for Sqlite {
         .await?;
         let decoded = self.codec.decode(&row)?;
         record_fingerprints(&mut tx, decoded.id, fps, g.issued_at).await?;
+        insert_events(&mut tx, events).await?;
         tx.commit().await?;
         Ok((decoded, replaced))
     }
@@ -489,6 +491,7 @@ impl Backend for Sqlite {
         base_generation: i64,
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
+        events: &[NewEvent],
     ) -> Result<CommitOutcome, StoreError> {
         // One transaction: the pair and the fingerprints of the new tokens
         // become durable together.
@@ -510,6 +513,7 @@ impl Backend for Sqlite {
         if row.is_some() {
             let decoded = self.finish_commit(&mut tx, id, name, generation, g).await?;
             record_fingerprints(&mut tx, id, fps, g.issued_at).await?;
+            insert_events(&mut tx, events).await?;
             tx.commit().await?;
             return Ok(CommitOutcome::Committed {
                 row: Box::new(decoded),
@@ -528,6 +532,7 @@ impl Backend for Sqlite {
         if row.is_some() {
             let decoded = self.finish_commit(&mut tx, id, name, generation, g).await?;
             record_fingerprints(&mut tx, id, fps, g.issued_at).await?;
+            insert_events(&mut tx, events).await?;
             tx.commit().await?;
             return Ok(CommitOutcome::Committed {
                 row: Box::new(decoded),
@@ -578,6 +583,7 @@ impl Backend for Sqlite {
         generation: i64,
         reason: &str,
         failures: u32,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
@@ -596,6 +602,8 @@ impl Backend for Sqlite {
         .await?;
         if row.is_none() {
             release_lease(&mut tx, id, owner, attempt_id).await?;
+        } else {
+            insert_events(&mut tx, events).await?;
         }
         tx.commit().await?;
         row.as_ref().map(|r| self.codec.decode(r)).transpose()
@@ -606,7 +614,9 @@ impl Backend for Sqlite {
         id: i64,
         dead_owner: Option<&str>,
         message: &str,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
             "UPDATE connections SET interrupted_at = attempt_started_at, last_error = ?1, \
                  state = CASE WHEN state = 'authorization_required' THEN state ELSE 'retrying' END, \
@@ -617,8 +627,12 @@ impl Backend for Sqlite {
         .bind(message.to_owned())
         .bind(id)
         .bind(dead_owner.map(str::to_owned))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        if row.is_some() {
+            insert_events(&mut tx, events).await?;
+        }
+        tx.commit().await?;
         row.as_ref().map(|r| self.codec.decode(r)).transpose()
     }
 
@@ -656,6 +670,7 @@ impl Backend for Sqlite {
         &self,
         provider: &str,
         account: &str,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
@@ -671,12 +686,18 @@ impl Backend for Sqlite {
                 .bind(d.id)
                 .execute(&mut *tx)
                 .await?;
+            insert_events(&mut tx, events).await?;
         }
         tx.commit().await?;
         Ok(decoded)
     }
 
-    async fn delete_connection_at(&self, id: i64, generation: i64) -> Result<bool, StoreError> {
+    async fn delete_connection_at(
+        &self,
+        id: i64,
+        generation: i64,
+        events: &[NewEvent],
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query("DELETE FROM connections WHERE id = ? AND generation = ?")
             .bind(id)
@@ -688,9 +709,32 @@ impl Backend for Sqlite {
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
+            insert_events(&mut tx, events).await?;
         }
         tx.commit().await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn record_events(&self, events: &[NewEvent]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        insert_events(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn events(
+        &self,
+        provider: &str,
+        account: &str,
+        q: &EventQuery,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut c = self.pool.acquire().await?;
+        list_events(&mut c, provider, account, q).await
+    }
+
+    async fn purge_events(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut c = self.pool.acquire().await?;
+        purge_events(&mut c, before).await
     }
 
     async fn export(&self) -> Result<Dump, StoreError> {
@@ -716,6 +760,7 @@ impl Backend for Sqlite {
 }
 
 migrate::dump_sql!(Conn, '?');
+super::events::events_sql!(Conn, '?');
 
 impl Sqlite {
     /// After a commit's write: re-seals a kept refresh token for the new
