@@ -93,6 +93,7 @@ async fn authorize(store: &Store, n: &str) -> (i64, i64) {
                 expires_at: now + Duration::hours(1),
             },
             &[],
+            &[],
         )
         .await
         .unwrap();
@@ -151,6 +152,7 @@ async fn commit(
                 expires_at: now + Duration::hours(1),
             },
             &[fp(TokenKind::Access, 7)],
+            &[],
         )
         .await
         .unwrap()
@@ -329,7 +331,7 @@ async fn a_refresh_superseded_by_a_new_authorization_writes_nothing(kind: Kind) 
     ));
     assert!(f
         .store
-        .reject_attempt(id, ("a", "a2"), generation, "rejected", 1)
+        .reject_attempt(id, ("a", "a2"), generation, "rejected", 1, &[])
         .await
         .unwrap()
         .is_none());
@@ -410,6 +412,7 @@ async fn fingerprints_are_kept_in_order_and_bounded(kind: Kind) {
                     expires_at: now + Duration::hours(1),
                 },
                 &[fp(TokenKind::Refresh, n as u8)],
+                &[],
             )
             .await
             .unwrap()
@@ -438,13 +441,13 @@ async fn fingerprints_are_kept_in_order_and_bounded(kind: Kind) {
     // Forgetting the connection (at its generation) forgets its fingerprints.
     assert!(!f
         .store
-        .delete_connection_at(id, generation - 1)
+        .delete_connection_at(id, generation - 1, &[])
         .await
         .unwrap());
-    assert!(f.store.delete_connection_at(id, generation).await.unwrap());
+    assert!(f.store.delete_connection_at(id, generation, &[]).await.unwrap());
     assert!(f.store.load_connection(id).await.unwrap().is_none());
     assert!(f.store.fingerprints_of(id).await.unwrap().is_empty());
-    assert!(!f.store.delete_connection_at(id, generation).await.unwrap());
+    assert!(!f.store.delete_connection_at(id, generation, &[]).await.unwrap());
 }
 
 async fn a_pending_authorization_is_taken_once_by_its_browser(kind: Kind) {

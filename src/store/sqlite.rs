@@ -1081,7 +1081,7 @@ mod tests {
             expires_at: now + chrono::Duration::hours(1),
         };
         store
-            .save_authorized("keap", "default", &new, &[])
+            .save_authorized("keap", "default", &new, &[], &[])
             .await
             .unwrap()
             .0
@@ -1399,6 +1399,7 @@ mod tests {
                     expires_at: now + chrono::Duration::hours(1),
                 },
                 &[],
+                &[],
             )
             .await
             .unwrap();
@@ -1411,7 +1412,7 @@ mod tests {
         ));
         // B's spent token is rejected: the landed grant is not parked.
         let parked = store
-            .reject_attempt(row.id, ("b", "b1"), read.generation, "rejected", 0)
+            .reject_attempt(row.id, ("b", "b1"), read.generation, "rejected", 0, &[])
             .await
             .unwrap();
         assert!(parked.is_none());
