@@ -112,6 +112,10 @@ pub fn router(state: AppState, extra: Option<Router>) -> App {
             delete(api::delete_connection),
         )
         .route(
+            "/v1/connections/{provider}/{account}/events",
+            get(api::events),
+        )
+        .route(
             "/v1/inspect",
             post(api::inspect).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
         )
