@@ -352,7 +352,7 @@ pub async fn delete_connection(
     }
 }
 
-#[utoipa::path(get, path = "/v1/connections/{provider}/{account}/events", summary = "The history of a connection, newest first", params(("provider" = String, Path, description = "provider name", example = "demo"), ("account" = String, Path, description = "account name", example = "default"), ("limit" = Option<u32>, Query, description = "events per page, 1 to 1000 (default 50)", example = 50), ("before" = Option<String>, Query, description = "only older events: an event id, or an RFC 3339 instant", example = "2026-01-02T03:04:05Z"), ("after" = Option<i64>, Query, description = "only events with a larger id than this one", example = 0)), responses(
+#[utoipa::path(get, path = "/v1/connections/{provider}/{account}/events", summary = "The history of a connection, newest first", params(("provider" = String, Path, description = "provider name", example = "demo"), ("account" = String, Path, description = "account name", example = "default"), ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "events per page, 1 to 1000 (default 50)", example = 50), ("before" = Option<String>, Query, description = "only older events: an event id, or an RFC 3339 instant", example = "2026-01-02T03:04:05Z"), ("after" = Option<i64>, Query, description = "only events with a larger id than this one", example = 0)), responses(
         (status = 200, description = "a page of events, newest first", body = EventsBody),
         (status = 400, description = "malformed name or query", body = crate::http::error::ErrorBody),
         (status = 401, description = "a bearer credential was presented and is wrong (SPEC 5)", body = crate::http::error::ErrorBody),
