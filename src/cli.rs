@@ -794,7 +794,11 @@ async fn log(
     // polls is shown whole.
     let segments = ["v1", "connections", p, a, "events"];
     let page = |after: Option<i64>| {
-        let limit = if after.is_some() { crate::history::MAX_LIMIT } else { limit };
+        let limit = if after.is_some() {
+            crate::history::MAX_LIMIT
+        } else {
+            limit
+        };
         let mut query = vec![("limit", limit.to_string())];
         if let Some(id) = after {
             query.push(("after", id.to_string()));

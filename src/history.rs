@@ -126,7 +126,8 @@ pub fn purge_interval(history: Duration) -> Duration {
 pub async fn purge_loop(store: Store, history: Duration, shutdown: CancellationToken) {
     let every = purge_interval(history);
     loop {
-        let cutoff = Utc::now() - chrono::Duration::from_std(history).unwrap_or(chrono::Duration::MAX);
+        let cutoff =
+            Utc::now() - chrono::Duration::from_std(history).unwrap_or(chrono::Duration::MAX);
         match store.purge_events(cutoff).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(events = n, "pruned history events past storage.history"),
@@ -189,8 +190,14 @@ mod tests {
 
     #[test]
     fn purges_run_at_half_the_retention_at_most_hourly() {
-        assert_eq!(purge_interval(Duration::from_secs(4)), Duration::from_secs(2));
-        assert_eq!(purge_interval(Duration::from_millis(10)), PURGE_MIN_INTERVAL);
+        assert_eq!(
+            purge_interval(Duration::from_secs(4)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            purge_interval(Duration::from_millis(10)),
+            PURGE_MIN_INTERVAL
+        );
         assert_eq!(
             purge_interval(crate::config::DEFAULT_HISTORY),
             PURGE_MAX_INTERVAL

@@ -109,9 +109,13 @@ async fn walk_through_the_lifecycle(h: &Harness) {
     let refresh = h.sim.sim.current_refresh_token().expect("a live grant");
     let r = h.get_bearer("/v1/token/keap", &refresh).await;
     assert_eq!(r.status(), 401);
-    common::eventually(Duration::from_secs(10), "the misuse is recorded", || async {
-        kinds(&events(h, "").await.1).first().map(String::as_str) == Some("bearer_misuse")
-    })
+    common::eventually(
+        Duration::from_secs(10),
+        "the misuse is recorded",
+        || async {
+            kinds(&events(h, "").await.1).first().map(String::as_str) == Some("bearer_misuse")
+        },
+    )
     .await;
     let r = h
         .http
@@ -122,7 +126,10 @@ async fn walk_through_the_lifecycle(h: &Harness) {
     assert_eq!(r.status(), 204);
 
     let (s, page) = events(h, "").await;
-    assert_eq!(s, 200, "a forgotten connection's history stays readable: {page}");
+    assert_eq!(
+        s, 200,
+        "a forgotten connection's history stays readable: {page}"
+    );
     assert_eq!(
         kinds(&page),
         [
@@ -151,7 +158,10 @@ async fn walk_through_the_lifecycle(h: &Harness) {
     assert!(detail(3).starts_with("rejected: "), "{page}");
     assert!(detail(2).contains("authorize again"), "{page}");
     for e in list {
-        assert_eq!((e["provider"].as_str(), e["account"].as_str()), (Some("keap"), Some("default")));
+        assert_eq!(
+            (e["provider"].as_str(), e["account"].as_str()),
+            (Some("keap"), Some("default"))
+        );
         assert!(e["at"].as_str().is_some_and(|t| t.ends_with('Z')), "{e}");
     }
 }
@@ -165,7 +175,11 @@ async fn each_lifecycle_step_is_recorded_newest_first_without_a_secret() {
     assert!(text.lines().count() >= 8, "{text}");
     let tokens = h.issued_tokens();
     assert!(tokens.len() >= 4, "{tokens:?}");
-    for t in tokens.iter().map(String::as_str).chain([common::CLIENT_SECRET]) {
+    for t in tokens
+        .iter()
+        .map(String::as_str)
+        .chain([common::CLIENT_SECRET])
+    {
         assert!(!text.contains(t), "a secret in the events table:\n{text}");
     }
     let (_, page) = events(&h, "?limit=1000").await;
@@ -208,15 +222,19 @@ async fn events_page_by_limit_and_before_and_unknown_connections_are_404() {
     let (_, after) = events(&h, &format!("?after={}", all[1]["id"])).await;
     assert_eq!(after["events"].as_array().unwrap()[..], all[..1]);
 
-    for bad in ["?limit=0", "?limit=1001", "?limit=x", "?before=yesterday", "?after=x"] {
+    for bad in [
+        "?limit=0",
+        "?limit=1001",
+        "?limit=x",
+        "?before=yesterday",
+        "?after=x",
+    ] {
         let (s, b) = events(&h, bad).await;
         assert_eq!(s, 400, "{bad}: {b}");
         let word = bad[1..].split('=').next().unwrap();
         assert!(b["message"].as_str().unwrap().contains(word), "{b}");
     }
-    let (s, b) = h
-        .get_json("/v1/connections/keap/nobody/events")
-        .await;
+    let (s, b) = h.get_json("/v1/connections/keap/nobody/events").await;
     assert_eq!(s, 404, "{b}");
     assert_eq!(b["error"], "unknown_connection", "{b}");
 }
@@ -234,10 +252,15 @@ async fn tokenkeeper_log_prints_the_history_oldest_first_and_as_json() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
     assert!(lines[0].contains("keap/default  authorized"), "{text}");
-    assert!(lines[1].contains("refreshed") && lines[1].ends_with(" ms"), "{text}");
+    assert!(
+        lines[1].contains("refreshed") && lines[1].ends_with(" ms"),
+        "{text}"
+    );
     assert!(lines[2].contains("rotated"), "{text}");
 
-    let out = h.cli(&["log", "keap", "default", "--json", "--limit", "2"]).await;
+    let out = h
+        .cli(&["log", "keap", "default", "--json", "--limit", "2"])
+        .await;
     common::assert_success(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     let kinds: Vec<String> = text
@@ -326,9 +349,11 @@ async fn a_refresh_whose_commit_fails_is_recorded_only_when_its_grant_lands() {
     let sim = h.sim.sim.clone();
     sim.set_token_delay(Duration::from_millis(700), DelayPhase::BeforeProcessing);
     let forced = h.spawn_post("/v1/token/keap/refresh");
-    common::eventually(Duration::from_secs(5), "the refresh call is out", || async {
-        sim.stats().refresh_calls == 1
-    })
+    common::eventually(
+        Duration::from_secs(5),
+        "the refresh call is out",
+        || async { sim.stats().refresh_calls == 1 },
+    )
     .await;
     // Another writer holds the database past the store's busy timeout: the
     // commit of the rotated pair fails, and the grant is held in memory.
@@ -347,13 +372,17 @@ async fn a_refresh_whose_commit_fails_is_recorded_only_when_its_grant_lands() {
     let (s, page) = events(&h, "").await;
     assert_eq!(s, 200, "{page}");
     assert!(
-        !kinds(&page).iter().any(|k| k == "refreshed" || k == "rotated"),
+        !kinds(&page)
+            .iter()
+            .any(|k| k == "refreshed" || k == "rotated"),
         "no refresh recorded before its grant is stored: {page}"
     );
     sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
     let _ = lock.close().await;
     common::eventually(Duration::from_secs(30), "the held grant lands", || async {
-        kinds(&events(&h, "").await.1).iter().any(|k| k == "refreshed")
+        kinds(&events(&h, "").await.1)
+            .iter()
+            .any(|k| k == "refreshed")
     })
     .await;
     let (_, page) = events(&h, "").await;

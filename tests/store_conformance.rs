@@ -10,8 +10,8 @@ use secrecy::{ExposeSecret, SecretString};
 use tokenkeeper::crypto::SealKey;
 use tokenkeeper::store::{
     Before, BeginRefresh, CommitOutcome, ConnState, EventKind, EventQuery, Fingerprint, LeaseSeen,
-    Location, NewEvent, NewGrant,
-    PendingAuthorization, PendingTake, Store, StoreError, TokenKind, FINGERPRINTS_KEPT,
+    Location, NewEvent, NewGrant, PendingAuthorization, PendingTake, Store, StoreError, TokenKind,
+    FINGERPRINTS_KEPT,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -445,10 +445,18 @@ async fn fingerprints_are_kept_in_order_and_bounded(kind: Kind) {
         .delete_connection_at(id, generation - 1, &[])
         .await
         .unwrap());
-    assert!(f.store.delete_connection_at(id, generation, &[]).await.unwrap());
+    assert!(f
+        .store
+        .delete_connection_at(id, generation, &[])
+        .await
+        .unwrap());
     assert!(f.store.load_connection(id).await.unwrap().is_none());
     assert!(f.store.fingerprints_of(id).await.unwrap().is_empty());
-    assert!(!f.store.delete_connection_at(id, generation, &[]).await.unwrap());
+    assert!(!f
+        .store
+        .delete_connection_at(id, generation, &[])
+        .await
+        .unwrap());
 }
 
 async fn a_pending_authorization_is_taken_once_by_its_browser(kind: Kind) {
@@ -701,7 +709,15 @@ async fn events_land_only_with_the_write_they_record(kind: Kind) {
     // Pages: by id and by time.
     let all = f
         .store
-        .events("keap", "default", &EventQuery { before: None, after: None, limit: 50 })
+        .events(
+            "keap",
+            "default",
+            &EventQuery {
+                before: None,
+                after: None,
+                limit: 50,
+            },
+        )
         .await
         .unwrap();
     assert_eq!(all[2].duration_ms, Some(42));
@@ -732,7 +748,15 @@ async fn events_land_only_with_the_write_they_record(kind: Kind) {
     assert_eq!(history(&f.store, None, 50).await.len(), 5);
     assert!(f
         .store
-        .events("keap", "other", &EventQuery { before: None, after: None, limit: 50 })
+        .events(
+            "keap",
+            "other",
+            &EventQuery {
+                before: None,
+                after: None,
+                limit: 50
+            }
+        )
         .await
         .unwrap()
         .is_empty());

@@ -373,7 +373,9 @@ pub async fn events(
     let axum::extract::Query(raw) = query.map_err(|_| {
         ApiError::BadRequest("the query parameters are limit, before and after".into())
     })?;
-    let q = raw.parse().map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let q = raw
+        .parse()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let known = state.engine.knows(&provider, &account);
     let page = crate::history::page(state.engine.store(), known, (&provider, &account), &q)
         .await

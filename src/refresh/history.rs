@@ -59,5 +59,7 @@ pub fn rejected(slot: &Slot, at: DateTime<Utc>, reason: &str) -> Vec<NewEvent> {
 /// the caller (a bearer check answers at once).
 pub fn record_later(shared: &Shared, events: Vec<NewEvent>) {
     let store = shared.store.clone();
-    shared.tasks.spawn(async move { store.record_events(&events).await });
+    shared
+        .tasks
+        .spawn(async move { store.record_events(&events).await });
 }

@@ -396,7 +396,17 @@ pub async fn recover_interrupted(
                 tracing::warn!(provider = %row.provider, account = %row.account, "{msg}");
                 if let Some(updated) = shared
                     .store
-                    .mark_interrupted(row.id, Some(&holder), &msg, &[NewEvent::new((&row.provider, &row.account), shared.clock().now(), EventKind::Interrupted).detail(&msg)])
+                    .mark_interrupted(
+                        row.id,
+                        Some(&holder),
+                        &msg,
+                        &[NewEvent::new(
+                            (&row.provider, &row.account),
+                            shared.clock().now(),
+                            EventKind::Interrupted,
+                        )
+                        .detail(&msg)],
+                    )
                     .await?
                 {
                     row = updated;

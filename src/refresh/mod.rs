@@ -23,8 +23,8 @@
 pub mod clock;
 pub mod engine;
 mod flight;
-mod history;
 pub mod flights;
+mod history;
 mod lease;
 pub mod owner;
 pub mod policy;

@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
 
 use super::flight::{self, commit};
+use super::history;
 use super::lease;
 use super::policy;
 use super::shared::Shared;
@@ -24,8 +25,9 @@ use super::types::{
 };
 use crate::notify::{Event, EventKind};
 use crate::provider::TokenGrant;
-use super::history;
-use crate::store::{ConnState, EventKind as HistoryKind, NewEvent, NewGrant, StoreError, TokenKind};
+use crate::store::{
+    ConnState, EventKind as HistoryKind, NewEvent, NewGrant, StoreError, TokenKind,
+};
 
 /// The slot of `provider/account`, if the provider is configured and the
 /// connection known.
@@ -276,7 +278,14 @@ pub fn refuse_refresh_token_as_bearer(shared: &Shared, token: &str) -> bool {
         .by_id(id)
         .map(|s| (s.provider.clone(), s.account.clone()))
         .unwrap_or_default();
-    history::record_later(shared, vec![NewEvent::new((&provider, &account), shared.clock().now(), HistoryKind::BearerMisuse)]);
+    history::record_later(
+        shared,
+        vec![NewEvent::new(
+            (&provider, &account),
+            shared.clock().now(),
+            HistoryKind::BearerMisuse,
+        )],
+    );
     shared.settings().notifier.emit(Event {
         event: EventKind::BearerMisuse,
         provider,
@@ -326,7 +335,17 @@ pub async fn authorized(
     let fps = shared.fingerprints(grant);
     let (row, replaced) = shared
         .store
-        .save_authorized(provider, account, &new, &fps, &[NewEvent::new((provider, account), shared.clock().now(), HistoryKind::Authorized)])
+        .save_authorized(
+            provider,
+            account,
+            &new,
+            &fps,
+            &[NewEvent::new(
+                (provider, account),
+                shared.clock().now(),
+                HistoryKind::Authorized,
+            )],
+        )
         .await?;
     shared.recognizer.add(row.id, &fps);
     shared.install(&row);

@@ -207,7 +207,15 @@ pub struct Dump {
 
 /// An `events` row as stored: `(id, provider, account, at, kind, detail,
 /// duration_ms)`.
-pub type StoredEvent = (i64, String, String, i64, String, Option<String>, Option<i64>);
+pub type StoredEvent = (
+    i64,
+    String,
+    String,
+    i64,
+    String,
+    Option<String>,
+    Option<i64>,
+);
 
 impl Dump {
     /// What differs between `self` and `other`, if anything.

@@ -49,8 +49,8 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::crypto::{self, SealKey};
 pub use codec::Codec;
-pub use events::{Before, Event, EventKind, EventQuery, NewEvent};
 use codec::{Column, SealContext};
+pub use events::{Before, Event, EventKind, EventQuery, NewEvent};
 pub use sqlite::DbLock;
 
 /// Errors of the storage layer.

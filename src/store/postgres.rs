@@ -33,9 +33,9 @@ use sqlx::{Connection, Row};
 use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PENDING_COLUMNS};
 use super::migrate::{self, Dump, MigrateError};
 use super::{
-    from_ms, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState, ConnectionRow, Fingerprint,
-    Event, EventQuery, LeaseSeen, NewEvent, NewGrant, PendingAuthorization, PendingTake, StoreError,
-    FINGERPRINTS_KEPT,
+    from_ms, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState, ConnectionRow, Event,
+    EventQuery, Fingerprint, LeaseSeen, NewEvent, NewGrant, PendingAuthorization, PendingTake,
+    StoreError, FINGERPRINTS_KEPT,
 };
 use crate::crypto::SealKey;
 

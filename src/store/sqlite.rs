@@ -26,8 +26,8 @@ use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PEND
 use super::migrate::{self, Dump, MigrateError};
 use super::{
     create_private_dir, from_ms, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState,
-    ConnectionRow, Event, EventQuery, Fingerprint, LeaseSeen, NewEvent, NewGrant, PendingAuthorization, PendingTake, StoreError,
-    BUSY_TIMEOUT, FINGERPRINTS_KEPT,
+    ConnectionRow, Event, EventQuery, Fingerprint, LeaseSeen, NewEvent, NewGrant,
+    PendingAuthorization, PendingTake, StoreError, BUSY_TIMEOUT, FINGERPRINTS_KEPT,
 };
 use crate::crypto::SealKey;
 

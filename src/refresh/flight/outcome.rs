@@ -170,7 +170,15 @@ async fn retry_later(
         "refresh failed, will retry: {message}"
     );
     slot.count_refresh("transient", None);
-    shared.store.record_events(&[history::failed(slot, shared.clock().now(), class.name(), &message)]).await;
+    shared
+        .store
+        .record_events(&[history::failed(
+            slot,
+            shared.clock().now(),
+            class.name(),
+            &message,
+        )])
+        .await;
     if p.failures == 1 {
         shared.notify(
             slot,
@@ -210,7 +218,15 @@ pub async fn refused(
         "refresh refused by the provider (the grant is kept; a reload or a forced refresh retries at once): {message}"
     );
     slot.count_refresh("refused", None);
-    shared.store.record_events(&[history::failed(slot, shared.clock().now(), "refused", &message)]).await;
+    shared
+        .store
+        .record_events(&[history::failed(
+            slot,
+            shared.clock().now(),
+            "refused",
+            &message,
+        )])
+        .await;
     if row.last_error.as_deref() != Some(message.as_str()) {
         shared.notify(slot, EventKind::RefreshFailing, message.clone());
     }

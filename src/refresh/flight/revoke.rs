@@ -106,7 +106,15 @@ pub async fn forget(
         }
         if shared
             .store
-            .delete_connection_at(row.id, row.generation, &[NewEvent::new((provider, account), shared.clock().now(), gone)])
+            .delete_connection_at(
+                row.id,
+                row.generation,
+                &[NewEvent::new(
+                    (provider, account),
+                    shared.clock().now(),
+                    gone,
+                )],
+            )
             .await?
         {
             tracing::info!(provider, account, "grant forgotten");
