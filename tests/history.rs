@@ -401,3 +401,60 @@ async fn the_same_history_is_kept_on_postgres() {
     h.start().await;
     walk_through_the_lifecycle(&h).await;
 }
+
+fn proc_value(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap().trim().to_string()
+}
+
+/// A pid that certainly does not exist now: a child that has been reaped.
+fn gone_pid() -> u32 {
+    let mut c = std::process::Command::new("true").spawn().unwrap();
+    let pid = c.id();
+    c.wait().unwrap();
+    pid
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refresh_whose_holder_died_is_recorded_as_interrupted() {
+    use std::os::unix::fs::MetadataExt;
+    let mut h = Harness::started(quiet()).await;
+    h.authorize_default().await;
+    h.stop().await;
+    // Our host, boot and PID namespace, and a pid that does not exist: a
+    // holder that certainly died mid-refresh.
+    let owner = format!(
+        "tk2;host={};boot={};pidns={};pid={};start=1;nonce=00000001",
+        proc_value("/proc/sys/kernel/hostname"),
+        proc_value("/proc/sys/kernel/random/boot_id"),
+        std::fs::metadata("/proc/self/ns/pid").unwrap().ino(),
+        gone_pid()
+    );
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut c = SqliteConnectOptions::new()
+        .filename(h.db_path())
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "UPDATE connections SET lease_owner = '{owner}', lease_until = {}, attempt_id = 'feedfacecafebeef', \
+         attempt_started_at = {now}, state = 'refreshing' WHERE provider = 'keap'",
+        now + 3_600_000
+    ))
+    .execute(&mut c)
+    .await
+    .unwrap();
+    let _ = c.close().await;
+    h.start().await;
+    common::eventually(Duration::from_secs(10), "the retry is recorded", || async {
+        kinds(&events(&h, "").await.1).first().map(String::as_str) == Some("rotated")
+    })
+    .await;
+    let (_, page) = events(&h, "").await;
+    assert_eq!(
+        kinds(&page),
+        ["rotated", "refreshed", "interrupted", "authorized"],
+        "{page}"
+    );
+    let detail = page["events"][2]["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("interrupted before its result was stored"), "{page}");
+}

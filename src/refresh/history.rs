@@ -55,6 +55,15 @@ pub fn rejected(slot: &Slot, at: DateTime<Utc>, reason: &str) -> Vec<NewEvent> {
     ]
 }
 
+/// A refresh whose holder died before storing its result, started at
+/// `started`.
+pub fn interrupted(name: (&str, &str), at: DateTime<Utc>, started: DateTime<Utc>) -> NewEvent {
+    NewEvent::new(name, at, EventKind::Interrupted).detail(format!(
+        "a refresh started at {} was interrupted before its result was stored",
+        started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    ))
+}
+
 /// Records events that go with no write of their own, without delaying
 /// the caller (a bearer check answers at once).
 pub fn record_later(shared: &Shared, events: Vec<NewEvent>) {

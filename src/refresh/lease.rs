@@ -19,15 +19,14 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::clock::LeaseWatch;
+use super::history;
 use super::owner;
 use super::shared::Shared;
 use super::slot::Slot;
 use super::snapshot::Snapshot;
 use super::types::{chrono_dur, TokenError};
 use crate::provider::Provider;
-use crate::store::{
-    BeginRefresh, ConnState, ConnectionRow, EventKind, LeaseSeen, NewEvent, StoreError,
-};
+use crate::store::{BeginRefresh, ConnState, ConnectionRow, LeaseSeen, StoreError};
 
 /// How long a refresh lease lasts without renewal. Long enough that a
 /// renewal (every third of it) surviving one slow database write keeps it;
@@ -130,6 +129,12 @@ pub async fn take(
                         "a refresh started at {} by a process that has since died or stopped renewing its lease was interrupted; took over its lease and retrying with the stored refresh token",
                         at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                     );
+                    let event = history::interrupted(
+                        (&slot.provider, &slot.account),
+                        shared.clock().now(),
+                        at,
+                    );
+                    shared.store.record_events(&[event]).await;
                 }
                 return Ok(Taken::Ours(row));
             }
@@ -400,12 +405,11 @@ pub async fn recover_interrupted(
                         row.id,
                         Some(&holder),
                         &msg,
-                        &[NewEvent::new(
+                        &[history::interrupted(
                             (&row.provider, &row.account),
                             shared.clock().now(),
-                            EventKind::Interrupted,
-                        )
-                        .detail(&msg)],
+                            started,
+                        )],
                     )
                     .await?
                 {
