@@ -792,6 +792,16 @@ async fn log(
 ) -> Result<(), CliError> {
     // Polls ask for the most a page holds, so that a burst between two
     // polls is shown whole.
+    // Installed before the first line is printed, so that a Ctrl-C at any
+    // moment of a follow ends it cleanly rather than killing it.
+    let mut interrupt = if follow {
+        Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .map_err(|e| runtime(format!("cannot watch for Ctrl-C ({e})")))?,
+        )
+    } else {
+        None
+    };
     let segments = ["v1", "connections", p, a, "events"];
     let page = |after: Option<i64>| {
         let limit = if after.is_some() {
@@ -821,12 +831,12 @@ async fn log(
             }
             last = Some(e.id);
         }
-        if !follow {
+        let Some(interrupt) = interrupt.as_mut() else {
             return Ok(());
-        }
+        };
         tokio::select! {
             () = tokio::time::sleep(FOLLOW_EVERY) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
         }
         if last.is_none() {
             last = Some(0);

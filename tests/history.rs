@@ -456,5 +456,52 @@ async fn a_refresh_whose_holder_died_is_recorded_as_interrupted() {
         "{page}"
     );
     let detail = page["events"][2]["detail"].as_str().unwrap_or_default();
-    assert!(detail.contains("interrupted before its result was stored"), "{page}");
+    assert!(
+        detail.contains("interrupted before its result was stored"),
+        "{page}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_storage_copies_the_history() {
+    let mut h = Harness::started(quiet()).await;
+    h.authorize_default().await;
+    let (s, b) = h.force_refresh().await;
+    assert_eq!(s, 200, "{b}");
+    h.stop().await;
+    let target = h.dir.path().join("copy.db");
+    let out = h
+        .cli(&["migrate-storage", "--to", target.to_str().unwrap()])
+        .await;
+    common::assert_success(&out);
+    let copied = stored_events_text(&target).await;
+    assert_eq!(copied, stored_events_text(&h.db_path()).await);
+    assert_eq!(copied.lines().count(), 3, "{copied}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokenkeeper_log_follow_ends_cleanly_on_ctrl_c() {
+    let h = Harness::started(quiet()).await;
+    h.authorize_default().await;
+    let mut child = tokio::process::Command::new(common::BIN)
+        .args(["log", "keap", "--follow", "--config"])
+        .arg(&h.config_path)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let first = lines.next_line().await.unwrap().unwrap();
+    assert!(first.contains("authorized"), "{first}");
+    let pid = child.id().expect("running") as i32;
+    // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
+    unsafe {
+        libc::kill(pid, libc::SIGINT);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("log --follow ends on Ctrl-C")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
 }
