@@ -26,6 +26,10 @@
 //! [`BeginRefresh::Unreadable`] without taking a lease; only a new
 //! authorization or a forget rewrites or removes it.
 //!
+//! The history of connections ([`events`]) is written by the backends
+//! inside the transaction of the write it records, and only if that write
+//! lands.
+//!
 //! Instants are stored as UTC milliseconds in every backend, so values
 //! (sealed tokens included) copy between backends unchanged
 //! ([`migrate`]).
