@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, Config};
 use crate::dev::{Simulator, SimulatorConfig};
 use crate::http::answers::{
-    rfc3339_secs, ConnectionJson, ConnectionsBody, ErrorBody, ImportBody, InspectBody, LinkBody,
-    PasteFinishBody, PasteStartBody, TokenBody,
+    rfc3339_secs, ConnectionJson, ConnectionsBody, ErrorBody, EventJson, EventsBody, ImportBody,
+    InspectBody, LinkBody, PasteFinishBody, PasteStartBody, TokenBody,
 };
 use crate::http::api::DEFAULT_ACCOUNT;
 use crate::http::pages::relative;
@@ -120,6 +120,20 @@ pub enum Command {
         /// Forget the grant here only, without revoking it at the provider (it stays valid there).
         #[arg(long)]
         local: bool,
+    },
+    /// Show a connection's history (SPEC 13), oldest first: authorizations, refreshes with their duration, failures with their reason, rotations, revocations. Never a token.
+    Log {
+        provider: String,
+        account: Option<String>,
+        /// Keep printing new events as they happen (polls every second; Ctrl-C ends).
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line (the fields of GET /v1/connections/{provider}/{account}/events).
+        #[arg(long)]
+        json: bool,
+        /// How many of the latest events to show first (1 to 1000).
+        #[arg(long, default_value_t = crate::history::DEFAULT_LIMIT, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::history::MAX_LIMIT)))]
+        limit: u32,
     },
     /// Validate the config: exit 0, or print every problem with its key and line and exit 2.
     CheckConfig,
@@ -611,6 +625,9 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
         }
         | Command::Import {
             provider, account, ..
+        }
+        | Command::Log {
+            provider, account, ..
         } => Some(names(provider, account)?),
         _ => None,
     };
@@ -765,6 +782,14 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
                 .await?;
             outln(&answer.message, Output::Report)?;
         }
+        Command::Log {
+            follow,
+            json,
+            limit,
+            ..
+        } => {
+            log(&daemon, (p, a), *limit, *follow, *json).await?;
+        }
         Command::Serve { .. }
         | Command::CheckConfig
         | Command::Rekey { .. }
@@ -773,6 +798,91 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// How often `tokenkeeper log --follow` asks for new events.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
+/// `tokenkeeper log`: the latest `limit` events oldest first, then, with
+/// `follow`, each newer one as it appears, until Ctrl-C or the reader of
+/// standard output goes away (both end it cleanly).
+async fn log(
+    daemon: &Daemon,
+    (p, a): (&str, &str),
+    limit: u32,
+    follow: bool,
+    json: bool,
+) -> Result<(), CliError> {
+    // Polls ask for the most a page holds, so that a burst between two
+    // polls is shown whole.
+    // Installed before the first line is printed, so that a Ctrl-C at any
+    // moment of a follow ends it cleanly rather than killing it.
+    let mut interrupt = if follow {
+        Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .map_err(|e| runtime(format!("cannot watch for Ctrl-C ({e})")))?,
+        )
+    } else {
+        None
+    };
+    let segments = ["v1", "connections", p, a, "events"];
+    let page = |after: Option<i64>| {
+        let limit = if after.is_some() {
+            crate::history::MAX_LIMIT
+        } else {
+            limit
+        };
+        let mut query = vec![("limit", limit.to_string())];
+        if let Some(id) = after {
+            query.push(("after", id.to_string()));
+        }
+        daemon.get_query::<EventsBody>(&segments, query)
+    };
+    let mut last = None;
+    loop {
+        let body = page(last).await?;
+        // Newest first on the wire; a log reads oldest first.
+        for e in body.events.iter().rev() {
+            let line = if json {
+                serde_json::to_string(e).unwrap_or_default()
+            } else {
+                event_line(e)
+            };
+            match outln(line, Output::Report) {
+                Err(e) if e.code == 0 => return Ok(()),
+                other => other?,
+            }
+            last = Some(e.id);
+        }
+        let Some(interrupt) = interrupt.as_mut() else {
+            return Ok(());
+        };
+        tokio::select! {
+            () = tokio::time::sleep(FOLLOW_EVERY) => {}
+            _ = interrupt.recv() => return Ok(()),
+        }
+        if last.is_none() {
+            last = Some(0);
+        }
+    }
+}
+
+/// One event as a log line: time, kind, duration, detail.
+fn event_line(e: &EventJson) -> String {
+    let mut line = format!(
+        "{}  {}/{}  {}",
+        e.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        e.provider,
+        e.account,
+        e.kind
+    );
+    if let Some(ms) = e.duration_ms {
+        line.push_str(&format!("  {ms} ms"));
+    }
+    if let Some(d) = &e.detail {
+        line.push_str(&format!("  {d}"));
+    }
+    line
 }
 
 /// A running daemon as client commands talk to it: its HTTP API, read
@@ -838,6 +948,24 @@ impl Daemon {
         let url = self.endpoint(segments)?;
         let what = format!("{method} {}", url.path());
         let bytes = self.send(method, url, body).await?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            runtime(format!(
+                "the daemon at {} answered {what} with a body this tokenkeeper cannot read ({e}); check that --url or server.listen points at a tokenkeeper daemon, and that it runs the same version as this command",
+                self.base
+            ))
+        })
+    }
+
+    /// `GET segments?query` read as a `T` (see [`Daemon::call`]).
+    async fn get_query<T: serde::de::DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        query: Vec<(&str, String)>,
+    ) -> Result<T, CliError> {
+        let mut url = self.endpoint(segments)?;
+        url.query_pairs_mut().extend_pairs(query);
+        let what = format!("GET {}", url.path());
+        let bytes = self.send(reqwest::Method::GET, url, None).await?;
         serde_json::from_slice(&bytes).map_err(|e| {
             runtime(format!(
                 "the daemon at {} answered {what} with a body this tokenkeeper cannot read ({e}); check that --url or server.listen points at a tokenkeeper daemon, and that it runs the same version as this command",

@@ -93,7 +93,14 @@ pub struct StorageConfig {
     /// password.
     pub url: Option<SecretString>,
     pub encryption_key_file: Option<PathBuf>,
+    /// `storage.history`: how long history events are kept (SPEC 13).
+    pub history: Duration,
 }
+
+/// Default of `storage.history`: a quarter of a year, enough to answer
+/// "what happened last month" without the table growing forever (a few
+/// events a day per connection).
+pub const DEFAULT_HISTORY: Duration = Duration::from_secs(90 * 86400);
 
 impl StorageConfig {
     /// Where the grants live: PostgreSQL when a URL is set, else SQLite.
@@ -1021,7 +1028,11 @@ impl<'a> Reader<'a> {
 
     fn storage(&mut self, t: &Table<'_>) -> StorageConfig {
         let p = "storage";
-        self.check_keys(t, p, &["path", "url", "url_file", "encryption_key_file"]);
+        self.check_keys(
+            t,
+            p,
+            &["path", "url", "url_file", "encryption_key_file", "history"],
+        );
         let path_given = self.path_value(t, "path", p);
         let url = self.storage_url(t, p);
         if let (Some(_), Some((_, key, span))) = (&path_given, &url) {
@@ -1035,10 +1046,23 @@ impl<'a> Reader<'a> {
         }
         let path = path_given.map(|(p, _)| p).unwrap_or_else(default_db_path);
         let encryption_key_file = self.file_value(t, "encryption_key_file", p);
+        let history = match self.duration(t, "history", p) {
+            Some(d) if d.is_zero() => {
+                self.problem(
+                    "storage.history",
+                    None,
+                    "must be longer than 0s, e.g. \"90d\"",
+                );
+                DEFAULT_HISTORY
+            }
+            Some(d) => d,
+            None => DEFAULT_HISTORY,
+        };
         StorageConfig {
             path,
             url: url.map(|(u, _, _)| u),
             encryption_key_file,
+            history,
         }
     }
 

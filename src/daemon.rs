@@ -288,6 +288,11 @@ impl App {
         let background = tokio_util::task::TaskTracker::new();
         background.spawn(systemd::watchdog(engine.clone(), shutdown.clone()));
         background.spawn(reload_on_sighup(reload, reload_from, shutdown.clone()));
+        background.spawn(crate::history::purge_loop(
+            store.clone(),
+            config.storage.history,
+            shutdown.clone(),
+        ));
         let stop_notice = shutdown.clone();
         let budget = stop_budget(&config);
         background.spawn(async move {

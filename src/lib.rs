@@ -33,6 +33,9 @@
 //!   `auth` and `login` (site checks, API keys, browser login links),
 //!   `server` (connections: timeouts, cap, drain), `error` (the one error
 //!   enum).
+//! - [`history`]: reading the history of connections (SPEC 13) in pages,
+//!   and its retention purge (`storage.history`); the engine records the
+//!   events (`refresh::history`), the store keeps them (`store::events`).
 //! - [`metrics`]: Prometheus names, the recorder, scrape-time gauges.
 //! - [`notify`]: operator notifications (command, webhook), never blocking.
 //! - [`ratelimit`]: client-side rate limits per provider and tenant (GCRA
@@ -56,6 +59,7 @@ pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod dev;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod notify;

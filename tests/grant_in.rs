@@ -138,6 +138,17 @@ async fn import_adopts_a_grant_and_kills_the_other_copy() {
     // The daemon keeps the grant alive with the rotated token.
     let (s, b) = h.force_refresh().await;
     assert_eq!(s, 200, "{b}");
+    // The history says where the grant came from.
+    let (s, events) = h.get_json("/v1/connections/keap/default/events").await;
+    assert_eq!(s, 200, "{events}");
+    let kinds: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert_eq!(kinds.last(), Some(&"imported"), "{events}");
+    assert!(!kinds.contains(&"authorized"), "{events}");
     // No token in the daemon's log, at trace level, whatever it saw.
     let log = h.log();
     assert!(log.contains("grant imported"), "the log is at trace level");

@@ -726,6 +726,7 @@ async fn once_shutdown_begins_no_new_refresh_starts() {
                     expires_at: now - chrono::Duration::hours(1),
                 },
                 &[],
+                &[],
             )
             .await
             .unwrap();

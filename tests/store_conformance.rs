@@ -9,8 +9,9 @@ use chrono::{Duration, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use tokenkeeper::crypto::SealKey;
 use tokenkeeper::store::{
-    BeginRefresh, CommitOutcome, ConnState, Fingerprint, LeaseSeen, Location, NewGrant,
-    PendingAuthorization, PendingTake, Store, StoreError, TokenKind, FINGERPRINTS_KEPT,
+    Before, BeginRefresh, CommitOutcome, ConnState, EventKind, EventQuery, Fingerprint, LeaseSeen,
+    Location, NewEvent, NewGrant, PendingAuthorization, PendingTake, Store, StoreError, TokenKind,
+    FINGERPRINTS_KEPT,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -93,6 +94,7 @@ async fn authorize(store: &Store, n: &str) -> (i64, i64) {
                 expires_at: now + Duration::hours(1),
             },
             &[],
+            &[],
         )
         .await
         .unwrap();
@@ -151,6 +153,7 @@ async fn commit(
                 expires_at: now + Duration::hours(1),
             },
             &[fp(TokenKind::Access, 7)],
+            &[],
         )
         .await
         .unwrap()
@@ -329,7 +332,7 @@ async fn a_refresh_superseded_by_a_new_authorization_writes_nothing(kind: Kind) 
     ));
     assert!(f
         .store
-        .reject_attempt(id, ("a", "a2"), generation, "rejected", 1)
+        .reject_attempt(id, ("a", "a2"), generation, "rejected", 1, &[])
         .await
         .unwrap()
         .is_none());
@@ -410,6 +413,7 @@ async fn fingerprints_are_kept_in_order_and_bounded(kind: Kind) {
                     expires_at: now + Duration::hours(1),
                 },
                 &[fp(TokenKind::Refresh, n as u8)],
+                &[],
             )
             .await
             .unwrap()
@@ -438,13 +442,21 @@ async fn fingerprints_are_kept_in_order_and_bounded(kind: Kind) {
     // Forgetting the connection (at its generation) forgets its fingerprints.
     assert!(!f
         .store
-        .delete_connection_at(id, generation - 1)
+        .delete_connection_at(id, generation - 1, &[])
         .await
         .unwrap());
-    assert!(f.store.delete_connection_at(id, generation).await.unwrap());
+    assert!(f
+        .store
+        .delete_connection_at(id, generation, &[])
+        .await
+        .unwrap());
     assert!(f.store.load_connection(id).await.unwrap().is_none());
     assert!(f.store.fingerprints_of(id).await.unwrap().is_empty());
-    assert!(!f.store.delete_connection_at(id, generation).await.unwrap());
+    assert!(!f
+        .store
+        .delete_connection_at(id, generation, &[])
+        .await
+        .unwrap());
 }
 
 async fn a_pending_authorization_is_taken_once_by_its_browser(kind: Kind) {
@@ -565,6 +577,191 @@ async fn heartbeats_count_the_other_daemons(kind: Kind) {
     f.store.ping().await.unwrap();
 }
 
+/// A grant of keap/default as `save_authorized` and `commit_refresh` take it.
+fn grant<'a>(access: &'a SecretString, refresh: &'a SecretString) -> NewGrant<'a> {
+    let now = Utc::now();
+    NewGrant {
+        access_token: access,
+        refresh_token: Some(refresh),
+        token_type: "Bearer",
+        scope: None,
+        issued_at: now,
+        expires_at: now + Duration::hours(1),
+    }
+}
+
+fn event(kind: EventKind) -> NewEvent {
+    NewEvent::new(("keap", "default"), Utc::now(), kind)
+}
+
+async fn history(store: &Store, before: Option<Before>, limit: u32) -> Vec<EventKind> {
+    let q = EventQuery {
+        before,
+        after: None,
+        limit,
+    };
+    store
+        .events("keap", "default", &q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect()
+}
+
+async fn events_land_only_with_the_write_they_record(kind: Kind) {
+    let Some(f) = Fixture::new(kind, "events_with_writes", None).await else {
+        return;
+    };
+    let (access, refresh) = (
+        SecretString::from("access-e".to_owned()),
+        SecretString::from("refresh-e".to_owned()),
+    );
+    let g = grant(&access, &refresh);
+    let (row, _) = f
+        .store
+        .save_authorized("keap", "default", &g, &[], &[event(EventKind::Authorized)])
+        .await
+        .unwrap();
+    let id = row.id;
+    // A refresh read the grant, then a new authorization replaced it: the
+    // late commit writes neither the grant nor its events.
+    let BeginRefresh::Started(read) = begin(&f.store, id, "a", "a1").await else {
+        panic!("lease");
+    };
+    f.store
+        .save_authorized("keap", "default", &g, &[], &[event(EventKind::Authorized)])
+        .await
+        .unwrap();
+    let late = f
+        .store
+        .commit_refresh(
+            id,
+            ("keap", "default"),
+            "a",
+            "a1",
+            read.generation,
+            &g,
+            &[],
+            &[event(EventKind::Refreshed)],
+        )
+        .await
+        .unwrap();
+    assert!(matches!(late, CommitOutcome::Superseded(_)));
+    // A commit that lands brings its events.
+    let BeginRefresh::Started(read) = begin(&f.store, id, "a", "a2").await else {
+        panic!("lease");
+    };
+    let landed = f
+        .store
+        .commit_refresh(
+            id,
+            ("keap", "default"),
+            "a",
+            "a2",
+            read.generation,
+            &g,
+            &[],
+            &[
+                event(EventKind::Refreshed).took(std::time::Duration::from_millis(42)),
+                event(EventKind::Rotated),
+            ],
+        )
+        .await
+        .unwrap();
+    let CommitOutcome::Committed { row, .. } = landed else {
+        panic!("commit");
+    };
+    // A rejection of a grant that has moved on is not recorded.
+    let BeginRefresh::Started(_) = begin(&f.store, id, "a", "a3").await else {
+        panic!("lease");
+    };
+    assert!(f
+        .store
+        .reject_attempt(
+            id,
+            ("a", "a3"),
+            row.generation - 1,
+            "rejected",
+            1,
+            &[event(EventKind::AuthorizationRequired)]
+        )
+        .await
+        .unwrap()
+        .is_none());
+    // Neither is a forget of a grant that has moved on; one that lands is,
+    // and the history outlives the connection.
+    assert!(!f
+        .store
+        .delete_connection_at(id, row.generation - 1, &[event(EventKind::Forgotten)])
+        .await
+        .unwrap());
+    assert!(f
+        .store
+        .delete_connection_at(id, row.generation, &[event(EventKind::Revoked)])
+        .await
+        .unwrap());
+    use EventKind::*;
+    assert_eq!(
+        history(&f.store, None, 50).await,
+        [Revoked, Rotated, Refreshed, Authorized, Authorized]
+    );
+    // Pages: by id and by time.
+    let all = f
+        .store
+        .events(
+            "keap",
+            "default",
+            &EventQuery {
+                before: None,
+                after: None,
+                limit: 50,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(all[2].duration_ms, Some(42));
+    assert_eq!(all[0].duration_ms, None);
+    assert_eq!(history(&f.store, None, 2).await, [Revoked, Rotated]);
+    assert_eq!(
+        history(&f.store, Some(Before::Id(all[1].id)), 2).await,
+        [Refreshed, Authorized]
+    );
+    assert_eq!(
+        history(&f.store, Some(Before::Time(all[4].at)), 50).await,
+        []
+    );
+    // Events alone; the purge takes only what is older than the cutoff.
+    let old = NewEvent::new(
+        ("keap", "default"),
+        Utc::now() - Duration::days(100),
+        EventKind::BearerMisuse,
+    );
+    f.store.record_events(&[old]).await;
+    assert_eq!(history(&f.store, None, 50).await.len(), 6);
+    let purged = f
+        .store
+        .purge_events(Utc::now() - Duration::days(90))
+        .await
+        .unwrap();
+    assert_eq!(purged, 1);
+    assert_eq!(history(&f.store, None, 50).await.len(), 5);
+    assert!(f
+        .store
+        .events(
+            "keap",
+            "other",
+            &EventQuery {
+                before: None,
+                after: None,
+                limit: 50
+            }
+        )
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 /// One `#[tokio::test]` per contract test and backend.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -597,4 +794,5 @@ conformance!(
     a_pending_authorization_is_taken_once_by_its_browser,
     sealed_values_are_bound_to_their_place_and_key,
     heartbeats_count_the_other_daemons,
+    events_land_only_with_the_write_they_record,
 );

@@ -55,6 +55,7 @@ pub fn config(listen: SocketAddr, db_path: PathBuf, client_secret: &str) -> Conf
             path: db_path,
             url: None,
             encryption_key_file: None,
+            history: crate::config::DEFAULT_HISTORY,
         },
         refresh: RefreshConfig::default(),
         providers,

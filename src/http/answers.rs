@@ -14,7 +14,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::store::ConnState;
+use crate::store::{ConnState, Event};
 
 // The server writes this by hand on the hot path (`api::write_token_json`,
 // compared byte for byte with this type's serde output); the CLI reads it.
@@ -33,6 +33,51 @@ pub struct TokenBody {
     pub expires_in: i64,
     pub provider: String,
     pub account: String,
+}
+
+/// SPEC 13: `GET /v1/connections/{provider}/{account}/events`, newest
+/// first.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EventsBody {
+    pub events: Vec<EventJson>,
+}
+
+/// One event of a connection's history. Never holds a secret.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EventJson {
+    /// Increasing in the order events were recorded: pass the last one
+    /// seen as `before` for the next (older) page, or as `after` to see
+    /// only newer ones.
+    pub id: i64,
+    pub provider: String,
+    pub account: String,
+    /// When it happened, RFC 3339 UTC to the millisecond.
+    #[schema(value_type = String)]
+    pub at: DateTime<Utc>,
+    /// authorized, imported, refreshed, refresh_failed, rotated,
+    /// authorization_required, revoked, forgotten, bearer_misuse or
+    /// interrupted (kept as text, so a newer daemon's kinds still read).
+    pub kind: String,
+    /// A reason (a failure's class and cause), without secrets.
+    #[serde(default)]
+    pub detail: Option<String>,
+    /// How long it took (a refresh's round trip), in milliseconds.
+    #[serde(default)]
+    pub duration_ms: Option<i64>,
+}
+
+impl From<Event> for EventJson {
+    fn from(e: Event) -> EventJson {
+        EventJson {
+            id: e.id,
+            provider: e.provider,
+            account: e.account,
+            at: e.at,
+            kind: e.kind.as_str().to_owned(),
+            detail: e.detail,
+            duration_ms: e.duration_ms,
+        }
+    }
 }
 
 /// SPEC 4: `GET /v1/connections`.

@@ -7,7 +7,9 @@ use axum::Json;
 use chrono::{SecondsFormat, Utc};
 use secrecy::ExposeSecret;
 
-pub use super::answers::{ConnectionJson, ConnectionsBody, InspectBody, TokenBody};
+pub use super::answers::{
+    ConnectionJson, ConnectionsBody, EventJson, EventsBody, InspectBody, TokenBody,
+};
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::config::{valid_account, valid_name};
@@ -348,6 +350,46 @@ pub async fn delete_connection(
     } else {
         Err(ApiError::UnknownConnection { provider, account })
     }
+}
+
+#[utoipa::path(get, path = "/v1/connections/{provider}/{account}/events", summary = "The history of a connection, newest first", params(("provider" = String, Path, description = "provider name", example = "demo"), ("account" = String, Path, description = "account name", example = "default"), ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "events per page, 1 to 1000 (default 50)", example = 50), ("before" = Option<String>, Query, description = "only older events: an event id, or an RFC 3339 instant", example = "2026-01-02T03:04:05Z"), ("after" = Option<i64>, Query, description = "only events with a larger id than this one", example = 0)), responses(
+        (status = 200, description = "a page of events, newest first", body = EventsBody),
+        (status = 400, description = "malformed name or query", body = crate::http::error::ErrorBody),
+        (status = 401, description = "a bearer credential was presented and is wrong (SPEC 5)", body = crate::http::error::ErrorBody),
+        (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
+        (status = 404, description = "unknown_connection: not held and without history", body = crate::http::error::ErrorBody),
+        (status = 500, description = "internal: the database failed", body = crate::http::error::ErrorBody)
+    ))]
+/// `GET /v1/connections/{provider}/{account}/events`.
+pub async fn events(
+    State(state): State<AppState>,
+    Path((provider, account)): Path<(String, String)>,
+    query: Result<
+        axum::extract::Query<crate::history::RawQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<Response, ApiError> {
+    check_names(&provider, &account)?;
+    let axum::extract::Query(raw) = query.map_err(|_| {
+        ApiError::BadRequest("the query parameters are limit, before and after".into())
+    })?;
+    let q = raw
+        .parse()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let known = state.engine.knows(&provider, &account);
+    let page = crate::history::page(state.engine.store(), known, (&provider, &account), &q)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let Some(events) = page else {
+        return Err(ApiError::UnknownConnection { provider, account });
+    };
+    let body = EventsBody {
+        events: events.into_iter().map(EventJson::from).collect(),
+    };
+    let mut r = Json(body).into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(r)
 }
 
 #[utoipa::path(get, path = "/healthz", summary = "Liveness", responses(

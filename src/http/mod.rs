@@ -125,6 +125,10 @@ pub fn router(state: AppState, extra: Option<Router>) -> App {
             post(grant_in::paste_finish).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
         )
         .route(
+            "/v1/connections/{provider}/{account}/events",
+            get(api::events),
+        )
+        .route(
             "/v1/inspect",
             post(api::inspect).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
         )

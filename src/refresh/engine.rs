@@ -293,6 +293,11 @@ impl Engine {
         registry::force_refresh(&self.inner, provider, account).await
     }
 
+    /// Whether `provider`/`account` is a connection held now.
+    pub fn knows(&self, provider: &str, account: &str) -> bool {
+        self.inner.slots.get(provider, account).is_some()
+    }
+
     /// Every known connection of a configured provider, for reports.
     pub fn report(&self) -> Vec<ConnectionReport> {
         registry::report(&self.inner)

@@ -219,6 +219,7 @@ pub async fn import(
         provider,
         account,
         &grant,
+        crate::store::EventKind::Imported,
         "imported from another program; that program's copy of the refresh token must no longer be used",
     )
     .await?;

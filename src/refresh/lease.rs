@@ -19,6 +19,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::clock::LeaseWatch;
+use super::history;
 use super::owner;
 use super::shared::Shared;
 use super::slot::Slot;
@@ -128,6 +129,12 @@ pub async fn take(
                         "a refresh started at {} by a process that has since died or stopped renewing its lease was interrupted; took over its lease and retrying with the stored refresh token",
                         at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                     );
+                    let event = history::interrupted(
+                        (&slot.provider, &slot.account),
+                        shared.clock().now(),
+                        at,
+                    );
+                    shared.store.record_events(&[event]).await;
                 }
                 return Ok(Taken::Ours(row));
             }
@@ -394,7 +401,16 @@ pub async fn recover_interrupted(
                 tracing::warn!(provider = %row.provider, account = %row.account, "{msg}");
                 if let Some(updated) = shared
                     .store
-                    .mark_interrupted(row.id, Some(&holder), &msg)
+                    .mark_interrupted(
+                        row.id,
+                        Some(&holder),
+                        &msg,
+                        &[history::interrupted(
+                            (&row.provider, &row.account),
+                            shared.clock().now(),
+                            started,
+                        )],
+                    )
                     .await?
                 {
                     row = updated;

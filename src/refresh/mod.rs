@@ -29,6 +29,7 @@ mod due;
 pub mod engine;
 mod flight;
 pub mod flights;
+mod history;
 pub mod import;
 mod lease;
 pub mod owner;

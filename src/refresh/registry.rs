@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
 
 use super::flight::{self, commit};
+use super::history;
 use super::lease;
 use super::policy;
 use super::shared::Shared;
@@ -24,7 +25,9 @@ use super::types::{
 };
 use crate::notify::{Event, EventKind};
 use crate::provider::TokenGrant;
-use crate::store::{ConnState, NewGrant, StoreError, TokenKind};
+use crate::store::{
+    ConnState, EventKind as HistoryKind, NewEvent, NewGrant, StoreError, TokenKind,
+};
 
 /// The slot of `provider/account`, if the provider is configured and the
 /// connection known.
@@ -292,6 +295,14 @@ pub fn refuse_refresh_token_as_bearer(shared: &Shared, token: &str) -> bool {
         .by_id(id)
         .map(|s| (s.provider.clone(), s.account.clone()))
         .unwrap_or_default();
+    history::record_later(
+        shared,
+        vec![NewEvent::new(
+            (&provider, &account),
+            shared.clock().now(),
+            HistoryKind::BearerMisuse,
+        )],
+    );
     shared.settings().notifier.emit(Event {
         event: EventKind::BearerMisuse,
         provider,
@@ -342,19 +353,22 @@ pub async fn authorized(
         provider,
         account,
         grant,
+        HistoryKind::Authorized,
         "authorized in the browser; the grant is stored",
     )
     .await
 }
 
 /// Where every new grant lands (a browser or pasted authorization, an
-/// import): stored, served, and the grant it replaced revoked; `how` is
-/// the `authorized` notification's message.
+/// import): stored with its history event `kind` in the same transaction,
+/// served, and the grant it replaced revoked; `how` is the `authorized`
+/// notification's message.
 pub(super) async fn land(
     shared: &Shared,
     provider: &str,
     account: &str,
     grant: &TokenGrant,
+    kind: HistoryKind,
     how: &str,
 ) -> Result<(), StoreError> {
     let new = NewGrant {
@@ -368,7 +382,17 @@ pub(super) async fn land(
     let fps = shared.fingerprints(grant);
     let (row, replaced) = shared
         .store
-        .save_authorized(provider, account, &new, &fps)
+        .save_authorized(
+            provider,
+            account,
+            &new,
+            &fps,
+            &[NewEvent::new(
+                (provider, account),
+                shared.clock().now(),
+                kind,
+            )],
+        )
         .await?;
     shared.recognizer.add(row.id, &fps);
     shared.install(&row);

@@ -31,6 +31,8 @@ pub struct PendingCommit {
     pub fps: Vec<Fingerprint>,
     /// When the provider's answer arrived, on both clocks.
     pub anchor: Anchor,
+    /// The history events the commit records with the grant.
+    pub events: Vec<crate::store::NewEvent>,
 }
 
 /// One connection's in-memory state.

@@ -30,7 +30,8 @@ pub enum MigrateError {
 }
 
 /// The tables a dump covers, children first (the order to empty them in).
-pub const TABLES: [&str; 6] = [
+pub const TABLES: [&str; 7] = [
+    "events",
     "token_fingerprints",
     "pending_authorizations",
     "connections",
@@ -199,7 +200,22 @@ pub struct Dump {
     /// Discovery documents kept per issuer: `(issuer, document,
     /// fetched_at)`, so the target starts without network too.
     pub discovery: Vec<(String, String, i64)>,
+    /// The history (`events`), as stored: `(id, provider, account, at,
+    /// kind, detail, duration_ms)`, by id.
+    pub events: Vec<StoredEvent>,
 }
+
+/// An `events` row as stored: `(id, provider, account, at, kind, detail,
+/// duration_ms)`.
+pub type StoredEvent = (
+    i64,
+    String,
+    String,
+    i64,
+    String,
+    Option<String>,
+    Option<i64>,
+);
 
 impl Dump {
     /// What differs between `self` and `other`, if anything.
@@ -236,6 +252,9 @@ impl Dump {
         }
         if self.discovery != other.discovery {
             return Some("the kept discovery documents differ".into());
+        }
+        if self.events != other.events {
+            return Some("the history (events) differs".into());
         }
         None
     }
@@ -322,6 +341,22 @@ macro_rules! dump_sql {
                     sqlx::Row::try_get(&r, "issuer")?,
                     sqlx::Row::try_get(&r, "document")?,
                     sqlx::Row::try_get(&r, "fetched_at")?,
+                ));
+            }
+            for r in sqlx::query(
+                "SELECT id, provider, account, at, kind, detail, duration_ms FROM events ORDER BY id",
+            )
+            .fetch_all(&mut *tx)
+            .await?
+            {
+                dump.events.push((
+                    sqlx::Row::try_get(&r, "id")?,
+                    sqlx::Row::try_get(&r, "provider")?,
+                    sqlx::Row::try_get(&r, "account")?,
+                    sqlx::Row::try_get(&r, "at")?,
+                    sqlx::Row::try_get(&r, "kind")?,
+                    sqlx::Row::try_get(&r, "detail")?,
+                    sqlx::Row::try_get(&r, "duration_ms")?,
                 ));
             }
             Ok(dump)
@@ -438,6 +473,22 @@ macro_rules! dump_sql {
                     .bind(issuer.clone())
                     .bind(document.clone())
                     .bind(*fetched_at)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let insert = format!(
+                "INSERT INTO events (id, provider, account, at, kind, detail, duration_ms) VALUES ({})",
+                values(7, $sigil)
+            );
+            for (id, provider, account, at, kind, detail, duration_ms) in &dump.events {
+                sqlx::query(&insert)
+                    .bind(*id)
+                    .bind(provider.clone())
+                    .bind(account.clone())
+                    .bind(*at)
+                    .bind(kind.clone())
+                    .bind(detail.clone())
+                    .bind(*duration_ms)
                     .execute(&mut *tx)
                     .await?;
             }

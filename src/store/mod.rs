@@ -26,6 +26,10 @@
 //! [`BeginRefresh::Unreadable`] without taking a lease; only a new
 //! authorization or a forget rewrites or removes it.
 //!
+//! The history of connections ([`events`]) is written by the backends
+//! inside the transaction of the write it records, and only if that write
+//! lands.
+//!
 //! Instants are stored as UTC milliseconds in every backend, so values
 //! (sealed tokens included) copy between backends unchanged
 //! ([`migrate`]).
@@ -35,6 +39,7 @@
 //! it could not open.
 
 pub mod codec;
+pub mod events;
 pub mod migrate;
 pub mod postgres;
 pub mod sqlite;
@@ -49,6 +54,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::crypto::{self, SealKey};
 pub use codec::Codec;
 use codec::{Column, SealContext};
+pub use events::{Before, Event, EventKind, EventQuery, NewEvent};
 pub use sqlite::DbLock;
 
 /// Errors of the storage layer.
@@ -477,6 +483,7 @@ pub trait Backend {
         account: &str,
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
+        events: &[NewEvent],
     ) -> Result<(ConnectionRow, Option<SecretString>), StoreError>;
 
     /// The lease and the journal in one atomic step: takes the refresh
@@ -536,6 +543,7 @@ pub trait Backend {
         base_generation: i64,
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
+        events: &[NewEvent],
     ) -> Result<CommitOutcome, StoreError>;
 
     /// Ends an attempt without a new grant (state, error, failures, next
@@ -564,6 +572,7 @@ pub trait Backend {
         generation: i64,
         reason: &str,
         failures: u32,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError>;
 
     /// Clears the lease of a holder the engine judged dead
@@ -575,6 +584,7 @@ pub trait Backend {
         id: i64,
         dead_owner: Option<&str>,
         message: &str,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError>;
 
     /// Records that `owner` is alive at `now`, drops entries older than
@@ -601,11 +611,31 @@ pub trait Backend {
         &self,
         provider: &str,
         account: &str,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError>;
 
     /// Forgets connection `id` (and its fingerprints) only if its grant is
     /// still `generation`; `false` if a newer grant was stored or it is gone.
-    async fn delete_connection_at(&self, id: i64, generation: i64) -> Result<bool, StoreError>;
+    async fn delete_connection_at(
+        &self,
+        id: i64,
+        generation: i64,
+        events: &[NewEvent],
+    ) -> Result<bool, StoreError>;
+
+    /// Inserts events that record no change of their own (see [`events`]).
+    async fn record_events(&self, events: &[NewEvent]) -> Result<(), StoreError>;
+
+    /// One page of the events of `provider`/`account`, newest first.
+    async fn events(
+        &self,
+        provider: &str,
+        account: &str,
+        q: &EventQuery,
+    ) -> Result<Vec<Event>, StoreError>;
+
+    /// Deletes the events that happened before `before`; how many.
+    async fn purge_events(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
 
     /// Everything `migrate-storage` copies, exactly as stored (sealed
     /// values stay sealed: their binding names no backend).
@@ -932,8 +962,9 @@ impl Store {
         account: &str,
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
+        events: &[NewEvent],
     ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
-        on_backend!(self, b => b.save_authorized(provider, account, g, fps).await)
+        on_backend!(self, b => b.save_authorized(provider, account, g, fps, events).await)
     }
 
     /// Takes the refresh lease and records "refresh started" in one step
@@ -973,8 +1004,9 @@ impl Store {
         base_generation: i64,
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
+        events: &[NewEvent],
     ) -> Result<CommitOutcome, StoreError> {
-        on_backend!(self, b => b.commit_refresh(id, name, owner, attempt_id, base_generation, g, fps).await)
+        on_backend!(self, b => b.commit_refresh(id, name, owner, attempt_id, base_generation, g, fps, events).await)
     }
 
     /// Ends an attempt without a new grant: transient failure (`retrying`),
@@ -1004,8 +1036,9 @@ impl Store {
         generation: i64,
         reason: &str,
         failures: u32,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError> {
-        on_backend!(self, b => b.reject_attempt(id, holder, generation, reason, failures).await)
+        on_backend!(self, b => b.reject_attempt(id, holder, generation, reason, failures, events).await)
     }
 
     /// Marks refreshes whose holder died as interrupted, so status reports
@@ -1015,8 +1048,9 @@ impl Store {
         id: i64,
         dead_owner: Option<&str>,
         message: &str,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError> {
-        on_backend!(self, b => b.mark_interrupted(id, dead_owner, message).await)
+        on_backend!(self, b => b.mark_interrupted(id, dead_owner, message, events).await)
     }
 
     /// Records that `owner` is alive and returns how many other processes
@@ -1047,8 +1081,9 @@ impl Store {
         &self,
         provider: &str,
         account: &str,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError> {
-        let row = on_backend!(self, b => b.delete_connection(provider, account).await)?;
+        let row = on_backend!(self, b => b.delete_connection(provider, account, events).await)?;
         if let Some(d) = &row {
             self.codec().set_unreadable(d.id, None, provider, account);
         }
@@ -1058,8 +1093,42 @@ impl Store {
     /// Forgets connection `id` only if its grant is still `generation` (the
     /// one just revoked); `false` if a newer grant was stored meanwhile or
     /// the row is already gone.
-    pub async fn delete_connection_at(&self, id: i64, generation: i64) -> Result<bool, StoreError> {
-        on_backend!(self, b => b.delete_connection_at(id, generation).await)
+    pub async fn delete_connection_at(
+        &self,
+        id: i64,
+        generation: i64,
+        events: &[NewEvent],
+    ) -> Result<bool, StoreError> {
+        on_backend!(self, b => b.delete_connection_at(id, generation, events).await)
+    }
+}
+
+impl Store {
+    // ----- history -----
+
+    /// Records events that go with no write of their own (a bearer misuse,
+    /// a transient failure). A failure is logged, never fatal: history is
+    /// worth less than the refresh it describes.
+    pub async fn record_events(&self, events: &[NewEvent]) {
+        if let Err(e) = on_backend!(self, b => b.record_events(events).await) {
+            tracing::warn!(error = %e, "could not record a history event");
+        }
+    }
+
+    /// One page of the events of `provider`/`account`, newest first.
+    pub async fn events(
+        &self,
+        provider: &str,
+        account: &str,
+        q: &EventQuery,
+    ) -> Result<Vec<Event>, StoreError> {
+        on_backend!(self, b => b.events(provider, account, q).await)
+    }
+
+    /// Deletes the events that happened before `before` (`storage.history`);
+    /// how many.
+    pub async fn purge_events(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        on_backend!(self, b => b.purge_events(before).await)
     }
 }
 

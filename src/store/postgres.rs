@@ -33,8 +33,9 @@ use sqlx::{Connection, Row};
 use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PENDING_COLUMNS};
 use super::migrate::{self, Dump, MigrateError};
 use super::{
-    from_ms, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState, ConnectionRow, Fingerprint,
-    LeaseSeen, NewGrant, PendingAuthorization, PendingTake, StoreError, FINGERPRINTS_KEPT,
+    from_ms, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState, ConnectionRow, Event,
+    EventQuery, Fingerprint, LeaseSeen, NewEvent, NewGrant, PendingAuthorization, PendingTake,
+    StoreError, FINGERPRINTS_KEPT,
 };
 use crate::crypto::SealKey;
 
@@ -627,6 +628,7 @@ impl Backend for Postgres {
         account: &str,
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
+        events: &[NewEvent],
     ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
         let mut tx = self.pool.begin().await?;
         // Two daemons storing the first grant of one name at once: the
@@ -682,6 +684,7 @@ impl Backend for Postgres {
         .await?;
         let decoded = self.codec.decode(&row)?;
         record_fingerprints(&mut tx, decoded.id, fps, g.issued_at).await?;
+        insert_events(&mut tx, events).await?;
         tx.commit().await?;
         Ok((decoded, replaced))
     }
@@ -775,6 +778,7 @@ impl Backend for Postgres {
         base_generation: i64,
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
+        events: &[NewEvent],
     ) -> Result<CommitOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         // The row locked from here to commit: the generation read is the
@@ -801,6 +805,7 @@ impl Backend for Postgres {
         if row.is_some() {
             let decoded = self.finish_commit(&mut tx, id, name, generation, g).await?;
             record_fingerprints(&mut tx, id, fps, g.issued_at).await?;
+            insert_events(&mut tx, events).await?;
             tx.commit().await?;
             return Ok(CommitOutcome::Committed {
                 row: Box::new(decoded),
@@ -819,6 +824,7 @@ impl Backend for Postgres {
         if row.is_some() {
             let decoded = self.finish_commit(&mut tx, id, name, generation, g).await?;
             record_fingerprints(&mut tx, id, fps, g.issued_at).await?;
+            insert_events(&mut tx, events).await?;
             tx.commit().await?;
             return Ok(CommitOutcome::Committed {
                 row: Box::new(decoded),
@@ -869,6 +875,7 @@ impl Backend for Postgres {
         generation: i64,
         reason: &str,
         failures: u32,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
@@ -887,6 +894,8 @@ impl Backend for Postgres {
         .await?;
         if row.is_none() {
             release_lease(&mut tx, id, owner, attempt_id).await?;
+        } else {
+            insert_events(&mut tx, events).await?;
         }
         tx.commit().await?;
         row.as_ref().map(|r| self.codec.decode(r)).transpose()
@@ -897,7 +906,9 @@ impl Backend for Postgres {
         id: i64,
         dead_owner: Option<&str>,
         message: &str,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
             "UPDATE connections SET interrupted_at = attempt_started_at, last_error = $1, \
                  state = CASE WHEN state = 'authorization_required' THEN state ELSE 'retrying' END, \
@@ -908,8 +919,12 @@ impl Backend for Postgres {
         .bind(message.to_owned())
         .bind(id)
         .bind(dead_owner.map(str::to_owned))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        if row.is_some() {
+            insert_events(&mut tx, events).await?;
+        }
+        tx.commit().await?;
         row.as_ref().map(|r| self.codec.decode(r)).transpose()
     }
 
@@ -956,6 +971,7 @@ impl Backend for Postgres {
         &self,
         provider: &str,
         account: &str,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
@@ -971,12 +987,18 @@ impl Backend for Postgres {
                 .bind(d.id)
                 .execute(&mut *tx)
                 .await?;
+            insert_events(&mut tx, events).await?;
         }
         tx.commit().await?;
         Ok(decoded)
     }
 
-    async fn delete_connection_at(&self, id: i64, generation: i64) -> Result<bool, StoreError> {
+    async fn delete_connection_at(
+        &self,
+        id: i64,
+        generation: i64,
+        events: &[NewEvent],
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query("DELETE FROM connections WHERE id = $1 AND generation = $2")
             .bind(id)
@@ -988,9 +1010,32 @@ impl Backend for Postgres {
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
+            insert_events(&mut tx, events).await?;
         }
         tx.commit().await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn record_events(&self, events: &[NewEvent]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        insert_events(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn events(
+        &self,
+        provider: &str,
+        account: &str,
+        q: &EventQuery,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut c = self.pool.acquire().await?;
+        list_events(&mut c, provider, account, q).await
+    }
+
+    async fn purge_events(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut c = self.pool.acquire().await?;
+        purge_events(&mut c, before).await
     }
 
     async fn export(&self) -> Result<Dump, StoreError> {
@@ -1015,7 +1060,7 @@ impl Backend for Postgres {
         check_empty(&mut tx, replace, target).await?;
         write_dump(&mut tx, dump).await?;
         // Rows came with their ids: new ones continue after them.
-        for table in ["connections", "token_fingerprints"] {
+        for table in ["connections", "token_fingerprints", "events"] {
             sqlx::query(&format!(
                 "SELECT setval(pg_get_serial_sequence('{table}', 'id'), \
                  COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)"
@@ -1030,6 +1075,7 @@ impl Backend for Postgres {
 }
 
 migrate::dump_sql!(Conn, '$');
+super::events::events_sql!(Conn, '$');
 
 impl Postgres {
     /// After a commit's write: re-seals a kept refresh token for the new

@@ -26,8 +26,8 @@ use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PEND
 use super::migrate::{self, Dump, MigrateError};
 use super::{
     create_private_dir, from_ms, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState,
-    ConnectionRow, Fingerprint, LeaseSeen, NewGrant, PendingAuthorization, PendingTake, StoreError,
-    BUSY_TIMEOUT, FINGERPRINTS_KEPT,
+    ConnectionRow, Event, EventQuery, Fingerprint, LeaseSeen, NewEvent, NewGrant,
+    PendingAuthorization, PendingTake, StoreError, BUSY_TIMEOUT, FINGERPRINTS_KEPT,
 };
 use crate::crypto::SealKey;
 
@@ -386,6 +386,7 @@ impl Backend for Sqlite {
         account: &str,
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
+        events: &[NewEvent],
     ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
         let mut tx = self.pool.begin().await?;
         // The first statement writes (BEGIN IMMEDIATE semantics), so the
@@ -435,6 +436,7 @@ impl Backend for Sqlite {
         .await?;
         let decoded = self.codec.decode(&row)?;
         record_fingerprints(&mut tx, decoded.id, fps, g.issued_at).await?;
+        insert_events(&mut tx, events).await?;
         tx.commit().await?;
         Ok((decoded, replaced))
     }
@@ -526,6 +528,7 @@ impl Backend for Sqlite {
         base_generation: i64,
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
+        events: &[NewEvent],
     ) -> Result<CommitOutcome, StoreError> {
         // One transaction: the pair and the fingerprints of the new tokens
         // become durable together.
@@ -547,6 +550,7 @@ impl Backend for Sqlite {
         if row.is_some() {
             let decoded = self.finish_commit(&mut tx, id, name, generation, g).await?;
             record_fingerprints(&mut tx, id, fps, g.issued_at).await?;
+            insert_events(&mut tx, events).await?;
             tx.commit().await?;
             return Ok(CommitOutcome::Committed {
                 row: Box::new(decoded),
@@ -565,6 +569,7 @@ impl Backend for Sqlite {
         if row.is_some() {
             let decoded = self.finish_commit(&mut tx, id, name, generation, g).await?;
             record_fingerprints(&mut tx, id, fps, g.issued_at).await?;
+            insert_events(&mut tx, events).await?;
             tx.commit().await?;
             return Ok(CommitOutcome::Committed {
                 row: Box::new(decoded),
@@ -615,6 +620,7 @@ impl Backend for Sqlite {
         generation: i64,
         reason: &str,
         failures: u32,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
@@ -633,6 +639,8 @@ impl Backend for Sqlite {
         .await?;
         if row.is_none() {
             release_lease(&mut tx, id, owner, attempt_id).await?;
+        } else {
+            insert_events(&mut tx, events).await?;
         }
         tx.commit().await?;
         row.as_ref().map(|r| self.codec.decode(r)).transpose()
@@ -643,7 +651,9 @@ impl Backend for Sqlite {
         id: i64,
         dead_owner: Option<&str>,
         message: &str,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
             "UPDATE connections SET interrupted_at = attempt_started_at, last_error = ?1, \
                  state = CASE WHEN state = 'authorization_required' THEN state ELSE 'retrying' END, \
@@ -654,8 +664,12 @@ impl Backend for Sqlite {
         .bind(message.to_owned())
         .bind(id)
         .bind(dead_owner.map(str::to_owned))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        if row.is_some() {
+            insert_events(&mut tx, events).await?;
+        }
+        tx.commit().await?;
         row.as_ref().map(|r| self.codec.decode(r)).transpose()
     }
 
@@ -707,6 +721,7 @@ impl Backend for Sqlite {
         &self,
         provider: &str,
         account: &str,
+        events: &[NewEvent],
     ) -> Result<Option<ConnectionRow>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
@@ -722,12 +737,18 @@ impl Backend for Sqlite {
                 .bind(d.id)
                 .execute(&mut *tx)
                 .await?;
+            insert_events(&mut tx, events).await?;
         }
         tx.commit().await?;
         Ok(decoded)
     }
 
-    async fn delete_connection_at(&self, id: i64, generation: i64) -> Result<bool, StoreError> {
+    async fn delete_connection_at(
+        &self,
+        id: i64,
+        generation: i64,
+        events: &[NewEvent],
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query("DELETE FROM connections WHERE id = ? AND generation = ?")
             .bind(id)
@@ -739,9 +760,32 @@ impl Backend for Sqlite {
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
+            insert_events(&mut tx, events).await?;
         }
         tx.commit().await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn record_events(&self, events: &[NewEvent]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        insert_events(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn events(
+        &self,
+        provider: &str,
+        account: &str,
+        q: &EventQuery,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut c = self.pool.acquire().await?;
+        list_events(&mut c, provider, account, q).await
+    }
+
+    async fn purge_events(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut c = self.pool.acquire().await?;
+        purge_events(&mut c, before).await
     }
 
     async fn export(&self) -> Result<Dump, StoreError> {
@@ -767,6 +811,7 @@ impl Backend for Sqlite {
 }
 
 migrate::dump_sql!(Conn, '?');
+super::events::events_sql!(Conn, '?');
 
 impl Sqlite {
     /// After a commit's write: re-seals a kept refresh token for the new
@@ -1087,7 +1132,7 @@ mod tests {
             expires_at: now + chrono::Duration::hours(1),
         };
         store
-            .save_authorized("keap", "default", &new, &[])
+            .save_authorized("keap", "default", &new, &[], &[])
             .await
             .unwrap()
             .0
@@ -1405,6 +1450,7 @@ mod tests {
                     expires_at: now + chrono::Duration::hours(1),
                 },
                 &[],
+                &[],
             )
             .await
             .unwrap();
@@ -1417,7 +1463,7 @@ mod tests {
         ));
         // B's spent token is rejected: the landed grant is not parked.
         let parked = store
-            .reject_attempt(row.id, ("b", "b1"), read.generation, "rejected", 0)
+            .reject_attempt(row.id, ("b", "b1"), read.generation, "rejected", 0, &[])
             .await
             .unwrap();
         assert!(parked.is_none());

@@ -32,7 +32,8 @@ doc = json.load(urllib.request.urlopen(sys.argv[1]))
 assert doc["openapi"].startswith("3.1"), doc["openapi"]
 spec_paths = ["/", "/connect/{provider}", "/callback", "/v1/token/{provider}", "/v1/token/{provider}/{account}",
               "/v1/token/{provider}/refresh", "/v1/token/{provider}/{account}/refresh", "/v1/connections",
-              "/v1/connections/{provider}/{account}", "/healthz", "/readyz", "/metrics", "/openapi.json"]
+              "/v1/connections/{provider}/{account}", "/v1/connections/{provider}/{account}/events",
+              "/healthz", "/readyz", "/metrics", "/openapi.json"]
 missing = [p for p in spec_paths if p not in doc["paths"]]
 assert not missing, f"SPEC 4 paths missing from /openapi.json: {missing}"
 print(f"openapi: document {doc['openapi']} lists {len(doc['paths'])} paths")

@@ -15,6 +15,7 @@ use crate::config::RefreshConfig;
 use crate::notify::EventKind;
 use crate::provider::TokenGrant;
 use crate::refresh::clock::Anchor;
+use crate::refresh::history;
 use crate::refresh::lease::{self, LEASE};
 use crate::refresh::policy::Timing;
 use crate::refresh::shared::Shared;
@@ -51,6 +52,7 @@ pub async fn commit(
 ) -> Result<Arc<Snapshot>, TokenError> {
     slot.count_refresh("ok", Some(elapsed));
     let pending = Arc::new(PendingCommit {
+        events: history::refreshed(slot, shared.clock().now(), elapsed, &used, &grant),
         fps: shared.fingerprints(&grant),
         grant,
         used,
@@ -105,6 +107,7 @@ async fn try_commit(
             p.base_generation,
             &new,
             &p.fps,
+            &p.events,
         )
         .await
         .map_err(CommitError::Store)?;

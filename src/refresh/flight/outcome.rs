@@ -24,6 +24,7 @@ use super::commit;
 use crate::config::RefreshConfig;
 use crate::notify::EventKind;
 use crate::provider::TokenGrant;
+use crate::refresh::history;
 use crate::refresh::lease::{self, LEASE};
 use crate::refresh::policy;
 use crate::refresh::shared::Shared;
@@ -50,6 +51,18 @@ pub enum Class {
     Unusable,
     /// The grant itself was rejected.
     Rejected,
+}
+
+impl Class {
+    /// The class's name in history events.
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Transient { .. } => "transient",
+            Class::Refused => "refused",
+            Class::Unusable => "unusable",
+            Class::Rejected => "rejected",
+        }
+    }
 }
 
 /// Where a failure leaves the connection.
@@ -157,6 +170,15 @@ async fn retry_later(
         "refresh failed, will retry: {message}"
     );
     slot.count_refresh("transient", None);
+    shared
+        .store
+        .record_events(&[history::failed(
+            slot,
+            shared.clock().now(),
+            class.name(),
+            &message,
+        )])
+        .await;
     if p.failures == 1 {
         shared.notify(
             slot,
@@ -196,6 +218,15 @@ pub async fn refused(
         "refresh refused by the provider (the grant is kept; a reload or a forced refresh retries at once): {message}"
     );
     slot.count_refresh("refused", None);
+    shared
+        .store
+        .record_events(&[history::failed(
+            slot,
+            shared.clock().now(),
+            "refused",
+            &message,
+        )])
+        .await;
     if row.last_error.as_deref() != Some(message.as_str()) {
         shared.notify(slot, EventKind::RefreshFailing, message.clone());
     }
@@ -290,6 +321,7 @@ pub async fn rejected(
             generation,
             &reason,
             p.failures,
+            &history::rejected(slot, shared.clock().now(), &reason),
         )
         .await?;
     let Some(r) = rejected else {

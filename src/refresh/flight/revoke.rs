@@ -17,6 +17,7 @@ use crate::refresh::lease;
 use crate::refresh::shared::Shared;
 use crate::refresh::slot::Slot;
 use crate::refresh::types::{Revocation, TokenError};
+use crate::store::{EventKind, NewEvent};
 
 /// Revokes the grant of `slot` upstream where the provider can (unless
 /// `mode` is [`Revocation::LocalOnly`]) and forgets it locally. Returns
@@ -59,6 +60,7 @@ pub async fn forget(
             ));
         }
         let held = slot.pending();
+        let mut gone = EventKind::Forgotten;
         if mode == Revocation::Upstream {
             // Newest first: the held grant's refresh token, then what is
             // stored (the access token if no refresh token exists).
@@ -86,6 +88,7 @@ pub async fn forget(
                 }
             }
             if revoked {
+                gone = EventKind::Revoked;
                 tracing::info!(provider, account, "grant revoked upstream");
             } else {
                 tracing::info!(
@@ -103,7 +106,15 @@ pub async fn forget(
         }
         if shared
             .store
-            .delete_connection_at(row.id, row.generation)
+            .delete_connection_at(
+                row.id,
+                row.generation,
+                &[NewEvent::new(
+                    (provider, account),
+                    shared.clock().now(),
+                    gone,
+                )],
+            )
             .await?
         {
             tracing::info!(provider, account, "grant forgotten");
