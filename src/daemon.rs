@@ -90,6 +90,8 @@ pub enum DaemonError {
     /// configuration problem (exit 2), named with the URLs tried.
     #[error(transparent)]
     Discovery(#[from] crate::provider::discovery::DiscoveryError),
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
     #[error("cannot read server.api_keys_file {path}: {source}")]
     ApiKeys {
         path: String,
@@ -145,6 +147,8 @@ pub struct App {
     /// Held while the application lives: offline commands (rekey) refuse
     /// to run while it is.
     db_lock: crate::store::StoreLock,
+    /// `[backup]`: made on its schedule (and on `POST /v1/backup`).
+    backups: Option<Arc<crate::backup::Backups>>,
 }
 
 impl App {
@@ -202,6 +206,27 @@ impl App {
         })
         .await?;
         release_freed_memory();
+        let backups = match &config.backup {
+            // The key again, for verifying backups (the store keeps its own).
+            Some(b) => Some(Arc::new(crate::backup::Backups::new(
+                b.clone(),
+                match &config.storage.encryption_key_file {
+                    Some(path) => Some(crate::crypto::SealKey::from_file(path)?),
+                    None => None,
+                },
+            ))),
+            None => None,
+        };
+        let extra = match &backups {
+            Some(b) => {
+                let routes = http::backup::routes(b.clone(), engine.clone());
+                Some(match extra {
+                    Some(e) => e.merge(routes),
+                    None => routes,
+                })
+            }
+            None => extra,
+        };
         let public_url = config.public_url(bound);
         let tls = load_tls(&config, &public_url)?;
         let state = AppState::new(crate::http::Shared {
@@ -229,6 +254,7 @@ impl App {
             tls,
             public_url,
             db_lock,
+            backups,
         })
     }
 
@@ -265,6 +291,7 @@ impl App {
             tls,
             public_url,
             db_lock,
+            backups,
         } = self;
         let engine = reload.engine.clone();
         let config = reload.config.clone();
@@ -274,6 +301,9 @@ impl App {
         // tokens that expired while the daemon was down).
         engine.tick().await?;
         let scheduler = tokio::spawn(schedule(engine.clone(), shutdown.clone()));
+        // Calendar jobs (backups, purges); their failure to start is the
+        // daemon's, like a port that cannot be bound.
+        let calendar = crate::backup::Calendar::start(engine.clone(), backups).await?;
 
         let background = tokio_util::task::TaskTracker::new();
         background.spawn(systemd::watchdog(engine.clone(), shutdown.clone()));
@@ -315,6 +345,7 @@ impl App {
         if let Err(e) = scheduler.await {
             tracing::warn!(error = %e, "scheduler did not stop cleanly");
         }
+        calendar.stop().await;
         // Grants held in memory (a failed commit) get their last attempt.
         engine.stop();
         // 2. Flights in the air land and commit.

@@ -33,6 +33,8 @@ pub enum EventKind {
     Recovered,
     BearerMisuse,
     Authorized,
+    /// A scheduled or requested backup failed (no provider or account).
+    BackupFailed,
 }
 
 impl EventKind {
@@ -43,6 +45,7 @@ impl EventKind {
             EventKind::Recovered => "recovered",
             EventKind::BearerMisuse => "bearer_misuse",
             EventKind::Authorized => "authorized",
+            EventKind::BackupFailed => "backup_failed",
         }
     }
 }

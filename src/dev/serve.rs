@@ -59,6 +59,7 @@ pub fn config(listen: SocketAddr, db_path: PathBuf, client_secret: &str) -> Conf
         refresh: RefreshConfig::default(),
         providers,
         notify: NotifyConfig::default(),
+        backup: None,
         warnings: Vec::new(),
     }
 }
