@@ -78,7 +78,7 @@ pub enum BackupError {
     ChecksumMismatch { path: String, sum: String },
     #[error("the checksum file {sum} is not in the `sha256sum` format; remove it or choose another backup (nothing was changed)")]
     ChecksumUnreadable { sum: String },
-    #[error("{path} cannot be restored, the current database was left as it was: {source}")]
+    #[error("nothing was restored, the current database is unchanged: {source}")]
     Invalid { path: String, source: StoreError },
     #[error("the calendar jobs cannot start: {0}")]
     Scheduler(String),
@@ -177,7 +177,7 @@ impl Backups {
                 path: partial.display().to_string(),
                 source,
             })?;
-        crate::store::check_file(partial, self.key.as_ref())
+        crate::store::check_file(partial, &path.display().to_string(), self.key.as_ref())
             .await
             .map_err(BackupError::Unverified)?;
         let (sha256, bytes) = sha256_of(partial).map_err(|source| write_error(partial, source))?;
@@ -267,7 +267,11 @@ pub struct Restored {
 /// migrations, `key`) before anything is replaced; then the current
 /// database (with its -wal and -shm) is moved aside to
 /// `<db>.before-restore-<time>` and the copy renamed into place, 0600.
-pub async fn restore(file: &Path, db: &Path, key: Option<&SealKey>) -> Result<Restored, BackupError> {
+pub async fn restore(
+    file: &Path,
+    db: &Path,
+    key: Option<&SealKey>,
+) -> Result<Restored, BackupError> {
     let dir = db.parent().unwrap_or(Path::new("."));
     crate::store::create_private_dir(dir).map_err(|source| BackupError::Dir {
         dir: dir.display().to_string(),
@@ -314,7 +318,11 @@ pub async fn restore(file: &Path, db: &Path, key: Option<&SealKey>) -> Result<Re
 
 /// Copies `file` to `copy` (0600, synced) and checks the copy; returns
 /// whether a checksum file was there to compare with.
-async fn copy_and_check(file: &Path, copy: &Path, key: Option<&SealKey>) -> Result<bool, BackupError> {
+async fn copy_and_check(
+    file: &Path,
+    copy: &Path,
+    key: Option<&SealKey>,
+) -> Result<bool, BackupError> {
     let read_error = |source| BackupError::Read {
         path: file.display().to_string(),
         source,
@@ -368,11 +376,20 @@ async fn copy_and_check(file: &Path, copy: &Path, key: Option<&SealKey>) -> Resu
             })
         }
     };
-    crate::store::check_file(copy, key)
+    let shown = file.display().to_string();
+    crate::store::check_file(copy, &shown, key)
         .await
         .map_err(|source| BackupError::Invalid {
-            path: file.display().to_string(),
-            source,
+            path: shown.clone(),
+            source: match source {
+                StoreError::WrongKey => StoreError::NotADatabase(format!(
+                    "{shown} was sealed with another key than storage.encryption_key_file; set it to the key the backup was made with"
+                )),
+                StoreError::KeyRequired => StoreError::NotADatabase(format!(
+                    "{shown} holds encrypted tokens; set storage.encryption_key_file to the key the backup was made with"
+                )),
+                other => other,
+            },
         })?;
     Ok(checksum_checked)
 }
@@ -442,8 +459,12 @@ impl Calendar {
     /// Failures of a job are logged (a failed backup at error level,
     /// counted and notified as `backup_failed`); they never stop the
     /// daemon.
-    pub async fn start(engine: Engine, backups: Option<Arc<Backups>>) -> Result<Calendar, BackupError> {
-        let sched = |e: tokio_cron_scheduler::JobSchedulerError| BackupError::Scheduler(e.to_string());
+    pub async fn start(
+        engine: Engine,
+        backups: Option<Arc<Backups>>,
+    ) -> Result<Calendar, BackupError> {
+        let sched =
+            |e: tokio_cron_scheduler::JobSchedulerError| BackupError::Scheduler(e.to_string());
         let scheduler = JobScheduler::new().await.map_err(sched)?;
         let store = engine.store().clone();
         let purge = Job::new_async(PURGE_SCHEDULE, move |_, _| {
@@ -452,7 +473,9 @@ impl Calendar {
                 match store.purge_expired_pending(Utc::now()).await {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(removed = n, "purged expired pending authorizations"),
-                    Err(e) => tracing::warn!(error = %e, "cannot purge expired pending authorizations"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot purge expired pending authorizations")
+                    }
                 }
             })
         })

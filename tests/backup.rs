@@ -43,7 +43,10 @@ fn use_key(h: &Harness, byte: u8) {
     if !text.contains("encryption_key_file") {
         std::fs::write(
             &h.config_path,
-            text.replace("[storage]\n", "[storage]\nencryption_key_file = \"db-key\"\n"),
+            text.replace(
+                "[storage]\n",
+                "[storage]\nencryption_key_file = \"db-key\"\n",
+            ),
         )
         .unwrap();
     }
@@ -273,7 +276,11 @@ async fn restore_checks_the_file_and_the_key_before_replacing_anything() {
     .unwrap();
     let out = h.cli(&["restore", good.to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("encrypted tokens"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("encrypted tokens"),
+        "{}",
+        stderr(&out)
+    );
     unchanged(&h, "no key");
 
     // With the right key it goes in.

@@ -86,6 +86,10 @@ pub enum StoreError {
     Sealed(#[from] crypto::OpenError),
     #[error("the stored row is corrupt: {0}")]
     Corrupt(String),
+    /// A file checked before it is trusted ([`check_file`]) is not a
+    /// whole tokenkeeper database: the sentence names it and the fix.
+    #[error("{0}")]
+    NotADatabase(String),
     #[error("the database cannot be written: {0}")]
     NotWritable(String),
 }
@@ -874,7 +878,8 @@ impl Store {
         match &self.db {
             Db::Sqlite(b) => b.snapshot_into(dest).await,
             Db::Postgres(_) => Err(StoreError::NotWritable(
-                "backups of a PostgreSQL store are the database's business (pg_dump, base backups)".into(),
+                "backups of a PostgreSQL store are the database's business (pg_dump, base backups)"
+                    .into(),
             )),
         }
     }

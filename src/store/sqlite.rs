@@ -900,9 +900,10 @@ async fn record_fingerprints(
 /// SQLite's integrity check, migrations this version knows (same versions
 /// and checksums, none newer), and the key check (a sealed file opens only
 /// with the key it was sealed with; a plaintext one with any key or none,
-/// the daemon seals it at start). For backups before they are trusted.
-pub async fn check_file(path: &Path, key: Option<&SealKey>) -> Result<(), StoreError> {
-    let shown = path.display().to_string();
+/// the daemon seals it at start). For backups before they are trusted;
+/// messages call the file `name` (a check may run on a private copy).
+pub async fn check_file(path: &Path, name: &str, key: Option<&SealKey>) -> Result<(), StoreError> {
+    let shown = name.to_owned();
     // Immutable: no lock, no -wal/-shm created beside the file, nothing
     // written even if the file asks for a recovery.
     let options = SqliteConnectOptions::new()
@@ -926,7 +927,7 @@ async fn check_open_file(
     key: Option<&SealKey>,
 ) -> Result<(), StoreError> {
     let not_ours = |detail: String| {
-        StoreError::Corrupt(format!(
+        StoreError::NotADatabase(format!(
             "{shown} is not a tokenkeeper database ({detail}); choose a backup file made by `tokenkeeper backup` (tokenkeeper-*.db)"
         ))
     };
@@ -935,7 +936,7 @@ async fn check_open_file(
         .await
         .map_err(|e| not_ours(e.to_string()))?;
     if verdict.first().map(String::as_str) != Some("ok") {
-        return Err(StoreError::Corrupt(format!(
+        return Err(StoreError::NotADatabase(format!(
             "{shown} fails SQLite's integrity check ({}); it is damaged, choose an older backup",
             verdict.first().map_or("no answer", String::as_str)
         )));
