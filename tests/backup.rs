@@ -348,3 +348,55 @@ async fn backup_config_errors_name_the_key() {
     .await;
     assert!(e.contains("backup.dir") && e.contains("backup.keep"), "{e}");
 }
+
+#[tokio::test]
+async fn a_failing_backup_is_logged_counted_and_notified_and_serving_goes_on() {
+    let mut h = Harness::new(Options::default()).await;
+    let out = h.dir.path().join("events");
+    let script = h.dir.path().join("notify.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$TOKENKEEPER_EVENT $TOKENKEEPER_MESSAGE\" >> {}\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A backup directory that cannot be created: its parent is a file
+    // (permissions would not stop root).
+    let blocker = h.dir.path().join("not-a-dir");
+    std::fs::write(&blocker, b"").unwrap();
+    let mut text = std::fs::read_to_string(&h.config_path).unwrap();
+    text.push_str(&format!(
+        "\n[notify]\ncommand = \"{}\"\n\n[backup]\nschedule = \"{EVERY_SECOND}\"\ndir = \"{}\"\n",
+        script.display(),
+        blocker.join("backups").display()
+    ));
+    std::fs::write(&h.config_path, text).unwrap();
+    h.start().await;
+    h.authorize_default().await;
+    common::eventually(
+        Duration::from_secs(30),
+        "a backup_failed notification",
+        || {
+            let got = std::fs::read_to_string(&out).unwrap_or_default();
+            async move { got.contains("backup_failed") }
+        },
+    )
+    .await;
+    let got = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        got.contains("not-a-dir"),
+        "the message names the directory: {got}"
+    );
+    assert!(h.log().contains("backup failed"));
+    let metrics = h.get_text("/metrics").await;
+    let failures = metrics
+        .lines()
+        .find(|l| l.starts_with("tokenkeeper_backup_failures_total "))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert_ne!(failures, "tokenkeeper_backup_failures_total 0");
+    assert_eq!(h.token().await.0, 200, "serving goes on");
+    assert_eq!(h.stop().await, Some(0));
+}
