@@ -591,6 +591,7 @@ fn apply(r: &mut Reloadable, new: Config) {
     let mut kept = new;
     kept.server = r.config.server.clone();
     kept.storage = r.config.storage.clone();
+    kept.backup = r.config.backup.clone();
     r.config = kept;
 }
 
@@ -649,6 +650,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     // Any other [storage] key.
     if named.len() == before && differs(&old.storage, &new.storage) {
         named.push("[storage] settings");
+    }
+    // The calendar jobs are set up once, at start.
+    if differs(&old.backup, &new.backup) {
+        named.push("[backup]");
     }
     named
 }
@@ -737,6 +742,24 @@ mod tests {
         assert_eq!(
             needs_restart(&old, &cfg("proxy_max_wait = \"3s\"", "/tmp/b.db", "5s")),
             vec!["server.proxy_max_wait", "storage.path"]
+        );
+    }
+
+    #[test]
+    fn a_changed_backup_section_needs_a_restart() {
+        let cfg = |backup: &str| {
+            crate::config::parse(
+                &format!("[storage]\npath = \"/tmp/a.db\"\n{backup}"),
+                std::path::Path::new("/tmp/t.toml"),
+            )
+            .unwrap()
+        };
+        let daily = "[backup]\nschedule = \"0 0 3 * * *\"\ndir = \"/tmp/b\"\n";
+        assert!(needs_restart(&cfg(daily), &cfg(daily)).is_empty());
+        assert_eq!(needs_restart(&cfg(""), &cfg(daily)), vec!["[backup]"]);
+        assert_eq!(
+            needs_restart(&cfg(daily), &cfg(&daily.replace("3 *", "4 *"))),
+            vec!["[backup]"]
         );
     }
 
