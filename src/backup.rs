@@ -80,6 +80,10 @@ pub enum BackupError {
     ChecksumUnreadable { sum: String },
     #[error("nothing was restored, the current database is unchanged: {source}")]
     Invalid { path: String, source: StoreError },
+    #[error(
+        "the daemon is stopping; no backup was made, run `tokenkeeper backup` once it is stopped"
+    )]
+    Stopping,
     #[error("the calendar jobs cannot start: {0}")]
     Scheduler(String),
 }
@@ -102,6 +106,9 @@ pub struct Backups {
     /// Held while a backup is written: the schedule and `POST /v1/backup`
     /// take turns, and the daemon's stop waits for it.
     running: tokio::sync::Mutex<()>,
+    /// Set by the daemon's stop: a job that fired just before it must not
+    /// start a backup while the database closes.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Checks a `backup.schedule` value: a sentence with the fix if it is not
@@ -124,6 +131,7 @@ impl Backups {
             config,
             key,
             running: tokio::sync::Mutex::new(()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -136,6 +144,9 @@ impl Backups {
     /// oldest beyond `keep`. A failed backup leaves no partial file.
     pub async fn make(&self, store: &Store) -> Result<Made, BackupError> {
         let _turn = self.running.lock().await;
+        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(BackupError::Stopping);
+        }
         let dir = &self.config.dir;
         let dir_error = |source| BackupError::Dir {
             dir: dir.display().to_string(),
@@ -194,8 +205,11 @@ impl Backups {
         Ok((sha256, bytes))
     }
 
-    /// Waits (at most [`STOP_WAIT`]) for a backup being written to finish.
-    pub async fn wait_idle(&self) {
+    /// Refuses new backups, then waits (at most [`STOP_WAIT`]) for one
+    /// being written to finish.
+    pub async fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
         let _ = tokio::time::timeout(STOP_WAIT, self.running.lock()).await;
     }
 }
@@ -509,7 +523,7 @@ impl Calendar {
             tracing::warn!(error = %e, "the calendar jobs did not stop cleanly");
         }
         if let Some(b) = &self.backups {
-            b.wait_idle().await;
+            b.stop().await;
         }
     }
 }
@@ -527,6 +541,10 @@ pub async fn run_logged(backups: &Backups, engine: &Engine) -> Result<Made, Back
                 "backup written and verified"
             );
             Ok(made)
+        }
+        Err(BackupError::Stopping) => {
+            tracing::info!("a scheduled backup was skipped: the daemon is stopping");
+            Err(BackupError::Stopping)
         }
         Err(e) => {
             metrics::counter!(BACKUP_FAILURES_TOTAL).increment(1);

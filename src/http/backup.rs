@@ -35,8 +35,9 @@ pub fn routes(backups: Arc<Backups>, engine: Engine) -> Router {
         .with_state((backups, engine))
 }
 
-/// `POST /v1/backup`: 200 with [`BackupBody`], or 500 `backup_failed`
-/// with the sentence (paths and causes, never a token).
+/// `POST /v1/backup`: 200 with [`BackupBody`], or `backup_failed` with
+/// the sentence (paths and causes, never a token): 503 while the daemon
+/// stops, else 500.
 async fn backup_now(State((backups, engine)): State<(Arc<Backups>, Engine)>) -> Response {
     match crate::backup::run_logged(&backups, &engine).await {
         Ok(made) => Json(BackupBody {
@@ -47,7 +48,10 @@ async fn backup_now(State((backups, engine)): State<(Arc<Backups>, Engine)>) -> 
         })
         .into_response(),
         Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
+            match e {
+                crate::backup::BackupError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
             Json(ErrorBody {
                 error: "backup_failed".into(),
                 message: e.to_string(),
