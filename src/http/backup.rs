@@ -38,7 +38,15 @@ pub fn routes(backups: Arc<Backups>, engine: Engine) -> Router {
 /// `POST /v1/backup`: 200 with [`BackupBody`], or `backup_failed` with
 /// the sentence (paths and causes, never a token): 503 while the daemon
 /// stops, else 500.
-async fn backup_now(State((backups, engine)): State<(Arc<Backups>, Engine)>) -> Response {
+#[utoipa::path(post, path = "/v1/backup", summary = "Make a backup now (SQLite store with [backup] configured)", responses(
+    (status = 200, description = "the backup, written and verified", body = BackupBody),
+    (status = 401, description = "a bearer credential was presented and is wrong", body = ErrorBody),
+    (status = 403, description = "cross-origin request", body = ErrorBody),
+    (status = 404, description = "the daemon runs without [backup]", body = ErrorBody),
+    (status = 500, description = "backup_failed: the sentence says why", body = ErrorBody),
+    (status = 503, description = "backup_failed: the daemon is stopping", body = ErrorBody)
+))]
+pub async fn backup_now(State((backups, engine)): State<(Arc<Backups>, Engine)>) -> Response {
     match crate::backup::run_logged(&backups, &engine).await {
         Ok(made) => Json(BackupBody {
             file: made.path.display().to_string(),

@@ -4,7 +4,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use super::{api, callback, login};
+use super::{api, backup, callback, login};
 
 /// The document served at `/openapi.json`.
 #[derive(OpenApi)]
@@ -30,6 +30,7 @@ use super::{api, callback, login};
         api::healthz,
         api::readyz,
         api::metrics,
+        backup::backup_now,
         openapi_json,
     ),
     components(schemas(
@@ -39,6 +40,7 @@ use super::{api, callback, login};
         api::InspectBody,
         login::LinkRequest,
         login::LinkBody,
+        backup::BackupBody,
         super::error::ErrorBody
     ))
 )]
