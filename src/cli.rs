@@ -145,6 +145,13 @@ pub enum Command {
         #[arg(long, value_name = "F")]
         new_key_file: PathBuf,
     },
+    /// Make a backup now ([backup] in the config): the running daemon makes it, or, when none runs, this command on the database file.
+    Backup,
+    /// Put a backup back in place of the database (stop the daemon first); the file is checked before anything is replaced, and the previous database is kept aside.
+    Restore {
+        /// The backup file (tokenkeeper-*.db); its checksum file beside it is checked when present.
+        file: PathBuf,
+    },
     /// Copy every grant, fingerprint, pending authorization and setting from the configured store to another (an SQLite file or a postgres:// URL), in one transaction, and verify the copy (stop the daemon first).
     MigrateStorage {
         /// The target: a postgres://USER@HOST:PORT/DATABASE URL, or the path of an SQLite file.
@@ -292,6 +299,8 @@ pub async fn run(cli: Cli) -> u8 {
         Command::MigrateStorage { ref to, replace } => {
             migrate_storage(cli.config.as_deref(), to, replace).await
         }
+        Command::Backup => backup(&cli).await,
+        Command::Restore { ref file } => restore(cli.config.as_deref(), file).await,
         ref other => client(&cli, other).await,
     };
     match result {
@@ -793,6 +802,8 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
         Command::Serve { .. }
         | Command::CheckConfig
         | Command::Rekey { .. }
+        | Command::Backup
+        | Command::Restore { .. }
         | Command::MigrateStorage { .. } => {
             unreachable!("handled in run")
         }
@@ -1297,6 +1308,112 @@ async fn rekey(explicit: Option<&Path>, new_key_file: &Path) -> Result<(), CliEr
             "re-sealed {n} connection{} under {}; now set storage.encryption_key_file to it and restart the daemon",
             if n == 1 { "" } else { "s" },
             new_key_file.display()
+        ),
+        Output::Report,
+    )
+}
+
+/// The configured encryption key, if any, as a usage error when unreadable.
+fn configured_key(cfg: &Config) -> Result<Option<crate::crypto::SealKey>, CliError> {
+    match &cfg.storage.encryption_key_file {
+        Some(p) => crate::crypto::SealKey::from_file(p)
+            .map(Some)
+            .map_err(|e| usage(e.to_string())),
+        None => Ok(None),
+    }
+}
+
+/// `tokenkeeper backup` (SPEC 14): the running daemon makes it (`POST
+/// /v1/backup`, on its own pool); when no daemon holds the store, this
+/// command does, on the file, holding the store lock alone meanwhile.
+async fn backup(cli: &Cli) -> Result<(), CliError> {
+    let (_, cfg) = load_config(cli.config.as_deref())?;
+    let Some(backup_cfg) = cfg.backup.clone() else {
+        return Err(usage(
+            "no [backup] section in the config; add one with schedule, dir and keep (see the README, \"Backups\"), then run this again",
+        ));
+    };
+    let location = cfg.storage.location();
+    let made = match crate::store::StoreLock::exclusive(&location).await {
+        Ok(_lock) => {
+            let key = configured_key(&cfg)?;
+            let store = crate::store::Store::open_at(&location, configured_key(&cfg)?)
+                .await
+                .map_err(|e| runtime(e.to_string()))?;
+            let made = crate::backup::Backups::new(backup_cfg, key)
+                .make(&store)
+                .await;
+            store.close().await;
+            let made = made.map_err(|e| runtime(e.to_string()))?;
+            crate::http::backup::BackupBody {
+                file: made.path.display().to_string(),
+                sha256: made.sha256,
+                bytes: made.bytes,
+                removed: made.removed.len(),
+            }
+        }
+        Err(crate::store::StoreError::DaemonRunning { .. }) => {
+            let daemon = Daemon::new(&target(cli)?)?;
+            daemon
+                .call(reqwest::Method::POST, &["v1", "backup"], None)
+                .await
+                .map_err(|e| {
+                    if e.message.starts_with("no such endpoint") {
+                        runtime("the running daemon was started without [backup]; restart it (systemctl restart tokenkeeper) so it reads the section, then run this again")
+                    } else {
+                        e
+                    }
+                })?
+        }
+        Err(e) => return Err(runtime(e.to_string())),
+    };
+    outln(
+        format_args!(
+            "wrote and verified {} ({} bytes, sha256 {}){}",
+            made.file,
+            made.bytes,
+            made.sha256,
+            match made.removed {
+                0 => String::new(),
+                1 => "; removed 1 older backup".into(),
+                n => format!("; removed {n} older backups"),
+            }
+        ),
+        Output::Report,
+    )
+}
+
+/// `tokenkeeper restore FILE` (SPEC 14): refused while a daemon holds the
+/// store; see [`crate::backup::restore`].
+async fn restore(explicit: Option<&Path>, file: &Path) -> Result<(), CliError> {
+    let (_, cfg) = load_config(explicit)?;
+    let location = cfg.storage.location();
+    let crate::store::Location::Sqlite(db) = &location else {
+        return Err(usage(
+            "the store is PostgreSQL (storage.url): restore it with the database's own tools (pg_restore)",
+        ));
+    };
+    let key = configured_key(&cfg)?;
+    let _lock = crate::store::StoreLock::exclusive(&location)
+        .await
+        .map_err(|e| runtime(e.to_string()))?;
+    let done = crate::backup::restore(file, db, key.as_ref())
+        .await
+        .map_err(|e| runtime(e.to_string()))?;
+    let aside = match &done.aside {
+        Some(p) => format!("; the previous database is kept as {}", p.display()),
+        None => String::new(),
+    };
+    let checked = if done.checksum_checked {
+        "checksum, "
+    } else {
+        ""
+    };
+    outln(
+        format_args!(
+            "restored {} to {} ({checked}integrity, migrations and key checked){aside}; start the daemon",
+            file.display(),
+            db.display()
         ),
         Output::Report,
     )

@@ -36,6 +36,8 @@ pub struct Config {
     pub notify: NotifyConfig,
     /// Token files (SPEC 12), every provider's, in file order.
     pub sinks: Vec<crate::sinks::SinkConfig>,
+    /// `[backup]` (SPEC 14); `None` when absent.
+    pub backup: Option<BackupConfig>,
     /// Things that work but deserve the operator's attention.
     pub warnings: Vec<String>,
 }
@@ -238,6 +240,21 @@ pub struct NotifyConfig {
     pub command: Option<PathBuf>,
     pub webhook_url: Option<Url>,
 }
+
+/// `[backup]` (SPEC 14): scheduled snapshots of an SQLite store.
+#[derive(Debug, Clone)]
+pub struct BackupConfig {
+    /// A cron expression with seconds (`sec min hour day month weekday`),
+    /// evaluated in UTC; checked when the config is read.
+    pub schedule: String,
+    /// Where backups go (absolute; created 0700).
+    pub dir: PathBuf,
+    /// How many backups are kept; older ones are removed.
+    pub keep: u32,
+}
+
+/// `backup.keep` default: a week of daily backups.
+pub const DEFAULT_BACKUP_KEEP: u32 = 7;
 
 /// One problem found in the config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -845,7 +862,14 @@ impl<'a> Reader<'a> {
         self.check_keys(
             root,
             "",
-            &["server", "storage", "refresh", "providers", "notify"],
+            &[
+                "server",
+                "storage",
+                "refresh",
+                "providers",
+                "notify",
+                "backup",
+            ],
         );
         let empty = Table::new();
         let server_t = self.table(root, "server", "").unwrap_or(&empty);
@@ -856,6 +880,7 @@ impl<'a> Reader<'a> {
         let refresh = self.refresh(refresh_t);
         let notify_t = self.table(root, "notify", "").unwrap_or(&empty);
         let notify = self.notify(notify_t);
+        let backup = self.backup(root, &storage);
         let mut providers = BTreeMap::new();
         let mut sinks = Vec::new();
         if let Some(pt) = self.table(root, "providers", "") {
@@ -902,6 +927,7 @@ impl<'a> Reader<'a> {
             providers,
             notify,
             sinks: sinks.into_iter().map(|(s, _, _)| s).collect(),
+            backup,
             warnings: std::mem::take(&mut self.warnings),
         }
     }
@@ -1103,6 +1129,74 @@ impl<'a> Reader<'a> {
             );
         }
         Some((url, key, span))
+    }
+
+    /// `[backup]`: refused with PostgreSQL (the database has its own
+    /// backup tools); `schedule` must parse as a cron expression now, not
+    /// at the first run; `dir` absolute.
+    fn backup(&mut self, root: &Table<'_>, storage: &StorageConfig) -> Option<BackupConfig> {
+        let p = "backup";
+        let span = self.get(root, p).map(|v| v.span());
+        let t = self.table(root, p, "")?;
+        self.check_keys(t, p, &["schedule", "dir", "keep"]);
+        if storage.url.is_some() {
+            self.problem(
+                p,
+                span,
+                "[backup] works with an SQLite store only: with PostgreSQL (storage.url), backups are the database's business (pg_dump, base backups); remove [backup]",
+            );
+            return None;
+        }
+        let schedule = match self.string(t, "schedule", p) {
+            Some((s, span)) => match crate::backup::check_schedule(&s) {
+                Ok(()) => Some(s),
+                Err(e) => {
+                    self.problem("backup.schedule", Some(span), e);
+                    None
+                }
+            },
+            None => {
+                self.problem(
+                    "backup.schedule",
+                    span.clone(),
+                    "missing; set a cron expression with seconds, in UTC, e.g. \"0 0 3 * * *\" for 03:00 every day",
+                );
+                None
+            }
+        };
+        let dir = match self.string(t, "dir", p) {
+            Some((d, span)) => {
+                let d = PathBuf::from(d);
+                if d.is_absolute() {
+                    Some(d)
+                } else {
+                    self.problem(
+                        "backup.dir",
+                        Some(span),
+                        "must be an absolute path, e.g. \"/var/backups/tokenkeeper\"",
+                    );
+                    None
+                }
+            }
+            None => {
+                self.problem(
+                    "backup.dir",
+                    span,
+                    "missing; set the absolute directory backups go to, e.g. \"/var/backups/tokenkeeper\"",
+                );
+                None
+            }
+        };
+        let keep = if self.get(t, "keep").is_some() {
+            self.count(t, "keep", p)?
+        } else {
+            DEFAULT_BACKUP_KEEP
+        };
+        Some(BackupConfig {
+            schedule: schedule?,
+            dir: dir?,
+            keep,
+        })
     }
 
     fn refresh(&mut self, t: &Table<'_>) -> RefreshConfig {

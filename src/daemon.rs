@@ -92,6 +92,8 @@ pub enum DaemonError {
     /// configuration problem (exit 2), named with the URLs tried.
     #[error(transparent)]
     Discovery(#[from] crate::provider::discovery::DiscoveryError),
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
     #[error("cannot read server.api_keys_file {path}: {source}")]
     ApiKeys {
         path: String,
@@ -147,6 +149,8 @@ pub struct App {
     /// Held while the application lives: offline commands (rekey) refuse
     /// to run while it is.
     db_lock: crate::store::StoreLock,
+    /// `[backup]`: made on its schedule (and on `POST /v1/backup`).
+    backups: Option<Arc<crate::backup::Backups>>,
 }
 
 impl App {
@@ -204,6 +208,27 @@ impl App {
         })
         .await?;
         release_freed_memory();
+        let backups = match &config.backup {
+            // The key again, for verifying backups (the store keeps its own).
+            Some(b) => Some(Arc::new(crate::backup::Backups::new(
+                b.clone(),
+                match &config.storage.encryption_key_file {
+                    Some(path) => Some(crate::crypto::SealKey::from_file(path)?),
+                    None => None,
+                },
+            ))),
+            None => None,
+        };
+        let extra = match &backups {
+            Some(b) => {
+                let routes = http::backup::routes(b.clone(), engine.clone());
+                Some(match extra {
+                    Some(e) => e.merge(routes),
+                    None => routes,
+                })
+            }
+            None => extra,
+        };
         let public_url = config.public_url(bound);
         let tls = load_tls(&config, &public_url)?;
         let state = AppState::new(crate::http::Shared {
@@ -232,6 +257,7 @@ impl App {
             tls,
             public_url,
             db_lock,
+            backups,
         })
     }
 
@@ -268,6 +294,7 @@ impl App {
             tls,
             public_url,
             db_lock,
+            backups,
         } = self;
         let engine = reload.engine.clone();
         let config = reload.config.clone();
@@ -284,6 +311,9 @@ impl App {
         // every change, on tasks of their own.
         let sinks = Arc::new(crate::sinks::Sinks::start(engine.clone(), &config.sinks));
         reload.sinks = Some(sinks.clone());
+        // Calendar jobs (backups, purges); their failure to start is the
+        // daemon's, like a port that cannot be bound.
+        let calendar = crate::backup::Calendar::start(engine.clone(), backups).await?;
 
         let background = tokio_util::task::TaskTracker::new();
         background.spawn(systemd::watchdog(engine.clone(), shutdown.clone()));
@@ -330,6 +360,7 @@ impl App {
         if let Err(e) = scheduler.await {
             tracing::warn!(error = %e, "scheduler did not stop cleanly");
         }
+        calendar.stop().await;
         // Grants held in memory (a failed commit) get their last attempt.
         engine.stop();
         // 2. Flights in the air land and commit.
@@ -546,6 +577,7 @@ fn apply(r: &mut Reloadable, new: Config) {
     let mut kept = new;
     kept.server = r.config.server.clone();
     kept.storage = r.config.storage.clone();
+    kept.backup = r.config.backup.clone();
     r.config = kept;
 }
 
@@ -604,6 +636,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     // Any other [storage] key.
     if named.len() == before && differs(&old.storage, &new.storage) {
         named.push("[storage] settings");
+    }
+    // The calendar jobs are set up once, at start.
+    if differs(&old.backup, &new.backup) {
+        named.push("[backup]");
     }
     named
 }
@@ -692,6 +728,24 @@ mod tests {
         assert_eq!(
             needs_restart(&old, &cfg("proxy_max_wait = \"3s\"", "/tmp/b.db", "5s")),
             vec!["server.proxy_max_wait", "storage.path"]
+        );
+    }
+
+    #[test]
+    fn a_changed_backup_section_needs_a_restart() {
+        let cfg = |backup: &str| {
+            crate::config::parse(
+                &format!("[storage]\npath = \"/tmp/a.db\"\n{backup}"),
+                std::path::Path::new("/tmp/t.toml"),
+            )
+            .unwrap()
+        };
+        let daily = "[backup]\nschedule = \"0 0 3 * * *\"\ndir = \"/tmp/b\"\n";
+        assert!(needs_restart(&cfg(daily), &cfg(daily)).is_empty());
+        assert_eq!(needs_restart(&cfg(""), &cfg(daily)), vec!["[backup]"]);
+        assert_eq!(
+            needs_restart(&cfg(daily), &cfg(&daily.replace("3 *", "4 *"))),
+            vec!["[backup]"]
         );
     }
 

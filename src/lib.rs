@@ -47,6 +47,9 @@
 //!   (OAuth endpoints, API, control and faults, discovery documents, and
 //!   each preset's quirks via [`dev::SimulatorConfig::like`]) and [`dev::config`], the
 //!   configuration of `serve --dev`. Never used for real traffic.
+//! - [`backup`]: SQLite backups (`VACUUM INTO`, checksum, verification,
+//!   pruning), restore, and the calendar jobs (`tokio-cron-scheduler`: the
+//!   backup schedule, the purge of expired pending authorizations).
 //! - [`daemon`]: builds the application from a config ([`daemon::App`]:
 //!   store, engine, rate limits, HTTP state) and serves it on a listener
 //!   until a shutdown signal; graceful stop.
@@ -54,6 +57,7 @@
 //!   the API through the types of [`http::answers`].
 //! - [`systemd`]: sd_notify, watchdog, socket activation, journal log lines.
 
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod crypto;

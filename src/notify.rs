@@ -35,6 +35,8 @@ pub enum EventKind {
     Authorized,
     /// A token file could not be written, or its command failed.
     SinkFailed,
+    /// A scheduled or requested backup failed (no provider or account).
+    BackupFailed,
 }
 
 impl EventKind {
@@ -46,6 +48,7 @@ impl EventKind {
             EventKind::BearerMisuse => "bearer_misuse",
             EventKind::Authorized => "authorized",
             EventKind::SinkFailed => "sink_failed",
+            EventKind::BackupFailed => "backup_failed",
         }
     }
 }

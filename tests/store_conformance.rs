@@ -515,6 +515,35 @@ async fn a_pending_authorization_is_taken_once_by_its_browser(kind: Kind) {
     );
 }
 
+async fn expired_pending_authorizations_are_purged_and_live_ones_kept(kind: Kind) {
+    let Some(f) = Fixture::new(kind, "purge_pending", None).await else {
+        return;
+    };
+    let now = Utc::now();
+    let pending = |state: &str, expires_in: i64| PendingAuthorization {
+        state: state.into(),
+        provider: "keap".into(),
+        account: "default".into(),
+        pkce_verifier: None,
+        redirect_uri: "http://127.0.0.1/callback".into(),
+        browser_hash: "browser-a".into(),
+        created_at: now,
+        expires_at: now + Duration::seconds(expires_in),
+    };
+    for (state, expires_in) in [("old-1", -60), ("old-2", -1), ("live", 600)] {
+        f.store
+            .insert_pending(&pending(state, expires_in))
+            .await
+            .unwrap();
+    }
+    assert_eq!(f.store.purge_expired_pending(now).await.unwrap(), 2);
+    assert_eq!(f.store.purge_expired_pending(now).await.unwrap(), 0);
+    assert!(
+        f.store.take_pending("live", now).await.unwrap().is_some(),
+        "a live authorization survives the purge"
+    );
+}
+
 async fn sealed_values_are_bound_to_their_place_and_key(kind: Kind) {
     let Some(f) = Fixture::new(kind, "sealing", Some(key(3))).await else {
         return;
@@ -792,6 +821,7 @@ conformance!(
     a_stalled_holder_still_lands_a_rotation_nobody_else_stored,
     fingerprints_are_kept_in_order_and_bounded,
     a_pending_authorization_is_taken_once_by_its_browser,
+    expired_pending_authorizations_are_purged_and_live_ones_kept,
     sealed_values_are_bound_to_their_place_and_key,
     heartbeats_count_the_other_daemons,
     events_land_only_with_the_write_they_record,

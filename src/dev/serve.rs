@@ -61,6 +61,7 @@ pub fn config(listen: SocketAddr, db_path: PathBuf, client_secret: &str) -> Conf
         providers,
         notify: NotifyConfig::default(),
         sinks: Vec::new(),
+        backup: None,
         warnings: Vec::new(),
     }
 }

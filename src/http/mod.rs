@@ -8,6 +8,7 @@
 pub mod answers;
 pub mod api;
 pub mod auth;
+pub mod backup;
 pub mod callback;
 pub mod error;
 pub mod grant_in;

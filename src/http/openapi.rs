@@ -4,7 +4,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use super::{api, callback, grant_in, login};
+use super::{api, backup, callback, grant_in, login};
 
 /// The document served at `/openapi.json`.
 #[derive(OpenApi)]
@@ -34,6 +34,7 @@ use super::{api, callback, grant_in, login};
         api::healthz,
         api::readyz,
         api::metrics,
+        backup::backup_now,
         openapi_json,
     ),
     components(schemas(
@@ -50,6 +51,7 @@ use super::{api, callback, grant_in, login};
         super::answers::PasteStartBody,
         super::answers::PasteFinishRequest,
         super::answers::PasteFinishBody,
+        backup::BackupBody,
         super::error::ErrorBody
     ))
 )]

@@ -55,7 +55,7 @@ use crate::crypto::{self, SealKey};
 pub use codec::Codec;
 use codec::{Column, SealContext};
 pub use events::{Before, Event, EventKind, EventQuery, NewEvent};
-pub use sqlite::DbLock;
+pub use sqlite::{check_file, DbLock};
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +92,10 @@ pub enum StoreError {
     Sealed(#[from] crypto::OpenError),
     #[error("the stored row is corrupt: {0}")]
     Corrupt(String),
+    /// A file checked before it is trusted ([`check_file`]) is not a
+    /// whole tokenkeeper database: the sentence names it and the fix.
+    #[error("{0}")]
+    NotADatabase(String),
     #[error("the database cannot be written: {0}")]
     NotWritable(String),
 }
@@ -444,6 +448,11 @@ pub trait Backend {
         browser_hash: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<PendingTake, StoreError>;
+
+    /// Removes the pending authorizations that expired before `now`;
+    /// returns how many. Without it, flows started and abandoned stay
+    /// until the next callback.
+    async fn purge_expired_pending(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
 
     /// Every connection, decoded, one at a time (a row whose identity
     /// cannot be read is logged and skipped).
@@ -890,6 +899,26 @@ impl Store {
                 PendingTake::OtherBrowser | PendingTake::Unknown => None,
             },
         )
+    }
+
+    /// Removes the pending authorizations that expired before `now` (the
+    /// periodic purge, [`crate::backup`]); returns how many.
+    pub async fn purge_expired_pending(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        on_backend!(self, b => b.purge_expired_pending(now).await)
+    }
+
+    /// Writes a consistent copy of the whole database to `dest` while it
+    /// is in use (SQLite `VACUUM INTO`, see [`sqlite::Sqlite::snapshot_into`]);
+    /// sealed values stay sealed. PostgreSQL has its own tools for that,
+    /// so it answers [`StoreError::NotWritable`] naming them.
+    pub async fn snapshot_into(&self, dest: &Path) -> Result<(), StoreError> {
+        match &self.db {
+            Db::Sqlite(b) => b.snapshot_into(dest).await,
+            Db::Postgres(_) => Err(StoreError::NotWritable(
+                "backups of a PostgreSQL store are the database's business (pg_dump, base backups)"
+                    .into(),
+            )),
+        }
     }
 
     /// Like [`Store::take_pending`], but only for the browser that started

@@ -529,6 +529,14 @@ impl Backend for Postgres {
         Ok(())
     }
 
+    async fn purge_expired_pending(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM pending_authorizations WHERE expires_at < $1")
+            .bind(to_ms(now))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn take_pending(
         &self,
         state: &str,

@@ -118,6 +118,33 @@ impl Sqlite {
         })
     }
 
+    /// Writes a consistent copy of the database to `dest` (which must not
+    /// exist or be empty) with `VACUUM INTO`: one read transaction on a
+    /// pooled connection, so writers go on and the copy is one committed
+    /// state, never a file copy of a live WAL database. The copy is then
+    /// switched to a rollback journal, so it is a single self-contained
+    /// file that can be opened, checked and restored without -wal/-shm.
+    pub(super) async fn snapshot_into(&self, dest: &Path) -> Result<(), StoreError> {
+        let target = dest.to_str().ok_or_else(|| {
+            StoreError::NotWritable(format!(
+                "the backup path {} is not valid UTF-8; choose another backup.dir",
+                dest.display()
+            ))
+        })?;
+        sqlx::query("VACUUM INTO ?")
+            .bind(target.to_owned())
+            .execute(&self.pool)
+            .await?;
+        let options = SqliteConnectOptions::new()
+            .filename(dest)
+            .journal_mode(SqliteJournalMode::Delete)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT);
+        let conn = sqlx::ConnectOptions::connect(&options).await?;
+        sqlx::Connection::close(conn).await?;
+        Ok(())
+    }
+
     /// The pool, for tests that must write what no method writes.
     #[cfg(test)]
     pub(super) fn pool(&self) -> &SqlitePool {
@@ -285,6 +312,14 @@ impl Backend for Sqlite {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn purge_expired_pending(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM pending_authorizations WHERE expires_at < ?")
+            .bind(to_ms(now))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn take_pending(
@@ -954,6 +989,94 @@ async fn record_fingerprints(
         .await?;
     }
     Ok(())
+}
+
+/// Checks, without writing anything, that the SQLite file at `path` is a
+/// whole tokenkeeper database that this version can open with `key`:
+/// SQLite's integrity check, migrations this version knows (same versions
+/// and checksums, none newer), and the key check (a sealed file opens only
+/// with the key it was sealed with; a plaintext one with any key or none,
+/// the daemon seals it at start). For backups before they are trusted;
+/// messages call the file `name` (a check may run on a private copy).
+pub async fn check_file(path: &Path, name: &str, key: Option<&SealKey>) -> Result<(), StoreError> {
+    let shown = name.to_owned();
+    // Immutable: no lock, no -wal/-shm created beside the file, nothing
+    // written even if the file asks for a recovery.
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .immutable(true);
+    let mut conn = sqlx::ConnectOptions::connect(&options)
+        .await
+        .map_err(|source| StoreError::Open {
+            path: shown.clone(),
+            source,
+        })?;
+    let checked = check_open_file(&mut conn, &shown, key).await;
+    let _ = sqlx::Connection::close(conn).await;
+    checked
+}
+
+async fn check_open_file(
+    conn: &mut Conn,
+    shown: &str,
+    key: Option<&SealKey>,
+) -> Result<(), StoreError> {
+    let not_ours = |detail: String| {
+        StoreError::NotADatabase(format!(
+            "{shown} is not a tokenkeeper database ({detail}); choose a backup file made by `tokenkeeper backup` (tokenkeeper-*.db)"
+        ))
+    };
+    let verdict: Vec<String> = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| not_ours(e.to_string()))?;
+    if verdict.first().map(String::as_str) != Some("ok") {
+        return Err(StoreError::NotADatabase(format!(
+            "{shown} fails SQLite's integrity check ({}); it is damaged, choose an older backup",
+            verdict.first().map_or("no answer", String::as_str)
+        )));
+    }
+    let applied: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT version, checksum FROM _sqlx_migrations WHERE success ORDER BY version",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|_| not_ours("it has no tokenkeeper migrations".into()))?;
+    if applied.is_empty() {
+        return Err(not_ours("it has no tokenkeeper migrations".into()));
+    }
+    let known = sqlx::migrate!("./migrations/sqlite");
+    for (version, checksum) in &applied {
+        match known.iter().find(|m| m.version == *version) {
+            None => {
+                return Err(StoreError::NewerVersion {
+                    path: shown.to_owned(),
+                    version: *version,
+                })
+            }
+            Some(m) if m.checksum.as_ref() != checksum.as_slice() => {
+                return Err(not_ours(format!(
+                    "its migration {version} differs from this version's"
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    let check: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT value FROM installation WHERE name = 'key_check'")
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| not_ours(e.to_string()))?;
+    let check = check.map(|v| String::from_utf8_lossy(&v).into_owned());
+    match (key, check) {
+        (None, Some(_)) => Err(StoreError::KeyRequired),
+        (Some(key), Some(c)) => key
+            .open(&c, codec::KEY_CHECK_CONTEXT)
+            .map(|_| ())
+            .map_err(|_| StoreError::WrongKey),
+        (_, None) => Ok(()),
+    }
 }
 
 /// Cause and fix of an SQLite failure, if it is one an operator can fix.
