@@ -303,7 +303,11 @@ async fn two_processes_share_one_database_without_reuse() {
     }
     let span = before_auth.elapsed().as_secs_f64();
     let stats = h.sim.sim.stats();
-    let max = (span / (lifetime * at_fraction)).floor() as u64 + 1;
+    // The scheduler refreshes on the due instant itself, and the daemon
+    // sees a little less than the nominal lifetime (the answer's transit,
+    // whole-second expiry): refreshes come down to 0.85 of the nominal
+    // spacing apart. A double refresh would double the count.
+    let max = (span / (lifetime * at_fraction * 0.85)).floor() as u64 + 1;
     let log1 = h.log();
     let log2_text = std::fs::read_to_string(&log2).unwrap_or_default();
     let refreshed = |l: &str| l.matches("access token refreshed").count();
