@@ -769,8 +769,10 @@ mod tests {
         for t in tasks {
             ok += usize::from(t.await.unwrap());
         }
-        // Paced: one at once, then one every 50 ms for 0.5 s.
-        assert!((10..=12).contains(&ok), "granted {ok}");
+        // Paced: one at once, then one every 50 ms for 0.5 s; never more.
+        // Fewer only when a loaded machine wakes the waiters late (a slot
+        // is granted only before the deadline).
+        assert!((7..=12).contains(&ok), "granted {ok}");
         assert!(started.elapsed() < Duration::from_secs(2));
     }
 
