@@ -165,7 +165,7 @@ impl Backups {
             let _ = std::fs::remove_file(&partial);
         }
         let (sha256, bytes) = done?;
-        let removed = prune(dir, self.config.keep);
+        let removed = prune(dir, self.config.keep, &name);
         Ok(Made {
             path,
             sha256,
@@ -239,7 +239,7 @@ fn checksum_path(backup: &Path) -> PathBuf {
 /// Removes the oldest backups (and their checksum files) beyond `keep`;
 /// returns what was removed. Files without our name pattern are never
 /// touched. A file that cannot be removed is logged and left.
-fn prune(dir: &Path, keep: u32) -> Vec<PathBuf> {
+fn prune(dir: &Path, keep: u32, just_made: &str) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -248,6 +248,12 @@ fn prune(dir: &Path, keep: u32) -> Vec<PathBuf> {
         .filter(|n| is_backup_name(n))
         .collect();
     names.sort_unstable_by(|a, b| b.cmp(a));
+    // The backup just made counts first whatever its name says: after the
+    // clock was set back it would sort oldest and go at once.
+    if let Some(i) = names.iter().position(|n| n == just_made) {
+        let made = names.remove(i);
+        names.insert(0, made);
+    }
     let mut removed = Vec::new();
     for name in names.into_iter().skip(keep as usize) {
         let path = dir.join(&name);
@@ -306,7 +312,14 @@ pub async fn restore(
     };
     let aside = if db.exists() {
         let stamp = Utc::now().format("%Y%m%dT%H%M%SZ");
-        let aside = PathBuf::from(format!("{}.before-restore-{stamp}", db.display()));
+        // Never over an earlier copy put aside (two restores in a second).
+        let aside = (0..)
+            .map(|n: u32| match n {
+                0 => PathBuf::from(format!("{}.before-restore-{stamp}", db.display())),
+                n => PathBuf::from(format!("{}.before-restore-{stamp}-{n}", db.display())),
+            })
+            .find(|p| !p.exists())
+            .unwrap_or_else(|| PathBuf::from(format!("{}.before-restore", db.display())));
         std::fs::rename(db, &aside).map_err(|source| write_error(&aside, source))?;
         // The -wal of a database that was not closed cleanly holds some of
         // its commits: it goes aside with it; the -shm is only an index.
@@ -418,13 +431,21 @@ fn write_error(path: &Path, source: std::io::Error) -> BackupError {
 /// A new file, mode 0600, truncated if it exists.
 fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    // A stale temporary (a crash) is removed first; then the file must be
+    // new and not a link someone planted in its place, so nothing outside
+    // the backup directory is ever truncated or written.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     let f = std::fs::OpenOptions::new()
-        .create(true)
+        .create_new(true)
         .write(true)
-        .truncate(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
-    // An existing file keeps its mode through `open`.
+    // Whatever the umask.
     f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     Ok(f)
 }
@@ -592,6 +613,41 @@ mod tests {
         }
     }
 
+    /// After the clock was set back the backup just made has the oldest
+    /// name: it is kept, the oldest of the others goes.
+    #[test]
+    fn prune_never_removes_the_backup_just_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..3)
+            .map(|s| backup_name(DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap()))
+            .collect();
+        for n in &names {
+            std::fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        let removed = prune(dir.path(), 2, &names[0]);
+        assert_eq!(removed, vec![dir.path().join(&names[1])]);
+        assert!(dir.path().join(&names[0]).exists());
+        assert!(dir.path().join(&names[2]).exists());
+    }
+
+    /// A link planted where a temporary goes is replaced, never written
+    /// through.
+    #[test]
+    fn a_planted_link_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let tmp = dir.path().join(".t.partial");
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        let mut f = create_private_file(&tmp).unwrap();
+        f.write_all(b"backup").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(!std::fs::symlink_metadata(&tmp)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+
     #[test]
     fn prune_keeps_the_newest_and_leaves_other_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -603,7 +659,7 @@ mod tests {
             names.push(n);
         }
         std::fs::write(dir.path().join("notes.txt"), b"keep me").unwrap();
-        let removed = prune(dir.path(), 2);
+        let removed = prune(dir.path(), 2, "");
         assert_eq!(removed.len(), 3);
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()

@@ -145,7 +145,7 @@ pub enum Command {
         #[arg(long, value_name = "F")]
         new_key_file: PathBuf,
     },
-    /// Make a backup now ([backup] in the config): the running daemon makes it, or, when none runs, this command on the database file.
+    /// Make a backup now (the backup section of the config): the running daemon makes it, or, when none runs, this command on the database file.
     Backup,
     /// Put a backup back in place of the database (stop the daemon first); the file is checked before anything is replaced, and the previous database is kept aside.
     Restore {

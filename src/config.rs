@@ -99,6 +99,10 @@ pub struct StorageConfig {
     pub history: Duration,
 }
 
+/// Longest `storage.history`: a cutoff further back than this is outside
+/// the range of instants the history can compare against.
+pub const MAX_HISTORY: Duration = Duration::from_secs(36_500 * 24 * 3600);
+
 /// Default of `storage.history`: a quarter of a year, enough to answer
 /// "what happened last month" without the table growing forever (a few
 /// events a day per connection).
@@ -1078,6 +1082,14 @@ impl<'a> Reader<'a> {
                     "storage.history",
                     None,
                     "must be longer than 0s, e.g. \"90d\"",
+                );
+                DEFAULT_HISTORY
+            }
+            Some(d) if d > MAX_HISTORY => {
+                self.problem(
+                    "storage.history",
+                    None,
+                    "must be at most 36500d (100 years), e.g. \"90d\"",
                 );
                 DEFAULT_HISTORY
             }

@@ -126,8 +126,11 @@ pub fn purge_interval(history: Duration) -> Duration {
 pub async fn purge_loop(store: Store, history: Duration, shutdown: CancellationToken) {
     let every = purge_interval(history);
     loop {
-        let cutoff =
-            Utc::now() - chrono::Duration::from_std(history).unwrap_or(chrono::Duration::MAX);
+        // Saturating: a retention beyond the range of instants keeps all.
+        let cutoff = chrono::Duration::from_std(history)
+            .ok()
+            .and_then(|h| Utc::now().checked_sub_signed(h))
+            .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
         match store.purge_events(cutoff).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(events = n, "pruned history events past storage.history"),

@@ -332,14 +332,18 @@ async fn events_older_than_storage_history_are_purged() {
 
 #[tokio::test]
 async fn a_zero_history_is_refused_naming_the_key() {
-    let h = Harness::new(Options::default()).await;
-    set_history(&h, "0s");
-    let out = h.cli(&["check-config"]).await;
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("storage.history"),
-        "{out:?}"
-    );
+    // Zero, and one beyond the range of instants (it used to panic the
+    // purge task at the first purge).
+    for value in ["0s", "100000000d"] {
+        let h = Harness::new(Options::default()).await;
+        set_history(&h, value);
+        let out = h.cli(&["check-config"]).await;
+        assert_eq!(out.status.code(), Some(2), "{value}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("storage.history"),
+            "{value}: {out:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

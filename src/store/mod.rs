@@ -908,7 +908,7 @@ impl Store {
     }
 
     /// Writes a consistent copy of the whole database to `dest` while it
-    /// is in use (SQLite `VACUUM INTO`, see [`sqlite::Sqlite::snapshot_into`]);
+    /// is in use (SQLite `VACUUM INTO`, see `sqlite::Sqlite::snapshot_into`);
     /// sealed values stay sealed. PostgreSQL has its own tools for that,
     /// so it answers [`StoreError::NotWritable`] naming them.
     pub async fn snapshot_into(&self, dest: &Path) -> Result<(), StoreError> {
