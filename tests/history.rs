@@ -509,3 +509,43 @@ async fn tokenkeeper_log_follow_ends_cleanly_on_ctrl_c() {
         .unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
+
+/// A program sending a refresh token as a bearer token in a loop: every
+/// request is refused and counted, but reported (history event, log line)
+/// once a minute per grant, so it cannot flood the table or the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bearer_misuse_loop_is_counted_each_time_and_recorded_once() {
+    let h = Harness::started(quiet()).await;
+    h.authorize_default().await;
+    let refresh = h.sim.sim.current_refresh_token().expect("a live grant");
+    for _ in 0..20 {
+        let r = h.get_bearer("/v1/token/keap", &refresh).await;
+        assert_eq!(r.status(), 401);
+    }
+    let metrics = h.get_text("/metrics").await;
+    assert!(
+        metrics.contains("tokenkeeper_bearer_misuse_total 20"),
+        "{metrics}"
+    );
+    common::eventually(
+        Duration::from_secs(10),
+        "the misuse is recorded",
+        || async { kinds(&events(&h, "").await.1).contains(&"bearer_misuse".to_string()) },
+    )
+    .await;
+    // Give stray background recordings time to land before counting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let recorded = kinds(&events(&h, "").await.1)
+        .iter()
+        .filter(|k| *k == "bearer_misuse")
+        .count();
+    assert_eq!(recorded, 1, "one event for the whole loop");
+    assert_eq!(
+        h.log()
+            .lines()
+            .filter(|l| l.contains("tokenkeeper::security") && l.contains("bearer_misuse"))
+            .count(),
+        1,
+        "one security log line"
+    );
+}

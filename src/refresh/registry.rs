@@ -276,6 +276,9 @@ pub fn inspect(shared: &Shared, token: &str) -> TokenIdentity {
     }
 }
 
+/// How often a repeated bearer misuse of one grant is reported.
+const MISUSE_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Whether a bearer credential is one of our refresh tokens, current or
 /// rotated out (SPEC 5). If so, the misuse is reported here, once: a
 /// security log line, `tokenkeeper_bearer_misuse_total` and the
@@ -285,14 +288,29 @@ pub fn refuse_refresh_token_as_bearer(shared: &Shared, token: &str) -> bool {
         return false;
     };
     metrics::counter!(crate::metrics::BEARER_MISUSE_TOTAL).increment(1);
+    let slot = shared.slots.by_id(id);
+    // Every request is refused and counted; the report (log line, history
+    // event, notification) comes at most once a minute per grant, so a
+    // program retrying in a loop cannot flood the log, the history table
+    // or the notify command.
+    if let Some(slot) = &slot {
+        let now = shared.clock().monotonic().as_millis() as u64 + 1;
+        let last = slot.misuse_reported.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < MISUSE_REPORT_EVERY.as_millis() as u64
+            || slot
+                .misuse_reported
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return true;
+        }
+    }
     tracing::warn!(
         target: "tokenkeeper::security",
         event = "bearer_misuse",
         "a refresh token was presented as a bearer token and refused"
     );
-    let (provider, account) = shared
-        .slots
-        .by_id(id)
+    let (provider, account) = slot
         .map(|s| (s.provider.clone(), s.account.clone()))
         .unwrap_or_default();
     history::record_later(

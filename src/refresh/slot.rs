@@ -65,6 +65,10 @@ pub struct Slot {
     pub(super) pending: std::sync::Mutex<Option<Arc<PendingCommit>>>,
     /// What we last saw of another process's lease on this connection.
     pub(super) lease_watch: std::sync::Mutex<Option<LeaseWatch>>,
+    /// When a bearer misuse of this grant's refresh token was last
+    /// reported (monotonic ms + 1; 0: never), so that a program sending it
+    /// in a loop costs one log line, event and notification a minute.
+    pub(super) misuse_reported: AtomicU64,
     /// The table's change counter (see [`Slots::changes`]), moved by
     /// [`Slot::set`].
     changes: tokio::sync::watch::Sender<u64>,
@@ -85,6 +89,7 @@ impl Slot {
             refreshes: Default::default(),
             pending: std::sync::Mutex::new(None),
             lease_watch: std::sync::Mutex::new(None),
+            misuse_reported: AtomicU64::new(0),
             changes,
         }
     }
