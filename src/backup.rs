@@ -320,22 +320,42 @@ pub async fn restore(
             })
             .find(|p| !p.exists())
             .unwrap_or_else(|| PathBuf::from(format!("{}.before-restore", db.display())));
+        // Every rename done is undone if a later one fails, so that a
+        // failed restore leaves the database where it was, never nothing
+        // (a daemon started then would create an empty one).
+        let mut moved: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let undo = |moved: &[(PathBuf, PathBuf)]| {
+            for (from, to) in moved.iter().rev() {
+                let _ = std::fs::rename(to, from);
+            }
+        };
         std::fs::rename(db, &aside).map_err(|source| write_error(&aside, source))?;
+        moved.push((db.to_path_buf(), aside.clone()));
         // The -wal of a database that was not closed cleanly holds some of
         // its commits: it goes aside with it; the -shm is only an index.
         for ext in ["-wal", "-journal"] {
             let from = PathBuf::from(format!("{}{ext}", db.display()));
             if from.exists() {
                 let to = PathBuf::from(format!("{}{ext}", aside.display()));
-                std::fs::rename(&from, &to).map_err(|source| write_error(&to, source))?;
+                if let Err(source) = std::fs::rename(&from, &to) {
+                    undo(&moved);
+                    let _ = std::fs::remove_file(&copy);
+                    return Err(write_error(&to, source));
+                }
+                moved.push((from, to));
             }
+        }
+        if let Err(source) = std::fs::rename(&copy, db) {
+            undo(&moved);
+            let _ = std::fs::remove_file(&copy);
+            return Err(write_error(db, source));
         }
         let _ = std::fs::remove_file(format!("{}-shm", db.display()));
         Some(aside)
     } else {
+        std::fs::rename(&copy, db).map_err(|source| write_error(db, source))?;
         None
     };
-    std::fs::rename(&copy, db).map_err(|source| write_error(db, source))?;
     sync_dir(dir);
     Ok(Restored {
         aside,
