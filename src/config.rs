@@ -2000,6 +2000,18 @@ impl Reader<'_> {
                     Some(span.clone()),
                     format!("the directory {} does not exist; create it (writable by this service's user) or fix the path", dir.display()),
                 );
+            } else if std::fs::metadata(dir).is_ok_and(|m| {
+                use std::os::unix::fs::PermissionsExt;
+                m.permissions().mode() & 0o002 != 0
+            }) {
+                // Anyone could put a file of their own at the path first
+                // (a sticky directory then refuses our rename), and the
+                // program reading it would take that file for the token.
+                self.problem(
+                    &pkey,
+                    Some(span.clone()),
+                    format!("the directory {} is writable by every user, so another user could put a file of their own at this path; use a directory only this service's user (and the reading program's group) can write", dir.display()),
+                );
             }
         }
     }

@@ -305,6 +305,13 @@ async fn bad_sinks_are_config_errors_naming_key_and_line() {
     let out = tempfile::tempdir().unwrap();
     let h = Harness::new(Options::default()).await;
     let db_dir: PathBuf = h.db_path().parent().unwrap().to_path_buf();
+    // Like /tmp: writable by everyone, sticky.
+    let shared = out.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    }
     let provider = [
         sink(&out.path().join("a"), "format = \"yaml\""),
         sink(&out.path().join("b"), "mode = \"0999\""),
@@ -317,6 +324,7 @@ async fn bad_sinks_are_config_errors_naming_key_and_line() {
         sink(&out.path().join("d"), "group = \"no-such-group-tk\""),
         sink(&out.path().join("e"), "account = \"Bad Name\""),
         sink(&out.path().join("f"), "colour = \"blue\""),
+        sink(&shared.join("token"), ""),
     ]
     .concat();
     h.write_config("", "", &provider);
@@ -349,6 +357,7 @@ async fn bad_sinks_are_config_errors_naming_key_and_line() {
         ("sinks[8].group", "no-such-group-tk", "no group"),
         ("sinks[9].account", "Bad Name", "not an account name"),
         ("sinks[10].colour", "colour", "unknown key"),
+        ("sinks[11].path", "shared/token", "writable by every user"),
     ] {
         let key = format!("providers.keap.{key}");
         let line = err
