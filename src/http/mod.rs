@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod backup;
 pub mod callback;
+pub mod dashboard;
 pub mod error;
 pub mod grant_in;
 pub mod guard;
@@ -97,6 +98,7 @@ pub type App = guard::Checked<Router, Guards>;
 pub fn router(state: AppState, extra: Option<Router>) -> App {
     let mut app = Router::new()
         .route("/", get(dashboard))
+        .route(dashboard::SCRIPT_PATH, get(dashboard::script))
         .route("/connect/{provider}", get(callback::connect))
         .route("/callback", get(callback::callback))
         .route("/login", get(login::login))
@@ -177,7 +179,7 @@ impl guard::RequestCheck for Guards {
     }
 }
 
-/// `GET /`: the dashboard.
+/// `GET /`: the dashboard (see [`dashboard`]).
 #[utoipa::path(get, path = "/", summary = "Dashboard: every provider and connection, with Connect buttons", responses(
     (status = 200, description = "HTML page", body = String, content_type = "text/html")
 ))]
@@ -185,7 +187,8 @@ pub async fn dashboard(State(state): State<AppState>) -> Response {
     let settings = state.engine.settings();
     let mut providers: Vec<String> = settings.providers.keys().cloned().collect();
     providers.sort();
-    pages::dashboard(&providers, &state.engine.report())
+    let panels = dashboard::gather(&state).await;
+    dashboard::page(&providers, &panels, chrono::Utc::now())
 }
 
 async fn not_found() -> Response {

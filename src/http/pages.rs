@@ -1,5 +1,6 @@
-//! Server-rendered HTML: the dashboard and the authorization result pages.
-//! No scripts, no external assets.
+//! Server-rendered HTML: the shared layout and the authorization result
+//! pages (the dashboard is `dashboard`'s). No external assets; the only
+//! script is the dashboard's own, served by the daemon.
 //!
 //! Pages are `maud` templates: every value interpolated into one is escaped
 //! by construction (text and attributes alike), so no caller escapes
@@ -11,23 +12,10 @@ use axum::response::{Html, IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 
-use crate::refresh::ConnectionReport;
-use crate::store::ConnState;
-
 /// The one stylesheet, inlined (the CSP allows inline styles and nothing
-/// from outside). A compile-time constant, so it is the only markup emitted
+/// from outside). Embedded at build time, so it is the only markup emitted
 /// unescaped.
-const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}\
-main{max-width:960px;margin:0 auto;padding:1.5rem}h1{font-size:1.4rem}\
-table{border-collapse:collapse;width:100%;background:#fff}th,td{text-align:left;padding:.5rem;border-bottom:1px solid #e3e6ea;font-size:.9rem}\
-.badge{display:inline-block;padding:.15rem .5rem;border-radius:1rem;font-size:.8rem;color:#fff}\
-.active{background:#1f883d}.refreshing{background:#0969da}.retrying{background:#bf8700}.authorization_required{background:#cf222e}\
-.card{background:#fff;border:1px solid #e3e6ea;border-radius:.5rem;padding:1rem;margin:1rem 0}\
-a.button,button{display:inline-block;background:#0969da;color:#fff;border:0;border-radius:.4rem;padding:.4rem .8rem;text-decoration:none;font-size:.9rem;cursor:pointer}\
-input{padding:.35rem;border:1px solid #c9ced6;border-radius:.3rem}.error{color:#cf222e}\
-@media(max-width:640px){table,thead,tbody,tr,td,th{display:block}thead{display:none}td{border:0;padding:.2rem .5rem}tr{border-bottom:1px solid #e3e6ea;padding:.5rem 0}\
-td[data-label]::before{content:attr(data-label) \": \";font-weight:600;color:#57606a}}\
-.muted{color:#57606a;font-size:.85rem}";
+const STYLE: &str = include_str!("assets/style.css");
 
 /// Wraps a body in the shared page layout (with a way back to the
 /// dashboard).
@@ -43,7 +31,27 @@ pub fn page(status: StatusCode, title: &str, body: Markup) -> Response {
 }
 
 fn layout(status: StatusCode, title: &str, body: Markup) -> Response {
-    let markup = html! {
+    let mut r = (status, Html(document(title, body, None).into_string())).into_response();
+    html_headers(r.headers_mut());
+    r
+}
+
+/// The layout with one script of the daemon's own (`src`, a path on this
+/// origin), which may fetch from this origin and nowhere else.
+pub fn layout_with_script(status: StatusCode, title: &str, body: Markup, src: &str) -> Response {
+    let mut r = (status, Html(document(title, body, Some(src)).into_string())).into_response();
+    html_headers(r.headers_mut());
+    r.headers_mut().insert(
+        axum::http::header::CONTENT_SECURITY_POLICY,
+        axum::http::HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    r
+}
+
+fn document(title: &str, body: Markup, script: Option<&str>) -> Markup {
+    html! {
         (DOCTYPE)
         html lang="en" {
             head {
@@ -51,13 +59,11 @@ fn layout(status: StatusCode, title: &str, body: Markup) -> Response {
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · tokenkeeper" }
                 style { (PreEscaped(STYLE)) }
+                @if let Some(src) = script { script src=(src) defer {} }
             }
             body { main { h1 { (title) } (body) } }
         }
-    };
-    let mut r = (status, Html(markup.into_string())).into_response();
-    html_headers(r.headers_mut());
-    r
+    }
 }
 
 /// Headers of every HTML page: never cached, never framed (SPEC 4: a
@@ -172,74 +178,6 @@ pub fn human_span(secs: u64) -> String {
         format!("{m}m {s}s")
     } else {
         format!("{s}s")
-    }
-}
-
-/// The dashboard: every provider and connection with a Connect button.
-pub fn dashboard(providers: &[String], connections: &[ConnectionReport]) -> Response {
-    let now = Utc::now();
-    let body = html! {
-        h2 { "Connections" }
-        @if connections.is_empty() {
-            div class="card" { p { "No connection yet. Pick a provider below and click Connect." } }
-        } @else {
-            table {
-                thead { tr {
-                    th { "Provider" } th { "Account" } th { "State" } th { "Expires" }
-                    th { "Refreshed" } th { "Next refresh" } th { "Refresh token age" }
-                    th { "Last error" } th {}
-                } }
-                tbody {
-                    @for c in connections { (connection_row(c, now)) }
-                }
-            }
-        }
-        h2 { "Providers" }
-        @for p in providers {
-            div class="card" {
-                form method="get" action={ "/connect/" (p) } {
-                    strong { (p) }
-                    " \u{a0} account "
-                    input name="account" value="default" pattern="[a-z0-9][a-z0-9_\\-]{0,62}" required;
-                    " "
-                    button type="submit" { "Connect" }
-                }
-            }
-        }
-    };
-    layout(StatusCode::OK, "tokenkeeper", body)
-}
-
-fn connection_row(c: &ConnectionReport, now: DateTime<Utc>) -> Markup {
-    let label = match c.state {
-        ConnState::AuthorizationRequired => "Re-connect",
-        ConnState::Active | ConnState::Refreshing | ConnState::Retrying => "Connect again",
-    };
-    let state = c.state.as_str();
-    html! {
-        tr {
-            td data-label="Provider" { (c.provider) }
-            td data-label="Account" { (c.account) }
-            td data-label="State" { span class={ "badge " (state) } { (state) } }
-            td data-label="Expires" { (relative(c.expires_at, now)) }
-            td data-label="Refreshed" {
-                @match c.refreshed_at {
-                    Some(t) => (relative(t, now)),
-                    None => "never",
-                }
-            }
-            td data-label="Next refresh" {
-                @match c.next_refresh_at {
-                    Some(t) => (relative(t, now)),
-                    None => "-",
-                }
-            }
-            td data-label="Refresh token age" {
-                (human_span((now - c.refresh_token_issued_at).num_seconds().max(0) as u64))
-            }
-            td data-label="Last error" class="error" { (c.last_error.as_deref().unwrap_or("")) }
-            td { a class="button" href={ "/connect/" (c.provider) "?account=" (c.account) } { (label) } }
-        }
     }
 }
 
