@@ -413,6 +413,9 @@ async fn serve(
             // Dev mode shows Keap's limits and x-keap-* headers through
             // /proxy/demo/... (the demo provider's preset has the same).
             limits: Some(crate::dev::SimLimits::KEAP),
+            // `/dev-provider/_sim/config` injects faults, to see a failing
+            // provider on the dashboard (only the simulated one is harmed).
+            control_api: true,
             ..SimulatorConfig::default()
         });
         let router = axum::Router::new().nest("/dev-provider", sim.router());

@@ -24,9 +24,8 @@ fn enc(s: &str) -> String {
 }
 
 /// `html` shows the hostile value (so the check means something), and only
-/// escaped: no element or attribute of it exists in the page. (The
-/// dashboard has a script element of its own, so the hostile ones are
-/// looked for by their content.)
+/// escaped: no element or attribute of it exists in the page. The one
+/// script element a page may have is the dashboard's own.
 fn assert_inert(html: &str, page: &str) {
     assert!(
         html.contains(ESCAPED),
@@ -34,7 +33,8 @@ fn assert_inert(html: &str, page: &str) {
     );
     assert_eq!(
         html.matches("<script").count(),
-        html.matches("<script src=\"/assets/dashboard.js\" defer>").count(),
+        html.matches("<script src=\"/assets/dashboard.js\" defer>")
+            .count(),
         "{page}: a script element that is not the dashboard's own: {html}"
     );
     for raw in ["<script>", "<img"] {

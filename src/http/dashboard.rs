@@ -45,7 +45,9 @@ pub const TIMELINE_MAX_SPAN: Span = Span::days(7);
 
 /// Timeline spans to pick from: the shortest that holds the oldest event
 /// shown, so a young connection's points are not crowded into one edge.
-const TIMELINE_SPANS: [Span; 5] = [
+const TIMELINE_SPANS: [Span; 7] = [
+    Span::minutes(5),
+    Span::minutes(30),
     Span::hours(1),
     Span::hours(6),
     Span::days(1),
@@ -238,6 +240,8 @@ fn panel(i: usize, p: &Panel, now: DateTime<Utc>) -> Markup {
 /// card's width (`preserveAspectRatio="none"`), and its markers are drawn
 /// with non-scaling strokes so they keep their shape.
 const TL_WIDTH: f64 = 1000.0;
+/// Room at both ends, so a marker at either edge is drawn whole.
+const TL_MARGIN: f64 = 8.0;
 /// The failure lane's height.
 const TL_FAIL_Y: f64 = 12.0;
 /// A refresh of no duration sits here; the slowest shown, at `TL_TOP`.
@@ -257,7 +261,7 @@ fn timeline(id: &str, c: &ConnectionReport, events: &[Event], now: DateTime<Utc>
         .and_then(|age| TIMELINE_SPANS.iter().copied().find(|s| *s >= age))
         .unwrap_or(TIMELINE_SPANS[0]);
     let start = now - span;
-    let x = |t: DateTime<Utc>| fraction(t, start, now) * TL_WIDTH;
+    let x = |t: DateTime<Utc>| TL_MARGIN + fraction(t, start, now) * (TL_WIDTH - 2.0 * TL_MARGIN);
     let slowest = shown
         .iter()
         .filter(|e| e.kind == EventKind::Refreshed)
@@ -278,7 +282,7 @@ fn timeline(id: &str, c: &ConnectionReport, events: &[Event], now: DateTime<Utc>
         "Timeline of {}/{} over the last {}: {} refresh{}, {} failure{}.",
         c.provider,
         c.account,
-        human_span(span.num_seconds().max(0) as u64),
+        round_span(span),
         refreshes,
         if refreshes == 1 { "" } else { "es" },
         failures,
@@ -316,8 +320,8 @@ fn timeline(id: &str, c: &ConnectionReport, events: &[Event], now: DateTime<Utc>
             }
         }
         div class="axis" aria-hidden="true" {
-            span { (human_span(span.num_seconds().max(0) as u64)) " ago" }
-            span { (human_span((span / 2).num_seconds().max(0) as u64)) " ago" }
+            span { (round_span(span)) " ago" }
+            span { (round_span(span / 2)) " ago" }
             span { "now" }
         }
         ul class="legend" {
@@ -325,6 +329,17 @@ fn timeline(id: &str, c: &ConnectionReport, events: &[Event], now: DateTime<Utc>
             li { span class="sym-failure" aria-hidden="true" { "■" } " failure (top lane)" }
             li { span class="sym-other" aria-hidden="true" { "┆" } " other event" }
         }
+    }
+}
+
+/// `7d`, `12h`, `2m 30s`: a span without its zero parts.
+fn round_span(span: Span) -> String {
+    let secs = span.num_seconds().max(0) as u64;
+    match secs {
+        s if s > 0 && s % 86400 == 0 => format!("{}d", s / 86400),
+        s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s => human_span(s),
     }
 }
 
@@ -387,7 +402,13 @@ fn lifetime_bar(
 ) -> Markup {
     let now_pct = pct(now, start, end);
     let next_pct = next.map(|t| pct(t, start, end));
-    let at = |t: DateTime<Utc>| format!("{:.1}", fraction(t, start, end) * BAR_WIDTH);
+    // Markers stay inside the box, so one at either end is drawn whole.
+    let at = |t: DateTime<Utc>| {
+        format!(
+            "{:.1}",
+            (fraction(t, start, end) * BAR_WIDTH).clamp(2.0, BAR_WIDTH - 2.0)
+        )
+    };
     let now_x = at(now);
     let elapsed = if now >= end {
         "elapsed late"
@@ -498,7 +519,7 @@ fn gauge(id: &str, whose: &str, s: &ScopeQuota, now: DateTime<Utc>) -> Markup {
                     }
                     p class="gauge-text" {
                         (thousands(s.daily_used)) " of " (thousands(limit)) " requests used today ("
-                        (format!("{:.1}", s.daily_used as f64 * 100.0 / limit as f64)) "%), "
+                        (share(s.daily_used, limit)) "), "
                         (source) "; resets " (resets) "."
                     }
                 }
@@ -507,6 +528,16 @@ fn gauge(id: &str, whose: &str, s: &ScopeQuota, now: DateTime<Utc>) -> Markup {
                 },
             }
         }
+    }
+}
+
+/// `50.3%`; `<0.1%` rather than a misleading `0.0%` once any is used.
+fn share(used: u64, limit: u64) -> String {
+    let p = used as f64 * 100.0 / limit as f64;
+    if used > 0 && p < 0.1 {
+        "<0.1%".into()
+    } else {
+        format!("{p:.1}%")
     }
 }
 
@@ -534,16 +565,16 @@ fn recent(id: &str, events: &[Event], now: DateTime<Utc>) -> Markup {
                 tbody {
                     @for e in events.iter().take(RECENT_EVENTS) {
                         tr data-kind=(e.kind.as_str()) {
-                            td { time datetime=(rfc3339(e.at)) title=(e.at.format("%Y-%m-%d %H:%M:%S UTC")) { (relative(e.at, now)) } }
-                            td {
+                            td data-label="When" { time datetime=(rfc3339(e.at)) title=(e.at.format("%Y-%m-%d %H:%M:%S UTC")) { (relative(e.at, now)) } }
+                            td data-label="Event" {
                                 @if failed(e.kind) {
                                     span class="kind-failed" { "✗ " (e.kind.as_str().replace('_', " ")) }
                                 } @else {
                                     (e.kind.as_str().replace('_', " "))
                                 }
                             }
-                            td { @if let Some(ms) = e.duration_ms { (millis(ms)) } }
-                            td { (e.detail.as_deref().unwrap_or("")) }
+                            td data-label="Took" { @if let Some(ms) = e.duration_ms { (millis(ms)) } }
+                            td data-label="Detail" { (e.detail.as_deref().unwrap_or("")) }
                         }
                     }
                 }
