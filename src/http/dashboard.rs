@@ -586,3 +586,194 @@ fn recent(id: &str, events: &[Event], now: DateTime<Utc>) -> Markup {
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOSTILE: &str = "<script>alert(1)</script>\"><img src=x onerror=alert(1)>";
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn report(now: DateTime<Utc>) -> ConnectionReport {
+        ConnectionReport {
+            provider: "keap".into(),
+            account: "default".into(),
+            state: ConnState::Active,
+            expires_at: now + Span::hours(18),
+            refreshed_at: Some(now - Span::hours(6)),
+            next_refresh_at: Some(now + Span::hours(12)),
+            refresh_token_issued_at: now - Span::days(15),
+            last_error: None,
+            served: 0,
+            refreshes: [0; 4],
+        }
+    }
+
+    fn event(id: i64, at: DateTime<Utc>, kind: EventKind, ms: Option<i64>) -> Event {
+        Event {
+            id,
+            provider: "keap".into(),
+            account: "default".into(),
+            at,
+            kind,
+            detail: None,
+            duration_ms: ms,
+        }
+    }
+
+    fn render(panel: Panel, now: DateTime<Utc>) -> String {
+        live(&[panel], now).into_string()
+    }
+
+    fn panel(now: DateTime<Utc>, events: Vec<Event>) -> Panel {
+        Panel {
+            report: report(now),
+            events: Ok(events),
+            quota: None,
+            refresh_token_expires_at: None,
+        }
+    }
+
+    #[test]
+    fn a_stated_refresh_token_end_is_a_bar_with_now_on_it() {
+        let now = at("2026-03-01T12:00:00Z");
+        let mut p = panel(now, vec![]);
+        p.refresh_token_expires_at = Some(now + Span::days(30));
+        let html = render(p, now);
+        let rt = &html[html
+            .find("class=\"refresh-bar\"")
+            .expect("a refresh-token bar")..];
+        // Issued 15 days ago, ends in 30: a third of its life is gone.
+        assert!(rt.contains("data-now-pct=\"33.3\""), "{rt}");
+        assert!(rt.contains("30d 0h left"), "{rt}");
+        assert!(
+            rt.contains("data-expires-at=\"2026-03-31T12:00:00Z\""),
+            "{rt}"
+        );
+
+        let html = render(panel(now, vec![]), now);
+        assert!(!html.contains("refresh-bar"), "{html}");
+        assert!(html.contains("the provider states no end"), "{html}");
+    }
+
+    #[test]
+    fn the_access_bar_places_now_and_the_next_refresh() {
+        let now = at("2026-03-01T12:00:00Z");
+        let html = render(panel(now, vec![]), now);
+        // Issued 6 h ago, lives 24 h, next refresh 18 h in.
+        assert!(
+            html.contains("data-now-pct=\"25.0\" data-next-pct=\"75.0\""),
+            "{html}"
+        );
+        assert!(html.contains("class=\"next\" x1=\"750.0\""), "{html}");
+        assert!(html.contains("class=\"now\" x1=\"250.0\""), "{html}");
+    }
+
+    #[test]
+    fn the_timeline_spans_its_oldest_event_and_draws_each_kind_apart() {
+        let now = at("2026-03-01T12:00:00Z");
+        let events = vec![
+            event(
+                4,
+                now - Span::minutes(1),
+                EventKind::AuthorizationRequired,
+                None,
+            ),
+            event(
+                3,
+                now - Span::hours(1),
+                EventKind::RefreshFailed,
+                Some(30_000),
+            ),
+            event(2, now - Span::hours(2), EventKind::Refreshed, Some(2000)),
+            event(1, now - Span::hours(3), EventKind::Refreshed, Some(500)),
+            // Beyond a week: not drawn.
+            event(0, now - Span::days(8), EventKind::Refreshed, Some(100)),
+        ];
+        let html = render(panel(now, events), now);
+        let tl = &html[html.find("<svg class=\"timeline\"").unwrap()..];
+        let tl = &tl[..tl.find("</svg>").unwrap()];
+        assert!(tl.contains("data-span-secs=\"21600\""), "6 hours: {tl}");
+        assert!(
+            tl.contains("data-refreshes=\"2\" data-failures=\"2\""),
+            "{tl}"
+        );
+        assert_eq!(tl.matches("class=\"point ok\"").count(), 2);
+        assert_eq!(tl.matches("class=\"point failure\"").count(), 2);
+        // The slowest refresh tops the plot; a failure's duration does not
+        // stretch the scale.
+        assert!(tl.contains("took 2.0 s"), "{tl}");
+        assert!(tl.contains(&format!(" {:.1}h0\"", TL_TOP_Y)), "{tl}");
+        assert!(html.contains("top = 2.0 s"), "{html}");
+
+        let empty = render(panel(now, vec![]), now);
+        assert!(empty.contains("data-span-secs=\"300\""), "{empty}");
+        assert!(empty.contains("No events recorded yet."), "{empty}");
+    }
+
+    #[test]
+    fn hostile_text_is_escaped_in_every_part() {
+        let now = at("2026-03-01T12:00:00Z");
+        let mut e = event(1, now - Span::minutes(3), EventKind::RefreshFailed, None);
+        e.detail = Some(HOSTILE.into());
+        let mut p = panel(now, vec![e]);
+        p.report.last_error = Some(HOSTILE.into());
+        let html = render(p, now);
+        assert!(
+            !html.contains("<script") && !html.contains("<img"),
+            "{html}"
+        );
+        assert!(html.contains("&lt;script&gt;alert(1)"), "{html}");
+    }
+
+    #[test]
+    fn a_quota_without_a_known_limit_is_said_in_words() {
+        let now = at("2026-03-01T12:00:00Z");
+        let scope = |limit: Option<u64>, used: u64| ScopeQuota {
+            daily_limit: limit,
+            daily_available: limit.map(|l| l - used),
+            daily_used: used,
+            resets_at: now + Span::hours(12),
+            reported: false,
+            throttle_limit: None,
+            throttle_available: None,
+        };
+        let mut p = panel(now, vec![]);
+        p.quota = Some(ConnectionQuota {
+            client: scope(None, 1234),
+            paused_until: Some(now + Span::seconds(30)),
+            tenant: Some(scope(Some(150_000), 3)),
+        });
+        let html = render(p, now);
+        assert!(
+            html.contains("1,234 requests today, counted here; no daily limit known."),
+            "{html}"
+        );
+        assert!(
+            html.contains("3 of 150,000 requests used today (&lt;0.1%)"),
+            "{html}"
+        );
+        assert!(
+            html.contains("Paused after the provider answered 429"),
+            "{html}"
+        );
+    }
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(150_000), "150,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(share(0, 10), "0.0%");
+        assert_eq!(share(503, 1000), "50.3%");
+        assert_eq!(round_span(Span::days(7)), "7d");
+        assert_eq!(round_span(Span::hours(3)), "3h");
+        assert_eq!(round_span(Span::seconds(150)), "2m 30s");
+        assert_eq!(millis(850), "850 ms");
+        assert_eq!(millis(1250), "1.2 s");
+    }
+}
