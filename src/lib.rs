@@ -29,7 +29,8 @@
 //!   identities.
 //! - [`http`]: the local HTTP interface: `api` (JSON), `callback` (browser
 //!   authorization), `answers` (the JSON bodies, shared with the CLI),
-//!   `pages` (HTML), `proxy` (the rate-limited API proxy),
+//!   `pages` (HTML layout and result pages), `dashboard` (the dashboard and
+//!   its live-update script), `proxy` (the rate-limited API proxy),
 //!   `auth` and `login` (site checks, API keys, browser login links),
 //!   `server` (connections: timeouts, cap, drain), `error` (the one error
 //!   enum).

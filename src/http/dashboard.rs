@@ -111,6 +111,9 @@ fn refresh_token_expires_at(_report: &ConnectionReport) -> Option<DateTime<Utc>>
     None
 }
 
+#[utoipa::path(get, path = "/assets/dashboard.js", summary = "The dashboard's live-update script (embedded; same guards as the dashboard)", responses(
+    (status = 200, description = "JavaScript", body = String, content_type = "text/javascript")
+))]
 /// `GET /assets/dashboard.js`.
 pub async fn script() -> Response {
     let mut r = SCRIPT.into_response();
@@ -250,9 +253,11 @@ const TL_TOP_Y: f64 = 30.0;
 
 fn timeline(id: &str, c: &ConnectionReport, events: &[Event], now: DateTime<Utc>) -> Markup {
     let oldest_wanted = now - TIMELINE_MAX_SPAN;
+    // A rotation comes with every refresh of a single-use provider: drawn,
+    // it would only hide the refresh (it is listed under the events).
     let shown: Vec<&Event> = events
         .iter()
-        .filter(|e| e.at >= oldest_wanted && e.at <= now)
+        .filter(|e| e.at >= oldest_wanted && e.at <= now && e.kind != EventKind::Rotated)
         .collect();
     let span = shown
         .iter()

@@ -1,7 +1,8 @@
 //! The local HTTP interface (SPEC 4): routing, shared state and the guards
 //! every request passes (sizes, Host, site checks, API keys or a browser
 //! session; see [`Guards`]). Handlers live in `api` (JSON), `callback`
-//! (browser authorization), `login` (one-time login links), `pages` (HTML)
+//! (browser authorization), `login` (one-time login links), `dashboard`
+//! (the dashboard page and its script), `pages` (the other HTML)
 //! and `proxy` (the rate-limited API proxy); `server` serves connections;
 //! `answers` holds the JSON bodies, which the CLI reads with the same types.
 

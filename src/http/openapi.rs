@@ -16,6 +16,7 @@ use super::{api, backup, callback, grant_in, login};
     ),
     paths(
         super::dashboard,
+        super::dashboard::script,
         callback::connect,
         callback::callback,
         login::create_link,

@@ -165,6 +165,26 @@ async function main() {
     check(meterLabel.includes('demo'), `the meter is labelled (${meterLabel})`);
     passed('quota gauge');
 
+    // Slower refreshes stand higher: two more, the provider taking longer.
+    const sim = (body) => fetch(`${base}/dev-provider/_sim/config`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify(body),
+    });
+    for (const ms of [400, 150]) {
+      check((await sim({ token_delay_ms: ms })).ok, 'the simulator takes a delay');
+      r = await fetch(`${base}/v1/token/demo/refresh`, { method: 'POST' });
+      check(r.ok, `forced refresh answered ${r.status}`);
+    }
+    await sim({ token_delay_ms: 0 });
+    await page.waitForFunction((n) => document.querySelectorAll('svg.timeline .point.ok').length >= n, before + 3, { timeout: 30000 });
+    const heights = await page.locator('svg.timeline .point.ok').evaluateAll((els) =>
+      els.map((el) => ({ ms: Number(el.dataset.durationMs), y: el.getBoundingClientRect().top })));
+    const slowest = heights.reduce((a, b) => (b.ms > a.ms ? b : a));
+    const fastest = heights.reduce((a, b) => (b.ms < a.ms ? b : a));
+    check(slowest.ms >= 400 && slowest.y < fastest.y, `the slowest refresh stands highest (${JSON.stringify(heights)})`);
+    passed('refresh durations as heights');
+
     await page.screenshot({ path: path.join(OUT, 'dashboard.png'), fullPage: true });
     check((await page.locator('svg.timeline').first().boundingBox()).width > 300, 'the timeline is drawn wide on a desktop');
 
