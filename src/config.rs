@@ -170,7 +170,8 @@ pub enum GrantKind {
 
 impl GrantKind {
     /// The values `grant` accepts, as a config error lists them.
-    pub const NAMES: &'static str = "\"authorization_code\" (the default) or \"client_credentials\"";
+    pub const NAMES: &'static str =
+        "\"authorization_code\" (the default) or \"client_credentials\"";
 
     /// The value of `grant` that selects this kind.
     pub fn name(self) -> &'static str {
@@ -2182,6 +2183,59 @@ mod tests {
         assert!(!valid_name("-x"));
         assert!(!valid_name(&"a".repeat(64)));
         assert!(!valid_account("refresh"));
+    }
+
+    #[test]
+    fn grant_is_authorization_code_by_default_and_client_credentials_needs_no_authorization_url() {
+        let generic = |extra: &str| {
+            format!("[providers.m2m]\nclient_id = \"id\"\nclient_secret = \"s\"\ntoken_url = \"https://id.example/token\"\n{extra}")
+        };
+        let path = Path::new("/tmp/t.toml");
+        // Without the grant, a generic provider needs its authorization page.
+        let p = problems(&generic(""));
+        assert!(
+            p.iter().any(|p| p.key == "providers.m2m.authorization_url"),
+            "{p:?}"
+        );
+        let cfg = parse(&generic("grant = \"client_credentials\""), path).unwrap();
+        let m2m = &cfg.providers["m2m"];
+        assert_eq!(m2m.grant, GrantKind::ClientCredentials);
+        assert!(m2m
+            .authorization_refusal()
+            .is_some_and(|w| w.contains("m2m")));
+        let cfg = parse(
+            &generic(
+                "grant = \"authorization_code\"\nauthorization_url = \"https://id.example/a\"",
+            ),
+            path,
+        )
+        .unwrap();
+        assert_eq!(cfg.providers["m2m"].grant, GrantKind::AuthorizationCode);
+        assert!(cfg.providers["m2m"].authorization_refusal().is_none());
+    }
+
+    #[test]
+    fn a_bad_grant_is_a_problem_naming_the_key_the_line_and_the_values() {
+        let text = "[providers.m2m]\nclient_id = \"id\"\nclient_secret = \"s\"\ntoken_url = \"https://id.example/token\"\ngrant = \"password\"\n";
+        let p = problems(text);
+        assert_eq!(p[0].key, "providers.m2m.grant", "{p:?}");
+        assert_eq!(p[0].line, Some(5));
+        assert!(p[0].message.contains("\"client_credentials\""), "{p:?}");
+        assert!(p[0].message.contains("\"authorization_code\""), "{p:?}");
+        let p = problems(&text.replace("\"password\"", "true"));
+        assert_eq!(p[0].key, "providers.m2m.grant", "{p:?}");
+        // A public client has no credentials to grant with.
+        let public = text.replace(
+            "grant = \"password\"",
+            "grant = \"client_credentials\"\ncode_auth = \"none\"\nrefresh_auth = \"none\"",
+        );
+        let p = problems(&public);
+        assert!(
+            p.iter().any(|p| p.key == "providers.m2m.refresh_auth"
+                && p.line == Some(7)
+                && p.message.contains("client secret")),
+            "{p:?}"
+        );
     }
 
     #[test]
