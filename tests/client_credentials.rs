@@ -306,6 +306,20 @@ async fn nothing_can_be_authorized_pasted_or_imported_for_it() {
             .contains("nothing to authorize"),
         "{b}"
     );
+    // The CLI says so itself, before reading any token file.
+    let file = h.dir.path().join("rt");
+    std::fs::write(&file, "someone-elses-refresh-token-1234567890\n").unwrap();
+    let file = file.to_str().unwrap();
+    for args in [
+        &["connect", "keap"][..],
+        &["connect", "keap", "--paste"],
+        &["import", "keap", "--refresh-token-file", file],
+    ] {
+        let out = h.cli(args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("nothing to authorize"), "{args:?}: {err}");
+    }
     assert_eq!(h.sim.sim.stats().refresh_calls, 0, "nothing was redeemed");
 }
 
