@@ -404,3 +404,59 @@ async fn the_client_authenticates_in_the_body_when_the_provider_wants_it_there()
     .await;
     assert_eq!(h.sim.sim.stats().client_credentials_calls, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_daemons_on_one_postgres_obtain_the_first_token_once() {
+    let Some(url) = common::postgres::fresh_database("client_credentials_birth").await else {
+        return;
+    };
+    let h = Harness::new(options(Duration::from_secs(3600), "")).await;
+    common::postgres::use_postgres(&h.config_path, &url);
+    // The first token request is held at the provider, so the other
+    // daemons start while it is in the air and find its lease.
+    h.sim
+        .sim
+        .set_token_delay(Duration::from_secs(2), DelayPhase::BeforeProcessing);
+    let text = std::fs::read_to_string(&h.config_path).unwrap();
+    let listen = format!("listen = \"127.0.0.1:{}\"", h.port);
+    let mut daemons = Vec::new();
+    for n in 0..3 {
+        let port = common::free_port();
+        let config = h.dir.path().join(format!("tokenkeeper-{n}.toml"));
+        std::fs::write(
+            &config,
+            text.replace(&listen, &format!("listen = \"127.0.0.1:{port}\"")),
+        )
+        .unwrap();
+        let log = h.dir.path().join(format!("daemon-{n}.log"));
+        let child = common::spawn_daemon(&config, &log, &h.rust_log, &[]);
+        daemons.push((child, format!("http://127.0.0.1:{port}")));
+    }
+    for (child, base) in &mut daemons {
+        common::wait_healthy(&h.http, &format!("{base}/healthz"), child).await;
+    }
+    let mut served = HashSet::new();
+    for (_, base) in &daemons {
+        let url = format!("{base}/v1/token/keap");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let body = loop {
+            let r = h.http.get(&url).send().await.expect("daemon answers");
+            if r.status() == 200 {
+                break r.json::<serde_json::Value>().await.unwrap();
+            }
+            assert!(Instant::now() < deadline, "no token from {base}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        served.insert(body["access_token"].as_str().unwrap().to_string());
+    }
+    for (child, _) in &mut daemons {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert_eq!(served.len(), 1, "one token for the whole cluster");
+    assert_eq!(
+        h.sim.sim.stats().client_credentials_calls,
+        1,
+        "one token request in the whole cluster"
+    );
+}
