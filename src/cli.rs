@@ -495,6 +495,9 @@ struct Target {
     ca_cert: Option<PathBuf>,
     /// Whether `ca_cert` was named by `--ca-file` (then it must be usable).
     ca_explicit: bool,
+    /// Providers of the config that nobody authorizes (client credentials),
+    /// with the sentence that says so.
+    unauthorizable: std::collections::HashMap<String, String>,
 }
 
 /// Where the daemon is and how to trust it: `--url`, else the config's
@@ -582,6 +585,11 @@ fn target(cli: &Cli) -> Result<Target, CliError> {
         api_key,
         ca_cert,
         ca_explicit: cli.ca_file.is_some(),
+        unauthorizable: cfg
+            .iter()
+            .flat_map(|c| c.providers.values())
+            .filter_map(|p| Some((p.name.clone(), p.authorization_refusal()?)))
+            .collect(),
     })
 }
 
@@ -647,6 +655,11 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
     let daemon = Daemon::new(&target)?;
     let (provider, account) = checked.unwrap_or_default();
     let (p, a) = (provider.as_str(), account.as_str());
+    if matches!(command, Command::Connect { .. } | Command::Import { .. }) {
+        if let Some(why) = target.unauthorizable.get(p) {
+            return Err(usage(why.clone()));
+        }
+    }
     match command {
         Command::Token { .. } | Command::Header { .. } => {
             let t: TokenBody = daemon

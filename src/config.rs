@@ -155,6 +155,33 @@ pub enum ClientAuth {
     None,
 }
 
+/// How a provider's grants come in (`grant` on `[providers.NAME]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GrantKind {
+    /// A person authorizes in a browser (or pastes, imports, uses a device
+    /// code); the daemon refreshes with the refresh token it was given.
+    #[default]
+    AuthorizationCode,
+    /// RFC 6749 4.4: no person and no refresh token; the daemon asks the
+    /// token endpoint with the client's own credentials, under account
+    /// `default`, at start and on the refresh schedule.
+    ClientCredentials,
+}
+
+impl GrantKind {
+    /// The values `grant` accepts, as a config error lists them.
+    pub const NAMES: &'static str =
+        "\"authorization_code\" (the default) or \"client_credentials\"";
+
+    /// The value of `grant` that selects this kind.
+    pub fn name(self) -> &'static str {
+        match self {
+            GrantKind::AuthorizationCode => "authorization_code",
+            GrantKind::ClientCredentials => "client_credentials",
+        }
+    }
+}
+
 /// Client-side rate limits of a provider (per OAuth client).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Limits {
@@ -206,6 +233,22 @@ pub struct ProviderConfig {
     pub rotation: Rotation,
     /// How long a refresh token lives (from the preset; SPEC 11).
     pub refresh_token_lifetime: RefreshTokenLifetime,
+    /// How grants come in (`grant`; default: the authorization-code grant).
+    pub grant: GrantKind,
+}
+
+impl ProviderConfig {
+    /// Why no person can authorize this provider (browser, pasted address,
+    /// import, device code), if that is so: with the client-credentials
+    /// grant the daemon obtains tokens itself and holds no refresh token.
+    pub fn authorization_refusal(&self) -> Option<String> {
+        (self.grant == GrantKind::ClientCredentials).then(|| {
+            format!(
+                "provider {name} uses grant = \"client_credentials\": there is nothing to authorize or import; tokenkeeper obtains its token itself with the client's credentials (account default): ask GET /v1/token/{name} or run `tokenkeeper token {name}`",
+                name = self.name
+            )
+        })
+    }
 }
 
 impl fmt::Debug for ProviderConfig {
@@ -1283,6 +1326,27 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// `grant`: how the provider's grants come in; an unknown value is a
+    /// problem listing the accepted ones (and the default is assumed, so
+    /// the rest of the table is still checked).
+    fn grant_kind(&mut self, t: &Table<'_>, path: &str) -> GrantKind {
+        let Some((s, span)) = self.string(t, "grant", path) else {
+            return GrantKind::default();
+        };
+        match s.as_str() {
+            "authorization_code" => GrantKind::AuthorizationCode,
+            "client_credentials" => GrantKind::ClientCredentials,
+            _ => {
+                self.problem(
+                    &join(path, "grant"),
+                    Some(span),
+                    format!("unknown grant \"{s}\"; use {}", GrantKind::NAMES),
+                );
+                GrantKind::default()
+            }
+        }
+    }
+
     fn client_auth(&mut self, t: &Table<'_>, key: &str, path: &str) -> Option<ClientAuth> {
         let (s, span) = self.string(t, key, path)?;
         match s.as_str() {
@@ -1334,6 +1398,7 @@ impl<'a> Reader<'a> {
                 "tenant",
                 "region",
                 "sinks",
+                "grant",
             ],
         );
         let before = self.problems.len();
@@ -1358,6 +1423,7 @@ impl<'a> Reader<'a> {
                 "missing; set client_id to the id of your OAuth client registration",
             );
         }
+        let grant = self.grant_kind(t, path);
         let code_auth = self.client_auth(t, "code_auth", path);
         let refresh_auth = self.client_auth(t, "refresh_auth", path);
         let code_auth = code_auth.unwrap_or(spec.code_auth);
@@ -1369,6 +1435,17 @@ impl<'a> Reader<'a> {
             spec.refresh_auth
         });
         let public = code_auth == ClientAuth::None && refresh_auth == ClientAuth::None;
+        if grant == GrantKind::ClientCredentials && refresh_auth == ClientAuth::None {
+            let span = self
+                .get(t, "refresh_auth")
+                .or_else(|| self.get(t, "grant"))
+                .map(|v| v.span());
+            self.problem(
+                &join(path, "refresh_auth"),
+                span,
+                "grant = \"client_credentials\" authenticates the client itself, so it needs a client secret: set refresh_auth to \"basic\" or \"body\" (how the token endpoint wants client_id and client_secret)",
+            );
+        }
 
         let secret_keys: Vec<&str> = ["client_secret", "client_secret_file", "client_secret_env"]
             .into_iter()
@@ -1445,9 +1522,19 @@ impl<'a> Reader<'a> {
             device_authorization_url: t.get("device_authorization_url").is_some(),
         };
         let preset_url = |u: &Option<String>| u.as_deref().and_then(|u| Url::parse(u).ok());
-        let authorization_url =
-            required_url(self, "authorization_url", &endpoints.authorization_url);
         let token_url = required_url(self, "token_url", &endpoints.token_url);
+        // The client-credentials grant never sends anyone to an
+        // authorization page; without one configured, the field holds the
+        // token endpoint, which no authorization request is built for.
+        let authorization_url = if grant == GrantKind::ClientCredentials
+            && t.get("authorization_url").is_none()
+            && endpoints.authorization_url.is_none()
+            && issuer.is_none()
+        {
+            token_url.clone()
+        } else {
+            required_url(self, "authorization_url", &endpoints.authorization_url)
+        };
         let revocation_url = if explicit.revocation_url {
             self.url(t, "revocation_url", path)
         } else {
@@ -1542,6 +1629,7 @@ impl<'a> Reader<'a> {
             scope_delimiter: spec.scope_delimiter,
             rotation: spec.rotation,
             refresh_token_lifetime: spec.refresh_token_lifetime,
+            grant,
         })
     }
 
@@ -2095,6 +2183,59 @@ mod tests {
         assert!(!valid_name("-x"));
         assert!(!valid_name(&"a".repeat(64)));
         assert!(!valid_account("refresh"));
+    }
+
+    #[test]
+    fn grant_is_authorization_code_by_default_and_client_credentials_needs_no_authorization_url() {
+        let generic = |extra: &str| {
+            format!("[providers.m2m]\nclient_id = \"id\"\nclient_secret = \"s\"\ntoken_url = \"https://id.example/token\"\n{extra}")
+        };
+        let path = Path::new("/tmp/t.toml");
+        // Without the grant, a generic provider needs its authorization page.
+        let p = problems(&generic(""));
+        assert!(
+            p.iter().any(|p| p.key == "providers.m2m.authorization_url"),
+            "{p:?}"
+        );
+        let cfg = parse(&generic("grant = \"client_credentials\""), path).unwrap();
+        let m2m = &cfg.providers["m2m"];
+        assert_eq!(m2m.grant, GrantKind::ClientCredentials);
+        assert!(m2m
+            .authorization_refusal()
+            .is_some_and(|w| w.contains("m2m")));
+        let cfg = parse(
+            &generic(
+                "grant = \"authorization_code\"\nauthorization_url = \"https://id.example/a\"",
+            ),
+            path,
+        )
+        .unwrap();
+        assert_eq!(cfg.providers["m2m"].grant, GrantKind::AuthorizationCode);
+        assert!(cfg.providers["m2m"].authorization_refusal().is_none());
+    }
+
+    #[test]
+    fn a_bad_grant_is_a_problem_naming_the_key_the_line_and_the_values() {
+        let text = "[providers.m2m]\nclient_id = \"id\"\nclient_secret = \"s\"\ntoken_url = \"https://id.example/token\"\ngrant = \"password\"\n";
+        let p = problems(text);
+        assert_eq!(p[0].key, "providers.m2m.grant", "{p:?}");
+        assert_eq!(p[0].line, Some(5));
+        assert!(p[0].message.contains("\"client_credentials\""), "{p:?}");
+        assert!(p[0].message.contains("\"authorization_code\""), "{p:?}");
+        let p = problems(&text.replace("\"password\"", "true"));
+        assert_eq!(p[0].key, "providers.m2m.grant", "{p:?}");
+        // A public client has no credentials to grant with.
+        let public = text.replace(
+            "grant = \"password\"",
+            "grant = \"client_credentials\"\ncode_auth = \"none\"\nrefresh_auth = \"none\"",
+        );
+        let p = problems(&public);
+        assert!(
+            p.iter().any(|p| p.key == "providers.m2m.refresh_auth"
+                && p.line == Some(7)
+                && p.message.contains("client secret")),
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -207,6 +207,7 @@ impl App {
             ..EngineParts::new(store.clone(), settings_from(&config, &http_client))
         })
         .await?;
+        engine.ensure_client_credentials().await?;
         release_freed_memory();
         let backups = match &config.backup {
             // The key again, for verifying backups (the store keeps its own).
@@ -523,6 +524,13 @@ async fn reload_on_sighup(mut r: Reloadable, path: Option<PathBuf>, shutdown: Ca
                     continue;
                 }
                 apply(&mut r, new);
+                // A client-credentials provider added, or its connection
+                // forgotten since: its token is obtained at the next pass.
+                if let Err(e) = r.engine.ensure_client_credentials().await {
+                    tracing::error!(
+                        "cannot store the connection of a client-credentials provider ({e}); it is tried again at the next reload or start"
+                    );
+                }
             }
             Err(e) => {
                 tracing::error!(

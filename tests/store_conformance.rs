@@ -791,6 +791,46 @@ async fn events_land_only_with_the_write_they_record(kind: Kind) {
         .is_empty());
 }
 
+/// A connection the daemon obtains itself gets one token-less row, due at
+/// once; a second call (another daemon starting) and a stored grant are
+/// left as they are.
+async fn ensure_connection_inserts_once_and_never_overwrites(kind: Kind) {
+    let Some(f) = Fixture::new(kind, "ensure_connection", Some(key(7))).await else {
+        return;
+    };
+    let now = Utc::now();
+    let row = f
+        .store
+        .ensure_connection("m2m", "default", now, "not yet")
+        .await
+        .unwrap()
+        .expect("the row");
+    assert_eq!(row.state, ConnState::Retrying);
+    assert_eq!(row.last_error.as_deref(), Some("not yet"));
+    assert!(row.refresh_token.is_none());
+    assert!(row.access_token.expose_secret().is_empty());
+    assert!(row.expires_at <= now && row.next_attempt_at.is_none());
+    assert!(row.unreadable.is_none(), "{:?}", row.unreadable);
+    let again = f
+        .store
+        .ensure_connection("m2m", "default", now + Duration::seconds(5), "other")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.id, again.generation), (row.id, row.generation));
+    assert_eq!(again.last_error.as_deref(), Some("not yet"));
+    let (id, generation) = authorize(&f.store, "1").await;
+    let kept = f
+        .store
+        .ensure_connection("keap", "default", now, "not yet")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((kept.id, kept.generation), (id, generation));
+    assert_eq!(kept.state, ConnState::Active);
+    assert_eq!(kept.access_token.expose_secret(), "access-1");
+}
+
 /// One `#[tokio::test]` per contract test and backend.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -825,4 +865,5 @@ conformance!(
     sealed_values_are_bound_to_their_place_and_key,
     heartbeats_count_the_other_daemons,
     events_land_only_with_the_write_they_record,
+    ensure_connection_inserts_once_and_never_overwrites,
 );

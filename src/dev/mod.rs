@@ -263,6 +263,11 @@ pub struct SimStats {
     pub revocations: u64,
     /// Requests for a discovery document (either path, any outcome).
     pub discovery_fetches: u64,
+    /// client_credentials grant requests received (any outcome, including
+    /// faults).
+    pub client_credentials_calls: u64,
+    /// client_credentials requests that issued an access token.
+    pub client_credentials_ok: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -334,6 +339,9 @@ struct State {
     /// What the discovery documents name as issuer; `None`: they answer 404.
     issuer: Option<String>,
     discovery_fault: Option<DiscoveryFault>,
+    /// The `scope` of the last client_credentials request that issued a
+    /// token (`None`: it asked for none).
+    client_credentials_scope: Option<String>,
 }
 
 /// A token bucket of `capacity` requests refilled evenly over `window`.
@@ -612,6 +620,7 @@ impl Simulator {
                 strict_revocation: false,
                 issuer: None,
                 discovery_fault: None,
+                client_credentials_scope: None,
             })),
         }
     }
@@ -627,7 +636,9 @@ impl Simulator {
     ///   the relative `approve`/`deny`, so it works under any mount point).
     /// - `POST /approve`: 302 to `redirect_uri?code=..&state=..`.
     /// - `POST /deny`: 302 to `redirect_uri?error=access_denied&..`.
-    /// - `POST /token`: `authorization_code` and `refresh_token` grants.
+    /// - `POST /token`: `authorization_code`, `refresh_token` and
+    ///   `client_credentials` grants (the last: a fresh independent access
+    ///   token per call, lifetime `access_lifetime`, no refresh token).
     /// - `POST /revoke`: RFC 7009; revokes the whole grant.
     /// - `GET /.well-known/openid-configuration` and
     ///   `/.well-known/oauth-authorization-server`: the endpoints above, for
@@ -691,8 +702,9 @@ impl Simulator {
         self.lock().fault_queue.push_back(fault);
     }
 
-    /// Sets (or clears) a fault applied to every `refresh_token` grant
-    /// request until cleared. Queued faults take precedence.
+    /// Sets (or clears) a fault applied to every `refresh_token` and
+    /// `client_credentials` grant request until cleared. Queued faults take
+    /// precedence.
     pub fn set_fault(&self, fault: Option<Fault>) {
         self.lock().persistent_fault = fault;
     }
@@ -776,6 +788,12 @@ impl Simulator {
                     })
             })
             .count()
+    }
+
+    /// The `scope` parameter of the last client_credentials request that
+    /// issued a token.
+    pub fn last_client_credentials_scope(&self) -> Option<String> {
+        self.lock().client_credentials_scope.clone()
     }
 
     /// Snapshot of the counters.

@@ -434,10 +434,34 @@ fn process_token(
             tracing::debug!(rotated = rotate, "simulator: refresh succeeded");
             Ok(token_success(&issued, shape.as_ref()))
         }
+        Some("client_credentials") => {
+            // The client authenticates as it does on refresh (Keap-like:
+            // HTTP Basic only, unless `require_basic_on_refresh` is off).
+            let basic_only = st.config.require_basic_on_refresh && !st.is_public_client();
+            authenticate_client(&st.config, headers, params, basic_only)?;
+            if st.is_public_client() {
+                return Err(oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "unauthorized_client",
+                    "A public client cannot use the client_credentials grant",
+                ));
+            }
+            st.client_credentials_scope = param(params, "scope").map(str::to_owned);
+            // Each token is a grant of its own: issuing one does not kill
+            // the previous one, which lives out its lifetime (RFC 6749 4.4
+            // tokens are independent).
+            let grant = st.new_grant();
+            let issued = st.issue(grant, false);
+            st.stats.client_credentials_ok += 1;
+            let shape = st.answer_shape.clone();
+            drop(st);
+            tracing::debug!("simulator: client credentials token issued");
+            Ok(token_success(&issued, shape.as_ref()))
+        }
         Some(_) => Err(oauth_error(
             StatusCode::BAD_REQUEST,
             "unsupported_grant_type",
-            "grant_type must be authorization_code or refresh_token",
+            "grant_type must be authorization_code, refresh_token or client_credentials",
         )),
     }
 }
@@ -455,14 +479,18 @@ pub(super) async fn token_endpoint(
     // faults apply) no matter how malformed the rest of the request is.
     let params = parse_params(&raw);
     let is_refresh = param(&params, "grant_type") == Some("refresh_token");
+    let is_client_credentials = param(&params, "grant_type") == Some("client_credentials");
     let (fault, delay, phase, style) = {
         let mut st = sim.lock();
         if is_refresh {
             st.stats.refresh_calls += 1;
         }
+        if is_client_credentials {
+            st.stats.client_credentials_calls += 1;
+        }
         let fault = match st.fault_queue.pop_front() {
             Some(f) => Some(f),
-            None if is_refresh => st.persistent_fault.clone(),
+            None if is_refresh || is_client_credentials => st.persistent_fault.clone(),
             None => None,
         };
         if is_refresh && fault == Some(Fault::RejectRefresh) {

@@ -47,6 +47,7 @@ pub fn config(listen: SocketAddr, db_path: PathBuf, client_secret: &str) -> Conf
             scope_delimiter: " ",
             rotation: crate::provider::presets::Rotation::SingleUse,
             refresh_token_lifetime: Preset::Keap.spec().refresh_token_lifetime,
+            grant: Default::default(),
         },
     );
     Config {

@@ -785,3 +785,57 @@ async fn discovery_documents_name_the_simulator_and_faults_apply() {
     assert_eq!(http.get(&oauth).send().await.unwrap().status(), 404);
     assert_eq!(rs.sim.stats().discovery_fetches, 5);
 }
+
+#[tokio::test]
+async fn client_credentials_issue_independent_tokens_without_a_refresh_token() {
+    let rs = start().await;
+    let http = client();
+    let ask = |secret: &'static str| {
+        http.post(rs.url("/token"))
+            .basic_auth("demo-client", Some(secret))
+            .form(&[("grant_type", "client_credentials"), ("scope", "a b")])
+            .send()
+    };
+    let (s, first) = json(ask("demo-secret").await.unwrap()).await;
+    assert_eq!(s, 200, "{first}");
+    assert!(first.get("refresh_token").is_none(), "{first}");
+    let (_, second) = json(ask("demo-secret").await.unwrap()).await;
+    let (a, b) = (
+        first["access_token"].as_str().unwrap(),
+        second["access_token"].as_str().unwrap(),
+    );
+    assert_ne!(a, b);
+    assert!(
+        rs.sim.access_token_valid(a) && rs.sim.access_token_valid(b),
+        "a new token does not kill the previous one"
+    );
+    assert_eq!(api(&rs, &http, a, "x").await.status(), 200);
+    assert_eq!(
+        rs.sim.last_client_credentials_scope().as_deref(),
+        Some("a b")
+    );
+    // A wrong secret, and credentials in the body where Keap wants Basic.
+    let (s, e) = json(ask("wrong").await.unwrap()).await;
+    assert_eq!((s, e["error"].as_str()), (401, Some("invalid_client")));
+    let body = http
+        .post(rs.url("/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", "demo-client"),
+            ("client_secret", "demo-secret"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(body.status(), 401);
+    // Faults apply as to refreshes, queued or persistent.
+    rs.sim.set_fault(Some(Fault::Status(503)));
+    assert_eq!(ask("demo-secret").await.unwrap().status(), 503);
+    rs.sim.set_fault(None);
+    let stats = rs.sim.stats();
+    assert_eq!(
+        (stats.client_credentials_calls, stats.client_credentials_ok),
+        (5, 2)
+    );
+    assert!(rs.sim.refresh_tokens_issued().is_empty());
+}

@@ -42,7 +42,7 @@ fn sha256_hex(s: &str) -> String {
     ),
     responses(
         (status = 302, description = "to the provider's authorization page (state, PKCE S256)"),
-        (status = 400, description = "invalid account name (HTML page)", body = String, content_type = "text/html"),
+        (status = 400, description = "invalid account name, or a client-credentials provider: nothing to authorize (HTML page)", body = String, content_type = "text/html"),
         (status = 401, description = "API keys are set and neither a key nor a browser session (see /login) was presented", body = crate::http::error::ErrorBody),
         (status = 403, description = "cross-site request (Sec-Fetch-Site cross-site or same-site, or a foreign Origin)", body = crate::http::error::ErrorBody),
         (status = 404, description = "unknown provider (HTML page)", body = String, content_type = "text/html")
@@ -71,6 +71,14 @@ pub async fn connect(
             StatusCode::BAD_REQUEST,
             "Invalid account name",
             "Account names are lowercase letters, digits, '_' and '-', start with a letter or digit, and are at most 63 characters (\"refresh\" is reserved).",
+            Some("/"),
+        );
+    }
+    if let Some(why) = p.config.authorization_refusal() {
+        return pages::problem(
+            StatusCode::BAD_REQUEST,
+            "Nothing to authorize",
+            &format!("{why}."),
             Some("/"),
         );
     }

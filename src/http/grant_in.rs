@@ -61,7 +61,7 @@ fn read_json<T: serde::de::DeserializeOwned>(body: &[u8], shape: &str) -> Result
     request_body = ImportRequest,
     responses(
         (status = 200, description = "the token was redeemed once and the grant stored", body = ImportBody),
-        (status = 400, description = "not_a_refresh_token (junk, an access token) or refresh_token_rejected by the provider: nothing stored", body = crate::http::error::ErrorBody),
+        (status = 400, description = "not_a_refresh_token (junk, an access token), refresh_token_rejected by the provider, or nothing_to_authorize (a client-credentials provider): nothing stored", body = crate::http::error::ErrorBody),
         (status = 404, description = "unknown_provider", body = crate::http::error::ErrorBody),
         (status = 401, description = "a bearer credential was presented and is wrong, or API keys are set and none was presented", body = crate::http::error::ErrorBody),
         (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
@@ -103,6 +103,9 @@ fn import_error(e: ImportError, provider: &str, account: &str) -> ApiError {
             refused(StatusCode::BAD_REQUEST, "not_a_refresh_token", message)
         }
         ImportError::Exists { .. } => refused(StatusCode::CONFLICT, "connection_exists", message),
+        ImportError::NothingToAuthorize(_) => {
+            refused(StatusCode::BAD_REQUEST, NOTHING_TO_AUTHORIZE, message)
+        }
         ImportError::Rejected { .. } => {
             tracing::info!(
                 provider,
@@ -123,6 +126,10 @@ fn import_error(e: ImportError, provider: &str, account: &str) -> ApiError {
     }
 }
 
+/// Error code of an authorization or import asked of a provider whose
+/// tokens the daemon obtains itself (`grant = "client_credentials"`).
+pub const NOTHING_TO_AUTHORIZE: &str = "nothing_to_authorize";
+
 /// The secret binding a pasted flow to its command, as stored in the
 /// pending row's browser binding; domain-separated from browser cookies.
 fn paste_binding(secret: &str) -> String {
@@ -136,7 +143,7 @@ fn paste_binding(secret: &str) -> String {
     params(("provider" = String, Path, description = "provider name from the config"), ("account" = String, Path, description = "account name")),
     responses(
         (status = 200, description = "the authorization URL to open anywhere, and the secret that finishes it", body = PasteStartBody),
-        (status = 400, description = "malformed account name", body = crate::http::error::ErrorBody),
+        (status = 400, description = "malformed account name, or nothing_to_authorize (a client-credentials provider)", body = crate::http::error::ErrorBody),
         (status = 401, description = "a bearer credential was presented and is wrong, or API keys are set and none was presented", body = crate::http::error::ErrorBody),
         (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
         (status = 404, description = "unknown_provider", body = crate::http::error::ErrorBody)
@@ -151,6 +158,9 @@ pub async fn paste_start(
     let Some(p) = settings.providers.get(&provider) else {
         return Err(ApiError::UnknownProvider(provider));
     };
+    if let Some(why) = p.config.authorization_refusal() {
+        return Err(refused(StatusCode::BAD_REQUEST, NOTHING_TO_AUTHORIZE, why));
+    }
     let redirect_uri = state.redirect_uri();
     let start = p.authorization_start(&redirect_uri);
     let secret = format!("{:032x}", rand::random::<u128>());

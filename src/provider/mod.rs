@@ -222,6 +222,47 @@ impl Provider {
         self.finish(result, &observed, sent_at)
     }
 
+    /// Asks for an access token with the client's own credentials (RFC
+    /// 6749 4.4, `grant = "client_credentials"`), authenticating the way
+    /// `refresh_auth` says and asking for the configured scopes.
+    ///
+    /// There is no grant to lose here, so the classes narrow: a refresh
+    /// token in the answer is dropped (nothing is rotated or stored), a
+    /// 2xx without a usable access token is transient, and a refusal of
+    /// any kind (`invalid_client`, even `invalid_grant`) is a
+    /// configuration problem, never "authorize again": nobody could.
+    pub async fn client_credentials(&self) -> Result<TokenGrant, ProviderError> {
+        let client = self.client(self.config.refresh_auth);
+        let observed = Arc::new(Mutex::new(Observed::default()));
+        let mut req = client.exchange_client_credentials();
+        req = if self.config.scope_delimiter == " " {
+            req.add_scopes(self.config.scopes.iter().cloned().map(Scope::new))
+        } else if self.config.scopes.is_empty() {
+            req
+        } else {
+            req.add_scope(Scope::new(
+                self.config.scopes.join(self.config.scope_delimiter),
+            ))
+        };
+        let send = self.transport(&observed);
+        let sent_at = Utc::now();
+        let result = req.request_async(&send).await;
+        match self.finish(result, &observed, sent_at) {
+            Ok(grant) => Ok(TokenGrant {
+                refresh_token: None,
+                ..grant
+            }),
+            Err(ProviderError::Unusable { message, .. }) => Err(transient(message, None)),
+            Err(ProviderError::Rejected { message }) => Err(ProviderError::Refused {
+                message: format!(
+                    "{message}; the client-credentials grant needs no authorization, so check client_id, the client secret and scopes of [providers.{}], then reload",
+                    self.name()
+                ),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Revokes a token upstream (RFC 7009). `Ok(false)` when the provider
     /// has no revocation endpoint.
     pub async fn revoke(&self, token: &SecretString, hint: &str) -> Result<bool, ProviderError> {

@@ -152,6 +152,14 @@ impl Engine {
         Ok(engine)
     }
 
+    /// Gives every client-credentials provider (`grant =
+    /// "client_credentials"`) its connection under account `default` when
+    /// it has none, due at once, so the scheduler obtains its token; how
+    /// many were added. Called at start and after each reload.
+    pub async fn ensure_client_credentials(&self) -> Result<usize, StoreError> {
+        super::client_credentials::ensure(&self.inner).await
+    }
+
     /// The store this engine writes to.
     pub fn store(&self) -> &Store {
         &self.inner.store

@@ -99,6 +99,10 @@ fn looks_like_access_jwt(t: &str) -> bool {
 pub enum ImportError {
     #[error("no provider named {0:?} is configured")]
     UnknownProvider(String),
+    /// The provider's grant has no person and no refresh token
+    /// (`grant = "client_credentials"`).
+    #[error("{0}")]
+    NothingToAuthorize(String),
     #[error("{0}")]
     Shape(#[from] TokenShapeError),
     #[error("this is an access token tokenkeeper issued for {provider}/{account}, not a refresh token; import needs the refresh token the other program holds")]
@@ -149,6 +153,9 @@ pub async fn import(
     let Some(p) = settings.providers.get(provider) else {
         return Err(ImportError::UnknownProvider(provider.to_string()));
     };
+    if let Some(why) = p.config.authorization_refusal() {
+        return Err(ImportError::NothingToAuthorize(why));
+    }
     let text = check_refresh_token(token.expose_secret())?;
     if let Some((kind, id)) = shared.recognizer.lookup(text) {
         let (provider, account) = shared

@@ -17,6 +17,8 @@
 //! - `registry`: serving tokens from snapshots, starting flights, and
 //!   where a new grant lands;
 //! - `import`: adopting a refresh token another program holds;
+//! - `client_credentials`: the connections of client-credentials
+//!   providers, stored at start so flights obtain their tokens;
 //! - `engine`: the façade that wires them, and the scheduler pass
 //!   (`engine/sweep.rs`);
 //! - `scheduler`: the task that sleeps until the next connection falls
@@ -24,6 +26,7 @@
 //!
 //! Tests drive the engine directly, without HTTP.
 
+mod client_credentials;
 pub mod clock;
 mod due;
 pub mod engine;

@@ -25,6 +25,23 @@ const NO_REASON_RETRYING: &str = "the refresh did not complete";
 /// Said when a row is `authorization_required` without a stored reason.
 const NO_REASON_REJECTED: &str = "the grant was rejected";
 
+/// The refresh policy's view of a stored row. A grant without a refresh
+/// token (a client-credentials grant, or one the provider never gave a
+/// refresh token) has nothing for `keepalive` to keep alive, and its
+/// `refresh_token_issued_at` never moves: counted from there, it would be
+/// due at every scheduler pass once `keepalive` had passed since the row
+/// was created. Its keepalive counts from the access token's issue.
+pub fn timing_of(r: &ConnectionRow) -> Timing {
+    Timing {
+        issued_at: r.issued_at,
+        expires_at: r.expires_at,
+        refresh_token_issued_at: match r.refresh_token {
+            Some(_) => r.refresh_token_issued_at,
+            None => r.issued_at.max(r.refresh_token_issued_at),
+        },
+    }
+}
+
 /// The access token a snapshot serves and where it was taken in.
 #[derive(Clone)]
 pub struct HeldToken {
@@ -82,11 +99,7 @@ impl Snapshot {
         let token = || HeldToken {
             access_token: r.access_token.clone(),
             token_type: r.token_type.clone(),
-            timing: Timing {
-                issued_at: r.issued_at,
-                expires_at: r.expires_at,
-                refresh_token_issued_at: r.refresh_token_issued_at,
-            },
+            timing: timing_of(r),
             refreshed_at: r.refreshed_at,
             anchor,
         };

@@ -495,6 +495,22 @@ pub trait Backend {
         events: &[NewEvent],
     ) -> Result<(ConnectionRow, Option<SecretString>), StoreError>;
 
+    /// Makes sure `provider/account` has a row, for a grant the daemon
+    /// obtains itself (the client-credentials grant): when none exists, a
+    /// row without a usable token is inserted (an empty access token that
+    /// expired at `now`, no refresh token, state `retrying` with `reason`
+    /// and no backoff, so the next pass obtains one through the lease like
+    /// any refresh). An existing row is left exactly as it is (another
+    /// process may have inserted it, or obtained its token, first).
+    /// Returns the row as stored.
+    async fn ensure_connection(
+        &self,
+        provider: &str,
+        account: &str,
+        now: DateTime<Utc>,
+        reason: &str,
+    ) -> Result<Option<ConnectionRow>, StoreError>;
+
     /// The lease and the journal in one atomic step: takes the refresh
     /// lease for `(owner, attempt_id)` until `lease_until` and records
     /// "refresh started" (`attempt_started_at = now`, state `refreshing`
@@ -994,6 +1010,18 @@ impl Store {
         events: &[NewEvent],
     ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
         on_backend!(self, b => b.save_authorized(provider, account, g, fps, events).await)
+    }
+
+    /// Inserts a token-less row for `provider/account` unless one exists
+    /// (see [`Backend::ensure_connection`]).
+    pub async fn ensure_connection(
+        &self,
+        provider: &str,
+        account: &str,
+        now: DateTime<Utc>,
+        reason: &str,
+    ) -> Result<Option<ConnectionRow>, StoreError> {
+        on_backend!(self, b => b.ensure_connection(provider, account, now, reason).await)
     }
 
     /// Takes the refresh lease and records "refresh started" in one step

@@ -476,6 +476,46 @@ impl Backend for Sqlite {
         Ok((decoded, replaced))
     }
 
+    async fn ensure_connection(
+        &self,
+        provider: &str,
+        account: &str,
+        now: DateTime<Utc>,
+        reason: &str,
+    ) -> Result<Option<ConnectionRow>, StoreError> {
+        let empty = SecretString::from(String::new());
+        let placeholder = NewGrant {
+            access_token: &empty,
+            refresh_token: None,
+            token_type: "Bearer",
+            scope: None,
+            issued_at: now,
+            expires_at: now,
+        };
+        let (sealed, _) = self.codec.seal_pair((provider, account), 1, &placeholder);
+        sqlx::query(
+            "INSERT INTO connections (provider, account, state, access_token, refresh_token, token_type, \
+                 expires_at, issued_at, refresh_token_issued_at, generation, last_error, created_at) \
+             VALUES (?1, ?2, 'retrying', ?3, NULL, 'Bearer', ?4, ?4, ?4, 1, ?5, ?4) \
+             ON CONFLICT (provider, account) DO NOTHING",
+        )
+        .bind(provider.to_owned())
+        .bind(account.to_owned())
+        .bind(sealed)
+        .bind(to_ms(now))
+        .bind(reason.to_owned())
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM connections WHERE provider = ?1 AND account = ?2"
+        ))
+        .bind(provider.to_owned())
+        .bind(account.to_owned())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().and_then(|r| self.codec.decode_or_skip(r)))
+    }
+
     async fn begin_refresh(
         &self,
         id: i64,

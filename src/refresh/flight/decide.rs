@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 
 use crate::config::RefreshConfig;
-use crate::refresh::policy::{self, Timing};
+use crate::refresh::policy;
+use crate::refresh::snapshot::timing_of;
 use crate::refresh::types::Trigger;
 use crate::store::{ConnState, ConnectionRow};
 
@@ -48,11 +49,7 @@ pub fn decide<'a>(
     if row.state == ConnState::AuthorizationRequired {
         return Decision::Skip;
     }
-    let timing = Timing {
-        issued_at: row.issued_at,
-        expires_at: row.expires_at,
-        refresh_token_issued_at: row.refresh_token_issued_at,
-    };
+    let timing = timing_of(row);
     let needed = match trigger {
         Trigger::Forced => true,
         Trigger::OnDemand => !policy::fresh_enough(&timing, now, refresh),
@@ -202,6 +199,32 @@ mod tests {
                 Decision::Skip
             ));
         }
+    }
+
+    #[test]
+    fn keepalive_counts_from_the_last_token_when_there_is_no_refresh_token() {
+        // A client-credentials row created long ago and renewed an hour
+        // before `t0`, with a day-long token: not due 10 minutes later,
+        // although keepalive (30 d) has long passed since its creation.
+        let p = policy();
+        let mut r = row(ConnState::Active);
+        r.refresh_token = None;
+        r.issued_at = t0() - mins(60);
+        r.expires_at = r.issued_at + chrono::Duration::days(1);
+        r.refresh_token_issued_at = t0() - chrono::Duration::days(60);
+        assert!(matches!(
+            decide(Trigger::Scheduled, &r, t0() + mins(10), &p, Duration::ZERO),
+            Decision::Skip
+        ));
+        // With a refresh token, keepalive keeps counting from its issue.
+        r.refresh_token = Some(SecretString::from("rt".to_string()));
+        assert!(refreshes(decide(
+            Trigger::Scheduled,
+            &r,
+            t0() + mins(10),
+            &p,
+            Duration::ZERO
+        )));
     }
 
     #[test]

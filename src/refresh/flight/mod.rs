@@ -27,6 +27,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 
 use self::decide::{decide, Decision, NO_REFRESH_TOKEN};
+use crate::config::GrantKind;
 use crate::provider::{Provider, ProviderError, TokenGrant};
 use crate::refresh::lease::{self, Taken};
 use crate::refresh::shared::Shared;
@@ -166,6 +167,11 @@ pub async fn run(
     let refresh_token = match decide(trigger, &row, now, &settings.refresh, jitter) {
         Decision::Refresh(token) => token.clone(),
         Decision::Skip => return skip(shared, slot, &attempt, *row).await,
+        // The client-credentials grant has no refresh token to send: the
+        // request is built from the client's credentials (`call_once`).
+        Decision::NoRefreshToken if provider.config.grant == GrantKind::ClientCredentials => {
+            SecretString::from(String::new())
+        }
         Decision::NoRefreshToken => {
             let generation = row.generation;
             return outcome::rejected(
@@ -301,8 +307,9 @@ async fn skip(
     Ok(slot.set(shared.snap_of(&row)))
 }
 
-/// One provider call with `refresh_token`, within the provider's rate
-/// limits, renewing the lease while it runs.
+/// One provider call with `refresh_token` (for a client-credentials
+/// provider, a token request with the client's credentials instead),
+/// within the provider's rate limits, renewing the lease while it runs.
 async fn call_once(
     shared: &Shared,
     slot: &Slot,
@@ -316,7 +323,10 @@ async fn call_once(
         let renew = lease::renew_while(shared, slot.id, attempt);
         let call = async {
             shared.rate_slot(provider, &slot.account).await;
-            provider.refresh(&refresh_token).await
+            match provider.config.grant {
+                GrantKind::AuthorizationCode => provider.refresh(&refresh_token).await,
+                GrantKind::ClientCredentials => provider.client_credentials().await,
+            }
         };
         tokio::pin!(call);
         tokio::select! {

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::commit;
 use crate::provider::Provider;
@@ -73,7 +73,13 @@ pub async fn forget(
                 None => tokens.push((&row.access_token, "access_token")),
             }
             let mut revoked = false;
-            for (token, hint) in tokens {
+            // An empty token is a connection that never got one (a
+            // client-credentials row before its first token): nothing
+            // exists upstream to revoke.
+            for (token, hint) in tokens
+                .into_iter()
+                .filter(|(t, _)| !t.expose_secret().is_empty())
+            {
                 match p.revoke(token, hint).await {
                     Ok(r) => revoked = r,
                     Err(e) => {
