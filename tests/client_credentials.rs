@@ -275,6 +275,12 @@ async fn retry_after_of_a_rate_limited_token_request_is_honoured() {
 #[tokio::test]
 async fn nothing_can_be_authorized_pasted_or_imported_for_it() {
     let h = Harness::started(options(Duration::from_secs(3600), "")).await;
+    // The dashboard lists the connection but offers no button to authorize it.
+    let page = h.http.get(h.url("/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let page = page.text().await.unwrap();
+    assert!(page.contains("data-provider=\"keap\""), "{page}");
+    assert!(!page.contains("/connect/keap"), "{page}");
     let r = h.http.get(h.url("/connect/keap")).send().await.unwrap();
     assert_eq!(r.status(), 400);
     let page = r.text().await.unwrap();

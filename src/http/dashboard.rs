@@ -130,12 +130,13 @@ pub async fn script() -> Response {
     r
 }
 
-/// The dashboard page at `now`.
+/// The dashboard page at `now`. `providers` are those a person can connect
+/// (a client-credentials provider has nothing to authorize: no button).
 pub fn page(providers: &[String], panels: &[Panel], now: DateTime<Utc>) -> Response {
     let body = html! {
         p id="live-status" class="live-status muted" role="status" {}
         div id="live" data-refresh-secs=(REFRESH_EVERY_SECS) {
-            (live(panels, now))
+            (live(panels, providers, now))
         }
         h2 { "Providers" }
         @for p in providers {
@@ -154,7 +155,7 @@ pub fn page(providers: &[String], panels: &[Panel], now: DateTime<Utc>) -> Respo
 }
 
 /// The part the script replaces on each update.
-fn live(panels: &[Panel], now: DateTime<Utc>) -> Markup {
+fn live(panels: &[Panel], providers: &[String], now: DateTime<Utc>) -> Markup {
     html! {
         h2 { "Connections" }
         p class="muted" {
@@ -171,7 +172,9 @@ fn live(panels: &[Panel], now: DateTime<Utc>) -> Markup {
                     th { "Last error" } th { span class="muted" { "Action" } }
                 } }
                 tbody {
-                    @for p in panels { (summary_row(&p.report, now)) }
+                    @for p in panels {
+                        (summary_row(&p.report, providers.contains(&p.report.provider), now))
+                    }
                 }
             }
             @for (i, p) in panels.iter().enumerate() { (panel(i, p, now)) }
@@ -179,7 +182,7 @@ fn live(panels: &[Panel], now: DateTime<Utc>) -> Markup {
     }
 }
 
-fn summary_row(c: &ConnectionReport, now: DateTime<Utc>) -> Markup {
+fn summary_row(c: &ConnectionReport, connectable: bool, now: DateTime<Utc>) -> Markup {
     let label = match c.state {
         ConnState::AuthorizationRequired => "Re-connect",
         ConnState::Active | ConnState::Refreshing | ConnState::Retrying => "Connect again",
@@ -208,8 +211,10 @@ fn summary_row(c: &ConnectionReport, now: DateTime<Utc>) -> Markup {
             }
             td data-label="Last error" class="error" { (c.last_error.as_deref().unwrap_or("")) }
             td {
-                a class="button" href={ "/connect/" (c.provider) "?account=" (c.account) }
-                    aria-label={ (label) " " (c.provider) "/" (c.account) } { (label) }
+                @if connectable {
+                    a class="button" href={ "/connect/" (c.provider) "?account=" (c.account) }
+                        aria-label={ (label) " " (c.provider) "/" (c.account) } { (label) }
+                }
             }
         }
     }
@@ -630,7 +635,7 @@ mod tests {
     }
 
     fn render(panel: Panel, now: DateTime<Utc>) -> String {
-        live(&[panel], now).into_string()
+        live(&[panel], &["keap".to_string()], now).into_string()
     }
 
     fn panel(now: DateTime<Utc>, events: Vec<Event>) -> Panel {

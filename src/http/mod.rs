@@ -186,7 +186,12 @@ impl guard::RequestCheck for Guards {
 ))]
 pub async fn dashboard(State(state): State<AppState>) -> Response {
     let settings = state.engine.settings();
-    let mut providers: Vec<String> = settings.providers.keys().cloned().collect();
+    let mut providers: Vec<String> = settings
+        .providers
+        .values()
+        .filter(|p| p.config.authorization_refusal().is_none())
+        .map(|p| p.config.name.clone())
+        .collect();
     providers.sort();
     let panels = dashboard::gather(&state).await;
     dashboard::page(&providers, &panels, chrono::Utc::now())
