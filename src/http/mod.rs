@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod backup;
 pub mod callback;
+pub mod device;
 pub mod error;
 pub mod grant_in;
 pub mod guard;
@@ -75,6 +76,8 @@ pub struct Shared {
     pub tls_fingerprint: Option<Arc<str>>,
     /// `/proxy/*`: HTTP client, rate limits, `proxy_max_wait`.
     pub proxy: Arc<proxy::Proxy>,
+    /// Device authorizations in flight (`connect --device`).
+    pub devices: crate::device::DeviceFlows,
 }
 
 impl AppState {
@@ -98,6 +101,8 @@ pub fn router(state: AppState, extra: Option<Router>) -> App {
     let mut app = Router::new()
         .route("/", get(dashboard))
         .route("/connect/{provider}", get(callback::connect))
+        .route("/connect/{provider}/device", get(device::page_start))
+        .route("/connect/{provider}/device/{flow_id}", get(device::page))
         .route("/callback", get(callback::callback))
         .route("/login", get(login::login))
         .route(
@@ -124,6 +129,14 @@ pub fn router(state: AppState, extra: Option<Router>) -> App {
         .route(
             "/v1/connections/{provider}/{account}/paste/finish",
             post(grant_in::paste_finish).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        )
+        .route(
+            "/v1/connections/{provider}/{account}/device",
+            post(device::start),
+        )
+        .route(
+            "/v1/connections/{provider}/{account}/device/{flow_id}",
+            get(device::watch).delete(device::cancel),
         )
         .route(
             "/v1/connections/{provider}/{account}/events",
@@ -185,7 +198,17 @@ pub async fn dashboard(State(state): State<AppState>) -> Response {
     let settings = state.engine.settings();
     let mut providers: Vec<String> = settings.providers.keys().cloned().collect();
     providers.sort();
-    pages::dashboard(&providers, &state.engine.report())
+    let device: Vec<String> = providers
+        .iter()
+        .filter(|p| {
+            settings
+                .providers
+                .get(*p)
+                .is_some_and(|p| p.config.device_authorization_url.is_some())
+        })
+        .cloned()
+        .collect();
+    pages::dashboard(&providers, &device, &state.engine.report())
 }
 
 async fn not_found() -> Response {

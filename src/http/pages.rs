@@ -175,8 +175,13 @@ pub fn human_span(secs: u64) -> String {
     }
 }
 
-/// The dashboard: every provider and connection with a Connect button.
-pub fn dashboard(providers: &[String], connections: &[ConnectionReport]) -> Response {
+/// The dashboard: every provider and connection with a Connect button;
+/// the providers in `device` also get "Connect with a device code".
+pub fn dashboard(
+    providers: &[String],
+    device: &[String],
+    connections: &[ConnectionReport],
+) -> Response {
     let now = Utc::now();
     let body = html! {
         h2 { "Connections" }
@@ -203,6 +208,9 @@ pub fn dashboard(providers: &[String], connections: &[ConnectionReport]) -> Resp
                     input name="account" value="default" pattern="[a-z0-9][a-z0-9_\\-]{0,62}" required;
                     " "
                     button type="submit" { "Connect" }
+                    @if device.contains(p) {
+                        " " button type="submit" formaction={ "/connect/" (p) "/device" } { "Connect with a device code" }
+                    }
                 }
             }
         }
