@@ -27,6 +27,7 @@
 
 mod api;
 mod control;
+mod device;
 mod discovery;
 mod faults;
 mod oauth;
@@ -35,6 +36,7 @@ mod serve;
 #[cfg(test)]
 mod tests;
 
+pub use device::DeviceFault;
 pub use discovery::DiscoveryFault;
 pub use presets::{Offline, Quirks};
 pub use serve::config;
@@ -263,6 +265,13 @@ pub struct SimStats {
     pub revocations: u64,
     /// Requests for a discovery document (either path, any outcome).
     pub discovery_fetches: u64,
+    /// Requests to the device authorization endpoint (any outcome).
+    pub device_authorizations: u64,
+    /// `device_code` grant requests from an authenticated client.
+    pub device_polls: u64,
+    /// Polls that came sooner than the interval the client was told
+    /// (less 10%): a correct client keeps this at 0.
+    pub device_polls_too_fast: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -334,6 +343,7 @@ struct State {
     /// What the discovery documents name as issuer; `None`: they answer 404.
     issuer: Option<String>,
     discovery_fault: Option<DiscoveryFault>,
+    device: device::DeviceState,
 }
 
 /// A token bucket of `capacity` requests refilled evenly over `window`.
@@ -612,6 +622,7 @@ impl Simulator {
                 strict_revocation: false,
                 issuer: None,
                 discovery_fault: None,
+                device: device::DeviceState::default(),
             })),
         }
     }
@@ -629,6 +640,8 @@ impl Simulator {
     /// - `POST /deny`: 302 to `redirect_uri?error=access_denied&..`.
     /// - `POST /token`: `authorization_code` and `refresh_token` grants.
     /// - `POST /revoke`: RFC 7009; revokes the whole grant.
+    /// - `POST /device/code`: RFC 8628 device authorization; `GET /device`
+    ///   and `POST /device`: the page where a person enters the user code.
     /// - `GET /.well-known/openid-configuration` and
     ///   `/.well-known/oauth-authorization-server`: the endpoints above, for
     ///   the issuer set with [`Simulator::set_issuer`] (404 without one).
@@ -646,6 +659,11 @@ impl Simulator {
             .route("/deny", post(deny))
             .route("/token", post(token_endpoint))
             .route("/revoke", post(revoke_endpoint))
+            .route("/device/code", post(device::device_authorization))
+            .route(
+                "/device",
+                get(device::verification_page).post(device::verification_answer),
+            )
             .route("/api/{*path}", any(api_endpoint))
             .route(
                 "/.well-known/openid-configuration",
