@@ -169,6 +169,12 @@ impl Simulator {
         }
     }
 
+    /// Every device code issued, oldest first: what must never appear in
+    /// the daemon's logs or answers.
+    pub fn device_codes_issued(&self) -> Vec<String> {
+        self.lock().device.order.clone()
+    }
+
     /// When the newest device code was polled, counted from its issue.
     pub fn device_polls(&self) -> Vec<Duration> {
         let st = self.lock();
