@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, Config};
 use crate::dev::{Simulator, SimulatorConfig};
 use crate::http::answers::{
-    rfc3339_secs, ConnectionJson, ConnectionsBody, ErrorBody, EventJson, EventsBody, ImportBody,
-    DeviceFlowBody, InspectBody, LinkBody, PasteFinishBody, PasteStartBody, TokenBody,
+    rfc3339_secs, ConnectionJson, ConnectionsBody, DeviceFlowBody, ErrorBody, EventJson,
+    EventsBody, ImportBody, InspectBody, LinkBody, PasteFinishBody, PasteStartBody, TokenBody,
 };
 use crate::http::api::DEFAULT_ACCOUNT;
 use crate::http::pages::relative;
@@ -1226,10 +1226,8 @@ async fn device_flow(daemon: &Daemon, p: &str, a: &str) -> Result<(), CliError> 
     let segments = ["v1", "connections", p, a, "device", id.as_str()];
     let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
     let ended = loop {
-        let watch = daemon.get_query::<DeviceFlowBody>(
-            &segments,
-            vec![("wait", DEVICE_WATCH_SECS.to_string())],
-        );
+        let watch = daemon
+            .get_query::<DeviceFlowBody>(&segments, vec![("wait", DEVICE_WATCH_SECS.to_string())]);
         tokio::select! {
             _ = &mut ctrl_c => {
                 let _ = daemon

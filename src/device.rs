@@ -293,11 +293,7 @@ async fn poll(engine: Engine, flow: Arc<Flow>, device_code: SecretString, deadli
         (v.provider.clone(), v.account.clone())
     };
     let status = loop {
-        let interval = flow
-            .view
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .interval;
+        let interval = flow.view.lock().unwrap_or_else(|e| e.into_inner()).interval;
         let next = Instant::now() + interval;
         if next >= deadline {
             tokio::select! {

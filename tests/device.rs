@@ -41,9 +41,11 @@ fn spawn_device(h: &Harness, account: &str) -> tokio::process::Child {
 /// The user code the command's flow is waiting on, once the simulator
 /// issued it.
 async fn user_code(h: &Harness) -> String {
-    eventually(Duration::from_secs(30), "a device code is issued", || async {
-        !h.sim.sim.pending_user_codes().is_empty()
-    })
+    eventually(
+        Duration::from_secs(30),
+        "a device code is issued",
+        || async { !h.sim.sim.pending_user_codes().is_empty() },
+    )
     .await;
     h.sim.sim.pending_user_codes().remove(0)
 }
@@ -324,9 +326,11 @@ async fn the_dashboard_connects_with_a_device_code() {
     assert!(html.contains(&code), "{html}");
     assert!(html.contains(&h.sim.url("/device")), "{html}");
     assert!(h.sim.sim.approve_device(&code));
-    eventually(Duration::from_secs(30), "the page says authorized", || async {
-        h.get_text(&page).await.contains("the grant is stored")
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the page says authorized",
+        || async { h.get_text(&page).await.contains("the grant is stored") },
+    )
     .await;
     let (s, b) = h.get_json("/v1/token/keap/shop").await;
     assert_eq!(s, 200, "{b}");

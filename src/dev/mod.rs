@@ -19,7 +19,8 @@
 //! public types, the shared state and the [`Simulator`] handle; `oauth` the
 //! consent page and the token and revocation endpoints; `api` the protected
 //! API and its limits; `control` the `/_sim/...` endpoints; `faults` what an
-//! injected [`Fault`] answers; [`config`] the configuration of `serve --dev`.
+//! injected [`Fault`] answers; `device` the device authorization grant
+//! (RFC 8628); [`config`] the configuration of `serve --dev`.
 
 // Handlers build their rejection as a finished `Response` and return it
 // through `Err`; boxing it would only add noise on a cold path.

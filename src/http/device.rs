@@ -113,6 +113,7 @@ pub async fn start(
     ),
     responses(
         (status = 200, description = "the flow; state pending until it ends", body = DeviceFlowBody),
+        (status = 400, description = "invalid_request: wait is not a whole number of seconds, or a malformed account name", body = crate::http::error::ErrorBody),
         (status = 401, description = "a bearer credential was presented and is wrong, or API keys are set and none was presented", body = crate::http::error::ErrorBody),
         (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
         (status = 404, description = "unknown_flow", body = crate::http::error::ErrorBody)
@@ -126,9 +127,9 @@ pub async fn watch(
     check_names(&provider, &account)?;
     let wait = match q.get("wait") {
         None => 0,
-        Some(w) => w.parse::<u64>().map_err(|_| {
-            ApiError::BadRequest("wait must be a whole number of seconds".into())
-        })?,
+        Some(w) => w
+            .parse::<u64>()
+            .map_err(|_| ApiError::BadRequest("wait must be a whole number of seconds".into()))?,
     };
     let view = state
         .devices
@@ -146,6 +147,7 @@ pub async fn watch(
     ),
     responses(
         (status = 200, description = "cancelled (state cancelled), or how it had already ended", body = DeviceFlowBody),
+        (status = 400, description = "invalid_request: malformed account name", body = crate::http::error::ErrorBody),
         (status = 401, description = "a bearer credential was presented and is wrong, or API keys are set and none was presented", body = crate::http::error::ErrorBody),
         (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
         (status = 404, description = "unknown_flow", body = crate::http::error::ErrorBody)
@@ -171,8 +173,10 @@ pub async fn cancel(
     responses(
         (status = 303, description = "to the page showing the code (/connect/{provider}/device/{flow_id}?account=NAME)"),
         (status = 400, description = "invalid account name, or no device endpoint (HTML page)", body = String, content_type = "text/html"),
+        (status = 401, description = "API keys are set and neither a key nor a browser session (see /login) was presented", body = crate::http::error::ErrorBody),
         (status = 403, description = "cross-site request", body = crate::http::error::ErrorBody),
         (status = 404, description = "unknown provider (HTML page)", body = String, content_type = "text/html"),
+        (status = 429, description = "32 device authorizations are already waiting (HTML page)", body = String, content_type = "text/html"),
         (status = 502, description = "the device endpoint failed (HTML page)", body = String, content_type = "text/html")
     ))]
 /// `GET /connect/{provider}/device?account=NAME`: starts a flow and sends
@@ -234,6 +238,8 @@ pub async fn page_start(
     ),
     responses(
         (status = 200, description = "the code and where to enter it; reloads itself while pending (HTML page)", body = String, content_type = "text/html"),
+        (status = 401, description = "API keys are set and neither a key nor a browser session (see /login) was presented", body = crate::http::error::ErrorBody),
+        (status = 403, description = "cross-site request", body = crate::http::error::ErrorBody),
         (status = 404, description = "no such flow (HTML page)", body = String, content_type = "text/html")
     ))]
 /// `GET /connect/{provider}/device/{flow_id}?account=NAME`.

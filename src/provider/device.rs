@@ -200,9 +200,15 @@ impl Provider {
             })?;
         let status = resp.status().as_u16();
         let mut buf = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| without_url(&e).to_string())? {
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| without_url(&e).to_string())?
+        {
             if buf.len() + chunk.len() > MAX_ANSWER_BYTES {
-                return Err(format!("its answer is larger than {MAX_ANSWER_BYTES} bytes"));
+                return Err(format!(
+                    "its answer is larger than {MAX_ANSWER_BYTES} bytes"
+                ));
             }
             buf.extend_from_slice(&chunk);
         }
@@ -253,7 +259,8 @@ pub fn read_authorization(
                 format!(" with the OAuth error \"{e}\"")
             })
             .unwrap_or_default();
-        let message = format!("the device authorization endpoint {url} answered HTTP {status}{said}");
+        let message =
+            format!("the device authorization endpoint {url} answered HTTP {status}{said}");
         return Err(match status {
             429 | 500..=599 => DeviceStartError::Unreachable(format!("{message}; try again later")),
             _ => DeviceStartError::Refused(format!("{message}: check client_id, the client secret, scopes and device_authorization_url of [providers.{provider}] (and that the client may use the device grant at the provider), then reload")),
@@ -287,8 +294,8 @@ pub fn read_authorization(
     let verification_uri = text("verification_uri")
         .or_else(|| text("verification_url"))
         .ok_or_else(|| unreadable("no verification_uri"))?;
-    let verification_uri =
-        web(verification_uri).ok_or_else(|| unreadable("a verification_uri that is no web address"))?;
+    let verification_uri = web(verification_uri)
+        .ok_or_else(|| unreadable("a verification_uri that is no web address"))?;
     let verification_uri_complete = text("verification_uri_complete")
         .or_else(|| text("verification_url_complete"))
         .and_then(web);
@@ -316,11 +323,8 @@ pub fn read_authorization(
 /// name, anything else as every token answer is read.
 pub fn read_poll(ctx: &answer::AnswerContext<'_>, status: u16, body: &[u8]) -> PollAnswer {
     if !(200..300).contains(&status) {
-        let error = object(body).and_then(|f| {
-            f.get("error")
-                .and_then(|e| e.as_str())
-                .map(str::to_string)
-        });
+        let error =
+            object(body).and_then(|f| f.get("error").and_then(|e| e.as_str()).map(str::to_string));
         match error.as_deref() {
             Some("authorization_pending") => return PollAnswer::Pending,
             Some("slow_down") => return PollAnswer::SlowDown,
@@ -438,7 +442,10 @@ mod tests {
             PollAnswer::Failed(ProviderError::Transient { .. })
         ));
         assert!(matches!(
-            poll(200, r#"{"access_token":"a","refresh_token":"r","expires_in":60}"#),
+            poll(
+                200,
+                r#"{"access_token":"a","refresh_token":"r","expires_in":60}"#
+            ),
             PollAnswer::Granted(_)
         ));
         assert_eq!(slowed(Duration::from_secs(1)), Duration::from_secs(6));
