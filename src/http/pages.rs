@@ -208,8 +208,13 @@ pub fn dashboard(
                     input name="account" value="default" pattern="[a-z0-9][a-z0-9_\\-]{0,62}" required;
                     " "
                     button type="submit" { "Connect" }
-                    @if device.contains(p) {
-                        " " button type="submit" formaction={ "/connect/" (p) "/device" } { "Connect with a device code" }
+                }
+                @if device.contains(p) {
+                    form method="get" action={ "/connect/" (p) "/device" } class="muted" {
+                        "or approve on another device: account "
+                        input name="account" value="default" pattern="[a-z0-9][a-z0-9_\\-]{0,62}" required;
+                        " "
+                        button type="submit" { "Connect with a device code" }
                     }
                 }
             }
