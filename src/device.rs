@@ -331,6 +331,25 @@ async fn poll(engine: Engine, flow: Arc<Flow>, device_code: SecretString, deadli
             }
             PollAnswer::Expired => break FlowStatus::Expired,
             PollAnswer::Denied => break FlowStatus::Denied,
+            PollAnswer::Failed(ProviderError::Unusable {
+                message,
+                refresh_token,
+            }) => {
+                // The device code is spent and the answer's refresh token
+                // is the grant: kept, with an access token already
+                // expired, so the first request refreshes it.
+                tracing::warn!(provider = %provider, account = %account, "the device code was redeemed but the access token is unusable ({message}); the refresh token is kept");
+                let now = Utc::now();
+                let grant = crate::provider::TokenGrant {
+                    access_token: SecretString::from(String::new()),
+                    refresh_token: Some(refresh_token),
+                    token_type: "Bearer".into(),
+                    scope: None,
+                    issued_at: now,
+                    expires_at: now,
+                };
+                break land(&engine, &provider, &account, &grant).await;
+            }
             PollAnswer::Failed(ProviderError::Transient { message, .. }) => {
                 tracing::warn!(provider = %provider, account = %account, "device authorization poll failed, trying again: {message}");
             }
@@ -340,28 +359,39 @@ async fn poll(engine: Engine, flow: Arc<Flow>, device_code: SecretString, deadli
                     "the provider refused the device authorization: {e}"
                 ));
             }
-            PollAnswer::Granted(grant) => {
-                // The same landing as `/callback`: a newer authorization
-                // replaces the connection's grant.
-                break match engine.authorized(&provider, &account, &grant).await {
-                    Ok(()) => {
-                        tracing::info!(provider = %provider, account = %account, "authorized with a device code; grant stored");
-                        FlowStatus::Authorized {
-                            refresh_token: grant.refresh_token.is_some(),
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(provider = %provider, account = %account, error = %e, "the grant from a device code could not be stored");
-                        FlowStatus::Failed(format!("the grant could not be stored: {e}"))
-                    }
-                };
-            }
+            PollAnswer::Granted(grant) => break land(&engine, &provider, &account, &grant).await,
         }
     };
     if status != FlowStatus::Pending {
         tracing::info!(provider = %provider, account = %account, outcome = status.as_str(), "device authorization ended");
     }
     flow.end(status);
+}
+
+/// The same landing as `/callback`: a newer authorization replaces the
+/// connection's grant.
+async fn land(
+    engine: &Engine,
+    provider: &str,
+    account: &str,
+    grant: &crate::provider::TokenGrant,
+) -> FlowStatus {
+    match engine.authorized(provider, account, grant).await {
+        Ok(()) => {
+            tracing::info!(
+                provider,
+                account,
+                "authorized with a device code; grant stored"
+            );
+            FlowStatus::Authorized {
+                refresh_token: grant.refresh_token.is_some(),
+            }
+        }
+        Err(e) => {
+            tracing::error!(provider, account, error = %e, "the grant from a device code could not be stored");
+            FlowStatus::Failed(format!("the grant could not be stored: {e}"))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use common::*;
-use tokenkeeper::dev::{DeviceFault, Fault};
+use tokenkeeper::dev::{AnswerShape, DeviceFault, Fault};
 
 /// A daemon whose `keap` provider has the simulator's device endpoint;
 /// the simulator answers `interval = 1`.
@@ -240,6 +240,26 @@ async fn a_transient_poll_failure_is_polled_through() {
     assert!(h.sim.sim.approve_device(&code));
     assert_success(&finish(child).await);
     assert_eq!(h.token().await.0, 200);
+}
+
+#[tokio::test]
+async fn an_unusable_answer_keeps_its_refresh_token() {
+    let h = device_harness().await;
+    let child = spawn_device(&h, "default");
+    let code = user_code(&h).await;
+    h.sim.sim.set_answer_shape(Some(AnswerShape::NoAccessToken));
+    assert!(h.sim.sim.approve_device(&code));
+    assert_success(&finish(child).await);
+    h.sim.sim.set_answer_shape(None);
+    // The redeemed code's refresh token is the grant: the first request
+    // refreshes with it.
+    let (s, b) = h.token().await;
+    assert_eq!(s, 200, "{b}");
+    assert!(h
+        .sim
+        .sim
+        .access_token_valid(b["access_token"].as_str().unwrap()));
+    assert_eq!(h.sim.sim.stats().refresh_ok, 1);
 }
 
 #[tokio::test]
