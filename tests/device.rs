@@ -303,6 +303,25 @@ async fn garbage_from_the_device_endpoint_is_a_sentence() {
 }
 
 #[tokio::test]
+async fn an_unreachable_device_endpoint_is_a_sentence() {
+    let mut h = Harness::new(Options::default()).await;
+    let closed = format!(
+        "device_authorization_url = \"http://127.0.0.1:{}/device/code\"",
+        free_port()
+    );
+    h.write_config("", "", &closed);
+    h.start().await;
+    let out = h.cli(&["connect", "keap", "--device"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("cannot reach the device authorization endpoint"),
+        "{err}"
+    );
+    assert_nothing_stored(&h).await;
+}
+
+#[tokio::test]
 async fn ctrl_c_cancels_the_daemons_polling() {
     let h = device_harness().await;
     let child = spawn_device(&h, "default");
