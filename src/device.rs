@@ -322,7 +322,13 @@ async fn poll(engine: Engine, flow: Arc<Flow>, device_code: SecretString, deadli
                 "provider {provider} was removed from the config while waiting"
             ));
         };
-        match p.device_poll(&device_code).await {
+        let answer = p.device_poll(&device_code).await;
+        // Cancelled while the poll was out: the command already told the
+        // person nothing was stored, so nothing is.
+        if flow.cancel.is_cancelled() {
+            return;
+        }
+        match answer {
             PollAnswer::Pending => {}
             PollAnswer::SlowDown => {
                 let mut v = flow.view.lock().unwrap_or_else(|e| e.into_inner());
