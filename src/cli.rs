@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, Config};
 use crate::dev::{Simulator, SimulatorConfig};
 use crate::http::answers::{
-    rfc3339_secs, ConnectionJson, ConnectionsBody, ErrorBody, EventJson, EventsBody, ImportBody,
-    InspectBody, LinkBody, PasteFinishBody, PasteStartBody, TokenBody,
+    rfc3339_secs, ConnectionJson, ConnectionsBody, DeviceFlowBody, ErrorBody, EventJson,
+    EventsBody, ImportBody, InspectBody, LinkBody, PasteFinishBody, PasteStartBody, TokenBody,
 };
 use crate::http::api::DEFAULT_ACCOUNT;
 use crate::http::pages::relative;
@@ -94,6 +94,9 @@ pub enum Command {
         /// Headless: open the printed URL in a browser on any machine, approve, then paste here the address the browser ended on (even if that page did not load).
         #[arg(long, conflicts_with = "open")]
         paste: bool,
+        /// Device code (RFC 8628), for providers with a device endpoint: prints where to go and the code to enter on any device, then waits while the daemon polls. Ctrl-C cancels.
+        #[arg(long, conflicts_with_all = ["open", "paste"])]
+        device: bool,
     },
     /// Adopt a grant another program holds: its refresh token is redeemed once at once (so that program's copy stops working) and the grant stored.
     Import {
@@ -418,6 +421,8 @@ async fn serve(
             control_api: true,
             ..SimulatorConfig::default()
         });
+        // Its device verification page is named from the issuer.
+        sim.set_issuer(Some(format!("http://{addr}/dev-provider")));
         let router = axum::Router::new().nest("/dev-provider", sim.router());
         (
             crate::dev::config(addr, dir.join("tokenkeeper.db"), &secret),
@@ -739,6 +744,7 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
             }
         }
         Command::Connect { paste: true, .. } => paste_flow(&daemon, p, a).await?,
+        Command::Connect { device: true, .. } => device_flow(&daemon, p, a).await?,
         Command::Import {
             refresh_token_file,
             replace,
@@ -1191,6 +1197,78 @@ async fn paste_flow(daemon: &Daemon, p: &str, a: &str) -> Result<(), CliError> {
     if !done.refresh_token {
         outln(
             "The provider issued no refresh token: this grant ends when its access token expires. Check the provider's offline-access settings.",
+            Output::Report,
+        )?;
+    }
+    Ok(())
+}
+
+/// How long one watch of a device flow waits at the daemon before asking
+/// again (the daemon caps it at 30 s; the client's timeout is 120 s).
+const DEVICE_WATCH_SECS: u64 = 25;
+
+/// `tokenkeeper connect --device`: the daemon obtains the codes and polls
+/// the provider; this command prints where to go and the code, then
+/// watches the flow until it ends. Ctrl-C cancels the daemon's polling.
+async fn device_flow(daemon: &Daemon, p: &str, a: &str) -> Result<(), CliError> {
+    let started: DeviceFlowBody = daemon
+        .call(
+            reqwest::Method::POST,
+            &["v1", "connections", p, a, "device"],
+            None,
+        )
+        .await?;
+    let left = (started.expires_at - chrono::Utc::now())
+        .num_seconds()
+        .max(0) as u64;
+    outln(
+        format_args!(
+            "To authorize {p}/{a}, open this address on any device:\n\n    {}\n\nand enter the code:\n\n    {}\n",
+            started.verification_uri, started.user_code
+        ),
+        Output::Report,
+    )?;
+    if let Some(complete) = &started.verification_uri_complete {
+        outln(
+            format_args!("Or open this address, which has the code in it:\n\n    {complete}\n"),
+            Output::Report,
+        )?;
+    }
+    err_line(format_args!(
+        "Waiting for approval (the code expires in {}); Ctrl-C cancels.",
+        crate::http::pages::human_span(left)
+    ));
+    let id = started.flow_id;
+    let segments = ["v1", "connections", p, a, "device", id.as_str()];
+    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+    let ended = loop {
+        let watch = daemon
+            .get_query::<DeviceFlowBody>(&segments, vec![("wait", DEVICE_WATCH_SECS.to_string())]);
+        tokio::select! {
+            _ = &mut ctrl_c => {
+                let _ = daemon
+                    .call::<DeviceFlowBody>(reqwest::Method::DELETE, &segments, None)
+                    .await;
+                return Err(runtime("cancelled; the daemon stopped polling and nothing was stored"));
+            }
+            flow = watch => {
+                let flow = flow?;
+                if flow.state != "pending" {
+                    break flow;
+                }
+            }
+        }
+    };
+    let message = ended
+        .message
+        .unwrap_or_else(|| format!("the device authorization ended ({})", ended.state));
+    if ended.state != "authorized" {
+        return Err(runtime(message));
+    }
+    outln(message, Output::Report)?;
+    if ended.refresh_token == Some(false) {
+        outln(
+            "The provider issued no refresh token: this grant ends when its access token expires. Check the provider's offline-access settings (scopes such as offline_access).",
             Output::Report,
         )?;
     }

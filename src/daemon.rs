@@ -242,6 +242,7 @@ impl App {
                 limits.clone(),
                 config.server.proxy_max_wait,
             )),
+            devices: crate::device::DeviceFlows::new(),
         });
         http::proxy::Proxy::register(config.providers.keys().map(String::as_str));
         Ok(App {

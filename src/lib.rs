@@ -34,6 +34,10 @@
 //!   `auth` and `login` (site checks, API keys, browser login links),
 //!   `server` (connections: timeouts, cap, drain), `error` (the one error
 //!   enum).
+//! - [`device`]: device authorizations in flight (RFC 8628, `connect
+//!   --device`): one polling task per flow honouring `interval` and
+//!   `slow_down`, landing the grant as `/callback` does; the requests and
+//!   their answers are [`provider::device`]'s.
 //! - [`history`]: reading the history of connections (SPEC 13) in pages,
 //!   and its retention purge (`storage.history`); the engine records the
 //!   events (`refresh::history`), the store keeps them (`store::events`).
@@ -64,6 +68,7 @@ pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod dev;
+pub mod device;
 pub mod history;
 pub mod http;
 pub mod metrics;

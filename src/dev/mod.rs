@@ -19,7 +19,8 @@
 //! public types, the shared state and the [`Simulator`] handle; `oauth` the
 //! consent page and the token and revocation endpoints; `api` the protected
 //! API and its limits; `control` the `/_sim/...` endpoints; `faults` what an
-//! injected [`Fault`] answers; [`config`] the configuration of `serve --dev`.
+//! injected [`Fault`] answers; `device` the device authorization grant
+//! (RFC 8628); [`config`] the configuration of `serve --dev`.
 
 // Handlers build their rejection as a finished `Response` and return it
 // through `Err`; boxing it would only add noise on a cold path.
@@ -27,6 +28,7 @@
 
 mod api;
 mod control;
+mod device;
 mod discovery;
 mod faults;
 mod oauth;
@@ -35,6 +37,7 @@ mod serve;
 #[cfg(test)]
 mod tests;
 
+pub use device::DeviceFault;
 pub use discovery::DiscoveryFault;
 pub use presets::{Offline, Quirks};
 pub use serve::config;
@@ -268,6 +271,13 @@ pub struct SimStats {
     pub client_credentials_calls: u64,
     /// client_credentials requests that issued an access token.
     pub client_credentials_ok: u64,
+    /// Requests to the device authorization endpoint (any outcome).
+    pub device_authorizations: u64,
+    /// `device_code` grant requests from an authenticated client.
+    pub device_polls: u64,
+    /// Polls that came sooner than the interval the client was told
+    /// (less 10%): a correct client keeps this at 0.
+    pub device_polls_too_fast: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -342,6 +352,7 @@ struct State {
     /// The `scope` of the last client_credentials request that issued a
     /// token (`None`: it asked for none).
     client_credentials_scope: Option<String>,
+    device: device::DeviceState,
 }
 
 /// A token bucket of `capacity` requests refilled evenly over `window`.
@@ -621,6 +632,7 @@ impl Simulator {
                 issuer: None,
                 discovery_fault: None,
                 client_credentials_scope: None,
+                device: device::DeviceState::default(),
             })),
         }
     }
@@ -640,6 +652,8 @@ impl Simulator {
     ///   `client_credentials` grants (the last: a fresh independent access
     ///   token per call, lifetime `access_lifetime`, no refresh token).
     /// - `POST /revoke`: RFC 7009; revokes the whole grant.
+    /// - `POST /device/code`: RFC 8628 device authorization; `GET /device`
+    ///   and `POST /device`: the page where a person enters the user code.
     /// - `GET /.well-known/openid-configuration` and
     ///   `/.well-known/oauth-authorization-server`: the endpoints above, for
     ///   the issuer set with [`Simulator::set_issuer`] (404 without one).
@@ -657,6 +671,11 @@ impl Simulator {
             .route("/deny", post(deny))
             .route("/token", post(token_endpoint))
             .route("/revoke", post(revoke_endpoint))
+            .route("/device/code", post(device::device_authorization))
+            .route(
+                "/device",
+                get(device::verification_page).post(device::verification_answer),
+            )
             .route("/api/{*path}", any(api_endpoint))
             .route(
                 "/.well-known/openid-configuration",

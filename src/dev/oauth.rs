@@ -94,6 +94,21 @@ fn authenticate_client(
     }
 }
 
+/// [`authenticate_client`] for the device endpoints.
+pub(super) fn authenticate(
+    config: &SimulatorConfig,
+    headers: &HeaderMap,
+    params: &Params,
+    basic_only: bool,
+) -> Result<(), Response> {
+    authenticate_client(config, headers, params, basic_only)
+}
+
+/// A successful token answer, for the device grant.
+pub(super) fn token_answer(issued: &Issued, shape: Option<&AnswerShape>) -> Response {
+    token_success(issued, shape)
+}
+
 fn pkce_matches(verifier: &str, challenge: &str, method: ChallengeMethod) -> bool {
     match method {
         ChallengeMethod::S256 => {
@@ -458,6 +473,7 @@ fn process_token(
             tracing::debug!("simulator: client credentials token issued");
             Ok(token_success(&issued, shape.as_ref()))
         }
+        Some(super::device::DEVICE_GRANT) => super::device::poll(&mut st, headers, params),
         Some(_) => Err(oauth_error(
             StatusCode::BAD_REQUEST,
             "unsupported_grant_type",

@@ -41,7 +41,7 @@ pub fn config(listen: SocketAddr, db_path: PathBuf, client_secret: &str) -> Conf
             limits: Preset::Keap.limits(),
             request_timeout: Duration::from_secs(30),
             revoke_replaced: true,
-            device_authorization_url: None,
+            device_authorization_url: Some(url("/device/code")),
             issuer: None,
             explicit: Default::default(),
             scope_delimiter: " ",

@@ -243,6 +243,40 @@ pub struct PasteFinishBody {
     pub refresh_token: bool,
 }
 
+// No `Debug`: `flow_id` is the handle that watches and cancels the flow.
+/// The answer of `POST /v1/connections/{provider}/{account}/device` and
+/// of `GET`/`DELETE .../device/{flow_id}`: a device authorization (RFC
+/// 8628) the daemon polls for. The device code never leaves the daemon.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeviceFlowBody {
+    /// Watches (`GET .../device/{flow_id}?wait=SECS`) and cancels
+    /// (`DELETE`) the flow.
+    pub flow_id: String,
+    pub provider: String,
+    pub account: String,
+    /// What the person enters at `verification_uri`.
+    pub user_code: String,
+    /// Where the person goes, on any device.
+    pub verification_uri: String,
+    /// The same address with the code in it, when the provider gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification_uri_complete: Option<String>,
+    /// When the codes die.
+    #[serde(with = "rfc3339_secs")]
+    #[schema(value_type = String)]
+    pub expires_at: DateTime<Utc>,
+    /// Seconds between the daemon's polls now (grows on `slow_down`).
+    pub interval_secs: f64,
+    /// pending | authorized | expired | denied | cancelled | failed
+    pub state: String,
+    /// Once ended: one sentence saying what happened and what to do next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Once authorized: whether the provider issued a refresh token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<bool>,
+}
+
 /// SPEC 4: the body of every `/v1/*` error.
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {

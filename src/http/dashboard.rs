@@ -131,8 +131,14 @@ pub async fn script() -> Response {
 }
 
 /// The dashboard page at `now`. `providers` are those a person can connect
-/// (a client-credentials provider has nothing to authorize: no button).
-pub fn page(providers: &[String], panels: &[Panel], now: DateTime<Utc>) -> Response {
+/// (a client-credentials provider has nothing to authorize: no button);
+/// those also in `device` offer "Connect with a device code".
+pub fn page(
+    providers: &[String],
+    device: &[String],
+    panels: &[Panel],
+    now: DateTime<Utc>,
+) -> Response {
     let body = html! {
         p id="live-status" class="live-status muted" role="status" {}
         div id="live" data-refresh-secs=(REFRESH_EVERY_SECS) {
@@ -147,6 +153,16 @@ pub fn page(providers: &[String], panels: &[Panel], now: DateTime<Utc>) -> Respo
                     label { "account " input name="account" value="default" pattern="[a-z0-9][a-z0-9_\\-]{0,62}" required; }
                     " "
                     button type="submit" aria-describedby={ "provider-" (p) } { "Connect" }
+                }
+                @if device.contains(p) {
+                    form method="get" action={ "/connect/" (p) "/device" } class="muted" {
+                        label {
+                            "or approve on another device: account "
+                            input name="account" value="default" pattern="[a-z0-9][a-z0-9_\\-]{0,62}" required;
+                        }
+                        " "
+                        button type="submit" aria-describedby={ "provider-" (p) } { "Connect with a device code" }
+                    }
                 }
             }
         }

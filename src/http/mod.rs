@@ -12,6 +12,7 @@ pub mod auth;
 pub mod backup;
 pub mod callback;
 pub mod dashboard;
+pub mod device;
 pub mod error;
 pub mod grant_in;
 pub mod guard;
@@ -77,6 +78,8 @@ pub struct Shared {
     pub tls_fingerprint: Option<Arc<str>>,
     /// `/proxy/*`: HTTP client, rate limits, `proxy_max_wait`.
     pub proxy: Arc<proxy::Proxy>,
+    /// Device authorizations in flight (`connect --device`).
+    pub devices: crate::device::DeviceFlows,
 }
 
 impl AppState {
@@ -101,6 +104,8 @@ pub fn router(state: AppState, extra: Option<Router>) -> App {
         .route("/", get(dashboard))
         .route(dashboard::SCRIPT_PATH, get(dashboard::script))
         .route("/connect/{provider}", get(callback::connect))
+        .route("/connect/{provider}/device", get(device::page_start))
+        .route("/connect/{provider}/device/{flow_id}", get(device::page))
         .route("/callback", get(callback::callback))
         .route("/login", get(login::login))
         .route(
@@ -127,6 +132,14 @@ pub fn router(state: AppState, extra: Option<Router>) -> App {
         .route(
             "/v1/connections/{provider}/{account}/paste/finish",
             post(grant_in::paste_finish).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        )
+        .route(
+            "/v1/connections/{provider}/{account}/device",
+            post(device::start),
+        )
+        .route(
+            "/v1/connections/{provider}/{account}/device/{flow_id}",
+            get(device::watch).delete(device::cancel),
         )
         .route(
             "/v1/connections/{provider}/{account}/events",
@@ -193,8 +206,18 @@ pub async fn dashboard(State(state): State<AppState>) -> Response {
         .map(|p| p.config.name.clone())
         .collect();
     providers.sort();
+    let device: Vec<String> = providers
+        .iter()
+        .filter(|p| {
+            settings
+                .providers
+                .get(*p)
+                .is_some_and(|p| p.config.device_authorization_url.is_some())
+        })
+        .cloned()
+        .collect();
     let panels = dashboard::gather(&state).await;
-    dashboard::page(&providers, &panels, chrono::Utc::now())
+    dashboard::page(&providers, &device, &panels, chrono::Utc::now())
 }
 
 async fn not_found() -> Response {

@@ -4,7 +4,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use super::{api, backup, callback, grant_in, login};
+use super::{api, backup, callback, device, grant_in, login};
 
 /// The document served at `/openapi.json`.
 #[derive(OpenApi)]
@@ -32,6 +32,11 @@ use super::{api, backup, callback, grant_in, login};
         grant_in::import,
         grant_in::paste_start,
         grant_in::paste_finish,
+        device::start,
+        device::watch,
+        device::cancel,
+        device::page_start,
+        device::page,
         api::healthz,
         api::readyz,
         api::metrics,
@@ -52,6 +57,7 @@ use super::{api, backup, callback, grant_in, login};
         super::answers::PasteStartBody,
         super::answers::PasteFinishRequest,
         super::answers::PasteFinishBody,
+        super::answers::DeviceFlowBody,
         backup::BackupBody,
         super::error::ErrorBody
     ))

@@ -11,6 +11,7 @@
 //! touches the database.
 
 pub mod answer;
+pub mod device;
 pub mod discovery;
 pub mod presets;
 

@@ -34,6 +34,9 @@ const provider = new Provider(issuer, {
     devInteractions: { enabled: true },
     revocation: { enabled: true },
     introspection: { enabled: true },
+    // RFC 8628, for device.mjs (OP_DEVICE_FLOW=1); off otherwise so the
+    // other suites' discovered metadata stays as it was.
+    deviceFlow: { enabled: process.env.OP_DEVICE_FLOW === '1' },
   },
   // Every client allowed the refresh_token grant gets a refresh token
   // (the default also demands the offline_access scope, which survives
