@@ -119,6 +119,9 @@ pub enum StartError {
     UnknownProvider(String),
     #[error("{MAX_RUNNING} device authorizations are already waiting; finish or cancel one first")]
     TooMany,
+    /// A client-credentials provider: the sentence says why.
+    #[error("{0}")]
+    NothingToAuthorize(String),
     #[error(transparent)]
     Provider(#[from] DeviceStartError),
 }
@@ -205,6 +208,9 @@ impl DeviceFlows {
             .providers
             .get(provider)
             .ok_or_else(|| StartError::UnknownProvider(provider.to_string()))?;
+        if let Some(why) = p.config.authorization_refusal() {
+            return Err(StartError::NothingToAuthorize(why));
+        }
         let auth = p.device_authorization().await?;
         let view = FlowView {
             provider: provider.to_string(),

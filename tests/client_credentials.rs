@@ -296,6 +296,15 @@ async fn nothing_can_be_authorized_pasted_or_imported_for_it() {
     assert_eq!(b["error"], "nothing_to_authorize", "{b}");
     let r = h
         .http
+        .post(h.url("/v1/connections/keap/default/device"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let b: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(b["error"], "nothing_to_authorize", "{b}");
+    let r = h
+        .http
         .post(h.url("/v1/connections/keap/default/import"))
         .header("content-type", "application/json")
         .body(r#"{"refresh_token": "someone-elses-refresh-token-1234567890", "replace": true}"#)

@@ -59,6 +59,10 @@ fn start_error(e: StartError) -> ApiError {
     match e {
         StartError::UnknownProvider(p) => ApiError::UnknownProvider(p),
         StartError::TooMany => refused(StatusCode::TOO_MANY_REQUESTS, "too_many_flows"),
+        StartError::NothingToAuthorize(_) => refused(
+            StatusCode::BAD_REQUEST,
+            super::grant_in::NOTHING_TO_AUTHORIZE,
+        ),
         StartError::Provider(DeviceStartError::NoEndpoint(_)) => {
             refused(StatusCode::BAD_REQUEST, "device_flow_unavailable")
         }
@@ -216,7 +220,8 @@ pub async fn page_start(
         Err(e) => {
             let status = match &e {
                 StartError::UnknownProvider(_) => StatusCode::NOT_FOUND,
-                StartError::Provider(DeviceStartError::NoEndpoint(_)) => StatusCode::BAD_REQUEST,
+                StartError::Provider(DeviceStartError::NoEndpoint(_))
+                | StartError::NothingToAuthorize(_) => StatusCode::BAD_REQUEST,
                 StartError::TooMany => StatusCode::TOO_MANY_REQUESTS,
                 StartError::Provider(_) => StatusCode::BAD_GATEWAY,
             };
