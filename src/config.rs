@@ -128,6 +128,10 @@ pub struct RefreshConfig {
     pub retry_initial: Duration,
     pub retry_max: Duration,
     pub keepalive: Duration,
+    /// How long before a refresh token's end that refreshing cannot push
+    /// back (a hard cap, or a rolling end while refreshes fail) the
+    /// `refresh_token_expiring` event is sent (SPEC 11).
+    pub warn_before: Duration,
 }
 
 impl Default for RefreshConfig {
@@ -140,6 +144,7 @@ impl Default for RefreshConfig {
             retry_initial: Duration::from_secs(30),
             retry_max: Duration::from_secs(1800),
             keepalive: Duration::from_secs(30 * 86400),
+            warn_before: Duration::from_secs(7 * 86400),
         }
     }
 }
@@ -1224,6 +1229,7 @@ impl<'a> Reader<'a> {
                 "retry_initial",
                 "retry_max",
                 "keepalive",
+                "warn_before",
             ],
         );
         let d = RefreshConfig::default();
@@ -1256,6 +1262,9 @@ impl<'a> Reader<'a> {
         let retry_initial = nonzero(self, "retry_initial", d.retry_initial);
         let retry_max = nonzero(self, "retry_max", d.retry_max);
         let keepalive = nonzero(self, "keepalive", d.keepalive);
+        let warn_before = self
+            .duration(t, "warn_before", p)
+            .unwrap_or(d.warn_before);
         if retry_max < retry_initial {
             let span = self.get(t, "retry_max").map(|v| v.span());
             self.problem(
@@ -1272,6 +1281,7 @@ impl<'a> Reader<'a> {
             retry_initial,
             retry_max,
             keepalive,
+            warn_before,
         }
     }
 
@@ -1329,6 +1339,8 @@ impl<'a> Reader<'a> {
                 "limits",
                 "request_timeout",
                 "revoke_replaced",
+                "refresh_token_lifetime",
+                "refresh_token_max_lifetime",
                 "issuer",
                 "device_authorization_url",
                 "tenant",
@@ -1501,6 +1513,7 @@ impl<'a> Reader<'a> {
         let revoke_replaced = self
             .boolean(t, "revoke_replaced", path)
             .unwrap_or(spec.revoke_replaced);
+        let refresh_token_lifetime = self.refresh_token_lifetime(t, path, spec);
         let mut limits = spec.limits;
         if let Some(lt) = self.table(t, "limits", path) {
             let lp = join(path, "limits");
@@ -1541,8 +1554,28 @@ impl<'a> Reader<'a> {
             explicit,
             scope_delimiter: spec.scope_delimiter,
             rotation: spec.rotation,
-            refresh_token_lifetime: spec.refresh_token_lifetime,
+            refresh_token_lifetime,
         })
+    }
+
+    /// `refresh_token_lifetime` (rolling: restarted by each refresh) and
+    /// `refresh_token_max_lifetime` (a hard cap from the authorization),
+    /// each replacing the preset's value; `"0s"` says there is none.
+    fn refresh_token_lifetime(
+        &mut self,
+        t: &Table<'_>,
+        path: &str,
+        spec: &crate::provider::presets::PresetSpec,
+    ) -> RefreshTokenLifetime {
+        let mut lifetime = spec.refresh_token_lifetime;
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        if let Some(d) = self.duration(t, "refresh_token_lifetime", path) {
+            lifetime.idle = nonzero(d);
+        }
+        if let Some(d) = self.duration(t, "refresh_token_max_lifetime", path) {
+            lifetime.max = nonzero(d);
+        }
+        lifetime
     }
 
     /// The preset's endpoints with its parameter (`tenant`, `region`)

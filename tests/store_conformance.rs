@@ -92,6 +92,7 @@ async fn authorize(store: &Store, n: &str) -> (i64, i64) {
                 scope: None,
                 issued_at: now,
                 expires_at: now + Duration::hours(1),
+                meta: None,
             },
             &[],
             &[],
@@ -151,6 +152,7 @@ async fn commit(
                 scope: None,
                 issued_at: now,
                 expires_at: now + Duration::hours(1),
+                meta: None,
             },
             &[fp(TokenKind::Access, 7)],
             &[],
@@ -411,6 +413,7 @@ async fn fingerprints_are_kept_in_order_and_bounded(kind: Kind) {
                     scope: None,
                     issued_at: now,
                     expires_at: now + Duration::hours(1),
+                    meta: None,
                 },
                 &[fp(TokenKind::Refresh, n as u8)],
                 &[],
@@ -616,6 +619,7 @@ fn grant<'a>(access: &'a SecretString, refresh: &'a SecretString) -> NewGrant<'a
         scope: None,
         issued_at: now,
         expires_at: now + Duration::hours(1),
+        meta: None,
     }
 }
 

@@ -16,6 +16,7 @@ use secrecy::ExposeSecret;
 use super::flight::{self, commit};
 use super::history;
 use super::lease;
+use super::meta;
 use super::policy;
 use super::shared::Shared;
 use super::slot::Slot;
@@ -26,7 +27,7 @@ use super::types::{
 use crate::notify::{Event, EventKind};
 use crate::provider::TokenGrant;
 use crate::store::{
-    ConnState, EventKind as HistoryKind, NewEvent, NewGrant, StoreError, TokenKind,
+    ConnState, EventKind as HistoryKind, GrantMeta, NewEvent, NewGrant, StoreError, TokenKind,
 };
 
 /// The slot of `provider/account`, if the provider is configured and the
@@ -389,6 +390,7 @@ pub(super) async fn land(
     kind: HistoryKind,
     how: &str,
 ) -> Result<(), StoreError> {
+    let meta = landed_meta(shared, provider, grant).await;
     let new = NewGrant {
         access_token: &grant.access_token,
         refresh_token: grant.refresh_token.as_ref(),
@@ -396,6 +398,7 @@ pub(super) async fn land(
         scope: grant.scope.as_deref(),
         issued_at: grant.issued_at,
         expires_at: grant.expires_at,
+        meta: Some(&meta),
     };
     let fps = shared.fingerprints(grant);
     let (row, replaced) = shared
@@ -436,4 +439,17 @@ pub(super) async fn land(
         }
     }
     Ok(())
+}
+
+/// What a new grant keeps beside its tokens: its extras, with the lists
+/// the preset fetches from the API after an authorization (Xero's
+/// tenants), and its refresh token's end (`meta::authorized`).
+async fn landed_meta(shared: &Shared, provider: &str, grant: &TokenGrant) -> GrantMeta {
+    let settings = shared.settings();
+    let Some(p) = settings.providers.get(provider) else {
+        return GrantMeta::default();
+    };
+    let mut meta = meta::authorized(grant, &p.config.refresh_token_lifetime);
+    meta.extra.extend(p.list_extras(&grant.access_token).await);
+    meta
 }

@@ -33,6 +33,9 @@ pub struct PendingCommit {
     pub anchor: Anchor,
     /// The history events the commit records with the grant.
     pub events: Vec<crate::store::NewEvent>,
+    /// What the grant keeps beside its tokens, written with it (`None`:
+    /// what is stored stays).
+    pub meta: Option<crate::store::GrantMeta>,
 }
 
 /// One connection's in-memory state.
