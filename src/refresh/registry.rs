@@ -91,6 +91,7 @@ pub fn with_fresh_token<R>(
                 access_token: token.access_token.expose_secret(),
                 token_type: &token.token_type,
                 expires_at: token.timing.expires_at,
+                extra: &snap.meta.extra,
             }))
         })
         .flatten()
@@ -110,6 +111,7 @@ pub fn current(shared: &Shared, provider: &str, account: &str) -> Option<IssuedT
         access_token: token.access_token.clone(),
         token_type: token.token_type.clone(),
         expires_at: token.timing.expires_at,
+        extra: snap.meta.clone(),
     })
 }
 
@@ -226,8 +228,9 @@ pub fn report(shared: &Shared) -> Vec<ConnectionReport> {
                     failing.next_attempt_at.or(Some(shared.clock().now()))
                 }
                 TokenState::Active { token } | TokenState::Refreshing { token, .. } => {
-                    Some(policy::next_refresh_at(
+                    Some(policy::next_due_at(
                         &token.timing,
+                        &snap.meta,
                         &settings.refresh,
                         slot.jitter(&settings.refresh),
                     ))
@@ -248,6 +251,8 @@ pub fn report(shared: &Shared) -> Vec<ConnectionReport> {
                 next_refresh_at: next,
                 refresh_token_issued_at: token.map_or(epoch, |t| t.timing.refresh_token_issued_at),
                 last_error: snap.last_error().map(str::to_string),
+                refresh_token_expires_at: snap.meta.refresh_token_expires_at,
+                refresh_token_end_fixed: snap.meta.refresh_token_end_is_fixed(),
                 served: slot.served.load(Ordering::Relaxed),
                 refreshes: std::array::from_fn(|i| slot.refreshes[i].load(Ordering::Relaxed)),
             }

@@ -222,6 +222,7 @@ impl Slot {
             access_token: t.access_token.clone(),
             token_type: t.token_type.clone(),
             expires_at: t.timing.expires_at,
+            extra: snap.meta.clone(),
         })
     }
 

@@ -73,8 +73,9 @@ impl Engine {
             let due_at = if snap.state() == ConnState::Retrying {
                 snap.next_attempt_at().unwrap_or(now)
             } else {
-                let planned = policy::next_refresh_at(
+                let planned = policy::next_due_at(
                     timing,
+                    &snap.meta,
                     &settings.refresh,
                     slot.jitter(&settings.refresh),
                 );
