@@ -68,6 +68,19 @@ pub fn refreshed(
     }
 }
 
+/// The refresh-token end worth a `refresh_token_expiring` warning, and
+/// when it is due (`warn_before` ahead): an end refreshing cannot push
+/// back, either fixed or rolling while refreshes are `failing`. `None`
+/// for an unknown end, or a rolling one the scheduler keeps alive.
+pub fn warning(
+    meta: &GrantMeta,
+    failing: bool,
+    warn_before: std::time::Duration,
+) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+    let end = meta.refresh_token_expires_at?;
+    (failing || meta.refresh_token_end_is_fixed()).then(|| (end, end - chrono_dur(warn_before)))
+}
+
 /// The end the answer states, else the rolling lifetime counted from now.
 fn stated_or_idle(grant: &TokenGrant, lifetime: &RefreshTokenLifetime) -> Option<DateTime<Utc>> {
     grant
@@ -158,6 +171,17 @@ mod tests {
         let rolling = refreshed(&rolling, at(0), &grant(at(10), Some(60)), &l);
         assert_eq!(rolling.refresh_token_expires_at, Some(at(70)));
         assert!(!rolling.refresh_token_end_is_fixed());
+    }
+
+    #[test]
+    fn only_an_end_that_cannot_be_pushed_back_is_warned_about() {
+        let week = Duration::from_secs(7 * DAY);
+        let rolling = authorized(&grant(at(0), None), &lifetime(Some(45), None));
+        assert_eq!(warning(&rolling, false, week), None);
+        assert_eq!(warning(&rolling, true, week), Some((at(45), at(38))));
+        let capped = authorized(&grant(at(0), None), &lifetime(None, Some(30)));
+        assert_eq!(warning(&capped, false, week), Some((at(30), at(23))));
+        assert_eq!(warning(&GrantMeta::default(), true, week), None);
     }
 
     #[test]

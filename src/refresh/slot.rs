@@ -6,7 +6,9 @@
 //! Must not: touch storage, call a provider or decide when to refresh.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -72,6 +74,9 @@ pub struct Slot {
     /// reported (monotonic ms + 1; 0: never), so that a program sending it
     /// in a loop costs one log line, event and notification a minute.
     pub(super) misuse_reported: AtomicU64,
+    /// The refresh-token end a `refresh_token_expiring` event was sent
+    /// for (UTC ms; 0: none), so each approaching end is told once.
+    warned_end: AtomicI64,
     /// The table's change counter (see [`Slots::changes`]), moved by
     /// [`Slot::set`].
     changes: tokio::sync::watch::Sender<u64>,
@@ -93,6 +98,7 @@ impl Slot {
             pending: std::sync::Mutex::new(None),
             lease_watch: std::sync::Mutex::new(None),
             misuse_reported: AtomicU64::new(0),
+            warned_end: AtomicI64::new(0),
             changes,
         }
     }
@@ -101,6 +107,12 @@ impl Slot {
     /// the current settings so a reloaded jitter applies at once.
     pub fn jitter(&self, refresh: &RefreshConfig) -> Duration {
         policy::stable_jitter(&self.provider, &self.account, refresh.jitter)
+    }
+
+    /// Whether `end` is a refresh-token end not yet warned about; marks it
+    /// warned.
+    pub fn first_warning_for(&self, end: DateTime<Utc>) -> bool {
+        self.warned_end.swap(end.timestamp_millis(), Ordering::SeqCst) != end.timestamp_millis()
     }
 
     /// The current snapshot.
