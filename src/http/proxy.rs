@@ -495,7 +495,12 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
     let Some(provider) = settings.providers.get(&t.provider) else {
         return Err(ApiError::UnknownProvider(t.provider.clone()));
     };
-    let Some(base) = &provider.config.api_base_url else {
+    // A connection's extras may name its own base URL or a header the API
+    // requires (SPEC 11).
+    let meta = engine.grant_meta(&t.provider, &t.account).unwrap_or_default();
+    let connection = crate::provider::extras::upstream(&provider.config, &meta.extra, req.headers())
+        .map_err(|m| ApiError::BadRequest(format!("{m}; nothing was sent")))?;
+    let Some(base) = &connection.base else {
         return Err(ApiError::BadRequest(format!(
             "provider {:?} has no api_base_url; set providers.{}.api_base_url",
             t.provider, t.provider
@@ -522,7 +527,10 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
     } else {
         (None, Some(body))
     };
-    let headers = request_headers(&parts.headers, replay.is_some());
+    let mut headers = request_headers(&parts.headers, replay.is_some());
+    for (name, value) in connection.headers {
+        headers.insert(name, value);
+    }
 
     // The token to send next, when the previous answer decided it.
     let mut next: Option<IssuedToken> = None;

@@ -12,6 +12,7 @@
 
 pub mod answer;
 pub mod discovery;
+pub mod extras;
 pub mod presets;
 
 use std::sync::{Arc, Mutex};
@@ -446,6 +447,28 @@ impl Provider {
                 Some(serde_json::Value::Object(kept))
             })
             .collect())
+    }
+
+    /// The extras the preset reads from the redirect back (Intuit's
+    /// `realmId`), from the raw query of `/callback` or of a pasted
+    /// address. A value that is empty, repeated or implausibly long is
+    /// left out.
+    pub fn callback_extras(&self, raw_query: &str) -> crate::store::Extras {
+        let mut out = crate::store::Extras::new();
+        for e in self.config.preset.spec().extras {
+            if e.source != presets::ExtraSource::Callback {
+                continue;
+            }
+            let mut values = url::form_urlencoded::parse(raw_query.as_bytes())
+                .filter(|(k, _)| k == e.key)
+                .map(|(_, v)| v.into_owned());
+            if let (Some(v), None) = (values.next(), values.next()) {
+                if !v.is_empty() && v.len() <= 256 && !v.chars().any(char::is_control) {
+                    out.insert(e.key.to_string(), v.into());
+                }
+            }
+        }
+        out
     }
 
     /// The keys of the extras the preset reads from token answers.
