@@ -1262,9 +1262,7 @@ impl<'a> Reader<'a> {
         let retry_initial = nonzero(self, "retry_initial", d.retry_initial);
         let retry_max = nonzero(self, "retry_max", d.retry_max);
         let keepalive = nonzero(self, "keepalive", d.keepalive);
-        let warn_before = self
-            .duration(t, "warn_before", p)
-            .unwrap_or(d.warn_before);
+        let warn_before = self.duration(t, "warn_before", p).unwrap_or(d.warn_before);
         if retry_max < retry_initial {
             let span = self.get(t, "retry_max").map(|v| v.span());
             self.problem(

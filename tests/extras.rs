@@ -151,7 +151,14 @@ async fn an_extra_that_is_no_safe_url_is_not_used_as_a_base() {
 
 #[tokio::test]
 async fn intuit_realm_id_from_the_callback_is_returned_under_extra() {
-    let mut h = harness(Preset::Intuit, |_| {}, ("qbo", "intuit"), Some("{sim}/api"), "").await;
+    let mut h = harness(
+        Preset::Intuit,
+        |_| {},
+        ("qbo", "intuit"),
+        Some("{sim}/api"),
+        "",
+    )
+    .await;
     h.start().await;
     let v = connect(&h, "qbo").await;
     assert_eq!(v["extra"]["realmId"], "9130350000000000", "{v}");
@@ -170,7 +177,14 @@ async fn a_connection_without_extras_answers_an_empty_extra_object() {
 
 #[tokio::test]
 async fn xero_single_tenant_is_fetched_and_sent_as_the_tenant_header() {
-    let mut h = harness(Preset::Xero, |_| {}, ("xero", "xero"), Some("{sim}/api"), "").await;
+    let mut h = harness(
+        Preset::Xero,
+        |_| {},
+        ("xero", "xero"),
+        Some("{sim}/api"),
+        "",
+    )
+    .await;
     h.start().await;
     let v = connect(&h, "xero").await;
     let tenant = "45e4708e-d862-4111-ab3a-dd8cd03913e1";
@@ -189,7 +203,10 @@ async fn xero_with_several_tenants_needs_the_caller_to_choose() {
     let mut h = harness(
         Preset::Xero,
         |s| {
-            s.quirks.tenants = vec![("t-one".into(), "One".into()), ("t-two".into(), "Two".into())]
+            s.quirks.tenants = vec![
+                ("t-one".into(), "One".into()),
+                ("t-two".into(), "Two".into()),
+            ]
         },
         ("xero", "xero"),
         Some("{sim}/api"),
@@ -198,15 +215,25 @@ async fn xero_with_several_tenants_needs_the_caller_to_choose() {
     .await;
     h.start().await;
     let v = connect(&h, "xero").await;
-    assert_eq!(v["extra"]["tenants"].as_array().map(Vec::len), Some(2), "{v}");
+    assert_eq!(
+        v["extra"]["tenants"].as_array().map(Vec::len),
+        Some(2),
+        "{v}"
+    );
     let (status, body) = proxied_headers(&h, "xero", None).await;
     assert_eq!(status, 400, "{body}");
     let message = body["message"].as_str().unwrap_or_default();
     assert!(
-        message.contains("xero-tenant-id") && message.contains("t-one") && message.contains("t-two"),
+        message.contains("xero-tenant-id")
+            && message.contains("t-one")
+            && message.contains("t-two"),
         "{message}"
     );
-    assert_eq!(h.sim.sim.stats().api_calls, 1, "only the connections list was fetched");
+    assert_eq!(
+        h.sim.sim.stats().api_calls,
+        1,
+        "only the connections list was fetched"
+    );
     let (status, echo) = proxied_headers(&h, "xero", Some(("Xero-Tenant-Id", "t-two"))).await;
     assert_eq!(status, 200, "{echo}");
     assert_eq!(echo["headers"]["xero-tenant-id"], "t-two");

@@ -16,10 +16,7 @@ use common::{eventually, Harness, Options};
 async fn refresh_token_end(h: &Harness) -> Option<DateTime<Utc>> {
     let c = h.connection("default").await;
     let v = &c["refresh_token_expires_at"];
-    assert!(
-        v.is_null() || v.is_string(),
-        "RFC 3339 or null: {c}"
-    );
+    assert!(v.is_null() || v.is_string(), "RFC 3339 or null: {c}");
     v.as_str()
         .map(|s| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc))
 }
@@ -126,7 +123,10 @@ async fn status_and_metrics_show_the_refresh_token_end() {
         })
         .unwrap_or_else(|| panic!("a gauge per connection:\n{metrics}"));
     let secs: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-    assert!((44.0 * 86_400.0..=45.0 * 86_400.0).contains(&secs), "{line}");
+    assert!(
+        (44.0 * 86_400.0..=45.0 * 86_400.0).contains(&secs),
+        "{line}"
+    );
 }
 
 /// A notify command appending `EVENT|PROVIDER|ACCOUNT|MESSAGE` lines to a
@@ -194,7 +194,10 @@ async fn a_hard_cap_within_warn_before_is_notified_once() {
             && lines[0].contains("authorize again"),
         "{lines:?}"
     );
-    assert!(days_ahead(refresh_token_end(&h).await, 30), "a refresh does not move a cap");
+    assert!(
+        days_ahead(refresh_token_end(&h).await, 30),
+        "a refresh does not move a cap"
+    );
 }
 
 #[tokio::test]
@@ -207,5 +210,9 @@ async fn a_rolling_end_the_daemon_keeps_alive_is_not_notified() {
     h.start().await;
     h.authorize_default().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(expiring_lines(&file).is_empty(), "{:?}", expiring_lines(&file));
+    assert!(
+        expiring_lines(&file).is_empty(),
+        "{:?}",
+        expiring_lines(&file)
+    );
 }

@@ -497,9 +497,12 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
     };
     // A connection's extras may name its own base URL or a header the API
     // requires (SPEC 11).
-    let meta = engine.grant_meta(&t.provider, &t.account).unwrap_or_default();
-    let connection = crate::provider::extras::upstream(&provider.config, &meta.extra, req.headers())
-        .map_err(|m| ApiError::BadRequest(format!("{m}; nothing was sent")))?;
+    let meta = engine
+        .grant_meta(&t.provider, &t.account)
+        .unwrap_or_default();
+    let connection =
+        crate::provider::extras::upstream(&provider.config, &meta.extra, req.headers())
+            .map_err(|m| ApiError::BadRequest(format!("{m}; nothing was sent")))?;
     let Some(base) = &connection.base else {
         return Err(ApiError::BadRequest(format!(
             "provider {:?} has no api_base_url; set providers.{}.api_base_url",

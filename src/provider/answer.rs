@@ -257,11 +257,13 @@ fn success(
     let refresh_token_expires_in = ["refresh_token_expires_in", "x_refresh_token_expires_in"]
         .iter()
         .find_map(|k| match stated_lifetime(fields.get(*k).map(|v| v.get())) {
-            StatedLifetime::Seconds(s) if s >= 1.0 => Some(if s >= MAX_REFRESH_TOKEN_LIFETIME.as_secs_f64() {
-                MAX_REFRESH_TOKEN_LIFETIME
-            } else {
-                Duration::from_millis((s * 1000.0) as u64)
-            }),
+            StatedLifetime::Seconds(s) if s >= 1.0 => {
+                Some(if s >= MAX_REFRESH_TOKEN_LIFETIME.as_secs_f64() {
+                    MAX_REFRESH_TOKEN_LIFETIME
+                } else {
+                    Duration::from_millis((s * 1000.0) as u64)
+                })
+            }
             _ => None,
         });
     Ok(TokenGrant {

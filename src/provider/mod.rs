@@ -426,13 +426,15 @@ impl Provider {
         if !status.is_success() {
             return Err(format!("HTTP {}", status.as_u16()));
         }
-        let body = resp.bytes().await.map_err(|e| without_url(&e).to_string())?;
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| without_url(&e).to_string())?;
         if body.len() > MAX_TOKEN_RESPONSE_BYTES {
             return Err("the answer is too large".into());
         }
-        let items: Vec<serde_json::Map<String, serde_json::Value>> =
-            serde_json::from_slice(&body)
-                .map_err(|_| "the answer is not a JSON array of objects".to_string())?;
+        let items: Vec<serde_json::Map<String, serde_json::Value>> = serde_json::from_slice(&body)
+            .map_err(|_| "the answer is not a JSON array of objects".to_string())?;
         let text = |o: &serde_json::Map<String, serde_json::Value>, k: &str| {
             o.get(k).and_then(|v| v.as_str()).map(str::to_string)
         };

@@ -49,9 +49,10 @@ pub fn refreshed(
     let mut cap = prior.refresh_token_cap_at;
     let end = match stated_or_idle(grant, lifetime) {
         Some(new_end) => {
-            if let (Some(_), Some(old_end)) =
-                (grant.refresh_token_expires_in, prior.refresh_token_expires_at)
-            {
+            if let (Some(_), Some(old_end)) = (
+                grant.refresh_token_expires_in,
+                prior.refresh_token_expires_at,
+            ) {
                 let since = grant.issued_at - previous_issued_at;
                 if since > chrono::Duration::zero() && new_end - old_end < since / 2 {
                     cap = earlier(cap, Some(new_end));
@@ -188,11 +189,13 @@ mod tests {
     fn extras_are_merged_newest_first() {
         let mut g = grant(at(0), None);
         g.extra.insert("realmId".into(), "123".into());
-        g.extra.insert("instance_url".into(), "https://a.example".into());
+        g.extra
+            .insert("instance_url".into(), "https://a.example".into());
         let m = authorized(&g, &lifetime(None, None));
         assert_eq!(m.extra.len(), 2);
         let mut g = grant(at(1), None);
-        g.extra.insert("instance_url".into(), "https://b.example".into());
+        g.extra
+            .insert("instance_url".into(), "https://b.example".into());
         let m = refreshed(&m, at(0), &g, &lifetime(None, None));
         assert_eq!(m.extra["instance_url"], "https://b.example");
         assert_eq!(m.extra["realmId"], "123");

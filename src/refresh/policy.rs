@@ -159,7 +159,10 @@ mod tests {
         meta.refresh_token_cap_at = Some(at(3600));
         let planned = next_refresh_at(&t, &policy(), Duration::ZERO);
         assert_eq!(next_due_at(&t, &meta, &policy(), Duration::ZERO), planned);
-        assert_eq!(next_due_at(&t, &GrantMeta::default(), &policy(), Duration::ZERO), planned);
+        assert_eq!(
+            next_due_at(&t, &GrantMeta::default(), &policy(), Duration::ZERO),
+            planned
+        );
     }
 
     #[test]

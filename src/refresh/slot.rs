@@ -112,7 +112,9 @@ impl Slot {
     /// Whether `end` is a refresh-token end not yet warned about; marks it
     /// warned.
     pub fn first_warning_for(&self, end: DateTime<Utc>) -> bool {
-        self.warned_end.swap(end.timestamp_millis(), Ordering::SeqCst) != end.timestamp_millis()
+        self.warned_end
+            .swap(end.timestamp_millis(), Ordering::SeqCst)
+            != end.timestamp_millis()
     }
 
     /// The current snapshot.

@@ -34,8 +34,8 @@ use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PEND
 use super::migrate::{self, Dump, MigrateError};
 use super::{
     from_ms, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState, ConnectionRow, Event,
-    EventQuery, Fingerprint, GrantMeta, LeaseSeen, NewEvent, NewGrant, PendingAuthorization, PendingTake,
-    StoreError, FINGERPRINTS_KEPT,
+    EventQuery, Fingerprint, GrantMeta, LeaseSeen, NewEvent, NewGrant, PendingAuthorization,
+    PendingTake, StoreError, FINGERPRINTS_KEPT,
 };
 use crate::crypto::SealKey;
 
@@ -1240,6 +1240,18 @@ pub(super) fn describe_connect(e: &sqlx::Error) -> String {
     }
 }
 
+/// Writes what is kept beside the tokens, inside the grant's transaction.
+async fn write_meta(tx: &mut Conn, id: i64, meta: &GrantMeta) -> Result<(), StoreError> {
+    sqlx::query("UPDATE connections SET extra = $1, refresh_token_expires_at = $2, refresh_token_cap_at = $3 WHERE id = $4")
+        .bind(meta.extra_text())
+        .bind(meta.refresh_token_expires_at.map(to_ms))
+        .bind(meta.refresh_token_cap_at.map(to_ms))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1287,16 +1299,4 @@ mod tests {
         assert!(pg_problem("3D000").unwrap().contains("createdb"));
         assert!(pg_problem("23505").is_none());
     }
-}
-
-/// Writes what is kept beside the tokens, inside the grant's transaction.
-async fn write_meta(tx: &mut Conn, id: i64, meta: &GrantMeta) -> Result<(), StoreError> {
-    sqlx::query("UPDATE connections SET extra = $1, refresh_token_expires_at = $2, refresh_token_cap_at = $3 WHERE id = $4")
-        .bind(meta.extra_text())
-        .bind(meta.refresh_token_expires_at.map(to_ms))
-        .bind(meta.refresh_token_cap_at.map(to_ms))
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
 }

@@ -1216,6 +1216,18 @@ fn prepare_file(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Writes what is kept beside the tokens, inside the grant's transaction.
+async fn write_meta(tx: &mut Conn, id: i64, meta: &GrantMeta) -> Result<(), StoreError> {
+    sqlx::query("UPDATE connections SET extra = ?, refresh_token_expires_at = ?, refresh_token_cap_at = ? WHERE id = ?")
+        .bind(meta.extra_text())
+        .bind(meta.refresh_token_expires_at.map(to_ms))
+        .bind(meta.refresh_token_cap_at.map(to_ms))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1650,16 +1662,4 @@ mod tests {
         other.close().await.unwrap();
         store.close().await;
     }
-}
-
-/// Writes what is kept beside the tokens, inside the grant's transaction.
-async fn write_meta(tx: &mut Conn, id: i64, meta: &GrantMeta) -> Result<(), StoreError> {
-    sqlx::query("UPDATE connections SET extra = ?, refresh_token_expires_at = ?, refresh_token_cap_at = ? WHERE id = ?")
-        .bind(meta.extra_text())
-        .bind(meta.refresh_token_expires_at.map(to_ms))
-        .bind(meta.refresh_token_cap_at.map(to_ms))
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
 }

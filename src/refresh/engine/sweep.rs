@@ -13,12 +13,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::Engine;
-use crate::refresh::due::Pass;
 use crate::notify::EventKind;
+use crate::refresh::due::Pass;
 use crate::refresh::meta;
 use crate::refresh::policy;
-use crate::refresh::snapshot::Snapshot;
 use crate::refresh::slot::Slot;
+use crate::refresh::snapshot::Snapshot;
 use crate::refresh::types::{chrono_dur, Trigger};
 use crate::store::{ConnState, StoreError};
 
@@ -238,7 +238,8 @@ impl Engine {
                 slot.provider, slot.account
             );
             tracing::warn!(provider = %slot.provider, account = %slot.account, "{message}");
-            self.inner.notify(slot, EventKind::RefreshTokenExpiring, message);
+            self.inner
+                .notify(slot, EventKind::RefreshTokenExpiring, message);
         }
         None
     }

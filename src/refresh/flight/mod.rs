@@ -243,18 +243,14 @@ async fn conclude(
     } = called;
     match result {
         Ok(grant) => {
-            let meta = shared
-                .settings()
-                .providers
-                .get(&slot.provider)
-                .map(|p| {
-                    meta::refreshed(
-                        &row.meta,
-                        row.issued_at,
-                        &grant,
-                        &p.config.refresh_token_lifetime,
-                    )
-                });
+            let meta = shared.settings().providers.get(&slot.provider).map(|p| {
+                meta::refreshed(
+                    &row.meta,
+                    row.issued_at,
+                    &grant,
+                    &p.config.refresh_token_lifetime,
+                )
+            });
             commit::commit(
                 shared,
                 slot,
