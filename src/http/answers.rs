@@ -36,8 +36,8 @@ pub struct TokenBody {
     /// What the provider returned beside the tokens that an API needs
     /// (SPEC 11), kept per connection: Intuit `realmId`, Salesforce
     /// `instance_url`, Zoho `api_domain`, Xero `tenants` (a list of
-    /// `{"id", "name"}`). Always present; `{}` when there are none.
-    #[serde(default)]
+    /// `{"id", "name"}`). Left out when the connection has none.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     #[schema(value_type = Object)]
     pub extra: crate::store::Extras,
 }

@@ -97,9 +97,12 @@ fn write_token_json(buf: &mut Vec<u8>, t: &ServedToken<'_>, expires_in: i64) {
     json_str(buf, t.provider);
     buf.extend_from_slice(b",\"account\":");
     json_str(buf, t.account);
-    buf.extend_from_slice(b",\"extra\":");
-    if t.extra.is_empty() || serde_json::to_writer(&mut *buf, t.extra).is_err() {
-        buf.extend_from_slice(b"{}");
+    if !t.extra.is_empty() {
+        buf.extend_from_slice(b",\"extra\":");
+        if serde_json::to_writer(&mut *buf, t.extra).is_err() {
+            // A map of JSON values into a Vec cannot fail.
+            buf.extend_from_slice(b"{}");
+        }
     }
     buf.push(b'}');
 }
