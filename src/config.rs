@@ -2097,6 +2097,38 @@ mod tests {
         assert!(parse(&provider(""), path).unwrap().providers["keap"].revoke_replaced);
     }
 
+    #[test]
+    fn refresh_token_lifetimes_replace_the_presets_and_warn_before_is_read() {
+        let path = Path::new("/tmp/t.toml");
+        let with = |extra: &str, refresh: &str| {
+            format!("[refresh]\n{refresh}\n[providers.qbo]\npreset = \"intuit\"\nclient_id = \"id\"\nclient_secret = \"s\"\n{extra}\n")
+        };
+        let day = |d: u64| Some(Duration::from_secs(d * 86_400));
+        let c = parse(&with("", ""), path).unwrap();
+        assert_eq!(c.providers["qbo"].refresh_token_lifetime.idle, day(100));
+        assert_eq!(c.providers["qbo"].refresh_token_lifetime.max, day(5 * 365));
+        assert_eq!(c.refresh.warn_before, Duration::from_secs(7 * 86_400));
+        let c = parse(
+            &with(
+                "refresh_token_lifetime = \"30d\"\nrefresh_token_max_lifetime = \"0s\"",
+                "warn_before = \"2d\"",
+            ),
+            path,
+        )
+        .unwrap();
+        assert_eq!(c.providers["qbo"].refresh_token_lifetime.idle, day(30));
+        assert_eq!(c.providers["qbo"].refresh_token_lifetime.max, None);
+        assert_eq!(c.refresh.warn_before, Duration::from_secs(2 * 86_400));
+        let err = parse(&with("refresh_token_lifetime = \"soon\"", ""), path)
+            .err()
+            .expect("a bad duration is refused");
+        assert!(
+            err.to_string()
+                .contains("providers.qbo.refresh_token_lifetime"),
+            "{err}"
+        );
+    }
+
     fn problems(text: &str) -> Vec<ConfigProblem> {
         match parse(text, Path::new("/tmp/t.toml")) {
             Ok(_) => Vec::new(),

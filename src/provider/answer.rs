@@ -456,6 +456,44 @@ mod tests {
     }
 
     #[test]
+    fn refresh_token_lifetimes_and_extras_are_read() {
+        let day = Duration::from_secs(86_400);
+        for (body, want) in [
+            (
+                r#"{"access_token":"a","refresh_token_expires_in":86400}"#,
+                Some(day),
+            ),
+            (
+                r#"{"access_token":"a","x_refresh_token_expires_in":"86400"}"#,
+                Some(day),
+            ),
+            (r#"{"access_token":"a","refresh_token_expires_in":0}"#, None),
+            (
+                r#"{"access_token":"a","refresh_token_expires_in":"soon"}"#,
+                None,
+            ),
+            (r#"{"access_token":"a"}"#, None),
+        ] {
+            assert_eq!(ok(200, body).refresh_token_expires_in, want, "{body}");
+        }
+        let huge = ok(
+            200,
+            r#"{"access_token":"a","refresh_token_expires_in":1e300}"#,
+        );
+        assert_eq!(
+            huge.refresh_token_expires_in,
+            Some(MAX_REFRESH_TOKEN_LIFETIME)
+        );
+        let body = br#"{"access_token":"a","instance_url":"https://na1.example","api_domain":{"x":1},"realmId":42}"#;
+        let got = extras(body, &["instance_url", "api_domain", "realmId", "missing"]);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got["instance_url"], "https://na1.example");
+        assert_eq!(got["realmId"], "42");
+        assert!(extras(b"not json", &["instance_url"]).is_empty());
+        assert!(extras(body, &[]).is_empty());
+    }
+
+    #[test]
     fn absurd_lifetimes_are_capped() {
         for v in [
             "1e13",
