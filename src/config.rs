@@ -2119,9 +2119,9 @@ mod tests {
         assert_eq!(c.providers["qbo"].refresh_token_lifetime.idle, day(30));
         assert_eq!(c.providers["qbo"].refresh_token_lifetime.max, None);
         assert_eq!(c.refresh.warn_before, Duration::from_secs(2 * 86_400));
-        let err = parse(&with("refresh_token_lifetime = \"soon\"", ""), path)
-            .err()
-            .expect("a bad duration is refused");
+        let Err(err) = parse(&with("refresh_token_lifetime = \"soon\"", ""), path) else {
+            panic!("a bad duration is refused");
+        };
         assert!(
             err.to_string()
                 .contains("providers.qbo.refresh_token_lifetime"),
