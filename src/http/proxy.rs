@@ -3,9 +3,13 @@
 //! the provider's rate limits ([`crate::ratelimit`]), so an application
 //! pointed here never gets blocked and never handles a token.
 //!
-//! Before anything is spent: the upstream URL is built by [`upstream_url`]
-//! and must stay under `api_base_url` (else a local 400, nothing sent), and
-//! the connection must exist (else a 404, no limiter entry, no quota).
+//! Before anything is spent: the connection's extras decide its base URL
+//! and any header its API requires ([`crate::provider::extras::upstream`]:
+//! Salesforce `instance_url`, Zoho `api_domain`, Xero `xero-tenant-id`,
+//! or a 400 asking the caller to choose a tenant); the upstream URL is
+//! built by [`upstream_url`] and must stay under that base (else a local
+//! 400, nothing sent), and the connection must exist (else a 404, no
+//! limiter entry, no quota).
 //!
 //! Bodies stream both ways; a request body of known length up to
 //! [`REPLAY_MAX_BYTES`] is buffered so that it can be sent again after an
