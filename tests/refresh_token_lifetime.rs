@@ -216,3 +216,35 @@ async fn a_rolling_end_the_daemon_keeps_alive_is_not_notified() {
         expiring_lines(&file)
     );
 }
+
+#[tokio::test]
+async fn a_rolling_end_is_notified_once_refreshes_fail() {
+    // Rolling, a day long, warned two days ahead: quiet while refreshing
+    // works, told once refreshes fail and the end stops moving.
+    let mut h = Harness::new(answering("refresh_token_expires_in", 86_400)).await;
+    let (notify, file) = notify_to_file(&h);
+    h.write_config("", "warn_before = \"2d\"", &notify);
+    h.start().await;
+    h.authorize_default().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        expiring_lines(&file).is_empty(),
+        "{:?}",
+        expiring_lines(&file)
+    );
+    h.sim
+        .sim
+        .set_fault(Some(tokenkeeper::dev::Fault::Status(503)));
+    let (status, _) = h.force_refresh().await;
+    assert_ne!(status, 200);
+    eventually(
+        Duration::from_secs(30),
+        "refresh_token_expiring sent while failing",
+        || async { !expiring_lines(&file).is_empty() },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let lines = expiring_lines(&file);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("failing"), "{lines:?}");
+}
