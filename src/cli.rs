@@ -1324,6 +1324,7 @@ fn print_status(conns: &[ConnectionJson]) -> Result<(), CliError> {
         "EXPIRES".into(),
         "LAST REFRESH".into(),
         "NEXT REFRESH".into(),
+        "REFRESH TOKEN ENDS".into(),
         "QUOTA".into(),
         "LAST ERROR".into(),
     ]];
@@ -1335,12 +1336,13 @@ fn print_status(conns: &[ConnectionJson]) -> Result<(), CliError> {
             when(Some(c.expires_at)),
             when(c.refreshed_at),
             when(c.next_refresh_at),
+            when(c.refresh_token_expires_at),
             quota_cell(c.quota.as_ref()),
             c.last_error.clone().unwrap_or_default(),
         ]);
     }
     let states: Vec<Option<ConnState>> = conns.iter().map(|c| c.state.known()).collect();
-    let widths: Vec<usize> = (0..8)
+    let widths: Vec<usize> = (0..9)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     use std::io::IsTerminal;

@@ -128,6 +128,10 @@ pub struct RefreshConfig {
     pub retry_initial: Duration,
     pub retry_max: Duration,
     pub keepalive: Duration,
+    /// How long before a refresh token's end that refreshing cannot push
+    /// back (a hard cap, or a rolling end while refreshes fail) the
+    /// `refresh_token_expiring` event is sent (SPEC 11).
+    pub warn_before: Duration,
 }
 
 impl Default for RefreshConfig {
@@ -140,6 +144,7 @@ impl Default for RefreshConfig {
             retry_initial: Duration::from_secs(30),
             retry_max: Duration::from_secs(1800),
             keepalive: Duration::from_secs(30 * 86400),
+            warn_before: Duration::from_secs(7 * 86400),
         }
     }
 }
@@ -1267,6 +1272,7 @@ impl<'a> Reader<'a> {
                 "retry_initial",
                 "retry_max",
                 "keepalive",
+                "warn_before",
             ],
         );
         let d = RefreshConfig::default();
@@ -1299,6 +1305,7 @@ impl<'a> Reader<'a> {
         let retry_initial = nonzero(self, "retry_initial", d.retry_initial);
         let retry_max = nonzero(self, "retry_max", d.retry_max);
         let keepalive = nonzero(self, "keepalive", d.keepalive);
+        let warn_before = self.duration(t, "warn_before", p).unwrap_or(d.warn_before);
         if retry_max < retry_initial {
             let span = self.get(t, "retry_max").map(|v| v.span());
             self.problem(
@@ -1315,6 +1322,7 @@ impl<'a> Reader<'a> {
             retry_initial,
             retry_max,
             keepalive,
+            warn_before,
         }
     }
 
@@ -1393,6 +1401,8 @@ impl<'a> Reader<'a> {
                 "limits",
                 "request_timeout",
                 "revoke_replaced",
+                "refresh_token_lifetime",
+                "refresh_token_max_lifetime",
                 "issuer",
                 "device_authorization_url",
                 "tenant",
@@ -1588,6 +1598,7 @@ impl<'a> Reader<'a> {
         let revoke_replaced = self
             .boolean(t, "revoke_replaced", path)
             .unwrap_or(spec.revoke_replaced);
+        let refresh_token_lifetime = self.refresh_token_lifetime(t, path, spec);
         let mut limits = spec.limits;
         if let Some(lt) = self.table(t, "limits", path) {
             let lp = join(path, "limits");
@@ -1628,9 +1639,29 @@ impl<'a> Reader<'a> {
             explicit,
             scope_delimiter: spec.scope_delimiter,
             rotation: spec.rotation,
-            refresh_token_lifetime: spec.refresh_token_lifetime,
+            refresh_token_lifetime,
             grant,
         })
+    }
+
+    /// `refresh_token_lifetime` (rolling: restarted by each refresh) and
+    /// `refresh_token_max_lifetime` (a hard cap from the authorization),
+    /// each replacing the preset's value; `"0s"` says there is none.
+    fn refresh_token_lifetime(
+        &mut self,
+        t: &Table<'_>,
+        path: &str,
+        spec: &crate::provider::presets::PresetSpec,
+    ) -> RefreshTokenLifetime {
+        let mut lifetime = spec.refresh_token_lifetime;
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        if let Some(d) = self.duration(t, "refresh_token_lifetime", path) {
+            lifetime.idle = nonzero(d);
+        }
+        if let Some(d) = self.duration(t, "refresh_token_max_lifetime", path) {
+            lifetime.max = nonzero(d);
+        }
+        lifetime
     }
 
     /// The preset's endpoints with its parameter (`tenant`, `region`)
@@ -2152,6 +2183,38 @@ mod tests {
         );
         assert!(!ok.providers["keap"].revoke_replaced);
         assert!(parse(&provider(""), path).unwrap().providers["keap"].revoke_replaced);
+    }
+
+    #[test]
+    fn refresh_token_lifetimes_replace_the_presets_and_warn_before_is_read() {
+        let path = Path::new("/tmp/t.toml");
+        let with = |extra: &str, refresh: &str| {
+            format!("[refresh]\n{refresh}\n[providers.qbo]\npreset = \"intuit\"\nclient_id = \"id\"\nclient_secret = \"s\"\n{extra}\n")
+        };
+        let day = |d: u64| Some(Duration::from_secs(d * 86_400));
+        let c = parse(&with("", ""), path).unwrap();
+        assert_eq!(c.providers["qbo"].refresh_token_lifetime.idle, day(100));
+        assert_eq!(c.providers["qbo"].refresh_token_lifetime.max, day(5 * 365));
+        assert_eq!(c.refresh.warn_before, Duration::from_secs(7 * 86_400));
+        let c = parse(
+            &with(
+                "refresh_token_lifetime = \"30d\"\nrefresh_token_max_lifetime = \"0s\"",
+                "warn_before = \"2d\"",
+            ),
+            path,
+        )
+        .unwrap();
+        assert_eq!(c.providers["qbo"].refresh_token_lifetime.idle, day(30));
+        assert_eq!(c.providers["qbo"].refresh_token_lifetime.max, None);
+        assert_eq!(c.refresh.warn_before, Duration::from_secs(2 * 86_400));
+        let Err(err) = parse(&with("refresh_token_lifetime = \"soon\"", ""), path) else {
+            panic!("a bad duration is refused");
+        };
+        assert!(
+            err.to_string()
+                .contains("providers.qbo.refresh_token_lifetime"),
+            "{err}"
+        );
     }
 
     fn problems(text: &str) -> Vec<ConfigProblem> {

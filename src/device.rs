@@ -359,6 +359,8 @@ async fn poll(engine: Engine, flow: Arc<Flow>, device_code: SecretString, deadli
                     scope: None,
                     issued_at: now,
                     expires_at: now,
+                    refresh_token_expires_in: None,
+                    extra: Default::default(),
                 };
                 break land(&engine, &provider, &account, &grant).await;
             }

@@ -138,6 +138,23 @@ fn write_connections(out: &mut String, report: &[ConnectionReport], now: DateTim
         ("", &[""]),
         |c, _| seconds((now - c.refresh_token_issued_at).max(chrono::TimeDelta::zero())),
     );
+    // Only connections whose refresh token has a known end (SPEC 11).
+    let ending: Vec<ConnectionReport> = report
+        .iter()
+        .filter(|c| c.refresh_token_expires_at.is_some())
+        .cloned()
+        .collect();
+    family(
+        out,
+        ("tokenkeeper_refresh_token_expiry_seconds", "gauge"),
+        "Time left until the refresh token dies, in seconds (connections whose refresh token has a known end)",
+        &ending,
+        ("", &[""]),
+        |c, _| {
+            c.refresh_token_expires_at
+                .map_or(0.0, |end| seconds((end - now).max(chrono::TimeDelta::zero())))
+        },
+    );
     family(
         out,
         ("tokenkeeper_connection_state", "gauge"),
@@ -234,6 +251,8 @@ mod tests {
             next_refresh_at: None,
             refresh_token_issued_at: now - chrono::TimeDelta::seconds(5),
             last_error: None,
+            refresh_token_expires_at: Some(now + chrono::TimeDelta::seconds(600)),
+            refresh_token_end_fixed: false,
             served: 7,
             refreshes: [2, 1, 0, 0],
         };
@@ -243,6 +262,7 @@ mod tests {
         for line in [
             format!("tokenkeeper_access_token_expiry_seconds{{{labels}}} 90"),
             format!("tokenkeeper_refresh_token_age_seconds{{{labels}}} 5"),
+            format!("tokenkeeper_refresh_token_expiry_seconds{{{labels}}} 600"),
             format!("tokenkeeper_connection_state{{{labels},state=\"retrying\"}} 1"),
             format!("tokenkeeper_connection_state{{{labels},state=\"active\"}} 0"),
             format!("tokenkeeper_token_requests_total{{{labels}}} 7"),

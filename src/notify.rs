@@ -37,6 +37,10 @@ pub enum EventKind {
     SinkFailed,
     /// A scheduled or requested backup failed (no provider or account).
     BackupFailed,
+    /// The refresh token ends within `refresh.warn_before` and refreshing
+    /// cannot push the end back (a hard cap, or refreshes failing): only a
+    /// new authorization keeps the connection (SPEC 11).
+    RefreshTokenExpiring,
 }
 
 impl EventKind {
@@ -49,6 +53,7 @@ impl EventKind {
             EventKind::Authorized => "authorized",
             EventKind::SinkFailed => "sink_failed",
             EventKind::BackupFailed => "backup_failed",
+            EventKind::RefreshTokenExpiring => "refresh_token_expiring",
         }
     }
 }

@@ -165,6 +165,7 @@ pub fn render(format: SinkFormat, token: &IssuedToken, now: DateTime<Utc>) -> Se
                 expires_in: (token.expires_at - now).num_seconds().max(0),
                 provider: token.provider.clone(),
                 account: token.account.clone(),
+                extra: token.extra.extra.clone(),
             };
             // A struct of strings and numbers always serialises.
             serde_json::to_string(&body).unwrap_or_default()
@@ -535,6 +536,7 @@ mod tests {
             expires_at: DateTime::parse_from_rfc3339("2030-01-02T03:04:05Z")
                 .unwrap()
                 .with_timezone(&Utc),
+            extra: Default::default(),
         }
     }
 

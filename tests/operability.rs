@@ -724,6 +724,7 @@ async fn once_shutdown_begins_no_new_refresh_starts() {
                     scope: None,
                     issued_at: now - chrono::Duration::hours(2),
                     expires_at: now - chrono::Duration::hours(1),
+                    meta: None,
                 },
                 &[],
                 &[],

@@ -9,9 +9,9 @@ use chrono::{Duration, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use tokenkeeper::crypto::SealKey;
 use tokenkeeper::store::{
-    Before, BeginRefresh, CommitOutcome, ConnState, EventKind, EventQuery, Fingerprint, LeaseSeen,
-    Location, NewEvent, NewGrant, PendingAuthorization, PendingTake, Store, StoreError, TokenKind,
-    FINGERPRINTS_KEPT,
+    Before, BeginRefresh, CommitOutcome, ConnState, EventKind, EventQuery, Fingerprint, GrantMeta,
+    LeaseSeen, Location, NewEvent, NewGrant, PendingAuthorization, PendingTake, Store, StoreError,
+    TokenKind, FINGERPRINTS_KEPT,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -92,6 +92,7 @@ async fn authorize(store: &Store, n: &str) -> (i64, i64) {
                 scope: None,
                 issued_at: now,
                 expires_at: now + Duration::hours(1),
+                meta: None,
             },
             &[],
             &[],
@@ -151,6 +152,7 @@ async fn commit(
                 scope: None,
                 issued_at: now,
                 expires_at: now + Duration::hours(1),
+                meta: None,
             },
             &[fp(TokenKind::Access, 7)],
             &[],
@@ -411,6 +413,7 @@ async fn fingerprints_are_kept_in_order_and_bounded(kind: Kind) {
                     scope: None,
                     issued_at: now,
                     expires_at: now + Duration::hours(1),
+                    meta: None,
                 },
                 &[fp(TokenKind::Refresh, n as u8)],
                 &[],
@@ -616,6 +619,7 @@ fn grant<'a>(access: &'a SecretString, refresh: &'a SecretString) -> NewGrant<'a
         scope: None,
         issued_at: now,
         expires_at: now + Duration::hours(1),
+        meta: None,
     }
 }
 
@@ -831,6 +835,99 @@ async fn ensure_connection_inserts_once_and_never_overwrites(kind: Kind) {
     assert_eq!(kept.access_token.expose_secret(), "access-1");
 }
 
+/// What a grant keeps beside its tokens is written with it: a commit
+/// without meta keeps what is stored, one with meta replaces it, a new
+/// authorization replaces it, and `migrate-storage` copies it.
+async fn grant_meta_is_written_with_its_grant_and_copied(kind: Kind) {
+    let Some(f) = Fixture::new(kind, "grant_meta", Some(key(1))).await else {
+        return;
+    };
+    let (access, refresh) = (SecretString::from("a1"), SecretString::from("r1"));
+    let mut meta = GrantMeta::default();
+    meta.extra
+        .insert("instance_url".into(), "https://na1.example".into());
+    let end = chrono::DateTime::from_timestamp_millis(1_900_000_000_123).unwrap();
+    meta.refresh_token_expires_at = Some(end);
+    meta.refresh_token_cap_at = Some(end);
+    let (row, _) = f
+        .store
+        .save_authorized(
+            "keap",
+            "default",
+            &NewGrant {
+                meta: Some(&meta),
+                ..grant(&access, &refresh)
+            },
+            &[],
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.meta, meta);
+    let id = row.id;
+    let BeginRefresh::Started(read) = begin(&f.store, id, "a", "a1").await else {
+        panic!("lease");
+    };
+    let CommitOutcome::Committed { row, .. } =
+        commit(&f.store, id, ("a", "a1"), read.generation, "2", true).await
+    else {
+        panic!("commit");
+    };
+    assert_eq!(row.meta, meta, "a commit without meta keeps it");
+    let mut newer = meta.clone();
+    newer.refresh_token_expires_at = None;
+    newer.extra.insert("realmId".into(), "42".into());
+    let BeginRefresh::Started(read) = begin(&f.store, id, "a", "a2").await else {
+        panic!("lease");
+    };
+    let (a3, r3) = (SecretString::from("a3"), SecretString::from("r3"));
+    let CommitOutcome::Committed { row, .. } = f
+        .store
+        .commit_refresh(
+            id,
+            ("keap", "default"),
+            "a",
+            "a2",
+            read.generation,
+            &NewGrant {
+                meta: Some(&newer),
+                ..grant(&a3, &r3)
+            },
+            &[],
+            &[],
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("commit");
+    };
+    assert_eq!(row.meta, newer);
+    assert_eq!(
+        f.store.load_connection(id).await.unwrap().unwrap().meta,
+        newer
+    );
+    // migrate-storage copies it (to SQLite, from either backend).
+    let to = Fixture::new(Kind::Sqlite, "grant_meta_copy", Some(key(1)))
+        .await
+        .unwrap();
+    tokenkeeper::store::migrate::copy(&f.store, &to.store, "copy", false)
+        .await
+        .unwrap();
+    let mut copied = None;
+    to.store
+        .each_connection(|r| copied = Some(r.meta))
+        .await
+        .unwrap();
+    assert_eq!(copied, Some(newer));
+    // A new authorization without meta clears it.
+    let (row, _) = f
+        .store
+        .save_authorized("keap", "default", &grant(&a3, &r3), &[], &[])
+        .await
+        .unwrap();
+    assert_eq!(row.meta, GrantMeta::default());
+}
+
 /// One `#[tokio::test]` per contract test and backend.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -866,4 +963,5 @@ conformance!(
     heartbeats_count_the_other_daemons,
     events_land_only_with_the_write_they_record,
     ensure_connection_inserts_once_and_never_overwrites,
+    grant_meta_is_written_with_its_grant_and_copied,
 );

@@ -71,6 +71,28 @@ pub(super) async fn api_endpoint(
             }
         }
     }
+    if path == "connections" {
+        let tenants = sim.lock().config.quirks.tenants.clone();
+        if !tenants.is_empty() {
+            // Xero's shape: one object per organisation the grant reaches.
+            let list: Vec<serde_json::Value> = tenants
+                .iter()
+                .enumerate()
+                .map(|(i, (id, name))| {
+                    serde_json::json!({
+                        "id": format!("c{i}"),
+                        "authEventId": "sim",
+                        "tenantId": id,
+                        "tenantType": "ORGANISATION",
+                        "tenantName": name,
+                    })
+                })
+                .collect();
+            let mut resp = json_response(StatusCode::OK, serde_json::Value::Array(list));
+            resp.headers_mut().extend(quota_headers);
+            return resp;
+        }
+    }
     let mut resp = api_answer(method, path, query, &headers, body).await;
     resp.headers_mut().extend(quota_headers);
     resp

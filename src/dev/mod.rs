@@ -484,6 +484,17 @@ struct Issued {
 }
 
 impl State {
+    /// `v` with `{sim}` in a string replaced by the issuer (see
+    /// [`Quirks::token_extras`]).
+    fn own_url_in(&self, v: &serde_json::Value) -> serde_json::Value {
+        match (v.as_str(), &self.issuer) {
+            (Some(s), Some(issuer)) if s.contains("{sim}") => {
+                serde_json::Value::String(s.replace("{sim}", issuer))
+            }
+            _ => v.clone(),
+        }
+    }
+
     fn is_public_client(&self) -> bool {
         self.config.client_secret.is_empty()
     }
@@ -536,7 +547,13 @@ impl State {
             access_token,
             refresh_token,
             expires_in: lifetime.as_secs(),
-            extras: self.config.quirks.token_extras.clone(),
+            extras: self
+                .config
+                .quirks
+                .token_extras
+                .iter()
+                .map(|(k, v)| (k.clone(), self.own_url_in(v)))
+                .collect(),
             omit_expires_in: self.config.quirks.omit_expires_in,
         }
     }

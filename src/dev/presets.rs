@@ -39,13 +39,20 @@ pub struct Quirks {
     /// space in its scope is refused).
     pub scope_delimiter: char,
     /// Members added to every successful token answer (Salesforce
-    /// `instance_url`, Zoho `api_domain`, Intuit `x_refresh_token_expires_in`).
+    /// `instance_url`, Zoho `api_domain`, Intuit `x_refresh_token_expires_in`,
+    /// `refresh_token_expires_in`). In a string value, `{sim}` stands for
+    /// the simulator's own base URL (its issuer), so an extra naming an API
+    /// host can name the simulator's.
     pub token_extras: Vec<(String, serde_json::Value)>,
     /// Query parameters added to the redirect back (Intuit `realmId`, Zoho
     /// `location` and `accounts-server`).
     pub callback_extras: Vec<(String, String)>,
     /// Token answers carry no `expires_in` (Salesforce).
     pub omit_expires_in: bool,
+    /// The organisations a grant may act for, as `(tenantId, tenantName)`,
+    /// listed by `GET /api/connections` like Xero's
+    /// `https://api.xero.com/connections`; empty: no such endpoint (404).
+    pub tenants: Vec<(String, String)>,
 }
 
 impl Default for Quirks {
@@ -59,6 +66,7 @@ impl Default for Quirks {
             token_extras: Vec::new(),
             callback_extras: Vec::new(),
             omit_expires_in: false,
+            tenants: Vec::new(),
         }
     }
 }
@@ -100,6 +108,10 @@ impl SimulatorConfig {
                 quirks: Quirks {
                     offline: Offline::Scope("offline_access"),
                     require_basic_on_code: true,
+                    tenants: vec![(
+                        "45e4708e-d862-4111-ab3a-dd8cd03913e1".into(),
+                        "Demo Company (Global)".into(),
+                    )],
                     ..Quirks::default()
                 },
                 ..not_keap
@@ -125,10 +137,9 @@ impl SimulatorConfig {
                     offline: Offline::Param("access_type", "offline"),
                     refuse_basic: true,
                     scope_delimiter: ',',
-                    token_extras: vec![extra(
-                        "api_domain",
-                        serde_json::json!("https://www.zohoapis.com"),
-                    )],
+                    // Zoho names its API host here; the simulator names
+                    // its own API, so the proxy's use of it is observable.
+                    token_extras: vec![extra("api_domain", serde_json::json!("{sim}/api"))],
                     callback_extras: vec![
                         ("location".into(), "us".into()),
                         ("accounts-server".into(), "https://accounts.zoho.com".into()),
@@ -144,10 +155,8 @@ impl SimulatorConfig {
                     offline: Offline::Scope("refresh_token"),
                     omit_expires_in: true,
                     token_extras: vec![
-                        extra(
-                            "instance_url",
-                            serde_json::json!("https://example.my.salesforce.com"),
-                        ),
+                        // The org's host at Salesforce; the simulator's API here.
+                        extra("instance_url", serde_json::json!("{sim}/api")),
                         extra("issued_at", serde_json::json!("1700000000000")),
                     ],
                     ..Quirks::default()

@@ -33,6 +33,13 @@ pub struct TokenBody {
     pub expires_in: i64,
     pub provider: String,
     pub account: String,
+    /// What the provider returned beside the tokens that an API needs
+    /// (SPEC 11), kept per connection: Intuit `realmId`, Salesforce
+    /// `instance_url`, Zoho `api_domain`, Xero `tenants` (a list of
+    /// `{"id", "name"}`). Left out when the connection has none.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    #[schema(value_type = Object)]
+    pub extra: crate::store::Extras,
 }
 
 /// SPEC 13: `GET /v1/connections/{provider}/{account}/events`, newest
@@ -108,6 +115,11 @@ pub struct ConnectionJson {
     #[serde(with = "rfc3339_secs")]
     #[schema(value_type = String)]
     pub refresh_token_issued_at: DateTime<Utc>,
+    /// When the refresh token dies (SPEC 11): stated by the provider, or
+    /// its preset's or `refresh_token_lifetime`; `null` when unknown.
+    #[serde(default, with = "rfc3339_secs::option")]
+    #[schema(value_type = Option<String>)]
+    pub refresh_token_expires_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub last_error: Option<String>,
     /// Rate-limit figures of the provider (and tenant) as the proxy knows
@@ -357,6 +369,7 @@ mod tests {
                 refreshed_at: None,
                 next_refresh_at: Some(at),
                 refresh_token_issued_at: at,
+                refresh_token_expires_at: None,
                 last_error: Some("x".into()),
                 quota: None,
             }],
@@ -365,7 +378,7 @@ mod tests {
         let text = serde_json::to_string(&body).unwrap();
         assert_eq!(
             text,
-            r#"{"connections":[{"provider":"keap","account":"default","state":"authorization_required","expires_at":"2026-01-01T00:00:00Z","refreshed_at":null,"next_refresh_at":"2026-01-01T00:00:00Z","refresh_token_issued_at":"2026-01-01T00:00:00Z","last_error":"x"}]}"#
+            r#"{"connections":[{"provider":"keap","account":"default","state":"authorization_required","expires_at":"2026-01-01T00:00:00Z","refreshed_at":null,"next_refresh_at":"2026-01-01T00:00:00Z","refresh_token_issued_at":"2026-01-01T00:00:00Z","refresh_token_expires_at":null,"last_error":"x"}]}"#
         );
         let back: ConnectionsBody = serde_json::from_str(&text).unwrap();
         let c = &back.connections[0];

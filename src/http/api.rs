@@ -57,6 +57,7 @@ fn token_response(t: &IssuedToken) -> Response {
             access_token: t.access_token.expose_secret(),
             token_type: &t.token_type,
             expires_at: t.expires_at,
+            extra: &t.extra.extra,
         },
         Utc::now(),
     )
@@ -96,6 +97,13 @@ fn write_token_json(buf: &mut Vec<u8>, t: &ServedToken<'_>, expires_in: i64) {
     json_str(buf, t.provider);
     buf.extend_from_slice(b",\"account\":");
     json_str(buf, t.account);
+    if !t.extra.is_empty() {
+        buf.extend_from_slice(b",\"extra\":");
+        if serde_json::to_writer(&mut *buf, t.extra).is_err() {
+            // A map of JSON values into a Vec cannot fail.
+            buf.extend_from_slice(b"{}");
+        }
+    }
     buf.push(b'}');
 }
 
@@ -268,6 +276,7 @@ impl From<ConnectionReport> for ConnectionJson {
             refreshed_at: c.refreshed_at,
             next_refresh_at: c.next_refresh_at,
             refresh_token_issued_at: c.refresh_token_issued_at,
+            refresh_token_expires_at: c.refresh_token_expires_at,
             last_error: c.last_error,
             quota: None,
         }
@@ -488,6 +497,7 @@ mod json_tests {
             expires_in,
             provider: t.provider.into(),
             account: t.account.into(),
+            extra: t.extra.clone(),
         })
         .unwrap()
     }
@@ -505,13 +515,19 @@ mod json_tests {
             // Stored instants are milliseconds; years -300 to 12000.
             millis in -71_700_000_000_000i64..316_500_000_000_000,
             expires_in in prop_oneof![0i64..100_000, any::<i64>()],
+            extra_value in prop_oneof![Just(None), any::<String>().prop_map(Some)],
         ) {
+            let mut extra = crate::store::Extras::new();
+            if let Some(v) = extra_value {
+                extra.insert("instance_url".into(), v.into());
+            }
             let t = ServedToken {
                 provider: &name,
                 account: "default",
                 access_token: &token,
                 token_type: &token_type,
                 expires_at: chrono::DateTime::from_timestamp_millis(millis).unwrap(),
+                extra: &extra,
             };
             let mut fast = Vec::new();
             write_token_json(&mut fast, &t, expires_in);

@@ -172,7 +172,8 @@ pub async fn callback(
         Ok(p) => p,
         Err(r) => return r,
     };
-    exchange_and_store(&state, pending, &q.outcome).await
+    let raw = raw.unwrap_or_default();
+    exchange_and_store(&state, pending, &q.outcome, &raw).await
 }
 
 /// Longest `state` accepted (ours are 43 characters).
@@ -343,6 +344,7 @@ async fn exchange_and_store(
     state: &AppState,
     pending: PendingAuthorization,
     outcome: &CallbackOutcome,
+    raw_query: &str,
 ) -> Response {
     let retry = format!("/connect/{}?account={}", pending.provider, pending.account);
     let CallbackOutcome::Code(code) = outcome else {
@@ -366,7 +368,7 @@ async fn exchange_and_store(
         Ok(u) => u,
         Err(_) => state.redirect_uri(),
     };
-    let grant = match provider
+    let mut grant = match provider
         .exchange_code(code, pending.pkce_verifier.as_ref(), &redirect_uri)
         .await
     {
@@ -381,6 +383,7 @@ async fn exchange_and_store(
             );
         }
     };
+    grant.extra.extend(provider.callback_extras(raw_query));
     match state
         .engine
         .authorized(&pending.provider, &pending.account, &grant)

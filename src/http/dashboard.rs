@@ -105,10 +105,10 @@ pub async fn gather(state: &AppState) -> Vec<Panel> {
     panels
 }
 
-/// The refresh token's end as the connection's report states it: the one
-/// place to read it from (`None` until reports carry it).
-fn refresh_token_expires_at(_report: &ConnectionReport) -> Option<DateTime<Utc>> {
-    None
+/// The refresh token's end as the connection's report states it (`None`:
+/// the provider states none and none is configured).
+fn refresh_token_expires_at(report: &ConnectionReport) -> Option<DateTime<Utc>> {
+    report.refresh_token_expires_at
 }
 
 #[utoipa::path(get, path = "/assets/dashboard.js", summary = "The dashboard's live-update script (embedded; same guards as the dashboard)", responses(
@@ -632,6 +632,8 @@ mod tests {
             refreshed_at: Some(now - Span::hours(6)),
             next_refresh_at: Some(now + Span::hours(12)),
             refresh_token_issued_at: now - Span::days(15),
+            refresh_token_expires_at: None,
+            refresh_token_end_fixed: false,
             last_error: None,
             served: 0,
             refreshes: [0; 4],

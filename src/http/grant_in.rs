@@ -316,7 +316,7 @@ pub async fn paste_finish(
     };
     let redirect_uri =
         url::Url::parse(&pending.redirect_uri).unwrap_or_else(|_| state.redirect_uri());
-    let grant = p
+    let mut grant = p
         .exchange_code(code, pending.pkce_verifier.as_ref(), &redirect_uri)
         .await
         .map_err(|e| {
@@ -327,6 +327,12 @@ pub async fn paste_finish(
                 format!("the provider did not accept the authorization code: {e}; nothing was stored. {again}"),
             )
         })?;
+    let pasted_query = req.pasted.trim();
+    let pasted_query = pasted_query
+        .split_once('?')
+        .map_or(pasted_query, |(_, q)| q);
+    let pasted_query = pasted_query.split('#').next().unwrap_or_default();
+    grant.extra.extend(p.callback_extras(pasted_query));
     state
         .engine
         .authorized(&provider, &account, &grant)

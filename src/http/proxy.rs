@@ -3,9 +3,13 @@
 //! the provider's rate limits ([`crate::ratelimit`]), so an application
 //! pointed here never gets blocked and never handles a token.
 //!
-//! Before anything is spent: the upstream URL is built by [`upstream_url`]
-//! and must stay under `api_base_url` (else a local 400, nothing sent), and
-//! the connection must exist (else a 404, no limiter entry, no quota).
+//! Before anything is spent: the connection's extras decide its base URL
+//! and any header its API requires ([`crate::provider::extras::upstream`]:
+//! Salesforce `instance_url`, Zoho `api_domain`, Xero `xero-tenant-id`,
+//! or a 400 asking the caller to choose a tenant); the upstream URL is
+//! built by [`upstream_url`] and must stay under that base (else a local
+//! 400, nothing sent), and the connection must exist (else a 404, no
+//! limiter entry, no quota).
 //!
 //! Bodies stream both ways; a request body of known length up to
 //! [`REPLAY_MAX_BYTES`] is buffered so that it can be sent again after an
@@ -495,7 +499,15 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
     let Some(provider) = settings.providers.get(&t.provider) else {
         return Err(ApiError::UnknownProvider(t.provider.clone()));
     };
-    let Some(base) = &provider.config.api_base_url else {
+    // A connection's extras may name its own base URL or a header the API
+    // requires (SPEC 11).
+    let meta = engine
+        .grant_meta(&t.provider, &t.account)
+        .unwrap_or_default();
+    let connection =
+        crate::provider::extras::upstream(&provider.config, &meta.extra, req.headers())
+            .map_err(|m| ApiError::BadRequest(format!("{m}; nothing was sent")))?;
+    let Some(base) = &connection.base else {
         return Err(ApiError::BadRequest(format!(
             "provider {:?} has no api_base_url; set providers.{}.api_base_url",
             t.provider, t.provider
@@ -522,7 +534,10 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
     } else {
         (None, Some(body))
     };
-    let headers = request_headers(&parts.headers, replay.is_some());
+    let mut headers = request_headers(&parts.headers, replay.is_some());
+    for (name, value) in connection.headers {
+        headers.insert(name, value);
+    }
 
     // The token to send next, when the previous answer decided it.
     let mut next: Option<IssuedToken> = None;

@@ -251,6 +251,21 @@ fn success(
         let v: Vec<String> = serde_json::from_str(fields.get("scope")?.get()).ok()?;
         Some(v.join(" "))
     });
+    // A refresh-token lifetime is a fact about the grant, not a default:
+    // missing, zero or junk means "not stated" (the preset or config then
+    // says), never "dies now".
+    let refresh_token_expires_in = ["refresh_token_expires_in", "x_refresh_token_expires_in"]
+        .iter()
+        .find_map(|k| match stated_lifetime(fields.get(*k).map(|v| v.get())) {
+            StatedLifetime::Seconds(s) if s >= 1.0 => {
+                Some(if s >= MAX_REFRESH_TOKEN_LIFETIME.as_secs_f64() {
+                    MAX_REFRESH_TOKEN_LIFETIME
+                } else {
+                    Duration::from_millis((s * 1000.0) as u64)
+                })
+            }
+            _ => None,
+        });
     Ok(TokenGrant {
         access_token: SecretString::from(access_token.unwrap_or_default()),
         refresh_token: refresh_token.map(SecretString::from),
@@ -258,7 +273,43 @@ fn success(
         scope,
         issued_at: ctx.sent_at,
         expires_at: super::expiry(ctx.sent_at, lifetime),
+        refresh_token_expires_in,
+        extra: crate::store::Extras::new(),
     })
+}
+
+/// The longest refresh-token lifetime believed: ten years (Intuit's cap
+/// is five). Keeps every computed end far inside chrono's range.
+pub const MAX_REFRESH_TOKEN_LIFETIME: Duration = Duration::from_secs(3653 * 24 * 3600);
+
+/// The members named `keys` of a token answer that are strings (or
+/// numbers, kept as their text), for the connection's extras. Anything
+/// else, or a body that is not a JSON object, yields nothing. Values are
+/// cut like provider text in messages ([`clean`]), so a hostile answer
+/// cannot fill the database through them.
+pub fn extras(body: &[u8], keys: &[&str]) -> crate::store::Extras {
+    let mut out = crate::store::Extras::new();
+    if keys.is_empty() {
+        return out;
+    }
+    let Some(fields) = object(body) else {
+        return out;
+    };
+    for key in keys {
+        let Some(raw) = fields.get(*key) else {
+            continue;
+        };
+        let text = match serde_json::from_str::<serde_json::Value>(raw.get()) {
+            Ok(serde_json::Value::String(s)) => s,
+            Ok(serde_json::Value::Number(n)) => n.to_string(),
+            _ => continue,
+        };
+        let text = clean(&text);
+        if !text.is_empty() {
+            out.insert((*key).to_string(), serde_json::Value::String(text));
+        }
+    }
+    out
 }
 
 /// An RFC 6749 5.2 error answer.
@@ -402,6 +453,44 @@ mod tests {
             "\u{feff}{\"access_token\":\"a\",\"scope\":[\"x\",\"y\"]}",
         );
         assert_eq!(g.scope.as_deref(), Some("x y"));
+    }
+
+    #[test]
+    fn refresh_token_lifetimes_and_extras_are_read() {
+        let day = Duration::from_secs(86_400);
+        for (body, want) in [
+            (
+                r#"{"access_token":"a","refresh_token_expires_in":86400}"#,
+                Some(day),
+            ),
+            (
+                r#"{"access_token":"a","x_refresh_token_expires_in":"86400"}"#,
+                Some(day),
+            ),
+            (r#"{"access_token":"a","refresh_token_expires_in":0}"#, None),
+            (
+                r#"{"access_token":"a","refresh_token_expires_in":"soon"}"#,
+                None,
+            ),
+            (r#"{"access_token":"a"}"#, None),
+        ] {
+            assert_eq!(ok(200, body).refresh_token_expires_in, want, "{body}");
+        }
+        let huge = ok(
+            200,
+            r#"{"access_token":"a","refresh_token_expires_in":1e300}"#,
+        );
+        assert_eq!(
+            huge.refresh_token_expires_in,
+            Some(MAX_REFRESH_TOKEN_LIFETIME)
+        );
+        let body = br#"{"access_token":"a","instance_url":"https://na1.example","api_domain":{"x":1},"realmId":42}"#;
+        let got = extras(body, &["instance_url", "api_domain", "realmId", "missing"]);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got["instance_url"], "https://na1.example");
+        assert_eq!(got["realmId"], "42");
+        assert!(extras(b"not json", &["instance_url"]).is_empty());
+        assert!(extras(body, &[]).is_empty());
     }
 
     #[test]

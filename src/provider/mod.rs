@@ -13,6 +13,7 @@
 pub mod answer;
 pub mod device;
 pub mod discovery;
+pub mod extras;
 pub mod presets;
 
 use std::sync::{Arc, Mutex};
@@ -47,6 +48,13 @@ pub struct TokenGrant {
     /// Absolute expiry, computed when the answer arrives, counted from when
     /// the request left: a deliberate tightening of SPEC 7 (see [`expiry`]).
     pub expires_at: DateTime<Utc>,
+    /// The refresh token's remaining life as the answer stated it
+    /// (`refresh_token_expires_in`, `x_refresh_token_expires_in`), counted
+    /// from `issued_at` (SPEC 11).
+    pub refresh_token_expires_in: Option<Duration>,
+    /// What the answer carried beside the tokens that the preset declares
+    /// (see [`presets::ExtraSource::TokenAnswer`]); empty when none.
+    pub extra: crate::store::Extras,
 }
 
 /// Why a token call failed, classified once, in [`answer::interpret`].
@@ -371,7 +379,8 @@ impl Provider {
                 sent_at,
                 default_lifetime: self.config.default_lifetime,
             };
-            let grant = answer::interpret(&ctx, status, retry_after, &body)?;
+            let mut grant = answer::interpret(&ctx, status, retry_after, &body)?;
+            grant.extra = answer::extras(&body, &self.token_answer_extras());
             self.warn_if_short_lived(&grant);
             // A token dead on arrival (a lifetime shorter than the round
             // trip) is no token: serving it answers 503, and every request
@@ -406,6 +415,116 @@ impl Provider {
             }
             _ => transient("the token endpoint's answer could not be read".into(), None),
         })
+    }
+
+    /// The lists the preset fetches from the API once a grant is new
+    /// ([`presets::ExtraSource::ApiList`]: Xero's tenants), each under its
+    /// key. A list that cannot be fetched is logged and left out: the
+    /// grant is good without it, and the caller can still name a tenant.
+    pub async fn list_extras(&self, access_token: &SecretString) -> crate::store::Extras {
+        let mut out = crate::store::Extras::new();
+        for e in self.config.preset.spec().extras {
+            let presets::ExtraSource::ApiList { path, id, name } = e.source else {
+                continue;
+            };
+            match self.fetch_list(access_token, path, (id, name)).await {
+                Ok(list) => {
+                    out.insert(e.key.to_string(), serde_json::Value::Array(list));
+                }
+                Err(why) => tracing::warn!(
+                    provider = self.name(),
+                    "cannot fetch {} ({why}); the proxy will need the caller to name one",
+                    e.key
+                ),
+            }
+        }
+        out
+    }
+
+    /// `GET api_base_url + path` with the access token: a JSON array of
+    /// objects, each kept as `{"id", "name"}` from its members `keys`.
+    async fn fetch_list(
+        &self,
+        access_token: &SecretString,
+        path: &str,
+        (id, name): (&str, &str),
+    ) -> Result<Vec<serde_json::Value>, String> {
+        let base = self
+            .config
+            .api_base_url
+            .as_ref()
+            .ok_or_else(|| "the provider has no api_base_url".to_string())?;
+        let url = format!("{}{path}", base.as_str().trim_end_matches('/'));
+        let resp = self
+            .http
+            .get(url)
+            .bearer_auth(access_token.expose_secret())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .timeout(self.config.request_timeout)
+            .send()
+            .await
+            .map_err(|e| without_url(&e).to_string())?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(format!("HTTP {}", status.as_u16()));
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| without_url(&e).to_string())?;
+        if body.len() > MAX_TOKEN_RESPONSE_BYTES {
+            return Err("the answer is too large".into());
+        }
+        let items: Vec<serde_json::Map<String, serde_json::Value>> = serde_json::from_slice(&body)
+            .map_err(|_| "the answer is not a JSON array of objects".to_string())?;
+        let text = |o: &serde_json::Map<String, serde_json::Value>, k: &str| {
+            o.get(k).and_then(|v| v.as_str()).map(str::to_string)
+        };
+        Ok(items
+            .iter()
+            .filter_map(|o| {
+                let mut kept = serde_json::Map::new();
+                kept.insert("id".into(), text(o, id)?.into());
+                if let Some(n) = text(o, name) {
+                    kept.insert("name".into(), n.into());
+                }
+                Some(serde_json::Value::Object(kept))
+            })
+            .collect())
+    }
+
+    /// The extras the preset reads from the redirect back (Intuit's
+    /// `realmId`), from the raw query of `/callback` or of a pasted
+    /// address. A value that is empty, repeated or implausibly long is
+    /// left out.
+    pub fn callback_extras(&self, raw_query: &str) -> crate::store::Extras {
+        let mut out = crate::store::Extras::new();
+        for e in self.config.preset.spec().extras {
+            if e.source != presets::ExtraSource::Callback {
+                continue;
+            }
+            let mut values = url::form_urlencoded::parse(raw_query.as_bytes())
+                .filter(|(k, _)| k == e.key)
+                .map(|(_, v)| v.into_owned());
+            if let (Some(v), None) = (values.next(), values.next()) {
+                if !v.is_empty() && v.len() <= 256 && !v.chars().any(char::is_control) {
+                    out.insert(e.key.to_string(), v.into());
+                }
+            }
+        }
+        out
+    }
+
+    /// The keys of the extras the preset reads from token answers.
+    fn token_answer_extras(&self) -> Vec<&'static str> {
+        self.config
+            .preset
+            .spec()
+            .extras
+            .iter()
+            .filter(|e| e.source == presets::ExtraSource::TokenAnswer)
+            .map(|e| e.key)
+            .collect()
     }
 
     /// A token that lives less than `min_validity` can never satisfy it; the

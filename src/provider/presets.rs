@@ -42,8 +42,9 @@ pub enum Rotation {
     Never,
 }
 
-/// How long a refresh token lives (SPEC 11). Recorded per preset; the
-/// engine does not act on it yet.
+/// How long a refresh token lives (SPEC 11): the preset's value, which
+/// the file's `refresh_token_lifetime` / `refresh_token_max_lifetime`
+/// replace and a lifetime stated in a token answer overrides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RefreshTokenLifetime {
     /// Dies after this long without use; each refresh restarts the clock
@@ -114,10 +115,85 @@ pub struct PresetSpec {
     /// `ProviderConfig::revoke_replaced`).
     pub revoke_replaced: bool,
     pub parameter: Option<Parameter>,
-    /// What the provider returns beside the tokens that an API needs (kept
-    /// per connection in a later version; listed here for the README).
-    pub extras: &'static [&'static str],
+    /// What the provider returns beside the tokens that an API needs: kept
+    /// per connection, returned under `"extra"` by `/v1/token`, and used
+    /// by the proxy as each entry's [`ExtraUse`] says.
+    pub extras: &'static [ExtraSpec],
 }
+
+/// One per-connection extra a preset declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtraSpec {
+    /// Its key under `"extra"` (the provider's own name for it).
+    pub key: &'static str,
+    pub source: ExtraSource,
+    pub used_as: ExtraUse,
+}
+
+/// Where an extra comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtraSource {
+    /// A member of the token answer (of the code exchange, and of a
+    /// refresh answer when it carries a new value).
+    TokenAnswer,
+    /// A query parameter of the redirect back to `/callback`.
+    Callback,
+    /// A list fetched once after the authorization with the new access
+    /// token: `GET api_base_url + path`, a JSON array of objects, of which
+    /// the member `id` is kept as `id` and `name` as `name`.
+    ApiList {
+        path: &'static str,
+        id: &'static str,
+        name: &'static str,
+    },
+}
+
+/// What the proxy does with an extra.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtraUse {
+    /// Nothing: it is for the caller (Intuit's `realmId` goes into API
+    /// paths the caller writes).
+    Caller,
+    /// The connection's upstream base URL, instead of `api_base_url`.
+    ApiBaseUrl,
+    /// Sent as this header when the list has exactly one entry; with
+    /// several, the caller chooses by sending the header itself.
+    HeaderWhenOne(&'static str),
+}
+
+/// Intuit's company id: the callback's `realmId` query parameter.
+const INTUIT_REALM: ExtraSpec = ExtraSpec {
+    key: "realmId",
+    source: ExtraSource::Callback,
+    used_as: ExtraUse::Caller,
+};
+
+/// Xero's organisations: https://developer.xero.com/documentation/guides/oauth2/auth-flow
+/// (step 5: `GET https://api.xero.com/connections` with the access token;
+/// every API call names one with the `xero-tenant-id` header).
+const XERO_TENANTS: ExtraSpec = ExtraSpec {
+    key: "tenants",
+    source: ExtraSource::ApiList {
+        path: "/connections",
+        id: "tenantId",
+        name: "tenantName",
+    },
+    used_as: ExtraUse::HeaderWhenOne("xero-tenant-id"),
+};
+
+/// Zoho's API host of the user's data centre, in every token answer.
+const ZOHO_API_DOMAIN: ExtraSpec = ExtraSpec {
+    key: "api_domain",
+    source: ExtraSource::TokenAnswer,
+    used_as: ExtraUse::ApiBaseUrl,
+};
+
+/// Salesforce's org host, in every token answer.
+const SALESFORCE_INSTANCE: ExtraSpec = ExtraSpec {
+    key: "instance_url",
+    source: ExtraSource::TokenAnswer,
+    used_as: ExtraUse::ApiBaseUrl,
+};
 
 const DAY: u64 = 86_400;
 const HOUR: Duration = Duration::from_secs(3600);
@@ -333,7 +409,7 @@ pub const PRESETS: &[PresetSpec] = &[
         }),
         revoke_replaced: true,
         parameter: None,
-        extras: &["xero-tenant-id (from https://api.xero.com/connections)"],
+        extras: &[XERO_TENANTS],
     },
     // https://developer.intuit.com/app/developer/qbo/docs/develop/authentication-and-authorization/oauth-2.0
     // (flow, `realmId` on the callback);
@@ -379,7 +455,7 @@ pub const PRESETS: &[PresetSpec] = &[
         }),
         revoke_replaced: true,
         parameter: None,
-        extras: &["realmId (from the callback)"],
+        extras: &[INTUIT_REALM],
     },
     // https://www.zoho.com/accounts/protocol/oauth/web-apps/authorization.html
     // (`access_type=offline` for a refresh token, `prompt=consent` to get
@@ -422,7 +498,7 @@ pub const PRESETS: &[PresetSpec] = &[
             accepted: "\"us\", \"eu\", \"in\", \"au\", \"jp\", \"ca\", \"cn\", \"sa\" or \"uk\"",
             resolve: zoho_region,
         }),
-        extras: &["api_domain (from the token answer)"],
+        extras: &[ZOHO_API_DOMAIN],
     },
     // https://help.salesforce.com/articleView?id=remoteaccess_oauth_web_server_flow.htm&type=0
     // (endpoints on login.salesforce.com, test.salesforce.com or the My
@@ -446,7 +522,8 @@ pub const PRESETS: &[PresetSpec] = &[
         token_url: Some("https://login.salesforce.com/services/oauth2/token"),
         revocation_url: Some("https://login.salesforce.com/services/oauth2/revoke"),
         device_authorization_url: None,
-        // The org's own host (`instance_url`): set api_base_url to it.
+        // The org's own host: each connection's `instance_url` (below);
+        // an api_base_url in the file is used when an answer has none.
         api_base_url: None,
         scopes: &["api", "refresh_token"],
         offline_scopes: &["refresh_token"],
@@ -463,7 +540,7 @@ pub const PRESETS: &[PresetSpec] = &[
         tenant_limits: None,
         revoke_replaced: true,
         parameter: None,
-        extras: &["instance_url (from the token answer)"],
+        extras: &[SALESFORCE_INSTANCE],
     },
 ];
 

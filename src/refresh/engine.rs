@@ -278,6 +278,19 @@ impl Engine {
         registry::slot(&self.inner, provider, account).map(|_| ())
     }
 
+    /// What connection `provider/account` keeps beside its tokens (its
+    /// extras, its refresh token's end), from memory; the proxy's base URL
+    /// and headers depend on it.
+    pub fn grant_meta(
+        &self,
+        provider: &str,
+        account: &str,
+    ) -> Option<Arc<crate::store::GrantMeta>> {
+        let slot = self.inner.slots.get(provider, account)?;
+        let meta = slot.snapshot().meta.clone();
+        Some(meta)
+    }
+
     /// The token `provider/account` serves now, if still valid, without
     /// refreshing or counting it as served (token files mirror it).
     pub fn current_token(&self, provider: &str, account: &str) -> Option<IssuedToken> {

@@ -203,6 +203,8 @@ pub async fn import(
                 scope: None,
                 issued_at: now,
                 expires_at: now,
+                refresh_token_expires_in: None,
+                extra: Default::default(),
             }
         }
         Err(ProviderError::Rejected { message }) => return Err(ImportError::Rejected { message }),

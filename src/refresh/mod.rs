@@ -6,7 +6,8 @@
 //!   `clock` (the wall and monotonic time the engine reads, injectable for
 //!   tests), `owner` (who holds a lease and when its death is certain),
 //!   `recognizer` (fingerprints of our tokens), `flights` (the thread
-//!   refreshes run on);
+//!   refreshes run on), `meta` (a grant's extras and its refresh token's
+//!   end, pure);
 //! - `snapshot`: the served state of a connection, an enum;
 //! - `slot`: one connection in memory, and the table of them;
 //! - `shared`: the context every layer acts through;
@@ -35,6 +36,7 @@ pub mod flights;
 mod history;
 pub mod import;
 mod lease;
+pub mod meta;
 pub mod owner;
 pub mod policy;
 pub mod recognizer;

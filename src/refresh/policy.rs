@@ -9,6 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::config::RefreshConfig;
+use crate::store::GrantMeta;
 
 /// What the policy needs to know about one connection.
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +51,37 @@ pub fn next_refresh_at(t: &Timing, policy: &RefreshConfig, jitter: Duration) -> 
     let latest = t.expires_at - chrono(effective_min_validity(t, policy));
     let keepalive = t.refresh_token_issued_at + chrono(policy.keepalive);
     planned.min(latest).min(keepalive)
+}
+
+/// When a rolling refresh token (SPEC 11) must be used to stay alive:
+/// `at_fraction` of the way from its last use (the last refresh,
+/// `issued_at`) to its end. `None` when its end is unknown, or fixed
+/// (refreshing cannot push a hard cap back, so trying would only spend
+/// calls).
+pub fn keep_refresh_token_alive_at(
+    t: &Timing,
+    meta: &GrantMeta,
+    policy: &RefreshConfig,
+) -> Option<DateTime<Utc>> {
+    let end = meta.refresh_token_expires_at?;
+    if meta.refresh_token_end_is_fixed() {
+        return None;
+    }
+    let life = (end - t.issued_at).to_std().unwrap_or_default();
+    Some(t.issued_at + chrono(life.mul_f64(policy.at_fraction)))
+}
+
+/// The instant the scheduler refreshes this connection: the earlier of
+/// the access token's [`next_refresh_at`] and the point that keeps a
+/// rolling refresh token alive ([`keep_refresh_token_alive_at`]).
+pub fn next_due_at(
+    t: &Timing,
+    meta: &GrantMeta,
+    policy: &RefreshConfig,
+    jitter: Duration,
+) -> DateTime<Utc> {
+    let planned = next_refresh_at(t, policy, jitter);
+    keep_refresh_token_alive_at(t, meta, policy).map_or(planned, |k| planned.min(k))
 }
 
 /// `min_validity`, except for tokens that live less than twice as long:
@@ -109,6 +141,28 @@ mod tests {
 
     fn at(secs: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    #[test]
+    fn a_rolling_refresh_token_shorter_than_the_access_token_is_kept_alive() {
+        let t = Timing {
+            issued_at: at(0),
+            expires_at: at(86400),
+            refresh_token_issued_at: at(0),
+        };
+        let mut meta = GrantMeta {
+            refresh_token_expires_at: Some(at(3600)),
+            ..GrantMeta::default()
+        };
+        assert_eq!(next_due_at(&t, &meta, &policy(), Duration::ZERO), at(2700));
+        // A fixed end is not chased.
+        meta.refresh_token_cap_at = Some(at(3600));
+        let planned = next_refresh_at(&t, &policy(), Duration::ZERO);
+        assert_eq!(next_due_at(&t, &meta, &policy(), Duration::ZERO), planned);
+        assert_eq!(
+            next_due_at(&t, &GrantMeta::default(), &policy(), Duration::ZERO),
+            planned
+        );
     }
 
     #[test]

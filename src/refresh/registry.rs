@@ -16,6 +16,7 @@ use secrecy::ExposeSecret;
 use super::flight::{self, commit};
 use super::history;
 use super::lease;
+use super::meta;
 use super::policy;
 use super::shared::Shared;
 use super::slot::Slot;
@@ -26,7 +27,7 @@ use super::types::{
 use crate::notify::{Event, EventKind};
 use crate::provider::TokenGrant;
 use crate::store::{
-    ConnState, EventKind as HistoryKind, NewEvent, NewGrant, StoreError, TokenKind,
+    ConnState, EventKind as HistoryKind, GrantMeta, NewEvent, NewGrant, StoreError, TokenKind,
 };
 
 /// The slot of `provider/account`, if the provider is configured and the
@@ -90,6 +91,7 @@ pub fn with_fresh_token<R>(
                 access_token: token.access_token.expose_secret(),
                 token_type: &token.token_type,
                 expires_at: token.timing.expires_at,
+                extra: &snap.meta.extra,
             }))
         })
         .flatten()
@@ -109,6 +111,7 @@ pub fn current(shared: &Shared, provider: &str, account: &str) -> Option<IssuedT
         access_token: token.access_token.clone(),
         token_type: token.token_type.clone(),
         expires_at: token.timing.expires_at,
+        extra: snap.meta.clone(),
     })
 }
 
@@ -225,8 +228,9 @@ pub fn report(shared: &Shared) -> Vec<ConnectionReport> {
                     failing.next_attempt_at.or(Some(shared.clock().now()))
                 }
                 TokenState::Active { token } | TokenState::Refreshing { token, .. } => {
-                    Some(policy::next_refresh_at(
+                    Some(policy::next_due_at(
                         &token.timing,
+                        &snap.meta,
                         &settings.refresh,
                         slot.jitter(&settings.refresh),
                     ))
@@ -247,6 +251,8 @@ pub fn report(shared: &Shared) -> Vec<ConnectionReport> {
                 next_refresh_at: next,
                 refresh_token_issued_at: token.map_or(epoch, |t| t.timing.refresh_token_issued_at),
                 last_error: snap.last_error().map(str::to_string),
+                refresh_token_expires_at: snap.meta.refresh_token_expires_at,
+                refresh_token_end_fixed: snap.meta.refresh_token_end_is_fixed(),
                 served: slot.served.load(Ordering::Relaxed),
                 refreshes: std::array::from_fn(|i| slot.refreshes[i].load(Ordering::Relaxed)),
             }
@@ -389,6 +395,7 @@ pub(super) async fn land(
     kind: HistoryKind,
     how: &str,
 ) -> Result<(), StoreError> {
+    let meta = landed_meta(shared, provider, grant).await;
     let new = NewGrant {
         access_token: &grant.access_token,
         refresh_token: grant.refresh_token.as_ref(),
@@ -396,6 +403,7 @@ pub(super) async fn land(
         scope: grant.scope.as_deref(),
         issued_at: grant.issued_at,
         expires_at: grant.expires_at,
+        meta: Some(&meta),
     };
     let fps = shared.fingerprints(grant);
     let (row, replaced) = shared
@@ -436,4 +444,17 @@ pub(super) async fn land(
         }
     }
     Ok(())
+}
+
+/// What a new grant keeps beside its tokens: its extras, with the lists
+/// the preset fetches from the API after an authorization (Xero's
+/// tenants), and its refresh token's end (`meta::authorized`).
+async fn landed_meta(shared: &Shared, provider: &str, grant: &TokenGrant) -> GrantMeta {
+    let settings = shared.settings();
+    let Some(p) = settings.providers.get(provider) else {
+        return GrantMeta::default();
+    };
+    let mut meta = meta::authorized(grant, &p.config.refresh_token_lifetime);
+    meta.extra.extend(p.list_extras(&grant.access_token).await);
+    meta
 }

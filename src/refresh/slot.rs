@@ -6,7 +6,9 @@
 //! Must not: touch storage, call a provider or decide when to refresh.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -33,6 +35,9 @@ pub struct PendingCommit {
     pub anchor: Anchor,
     /// The history events the commit records with the grant.
     pub events: Vec<crate::store::NewEvent>,
+    /// What the grant keeps beside its tokens, written with it (`None`:
+    /// what is stored stays).
+    pub meta: Option<crate::store::GrantMeta>,
 }
 
 /// One connection's in-memory state.
@@ -69,6 +74,9 @@ pub struct Slot {
     /// reported (monotonic ms + 1; 0: never), so that a program sending it
     /// in a loop costs one log line, event and notification a minute.
     pub(super) misuse_reported: AtomicU64,
+    /// The refresh-token end a `refresh_token_expiring` event was sent
+    /// for (UTC ms; 0: none), so each approaching end is told once.
+    warned_end: AtomicI64,
     /// The table's change counter (see [`Slots::changes`]), moved by
     /// [`Slot::set`].
     changes: tokio::sync::watch::Sender<u64>,
@@ -90,6 +98,7 @@ impl Slot {
             pending: std::sync::Mutex::new(None),
             lease_watch: std::sync::Mutex::new(None),
             misuse_reported: AtomicU64::new(0),
+            warned_end: AtomicI64::new(0),
             changes,
         }
     }
@@ -98,6 +107,14 @@ impl Slot {
     /// the current settings so a reloaded jitter applies at once.
     pub fn jitter(&self, refresh: &RefreshConfig) -> Duration {
         policy::stable_jitter(&self.provider, &self.account, refresh.jitter)
+    }
+
+    /// Whether `end` is a refresh-token end not yet warned about; marks it
+    /// warned.
+    pub fn first_warning_for(&self, end: DateTime<Utc>) -> bool {
+        self.warned_end
+            .swap(end.timestamp_millis(), Ordering::SeqCst)
+            != end.timestamp_millis()
     }
 
     /// The current snapshot.
@@ -219,6 +236,7 @@ impl Slot {
             access_token: t.access_token.clone(),
             token_type: t.token_type.clone(),
             expires_at: t.timing.expires_at,
+            extra: snap.meta.clone(),
         })
     }
 

@@ -18,7 +18,8 @@ use secrecy::SecretString;
 use super::clock::{Anchor, Clock};
 use super::policy::{self, Timing};
 use crate::config::RefreshConfig;
-use crate::store::{ConnState, ConnectionRow};
+use crate::store::{ConnState, ConnectionRow, GrantMeta};
+use std::sync::Arc;
 
 /// Said when a row is `retrying` without a stored reason.
 const NO_REASON_RETRYING: &str = "the refresh did not complete";
@@ -91,6 +92,9 @@ pub struct Snapshot {
     /// comparing versions does not re-read it as changed).
     pub generation: i64,
     pub state: TokenState,
+    /// What the stored grant keeps beside its tokens (extras, the refresh
+    /// token's end); shared, since snapshots are cloned on every change.
+    pub meta: Arc<GrantMeta>,
 }
 
 impl Snapshot {
@@ -137,6 +141,7 @@ impl Snapshot {
         Snapshot {
             generation: r.generation,
             state,
+            meta: Arc::new(r.meta.clone()),
         }
     }
 
@@ -280,6 +285,7 @@ impl Snapshot {
         Snapshot {
             generation: self.generation,
             state,
+            meta: self.meta,
         }
     }
 
@@ -357,6 +363,7 @@ pub(crate) mod tests {
             attempt_id: None,
             attempt_started_at: None,
             interrupted_at: None,
+            meta: GrantMeta::default(),
             unreadable: None,
         }
     }

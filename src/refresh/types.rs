@@ -89,6 +89,8 @@ pub struct IssuedToken {
     pub access_token: SecretString,
     pub token_type: String,
     pub expires_at: DateTime<Utc>,
+    /// The connection's extras (under `"extra"` in `/v1/token`).
+    pub extra: std::sync::Arc<crate::store::GrantMeta>,
 }
 
 /// A token served in place by [`crate::refresh::Engine::with_fresh_token`].
@@ -99,6 +101,8 @@ pub struct ServedToken<'a> {
     /// As the provider named it ("Bearer", "DPoP", ...).
     pub token_type: &'a str,
     pub expires_at: DateTime<Utc>,
+    /// The connection's extras (SPEC 11), empty when none.
+    pub extra: &'a crate::store::Extras,
 }
 
 /// A connection as reported by `/v1/connections` and `status`.
@@ -112,6 +116,11 @@ pub struct ConnectionReport {
     pub next_refresh_at: Option<DateTime<Utc>>,
     pub refresh_token_issued_at: DateTime<Utc>,
     pub last_error: Option<String>,
+    /// When the refresh token dies, if known (SPEC 11).
+    pub refresh_token_expires_at: Option<DateTime<Utc>>,
+    /// Whether that end is one refreshing cannot push back.
+    #[serde(skip)]
+    pub refresh_token_end_fixed: bool,
     /// Access tokens handed out since the daemon started.
     pub served: u64,
     /// Refresh attempts since start by result, in the order of

@@ -16,13 +16,14 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, TimeZone, Utc};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{ConnState, ConnectionRow, NewGrant, PendingAuthorization, StoreError};
+use super::{ConnState, ConnectionRow, GrantMeta, NewGrant, PendingAuthorization, StoreError};
 use crate::crypto::{self, SealKey};
 
 /// The columns every backend selects for a connection, in this order.
 pub const COLUMNS: &str = "id, provider, account, state, access_token, refresh_token, token_type, scope, \
     expires_at, issued_at, refreshed_at, refresh_token_issued_at, generation, last_error, failures, \
-    next_attempt_at, lease_owner, lease_until, attempt_id, attempt_started_at, interrupted_at";
+    next_attempt_at, lease_owner, lease_until, attempt_id, attempt_started_at, interrupted_at, \
+    extra, refresh_token_expires_at, refresh_token_cap_at";
 
 /// The columns of a pending authorization, in this order.
 pub const PENDING_COLUMNS: &str =
@@ -343,6 +344,11 @@ impl Codec {
             attempt_id: r.opt_text("attempt_id")?,
             attempt_started_at: opt_instant(r, "attempt_started_at")?,
             interrupted_at: opt_instant(r, "interrupted_at")?,
+            meta: GrantMeta {
+                extra: GrantMeta::parse_extra(r.opt_text("extra")?.as_deref()),
+                refresh_token_expires_at: opt_instant(r, "refresh_token_expires_at")?,
+                refresh_token_cap_at: opt_instant(r, "refresh_token_cap_at")?,
+            },
             unreadable: None,
         })
     }
@@ -403,6 +409,7 @@ fn unreadable_row(
         attempt_id: None,
         attempt_started_at: None,
         interrupted_at: None,
+        meta: GrantMeta::default(),
         unreadable: Some(message),
     }
 }

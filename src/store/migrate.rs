@@ -65,12 +65,16 @@ pub struct StoredConnection {
     pub attempt_started_at: Option<i64>,
     pub interrupted_at: Option<i64>,
     pub created_at: i64,
+    pub extra: Option<String>,
+    pub refresh_token_expires_at: Option<i64>,
+    pub refresh_token_cap_at: Option<i64>,
 }
 
 /// The columns of [`StoredConnection`], in order.
 pub const CONNECTION_COLUMNS: &str = "id, provider, account, state, access_token, refresh_token, token_type, scope, \
     expires_at, issued_at, refreshed_at, refresh_token_issued_at, generation, last_error, failures, \
-    next_attempt_at, lease_owner, lease_until, attempt_id, attempt_started_at, interrupted_at, created_at";
+    next_attempt_at, lease_owner, lease_until, attempt_id, attempt_started_at, interrupted_at, created_at, \
+    extra, refresh_token_expires_at, refresh_token_cap_at";
 
 impl StoredConnection {
     /// Reads one stored row; a value of the wrong type is an error naming
@@ -104,13 +108,16 @@ impl StoredConnection {
             attempt_started_at: r.opt_int("attempt_started_at").map_err(c)?,
             interrupted_at: r.opt_int("interrupted_at").map_err(c)?,
             created_at: r.int("created_at").map_err(c)?,
+            extra: r.opt_text("extra").map_err(c)?,
+            refresh_token_expires_at: r.opt_int("refresh_token_expires_at").map_err(c)?,
+            refresh_token_cap_at: r.opt_int("refresh_token_cap_at").map_err(c)?,
         })
     }
 
     /// Everything but the tokens, for comparing a copy with its source.
     fn plain(&self) -> String {
         format!(
-            "{}|{}|{}|{}|{}|{:?}|{}|{}|{:?}|{}|{}|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
+            "{}|{}|{}|{}|{}|{:?}|{}|{}|{:?}|{}|{}|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{:?}|{:?}|{:?}",
             self.id,
             self.provider,
             self.account,
@@ -131,6 +138,9 @@ impl StoredConnection {
             self.attempt_started_at,
             self.interrupted_at,
             self.created_at,
+            self.extra,
+            self.refresh_token_expires_at,
+            self.refresh_token_cap_at,
         )
     }
 
@@ -393,7 +403,7 @@ macro_rules! dump_sql {
             }
             let insert = format!(
                 "INSERT INTO connections ({CONNECTION_COLUMNS}) VALUES ({})",
-                values(22, $sigil)
+                values(25, $sigil)
             );
             for c in &dump.connections {
                 sqlx::query(&insert)
@@ -419,6 +429,9 @@ macro_rules! dump_sql {
                     .bind(c.attempt_started_at)
                     .bind(c.interrupted_at)
                     .bind(c.created_at)
+                    .bind(c.extra.clone())
+                    .bind(c.refresh_token_expires_at)
+                    .bind(c.refresh_token_cap_at)
                     .execute(&mut *tx)
                     .await?;
             }

@@ -190,6 +190,8 @@ pub struct ConnectionRow {
     pub attempt_id: Option<String>,
     pub attempt_started_at: Option<DateTime<Utc>>,
     pub interrupted_at: Option<DateTime<Utc>>,
+    /// What is kept beside the tokens (extras, refresh-token end).
+    pub meta: GrantMeta,
     /// Why the stored row cannot be read, if it cannot: then the other
     /// fields are a stand-in (see [`Codec::decode`]), never to be acted on
     /// or written back by the lifecycle; only a new authorization (which
@@ -206,6 +208,52 @@ pub struct NewGrant<'a> {
     pub scope: Option<&'a str>,
     pub issued_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+    /// What to keep beside the tokens, replacing what is stored; `None`
+    /// leaves the stored values as they are.
+    pub meta: Option<&'a GrantMeta>,
+}
+
+/// What a provider returned beside the tokens that an API needs (Intuit
+/// `realmId`, Salesforce `instance_url`, Zoho `api_domain`, Xero
+/// `tenants`): a JSON object, not secret.
+pub type Extras = serde_json::Map<String, serde_json::Value>;
+
+/// What is kept about a grant beside its tokens (SPEC 11). Not secret:
+/// stored in plain text, written in the transaction of the grant it
+/// belongs to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GrantMeta {
+    /// Per-connection extras (see [`Extras`]); empty when none.
+    pub extra: Extras,
+    /// When the refresh token dies, if known.
+    pub refresh_token_expires_at: Option<DateTime<Utc>>,
+    /// An end no refresh pushes back (a maximum lifetime counted from the
+    /// authorization, or a stated end that refreshing did not move).
+    pub refresh_token_cap_at: Option<DateTime<Utc>>,
+}
+
+impl GrantMeta {
+    /// Whether the known end is one refreshing cannot push back.
+    pub fn refresh_token_end_is_fixed(&self) -> bool {
+        match (self.refresh_token_expires_at, self.refresh_token_cap_at) {
+            (Some(end), Some(cap)) => end >= cap,
+            _ => false,
+        }
+    }
+
+    /// `extra` as stored: `NULL` for none.
+    pub fn extra_text(&self) -> Option<String> {
+        (!self.extra.is_empty()).then(|| serde_json::Value::Object(self.extra.clone()).to_string())
+    }
+
+    /// `extra` as read back: anything but a JSON object reads as none
+    /// (extras are conveniences, never a reason to refuse a grant).
+    pub fn parse_extra(text: Option<&str>) -> Extras {
+        match text.map(serde_json::from_str::<serde_json::Value>) {
+            Some(Ok(serde_json::Value::Object(m))) => m,
+            _ => Extras::new(),
+        }
+    }
 }
 
 /// A browser authorization in progress.

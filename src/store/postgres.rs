@@ -34,8 +34,8 @@ use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PEND
 use super::migrate::{self, Dump, MigrateError};
 use super::{
     from_ms, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState, ConnectionRow, Event,
-    EventQuery, Fingerprint, LeaseSeen, NewEvent, NewGrant, PendingAuthorization, PendingTake,
-    StoreError, FINGERPRINTS_KEPT,
+    EventQuery, Fingerprint, GrantMeta, LeaseSeen, NewEvent, NewGrant, PendingAuthorization,
+    PendingTake, StoreError, FINGERPRINTS_KEPT,
 };
 use crate::crypto::SealKey;
 
@@ -690,7 +690,12 @@ impl Backend for Postgres {
         .bind(to_ms(g.issued_at))
         .fetch_one(&mut *tx)
         .await?;
-        let decoded = self.codec.decode(&row)?;
+        let mut decoded = self.codec.decode(&row)?;
+        // A new authorization replaces what the old grant kept beside its
+        // tokens.
+        let meta = g.meta.cloned().unwrap_or_default();
+        write_meta(&mut tx, decoded.id, &meta).await?;
+        decoded.meta = meta;
         record_fingerprints(&mut tx, decoded.id, fps, g.issued_at).await?;
         insert_events(&mut tx, events).await?;
         tx.commit().await?;
@@ -712,6 +717,7 @@ impl Backend for Postgres {
             scope: None,
             issued_at: now,
             expires_at: now,
+            meta: None,
         };
         let (sealed, _) = self.codec.seal_pair((provider, account), 1, &placeholder);
         sqlx::query(
@@ -1126,8 +1132,9 @@ migrate::dump_sql!(Conn, '$');
 super::events::events_sql!(Conn, '$');
 
 impl Postgres {
-    /// After a commit's write: re-seals a kept refresh token for the new
-    /// generation (see [`Codec::reseal_kept`]) and returns the row.
+    /// After a commit's write: writes what is kept beside the tokens (when
+    /// given), re-seals a kept refresh token for the new generation (see
+    /// [`Codec::reseal_kept`]) and returns the row.
     async fn finish_commit(
         &self,
         tx: &mut Conn,
@@ -1136,6 +1143,9 @@ impl Postgres {
         generation: i64,
         g: &NewGrant<'_>,
     ) -> Result<ConnectionRow, StoreError> {
+        if let Some(meta) = g.meta {
+            write_meta(tx, id, meta).await?;
+        }
         if g.refresh_token.is_none() && self.codec.encrypted() {
             let kept: Option<String> =
                 sqlx::query_scalar("SELECT refresh_token FROM connections WHERE id = $1")
@@ -1269,6 +1279,18 @@ pub(super) fn describe_connect(e: &sqlx::Error) -> String {
         }
         _ => format!("{e}"),
     }
+}
+
+/// Writes what is kept beside the tokens, inside the grant's transaction.
+async fn write_meta(tx: &mut Conn, id: i64, meta: &GrantMeta) -> Result<(), StoreError> {
+    sqlx::query("UPDATE connections SET extra = $1, refresh_token_expires_at = $2, refresh_token_cap_at = $3 WHERE id = $4")
+        .bind(meta.extra_text())
+        .bind(meta.refresh_token_expires_at.map(to_ms))
+        .bind(meta.refresh_token_cap_at.map(to_ms))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PEND
 use super::migrate::{self, Dump, MigrateError};
 use super::{
     create_private_dir, from_ms, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState,
-    ConnectionRow, Event, EventQuery, Fingerprint, LeaseSeen, NewEvent, NewGrant,
+    ConnectionRow, Event, EventQuery, Fingerprint, GrantMeta, LeaseSeen, NewEvent, NewGrant,
     PendingAuthorization, PendingTake, StoreError, BUSY_TIMEOUT, FINGERPRINTS_KEPT,
 };
 use crate::crypto::SealKey;
@@ -469,7 +469,12 @@ impl Backend for Sqlite {
         .bind(to_ms(g.issued_at))
         .fetch_one(&mut *tx)
         .await?;
-        let decoded = self.codec.decode(&row)?;
+        let mut decoded = self.codec.decode(&row)?;
+        // A new authorization replaces what the old grant kept beside its
+        // tokens.
+        let meta = g.meta.cloned().unwrap_or_default();
+        write_meta(&mut tx, decoded.id, &meta).await?;
+        decoded.meta = meta;
         record_fingerprints(&mut tx, decoded.id, fps, g.issued_at).await?;
         insert_events(&mut tx, events).await?;
         tx.commit().await?;
@@ -491,6 +496,7 @@ impl Backend for Sqlite {
             scope: None,
             issued_at: now,
             expires_at: now,
+            meta: None,
         };
         let (sealed, _) = self.codec.seal_pair((provider, account), 1, &placeholder);
         sqlx::query(
@@ -889,8 +895,9 @@ migrate::dump_sql!(Conn, '?');
 super::events::events_sql!(Conn, '?');
 
 impl Sqlite {
-    /// After a commit's write: re-seals a kept refresh token for the new
-    /// generation (see [`Codec::reseal_kept`]) and returns the row.
+    /// After a commit's write: writes what is kept beside the tokens (when
+    /// given), re-seals a kept refresh token for the new generation (see
+    /// [`Codec::reseal_kept`]) and returns the row.
     async fn finish_commit(
         &self,
         tx: &mut Conn,
@@ -899,6 +906,9 @@ impl Sqlite {
         generation: i64,
         g: &NewGrant<'_>,
     ) -> Result<ConnectionRow, StoreError> {
+        if let Some(meta) = g.meta {
+            write_meta(tx, id, meta).await?;
+        }
         if g.refresh_token.is_none() && self.codec.encrypted() {
             let kept: Option<String> =
                 sqlx::query_scalar("SELECT refresh_token FROM connections WHERE id = ?")
@@ -1247,6 +1257,18 @@ fn prepare_file(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Writes what is kept beside the tokens, inside the grant's transaction.
+async fn write_meta(tx: &mut Conn, id: i64, meta: &GrantMeta) -> Result<(), StoreError> {
+    sqlx::query("UPDATE connections SET extra = ?, refresh_token_expires_at = ?, refresh_token_cap_at = ? WHERE id = ?")
+        .bind(meta.extra_text())
+        .bind(meta.refresh_token_expires_at.map(to_ms))
+        .bind(meta.refresh_token_cap_at.map(to_ms))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1293,6 +1315,7 @@ mod tests {
             scope: None,
             issued_at: now,
             expires_at: now + chrono::Duration::hours(1),
+            meta: None,
         };
         store
             .save_authorized("keap", "default", &new, &[], &[])
@@ -1611,6 +1634,7 @@ mod tests {
                     scope: None,
                     issued_at: now,
                     expires_at: now + chrono::Duration::hours(1),
+                    meta: None,
                 },
                 &[],
                 &[],

@@ -13,9 +13,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::Engine;
+use crate::notify::EventKind;
 use crate::refresh::due::Pass;
+use crate::refresh::meta;
 use crate::refresh::policy;
 use crate::refresh::slot::Slot;
+use crate::refresh::snapshot::Snapshot;
 use crate::refresh::types::{chrono_dur, Trigger};
 use crate::store::{ConnState, StoreError};
 
@@ -68,13 +71,17 @@ impl Engine {
                 continue;
             };
             let now = snap.now(self.clock());
+            if let Some(left) = self.warn_refresh_token_end(&slot, &snap, now, &settings.refresh) {
+                earliest = Some(earliest.map_or(left, |e| e.min(left)));
+            }
             // A retrying connection is due at its next attempt; any other at
             // its planned refresh, but not before a pending next attempt.
             let due_at = if snap.state() == ConnState::Retrying {
                 snap.next_attempt_at().unwrap_or(now)
             } else {
-                let planned = policy::next_refresh_at(
+                let planned = policy::next_due_at(
                     timing,
+                    &snap.meta,
                     &settings.refresh,
                     slot.jitter(&settings.refresh),
                 );
@@ -200,5 +207,40 @@ impl Engine {
             self.inner.recognizer.forget(id);
         }
         Ok(())
+    }
+}
+
+impl Engine {
+    /// Sends `refresh_token_expiring` once per approaching end that
+    /// refreshing cannot push back (SPEC 11, [`meta::warning`]); returns
+    /// how long until such a warning falls due, for the scheduler's sleep.
+    fn warn_refresh_token_end(
+        &self,
+        slot: &Slot,
+        snap: &Snapshot,
+        now: DateTime<Utc>,
+        refresh: &crate::config::RefreshConfig,
+    ) -> Option<Duration> {
+        let failing = snap.failures() > 0;
+        let (end, at) = meta::warning(&snap.meta, failing, refresh.warn_before)?;
+        if at > now {
+            return (at - now).to_std().ok();
+        }
+        if end > now && slot.first_warning_for(end) {
+            let when = end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let why = if snap.meta.refresh_token_end_is_fixed() {
+                "a fixed end that refreshing cannot push back"
+            } else {
+                "refreshes are failing, so it is not being renewed"
+            };
+            let message = format!(
+                "the refresh token ends at {when} ({why}); authorize again before then (tokenkeeper connect {} {})",
+                slot.provider, slot.account
+            );
+            tracing::warn!(provider = %slot.provider, account = %slot.account, "{message}");
+            self.inner
+                .notify(slot, EventKind::RefreshTokenExpiring, message);
+        }
+        None
     }
 }

@@ -22,7 +22,7 @@ use crate::refresh::shared::Shared;
 use crate::refresh::slot::{PendingCommit, Slot};
 use crate::refresh::snapshot::{HeldToken, Snapshot};
 use crate::refresh::types::{chrono_dur, TokenError};
-use crate::store::{CommitOutcome, ConnectionRow, NewGrant, StoreError};
+use crate::store::{CommitOutcome, ConnectionRow, GrantMeta, NewGrant, StoreError};
 
 /// First wait before retrying a failed commit of a grant the provider
 /// issued: short, because until it lands the grant exists only in memory.
@@ -37,10 +37,12 @@ const COMMIT_RETRY_MAX: Duration = Duration::from_secs(LEASE.as_secs() / 3);
 
 const _: () = assert!(COMMIT_RETRY_MAX.as_secs() * 3 <= LEASE.as_secs());
 
-/// Stores what the provider issued. A failed write does not lose it: it
+/// Stores what the provider issued, with `meta` (what the grant keeps
+/// beside its tokens; `None` keeps what is stored). A failed write does not lose it: it
 /// is held in memory and retried (see the engine's invariants). A write
 /// that finds a newer grant stored (a re-authorization after our read)
 /// discards it instead.
+#[allow(clippy::too_many_arguments)]
 pub async fn commit(
     shared: &Arc<Shared>,
     slot: &Arc<Slot>,
@@ -49,9 +51,11 @@ pub async fn commit(
     used: SecretString,
     grant: TokenGrant,
     elapsed: Duration,
+    meta: Option<GrantMeta>,
 ) -> Result<Arc<Snapshot>, TokenError> {
     slot.count_refresh("ok", Some(elapsed));
     let pending = Arc::new(PendingCommit {
+        meta,
         events: history::refreshed(slot, shared.clock().now(), elapsed, &used, &grant),
         fps: shared.fingerprints(&grant),
         grant,
@@ -95,6 +99,7 @@ async fn try_commit(
         scope: g.scope.as_deref(),
         issued_at: g.issued_at,
         expires_at: g.expires_at,
+        meta: p.meta.as_ref(),
     };
     let was_failing = slot.snapshot().failures() > 0 || slot.pending().is_some();
     let outcome = shared

@@ -56,7 +56,7 @@ pub fn decide<'a>(
         Trigger::Scheduled => {
             row.interrupted_at.is_some()
                 || row.last_error.is_some()
-                || policy::next_refresh_at(&timing, refresh, jitter) <= now
+                || policy::next_due_at(&timing, &row.meta, refresh, jitter) <= now
         }
     };
     if !needed {

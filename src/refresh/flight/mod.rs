@@ -30,6 +30,7 @@ use self::decide::{decide, Decision, NO_REFRESH_TOKEN};
 use crate::config::GrantKind;
 use crate::provider::{Provider, ProviderError, TokenGrant};
 use crate::refresh::lease::{self, Taken};
+use crate::refresh::meta;
 use crate::refresh::shared::Shared;
 use crate::refresh::slot::{FlightGuard, Slot};
 use crate::refresh::snapshot::Snapshot;
@@ -248,7 +249,25 @@ async fn conclude(
     } = called;
     match result {
         Ok(grant) => {
-            commit::commit(shared, slot, attempt, base_generation, used, grant, elapsed).await
+            let meta = shared.settings().providers.get(&slot.provider).map(|p| {
+                meta::refreshed(
+                    &row.meta,
+                    row.issued_at,
+                    &grant,
+                    &p.config.refresh_token_lifetime,
+                )
+            });
+            commit::commit(
+                shared,
+                slot,
+                attempt,
+                base_generation,
+                used,
+                grant,
+                elapsed,
+                meta,
+            )
+            .await
         }
         Err(ProviderError::Transient {
             message,

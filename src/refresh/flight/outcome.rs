@@ -268,8 +268,20 @@ pub async fn unusable(
         scope: None,
         issued_at: row.issued_at,
         expires_at: row.expires_at,
+        refresh_token_expires_in: None,
+        extra: Default::default(),
     };
-    commit::commit(shared, slot, attempt, base_generation, used, kept, elapsed).await?;
+    commit::commit(
+        shared,
+        slot,
+        attempt,
+        base_generation,
+        used,
+        kept,
+        elapsed,
+        None,
+    )
+    .await?;
     let attempt = lease::new_attempt();
     let now = shared.clock().now();
     match shared

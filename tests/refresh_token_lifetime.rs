@@ -1,0 +1,250 @@
+//! Refresh-token lifetimes (SPEC 11) through the real daemon: where the
+//! end comes from (the token answer, else `refresh_token_lifetime` /
+//! `refresh_token_max_lifetime` on the provider, else the preset), that a
+//! rolling one is kept alive by refreshing in time, that `/v1/connections`,
+//! `status` and `/metrics` show it, and that `refresh_token_expiring` is
+//! sent once ahead of an end refreshing cannot push back.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::{eventually, Harness, Options};
+
+/// `refresh_token_expires_at` of `keap/default`, as `/v1/connections` says.
+async fn refresh_token_end(h: &Harness) -> Option<DateTime<Utc>> {
+    let c = h.connection("default").await;
+    let v = &c["refresh_token_expires_at"];
+    assert!(v.is_null() || v.is_string(), "RFC 3339 or null: {c}");
+    v.as_str()
+        .map(|s| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc))
+}
+
+/// Whether `end` is `days` from now, give or take an hour.
+fn days_ahead(end: Option<DateTime<Utc>>, days: i64) -> bool {
+    end.is_some_and(|e| {
+        (e - Utc::now() - chrono::Duration::days(days))
+            .num_seconds()
+            .abs()
+            < 3600
+    })
+}
+
+fn answering(member: &str, secs: u64) -> Options {
+    let mut o = Options::default();
+    o.sim.quirks.token_extras = vec![(member.into(), serde_json::json!(secs))];
+    o
+}
+
+#[tokio::test]
+async fn the_preset_lifetime_applies_when_nothing_else_says() {
+    // Keap: 45 days, rolling.
+    let h = Harness::authorized(Options::default()).await;
+    let end = refresh_token_end(&h).await;
+    assert!(days_ahead(end, 45), "{end:?}");
+}
+
+#[tokio::test]
+async fn the_configured_lifetime_replaces_the_presets() {
+    let h = Harness::authorized(Options {
+        provider: "refresh_token_lifetime = \"10d\"".into(),
+        ..Options::default()
+    })
+    .await;
+    let end = refresh_token_end(&h).await;
+    assert!(days_ahead(end, 10), "{end:?}");
+}
+
+#[tokio::test]
+async fn the_answer_wins_over_preset_and_config() {
+    for member in ["refresh_token_expires_in", "x_refresh_token_expires_in"] {
+        let h = Harness::authorized(Options {
+            provider: "refresh_token_lifetime = \"10d\"".into(),
+            ..answering(member, 20 * 86_400)
+        })
+        .await;
+        let end = refresh_token_end(&h).await;
+        assert!(days_ahead(end, 20), "{member}: {end:?}");
+    }
+}
+
+#[tokio::test]
+async fn no_lifetime_anywhere_is_null() {
+    let h = Harness::authorized(Options {
+        provider: "refresh_token_lifetime = \"0s\"".into(),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(refresh_token_end(&h).await, None);
+    let metrics = h.get_text("/metrics").await;
+    assert!(
+        !metrics.contains("tokenkeeper_refresh_token_expiry_seconds{"),
+        "no series for an unknown end"
+    );
+}
+
+#[tokio::test]
+async fn a_rolling_refresh_token_shorter_than_the_access_token_is_kept_alive() {
+    // Access tokens live a day; the refresh token dies 6 s after its last
+    // use unless used again. Only refreshing before then keeps the grant.
+    let h = Harness::authorized(answering("refresh_token_expires_in", 6)).await;
+    eventually(
+        Duration::from_secs(60),
+        "two scheduled refreshes long before the access token's own",
+        || async { h.sim.sim.stats().refresh_ok >= 2 },
+    )
+    .await;
+    let c = h.connection("default").await;
+    assert_eq!(c["state"], "active", "{c}");
+    let end = refresh_token_end(&h).await.expect("an end");
+    assert!(end > Utc::now() - chrono::Duration::seconds(1), "{end}");
+}
+
+#[tokio::test]
+async fn status_and_metrics_show_the_refresh_token_end() {
+    let h = Harness::authorized(Options::default()).await;
+    let out = h.cli(&["status"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("REFRESH TOKEN ENDS"), "{text}");
+    let json = h.cli(&["status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap_or_default();
+    let listed = v["connections"][0]["refresh_token_expires_at"]
+        .as_str()
+        .or_else(|| v[0]["refresh_token_expires_at"].as_str());
+    assert!(listed.is_some(), "{v}");
+    let metrics = h.get_text("/metrics").await;
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                "tokenkeeper_refresh_token_expiry_seconds{provider=\"keap\",account=\"default\"}",
+            )
+        })
+        .unwrap_or_else(|| panic!("a gauge per connection:\n{metrics}"));
+    let secs: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(
+        (44.0 * 86_400.0..=45.0 * 86_400.0).contains(&secs),
+        "{line}"
+    );
+}
+
+/// A notify command appending `EVENT|PROVIDER|ACCOUNT|MESSAGE` lines to a
+/// file; returns the `[notify]` table and the file.
+fn notify_to_file(h: &Harness) -> (String, std::path::PathBuf) {
+    let out = h.dir.path().join("events.txt");
+    let script = h.dir.path().join("notify.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$TOKENKEEPER_EVENT|$TOKENKEEPER_PROVIDER|$TOKENKEEPER_ACCOUNT|$TOKENKEEPER_MESSAGE\" >> {}\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (
+        format!("\n[notify]\ncommand = \"{}\"\n", script.display()),
+        out,
+    )
+}
+
+fn expiring_lines(file: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("refresh_token_expiring|"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_hard_cap_within_warn_before_is_notified_once() {
+    let mut h = Harness::new(Options {
+        refresh: "warn_before = \"60d\"".into(),
+        ..Options::default()
+    })
+    .await;
+    let (notify, file) = notify_to_file(&h);
+    h.write_config(
+        "",
+        "warn_before = \"60d\"",
+        &format!("refresh_token_max_lifetime = \"30d\"\n{notify}"),
+    );
+    h.start().await;
+    h.authorize_default().await;
+    let end = refresh_token_end(&h).await;
+    assert!(days_ahead(end, 30), "the cap is the end: {end:?}");
+    eventually(
+        Duration::from_secs(30),
+        "refresh_token_expiring sent",
+        || async { !expiring_lines(&file).is_empty() },
+    )
+    .await;
+    // Several scheduler passes (check_interval 1s) and a refresh later,
+    // still one: the end did not move.
+    let (status, _) = h.force_refresh().await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lines = expiring_lines(&file);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("refresh_token_expiring|keap|default|")
+            && lines[0].contains("authorize again"),
+        "{lines:?}"
+    );
+    assert!(
+        days_ahead(refresh_token_end(&h).await, 30),
+        "a refresh does not move a cap"
+    );
+}
+
+#[tokio::test]
+async fn a_rolling_end_the_daemon_keeps_alive_is_not_notified() {
+    let mut h = Harness::new(Options::default()).await;
+    let (notify, file) = notify_to_file(&h);
+    // Keap's 45 days rolling, warned 60 days ahead: but refreshing pushes
+    // it back, so nothing is sent.
+    h.write_config("", "warn_before = \"60d\"", &notify);
+    h.start().await;
+    h.authorize_default().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        expiring_lines(&file).is_empty(),
+        "{:?}",
+        expiring_lines(&file)
+    );
+}
+
+#[tokio::test]
+async fn a_rolling_end_is_notified_once_refreshes_fail() {
+    // Rolling, a day long, warned two days ahead: quiet while refreshing
+    // works, told once refreshes fail and the end stops moving.
+    let mut h = Harness::new(answering("refresh_token_expires_in", 86_400)).await;
+    let (notify, file) = notify_to_file(&h);
+    h.write_config("", "warn_before = \"2d\"", &notify);
+    h.start().await;
+    h.authorize_default().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        expiring_lines(&file).is_empty(),
+        "{:?}",
+        expiring_lines(&file)
+    );
+    h.sim
+        .sim
+        .set_fault(Some(tokenkeeper::dev::Fault::Status(503)));
+    let (status, _) = h.force_refresh().await;
+    assert_ne!(status, 200);
+    eventually(
+        Duration::from_secs(30),
+        "refresh_token_expiring sent while failing",
+        || async { !expiring_lines(&file).is_empty() },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let lines = expiring_lines(&file);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("failing"), "{lines:?}");
+}
