@@ -507,6 +507,13 @@ fn refresh_token_life(
                         span { "issued " (age) " ago" }
                         span class="rt-left" { (left) }
                     }
+                    p class="muted rt-kind" {
+                        @if c.refresh_token_end_fixed {
+                            "A hard end: refreshing cannot push it back; authorize again before then."
+                        } @else {
+                            "Rolling: each refresh pushes the end back, and tokenkeeper refreshes in time to keep it alive."
+                        }
+                    }
                 }
             }
             None => p class="muted rt-left" { "Issued " (age) " ago; the provider states no end (it lasts until revoked or unused too long)." },
