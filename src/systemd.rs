@@ -102,21 +102,17 @@ pub async fn watchdog(engine: Engine, shutdown: CancellationToken) {
         }
         let probe =
             tokio::time::timeout(every.max(Duration::from_millis(10)), engine.store().ping()).await;
-        // A database server that went away is an outage the daemon rides
-        // out (held tokens are served, it reconnects by itself, the feed
-        // reports it once): a restart would only lose those tokens.
+        // A database server that went away (or answers slowly) is an
+        // outage the daemon rides out: held tokens are served, it
+        // reconnects by itself, the store's feed reports it once. Restarting
+        // the process cannot help and would lose those tokens, so on a
+        // database server the watchdog only watches the process itself.
         let remote = engine.store().feed().pushed();
         match probe {
             Ok(Ok(())) => send(&[NotifyState::Watchdog]),
-            Ok(Err(e)) if remote && engine.store().feed().note(&e) => {
-                send(&[NotifyState::Watchdog])
-            }
+            _ if remote => send(&[NotifyState::Watchdog]),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "watchdog: the database does not answer; not pinging")
-            }
-            Err(_) if remote => {
-                engine.store().feed().lost(&"the database did not answer in time");
-                send(&[NotifyState::Watchdog]);
             }
             Err(_) => tracing::error!("watchdog: the database did not answer in time; not pinging"),
         }

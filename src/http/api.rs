@@ -412,7 +412,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         Err(e) => {
             // An unreachable database is logged once per outage (the
             // store's feed), not at every probe.
-            if !e.is_unavailable() {
+            if !e.is_unavailable() && state.engine.store().feed().up() {
                 tracing::warn!("readiness check failed: {e}");
             }
             (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response()

@@ -105,7 +105,8 @@ pub async fn run(engine: Engine, shutdown: CancellationToken) {
                 Ok(p) => Some(p),
                 Err(e) => {
                     // An outage is logged once, by the store's feed.
-                    if !engine.store().feed().note(&e) {
+                    let feed = engine.store().feed();
+                    if !feed.note(&e) && feed.up() {
                         tracing::error!(error = %e, "refresh scheduler pass failed");
                     }
                     None

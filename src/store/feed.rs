@@ -156,14 +156,24 @@ impl Feed {
         true
     }
 
-    /// Reports `e` as an outage if it is one ([`StoreError::is_unavailable`]);
-    /// returns whether it was.
+    /// Whether `e` says the database cannot be reached
+    /// ([`StoreError::is_unavailable`]). Where a listener pushes changes it
+    /// alone judges outages (it holds a connection of its own and notices
+    /// a lost server at once; a caller's failure may be this process's
+    /// own stall); elsewhere `e` begins one.
     pub fn note(&self, e: &StoreError) -> bool {
-        if e.is_unavailable() {
+        let unavailable = e.is_unavailable();
+        if unavailable && !self.pushed() {
             self.lost(e);
-            true
-        } else {
-            false
+        }
+        unavailable
+    }
+
+    /// The database answered a caller: ends an outage where no listener
+    /// judges them (see [`Feed::note`]).
+    pub fn answered(&self) {
+        if !self.pushed() {
+            self.back();
         }
     }
 }
@@ -196,5 +206,23 @@ mod tests {
         assert!(feed.back());
         assert!(!feed.back());
         assert_eq!(feed.take(), Some(Changes::All));
+    }
+
+    #[test]
+    fn a_listener_alone_judges_outages_where_it_runs() {
+        let lost = StoreError::Sql(sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        let feed = Feed::default();
+        assert!(feed.note(&lost));
+        assert!(!feed.up(), "without a listener a caller's failure counts");
+        feed.answered();
+        assert!(feed.up());
+        let feed = Feed::default();
+        feed.set_pushed();
+        assert!(feed.note(&lost), "still said to be an outage-like failure");
+        assert!(feed.up(), "but the listener decides");
+        let stalled = StoreError::Sql(sqlx::Error::PoolTimedOut);
+        assert!(!stalled.is_unavailable(), "a pool wait is not an outage");
     }
 }

@@ -117,9 +117,11 @@ impl StoreError {
 /// [`StoreError::is_unavailable`]).
 fn unreachable_database(e: &sqlx::Error) -> bool {
     match e {
+        // Not `PoolTimedOut`: a process stopped for a while (SIGSTOP, a
+        // suspended VM) finds its pool waits timed out with the server
+        // fine.
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
         | sqlx::Error::Protocol(_)
         | sqlx::Error::WorkerCrashed => true,
         // Connection exceptions (08xxx) and the server shutting down or
@@ -934,9 +936,7 @@ impl Store {
         };
         *last = Some((std::time::Instant::now(), result.is_ok()));
         match &result {
-            Ok(()) => {
-                self.feed.back();
-            }
+            Ok(()) => self.feed.answered(),
             Err(e) => {
                 self.feed.note(e);
             }

@@ -340,6 +340,9 @@ const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// reported about this long after the server went away.
 const FOLLOW_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long the listener stays quiet before it checks its connection.
+const FOLLOW_PING_EVERY: Duration = Duration::from_secs(5);
+
 /// Follows the announcements of every daemon's commits (`LISTEN` on
 /// [`CHANNEL`], on a connection of its own outside the pool) into `feed`
 /// until `shutdown`: each announced id is queued as a change; a lost
@@ -348,11 +351,14 @@ const FOLLOW_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// sent meanwhile are lost. A connection that cannot be had is an outage
 /// ([`Feed::lost`]), and having it again ends it ([`Feed::back`]).
 pub(super) async fn follow(pg: Postgres, feed: Arc<Feed>, shutdown: CancellationToken) {
+    let options = (*pg.pool.connect_options()).clone();
+    // Two: a new listener does not wait for the old one's connection to
+    // be given back.
     let pool = PgPoolOptions::new()
-        .max_connections(1)
+        .max_connections(2)
         .min_connections(0)
         .acquire_timeout(FOLLOW_CONNECT_TIMEOUT)
-        .connect_lazy_with((*pg.pool.connect_options()).clone());
+        .connect_lazy_with(options.clone());
     let mut backoff = FOLLOW_BACKOFF_MIN;
     let mut listened = false;
     loop {
@@ -363,9 +369,25 @@ pub(super) async fn follow(pg: Postgres, feed: Arc<Feed>, shutdown: Cancellation
         let mut listener = match connected {
             Ok(l) => l,
             Err(e) => {
-                let e = StoreError::from(e);
-                if !feed.note(&e) {
-                    tracing::warn!(error = %e, "cannot listen for other daemons' writes; retrying");
+                // A pool wait can time out with the server fine (this
+                // process was stopped for a while): only a connection that
+                // cannot be made now is an outage.
+                let probe = tokio::time::timeout(
+                    FOLLOW_CONNECT_TIMEOUT,
+                    sqlx::PgConnection::connect_with(&options),
+                )
+                .await;
+                match probe {
+                    Ok(Ok(c)) => {
+                        let _ = c.close().await;
+                        tracing::debug!(error = %e, "listening for other daemons' writes failed; retrying");
+                    }
+                    Ok(Err(e)) => {
+                        feed.lost(&StoreError::from(e));
+                    }
+                    Err(_) => {
+                        feed.lost(&"no connection to the database within 1 s");
+                    }
                 }
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -385,17 +407,28 @@ pub(super) async fn follow(pg: Postgres, feed: Arc<Feed>, shutdown: Cancellation
         loop {
             let got = tokio::select! {
                 () = shutdown.cancelled() => return,
-                r = listener.try_recv() => r,
+                r = tokio::time::timeout(FOLLOW_PING_EVERY, listener.try_recv()) => r,
             };
             match got {
-                Ok(Some(n)) => feed.push(match n.payload().parse::<i64>() {
+                Ok(Ok(Some(n))) => feed.push(match n.payload().parse::<i64>() {
                     Ok(id) => Changes::Rows([id].into()),
                     Err(_) => Changes::All,
                 }),
                 // The connection was lost and made again at once.
-                Ok(None) => feed.push(Changes::All),
+                Ok(Ok(None)) => feed.push(Changes::All),
                 // Lost: a new listener is connected above, at once.
-                Err(_) => break,
+                Ok(Err(_)) => break,
+                // Quiet for a while: a server cut off without closing the
+                // connection (a network partition) is noticed here.
+                Err(_) => {
+                    let ping = sqlx::query("SELECT 1").execute(&mut listener);
+                    if !matches!(
+                        tokio::time::timeout(FOLLOW_CONNECT_TIMEOUT * 2, ping).await,
+                        Ok(Ok(_))
+                    ) {
+                        break;
+                    }
+                }
             }
         }
     }

@@ -38,7 +38,7 @@ impl Engine {
             self.heartbeat().await?;
             sched.heartbeat_done(mono);
             // It answered: an outage noticed elsewhere is over.
-            feed.back();
+            feed.answered();
         }
         if feed.pushed() {
             // Other daemons' writes arrive announced and are read by

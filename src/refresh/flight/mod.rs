@@ -128,7 +128,7 @@ pub async fn refresh(
     match landed.await {
         // Lost before the provider was called (taking the lease is the
         // first write): nothing was refreshed.
-        Ok(Err(TokenError::Store(e))) if shared.store.feed().note(&e) => {
+        Ok(Err(TokenError::Store(e))) if shared.store.feed().note(&e) || !shared.store.feed().up() => {
             unavailable(shared, slot, trigger, Some(&e))
         }
         Ok(result) => result,
