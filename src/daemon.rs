@@ -309,10 +309,13 @@ impl App {
         ));
         // Other daemons' commits, announced by the database (PostgreSQL),
         // installed as they come; and the outage state.
-        let following = store.follow(shutdown.clone()).map(|listener| {
+        let following = store.follow(shutdown.clone()).await.map(|listener| {
             let engine = engine.clone();
             let stop = shutdown.clone();
-            (listener, tokio::spawn(async move { engine.follow(stop).await }))
+            (
+                listener,
+                tokio::spawn(async move { engine.follow(stop).await }),
+            )
         });
         // Token files: written now from the caught-up snapshots, then at
         // every change, on tasks of their own.

@@ -126,9 +126,9 @@ fn unreachable_database(e: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed => true,
         // Connection exceptions (08xxx) and the server shutting down or
         // starting up (57P01-57P03).
-        sqlx::Error::Database(d) => d.code().is_some_and(|c| {
-            c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")
-        }),
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
         _ => false,
     }
 }
@@ -790,7 +790,11 @@ impl Store {
     /// and outages arrive in [`Store::feed`]. SQLite pushes nothing (the
     /// scheduler's `PRAGMA data_version` look finds other writers there):
     /// `None`.
-    pub fn follow(
+    ///
+    /// The first `LISTEN` is made before this returns (or has failed,
+    /// then the outage is reported and retried), so what other daemons
+    /// commit from then on is announced to this one.
+    pub async fn follow(
         &self,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Option<tokio::task::JoinHandle<()>> {
@@ -798,11 +802,8 @@ impl Store {
             Db::Sqlite(_) => None,
             Db::Postgres(pg) => {
                 self.feed.set_pushed();
-                Some(tokio::spawn(postgres::follow(
-                    pg.clone(),
-                    self.feed.clone(),
-                    shutdown,
-                )))
+                let task = postgres::follow(pg.clone(), self.feed.clone(), shutdown).await;
+                Some(tokio::spawn(task))
             }
         }
     }

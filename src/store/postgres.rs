@@ -29,11 +29,11 @@ use futures_util::TryStreamExt;
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
-use tokio_util::sync::CancellationToken;
 use sqlx::{Connection, Row};
+use tokio_util::sync::CancellationToken;
 
-use super::feed::{Changes, Feed};
 use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PENDING_COLUMNS};
+use super::feed::{Changes, Feed};
 use super::migrate::{self, Dump, MigrateError};
 use super::{
     from_ms, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState, ConnectionRow, Event,
@@ -350,7 +350,14 @@ const FOLLOW_PING_EVERY: Duration = Duration::from_secs(5);
 /// grant is queued for re-reading once it is back, since announcements
 /// sent meanwhile are lost. A connection that cannot be had is an outage
 /// ([`Feed::lost`]), and having it again ends it ([`Feed::back`]).
-pub(super) async fn follow(pg: Postgres, feed: Arc<Feed>, shutdown: CancellationToken) {
+///
+/// The first `LISTEN` is made before this returns, so a daemon follows
+/// the others before it serves; the task it returns does the rest.
+pub(super) async fn follow(
+    pg: Postgres,
+    feed: Arc<Feed>,
+    shutdown: CancellationToken,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let options = (*pg.pool.connect_options()).clone();
     // Two: a new listener does not wait for the old one's connection to
     // be given back.
@@ -359,12 +366,26 @@ pub(super) async fn follow(pg: Postgres, feed: Arc<Feed>, shutdown: Cancellation
         .min_connections(0)
         .acquire_timeout(FOLLOW_CONNECT_TIMEOUT)
         .connect_lazy_with(options.clone());
+    let first = listen(&pool).await;
+    follow_on(pool, options, first, feed, shutdown)
+}
+
+async fn follow_on(
+    pool: PgPool,
+    options: PgConnectOptions,
+    first: Result<PgListener, sqlx::Error>,
+    feed: Arc<Feed>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = FOLLOW_BACKOFF_MIN;
-    let mut listened = false;
+    let mut first = Some(first);
     loop {
-        let connected = tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = listen(&pool) => r,
+        let connected = match first.take() {
+            Some(r) => r,
+            None => tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = listen(&pool) => r,
+            },
         };
         let mut listener = match connected {
             Ok(l) => l,
@@ -398,12 +419,12 @@ pub(super) async fn follow(pg: Postgres, feed: Arc<Feed>, shutdown: Cancellation
             }
         };
         backoff = FOLLOW_BACKOFF_MIN;
-        if !feed.back() && listened {
-            // Reconnected without an outage: what was announced while the
-            // connection was down is lost.
+        if !feed.back() {
+            // What was announced while nobody listened (since the
+            // daemon's first read, or while the connection was down) is
+            // lost: everything is read again.
             feed.push(Changes::All);
         }
-        listened = true;
         loop {
             let got = tokio::select! {
                 () = shutdown.cancelled() => return,

@@ -128,7 +128,9 @@ pub async fn refresh(
     match landed.await {
         // Lost before the provider was called (taking the lease is the
         // first write): nothing was refreshed.
-        Ok(Err(TokenError::Store(e))) if shared.store.feed().note(&e) || !shared.store.feed().up() => {
+        Ok(Err(TokenError::Store(e)))
+            if shared.store.feed().note(&e) || !shared.store.feed().up() =>
+        {
             unavailable(shared, slot, trigger, Some(&e))
         }
         Ok(result) => result,
@@ -165,8 +167,12 @@ fn unavailable(
         return slot.answer(&snap, clock);
     }
     let reason = match cause {
-        Some(e) => format!("the database cannot be reached ({e}); no refresh is started until it answers again"),
-        None => "the database cannot be reached; no refresh is started until it answers again".into(),
+        Some(e) => format!(
+            "the database cannot be reached ({e}); no refresh is started until it answers again"
+        ),
+        None => {
+            "the database cannot be reached; no refresh is started until it answers again".into()
+        }
     };
     Err(TokenError::RefreshFailed {
         provider: slot.provider.clone(),
