@@ -916,3 +916,75 @@ async fn daemons_ride_out_a_stopped_postgres_and_catch_up_when_it_returns() {
     eprintln!("{answers} token answers during the outage, all the valid held token");
     assert_eq!(h.sim.sim.stats().refresh_reuse, 0);
 }
+
+/// A bounded soak: short-lived tokens rotated 30 times by a cluster of
+/// three daemons whose schedulers all see each one fall due, with callers
+/// on every daemon throughout. The provider sees no refresh token used
+/// twice and no rejection, every answer is a token it issued, and at the
+/// end all three serve the current one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_daemons_rotate_short_lived_tokens_thirty_times_without_reuse() {
+    let Some(url) = fresh_database("soak_three").await else {
+        return;
+    };
+    let mut h = Harness::new(Options {
+        access_lifetime: Duration::from_secs(2),
+        refresh: "at_fraction = 0.5\nmin_validity = \"1s\"\ncheck_interval = \"1h\"".into(),
+        ..Options::default()
+    })
+    .await;
+    use_postgres(&h.config_path, &url);
+    h.start().await;
+    authorize(&h).await;
+    let (_second, url2) = another_daemon(&h, 2).await;
+    let (_third, url3) = another_daemon(&h, 3).await;
+    let bases = [h.url(""), url2, url3];
+    let start = h.sim.sim.stats().refresh_ok;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut answers = 0u32;
+    while h.sim.sim.stats().refresh_ok < start + 30 {
+        assert!(Instant::now() < deadline, "30 rotations within 2 minutes");
+        for base in &bases {
+            let r = h
+                .http
+                .get(format!("{base}/v1/token/keap"))
+                .send()
+                .await
+                .expect("daemon answers");
+            assert_eq!(r.status(), 200, "{base}");
+            let v: Value = r.json().await.unwrap();
+            let token = v["access_token"].as_str().unwrap().to_string();
+            assert!(
+                h.sim.sim.access_tokens_issued().contains(&token),
+                "a token the provider issued"
+            );
+            answers += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = h.sim.sim.stats();
+    common::assert_no_reuse_or_rejection(&stats);
+    // Whatever rotation is last, all three end up serving it.
+    common::eventually(Duration::from_secs(5), "one token everywhere", || async {
+        let mut served = std::collections::HashSet::new();
+        for base in &bases {
+            let v: Value = h
+                .http
+                .get(format!("{base}/v1/token/keap"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap_or(Value::Null);
+            served.insert(v["access_token"].as_str().unwrap_or_default().to_string());
+        }
+        served.len() == 1 && served.iter().all(|t| h.sim.sim.access_token_valid(t))
+    })
+    .await;
+    eprintln!(
+        "soak: {} rotations, {answers} answers, {} refresh calls",
+        stats.refresh_ok - start,
+        stats.refresh_calls
+    );
+}
