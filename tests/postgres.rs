@@ -988,3 +988,54 @@ async fn three_daemons_rotate_short_lived_tokens_thirty_times_without_reuse() {
         stats.refresh_calls
     );
 }
+
+/// The rotation-propagation benchmark (`bench/rotation.sh`, not part of
+/// the test run): `BENCH_ROTATIONS` (200) forced rotations on one daemon
+/// of three; for each, the time from the commit (the refresh answer) until
+/// both others hold the new token in memory. Prints p50, p99 and max.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a benchmark: run by bench/rotation.sh"]
+async fn bench_rotation_propagation() {
+    let Some(url) = fresh_database("bench_rotation").await else {
+        return;
+    };
+    let rotations: usize = std::env::var("BENCH_ROTATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let mut h = Harness::new(Options {
+        access_lifetime: Duration::from_secs(3600),
+        refresh: "check_interval = \"1h\"".into(),
+        rust_log: "info".into(),
+        ..Options::default()
+    })
+    .await;
+    use_postgres(&h.config_path, &url);
+    h.start().await;
+    authorize(&h).await;
+    let (_second, url2) = another_daemon(&h, 2).await;
+    let (_third, url3) = another_daemon(&h, 3).await;
+    let mut took = Vec::with_capacity(rotations);
+    for _ in 0..rotations {
+        let (s, b) = h.post_json("/v1/token/keap/refresh").await;
+        assert_eq!(s, 200, "{b}");
+        let rotated = b["access_token"].as_str().unwrap().to_string();
+        let committed = Instant::now();
+        for base in [&url2, &url3] {
+            while inspect_at(&h.http, base, &rotated).await != "current_access_token" {
+                assert!(committed.elapsed() < Duration::from_secs(10));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        took.push(committed.elapsed());
+    }
+    took.sort();
+    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+    println!(
+        "rotation propagation ({rotations} rotations, 2 other daemons): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        at(0.50).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+        took[took.len() - 1].as_secs_f64() * 1e3
+    );
+    assert_eq!(h.sim.sim.stats().refresh_reuse, 0);
+}
