@@ -920,6 +920,14 @@ impl Store {
     /// would pass). One small upsert, bounded by `WRITE_PROBE_TIMEOUT`;
     /// a result younger than `WRITE_PROBE_REUSE` is reused.
     pub async fn write_probe(&self) -> Result<(), StoreError> {
+        // Where a listener judges outages, its word counts: until it has
+        // its connection back, nothing is committed or followed.
+        if self.feed.pushed() && !self.feed.up() {
+            metrics::gauge!(crate::metrics::DATABASE_WRITABLE).set(0.0);
+            return Err(StoreError::NotWritable(
+                "it cannot be reached; reconnecting".into(),
+            ));
+        }
         let mut last = self.probe.lock().await;
         if let Some((at, true)) = *last {
             if at.elapsed() < WRITE_PROBE_REUSE {
@@ -942,6 +950,7 @@ impl Store {
                 self.feed.note(e);
             }
         }
+
         metrics::gauge!(crate::metrics::DATABASE_WRITABLE).set(f64::from(u8::from(result.is_ok())));
         result
     }

@@ -56,8 +56,13 @@ pub async fn create_database(admin: &str, test: &str) -> String {
         })
         .take(32)
         .collect();
+    // The time too: a process id is reused, and a cluster kept between
+    // runs still holds the databases of earlier ones.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
     let name = format!(
-        "tk_{tag}_{}_{}",
+        "tk_{tag}_{}_{}_{nanos}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
