@@ -26,6 +26,10 @@
 //! [`BeginRefresh::Unreadable`] without taking a lease; only a new
 //! authorization or a forget rewrites or removes it.
 //!
+//! [`feed`] is what the store tells the engine unasked: which connections
+//! other daemons changed (PostgreSQL announces each commit, see
+//! [`Store::follow`]) and whether the database can be reached at all.
+//!
 //! The history of connections ([`events`]) is written by the backends
 //! inside the transaction of the write it records, and only if that write
 //! lands.
