@@ -777,6 +777,58 @@ async fn a_rotation_reaches_the_memory_of_every_other_daemon_within_a_second() {
     }
     eprintln!("rotation propagation to two other daemons: {took:?}");
     assert_eq!(h.sim.sim.stats().refresh_reuse, 0);
+
+    // A new grant and a forget travel the same way.
+    let listed = |base: String| {
+        let http = h.http.clone();
+        async move {
+            let v: Value = http
+                .get(format!("{base}/v1/connections"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["connections"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|c| c["account"].as_str().map(str::to_owned))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        }
+    };
+    let r = h.authorize("keap", "second").await;
+    assert_eq!(r.status(), 200);
+    let stored = Instant::now();
+    for base in [&url2, &url3] {
+        while !listed(base.clone()).await.contains(&"second".to_owned()) {
+            assert!(
+                stored.elapsed() < Duration::from_secs(1),
+                "{base} did not learn the new grant within 1 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let r = h
+        .http
+        .delete(h.url("/v1/connections/keap/second?local=true"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let forgotten = Instant::now();
+    for base in [&url2, &url3] {
+        while listed(base.clone()).await.contains(&"second".to_owned()) {
+            assert!(
+                forgotten.elapsed() < Duration::from_secs(1),
+                "{base} still lists a forgotten grant after 1 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
 
 /// SPEC 9: a daemon that loses its PostgreSQL keeps serving the valid
