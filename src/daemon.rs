@@ -309,6 +309,16 @@ impl App {
             engine.clone(),
             shutdown.clone(),
         ));
+        // Other daemons' commits, announced by the database (PostgreSQL),
+        // installed as they come; and the outage state.
+        let following = store.follow(shutdown.clone()).await.map(|listener| {
+            let engine = engine.clone();
+            let stop = shutdown.clone();
+            (
+                listener,
+                tokio::spawn(async move { engine.follow(stop).await }),
+            )
+        });
         // Token files: written now from the caught-up snapshots, then at
         // every change, on tasks of their own.
         let sinks = Arc::new(crate::sinks::Sinks::start(engine.clone(), &config.sinks));
@@ -361,6 +371,9 @@ impl App {
         engine.stop_new_refreshes();
         if let Err(e) = scheduler.await {
             tracing::warn!(error = %e, "scheduler did not stop cleanly");
+        }
+        if let Some((listener, follower)) = following {
+            let _ = tokio::join!(listener, follower);
         }
         calendar.stop().await;
         // Grants held in memory (a failed commit) get their last attempt.

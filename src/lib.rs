@@ -10,7 +10,9 @@
 //! - [`config`]: the TOML config, its lookup order, secret files; applies
 //!   the presets of [`provider::presets`], explicit keys winning.
 //! - [`store`]: the only SQL, one interface over SQLite and PostgreSQL:
-//!   migrations, leases, durable rotation, `migrate-storage`.
+//!   migrations, leases, durable rotation, `migrate-storage`; and its
+//!   feed (`store::feed`): other daemons' commits announced by PostgreSQL,
+//!   and whether the database can be reached.
 //! - [`crypto`]: sealing tokens at rest (AEAD) and keyed token fingerprints.
 //! - [`provider`]: OAuth2 calls to providers; [`provider::answer`] reads
 //!   token answers leniently and is the one place that decides which

@@ -27,6 +27,11 @@ pub const BEARER_MISUSE_TOTAL: &str = "tokenkeeper_bearer_misuse_total";
 pub const UNREADABLE_CONNECTIONS: &str = "tokenkeeper_unreadable_connections";
 /// Gauge: 1 while the last readiness probe could write to the database.
 pub const DATABASE_WRITABLE: &str = "tokenkeeper_database_writable";
+/// Gauge: 1 while the database can be reached, 0 during an outage (the
+/// daemon then serves held tokens and starts no refresh).
+pub const STORAGE_UP: &str = "tokenkeeper_storage_up";
+/// Counter: database outages (times it went from reachable to not).
+pub const STORAGE_OUTAGES_TOTAL: &str = "tokenkeeper_storage_outages_total";
 /// Counter: failed attempts to store a grant the provider issued.
 pub const COMMIT_FAILURES_TOTAL: &str = "tokenkeeper_commit_failures_total";
 /// Gauge: grants the provider issued that are held in memory, not yet stored.
@@ -97,6 +102,16 @@ fn describe() {
         crate::sinks::SINK_FAILURES_TOTAL,
         "Failed token-file writes and failed sink commands (see the warning logged with the path)"
     );
+    metrics::describe_gauge!(
+        STORAGE_UP,
+        "1 while the database can be reached, 0 during an outage (held tokens are served, no refresh starts)"
+    );
+    metrics::describe_counter!(
+        STORAGE_OUTAGES_TOTAL,
+        "Times the database became unreachable"
+    );
+    metrics::gauge!(STORAGE_UP).set(1.0);
+    metrics::counter!(STORAGE_OUTAGES_TOTAL).increment(0);
     // Present from the start, at zero.
     metrics::counter!(COMMIT_FAILURES_TOTAL).increment(0);
     metrics::gauge!(UNCOMMITTED_GRANTS).set(0.0);

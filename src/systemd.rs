@@ -102,8 +102,15 @@ pub async fn watchdog(engine: Engine, shutdown: CancellationToken) {
         }
         let probe =
             tokio::time::timeout(every.max(Duration::from_millis(10)), engine.store().ping()).await;
+        // A database server that went away (or answers slowly) is an
+        // outage the daemon rides out: held tokens are served, it
+        // reconnects by itself, the store's feed reports it once. Restarting
+        // the process cannot help and would lose those tokens, so on a
+        // database server the watchdog only watches the process itself.
+        let remote = engine.store().feed().pushed();
         match probe {
             Ok(Ok(())) => send(&[NotifyState::Watchdog]),
+            _ if remote => send(&[NotifyState::Watchdog]),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "watchdog: the database does not answer; not pinging")
             }

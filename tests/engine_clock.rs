@@ -378,3 +378,43 @@ async fn the_scheduler_waits_out_a_retrying_grants_backoff() {
     assert_eq!(s.engine.report()[0].state, ConnState::Active);
     assert_eq!(s.sim.sim.stats().refresh_ok, 1);
 }
+
+/// SPEC 9 at the engine: while the database cannot be reached no refresh
+/// starts (it could not be committed): a token about to expire is still
+/// served as it is, and once none is valid callers get `refresh_failed`
+/// with a time to come back; when the database answers again the next
+/// caller gets a refreshed token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_database_outage_no_refresh_starts_and_the_held_token_is_served_while_valid() {
+    let s = setup().await;
+    let grant = authorize(&s).await;
+    let feed = s.engine.store().feed().clone();
+    assert!(feed.lost(&"connection refused (test)"));
+    // Two minutes left: below min_validity, so a refresh would be due.
+    s.clock.advance(Duration::from_secs(58 * 60));
+    let t = s.engine.token("demo", "default").await.unwrap();
+    assert_eq!(
+        t.access_token.expose_secret(),
+        grant.access_token.expose_secret()
+    );
+    assert_eq!(s.sim.sim.stats().refresh_calls, 0, "no refresh started");
+    // Expired: nothing valid is left.
+    s.clock.advance(Duration::from_secs(3 * 60));
+    match s.engine.token("demo", "default").await {
+        Err(tokenkeeper::refresh::TokenError::RefreshFailed {
+            retry_after,
+            still_valid_until,
+            ..
+        }) => {
+            assert!(retry_after >= Duration::from_secs(1));
+            assert!(still_valid_until.is_none());
+        }
+        other => panic!("expected refresh_failed, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(s.sim.sim.stats().refresh_calls, 0, "no refresh started");
+    // Back: the next caller refreshes. (What it is then served depends on
+    // the simulator's wall-clock lifetime, an hour behind the test clock.)
+    assert!(feed.back());
+    let _ = s.engine.token("demo", "default").await;
+    assert_eq!(s.sim.sim.stats().refresh_ok, 1, "refreshing resumed");
+}

@@ -683,12 +683,411 @@ async fn a_rotation_committed_by_one_daemon_is_what_the_others_serve_next() {
     };
     assert_eq!(token_at(url2.clone()).await, first);
     for _ in 0..3 {
-        // Daemon 1 rotates; the very next answer of daemon 2 is the new token.
+        // Daemon 1 rotates; daemon 2 serves the new token within SPEC 9's
+        // second (announced by the database: daemon 2 reads no storage per
+        // request, so its answer a moment after the commit may still be
+        // the one before).
         let (s, b) = h.post_json("/v1/token/keap/refresh").await;
         assert_eq!(s, 200, "{b}");
         let rotated = b["access_token"].as_str().unwrap().to_string();
-        assert_eq!(token_at(url2.clone()).await, rotated);
+        let committed = Instant::now();
+        while token_at(url2.clone()).await != rotated {
+            assert!(
+                committed.elapsed() < Duration::from_secs(1),
+                "daemon 2 did not serve the rotation within 1 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert!(h.sim.sim.access_token_valid(&rotated));
     }
+    assert_eq!(h.sim.sim.stats().refresh_reuse, 0);
+}
+
+/// What `base`'s daemon says `token` is, from memory (`POST /v1/inspect`).
+async fn inspect_at(http: &reqwest::Client, base: &str, token: &str) -> String {
+    let v: Value = http
+        .post(format!("{base}/v1/inspect"))
+        .body(token.to_owned())
+        .send()
+        .await
+        .expect("daemon answers")
+        .json()
+        .await
+        .unwrap_or(Value::Null);
+    v["kind"].as_str().unwrap_or_default().to_string()
+}
+
+/// A rotation committed by one daemon is in the memory of every other
+/// daemon of the cluster well within SPEC 9's second, announced by the
+/// database: `check_interval` is an hour, so the periodic re-read cannot
+/// be what brought it, and the others are asked nothing that could read
+/// storage (`/v1/inspect` answers from memory) until they serve it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotation_reaches_the_memory_of_every_other_daemon_within_a_second() {
+    let Some(url) = fresh_database("rotation_pushed").await else {
+        return;
+    };
+    let mut h = Harness::new(Options {
+        access_lifetime: Duration::from_secs(3600),
+        refresh: "check_interval = \"1h\"".into(),
+        ..Options::default()
+    })
+    .await;
+    use_postgres(&h.config_path, &url);
+    h.start().await;
+    let first = authorize(&h).await;
+    let (_second, url2) = another_daemon(&h, 2).await;
+    let (_third, url3) = another_daemon(&h, 3).await;
+    for base in [&url2, &url3] {
+        assert_eq!(
+            inspect_at(&h.http, base, &first).await,
+            "current_access_token"
+        );
+    }
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let (s, b) = h.post_json("/v1/token/keap/refresh").await;
+        assert_eq!(s, 200, "{b}");
+        let rotated = b["access_token"].as_str().unwrap().to_string();
+        let committed = Instant::now();
+        for base in [&url2, &url3] {
+            while inspect_at(&h.http, base, &rotated).await != "current_access_token" {
+                assert!(
+                    committed.elapsed() < Duration::from_secs(1),
+                    "{base} did not have the rotated token in memory within 1 s"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        took.push(committed.elapsed());
+        for base in [&url2, &url3] {
+            let (s, b) = (
+                200,
+                h.http
+                    .get(format!("{base}/v1/token/keap"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json::<Value>()
+                    .await
+                    .unwrap(),
+            );
+            assert_eq!(b["access_token"].as_str(), Some(rotated.as_str()), "{s}");
+        }
+    }
+    eprintln!("rotation propagation to two other daemons: {took:?}");
+    assert_eq!(h.sim.sim.stats().refresh_reuse, 0);
+
+    // A new grant and a forget travel the same way.
+    let listed = |base: String| {
+        let http = h.http.clone();
+        async move {
+            let v: Value = http
+                .get(format!("{base}/v1/connections"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["connections"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|c| c["account"].as_str().map(str::to_owned))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        }
+    };
+    let r = h.authorize("keap", "second").await;
+    assert_eq!(r.status(), 200);
+    let stored = Instant::now();
+    for base in [&url2, &url3] {
+        while !listed(base.clone()).await.contains(&"second".to_owned()) {
+            assert!(
+                stored.elapsed() < Duration::from_secs(1),
+                "{base} did not learn the new grant within 1 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let r = h
+        .http
+        .delete(h.url("/v1/connections/keap/second?local=true"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let forgotten = Instant::now();
+    for base in [&url2, &url3] {
+        while listed(base.clone()).await.contains(&"second".to_owned()) {
+            assert!(
+                forgotten.elapsed() < Duration::from_secs(1),
+                "{base} still lists a forgotten grant after 1 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// SPEC 9: a daemon that loses its PostgreSQL keeps serving the valid
+/// tokens it holds from memory, starts no refresh it could not commit,
+/// says so once (log line, `/readyz` 503, `tokenkeeper_storage_up` 0), and
+/// when the server is back reconnects by itself, re-reads the grants and
+/// makes the refresh that fell due meanwhile, without a restart. On a
+/// cluster of the test's own: the shared one must stay up for the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn daemons_ride_out_a_stopped_postgres_and_catch_up_when_it_returns() {
+    let Some(cluster) = common::postgres::OwnCluster::start("postgres_outage") else {
+        return;
+    };
+    let url = common::postgres::create_database(&cluster.url, "postgres_outage").await;
+    // Due at a quarter of the lifetime (while the server is down), valid
+    // long past the outage.
+    let mut h = Harness::new(Options {
+        access_lifetime: Duration::from_secs(30),
+        refresh: "at_fraction = 0.25\nmin_validity = \"1s\"\ncheck_interval = \"1h\"".into(),
+        ..Options::default()
+    })
+    .await;
+    use_postgres(&h.config_path, &url);
+    h.start().await;
+    let first = authorize(&h).await;
+    let (_second, url2) = another_daemon(&h, 2).await;
+    let bases = [h.url(""), url2.clone()];
+    let before = h.sim.sim.stats();
+
+    cluster.stop_server();
+    let stopped = Instant::now();
+    for base in &bases {
+        common::eventually(Duration::from_secs(10), "readiness to fail", || async {
+            let r = h.http.get(format!("{base}/readyz")).send().await.unwrap();
+            r.status() == 503
+        })
+        .await;
+    }
+    let metrics = h.get_text("/metrics").await;
+    assert!(metrics.contains("tokenkeeper_storage_up 0"), "{metrics}");
+    // Under load while the server is down (the token falls due meanwhile):
+    // every answer is the valid token held.
+    let mut answers = 0;
+    while stopped.elapsed() < Duration::from_secs(10) {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..20 {
+            let base = bases[i % 2].clone();
+            let http = h.http.clone();
+            set.spawn(async move {
+                let r = http
+                    .get(format!("{base}/v1/token/keap"))
+                    .send()
+                    .await
+                    .expect("daemon answers");
+                let status = r.status().as_u16();
+                let retry_after = r.headers().contains_key("retry-after");
+                (
+                    status,
+                    retry_after,
+                    r.json::<Value>().await.unwrap_or(Value::Null),
+                )
+            });
+        }
+        while let Some(res) = set.join_next().await {
+            let (s, _, b) = res.unwrap();
+            assert_eq!(s, 200, "a valid token is held: {b}");
+            let token = b["access_token"].as_str().unwrap();
+            assert_eq!(token, first);
+            assert!(h.sim.sim.access_token_valid(token));
+            answers += 1;
+        }
+    }
+    assert_eq!(
+        h.sim.sim.stats().refresh_calls,
+        before.refresh_calls,
+        "no refresh was started while it could not be committed"
+    );
+
+    cluster.start_server();
+    for base in &bases {
+        common::eventually(Duration::from_secs(15), "readiness to return", || async {
+            let r = h.http.get(format!("{base}/readyz")).send().await.unwrap();
+            r.status() == 200
+        })
+        .await;
+    }
+    // The refresh that fell due during the outage is made now.
+    common::eventually(
+        Duration::from_secs(15),
+        "the due refresh after the outage",
+        || async { h.sim.sim.stats().refresh_ok > before.refresh_ok },
+    )
+    .await;
+    common::eventually(
+        Duration::from_secs(5),
+        "both serve the new token",
+        || async {
+            let mut served = Vec::new();
+            for base in &bases {
+                let v: Value = h
+                    .http
+                    .get(format!("{base}/v1/token/keap"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap_or(Value::Null);
+                served.push(v["access_token"].as_str().unwrap_or_default().to_string());
+            }
+            served[0] != first && served[0] == served[1]
+        },
+    )
+    .await;
+    let metrics = h.get_text("/metrics").await;
+    assert!(metrics.contains("tokenkeeper_storage_up 1"), "{metrics}");
+    assert!(
+        metrics.contains("tokenkeeper_storage_outages_total 1"),
+        "{metrics}"
+    );
+    for log in [
+        h.log(),
+        std::fs::read_to_string(h.dir.path().join("daemon-2.log")).unwrap(),
+    ] {
+        assert_eq!(
+            log.matches("the database cannot be reached").count(),
+            1,
+            "one line per outage, not per request or pass:\n{log}"
+        );
+        assert_eq!(
+            log.matches("the database answers again").count(),
+            1,
+            "{log}"
+        );
+        assert!(!log.contains("refresh scheduler pass failed"), "{log}");
+    }
+    eprintln!("{answers} token answers during the outage, all the valid held token");
+    assert_eq!(h.sim.sim.stats().refresh_reuse, 0);
+}
+
+/// A bounded soak: short-lived tokens rotated 30 times by a cluster of
+/// three daemons whose schedulers all see each one fall due, with callers
+/// on every daemon throughout. The provider sees no refresh token used
+/// twice and no rejection, every answer is a token it issued, and at the
+/// end all three serve the current one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_daemons_rotate_short_lived_tokens_thirty_times_without_reuse() {
+    let Some(url) = fresh_database("soak_three").await else {
+        return;
+    };
+    let mut h = Harness::new(Options {
+        access_lifetime: Duration::from_secs(2),
+        refresh: "at_fraction = 0.5\nmin_validity = \"1s\"\ncheck_interval = \"1h\"".into(),
+        ..Options::default()
+    })
+    .await;
+    use_postgres(&h.config_path, &url);
+    h.start().await;
+    authorize(&h).await;
+    let (_second, url2) = another_daemon(&h, 2).await;
+    let (_third, url3) = another_daemon(&h, 3).await;
+    let bases = [h.url(""), url2, url3];
+    let start = h.sim.sim.stats().refresh_ok;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut answers = 0u32;
+    while h.sim.sim.stats().refresh_ok < start + 30 {
+        assert!(Instant::now() < deadline, "30 rotations within 2 minutes");
+        for base in &bases {
+            let r = h
+                .http
+                .get(format!("{base}/v1/token/keap"))
+                .send()
+                .await
+                .expect("daemon answers");
+            assert_eq!(r.status(), 200, "{base}");
+            let v: Value = r.json().await.unwrap();
+            let token = v["access_token"].as_str().unwrap().to_string();
+            assert!(
+                h.sim.sim.access_tokens_issued().contains(&token),
+                "a token the provider issued"
+            );
+            answers += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = h.sim.sim.stats();
+    common::assert_no_reuse_or_rejection(&stats);
+    // Whatever rotation is last, all three end up serving it.
+    common::eventually(Duration::from_secs(5), "one token everywhere", || async {
+        let mut served = std::collections::HashSet::new();
+        for base in &bases {
+            let v: Value = h
+                .http
+                .get(format!("{base}/v1/token/keap"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap_or(Value::Null);
+            served.insert(v["access_token"].as_str().unwrap_or_default().to_string());
+        }
+        served.len() == 1 && served.iter().all(|t| h.sim.sim.access_token_valid(t))
+    })
+    .await;
+    eprintln!(
+        "soak: {} rotations, {answers} answers, {} refresh calls",
+        stats.refresh_ok - start,
+        stats.refresh_calls
+    );
+}
+
+/// The rotation-propagation benchmark (`bench/rotation.sh`, not part of
+/// the test run): `BENCH_ROTATIONS` (200) forced rotations on one daemon
+/// of three; for each, the time from the commit (the refresh answer) until
+/// both others hold the new token in memory. Prints p50, p99 and max.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a benchmark: run by bench/rotation.sh"]
+async fn bench_rotation_propagation() {
+    let Some(url) = fresh_database("bench_rotation").await else {
+        return;
+    };
+    let rotations: usize = std::env::var("BENCH_ROTATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let mut h = Harness::new(Options {
+        access_lifetime: Duration::from_secs(3600),
+        refresh: "check_interval = \"1h\"".into(),
+        rust_log: "info".into(),
+        ..Options::default()
+    })
+    .await;
+    use_postgres(&h.config_path, &url);
+    h.start().await;
+    authorize(&h).await;
+    let (_second, url2) = another_daemon(&h, 2).await;
+    let (_third, url3) = another_daemon(&h, 3).await;
+    let mut took = Vec::with_capacity(rotations);
+    for _ in 0..rotations {
+        let (s, b) = h.post_json("/v1/token/keap/refresh").await;
+        assert_eq!(s, 200, "{b}");
+        let rotated = b["access_token"].as_str().unwrap().to_string();
+        let committed = Instant::now();
+        for base in [&url2, &url3] {
+            while inspect_at(&h.http, base, &rotated).await != "current_access_token" {
+                assert!(committed.elapsed() < Duration::from_secs(10));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        took.push(committed.elapsed());
+    }
+    took.sort();
+    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+    println!(
+        "rotation propagation ({rotations} rotations, 2 other daemons): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        at(0.50).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+        took[took.len() - 1].as_secs_f64() * 1e3
+    );
     assert_eq!(h.sim.sim.stats().refresh_reuse, 0);
 }

@@ -419,7 +419,11 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     match state.engine.store().write_probe().await {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
         Err(e) => {
-            tracing::warn!("readiness check failed: {e}");
+            // An unreachable database is logged once per outage (the
+            // store's feed), not at every probe.
+            if !e.is_unavailable() && state.engine.store().feed().up() {
+                tracing::warn!("readiness check failed: {e}");
+            }
             (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response()
         }
     }

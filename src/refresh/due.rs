@@ -106,6 +106,15 @@ impl State {
         m.reconciled_at = Some(now);
     }
 
+    /// Whether the last full read (`reconcile`) is at least `every` old, or
+    /// none was made: the safety net under changes pushed by the store,
+    /// for any it did not announce.
+    pub(crate) fn reconcile_stale(&self, now: Duration, every: Duration) -> bool {
+        self.marks()
+            .reconciled_at
+            .is_none_or(|at| now.saturating_sub(at) >= every)
+    }
+
     /// How long a noticed change waits for its reconcile, if one does.
     pub(crate) fn reconcile_in(&self, now: Duration, every: Duration) -> Option<Duration> {
         let m = self.marks();

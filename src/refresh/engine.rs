@@ -44,6 +44,7 @@
 //!   receipt plus monotonic time since (`clock::Anchor`), so a clock set
 //!   back cannot make a dead token look alive.
 
+mod follow;
 mod sweep;
 
 use std::sync::atomic::{AtomicBool, Ordering};

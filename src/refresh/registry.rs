@@ -60,7 +60,8 @@ pub fn with_fresh_token<R>(
     now: DateTime<Utc>,
     f: impl FnOnce(ServedToken<'_>) -> R,
 ) -> Option<R> {
-    if shared.peers.load(Ordering::Relaxed) {
+    let pushed = shared.store.feed().pushed();
+    if !pushed && shared.peers.load(Ordering::Relaxed) {
         return None;
     }
     // Copied out so no two locks of different kinds are ever nested here
@@ -79,6 +80,10 @@ pub fn with_fresh_token<R>(
                 return None;
             }
             let snap = slot.snap.read().unwrap_or_else(|e| e.into_inner());
+            // Another daemon's refresh (announced): `token` waits for it.
+            if pushed && snap.state() == ConnState::Refreshing {
+                return None;
+            }
             let token = snap.token()?;
             let now = now.max(token.anchor.now(shared.clock()));
             if !policy::fresh_enough(&token.timing, now, &refresh) {
@@ -126,8 +131,13 @@ pub async fn token(
     let slot = slot(shared, provider, account)?;
     // With two daemons on one database, the snapshot alone would only
     // learn of another process's refresh at our next tick, and until then
-    // hand out the access token that refresh killed.
-    let foreign_flight = if shared.peers.load(Ordering::Relaxed) {
+    // hand out the access token that refresh killed. Where the store
+    // announces every commit (PostgreSQL), the snapshot is kept current by
+    // `Engine::follow` instead, and a lease another daemon took shows as
+    // `refreshing` in it: no storage read per request.
+    let foreign_flight = if shared.store.feed().pushed() {
+        !slot.in_flight() && slot.snapshot().state() == ConnState::Refreshing
+    } else if shared.peers.load(Ordering::Relaxed) {
         sync_with_store(shared, &slot).await?
     } else {
         false

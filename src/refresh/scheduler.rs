@@ -104,7 +104,11 @@ pub async fn run(engine: Engine, shutdown: CancellationToken) {
             let pass = match engine.tick().await {
                 Ok(p) => Some(p),
                 Err(e) => {
-                    tracing::error!(error = %e, "refresh scheduler pass failed");
+                    // An outage is logged once, by the store's feed.
+                    let feed = engine.store().feed();
+                    if !feed.note(&e) && feed.up() {
+                        tracing::error!(error = %e, "refresh scheduler pass failed");
+                    }
                     None
                 }
             };

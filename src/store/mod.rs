@@ -26,6 +26,10 @@
 //! [`BeginRefresh::Unreadable`] without taking a lease; only a new
 //! authorization or a forget rewrites or removes it.
 //!
+//! [`feed`] is what the store tells the engine unasked: which connections
+//! other daemons changed (PostgreSQL announces each commit, see
+//! [`Store::follow`]) and whether the database can be reached at all.
+//!
 //! The history of connections ([`events`]) is written by the backends
 //! inside the transaction of the write it records, and only if that write
 //! lands.
@@ -40,6 +44,7 @@
 
 pub mod codec;
 pub mod events;
+pub mod feed;
 pub mod migrate;
 pub mod postgres;
 pub mod sqlite;
@@ -98,6 +103,38 @@ pub enum StoreError {
     NotADatabase(String),
     #[error("the database cannot be written: {0}")]
     NotWritable(String),
+}
+
+impl StoreError {
+    /// Whether the database could not be reached at all (the server is
+    /// down, restarting or cut off), as opposed to a refused or failed
+    /// statement: the failures that make an outage (see [`feed::Feed`]).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Sql(e) | StoreError::Connect { source: e, .. } => unreachable_database(e),
+            _ => false,
+        }
+    }
+}
+
+/// Whether `e` says the database cannot be reached (see
+/// [`StoreError::is_unavailable`]).
+fn unreachable_database(e: &sqlx::Error) -> bool {
+    match e {
+        // Not `PoolTimedOut`: a process stopped for a while (SIGSTOP, a
+        // suspended VM) finds its pool waits timed out with the server
+        // fine.
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // Connection exceptions (08xxx) and the server shutting down or
+        // starting up (57P01-57P03).
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
+        _ => false,
+    }
 }
 
 /// A sentence for a database failure: the common operator-fixable ones
@@ -748,6 +785,8 @@ pub struct Store {
     db: Db,
     /// The last write probe (`/readyz`): when, and whether it succeeded.
     probe: Arc<tokio::sync::Mutex<Option<(std::time::Instant, bool)>>>,
+    /// Changes pushed by the database, and whether it can be reached.
+    feed: Arc<feed::Feed>,
 }
 
 impl Store {
@@ -800,10 +839,41 @@ impl Store {
         let store = Store {
             db,
             probe: Arc::new(tokio::sync::Mutex::new(None)),
+            feed: Arc::new(feed::Feed::default()),
         };
         store.check_key().await?;
         on_backend!(store, b => b.write_once().await).map_err(write_failed)?;
         Ok(store)
+    }
+
+    /// Changes pushed by the database and its reachability (see
+    /// [`feed::Feed`]).
+    pub fn feed(&self) -> &Arc<feed::Feed> {
+        &self.feed
+    }
+
+    /// Starts following other daemons' writes where the backend pushes
+    /// them (PostgreSQL: a `LISTEN` connection of its own, reconnected
+    /// with backoff, see `postgres::follow`), until `shutdown`. Changes
+    /// and outages arrive in [`Store::feed`]. SQLite pushes nothing (the
+    /// scheduler's `PRAGMA data_version` look finds other writers there):
+    /// `None`.
+    ///
+    /// The first `LISTEN` is made before this returns (or has failed,
+    /// then the outage is reported and retried), so what other daemons
+    /// commit from then on is announced to this one.
+    pub async fn follow(
+        &self,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        match &self.db {
+            Db::Sqlite(_) => None,
+            Db::Postgres(pg) => {
+                self.feed.set_pushed();
+                let task = postgres::follow(pg.clone(), self.feed.clone(), shutdown).await;
+                Some(tokio::spawn(task))
+            }
+        }
     }
 
     /// The backend, for code that must know it (`migrate-storage`).
@@ -918,6 +988,14 @@ impl Store {
     /// would pass). One small upsert, bounded by `WRITE_PROBE_TIMEOUT`;
     /// a result younger than `WRITE_PROBE_REUSE` is reused.
     pub async fn write_probe(&self) -> Result<(), StoreError> {
+        // Where a listener judges outages, its word counts: until it has
+        // its connection back, nothing is committed or followed.
+        if self.feed.pushed() && !self.feed.up() {
+            metrics::gauge!(crate::metrics::DATABASE_WRITABLE).set(0.0);
+            return Err(StoreError::NotWritable(
+                "it cannot be reached; reconnecting".into(),
+            ));
+        }
         let mut last = self.probe.lock().await;
         if let Some((at, true)) = *last {
             if at.elapsed() < WRITE_PROBE_REUSE {
@@ -934,6 +1012,13 @@ impl Store {
             ))),
         };
         *last = Some((std::time::Instant::now(), result.is_ok()));
+        match &result {
+            Ok(()) => self.feed.answered(),
+            Err(e) => {
+                self.feed.note(e);
+            }
+        }
+
         metrics::gauge!(crate::metrics::DATABASE_WRITABLE).set(f64::from(u8::from(result.is_ok())));
         result
     }
@@ -1177,7 +1262,13 @@ impl Store {
     /// Whether another connection committed since the previous call, so
     /// that an idle scheduler reads every row only after a write (see
     /// [`Backend::changed`]).
+    /// Where changes are pushed ([`Store::follow`]), exactly whether an
+    /// announcement (or a reconnect that may have missed some) came that
+    /// was not yet taken from the feed.
     pub async fn changed(&self) -> Result<bool, StoreError> {
+        if self.feed.pushed() {
+            return Ok(self.feed.has_pending());
+        }
         on_backend!(self, b => b.changed().await)
     }
 

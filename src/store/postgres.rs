@@ -21,16 +21,19 @@
 //! holder's process (it may be on another host).
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt;
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
+use tokio_util::sync::CancellationToken;
 
 use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PENDING_COLUMNS};
+use super::feed::{Changes, Feed};
 use super::migrate::{self, Dump, MigrateError};
 use super::{
     from_ms, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState, ConnectionRow, Event,
@@ -271,10 +274,22 @@ impl SessionLock {
 
 /// A daemon's lock keeper: checks the connection holding the shared lock
 /// and takes the lock again on a new one when the server dropped it.
+///
+/// While the lock is lost, it is tried again every [`LOCK_RETAKE_INTERVAL`]
+/// (an offline command started in that gap could take it first; it then
+/// runs beside this daemon, see the README's "Several hosts"); a failure
+/// to take it again is logged once per loss, not at every try (the
+/// database being away is reported by the store's feed).
 async fn keep(url: SecretString, conn: sqlx::PgConnection) {
     let mut held = Some(conn);
+    let mut told = false;
     loop {
-        tokio::time::sleep(LOCK_CHECK_INTERVAL).await;
+        let wait = if held.is_some() {
+            LOCK_CHECK_INTERVAL
+        } else {
+            LOCK_RETAKE_INTERVAL
+        };
+        tokio::time::sleep(wait).await;
         if let Some(c) = held.as_mut() {
             if sqlx::query("SELECT 1").execute(&mut *c).await.is_ok() {
                 continue;
@@ -289,13 +304,162 @@ async fn keep(url: SecretString, conn: sqlx::PgConnection) {
             Ok(c) => {
                 tracing::info!("the daemon's lock on the database is held again");
                 held = Some(c);
+                told = false;
             }
-            Err(e) => tracing::error!(
-                error = %e,
-                "cannot take this daemon's lock on the database again; an offline command (rekey, migrate-storage) could run beside this daemon until it is"
-            ),
+            Err(e) if !told => {
+                told = true;
+                tracing::warn!(
+                    error = %e,
+                    "cannot take this daemon's lock on the database again yet; an offline command (rekey, migrate-storage) could run beside this daemon until it is; trying again"
+                );
+            }
+            Err(_) => {}
         }
     }
+}
+
+/// How often a lost lock is tried again: short, since an offline command
+/// could take it in the gap.
+const LOCK_RETAKE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The channel on which every committed change of a connection is
+/// announced, with the connection's id as payload (the trigger of
+/// `migrations/postgres/*_announce_changes.sql`).
+pub const CHANNEL: &str = "tokenkeeper_connections";
+
+/// First wait before connecting the listener again after a failure;
+/// doubled per failure up to [`FOLLOW_BACKOFF_MAX`].
+const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+/// Longest wait between attempts to reach the database again: short, so
+/// a database back after an outage is noticed (and every grant re-read)
+/// within about this long.
+const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// How long the listener waits for a connection: short, so an outage is
+/// reported about this long after the server went away.
+const FOLLOW_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long the listener stays quiet before it checks its connection.
+const FOLLOW_PING_EVERY: Duration = Duration::from_secs(5);
+
+/// Follows the announcements of every daemon's commits (`LISTEN` on
+/// [`CHANNEL`], on a connection of its own outside the pool) into `feed`
+/// until `shutdown`: each announced id is queued as a change; a lost
+/// connection is reconnected at once and then with backoff, and every
+/// grant is queued for re-reading once it is back, since announcements
+/// sent meanwhile are lost. A connection that cannot be had is an outage
+/// ([`Feed::lost`]), and having it again ends it ([`Feed::back`]).
+///
+/// The first `LISTEN` is made before this returns, so a daemon follows
+/// the others before it serves; the task it returns does the rest.
+pub(super) async fn follow(
+    pg: Postgres,
+    feed: Arc<Feed>,
+    shutdown: CancellationToken,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let options = (*pg.pool.connect_options()).clone();
+    // Two: a new listener does not wait for the old one's connection to
+    // be given back.
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .min_connections(0)
+        .acquire_timeout(FOLLOW_CONNECT_TIMEOUT)
+        .connect_lazy_with(options.clone());
+    let first = listen(&pool).await;
+    follow_on(pool, options, first, feed, shutdown)
+}
+
+async fn follow_on(
+    pool: PgPool,
+    options: PgConnectOptions,
+    first: Result<PgListener, sqlx::Error>,
+    feed: Arc<Feed>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = FOLLOW_BACKOFF_MIN;
+    let mut first = Some(first);
+    loop {
+        let connected = match first.take() {
+            Some(r) => r,
+            None => tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = listen(&pool) => r,
+            },
+        };
+        let mut listener = match connected {
+            Ok(l) => l,
+            Err(e) => {
+                // A pool wait can time out with the server fine (this
+                // process was stopped for a while): only a connection that
+                // cannot be made now is an outage.
+                let probe = tokio::time::timeout(
+                    FOLLOW_CONNECT_TIMEOUT,
+                    sqlx::PgConnection::connect_with(&options),
+                )
+                .await;
+                match probe {
+                    Ok(Ok(c)) => {
+                        let _ = c.close().await;
+                        tracing::debug!(error = %e, "listening for other daemons' writes failed; retrying");
+                    }
+                    Ok(Err(e)) => {
+                        feed.lost(&StoreError::from(e));
+                    }
+                    Err(_) => {
+                        feed.lost(&"no connection to the database within 1 s");
+                    }
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(FOLLOW_BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = FOLLOW_BACKOFF_MIN;
+        if !feed.back() {
+            // What was announced while nobody listened (since the
+            // daemon's first read, or while the connection was down) is
+            // lost: everything is read again.
+            feed.push(Changes::All);
+        }
+        loop {
+            let got = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = tokio::time::timeout(FOLLOW_PING_EVERY, listener.try_recv()) => r,
+            };
+            match got {
+                Ok(Ok(Some(n))) => feed.push(match n.payload().parse::<i64>() {
+                    Ok(id) => Changes::Rows([id].into()),
+                    Err(_) => Changes::All,
+                }),
+                // The connection was lost and made again at once.
+                Ok(Ok(None)) => feed.push(Changes::All),
+                // Lost: a new listener is connected above, at once.
+                Ok(Err(_)) => break,
+                // Quiet for a while: a server cut off without closing the
+                // connection (a network partition) is noticed here.
+                Err(_) => {
+                    let ping = sqlx::query("SELECT 1").execute(&mut listener);
+                    if !matches!(
+                        tokio::time::timeout(FOLLOW_CONNECT_TIMEOUT * 2, ping).await,
+                        Ok(Ok(_))
+                    ) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A listener on [`CHANNEL`].
+async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut l = PgListener::connect_with(pool).await?;
+    l.listen(CHANNEL).await?;
+    Ok(l)
 }
 
 /// A connected PostgreSQL database.
@@ -982,9 +1146,10 @@ impl Backend for Postgres {
         row.as_ref().map(|r| self.codec.decode(r)).transpose()
     }
 
-    /// Always yes: the scheduler then reads every row at most once per
-    /// `check_interval`, as the polling scheduler did. (A `LISTEN/NOTIFY`
-    /// channel can make this exact.)
+    /// Always yes here: without a listener (see [`follow`]) nothing says
+    /// what changed, so the scheduler reads every row once per
+    /// `check_interval`. A daemon follows the announcements instead, and
+    /// `Store::changed` then answers from them exactly.
     async fn changed(&self) -> Result<bool, StoreError> {
         Ok(true)
     }

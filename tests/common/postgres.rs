@@ -40,6 +40,11 @@ pub fn cluster_url(test: &str) -> Option<String> {
 /// when PostgreSQL tests are skipped (see the module doc).
 pub async fn fresh_database(test: &str) -> Option<String> {
     let admin = cluster_url(test)?;
+    Some(create_database(&admin, test).await)
+}
+
+/// Creates a database for `test` in the cluster at `admin`; its URL.
+pub async fn create_database(admin: &str, test: &str) -> String {
     let tag: String = test
         .chars()
         .map(|c| {
@@ -51,12 +56,17 @@ pub async fn fresh_database(test: &str) -> Option<String> {
         })
         .take(32)
         .collect();
+    // The time too: a process id is reused, and a cluster kept between
+    // runs still holds the databases of earlier ones.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
     let name = format!(
-        "tk_{tag}_{}_{}",
+        "tk_{tag}_{}_{}_{nanos}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
-    let mut conn = sqlx::PgConnection::connect(&admin)
+    let mut conn = sqlx::PgConnection::connect(admin)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to {URL_VAR} ({admin}): {e}"));
     sqlx::query(&format!("CREATE DATABASE \"{name}\""))
@@ -64,7 +74,84 @@ pub async fn fresh_database(test: &str) -> Option<String> {
         .await
         .expect("create a test database");
     let _ = conn.close().await;
-    Some(with_database(&admin, &name))
+    with_database(admin, &name)
+}
+
+/// A throw-away PostgreSQL cluster of one test's own (started with
+/// `tests/postgres/start.sh`), for a test that stops the server: the
+/// shared cluster other tests run against in parallel must stay up.
+/// Stopped and removed on drop.
+pub struct OwnCluster {
+    /// The URL of its `postgres` database.
+    pub url: String,
+    dir: String,
+}
+
+fn script(name: &str) -> String {
+    format!("{}/tests/postgres/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+impl OwnCluster {
+    /// Starts one; `None` (after saying why) where PostgreSQL tests are
+    /// skipped (see the module doc).
+    pub fn start(test: &str) -> Option<OwnCluster> {
+        cluster_url(test)?;
+        let out = std::process::Command::new("bash")
+            .arg(script("start.sh"))
+            .output()
+            .expect("run tests/postgres/start.sh");
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "tests/postgres/start.sh failed: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let value = |var: &str| {
+            said.lines()
+                .find_map(|l| l.strip_prefix(&format!("export {var}='")))
+                .and_then(|v| v.strip_suffix('\''))
+                .unwrap_or_else(|| panic!("start.sh printed no {var}: {said}"))
+                .to_owned()
+        };
+        Some(OwnCluster {
+            url: value(URL_VAR),
+            dir: value("TOKENKEEPER_TEST_PG_DIR"),
+        })
+    }
+
+    fn ctl(&self, what: &str) {
+        let out = std::process::Command::new("bash")
+            .arg(script("ctl.sh"))
+            .arg(what)
+            .env("TOKENKEEPER_TEST_PG_DIR", &self.dir)
+            .output()
+            .expect("run tests/postgres/ctl.sh");
+        assert!(
+            out.status.success(),
+            "ctl.sh {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`: every connection is
+    /// terminated).
+    pub fn stop_server(&self) {
+        self.ctl("stop");
+    }
+
+    /// Starts the server again on the same port and data.
+    pub fn start_server(&self) {
+        self.ctl("start");
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(script("stop.sh"))
+            .env("TOKENKEEPER_TEST_PG_DIR", &self.dir)
+            .output();
+    }
 }
 
 /// `url` with its database replaced by `name`.

@@ -41,9 +41,12 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
     cat "$dir/initdb.log" >&2
     exit 1
 }
-# Enough connections for parallel tests (each daemon pools a few).
+# Enough connections for parallel tests (each daemon pools a few). The
+# options are kept beside the data, so tests/postgres/ctl.sh can stop and
+# start the same server again (an outage test on a cluster of its own).
+echo "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=300 -c fsync=off -c shared_buffers=32MB" >"$dir/options"
 "${run_as[@]}" "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-    -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=300 -c fsync=off -c shared_buffers=32MB" \
+    -o "$(cat "$dir/options")" \
     start >/dev/null || {
     cat "$dir/server.log" >&2
     exit 1

@@ -5,7 +5,7 @@
 //! Must not: refresh inline (each due connection gets its own flight), or
 //! start more refreshes per pass than the provider's rate allows.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +20,7 @@ use crate::refresh::policy;
 use crate::refresh::slot::Slot;
 use crate::refresh::snapshot::Snapshot;
 use crate::refresh::types::{chrono_dur, Trigger};
+use crate::store::feed::Changes;
 use crate::store::{ConnState, StoreError};
 
 impl Engine {
@@ -35,11 +36,22 @@ impl Engine {
         let sched = &self.inner.scheduler;
         let every = self.settings().refresh.check_interval;
         let mono = self.clock().monotonic();
+        let feed = self.inner.store.feed();
         if sched.heartbeat_due(mono) {
             self.heartbeat().await?;
             sched.heartbeat_done(mono);
+            // It answered: an outage noticed elsewhere is over.
+            feed.answered();
         }
-        if sched.reconcile_due(self.inner.store.changed().await?, mono, every) {
+        if feed.pushed() {
+            // Other daemons' writes arrive announced and are read by
+            // `follow` at once; a full read once per interval, queued
+            // there too, catches anything an announcement missed.
+            if sched.reconcile_stale(mono, every) {
+                feed.push(Changes::All);
+                sched.reconciled(mono);
+            }
+        } else if sched.reconcile_due(self.inner.store.changed().await?, mono, every) {
             self.reconcile().await?;
             sched.reconciled(mono);
         }
@@ -48,6 +60,12 @@ impl Engine {
             reconcile_in: sched.reconcile_in(mono, every),
             ..Default::default()
         };
+        if !feed.up() {
+            // No refresh that could not be committed: held tokens are
+            // served meanwhile, and the end of the outage wakes the
+            // scheduler (`follow`).
+            return Ok(pass);
+        }
         let mut earliest: Option<Duration> = None;
         let mut due: Vec<(DateTime<Utc>, Arc<Slot>)> = Vec::new();
         // Unsorted (`due` is sorted below): an idle pass over 10,000
@@ -161,6 +179,47 @@ impl Engine {
                     "this process is alone on its database again"
                 }
             );
+        }
+        Ok(())
+    }
+
+    /// Picks up what other processes wrote to the connections `ids` (as
+    /// announced by the store): a newer grant with its fingerprints, a new
+    /// state, a new connection. A slot this process is refreshing is left
+    /// alone (its own result is newer), and an older generation is never
+    /// installed. A connection that is gone is settled by a full
+    /// [`Engine::reconcile`].
+    pub(super) async fn reconcile_rows(&self, ids: &BTreeSet<i64>) -> Result<(), StoreError> {
+        let busy = |s: &Slot| s.in_flight() || s.pending().is_some();
+        for &id in ids {
+            let slot = self.inner.slots.by_id(id);
+            if slot.as_deref().is_some_and(busy) {
+                continue;
+            }
+            let attempts = slot.as_ref().map(|s| s.attempts.load(Ordering::SeqCst));
+            let Some(row) = self.inner.store.load_connection(id).await? else {
+                self.reconcile().await?;
+                continue;
+            };
+            let regrant = match &slot {
+                None => true,
+                Some(s) => {
+                    // A flight of ours that started or ended since the read
+                    // knows better than the row.
+                    if busy(s) || Some(s.attempts.load(Ordering::SeqCst)) != attempts {
+                        continue;
+                    }
+                    let generation = s.snapshot().generation;
+                    if row.generation < generation {
+                        continue;
+                    }
+                    row.generation > generation
+                }
+            };
+            if regrant {
+                self.learn_fingerprints(id).await?;
+            }
+            self.install(&row);
         }
         Ok(())
     }

@@ -96,6 +96,13 @@ pub async fn refresh(
             still_valid_until: valid,
         });
     }
+    // A refresh that could not be committed is not started: the provider
+    // would rotate the refresh token and the new one would be lost. The
+    // token held is served while it is valid (even if it is about to
+    // expire), then callers are told to come back.
+    if !shared.store.feed().up() {
+        return unavailable(shared, slot, trigger, None);
+    }
     // From here the flight owns the lock and the guard: it finishes on the
     // flight thread even if this caller goes away.
     let guard = FlightGuard::new(slot.clone());
@@ -121,6 +128,13 @@ pub async fn refresh(
         flying.answer(&snap, shared.clock())
     }));
     match landed.await {
+        // Lost before the provider was called (taking the lease is the
+        // first write): nothing was refreshed.
+        Ok(Err(TokenError::Store(e)))
+            if shared.store.feed().note(&e) || !shared.store.feed().up() =>
+        {
+            unavailable(shared, slot, trigger, Some(&e))
+        }
         Ok(result) => result,
         Err(e) => {
             tracing::error!(provider = %slot.provider, account = %slot.account, "the refresh task failed: {e}");
@@ -135,6 +149,46 @@ pub async fn refresh(
         }
     }
 }
+
+/// The answer while the database cannot be reached: the held token while
+/// it is valid (not for a forced refresh, which asked for a new one), else
+/// `refresh_failed` with a `Retry-After`.
+fn unavailable(
+    shared: &Shared,
+    slot: &Slot,
+    trigger: Trigger,
+    cause: Option<&crate::store::StoreError>,
+) -> Result<IssuedToken, TokenError> {
+    let clock = shared.clock();
+    let snap = slot.snapshot();
+    if snap.needs_authorization() {
+        return Err(slot.failure(&snap, clock));
+    }
+    let valid = snap.valid_until(snap.now(clock));
+    if valid.is_some() && trigger != Trigger::Forced {
+        return slot.answer(&snap, clock);
+    }
+    let reason = match cause {
+        Some(e) => format!(
+            "the database cannot be reached ({e}); no refresh is started until it answers again"
+        ),
+        None => {
+            "the database cannot be reached; no refresh is started until it answers again".into()
+        }
+    };
+    Err(TokenError::RefreshFailed {
+        provider: slot.provider.clone(),
+        account: slot.account.clone(),
+        reason,
+        retry_after: UNAVAILABLE_RETRY_AFTER,
+        still_valid_until: valid,
+    })
+}
+
+/// `Retry-After` while the database cannot be reached: about the time the
+/// store takes to notice it is back (`store::postgres` reconnects at
+/// least every 2 s).
+const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// Runs one refresh with the flight lock held; the phases are in the
 /// module documentation.
