@@ -80,6 +80,8 @@ pub enum BackupError {
     ChecksumMismatch { path: String, sum: String },
     #[error("the checksum file {sum} is not in the `sha256sum` format; remove it or choose another backup (nothing was changed)")]
     ChecksumUnreadable { sum: String },
+    #[error("{companion} lies beside {path}: that file was copied from a live database (some of its commits may be only in the -wal), not made by `tokenkeeper backup`, which writes a single file; restore a file made by `tokenkeeper backup` (nothing was changed)")]
+    LiveCopy { path: String, companion: String },
     #[error("nothing was restored, the current database is unchanged: {source}")]
     Invalid { path: String, source: StoreError },
     #[error(
@@ -418,6 +420,18 @@ async fn copy_and_check(
     let meta = std::fs::metadata(file).map_err(read_error)?;
     if !meta.is_file() {
         return Err(read_error(std::io::Error::other("not a regular file")));
+    }
+    // A backup is one self-contained file (VACUUM INTO); a -wal or -shm
+    // beside it means a live database's files were copied, and restoring
+    // the main file alone would lose what only the -wal holds.
+    for ext in ["-wal", "-shm"] {
+        let companion = PathBuf::from(format!("{}{ext}", file.display()));
+        if std::fs::symlink_metadata(&companion).is_ok() {
+            return Err(BackupError::LiveCopy {
+                path: file.display().to_string(),
+                companion: companion.display().to_string(),
+            });
+        }
     }
     let _ = std::fs::remove_file(copy);
     let mut input = std::fs::File::open(file).map_err(read_error)?;

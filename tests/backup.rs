@@ -452,3 +452,32 @@ async fn a_backup_directory_others_can_write_or_own_is_refused() {
     assert_eq!(mode(&made[0]), 0o600);
     assert_eq!(mode(&sum_path(&made[0])), 0o600);
 }
+
+/// A file with a `-wal` or `-shm` beside it was copied from a live
+/// database, not made by `backup` (a single file): refused, nothing moved.
+#[tokio::test]
+async fn restore_refuses_a_file_with_a_wal_or_shm_beside_it() {
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    h.authorize_default().await;
+    let copy = h.dir.path().join("copied.db");
+    std::fs::copy(h.db_path(), &copy).unwrap();
+    h.stop().await;
+    let family_before = db_family(&h);
+    let db_before = std::fs::read(h.db_path()).unwrap();
+    for ext in ["-wal", "-shm"] {
+        let companion = PathBuf::from(format!("{}{ext}", copy.display()));
+        std::fs::write(&companion, b"").unwrap();
+        let out = h.cli(&["restore", copy.to_str().unwrap()]).await;
+        assert_eq!(out.status.code(), Some(1), "{ext}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("copied.db{ext} lies beside"))
+                && stderr(&out).contains("tokenkeeper backup"),
+            "{}",
+            stderr(&out)
+        );
+        assert_eq!(db_family(&h), family_before, "{ext}: nothing moved");
+        assert_eq!(std::fs::read(h.db_path()).unwrap(), db_before);
+        std::fs::remove_file(&companion).unwrap();
+    }
+}
