@@ -552,3 +552,62 @@ async fn connect_paste_refuses_an_expired_flow() {
     assert_eq!(h.sim.sim.stats().code_exchanges, 0);
     assert_eq!(h.connection("default").await, serde_json::Value::Null);
 }
+
+/// A grant stored by another process while the import is at the provider
+/// is never overwritten: the store compares again in its transaction. The
+/// imported pair (the only live copy of the other program's grant, since
+/// the provider rotated it) is kept under `ACCOUNT-imported`, and the
+/// message says so and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_never_overwrites_a_grant_stored_meanwhile() {
+    use tokenkeeper::dev::DelayPhase;
+    let h = Harness::started(Options {
+        provider: "request_timeout = \"60s\"".into(),
+        ..Options::default()
+    })
+    .await;
+    let theirs = mint_refresh_token(&h).await;
+    let file = token_file(&h, theirs.as_bytes());
+    let calls = h.sim.sim.stats().refresh_calls;
+    // The import's refresh is held at the provider, after the rotation,
+    // until the browser authorization below has landed.
+    h.sim
+        .sim
+        .set_token_delay(Duration::from_secs(10), DelayPhase::AfterRotation);
+    let args = ["import", "keap", "--refresh-token-file", &file];
+    let import = h.cli(&args);
+    let meanwhile = async {
+        eventually(
+            Duration::from_secs(20),
+            "the import at the provider",
+            || async { h.sim.sim.stats().refresh_calls > calls },
+        )
+        .await;
+        h.sim
+            .sim
+            .set_token_delay(Duration::ZERO, DelayPhase::BeforeProcessing);
+        h.authorize_default().await
+    };
+    let (out, stored) = tokio::join!(import, meanwhile);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("from another process") && err.contains("nothing was overwritten"),
+        "{err}"
+    );
+    assert!(
+        err.contains("keap/default-imported")
+            && err.contains("tokenkeeper revoke keap default-imported"),
+        "{err}"
+    );
+    // The grant stored meanwhile is the one served.
+    let (s, b) = h.token().await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["access_token"], stored.as_str());
+    // The imported grant lives on under its own name, and refreshes.
+    let (s, b) = h.get_json("/v1/token/keap/default-imported").await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = h.post_json("/v1/token/keap/default-imported/refresh").await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(h.sim.sim.stats().refresh_reuse, 0);
+}

@@ -341,6 +341,52 @@ async fn a_refresh_superseded_by_a_new_authorization_writes_nothing(kind: Kind) 
     assert!(now.lease_owner.is_none());
 }
 
+/// The conditional store of an import: it lands on no row or a dead one,
+/// and never over a working grant stored meanwhile (the compare is in the
+/// storing transaction).
+async fn a_conditional_authorization_never_overwrites_a_working_grant(kind: Kind) {
+    let Some(f) = Fixture::new(kind, "conditional_authorization", None).await else {
+        return;
+    };
+    let access = SecretString::from("access-imported".to_string());
+    let refresh = SecretString::from("refresh-imported".to_string());
+    let now = Utc::now();
+    let grant = NewGrant {
+        access_token: &access,
+        refresh_token: Some(&refresh),
+        token_type: "Bearer",
+        scope: None,
+        issued_at: now,
+        expires_at: now + Duration::hours(1),
+    };
+    let store = |account: &'static str| {
+        let (f, grant) = (&f, &grant);
+        async move {
+            f.store
+                .save_authorized_if_no_working_grant("keap", account, grant, &[], &[])
+                .await
+        }
+    };
+    // No row: it lands.
+    let (row, _) = store("fresh").await.unwrap();
+    assert_eq!(row.access_token.expose_secret(), "access-imported");
+    // A working grant stored meanwhile: nothing written.
+    let (id, generation) = authorize(&f.store, "1").await;
+    let Err(StoreError::WorkingGrantExists { provider, account }) = store("default").await else {
+        panic!("a working grant is never overwritten");
+    };
+    assert_eq!((provider.as_str(), account.as_str()), ("keap", "default"));
+    let kept = f.store.load_connection(id).await.unwrap().unwrap();
+    assert_eq!(kept.generation, generation);
+    assert_eq!(kept.access_token.expose_secret(), "access-1");
+    // A dead grant is replaced.
+    f.raw("UPDATE connections SET state = 'authorization_required' WHERE account = 'default'")
+        .await;
+    let (row, replaced) = store("default").await.unwrap();
+    assert_eq!(row.access_token.expose_secret(), "access-imported");
+    assert_eq!(replaced.unwrap().expose_secret(), "refresh-1");
+}
+
 async fn a_stalled_holder_still_lands_a_rotation_nobody_else_stored(kind: Kind) {
     let Some(f) = Fixture::new(kind, "stalled_commit", None).await else {
         return;
@@ -819,6 +865,7 @@ conformance!(
     a_commit_lands_only_at_the_generation_read_and_ends_the_lease,
     a_refresh_superseded_by_a_new_authorization_writes_nothing,
     a_stalled_holder_still_lands_a_rotation_nobody_else_stored,
+    a_conditional_authorization_never_overwrites_a_working_grant,
     fingerprints_are_kept_in_order_and_bounded,
     a_pending_authorization_is_taken_once_by_its_browser,
     expired_pending_authorizations_are_purged_and_live_ones_kept,

@@ -373,6 +373,7 @@ pub async fn authorized(
         grant,
         HistoryKind::Authorized,
         "authorized in the browser; the grant is stored",
+        false,
     )
     .await
 }
@@ -380,7 +381,9 @@ pub async fn authorized(
 /// Where every new grant lands (a browser or pasted authorization, an
 /// import): stored with its history event `kind` in the same transaction,
 /// served, and the grant it replaced revoked; `how` is the `authorized`
-/// notification's message.
+/// notification's message. With `only_if_no_working_grant` the store
+/// compares in its transaction and refuses with
+/// [`StoreError::WorkingGrantExists`] when a working grant is stored.
 pub(super) async fn land(
     shared: &Shared,
     provider: &str,
@@ -388,6 +391,7 @@ pub(super) async fn land(
     grant: &TokenGrant,
     kind: HistoryKind,
     how: &str,
+    only_if_no_working_grant: bool,
 ) -> Result<(), StoreError> {
     let new = NewGrant {
         access_token: &grant.access_token,
@@ -398,20 +402,22 @@ pub(super) async fn land(
         expires_at: grant.expires_at,
     };
     let fps = shared.fingerprints(grant);
-    let (row, replaced) = shared
-        .store
-        .save_authorized(
-            provider,
-            account,
-            &new,
-            &fps,
-            &[NewEvent::new(
-                (provider, account),
-                shared.clock().now(),
-                kind,
-            )],
-        )
-        .await?;
+    let events = [NewEvent::new(
+        (provider, account),
+        shared.clock().now(),
+        kind,
+    )];
+    let (row, replaced) = if only_if_no_working_grant {
+        shared
+            .store
+            .save_authorized_if_no_working_grant(provider, account, &new, &fps, &events)
+            .await?
+    } else {
+        shared
+            .store
+            .save_authorized(provider, account, &new, &fps, &events)
+            .await?
+    };
     shared.recognizer.add(row.id, &fps);
     shared.install(&row);
     shared.settings().notifier.emit(Event {

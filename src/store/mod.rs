@@ -98,6 +98,10 @@ pub enum StoreError {
     NotADatabase(String),
     #[error("the database cannot be written: {0}")]
     NotWritable(String),
+    /// A conditional store ([`Backend::save_authorized_if`]) found a
+    /// working grant stored meanwhile; nothing was written.
+    #[error("{provider}/{account} has a working grant stored by another process meanwhile; nothing was written")]
+    WorkingGrantExists { provider: String, account: String },
 }
 
 /// A sentence for a database failure: the common operator-fixable ones
@@ -493,6 +497,25 @@ pub trait Backend {
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
         events: &[NewEvent],
+    ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
+        self.save_authorized_if(provider, account, g, fps, events, false)
+            .await
+    }
+
+    /// [`Backend::save_authorized`], but when `only_if_no_working_grant`
+    /// is set, compare-and-swap on the connection's state in the same
+    /// transaction: the grant lands only if `provider/account` has no row,
+    /// or one in `authorization_required`; otherwise nothing is written
+    /// and the answer is [`StoreError::WorkingGrantExists`] (another
+    /// process stored a grant after the caller looked).
+    async fn save_authorized_if(
+        &self,
+        provider: &str,
+        account: &str,
+        g: &NewGrant<'_>,
+        fps: &[Fingerprint],
+        events: &[NewEvent],
+        only_if_no_working_grant: bool,
     ) -> Result<(ConnectionRow, Option<SecretString>), StoreError>;
 
     /// The lease and the journal in one atomic step: takes the refresh
@@ -994,6 +1017,20 @@ impl Store {
         events: &[NewEvent],
     ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
         on_backend!(self, b => b.save_authorized(provider, account, g, fps, events).await)
+    }
+
+    /// Stores a grant only if `provider/account` has no working grant,
+    /// checked in the storing transaction (see
+    /// [`Backend::save_authorized_if`]).
+    pub async fn save_authorized_if_no_working_grant(
+        &self,
+        provider: &str,
+        account: &str,
+        g: &NewGrant<'_>,
+        fps: &[Fingerprint],
+        events: &[NewEvent],
+    ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
+        on_backend!(self, b => b.save_authorized_if(provider, account, g, fps, events, true).await)
     }
 
     /// Takes the refresh lease and records "refresh started" in one step
