@@ -3,6 +3,7 @@
 //! tests can inject faults and inspect what the provider saw.
 #![allow(dead_code)]
 
+pub mod engine;
 pub mod postgres;
 
 use std::net::TcpListener as StdListener;
