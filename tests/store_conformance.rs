@@ -80,22 +80,8 @@ fn fp(kind: TokenKind, n: u8) -> Fingerprint {
 async fn authorize(store: &Store, n: &str) -> (i64, i64) {
     let access = SecretString::from(format!("access-{n}"));
     let refresh = SecretString::from(format!("refresh-{n}"));
-    let now = Utc::now();
     let (row, _) = store
-        .save_authorized(
-            "keap",
-            "default",
-            &NewGrant {
-                access_token: &access,
-                refresh_token: Some(&refresh),
-                token_type: "Bearer",
-                scope: None,
-                issued_at: now,
-                expires_at: now + Duration::hours(1),
-            },
-            &[],
-            &[],
-        )
+        .save_authorized("keap", "default", &grant(&access, &refresh), &[], &[])
         .await
         .unwrap();
     (row.id, row.generation)
@@ -126,6 +112,29 @@ async fn begin_seen(
         .unwrap()
 }
 
+/// `asker` asks for a lease someone else holds: refused; returns the
+/// holder as seen then (for a takeover), `why` being the panic otherwise.
+async fn busy_as_seen(
+    store: &Store,
+    id: i64,
+    (owner, attempt): (&str, &str),
+    why: &str,
+) -> LeaseSeen {
+    let BeginRefresh::Busy {
+        owner,
+        attempt,
+        until,
+    } = begin(store, id, owner, attempt).await
+    else {
+        panic!("{why}");
+    };
+    LeaseSeen {
+        owner,
+        attempt,
+        until_ms: Some(until.timestamp_millis()),
+    }
+}
+
 async fn commit(
     store: &Store,
     id: i64,
@@ -136,7 +145,6 @@ async fn commit(
 ) -> CommitOutcome {
     let access = SecretString::from(format!("access-{n}"));
     let refresh = SecretString::from(format!("refresh-{n}"));
-    let now = Utc::now();
     store
         .commit_refresh(
             id,
@@ -145,12 +153,8 @@ async fn commit(
             attempt,
             base,
             &NewGrant {
-                access_token: &access,
                 refresh_token: rotate.then_some(&refresh),
-                token_type: "Bearer",
-                scope: None,
-                issued_at: now,
-                expires_at: now + Duration::hours(1),
+                ..grant(&access, &refresh)
             },
             &[fp(TokenKind::Access, 7)],
             &[],
@@ -173,20 +177,17 @@ async fn a_lease_refuses_a_second_owner_until_taken_over_as_seen(kind: Kind) {
     assert!(row.attempt_started_at.is_some());
     assert_eq!(row.attempt_id.as_deref(), Some("a1"));
 
-    let BeginRefresh::Busy {
-        owner,
-        attempt,
-        until,
-    } = begin(&f.store, id, "b", "b1").await
-    else {
-        panic!("a held lease refuses another owner");
-    };
-    assert_eq!((owner.as_str(), attempt.as_deref()), ("a", Some("a1")));
-    let seen = LeaseSeen {
-        owner,
-        attempt,
-        until_ms: Some(until.timestamp_millis()),
-    };
+    let seen = busy_as_seen(
+        &f.store,
+        id,
+        ("b", "b1"),
+        "a held lease refuses another owner",
+    )
+    .await;
+    assert_eq!(
+        (seen.owner.as_str(), seen.attempt.as_deref()),
+        ("a", Some("a1"))
+    );
 
     // The holder renews: what B saw is no longer what is stored.
     let later = Utc::now() + Duration::seconds(60);
@@ -198,19 +199,7 @@ async fn a_lease_refuses_a_second_owner_until_taken_over_as_seen(kind: Kind) {
 
     // Seen again, as stored now (the engine judged it lapsed): taken over,
     // and the unfinished attempt is recorded as interrupted.
-    let BeginRefresh::Busy {
-        owner,
-        attempt,
-        until,
-    } = begin(&f.store, id, "b", "b1").await
-    else {
-        panic!("still held");
-    };
-    let seen = LeaseSeen {
-        owner,
-        attempt,
-        until_ms: Some(until.timestamp_millis()),
-    };
+    let seen = busy_as_seen(&f.store, id, ("b", "b1"), "still held").await;
     let BeginRefresh::Started(row) = begin_seen(&f.store, id, "b", "b1", Some(&seen)).await else {
         panic!("a lease seen exactly as stored is taken over");
     };
@@ -350,17 +339,9 @@ async fn a_conditional_authorization_never_overwrites_a_working_grant(kind: Kind
     };
     let access = SecretString::from("access-imported".to_string());
     let refresh = SecretString::from("refresh-imported".to_string());
-    let now = Utc::now();
-    let grant = NewGrant {
-        access_token: &access,
-        refresh_token: Some(&refresh),
-        token_type: "Bearer",
-        scope: None,
-        issued_at: now,
-        expires_at: now + Duration::hours(1),
-    };
+    let imported = grant(&access, &refresh);
     let store = |account: &'static str| {
-        let (f, grant) = (&f, &grant);
+        let (f, grant) = (&f, &imported);
         async move {
             f.store
                 .save_authorized_if_no_working_grant("keap", account, grant, &[], &[])
@@ -395,19 +376,7 @@ async fn a_stalled_holder_still_lands_a_rotation_nobody_else_stored(kind: Kind) 
     let BeginRefresh::Started(_) = begin(&f.store, id, "a", "a1").await else {
         panic!("lease");
     };
-    let BeginRefresh::Busy {
-        owner,
-        attempt,
-        until,
-    } = begin(&f.store, id, "b", "b1").await
-    else {
-        panic!("busy");
-    };
-    let seen = LeaseSeen {
-        owner,
-        attempt,
-        until_ms: Some(until.timestamp_millis()),
-    };
+    let seen = busy_as_seen(&f.store, id, ("b", "b1"), "busy").await;
     assert!(matches!(
         begin_seen(&f.store, id, "b", "b1", Some(&seen)).await,
         BeginRefresh::Started(_)
@@ -441,7 +410,6 @@ async fn fingerprints_are_kept_in_order_and_bounded(kind: Kind) {
             panic!("lease");
         };
         let access = SecretString::from("a".to_string());
-        let now = Utc::now();
         let CommitOutcome::Committed { row, .. } = f
             .store
             .commit_refresh(
@@ -451,12 +419,8 @@ async fn fingerprints_are_kept_in_order_and_bounded(kind: Kind) {
                 &format!("a{n}"),
                 generation,
                 &NewGrant {
-                    access_token: &access,
                     refresh_token: None,
-                    token_type: "Bearer",
-                    scope: None,
-                    issued_at: now,
-                    expires_at: now + Duration::hours(1),
+                    ..grant(&access, &access)
                 },
                 &[fp(TokenKind::Refresh, n as u8)],
                 &[],
