@@ -198,29 +198,12 @@ async fn three_daemons_on_one_postgres_make_one_refresh_for_a_herd() {
     }
 
     let started = Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for i in 0..300 {
-        let base = [h.url(""), url2.clone(), url3.clone()][i % 3].clone();
-        let http = h.http.clone();
-        set.spawn(async move {
-            let r = http
-                .get(format!("{base}/v1/token/keap"))
-                .send()
-                .await
-                .expect("daemon answers");
-            let s = r.status().as_u16();
-            (s, r.json::<Value>().await.unwrap_or(Value::Null))
-        });
-    }
-    let mut tokens = std::collections::HashMap::<String, u32>::new();
-    let mut statuses = std::collections::HashMap::<u16, u32>::new();
-    while let Some(res) = set.join_next().await {
-        let (s, b) = res.unwrap();
-        *statuses.entry(s).or_default() += 1;
-        if let Some(t) = b["access_token"].as_str() {
-            *tokens.entry(t.to_string()).or_default() += 1;
-        }
-    }
+    let bases = [h.url(""), url2.clone(), url3.clone()];
+    let common::HerdTally { statuses, tokens } = common::herd(
+        &h.http,
+        (0..300).map(|i| format!("{}/v1/token/keap", bases[i % 3])),
+    )
+    .await;
     let after = h.sim.sim.stats();
     let calls = after.refresh_calls - before.refresh_calls;
     eprintln!(

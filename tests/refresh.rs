@@ -192,25 +192,8 @@ async fn herd_of_500_shares_one_refresh() {
     common::signal(h.daemon.as_ref().unwrap(), libc::SIGCONT);
 
     let started = Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..500 {
-        let http = h.http.clone();
-        let url = h.url("/v1/token/keap");
-        set.spawn(async move {
-            let r = http.get(url).send().await.expect("daemon answers");
-            let s = r.status().as_u16();
-            (s, r.json::<Value>().await.unwrap_or(Value::Null))
-        });
-    }
-    let mut tokens = std::collections::HashMap::<String, u32>::new();
-    let mut statuses = std::collections::HashMap::<u16, u32>::new();
-    while let Some(res) = set.join_next().await {
-        let (s, b) = res.unwrap();
-        *statuses.entry(s).or_default() += 1;
-        if let Some(t) = b["access_token"].as_str() {
-            *tokens.entry(t.to_string()).or_default() += 1;
-        }
-    }
+    let common::HerdTally { statuses, tokens } =
+        common::herd(&h.http, std::iter::repeat_n(h.url("/v1/token/keap"), 500)).await;
     let took = started.elapsed();
     let after = h.sim.sim.stats();
     let calls = after.refresh_calls - before.refresh_calls;

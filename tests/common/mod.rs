@@ -599,6 +599,39 @@ pub fn cookie(r: &reqwest::Response) -> String {
     set.split(';').next().unwrap_or_default().to_string()
 }
 
+/// What a herd of token requests got: how many answers had each status,
+/// and how many times each access token was served.
+pub struct HerdTally {
+    pub statuses: std::collections::HashMap<u16, u32>,
+    pub tokens: std::collections::HashMap<String, u32>,
+}
+
+/// Sends `GET url` for every url of `urls` at once (a thundering herd) and
+/// tallies the answers.
+pub async fn herd(http: &reqwest::Client, urls: impl IntoIterator<Item = String>) -> HerdTally {
+    let mut set = tokio::task::JoinSet::new();
+    for url in urls {
+        let http = http.clone();
+        set.spawn(async move {
+            let r = http.get(url).send().await.expect("daemon answers");
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        });
+    }
+    let mut tally = HerdTally {
+        statuses: Default::default(),
+        tokens: Default::default(),
+    };
+    while let Some(res) = set.join_next().await {
+        let (s, b) = res.unwrap();
+        *tally.statuses.entry(s).or_default() += 1;
+        if let Some(t) = b["access_token"].as_str() {
+            *tally.tokens.entry(t.to_string()).or_default() += 1;
+        }
+    }
+    tally
+}
+
 /// Polls `cond` every 50 ms until it holds or `limit` passes.
 pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut cond: F)
 where
