@@ -280,10 +280,14 @@ async fn tokenkeeper_log_prints_the_history_oldest_first_and_as_json() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn tokenkeeper_log_follow_shows_new_events_and_ends_with_its_reader() {
-    let h = Harness::started(quiet()).await;
-    h.authorize_default().await;
+/// `tokenkeeper log keap --follow` started, its first line (the
+/// authorization) read; returns the child and its remaining lines.
+async fn follow_log(
+    h: &Harness,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) {
     let mut child = tokio::process::Command::new(common::BIN)
         .args(["log", "keap", "--follow", "--config"])
         .arg(&h.config_path)
@@ -295,6 +299,14 @@ async fn tokenkeeper_log_follow_shows_new_events_and_ends_with_its_reader() {
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
     let first = lines.next_line().await.unwrap().unwrap();
     assert!(first.contains("authorized"), "{first}");
+    (child, lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokenkeeper_log_follow_shows_new_events_and_ends_with_its_reader() {
+    let h = Harness::started(quiet()).await;
+    h.authorize_default().await;
+    let (mut child, mut lines) = follow_log(&h).await;
     let (s, b) = h.force_refresh().await;
     assert_eq!(s, 200, "{b}");
     let next = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
@@ -487,17 +499,7 @@ async fn migrate_storage_copies_the_history() {
 async fn tokenkeeper_log_follow_ends_cleanly_on_ctrl_c() {
     let h = Harness::started(quiet()).await;
     h.authorize_default().await;
-    let mut child = tokio::process::Command::new(common::BIN)
-        .args(["log", "keap", "--follow", "--config"])
-        .arg(&h.config_path)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
-    let first = lines.next_line().await.unwrap().unwrap();
-    assert!(first.contains("authorized"), "{first}");
+    let (mut child, _lines) = follow_log(&h).await;
     let pid = child.id().expect("running") as i32;
     // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
     unsafe {

@@ -13,18 +13,6 @@ use common::{Harness, Options};
 use serde_json::Value;
 use tokenkeeper::dev::DelayPhase;
 
-/// Kills the child on drop, so a failed assertion leaves no daemon behind.
-struct KillOnDrop(Option<std::process::Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// A daemon with `opts` on the PostgreSQL database `url`, started, with
 /// `keap/default` authorized; returns it and the access token it serves.
 async fn daemon_on(url: &str, opts: Options) -> (Harness, String) {
@@ -81,7 +69,7 @@ async fn assert_offline_refused(at: &tokenkeeper::store::Location, why: &str) {
 }
 
 /// Another daemon of the same cluster: `h`'s config on another port.
-async fn another_daemon(h: &Harness, n: usize) -> (KillOnDrop, String) {
+async fn another_daemon(h: &Harness, n: usize) -> (common::KillOnDrop, String) {
     let port = common::free_port();
     let text = std::fs::read_to_string(&h.config_path).unwrap();
     let listen = format!("listen = \"127.0.0.1:{}\"", h.port);
@@ -93,7 +81,7 @@ async fn another_daemon(h: &Harness, n: usize) -> (KillOnDrop, String) {
     )
     .unwrap();
     let log = h.dir.path().join(format!("daemon-{n}.log"));
-    let mut child = KillOnDrop(Some(common::spawn_daemon(&config, &log, &h.rust_log, &[])));
+    let mut child = common::KillOnDrop(Some(common::spawn_daemon(&config, &log, &h.rust_log, &[])));
     let base = format!("http://127.0.0.1:{port}");
     common::wait_healthy(
         &h.http,

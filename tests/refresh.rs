@@ -80,18 +80,6 @@ async fn read_db(path: &Path) -> DbRow {
     row
 }
 
-/// Kills the child on drop, so a failed assertion leaves no daemon behind.
-struct KillOnDrop(Option<std::process::Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------
 // 1. proactive refresh on schedule
 
@@ -244,7 +232,7 @@ async fn two_processes_share_one_database_without_reuse() {
     )
     .unwrap();
     let log2 = h.dir.path().join("daemon-2.log");
-    let mut second = KillOnDrop(Some(common::spawn_daemon(
+    let mut second = common::KillOnDrop(Some(common::spawn_daemon(
         &config2,
         &log2,
         &h.rust_log,

@@ -19,6 +19,15 @@ fn sink(path: &Path, extra: &str) -> String {
     )
 }
 
+/// A daemon started with `sinks` under `[providers.keap]`.
+async fn with_sinks(sinks: String) -> Harness {
+    Harness::started(Options {
+        provider: sinks,
+        ..Options::default()
+    })
+    .await
+}
+
 fn read(path: &Path) -> Option<String> {
     std::fs::read_to_string(path).ok()
 }
@@ -215,11 +224,7 @@ async fn the_command_runs_after_each_write_and_its_failure_stops_nothing() {
         ),
     ]
     .concat();
-    let mut h = Harness::started(Options {
-        provider,
-        ..Options::default()
-    })
-    .await;
+    let mut h = with_sinks(provider).await;
     let first = h.authorize_default().await;
     let line = |t: &str| format!("{t} keap default clean");
     eventually(
@@ -380,11 +385,7 @@ async fn a_refused_write_is_logged_and_retried_while_refreshing_goes_on() {
     let dir = out.path().join("files");
     std::fs::create_dir(&dir).unwrap();
     let path = dir.join("token");
-    let mut h = Harness::started(Options {
-        provider: sink(&path, ""),
-        ..Options::default()
-    })
-    .await;
+    let mut h = with_sinks(sink(&path, "")).await;
     // The directory goes away under the running daemon (as root, a mode
     // would not stop the write).
     std::fs::remove_dir(&dir).unwrap();
@@ -424,11 +425,7 @@ async fn a_refused_write_is_logged_and_retried_while_refreshing_goes_on() {
 async fn a_reload_rereads_the_sinks() {
     let out = tempfile::tempdir().unwrap();
     let (a, b) = (out.path().join("a"), out.path().join("b"));
-    let h = Harness::started(Options {
-        provider: sink(&a, ""),
-        ..Options::default()
-    })
-    .await;
+    let h = with_sinks(sink(&a, "")).await;
     let first = h.authorize_default().await;
     file_holds(&a, &first).await;
     h.write_config("", "", &sink(&b, "format = \"header\""));
@@ -514,11 +511,7 @@ async fn revoking_or_forgetting_removes_the_token_file() {
     let out = tempfile::tempdir().unwrap();
     let (a, b) = (out.path().join("a"), out.path().join("b"));
     let provider = [sink(&a, ""), sink(&b, "account = \"second\"")].concat();
-    let h = Harness::started(Options {
-        provider,
-        ..Options::default()
-    })
-    .await;
+    let h = with_sinks(provider).await;
     let first = h.authorize_default().await;
     file_holds(&a, &first).await;
     let r = h.authorize("keap", "second").await;
@@ -570,11 +563,7 @@ async fn a_hanging_command_does_not_delay_the_next_write() {
         ),
     ]
     .concat();
-    let mut h = Harness::started(Options {
-        provider,
-        ..Options::default()
-    })
-    .await;
+    let mut h = with_sinks(provider).await;
     let first = h.authorize_default().await;
     file_holds(&slow, &first).await;
     for _ in 0..2 {

@@ -599,6 +599,18 @@ pub fn cookie(r: &reqwest::Response) -> String {
     set.split(';').next().unwrap_or_default().to_string()
 }
 
+/// Kills the child on drop, so a failed assertion leaves no daemon behind.
+pub struct KillOnDrop(pub Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// What a herd of token requests got: how many answers had each status,
 /// and how many times each access token was served.
 pub struct HerdTally {
