@@ -354,15 +354,13 @@ async fn a_failing_backup_is_logged_counted_and_notified_and_serving_goes_on() {
     let mut h = Harness::new(Options::default()).await;
     let out = h.dir.path().join("events");
     let script = h.dir.path().join("notify.sh");
-    std::fs::write(
+    common::write_script(
         &script,
         format!(
             "#!/bin/sh\necho \"$TOKENKEEPER_EVENT $TOKENKEEPER_MESSAGE\" >> {}\n",
             out.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     // A backup directory that cannot be created: its parent is a file
     // (permissions would not stop root).
     let blocker = h.dir.path().join("not-a-dir");

@@ -611,6 +611,13 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Writes an executable script (`text` with its `#!` line) at `path`.
+pub fn write_script(path: &Path, text: impl AsRef<str>) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text.as_ref()).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
 /// What a herd of token requests got: how many answers had each status,
 /// and how many times each access token was served.
 pub struct HerdTally {
