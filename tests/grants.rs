@@ -101,11 +101,8 @@ async fn forced_refresh_under_a_write_lock(
 
 async fn delete(h: &Harness, query: &str) -> (u16, Value) {
     let r = h
-        .http
-        .delete(h.url(&format!("/v1/connections/keap/default{query}")))
-        .send()
-        .await
-        .expect("daemon answers");
+        .delete(&format!("/v1/connections/keap/default{query}"))
+        .await;
     let s = r.status().as_u16();
     (s, r.json::<Value>().await.unwrap_or(Value::Null))
 }

@@ -117,12 +117,7 @@ async fn walk_through_the_lifecycle(h: &Harness) {
         },
     )
     .await;
-    let r = h
-        .http
-        .delete(h.url("/v1/connections/keap/default"))
-        .send()
-        .await
-        .unwrap();
+    let r = h.delete("/v1/connections/keap/default").await;
     assert_eq!(r.status(), 204);
 
     let (s, page) = events(h, "").await;

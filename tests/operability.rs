@@ -860,12 +860,7 @@ async fn an_unreadable_row_is_never_refreshed_written_or_revoked_from() {
         let m = v["message"].as_str().unwrap();
         assert!(m.contains(what) && m.contains("not refreshed"), "{v}");
         // An upstream revocation is refused: the refresh token is unknown.
-        let r = h
-            .http
-            .delete(h.url(&format!("/v1/connections/keap/{account}")))
-            .send()
-            .await
-            .unwrap();
+        let r = h.delete(&format!("/v1/connections/keap/{account}")).await;
         let s = r.status().as_u16();
         let v: serde_json::Value = r.json().await.unwrap_or_default();
         assert_eq!(s, 409, "{v}");
@@ -892,12 +887,7 @@ async fn an_unreadable_row_is_never_refreshed_written_or_revoked_from() {
     assert!(sim.access_token_valid(v["access_token"].as_str().unwrap()));
 
     // A local forget of the other is allowed.
-    let r = h
-        .http
-        .delete(h.url("/v1/connections/keap/second?local=true"))
-        .send()
-        .await
-        .unwrap();
+    let r = h.delete("/v1/connections/keap/second?local=true").await;
     assert!(r.status().is_success(), "{}", r.status());
     assert!(h.connection("second").await.is_null());
 }

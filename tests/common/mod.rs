@@ -442,6 +442,15 @@ api_base_url = "{sim}/api"
             .expect("daemon answers")
     }
 
+    /// DELETE a daemon path.
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.http
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("daemon answers")
+    }
+
     pub async fn post_json(&self, path: &str) -> (u16, Value) {
         let r = self.post(path).await;
         let status = r.status().as_u16();
