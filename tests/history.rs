@@ -15,7 +15,7 @@ use common::{Harness, Options};
 use serde_json::Value;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection, Row};
-use tokenkeeper::dev::{DelayPhase, Fault};
+use tokenkeeper::dev::Fault;
 
 const EVENTS: &str = "/v1/connections/keap/default/events";
 
@@ -358,25 +358,10 @@ async fn a_refresh_whose_commit_fails_is_recorded_only_when_its_grant_lands() {
     let h = Harness::started(quiet()).await;
     h.authorize_default().await;
     let sim = h.sim.sim.clone();
-    sim.set_token_delay(Duration::from_millis(700), DelayPhase::BeforeProcessing);
-    let forced = h.spawn_post("/v1/token/keap/refresh");
-    common::eventually(
-        Duration::from_secs(5),
-        "the refresh call is out",
-        || async { sim.stats().refresh_calls == 1 },
-    )
-    .await;
     // Another writer holds the database past the store's busy timeout: the
     // commit of the rotated pair fails, and the grant is held in memory.
-    let mut lock = SqliteConnectOptions::new()
-        .filename(h.db_path())
-        .connect()
-        .await
-        .unwrap();
-    sqlx::query("BEGIN EXCLUSIVE")
-        .execute(&mut lock)
-        .await
-        .unwrap();
+    let (forced, mut lock) =
+        common::forced_refresh_under_a_write_lock(&h, Duration::from_millis(700)).await;
     let (s, b) = forced.await.unwrap();
     assert_eq!(s, 503, "{b}");
     assert_eq!(sim.stats().refresh_ok, 1, "the provider rotated");

@@ -627,6 +627,40 @@ pub fn write_script(path: &Path, text: impl AsRef<str>) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+/// Forces a refresh whose answer arrives `delay` late and, once the call is
+/// out ("refresh started" committed), takes an exclusive write lock on the
+/// database, as another writer holding it past the store's busy timeout
+/// (10 s) would: the commit of the rotated pair fails. Returns the forced
+/// request and the locking connection (roll back or drop it to release).
+pub async fn forced_refresh_under_a_write_lock(
+    h: &Harness,
+    delay: Duration,
+) -> (
+    tokio::task::JoinHandle<(u16, Value)>,
+    sqlx::SqliteConnection,
+) {
+    use sqlx::ConnectOptions;
+    let sim = h.sim.sim.clone();
+    sim.set_token_delay(delay, tokenkeeper::dev::DelayPhase::BeforeProcessing);
+    let forced = h.spawn_post("/v1/token/keap/refresh");
+    eventually(
+        Duration::from_secs(5),
+        "the refresh call is out",
+        || async { sim.stats().refresh_calls == 1 },
+    )
+    .await;
+    let mut lock = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(h.db_path())
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    (forced, lock)
+}
+
 /// What a herd of token requests got: how many answers had each status,
 /// and how many times each access token was served.
 pub struct HerdTally {
