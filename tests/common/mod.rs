@@ -661,6 +661,30 @@ pub async fn forced_refresh_under_a_write_lock(
     (forced, lock)
 }
 
+/// Replaces `h`'s config by one with a quick refresh schedule and the one
+/// provider table `provider` (its `[providers.NAME]` line included).
+pub fn write_config_with_provider(h: &Harness, provider: &str) {
+    let text = format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+
+[storage]
+path = "{db}"
+
+[refresh]
+check_interval = "1s"
+jitter = "0s"
+retry_initial = "1s"
+retry_max = "4s"
+
+{provider}
+"#,
+        port = h.port,
+        db = h.db_path().display(),
+    );
+    std::fs::write(&h.config_path, text).unwrap();
+}
+
 /// What a herd of token requests got: how many answers had each status,
 /// and how many times each access token was served.
 pub struct HerdTally {
