@@ -102,9 +102,7 @@ fn import_error(e: ImportError, provider: &str, account: &str) -> ApiError {
         | ImportError::OurRefreshToken { .. } => {
             refused(StatusCode::BAD_REQUEST, "not_a_refresh_token", message)
         }
-        ImportError::Exists { .. } | ImportError::StoredMeanwhile { .. } => {
-            refused(StatusCode::CONFLICT, "connection_exists", message)
-        }
+        ImportError::Exists { .. } => refused(StatusCode::CONFLICT, "connection_exists", message),
         ImportError::Rejected { .. } => {
             tracing::info!(
                 provider,
@@ -122,6 +120,9 @@ fn import_error(e: ImportError, provider: &str, account: &str) -> ApiError {
             retry_after: retry_after.unwrap_or(std::time::Duration::from_secs(5)),
         },
         ImportError::Store(s) => ApiError::Internal(s.to_string()),
+        ImportError::StoredMeanwhile { .. } => {
+            refused(StatusCode::CONFLICT, "connection_exists", message)
+        }
     }
 }
 

@@ -1006,19 +1006,6 @@ impl Store {
         on_backend!(self, b => b.load_discovery(issuer).await)
     }
 
-    /// Stores a grant obtained by a browser authorization, replacing any
-    /// earlier grant (see [`Backend::save_authorized`]).
-    pub async fn save_authorized(
-        &self,
-        provider: &str,
-        account: &str,
-        g: &NewGrant<'_>,
-        fps: &[Fingerprint],
-        events: &[NewEvent],
-    ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
-        on_backend!(self, b => b.save_authorized(provider, account, g, fps, events).await)
-    }
-
     /// Stores a grant only if `provider/account` has no working grant,
     /// checked in the storing transaction (see
     /// [`Backend::save_authorized_if`]).
@@ -1031,6 +1018,19 @@ impl Store {
         events: &[NewEvent],
     ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
         on_backend!(self, b => b.save_authorized_if(provider, account, g, fps, events, true).await)
+    }
+
+    /// Stores a grant obtained by a browser authorization, replacing any
+    /// earlier grant (see [`Backend::save_authorized`]).
+    pub async fn save_authorized(
+        &self,
+        provider: &str,
+        account: &str,
+        g: &NewGrant<'_>,
+        fps: &[Fingerprint],
+        events: &[NewEvent],
+    ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
+        on_backend!(self, b => b.save_authorized(provider, account, g, fps, events).await)
     }
 
     /// Takes the refresh lease and records "refresh started" in one step
