@@ -60,6 +60,8 @@ const STAMP: &str = "%Y%m%dT%H%M%S%.3fZ";
 pub enum BackupError {
     #[error("cannot use the backup directory {dir} ({source}); create it, or give the service user write access to it (backup.dir)")]
     Dir { dir: String, source: std::io::Error },
+    #[error("{0}")]
+    UnsafeDir(String),
     #[error("cannot write {path} ({source}); check free space and permissions")]
     Write {
         path: String,
@@ -78,6 +80,8 @@ pub enum BackupError {
     ChecksumMismatch { path: String, sum: String },
     #[error("the checksum file {sum} is not in the `sha256sum` format; remove it or choose another backup (nothing was changed)")]
     ChecksumUnreadable { sum: String },
+    #[error("{companion} lies beside {path}: that file was copied from a live database (some of its commits may be only in the -wal), not made by `tokenkeeper backup`, which writes a single file; restore a file made by `tokenkeeper backup` (nothing was changed)")]
+    LiveCopy { path: String, companion: String },
     #[error("nothing was restored, the current database is unchanged: {source}")]
     Invalid { path: String, source: StoreError },
     #[error(
@@ -153,6 +157,7 @@ impl Backups {
             source,
         };
         crate::store::create_private_dir(dir).map_err(dir_error)?;
+        check_dir(dir).map_err(BackupError::UnsafeDir)?;
         let name = backup_name(Utc::now());
         let path = dir.join(&name);
         let partial = dir.join(format!(".{name}.partial"));
@@ -212,6 +217,44 @@ impl Backups {
             .store(true, std::sync::atomic::Ordering::Release);
         let _ = tokio::time::timeout(STOP_WAIT, self.running.lock()).await;
     }
+}
+
+/// Refuses a backup directory another user could write into or owns: such
+/// a user could remove or replace a backup (a restore would then put their
+/// file in place) or read the next one through a link. `Ok` when `dir`
+/// does not exist yet (it is created 0700) or cannot be looked at. The sentence names the
+/// directory and the fix.
+pub fn check_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    // A directory that cannot be looked at is reported by the attempt to
+    // create or write it, with the cause ([`BackupError::Dir`]).
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Ok(());
+    };
+    if !meta.is_dir() {
+        return Err(format!(
+            "the backup directory {} is not a directory; give the path of a directory (backup.dir)",
+            dir.display()
+        ));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(format!(
+            "the backup directory {} belongs to another user (uid {}), who could replace or remove backups; use a directory owned by this service's user (uid {me}), mode 0700 (backup.dir)",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "the backup directory {} is writable by other users (mode {mode:04o}), who could replace or remove backups; run `chmod 700 {}` (backup.dir)",
+            dir.display(),
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// The file name of a backup made at `at`.
@@ -377,6 +420,18 @@ async fn copy_and_check(
     let meta = std::fs::metadata(file).map_err(read_error)?;
     if !meta.is_file() {
         return Err(read_error(std::io::Error::other("not a regular file")));
+    }
+    // A backup is one self-contained file (VACUUM INTO); a -wal or -shm
+    // beside it means a live database's files were copied, and restoring
+    // the main file alone would lose what only the -wal holds.
+    for ext in ["-wal", "-shm"] {
+        let companion = PathBuf::from(format!("{}{ext}", file.display()));
+        if std::fs::symlink_metadata(&companion).is_ok() {
+            return Err(BackupError::LiveCopy {
+                path: file.display().to_string(),
+                companion: companion.display().to_string(),
+            });
+        }
     }
     let _ = std::fs::remove_file(copy);
     let mut input = std::fs::File::open(file).map_err(read_error)?;

@@ -1228,7 +1228,15 @@ impl<'a> Reader<'a> {
             Some((d, span)) => {
                 let d = PathBuf::from(d);
                 if d.is_absolute() {
-                    Some(d)
+                    // Client commands run as other users and never write
+                    // backups; the daemon and `backup` do.
+                    match crate::backup::check_dir(&d) {
+                        Err(e) if self.mode == Mode::Daemon => {
+                            self.problem("backup.dir", Some(span), e);
+                            None
+                        }
+                        _ => Some(d),
+                    }
                 } else {
                     self.problem(
                         "backup.dir",
@@ -1904,10 +1912,15 @@ impl Reader<'_> {
             let mode = match self.get(st, "mode") {
                 None => 0o600,
                 Some(m) => match m.get_ref() {
-                    DeValue::String(ms) => sinks::parse_mode(ms).unwrap_or_else(|e| {
-                        self.problem(&join(&key, "mode"), Some(m.span()), e);
-                        0o600
-                    }),
+                    DeValue::String(ms) => {
+                        match sinks::parse_mode(ms).and_then(|m| sinks::check_mode(m).map(|()| m)) {
+                            Ok(m) => m,
+                            Err(e) => {
+                                self.problem(&join(&key, "mode"), Some(m.span()), e);
+                                0o600
+                            }
+                        }
+                    }
                     other => {
                         let msg = format!("expected an octal string such as \"0640\", found {} (a bare number would be read as decimal)", other.type_str());
                         self.problem(&join(&key, "mode"), Some(m.span()), msg);

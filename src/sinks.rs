@@ -8,7 +8,10 @@
 //! it last wrote, replaces the file atomically ([`write_atomic`]: a
 //! temporary file in the same directory, created with the final mode and
 //! never through a symbolic link, written, fsynced, renamed over the path,
-//! then the directory fsynced), then runs the sink's `command`, if any.
+//! then the directory fsynced), then wakes the sink's `command`, if any,
+//! which runs on a task of its own so that a hanging command never delays
+//! the next write. When the connection is revoked or forgotten the file is
+//! removed, so it never offers a token that is no longer the grant's.
 //! The writes run on the blocking pool, so a slow or full disk delays only
 //! its own sink, never the engine or the token endpoint. A write that
 //! fails is logged with the path, counted in
@@ -110,6 +113,25 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
     }
 }
 
+/// Checks that a token file's `mode` keeps the token to its owner and,
+/// at most, lets the `group` read it: a bit for other users would hand the
+/// token to every account on the machine, and a group write bit would let
+/// a group member put something else in the file, which SPEC 12 says
+/// never holds anything but the token.
+pub fn check_mode(mode: u32) -> Result<(), String> {
+    if mode & 0o007 != 0 {
+        return Err(format!(
+            "mode \"{mode:04o}\" lets every user on this machine read or change the token; use \"0600\", or \"0640\" with group = the reading program's group"
+        ));
+    }
+    if mode & 0o020 != 0 {
+        return Err(format!(
+            "mode \"{mode:04o}\" lets the group write the token file, which must hold nothing but the token; use \"0640\" (the group may read)"
+        ));
+    }
+    Ok(())
+}
+
 /// The gid of group `name` (a name, or a number), from the system's group
 /// database.
 pub fn resolve_group(name: &str) -> Result<u32, String> {
@@ -186,41 +208,70 @@ fn env_value(v: &str) -> String {
     }
 }
 
-/// Replaces the file at `path` with `contents`, atomically: a temporary
-/// file in the same directory (created exclusively, never through a
-/// symbolic link, with `mode` and `gid` set before anything is written),
-/// written and fsynced, renamed over `path` (which replaces a symbolic
-/// link planted there instead of following it), then the directory
-/// fsynced so the rename survives a crash. Returns whether a symbolic link
-/// stood at `path`.
+/// Replaces the file at `path` with `contents`, atomically: the directory
+/// is opened once (never through a symbolic link) and every step after
+/// that is relative to that open directory, so renaming or replacing a
+/// directory on the path meanwhile cannot redirect the write. A temporary
+/// file is created in it (exclusively, never through a link, with `mode`
+/// and `gid` set before anything is written), written and fsynced, renamed
+/// over the file name (which replaces a symbolic link planted there instead
+/// of following it), then the directory fsynced so the rename survives a
+/// crash. Returns whether a symbolic link stood at `path`.
 pub fn write_atomic(
     path: &Path,
     contents: &[u8],
     mode: u32,
     gid: Option<u32>,
 ) -> std::io::Result<bool> {
-    let dir = path.parent().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "the path has no directory",
-        )
-    })?;
-    let name = path.file_name().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "the path has no file name",
-        )
-    })?;
-    let was_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::{AsRawFd, FromRawFd};
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string());
+    let dir_path = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .ok_or_else(|| invalid("the path has no directory"))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| invalid("the path has no file name"))?;
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir_path)?;
+    let c = |n: &std::ffi::OsStr| {
+        CString::new(n.as_bytes()).map_err(|_| invalid("the path holds a NUL byte"))
+    };
+    let final_name = c(name)?;
+    // SAFETY: `st` is written by fstatat only; both pointers outlive the
+    // call and the name is NUL-terminated.
+    let was_link = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::fstatat(
+            dir.as_raw_fd(),
+            final_name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        ) == 0
+            && st.st_mode & libc::S_IFMT == libc::S_IFLNK
+    };
     let mut tmp_name = temp_prefix(name);
     tmp_name.push(format!("{:016x}{TEMP_SUFFIX}", rand::random::<u64>()));
-    let tmp = dir.join(tmp_name);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&tmp)?;
+    let tmp_name = c(&tmp_name)?;
+    // SAFETY: a NUL-terminated name relative to an open directory; the
+    // returned descriptor is owned by the File built from it right away.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            tmp_name.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
     let written = (|| {
         if let Some(gid) = gid {
             std::os::unix::fs::fchown(&file, None, Some(gid))?;
@@ -230,13 +281,27 @@ pub fn write_atomic(
         file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         file.write_all(contents)?;
         file.sync_all()?;
-        std::fs::rename(&tmp, path)
+        // SAFETY: two NUL-terminated names relative to the same open
+        // directory.
+        let rc = unsafe {
+            libc::renameat(
+                dir.as_raw_fd(),
+                tmp_name.as_ptr(),
+                dir.as_raw_fd(),
+                final_name.as_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     })();
     if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
+        // SAFETY: a NUL-terminated name relative to the open directory.
+        unsafe { libc::unlinkat(dir.as_raw_fd(), tmp_name.as_ptr(), 0) };
         return Err(e);
     }
-    std::fs::File::open(dir)?.sync_all()?;
+    dir.sync_all()?;
     Ok(was_link)
 }
 
@@ -369,6 +434,8 @@ struct SinkState {
     written: Option<IssuedToken>,
     /// Why the last write failed, while it does.
     failing: Option<String>,
+    /// The file was removed for a connection that is gone.
+    cleared: bool,
 }
 
 impl SinkState {
@@ -391,6 +458,20 @@ async fn run(
 ) {
     let mut changes = engine.token_changes();
     let mut state = SinkState::default();
+    // The command runs on a task of its own, so one that hangs until its
+    // timeout never delays the next write; writes made while it runs are
+    // coalesced into one more run after it. It ends with this task (the
+    // sender dropped), a running command after its timeout at the latest.
+    let commands = sink.command.as_ref().map(|_| {
+        let (tx, rx) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(run_commands(engine.clone(), sink.clone(), rx));
+        tx
+    });
+    let wrote = |commands: &Option<tokio::sync::watch::Sender<u64>>| {
+        if let Some(tx) = commands {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    };
     let path = sink.path.clone();
     if let Ok(n @ 1..) = tokio::task::spawn_blocking(move || remove_stale_temps(&path)).await {
         tracing::info!(path = %sink.path.display(), removed = n,
@@ -400,7 +481,7 @@ async fn run(
         changes.borrow_and_update();
         tokio::select! {
             () = cancel.cancelled() => break,
-            () = sync(&engine, &sink, &mut state) => {}
+            w = sync(&engine, &sink, &mut state) => if w { wrote(&commands) },
         }
         let retry = engine
             .settings()
@@ -413,19 +494,39 @@ async fn run(
             () = tokio::time::sleep(retry), if state.failing.is_some() => {}
         }
     }
-    if last_write.load(Ordering::SeqCst) {
-        sync(&engine, &sink, &mut state).await;
+    if last_write.load(Ordering::SeqCst) && sync(&engine, &sink, &mut state).await {
+        wrote(&commands);
+    }
+}
+
+/// Runs the sink's command once per wake-up of `writes` (several writes
+/// during one run make one more run), until the sink task ends.
+async fn run_commands(
+    engine: Engine,
+    sink: Arc<SinkConfig>,
+    mut writes: tokio::sync::watch::Receiver<u64>,
+) {
+    let Some(cmd) = sink.command.clone() else {
+        return;
+    };
+    while writes.changed().await.is_ok() {
+        writes.borrow_and_update();
+        run_command(&engine, &sink, &cmd).await;
     }
 }
 
 /// Writes the token the connection serves now if the file does not hold
-/// it yet, then runs the command.
-async fn sync(engine: &Engine, sink: &SinkConfig, state: &mut SinkState) {
+/// it yet; returns whether it wrote (the command is then due).
+async fn sync(engine: &Engine, sink: &SinkConfig, state: &mut SinkState) -> bool {
     let Some(token) = engine.current_token(&sink.provider, &sink.account) else {
-        return;
+        if !engine.knows(&sink.provider, &sink.account) {
+            clear(engine, sink, state).await;
+        }
+        return false;
     };
+    state.cleared = false;
     if state.failing.is_none() && state.holds(&token) {
-        return;
+        return false;
     }
     let contents = render(sink.format, &token, Utc::now());
     let (path, mode, group) = (sink.path.clone(), sink.mode, sink.group);
@@ -449,9 +550,7 @@ async fn sync(engine: &Engine, sink: &SinkConfig, state: &mut SinkState) {
                     "token file written");
             }
             state.written = Some(token);
-            if let Some(cmd) = &sink.command {
-                run_command(engine, sink, cmd).await;
-            }
+            true
         }
         Err(e) => {
             metrics::counter!(SINK_FAILURES_TOTAL, &labels(sink)).increment(1);
@@ -462,6 +561,49 @@ async fn sync(engine: &Engine, sink: &SinkConfig, state: &mut SinkState) {
                 tracing::warn!(provider = %sink.provider, account = %sink.account, "{why}");
             }
             if state.failing.is_none() {
+                failed(engine, sink, why.clone());
+            }
+            state.failing = Some(why);
+            false
+        }
+    }
+}
+
+/// Removes the token file of a connection that is gone (revoked or
+/// forgotten, here or by another process): a file left behind would keep
+/// offering a token that no longer works, or, after a local forget, one
+/// that still does. Removed rather than emptied, so a reader fails at
+/// once with "no such file" instead of sending an empty credential.
+async fn clear(engine: &Engine, sink: &SinkConfig, state: &mut SinkState) {
+    if state.cleared {
+        return;
+    }
+    let path = sink.path.clone();
+    let removed = tokio::task::spawn_blocking(move || match std::fs::remove_file(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    let path = sink.path.display();
+    match removed {
+        Ok(was_there) => {
+            if was_there {
+                tracing::info!(path = %path, provider = %sink.provider, account = %sink.account,
+                    "the token file is removed: its connection was revoked or forgotten");
+            }
+            state.written = None;
+            state.failing = None;
+            state.cleared = true;
+        }
+        Err(e) => {
+            metrics::counter!(SINK_FAILURES_TOTAL, &labels(sink)).increment(1);
+            let why = format!(
+                "cannot remove the token file {path} of a revoked or forgotten connection ({e}); remove it by hand; retried every check_interval"
+            );
+            if state.failing.is_none() {
+                tracing::warn!(provider = %sink.provider, account = %sink.account, "{why}");
                 failed(engine, sink, why.clone());
             }
             state.failing = Some(why);
@@ -610,5 +752,30 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
         // A missing directory is an error, not a panic.
         assert!(write_atomic(&dir.path().join("no/such"), b"x", 0o600, None).is_err());
+    }
+
+    /// The directory is opened once, never through a link: a directory
+    /// swapped for a link to another one is refused, and nothing lands in
+    /// the link's target.
+    #[test]
+    fn a_directory_swapped_for_a_link_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let files = dir.path().join("files");
+        std::os::unix::fs::symlink(&elsewhere, &files).unwrap();
+        assert!(write_atomic(&files.join("token"), b"secret", 0o600, None).is_err());
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn modes_open_to_others_or_group_writes_are_refused() {
+        for ok in [0o600, 0o640, 0o400, 0o440, 0o700] {
+            assert_eq!(check_mode(ok), Ok(()), "{ok:o}");
+        }
+        for bad in [0o644, 0o666, 0o601, 0o602, 0o604, 0o660, 0o620, 0o777] {
+            let e = check_mode(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:04o}")), "{e}");
+        }
     }
 }

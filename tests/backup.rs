@@ -354,15 +354,13 @@ async fn a_failing_backup_is_logged_counted_and_notified_and_serving_goes_on() {
     let mut h = Harness::new(Options::default()).await;
     let out = h.dir.path().join("events");
     let script = h.dir.path().join("notify.sh");
-    std::fs::write(
+    common::write_script(
         &script,
         format!(
             "#!/bin/sh\necho \"$TOKENKEEPER_EVENT $TOKENKEEPER_MESSAGE\" >> {}\n",
             out.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     // A backup directory that cannot be created: its parent is a file
     // (permissions would not stop root).
     let blocker = h.dir.path().join("not-a-dir");
@@ -399,4 +397,85 @@ async fn a_failing_backup_is_logged_counted_and_notified_and_serving_goes_on() {
     assert_ne!(failures, "tokenkeeper_backup_failures_total 0");
     assert_eq!(h.token().await.0, 200, "serving goes on");
     assert_eq!(h.stop().await, Some(0));
+}
+
+/// A backup directory another user could write into, or owns, is refused
+/// at config time (naming `backup.dir`) and by `tokenkeeper backup`; the
+/// backups themselves stay 0600.
+#[tokio::test]
+async fn a_backup_directory_others_can_write_or_own_is_refused() {
+    let mut h = Harness::new(Options::default()).await;
+    add_backup(&h, YEARLY, 7);
+    let dir = backup_dir(&h);
+    std::fs::create_dir(&dir).unwrap();
+    for (mode, owner, says) in [
+        (0o770, None, "writable by other users"),
+        (0o1777, None, "writable by other users"),
+        (0o702, None, "writable by other users"),
+        (0o700, Some(65534), "belongs to another user"),
+    ] {
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if owner.is_some() && me != 0 {
+            continue; // only root can give a directory away
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(&dir, owner, None).unwrap();
+        for args in [&["check-config"][..], &["backup"][..]] {
+            let out = h.cli(args).await;
+            let e = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{args:?} {mode:o}: {e}");
+            assert!(
+                e.contains(": backup.dir: ") && e.contains(says),
+                "{args:?} {mode:o}: {e}"
+            );
+        }
+        std::os::unix::fs::chown(&dir, Some(me), None).unwrap();
+    }
+    assert!(backups(&h).is_empty());
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    h.start().await;
+    h.authorize_default().await;
+    // Opened up under the running daemon: the backup is refused then too.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (s, b) = h.post_json("/v1/backup").await;
+    assert!(s >= 400, "{s} {b}");
+    assert!(b.to_string().contains("writable by other users"), "{b}");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    h.stop().await;
+    let out = h.cli(&["backup"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let made = backups(&h);
+    assert_eq!(made.len(), 1);
+    assert_eq!(mode(&made[0]), 0o600);
+    assert_eq!(mode(&sum_path(&made[0])), 0o600);
+}
+
+/// A file with a `-wal` or `-shm` beside it was copied from a live
+/// database, not made by `backup` (a single file): refused, nothing moved.
+#[tokio::test]
+async fn restore_refuses_a_file_with_a_wal_or_shm_beside_it() {
+    let mut h = Harness::new(Options::default()).await;
+    h.start().await;
+    h.authorize_default().await;
+    let copy = h.dir.path().join("copied.db");
+    std::fs::copy(h.db_path(), &copy).unwrap();
+    h.stop().await;
+    let family_before = db_family(&h);
+    let db_before = std::fs::read(h.db_path()).unwrap();
+    for ext in ["-wal", "-shm"] {
+        let companion = PathBuf::from(format!("{}{ext}", copy.display()));
+        std::fs::write(&companion, b"").unwrap();
+        let out = h.cli(&["restore", copy.to_str().unwrap()]).await;
+        assert_eq!(out.status.code(), Some(1), "{ext}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("copied.db{ext} lies beside"))
+                && stderr(&out).contains("tokenkeeper backup"),
+            "{}",
+            stderr(&out)
+        );
+        assert_eq!(db_family(&h), family_before, "{ext}: nothing moved");
+        assert_eq!(std::fs::read(h.db_path()).unwrap(), db_before);
+        std::fs::remove_file(&companion).unwrap();
+    }
 }

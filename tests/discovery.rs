@@ -16,30 +16,17 @@ use tokenkeeper::dev::DiscoveryFault;
 async fn harness(extra: &str) -> Harness {
     let h = Harness::new(Options::default()).await;
     let sim = &h.sim.base_url;
-    let text = format!(
-        r#"[server]
-listen = "127.0.0.1:{port}"
-
-[storage]
-path = "{db}"
-
-[refresh]
-check_interval = "1s"
-jitter = "0s"
-retry_initial = "1s"
-retry_max = "4s"
-
-[providers.keap]
+    common::write_config_with_provider(
+        &h,
+        &format!(
+            r#"[providers.keap]
 client_id = "demo-client"
 client_secret_file = "client-secret"
 issuer = "{sim}"
 api_base_url = "{sim}/api"
-{extra}
-"#,
-        port = h.port,
-        db = h.db_path().display(),
+{extra}"#
+        ),
     );
-    std::fs::write(&h.config_path, text).unwrap();
     h
 }
 

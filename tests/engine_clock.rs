@@ -2,100 +2,33 @@
 //! interface, with a simulated clock: the engine against the simulator and a
 //! real SQLite file, time moved by hand.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use chrono::Utc;
+use common::engine::EngineSetup;
 use secrecy::ExposeSecret;
-use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{ConnectOptions, Connection};
-use tokenkeeper::dev::{RunningSimulator, Simulator, SimulatorConfig};
-use tokenkeeper::provider::{Provider, TokenGrant};
-use tokenkeeper::refresh::clock::{Clock, TestClock};
-use tokenkeeper::refresh::{Engine, EngineParts, Revocation};
-use tokenkeeper::store::{ConnState, Store};
+use sqlx::Connection;
+use tokenkeeper::provider::TokenGrant;
+use tokenkeeper::refresh::clock::Clock;
+use tokenkeeper::refresh::Revocation;
+use tokenkeeper::store::ConnState;
 
 const SECRET: &str = "clock-test-secret";
 
-struct Setup {
-    sim: RunningSimulator,
-    engine: Engine,
-    clock: Arc<TestClock>,
-    provider: Provider,
-    db: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
+type Setup = EngineSetup;
 
 async fn setup() -> Setup {
-    let sim = Simulator::start_local(SimulatorConfig {
-        client_secret: SECRET.into(),
-        access_lifetime: Duration::from_secs(3600),
-        ..SimulatorConfig::default()
+    EngineSetup::start(SECRET, |cfg| {
+        cfg.providers.get_mut("demo").unwrap().request_timeout = Duration::from_secs(1);
     })
     .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("tokenkeeper.db");
-    let mut cfg = tokenkeeper::dev::config("127.0.0.1:1".parse().unwrap(), db.clone(), SECRET);
-    let p = cfg.providers.get_mut("demo").unwrap();
-    p.authorization_url = url::Url::parse(&sim.url("/authorize")).unwrap();
-    p.token_url = url::Url::parse(&sim.url("/token")).unwrap();
-    p.revocation_url = Some(url::Url::parse(&sim.url("/revoke")).unwrap());
-    p.request_timeout = Duration::from_secs(1);
-    let http = reqwest::Client::new();
-    let provider = Provider::new(p.clone(), http.clone());
-    let store = Store::open(&db, None).await.unwrap();
-    let clock = TestClock::new(Utc::now());
-    let engine = Engine::start(EngineParts {
-        clock: clock.clone(),
-        ..EngineParts::new(store, tokenkeeper::daemon::settings_from(&cfg, &http))
-    })
-    .await
-    .unwrap();
-    Setup {
-        sim,
-        engine,
-        clock,
-        provider,
-        db,
-        _dir: dir,
-    }
 }
 
 /// A browser authorization against the simulator, stored through the
 /// engine, its lifetime counted on the test clock.
 async fn authorize(s: &Setup) -> TokenGrant {
-    let redirect = url::Url::parse("http://127.0.0.1:1/callback").unwrap();
-    let start = s.provider.authorization_start(&redirect);
-    let r = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-        .post(s.sim.url("/approve"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(start.url.query().unwrap_or_default().to_string())
-        .send()
-        .await
-        .unwrap();
-    let location = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
-    let code = location
-        .query_pairs()
-        .find(|(k, _)| k == "code")
-        .unwrap()
-        .1
-        .to_string();
-    let mut grant = s
-        .provider
-        .exchange_code(&code, start.pkce_verifier.as_ref(), &redirect)
-        .await
-        .unwrap();
-    grant.issued_at = s.clock.now();
-    grant.expires_at = s.clock.now() + chrono::Duration::hours(1);
-    s.engine
-        .authorized("demo", "default", &grant)
-        .await
-        .unwrap();
-    grant
+    s.authorize("default", Duration::ZERO).await
 }
 
 fn fresh(s: &Setup) -> Option<String> {
@@ -158,11 +91,7 @@ async fn a_wall_clock_set_forward_does_not_make_a_live_lease_look_lapsed() {
     // Another daemon, on another host, holds the lease for 30 s more.
     let until = (s.clock.now() + chrono::Duration::seconds(30)).timestamp_millis();
     let holder = "tk2;host=elsewhere;boot=-;pidns=-;pid=7;start=-;nonce=00000001";
-    let mut c = SqliteConnectOptions::new()
-        .filename(&s.db)
-        .connect()
-        .await
-        .unwrap();
+    let mut c = s.other_process().await;
     sqlx::query(
         "UPDATE connections SET lease_owner = ?, lease_until = ?, attempt_id = 'other', attempt_started_at = ?",
     )

@@ -160,20 +160,10 @@ async fn spec_error_rows() {
         .unwrap();
     assert_eq!(r.status(), 400);
     // DELETE forgets; a second DELETE is unknown_connection.
-    let r = h
-        .http
-        .delete(h.url("/v1/connections/keap/default"))
-        .send()
-        .await
-        .unwrap();
+    let r = h.delete("/v1/connections/keap/default").await;
     assert_eq!(r.status(), 204);
     assert_eq!(h.sim.sim.stats().revocations, 1, "revoked upstream");
-    let r = h
-        .http
-        .delete(h.url("/v1/connections/keap/default"))
-        .send()
-        .await
-        .unwrap();
+    let r = h.delete("/v1/connections/keap/default").await;
     assert_eq!(r.status(), 404);
     let (s, b) = h.token().await;
     assert_eq!((s, b["error"].as_str()), (404, Some("unknown_connection")));

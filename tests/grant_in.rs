@@ -94,6 +94,12 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The command failed (exit 1) with a sentence containing `says`.
+fn assert_fails_saying(out: &Output, says: &str) {
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(out));
+    assert!(stderr(out).contains(says), "{}", stderr(out));
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -180,8 +186,7 @@ async fn import_of_a_rejected_token_stores_nothing() {
     let out = h
         .cli(&["import", "keap", "--refresh-token-file", &file])
         .await;
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("rejected"), "{}", stderr(&out));
+    assert_fails_saying(&out, "rejected");
     assert!(
         stderr(&out).contains("nothing was stored"),
         "{}",
@@ -203,8 +208,7 @@ async fn import_of_an_unreachable_provider_says_try_again() {
     let out = h
         .cli(&["import", "keap", "--refresh-token-file", &file])
         .await;
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("try again"), "{}", stderr(&out));
+    assert_fails_saying(&out, "try again");
     assert_eq!(h.connection("default").await, serde_json::Value::Null);
 }
 
@@ -217,8 +221,7 @@ async fn import_replaces_an_active_connection_only_when_told() {
     let out = h
         .cli(&["import", "keap", "--refresh-token-file", &file])
         .await;
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("--replace"), "{}", stderr(&out));
+    assert_fails_saying(&out, "--replace");
     // Refused before the provider was asked: the other copy still works.
     assert_eq!(h.sim.sim.stats().refresh_calls, refreshes);
     let out = h
@@ -456,8 +459,7 @@ async fn connect_paste_authorizes_headless() {
     let before = h.sim.sim.stats().code_exchanges;
     let run = start_paste(&h, "default").await;
     let out = run.paste(&landed).await;
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("already used"), "{}", stderr(&out));
+    assert_fails_saying(&out, "already used");
     assert_eq!(h.sim.sim.stats().code_exchanges, before);
     // Just the query, or the code and state, work too.
     let run = start_paste(&h, "second").await;
@@ -486,23 +488,13 @@ async fn connect_paste_refuses_a_wrong_state_an_error_and_garbage() {
     let browser_landed = h.approve(&browser_url).await;
     let run = start_paste(&h, "default").await;
     let out = run.paste(&browser_landed).await;
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("another authorization"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_saying(&out, "another authorization");
     // An unknown state.
     let run = start_paste(&h, "default").await;
     let landed = h.approve(&run.url).await;
     let forged = landed.replace("state=", "state=x");
     let out = run.paste(&forged).await;
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("nothing was stored"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_saying(&out, "nothing was stored");
     // The provider's error in the pasted address.
     let run = start_paste(&h, "default").await;
     let state = url::Url::parse(&run.url)
@@ -514,17 +506,11 @@ async fn connect_paste_refuses_a_wrong_state_an_error_and_garbage() {
         .into_owned();
     let denied = format!("{}?error=access_denied&state={state}", h.url("/callback"));
     let out = run.paste(&denied).await;
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("denied"), "{}", stderr(&out));
+    assert_fails_saying(&out, "denied");
     // Garbage.
     let run = start_paste(&h, "default").await;
     let out = run.paste("what is this").await;
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("paste the whole address"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_saying(&out, "paste the whole address");
     assert_eq!(h.sim.sim.stats().code_exchanges, 0);
     assert_eq!(h.connection("default").await, serde_json::Value::Null);
 }
@@ -547,8 +533,66 @@ async fn connect_paste_refuses_an_expired_flow() {
     assert_eq!(aged.rows_affected(), 1);
     db.close().await;
     let out = run.paste(&landed).await;
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("expired"), "{}", stderr(&out));
+    assert_fails_saying(&out, "expired");
     assert_eq!(h.sim.sim.stats().code_exchanges, 0);
     assert_eq!(h.connection("default").await, serde_json::Value::Null);
+}
+
+/// A grant stored by another process while the import is at the provider
+/// is never overwritten: the store compares again in its transaction. The
+/// imported pair (the only live copy of the other program's grant, since
+/// the provider rotated it) is kept under `ACCOUNT-imported`, and the
+/// message says so and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_never_overwrites_a_grant_stored_meanwhile() {
+    use tokenkeeper::dev::DelayPhase;
+    let h = Harness::started(Options {
+        provider: "request_timeout = \"60s\"".into(),
+        ..Options::default()
+    })
+    .await;
+    let theirs = mint_refresh_token(&h).await;
+    let file = token_file(&h, theirs.as_bytes());
+    let calls = h.sim.sim.stats().refresh_calls;
+    // The import's refresh is held at the provider, after the rotation,
+    // until the browser authorization below has landed.
+    h.sim
+        .sim
+        .set_token_delay(Duration::from_secs(10), DelayPhase::AfterRotation);
+    let args = ["import", "keap", "--refresh-token-file", &file];
+    let import = h.cli(&args);
+    let meanwhile = async {
+        eventually(
+            Duration::from_secs(20),
+            "the import at the provider",
+            || async { h.sim.sim.stats().refresh_calls > calls },
+        )
+        .await;
+        h.sim
+            .sim
+            .set_token_delay(Duration::ZERO, DelayPhase::BeforeProcessing);
+        h.authorize_default().await
+    };
+    let (out, stored) = tokio::join!(import, meanwhile);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("from another process") && err.contains("nothing was overwritten"),
+        "{err}"
+    );
+    assert!(
+        err.contains("keap/default-imported")
+            && err.contains("tokenkeeper revoke keap default-imported"),
+        "{err}"
+    );
+    // The grant stored meanwhile is the one served.
+    let (s, b) = h.token().await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["access_token"], stored.as_str());
+    // The imported grant lives on under its own name, and refreshes.
+    let (s, b) = h.get_json("/v1/token/keap/default-imported").await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = h.post_json("/v1/token/keap/default-imported/refresh").await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(h.sim.sim.stats().refresh_reuse, 0);
 }

@@ -66,46 +66,10 @@ async fn refresh_in_the_air() -> (
     (h, sim, flight)
 }
 
-/// Forces a refresh whose answer arrives `delay` late and, once the call is
-/// out ("refresh started" committed), takes an exclusive write lock on the
-/// database, as another writer holding it past the store's busy timeout
-/// (10 s) would: the commit of the rotated pair fails. Returns the forced
-/// request and the locking connection (roll back or drop it to release).
-async fn forced_refresh_under_a_write_lock(
-    h: &Harness,
-    delay: Duration,
-) -> (
-    tokio::task::JoinHandle<(u16, Value)>,
-    sqlx::SqliteConnection,
-) {
-    let sim = h.sim.sim.clone();
-    sim.set_token_delay(delay, DelayPhase::BeforeProcessing);
-    let forced = h.spawn_post("/v1/token/keap/refresh");
-    common::eventually(
-        Duration::from_secs(5),
-        "the refresh call is out",
-        || async { sim.stats().refresh_calls == 1 },
-    )
-    .await;
-    let mut lock = SqliteConnectOptions::new()
-        .filename(h.db_path())
-        .connect()
-        .await
-        .unwrap();
-    sqlx::query("BEGIN EXCLUSIVE")
-        .execute(&mut lock)
-        .await
-        .unwrap();
-    (forced, lock)
-}
-
 async fn delete(h: &Harness, query: &str) -> (u16, Value) {
     let r = h
-        .http
-        .delete(h.url(&format!("/v1/connections/keap/default{query}")))
-        .send()
-        .await
-        .expect("daemon answers");
+        .delete(&format!("/v1/connections/keap/default{query}"))
+        .await;
     let s = r.status().as_u16();
     (s, r.json::<Value>().await.unwrap_or(Value::Null))
 }
@@ -120,7 +84,7 @@ async fn a_grant_whose_commit_fails_is_held_in_memory_until_it_lands() {
     let sim = h.sim.sim.clone();
 
     let (forced, mut lock) =
-        forced_refresh_under_a_write_lock(&h, Duration::from_millis(700)).await;
+        common::forced_refresh_under_a_write_lock(&h, Duration::from_millis(700)).await;
     let (s, b) = forced.await.unwrap();
     assert_eq!(sim.stats().refresh_ok, 1, "the provider rotated");
     assert_eq!(s, 503, "the forced refresh is not stored yet: {b}");
@@ -200,7 +164,7 @@ async fn a_held_grant_is_served_once_the_stored_access_token_has_expired() {
     let sim = h.sim.sim.clone();
     sim.set_access_lifetime(Duration::from_secs(3600));
     let (forced, mut lock) =
-        forced_refresh_under_a_write_lock(&h, Duration::from_millis(500)).await;
+        common::forced_refresh_under_a_write_lock(&h, Duration::from_millis(500)).await;
     // The commit fails after the busy timeout, by when token0 has expired:
     // the new token is served from memory, and the log says why.
     let (s, b) = forced.await.unwrap();

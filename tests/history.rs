@@ -15,7 +15,7 @@ use common::{Harness, Options};
 use serde_json::Value;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection, Row};
-use tokenkeeper::dev::{DelayPhase, Fault};
+use tokenkeeper::dev::Fault;
 
 const EVENTS: &str = "/v1/connections/keap/default/events";
 
@@ -117,12 +117,7 @@ async fn walk_through_the_lifecycle(h: &Harness) {
         },
     )
     .await;
-    let r = h
-        .http
-        .delete(h.url("/v1/connections/keap/default"))
-        .send()
-        .await
-        .unwrap();
+    let r = h.delete("/v1/connections/keap/default").await;
     assert_eq!(r.status(), 204);
 
     let (s, page) = events(h, "").await;
@@ -280,10 +275,14 @@ async fn tokenkeeper_log_prints_the_history_oldest_first_and_as_json() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn tokenkeeper_log_follow_shows_new_events_and_ends_with_its_reader() {
-    let h = Harness::started(quiet()).await;
-    h.authorize_default().await;
+/// `tokenkeeper log keap --follow` started, its first line (the
+/// authorization) read; returns the child and its remaining lines.
+async fn follow_log(
+    h: &Harness,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) {
     let mut child = tokio::process::Command::new(common::BIN)
         .args(["log", "keap", "--follow", "--config"])
         .arg(&h.config_path)
@@ -295,6 +294,14 @@ async fn tokenkeeper_log_follow_shows_new_events_and_ends_with_its_reader() {
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
     let first = lines.next_line().await.unwrap().unwrap();
     assert!(first.contains("authorized"), "{first}");
+    (child, lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokenkeeper_log_follow_shows_new_events_and_ends_with_its_reader() {
+    let h = Harness::started(quiet()).await;
+    h.authorize_default().await;
+    let (mut child, mut lines) = follow_log(&h).await;
     let (s, b) = h.force_refresh().await;
     assert_eq!(s, 200, "{b}");
     let next = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
@@ -351,25 +358,10 @@ async fn a_refresh_whose_commit_fails_is_recorded_only_when_its_grant_lands() {
     let h = Harness::started(quiet()).await;
     h.authorize_default().await;
     let sim = h.sim.sim.clone();
-    sim.set_token_delay(Duration::from_millis(700), DelayPhase::BeforeProcessing);
-    let forced = h.spawn_post("/v1/token/keap/refresh");
-    common::eventually(
-        Duration::from_secs(5),
-        "the refresh call is out",
-        || async { sim.stats().refresh_calls == 1 },
-    )
-    .await;
     // Another writer holds the database past the store's busy timeout: the
     // commit of the rotated pair fails, and the grant is held in memory.
-    let mut lock = SqliteConnectOptions::new()
-        .filename(h.db_path())
-        .connect()
-        .await
-        .unwrap();
-    sqlx::query("BEGIN EXCLUSIVE")
-        .execute(&mut lock)
-        .await
-        .unwrap();
+    let (forced, mut lock) =
+        common::forced_refresh_under_a_write_lock(&h, Duration::from_millis(700)).await;
     let (s, b) = forced.await.unwrap();
     assert_eq!(s, 503, "{b}");
     assert_eq!(sim.stats().refresh_ok, 1, "the provider rotated");
@@ -487,17 +479,7 @@ async fn migrate_storage_copies_the_history() {
 async fn tokenkeeper_log_follow_ends_cleanly_on_ctrl_c() {
     let h = Harness::started(quiet()).await;
     h.authorize_default().await;
-    let mut child = tokio::process::Command::new(common::BIN)
-        .args(["log", "keap", "--follow", "--config"])
-        .arg(&h.config_path)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
-    let first = lines.next_line().await.unwrap().unwrap();
-    assert!(first.contains("authorized"), "{first}");
+    let (mut child, _lines) = follow_log(&h).await;
     let pid = child.id().expect("running") as i32;
     // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
     unsafe {

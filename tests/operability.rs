@@ -210,16 +210,10 @@ async fn notifications_by_command_and_webhook() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("events.txt");
     let script = dir.path().join("notify.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\necho \"$TOKENKEEPER_EVENT|$TOKENKEEPER_PROVIDER|$TOKENKEEPER_ACCOUNT|$TOKENKEEPER_MESSAGE\" >> {}\n",
-            out.display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    common::write_script(&script, format!(
+        "#!/bin/sh\necho \"$TOKENKEEPER_EVENT|$TOKENKEEPER_PROVIDER|$TOKENKEEPER_ACCOUNT|$TOKENKEEPER_MESSAGE\" >> {}\n",
+        out.display()
+    ));
 
     let h = Harness::started(Options {
         provider: format!(
@@ -293,16 +287,13 @@ async fn a_failing_hook_never_blocks_the_lifecycle() {
     let dir = tempfile::tempdir().unwrap();
     let started_log = dir.path().join("started.txt");
     let script = dir.path().join("slow.sh");
-    std::fs::write(
+    common::write_script(
         &script,
         format!(
             "#!/bin/sh\necho \"$TOKENKEEPER_EVENT\" >> {}\nsleep 60\n",
             started_log.display()
         ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     // A webhook that accepts the connection and never answers.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hook = format!("http://{}/hook", listener.local_addr().unwrap());
@@ -624,16 +615,13 @@ async fn notify_command_gets_only_path_and_its_own_variables() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("env.txt");
     let script = dir.path().join("dump-env.sh");
-    std::fs::write(
+    common::write_script(
         &script,
         format!(
             "#!/bin/sh\nenv > {0}.tmp && mv {0}.tmp {0}\n",
             out.display()
         ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let mut h = Harness::new(Options {
         provider: format!("\n[notify]\ncommand = \"{}\"\n", script.display()),
         ..Options::default()
@@ -873,12 +861,7 @@ async fn an_unreadable_row_is_never_refreshed_written_or_revoked_from() {
         let m = v["message"].as_str().unwrap();
         assert!(m.contains(what) && m.contains("not refreshed"), "{v}");
         // An upstream revocation is refused: the refresh token is unknown.
-        let r = h
-            .http
-            .delete(h.url(&format!("/v1/connections/keap/{account}")))
-            .send()
-            .await
-            .unwrap();
+        let r = h.delete(&format!("/v1/connections/keap/{account}")).await;
         let s = r.status().as_u16();
         let v: serde_json::Value = r.json().await.unwrap_or_default();
         assert_eq!(s, 409, "{v}");
@@ -905,12 +888,7 @@ async fn an_unreadable_row_is_never_refreshed_written_or_revoked_from() {
     assert!(sim.access_token_valid(v["access_token"].as_str().unwrap()));
 
     // A local forget of the other is allowed.
-    let r = h
-        .http
-        .delete(h.url("/v1/connections/keap/second?local=true"))
-        .send()
-        .await
-        .unwrap();
+    let r = h.delete("/v1/connections/keap/second?local=true").await;
     assert!(r.status().is_success(), "{}", r.status());
     assert!(h.connection("second").await.is_null());
 }

@@ -13,28 +13,63 @@ use common::{Harness, Options};
 use serde_json::Value;
 use tokenkeeper::dev::DelayPhase;
 
-/// Kills the child on drop, so a failed assertion leaves no daemon behind.
-struct KillOnDrop(Option<std::process::Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// A daemon with `opts` on the PostgreSQL database `url`, started, with
+/// `keap/default` authorized; returns it and the access token it serves.
+async fn daemon_on(url: &str, opts: Options) -> (Harness, String) {
+    let mut h = Harness::new(opts).await;
+    use_postgres(&h.config_path, url);
+    h.start().await;
+    let first = h.authorize_default().await;
+    (h, first)
 }
 
-async fn authorize(h: &Harness) -> String {
-    let r = h.authorize("keap", "default").await;
-    assert_eq!(r.status(), 200, "authorization succeeds");
-    let (s, b) = h.token().await;
-    assert_eq!(s, 200, "{b}");
-    b["access_token"].as_str().unwrap().to_string()
+/// Turns encryption on with the base64 `key` in `db-key` beside the
+/// config; returns the key file's path.
+fn use_key(h: &Harness, key: &str) -> std::path::PathBuf {
+    let key_file = h.dir.path().join("db-key");
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    let config = std::fs::read_to_string(&h.config_path).unwrap();
+    std::fs::write(
+        &h.config_path,
+        config.replace(
+            "[storage]\n",
+            "[storage]\nencryption_key_file = \"db-key\"\n",
+        ),
+    )
+    .unwrap();
+    key_file
+}
+
+/// Sets database-level defaults (`ALTER DATABASE ... SET`), as an
+/// administrator would; sessions opened afterwards get them.
+async fn set_database_defaults(url: &str, settings: &[&str]) {
+    use sqlx::Connection;
+    let name = url::Url::parse(url).unwrap().path()[1..].to_owned();
+    let mut admin = sqlx::PgConnection::connect(url).await.unwrap();
+    for setting in settings {
+        sqlx::query(&format!("ALTER DATABASE \"{name}\" SET {setting}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+    let _ = admin.close().await;
+}
+
+/// An offline command's exclusive lock is refused at `at` because a daemon
+/// holds it (`why` says what the test expects).
+async fn assert_offline_refused(at: &tokenkeeper::store::Location, why: &str) {
+    let e = tokenkeeper::store::StoreLock::exclusive(at)
+        .await
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        e.as_deref().is_some_and(|e| e.contains("stop it first")),
+        "{why}: {e:?}"
+    );
 }
 
 /// Another daemon of the same cluster: `h`'s config on another port.
-async fn another_daemon(h: &Harness, n: usize) -> (KillOnDrop, String) {
+async fn another_daemon(h: &Harness, n: usize) -> (common::KillOnDrop, String) {
     let port = common::free_port();
     let text = std::fs::read_to_string(&h.config_path).unwrap();
     let listen = format!("listen = \"127.0.0.1:{}\"", h.port);
@@ -46,7 +81,7 @@ async fn another_daemon(h: &Harness, n: usize) -> (KillOnDrop, String) {
     )
     .unwrap();
     let log = h.dir.path().join(format!("daemon-{n}.log"));
-    let mut child = KillOnDrop(Some(common::spawn_daemon(&config, &log, &h.rust_log, &[])));
+    let mut child = common::KillOnDrop(Some(common::spawn_daemon(&config, &log, &h.rust_log, &[])));
     let base = format!("http://127.0.0.1:{port}");
     common::wait_healthy(
         &h.http,
@@ -62,15 +97,15 @@ async fn a_daemon_on_postgres_refreshes_and_keeps_its_grant_across_a_restart() {
     let Some(url) = fresh_database("daemon_flow").await else {
         return;
     };
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(3),
-        refresh: "at_fraction = 0.5\nmin_validity = \"1s\"".into(),
-        ..Options::default()
-    })
+    let (mut h, first) = daemon_on(
+        &url,
+        Options {
+            access_lifetime: Duration::from_secs(3),
+            refresh: "at_fraction = 0.5\nmin_validity = \"1s\"".into(),
+            ..Options::default()
+        },
+    )
     .await;
-    use_postgres(&h.config_path, &url);
-    h.start().await;
-    let first = authorize(&h).await;
     // Refreshed on schedule, committed to PostgreSQL.
     common::eventually(Duration::from_secs(15), "a scheduled refresh", || async {
         h.sim.sim.stats().refresh_ok >= 1
@@ -108,15 +143,15 @@ async fn three_daemons_on_one_postgres_make_one_refresh_for_a_herd() {
     let Some(url) = fresh_database("three_daemons_herd").await else {
         return;
     };
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(2),
-        refresh: "check_interval = \"1h\"".into(),
-        ..Options::default()
-    })
+    let (h, old) = daemon_on(
+        &url,
+        Options {
+            access_lifetime: Duration::from_secs(2),
+            refresh: "check_interval = \"1h\"".into(),
+            ..Options::default()
+        },
+    )
     .await;
-    use_postgres(&h.config_path, &url);
-    h.start().await;
-    let old = authorize(&h).await;
     h.sim.sim.set_access_lifetime(Duration::from_secs(60));
     let (second, url2) = another_daemon(&h, 2).await;
     let (third, url3) = another_daemon(&h, 3).await;
@@ -151,29 +186,12 @@ async fn three_daemons_on_one_postgres_make_one_refresh_for_a_herd() {
     }
 
     let started = Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for i in 0..300 {
-        let base = [h.url(""), url2.clone(), url3.clone()][i % 3].clone();
-        let http = h.http.clone();
-        set.spawn(async move {
-            let r = http
-                .get(format!("{base}/v1/token/keap"))
-                .send()
-                .await
-                .expect("daemon answers");
-            let s = r.status().as_u16();
-            (s, r.json::<Value>().await.unwrap_or(Value::Null))
-        });
-    }
-    let mut tokens = std::collections::HashMap::<String, u32>::new();
-    let mut statuses = std::collections::HashMap::<u16, u32>::new();
-    while let Some(res) = set.join_next().await {
-        let (s, b) = res.unwrap();
-        *statuses.entry(s).or_default() += 1;
-        if let Some(t) = b["access_token"].as_str() {
-            *tokens.entry(t.to_string()).or_default() += 1;
-        }
-    }
+    let bases = [h.url(""), url2.clone(), url3.clone()];
+    let common::HerdTally { statuses, tokens } = common::herd(
+        &h.http,
+        (0..300).map(|i| format!("{}/v1/token/keap", bases[i % 3])),
+    )
+    .await;
     let after = h.sim.sim.stats();
     let calls = after.refresh_calls - before.refresh_calls;
     eprintln!(
@@ -198,20 +216,10 @@ async fn migrate_storage_copies_sqlite_to_postgres_and_back() {
     let Some(url) = fresh_database("migrate_storage").await else {
         return;
     };
-    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
     let mut h = Harness::new(Options::default()).await;
-    std::fs::write(h.dir.path().join("db-key"), format!("{key}\n")).unwrap();
-    let config = std::fs::read_to_string(&h.config_path).unwrap();
-    std::fs::write(
-        &h.config_path,
-        config.replace(
-            "[storage]\n",
-            "[storage]\nencryption_key_file = \"db-key\"\n",
-        ),
-    )
-    .unwrap();
+    use_key(&h, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=");
     h.start().await;
-    let token = authorize(&h).await;
+    let token = h.authorize_default().await;
 
     // Refused while the daemon runs on the source.
     let out = h.cli(&["migrate-storage", "--to", &url]).await;
@@ -296,14 +304,7 @@ async fn a_lease_holder_killed_mid_refresh_is_taken_over_by_another_daemon() {
     let Some(url) = fresh_database("kill9_takeover").await else {
         return;
     };
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
-    use_postgres(&h.config_path, &url);
-    h.start().await;
-    authorize(&h).await;
+    let (mut h, _) = daemon_on(&url, Options::lifetime(Duration::from_secs(3600))).await;
     let (_second, url2) = another_daemon(&h, 2).await;
     let log2 = h.dir.path().join("daemon-2.log");
 
@@ -357,20 +358,10 @@ async fn a_daemon_whose_key_does_not_open_the_cluster_refuses_to_start() {
         return;
     };
     let mut h = Harness::new(Options::default()).await;
-    let key_file = h.dir.path().join("db-key");
-    std::fs::write(&key_file, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
-    let config = std::fs::read_to_string(&h.config_path).unwrap();
-    std::fs::write(
-        &h.config_path,
-        config.replace(
-            "[storage]\n",
-            "[storage]\nencryption_key_file = \"db-key\"\n",
-        ),
-    )
-    .unwrap();
+    let key_file = use_key(&h, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=");
     use_postgres(&h.config_path, &url);
     h.start().await;
-    authorize(&h).await;
+    h.authorize_default().await;
     assert_eq!(h.stop().await, Some(0));
 
     // Another key: the daemon names the problem and exits.
@@ -446,23 +437,18 @@ async fn offline_commands_and_daemons_exclude_each_other_on_postgres() {
 #[tokio::test]
 async fn sessions_commit_durably_at_read_committed_whatever_the_database_defaults() {
     use secrecy::SecretString;
-    use sqlx::Connection;
     use tokenkeeper::store::{Db, Store};
     let Some(url) = fresh_database("synchronous_commit").await else {
         return;
     };
-    let name = url::Url::parse(&url).unwrap().path()[1..].to_owned();
-    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
-    for setting in [
-        "synchronous_commit = off",
-        "default_transaction_isolation = serializable",
-    ] {
-        sqlx::query(&format!("ALTER DATABASE \"{name}\" SET {setting}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-    }
-    let _ = admin.close().await;
+    set_database_defaults(
+        &url,
+        &[
+            "synchronous_commit = off",
+            "default_transaction_isolation = serializable",
+        ],
+    )
+    .await;
     let store = Store::connect(&SecretString::from(url), None)
         .await
         .unwrap();
@@ -489,29 +475,20 @@ async fn sessions_commit_durably_at_read_committed_whatever_the_database_default
 #[tokio::test]
 async fn a_daemons_lock_outlives_the_servers_idle_session_timeout() {
     use secrecy::SecretString;
-    use sqlx::Connection;
     use tokenkeeper::store::{Location, StoreLock};
     let Some(url) = fresh_database("idle_session_lock").await else {
         return;
     };
-    let name = url::Url::parse(&url).unwrap().path()[1..].to_owned();
-    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::query(&format!(
-        "ALTER DATABASE \"{name}\" SET idle_session_timeout = '200ms'"
-    ))
-    .execute(&mut admin)
-    .await
-    .unwrap();
-    let _ = admin.close().await;
+    set_database_defaults(&url, &["idle_session_timeout = '200ms'"]).await;
     let at = Location::Postgres(SecretString::from(url));
     let daemon = StoreLock::shared(&at).await.unwrap();
     // Well past the idle limit: a closed connection would have freed it.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let e = StoreLock::exclusive(&at).await.err().map(|e| e.to_string());
-    assert!(
-        e.as_deref().is_some_and(|e| e.contains("stop it first")),
-        "an offline command must still be refused while the daemon runs: {e:?}"
-    );
+    assert_offline_refused(
+        &at,
+        "an offline command must still be refused while the daemon runs",
+    )
+    .await;
     drop(daemon);
 }
 
@@ -561,11 +538,7 @@ async fn a_daemon_takes_its_lock_again_after_the_server_drops_its_connection() {
         retaken,
         "the daemon took its lock again on a new connection"
     );
-    let e = StoreLock::exclusive(&at).await.err().map(|e| e.to_string());
-    assert!(
-        e.as_deref().is_some_and(|e| e.contains("stop it first")),
-        "an offline command is refused again: {e:?}"
-    );
+    assert_offline_refused(&at, "an offline command is refused again").await;
     drop(daemon);
 }
 
@@ -580,10 +553,7 @@ async fn a_row_locked_elsewhere_fails_a_write_within_the_statement_timeout() {
     let store = Store::connect(&SecretString::from(url.clone()), None)
         .await
         .unwrap();
-    let mut h = Harness::new(Options::default()).await;
-    use_postgres(&h.config_path, &url);
-    h.start().await;
-    authorize(&h).await;
+    let (mut h, _) = daemon_on(&url, Options::default()).await;
     assert_eq!(h.stop().await, Some(0));
     let id = store.load_connections().await.unwrap()[0].id;
 
@@ -658,14 +628,7 @@ async fn a_rotation_committed_by_one_daemon_is_what_the_others_serve_next() {
     let Some(url) = fresh_database("rotation_visible").await else {
         return;
     };
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(3600),
-        ..Options::default()
-    })
-    .await;
-    use_postgres(&h.config_path, &url);
-    h.start().await;
-    let first = authorize(&h).await;
+    let (h, first) = daemon_on(&url, Options::lifetime(Duration::from_secs(3600))).await;
     let (_second, url2) = another_daemon(&h, 2).await;
     let token_at = |base: String| {
         let http = h.http.clone();
@@ -735,7 +698,7 @@ async fn a_rotation_reaches_the_memory_of_every_other_daemon_within_a_second() {
     .await;
     use_postgres(&h.config_path, &url);
     h.start().await;
-    let first = authorize(&h).await;
+    let first = h.authorize_default().await;
     let (_second, url2) = another_daemon(&h, 2).await;
     let (_third, url3) = another_daemon(&h, 3).await;
     for base in [&url2, &url3] {
@@ -853,7 +816,7 @@ async fn daemons_ride_out_a_stopped_postgres_and_catch_up_when_it_returns() {
     .await;
     use_postgres(&h.config_path, &url);
     h.start().await;
-    let first = authorize(&h).await;
+    let first = h.authorize_default().await;
     let (_second, url2) = another_daemon(&h, 2).await;
     let bases = [h.url(""), url2.clone()];
     let before = h.sim.sim.stats();
@@ -987,7 +950,7 @@ async fn three_daemons_rotate_short_lived_tokens_thirty_times_without_reuse() {
     .await;
     use_postgres(&h.config_path, &url);
     h.start().await;
-    authorize(&h).await;
+    h.authorize_default().await;
     let (_second, url2) = another_daemon(&h, 2).await;
     let (_third, url3) = another_daemon(&h, 3).await;
     let bases = [h.url(""), url2, url3];
@@ -1064,7 +1027,7 @@ async fn bench_rotation_propagation() {
     .await;
     use_postgres(&h.config_path, &url);
     h.start().await;
-    authorize(&h).await;
+    h.authorize_default().await;
     let (_second, url2) = another_daemon(&h, 2).await;
     let (_third, url3) = another_daemon(&h, 3).await;
     let mut took = Vec::with_capacity(rotations);

@@ -24,20 +24,10 @@ async fn harness(sim_like: Preset, name: &str, preset: &str, extra: &str) -> Har
     })
     .await;
     let sim = &h.sim.base_url;
-    let text = format!(
-        r#"[server]
-listen = "127.0.0.1:{port}"
-
-[storage]
-path = "{db}"
-
-[refresh]
-check_interval = "1s"
-jitter = "0s"
-retry_initial = "1s"
-retry_max = "4s"
-
-[providers.{name}]
+    common::write_config_with_provider(
+        &h,
+        &format!(
+            r#"[providers.{name}]
 preset = "{preset}"
 client_id = "demo-client"
 client_secret_file = "client-secret"
@@ -46,12 +36,9 @@ token_url = "{sim}/token"
 revocation_url = "{sim}/revoke"
 api_base_url = "{sim}/api"
 request_timeout = "5s"
-{extra}
-"#,
-        port = h.port,
-        db = h.db_path().display(),
+{extra}"#
+        ),
     );
-    std::fs::write(&h.config_path, text).unwrap();
     h
 }
 

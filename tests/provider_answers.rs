@@ -190,16 +190,13 @@ async fn a_refused_client_is_a_configuration_problem_a_reload_fixes() {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.txt");
     let script = dir.path().join("notify.sh");
-    std::fs::write(
+    common::write_script(
         &script,
         format!(
             "#!/bin/sh\necho \"$TOKENKEEPER_EVENT|$TOKENKEEPER_MESSAGE\" >> {}\n",
             events.display()
         ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let h = Harness::authorized(Options {
         // Long backoffs: any attempt seen below was asked for, not scheduled.
         refresh: "retry_max = \"1h\"\n".into(),

@@ -80,18 +80,6 @@ async fn read_db(path: &Path) -> DbRow {
     row
 }
 
-/// Kills the child on drop, so a failed assertion leaves no daemon behind.
-struct KillOnDrop(Option<std::process::Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------
 // 1. proactive refresh on schedule
 
@@ -192,25 +180,8 @@ async fn herd_of_500_shares_one_refresh() {
     common::signal(h.daemon.as_ref().unwrap(), libc::SIGCONT);
 
     let started = Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..500 {
-        let http = h.http.clone();
-        let url = h.url("/v1/token/keap");
-        set.spawn(async move {
-            let r = http.get(url).send().await.expect("daemon answers");
-            let s = r.status().as_u16();
-            (s, r.json::<Value>().await.unwrap_or(Value::Null))
-        });
-    }
-    let mut tokens = std::collections::HashMap::<String, u32>::new();
-    let mut statuses = std::collections::HashMap::<u16, u32>::new();
-    while let Some(res) = set.join_next().await {
-        let (s, b) = res.unwrap();
-        *statuses.entry(s).or_default() += 1;
-        if let Some(t) = b["access_token"].as_str() {
-            *tokens.entry(t.to_string()).or_default() += 1;
-        }
-    }
+    let common::HerdTally { statuses, tokens } =
+        common::herd(&h.http, std::iter::repeat_n(h.url("/v1/token/keap"), 500)).await;
     let took = started.elapsed();
     let after = h.sim.sim.stats();
     let calls = after.refresh_calls - before.refresh_calls;
@@ -261,7 +232,7 @@ async fn two_processes_share_one_database_without_reuse() {
     )
     .unwrap();
     let log2 = h.dir.path().join("daemon-2.log");
-    let mut second = KillOnDrop(Some(common::spawn_daemon(
+    let mut second = common::KillOnDrop(Some(common::spawn_daemon(
         &config2,
         &log2,
         &h.rust_log,

@@ -5,104 +5,38 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
-use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{ConnectOptions, Connection};
-use tokenkeeper::dev::{Fault, RunningSimulator, Simulator, SimulatorConfig};
-use tokenkeeper::provider::Provider;
-use tokenkeeper::refresh::clock::{Clock, TestClock};
+use common::engine::EngineSetup;
+use sqlx::Connection;
+use tokenkeeper::dev::Fault;
+use tokenkeeper::refresh::clock::Clock;
 use tokenkeeper::refresh::scheduler::Pass;
-use tokenkeeper::refresh::{Engine, EngineParts};
-use tokenkeeper::store::{ConnState, Store};
+use tokenkeeper::store::ConnState;
 
 const SECRET: &str = "scheduler-test-secret";
-const HOUR: Duration = Duration::from_secs(3600);
 const INTERVAL: Duration = Duration::from_secs(30);
 
-struct Setup {
-    sim: RunningSimulator,
-    engine: Engine,
-    clock: Arc<TestClock>,
-    provider: Provider,
-    db: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
+type Setup = EngineSetup;
 
 /// An engine on a test clock against the simulator: refresh at three
 /// quarters of the lifetime, no jitter, `per_second` refreshes a second.
 async fn setup(per_second: u32) -> Setup {
-    let sim = Simulator::start_local(SimulatorConfig {
-        client_secret: SECRET.into(),
-        access_lifetime: HOUR,
-        ..SimulatorConfig::default()
+    EngineSetup::start(SECRET, |cfg| {
+        cfg.refresh.at_fraction = 0.75;
+        cfg.refresh.jitter = Duration::ZERO;
+        cfg.refresh.check_interval = INTERVAL;
+        let p = cfg.providers.get_mut("demo").unwrap();
+        p.request_timeout = Duration::from_secs(2);
+        p.limits.per_second = Some(per_second);
     })
     .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("tokenkeeper.db");
-    let mut cfg = tokenkeeper::dev::config("127.0.0.1:1".parse().unwrap(), db.clone(), SECRET);
-    cfg.refresh.at_fraction = 0.75;
-    cfg.refresh.jitter = Duration::ZERO;
-    cfg.refresh.check_interval = INTERVAL;
-    let p = cfg.providers.get_mut("demo").unwrap();
-    p.authorization_url = url::Url::parse(&sim.url("/authorize")).unwrap();
-    p.token_url = url::Url::parse(&sim.url("/token")).unwrap();
-    p.revocation_url = Some(url::Url::parse(&sim.url("/revoke")).unwrap());
-    p.request_timeout = Duration::from_secs(2);
-    p.limits.per_second = Some(per_second);
-    let http = reqwest::Client::new();
-    let provider = Provider::new(p.clone(), http.clone());
-    let store = Store::open(&db, None).await.unwrap();
-    let clock = TestClock::new(Utc::now());
-    let engine = Engine::start(EngineParts {
-        clock: clock.clone(),
-        ..EngineParts::new(store, tokenkeeper::daemon::settings_from(&cfg, &http))
-    })
-    .await
-    .unwrap();
-    Setup {
-        sim,
-        engine,
-        clock,
-        provider,
-        db,
-        _dir: dir,
-    }
 }
 
 /// A browser authorization of `account` against the simulator, issued
 /// `age` ago on the test clock and living an hour from then.
 async fn authorize(s: &Setup, account: &str, age: Duration) {
-    let redirect = url::Url::parse("http://127.0.0.1:1/callback").unwrap();
-    let start = s.provider.authorization_start(&redirect);
-    let r = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-        .post(s.sim.url("/approve"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(start.url.query().unwrap_or_default().to_string())
-        .send()
-        .await
-        .unwrap();
-    let location = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
-    let code = location
-        .query_pairs()
-        .find(|(k, _)| k == "code")
-        .unwrap()
-        .1
-        .to_string();
-    let mut grant = s
-        .provider
-        .exchange_code(&code, start.pkce_verifier.as_ref(), &redirect)
-        .await
-        .unwrap();
-    grant.issued_at = s.clock.now() - chrono::Duration::from_std(age).unwrap();
-    grant.expires_at = grant.issued_at + chrono::Duration::hours(1);
-    s.engine.authorized("demo", account, &grant).await.unwrap();
+    s.authorize(account, age).await;
 }
 
 fn state(s: &Setup, account: &str) -> ConnState {
@@ -215,11 +149,7 @@ async fn another_processs_write_is_read_once_an_interval_and_only_then() {
     assert_eq!(pass.reconcile_in, None);
 
     // Another process parks the connection for a day.
-    let mut other = SqliteConnectOptions::new()
-        .filename(&s.db)
-        .connect()
-        .await
-        .unwrap();
+    let mut other = s.other_process().await;
     let later = (s.clock.now() + chrono::Duration::days(1)).timestamp_millis();
     sqlx::query("UPDATE connections SET state = 'retrying', next_attempt_at = ?, last_error = 'x'")
         .bind(later)

@@ -813,12 +813,10 @@ async fn connect_open_keeps_the_login_link_out_of_argv() {
     std::fs::create_dir(&bin).unwrap();
     let record = h.dir.path().join("argv");
     let opener = bin.join("xdg-open");
-    std::fs::write(
+    common::write_script(
         &opener,
         format!("#!/bin/sh\nprintf '%s' \"$*\" > '{}'\n", record.display()),
-    )
-    .unwrap();
-    std::fs::set_permissions(&opener, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let runtime = h.dir.path().join("run");
     std::fs::create_dir(&runtime).unwrap();
     let path = format!(

@@ -19,6 +19,15 @@ fn sink(path: &Path, extra: &str) -> String {
     )
 }
 
+/// A daemon started with `sinks` under `[providers.keap]`.
+async fn with_sinks(sinks: String) -> Harness {
+    Harness::started(Options {
+        provider: sinks,
+        ..Options::default()
+    })
+    .await
+}
+
 fn read(path: &Path) -> Option<String> {
     std::fs::read_to_string(path).ok()
 }
@@ -215,11 +224,7 @@ async fn the_command_runs_after_each_write_and_its_failure_stops_nothing() {
         ),
     ]
     .concat();
-    let mut h = Harness::started(Options {
-        provider,
-        ..Options::default()
-    })
-    .await;
+    let mut h = with_sinks(provider).await;
     let first = h.authorize_default().await;
     let line = |t: &str| format!("{t} keap default clean");
     eventually(
@@ -380,11 +385,7 @@ async fn a_refused_write_is_logged_and_retried_while_refreshing_goes_on() {
     let dir = out.path().join("files");
     std::fs::create_dir(&dir).unwrap();
     let path = dir.join("token");
-    let mut h = Harness::started(Options {
-        provider: sink(&path, ""),
-        ..Options::default()
-    })
-    .await;
+    let mut h = with_sinks(sink(&path, "")).await;
     // The directory goes away under the running daemon (as root, a mode
     // would not stop the write).
     std::fs::remove_dir(&dir).unwrap();
@@ -424,11 +425,7 @@ async fn a_refused_write_is_logged_and_retried_while_refreshing_goes_on() {
 async fn a_reload_rereads_the_sinks() {
     let out = tempfile::tempdir().unwrap();
     let (a, b) = (out.path().join("a"), out.path().join("b"));
-    let h = Harness::started(Options {
-        provider: sink(&a, ""),
-        ..Options::default()
-    })
-    .await;
+    let h = with_sinks(sink(&a, "")).await;
     let first = h.authorize_default().await;
     file_holds(&a, &first).await;
     h.write_config("", "", &sink(&b, "format = \"header\""));
@@ -465,4 +462,121 @@ async fn a_sink_under_the_state_directory_of_systemd_is_refused() {
         err.contains("providers.keap.sinks[0].path") && err.contains("state directory"),
         "{err}"
     );
+}
+
+/// A mode that lets other users read or change the token, or the group
+/// write it, is a config error naming the key and its line; the group may
+/// read (`"0640"` with `group`).
+#[tokio::test]
+async fn a_mode_open_to_others_is_a_config_error_naming_key_and_line() {
+    let out = tempfile::tempdir().unwrap();
+    let h = Harness::new(Options::default()).await;
+    let bad = ["0644", "0666", "0601", "0604", "0660", "0o707"];
+    let provider: String = bad
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            sink(
+                &out.path().join(format!("t{i}")),
+                &format!("mode = \"{m}\""),
+            )
+        })
+        .chain([sink(&out.path().join("ok"), "mode = \"0640\"")])
+        .collect();
+    h.write_config("", "", &provider);
+    let r = h.cli(&["check-config"]).await;
+    let err = String::from_utf8_lossy(&r.stderr).to_string();
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    let text = std::fs::read_to_string(&h.config_path).unwrap();
+    for (i, m) in bad.iter().enumerate() {
+        let key = format!("providers.keap.sinks[{i}].mode");
+        let line_no = text
+            .lines()
+            .position(|l| l.contains(&format!("mode = \"{m}\"")))
+            .unwrap()
+            + 1;
+        let line = err
+            .lines()
+            .find(|l| l.contains(&format!(":{line_no}: {key}: ")))
+            .unwrap_or_else(|| panic!("{key} at line {line_no} not named in\n{err}"));
+        assert!(line.contains("mode \""), "{line}");
+    }
+    assert!(!err.contains("sinks[6]"), "0640 is allowed: {err}");
+}
+
+/// A revoked or forgotten connection's token file is removed (it would
+/// offer a dead token, or after a local forget a live one nobody holds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_or_forgetting_removes_the_token_file() {
+    let out = tempfile::tempdir().unwrap();
+    let (a, b) = (out.path().join("a"), out.path().join("b"));
+    let provider = [sink(&a, ""), sink(&b, "account = \"second\"")].concat();
+    let h = with_sinks(provider).await;
+    let first = h.authorize_default().await;
+    file_holds(&a, &first).await;
+    let r = h.authorize("keap", "second").await;
+    assert!(
+        r.status().is_success() || r.status().is_redirection(),
+        "{}",
+        r.status()
+    );
+    eventually(Duration::from_secs(20), "the second file", || async {
+        read(&b).is_some()
+    })
+    .await;
+    for (args, path) in [
+        (&["revoke", "keap"][..], &a),
+        (&["revoke", "keap", "second", "--local"][..], &b),
+    ] {
+        let r = h.cli(args).await;
+        assert_eq!(
+            r.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        eventually(Duration::from_secs(20), "the file removed", || async {
+            !path.exists()
+        })
+        .await;
+    }
+    assert!(h.log().contains("the token file is removed"));
+    // Authorized again: written again.
+    let again = h.authorize_default().await;
+    file_holds(&a, &again).await;
+}
+
+/// A command that hangs does not delay the next write; it is still killed
+/// after its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_command_does_not_delay_the_next_write() {
+    let out = tempfile::tempdir().unwrap();
+    let (slow, killed) = (out.path().join("slow"), out.path().join("killed"));
+    let provider = [
+        sink(
+            &slow,
+            "command = [\"sleep\", \"600\"]\ncommand_timeout = \"1h\"",
+        ),
+        sink(
+            &killed,
+            "command = [\"sleep\", \"600\"]\ncommand_timeout = \"1s\"",
+        ),
+    ]
+    .concat();
+    let mut h = with_sinks(provider).await;
+    let first = h.authorize_default().await;
+    file_holds(&slow, &first).await;
+    for _ in 0..2 {
+        let (s, b) = h.force_refresh().await;
+        assert_eq!(s, 200, "{b}");
+        // Old behaviour: the write waited for the command (an hour).
+        file_holds(&slow, b["access_token"].as_str().unwrap()).await;
+    }
+    eventually(
+        Duration::from_secs(20),
+        "the slow command killed",
+        || async { h.log().contains("did not finish within 1 s and was killed") },
+    )
+    .await;
+    assert_eq!(h.stop().await, Some(0));
 }

@@ -80,23 +80,8 @@ fn fp(kind: TokenKind, n: u8) -> Fingerprint {
 async fn authorize(store: &Store, n: &str) -> (i64, i64) {
     let access = SecretString::from(format!("access-{n}"));
     let refresh = SecretString::from(format!("refresh-{n}"));
-    let now = Utc::now();
     let (row, _) = store
-        .save_authorized(
-            "keap",
-            "default",
-            &NewGrant {
-                access_token: &access,
-                refresh_token: Some(&refresh),
-                token_type: "Bearer",
-                scope: None,
-                issued_at: now,
-                expires_at: now + Duration::hours(1),
-                meta: None,
-            },
-            &[],
-            &[],
-        )
+        .save_authorized("keap", "default", &grant(&access, &refresh), &[], &[])
         .await
         .unwrap();
     (row.id, row.generation)
@@ -127,6 +112,29 @@ async fn begin_seen(
         .unwrap()
 }
 
+/// `asker` asks for a lease someone else holds: refused; returns the
+/// holder as seen then (for a takeover), `why` being the panic otherwise.
+async fn busy_as_seen(
+    store: &Store,
+    id: i64,
+    (owner, attempt): (&str, &str),
+    why: &str,
+) -> LeaseSeen {
+    let BeginRefresh::Busy {
+        owner,
+        attempt,
+        until,
+    } = begin(store, id, owner, attempt).await
+    else {
+        panic!("{why}");
+    };
+    LeaseSeen {
+        owner,
+        attempt,
+        until_ms: Some(until.timestamp_millis()),
+    }
+}
+
 async fn commit(
     store: &Store,
     id: i64,
@@ -137,7 +145,6 @@ async fn commit(
 ) -> CommitOutcome {
     let access = SecretString::from(format!("access-{n}"));
     let refresh = SecretString::from(format!("refresh-{n}"));
-    let now = Utc::now();
     store
         .commit_refresh(
             id,
@@ -146,13 +153,8 @@ async fn commit(
             attempt,
             base,
             &NewGrant {
-                access_token: &access,
                 refresh_token: rotate.then_some(&refresh),
-                token_type: "Bearer",
-                scope: None,
-                issued_at: now,
-                expires_at: now + Duration::hours(1),
-                meta: None,
+                ..grant(&access, &refresh)
             },
             &[fp(TokenKind::Access, 7)],
             &[],
@@ -175,20 +177,17 @@ async fn a_lease_refuses_a_second_owner_until_taken_over_as_seen(kind: Kind) {
     assert!(row.attempt_started_at.is_some());
     assert_eq!(row.attempt_id.as_deref(), Some("a1"));
 
-    let BeginRefresh::Busy {
-        owner,
-        attempt,
-        until,
-    } = begin(&f.store, id, "b", "b1").await
-    else {
-        panic!("a held lease refuses another owner");
-    };
-    assert_eq!((owner.as_str(), attempt.as_deref()), ("a", Some("a1")));
-    let seen = LeaseSeen {
-        owner,
-        attempt,
-        until_ms: Some(until.timestamp_millis()),
-    };
+    let seen = busy_as_seen(
+        &f.store,
+        id,
+        ("b", "b1"),
+        "a held lease refuses another owner",
+    )
+    .await;
+    assert_eq!(
+        (seen.owner.as_str(), seen.attempt.as_deref()),
+        ("a", Some("a1"))
+    );
 
     // The holder renews: what B saw is no longer what is stored.
     let later = Utc::now() + Duration::seconds(60);
@@ -200,19 +199,7 @@ async fn a_lease_refuses_a_second_owner_until_taken_over_as_seen(kind: Kind) {
 
     // Seen again, as stored now (the engine judged it lapsed): taken over,
     // and the unfinished attempt is recorded as interrupted.
-    let BeginRefresh::Busy {
-        owner,
-        attempt,
-        until,
-    } = begin(&f.store, id, "b", "b1").await
-    else {
-        panic!("still held");
-    };
-    let seen = LeaseSeen {
-        owner,
-        attempt,
-        until_ms: Some(until.timestamp_millis()),
-    };
+    let seen = busy_as_seen(&f.store, id, ("b", "b1"), "still held").await;
     let BeginRefresh::Started(row) = begin_seen(&f.store, id, "b", "b1", Some(&seen)).await else {
         panic!("a lease seen exactly as stored is taken over");
     };
@@ -343,6 +330,44 @@ async fn a_refresh_superseded_by_a_new_authorization_writes_nothing(kind: Kind) 
     assert!(now.lease_owner.is_none());
 }
 
+/// The conditional store of an import: it lands on no row or a dead one,
+/// and never over a working grant stored meanwhile (the compare is in the
+/// storing transaction).
+async fn a_conditional_authorization_never_overwrites_a_working_grant(kind: Kind) {
+    let Some(f) = Fixture::new(kind, "conditional_authorization", None).await else {
+        return;
+    };
+    let access = SecretString::from("access-imported".to_string());
+    let refresh = SecretString::from("refresh-imported".to_string());
+    let imported = grant(&access, &refresh);
+    let store = |account: &'static str| {
+        let (f, grant) = (&f, &imported);
+        async move {
+            f.store
+                .save_authorized_if_no_working_grant("keap", account, grant, &[], &[])
+                .await
+        }
+    };
+    // No row: it lands.
+    let (row, _) = store("fresh").await.unwrap();
+    assert_eq!(row.access_token.expose_secret(), "access-imported");
+    // A working grant stored meanwhile: nothing written.
+    let (id, generation) = authorize(&f.store, "1").await;
+    let Err(StoreError::WorkingGrantExists { provider, account }) = store("default").await else {
+        panic!("a working grant is never overwritten");
+    };
+    assert_eq!((provider.as_str(), account.as_str()), ("keap", "default"));
+    let kept = f.store.load_connection(id).await.unwrap().unwrap();
+    assert_eq!(kept.generation, generation);
+    assert_eq!(kept.access_token.expose_secret(), "access-1");
+    // A dead grant is replaced.
+    f.raw("UPDATE connections SET state = 'authorization_required' WHERE account = 'default'")
+        .await;
+    let (row, replaced) = store("default").await.unwrap();
+    assert_eq!(row.access_token.expose_secret(), "access-imported");
+    assert_eq!(replaced.unwrap().expose_secret(), "refresh-1");
+}
+
 async fn a_stalled_holder_still_lands_a_rotation_nobody_else_stored(kind: Kind) {
     let Some(f) = Fixture::new(kind, "stalled_commit", None).await else {
         return;
@@ -351,19 +376,7 @@ async fn a_stalled_holder_still_lands_a_rotation_nobody_else_stored(kind: Kind) 
     let BeginRefresh::Started(_) = begin(&f.store, id, "a", "a1").await else {
         panic!("lease");
     };
-    let BeginRefresh::Busy {
-        owner,
-        attempt,
-        until,
-    } = begin(&f.store, id, "b", "b1").await
-    else {
-        panic!("busy");
-    };
-    let seen = LeaseSeen {
-        owner,
-        attempt,
-        until_ms: Some(until.timestamp_millis()),
-    };
+    let seen = busy_as_seen(&f.store, id, ("b", "b1"), "busy").await;
     assert!(matches!(
         begin_seen(&f.store, id, "b", "b1", Some(&seen)).await,
         BeginRefresh::Started(_)
@@ -397,7 +410,6 @@ async fn fingerprints_are_kept_in_order_and_bounded(kind: Kind) {
             panic!("lease");
         };
         let access = SecretString::from("a".to_string());
-        let now = Utc::now();
         let CommitOutcome::Committed { row, .. } = f
             .store
             .commit_refresh(
@@ -407,13 +419,8 @@ async fn fingerprints_are_kept_in_order_and_bounded(kind: Kind) {
                 &format!("a{n}"),
                 generation,
                 &NewGrant {
-                    access_token: &access,
                     refresh_token: None,
-                    token_type: "Bearer",
-                    scope: None,
-                    issued_at: now,
-                    expires_at: now + Duration::hours(1),
-                    meta: None,
+                    ..grant(&access, &access)
                 },
                 &[fp(TokenKind::Refresh, n as u8)],
                 &[],
@@ -956,6 +963,7 @@ conformance!(
     a_commit_lands_only_at_the_generation_read_and_ends_the_lease,
     a_refresh_superseded_by_a_new_authorization_writes_nothing,
     a_stalled_holder_still_lands_a_rotation_nobody_else_stored,
+    a_conditional_authorization_never_overwrites_a_working_grant,
     fingerprints_are_kept_in_order_and_bounded,
     a_pending_authorization_is_taken_once_by_its_browser,
     expired_pending_authorizations_are_purged_and_live_ones_kept,

@@ -65,7 +65,7 @@ fn read_json<T: serde::de::DeserializeOwned>(body: &[u8], shape: &str) -> Result
         (status = 404, description = "unknown_provider", body = crate::http::error::ErrorBody),
         (status = 401, description = "a bearer credential was presented and is wrong, or API keys are set and none was presented", body = crate::http::error::ErrorBody),
         (status = 403, description = "cross-origin request", body = crate::http::error::ErrorBody),
-        (status = 409, description = "connection_exists: the connection has a working grant and replace is false", body = crate::http::error::ErrorBody),
+        (status = 409, description = "connection_exists: the connection has a working grant and replace is false, or another process stored one while the import was at the provider (the imported grant is then kept as ACCOUNT-imported, the message says so)", body = crate::http::error::ErrorBody),
         (status = 502, description = "provider_refused: a configuration problem; nothing stored", body = crate::http::error::ErrorBody),
         (status = 503, description = "refresh_failed: the provider could not be reached; nothing stored, try again", body = crate::http::error::ErrorBody)
     ))]
@@ -123,6 +123,9 @@ fn import_error(e: ImportError, provider: &str, account: &str) -> ApiError {
             retry_after: retry_after.unwrap_or(std::time::Duration::from_secs(5)),
         },
         ImportError::Store(s) => ApiError::Internal(s.to_string()),
+        ImportError::StoredMeanwhile { .. } => {
+            refused(StatusCode::CONFLICT, "connection_exists", message)
+        }
     }
 }
 

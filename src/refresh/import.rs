@@ -111,6 +111,14 @@ pub enum ImportError {
     OurRefreshToken { provider: String, account: String },
     #[error("{provider}/{account} already has a working grant; nothing was stored. Add --replace to replace it with the imported one (the current grant is then revoked)")]
     Exists { provider: String, account: String },
+    #[error("{provider}/{account} received a working grant from another process while this import was at the provider; that grant was kept and nothing was overwritten. The provider has already rotated the imported refresh token, so the other program's copy no longer works and the new pair is that grant's only live copy: {}", stored_meanwhile_advice(provider, account, kept))]
+    StoredMeanwhile {
+        provider: String,
+        account: String,
+        /// The account the imported grant was stored under instead, or
+        /// why it could not be.
+        kept: Result<String, String>,
+    },
     #[error("the provider rejected this refresh token ({message}); nothing was stored. It is expired, revoked, already used, an access token rather than the refresh token, or belongs to another client id: give the refresh token the program holds now, or authorize with `tokenkeeper connect` instead")]
     Rejected { message: String },
     #[error("the provider refused the request ({message}); nothing was stored. This is a configuration problem (client id, secret, token_url): fix it and import again")]
@@ -122,6 +130,27 @@ pub enum ImportError {
     },
     #[error("the provider proved the token but tokenkeeper could not store the grant: {0}")]
     Store(#[from] StoreError),
+}
+
+/// Appended to an account whose import lost to a grant stored meanwhile.
+const PARKED_SUFFIX: &str = "-imported";
+
+/// The account an import that lost keeps its grant under, if the name is
+/// a valid one.
+fn parked_account(account: &str) -> Option<String> {
+    let name = format!("{account}{PARKED_SUFFIX}");
+    crate::config::valid_account(&name).then_some(name)
+}
+
+fn stored_meanwhile_advice(provider: &str, account: &str, kept: &Result<String, String>) -> String {
+    match kept {
+        Ok(name) => format!(
+            "it was stored as {provider}/{name} instead. Keep the grant you want: `tokenkeeper revoke {provider} {name}` ends the imported one, or have your programs use account {name} and revoke {provider}/{account}"
+        ),
+        Err(why) => format!(
+            "it could not be stored under another name ({why}), so it lapses unused at the provider. If {provider}/{account}'s grant is the one you want, nothing more is needed; otherwise authorize again with `tokenkeeper connect {provider} {account}`"
+        ),
+    }
 }
 
 /// What an import did.
@@ -223,15 +252,60 @@ pub async fn import(
         .refresh_token
         .as_ref()
         .is_some_and(|r| r.expose_secret() != token.expose_secret());
-    registry::land(
+    const HOW: &str = "imported from another program; that program's copy of the refresh token must no longer be used";
+    // The look above was before the provider call: another process may
+    // have stored a grant since. Without --replace the store compares
+    // again in its transaction, so that grant is never overwritten.
+    let landed = registry::land(
         shared,
         provider,
         account,
         &grant,
         crate::store::EventKind::Imported,
-        "imported from another program; that program's copy of the refresh token must no longer be used",
+        HOW,
+        !replace,
     )
-    .await?;
+    .await;
+    match landed {
+        Ok(()) => {}
+        Err(StoreError::WorkingGrantExists { .. }) => {
+            // The provider has rotated the imported token: the new pair is
+            // the only live copy of the other program's grant. Dropping it
+            // would lose that grant, revoking it may end the kept one too
+            // at providers that revoke per user and client, so it is kept
+            // under a name of its own for the operator to decide.
+            let parked = parked_account(account);
+            let kept = match &parked {
+                Some(name) => registry::land(
+                    shared,
+                    provider,
+                    name,
+                    &grant,
+                    crate::store::EventKind::Imported,
+                    HOW,
+                    true,
+                )
+                .await
+                .map(|()| name.clone())
+                .map_err(|e| e.to_string()),
+                None => Err(format!(
+                    "{account}{PARKED_SUFFIX} is not a valid account name"
+                )),
+            };
+            tracing::warn!(
+                provider,
+                account,
+                kept_as = kept.as_deref().unwrap_or("nothing"),
+                "an import lost to a grant stored meanwhile; the stored grant was kept"
+            );
+            return Err(ImportError::StoredMeanwhile {
+                provider: provider.to_string(),
+                account: account.to_string(),
+                kept,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    }
     tracing::info!(provider, account, rotated, "grant imported");
     Ok(Imported {
         rotated,

@@ -103,20 +103,7 @@ pub async fn take(
     let mut takeover: Option<LeaseSeen> = None;
     let mut takeovers = 0;
     loop {
-        let now = shared.clock().now();
-        match shared
-            .store
-            .begin_refresh(
-                slot.id,
-                &shared.owner,
-                attempt,
-                now,
-                now + chrono_dur(LEASE),
-                takeover.as_ref(),
-            )
-            .await
-            .inspect_err(|_| slot.forget_lease_watch())?
-        {
+        match begin(shared, slot, attempt, takeover.as_ref()).await? {
             BeginRefresh::Started(row) => {
                 slot.forget_lease_watch();
                 if let (Some(previous), Some(at)) = (&takeover, row.interrupted_at) {
@@ -238,20 +225,7 @@ pub async fn take_for_revocation(
         + LEASE_POLL;
     let mut takeover: Option<LeaseSeen> = None;
     loop {
-        let now = shared.clock().now();
-        match shared
-            .store
-            .begin_refresh(
-                slot.id,
-                &shared.owner,
-                attempt,
-                now,
-                now + chrono_dur(LEASE),
-                takeover.as_ref(),
-            )
-            .await
-            .inspect_err(|_| slot.forget_lease_watch())?
-        {
+        match begin(shared, slot, attempt, takeover.as_ref()).await? {
             // No lease is taken on it: the caller refuses to revoke from a
             // stand-in, and a local forget needs none.
             BeginRefresh::Started(row) | BeginRefresh::Unreadable(row) => return Ok(Some(*row)),
@@ -420,4 +394,28 @@ pub async fn recover_interrupted(
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// One attempt at the lease for `attempt`, for [`LEASE`] from now, taking
+/// over `takeover` if that is still what is stored; on a store error the
+/// lease watch is dropped (what it watched is unknown now).
+async fn begin(
+    shared: &Shared,
+    slot: &Slot,
+    attempt: &str,
+    takeover: Option<&LeaseSeen>,
+) -> Result<BeginRefresh, StoreError> {
+    let now = shared.clock().now();
+    shared
+        .store
+        .begin_refresh(
+            slot.id,
+            &shared.owner,
+            attempt,
+            now,
+            now + chrono_dur(LEASE),
+            takeover,
+        )
+        .await
+        .inspect_err(|_| slot.forget_lease_watch())
 }

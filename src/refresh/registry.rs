@@ -389,6 +389,7 @@ pub async fn authorized(
         grant,
         HistoryKind::Authorized,
         "authorized in the browser; the grant is stored",
+        false,
     )
     .await
 }
@@ -396,7 +397,9 @@ pub async fn authorized(
 /// Where every new grant lands (a browser or pasted authorization, an
 /// import): stored with its history event `kind` in the same transaction,
 /// served, and the grant it replaced revoked; `how` is the `authorized`
-/// notification's message.
+/// notification's message. With `only_if_no_working_grant` the store
+/// compares in its transaction and refuses with
+/// [`StoreError::WorkingGrantExists`] when a working grant is stored.
 pub(super) async fn land(
     shared: &Shared,
     provider: &str,
@@ -404,6 +407,7 @@ pub(super) async fn land(
     grant: &TokenGrant,
     kind: HistoryKind,
     how: &str,
+    only_if_no_working_grant: bool,
 ) -> Result<(), StoreError> {
     let meta = landed_meta(shared, provider, grant).await;
     let new = NewGrant {
@@ -416,20 +420,22 @@ pub(super) async fn land(
         meta: Some(&meta),
     };
     let fps = shared.fingerprints(grant);
-    let (row, replaced) = shared
-        .store
-        .save_authorized(
-            provider,
-            account,
-            &new,
-            &fps,
-            &[NewEvent::new(
-                (provider, account),
-                shared.clock().now(),
-                kind,
-            )],
-        )
-        .await?;
+    let events = [NewEvent::new(
+        (provider, account),
+        shared.clock().now(),
+        kind,
+    )];
+    let (row, replaced) = if only_if_no_working_grant {
+        shared
+            .store
+            .save_authorized_if_no_working_grant(provider, account, &new, &fps, &events)
+            .await?
+    } else {
+        shared
+            .store
+            .save_authorized(provider, account, &new, &fps, &events)
+            .await?
+    };
     shared.recognizer.add(row.id, &fps);
     shared.install(&row);
     shared.settings().notifier.emit(Event {

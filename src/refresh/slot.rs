@@ -392,10 +392,16 @@ impl Slots {
     }
 
     /// Keeps the slots for which `keep` holds.
+    /// Keeps only the slots `keep` accepts; subscribers are woken when any
+    /// went (a forgotten grant's mirrors must stop showing its token).
     pub fn retain(&self, mut keep: impl FnMut(&Slot) -> bool) {
-        self.map
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, s| keep(s));
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        let before = map.len();
+        map.retain(|_, s| keep(s));
+        let removed = map.len() != before;
+        drop(map);
+        if removed {
+            bump(&self.changes);
+        }
     }
 }

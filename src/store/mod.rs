@@ -103,6 +103,10 @@ pub enum StoreError {
     NotADatabase(String),
     #[error("the database cannot be written: {0}")]
     NotWritable(String),
+    /// A conditional store ([`Backend::save_authorized_if`]) found a
+    /// working grant stored meanwhile; nothing was written.
+    #[error("{provider}/{account} has a working grant stored by another process meanwhile; nothing was written")]
+    WorkingGrantExists { provider: String, account: String },
 }
 
 impl StoreError {
@@ -578,6 +582,25 @@ pub trait Backend {
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
         events: &[NewEvent],
+    ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
+        self.save_authorized_if(provider, account, g, fps, events, false)
+            .await
+    }
+
+    /// [`Backend::save_authorized`], but when `only_if_no_working_grant`
+    /// is set, compare-and-swap on the connection's state in the same
+    /// transaction: the grant lands only if `provider/account` has no row,
+    /// or one in `authorization_required`; otherwise nothing is written
+    /// and the answer is [`StoreError::WorkingGrantExists`] (another
+    /// process stored a grant after the caller looked).
+    async fn save_authorized_if(
+        &self,
+        provider: &str,
+        account: &str,
+        g: &NewGrant<'_>,
+        fps: &[Fingerprint],
+        events: &[NewEvent],
+        only_if_no_working_grant: bool,
     ) -> Result<(ConnectionRow, Option<SecretString>), StoreError>;
 
     /// Makes sure `provider/account` has a row, for a grant the daemon
@@ -1130,6 +1153,20 @@ impl Store {
         issuer: &str,
     ) -> Result<Option<(String, DateTime<Utc>)>, StoreError> {
         on_backend!(self, b => b.load_discovery(issuer).await)
+    }
+
+    /// Stores a grant only if `provider/account` has no working grant,
+    /// checked in the storing transaction (see
+    /// [`Backend::save_authorized_if`]).
+    pub async fn save_authorized_if_no_working_grant(
+        &self,
+        provider: &str,
+        account: &str,
+        g: &NewGrant<'_>,
+        fps: &[Fingerprint],
+        events: &[NewEvent],
+    ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
+        on_backend!(self, b => b.save_authorized_if(provider, account, g, fps, events, true).await)
     }
 
     /// Stores a grant obtained by a browser authorization, replacing any

@@ -794,13 +794,14 @@ impl Backend for Postgres {
             .transpose()
     }
 
-    async fn save_authorized(
+    async fn save_authorized_if(
         &self,
         provider: &str,
         account: &str,
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
         events: &[NewEvent],
+        only_if_no_working_grant: bool,
     ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
         let mut tx = self.pool.begin().await?;
         // Two daemons storing the first grant of one name at once: the
@@ -811,6 +812,9 @@ impl Backend for Postgres {
             .bind(account.to_owned())
             .execute(&mut *tx)
             .await?;
+        if only_if_no_working_grant {
+            refuse_a_working_grant(&mut tx, provider, account).await?;
+        }
         let current: Option<(i64, Option<String>)> = sqlx::query_as(
             "SELECT generation, refresh_token FROM connections WHERE provider = $1 AND account = $2 FOR UPDATE",
         )
@@ -1456,6 +1460,30 @@ async fn write_meta(tx: &mut Conn, id: i64, meta: &GrantMeta) -> Result<(), Stor
         .execute(&mut *tx)
         .await?;
     Ok(())
+}
+
+/// The compare of [`Backend::save_authorized_if`], under the advisory
+/// lock of the name (so no other store of it interleaves); the transaction
+/// is dropped, so rolled back, on the error.
+async fn refuse_a_working_grant(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    provider: &str,
+    account: &str,
+) -> Result<(), StoreError> {
+    let state: Option<String> = sqlx::query_scalar(
+        "SELECT state FROM connections WHERE provider = $1 AND account = $2 FOR UPDATE",
+    )
+    .bind(provider.to_owned())
+    .bind(account.to_owned())
+    .fetch_optional(&mut **tx)
+    .await?;
+    match state.as_deref() {
+        None | Some("authorization_required") => Ok(()),
+        Some(_) => Err(StoreError::WorkingGrantExists {
+            provider: provider.to_string(),
+            account: account.to_string(),
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -415,18 +415,22 @@ impl Backend for Sqlite {
             .transpose()
     }
 
-    async fn save_authorized(
+    async fn save_authorized_if(
         &self,
         provider: &str,
         account: &str,
         g: &NewGrant<'_>,
         fps: &[Fingerprint],
         events: &[NewEvent],
+        only_if_no_working_grant: bool,
     ) -> Result<(ConnectionRow, Option<SecretString>), StoreError> {
         let mut tx = self.pool.begin().await?;
         // The first statement writes (BEGIN IMMEDIATE semantics), so the
         // replaced token read below is the one this write replaces.
         let generation = next_generation_by_name(&mut tx, provider, account).await?;
+        if only_if_no_working_grant {
+            refuse_a_working_grant(&mut tx, provider, account).await?;
+        }
         let replaced: Option<Option<String>> = sqlx::query_scalar(
             "SELECT refresh_token FROM connections WHERE provider = ? AND account = ?",
         )
@@ -1267,6 +1271,28 @@ async fn write_meta(tx: &mut Conn, id: i64, meta: &GrantMeta) -> Result<(), Stor
         .execute(&mut *tx)
         .await?;
     Ok(())
+}
+
+/// The compare of [`Backend::save_authorized_if`], inside its write
+/// transaction (dropped, so rolled back, on the error).
+async fn refuse_a_working_grant(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    provider: &str,
+    account: &str,
+) -> Result<(), StoreError> {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM connections WHERE provider = ? AND account = ?")
+            .bind(provider.to_owned())
+            .bind(account.to_owned())
+            .fetch_optional(&mut **tx)
+            .await?;
+    match state.as_deref() {
+        None | Some("authorization_required") => Ok(()),
+        Some(_) => Err(StoreError::WorkingGrantExists {
+            provider: provider.to_string(),
+            account: account.to_string(),
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! tests can inject faults and inspect what the provider saw.
 #![allow(dead_code)]
 
+pub mod engine;
 pub mod postgres;
 
 use std::net::TcpListener as StdListener;
@@ -441,6 +442,15 @@ api_base_url = "{sim}/api"
             .expect("daemon answers")
     }
 
+    /// DELETE a daemon path.
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.http
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("daemon answers")
+    }
+
     pub async fn post_json(&self, path: &str) -> (u16, Value) {
         let r = self.post(path).await;
         let status = r.status().as_u16();
@@ -596,6 +606,116 @@ pub fn cookie(r: &reqwest::Response) -> String {
         .to_str()
         .expect("a Set-Cookie header");
     set.split(';').next().unwrap_or_default().to_string()
+}
+
+/// Kills the child on drop, so a failed assertion leaves no daemon behind.
+pub struct KillOnDrop(pub Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Writes an executable script (`text` with its `#!` line) at `path`.
+pub fn write_script(path: &Path, text: impl AsRef<str>) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text.as_ref()).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Forces a refresh whose answer arrives `delay` late and, once the call is
+/// out ("refresh started" committed), takes an exclusive write lock on the
+/// database, as another writer holding it past the store's busy timeout
+/// (10 s) would: the commit of the rotated pair fails. Returns the forced
+/// request and the locking connection (roll back or drop it to release).
+pub async fn forced_refresh_under_a_write_lock(
+    h: &Harness,
+    delay: Duration,
+) -> (
+    tokio::task::JoinHandle<(u16, Value)>,
+    sqlx::SqliteConnection,
+) {
+    use sqlx::ConnectOptions;
+    let sim = h.sim.sim.clone();
+    sim.set_token_delay(delay, tokenkeeper::dev::DelayPhase::BeforeProcessing);
+    let forced = h.spawn_post("/v1/token/keap/refresh");
+    eventually(
+        Duration::from_secs(5),
+        "the refresh call is out",
+        || async { sim.stats().refresh_calls == 1 },
+    )
+    .await;
+    let mut lock = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(h.db_path())
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    (forced, lock)
+}
+
+/// Replaces `h`'s config by one with a quick refresh schedule and the one
+/// provider table `provider` (its `[providers.NAME]` line included).
+pub fn write_config_with_provider(h: &Harness, provider: &str) {
+    let text = format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+
+[storage]
+path = "{db}"
+
+[refresh]
+check_interval = "1s"
+jitter = "0s"
+retry_initial = "1s"
+retry_max = "4s"
+
+{provider}
+"#,
+        port = h.port,
+        db = h.db_path().display(),
+    );
+    std::fs::write(&h.config_path, text).unwrap();
+}
+
+/// What a herd of token requests got: how many answers had each status,
+/// and how many times each access token was served.
+pub struct HerdTally {
+    pub statuses: std::collections::HashMap<u16, u32>,
+    pub tokens: std::collections::HashMap<String, u32>,
+}
+
+/// Sends `GET url` for every url of `urls` at once (a thundering herd) and
+/// tallies the answers.
+pub async fn herd(http: &reqwest::Client, urls: impl IntoIterator<Item = String>) -> HerdTally {
+    let mut set = tokio::task::JoinSet::new();
+    for url in urls {
+        let http = http.clone();
+        set.spawn(async move {
+            let r = http.get(url).send().await.expect("daemon answers");
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        });
+    }
+    let mut tally = HerdTally {
+        statuses: Default::default(),
+        tokens: Default::default(),
+    };
+    while let Some(res) = set.join_next().await {
+        let (s, b) = res.unwrap();
+        *tally.statuses.entry(s).or_default() += 1;
+        if let Some(t) = b["access_token"].as_str() {
+            *tally.tokens.entry(t.to_string()).or_default() += 1;
+        }
+    }
+    tally
 }
 
 /// Polls `cond` every 50 ms until it holds or `limit` passes.
