@@ -193,7 +193,7 @@ impl guard::RequestCheck for Guards {
     }
 }
 
-/// `GET /`: the dashboard (see [`dashboard`]).
+/// `GET /`: the dashboard (see [`mod@dashboard`]).
 #[utoipa::path(get, path = "/", summary = "Dashboard: every provider and connection, with Connect buttons", responses(
     (status = 200, description = "HTML page", body = String, content_type = "text/html")
 ))]

@@ -285,7 +285,7 @@ pub const MAX_REFRESH_TOKEN_LIFETIME: Duration = Duration::from_secs(3653 * 24 *
 /// The members named `keys` of a token answer that are strings (or
 /// numbers, kept as their text), for the connection's extras. Anything
 /// else, or a body that is not a JSON object, yields nothing. Values are
-/// cut like provider text in messages ([`clean`]), so a hostile answer
+/// cut like provider text in messages (`clean`), so a hostile answer
 /// cannot fill the database through them.
 pub fn extras(body: &[u8], keys: &[&str]) -> crate::store::Extras {
     let mut out = crate::store::Extras::new();

@@ -1,5 +1,5 @@
 //! What the proxy does with a connection's extras (SPEC 11), as each
-//! preset declares it ([`presets::ExtraUse`]): an upstream base URL of the
+//! preset declares it ([`super::presets::ExtraUse`]): an upstream base URL of the
 //! connection's own (Salesforce `instance_url`, Zoho `api_domain`), or a
 //! header the API requires (Xero `xero-tenant-id`).
 //!

@@ -1150,7 +1150,7 @@ impl Backend for Postgres {
         row.as_ref().map(|r| self.codec.decode(r)).transpose()
     }
 
-    /// Always yes here: without a listener (see [`follow`]) nothing says
+    /// Always yes here: without a listener (see `follow`) nothing says
     /// what changed, so the scheduler reads every row once per
     /// `check_interval`. A daemon follows the announcements instead, and
     /// `Store::changed` then answers from them exactly.
