@@ -43,13 +43,17 @@ pub fn stable_jitter(provider: &str, account: &str, jitter: Duration) -> Duratio
 /// The instant the scheduler should refresh this connection: `at_fraction`
 /// of the lifetime plus jitter, but never later than the point where a
 /// caller would get less than `min_validity`, and never later than
-/// `keepalive` after the refresh token was issued.
+/// `keepalive` after the last refresh (the grant's last use).
 pub fn next_refresh_at(t: &Timing, policy: &RefreshConfig, jitter: Duration) -> DateTime<Utc> {
     let lifetime = (t.expires_at - t.issued_at).max(chrono::Duration::zero());
     let lifetime_std = lifetime.to_std().unwrap_or_default();
     let planned = t.issued_at + chrono(lifetime_std.mul_f64(policy.at_fraction)) + chrono(jitter);
     let latest = t.expires_at - chrono(effective_min_validity(t, policy));
-    let keepalive = t.refresh_token_issued_at + chrono(policy.keepalive);
+    // Counted from the last use, not from the refresh token's issue: a
+    // provider that keeps its refresh token (no rotation: Google) never
+    // moves that issue, and counting from it would make every pass due
+    // once `keepalive` had passed since the authorization.
+    let keepalive = t.issued_at.max(t.refresh_token_issued_at) + chrono(policy.keepalive);
     planned.min(latest).min(keepalive)
 }
 
@@ -214,6 +218,23 @@ mod tests {
         assert!(fresh_enough(&t, at(2), &policy()));
         assert!(!fresh_enough(&t, at(3), &policy()));
         assert_eq!(next_refresh_at(&t, &policy(), Duration::ZERO), at(2));
+    }
+
+    #[test]
+    fn keepalive_counts_from_the_last_refresh_when_the_refresh_token_is_kept() {
+        // Authorized 60 days ago, the refresh token never rotated, the last
+        // refresh an hour ago with a one-hour token: due at 45 minutes of
+        // its lifetime, not at once.
+        let day = 86400;
+        let t = Timing {
+            issued_at: at(60 * day),
+            expires_at: at(60 * day + 3600),
+            refresh_token_issued_at: at(0),
+        };
+        assert_eq!(
+            next_refresh_at(&t, &policy(), Duration::ZERO),
+            at(60 * day + 2700)
+        );
     }
 
     #[test]

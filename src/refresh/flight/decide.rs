@@ -216,12 +216,30 @@ mod tests {
             decide(Trigger::Scheduled, &r, t0() + mins(10), &p, Duration::ZERO),
             Decision::Skip
         ));
-        // With a refresh token, keepalive keeps counting from its issue.
+        // Nor with a refresh token the provider keeps (no rotation):
+        // keepalive counts from the last refresh, an hour ago.
         r.refresh_token = Some(SecretString::from("rt".to_string()));
+        assert!(matches!(
+            decide(Trigger::Scheduled, &r, t0() + mins(10), &p, Duration::ZERO),
+            Decision::Skip
+        ));
+        // A token living longer than keepalive is refreshed at keepalive.
+        r.expires_at = r.issued_at + chrono::Duration::days(365);
+        let keepalive = r.issued_at + chrono::Duration::from_std(p.keepalive).unwrap();
+        assert!(matches!(
+            decide(
+                Trigger::Scheduled,
+                &r,
+                keepalive - mins(1),
+                &p,
+                Duration::ZERO
+            ),
+            Decision::Skip
+        ));
         assert!(refreshes(decide(
             Trigger::Scheduled,
             &r,
-            t0() + mins(10),
+            keepalive + mins(1),
             &p,
             Duration::ZERO
         )));
