@@ -507,8 +507,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         };
         total = total.saturating_add(part);
     }
+    // Every instant computed from a duration (an end, a due time, a
+    // warning) must stay inside chrono's range; nothing here means more
+    // than a century.
+    if total > MAX_DURATION {
+        return Err(format!(
+            "`{s}` is longer than a century; write at most \"36500d\""
+        ));
+    }
     Ok(total)
 }
+
+/// The longest duration any key accepts: 36500 days.
+pub const MAX_DURATION: Duration = Duration::from_secs(36500 * 86400);
 
 /// Provider and account names: `[a-z0-9][a-z0-9_-]{0,62}`.
 pub fn valid_name(name: &str) -> bool {
@@ -2249,6 +2260,10 @@ mod tests {
         assert!(parse_duration("30").is_err());
         assert!(parse_duration("m").is_err());
         assert!(parse_duration("5 weeks").is_err());
+        // An operator's "forever" is a sentence, not an overflow later.
+        assert!(parse_duration("36500d").is_ok());
+        let e = parse_duration("99999999d").unwrap_err();
+        assert!(e.contains("36500d"), "{e}");
     }
 
     #[test]

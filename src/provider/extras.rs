@@ -4,10 +4,13 @@
 //! header the API requires (Xero `xero-tenant-id`).
 //!
 //! Pure: a function of the provider's configuration, the stored extras and
-//! the caller's headers. Must not trust an extra beyond its shape: a base
-//! URL is used only when it is an absolute `https` URL (or `http` to a
-//! loopback host, as simulators use) without credentials, query or
-//! fragment; anything else falls back to `api_base_url`.
+//! the caller's headers. An extra is a provider's word, and the proxy sends
+//! the access token where it points, so a base URL is used only when it is
+//! an absolute `https` URL on the default port whose host is one of the
+//! preset's domains (or below one), without credentials, query or
+//! fragment; or, when the token endpoint or `api_base_url` is itself on a
+//! loopback host (a simulator), an `http` or `https` URL on a loopback host. Anything else
+//! falls back to `api_base_url`.
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use url::Url;
@@ -42,8 +45,10 @@ pub fn upstream(
         };
         match e.used_as {
             ExtraUse::Caller => {}
-            ExtraUse::ApiBaseUrl => {
-                if let Some(url) = value.as_str().and_then(base_url) {
+            ExtraUse::ApiBaseUrl(domains) => {
+                let local = is_loopback(&config.token_url)
+                    || config.api_base_url.as_ref().is_some_and(is_loopback);
+                if let Some(url) = value.as_str().and_then(|t| base_url(t, domains, local)) {
                     up.base = Some(url);
                 }
             }
@@ -91,23 +96,37 @@ fn list_ids(value: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// An extra usable as a base URL (see the module doc).
-fn base_url(text: &str) -> Option<Url> {
+/// An extra usable as a base URL (see the module doc): on one of
+/// `domains`, or on a loopback host when `local`.
+fn base_url(text: &str, domains: &[&str], local: bool) -> Option<Url> {
     let url = Url::parse(text).ok()?;
-    let loopback = match url.host() {
+    let plain = url.username().is_empty()
+        && url.password().is_none()
+        && url.query().is_none()
+        && url.fragment().is_none();
+    if !plain {
+        return None;
+    }
+    if local && is_loopback(&url) && matches!(url.scheme(), "http" | "https") {
+        return Some(url);
+    }
+    let host = match url.host() {
+        Some(url::Host::Domain(d)) => d.trim_end_matches('.').to_ascii_lowercase(),
+        _ => return None,
+    };
+    let allowed = domains
+        .iter()
+        .any(|d| host == *d || host.strip_suffix(d).is_some_and(|rest| rest.ends_with('.')));
+    (url.scheme() == "https" && url.port().is_none() && allowed).then_some(url)
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
         Some(url::Host::Ipv4(a)) => a.is_loopback(),
         Some(url::Host::Ipv6(a)) => a.is_loopback(),
         Some(url::Host::Domain(d)) => d == "localhost",
         None => false,
-    };
-    let scheme_ok = url.scheme() == "https" || (url.scheme() == "http" && loopback);
-    (scheme_ok
-        && url.has_host()
-        && url.username().is_empty()
-        && url.password().is_none()
-        && url.query().is_none()
-        && url.fragment().is_none())
-    .then_some(url)
+    }
 }
 
 #[cfg(test)]
@@ -115,14 +134,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_plain_https_or_loopback_urls_become_a_base() {
-        assert!(base_url("https://na1.my.salesforce.com").is_some());
-        assert!(base_url("http://127.0.0.1:8080/sim").is_some());
-        assert!(base_url("http://evil.example").is_none());
-        assert!(base_url("https://u:p@evil.example").is_none());
-        assert!(base_url("https://a.example/?x=1").is_none());
-        assert!(base_url("javascript:alert(1)").is_none());
-        assert!(base_url("www.zohoapis.eu").is_none());
+    fn only_the_presets_domains_become_a_base() {
+        const SF: &[&str] = &["salesforce.com", "force.com"];
+        let ok = |t: &str| base_url(t, SF, false).is_some();
+        assert!(ok("https://na1.my.salesforce.com"));
+        assert!(ok("https://acme.my.salesforce.com./"));
+        assert!(ok("https://ACME.lightning.FORCE.com"));
+        assert!(ok("https://salesforce.com/services"));
+        // Another host, a look-alike, a port, an address, plain http.
+        assert!(!ok("https://evil.example"));
+        assert!(!ok("https://evilsalesforce.com"));
+        assert!(!ok("https://salesforce.com.evil.example"));
+        assert!(!ok("https://na1.salesforce.com:8443"));
+        assert!(!ok("https://10.0.0.5"));
+        assert!(!ok("http://na1.salesforce.com"));
+        assert!(!ok("http://127.0.0.1:2375"));
+        assert!(!ok("https://u:p@na1.salesforce.com"));
+        assert!(!ok("https://na1.salesforce.com/?x=1"));
+        assert!(!ok("javascript:alert(1)"));
+        assert!(!ok("www.zohoapis.eu"));
+        // Loopback only when the configured base is loopback (a simulator).
+        assert!(base_url("http://127.0.0.1:8080/sim", SF, true).is_some());
+        assert!(base_url("http://localhost:8080", SF, true).is_some());
+        assert!(base_url("http://10.0.0.5:8080", SF, true).is_none());
     }
 
     #[test]

@@ -154,8 +154,10 @@ pub enum ExtraUse {
     /// Nothing: it is for the caller (Intuit's `realmId` goes into API
     /// paths the caller writes).
     Caller,
-    /// The connection's upstream base URL, instead of `api_base_url`.
-    ApiBaseUrl,
+    /// The connection's upstream base URL, instead of `api_base_url`, when
+    /// its host is one of these domains or below one (an answer naming any
+    /// other host would get the access token sent there).
+    ApiBaseUrl(&'static [&'static str]),
     /// Sent as this header when the list has exactly one entry; with
     /// several, the caller chooses by sending the header itself.
     HeaderWhenOne(&'static str),
@@ -181,18 +183,30 @@ const XERO_TENANTS: ExtraSpec = ExtraSpec {
     used_as: ExtraUse::HeaderWhenOne("xero-tenant-id"),
 };
 
-/// Zoho's API host of the user's data centre, in every token answer.
+/// Zoho's API host of the user's data centre, in every token answer:
+/// https://www.zoho.com/crm/developer/docs/api/v8/multi-dc.html
 const ZOHO_API_DOMAIN: ExtraSpec = ExtraSpec {
     key: "api_domain",
     source: ExtraSource::TokenAnswer,
-    used_as: ExtraUse::ApiBaseUrl,
+    used_as: ExtraUse::ApiBaseUrl(&[
+        "zohoapis.com",
+        "zohoapis.eu",
+        "zohoapis.in",
+        "zohoapis.com.au",
+        "zohoapis.jp",
+        "zohoapis.ca",
+        "zohoapis.com.cn",
+        "zohoapis.sa",
+        "zohocloud.ca",
+    ]),
 };
 
-/// Salesforce's org host, in every token answer.
+/// Salesforce's org host, in every token answer (My Domain hosts end in
+/// these domains).
 const SALESFORCE_INSTANCE: ExtraSpec = ExtraSpec {
     key: "instance_url",
     source: ExtraSource::TokenAnswer,
-    used_as: ExtraUse::ApiBaseUrl,
+    used_as: ExtraUse::ApiBaseUrl(&["salesforce.com", "force.com", "cloudforce.com"]),
 };
 
 const DAY: u64 = 86_400;

@@ -32,8 +32,8 @@ pub fn authorized(grant: &TokenGrant, lifetime: &RefreshTokenLifetime) -> GrantM
 
 /// A refresh: the stored extras with the answer's new values over them;
 /// the refresh token's end moved by what the answer says (a stated
-/// lifetime, or the rolling lifetime restarted by this use), kept where
-/// nothing restarts it, never past the cap. A stated end that this
+/// lifetime, or the rolling lifetime restarted by this use), kept as a
+/// fixed end where nothing restarts it, never past the cap. A stated end that this
 /// refresh did not push back (by at least half the time since the grant
 /// `previous_issued_at`) is an end refreshing cannot move: it becomes the
 /// cap, so the scheduler stops trying to keep it alive and the
@@ -60,7 +60,13 @@ pub fn refreshed(
             }
             Some(new_end)
         }
-        None => prior.refresh_token_expires_at,
+        // Nothing restarted it (the answer states no lifetime and none is
+        // declared): refreshing does not move it, so it is an end to warn
+        // about, not one to chase (chasing would refresh ever more often).
+        None => {
+            cap = earlier(cap, prior.refresh_token_expires_at);
+            prior.refresh_token_expires_at
+        }
     };
     GrantMeta {
         extra,
@@ -172,6 +178,28 @@ mod tests {
         let rolling = refreshed(&rolling, at(0), &grant(at(10), Some(60)), &l);
         assert_eq!(rolling.refresh_token_expires_at, Some(at(70)));
         assert!(!rolling.refresh_token_end_is_fixed());
+    }
+
+    #[test]
+    fn an_end_stated_once_and_never_again_is_fixed_not_chased() {
+        // The code exchange states 60 days, refreshes state nothing and no
+        // lifetime is declared: nothing pushes the end back.
+        let l = lifetime(None, None);
+        let m = authorized(&grant(at(0), Some(60)), &l);
+        assert!(!m.refresh_token_end_is_fixed());
+        let m = refreshed(&m, at(0), &grant(at(45), None), &l);
+        assert_eq!(m.refresh_token_expires_at, Some(at(60)));
+        assert!(m.refresh_token_end_is_fixed());
+        let t = crate::refresh::policy::Timing {
+            issued_at: at(45),
+            expires_at: at(46),
+            refresh_token_issued_at: at(45),
+        };
+        let p = crate::config::RefreshConfig::default();
+        assert_eq!(
+            crate::refresh::policy::keep_refresh_token_alive_at(&t, &m, &p),
+            None
+        );
     }
 
     #[test]

@@ -68,7 +68,9 @@ pub fn keep_refresh_token_alive_at(
     policy: &RefreshConfig,
 ) -> Option<DateTime<Utc>> {
     let end = meta.refresh_token_expires_at?;
-    if meta.refresh_token_end_is_fixed() {
+    // An end at or before the last refresh was not pushed back by it:
+    // chasing it would refresh at every pass.
+    if meta.refresh_token_end_is_fixed() || end <= t.issued_at {
         return None;
     }
     let life = (end - t.issued_at).to_std().unwrap_or_default();
