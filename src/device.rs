@@ -322,6 +322,11 @@ async fn poll(engine: Engine, flow: Arc<Flow>, device_code: SecretString, deadli
             tracing::info!(provider = %provider, account = %account, "device authorization abandoned: its command stopped asking");
             break FlowStatus::Cancelled;
         }
+        // An approval is consumed by the poll that sees it: while the
+        // database cannot take the grant, wait rather than redeem it.
+        if !engine.store().feed().up() {
+            continue;
+        }
         let settings = engine.settings();
         let Some(p) = settings.providers.get(&provider) else {
             break FlowStatus::Failed(format!(

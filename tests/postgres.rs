@@ -832,6 +832,27 @@ async fn daemons_ride_out_a_stopped_postgres_and_catch_up_when_it_returns() {
     }
     let metrics = h.get_text("/metrics").await;
     assert!(metrics.contains("tokenkeeper_storage_up 0"), "{metrics}");
+    // An import now would rotate the other program's token with nowhere to
+    // keep the new one: refused before the provider is asked (the refresh
+    // count is checked below).
+    let r = h
+        .http
+        .post(h.url("/v1/connections/keap/imported/import"))
+        .header("content-type", "application/json")
+        .body(r#"{"refresh_token": "someone-elses-refresh-token-1234567890"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let b: Value = r.json().await.unwrap();
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was sent to the provider"),
+        "{b}"
+    );
     // Under load while the server is down (the token falls due meanwhile):
     // every answer is the valid token held.
     let mut answers = 0;

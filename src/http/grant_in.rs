@@ -123,6 +123,10 @@ fn import_error(e: ImportError, provider: &str, account: &str) -> ApiError {
             retry_after: retry_after.unwrap_or(std::time::Duration::from_secs(5)),
         },
         ImportError::Store(s) => ApiError::Internal(s.to_string()),
+        ImportError::StorageDown => ApiError::RefreshFailed {
+            message,
+            retry_after: std::time::Duration::from_secs(5),
+        },
         ImportError::StoredMeanwhile { .. } => {
             refused(StatusCode::CONFLICT, "connection_exists", message)
         }

@@ -235,6 +235,9 @@ impl Engine {
         refresh_token: &secrecy::SecretString,
         replace: bool,
     ) -> Result<super::import::Imported, super::import::ImportError> {
+        if !self.inner.store.feed().up() {
+            return Err(super::import::ImportError::StorageDown);
+        }
         // A connection another process sharing the database stored since
         // our last pass must count as existing.
         if self.inner.slots.get(provider, account).is_none() {

@@ -130,6 +130,10 @@ pub enum ImportError {
     },
     #[error("the provider proved the token but tokenkeeper could not store the grant: {0}")]
     Store(#[from] StoreError),
+    /// Refused before the provider is asked: redeeming the token now would
+    /// rotate it with nowhere to keep the new one.
+    #[error("tokenkeeper cannot reach its database right now; nothing was sent to the provider and the other program's copy still works: import again once the database answers (see /readyz)")]
+    StorageDown,
 }
 
 /// Appended to an account whose import lost to a grant stored meanwhile.
@@ -206,6 +210,9 @@ pub async fn import(
                 account: account.to_string(),
             });
         }
+    }
+    if !shared.store.feed().up() {
+        return Err(ImportError::StorageDown);
     }
     let token = SecretString::from(text.to_string());
     shared.rate_slot(p, account).await;
