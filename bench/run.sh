@@ -302,9 +302,14 @@ bash tests/postgres/start.sh >"$TMP/pg.env"
 PG_URL=$(. "$TMP/pg.env" && echo "$TOKENKEEPER_TEST_PG_URL")
 mkdir -p "$TMP/cluster"
 CLUSTER_OK=0
+# In the background and waited for, so an interruption reaches the trap at
+# once: cleanup stops the tool (its daemons die with it) and the cluster.
 BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DURATION BENCH_HTTP_CONNECTIONS=$CONNS \
     timeout $((300 + 2 * ROUNDS * (DURATION + 5))) \
-    "$TOOL" cluster "$TK" "$TMP/cluster" "$CLUSTER_PORT" "$PG_URL" >>"$FIG" || CLUSTER_OK=$?
+    "$TOOL" cluster "$TK" "$TMP/cluster" "$CLUSTER_PORT" "$PG_URL" >>"$FIG" &
+PIDS+=("$!")
+wait "$!" || CLUSTER_OK=$?
+PIDS=()
 (. "$TMP/pg.env" && bash tests/postgres/stop.sh)
 rm -f "$TMP/pg.env"
 if [ "$CLUSTER_OK" != 0 ]; then

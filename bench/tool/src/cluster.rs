@@ -322,7 +322,12 @@ pub async fn cluster(bin: PathBuf, dir: PathBuf, port: u16, pg_url: String) -> R
     let med = |v: &[Measured], f: fn(&Measured) -> f64| {
         let mut x: Vec<f64> = v.iter().map(f).collect();
         x.sort_by(f64::total_cmp);
-        x[x.len() / 2]
+        let m = x.len() / 2;
+        if x.len().is_multiple_of(2) {
+            (x[m - 1] + x[m]) / 2.0
+        } else {
+            x[m]
+        }
     };
     if rounds > 0 {
         println!(
