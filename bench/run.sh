@@ -299,6 +299,8 @@ if want cluster; then
 # --- 5. cluster -------------------------------------------------------------------
 log "5/5 cluster: a throw-away PostgreSQL, three daemons on it, one SQLite daemon"
 bash tests/postgres/start.sh >"$TMP/pg.env"
+PG_CTL=$(ls /usr/lib/postgresql/*/bin/pg_ctl 2>/dev/null | sort -V | tail -1)
+PG_VERSION="PostgreSQL $("${PG_CTL:-pg_ctl}" --version | awk '{print $3}')"
 PG_URL=$(. "$TMP/pg.env" && echo "$TOKENKEEPER_TEST_PG_URL")
 mkdir -p "$TMP/cluster"
 CLUSTER_OK=0
@@ -336,11 +338,14 @@ mkdir -p "$RESULTS"
     echo "kernel: $(uname -sr)"
     echo "os: $(. /etc/os-release && echo "$PRETTY_NAME")"
     echo "rustc: $(rustc -V)"
-    echo "nginx: $("$NGINX_BIN" -v 2>&1 | cut -d/ -f2)"
-    echo "wrk: $(wrk -v 2>&1 | head -1)"
+    if want token; then
+        echo "nginx: $("$NGINX_BIN" -v 2>&1 | cut -d/ -f2)"
+        echo "wrk: $(wrk -v 2>&1 | head -1)"
+    fi
     echo "tokenkeeper: $REVISION"
     [ "${BENCH_DEV_BUILD:-0}" = 1 ] && echo "build: debug (BENCH_DEV_BUILD=1; the figures are meaningless)"
-    echo "load: wrk -t$THREADS -c$CONNS -d${DURATION}s, $ROUNDS rounds alternated tokenkeeper/nginx/floor, all on the same cores"
+    want token && echo "load: wrk -t$THREADS -c$CONNS -d${DURATION}s, $ROUNDS rounds alternated tokenkeeper/nginx/floor, all on the same cores"
+    want cluster && echo "cluster: ${PG_VERSION:-PostgreSQL} (throw-away cluster, fsync off); token endpoint load from the bench tool, -c$CONNS -d${DURATION}s, $ROUNDS rounds alternated PostgreSQL/SQLite"
     echo '```'
     echo
     echo "## Figures"
