@@ -14,7 +14,8 @@
 #    (tests/postgres/start.sh, removed at the end), three daemons on it, a
 #    herd of 3 x BENCH_CLUSTER_CALLERS (1,000) callers on a token that must
 #    refresh (exactly one upstream call is asserted), time to the last token
-#    against the provider delay (BENCH_CLUSTER_DELAY_MS, 200), and the token
+#    against the provider delay (BENCH_CLUSTER_DELAY_MS, 200), rotation
+#    propagation p50/p99 (BENCH_CLUSTER_ROTATIONS, 100), and the token
 #    endpoint on PostgreSQL against SQLite, alternated BENCH_ROUNDS times.
 #
 # Prints `name: value (baseline: value, ratio: r)` lines and writes the whole

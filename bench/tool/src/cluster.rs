@@ -8,7 +8,11 @@
 //!    refresh call in the whole cluster, every caller answered 200 with the
 //!    same token, and the time to the last token beside the provider delay.
 //!    A broken guarantee is an error (non-zero exit) after the figures.
-//! 2. Throughput of `GET /v1/token/demo` on one of the PostgreSQL daemons
+//! 2. Rotation propagation: `BENCH_CLUSTER_ROTATIONS` (100) forced
+//!    refreshes on one daemon, p50 and p99 of the time until both others
+//!    hold the new token in memory (as `bench/rotation.sh`, here with the
+//!    release build and in the report).
+//! 3. Throughput of `GET /v1/token/demo` on one of the PostgreSQL daemons
 //!    (its two peers running) against the SQLite daemon, alternated
 //!    `BENCH_ROUNDS` (3) times, `BENCH_DURATION` (10) s each with
 //!    `BENCH_HTTP_CONNECTIONS` (64) kept-alive connections driven from this
@@ -282,6 +286,32 @@ pub async fn cluster(bin: PathBuf, dir: PathBuf, port: u16, pg_url: String) -> R
         broken.push(format!("{reuse} refresh-token reuse(s)"));
     }
 
+    // --- rotation propagation ------------------------------------------------
+    let rotations: usize = env_or("BENCH_CLUSTER_ROTATIONS", 100);
+    if rotations > 0 {
+        let took = rotation(port, rotations).await?;
+        let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        figure(
+            "cluster_rotation_propagation_p50",
+            ms(at(0.50)),
+            "ms",
+            100.0,
+            "(target; from the commit on one daemon to both others holding the token)",
+        );
+        figure(
+            "cluster_rotation_propagation_p99",
+            ms(at(0.99)),
+            "ms",
+            1000.0,
+            "(SPEC 9's limit)",
+        );
+        println!(
+            "cluster_rotation_detail: {rotations} rotations on one daemon, 2 others; max {:.1} ms",
+            ms(took[took.len() - 1])
+        );
+    }
+
     // --- throughput: PostgreSQL-backed vs SQLite-backed -----------------------
     let sdir = dir.join("sqlite");
     std::fs::create_dir_all(&sdir)?;
@@ -391,6 +421,57 @@ pub async fn cluster(bin: PathBuf, dir: PathBuf, port: u16, pg_url: String) -> R
     } else {
         Err(format!("cluster: {}", broken.join("; ")).into())
     }
+}
+
+/// Rotates the token `rotations` times on the daemon at `port` (a forced
+/// refresh) and times each from the answer, which comes after the commit,
+/// until both other daemons recognize the new token as their current one
+/// (`POST /v1/inspect` answers from memory, so asking reads no storage).
+/// Sorted.
+async fn rotation(port: u16, rotations: usize) -> Res<Vec<Duration>> {
+    let http = reqwest::Client::new();
+    let mut took = Vec::with_capacity(rotations);
+    for _ in 0..rotations {
+        let r = http
+            .post(format!("http://127.0.0.1:{port}/v1/token/demo/refresh"))
+            .send()
+            .await?;
+        let status = r.status();
+        let body = r.text().await?;
+        if !status.is_success() {
+            return Err(format!("forced refresh answered {status}: {body}").into());
+        }
+        let rotated = json_field(&body, "access_token")
+            .ok_or("forced refresh: no access_token")?
+            .to_string();
+        let committed = Instant::now();
+        for d in 1..DAEMONS {
+            let url = format!("http://127.0.0.1:{}/v1/inspect", port + d as u16);
+            loop {
+                let b = http
+                    .post(&url)
+                    .body(rotated.clone())
+                    .send()
+                    .await?
+                    .text()
+                    .await?;
+                if json_field(&b, "kind") == Some("current_access_token") {
+                    break;
+                }
+                if committed.elapsed() > Duration::from_secs(10) {
+                    return Err(format!(
+                        "a rotation did not reach the daemon on port {} in 10 s",
+                        port + d as u16
+                    )
+                    .into());
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        took.push(committed.elapsed());
+    }
+    took.sort();
+    Ok(took)
 }
 
 /// Transactions committed or rolled back in the database at `url` so far
