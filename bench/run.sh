@@ -9,6 +9,14 @@
 #    idle CPU with the default settings (% of a core, CPU-ms per hour),
 #    refresh wave.
 # 4. Cost per token-day with Keap's 24 h tokens.
+# 5. Cluster (only with BENCH_PARTS naming `cluster`; needs the PostgreSQL
+#    server binaries, pg_ctl/initdb): a throw-away PostgreSQL cluster
+#    (tests/postgres/start.sh, removed at the end), three daemons on it, a
+#    herd of 3 x BENCH_CLUSTER_CALLERS (1,000) callers on a token that must
+#    refresh (exactly one upstream call is asserted), time to the last token
+#    against the provider delay (BENCH_CLUSTER_DELAY_MS, 200), rotation
+#    propagation p50/p99 (BENCH_CLUSTER_ROTATIONS, 100), and the token
+#    endpoint on PostgreSQL against SQLite, alternated BENCH_ROUNDS times.
 #
 # Prints `name: value (baseline: value, ratio: r)` lines and writes the whole
 # run to bench/results/latest.md. Uses only 127.0.0.1; cleans up everything
@@ -16,11 +24,13 @@
 # BENCH_ROUNDS (3), BENCH_HTTP_CONNECTIONS (64), BENCH_WRK_THREADS (2),
 # BENCH_PORT_BASE (18780), BENCH_WAVE_SECONDS (60), BENCH_PROFILE=1 (perf
 # profile of the token endpoint, needs perf), BENCH_SKIP_INSTALL=1,
-# BENCH_PARTS (which of "token herd scale cost" to run; all by default),
+# BENCH_PARTS (which of "token herd scale cost cluster" to run; all but
+# cluster by default),
 # BENCH_IDLE_SECONDS (120: the idle-CPU window of part 3; 0 skips it),
 # BENCH_IDLE_BASELINE (a git revision, e.g. d74c930: its daemon is built
 # from a temporary worktree and its idle CPU measured beside this one's),
-# BENCH_CONNECTIONS (10000).
+# BENCH_CONNECTIONS (10000), BENCH_DEV_BUILD=1 (debug builds in the usual
+# target directories: quick, to check the script runs; figures meaningless).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -35,6 +45,7 @@ NGINX_PORT=$((BASE + 1))
 FLOOR_PORT=$((BASE + 2))
 HERD_PORT=$((BASE + 3))
 SCALE_PORT=$((BASE + 4))
+CLUSTER_PORT=$((BASE + 5)) # and the next three
 RESULTS=$ROOT/bench/results
 OUT=$RESULTS/latest.md
 
@@ -55,10 +66,17 @@ if want token && [ "${BENCH_SKIP_INSTALL:-0}" != 1 ] && { ! command -v wrk >/dev
 fi
 NEEDED="python3 cargo curl"
 want token && NEEDED="wrk $NEEDED"
+if want cluster; then
+    # What tests/postgres/start.sh looks for, checked before the long build.
+    ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || {
+        log "bench: the cluster part needs the PostgreSQL server binaries (pg_ctl, initdb): apt-get install postgresql"
+        exit 2
+    }
+fi
 for t in $NEEDED; do
     command -v "$t" >/dev/null || { log "bench: $t is required"; exit 2; }
 done
-for p in $TK_PORT $NGINX_PORT $FLOOR_PORT $HERD_PORT $SCALE_PORT; do
+for p in $TK_PORT $NGINX_PORT $FLOOR_PORT $HERD_PORT $SCALE_PORT $(want cluster && seq "$CLUSTER_PORT" $((CLUSTER_PORT + 3))); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
         log "bench: 127.0.0.1:$p is in use; set BENCH_PORT_BASE"; exit 2
     fi
@@ -74,20 +92,30 @@ fi
 REVISION="$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD -- . ':(exclude)bench/results' 2>/dev/null || echo ' (with uncommitted changes)')"
 
 # --- build --------------------------------------------------------------------
-log "building release binaries (tokenkeeper, bench/floor, bench/tool)"
-# One target directory for all three (bench/target): the helper depends on
-# the library, so the dependencies build once; the main target/ is left alone.
-export CARGO_TARGET_DIR=$ROOT/bench/target
-cargo build --release --quiet --bin tokenkeeper
-(cd bench/floor && cargo build --release --quiet)
-(cd bench/tool && cargo build --release --quiet)
+if [ "${BENCH_DEV_BUILD:-0}" = 1 ]; then
+    log "building debug binaries (BENCH_DEV_BUILD=1: the figures are meaningless)"
+    # Each crate's own target directory, which the usual checks keep built.
+    cargo build --quiet --bin tokenkeeper
+    want token && (cd bench/floor && cargo build --quiet)
+    (cd bench/tool && cargo build --quiet)
+    BUILT=("$ROOT/target/debug/tokenkeeper" "$ROOT/bench/floor/target/debug/tokenkeeper-bench-floor" "$ROOT/bench/tool/target/debug/tokenkeeper-bench")
+else
+    log "building release binaries (tokenkeeper, bench/floor, bench/tool)"
+    # One target directory for all three (bench/target): the helper depends on
+    # the library, so the dependencies build once; the main target/ is left alone.
+    export CARGO_TARGET_DIR=$ROOT/bench/target
+    cargo build --release --quiet --bin tokenkeeper
+    want token && (cd bench/floor && cargo build --release --quiet)
+    (cd bench/tool && cargo build --release --quiet)
+    BUILT=("$CARGO_TARGET_DIR"/release/{tokenkeeper,tokenkeeper-bench-floor,tokenkeeper-bench})
+fi
 
 TMP=$(mktemp -d /tmp/tokenkeeper-bench.XXXXXX)
 chmod 755 "$TMP"
 # Private copies: a later build in the same target dir cannot swap them.
 mkdir -p "$TMP/bin"
-for b in tokenkeeper tokenkeeper-bench-floor tokenkeeper-bench; do
-    cp "$CARGO_TARGET_DIR/release/$b" "$TMP/bin/"
+for b in "${BUILT[@]}"; do
+    if [ -x "$b" ]; then cp "$b" "$TMP/bin/"; fi
 done
 TK=$TMP/bin/tokenkeeper
 FLOOR=$TMP/bin/tokenkeeper-bench-floor
@@ -97,6 +125,8 @@ cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
     [ -d "$TMP/baseline-src" ] && git worktree remove --force "$TMP/baseline-src" 2>/dev/null
+    # The cluster part's PostgreSQL (stop.sh also removes its directory).
+    [ -s "$TMP/pg.env" ] && (. "$TMP/pg.env" && bash "$ROOT/tests/postgres/stop.sh")
     rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -266,6 +296,35 @@ log "4/4 cost per token-day"
 "$TOOL" cost >>"$FIG"
 fi
 
+if want cluster; then
+# --- 5. cluster -------------------------------------------------------------------
+log "5/5 cluster: a throw-away PostgreSQL, three daemons on it, one SQLite daemon"
+bash tests/postgres/start.sh >"$TMP/pg.env"
+PG_CTL=$(ls /usr/lib/postgresql/*/bin/pg_ctl 2>/dev/null | sort -V | tail -1)
+PG_VERSION="PostgreSQL $("${PG_CTL:-pg_ctl}" --version | awk '{print $3}')"
+PG_URL=$(. "$TMP/pg.env" && echo "$TOKENKEEPER_TEST_PG_URL")
+mkdir -p "$TMP/cluster"
+CLUSTER_OK=0
+# In the background and waited for, so an interruption reaches the trap at
+# once: cleanup stops the tool (its daemons die with it) and the cluster.
+BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DURATION BENCH_HTTP_CONNECTIONS=$CONNS \
+    timeout $((300 + 2 * ROUNDS * (DURATION + 5))) \
+    "$TOOL" cluster "$TK" "$TMP/cluster" "$CLUSTER_PORT" "$PG_URL" >>"$FIG" &
+PIDS+=("$!")
+wait "$!" || CLUSTER_OK=$?
+PIDS=()
+(. "$TMP/pg.env" && bash tests/postgres/stop.sh)
+rm -f "$TMP/pg.env"
+if [ "$CLUSTER_OK" != 0 ]; then
+    cat "$FIG"
+    for f in "$TMP"/cluster/*/daemon*.log; do
+        [ -s "$f" ] && { log "--- ${f#"$TMP"/}"; tail -n 20 "$f" >&2; }
+    done
+    log "bench: the cluster part failed (exit $CLUSTER_OK)"
+    exit 1
+fi
+fi
+
 # --- report -----------------------------------------------------------------------
 cat "$FIG"
 mkdir -p "$RESULTS"
@@ -280,10 +339,14 @@ mkdir -p "$RESULTS"
     echo "kernel: $(uname -sr)"
     echo "os: $(. /etc/os-release && echo "$PRETTY_NAME")"
     echo "rustc: $(rustc -V)"
-    echo "nginx: $("$NGINX_BIN" -v 2>&1 | cut -d/ -f2)"
-    echo "wrk: $(wrk -v 2>&1 | head -1)"
+    if want token; then
+        echo "nginx: $("$NGINX_BIN" -v 2>&1 | cut -d/ -f2)"
+        echo "wrk: $(wrk -v 2>&1 | head -1)"
+    fi
     echo "tokenkeeper: $REVISION"
-    echo "load: wrk -t$THREADS -c$CONNS -d${DURATION}s, $ROUNDS rounds alternated tokenkeeper/nginx/floor, all on the same cores"
+    [ "${BENCH_DEV_BUILD:-0}" = 1 ] && echo "build: debug (BENCH_DEV_BUILD=1; the figures are meaningless)"
+    want token && echo "load: wrk -t$THREADS -c$CONNS -d${DURATION}s, $ROUNDS rounds alternated tokenkeeper/nginx/floor, all on the same cores"
+    want cluster && echo "cluster: ${PG_VERSION:-PostgreSQL} (throw-away cluster, fsync off); token endpoint load from the bench tool, -c$CONNS -d${DURATION}s, $ROUNDS rounds alternated PostgreSQL/SQLite"
     echo '```'
     echo
     echo "## Figures"

@@ -12,6 +12,11 @@
 //!   CPU per scheduler tick, idle CPU with the default settings (beside a
 //!   baseline build's with `BENCH_BASELINE_BIN`), refresh wave.
 //! - `cost`: provider calls per connection per day with 24 h tokens.
+//! - `cluster BIN DIR PORT PG_URL`: three daemons on one PostgreSQL (a herd
+//!   spread across them, one upstream call) and the token endpoint on
+//!   PostgreSQL against SQLite (see `cluster.rs`).
+
+mod cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -65,8 +70,22 @@ fn trim(v: f64) -> String {
 }
 
 fn write_config(dir: &Path, port: u16, sim: &str, refresh: &str) -> Res<PathBuf> {
-    let path = dir.join("tokenkeeper.toml");
     let db = dir.join("tokenkeeper.db");
+    let storage = format!("path = \"{}\"", db.display());
+    write_config_with(dir, "tokenkeeper.toml", port, sim, refresh, &storage)
+}
+
+/// A config named `name` in `dir` whose `[storage]` section holds the line
+/// `storage` (`path = ...` for SQLite, `url = ...` for PostgreSQL).
+fn write_config_with(
+    dir: &Path,
+    name: &str,
+    port: u16,
+    sim: &str,
+    refresh: &str,
+    storage: &str,
+) -> Res<PathBuf> {
+    let path = dir.join(name);
     std::fs::write(
         &path,
         format!(
@@ -74,7 +93,7 @@ fn write_config(dir: &Path, port: u16, sim: &str, refresh: &str) -> Res<PathBuf>
 listen = "127.0.0.1:{port}"
 
 [storage]
-path = "{db}"
+{storage}
 
 [refresh]
 {refresh}
@@ -87,8 +106,7 @@ authorization_url = "{sim}/authorize"
 token_url = "{sim}/token"
 revocation_url = "{sim}/revoke"
 api_base_url = "{sim}/api"
-"#,
-            db = db.display()
+"#
         ),
     )?;
     Ok(path)
@@ -105,7 +123,7 @@ async fn seed(
 ) -> Res<()> {
     let cfg = tokenkeeper::config::load(cfg_path).map_err(|e| format!("{e}"))?;
     let http = tokenkeeper::provider::http_client();
-    let store = Store::open(&cfg.storage.path, None).await?;
+    let store = Store::open_at(&cfg.storage.location(), None).await?;
     let engine = Engine::start(EngineParts::new(
         store.clone(),
         tokenkeeper::daemon::settings_from(&cfg, &http),
@@ -755,11 +773,17 @@ fn main() -> std::process::ExitCode {
         Some("seed-one") => rt.block_on(seed_one(path(1), path(2), port())),
         Some("herd") => rt.block_on(herd(path(1), path(2), port())),
         Some("scale") => rt.block_on(scale(path(1), path(2), port())),
+        Some("cluster") => rt.block_on(cluster::cluster(
+            path(1),
+            path(2),
+            port(),
+            args.get(4).cloned().unwrap_or_default(),
+        )),
         Some("cost") => {
             cost();
             Ok(())
         }
-        _ => Err("usage: tokenkeeper-bench seed-one|herd|scale BIN DIR PORT | cost".into()),
+        _ => Err("usage: tokenkeeper-bench seed-one|herd|scale BIN DIR PORT | cluster BIN DIR PORT PG_URL | cost".into()),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
