@@ -40,7 +40,10 @@ impl KeyFileError {
     /// Whether the operator asked for something refused (exit 2), rather
     /// than the system failing to do it (exit 1).
     pub fn is_usage(&self) -> bool {
-        matches!(self, KeyFileError::Symlink { .. } | KeyFileError::Exists { .. })
+        matches!(
+            self,
+            KeyFileError::Symlink { .. } | KeyFileError::Exists { .. }
+        )
     }
 }
 
@@ -126,14 +129,20 @@ mod tests {
         let existing = dir.path().join("existing");
         std::fs::write(&existing, "old key\n").unwrap();
         let e = write_new_key_file(&existing, &key).unwrap_err();
-        assert!(matches!(e, KeyFileError::Exists { .. }) && e.is_usage(), "{e}");
+        assert!(
+            matches!(e, KeyFileError::Exists { .. }) && e.is_usage(),
+            "{e}"
+        );
         assert_eq!(std::fs::read_to_string(&existing).unwrap(), "old key\n");
 
         let dangling = dir.path().join("dangling");
         std::os::unix::fs::symlink(dir.path().join("target"), &dangling).unwrap();
         let e = write_new_key_file(&dangling, &key).unwrap_err();
         assert!(matches!(e, KeyFileError::Symlink { .. }), "{e}");
-        assert!(!dir.path().join("target").exists(), "nothing written through the link");
+        assert!(
+            !dir.path().join("target").exists(),
+            "nothing written through the link"
+        );
 
         let missing = dir.path().join("no-such-dir").join("key");
         let e = write_new_key_file(&missing, &key).unwrap_err();

@@ -125,7 +125,10 @@ fn genkey_never_writes_through_a_symbolic_link() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("symbolic link"), "{err}");
     }
-    assert!(!target.exists(), "nothing created through the dangling link");
+    assert!(
+        !target.exists(),
+        "nothing created through the dangling link"
+    );
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "not a key\n");
 }
 
@@ -182,14 +185,18 @@ async fn sealed_across_a_restart(h: &mut Harness, key_text: &str) {
     h.start().await;
     let (s, b) = h.token().await;
     assert_eq!(s, 200, "{b}");
-    assert_eq!(b["access_token"], token.as_str(), "the same grant, unsealed");
+    assert_eq!(
+        b["access_token"],
+        token.as_str(),
+        "the same grant, unsealed"
+    );
     h.stop().await;
     let log = h.log();
     assert!(!log.contains(key_text.trim()), "the key is in the log");
     assert!(!log.contains("stored unencrypted"), "{log}");
     assert!(
-        !log.lines().any(|l| l.contains("encryption_key_file")
-            && l.contains("can be read by other users")),
+        !log.lines()
+            .any(|l| l.contains("encryption_key_file") && l.contains("can be read by other users")),
         "{log}"
     );
 }
@@ -340,4 +347,37 @@ async fn a_key_sealed_with_systemd_creds_reaches_the_daemon_as_a_credential() {
         h.log()
     );
     std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o700)).unwrap();
+}
+
+/// The Debian package's man pages and completions are generated from the
+/// CLI definition (`packaging/gen-docs.rs`): `genkey` is in them.
+#[test]
+fn genkey_is_in_the_man_pages_and_completions() {
+    use clap::CommandFactory as _;
+    let dir = tempfile::tempdir().unwrap();
+    clap_mangen::generate_to(tokenkeeper::cli::Cli::command(), dir.path()).unwrap();
+    let page = std::fs::read_to_string(dir.path().join("tokenkeeper-genkey.1")).unwrap();
+    assert!(
+        page.contains("systemd\\-creds encrypt") && page.contains("0600"),
+        "{page}"
+    );
+    let main = std::fs::read_to_string(dir.path().join("tokenkeeper.1")).unwrap();
+    assert!(main.contains("genkey"), "{main}");
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        let mut script = Vec::new();
+        clap_complete::generate(
+            shell,
+            &mut tokenkeeper::cli::Cli::command(),
+            "tokenkeeper",
+            &mut script,
+        );
+        assert!(
+            String::from_utf8_lossy(&script).contains("genkey"),
+            "{shell} completion lacks genkey"
+        );
+    }
 }

@@ -4,7 +4,9 @@
 # Debian package's check, packaging/check-deb.sh, uses that):
 #   1. `systemd-analyze verify` on both units must print nothing and exit 0;
 #   2. `systemd-analyze security --offline=true` on the service must report an
-#      overall exposure level <= LIMIT (default 1.5).
+#      overall exposure level <= LIMIT (default 1.5);
+#   3. both again with the README's LoadCredentialEncrypted= drop-in
+#      (examples/systemd/encrypted-db-key.conf) added to a copy of the units.
 # Works without systemd as PID 1 (offline modes only). Runs from any cwd.
 # Needs root only to install missing packages and for the mount namespace below.
 set -euo pipefail
@@ -56,6 +58,8 @@ run_verify() {
     systemd-analyze verify "$service" "$socket" 2>&1
 }
 
+check_units() {
+local service="$1" socket="$2" label="$3"
 verify_out=""
 verify_rc=0
 if [[ -x "$BIN" ]]; then
@@ -88,7 +92,7 @@ if [[ $verify_rc -ne 0 || -n "$verify_out" ]]; then
     printf '%s\n' "$verify_out" >&2
     exit 1
 fi
-echo "check-unit: verify clean ($mode)"
+echo "check-unit: verify clean ($label, $mode)"
 
 # --- 2. security --------------------------------------------------------------
 security_out="$(systemd-analyze security --offline=true --no-pager "$service" 2>&1)" || true
@@ -102,9 +106,26 @@ fi
 
 if awk -v s="$score" -v l="$LIMIT" 'BEGIN { exit !(s + 0 <= l + 0) }'; then
     echo "check-unit: systemd $version"
-    echo "systemd unit: exposure $score (limit $LIMIT): ok"
+    echo "systemd unit: exposure $score (limit $LIMIT, $label): ok"
 else
     printf '%s\n' "$security_out" | grep -v '✓' >&2 || true
-    echo "systemd unit: exposure $score (limit $LIMIT): FAILED (systemd $version)" >&2
+    echo "systemd unit: exposure $score (limit $LIMIT, $label): FAILED (systemd $version)" >&2
     exit 1
+fi
+}
+
+check_units "$service" "$socket" "as shipped"
+
+# --- 3. the documented drop-in ---------------------------------------------------
+# README "The encryption key as a systemd credential": the same checks with
+# examples/systemd/encrypted-db-key.conf (LoadCredentialEncrypted=) as a
+# drop-in, on a copy of the units (verify reads <unit>.d/ beside the unit).
+dropin="$repo/examples/systemd/encrypted-db-key.conf"
+if [[ -f "$dropin" ]]; then
+    copy="$(mktemp -d)"
+    trap 'rm -rf "$copy"' EXIT
+    cp "$service" "$socket" "$copy/"
+    mkdir "$copy/tokenkeeper.service.d"
+    cp "$dropin" "$copy/tokenkeeper.service.d/"
+    check_units "$copy/tokenkeeper.service" "$copy/tokenkeeper.socket" "with the encrypted db-key drop-in"
 fi
