@@ -145,7 +145,7 @@ pub enum Command {
     Inspect,
     /// Re-seal every stored token under a new encryption key, in one transaction (stop the daemon first).
     Rekey {
-        /// File with the new key: 32 random bytes, base64 (`head -c32 /dev/urandom | base64`).
+        /// File with the new key: 32 random bytes, base64 (make one with `tokenkeeper genkey F`).
         #[arg(long, value_name = "F")]
         new_key_file: PathBuf,
     },

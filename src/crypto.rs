@@ -26,7 +26,7 @@ pub enum KeyError {
         path: String,
         source: std::io::Error,
     },
-    #[error("the key file {path} must hold 32 random bytes in base64 (e.g. `head -c32 /dev/urandom | base64`)")]
+    #[error("the key file {path} must hold 32 random bytes in base64 (make one with `tokenkeeper genkey FILE`)")]
     Format { path: String },
 }
 
