@@ -1,6 +1,7 @@
 //! The command line (SPEC 2): `serve` runs the daemon; the other commands
 //! are clients of a running daemon over its HTTP API, except
-//! `check-config`, which only reads the file.
+//! `check-config`, which only reads the file, and `genkey`, which needs
+//! neither config nor daemon.
 //!
 //! Clients read the daemon's answers through the types the server writes
 //! ([`crate::http::answers`]) and the config through the daemon's own
@@ -144,9 +145,21 @@ pub enum Command {
     Inspect,
     /// Re-seal every stored token under a new encryption key, in one transaction (stop the daemon first).
     Rekey {
-        /// File with the new key: 32 random bytes, base64 (`head -c32 /dev/urandom | base64`).
+        /// File with the new key: 32 random bytes, base64 (make one with `tokenkeeper genkey F`).
         #[arg(long, value_name = "F")]
         new_key_file: PathBuf,
+    },
+    /// Generate a new encryption key (32 random bytes from the OS, base64) for storage.encryption_key_file; needs no config and no daemon.
+    ///
+    /// With FILE, the key goes into a new file created with mode 0600; an
+    /// existing file or a symbolic link is refused, never replaced. Without
+    /// FILE (or with "-") it is printed on standard output, e.g. to seal it
+    /// as a systemd credential:
+    /// `tokenkeeper genkey | systemd-creds encrypt --name=db-key - /etc/credstore.encrypted/db-key`.
+    Genkey {
+        /// The new key file ("-" or none: standard output).
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
     },
     /// Make a backup now (the backup section of the config): the running daemon makes it, or, when none runs, this command on the database file.
     Backup,
@@ -302,6 +315,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::MigrateStorage { ref to, replace } => {
             migrate_storage(cli.config.as_deref(), to, replace).await
         }
+        Command::Genkey { ref file } => genkey(file.as_deref()),
         Command::Backup => backup(&cli).await,
         Command::Restore { ref file } => restore(cli.config.as_deref(), file).await,
         ref other => client(&cli, other).await,
@@ -824,6 +838,7 @@ async fn client(cli: &Cli, command: &Command) -> Result<(), CliError> {
         Command::Serve { .. }
         | Command::CheckConfig
         | Command::Rekey { .. }
+        | Command::Genkey { .. }
         | Command::Backup
         | Command::Restore { .. }
         | Command::MigrateStorage { .. } => {
@@ -1407,6 +1422,39 @@ async fn rekey(explicit: Option<&Path>, new_key_file: &Path) -> Result<(), CliEr
         ),
         Output::Report,
     )
+}
+
+/// `genkey`: a new key on standard output, or in a new file of mode 0600.
+fn genkey(file: Option<&Path>) -> Result<(), CliError> {
+    use secrecy::ExposeSecret as _;
+    let key = crate::crypto::SealKey::generate_text().map_err(|e| {
+        runtime(format!(
+            "the operating system gave no random bytes ({e}); no key was made, retry once it can"
+        ))
+    })?;
+    let path = match file {
+        Some(p) if p.as_os_str() != "-" => p,
+        _ if stdout_was_closed() => {
+            return Err(runtime(
+                "standard output is closed, so no key was written; send it to a pipe or a file, or name a FILE",
+            ))
+        }
+        _ => return out(key.expose_secret(), Output::Essential),
+    };
+    crate::keygen::write_new_key_file(path, &key).map_err(|e| {
+        if e.is_usage() {
+            usage(e.to_string())
+        } else {
+            runtime(e.to_string())
+        }
+    })?;
+    // To stderr: stdout carries keys only, so `genkey F > G` cannot
+    // mistake this sentence for one.
+    err_line(format_args!(
+        "tokenkeeper: wrote a new key to {} (mode 0600); set storage.encryption_key_file to it, or seal it with `systemd-creds encrypt`",
+        path.display()
+    ));
+    Ok(())
 }
 
 /// The configured encryption key, if any, as a usage error when unreadable.

@@ -890,7 +890,7 @@ impl<'a> Reader<'a> {
             .find_map(|c| std::fs::metadata(&c).ok().map(|m| (c, m)));
         if let Some((file, meta)) = read {
             let mode = meta.permissions().mode() & 0o777;
-            if meta.is_file() && mode & 0o077 != 0 {
+            if meta.is_file() && mode & 0o077 != 0 && !is_systemd_credential(&file) {
                 self.warnings.push(format!(
                     "{key}: {} can be read by other users (mode {mode:o}); run `chmod 600 {}`",
                     file.display(),
@@ -1800,6 +1800,23 @@ pub fn credential_candidates(raw: &str, config_path: &Path) -> Vec<PathBuf> {
         }
     }
     candidates
+}
+
+/// Whether `file` is a credential systemd delivered (`LoadCredential=`,
+/// `LoadCredentialEncrypted=`): it lies in `$CREDENTIALS_DIRECTORY`, and
+/// that directory lets no other user in. Such a file's mode says nothing
+/// about who can read it: systemd grants the service user read access
+/// through an ACL, so `stat` shows the ACL mask in the group bits (0440)
+/// though no group can read it, and the file is read-only, so `chmod`
+/// could not change it anyway.
+pub fn is_systemd_credential(file: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(creds) = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|v| !v.is_empty()) else {
+        return false;
+    };
+    let creds = Path::new(&creds);
+    file.parent() == Some(creds)
+        && std::fs::metadata(creds).is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o007 == 0)
 }
 
 /// Largest secret file read: a secret is a line, and a path such as

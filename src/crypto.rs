@@ -11,7 +11,7 @@ use base64::Engine as _;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hmac::{Hmac, Mac};
-use secrecy::{ExposeSecret, SecretBox, SecretString};
+use secrecy::{ExposeSecret, ExposeSecretMut, SecretBox, SecretString};
 use sha2::Sha256;
 
 /// Prefix of sealed values, so plaintext rows (written before a key was
@@ -26,7 +26,7 @@ pub enum KeyError {
         path: String,
         source: std::io::Error,
     },
-    #[error("the key file {path} must hold 32 random bytes in base64 (e.g. `head -c32 /dev/urandom | base64`)")]
+    #[error("the key file {path} must hold 32 random bytes in base64 (make one with `tokenkeeper genkey FILE`)")]
     Format { path: String },
 }
 
@@ -66,6 +66,21 @@ impl SealKey {
             path: path.display().to_string(),
         })?;
         Ok(SealKey::from_bytes(arr))
+    }
+
+    /// A fresh key from the operating system's random source, as the text
+    /// [`SealKey::from_file`] reads: 32 bytes in standard base64 and a
+    /// newline. An error when the OS cannot give randomness: a key from a
+    /// weaker source is never made.
+    pub fn generate_text() -> Result<SecretString, std::io::Error> {
+        use rand::RngCore as _;
+        let mut bytes = SecretBox::new(Box::new([0u8; 32]));
+        rand::rngs::OsRng
+            .try_fill_bytes(bytes.expose_secret_mut())
+            .map_err(std::io::Error::other)?;
+        let mut text = STANDARD.encode(bytes.expose_secret());
+        text.push('\n');
+        Ok(SecretString::from(text))
     }
 
     fn cipher(&self) -> XChaCha20Poly1305 {

@@ -673,7 +673,7 @@ fn warn_if_readable_by_others(path: &std::path::Path, key: &str) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path) {
         let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        if mode & 0o077 != 0 && !crate::config::is_systemd_credential(path) {
             tracing::warn!(
                 "{key} {} can be read by other users (mode {mode:o}); run `chmod 600 {}`",
                 path.display(),

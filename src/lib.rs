@@ -13,7 +13,10 @@
 //!   migrations, leases, durable rotation, `migrate-storage`; and its
 //!   feed (`store::feed`): other daemons' commits announced by PostgreSQL,
 //!   and whether the database can be reached.
-//! - [`crypto`]: sealing tokens at rest (AEAD) and keyed token fingerprints.
+//! - [`crypto`]: sealing tokens at rest (AEAD) and keyed token fingerprints;
+//!   making a new key from the OS random source.
+//! - [`keygen`]: `tokenkeeper genkey`: a new key written to a new file,
+//!   mode 0600, never over an existing file nor through a link.
 //! - [`provider`]: OAuth2 calls to providers; [`provider::answer`] reads
 //!   token answers leniently and is the one place that decides which
 //!   failures are transient, which reject the grant and which are the
@@ -73,6 +76,7 @@ pub mod dev;
 pub mod device;
 pub mod history;
 pub mod http;
+pub mod keygen;
 pub mod metrics;
 pub mod notify;
 pub mod provider;

@@ -70,6 +70,9 @@ pub struct Harness {
     /// A browser session cookie (`name=value`) from [`Harness::login`],
     /// sent by `start_connect` (needed when API keys are set).
     pub session: Option<String>,
+    /// Extra environment of the daemons [`Harness::start`] spawns (e.g.
+    /// `CREDENTIALS_DIRECTORY`, as systemd sets it).
+    pub daemon_env: Vec<(String, PathBuf)>,
     starts: usize,
 }
 
@@ -114,6 +117,7 @@ impl Harness {
             daemon: None,
             rust_log: opts.rust_log.clone(),
             session: None,
+            daemon_env: Vec::new(),
             starts: 0,
             dir,
         };
@@ -261,7 +265,13 @@ api_base_url = "{sim}/api"
         for _ in 0..5 {
             let log_before = self.log().len();
             let serving_before = self.log().matches("tokenkeeper is serving").count();
-            let mut child = spawn_daemon(&self.config_path, &self.log_path(), &self.rust_log, &[]);
+            let mut child = spawn_daemon_env(
+                &self.config_path,
+                &self.log_path(),
+                &self.rust_log,
+                &[],
+                &self.daemon_env,
+            );
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 if let Ok(Some(status)) = child.try_wait() {
@@ -520,6 +530,17 @@ impl Drop for Harness {
 }
 
 pub fn spawn_daemon(config: &Path, log: &Path, rust_log: &str, extra: &[&str]) -> Child {
+    spawn_daemon_env(config, log, rust_log, extra, &[])
+}
+
+/// [`spawn_daemon`] with extra environment variables.
+pub fn spawn_daemon_env(
+    config: &Path,
+    log: &Path,
+    rust_log: &str,
+    extra: &[&str],
+    env: &[(String, PathBuf)],
+) -> Child {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -530,6 +551,7 @@ pub fn spawn_daemon(config: &Path, log: &Path, rust_log: &str, extra: &[&str]) -
         .arg("--config")
         .arg(config)
         .args(extra)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("RUST_LOG", rust_log)
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
