@@ -515,6 +515,58 @@ async fn connect_paste_refuses_a_wrong_state_an_error_and_garbage() {
     assert_eq!(h.connection("default").await, serde_json::Value::Null);
 }
 
+/// Malformed addresses: each ends the command with exit 1 and a sentence
+/// saying what is wrong, no code is exchanged, and nothing is stored.
+#[tokio::test]
+async fn connect_paste_refuses_malformed_addresses() {
+    let h = Harness::started(Options::default()).await;
+    let callback = h.url("/callback");
+    let cases: [(&dyn Fn(&str) -> String, &str); 6] = [
+        (
+            &|_| "https://[::1/callback?code=abc&state=xyz".to_string(),
+            "not an address tokenkeeper can read",
+        ),
+        (&|_| callback.clone(), "no state parameter"),
+        (&|_| format!("{callback}?code=abc"), "no state parameter"),
+        (
+            &|state| format!("{callback}?state={state}"),
+            "carries no authorization code",
+        ),
+        (
+            &|state| format!("{callback}?code=a&code=b&state={state}"),
+            "more than once",
+        ),
+        (
+            &|state| format!("{callback}?code=abc&state={state}&state=other"),
+            "more than once",
+        ),
+    ];
+    for (pasted, says) in cases {
+        let run = start_paste(&h, "default").await;
+        let state = url::Url::parse(&run.url)
+            .unwrap()
+            .query_pairs()
+            .find(|(k, _)| k == "state")
+            .unwrap()
+            .1
+            .into_owned();
+        let text = pasted(&state);
+        let out = run.paste(&text).await;
+        assert_fails_saying(&out, says);
+        assert!(
+            stderr(&out).contains("nothing was stored"),
+            "{text}: {}",
+            stderr(&out)
+        );
+        assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    }
+    assert_eq!(h.sim.sim.stats().code_exchanges, 0);
+    assert_eq!(h.connection("default").await, serde_json::Value::Null);
+    let (s, b) = h.get_json("/v1/connections").await;
+    assert_eq!(s, 200);
+    assert_eq!(b["connections"].as_array().map(Vec::len), Some(0), "{b}");
+}
+
 #[tokio::test]
 async fn connect_paste_refuses_an_expired_flow() {
     let h = Harness::started(Options::default()).await;
