@@ -241,3 +241,71 @@ async fn issuers_are_asked_at_once_so_unanswering_ones_do_not_add_up() {
         h.log()
     );
 }
+
+/// A document refused at a first start is not kept: the next start, with
+/// the issuer unreachable, finds no earlier document, and no connection
+/// exists.
+#[tokio::test]
+async fn a_refused_document_at_first_start_is_not_kept() {
+    let h = harness("").await;
+    for (fault, says) in [
+        (DiscoveryFault::NotJson, "did not answer a JSON document"),
+        (
+            DiscoveryFault::NoTokenEndpoint,
+            "has no token_endpoint; set token_url",
+        ),
+    ] {
+        h.sim.sim.set_discovery_fault(Some(fault.clone()));
+        let (code, out) = failed_start(&h).await;
+        assert_eq!(code, Some(2), "{fault:?}: {out}");
+        assert!(out.contains(says), "{fault:?}: missing {says:?} in:\n{out}");
+        assert!(out.contains("providers.keap.issuer"), "{out}");
+    }
+    h.sim
+        .sim
+        .set_discovery_fault(Some(DiscoveryFault::Status(503)));
+    let (code, out) = failed_start(&h).await;
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("no earlier document is kept"), "{out}");
+    assert_eq!(h.sim.sim.stats().code_exchanges, 0);
+}
+
+/// On reload a document that is not JSON, or lacks the token endpoint, is
+/// named in a warning and not kept: the daemon goes on with the last good
+/// one, which a later start without network still finds.
+#[tokio::test]
+async fn a_refused_document_on_reload_keeps_the_last_good_one() {
+    let mut h = harness("").await;
+    h.start().await;
+    connect_and_refresh(&h).await;
+    for (n, (fault, says)) in [
+        (DiscoveryFault::NotJson, "did not answer a JSON document"),
+        (DiscoveryFault::NoTokenEndpoint, "has no token_endpoint"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        h.sim.sim.set_discovery_fault(Some(fault.clone()));
+        signal(h.daemon.as_ref().unwrap(), libc::SIGHUP);
+        eventually(Duration::from_secs(10), "the reload is done", || async {
+            h.log().matches("configuration reloaded").count() > n
+        })
+        .await;
+        let log = h.log();
+        assert!(
+            log.lines()
+                .any(|l| l.contains(says) && l.contains("using the document kept")),
+            "{fault:?}: no warning naming {says:?}:\n{log}"
+        );
+    }
+    let (status, v) = h.post_json("/v1/token/keap/refresh").await;
+    assert_eq!(status, 200, "{v}");
+    h.stop().await;
+    h.sim
+        .sim
+        .set_discovery_fault(Some(DiscoveryFault::Status(503)));
+    h.start().await;
+    assert!(h.log().contains("using the document kept"), "{}", h.log());
+    let (status, v) = h.post_json("/v1/token/keap/refresh").await;
+    assert_eq!(status, 200, "{v}");
+}

@@ -515,6 +515,59 @@ async fn connect_paste_refuses_a_wrong_state_an_error_and_garbage() {
     assert_eq!(h.connection("default").await, serde_json::Value::Null);
 }
 
+/// Malformed addresses: each ends the command with exit 1 and a sentence
+/// saying what is wrong, no code is exchanged, and nothing is stored.
+#[tokio::test]
+async fn connect_paste_refuses_malformed_addresses() {
+    let h = Harness::started(Options::default()).await;
+    let callback = h.url("/callback");
+    // `STATE` stands for the state of the flow the command started.
+    let cases = [
+        (
+            "https://[::1/callback?code=abc&state=xyz".to_string(),
+            "not an address tokenkeeper can read",
+        ),
+        (callback.clone(), "no state parameter"),
+        (format!("{callback}?code=abc"), "no state parameter"),
+        (
+            format!("{callback}?state=STATE"),
+            "carries no authorization code",
+        ),
+        (
+            format!("{callback}?code=a&code=b&state=STATE"),
+            "more than once",
+        ),
+        (
+            format!("{callback}?code=abc&state=STATE&state=other"),
+            "more than once",
+        ),
+    ];
+    for (pasted, says) in cases {
+        let run = start_paste(&h, "default").await;
+        let state = url::Url::parse(&run.url)
+            .unwrap()
+            .query_pairs()
+            .find(|(k, _)| k == "state")
+            .unwrap()
+            .1
+            .into_owned();
+        let text = pasted.replace("STATE", &state);
+        let out = run.paste(&text).await;
+        assert_fails_saying(&out, says);
+        assert!(
+            stderr(&out).contains("nothing was stored"),
+            "{text}: {}",
+            stderr(&out)
+        );
+        assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    }
+    assert_eq!(h.sim.sim.stats().code_exchanges, 0);
+    assert_eq!(h.connection("default").await, serde_json::Value::Null);
+    let (s, b) = h.get_json("/v1/connections").await;
+    assert_eq!(s, 200);
+    assert_eq!(b["connections"].as_array().map(Vec::len), Some(0), "{b}");
+}
+
 #[tokio::test]
 async fn connect_paste_refuses_an_expired_flow() {
     let h = Harness::started(Options::default()).await;

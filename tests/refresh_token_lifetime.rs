@@ -95,8 +95,18 @@ async fn a_rolling_refresh_token_shorter_than_the_access_token_is_kept_alive() {
         || async { h.sim.sim.stats().refresh_ok >= 2 },
     )
     .await;
-    let c = h.connection("default").await;
-    assert_eq!(c["state"], "active", "{c}");
+    // Refreshing every few seconds, the connection is seen mid-refresh at
+    // times: it must be seen active between refreshes, never parked.
+    eventually(
+        Duration::from_secs(30),
+        "the connection active between refreshes",
+        || async {
+            let c = h.connection("default").await;
+            assert_ne!(c["state"], "authorization_required", "{c}");
+            c["state"] == "active"
+        },
+    )
+    .await;
     let end = refresh_token_end(&h).await.expect("an end");
     assert!(end > Utc::now() - chrono::Duration::seconds(1), "{end}");
 }
@@ -247,4 +257,58 @@ async fn a_rolling_end_is_notified_once_refreshes_fail() {
     let lines = expiring_lines(&file);
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("failing"), "{lines:?}");
+}
+
+/// A provider that enforces an idle lifetime (the simulator, like Keap's
+/// 45 days, here 2 s): a refresh token left unused past it is refused,
+/// and the daemon, told nothing about it, loses the grant.
+#[tokio::test]
+async fn a_refresh_token_left_unused_past_the_providers_idle_lifetime_is_refused() {
+    let mut o = Options::default();
+    o.sim.quirks.refresh_token_idle = Some(Duration::from_secs(2));
+    let h = Harness::authorized(o).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (status, v) = h.post_json("/v1/token/keap/refresh").await;
+    assert_eq!(status, 409, "{v}");
+    assert_eq!(v["error"], "authorization_required", "{v}");
+    assert_eq!(h.sim.sim.stats().refresh_expired, 1);
+}
+
+/// The same provider, and the daemon told the lifetime (conservatively,
+/// 4 s of the provider's 8): it refreshes in time, so the grant outlives
+/// several idle lifetimes though the access token lives a day.
+#[tokio::test]
+async fn a_rolling_lifetime_the_provider_enforces_is_kept_alive() {
+    let mut o = Options::default();
+    o.sim.quirks.refresh_token_idle = Some(Duration::from_secs(8));
+    o.provider = "refresh_token_lifetime = \"4s\"".into();
+    let h = Harness::authorized(o).await;
+    eventually(
+        Duration::from_secs(60),
+        "refreshes past one idle lifetime of the provider",
+        || async { h.sim.sim.stats().refresh_ok >= 3 },
+    )
+    .await;
+    let stats = h.sim.sim.stats();
+    assert_eq!(stats.refresh_expired, 0, "{stats:?}");
+    assert_eq!(stats.refresh_rejected, 0, "{stats:?}");
+    let (s, b) = h.token().await;
+    assert_eq!(s, 200, "{b}");
+    let (status, v) = h.post_json("/v1/token/keap/refresh").await;
+    assert_eq!(status, 200, "{v}");
+}
+
+/// A hard cap (Intuit's five years, here 5 s) ends the grant however
+/// recently its refresh token was issued: refreshing does not push it back.
+#[tokio::test]
+async fn a_capped_grant_is_refused_at_its_end_however_fresh_its_refresh_token() {
+    let mut o = Options::default();
+    o.sim.quirks.refresh_token_max = Some(Duration::from_secs(5));
+    let h = Harness::authorized(o).await;
+    let (status, v) = h.post_json("/v1/token/keap/refresh").await;
+    assert_eq!(status, 200, "{v}");
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    let (status, v) = h.post_json("/v1/token/keap/refresh").await;
+    assert_eq!(status, 409, "{v}");
+    assert_eq!(h.sim.sim.stats().refresh_expired, 1);
 }

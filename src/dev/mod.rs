@@ -254,8 +254,13 @@ pub struct SimStats {
     /// A refresh token that had already been rotated out was presented again.
     /// A correct client keeps this at 0.
     pub refresh_reuse: u64,
-    /// Rejected refreshes (unknown, reused, revoked, injected RejectRefresh).
+    /// Rejected refreshes (unknown, reused, revoked, expired, injected
+    /// RejectRefresh).
     pub refresh_rejected: u64,
+    /// Refreshes rejected because the refresh token had outlived its
+    /// lifetime ([`Quirks::refresh_token_idle`] or
+    /// [`Quirks::refresh_token_max`]); also counted in `refresh_rejected`.
+    pub refresh_expired: u64,
     /// Every request to `/api/*`, authorized or not.
     pub api_calls: u64,
     /// `/api/*` requests rejected for a missing or invalid bearer token.
@@ -291,6 +296,8 @@ enum RefreshStatus {
 struct RefreshEntry {
     grant: usize,
     status: RefreshStatus,
+    /// Issued, or last redeemed: an idle lifetime counts from here.
+    last_used: Instant,
 }
 
 struct AccessEntry {
@@ -301,6 +308,8 @@ struct AccessEntry {
 
 #[derive(Default)]
 struct Grant {
+    /// When the grant was authorized: a maximum lifetime counts from here.
+    authorized_at: Option<Instant>,
     revoked: bool,
     refresh_tokens: Vec<String>,
     access_tokens: Vec<String>,
@@ -500,7 +509,10 @@ impl State {
     }
 
     fn new_grant(&mut self) -> usize {
-        self.grants.push(Grant::default());
+        self.grants.push(Grant {
+            authorized_at: Some(Instant::now()),
+            ..Grant::default()
+        });
         self.grants.len() - 1
     }
 
@@ -539,6 +551,7 @@ impl State {
                 RefreshEntry {
                     grant,
                     status: RefreshStatus::Valid,
+                    last_used: Instant::now(),
                 },
             );
             self.refresh_log.push(rt.clone());
@@ -578,6 +591,25 @@ impl State {
                 entry.revoked = true;
             }
         }
+    }
+
+    /// Whether refresh token `rt` of `grant` has outlived the provider's
+    /// idle lifetime (since its issue or last use) or the grant's maximum.
+    fn refresh_token_expired(&self, rt: &str, grant: usize) -> bool {
+        let now = Instant::now();
+        let quirks = &self.config.quirks;
+        let idle = quirks.refresh_token_idle.is_some_and(|idle| {
+            self.refresh
+                .get(rt)
+                .is_some_and(|e| now.duration_since(e.last_used) >= idle)
+        });
+        let capped = quirks.refresh_token_max.is_some_and(|max| {
+            self.grants
+                .get(grant)
+                .and_then(|g| g.authorized_at)
+                .is_some_and(|at| now.duration_since(at) >= max)
+        });
+        idle || capped
     }
 
     fn access_valid(&self, token: &str) -> bool {

@@ -436,6 +436,15 @@ fn process_token(
                 }
                 RefreshStatus::Valid => {}
             }
+            if st.refresh_token_expired(rt, grant) {
+                st.stats.refresh_expired += 1;
+                st.stats.refresh_rejected += 1;
+                tracing::debug!("simulator: refresh token past its lifetime rejected");
+                return Err(refresh_rejected(style));
+            }
+            if let Some(e) = st.refresh.get_mut(rt) {
+                e.last_used = Instant::now();
+            }
             let rotate = st.config.rotate_refresh_tokens;
             if rotate && !st.config.quirks.keep_used_refresh_tokens {
                 if let Some(e) = st.refresh.get_mut(rt) {

@@ -1,7 +1,7 @@
 //! The simulator behaving like each preset's provider, where it matters to
 //! the lifecycle: rotation, what earns a refresh token, client
-//! authentication, scope syntax, and what the answers carry beside the
-//! tokens. Endpoints stay the simulator's own; everything else the daemon
+//! authentication, scope syntax, how long a refresh token lives (rolling
+//! or capped), and what the answers carry beside the tokens. Endpoints stay the simulator's own; everything else the daemon
 //! does for the preset is exercised as it would be against the real one.
 
 use super::*;
@@ -23,7 +23,9 @@ pub enum Offline {
     Scope(&'static str),
 }
 
-/// Provider behaviour beyond Keap's; the default is Keap's.
+/// Provider behaviour beyond Keap's; the default is Keap's, except that
+/// refresh tokens never die of age (`SimulatorConfig::like(Preset::Keap)`
+/// adds Keap's 45 idle days).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Quirks {
     /// A refresh returns a new refresh token but the used one keeps working
@@ -49,6 +51,13 @@ pub struct Quirks {
     pub callback_extras: Vec<(String, String)>,
     /// Token answers carry no `expires_in` (Salesforce).
     pub omit_expires_in: bool,
+    /// A refresh token dies this long after it was issued or last
+    /// redeemed (a rolling lifetime: Keap 45 days, Xero 60, Intuit 100).
+    /// `None`: never for being idle.
+    pub refresh_token_idle: Option<Duration>,
+    /// Every refresh token of a grant dies this long after the
+    /// authorization, used or not (a hard cap: Intuit's five years).
+    pub refresh_token_max: Option<Duration>,
     /// The organisations a grant may act for, as `(tenantId, tenantName)`,
     /// listed by `GET /api/connections` like Xero's
     /// `https://api.xero.com/connections`; empty: no such endpoint (404).
@@ -66,6 +75,8 @@ impl Default for Quirks {
             token_extras: Vec::new(),
             callback_extras: Vec::new(),
             omit_expires_in: false,
+            refresh_token_idle: None,
+            refresh_token_max: None,
             tenants: Vec::new(),
         }
     }
@@ -83,13 +94,22 @@ impl SimulatorConfig {
             ..keap.clone()
         };
         let extra = |k: &str, v: serde_json::Value| (k.to_string(), v);
+        let days = |n: u64| Some(Duration::from_secs(n * 86_400));
         match preset {
-            Preset::Keap | Preset::Generic => keap,
+            Preset::Keap => SimulatorConfig {
+                quirks: Quirks {
+                    refresh_token_idle: days(45),
+                    ..Quirks::default()
+                },
+                ..keap
+            },
+            Preset::Generic => keap,
             Preset::Google => SimulatorConfig {
                 rotate_refresh_tokens: false,
                 revoke_old_access_on_refresh: false,
                 quirks: Quirks {
                     offline: Offline::Param("access_type", "offline"),
+                    refresh_token_idle: days(182),
                     ..Quirks::default()
                 },
                 ..not_keap
@@ -99,6 +119,7 @@ impl SimulatorConfig {
                 quirks: Quirks {
                     keep_used_refresh_tokens: true,
                     offline: Offline::Scope("offline_access"),
+                    refresh_token_idle: days(90),
                     ..Quirks::default()
                 },
                 ..not_keap
@@ -108,6 +129,7 @@ impl SimulatorConfig {
                 quirks: Quirks {
                     offline: Offline::Scope("offline_access"),
                     require_basic_on_code: true,
+                    refresh_token_idle: days(60),
                     tenants: vec![(
                         "45e4708e-d862-4111-ab3a-dd8cd03913e1".into(),
                         "Demo Company (Global)".into(),
@@ -126,6 +148,8 @@ impl SimulatorConfig {
                         serde_json::json!(8_640_000),
                     )],
                     callback_extras: vec![("realmId".into(), "9130350000000000".into())],
+                    refresh_token_idle: days(100),
+                    refresh_token_max: days(5 * 365),
                     ..Quirks::default()
                 },
                 ..not_keap

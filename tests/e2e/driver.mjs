@@ -607,7 +607,9 @@ async function upstreamRevoked({ browser, tk, op, clientId }) {
   check(healed.status === 200, `after reconnecting GET /v1/token answered ${healed.status} ${healed.text}`);
   check((await op.introspect(healed.json.access_token)).active === true, 'after reconnecting the token is not active');
   const c2 = (await tk.connections()).find((x) => x.provider === 'oidc');
-  check(c2?.state === 'active', `after reconnecting the connection is ${c2?.state}`);
+  // With 3-5 s access tokens the scheduler may already be refreshing the
+  // new grant by now: both states are a healed connection.
+  check(c2?.state === 'active' || c2?.state === 'refreshing', `after reconnecting the connection is ${c2?.state}`);
   return `${refused.length} refused refresh, then 409 authorization_required with connect_url; reconnect healed it`;
 }
 

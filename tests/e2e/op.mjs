@@ -3,6 +3,8 @@
 // single-use refresh tokens, short access tokens, no clock tolerance).
 //
 // Usage: OP_PORT=N OP_CLIENTS='[...client metadata...]' node op.mjs
+// (OP_ACCESS_TTL: access-token lifetime in seconds; OP_DEVICE_FLOW=1 and
+// OP_CLIENT_CREDENTIALS=1 enable those grants.)
 // Prints one JSON object per line on stdout: {"event":"ready",...} once
 // listening, then one line per token-endpoint / revocation / error event,
 // which the driver (driver.mjs) uses to count refreshes and spot reuse.
@@ -25,6 +27,9 @@ const provider = new Provider(issuer, {
     response_types: ['code'],
     id_token_signed_response_alg: 'RS256',
   },
+  // An API scope for client_credentials.mjs (a client-credentials token
+  // keeps only scopes the server knows); the default set otherwise.
+  scopes: ['openid', 'offline_access', ...(process.env.OP_CLIENT_CREDENTIALS === '1' ? ['api:read'] : [])],
   cookies: { keys: ['tokenkeeper-e2e-cookie-key-not-secret'] },
   // The default of 15 s keeps expired tokens valid; the suite must see the
   // provider reject a token the moment it expires.
@@ -37,6 +42,9 @@ const provider = new Provider(issuer, {
     // RFC 8628, for device.mjs (OP_DEVICE_FLOW=1); off otherwise so the
     // other suites' discovered metadata stays as it was.
     deviceFlow: { enabled: process.env.OP_DEVICE_FLOW === '1' },
+    // RFC 6749 4.4, for client_credentials.mjs (OP_CLIENT_CREDENTIALS=1);
+    // off otherwise, for the same reason.
+    clientCredentials: { enabled: process.env.OP_CLIENT_CREDENTIALS === '1' },
   },
   // Every client allowed the refresh_token grant gets a refresh token
   // (the default also demands the offline_access scope, which survives
@@ -47,6 +55,9 @@ const provider = new Provider(issuer, {
   rotateRefreshToken: true,
   ttl: {
     AccessToken: accessTtl,
+    // Client-credentials tokens are a separate kind here, with their own
+    // lifetime; the suite wants them as short as the access tokens.
+    ClientCredentials: accessTtl,
     AuthorizationCode: 60,
     IdToken: 3600,
     Interaction: 600,

@@ -40,9 +40,10 @@ out="$target_dir/e2e"
 rm -rf "$out"
 mkdir -p "$out"
 export E2E_BIN="$target_dir/debug/tokenkeeper" E2E_OUT="$out" E2E_CHROMIUM="$chromium"
-# The dashboard and device-code checks run first (seconds each), then the
-# oidc-provider suite,
-# whose last line is the summary CI reads.
+# The dashboard, device-code and client-credentials checks run first
+# (seconds each; client credentials about 30 s), then the oidc-provider
+# suite, whose last line is the summary CI reads.
 node "$here/dashboard.mjs" || die "the dashboard browser test failed (see above and $out)"
 node "$here/device.mjs" || die "the device-code browser test failed (see above and $out)"
+node "$here/client_credentials.mjs" || die "the client-credentials test failed (see above and $out)"
 exec node "$here/driver.mjs"
