@@ -19,7 +19,6 @@ use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
 use super::{answer, without_url, Provider, ProviderError, TokenGrant};
-use crate::config::ClientAuth;
 
 /// RFC 8628 3.5: without `interval` in the answer, clients wait 5 seconds.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
@@ -148,38 +147,14 @@ impl Provider {
     async fn post_form(
         &self,
         url: &Url,
-        mut form: Vec<(&str, String)>,
+        mut form: Vec<(&'static str, String)>,
     ) -> Result<(u16, Vec<u8>), String> {
         let mut req = self
             .http
             .post(url.clone())
             .timeout(self.config.request_timeout)
             .header(reqwest::header::ACCEPT, "application/json");
-        match (self.config.code_auth, &self.config.client_secret) {
-            (ClientAuth::Basic, Some(secret)) => {
-                // RFC 6749 2.3.1: both parts form-urlencoded before Basic.
-                let enc = |s: &str| {
-                    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
-                };
-                let credential = base64::Engine::encode(
-                    &base64::engine::general_purpose::STANDARD,
-                    format!(
-                        "{}:{}",
-                        enc(&self.config.client_id),
-                        enc(secret.expose_secret())
-                    ),
-                );
-                req = req.header(
-                    reqwest::header::AUTHORIZATION,
-                    format!("Basic {credential}"),
-                );
-            }
-            (ClientAuth::Body, Some(secret)) => {
-                form.push(("client_id", self.config.client_id.clone()));
-                form.push(("client_secret", secret.expose_secret().to_string()));
-            }
-            _ => form.push(("client_id", self.config.client_id.clone())),
-        }
+        req = self.authenticate(req, self.config.code_auth, &mut form);
         let body = url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(&form)
             .finish();

@@ -272,27 +272,21 @@ impl Provider {
         }
     }
 
-    /// Revokes a token upstream (RFC 7009). `Ok(false)` when the provider
-    /// has no revocation endpoint.
-    pub async fn revoke(&self, token: &SecretString, hint: &str) -> Result<bool, ProviderError> {
-        let Some(url) = &self.config.revocation_url else {
-            return Ok(false);
-        };
-        let mut form = vec![
-            ("token", token.expose_secret().to_string()),
-            ("token_type_hint", hint.to_string()),
-        ];
-        let mut req = self
-            .http
-            .post(url.clone())
-            .timeout(self.config.request_timeout);
-        match (self.config.refresh_auth, &self.config.client_secret) {
+    /// Client authentication (`auth`) added to a request to one of the
+    /// provider's endpoints: HTTP Basic, or the credentials in the `form`,
+    /// or only `client_id` for a public client.
+    fn authenticate(
+        &self,
+        req: reqwest::RequestBuilder,
+        auth: ClientAuth,
+        form: &mut Vec<(&'static str, String)>,
+    ) -> reqwest::RequestBuilder {
+        match (auth, &self.config.client_secret) {
             (ClientAuth::Basic, Some(secret)) => {
                 // RFC 6749 2.3.1: client id and secret are form-urlencoded
                 // before Basic, exactly as `oauth2` does at the token
                 // endpoint. Plain `basic_auth` made a secret with `+`, `/`
-                // or `=` (any base64 secret) fail here with 401 at
-                // oidc-provider while code exchange and refresh worked.
+                // or `=` (any base64 secret) fail with 401 at oidc-provider.
                 let enc = |s: &str| {
                     url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
                 };
@@ -304,17 +298,38 @@ impl Provider {
                         enc(secret.expose_secret())
                     ),
                 );
-                req = req.header(
+                req.header(
                     reqwest::header::AUTHORIZATION,
                     format!("Basic {credential}"),
-                );
+                )
             }
             (ClientAuth::Body, Some(secret)) => {
                 form.push(("client_id", self.config.client_id.clone()));
                 form.push(("client_secret", secret.expose_secret().to_string()));
+                req
             }
-            _ => form.push(("client_id", self.config.client_id.clone())),
+            _ => {
+                form.push(("client_id", self.config.client_id.clone()));
+                req
+            }
         }
+    }
+
+    /// Revokes a token upstream (RFC 7009). `Ok(false)` when the provider
+    /// has no revocation endpoint.
+    pub async fn revoke(&self, token: &SecretString, hint: &str) -> Result<bool, ProviderError> {
+        let Some(url) = &self.config.revocation_url else {
+            return Ok(false);
+        };
+        let mut form = vec![
+            ("token", token.expose_secret().to_string()),
+            ("token_type_hint", hint.to_string()),
+        ];
+        let req = self
+            .http
+            .post(url.clone())
+            .timeout(self.config.request_timeout);
+        let req = self.authenticate(req, self.config.refresh_auth, &mut form);
         let body = url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(&form)
             .finish();
