@@ -115,17 +115,22 @@ pub struct Backups {
     stopping: std::sync::atomic::AtomicBool,
 }
 
-/// Checks a `backup.schedule` value: a sentence with the fix if it is not
-/// a cron expression the scheduler accepts.
-pub fn check_schedule(expr: &str) -> Result<(), String> {
-    let fields = expr.split_whitespace().count();
-    let parsed = Job::new_async(expr, |_, _| Box::pin(async {}));
-    if fields < 6 || parsed.is_err() {
+/// Reads a `backup.schedule` value: a classic five-field cron expression
+/// (minute hour day-of-month month day-of-week) or the scheduler's own six
+/// fields with seconds first. Returns the six-field form the scheduler
+/// takes, or a sentence with the fix.
+pub fn check_schedule(expr: &str) -> Result<String, String> {
+    let six = match expr.split_whitespace().count() {
+        5 => format!("0 {}", expr.trim()),
+        6 => expr.trim().to_string(),
+        _ => String::new(),
+    };
+    if six.is_empty() || Job::new_async(six.as_str(), |_, _| Box::pin(async {})).is_err() {
         return Err(format!(
-            "`{expr}` is not a cron expression this scheduler reads: six fields, seconds first (second minute hour day-of-month month day-of-week), evaluated in UTC, e.g. \"0 0 3 * * *\" for 03:00 every day"
+            "`{expr}` is not a cron expression: five fields (minute hour day-of-month month day-of-week), or six with seconds first, evaluated in UTC, e.g. \"0 3 * * *\" for 03:00 every day"
         ));
     }
-    Ok(())
+    Ok(six)
 }
 
 impl Backups {
@@ -679,12 +684,13 @@ mod tests {
     }
 
     #[test]
-    fn schedules_need_six_fields() {
-        assert!(check_schedule("* * * * * *").is_ok());
-        assert!(check_schedule("0 0 3 * * *").is_ok());
-        for bad in ["", "0 3 * * *", "every day", "61 * * * * *"] {
+    fn schedules_take_five_or_six_fields() {
+        assert_eq!(check_schedule("* * * * * *").unwrap(), "* * * * * *");
+        assert_eq!(check_schedule("0 0 3 * * *").unwrap(), "0 0 3 * * *");
+        assert_eq!(check_schedule(" 0 3 * * * ").unwrap(), "0 0 3 * * *");
+        for bad in ["", "3 * * *", "every day", "61 * * * * *", "0 25 * * *"] {
             let e = check_schedule(bad).unwrap_err();
-            assert!(e.contains("six fields"), "{bad}: {e}");
+            assert!(e.contains("five fields"), "{bad}: {e}");
         }
     }
 

@@ -1220,7 +1220,7 @@ impl<'a> Reader<'a> {
         }
         let schedule = match self.string(t, "schedule", p) {
             Some((s, span)) => match crate::backup::check_schedule(&s) {
-                Ok(()) => Some(s),
+                Ok(six) => Some(six),
                 Err(e) => {
                     self.problem("backup.schedule", Some(span), e);
                     None

@@ -339,7 +339,7 @@ async fn backup_config_errors_name_the_key() {
     .await;
     // `FILE:LINE: key: sentence`.
     assert!(
-        e.contains(".toml:") && e.contains(": backup.schedule: ") && e.contains("six fields"),
+        e.contains(".toml:") && e.contains(": backup.schedule: ") && e.contains("five fields"),
         "{e}"
     );
     let e = check(format!(
