@@ -70,7 +70,7 @@ async fn the_answer_wins_over_preset_and_config() {
 }
 
 #[tokio::test]
-async fn no_lifetime_anywhere_is_null() {
+async fn a_zero_lifetime_in_the_config_overrides_the_preset_and_states_no_end() {
     let h = Harness::authorized(Options {
         provider: "refresh_token_lifetime = \"0s\"".into(),
         ..Options::default()
@@ -108,7 +108,11 @@ async fn a_rolling_refresh_token_shorter_than_the_access_token_is_kept_alive() {
     )
     .await;
     let end = refresh_token_end(&h).await.expect("an end");
-    assert!(end > Utc::now() - chrono::Duration::seconds(1), "{end}");
+    // Kept alive: the end still lies ahead, and no refresh was refused.
+    assert!(end > Utc::now(), "{end}");
+    let stats = h.sim.sim.stats();
+    assert_eq!(stats.refresh_rejected, 0);
+    assert_eq!(stats.refresh_expired, 0);
 }
 
 #[tokio::test]

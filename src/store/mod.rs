@@ -284,7 +284,10 @@ impl GrantMeta {
 
     /// `extra` as stored: `NULL` for none.
     pub fn extra_text(&self) -> Option<String> {
-        (!self.extra.is_empty()).then(|| serde_json::Value::Object(self.extra.clone()).to_string())
+        if self.extra.is_empty() {
+            return None;
+        }
+        serde_json::to_string(&self.extra).ok()
     }
 
     /// `extra` as read back: anything but a JSON object reads as none
