@@ -3,14 +3,16 @@
 # change to the token path: bench/ab.sh OLD_BINARY NEW_BINARY [ROUNDS] [SECONDS]
 # Both daemons run at once on their own seeded databases; wrk alternates
 # old / new / floor each round (the machine's noise hits all three alike).
-# Needs wrk and the release helpers that bench/run.sh builds in bench/target.
+# Needs wrk and the release helpers that bench/run.sh builds in bench/target
+# (or BENCH_TARGET_DIR).
 # Extra environment for the new binary: AB_ENV="NAME=value ...".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OLD=$(realpath "$1"); NEW=$(realpath "$2"); ROUNDS=${3:-5}; SECS=${4:-5}
 BASE=${BENCH_PORT_BASE:-18800}
-TOOL=bench/target/release/tokenkeeper-bench
-FLOOR=bench/target/release/tokenkeeper-bench-floor
+T=${BENCH_TARGET_DIR:-bench/target}
+TOOL=$T/release/tokenkeeper-bench
+FLOOR=$T/release/tokenkeeper-bench-floor
 TMP=$(mktemp -d /tmp/tokenkeeper-ab.XXXXXX)
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$TMP"' EXIT

@@ -31,6 +31,8 @@
 # from a temporary worktree and its idle CPU measured beside this one's),
 # BENCH_CONNECTIONS (10000), BENCH_DEV_BUILD=1 (debug builds in the usual
 # target directories: quick, to check the script runs; figures meaningless).
+# BENCH_TARGET_DIR (where release builds go; bench/target by default:
+# several worktrees can share one, cargo takes turns).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -103,7 +105,7 @@ else
     log "building release binaries (tokenkeeper, bench/floor, bench/tool)"
     # One target directory for all three (bench/target): the helper depends on
     # the library, so the dependencies build once; the main target/ is left alone.
-    export CARGO_TARGET_DIR=$ROOT/bench/target
+    export CARGO_TARGET_DIR=${BENCH_TARGET_DIR:-$ROOT/bench/target}
     cargo build --release --quiet --bin tokenkeeper
     want token && (cd bench/floor && cargo build --release --quiet)
     (cd bench/tool && cargo build --release --quiet)
