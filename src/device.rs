@@ -29,7 +29,7 @@ use url::Url;
 
 use crate::provider::device::{slowed, DeviceStartError, PollAnswer};
 use crate::provider::ProviderError;
-use crate::refresh::Engine;
+use crate::refresh::{AuthorizedBy, Engine};
 
 /// Flows running at once: each holds a task and a provider's codes; a
 /// local client starting more is misbehaving.
@@ -395,17 +395,14 @@ async fn land(
     account: &str,
     grant: &crate::provider::TokenGrant,
 ) -> FlowStatus {
-    match engine.authorized(provider, account, grant).await {
-        Ok(()) => {
-            tracing::info!(
-                provider,
-                account,
-                "authorized with a device code; grant stored"
-            );
-            FlowStatus::Authorized {
-                refresh_token: grant.refresh_token.is_some(),
-            }
-        }
+    // The `authorized` notification logs the landing.
+    match engine
+        .authorized_by(provider, account, grant, AuthorizedBy::DeviceCode)
+        .await
+    {
+        Ok(()) => FlowStatus::Authorized {
+            refresh_token: grant.refresh_token.is_some(),
+        },
         Err(e) => {
             tracing::error!(provider, account, error = %e, "the grant from a device code could not be stored");
             FlowStatus::Failed(format!("the grant could not be stored: {e}"))

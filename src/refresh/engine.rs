@@ -221,7 +221,21 @@ impl Engine {
         account: &str,
         grant: &TokenGrant,
     ) -> Result<(), StoreError> {
-        registry::authorized(&self.inner, provider, account, grant).await
+        self.authorized_by(provider, account, grant, super::AuthorizedBy::Browser)
+            .await
+    }
+
+    /// Stores the grant of a completed authorization and serves it; `by`
+    /// (browser, pasted address, device code) is what its `authorized`
+    /// notification says.
+    pub async fn authorized_by(
+        &self,
+        provider: &str,
+        account: &str,
+        grant: &TokenGrant,
+        by: super::AuthorizedBy,
+    ) -> Result<(), StoreError> {
+        registry::authorized(&self.inner, provider, account, grant, by).await
     }
 
     /// Adopts a refresh token another program holds (`tokenkeeper
