@@ -57,6 +57,25 @@ pub struct TokenGrant {
     pub extra: crate::store::Extras,
 }
 
+impl TokenGrant {
+    /// A grant that is only its refresh token, with an access token already
+    /// expired at `now`, so the first caller's request refreshes it: what
+    /// is kept of an answer whose refresh token is the grant but whose
+    /// access token is unusable ([`ProviderError::Unusable`]).
+    pub fn refresh_token_only(refresh_token: SecretString, now: DateTime<Utc>) -> TokenGrant {
+        TokenGrant {
+            access_token: SecretString::from(String::new()),
+            refresh_token: Some(refresh_token),
+            token_type: "Bearer".into(),
+            scope: None,
+            issued_at: now,
+            expires_at: now,
+            refresh_token_expires_in: None,
+            extra: Default::default(),
+        }
+    }
+}
+
 /// Why a token call failed, classified once, in [`answer::interpret`].
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProviderError {
