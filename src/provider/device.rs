@@ -105,11 +105,8 @@ impl Provider {
             return Err(DeviceStartError::NoEndpoint(name));
         };
         let mut form = Vec::new();
-        if !self.config.scopes.is_empty() {
-            form.push((
-                "scope",
-                self.config.scopes.join(self.config.scope_delimiter),
-            ));
+        if let Some(scope) = self.scope_param() {
+            form.push(("scope", scope));
         }
         let (status, body) = self
             .post_form(&url, form)

@@ -181,23 +181,24 @@ impl Provider {
         c
     }
 
+    /// The configured scopes as one `scope` parameter, joined with the
+    /// provider's delimiter (a space per RFC 6749 3.3; Zoho wants commas);
+    /// `None` when none are configured. Passed to `oauth2` as a single
+    /// scope, so its own joining (with spaces) never applies.
+    pub(crate) fn scope_param(&self) -> Option<String> {
+        (!self.config.scopes.is_empty())
+            .then(|| self.config.scopes.join(self.config.scope_delimiter))
+    }
+
     /// Builds the URL that starts a browser authorization.
     pub fn authorization_start(&self, redirect_uri: &Url) -> AuthorizationStart {
         let client = self
             .client(self.config.code_auth)
             .set_redirect_uri(RedirectUrl::from_url(redirect_uri.clone()));
         let mut req = client.authorize_url(CsrfToken::new_random);
-        // `oauth2` joins scopes with spaces; a provider wanting another
-        // delimiter (Zoho: commas) gets them pre-joined as one.
-        req = if self.config.scope_delimiter == " " {
-            req.add_scopes(self.config.scopes.iter().cloned().map(Scope::new))
-        } else if self.config.scopes.is_empty() {
-            req
-        } else {
-            req.add_scope(Scope::new(
-                self.config.scopes.join(self.config.scope_delimiter),
-            ))
-        };
+        if let Some(scope) = self.scope_param() {
+            req = req.add_scope(Scope::new(scope));
+        }
         for (k, v) in &self.config.extra_authorize_params {
             req = req.add_extra_param(k.clone(), v.clone());
         }
@@ -263,15 +264,9 @@ impl Provider {
         let client = self.client(self.config.refresh_auth);
         let observed = Arc::new(Mutex::new(Observed::default()));
         let mut req = client.exchange_client_credentials();
-        req = if self.config.scope_delimiter == " " {
-            req.add_scopes(self.config.scopes.iter().cloned().map(Scope::new))
-        } else if self.config.scopes.is_empty() {
-            req
-        } else {
-            req.add_scope(Scope::new(
-                self.config.scopes.join(self.config.scope_delimiter),
-            ))
-        };
+        if let Some(scope) = self.scope_param() {
+            req = req.add_scope(Scope::new(scope));
+        }
         let send = self.transport(&observed);
         let sent_at = Utc::now();
         let result = req.request_async(&send).await;
@@ -723,6 +718,32 @@ async fn revocation_error(resp: reqwest::Response) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scopes_are_one_parameter_joined_with_the_providers_delimiter() {
+        let mut config = crate::dev::config("127.0.0.1:1".parse().unwrap(), "t.db".into(), "s")
+            .providers["demo"]
+            .clone();
+        let scope_of = |config: &ProviderConfig| {
+            let p = Provider::new(config.clone(), reqwest::Client::new());
+            let start = p.authorization_start(&Url::parse("http://127.0.0.1:1/callback").unwrap());
+            let scope = start
+                .url
+                .query_pairs()
+                .find(|(k, _)| k == "scope")
+                .map(|(_, v)| v.into_owned());
+            (p.scope_param(), scope)
+        };
+        config.scopes = vec![];
+        assert_eq!(scope_of(&config), (None, None));
+        config.scopes = vec!["a.read".into(), "b.write".into()];
+        config.scope_delimiter = " ";
+        let joined = Some("a.read b.write".to_string());
+        assert_eq!(scope_of(&config), (joined.clone(), joined));
+        config.scope_delimiter = ",";
+        let joined = Some("a.read,b.write".to_string());
+        assert_eq!(scope_of(&config), (joined.clone(), joined));
+    }
 
     #[test]
     fn expiry_never_overstates_the_lifetime() {
