@@ -329,30 +329,70 @@ impl Provider {
         }
     }
 
+    /// A form POST to one of the provider's endpoints, the client
+    /// authenticated as `auth` says, asking for JSON.
+    fn form_request(
+        &self,
+        url: &Url,
+        auth: ClientAuth,
+        mut form: Vec<(&'static str, String)>,
+    ) -> reqwest::RequestBuilder {
+        let req = self
+            .http
+            .post(url.clone())
+            .timeout(self.config.request_timeout)
+            .header(reqwest::header::ACCEPT, "application/json");
+        let req = self.authenticate(req, auth, &mut form);
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&form)
+            .finish();
+        req.header(
+            reqwest::header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded",
+        )
+        .body(body)
+    }
+
+    /// [`Provider::form_request`] sent, and its answer's status and body
+    /// (read whole, at most `MAX_TOKEN_RESPONSE_BYTES`); `Err` is a
+    /// sentence without the URL.
+    pub(crate) async fn post_form(
+        &self,
+        url: &Url,
+        auth: ClientAuth,
+        form: Vec<(&'static str, String)>,
+    ) -> Result<(u16, Vec<u8>), String> {
+        let mut resp = self
+            .form_request(url, auth, form)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    "it did not answer in time".to_string()
+                } else {
+                    without_url(&e).to_string()
+                }
+            })?;
+        let status = resp.status().as_u16();
+        match read_body(&mut resp).await {
+            Ok(body) => Ok((status, body)),
+            Err(TransportError::Http(e)) => Err(without_url(&e).to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Revokes a token upstream (RFC 7009). `Ok(false)` when the provider
     /// has no revocation endpoint.
     pub async fn revoke(&self, token: &SecretString, hint: &str) -> Result<bool, ProviderError> {
         let Some(url) = &self.config.revocation_url else {
             return Ok(false);
         };
-        let mut form = vec![
+        let form = vec![
             ("token", token.expose_secret().to_string()),
             ("token_type_hint", hint.to_string()),
         ];
-        let req = self
-            .http
-            .post(url.clone())
-            .timeout(self.config.request_timeout);
-        let req = self.authenticate(req, self.config.refresh_auth, &mut form);
-        let body = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(&form)
-            .finish();
-        let resp = req
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .body(body)
+        let resp = self
+            .form_request(url, self.config.refresh_auth, form)
             .send()
             .await
             .map_err(|e| {
@@ -611,6 +651,18 @@ async fn send(
     for (name, value) in resp.headers().iter() {
         builder = builder.header(name, value);
     }
+    let buf = read_body(&mut resp).await?;
+    if let Ok(mut o) = observed.lock() {
+        o.body = Some(buf.clone());
+    }
+    builder
+        .body(buf)
+        .map_err(|e| TransportError::Build(e.to_string()))
+}
+
+/// A response's body, whole; one larger than `MAX_TOKEN_RESPONSE_BYTES`
+/// is refused as soon as it passes the limit.
+async fn read_body(resp: &mut reqwest::Response) -> Result<Vec<u8>, TransportError> {
     let mut buf = Vec::new();
     while let Some(chunk) = resp.chunk().await? {
         if buf.len() + chunk.len() > MAX_TOKEN_RESPONSE_BYTES {
@@ -618,12 +670,7 @@ async fn send(
         }
         buf.extend_from_slice(&chunk);
     }
-    if let Ok(mut o) = observed.lock() {
-        o.body = Some(buf.clone());
-    }
-    builder
-        .body(buf)
-        .map_err(|e| TransportError::Build(e.to_string()))
+    Ok(buf)
 }
 
 /// The absolute expiry of a token whose answer said `lifetime`, for a
