@@ -315,8 +315,9 @@ impl Engine {
         registry::current(&self.inner, provider, account)
     }
 
-    /// A receiver woken whenever a served token may have changed (a commit,
-    /// a new connection, another process's refresh seen): subscribers
+    /// A receiver woken whenever a served token may have changed (a new
+    /// token committed here or seen from another process, a connection
+    /// new or gone; never a change of state alone): subscribers
     /// compare what they mirror with [`Engine::current_token`]. The engine
     /// does not know who listens.
     pub fn token_changes(&self) -> tokio::sync::watch::Receiver<u64> {

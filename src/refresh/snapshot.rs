@@ -13,7 +13,7 @@
 //! and flights.
 
 use chrono::{DateTime, Utc};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::clock::{Anchor, Clock};
 use super::policy::{self, Timing};
@@ -143,6 +143,23 @@ impl Snapshot {
             state,
             meta: Arc::new(r.meta.clone()),
         }
+    }
+
+    /// Whether `other` serves the same token as this one (access token,
+    /// type, expiry and extras), whatever the state of each: all that
+    /// mirrors of the served token (token files) write.
+    pub fn serves_same_token_as(&self, other: &Snapshot) -> bool {
+        let same_meta = Arc::ptr_eq(&self.meta, &other.meta) || self.meta == other.meta;
+        same_meta
+            && match (self.token(), other.token()) {
+                (None, None) => true,
+                (Some(a), Some(b)) => {
+                    a.timing.expires_at == b.timing.expires_at
+                        && a.token_type == b.token_type
+                        && a.access_token.expose_secret() == b.access_token.expose_secret()
+                }
+                _ => false,
+            }
     }
 
     /// SPEC's name of the state (`/v1/connections`, `status`, metrics).
