@@ -26,20 +26,15 @@ const NO_REASON_RETRYING: &str = "the refresh did not complete";
 /// Said when a row is `authorization_required` without a stored reason.
 const NO_REASON_REJECTED: &str = "the grant was rejected";
 
-/// The refresh policy's view of a stored row. A grant without a refresh
-/// token (a client-credentials grant, or one the provider never gave a
-/// refresh token) has nothing for `keepalive` to keep alive, and its
-/// `refresh_token_issued_at` never moves: counted from there, it would be
-/// due at every scheduler pass once `keepalive` had passed since the row
-/// was created. Its keepalive counts from the access token's issue.
+/// The refresh policy's view of a stored row. (A grant without a refresh
+/// token never moves its `refresh_token_issued_at`; the policy counts
+/// keepalive from the later of that and the last access token's issue,
+/// so it is not due at every pass once keepalive has passed.)
 pub fn timing_of(r: &ConnectionRow) -> Timing {
     Timing {
         issued_at: r.issued_at,
         expires_at: r.expires_at,
-        refresh_token_issued_at: match r.refresh_token {
-            Some(_) => r.refresh_token_issued_at,
-            None => r.issued_at.max(r.refresh_token_issued_at),
-        },
+        refresh_token_issued_at: r.refresh_token_issued_at,
     }
 }
 
