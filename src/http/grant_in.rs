@@ -346,7 +346,7 @@ pub async fn paste_finish(
         .authorized_by(&provider, &account, &grant, AuthorizedBy::PastedAddress)
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    tracing::info!(provider = %provider, account = %account, "authorized through a pasted address; grant stored");
+    // The `authorized` notification logs the landing.
     Ok(no_store(PasteFinishBody {
         provider,
         account,
