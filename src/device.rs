@@ -28,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use crate::provider::device::{slowed, DeviceStartError, PollAnswer};
-use crate::provider::ProviderError;
-use crate::refresh::Engine;
+use crate::provider::{ProviderError, TokenGrant};
+use crate::refresh::{AuthorizedBy, Engine};
 
 /// Flows running at once: each holds a task and a provider's codes; a
 /// local client starting more is misbehaving.
@@ -356,17 +356,7 @@ async fn poll(engine: Engine, flow: Arc<Flow>, device_code: SecretString, deadli
                 // is the grant: kept, with an access token already
                 // expired, so the first request refreshes it.
                 tracing::warn!(provider = %provider, account = %account, "the device code was redeemed but the access token is unusable ({message}); the refresh token is kept");
-                let now = Utc::now();
-                let grant = crate::provider::TokenGrant {
-                    access_token: SecretString::from(String::new()),
-                    refresh_token: Some(refresh_token),
-                    token_type: "Bearer".into(),
-                    scope: None,
-                    issued_at: now,
-                    expires_at: now,
-                    refresh_token_expires_in: None,
-                    extra: Default::default(),
-                };
+                let grant = TokenGrant::refresh_token_only(refresh_token, Utc::now());
                 break land(&engine, &provider, &account, &grant).await;
             }
             PollAnswer::Failed(ProviderError::Transient { message, .. }) => {
@@ -389,23 +379,15 @@ async fn poll(engine: Engine, flow: Arc<Flow>, device_code: SecretString, deadli
 
 /// The same landing as `/callback`: a newer authorization replaces the
 /// connection's grant.
-async fn land(
-    engine: &Engine,
-    provider: &str,
-    account: &str,
-    grant: &crate::provider::TokenGrant,
-) -> FlowStatus {
-    match engine.authorized(provider, account, grant).await {
-        Ok(()) => {
-            tracing::info!(
-                provider,
-                account,
-                "authorized with a device code; grant stored"
-            );
-            FlowStatus::Authorized {
-                refresh_token: grant.refresh_token.is_some(),
-            }
-        }
+async fn land(engine: &Engine, provider: &str, account: &str, grant: &TokenGrant) -> FlowStatus {
+    // The `authorized` notification logs the landing.
+    match engine
+        .authorized_by(provider, account, grant, AuthorizedBy::DeviceCode)
+        .await
+    {
+        Ok(()) => FlowStatus::Authorized {
+            refresh_token: grant.refresh_token.is_some(),
+        },
         Err(e) => {
             tracing::error!(provider, account, error = %e, "the grant from a device code could not be stored");
             FlowStatus::Failed(format!("the grant could not be stored: {e}"))

@@ -2,7 +2,8 @@
 //! programs that cannot call HTTP (a cron job, a PHP app, `curl -H @file`).
 //!
 //! Each `[[providers.NAME.sinks]]` gets a task of its own, woken by the
-//! engine's change counter ([`Engine::token_changes`]): it reads the token
+//! engine's change counter ([`Engine::token_changes`], which moves when a
+//! served token changes, not when only a state does): it reads the token
 //! the connection serves now ([`Engine::current_token`]: after the commit
 //! that produced it, never anything else) and, when it differs from what
 //! it last wrote, replaces the file atomically ([`write_atomic`]: a

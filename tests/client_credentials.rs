@@ -218,13 +218,19 @@ async fn a_refused_client_is_a_clear_state_and_no_retry_storm_then_a_forced_refr
 }
 
 #[tokio::test]
-async fn server_errors_back_off_and_recover_and_retry_after_is_honoured() {
-    let h = Harness::new(options(Duration::from_secs(3600), "")).await;
+async fn server_errors_back_off_between_attempts_and_recover() {
+    // The backoff's floor (2 s) is above the scheduler's pass (1 s): without
+    // backoff the attempts would come at every pass. (A Retry-After is
+    // `retry_after_of_a_rate_limited_token_request_is_honoured`'s.)
+    let mut h = Harness::new(options(
+        Duration::from_secs(3600),
+        "retry_initial = \"2s\"\nretry_max = \"4s\"",
+    ))
+    .await;
     h.sim.sim.set_fault(Some(Fault::Status(503)));
-    let mut h = h;
     h.start().await;
-    eventually(Duration::from_secs(30), "retries after backoff", || async {
-        h.sim.sim.stats().client_credentials_calls >= 3
+    eventually(Duration::from_secs(60), "retries after backoff", || async {
+        h.sim.sim.stats().client_credentials_calls >= 4
     })
     .await;
     // Between attempts (one may be in the air, reported as refreshing).
@@ -240,6 +246,18 @@ async fn server_errors_back_off_and_recover_and_retry_after_is_honoured() {
         },
     )
     .await;
+    // Each attempt waited at least the backoff's floor after the one that
+    // failed before it (a lower bound only: a busy machine is late, never
+    // early).
+    let failed = h.sim.sim.token_call_times();
+    assert!(failed.len() >= 4, "{}", failed.len());
+    for pair in failed.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(1900),
+            "attempts {gap:?} apart, under retry_initial (2 s)"
+        );
+    }
     assert_eq!(h.token().await.0, 503, "no token to serve yet");
     h.sim.sim.set_fault(None);
     eventually(Duration::from_secs(30), "recovered by itself", || async {

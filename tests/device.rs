@@ -109,6 +109,50 @@ async fn device_code_connects_and_stores_a_working_grant() {
 }
 
 #[tokio::test]
+async fn a_device_grant_is_notified_as_authorized_with_a_device_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("events.txt");
+    let script = dir.path().join("notify.sh");
+    write_script(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$TOKENKEEPER_EVENT|$TOKENKEEPER_MESSAGE\" >> {}\n",
+            out.display()
+        ),
+    );
+    let mut h = Harness::new(Options::default()).await;
+    let provider = format!(
+        "device_authorization_url = \"{}\"\n\n[notify]\ncommand = \"{}\"\n",
+        h.sim.url("/device/code"),
+        script.display()
+    );
+    h.write_config("", "", &provider);
+    h.sim.sim.set_device_timing(1, Duration::from_secs(600));
+    h.start().await;
+    let child = spawn_device(&h, "default");
+    let code = user_code(&h).await;
+    assert!(h.sim.sim.approve_device(&code));
+    assert_success(&finish(child).await);
+    let notified = || std::fs::read_to_string(&out).unwrap_or_default();
+    eventually(
+        Duration::from_secs(10),
+        "the authorized notification",
+        || async { notified().lines().any(|l| l.starts_with("authorized|")) },
+    )
+    .await;
+    let notified = notified();
+    assert!(
+        notified.contains("authorized|authorized with a device code"),
+        "{notified}"
+    );
+    let log = h.log();
+    assert!(
+        !notified.contains("browser") && !log.contains("in the browser"),
+        "{notified}\n{log}"
+    );
+}
+
+#[tokio::test]
 async fn the_device_code_never_leaves_the_daemon() {
     let h = device_harness().await;
     let (s, b) = h.post_json("/v1/connections/keap/default/device").await;

@@ -452,7 +452,13 @@ async fn connect_paste_authorizes_headless() {
         .unwrap()
         .1
         .into_owned();
-    assert!(!h.log().contains(&code), "the code reached the log");
+    let log = h.log();
+    assert!(!log.contains(&code), "the code reached the log");
+    assert!(
+        log.contains("authorized through a pasted address; the grant is stored")
+            && !log.contains("in the browser"),
+        "the `authorized` notification says how: {log}"
+    );
     let (s, b) = h.token().await;
     assert_eq!(s, 200, "{b}");
     // Replaying the same address is refused: the flow was used once.

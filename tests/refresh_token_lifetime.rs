@@ -216,19 +216,31 @@ async fn a_hard_cap_within_warn_before_is_notified_once() {
 
 #[tokio::test]
 async fn a_rolling_end_the_daemon_keeps_alive_is_not_notified() {
-    let mut h = Harness::new(Options::default()).await;
+    // Access tokens of 4 s: the scheduler refreshes each at half its life,
+    // so passes that looked at the connection provably happened.
+    let mut h = Harness::new(Options::lifetime(Duration::from_secs(4))).await;
     let (notify, file) = notify_to_file(&h);
     // Keap's 45 days rolling, warned 60 days ahead: but refreshing pushes
     // it back, so nothing is sent.
     h.write_config("", "warn_before = \"60d\"", &notify);
     h.start().await;
     h.authorize_default().await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Nobody asks for a token: these refreshes are the scheduler's, and
+    // each pass that found one due first checked the end against
+    // warn_before.
+    eventually(
+        Duration::from_secs(30),
+        "two scheduled refreshes",
+        || async { h.sim.sim.stats().refresh_calls >= 2 },
+    )
+    .await;
     assert!(
         expiring_lines(&file).is_empty(),
         "{:?}",
         expiring_lines(&file)
     );
+    let log = h.log();
+    assert!(!log.contains("the refresh token ends at"), "{log}");
 }
 
 #[tokio::test]

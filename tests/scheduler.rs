@@ -195,7 +195,7 @@ async fn a_new_grant_due_now_wakes_a_scheduler_that_would_sleep_an_interval() {
 // the real daemon
 
 /// `check_interval` is only the cap: a grant that falls due two seconds
-/// after it was stored is refreshed then, not an hour later.
+/// after it was stored is refreshed then, not before and not an hour later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_daemon_refreshes_a_new_grant_when_due_not_at_the_next_interval() {
     let mut h = common::Harness::new(common::Options {
@@ -207,13 +207,32 @@ async fn the_daemon_refreshes_a_new_grant_when_due_not_at_the_next_interval() {
     })
     .await;
     h.start().await;
+    let before = std::time::Instant::now();
     let r = h.authorize("keap", "default").await;
+    let after = std::time::Instant::now();
     assert_eq!(r.status(), 200, "authorization succeeds");
     // No token request: only the scheduler can refresh it.
     common::eventually(Duration::from_secs(20), "a scheduled refresh", || async {
         h.sim.sim.stats().refresh_ok >= 1
     })
     .await;
+    // The code exchange left between `before` and `after`; its token lives
+    // 3.6 s as counted (4 s less a tenth), so it falls due half-way, 1.8 s
+    // after it left. Not before that (less a few ms of rounding), and near
+    // it: the margin after is generous for a busy machine, and still far
+    // from the next interval (an hour).
+    let refreshed = h.sim.sim.token_call_times()[0];
+    let due = Duration::from_millis(1800);
+    assert!(
+        refreshed >= before + due - Duration::from_millis(20),
+        "refreshed {:?} after the authorization started, before it was due ({due:?})",
+        refreshed - before
+    );
+    assert!(
+        refreshed <= after + due + Duration::from_secs(10),
+        "refreshed {:?} after the authorization ended, long after it was due ({due:?})",
+        refreshed.saturating_duration_since(after)
+    );
     common::eventually(Duration::from_secs(20), "state active", || async {
         h.connection("default").await["state"] == "active"
     })

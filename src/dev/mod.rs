@@ -361,8 +361,15 @@ struct State {
     /// The `scope` of the last client_credentials request that issued a
     /// token (`None`: it asked for none).
     client_credentials_scope: Option<String>,
+    /// When the latest refresh and client-credentials requests arrived
+    /// (at most [`TOKEN_CALLS_KEPT`]), so tests can check their spacing.
+    token_calls: VecDeque<Instant>,
     device: device::DeviceState,
 }
+
+/// How many arrival instants of token requests are kept: enough for any
+/// test, bounded for a long `serve --dev`.
+const TOKEN_CALLS_KEPT: usize = 1000;
 
 /// A token bucket of `capacity` requests refilled evenly over `window`.
 #[derive(Clone, Copy, Debug)]
@@ -681,6 +688,7 @@ impl Simulator {
                 issuer: None,
                 discovery_fault: None,
                 client_credentials_scope: None,
+                token_calls: VecDeque::new(),
                 device: device::DeviceState::default(),
             })),
         }
@@ -862,6 +870,12 @@ impl Simulator {
     /// issued a token.
     pub fn last_client_credentials_scope(&self) -> Option<String> {
         self.lock().client_credentials_scope.clone()
+    }
+
+    /// When the latest refresh and client-credentials requests arrived,
+    /// oldest first (the last 1000).
+    pub fn token_call_times(&self) -> Vec<Instant> {
+        self.lock().token_calls.iter().copied().collect()
     }
 
     /// Snapshot of the counters.

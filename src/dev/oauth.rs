@@ -513,6 +513,12 @@ pub(super) async fn token_endpoint(
         if is_client_credentials {
             st.stats.client_credentials_calls += 1;
         }
+        if is_refresh || is_client_credentials {
+            if st.token_calls.len() >= super::TOKEN_CALLS_KEPT {
+                st.token_calls.pop_front();
+            }
+            st.token_calls.push_back(Instant::now());
+        }
         let fault = match st.fault_queue.pop_front() {
             Some(f) => Some(f),
             None if is_refresh || is_client_credentials => st.persistent_fault.clone(),

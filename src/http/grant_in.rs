@@ -29,6 +29,7 @@ use super::callback::{read_query, CallbackOutcome, CallbackQuery, AUTHORIZATION_
 use super::error::ApiError;
 use super::AppState;
 use crate::refresh::import::ImportError;
+use crate::refresh::AuthorizedBy;
 use crate::store::{PendingAuthorization, PendingTake};
 
 /// Longest pasted text read: an address with a 4 KiB code and a state.
@@ -342,10 +343,10 @@ pub async fn paste_finish(
     grant.extra.extend(p.callback_extras(pasted_query));
     state
         .engine
-        .authorized(&provider, &account, &grant)
+        .authorized_by(&provider, &account, &grant, AuthorizedBy::PastedAddress)
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    tracing::info!(provider = %provider, account = %account, "authorized through a pasted address; grant stored");
+    // The `authorized` notification logs the landing.
     Ok(no_store(PasteFinishBody {
         provider,
         account,

@@ -125,14 +125,14 @@ pub fn interpret(
 /// The top-level members of a JSON object, each kept as raw JSON text so
 /// one odd value (`1e400` overflows serde_json's numbers) cannot make the
 /// whole answer unreadable and lose the refresh token in it.
-fn object(body: &[u8]) -> Option<HashMap<String, Box<RawValue>>> {
+pub(super) fn object(body: &[u8]) -> Option<HashMap<String, Box<RawValue>>> {
     // A UTF-8 byte-order mark is not JSON, but some servers send one.
     let body = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
     serde_json::from_slice(body).ok()
 }
 
 /// A member as a string, if it is one.
-fn string(fields: &HashMap<String, Box<RawValue>>, name: &str) -> Option<String> {
+pub(super) fn string(fields: &HashMap<String, Box<RawValue>>, name: &str) -> Option<String> {
     fields
         .get(name)
         .and_then(|v| serde_json::from_str::<String>(v.get()).ok())

@@ -11,14 +11,14 @@
 //! Must not: log or put the device code in an error message (it redeems
 //! the grant while the code lives).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
 use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
-use super::{answer, without_url, Provider, ProviderError, TokenGrant};
+use super::answer::{self, StatedLifetime};
+use super::{Provider, ProviderError, TokenGrant};
 
 /// RFC 8628 3.5: without `interval` in the answer, clients wait 5 seconds.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
@@ -41,9 +41,6 @@ const MAX_CODE_LIFETIME: Duration = Duration::from_secs(3600);
 /// Used when the answer has no usable `expires_in`, which RFC 8628
 /// requires; 10 minutes is the common value.
 const DEFAULT_CODE_LIFETIME: Duration = Duration::from_secs(600);
-
-/// Largest answer read from either endpoint.
-const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// The grant type of a device-code poll (RFC 8628 3.4).
 const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
@@ -97,6 +94,8 @@ pub enum PollAnswer {
     Failed(ProviderError),
 }
 
+// Both requests authenticate the client as at the code exchange
+// (`code_auth`): RFC 8628 has it authenticate as at the token endpoint.
 impl Provider {
     /// RFC 8628 3.1: asks the device authorization endpoint for codes.
     pub async fn device_authorization(&self) -> Result<DeviceAuthorization, DeviceStartError> {
@@ -105,14 +104,11 @@ impl Provider {
             return Err(DeviceStartError::NoEndpoint(name));
         };
         let mut form = Vec::new();
-        if !self.config.scopes.is_empty() {
-            form.push((
-                "scope",
-                self.config.scopes.join(self.config.scope_delimiter),
-            ));
+        if let Some(scope) = self.scope_param() {
+            form.push(("scope", scope));
         }
         let (status, body) = self
-            .post_form(&url, form)
+            .post_form(&url, self.config.code_auth, form)
             .await
             .map_err(|e| DeviceStartError::Unreachable(format!("cannot reach the device authorization endpoint {url}: {e}; check that it is up, then try again")))?;
         read_authorization(&name, &url, status, &body)
@@ -126,7 +122,7 @@ impl Provider {
         ];
         let sent_at = Utc::now();
         let url = self.config.token_url.clone();
-        match self.post_form(&url, form).await {
+        match self.post_form(&url, self.config.code_auth, form).await {
             Ok((status, body)) => {
                 let ctx = answer::AnswerContext {
                     provider: self.name(),
@@ -141,77 +137,17 @@ impl Provider {
             }),
         }
     }
+}
 
-    /// A form POST authenticated as at the code exchange (`code_auth`):
-    /// RFC 8628 has the client authenticate as at the token endpoint.
-    async fn post_form(
-        &self,
-        url: &Url,
-        mut form: Vec<(&'static str, String)>,
-    ) -> Result<(u16, Vec<u8>), String> {
-        let mut req = self
-            .http
-            .post(url.clone())
-            .timeout(self.config.request_timeout)
-            .header(reqwest::header::ACCEPT, "application/json");
-        req = self.authenticate(req, self.config.code_auth, &mut form);
-        let body = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(&form)
-            .finish();
-        let mut resp = req
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_timeout() {
-                    "it did not answer in time".to_string()
-                } else {
-                    without_url(&e).to_string()
-                }
-            })?;
-        let status = resp.status().as_u16();
-        let mut buf = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| without_url(&e).to_string())?
-        {
-            if buf.len() + chunk.len() > MAX_ANSWER_BYTES {
-                return Err(format!(
-                    "its answer is larger than {MAX_ANSWER_BYTES} bytes"
-                ));
-            }
-            buf.extend_from_slice(&chunk);
+/// A lifetime or interval as stated, within `min..=max`; `default` when
+/// not stated (RFC 8628 requires `expires_in`; `interval` is optional).
+fn clamp(stated: StatedLifetime, default: Duration, min: Duration, max: Duration) -> Duration {
+    match stated {
+        StatedLifetime::Seconds(s) if s > 0.0 => {
+            Duration::from_secs_f64(s.min(max.as_secs_f64())).max(min)
         }
-        Ok((status, buf))
-    }
-}
-
-/// A JSON object's members, if the body is one.
-fn object(body: &[u8]) -> Option<HashMap<String, serde_json::Value>> {
-    let body = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
-    serde_json::from_slice(body).ok()
-}
-
-/// A number of seconds, as a JSON number or a numeric string.
-fn seconds(v: Option<&serde_json::Value>) -> Option<f64> {
-    let n = match v? {
-        serde_json::Value::Number(n) => n.as_f64()?,
-        serde_json::Value::String(s) => s.trim().parse().ok()?,
-        _ => return None,
-    };
-    n.is_finite().then_some(n)
-}
-
-fn clamp(secs: Option<f64>, default: Duration, min: Duration, max: Duration) -> Duration {
-    match secs {
-        Some(s) if s > 0.0 => Duration::from_secs_f64(s.min(max.as_secs_f64())).max(min),
-        Some(_) => min,
-        None => default,
+        StatedLifetime::Seconds(_) => min,
+        StatedLifetime::Missing => default,
     }
 }
 
@@ -223,12 +159,11 @@ pub fn read_authorization(
     status: u16,
     body: &[u8],
 ) -> Result<DeviceAuthorization, DeviceStartError> {
-    let fields = object(body);
+    let fields = answer::object(body);
     if !(200..300).contains(&status) {
         let said = fields
             .as_ref()
-            .and_then(|f| f.get("error"))
-            .and_then(|e| e.as_str())
+            .and_then(|f| answer::string(f, "error"))
             .map(|e| {
                 let e: String = e.chars().filter(|c| !c.is_control()).take(64).collect();
                 format!(" with the OAuth error \"{e}\"")
@@ -250,10 +185,8 @@ pub fn read_authorization(
         return Err(unreadable("a body that is not a JSON object"));
     };
     let text = |name: &str| {
-        fields
-            .get(name)
-            .and_then(|v| v.as_str())
-            .map(str::trim)
+        answer::string(&fields, name)
+            .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
     };
     let device_code = text("device_code").ok_or_else(|| unreadable("no device_code"))?;
@@ -261,6 +194,7 @@ pub fn read_authorization(
     if user_code.len() > 64 || user_code.chars().any(char::is_control) {
         return Err(unreadable("a user_code no person could type"));
     }
+    let stated = |name: &str| answer::stated_lifetime(fields.get(name).map(|v| v.get()));
     let web = |s: &str| {
         Url::parse(s)
             .ok()
@@ -269,24 +203,24 @@ pub fn read_authorization(
     let verification_uri = text("verification_uri")
         .or_else(|| text("verification_url"))
         .ok_or_else(|| unreadable("no verification_uri"))?;
-    let verification_uri = web(verification_uri)
+    let verification_uri = web(&verification_uri)
         .ok_or_else(|| unreadable("a verification_uri that is no web address"))?;
     let verification_uri_complete = text("verification_uri_complete")
         .or_else(|| text("verification_url_complete"))
-        .and_then(web);
+        .and_then(|u| web(&u));
     Ok(DeviceAuthorization {
-        device_code: SecretString::from(device_code.to_string()),
-        user_code: user_code.to_string(),
+        device_code: SecretString::from(device_code),
+        user_code,
         verification_uri,
         verification_uri_complete,
         expires_in: clamp(
-            seconds(fields.get("expires_in")),
+            stated("expires_in"),
             DEFAULT_CODE_LIFETIME,
             Duration::from_secs(1),
             MAX_CODE_LIFETIME,
         ),
         interval: clamp(
-            seconds(fields.get("interval")),
+            stated("interval"),
             DEFAULT_INTERVAL,
             MIN_INTERVAL,
             MAX_INTERVAL,
@@ -298,8 +232,7 @@ pub fn read_authorization(
 /// name, anything else as every token answer is read.
 pub fn read_poll(ctx: &answer::AnswerContext<'_>, status: u16, body: &[u8]) -> PollAnswer {
     if !(200..300).contains(&status) {
-        let error =
-            object(body).and_then(|f| f.get("error").and_then(|e| e.as_str()).map(str::to_string));
+        let error = answer::object(body).and_then(|f| answer::string(&f, "error"));
         match error.as_deref() {
             Some("authorization_pending") => return PollAnswer::Pending,
             Some("slow_down") => return PollAnswer::SlowDown,
@@ -356,6 +289,15 @@ mod tests {
         .unwrap();
         assert_eq!(slow.interval, MAX_INTERVAL);
         assert_eq!(slow.expires_in, MAX_CODE_LIFETIME);
+        // Read as every token answer is: a byte-order mark, numbers as
+        // strings, a string too large for a float.
+        let b = read(
+            200,
+            "\u{feff}{\"device_code\":\"d\",\"user_code\":\"X\",\"verification_uri\":\"https://p.example/a\",\"expires_in\":\"1e400\",\"interval\":\" 2.5 \"}",
+        )
+        .unwrap();
+        assert_eq!(b.interval, Duration::from_millis(2500));
+        assert_eq!(b.expires_in, MAX_CODE_LIFETIME);
     }
 
     #[test]

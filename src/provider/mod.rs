@@ -57,6 +57,25 @@ pub struct TokenGrant {
     pub extra: crate::store::Extras,
 }
 
+impl TokenGrant {
+    /// A grant that is only its refresh token, with an access token already
+    /// expired at `now`, so the first caller's request refreshes it: what
+    /// is kept of an answer whose refresh token is the grant but whose
+    /// access token is unusable ([`ProviderError::Unusable`]).
+    pub fn refresh_token_only(refresh_token: SecretString, now: DateTime<Utc>) -> TokenGrant {
+        TokenGrant {
+            access_token: SecretString::from(String::new()),
+            refresh_token: Some(refresh_token),
+            token_type: "Bearer".into(),
+            scope: None,
+            issued_at: now,
+            expires_at: now,
+            refresh_token_expires_in: None,
+            extra: Default::default(),
+        }
+    }
+}
+
 /// Why a token call failed, classified once, in [`answer::interpret`].
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProviderError {
@@ -162,23 +181,24 @@ impl Provider {
         c
     }
 
+    /// The configured scopes as one `scope` parameter, joined with the
+    /// provider's delimiter (a space per RFC 6749 3.3; Zoho wants commas);
+    /// `None` when none are configured. Passed to `oauth2` as a single
+    /// scope, so its own joining (with spaces) never applies.
+    pub(crate) fn scope_param(&self) -> Option<String> {
+        (!self.config.scopes.is_empty())
+            .then(|| self.config.scopes.join(self.config.scope_delimiter))
+    }
+
     /// Builds the URL that starts a browser authorization.
     pub fn authorization_start(&self, redirect_uri: &Url) -> AuthorizationStart {
         let client = self
             .client(self.config.code_auth)
             .set_redirect_uri(RedirectUrl::from_url(redirect_uri.clone()));
         let mut req = client.authorize_url(CsrfToken::new_random);
-        // `oauth2` joins scopes with spaces; a provider wanting another
-        // delimiter (Zoho: commas) gets them pre-joined as one.
-        req = if self.config.scope_delimiter == " " {
-            req.add_scopes(self.config.scopes.iter().cloned().map(Scope::new))
-        } else if self.config.scopes.is_empty() {
-            req
-        } else {
-            req.add_scope(Scope::new(
-                self.config.scopes.join(self.config.scope_delimiter),
-            ))
-        };
+        if let Some(scope) = self.scope_param() {
+            req = req.add_scope(Scope::new(scope));
+        }
         for (k, v) in &self.config.extra_authorize_params {
             req = req.add_extra_param(k.clone(), v.clone());
         }
@@ -244,15 +264,9 @@ impl Provider {
         let client = self.client(self.config.refresh_auth);
         let observed = Arc::new(Mutex::new(Observed::default()));
         let mut req = client.exchange_client_credentials();
-        req = if self.config.scope_delimiter == " " {
-            req.add_scopes(self.config.scopes.iter().cloned().map(Scope::new))
-        } else if self.config.scopes.is_empty() {
-            req
-        } else {
-            req.add_scope(Scope::new(
-                self.config.scopes.join(self.config.scope_delimiter),
-            ))
-        };
+        if let Some(scope) = self.scope_param() {
+            req = req.add_scope(Scope::new(scope));
+        }
         let send = self.transport(&observed);
         let sent_at = Utc::now();
         let result = req.request_async(&send).await;
@@ -315,30 +329,70 @@ impl Provider {
         }
     }
 
+    /// A form POST to one of the provider's endpoints, the client
+    /// authenticated as `auth` says, asking for JSON.
+    fn form_request(
+        &self,
+        url: &Url,
+        auth: ClientAuth,
+        mut form: Vec<(&'static str, String)>,
+    ) -> reqwest::RequestBuilder {
+        let req = self
+            .http
+            .post(url.clone())
+            .timeout(self.config.request_timeout)
+            .header(reqwest::header::ACCEPT, "application/json");
+        let req = self.authenticate(req, auth, &mut form);
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&form)
+            .finish();
+        req.header(
+            reqwest::header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded",
+        )
+        .body(body)
+    }
+
+    /// [`Provider::form_request`] sent, and its answer's status and body
+    /// (read whole, at most `MAX_TOKEN_RESPONSE_BYTES`); `Err` is a
+    /// sentence without the URL.
+    pub(crate) async fn post_form(
+        &self,
+        url: &Url,
+        auth: ClientAuth,
+        form: Vec<(&'static str, String)>,
+    ) -> Result<(u16, Vec<u8>), String> {
+        let mut resp = self
+            .form_request(url, auth, form)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    "it did not answer in time".to_string()
+                } else {
+                    without_url(&e).to_string()
+                }
+            })?;
+        let status = resp.status().as_u16();
+        match read_body(&mut resp).await {
+            Ok(body) => Ok((status, body)),
+            Err(TransportError::Http(e)) => Err(without_url(&e).to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Revokes a token upstream (RFC 7009). `Ok(false)` when the provider
     /// has no revocation endpoint.
     pub async fn revoke(&self, token: &SecretString, hint: &str) -> Result<bool, ProviderError> {
         let Some(url) = &self.config.revocation_url else {
             return Ok(false);
         };
-        let mut form = vec![
+        let form = vec![
             ("token", token.expose_secret().to_string()),
             ("token_type_hint", hint.to_string()),
         ];
-        let req = self
-            .http
-            .post(url.clone())
-            .timeout(self.config.request_timeout);
-        let req = self.authenticate(req, self.config.refresh_auth, &mut form);
-        let body = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(&form)
-            .finish();
-        let resp = req
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .body(body)
+        let resp = self
+            .form_request(url, self.config.refresh_auth, form)
             .send()
             .await
             .map_err(|e| {
@@ -597,6 +651,18 @@ async fn send(
     for (name, value) in resp.headers().iter() {
         builder = builder.header(name, value);
     }
+    let buf = read_body(&mut resp).await?;
+    if let Ok(mut o) = observed.lock() {
+        o.body = Some(buf.clone());
+    }
+    builder
+        .body(buf)
+        .map_err(|e| TransportError::Build(e.to_string()))
+}
+
+/// A response's body, whole; one larger than `MAX_TOKEN_RESPONSE_BYTES`
+/// is refused as soon as it passes the limit.
+async fn read_body(resp: &mut reqwest::Response) -> Result<Vec<u8>, TransportError> {
     let mut buf = Vec::new();
     while let Some(chunk) = resp.chunk().await? {
         if buf.len() + chunk.len() > MAX_TOKEN_RESPONSE_BYTES {
@@ -604,12 +670,7 @@ async fn send(
         }
         buf.extend_from_slice(&chunk);
     }
-    if let Ok(mut o) = observed.lock() {
-        o.body = Some(buf.clone());
-    }
-    builder
-        .body(buf)
-        .map_err(|e| TransportError::Build(e.to_string()))
+    Ok(buf)
 }
 
 /// The absolute expiry of a token whose answer said `lifetime`, for a
@@ -704,6 +765,32 @@ async fn revocation_error(resp: reqwest::Response) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scopes_are_one_parameter_joined_with_the_providers_delimiter() {
+        let mut config = crate::dev::config("127.0.0.1:1".parse().unwrap(), "t.db".into(), "s")
+            .providers["demo"]
+            .clone();
+        let scope_of = |config: &ProviderConfig| {
+            let p = Provider::new(config.clone(), reqwest::Client::new());
+            let start = p.authorization_start(&Url::parse("http://127.0.0.1:1/callback").unwrap());
+            let scope = start
+                .url
+                .query_pairs()
+                .find(|(k, _)| k == "scope")
+                .map(|(_, v)| v.into_owned());
+            (p.scope_param(), scope)
+        };
+        config.scopes = vec![];
+        assert_eq!(scope_of(&config), (None, None));
+        config.scopes = vec!["a.read".into(), "b.write".into()];
+        config.scope_delimiter = " ";
+        let joined = Some("a.read b.write".to_string());
+        assert_eq!(scope_of(&config), (joined.clone(), joined));
+        config.scope_delimiter = ",";
+        let joined = Some("a.read,b.write".to_string());
+        assert_eq!(scope_of(&config), (joined.clone(), joined));
+    }
 
     #[test]
     fn expiry_never_overstates_the_lifetime() {

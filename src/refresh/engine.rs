@@ -221,7 +221,21 @@ impl Engine {
         account: &str,
         grant: &TokenGrant,
     ) -> Result<(), StoreError> {
-        registry::authorized(&self.inner, provider, account, grant).await
+        self.authorized_by(provider, account, grant, super::AuthorizedBy::Browser)
+            .await
+    }
+
+    /// Stores the grant of a completed authorization and serves it; `by`
+    /// (browser, pasted address, device code) is what its `authorized`
+    /// notification says.
+    pub async fn authorized_by(
+        &self,
+        provider: &str,
+        account: &str,
+        grant: &TokenGrant,
+        by: super::AuthorizedBy,
+    ) -> Result<(), StoreError> {
+        registry::authorized(&self.inner, provider, account, grant, by).await
     }
 
     /// Adopts a refresh token another program holds (`tokenkeeper
@@ -301,8 +315,9 @@ impl Engine {
         registry::current(&self.inner, provider, account)
     }
 
-    /// A receiver woken whenever a served token may have changed (a commit,
-    /// a new connection, another process's refresh seen): subscribers
+    /// A receiver woken whenever a served token may have changed (a new
+    /// token committed here or seen from another process, a connection
+    /// new or gone; never a change of state alone): subscribers
     /// compare what they mirror with [`Engine::current_token`]. The engine
     /// does not know who listens.
     pub fn token_changes(&self) -> tokio::sync::watch::Receiver<u64> {

@@ -230,18 +230,8 @@ pub async fn import(
             // new refresh token is the grant now and must not be dropped.
             // Stored with an access token already expired, so the first
             // caller's request refreshes it.
-            let now = Utc::now();
             usable = false;
-            TokenGrant {
-                access_token: SecretString::from(String::new()),
-                refresh_token: Some(refresh_token),
-                token_type: "Bearer".into(),
-                scope: None,
-                issued_at: now,
-                expires_at: now,
-                refresh_token_expires_in: None,
-                extra: Default::default(),
-            }
+            TokenGrant::refresh_token_only(refresh_token, Utc::now())
         }
         Err(ProviderError::Rejected { message }) => return Err(ImportError::Rejected { message }),
         Err(ProviderError::Refused { message }) => return Err(ImportError::Refused { message }),

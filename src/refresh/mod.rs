@@ -50,6 +50,6 @@ mod types;
 pub use engine::{Engine, EngineParts};
 pub use snapshot::{Failing, HeldToken, Snapshot, TokenState};
 pub use types::{
-    ConnectionReport, IssuedToken, Revocation, ServedToken, Settings, TokenError, TokenIdentity,
-    Trigger,
+    AuthorizedBy, ConnectionReport, IssuedToken, Revocation, ServedToken, Settings, TokenError,
+    TokenIdentity, Trigger,
 };

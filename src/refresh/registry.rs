@@ -22,7 +22,7 @@ use super::shared::Shared;
 use super::slot::Slot;
 use super::snapshot::TokenState;
 use super::types::{
-    ConnectionReport, IssuedToken, ServedToken, TokenError, TokenIdentity, Trigger,
+    AuthorizedBy, ConnectionReport, IssuedToken, ServedToken, TokenError, TokenIdentity, Trigger,
 };
 use crate::notify::{Event, EventKind};
 use crate::provider::TokenGrant;
@@ -375,12 +375,14 @@ fn clear_backoffs(shared: &Shared) -> usize {
     n
 }
 
-/// Stores the grant of a completed browser authorization and serves it.
+/// Stores the grant of a completed authorization (`by` says which kind)
+/// and serves it.
 pub async fn authorized(
     shared: &Shared,
     provider: &str,
     account: &str,
     grant: &TokenGrant,
+    by: AuthorizedBy,
 ) -> Result<(), StoreError> {
     land(
         shared,
@@ -388,14 +390,14 @@ pub async fn authorized(
         account,
         grant,
         HistoryKind::Authorized,
-        "authorized in the browser; the grant is stored",
+        by.message(),
         false,
     )
     .await
 }
 
-/// Where every new grant lands (a browser or pasted authorization, an
-/// import): stored with its history event `kind` in the same transaction,
+/// Where every new grant lands (a browser, pasted or device-code
+/// authorization, an import): stored with its history event `kind` in the same transaction,
 /// served, and the grant it replaced revoked; `how` is the `authorized`
 /// notification's message. With `only_if_no_working_grant` the store
 /// compares in its transaction and refuses with

@@ -123,14 +123,19 @@ impl Slot {
     }
 
     /// Replaces the snapshot. The same token keeps its anchor (see
-    /// [`Snapshot::keep_anchor_of`]).
+    /// [`Snapshot::keep_anchor_of`]); the change counter moves only when
+    /// the token served changes, not for a change of state alone (a
+    /// refresh starting, failing, waiting).
     pub fn set(&self, mut s: Snapshot) -> Arc<Snapshot> {
         let mut cur = self.snap.write().unwrap_or_else(|e| e.into_inner());
         s.keep_anchor_of(&cur);
+        let token_changed = !s.serves_same_token_as(&cur);
         let s = Arc::new(s);
         *cur = s.clone();
         drop(cur);
-        bump(&self.changes);
+        if token_changed {
+            bump(&self.changes);
+        }
         s
     }
 
@@ -285,8 +290,8 @@ fn bump(changes: &tokio::sync::watch::Sender<u64>) {
 pub struct Slots {
     /// std RwLock: never held across `.await`.
     map: RwLock<HashMap<(String, String), Arc<Slot>>>,
-    /// Moves whenever a served snapshot is replaced or a connection
-    /// appears, so that what mirrors tokens outside the engine (token
+    /// Moves whenever the token a connection serves changes (not its
+    /// state alone) or a connection appears or goes, so that what mirrors tokens outside the engine (token
     /// files, `sinks`) learns of it without the engine knowing of them. A
     /// counter, not the change itself: a slow subscriber only ever needs
     /// the latest state, which it reads from the snapshots.
@@ -303,7 +308,7 @@ impl Default for Slots {
 }
 
 impl Slots {
-    /// A receiver woken whenever a served snapshot changes (see
+    /// A receiver woken whenever a served token changes (see
     /// [`Slots::changes`]).
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
@@ -403,5 +408,60 @@ impl Slots {
         if removed {
             bump(&self.changes);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::refresh::clock::TestClock;
+    use crate::refresh::snapshot::tests::row;
+    use crate::store::ConnState;
+
+    fn snap(r: &ConnectionRow) -> Snapshot {
+        Snapshot::from_row(r, Anchor::at(&*TestClock::new(r.issued_at)))
+    }
+
+    #[test]
+    fn subscribers_wake_when_the_served_token_changes_not_its_state() {
+        let slots = Slots::default();
+        let mut rx = slots.subscribe();
+        let mut woken = || {
+            let w = rx.has_changed().unwrap();
+            rx.borrow_and_update();
+            w
+        };
+        let active = row(ConnState::Active);
+        slots.install(&active, snap(&active));
+        assert!(woken());
+        for state in [
+            ConnState::Refreshing,
+            ConnState::Retrying,
+            ConnState::Active,
+        ] {
+            let mut r = row(state);
+            r.last_error = (state == ConnState::Retrying).then(|| "boom".into());
+            r.failures = u32::from(state == ConnState::Retrying);
+            slots.install(&r, snap(&r));
+            assert!(!woken(), "{state}: the token is the same");
+        }
+        let mut rotated = row(ConnState::Active);
+        rotated.access_token = SecretString::from("at2".to_string());
+        rotated.expires_at += chrono::Duration::hours(1);
+        rotated.generation += 1;
+        slots.install(&rotated, snap(&rotated));
+        assert!(woken());
+        let mut extras = row(ConnState::Active);
+        extras.access_token = SecretString::from("at2".to_string());
+        extras.expires_at = rotated.expires_at;
+        extras.generation = rotated.generation;
+        extras
+            .meta
+            .extra
+            .insert("tenant".into(), serde_json::json!("t1"));
+        slots.install(&extras, snap(&extras));
+        assert!(woken(), "the json and env files show extras");
+        slots.retain(|_| false);
+        assert!(woken());
     }
 }

@@ -13,7 +13,7 @@
 //! and flights.
 
 use chrono::{DateTime, Utc};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::clock::{Anchor, Clock};
 use super::policy::{self, Timing};
@@ -26,20 +26,15 @@ const NO_REASON_RETRYING: &str = "the refresh did not complete";
 /// Said when a row is `authorization_required` without a stored reason.
 const NO_REASON_REJECTED: &str = "the grant was rejected";
 
-/// The refresh policy's view of a stored row. A grant without a refresh
-/// token (a client-credentials grant, or one the provider never gave a
-/// refresh token) has nothing for `keepalive` to keep alive, and its
-/// `refresh_token_issued_at` never moves: counted from there, it would be
-/// due at every scheduler pass once `keepalive` had passed since the row
-/// was created. Its keepalive counts from the access token's issue.
+/// The refresh policy's view of a stored row. (A grant without a refresh
+/// token never moves its `refresh_token_issued_at`; the policy counts
+/// keepalive from the later of that and the last access token's issue,
+/// so it is not due at every pass once keepalive has passed.)
 pub fn timing_of(r: &ConnectionRow) -> Timing {
     Timing {
         issued_at: r.issued_at,
         expires_at: r.expires_at,
-        refresh_token_issued_at: match r.refresh_token {
-            Some(_) => r.refresh_token_issued_at,
-            None => r.issued_at.max(r.refresh_token_issued_at),
-        },
+        refresh_token_issued_at: r.refresh_token_issued_at,
     }
 }
 
@@ -143,6 +138,23 @@ impl Snapshot {
             state,
             meta: Arc::new(r.meta.clone()),
         }
+    }
+
+    /// Whether `other` serves the same token as this one (access token,
+    /// type, expiry and extras), whatever the state of each: all that
+    /// mirrors of the served token (token files) write.
+    pub fn serves_same_token_as(&self, other: &Snapshot) -> bool {
+        let same_meta = Arc::ptr_eq(&self.meta, &other.meta) || self.meta == other.meta;
+        same_meta
+            && match (self.token(), other.token()) {
+                (None, None) => true,
+                (Some(a), Some(b)) => {
+                    a.timing.expires_at == b.timing.expires_at
+                        && a.token_type == b.token_type
+                        && a.access_token.expose_secret() == b.access_token.expose_secret()
+                }
+                _ => false,
+            }
     }
 
     /// SPEC's name of the state (`/v1/connections`, `status`, metrics).

@@ -81,6 +81,31 @@ pub enum Revocation {
     LocalOnly,
 }
 
+/// How a new grant was authorized: what its `authorized` notification
+/// (and the log line it makes) says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthorizedBy {
+    /// `/connect` then `/callback` in the browser.
+    Browser,
+    /// `connect --paste`: the callback's address pasted at the command.
+    PastedAddress,
+    /// `connect --device` or the dashboard's device page (RFC 8628).
+    DeviceCode,
+}
+
+impl AuthorizedBy {
+    /// The notification's message.
+    pub fn message(self) -> &'static str {
+        match self {
+            AuthorizedBy::Browser => "authorized in the browser; the grant is stored",
+            AuthorizedBy::PastedAddress => {
+                "authorized through a pasted address; the grant is stored"
+            }
+            AuthorizedBy::DeviceCode => "authorized with a device code; the grant is stored",
+        }
+    }
+}
+
 /// What a caller gets: the access token and when it expires.
 #[derive(Clone)]
 pub struct IssuedToken {

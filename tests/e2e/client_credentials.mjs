@@ -12,16 +12,12 @@
 // Prints "client-credentials: N passed, N failed" last; exits non-zero on
 // failure.
 
-import { spawn } from 'node:child_process';
-import { createServer } from 'node:net';
-import { mkdtempSync, rmSync, writeFileSync, createWriteStream, readFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync } from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import {
+  OUT, check, daemonConfig, freePort, requireEnv, sleep, startDaemon, startProvider, stop, suite,
+} from './lib.mjs';
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const BIN = process.env.E2E_BIN;
-const OUT = process.env.E2E_OUT;
 const SECRET = 'cc+secret/with=base64+chars';
 const CLIENT = 'tk-e2e-cc';
 const INTROSPECTOR = { id: 'e2e-cc-introspector', secret: 'introspector-secret' };
@@ -32,43 +28,10 @@ const TTL = 10;
 const AT_FRACTION = 0.7;
 const CALLERS = 16;
 const LOAD_MS = 25_000;
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-if (!BIN || !OUT) {
-  console.error('client-credentials: run this through tests/e2e/run.sh (E2E_BIN and E2E_OUT are not set)');
-  process.exit(2);
-}
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-function check(cond, what) {
-  if (!cond) throw new Error(`check failed: ${what}`);
-}
-
-async function waitFor(url, what) {
-  for (let i = 0; i < 300; i++) {
-    try {
-      const r = await fetch(url);
-      if (r.ok) return;
-    } catch { /* not yet */ }
-    await sleep(50);
-  }
-  throw new Error(`${what} did not start`);
-}
+requireEnv('client-credentials');
 
 async function main() {
-  const [opPort, tkPort] = await Promise.all([freePort(), freePort()]);
-  const opBase = `http://127.0.0.1:${opPort}`;
-  const tkBase = `http://127.0.0.1:${tkPort}`;
   const clients = [
     {
       client_id: CLIENT,
@@ -90,29 +53,15 @@ async function main() {
 
   // oidc-provider's event lines (see op.mjs), kept for counting.
   const events = [];
-  const opLog = createWriteStream(path.join(OUT, 'cc-oidc-provider.log'));
-  const op = spawn(process.execPath, [path.join(HERE, 'op.mjs')], {
-    cwd: HERE,
-    env: {
-      ...process.env,
-      OP_PORT: String(opPort),
-      OP_CLIENTS: JSON.stringify(clients),
-      OP_ACCESS_TTL: String(TTL),
-      OP_CLIENT_CREDENTIALS: '1',
-    },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let pending = '';
-  op.stdout.on('data', (d) => {
-    opLog.write(d);
-    pending += d;
-    const lines = pending.split('\n');
-    pending = lines.pop();
-    for (const l of lines) {
+  const provider = await startProvider({
+    log: 'cc-oidc-provider.log',
+    clients,
+    env: { OP_ACCESS_TTL: String(TTL), OP_CLIENT_CREDENTIALS: '1' },
+    onLine: (l) => {
       try { events.push(JSON.parse(l)); } catch { /* not an event line */ }
-    }
+    },
   });
-  op.stderr.pipe(opLog);
+  const opBase = provider.base;
   const tokenRequests = (from, to = Infinity) => events.filter((e) => e.event === 'grant.success'
     && e.grant_type === 'client_credentials' && e.client === CLIENT && e.t >= from && e.t <= to).length;
   const grantErrors = () => events.filter((e) => e.event === 'grant.error' || e.event === 'server_error');
@@ -131,16 +80,11 @@ async function main() {
     return JSON.parse(text);
   };
 
-  const dir = mkdtempSync(path.join(tmpdir(), 'tk-e2e-cc-'));
-  const config = path.join(dir, 'tokenkeeper.toml');
-  writeFileSync(path.join(dir, 'secret'), `${SECRET}\n`, { mode: 0o600 });
-  writeFileSync(config, `[server]
-listen = "127.0.0.1:${tkPort}"
-
-[storage]
-path = "${path.join(dir, 'tk.db')}"
-
-[refresh]
+  const { dir, config, base: tkBase } = daemonConfig({
+    prefix: 'tk-e2e-cc-',
+    secret: SECRET,
+    port: await freePort(),
+    text: `[refresh]
 at_fraction = ${AT_FRACTION}
 check_interval = "1s"
 jitter = "0s"
@@ -156,32 +100,15 @@ client_secret_file = "secret"
 refresh_auth = "basic"
 issuer = "${opBase}"
 scopes = ["api:read"]
-`);
+`,
+  });
   const tkLogPath = path.join(OUT, 'cc-tokenkeeper.log');
-  const tkLog = createWriteStream(tkLogPath);
   let daemon;
-  const results = [];
-  const run = async (name, fn) => {
-    const t = Date.now();
-    try {
-      const detail = await fn();
-      results.push(true);
-      console.log(`ok   ${name} (${((Date.now() - t) / 1000).toFixed(1)}s)\n     ${detail}`);
-    } catch (e) {
-      results.push(false);
-      console.log(`FAIL ${name}\n     ${e.stack || e}`);
-    }
-  };
+  const { run, failed, finish } = suite('client-credentials');
   try {
-    await waitFor(`${opBase}/.well-known/openid-configuration`, 'oidc-provider');
+    await provider.ready();
     const started = Date.now();
-    daemon = spawn(BIN, ['serve', '--config', config], {
-      env: { ...process.env, RUST_LOG: 'info,tokenkeeper=debug', NO_COLOR: '1' },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    daemon.stdout.pipe(tkLog);
-    daemon.stderr.pipe(tkLog);
-    await waitFor(`${tkBase}/readyz`, 'tokenkeeper');
+    daemon = await startDaemon({ config, base: tkBase, logPath: tkLogPath });
 
     await run('client credentials from a discovered issuer: obtained at start, renewed under load, each answer accepted by the provider', async () => {
       // Obtained with nobody asking.
@@ -255,18 +182,11 @@ scopes = ["api:read"]
         + `${requests} token requests (about ${periods.toFixed(1)} renewal periods); tightest margin ${(tightest / 1000).toFixed(1)} s`;
     });
   } catch (e) {
-    results.push(false);
-    console.log(`FAIL setup: ${e.stack || e}`);
+    failed(e);
   } finally {
-    if (daemon) daemon.kill('SIGTERM');
-    op.kill('SIGTERM');
-    await sleep(300);
-    rmSync(dir, { recursive: true, force: true });
+    await stop({ daemon, provider, dir });
   }
-  const passed = results.filter(Boolean).length;
-  const failed = results.length - passed;
-  console.log(`client-credentials: ${passed} passed, ${failed} failed`);
-  process.exit(failed === 0 && passed > 0 ? 0 : 1);
+  finish();
 }
 
 main();

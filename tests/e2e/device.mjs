@@ -12,46 +12,16 @@
 // Prints "device: N passed, N failed" last; exits non-zero on failure.
 
 import { spawn } from 'node:child_process';
-import { createServer } from 'node:net';
-import { mkdtempSync, rmSync, writeFileSync, createWriteStream } from 'node:fs';
-import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
+import {
+  BIN, CHROMIUM, OUT, check, daemonConfig, freePort, requireEnv, sleep, startDaemon, startProvider, stop, suite,
+} from './lib.mjs';
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const BIN = process.env.E2E_BIN;
-const OUT = process.env.E2E_OUT;
-const CHROMIUM = process.env.E2E_CHROMIUM || '/usr/bin/chromium';
 const SECRET = 'device+secret/with=base64+chars';
 const CLIENT = 'tk-e2e-device';
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-function check(cond, what) {
-  if (!cond) throw new Error(`check failed: ${what}`);
-}
-
-async function waitFor(url, what) {
-  for (let i = 0; i < 300; i++) {
-    try {
-      const r = await fetch(url);
-      if (r.ok) return;
-    } catch { /* not yet */ }
-    await sleep(50);
-  }
-  throw new Error(`${what} did not start`);
-}
+requireEnv('device');
 
 // `connect --device` in the air: resolves the printed addresses and code
 // once they are out, and the exit once it ends.
@@ -103,9 +73,6 @@ async function approveOnProvider(context, { uri, code }, { abort = false, shot }
 }
 
 async function main() {
-  const [opPort, tkPort] = await Promise.all([freePort(), freePort()]);
-  const opBase = `http://127.0.0.1:${opPort}`;
-  const tkBase = `http://127.0.0.1:${tkPort}`;
   const clients = [{
     client_id: CLIENT,
     client_secret: SECRET,
@@ -114,57 +81,33 @@ async function main() {
     response_types: [],
     redirect_uris: [],
   }];
-  const opLog = createWriteStream(path.join(OUT, 'device-oidc-provider.log'));
-  const op = spawn(process.execPath, [path.join(HERE, 'op.mjs')], {
-    cwd: HERE,
-    env: { ...process.env, OP_PORT: String(opPort), OP_CLIENTS: JSON.stringify(clients), OP_ACCESS_TTL: '60', OP_DEVICE_FLOW: '1' },
-    stdio: ['ignore', 'pipe', 'pipe'],
+  const provider = await startProvider({
+    log: 'device-oidc-provider.log',
+    clients,
+    env: { OP_ACCESS_TTL: '60', OP_DEVICE_FLOW: '1' },
   });
-  op.stdout.pipe(opLog);
-  op.stderr.pipe(opLog);
-  const dir = mkdtempSync(path.join(tmpdir(), 'tk-e2e-device-'));
-  const config = path.join(dir, 'tokenkeeper.toml');
-  writeFileSync(path.join(dir, 'secret'), `${SECRET}\n`, { mode: 0o600 });
-  writeFileSync(config, `[server]
-listen = "127.0.0.1:${tkPort}"
-
-[storage]
-path = "${path.join(dir, 'tk.db')}"
-
-# Nothing by hand but the issuer: the device endpoint is discovered.
+  const { dir, config, base: tkBase } = daemonConfig({
+    prefix: 'tk-e2e-device-',
+    secret: SECRET,
+    port: await freePort(),
+    text: `# Nothing by hand but the issuer: the device endpoint is discovered.
 [providers.oidcdev]
 preset = "generic"
 client_id = "${CLIENT}"
 client_secret_file = "secret"
 code_auth = "basic"
 refresh_auth = "basic"
-issuer = "${opBase}"
+issuer = "${provider.base}"
 scopes = ["openid", "offline_access"]
-`);
-  const tkLog = createWriteStream(path.join(OUT, 'device-tokenkeeper.log'));
+`,
+  });
+  const opBase = provider.base;
   let daemon;
   let browser;
-  const results = [];
-  const run = async (name, fn) => {
-    const t = Date.now();
-    try {
-      const detail = await fn();
-      results.push(true);
-      console.log(`ok   ${name} (${((Date.now() - t) / 1000).toFixed(1)}s)\n     ${detail}`);
-    } catch (e) {
-      results.push(false);
-      console.log(`FAIL ${name}\n     ${e.stack || e}`);
-    }
-  };
+  const { run, failed, finish } = suite('device');
   try {
-    await waitFor(`${opBase}/.well-known/openid-configuration`, 'oidc-provider');
-    daemon = spawn(BIN, ['serve', '--config', config], {
-      env: { ...process.env, RUST_LOG: 'info,tokenkeeper=debug', NO_COLOR: '1' },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    daemon.stdout.pipe(tkLog);
-    daemon.stderr.pipe(tkLog);
-    await waitFor(`${tkBase}/readyz`, 'tokenkeeper');
+    await provider.ready();
+    daemon = await startDaemon({ config, base: tkBase, logPath: path.join(OUT, 'device-tokenkeeper.log') });
     const context = await (browser = await chromium.launch({
       executablePath: CHROMIUM,
       args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
@@ -205,19 +148,11 @@ scopes = ["openid", "offline_access"]
       return done.err.trim().split('\n').at(-1);
     });
   } catch (e) {
-    results.push(false);
-    console.log(`FAIL setup: ${e.stack || e}`);
+    failed(e);
   } finally {
-    if (browser) await browser.close().catch(() => {});
-    if (daemon) daemon.kill('SIGTERM');
-    op.kill('SIGTERM');
-    await sleep(300);
-    rmSync(dir, { recursive: true, force: true });
+    await stop({ browser, daemon, provider, dir });
   }
-  const passed = results.filter(Boolean).length;
-  const failed = results.length - passed;
-  console.log(`device: ${passed} passed, ${failed} failed`);
-  process.exit(failed === 0 && passed > 0 ? 0 : 1);
+  finish();
 }
 
 main();
