@@ -28,7 +28,8 @@
 # cluster by default),
 # BENCH_IDLE_SECONDS (120: the idle-CPU window of part 3; 0 skips it),
 # BENCH_IDLE_BASELINE (a git revision, e.g. d74c930: its daemon is built
-# from a temporary worktree and its idle CPU measured beside this one's),
+# from a temporary worktree and its idle CPU measured beside this one's;
+# or the path of a daemon binary built beforehand),
 # BENCH_CONNECTIONS (10000), BENCH_DEV_BUILD=1 (debug builds in the usual
 # target directories: quick, to check the script runs; figures meaningless).
 # BENCH_TARGET_DIR (where release builds go; bench/target by default:
@@ -134,7 +135,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if [ -n "${BENCH_IDLE_BASELINE:-}" ] && want scale; then
+if [ -n "${BENCH_IDLE_BASELINE:-}" ] && [ -x "$BENCH_IDLE_BASELINE" ] && want scale; then
+    # A daemon binary built beforehand.
+    cp "$BENCH_IDLE_BASELINE" "$TMP/bin/tokenkeeper-baseline"
+    export BENCH_BASELINE_BIN=$TMP/bin/tokenkeeper-baseline
+elif [ -n "${BENCH_IDLE_BASELINE:-}" ] && want scale; then
     log "building the baseline daemon ($BENCH_IDLE_BASELINE) for the idle-CPU comparison"
     git worktree add --quiet --detach "$TMP/baseline-src" "$BENCH_IDLE_BASELINE"
     (cd "$TMP/baseline-src" && CARGO_TARGET_DIR=$ROOT/bench/target/baseline cargo build --release --quiet --bin tokenkeeper)
