@@ -45,6 +45,7 @@
 pub mod codec;
 pub mod events;
 pub mod feed;
+mod lifecycle;
 pub mod migrate;
 pub mod postgres;
 pub mod sqlite;
