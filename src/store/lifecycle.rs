@@ -35,6 +35,16 @@ pub(super) struct Dialect {
     /// The transaction's first statement when it writes a grant over row
     /// `$1`: locks the row and returns its generation (no row when gone).
     pub lock_generation: &'static str,
+    /// The first statement of an export's transaction, so that it reads
+    /// all tables in one snapshot (none where a read transaction already
+    /// is one).
+    pub export_snapshot: Option<&'static str>,
+    /// The first statement of an import's transaction: writers wait until
+    /// it commits, so the emptiness it checks is what it replaces.
+    pub import_lock: &'static str,
+    /// Run after an import wrote its rows with their ids, so that new
+    /// rows' ids continue after them.
+    pub after_import: &'static [&'static str],
 }
 
 /// Expands, inside a backend's `impl Backend for ...`, every method of
@@ -735,16 +745,45 @@ macro_rules! lifecycle_methods {
             let mut c = self.pool.acquire().await?;
             purge_events(&mut c, before).await
         }
+
+        async fn export(&self) -> Result<Dump, StoreError> {
+            let mut tx = self.pool.begin().await?;
+            if let Some(snapshot) = $d.export_snapshot {
+                sqlx::query(snapshot).execute(&mut *tx).await?;
+            }
+            let dump = read_dump(&mut tx).await?;
+            tx.commit().await?;
+            Ok(dump)
+        }
+
+        async fn import(&self, dump: &Dump, replace: bool, target: &str) -> Result<(), MigrateError> {
+            let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+            sqlx::query($d.import_lock)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+            check_empty(&mut tx, replace, target).await?;
+            write_dump(&mut tx, dump).await?;
+            for statement in $d.after_import {
+                sqlx::query(statement)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+            }
+            tx.commit().await.map_err(StoreError::from)?;
+            Ok(())
+        }
     };
 }
 pub(super) use lifecycle_methods;
 
 /// Expands, in a backend module, the helpers of [`lifecycle_methods`]
 /// (for the backend type `$backend` over the sqlx database `$db`, with
-/// the [`Dialect`] `$d`) and the history's statements.
+/// the [`Dialect`] `$d`), the history's and `migrate-storage`'s statements.
 macro_rules! lifecycle_helpers {
     ($backend:ident, $db:ty, $d:ident) => {
         super::events::events_sql!(<$db as sqlx::Database>::Connection, '$');
+        super::migrate::dump_sql!(<$db as sqlx::Database>::Connection, '$');
 
         impl $backend {
             /// After a commit's write: writes what is kept beside the tokens

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PENDING_COLUMNS};
 use super::feed::{Changes, Feed};
 use super::lifecycle::{lifecycle_helpers, lifecycle_methods, Dialect};
-use super::migrate::{self, Dump, MigrateError};
+use super::migrate::{Dump, MigrateError};
 use super::{
     from_ms, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState, ConnectionRow, Event,
     EventQuery, Fingerprint, GrantMeta, LeaseSeen, NewEvent, NewGrant, PendingAuthorization,
@@ -526,9 +526,6 @@ impl Postgres {
     }
 }
 
-/// The one PostgreSQL connection of a transaction.
-type Conn = sqlx::PgConnection;
-
 /// PostgreSQL locks rows: a transaction locks the row it goes on to
 /// write when it reads it, and takes an advisory lock on a name whose row
 /// may not exist yet (a row lock cannot cover it).
@@ -536,6 +533,16 @@ const DIALECT: Dialect = Dialect {
     for_update: " FOR UPDATE",
     lock_name: "SELECT pg_advisory_xact_lock(hashtext($1 || '/' || $2))",
     lock_generation: "SELECT generation FROM connections WHERE id = $1 FOR UPDATE",
+    export_snapshot: Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
+    import_lock: "LOCK TABLE connections IN EXCLUSIVE MODE",
+    after_import: &[
+        "SELECT setval(pg_get_serial_sequence('connections', 'id'), \
+         COALESCE((SELECT MAX(id) FROM connections), 0) + 1, false)",
+        "SELECT setval(pg_get_serial_sequence('token_fingerprints', 'id'), \
+         COALESCE((SELECT MAX(id) FROM token_fingerprints), 0) + 1, false)",
+        "SELECT setval(pg_get_serial_sequence('events', 'id'), \
+         COALESCE((SELECT MAX(id) FROM events), 0) + 1, false)",
+    ],
 };
 
 impl Backend for Postgres {
@@ -562,44 +569,8 @@ impl Backend for Postgres {
         let mut c = self.pool.acquire().await?;
         write_heartbeat(&mut c, owner, now, alive_since).await
     }
-
-    async fn export(&self) -> Result<Dump, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        // One snapshot for all four tables.
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            .execute(&mut *tx)
-            .await?;
-        let dump = read_dump(&mut tx).await?;
-        tx.commit().await?;
-        Ok(dump)
-    }
-
-    async fn import(&self, dump: &Dump, replace: bool, target: &str) -> Result<(), MigrateError> {
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        // Writers of the cluster wait until this commits, so the emptiness
-        // seen below is what this transaction replaces.
-        sqlx::query("LOCK TABLE connections IN EXCLUSIVE MODE")
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from)?;
-        check_empty(&mut tx, replace, target).await?;
-        write_dump(&mut tx, dump).await?;
-        // Rows came with their ids: new ones continue after them.
-        for table in ["connections", "token_fingerprints", "events"] {
-            sqlx::query(&format!(
-                "SELECT setval(pg_get_serial_sequence('{table}', 'id'), \
-                 COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)"
-            ))
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from)?;
-        }
-        tx.commit().await.map_err(StoreError::from)?;
-        Ok(())
-    }
 }
 
-migrate::dump_sql!(Conn, '$');
 lifecycle_helpers!(Postgres, sqlx::Postgres, DIALECT);
 
 /// Cause and fix of a PostgreSQL failure, if it is one an operator can fix.

@@ -24,7 +24,7 @@ use sqlx::{Row, SqlitePool};
 
 use super::codec::{self, impl_columns, Codec, Column, SealContext, COLUMNS, PENDING_COLUMNS};
 use super::lifecycle::{lifecycle_helpers, lifecycle_methods, Dialect};
-use super::migrate::{self, Dump, MigrateError};
+use super::migrate::{Dump, MigrateError};
 use super::{
     create_private_dir, from_ms, to_ms, Backend, BeginRefresh, CommitOutcome, ConnState,
     ConnectionRow, Event, EventQuery, Fingerprint, GrantMeta, LeaseSeen, NewEvent, NewGrant,
@@ -153,9 +153,6 @@ impl Sqlite {
     }
 }
 
-/// The one SQLite connection of a transaction.
-type Conn = sqlx::SqliteConnection;
-
 /// SQLite has one write lock per database: a transaction whose first
 /// statement writes holds it from there to commit (`BEGIN IMMEDIATE`
 /// semantics), so that first statement is a write that changes nothing.
@@ -165,6 +162,9 @@ const DIALECT: Dialect = Dialect {
         "UPDATE connections SET generation = generation WHERE provider = $1 AND account = $2",
     lock_generation:
         "UPDATE connections SET generation = generation WHERE id = $1 RETURNING generation",
+    export_snapshot: None,
+    import_lock: "DELETE FROM processes",
+    after_import: &[],
 };
 
 impl Backend for Sqlite {
@@ -201,30 +201,8 @@ impl Backend for Sqlite {
             .await?;
         Ok(watch.version.replace(version) != Some(version))
     }
-
-    async fn export(&self) -> Result<Dump, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let dump = read_dump(&mut tx).await?;
-        tx.commit().await?;
-        Ok(dump)
-    }
-
-    async fn import(&self, dump: &Dump, replace: bool, target: &str) -> Result<(), MigrateError> {
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        // A write first, so the transaction holds the write lock and the
-        // emptiness seen below is what this commit replaces.
-        sqlx::query("DELETE FROM processes")
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from)?;
-        check_empty(&mut tx, replace, target).await?;
-        write_dump(&mut tx, dump).await?;
-        tx.commit().await.map_err(StoreError::from)?;
-        Ok(())
-    }
 }
 
-migrate::dump_sql!(Conn, '?');
 lifecycle_helpers!(Sqlite, sqlx::Sqlite, DIALECT);
 
 /// Checks, without writing anything, that the SQLite file at `path` is a
@@ -254,7 +232,7 @@ pub async fn check_file(path: &Path, name: &str, key: Option<&SealKey>) -> Resul
 }
 
 async fn check_open_file(
-    conn: &mut Conn,
+    conn: &mut sqlx::SqliteConnection,
     shown: &str,
     key: Option<&SealKey>,
 ) -> Result<(), StoreError> {
