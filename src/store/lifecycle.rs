@@ -782,8 +782,8 @@ pub(super) use lifecycle_methods;
 /// the [`Dialect`] `$d`), the history's and `migrate-storage`'s statements.
 macro_rules! lifecycle_helpers {
     ($backend:ident, $db:ty, $d:ident) => {
-        super::events::events_sql!(<$db as sqlx::Database>::Connection, '$');
-        super::migrate::dump_sql!(<$db as sqlx::Database>::Connection, '$');
+        super::events::events_sql!(<$db as sqlx::Database>::Connection);
+        super::migrate::dump_sql!(<$db as sqlx::Database>::Connection);
 
         impl $backend {
             /// After a commit's write: writes what is kept beside the tokens
