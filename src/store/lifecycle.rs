@@ -988,3 +988,27 @@ macro_rules! lifecycle_helpers {
     };
 }
 pub(super) use lifecycle_helpers;
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Connection;
+
+    /// The shared statements rest on sqlx binding SQLite's `$N` to the
+    /// N-th argument, whatever order the parameters appear in and however
+    /// often (SQLite alone would number them by first appearance).
+    #[tokio::test]
+    async fn sqlite_binds_dollar_n_to_the_nth_argument_as_postgres_does() {
+        let mut c = sqlx::SqliteConnection::connect("sqlite::memory:")
+            .await
+            .unwrap();
+        let got: String = sqlx::query_scalar("SELECT $3 || $1 || $2 || $1")
+            .bind("a")
+            .bind("b")
+            .bind("c")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(got, "caba");
+        let _ = c.close().await;
+    }
+}
