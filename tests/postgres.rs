@@ -23,6 +23,16 @@ async fn daemon_on(url: &str, opts: Options) -> (Harness, String) {
     (h, first)
 }
 
+/// Options with tokens that live `lifetime` and the `[refresh]` lines
+/// `refresh`.
+fn scheduled(lifetime: Duration, refresh: &str) -> Options {
+    Options {
+        access_lifetime: lifetime,
+        refresh: refresh.into(),
+        ..Options::default()
+    }
+}
+
 /// Turns encryption on with the base64 `key` in `db-key` beside the
 /// config; returns the key file's path.
 fn use_key(h: &Harness, key: &str) -> std::path::PathBuf {
@@ -132,11 +142,10 @@ async fn a_daemon_on_postgres_refreshes_and_keeps_its_grant_across_a_restart() {
     };
     let (mut h, first) = daemon_on(
         &url,
-        Options {
-            access_lifetime: Duration::from_secs(3),
-            refresh: "at_fraction = 0.5\nmin_validity = \"1s\"".into(),
-            ..Options::default()
-        },
+        scheduled(
+            Duration::from_secs(3),
+            "at_fraction = 0.5\nmin_validity = \"1s\"",
+        ),
     )
     .await;
     // Refreshed on schedule, committed to PostgreSQL.
@@ -178,11 +187,7 @@ async fn three_daemons_on_one_postgres_make_one_refresh_for_a_herd() {
     };
     let (h, old) = daemon_on(
         &url,
-        Options {
-            access_lifetime: Duration::from_secs(2),
-            refresh: "check_interval = \"1h\"".into(),
-            ..Options::default()
-        },
+        scheduled(Duration::from_secs(2), "check_interval = \"1h\""),
     )
     .await;
     h.sim.sim.set_access_lifetime(Duration::from_secs(60));
@@ -709,11 +714,7 @@ async fn a_rotation_reaches_the_memory_of_every_other_daemon_within_a_second() {
     };
     let (h, first) = daemon_on(
         &url,
-        Options {
-            access_lifetime: Duration::from_secs(3600),
-            refresh: "check_interval = \"1h\"".into(),
-            ..Options::default()
-        },
+        scheduled(Duration::from_secs(3600), "check_interval = \"1h\""),
     )
     .await;
     let (_others, bases) = more_daemons(&h, 2).await;
@@ -816,11 +817,10 @@ async fn daemons_ride_out_a_stopped_postgres_and_catch_up_when_it_returns() {
     // long past the outage.
     let (h, first) = daemon_on(
         &url,
-        Options {
-            access_lifetime: Duration::from_secs(30),
-            refresh: "at_fraction = 0.25\nmin_validity = \"1s\"\ncheck_interval = \"1h\"".into(),
-            ..Options::default()
-        },
+        scheduled(
+            Duration::from_secs(30),
+            "at_fraction = 0.25\nmin_validity = \"1s\"\ncheck_interval = \"1h\"",
+        ),
     )
     .await;
     let (_second, bases) = more_daemons(&h, 1).await;
@@ -948,11 +948,10 @@ async fn three_daemons_rotate_short_lived_tokens_thirty_times_without_reuse() {
     };
     let (h, _) = daemon_on(
         &url,
-        Options {
-            access_lifetime: Duration::from_secs(2),
-            refresh: "at_fraction = 0.5\nmin_validity = \"1s\"\ncheck_interval = \"1h\"".into(),
-            ..Options::default()
-        },
+        scheduled(
+            Duration::from_secs(2),
+            "at_fraction = 0.5\nmin_validity = \"1s\"\ncheck_interval = \"1h\"",
+        ),
     )
     .await;
     let (_others, bases) = more_daemons(&h, 2).await;
@@ -1008,10 +1007,8 @@ async fn bench_rotation_propagation() {
     let (h, _) = daemon_on(
         &url,
         Options {
-            access_lifetime: Duration::from_secs(3600),
-            refresh: "check_interval = \"1h\"".into(),
             rust_log: "info".into(),
-            ..Options::default()
+            ..scheduled(Duration::from_secs(3600), "check_interval = \"1h\"")
         },
     )
     .await;
