@@ -9,6 +9,10 @@
 //! depend on what is read (sealing for the next generation). Leases are
 //! judged by the engine from what it sees of them, never here.
 //!
+//! The statements themselves are shared with SQLite
+//! (`store::lifecycle`); this file gives the `DIALECT` and what only
+//! a cluster needs (the session lock, `follow`, connection options).
+//!
 //! Queries are checked at run time (no `DATABASE_URL` at build time).
 //! Migrations (`migrations/postgres/`) and the key check run at start
 //! under an advisory lock, so daemons starting at once take turns. The

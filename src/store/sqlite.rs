@@ -5,6 +5,9 @@
 //! `migrations/sqlite/` and applied at open. Compare-and-swap writes are
 //! single statements or transactions whose first statement writes, so
 //! they hold SQLite's one write lock from their first read to commit.
+//! The statements themselves are shared with PostgreSQL
+//! (`store::lifecycle`); this file gives the `DIALECT` and what only
+//! SQLite has.
 //!
 //! Daemons hold a shared advisory lock on `<database>.lock` for their
 //! whole life; offline commands (`rekey`, `migrate-storage`) take it
@@ -155,7 +158,8 @@ impl Sqlite {
 
 /// SQLite has one write lock per database: a transaction whose first
 /// statement writes holds it from there to commit (`BEGIN IMMEDIATE`
-/// semantics), so that first statement is a write that changes nothing.
+/// semantics), so that first statement is a write that changes nothing
+/// (or, for an import, only the heartbeats, which it replaces anyway).
 const DIALECT: Dialect = Dialect {
     for_update: "",
     lock_name:
