@@ -12,22 +12,23 @@ use serde_json::Value;
 use tokenkeeper::config::Preset;
 use tokenkeeper::dev::SimulatorConfig;
 
-/// A harness whose simulator behaves like `like` (adjusted by `tweak`),
-/// with one provider `name` using `preset`; `api_base` is its
-/// `api_base_url` line (or nothing), `extra` is appended to its table.
-async fn harness(
+/// A daemon whose simulator behaves like `like` (adjusted by `tweak`),
+/// with one provider `name` using `preset` (`api_base` is its
+/// `api_base_url`, `{sim}` standing for the simulator), started, with
+/// `name/default` connected through the browser callback; returns it and
+/// the connection's `/v1/token` answer.
+async fn connected(
     like: Preset,
     tweak: impl FnOnce(&mut SimulatorConfig),
     (name, preset): (&str, &str),
     api_base: Option<&str>,
-    extra: &str,
-) -> Harness {
+) -> (Harness, Value) {
     let mut sim = SimulatorConfig {
         client_secret: CLIENT_SECRET.into(),
         ..SimulatorConfig::like(like)
     };
     tweak(&mut sim);
-    let h = Harness::new(Options {
+    let mut h = Harness::new(Options {
         sim,
         ..Options::default()
     })
@@ -36,20 +37,10 @@ async fn harness(
     let api_base = api_base
         .map(|b| format!("api_base_url = \"{}\"", b.replace("{sim}", sim)))
         .unwrap_or_default();
-    let text = format!(
-        r#"[server]
-listen = "127.0.0.1:{port}"
-
-[storage]
-path = "{db}"
-
-[refresh]
-check_interval = "1s"
-jitter = "0s"
-retry_initial = "1s"
-retry_max = "4s"
-
-[providers.{name}]
+    common::write_config_with_provider(
+        &h,
+        &format!(
+            r#"[providers.{name}]
 preset = "{preset}"
 client_id = "demo-client"
 client_secret_file = "client-secret"
@@ -58,21 +49,15 @@ token_url = "{sim}/token"
 revocation_url = "{sim}/revoke"
 request_timeout = "5s"
 {api_base}
-{extra}
-"#,
-        port = h.port,
-        db = h.db_path().display(),
+"#
+        ),
     );
-    std::fs::write(&h.config_path, text).unwrap();
-    h
-}
-
-async fn connect(h: &Harness, name: &str) -> Value {
+    h.start().await;
     let page = h.authorize(name, "default").await;
     assert_eq!(page.status(), 200, "{name}: the callback succeeds");
     let (status, v) = h.get_json(&format!("/v1/token/{name}")).await;
     assert_eq!(status, 200, "{v}");
-    v
+    (h, v)
 }
 
 /// `/proxy/{name}/headers`: the simulator's echo of what reached it.
@@ -90,9 +75,7 @@ async fn proxied_headers(h: &Harness, name: &str, header: Option<(&str, &str)>) 
 async fn salesforce_instance_url_is_kept_returned_and_is_the_proxy_base() {
     // No api_base_url at all: only the connection's instance_url can say
     // where its API lives.
-    let mut h = harness(Preset::Salesforce, |_| {}, ("sf", "salesforce"), None, "").await;
-    h.start().await;
-    let v = connect(&h, "sf").await;
+    let (mut h, v) = connected(Preset::Salesforce, |_| {}, ("sf", "salesforce"), None).await;
     let own_api = format!("{}/api", h.sim.base_url);
     assert_eq!(v["extra"]["instance_url"], own_api.as_str(), "{v}");
     let (status, echo) = proxied_headers(&h, "sf", None).await;
@@ -109,16 +92,13 @@ async fn salesforce_instance_url_is_kept_returned_and_is_the_proxy_base() {
 #[tokio::test]
 async fn zoho_api_domain_wins_over_the_configured_api_base_url() {
     // api_base_url points at nothing: the answer's api_domain is used.
-    let mut h = harness(
+    let (h, v) = connected(
         Preset::Zoho,
         |_| {},
         ("zoho", "zoho"),
         Some("http://127.0.0.1:9/nothing"),
-        "",
     )
     .await;
-    h.start().await;
-    let v = connect(&h, "zoho").await;
     assert_eq!(
         v["extra"]["api_domain"],
         format!("{}/api", h.sim.base_url).as_str()
@@ -130,7 +110,7 @@ async fn zoho_api_domain_wins_over_the_configured_api_base_url() {
 #[tokio::test]
 async fn an_extra_that_is_no_safe_url_is_not_used_as_a_base() {
     // A provider answer naming a plain-http remote host is not followed.
-    let mut h = harness(
+    let (h, v) = connected(
         Preset::Salesforce,
         |s| {
             s.quirks.token_extras = vec![(
@@ -140,27 +120,15 @@ async fn an_extra_that_is_no_safe_url_is_not_used_as_a_base() {
         },
         ("sf", "salesforce"),
         Some("{sim}/api"),
-        "",
     )
     .await;
-    h.start().await;
-    let v = connect(&h, "sf").await;
     assert_eq!(v["extra"]["instance_url"], "http://evil.example");
     assert_eq!(proxied_headers(&h, "sf", None).await.0, 200);
 }
 
 #[tokio::test]
 async fn intuit_realm_id_from_the_callback_is_returned_under_extra() {
-    let mut h = harness(
-        Preset::Intuit,
-        |_| {},
-        ("qbo", "intuit"),
-        Some("{sim}/api"),
-        "",
-    )
-    .await;
-    h.start().await;
-    let v = connect(&h, "qbo").await;
+    let (h, v) = connected(Preset::Intuit, |_| {}, ("qbo", "intuit"), Some("{sim}/api")).await;
     assert_eq!(v["extra"]["realmId"], "9130350000000000", "{v}");
     // A refresh answer without realmId keeps it.
     let (status, v) = h.post_json("/v1/token/qbo/refresh").await;
@@ -178,16 +146,7 @@ async fn a_connection_without_extras_answers_without_an_extra_member() {
 
 #[tokio::test]
 async fn xero_single_tenant_is_fetched_and_sent_as_the_tenant_header() {
-    let mut h = harness(
-        Preset::Xero,
-        |_| {},
-        ("xero", "xero"),
-        Some("{sim}/api"),
-        "",
-    )
-    .await;
-    h.start().await;
-    let v = connect(&h, "xero").await;
+    let (h, v) = connected(Preset::Xero, |_| {}, ("xero", "xero"), Some("{sim}/api")).await;
     let tenant = "45e4708e-d862-4111-ab3a-dd8cd03913e1";
     assert_eq!(v["extra"]["tenants"][0]["id"], tenant, "{v}");
     assert_eq!(v["extra"]["tenants"][0]["name"], "Demo Company (Global)");
@@ -201,7 +160,7 @@ async fn xero_single_tenant_is_fetched_and_sent_as_the_tenant_header() {
 
 #[tokio::test]
 async fn xero_with_several_tenants_needs_the_caller_to_choose() {
-    let mut h = harness(
+    let (h, v) = connected(
         Preset::Xero,
         |s| {
             s.quirks.tenants = vec![
@@ -211,11 +170,8 @@ async fn xero_with_several_tenants_needs_the_caller_to_choose() {
         },
         ("xero", "xero"),
         Some("{sim}/api"),
-        "",
     )
     .await;
-    h.start().await;
-    let v = connect(&h, "xero").await;
     assert_eq!(
         v["extra"]["tenants"].as_array().map(Vec::len),
         Some(2),

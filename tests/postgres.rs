@@ -23,6 +23,16 @@ async fn daemon_on(url: &str, opts: Options) -> (Harness, String) {
     (h, first)
 }
 
+/// Options with tokens that live `lifetime` and the `[refresh]` lines
+/// `refresh`.
+fn scheduled(lifetime: Duration, refresh: &str) -> Options {
+    Options {
+        access_lifetime: lifetime,
+        refresh: refresh.into(),
+        ..Options::default()
+    }
+}
+
 /// Turns encryption on with the base64 `key` in `db-key` beside the
 /// config; returns the key file's path.
 fn use_key(h: &Harness, key: &str) -> std::path::PathBuf {
@@ -92,6 +102,39 @@ async fn another_daemon(h: &Harness, n: usize) -> (common::KillOnDrop, String) {
     (child, base)
 }
 
+/// `count` more daemons of `h`'s cluster (see [`another_daemon`]), running
+/// while the first element lives; the second is every daemon's base URL,
+/// `h`'s first.
+async fn more_daemons(h: &Harness, count: usize) -> (Vec<common::KillOnDrop>, Vec<String>) {
+    let mut daemons = Vec::new();
+    let mut bases = vec![h.url("")];
+    for n in 2..2 + count {
+        let (daemon, base) = another_daemon(h, n).await;
+        daemons.push(daemon);
+        bases.push(base);
+    }
+    (daemons, bases)
+}
+
+/// What `base`'s daemon answers for `keap/default`: the status and the
+/// body (null when it is not JSON).
+async fn token_at(http: &reqwest::Client, base: &str) -> (u16, Value) {
+    let r = http
+        .get(format!("{base}/v1/token/keap"))
+        .send()
+        .await
+        .expect("daemon answers");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The access token `base`'s daemon serves for `keap/default` (empty when
+/// it serves none).
+async fn access_token_at(http: &reqwest::Client, base: &str) -> String {
+    let (_, v) = token_at(http, base).await;
+    v["access_token"].as_str().unwrap_or_default().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_daemon_on_postgres_refreshes_and_keeps_its_grant_across_a_restart() {
     let Some(url) = fresh_database("daemon_flow").await else {
@@ -99,11 +142,10 @@ async fn a_daemon_on_postgres_refreshes_and_keeps_its_grant_across_a_restart() {
     };
     let (mut h, first) = daemon_on(
         &url,
-        Options {
-            access_lifetime: Duration::from_secs(3),
-            refresh: "at_fraction = 0.5\nmin_validity = \"1s\"".into(),
-            ..Options::default()
-        },
+        scheduled(
+            Duration::from_secs(3),
+            "at_fraction = 0.5\nmin_validity = \"1s\"",
+        ),
     )
     .await;
     // Refreshed on schedule, committed to PostgreSQL.
@@ -145,16 +187,11 @@ async fn three_daemons_on_one_postgres_make_one_refresh_for_a_herd() {
     };
     let (h, old) = daemon_on(
         &url,
-        Options {
-            access_lifetime: Duration::from_secs(2),
-            refresh: "check_interval = \"1h\"".into(),
-            ..Options::default()
-        },
+        scheduled(Duration::from_secs(2), "check_interval = \"1h\""),
     )
     .await;
     h.sim.sim.set_access_lifetime(Duration::from_secs(60));
-    let (second, url2) = another_daemon(&h, 2).await;
-    let (third, url3) = another_daemon(&h, 3).await;
+    let (others, bases) = more_daemons(&h, 2).await;
     // Each scheduler refreshes the token when it falls due, whatever
     // check_interval says: the daemons are stopped (SIGSTOP) across that
     // instant so that the herd finds the token expired, and continued just
@@ -162,8 +199,8 @@ async fn three_daemons_on_one_postgres_make_one_refresh_for_a_herd() {
     // starts the refresh, the cluster makes one.
     let daemons = [
         h.daemon.as_ref().unwrap(),
-        second.0.as_ref().unwrap(),
-        third.0.as_ref().unwrap(),
+        others[0].0.as_ref().unwrap(),
+        others[1].0.as_ref().unwrap(),
     ];
     for d in daemons {
         common::signal(d, libc::SIGSTOP);
@@ -186,7 +223,6 @@ async fn three_daemons_on_one_postgres_make_one_refresh_for_a_herd() {
     }
 
     let started = Instant::now();
-    let bases = [h.url(""), url2.clone(), url3.clone()];
     let common::HerdTally { statuses, tokens } = common::herd(
         &h.http,
         (0..300).map(|i| format!("{}/v1/token/keap", bases[i % 3])),
@@ -630,21 +666,7 @@ async fn a_rotation_committed_by_one_daemon_is_what_the_others_serve_next() {
     };
     let (h, first) = daemon_on(&url, Options::lifetime(Duration::from_secs(3600))).await;
     let (_second, url2) = another_daemon(&h, 2).await;
-    let token_at = |base: String| {
-        let http = h.http.clone();
-        async move {
-            let v: Value = http
-                .get(format!("{base}/v1/token/keap"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["access_token"].as_str().unwrap().to_string()
-        }
-    };
-    assert_eq!(token_at(url2.clone()).await, first);
+    assert_eq!(access_token_at(&h.http, &url2).await, first);
     for _ in 0..3 {
         // Daemon 1 rotates; daemon 2 serves the new token within SPEC 9's
         // second (announced by the database: daemon 2 reads no storage per
@@ -654,7 +676,7 @@ async fn a_rotation_committed_by_one_daemon_is_what_the_others_serve_next() {
         assert_eq!(s, 200, "{b}");
         let rotated = b["access_token"].as_str().unwrap().to_string();
         let committed = Instant::now();
-        while token_at(url2.clone()).await != rotated {
+        while access_token_at(&h.http, &url2).await != rotated {
             assert!(
                 committed.elapsed() < Duration::from_secs(1),
                 "daemon 2 did not serve the rotation within 1 s"
@@ -690,18 +712,14 @@ async fn a_rotation_reaches_the_memory_of_every_other_daemon_within_a_second() {
     let Some(url) = fresh_database("rotation_pushed").await else {
         return;
     };
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(3600),
-        refresh: "check_interval = \"1h\"".into(),
-        ..Options::default()
-    })
+    let (h, first) = daemon_on(
+        &url,
+        scheduled(Duration::from_secs(3600), "check_interval = \"1h\""),
+    )
     .await;
-    use_postgres(&h.config_path, &url);
-    h.start().await;
-    let first = h.authorize_default().await;
-    let (_second, url2) = another_daemon(&h, 2).await;
-    let (_third, url3) = another_daemon(&h, 3).await;
-    for base in [&url2, &url3] {
+    let (_others, bases) = more_daemons(&h, 2).await;
+    let others = &bases[1..];
+    for base in others {
         assert_eq!(
             inspect_at(&h.http, base, &first).await,
             "current_access_token"
@@ -713,7 +731,7 @@ async fn a_rotation_reaches_the_memory_of_every_other_daemon_within_a_second() {
         assert_eq!(s, 200, "{b}");
         let rotated = b["access_token"].as_str().unwrap().to_string();
         let committed = Instant::now();
-        for base in [&url2, &url3] {
+        for base in others {
             while inspect_at(&h.http, base, &rotated).await != "current_access_token" {
                 assert!(
                     committed.elapsed() < Duration::from_secs(1),
@@ -723,19 +741,8 @@ async fn a_rotation_reaches_the_memory_of_every_other_daemon_within_a_second() {
             }
         }
         took.push(committed.elapsed());
-        for base in [&url2, &url3] {
-            let (s, b) = (
-                200,
-                h.http
-                    .get(format!("{base}/v1/token/keap"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json::<Value>()
-                    .await
-                    .unwrap(),
-            );
-            assert_eq!(b["access_token"].as_str(), Some(rotated.as_str()), "{s}");
+        for base in others {
+            assert_eq!(access_token_at(&h.http, base).await, rotated, "{base}");
         }
     }
     eprintln!("rotation propagation to two other daemons: {took:?}");
@@ -766,7 +773,7 @@ async fn a_rotation_reaches_the_memory_of_every_other_daemon_within_a_second() {
     let r = h.authorize("keap", "second").await;
     assert_eq!(r.status(), 200);
     let stored = Instant::now();
-    for base in [&url2, &url3] {
+    for base in others {
         while !listed(base.clone()).await.contains(&"second".to_owned()) {
             assert!(
                 stored.elapsed() < Duration::from_secs(1),
@@ -783,7 +790,7 @@ async fn a_rotation_reaches_the_memory_of_every_other_daemon_within_a_second() {
         .unwrap();
     assert!(r.status().is_success(), "{}", r.status());
     let forgotten = Instant::now();
-    for base in [&url2, &url3] {
+    for base in others {
         while listed(base.clone()).await.contains(&"second".to_owned()) {
             assert!(
                 forgotten.elapsed() < Duration::from_secs(1),
@@ -808,17 +815,15 @@ async fn daemons_ride_out_a_stopped_postgres_and_catch_up_when_it_returns() {
     let url = common::postgres::create_database(&cluster.url, "postgres_outage").await;
     // Due at a quarter of the lifetime (while the server is down), valid
     // long past the outage.
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(30),
-        refresh: "at_fraction = 0.25\nmin_validity = \"1s\"\ncheck_interval = \"1h\"".into(),
-        ..Options::default()
-    })
+    let (h, first) = daemon_on(
+        &url,
+        scheduled(
+            Duration::from_secs(30),
+            "at_fraction = 0.25\nmin_validity = \"1s\"\ncheck_interval = \"1h\"",
+        ),
+    )
     .await;
-    use_postgres(&h.config_path, &url);
-    h.start().await;
-    let first = h.authorize_default().await;
-    let (_second, url2) = another_daemon(&h, 2).await;
-    let bases = [h.url(""), url2.clone()];
+    let (_second, bases) = more_daemons(&h, 1).await;
     let before = h.sim.sim.stats();
 
     cluster.stop_server();
@@ -861,23 +866,10 @@ async fn daemons_ride_out_a_stopped_postgres_and_catch_up_when_it_returns() {
         for i in 0..20 {
             let base = bases[i % 2].clone();
             let http = h.http.clone();
-            set.spawn(async move {
-                let r = http
-                    .get(format!("{base}/v1/token/keap"))
-                    .send()
-                    .await
-                    .expect("daemon answers");
-                let status = r.status().as_u16();
-                let retry_after = r.headers().contains_key("retry-after");
-                (
-                    status,
-                    retry_after,
-                    r.json::<Value>().await.unwrap_or(Value::Null),
-                )
-            });
+            set.spawn(async move { token_at(&http, &base).await });
         }
         while let Some(res) = set.join_next().await {
-            let (s, _, b) = res.unwrap();
+            let (s, b) = res.unwrap();
             assert_eq!(s, 200, "a valid token is held: {b}");
             let token = b["access_token"].as_str().unwrap();
             assert_eq!(token, first);
@@ -912,16 +904,7 @@ async fn daemons_ride_out_a_stopped_postgres_and_catch_up_when_it_returns() {
         || async {
             let mut served = Vec::new();
             for base in &bases {
-                let v: Value = h
-                    .http
-                    .get(format!("{base}/v1/token/keap"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap_or(Value::Null);
-                served.push(v["access_token"].as_str().unwrap_or_default().to_string());
+                served.push(access_token_at(&h.http, base).await);
             }
             served[0] != first && served[0] == served[1]
         },
@@ -963,32 +946,23 @@ async fn three_daemons_rotate_short_lived_tokens_thirty_times_without_reuse() {
     let Some(url) = fresh_database("soak_three").await else {
         return;
     };
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(2),
-        refresh: "at_fraction = 0.5\nmin_validity = \"1s\"\ncheck_interval = \"1h\"".into(),
-        ..Options::default()
-    })
+    let (h, _) = daemon_on(
+        &url,
+        scheduled(
+            Duration::from_secs(2),
+            "at_fraction = 0.5\nmin_validity = \"1s\"\ncheck_interval = \"1h\"",
+        ),
+    )
     .await;
-    use_postgres(&h.config_path, &url);
-    h.start().await;
-    h.authorize_default().await;
-    let (_second, url2) = another_daemon(&h, 2).await;
-    let (_third, url3) = another_daemon(&h, 3).await;
-    let bases = [h.url(""), url2, url3];
+    let (_others, bases) = more_daemons(&h, 2).await;
     let start = h.sim.sim.stats().refresh_ok;
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut answers = 0u32;
     while h.sim.sim.stats().refresh_ok < start + 30 {
         assert!(Instant::now() < deadline, "30 rotations within 2 minutes");
         for base in &bases {
-            let r = h
-                .http
-                .get(format!("{base}/v1/token/keap"))
-                .send()
-                .await
-                .expect("daemon answers");
-            assert_eq!(r.status(), 200, "{base}");
-            let v: Value = r.json().await.unwrap();
+            let (s, v) = token_at(&h.http, base).await;
+            assert_eq!(s, 200, "{base}");
             let token = v["access_token"].as_str().unwrap().to_string();
             assert!(
                 h.sim.sim.access_tokens_issued().contains(&token),
@@ -1004,16 +978,7 @@ async fn three_daemons_rotate_short_lived_tokens_thirty_times_without_reuse() {
     common::eventually(Duration::from_secs(5), "one token everywhere", || async {
         let mut served = std::collections::HashSet::new();
         for base in &bases {
-            let v: Value = h
-                .http
-                .get(format!("{base}/v1/token/keap"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap_or(Value::Null);
-            served.insert(v["access_token"].as_str().unwrap_or_default().to_string());
+            served.insert(access_token_at(&h.http, base).await);
         }
         served.len() == 1 && served.iter().all(|t| h.sim.sim.access_token_valid(t))
     })
@@ -1039,25 +1004,22 @@ async fn bench_rotation_propagation() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
-    let mut h = Harness::new(Options {
-        access_lifetime: Duration::from_secs(3600),
-        refresh: "check_interval = \"1h\"".into(),
-        rust_log: "info".into(),
-        ..Options::default()
-    })
+    let (h, _) = daemon_on(
+        &url,
+        Options {
+            rust_log: "info".into(),
+            ..scheduled(Duration::from_secs(3600), "check_interval = \"1h\"")
+        },
+    )
     .await;
-    use_postgres(&h.config_path, &url);
-    h.start().await;
-    h.authorize_default().await;
-    let (_second, url2) = another_daemon(&h, 2).await;
-    let (_third, url3) = another_daemon(&h, 3).await;
+    let (_others, bases) = more_daemons(&h, 2).await;
     let mut took = Vec::with_capacity(rotations);
     for _ in 0..rotations {
         let (s, b) = h.post_json("/v1/token/keap/refresh").await;
         assert_eq!(s, 200, "{b}");
         let rotated = b["access_token"].as_str().unwrap().to_string();
         let committed = Instant::now();
-        for base in [&url2, &url3] {
+        for base in &bases[1..] {
             while inspect_at(&h.http, base, &rotated).await != "current_access_token" {
                 assert!(committed.elapsed() < Duration::from_secs(10));
                 tokio::time::sleep(Duration::from_millis(1)).await;

@@ -91,6 +91,19 @@ async fn begin(store: &Store, id: i64, owner: &str, attempt: &str) -> BeginRefre
     begin_seen(store, id, owner, attempt, None).await
 }
 
+/// Takes the lease on `id` for `owner`'s `attempt`, which must succeed.
+async fn leased(
+    store: &Store,
+    id: i64,
+    owner: &str,
+    attempt: &str,
+) -> Box<tokenkeeper::store::ConnectionRow> {
+    let BeginRefresh::Started(row) = begin(store, id, owner, attempt).await else {
+        panic!("{owner} takes the lease for {attempt}");
+    };
+    row
+}
+
 async fn begin_seen(
     store: &Store,
     id: i64,
@@ -255,9 +268,7 @@ async fn a_commit_lands_only_at_the_generation_read_and_ends_the_lease(kind: Kin
         return;
     };
     let (id, generation) = authorize(&f.store, "1").await;
-    let BeginRefresh::Started(read) = begin(&f.store, id, "a", "a1").await else {
-        panic!("lease");
-    };
+    let read = leased(&f.store, id, "a", "a1").await;
     assert_eq!(read.generation, generation);
     let CommitOutcome::Committed { row, kept_lease } =
         commit(&f.store, id, ("a", "a1"), generation, "2", true).await
@@ -281,9 +292,7 @@ async fn a_commit_lands_only_at_the_generation_read_and_ends_the_lease(kind: Kin
 
     // Without a new refresh token the stored one is kept, and (sealed) it
     // opens at the new generation.
-    let BeginRefresh::Started(read) = begin(&f.store, id, "a", "a2").await else {
-        panic!("lease");
-    };
+    let read = leased(&f.store, id, "a", "a2").await;
     let CommitOutcome::Committed { row, .. } =
         commit(&f.store, id, ("a", "a2"), read.generation, "4", false).await
     else {
@@ -373,9 +382,7 @@ async fn a_stalled_holder_still_lands_a_rotation_nobody_else_stored(kind: Kind) 
         return;
     };
     let (id, generation) = authorize(&f.store, "1").await;
-    let BeginRefresh::Started(_) = begin(&f.store, id, "a", "a1").await else {
-        panic!("lease");
-    };
+    leased(&f.store, id, "a", "a1").await;
     let seen = busy_as_seen(&f.store, id, ("b", "b1"), "busy").await;
     assert!(matches!(
         begin_seen(&f.store, id, "b", "b1", Some(&seen)).await,
@@ -406,9 +413,7 @@ async fn fingerprints_are_kept_in_order_and_bounded(kind: Kind) {
     let (id, mut generation) = authorize(&f.store, "1").await;
     let total = FINGERPRINTS_KEPT as usize + 3;
     for n in 0..total {
-        let BeginRefresh::Started(_) = begin(&f.store, id, "a", &format!("a{n}")).await else {
-            panic!("lease");
-        };
+        leased(&f.store, id, "a", &format!("a{n}")).await;
         let access = SecretString::from("a".to_string());
         let CommitOutcome::Committed { row, .. } = f
             .store
@@ -666,9 +671,7 @@ async fn events_land_only_with_the_write_they_record(kind: Kind) {
     let id = row.id;
     // A refresh read the grant, then a new authorization replaced it: the
     // late commit writes neither the grant nor its events.
-    let BeginRefresh::Started(read) = begin(&f.store, id, "a", "a1").await else {
-        panic!("lease");
-    };
+    let read = leased(&f.store, id, "a", "a1").await;
     f.store
         .save_authorized("keap", "default", &g, &[], &[event(EventKind::Authorized)])
         .await
@@ -689,9 +692,7 @@ async fn events_land_only_with_the_write_they_record(kind: Kind) {
         .unwrap();
     assert!(matches!(late, CommitOutcome::Superseded(_)));
     // A commit that lands brings its events.
-    let BeginRefresh::Started(read) = begin(&f.store, id, "a", "a2").await else {
-        panic!("lease");
-    };
+    let read = leased(&f.store, id, "a", "a2").await;
     let landed = f
         .store
         .commit_refresh(
@@ -713,9 +714,7 @@ async fn events_land_only_with_the_write_they_record(kind: Kind) {
         panic!("commit");
     };
     // A rejection of a grant that has moved on is not recorded.
-    let BeginRefresh::Started(_) = begin(&f.store, id, "a", "a3").await else {
-        panic!("lease");
-    };
+    leased(&f.store, id, "a", "a3").await;
     assert!(f
         .store
         .reject_attempt(
@@ -872,9 +871,7 @@ async fn grant_meta_is_written_with_its_grant_and_copied(kind: Kind) {
         .unwrap();
     assert_eq!(row.meta, meta);
     let id = row.id;
-    let BeginRefresh::Started(read) = begin(&f.store, id, "a", "a1").await else {
-        panic!("lease");
-    };
+    let read = leased(&f.store, id, "a", "a1").await;
     let CommitOutcome::Committed { row, .. } =
         commit(&f.store, id, ("a", "a1"), read.generation, "2", true).await
     else {
@@ -884,9 +881,7 @@ async fn grant_meta_is_written_with_its_grant_and_copied(kind: Kind) {
     let mut newer = meta.clone();
     newer.refresh_token_expires_at = None;
     newer.extra.insert("realmId".into(), "42".into());
-    let BeginRefresh::Started(read) = begin(&f.store, id, "a", "a2").await else {
-        panic!("lease");
-    };
+    let read = leased(&f.store, id, "a", "a2").await;
     let (a3, r3) = (SecretString::from("a3"), SecretString::from("r3"));
     let CommitOutcome::Committed { row, .. } = f
         .store

@@ -163,10 +163,9 @@ pub struct EventQuery {
 }
 
 /// Defines, in a backend module, `insert_events`, `list_events` and
-/// `purge_events` over its connection type `$conn`, with numbered
-/// parameters written `$sigil1`, `$sigil2`, ...
+/// `purge_events` over its connection type `$conn`.
 macro_rules! events_sql {
-    ($conn:ty, $sigil:literal) => {
+    ($conn:ty) => {
         /// Inserts `events` inside the caller's transaction.
         async fn insert_events(
             tx: &mut $conn,
@@ -174,7 +173,7 @@ macro_rules! events_sql {
         ) -> Result<(), StoreError> {
             let insert = format!(
                 "INSERT INTO events (provider, account, at, kind, detail, duration_ms) VALUES ({})",
-                $crate::store::migrate::values(6, $sigil)
+                $crate::store::migrate::values(6)
             );
             for e in events {
                 sqlx::query(&insert)
@@ -203,12 +202,11 @@ macro_rules! events_sql {
                 Some(Before::Time(t)) => (i64::MAX, $crate::store::to_ms(t)),
                 None => (i64::MAX, i64::MAX),
             };
-            let s = $sigil;
-            let rows = sqlx::query(&format!(
+            let rows = sqlx::query(
                 "SELECT id, provider, account, at, kind, detail, duration_ms FROM events \
-                 WHERE provider = {s}1 AND account = {s}2 AND id < {s}3 AND at < {s}4 AND id > {s}5 \
-                 ORDER BY id DESC LIMIT {s}6"
-            ))
+                 WHERE provider = $1 AND account = $2 AND id < $3 AND at < $4 AND id > $5 \
+                 ORDER BY id DESC LIMIT $6",
+            )
             .bind(provider.to_owned())
             .bind(account.to_owned())
             .bind(before_id)
@@ -242,7 +240,7 @@ macro_rules! events_sql {
             c: &mut $conn,
             before: chrono::DateTime<chrono::Utc>,
         ) -> Result<u64, StoreError> {
-            let done = sqlx::query(&format!("DELETE FROM events WHERE at < {}1", $sigil))
+            let done = sqlx::query("DELETE FROM events WHERE at < $1")
                 .bind($crate::store::to_ms(before))
                 .execute(&mut *c)
                 .await?;

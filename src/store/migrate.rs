@@ -270,19 +270,19 @@ impl Dump {
     }
 }
 
-/// `values(3, '?')` is `?1, ?2, ?3`; with `'$'`, `$1, $2, $3`.
-pub fn values(n: usize, sigil: char) -> String {
+/// `values(3)` is `$1, $2, $3` (both backends number parameters so; see
+/// `store::lifecycle`).
+pub fn values(n: usize) -> String {
     (1..=n)
-        .map(|i| format!("{sigil}{i}"))
+        .map(|i| format!("${i}"))
         .collect::<Vec<_>>()
         .join(", ")
 }
 
 /// Defines, in a backend module, `read_dump`, `check_empty` and
-/// `write_dump` over its connection type `$conn`, with numbered
-/// parameters written `$sigil1`, `$sigil2`, ...
+/// `write_dump` over its connection type `$conn`.
 macro_rules! dump_sql {
-    ($conn:ty, $sigil:literal) => {
+    ($conn:ty) => {
         /// Reads everything a [`Dump`] holds, inside the caller's transaction.
         async fn read_dump(tx: &mut $conn) -> Result<Dump, StoreError> {
             use $crate::store::codec::Columns;
@@ -403,7 +403,7 @@ macro_rules! dump_sql {
             }
             let insert = format!(
                 "INSERT INTO connections ({CONNECTION_COLUMNS}) VALUES ({})",
-                values(25, $sigil)
+                values(25)
             );
             for c in &dump.connections {
                 sqlx::query(&insert)
@@ -437,7 +437,7 @@ macro_rules! dump_sql {
             }
             let insert = format!(
                 "INSERT INTO token_fingerprints (id, connection_id, kind, digest, created_at) VALUES ({})",
-                values(5, $sigil)
+                values(5)
             );
             for f in &dump.fingerprints {
                 sqlx::query(&insert)
@@ -451,7 +451,7 @@ macro_rules! dump_sql {
             }
             let insert = format!(
                 "INSERT INTO pending_authorizations ({PENDING_COLUMNS}) VALUES ({})",
-                values(8, $sigil)
+                values(8)
             );
             for p in &dump.pending {
                 sqlx::query(&insert)
@@ -468,7 +468,7 @@ macro_rules! dump_sql {
             }
             let insert = format!(
                 "INSERT INTO installation (name, value) VALUES ({})",
-                values(2, $sigil)
+                values(2)
             );
             for (name, value) in &dump.settings {
                 sqlx::query(&insert)
@@ -479,7 +479,7 @@ macro_rules! dump_sql {
             }
             let insert = format!(
                 "INSERT INTO discovery (issuer, document, fetched_at) VALUES ({})",
-                values(3, $sigil)
+                values(3)
             );
             for (issuer, document, fetched_at) in &dump.discovery {
                 sqlx::query(&insert)
@@ -491,7 +491,7 @@ macro_rules! dump_sql {
             }
             let insert = format!(
                 "INSERT INTO events (id, provider, account, at, kind, detail, duration_ms) VALUES ({})",
-                values(7, $sigil)
+                values(7)
             );
             for (id, provider, account, at, kind, detail, duration_ms) in &dump.events {
                 sqlx::query(&insert)

@@ -13,7 +13,10 @@
 //! race returns. The engine relies on nothing else, so a new backend is a
 //! new file implementing that trait and one arm in [`Db`], not an edit of
 //! the engine. `tests/store_conformance.rs` runs the same contract tests
-//! against every backend.
+//! against every backend. The SQL backends write the contract once
+//! (`lifecycle.rs`: statements in the SQL both speak, expanded per
+//! backend) and differ only in how a transaction keeps other writers off
+//! a row (each one's `Dialect`) and in what one of them alone does.
 //!
 //! Shared by all backends (here and in [`codec`]): the row types, errors,
 //! sealing (tokens encrypted at rest, bound to their connection, column
@@ -45,6 +48,7 @@
 pub mod codec;
 pub mod events;
 pub mod feed;
+mod lifecycle;
 pub mod migrate;
 pub mod postgres;
 pub mod sqlite;
