@@ -445,6 +445,9 @@ impl SinkState {
             w.expires_at == t.expires_at
                 && w.token_type == t.token_type
                 && w.access_token.expose_secret() == t.access_token.expose_secret()
+                // The JSON file carries the extras: a change of extras
+                // alone (a tenant added) must rewrite it too.
+                && w.extra.extra == t.extra.extra
         })
     }
 }
@@ -702,6 +705,24 @@ mod tests {
         assert!(render(SinkFormat::Env, &odd, now)
             .expose_secret()
             .starts_with("ACCESS_TOKEN='a b'\\''c$d'\n"));
+    }
+
+    #[test]
+    fn a_change_of_extras_alone_is_a_change_to_write() {
+        let mut state = SinkState {
+            written: Some(token("abc")),
+            ..Default::default()
+        };
+        assert!(state.holds(&token("abc")));
+        assert!(!state.holds(&token("abd")));
+        let mut tenant = token("abc");
+        let mut meta = crate::store::GrantMeta::default();
+        meta.extra
+            .insert("tenants".into(), serde_json::json!(["t1"]));
+        tenant.extra = std::sync::Arc::new(meta);
+        assert!(!state.holds(&tenant), "the JSON file shows the extras");
+        state.written = Some(tenant.clone());
+        assert!(state.holds(&tenant));
     }
 
     #[test]

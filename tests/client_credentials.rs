@@ -159,6 +159,41 @@ async fn it_is_renewed_before_expiry_once_per_renewal_under_a_herd_of_callers() 
     assert!(calls <= 4, "{calls} provider calls in 9 s");
 }
 
+/// A grant without a refresh token has no refresh token to age: the
+/// reported `refresh_token_issued_at` (which the age metric and the
+/// dashboard show too) follows its latest token, not the connection's
+/// creation, so an alert on an old refresh token never fires for it.
+#[tokio::test]
+async fn the_reported_refresh_token_issue_follows_the_latest_token() {
+    let h = Harness::started(options(Duration::from_secs(3), "at_fraction = 0.5")).await;
+    eventually(Duration::from_secs(20), "the first token", || async {
+        h.sim.sim.stats().client_credentials_ok >= 1
+    })
+    .await;
+    let issued = |c: &serde_json::Value| -> DateTime<Utc> {
+        c["refresh_token_issued_at"]
+            .as_str()
+            .unwrap_or_else(|| panic!("refresh_token_issued_at in {c}"))
+            .parse()
+            .unwrap()
+    };
+    let first = issued(&h.connection("default").await);
+    eventually(Duration::from_secs(20), "two renewals", || async {
+        h.sim.sim.stats().client_credentials_ok >= 3
+    })
+    .await;
+    let c = h.connection("default").await;
+    let refreshed: DateTime<Utc> = c["refreshed_at"].as_str().unwrap().parse().unwrap();
+    assert!(
+        issued(&c) > first,
+        "the reported issue moved with the renewals: {c}"
+    );
+    assert!(
+        (refreshed - issued(&c)).num_seconds().abs() <= 1,
+        "it is the latest token's issue: {c}"
+    );
+}
+
 #[tokio::test]
 async fn a_refused_client_is_a_clear_state_and_no_retry_storm_then_a_forced_refresh_recovers() {
     let mut h = Harness::new(options(Duration::from_secs(3600), "retry_max = \"1h\"")).await;

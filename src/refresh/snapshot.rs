@@ -26,15 +26,20 @@ const NO_REASON_RETRYING: &str = "the refresh did not complete";
 /// Said when a row is `authorization_required` without a stored reason.
 const NO_REASON_REJECTED: &str = "the grant was rejected";
 
-/// The refresh policy's view of a stored row. (A grant without a refresh
-/// token never moves its `refresh_token_issued_at`; the policy counts
-/// keepalive from the later of that and the last access token's issue,
-/// so it is not due at every pass once keepalive has passed.)
+/// The refresh policy's view of a stored row, which reports show too. A
+/// grant without a refresh token (a client-credentials grant, or one the
+/// provider never gave a refresh token) never moves its stored
+/// `refresh_token_issued_at`: shown as is, the age of a refresh token it
+/// does not have would grow forever in `/v1/connections`, the age metric
+/// and the dashboard. It shows the access token's issue instead.
 pub fn timing_of(r: &ConnectionRow) -> Timing {
     Timing {
         issued_at: r.issued_at,
         expires_at: r.expires_at,
-        refresh_token_issued_at: r.refresh_token_issued_at,
+        refresh_token_issued_at: match r.refresh_token {
+            Some(_) => r.refresh_token_issued_at,
+            None => r.issued_at.max(r.refresh_token_issued_at),
+        },
     }
 }
 

@@ -35,6 +35,10 @@ pub(super) struct Dialect {
     /// The transaction's first statement when it writes a grant over row
     /// `$1`: locks the row and returns its generation (no row when gone).
     pub lock_generation: &'static str,
+    /// The first statement of a transaction that reads every connection
+    /// and writes some back (re-sealing): takes the write lock before the
+    /// read where the read itself cannot lock rows.
+    pub lock_all: Option<&'static str>,
     /// The first statement of an export's transaction, so that it reads
     /// all tables in one snapshot (none where a read transaction already
     /// is one).
@@ -73,7 +77,11 @@ macro_rules! lifecycle_methods {
         ) -> Result<usize, StoreError> {
             let mut tx = self.pool.begin().await?;
             // Locked: a writer committing meanwhile waits, so no rotation
-            // is overwritten with the value read here.
+            // is overwritten with the value read here (and SQLite never
+            // has to upgrade a read to a write, which fails when busy).
+            if let Some(lock) = $d.lock_all {
+                sqlx::query(lock).execute(&mut *tx).await?;
+            }
             let rows = sqlx::query(&format!(
                 "SELECT id, provider, account, generation, access_token, refresh_token FROM connections{}",
                 $d.for_update

@@ -537,6 +537,7 @@ const DIALECT: Dialect = Dialect {
     for_update: " FOR UPDATE",
     lock_name: "SELECT pg_advisory_xact_lock(hashtext($1 || '/' || $2))",
     lock_generation: "SELECT generation FROM connections WHERE id = $1 FOR UPDATE",
+    lock_all: None,
     export_snapshot: Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
     import_lock: "LOCK TABLE connections IN EXCLUSIVE MODE",
     after_import: &[

@@ -166,6 +166,7 @@ const DIALECT: Dialect = Dialect {
         "UPDATE connections SET generation = generation WHERE provider = $1 AND account = $2",
     lock_generation:
         "UPDATE connections SET generation = generation WHERE id = $1 RETURNING generation",
+    lock_all: Some("UPDATE connections SET generation = generation WHERE 0"),
     export_snapshot: None,
     import_lock: "DELETE FROM processes",
     after_import: &[],
