@@ -423,35 +423,75 @@ pub struct Answer {
     throttle: Reported,
     tenant_quota: Reported,
     tenant_throttle: Reported,
+    product_quota_reported: bool,
 }
 
 impl Answer {
     /// Reads Keap's `x-keap-{product,tenant}-{quota,throttle}-*` headers and
-    /// `Retry-After`; absent or malformed headers mean "not reported".
+    /// `Retry-After`; absent or malformed headers mean "not reported" (of
+    /// repeated ones, the first counts).
+    ///
+    /// One pass over the answer's headers, allocating nothing: it runs on
+    /// every proxied answer, and most carry no quota header at all.
     pub fn from_headers(status: u16, headers: &axum::http::HeaderMap) -> Answer {
-        let num = |name: &str| -> Option<u64> {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|s| s.trim().parse().ok())
-        };
-        let reported = |prefix: &str| Reported {
-            limit: num(&format!("{prefix}-limit")),
-            available: num(&format!("{prefix}-available")),
-            used: num(&format!("{prefix}-used")),
-            expiry_ms: num(&format!("{prefix}-expiry-time")).and_then(|v| i64::try_from(v).ok()),
-        };
-        Answer {
+        let mut answer = Answer {
             status,
             retry_after: headers
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(crate::provider::parse_retry_after),
-            quota: reported("x-keap-product-quota"),
-            throttle: reported("x-keap-product-throttle"),
-            tenant_quota: reported("x-keap-tenant-quota"),
-            tenant_throttle: reported("x-keap-tenant-throttle"),
+            ..Answer::default()
+        };
+        // Which of the 16 figures were seen already (the first one counts,
+        // as `HeaderMap::get` would have it).
+        let mut seen = 0u16;
+        for (name, value) in headers {
+            let Some(rest) = name.as_str().strip_prefix("x-keap-") else {
+                continue;
+            };
+            let (window, field, bit) = if let Some(f) = rest.strip_prefix("product-quota-") {
+                (&mut answer.quota, f, 0)
+            } else if let Some(f) = rest.strip_prefix("product-throttle-") {
+                (&mut answer.throttle, f, 4)
+            } else if let Some(f) = rest.strip_prefix("tenant-quota-") {
+                (&mut answer.tenant_quota, f, 8)
+            } else if let Some(f) = rest.strip_prefix("tenant-throttle-") {
+                (&mut answer.tenant_throttle, f, 12)
+            } else {
+                continue;
+            };
+            let bit = bit
+                + match field {
+                    "limit" => 0,
+                    "available" => 1,
+                    "used" => 2,
+                    "expiry-time" => 3,
+                    _ => continue,
+                };
+            if seen & (1 << bit) != 0 {
+                continue;
+            }
+            seen |= 1 << bit;
+            let n = value
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok());
+            match bit % 4 {
+                0 => window.limit = n,
+                1 => window.available = n,
+                2 => window.used = n,
+                _ => window.expiry_ms = n.and_then(|v| i64::try_from(v).ok()),
+            }
         }
+        answer.product_quota_reported = seen & (1 << 1) != 0;
+        answer
+    }
+
+    /// Whether the answer carried the provider's product quota
+    /// (`x-keap-product-quota-available`, even if unreadable): only then
+    /// is the daily figure worth publishing again.
+    pub fn reports_quota(&self) -> bool {
+        self.product_quota_reported
     }
 }
 
@@ -792,6 +832,74 @@ mod tests {
         h.insert("x-keap-product-quota-available", "7".parse().unwrap());
         first.learn(&Answer::from_headers(200, &h));
         assert_eq!(r.quota(&n, "a").unwrap().client.daily_available, Some(5));
+    }
+
+    #[test]
+    fn answers_read_every_keap_figure_and_only_those() {
+        let mut h = axum::http::HeaderMap::new();
+        for (scope, base) in [
+            ("product-quota", 10),
+            ("product-throttle", 20),
+            ("tenant-quota", 30),
+            ("tenant-throttle", 40),
+        ] {
+            h.insert(
+                axum::http::HeaderName::from_bytes(format!("x-keap-{scope}-limit").as_bytes())
+                    .unwrap(),
+                (base + 1).to_string().parse().unwrap(),
+            );
+            h.insert(
+                axum::http::HeaderName::from_bytes(format!("x-keap-{scope}-available").as_bytes())
+                    .unwrap(),
+                format!(" {} ", base + 2).parse().unwrap(),
+            );
+            h.insert(
+                axum::http::HeaderName::from_bytes(format!("x-keap-{scope}-used").as_bytes())
+                    .unwrap(),
+                (base + 3).to_string().parse().unwrap(),
+            );
+            h.insert(
+                axum::http::HeaderName::from_bytes(
+                    format!("x-keap-{scope}-expiry-time").as_bytes(),
+                )
+                .unwrap(),
+                (base + 4).to_string().parse().unwrap(),
+            );
+        }
+        h.insert("x-keap-product-quota-interval", "99".parse().unwrap());
+        h.insert("x-keap-other-limit", "99".parse().unwrap());
+        h.insert(reqwest::header::RETRY_AFTER, "7".parse().unwrap());
+        let a = Answer::from_headers(429, &h);
+        let r = |l, av, u, e| Reported {
+            limit: Some(l),
+            available: Some(av),
+            used: Some(u),
+            expiry_ms: Some(e),
+        };
+        assert_eq!(a.status, 429);
+        assert_eq!(a.retry_after, Some(Duration::from_secs(7)));
+        assert_eq!(a.quota, r(11, 12, 13, 14));
+        assert_eq!(a.throttle, r(21, 22, 23, 24));
+        assert_eq!(a.tenant_quota, r(31, 32, 33, 34));
+        assert_eq!(a.tenant_throttle, r(41, 42, 43, 44));
+        assert!(a.reports_quota());
+        // Malformed means not reported; of repeated ones the first counts,
+        // even when it is the malformed one.
+        let mut h = axum::http::HeaderMap::new();
+        h.append("x-keap-product-quota-available", "many".parse().unwrap());
+        h.append("x-keap-product-quota-available", "5".parse().unwrap());
+        h.append("x-keap-product-quota-limit", "9".parse().unwrap());
+        h.append("x-keap-product-quota-limit", "8".parse().unwrap());
+        h.insert("x-keap-product-quota-expiry-time", "-1".parse().unwrap());
+        let a = Answer::from_headers(200, &h);
+        assert_eq!(a.quota.available, None);
+        assert_eq!(a.quota.limit, Some(9));
+        assert_eq!(a.quota.expiry_ms, None);
+        assert!(a.reports_quota(), "the header was there, if unreadable");
+        let a = Answer::from_headers(200, &axum::http::HeaderMap::new());
+        assert!(!a.reports_quota());
+        assert_eq!(a.quota, Reported::default());
+        assert_eq!(a.retry_after, None);
     }
 
     #[tokio::test]
