@@ -30,7 +30,9 @@
 # it starts. Knobs (environment): BENCH_DURATION (s per wrk run, 10),
 # BENCH_ROUNDS (3), BENCH_HTTP_CONNECTIONS (64), BENCH_WRK_THREADS (2),
 # BENCH_PORT_BASE (18780), BENCH_WAVE_SECONDS (60), BENCH_PROFILE=1 (perf
-# profile of the token endpoint, needs perf), BENCH_SKIP_INSTALL=1,
+# profile of the token endpoint and of the proxy, needs perf),
+# BENCH_PROXY_BASELINE (part 6), PROXY_DURATION (s per proxy wrk run;
+# BENCH_DURATION), BENCH_SKIP_INSTALL=1,
 # BENCH_PARTS (which of "token herd scale cost cluster proxy" to run; all but
 # cluster by default),
 # BENCH_IDLE_SECONDS (120: the idle-CPU window of part 3; 0 skips it),
@@ -371,6 +373,7 @@ TK_PROXY_PID=$TKP_PID
 if [ -n "${BENCH_PROXY_BASELINE:-}" ]; then
     cp "$BENCH_PROXY_BASELINE" "$TMP/bin/tokenkeeper-proxy-baseline"
     start_tk_proxy "$TMP/bin/tokenkeeper-proxy-baseline" "$PD/tkb" "$TKB_PORT"
+    TKB_PID=$TKP_PID
 fi
 TOKEN=$(curl -fsS "http://127.0.0.1:$TKP_PORT/v1/token/demo" | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
 # Keap's GET /crm/rest/v1/contacts?limit=1 answer, with made-up values (no
@@ -454,13 +457,19 @@ for r in $(seq 1 "$ROUNDS"); do
     done
 done
 if [ "${BENCH_PROFILE:-0}" = 1 ] && command -v perf >/dev/null; then
-    log "6/6 profiling the proxy (perf, ${PROXY_DURATION}s)"
-    perf record -F 999 -g -p "$TK_PROXY_PID" -o "$TMP/perf-proxy.data" -- sleep "$PROXY_DURATION" >/dev/null 2>&1 &
-    PERF=$!
-    timeout $((PROXY_DURATION + 30)) wrk -t"$THREADS" -c"$CONNS" -d"$PROXY_DURATION"s "$URL_TKP" >/dev/null
-    wait $PERF || true
-    perf report -i "$TMP/perf-proxy.data" --no-children -g none --percent-limit 1 --stdio 2>/dev/null \
-        | grep -v '^$' | head -80 >"$TMP/profile-proxy.txt" || true
+    PROFILED=("$TK_PROXY_PID:$URL_TKP:profile-proxy.txt")
+    [ -n "${BENCH_PROXY_BASELINE:-}" ] && PROFILED+=("$TKB_PID:$URL_TKB:profile-proxy-baseline.txt")
+    for s in "${PROFILED[@]}"; do
+        IFS=: read -r pid _ <<<"$s"
+        url=${s#*:}; url=${url%:*}; out=${s##*:}
+        log "6/6 profiling the proxy (perf, ${PROXY_DURATION}s, $out)"
+        perf record -F 999 -g -p "$pid" -o "$TMP/perf-proxy.data" -- sleep "$PROXY_DURATION" >/dev/null 2>&1 &
+        PERF=$!
+        timeout $((PROXY_DURATION + 30)) wrk -t"$THREADS" -c"$CONNS" -d"$PROXY_DURATION"s "$url" >/dev/null
+        wait $PERF || true
+        perf report -i "$TMP/perf-proxy.data" --no-children -g none --percent-limit 0.7 --stdio 2>/dev/null \
+            | grep -v '^$' | head -80 >"$TMP/$out" || true
+    done
 fi
 python3 - "$RAWP" "$BODYP_BYTES" >>"$FIG" <<'PY'
 import re, sys, statistics
@@ -547,6 +556,14 @@ mkdir -p "$RESULTS"
         echo
         echo '```'
         cat "$TMP/profile-proxy.txt"
+        echo '```'
+    fi
+    if [ -s "$TMP/profile-proxy-baseline.txt" ]; then
+        echo
+        echo "## Profile of the baseline build's proxy (perf, self time)"
+        echo
+        echo '```'
+        cat "$TMP/profile-proxy-baseline.txt"
         echo '```'
     fi
     if [ -s "$TMP/profile.txt" ]; then

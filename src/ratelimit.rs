@@ -228,15 +228,45 @@ impl Scope {
     /// Counts a granted request; returns its sequence number.
     fn count(&self) -> u64 {
         let mut day = self.day();
+        let mut throttle = self.throttle();
+        self.count_locked(&mut day, &mut throttle)
+    }
+
+    /// [`Scope::count`] with the scope's windows already locked.
+    fn count_locked(&self, day: &mut Window, throttle: &mut Option<Throttle>) -> u64 {
         day.used += 1;
         if let Some(r) = day.remaining.as_mut() {
             *r = r.saturating_sub(1);
         }
-        drop(day);
-        if let Some(t) = self.throttle().as_mut() {
+        if let Some(t) = throttle.as_mut() {
             t.remaining = t.remaining.saturating_sub(1);
         }
         self.granted.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The scope's windows, locked, if none of them blocks now (else
+    /// `None`): checked and counted under one lock, so two requests cannot
+    /// both take the last request of a window.
+    fn open(
+        &self,
+        now: Instant,
+        wall: DateTime<Utc>,
+    ) -> Option<(
+        std::sync::MutexGuard<'_, Window>,
+        std::sync::MutexGuard<'_, Option<Throttle>>,
+    )> {
+        let mut day = self.day();
+        day.roll(wall);
+        if day.remaining == Some(0) {
+            return None;
+        }
+        let mut throttle = self.throttle();
+        match *throttle {
+            Some(th) if th.until <= now => *throttle = None,
+            Some(th) if th.remaining == 0 => return None,
+            _ => {}
+        }
+        Some((day, throttle))
     }
 
     /// Believes the provider's report about this scope, answered to the
@@ -342,6 +372,11 @@ struct ProviderLimits {
     waiting: AtomicUsize,
     /// Set by an upstream 429.
     paused_until: Mutex<Option<Instant>>,
+    /// No per-second or per-minute limit in any scope: nothing but a pause
+    /// or an exhausted window ever makes a request wait, so a request
+    /// with nobody ahead takes its slot without queueing (see
+    /// [`ProviderLimits::take_open`]).
+    unpaced: bool,
 }
 
 impl ProviderLimits {
@@ -356,7 +391,35 @@ impl ProviderLimits {
             turn: tokio::sync::Mutex::new(()),
             waiting: AtomicUsize::new(0),
             paused_until: Mutex::new(None),
+            unpaced: [Some(limits), tenant_limits]
+                .into_iter()
+                .flatten()
+                .all(|l| l.per_second.is_none() && l.per_minute.is_none()),
         }
+    }
+
+    /// For an unpaced provider: the slot, counted in every scope, if
+    /// nothing blocks now; checked and counted under the scopes' locks
+    /// together (the client's first), so it is exact whether or not the
+    /// caller holds the turn.
+    fn take_open(&self, tenant: Option<&Scope>) -> Option<(u64, u64)> {
+        let now = Instant::now();
+        let wall = Utc::now();
+        let paused = self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
+        if paused.is_some_and(|t| t > now) {
+            return None;
+        }
+        let (mut day, mut throttle) = self.client.open(now, wall)?;
+        let tenant_seq = match tenant {
+            Some(t) => {
+                let (mut tday, mut tthrottle) = t.open(now, wall)?;
+                t.count_locked(&mut tday, &mut tthrottle)
+            }
+            None => 0,
+        };
+        let client_seq = self.client.count_locked(&mut day, &mut throttle);
+        drop(paused);
+        Some((client_seq, tenant_seq))
     }
 
     fn tenant(&self, account: &str) -> Option<Arc<Scope>> {
@@ -593,6 +656,16 @@ impl RateLimits {
         let tenant = p.tenant(account);
         let ahead = p.waiting.fetch_add(1, Ordering::SeqCst) as u64;
         let _waiting = Waiting(p.clone());
+        if p.unpaced && ahead == 0 {
+            if let Some((client_seq, tenant_seq)) = p.take_open(tenant.as_deref()) {
+                return Ok(Permit {
+                    provider: p.clone(),
+                    tenant,
+                    client_seq,
+                    tenant_seq,
+                });
+            }
+        }
         let wall = Utc::now();
         let now = tokio::time::Instant::now();
         // Refuse at once what cannot make it even if every limiter is rested.
@@ -613,7 +686,7 @@ impl RateLimits {
             return Err(p.limited("rate", d.max(deadline.saturating_duration_since(now))));
         };
         let (mut sec, mut min, mut tmin) = (false, false, false);
-        loop {
+        let taken = loop {
             let now = Instant::now();
             let wall = Utc::now();
             // Non-consuming blockers first, so no cell is wasted on them.
@@ -646,7 +719,13 @@ impl RateLimits {
                 }
             };
             match wait {
-                None => break,
+                // Taken under the windows' locks: a request that found
+                // nobody ahead may have taken a slot without the turn.
+                None if p.unpaced => match p.take_open(tenant.as_deref()) {
+                    Some(seqs) => break Some(seqs),
+                    None => continue,
+                },
+                None => break None,
                 Some((t, scope)) => {
                     let t = tokio::time::Instant::from_std(t);
                     if t > deadline {
@@ -655,9 +734,9 @@ impl RateLimits {
                     tokio::time::sleep_until(t).await;
                 }
             }
-        }
-        let client_seq = p.client.count();
-        let tenant_seq = tenant.as_ref().map_or(0, |t| t.count());
+        };
+        let (client_seq, tenant_seq) =
+            taken.unwrap_or_else(|| (p.client.count(), tenant.as_ref().map_or(0, |t| t.count())));
         drop(turn);
         Ok(Permit {
             provider: p,
@@ -788,6 +867,35 @@ mod tests {
         assert_eq!(
             (q.client.daily_available, q.client.daily_used),
             (Some(0), 3)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unpaced_providers_never_grant_past_a_window_under_concurrency() {
+        let r = Arc::new(registry(limits(None, None, Some(20))));
+        let n = name();
+        let soon = tokio::time::Instant::now() + Duration::from_millis(200);
+        let mut tasks = Vec::new();
+        for _ in 0..60 {
+            let r = r.clone();
+            let n = n.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut ok = 0;
+                for _ in 0..3 {
+                    ok += usize::from(r.acquire(&n, "a", soon).await.is_ok());
+                }
+                ok
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            ok += t.await.unwrap();
+        }
+        assert_eq!(ok, 20);
+        let q = r.quota(&n, "a").unwrap();
+        assert_eq!(
+            (q.client.daily_available, q.client.daily_used),
+            (Some(0), 20)
         );
     }
 
