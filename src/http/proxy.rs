@@ -547,8 +547,8 @@ fn response_headers(upstream: &HeaderMap) -> HeaderMap {
     out
 }
 
-fn bearer(token: &IssuedToken) -> HeaderValue {
-    let secret = token.access_token.expose_secret();
+/// `Bearer <token>`, marked sensitive.
+fn bearer(secret: &str) -> HeaderValue {
     let mut text = Vec::with_capacity(7 + secret.len());
     text.extend_from_slice(b"Bearer ");
     text.extend_from_slice(secret.as_bytes());
@@ -571,7 +571,7 @@ fn bearer(token: &IssuedToken) -> HeaderValue {
 async fn after_unauthorized(
     state: &AppState,
     t: &Target,
-    used: &IssuedToken,
+    used: &HeaderValue,
 ) -> Result<Option<IssuedToken>, ApiError> {
     let to_api = |e| ApiError::from_token_error(e, &state.public_url);
     let engine: &Engine = &state.engine;
@@ -579,7 +579,8 @@ async fn after_unauthorized(
         .token(&t.provider, &t.account)
         .await
         .map_err(to_api)?;
-    if current.access_token.expose_secret() != used.access_token.expose_secret() {
+    let used = used.as_bytes().strip_prefix(b"Bearer ").unwrap_or_default();
+    if current.access_token.expose_secret().as_bytes() != used {
         return Ok(Some(current));
     }
     if !state
@@ -643,14 +644,22 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
     // Refused before anything else is touched (body, limits, token), as the
     // connection is now; checked again below against the grant the token
     // comes from.
-    let meta = engine
-        .grant_meta(&t.provider, &t.account)
-        .unwrap_or_default();
-    let mut route = Route::new(state, &settings, &provider.config, meta, req.headers(), t)?;
+    let meta = engine.grant_meta(&t.provider, &t.account);
+    let known = meta.is_some();
+    let mut route = Route::new(
+        state,
+        &settings,
+        &provider.config,
+        meta.unwrap_or_default(),
+        req.headers(),
+        t,
+    )?;
     // Unknown names cost nothing: no limiter entry, no quota.
-    engine
-        .check_known(&t.provider, &t.account)
-        .map_err(to_api)?;
+    if !known {
+        engine
+            .check_known(&t.provider, &t.account)
+            .map_err(to_api)?;
+    }
 
     let (parts, body) = req.into_parts();
     let replayable = body
@@ -665,7 +674,8 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
     } else {
         (None, Some(body))
     };
-    let headers = request_headers(&parts.headers, replay.is_some());
+    // Moved into the first send; rebuilt only for a retry.
+    let mut headers = Some(request_headers(&parts.headers, replay.is_some()));
 
     // The token to send next, when the previous answer decided it.
     let mut next: Option<IssuedToken> = None;
@@ -678,33 +688,61 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
             .acquire(&t.provider, &t.account, deadline)
             .await?;
         // Taken after the wait: a refresh that landed meanwhile may have
-        // killed the token we would have held (SPEC 7).
-        let token = match next.take() {
-            Some(fresh) => fresh,
-            None => match engine.token(&t.provider, &t.account).await {
-                Ok(token) => token,
-                Err(e) => {
-                    if matches!(e, crate::refresh::TokenError::UnknownConnection { .. }) {
-                        // Forgotten during the wait.
-                        proxy.limits.forget(&t.provider, &t.account);
-                    }
-                    return Err(to_api(e));
+        // killed the token we would have held (SPEC 7). In place when the
+        // engine's fast lane can serve it (no allocation but the header).
+        let (authorization, grant) = match next.take() {
+            Some(fresh) => (
+                bearer(fresh.access_token.expose_secret()),
+                Some(fresh.extra),
+            ),
+            None => {
+                let fast = engine.with_fresh_token(
+                    &t.provider,
+                    &t.account,
+                    chrono::Utc::now(),
+                    |served| {
+                        let same = std::ptr::eq(served.extra, &route.meta.extra)
+                            || *served.extra == route.meta.extra;
+                        (
+                            bearer(served.access_token),
+                            (!same).then(|| served.extra.clone()),
+                        )
+                    },
+                );
+                match fast {
+                    Some((authorization, other)) => (
+                        authorization,
+                        other.map(|extra| {
+                            Arc::new(GrantMeta {
+                                extra,
+                                ..GrantMeta::default()
+                            })
+                        }),
+                    ),
+                    None => match engine.token(&t.provider, &t.account).await {
+                        Ok(token) => (
+                            bearer(token.access_token.expose_secret()),
+                            Some(token.extra),
+                        ),
+                        Err(e) => {
+                            if matches!(e, crate::refresh::TokenError::UnknownConnection { .. }) {
+                                // Forgotten during the wait.
+                                proxy.limits.forget(&t.provider, &t.account);
+                            }
+                            return Err(to_api(e));
+                        }
+                    },
                 }
-            },
+            }
         };
         // The base URL and headers go with the token they were issued
         // with: a grant replaced meanwhile (a new authorization, another
         // Salesforce instance or Xero tenant) must not get the new token
         // sent to the old grant's instance, or the reverse.
-        if !Arc::ptr_eq(&token.extra, &route.meta) && *token.extra != *route.meta {
-            route = Route::new(
-                state,
-                &settings,
-                &provider.config,
-                token.extra.clone(),
-                &parts.headers,
-                t,
-            )?;
+        if let Some(grant) = grant {
+            if !Arc::ptr_eq(&grant, &route.meta) && grant.extra != route.meta.extra {
+                route = Route::new(state, &settings, &provider.config, grant, &parts.headers, t)?;
+            }
         }
         let body = match (&replay, stream.take()) {
             (Some(b), _) => reqwest::Body::from(b.clone()),
@@ -712,11 +750,13 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
             // A streamed body is sent once; the loop only repeats with `replay`.
             (None, None) => return Err(body_unreadable(&"already sent")),
         };
-        let mut upstream_headers = headers.clone();
+        let mut upstream_headers = headers
+            .take()
+            .unwrap_or_else(|| request_headers(&parts.headers, replay.is_some()));
         for (name, value) in &route.headers {
             upstream_headers.insert(name.clone(), value.clone());
         }
-        upstream_headers.insert(header::AUTHORIZATION, bearer(&token));
+        upstream_headers.insert(header::AUTHORIZATION, authorization.clone());
         let resp = proxy
             .http
             .request(parts.method.clone(), route.url.clone())
@@ -738,7 +778,7 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
         let can_retry = replay.is_some();
         if status == StatusCode::UNAUTHORIZED && can_retry && !retried_401 {
             retried_401 = true;
-            if let Some(fresh) = after_unauthorized(state, t, &token).await? {
+            if let Some(fresh) = after_unauthorized(state, t, &authorization).await? {
                 next = Some(fresh);
                 continue;
             }
