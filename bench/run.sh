@@ -17,14 +17,23 @@
 #    against the provider delay (BENCH_CLUSTER_DELAY_MS, 200), rotation
 #    propagation p50/p99 (BENCH_CLUSTER_ROTATIONS, 100), and the token
 #    endpoint on PostgreSQL against SQLite, alternated BENCH_ROUNDS times.
+# 6. Proxy (part `proxy`): one fast upstream (nginx `return 200` of a Keap
+#    contact-list answer), called directly, through nginx as a reverse proxy
+#    (proxy_pass, an upstream keep-alive pool, Authorization set, 2 workers)
+#    and through tokenkeeper's /proxy (generic preset: no limits), wrk
+#    alternated; throughput, p50/p99, added latency over direct. With
+#    BENCH_PROXY_BASELINE=/path/to/tokenkeeper another build's proxy runs
+#    beside (A/B of a change, same rounds).
 #
 # Prints `name: value (baseline: value, ratio: r)` lines and writes the whole
 # run to bench/results/latest.md. Uses only 127.0.0.1; cleans up everything
 # it starts. Knobs (environment): BENCH_DURATION (s per wrk run, 10),
 # BENCH_ROUNDS (3), BENCH_HTTP_CONNECTIONS (64), BENCH_WRK_THREADS (2),
 # BENCH_PORT_BASE (18780), BENCH_WAVE_SECONDS (60), BENCH_PROFILE=1 (perf
-# profile of the token endpoint, needs perf), BENCH_SKIP_INSTALL=1,
-# BENCH_PARTS (which of "token herd scale cost cluster" to run; all but
+# profile of the token endpoint and of the proxy, needs perf),
+# BENCH_PROXY_BASELINE (part 6), PROXY_DURATION (s per proxy wrk run;
+# BENCH_DURATION), BENCH_SKIP_INSTALL=1,
+# BENCH_PARTS (which of "token herd scale cost cluster proxy" to run; all but
 # cluster by default),
 # BENCH_IDLE_SECONDS (120: the idle-CPU window of part 3; 0 skips it),
 # BENCH_IDLE_BASELINE (a git revision, e.g. d74c930: its daemon is built
@@ -49,16 +58,17 @@ FLOOR_PORT=$((BASE + 2))
 HERD_PORT=$((BASE + 3))
 SCALE_PORT=$((BASE + 4))
 CLUSTER_PORT=$((BASE + 5)) # and the next three
+PROXY_PORT=$((BASE + 20))  # upstream; nginx proxy, tokenkeeper, baseline build next
 RESULTS=$ROOT/bench/results
 OUT=$RESULTS/latest.md
 
 log() { printf '%s\n' "$*" >&2; }
-PARTS=" ${BENCH_PARTS:-token herd scale cost} "
+PARTS=" ${BENCH_PARTS:-token herd scale cost proxy} "
 want() { [[ $PARTS == *" $1 "* ]]; }
 
 # --- 0. tools ---------------------------------------------------------------
 NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
-if want token && [ "${BENCH_SKIP_INSTALL:-0}" != 1 ] && { ! command -v wrk >/dev/null || [ ! -x "$NGINX_BIN" ]; }; then
+if { want token || want proxy; } && [ "${BENCH_SKIP_INSTALL:-0}" != 1 ] && { ! command -v wrk >/dev/null || [ ! -x "$NGINX_BIN" ]; }; then
     log "installing nginx-light and wrk (Debian packages)"
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO=sudo
@@ -68,7 +78,7 @@ if want token && [ "${BENCH_SKIP_INSTALL:-0}" != 1 ] && { ! command -v wrk >/dev
     NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
 fi
 NEEDED="python3 cargo curl"
-want token && NEEDED="wrk $NEEDED"
+{ want token || want proxy; } && NEEDED="wrk $NEEDED"
 if want cluster; then
     # What tests/postgres/start.sh looks for, checked before the long build.
     ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || {
@@ -79,7 +89,7 @@ fi
 for t in $NEEDED; do
     command -v "$t" >/dev/null || { log "bench: $t is required"; exit 2; }
 done
-for p in $TK_PORT $NGINX_PORT $FLOOR_PORT $HERD_PORT $SCALE_PORT $(want cluster && seq "$CLUSTER_PORT" $((CLUSTER_PORT + 3))); do
+for p in $TK_PORT $NGINX_PORT $FLOOR_PORT $HERD_PORT $SCALE_PORT $(want cluster && seq "$CLUSTER_PORT" $((CLUSTER_PORT + 3))) $(want proxy && seq "$PROXY_PORT" $((PROXY_PORT + 3))); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
         log "bench: 127.0.0.1:$p is in use; set BENCH_PORT_BASE"; exit 2
     fi
@@ -332,6 +342,189 @@ if [ "$CLUSTER_OK" != 0 ]; then
 fi
 fi
 
+if want proxy; then
+# --- 6. proxy vs nginx's proxy_pass ------------------------------------------------
+# The same upstream for all: nginx `return 200` of a Keap contact-list
+# answer, the cheapest server on this machine (it shares the cores with
+# wrk and the proxies, so the less it costs the more of the machine the
+# proxies get). nginx's proxy is what a user would set up instead:
+# proxy_pass to a keep-alive pool, Authorization set, 2 workers.
+log "6/6 proxy: upstream, nginx proxy, tokenkeeper proxy"
+UP_PORT=$PROXY_PORT
+NP_PORT=$((PROXY_PORT + 1))
+TKP_PORT=$((PROXY_PORT + 2))
+TKB_PORT=$((PROXY_PORT + 3))
+PD=$TMP/proxy
+mkdir -p "$PD/up" "$PD/np" "$PD/tk" "$PD/tkb"
+PROXY_DURATION=${PROXY_DURATION:-$DURATION}
+RAWP=$TMP/raw-proxy.txt
+: >"$RAWP"
+# A tokenkeeper proxy: the seeded `demo` grant, its provider turned into a
+# `generic` one (no limits at all: the limiter never waits) whose
+# api_base_url is the upstream.
+start_tk_proxy() { # binary dir port -> pid in TKP_PID
+    local cfg
+    cfg=$(timeout 60 "$TOOL" seed-one "$1" "$2" "$3")
+    sed -i -e 's/^preset = "keap"$/preset = "generic"/' \
+        -e "s#^api_base_url = .*#api_base_url = \"http://127.0.0.1:$UP_PORT/api\"#" "$cfg"
+    grep -q '^preset = "generic"$' "$cfg" || { log "bench: seed-one's config changed; fix the proxy part"; exit 1; }
+    RUST_LOG=warn "$1" serve --config "$cfg" --log-format human >"$2/daemon.log" 2>&1 &
+    TKP_PID=$!
+    PIDS+=("$TKP_PID")
+    wait_http "http://127.0.0.1:$3/readyz"
+}
+start_tk_proxy "$TK" "$PD/tk" "$TKP_PORT"
+TK_PROXY_PID=$TKP_PID
+if [ -n "${BENCH_PROXY_BASELINE:-}" ]; then
+    cp "$BENCH_PROXY_BASELINE" "$TMP/bin/tokenkeeper-proxy-baseline"
+    start_tk_proxy "$TMP/bin/tokenkeeper-proxy-baseline" "$PD/tkb" "$TKB_PORT"
+    TKB_PID=$TKP_PID
+fi
+TOKEN=$(curl -fsS "http://127.0.0.1:$TKP_PORT/v1/token/demo" | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+# Keap's GET /crm/rest/v1/contacts?limit=1 answer, with made-up values (no
+# `$`, `'` or `\` in it: it goes into nginx's config as it is).
+KEAP_JSON='{"contacts":[{"id":28104,"given_name":"Ada","family_name":"Lovelace","middle_name":null,"company":{"id":3110,"company_name":"Analytical Engines Ltd"},"email_addresses":[{"email":"ada@example.com","field":"EMAIL1"}],"phone_numbers":[{"number":"+44 20 7946 0958","extension":null,"field":"PHONE1","type":"Work"}],"addresses":[{"line1":"12 St James Square","line2":null,"locality":"London","region":null,"postal_code":"SW1Y 4JH","zip_code":null,"zip_four":null,"country_code":"GBR","field":"BILLING"}],"email_status":"SingleOptIn","email_opted_in":true,"tag_ids":[92,94,118],"owner_id":7,"date_created":"2024-03-01T10:02:11.000+0000","last_updated":"2024-11-20T08:45:37.000+0000","custom_fields":[{"id":14,"content":"Gold"},{"id":16,"content":null}]}],"count":2431,"next":"https://api.infusionsoft.com/crm/rest/v1/contacts/?limit=1&offset=1&","previous":null}'
+printf '%s' "$KEAP_JSON" >"$PD/body.json"
+BODYP_BYTES=$(wc -c <"$PD/body.json")
+nginx_conf() { # dir workers server-block
+    cat >"$1/nginx.conf" <<EOF
+worker_processes $2;
+daemon off;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $1/body;
+    proxy_temp_path $1/proxy;
+    fastcgi_temp_path $1/fastcgi;
+    uwsgi_temp_path $1/uwsgi;
+    scgi_temp_path $1/scgi;
+    tcp_nodelay on;
+    keepalive_requests 10000000;
+$3
+}
+EOF
+    chmod -R a+rwX "$1"
+    if [ "$(id -u)" -eq 0 ]; then
+        setpriv --reuid=65534 --regid=65534 --clear-groups "$NGINX_BIN" -p "$1" -c "$1/nginx.conf" 2>>"$1/stderr" &
+    else
+        "$NGINX_BIN" -p "$1" -c "$1/nginx.conf" 2>>"$1/stderr" &
+    fi
+    PIDS+=("$!")
+}
+nginx_conf "$PD/up" auto "    server {
+        listen 127.0.0.1:$UP_PORT;
+        location / {
+            default_type application/json;
+            return 200 '$KEAP_JSON';
+        }
+    }"
+nginx_conf "$PD/np" 2 "    upstream api {
+        server 127.0.0.1:$UP_PORT;
+        keepalive 64;
+        keepalive_requests 10000000;
+    }
+    server {
+        listen 127.0.0.1:$NP_PORT;
+        location /proxy/demo/ {
+            proxy_pass http://api/api/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header Authorization \"Bearer $TOKEN\";
+        }
+    }"
+P_PATH=crm/rest/v1/contacts?limit=1
+URL_DIRECT="http://127.0.0.1:$UP_PORT/api/$P_PATH"
+URL_NP="http://127.0.0.1:$NP_PORT/proxy/demo/$P_PATH"
+URL_TKP="http://127.0.0.1:$TKP_PORT/proxy/demo/$P_PATH"
+URL_TKB="http://127.0.0.1:$TKB_PORT/proxy/demo/$P_PATH"
+AUTH="Authorization: Bearer $TOKEN"
+wait_http "$URL_DIRECT"
+wait_http "$URL_NP"
+CONTENDERS=(direct:$URL_DIRECT nginx:$URL_NP tokenkeeper:$URL_TKP)
+[ -n "${BENCH_PROXY_BASELINE:-}" ] && CONTENDERS+=(baseline:$URL_TKB)
+for s in "${CONTENDERS[@]}"; do
+    n=$(curl -fsS -H "$AUTH" "${s#*:}" | wc -c)
+    [ "$n" = "$BODYP_BYTES" ] || { log "bench: ${s%%:*} (${s#*:}) answers $n bytes, expected $BODYP_BYTES"; exit 1; }
+done
+log "6/6 proxy: warm-up"
+for s in "${CONTENDERS[@]}"; do
+    timeout 30 wrk -t"$THREADS" -c"$CONNS" -d2s -H "$AUTH" "${s#*:}" >/dev/null
+done
+for r in $(seq 1 "$ROUNDS"); do
+    for s in "${CONTENDERS[@]}"; do
+        log "6/6 round $r/$ROUNDS: ${s%%:*} (${PROXY_DURATION}s, $CONNS connections, $THREADS wrk threads)"
+        {
+            echo "### round $r proxy-${s%%:*} (${s#*:})"
+            timeout $((PROXY_DURATION + 30)) wrk -t"$THREADS" -c"$CONNS" -d"$PROXY_DURATION"s --latency -H "$AUTH" "${s#*:}"
+        } >>"$RAWP" 2>&1
+    done
+done
+if [ "${BENCH_PROFILE:-0}" = 1 ] && command -v perf >/dev/null; then
+    PROFILED=("$TK_PROXY_PID:$URL_TKP:profile-proxy.txt")
+    [ -n "${BENCH_PROXY_BASELINE:-}" ] && PROFILED+=("$TKB_PID:$URL_TKB:profile-proxy-baseline.txt")
+    for s in "${PROFILED[@]}"; do
+        IFS=: read -r pid _ <<<"$s"
+        url=${s#*:}; url=${url%:*}; out=${s##*:}
+        log "6/6 profiling the proxy (perf, ${PROXY_DURATION}s, $out)"
+        perf record -F 999 -g -p "$pid" -o "$TMP/perf-proxy.data" -- sleep "$PROXY_DURATION" >/dev/null 2>&1 &
+        PERF=$!
+        timeout $((PROXY_DURATION + 30)) wrk -t"$THREADS" -c"$CONNS" -d"$PROXY_DURATION"s "$url" >/dev/null
+        wait $PERF || true
+        perf report -i "$TMP/perf-proxy.data" --no-children -g none --percent-limit 0.7 --stdio 2>/dev/null \
+            | grep -v '^$' | head -80 >"$TMP/$out" || true
+    done
+fi
+python3 - "$RAWP" "$BODYP_BYTES" >>"$FIG" <<'PY'
+import re, sys, statistics
+raw, body = open(sys.argv[1]).read(), sys.argv[2]
+runs = {}
+for block in raw.split("### ")[1:]:
+    name = block.split()[2].removeprefix("proxy-")
+    m = re.search(r"Requests/sec:\s+([\d.]+)", block)
+    if not m:
+        sys.exit(f"bench: wrk gave no figures for {name}:\n{block}")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", block)
+    if errors:
+        sys.exit(f"bench: {name} answered {errors.group(1)} requests with an error status")
+    def pct(p):
+        m = re.search(r"^\s+%s%%\s+([\d.]+)(us|ms|s)\b" % p, block, re.M)
+        v, u = float(m.group(1)), m.group(2)
+        return v * {"us": 1, "ms": 1e3, "s": 1e6}[u]
+    runs.setdefault(name, []).append((float(m.group(1)), pct(50), pct(99)))
+med = {k: [statistics.median(x[i] for x in v) for i in range(3)] for k, v in runs.items()}
+# Added latency per round (each proxy minus direct of the same round), median.
+def added(name, i):
+    return statistics.median(p[i] - d[i] for p, d in zip(runs[name], runs["direct"]))
+def fig(name, v, b, unit, note):
+    r = f"{v / b:.3f}" if b > 0 else "n/a"
+    print(f"{name}: {v:.1f}{unit} (baseline: {b:.1f}{unit} {note}, ratio: {r})")
+tk, ng, di = med["tokenkeeper"], med["nginx"], med["direct"]
+n = len(runs["tokenkeeper"])
+print(f"proxy_setup: {body}-byte JSON upstream answer (nginx return 200), median of {n} alternated rounds")
+fig("proxy_rps_vs_nginx", tk[0], ng[0], " req/s", "(nginx proxy_pass; target ratio >= 1.0)")
+fig("proxy_added_p50_vs_nginx", added("tokenkeeper", 1), added("nginx", 1), " us", "(nginx's added p50 over direct; target ratio <= 1)")
+fig("proxy_added_p99_vs_nginx", added("tokenkeeper", 2), added("nginx", 2), " us", "(nginx's added p99 over direct; target ratio <= 1)")
+fig("proxy_p50_vs_nginx", tk[1], ng[1], " us", "(nginx proxy p50)")
+fig("proxy_p99_vs_nginx", tk[2], ng[2], " us", "(nginx proxy p99; target ratio <= 1)")
+fig("proxy_rps_vs_direct", tk[0], di[0], " req/s", "(the upstream called directly)")
+fig("proxy_nginx_rps_vs_direct", ng[0], di[0], " req/s", "(the upstream called directly; for reference)")
+if "baseline" in runs:
+    bl = med["baseline"]
+    fig("proxy_rps_vs_baseline_build", tk[0], bl[0], " req/s", "(BENCH_PROXY_BASELINE)")
+    fig("proxy_added_p50_vs_baseline_build", added("tokenkeeper", 1), added("baseline", 1), " us", "(BENCH_PROXY_BASELINE)")
+    fig("proxy_added_p99_vs_baseline_build", added("tokenkeeper", 2), added("baseline", 2), " us", "(BENCH_PROXY_BASELINE)")
+for k in runs:
+    rounds = ", ".join(f"{r:.0f}" for r, _, _ in runs[k])
+    p = ", ".join(f"{a:.0f}/{b:.0f}" for _, a, b in runs[k])
+    print(f"proxy_{k}_rounds: req/s [{rounds}], p50/p99 us [{p}]")
+PY
+kill "${PIDS[@]}" 2>/dev/null || true
+wait "${PIDS[@]}" 2>/dev/null || true
+PIDS=()
+fi
+
 # --- report -----------------------------------------------------------------------
 cat "$FIG"
 mkdir -p "$RESULTS"
@@ -346,13 +539,14 @@ mkdir -p "$RESULTS"
     echo "kernel: $(uname -sr)"
     echo "os: $(. /etc/os-release && echo "$PRETTY_NAME")"
     echo "rustc: $(rustc -V)"
-    if want token; then
+    if want token || want proxy; then
         echo "nginx: $("$NGINX_BIN" -v 2>&1 | cut -d/ -f2)"
         echo "wrk: $(wrk -v 2>&1 | head -1)"
     fi
     echo "tokenkeeper: $REVISION"
     [ "${BENCH_DEV_BUILD:-0}" = 1 ] && echo "build: debug (BENCH_DEV_BUILD=1; the figures are meaningless)"
     want token && echo "load: wrk -t$THREADS -c$CONNS -d${DURATION}s, $ROUNDS rounds alternated tokenkeeper/nginx/floor, all on the same cores"
+    want proxy && echo "proxy load: wrk -t$THREADS -c$CONNS -d${PROXY_DURATION:-$DURATION}s, $ROUNDS rounds alternated direct/nginx proxy/tokenkeeper proxy${BENCH_PROXY_BASELINE:+/baseline build}, upstream nginx return 200, all on the same cores"
     want cluster && echo "cluster: ${PG_VERSION:-PostgreSQL} (throw-away cluster, fsync off); token endpoint load from the bench tool, -c$CONNS -d${DURATION}s, $ROUNDS rounds alternated PostgreSQL/SQLite"
     echo '```'
     echo
@@ -361,6 +555,22 @@ mkdir -p "$RESULTS"
     echo '```'
     cat "$FIG"
     echo '```'
+    if [ -s "$TMP/profile-proxy.txt" ]; then
+        echo
+        echo "## Profile of the proxy (perf, self time)"
+        echo
+        echo '```'
+        cat "$TMP/profile-proxy.txt"
+        echo '```'
+    fi
+    if [ -s "$TMP/profile-proxy-baseline.txt" ]; then
+        echo
+        echo "## Profile of the baseline build's proxy (perf, self time)"
+        echo
+        echo '```'
+        cat "$TMP/profile-proxy-baseline.txt"
+        echo '```'
+    fi
     if [ -s "$TMP/profile.txt" ]; then
         echo
         echo "## Profile of the token endpoint (perf, self time)"
@@ -374,6 +584,7 @@ mkdir -p "$RESULTS"
     echo
     echo '```'
     cat "$RAW"
+    [ -s "$TMP/raw-proxy.txt" ] && cat "$TMP/raw-proxy.txt"
     echo '```'
 } >"$OUT"
 log "written: $OUT"

@@ -228,15 +228,45 @@ impl Scope {
     /// Counts a granted request; returns its sequence number.
     fn count(&self) -> u64 {
         let mut day = self.day();
+        let mut throttle = self.throttle();
+        self.count_locked(&mut day, &mut throttle)
+    }
+
+    /// [`Scope::count`] with the scope's windows already locked.
+    fn count_locked(&self, day: &mut Window, throttle: &mut Option<Throttle>) -> u64 {
         day.used += 1;
         if let Some(r) = day.remaining.as_mut() {
             *r = r.saturating_sub(1);
         }
-        drop(day);
-        if let Some(t) = self.throttle().as_mut() {
+        if let Some(t) = throttle.as_mut() {
             t.remaining = t.remaining.saturating_sub(1);
         }
         self.granted.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The scope's windows, locked, if none of them blocks now (else
+    /// `None`): checked and counted under one lock, so two requests cannot
+    /// both take the last request of a window.
+    fn open(
+        &self,
+        now: Instant,
+        wall: DateTime<Utc>,
+    ) -> Option<(
+        std::sync::MutexGuard<'_, Window>,
+        std::sync::MutexGuard<'_, Option<Throttle>>,
+    )> {
+        let mut day = self.day();
+        day.roll(wall);
+        if day.remaining == Some(0) {
+            return None;
+        }
+        let mut throttle = self.throttle();
+        match *throttle {
+            Some(th) if th.until <= now => *throttle = None,
+            Some(th) if th.remaining == 0 => return None,
+            _ => {}
+        }
+        Some((day, throttle))
     }
 
     /// Believes the provider's report about this scope, answered to the
@@ -342,6 +372,11 @@ struct ProviderLimits {
     waiting: AtomicUsize,
     /// Set by an upstream 429.
     paused_until: Mutex<Option<Instant>>,
+    /// No per-second or per-minute limit in any scope: nothing but a pause
+    /// or an exhausted window ever makes a request wait, so a request
+    /// with nobody ahead takes its slot without queueing (see
+    /// [`ProviderLimits::take_open`]).
+    unpaced: bool,
 }
 
 impl ProviderLimits {
@@ -356,7 +391,35 @@ impl ProviderLimits {
             turn: tokio::sync::Mutex::new(()),
             waiting: AtomicUsize::new(0),
             paused_until: Mutex::new(None),
+            unpaced: [Some(limits), tenant_limits]
+                .into_iter()
+                .flatten()
+                .all(|l| l.per_second.is_none() && l.per_minute.is_none()),
         }
+    }
+
+    /// For an unpaced provider: the slot, counted in every scope, if
+    /// nothing blocks now; checked and counted under the scopes' locks
+    /// together (the client's first), so it is exact whether or not the
+    /// caller holds the turn.
+    fn take_open(&self, tenant: Option<&Scope>) -> Option<(u64, u64)> {
+        let now = Instant::now();
+        let wall = Utc::now();
+        let paused = self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
+        if paused.is_some_and(|t| t > now) {
+            return None;
+        }
+        let (mut day, mut throttle) = self.client.open(now, wall)?;
+        let tenant_seq = match tenant {
+            Some(t) => {
+                let (mut tday, mut tthrottle) = t.open(now, wall)?;
+                t.count_locked(&mut tday, &mut tthrottle)
+            }
+            None => 0,
+        };
+        let client_seq = self.client.count_locked(&mut day, &mut throttle);
+        drop(paused);
+        Some((client_seq, tenant_seq))
     }
 
     fn tenant(&self, account: &str) -> Option<Arc<Scope>> {
@@ -423,35 +486,75 @@ pub struct Answer {
     throttle: Reported,
     tenant_quota: Reported,
     tenant_throttle: Reported,
+    product_quota_reported: bool,
 }
 
 impl Answer {
     /// Reads Keap's `x-keap-{product,tenant}-{quota,throttle}-*` headers and
-    /// `Retry-After`; absent or malformed headers mean "not reported".
+    /// `Retry-After`; absent or malformed headers mean "not reported" (of
+    /// repeated ones, the first counts).
+    ///
+    /// One pass over the answer's headers, allocating nothing: it runs on
+    /// every proxied answer, and most carry no quota header at all.
     pub fn from_headers(status: u16, headers: &axum::http::HeaderMap) -> Answer {
-        let num = |name: &str| -> Option<u64> {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|s| s.trim().parse().ok())
-        };
-        let reported = |prefix: &str| Reported {
-            limit: num(&format!("{prefix}-limit")),
-            available: num(&format!("{prefix}-available")),
-            used: num(&format!("{prefix}-used")),
-            expiry_ms: num(&format!("{prefix}-expiry-time")).and_then(|v| i64::try_from(v).ok()),
-        };
-        Answer {
+        let mut answer = Answer {
             status,
             retry_after: headers
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(crate::provider::parse_retry_after),
-            quota: reported("x-keap-product-quota"),
-            throttle: reported("x-keap-product-throttle"),
-            tenant_quota: reported("x-keap-tenant-quota"),
-            tenant_throttle: reported("x-keap-tenant-throttle"),
+            ..Answer::default()
+        };
+        // Which of the 16 figures were seen already (the first one counts,
+        // as `HeaderMap::get` would have it).
+        let mut seen = 0u16;
+        for (name, value) in headers {
+            let Some(rest) = name.as_str().strip_prefix("x-keap-") else {
+                continue;
+            };
+            let (window, field, bit) = if let Some(f) = rest.strip_prefix("product-quota-") {
+                (&mut answer.quota, f, 0)
+            } else if let Some(f) = rest.strip_prefix("product-throttle-") {
+                (&mut answer.throttle, f, 4)
+            } else if let Some(f) = rest.strip_prefix("tenant-quota-") {
+                (&mut answer.tenant_quota, f, 8)
+            } else if let Some(f) = rest.strip_prefix("tenant-throttle-") {
+                (&mut answer.tenant_throttle, f, 12)
+            } else {
+                continue;
+            };
+            let bit = bit
+                + match field {
+                    "limit" => 0,
+                    "available" => 1,
+                    "used" => 2,
+                    "expiry-time" => 3,
+                    _ => continue,
+                };
+            if seen & (1 << bit) != 0 {
+                continue;
+            }
+            seen |= 1 << bit;
+            let n = value
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok());
+            match bit % 4 {
+                0 => window.limit = n,
+                1 => window.available = n,
+                2 => window.used = n,
+                _ => window.expiry_ms = n.and_then(|v| i64::try_from(v).ok()),
+            }
         }
+        answer.product_quota_reported = seen & (1 << 1) != 0;
+        answer
+    }
+
+    /// Whether the answer carried the provider's product quota
+    /// (`x-keap-product-quota-available`, even if unreadable): only then
+    /// is the daily figure worth publishing again.
+    pub fn reports_quota(&self) -> bool {
+        self.product_quota_reported
     }
 }
 
@@ -553,6 +656,16 @@ impl RateLimits {
         let tenant = p.tenant(account);
         let ahead = p.waiting.fetch_add(1, Ordering::SeqCst) as u64;
         let _waiting = Waiting(p.clone());
+        if p.unpaced && ahead == 0 {
+            if let Some((client_seq, tenant_seq)) = p.take_open(tenant.as_deref()) {
+                return Ok(Permit {
+                    provider: p.clone(),
+                    tenant,
+                    client_seq,
+                    tenant_seq,
+                });
+            }
+        }
         let wall = Utc::now();
         let now = tokio::time::Instant::now();
         // Refuse at once what cannot make it even if every limiter is rested.
@@ -573,7 +686,7 @@ impl RateLimits {
             return Err(p.limited("rate", d.max(deadline.saturating_duration_since(now))));
         };
         let (mut sec, mut min, mut tmin) = (false, false, false);
-        loop {
+        let taken = loop {
             let now = Instant::now();
             let wall = Utc::now();
             // Non-consuming blockers first, so no cell is wasted on them.
@@ -606,7 +719,13 @@ impl RateLimits {
                 }
             };
             match wait {
-                None => break,
+                // Taken under the windows' locks: a request that found
+                // nobody ahead may have taken a slot without the turn.
+                None if p.unpaced => match p.take_open(tenant.as_deref()) {
+                    Some(seqs) => break Some(seqs),
+                    None => continue,
+                },
+                None => break None,
                 Some((t, scope)) => {
                     let t = tokio::time::Instant::from_std(t);
                     if t > deadline {
@@ -615,9 +734,9 @@ impl RateLimits {
                     tokio::time::sleep_until(t).await;
                 }
             }
-        }
-        let client_seq = p.client.count();
-        let tenant_seq = tenant.as_ref().map_or(0, |t| t.count());
+        };
+        let (client_seq, tenant_seq) =
+            taken.unwrap_or_else(|| (p.client.count(), tenant.as_ref().map_or(0, |t| t.count())));
         drop(turn);
         Ok(Permit {
             provider: p,
@@ -751,6 +870,35 @@ mod tests {
         );
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unpaced_providers_never_grant_past_a_window_under_concurrency() {
+        let r = Arc::new(registry(limits(None, None, Some(20))));
+        let n = name();
+        let soon = tokio::time::Instant::now() + Duration::from_millis(200);
+        let mut tasks = Vec::new();
+        for _ in 0..60 {
+            let r = r.clone();
+            let n = n.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut ok = 0;
+                for _ in 0..3 {
+                    ok += usize::from(r.acquire(&n, "a", soon).await.is_ok());
+                }
+                ok
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            ok += t.await.unwrap();
+        }
+        assert_eq!(ok, 20);
+        let q = r.quota(&n, "a").unwrap();
+        assert_eq!(
+            (q.client.daily_available, q.client.daily_used),
+            (Some(0), 20)
+        );
+    }
+
     #[tokio::test]
     async fn per_second_spacing_and_early_refusal() {
         let r = Arc::new(registry(limits(Some(20), None, None)));
@@ -792,6 +940,74 @@ mod tests {
         h.insert("x-keap-product-quota-available", "7".parse().unwrap());
         first.learn(&Answer::from_headers(200, &h));
         assert_eq!(r.quota(&n, "a").unwrap().client.daily_available, Some(5));
+    }
+
+    #[test]
+    fn answers_read_every_keap_figure_and_only_those() {
+        let mut h = axum::http::HeaderMap::new();
+        for (scope, base) in [
+            ("product-quota", 10),
+            ("product-throttle", 20),
+            ("tenant-quota", 30),
+            ("tenant-throttle", 40),
+        ] {
+            h.insert(
+                axum::http::HeaderName::from_bytes(format!("x-keap-{scope}-limit").as_bytes())
+                    .unwrap(),
+                (base + 1).to_string().parse().unwrap(),
+            );
+            h.insert(
+                axum::http::HeaderName::from_bytes(format!("x-keap-{scope}-available").as_bytes())
+                    .unwrap(),
+                format!(" {} ", base + 2).parse().unwrap(),
+            );
+            h.insert(
+                axum::http::HeaderName::from_bytes(format!("x-keap-{scope}-used").as_bytes())
+                    .unwrap(),
+                (base + 3).to_string().parse().unwrap(),
+            );
+            h.insert(
+                axum::http::HeaderName::from_bytes(
+                    format!("x-keap-{scope}-expiry-time").as_bytes(),
+                )
+                .unwrap(),
+                (base + 4).to_string().parse().unwrap(),
+            );
+        }
+        h.insert("x-keap-product-quota-interval", "99".parse().unwrap());
+        h.insert("x-keap-other-limit", "99".parse().unwrap());
+        h.insert(reqwest::header::RETRY_AFTER, "7".parse().unwrap());
+        let a = Answer::from_headers(429, &h);
+        let r = |l, av, u, e| Reported {
+            limit: Some(l),
+            available: Some(av),
+            used: Some(u),
+            expiry_ms: Some(e),
+        };
+        assert_eq!(a.status, 429);
+        assert_eq!(a.retry_after, Some(Duration::from_secs(7)));
+        assert_eq!(a.quota, r(11, 12, 13, 14));
+        assert_eq!(a.throttle, r(21, 22, 23, 24));
+        assert_eq!(a.tenant_quota, r(31, 32, 33, 34));
+        assert_eq!(a.tenant_throttle, r(41, 42, 43, 44));
+        assert!(a.reports_quota());
+        // Malformed means not reported; of repeated ones the first counts,
+        // even when it is the malformed one.
+        let mut h = axum::http::HeaderMap::new();
+        h.append("x-keap-product-quota-available", "many".parse().unwrap());
+        h.append("x-keap-product-quota-available", "5".parse().unwrap());
+        h.append("x-keap-product-quota-limit", "9".parse().unwrap());
+        h.append("x-keap-product-quota-limit", "8".parse().unwrap());
+        h.insert("x-keap-product-quota-expiry-time", "-1".parse().unwrap());
+        let a = Answer::from_headers(200, &h);
+        assert_eq!(a.quota.available, None);
+        assert_eq!(a.quota.limit, Some(9));
+        assert_eq!(a.quota.expiry_ms, None);
+        assert!(a.reports_quota(), "the header was there, if unreadable");
+        let a = Answer::from_headers(200, &axum::http::HeaderMap::new());
+        assert!(!a.reports_quota());
+        assert_eq!(a.quota, Reported::default());
+        assert_eq!(a.retry_after, None);
     }
 
     #[tokio::test]

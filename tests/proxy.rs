@@ -530,3 +530,69 @@ async fn repeated_upstream_401s_rotate_once() {
     let (status, _) = h.token().await;
     assert_eq!(status, 200, "the grant is fine");
 }
+
+/// A refresh forced by an upstream 401 brings a grant whose extras name
+/// another instance (Salesforce `instance_url`): the retry sends the new
+/// token to the new grant's instance, never to the instance of the grant
+/// the request was first routed by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_goes_to_the_instance_of_the_token_it_sends() {
+    let mut h = Harness::new(Options {
+        sim: SimulatorConfig {
+            client_secret: common::CLIENT_SECRET.into(),
+            ..SimulatorConfig::like(tokenkeeper::config::Preset::Salesforce)
+        },
+        ..Options::default()
+    })
+    .await;
+    let instance = |name: &str| {
+        vec![(
+            "instance_url".to_string(),
+            serde_json::json!(format!("{{sim}}/api/{name}")),
+        )]
+    };
+    h.sim.sim.set_token_extras(instance("one"));
+    let sim = h.sim.base_url.clone();
+    h.write_config(
+        "",
+        "",
+        &format!(
+            "\n[providers.sf]\npreset = \"salesforce\"\nclient_id = \"demo-client\"\n\
+             client_secret_file = \"client-secret\"\nauthorization_url = \"{sim}/authorize\"\n\
+             token_url = \"{sim}/token\"\nrevocation_url = \"{sim}/revoke\"\n"
+        ),
+    );
+    h.start().await;
+    assert_eq!(h.authorize("sf", "default").await.status(), 200);
+    let (_, v) = h.get_json("/v1/token/sf").await;
+    assert_eq!(v["extra"]["instance_url"], format!("{sim}/api/one"), "{v}");
+    let echo = |h: &Harness| {
+        let r = h.http.get(h.url("/proxy/sf/check")).send();
+        async move {
+            let r = r.await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (status, v) = echo(&h).await;
+    assert_eq!(
+        (status, v["path"].as_str()),
+        (200, Some("one/check")),
+        "{v}"
+    );
+
+    // The organisation moved: the old token is dead, and the next grant
+    // names the new instance.
+    h.sim.sim.set_token_extras(instance("two"));
+    h.sim.sim.expire_access_tokens();
+    let (status, v) = echo(&h).await;
+    assert_eq!(
+        (status, v["path"].as_str()),
+        (200, Some("two/check")),
+        "the refreshed token went to the old grant's instance: {v}"
+    );
+    let (_, v) = h.get_json("/v1/token/sf").await;
+    assert_eq!(v["extra"]["instance_url"], format!("{sim}/api/two"), "{v}");
+}

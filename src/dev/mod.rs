@@ -810,6 +810,13 @@ impl Simulator {
         self.lock().config.access_lifetime = d;
     }
 
+    /// Members added to every token answer from now on (see
+    /// [`Quirks::token_extras`]), as when a provider moves an organisation
+    /// to another instance.
+    pub fn set_token_extras(&self, extras: Vec<(String, serde_json::Value)>) {
+        self.lock().config.quirks.token_extras = extras;
+    }
+
     /// Invalidates every existing refresh and access token, as if the user
     /// disconnected the app in Keap.
     pub fn revoke_all_grants(&self) {

@@ -35,6 +35,7 @@ use super::error::ApiError;
 use super::AppState;
 use crate::ratelimit::{Answer, RateLimits};
 use crate::refresh::{Engine, IssuedToken};
+use crate::store::GrantMeta;
 
 /// Request bodies up to this size (with a known length) are buffered so
 /// they can be replayed after a refresh or a 429; larger or chunked ones
@@ -85,6 +86,44 @@ pub struct Proxy {
     /// [`UNAUTHORIZED_COOLDOWN`]); entries exist only for connections that
     /// were refreshed, and [`Proxy::forget`] drops them.
     unauthorized_refreshes: std::sync::Mutex<HashMap<(String, String), std::time::Instant>>,
+    /// Each configured provider's series, registered once: a `counter!`
+    /// per request would allocate its labels and look the series up.
+    series: std::sync::RwLock<HashMap<String, Arc<Series>>>,
+    /// Each connection's base URL as of one snapshot of its grant (only for
+    /// presets whose extras may name one): checked and parsed once per
+    /// snapshot, not per request.
+    bases: std::sync::Mutex<HashMap<String, HashMap<String, CachedBase>>>,
+}
+
+/// One provider's proxy series.
+struct Series {
+    ok: metrics::Counter,
+    upstream_429: metrics::Counter,
+    limited: metrics::Counter,
+    error: metrics::Counter,
+    limited_total: metrics::Counter,
+    daily_available: metrics::Gauge,
+}
+
+impl Series {
+    fn new(provider: &str) -> Series {
+        let c = |outcome: &'static str| metrics::counter!(PROXY_REQUESTS_TOTAL, "provider" => provider.to_string(), "result" => outcome);
+        Series {
+            ok: c("ok"),
+            upstream_429: c("upstream_429"),
+            limited: c("limited"),
+            error: c("error"),
+            limited_total: metrics::counter!(PROXY_LIMITED_TOTAL, "provider" => provider.to_string()),
+            daily_available: metrics::gauge!(PROXY_DAILY_AVAILABLE, "provider" => provider.to_string()),
+        }
+    }
+}
+
+/// A connection's base URL and what it was computed from.
+struct CachedBase {
+    settings: std::sync::Weak<crate::refresh::Settings>,
+    meta: std::sync::Weak<GrantMeta>,
+    base: Option<Arc<Url>>,
 }
 
 impl Proxy {
@@ -114,7 +153,60 @@ impl Proxy {
             limits,
             max_wait,
             unauthorized_refreshes: std::sync::Mutex::new(HashMap::new()),
+            series: std::sync::RwLock::new(HashMap::new()),
+            bases: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The series of a configured provider (created at its first use).
+    fn series(&self, provider: &str) -> Arc<Series> {
+        if let Some(s) = self
+            .series
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(provider)
+        {
+            return s.clone();
+        }
+        self.series
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(provider.to_string())
+            .or_insert_with(|| Arc::new(Series::new(provider)))
+            .clone()
+    }
+
+    /// The base URL of `t`'s connection as of `meta` under `settings`: the
+    /// provider's `api_base_url`, or what the connection's extras name
+    /// ([`crate::provider::extras::base`]), computed once per snapshot.
+    fn base(
+        &self,
+        settings: &Arc<crate::refresh::Settings>,
+        config: &crate::config::ProviderConfig,
+        meta: &Arc<GrantMeta>,
+        t: &Target,
+    ) -> Option<Arc<Url>> {
+        if !crate::provider::extras::has_own_base(config) {
+            return config.api_base_url.clone().map(Arc::new);
+        }
+        let mut bases = self.bases.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = bases.get(&t.provider).and_then(|a| a.get(&t.account)) {
+            let same_settings = std::ptr::eq(c.settings.as_ptr(), Arc::as_ptr(settings));
+            let same_meta = std::ptr::eq(c.meta.as_ptr(), Arc::as_ptr(meta));
+            if same_settings && same_meta && c.meta.strong_count() > 0 {
+                return c.base.clone();
+            }
+        }
+        let base = crate::provider::extras::base(config, &meta.extra).map(Arc::new);
+        bases.entry(t.provider.clone()).or_default().insert(
+            t.account.clone(),
+            CachedBase {
+                settings: Arc::downgrade(settings),
+                meta: Arc::downgrade(meta),
+                base: base.clone(),
+            },
+        );
+        base
     }
 
     /// Makes every proxy series of these providers exist from the start,
@@ -150,6 +242,14 @@ impl Proxy {
     /// scope, its 401 cool-down).
     pub fn forget(&self, provider: &str, account: &str) {
         self.limits.forget(provider, account);
+        if let Some(accounts) = self
+            .bases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(provider)
+        {
+            accounts.remove(account);
+        }
         self.unauthorized_refreshes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -166,26 +266,19 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
     let result = send(&state, &target, req).await;
     // Counted per configured provider only: a label per name a client
     // makes up would grow the recorder without bound.
-    if !state
-        .engine
-        .settings()
-        .providers
-        .contains_key(&target.provider)
-    {
+    if matches!(result, Err(ApiError::UnknownProvider(_))) {
         return result.unwrap_or_else(IntoResponse::into_response);
     }
-    let outcome = match &result {
-        Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => "upstream_429",
-        Ok(_) => "ok",
+    let series = state.proxy.series(&target.provider);
+    match &result {
+        Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => series.upstream_429.increment(1),
+        Ok(_) => series.ok.increment(1),
         Err(ApiError::RateLimited(_)) => {
-            metrics::counter!(PROXY_LIMITED_TOTAL, "provider" => target.provider.clone())
-                .increment(1);
-            "limited"
+            series.limited_total.increment(1);
+            series.limited.increment(1);
         }
-        Err(_) => "error",
-    };
-    metrics::counter!(PROXY_REQUESTS_TOTAL, "provider" => target.provider.clone(), "result" => outcome)
-        .increment(1);
+        Err(_) => series.error.increment(1),
+    }
     match result {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -357,24 +450,32 @@ fn under_base(base: &Url, url: &Url) -> bool {
     {
         return false;
     }
-    let segs = |u: &Url| -> Vec<String> {
-        u.path_segments()
-            .map(|s| s.map(str::to_string).collect())
-            .unwrap_or_default()
-    };
-    let mut base_segs = segs(base);
-    if base_segs.last().is_some_and(String::is_empty) {
-        base_segs.pop();
+    // Segment-wise, without collecting: this runs on every request.
+    fn segments(u: &Url) -> impl Iterator<Item = &str> {
+        u.path_segments().into_iter().flatten()
     }
-    let url_segs = segs(url);
-    url_segs.len() > base_segs.len()
-        && url_segs.starts_with(&base_segs)
-        && url_segs[base_segs.len()..].iter().all(|s| {
-            s != "."
-                && s != ".."
-                && !s.eq_ignore_ascii_case("%2e")
-                && !s.eq_ignore_ascii_case("%2e%2e")
-        })
+    let mut base_len = segments(base).count();
+    if segments(base).last().is_some_and(str::is_empty) {
+        base_len -= 1;
+    }
+    let mut rest = segments(url);
+    for b in segments(base).take(base_len) {
+        if rest.next() != Some(b) {
+            return false;
+        }
+    }
+    let mut below = 0;
+    for s in rest {
+        if s == "."
+            || s == ".."
+            || s.eq_ignore_ascii_case("%2e")
+            || s.eq_ignore_ascii_case("%2e%2e")
+        {
+            return false;
+        }
+        below += 1;
+    }
+    below > 0
 }
 
 /// Whether an incoming or upstream header stays on this hop.
@@ -446,8 +547,13 @@ fn response_headers(upstream: &HeaderMap) -> HeaderMap {
     out
 }
 
-fn bearer(token: &IssuedToken) -> HeaderValue {
-    let mut v = HeaderValue::from_str(&format!("Bearer {}", token.access_token.expose_secret()))
+/// `Bearer <token>`, marked sensitive.
+fn bearer(secret: &str) -> HeaderValue {
+    let mut text = Vec::with_capacity(7 + secret.len());
+    text.extend_from_slice(b"Bearer ");
+    text.extend_from_slice(secret.as_bytes());
+    // `from_maybe_shared` keeps the buffer (no second copy) after checking it.
+    let mut v = HeaderValue::from_maybe_shared(Bytes::from(text))
         .unwrap_or_else(|_| HeaderValue::from_static("Bearer invalid"));
     // Keeps it out of hyper's debug output and HPACK tables.
     v.set_sensitive(true);
@@ -465,7 +571,7 @@ fn bearer(token: &IssuedToken) -> HeaderValue {
 async fn after_unauthorized(
     state: &AppState,
     t: &Target,
-    used: &IssuedToken,
+    used: &HeaderValue,
 ) -> Result<Option<IssuedToken>, ApiError> {
     let to_api = |e| ApiError::from_token_error(e, &state.public_url);
     let engine: &Engine = &state.engine;
@@ -473,7 +579,8 @@ async fn after_unauthorized(
         .token(&t.provider, &t.account)
         .await
         .map_err(to_api)?;
-    if current.access_token.expose_secret() != used.access_token.expose_secret() {
+    let used = used.as_bytes().strip_prefix(b"Bearer ").unwrap_or_default();
+    if current.access_token.expose_secret().as_bytes() != used {
         return Ok(Some(current));
     }
     if !state
@@ -491,6 +598,41 @@ async fn after_unauthorized(
         .map_err(to_api)
 }
 
+/// Where one request goes for one snapshot of its connection's grant: the
+/// upstream URL (checked to stay under the base) and the headers the
+/// connection's extras require.
+struct Route {
+    /// The grant snapshot the extras came from.
+    meta: Arc<GrantMeta>,
+    url: Url,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Route {
+    fn new(
+        state: &AppState,
+        settings: &Arc<crate::refresh::Settings>,
+        config: &crate::config::ProviderConfig,
+        meta: Arc<GrantMeta>,
+        incoming: &HeaderMap,
+        t: &Target,
+    ) -> Result<Route, ApiError> {
+        // A connection's extras may name its own base URL or a header the
+        // API requires (SPEC 11).
+        let headers = crate::provider::extras::headers(config, &meta.extra, incoming)
+            .map_err(|m| ApiError::BadRequest(format!("{m}; nothing was sent")))?;
+        let Some(base) = state.proxy.base(settings, config, &meta, t) else {
+            return Err(ApiError::BadRequest(format!(
+                "provider {:?} has no api_base_url; set providers.{}.api_base_url",
+                t.provider, t.provider
+            )));
+        };
+        let url = upstream_url(&base, &t.path, t.query.as_deref())
+            .map_err(|e| ApiError::BadRequest(format!("{e}; nothing was sent")))?;
+        Ok(Route { meta, url, headers })
+    }
+}
+
 async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, ApiError> {
     let proxy = &state.proxy;
     let engine = &state.engine;
@@ -499,27 +641,25 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
     let Some(provider) = settings.providers.get(&t.provider) else {
         return Err(ApiError::UnknownProvider(t.provider.clone()));
     };
-    // A connection's extras may name its own base URL or a header the API
-    // requires (SPEC 11).
-    let meta = engine
-        .grant_meta(&t.provider, &t.account)
-        .unwrap_or_default();
-    let connection =
-        crate::provider::extras::upstream(&provider.config, &meta.extra, req.headers())
-            .map_err(|m| ApiError::BadRequest(format!("{m}; nothing was sent")))?;
-    let Some(base) = &connection.base else {
-        return Err(ApiError::BadRequest(format!(
-            "provider {:?} has no api_base_url; set providers.{}.api_base_url",
-            t.provider, t.provider
-        )));
-    };
-    // Refused before anything else is touched (body, limits, token).
-    let url = upstream_url(base, &t.path, t.query.as_deref())
-        .map_err(|e| ApiError::BadRequest(format!("{e}; nothing was sent")))?;
+    // Refused before anything else is touched (body, limits, token), as the
+    // connection is now; checked again below against the grant the token
+    // comes from.
+    let meta = engine.grant_meta(&t.provider, &t.account);
+    let known = meta.is_some();
+    let mut route = Route::new(
+        state,
+        &settings,
+        &provider.config,
+        meta.unwrap_or_default(),
+        req.headers(),
+        t,
+    )?;
     // Unknown names cost nothing: no limiter entry, no quota.
-    engine
-        .check_known(&t.provider, &t.account)
-        .map_err(to_api)?;
+    if !known {
+        engine
+            .check_known(&t.provider, &t.account)
+            .map_err(to_api)?;
+    }
 
     let (parts, body) = req.into_parts();
     let replayable = body
@@ -534,10 +674,8 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
     } else {
         (None, Some(body))
     };
-    let mut headers = request_headers(&parts.headers, replay.is_some());
-    for (name, value) in connection.headers {
-        headers.insert(name, value);
-    }
+    // Moved into the first send; rebuilt only for a retry.
+    let mut headers = Some(request_headers(&parts.headers, replay.is_some()));
 
     // The token to send next, when the previous answer decided it.
     let mut next: Option<IssuedToken> = None;
@@ -550,31 +688,78 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
             .acquire(&t.provider, &t.account, deadline)
             .await?;
         // Taken after the wait: a refresh that landed meanwhile may have
-        // killed the token we would have held (SPEC 7).
-        let token = match next.take() {
-            Some(fresh) => fresh,
-            None => match engine.token(&t.provider, &t.account).await {
-                Ok(token) => token,
-                Err(e) => {
-                    if matches!(e, crate::refresh::TokenError::UnknownConnection { .. }) {
-                        // Forgotten during the wait.
-                        proxy.limits.forget(&t.provider, &t.account);
-                    }
-                    return Err(to_api(e));
+        // killed the token we would have held (SPEC 7). In place when the
+        // engine's fast lane can serve it (no allocation but the header).
+        let (authorization, grant) = match next.take() {
+            Some(fresh) => (
+                bearer(fresh.access_token.expose_secret()),
+                Some(fresh.extra),
+            ),
+            None => {
+                let fast = engine.with_fresh_token(
+                    &t.provider,
+                    &t.account,
+                    chrono::Utc::now(),
+                    |served| {
+                        let same = std::ptr::eq(served.extra, &route.meta.extra)
+                            || *served.extra == route.meta.extra;
+                        (
+                            bearer(served.access_token),
+                            (!same).then(|| served.extra.clone()),
+                        )
+                    },
+                );
+                match fast {
+                    Some((authorization, other)) => (
+                        authorization,
+                        other.map(|extra| {
+                            Arc::new(GrantMeta {
+                                extra,
+                                ..GrantMeta::default()
+                            })
+                        }),
+                    ),
+                    None => match engine.token(&t.provider, &t.account).await {
+                        Ok(token) => (
+                            bearer(token.access_token.expose_secret()),
+                            Some(token.extra),
+                        ),
+                        Err(e) => {
+                            if matches!(e, crate::refresh::TokenError::UnknownConnection { .. }) {
+                                // Forgotten during the wait.
+                                proxy.limits.forget(&t.provider, &t.account);
+                            }
+                            return Err(to_api(e));
+                        }
+                    },
                 }
-            },
+            }
         };
+        // The base URL and headers go with the token they were issued
+        // with: a grant replaced meanwhile (a new authorization, another
+        // Salesforce instance or Xero tenant) must not get the new token
+        // sent to the old grant's instance, or the reverse.
+        if let Some(grant) = grant {
+            if !Arc::ptr_eq(&grant, &route.meta) && grant.extra != route.meta.extra {
+                route = Route::new(state, &settings, &provider.config, grant, &parts.headers, t)?;
+            }
+        }
         let body = match (&replay, stream.take()) {
             (Some(b), _) => reqwest::Body::from(b.clone()),
             (None, Some(s)) => reqwest::Body::wrap_stream(s.into_data_stream()),
             // A streamed body is sent once; the loop only repeats with `replay`.
             (None, None) => return Err(body_unreadable(&"already sent")),
         };
-        let mut upstream_headers = headers.clone();
-        upstream_headers.insert(header::AUTHORIZATION, bearer(&token));
+        let mut upstream_headers = headers
+            .take()
+            .unwrap_or_else(|| request_headers(&parts.headers, replay.is_some()));
+        for (name, value) in &route.headers {
+            upstream_headers.insert(name.clone(), value.clone());
+        }
+        upstream_headers.insert(header::AUTHORIZATION, authorization.clone());
         let resp = proxy
             .http
-            .request(parts.method.clone(), url.clone())
+            .request(parts.method.clone(), route.url.clone())
             .headers(upstream_headers)
             .body(body)
             .send()
@@ -583,18 +768,17 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
         let status = resp.status();
         let answer = Answer::from_headers(status.as_u16(), resp.headers());
         permit.learn(&answer);
-        if answer_has_quota(resp.headers()) {
+        if answer.reports_quota() {
             if let Some(q) = proxy.limits.quota(&t.provider, &t.account) {
                 if let Some(a) = q.client.daily_available {
-                    metrics::gauge!(PROXY_DAILY_AVAILABLE, "provider" => t.provider.clone())
-                        .set(a as f64);
+                    proxy.series(&t.provider).daily_available.set(a as f64);
                 }
             }
         }
         let can_retry = replay.is_some();
         if status == StatusCode::UNAUTHORIZED && can_retry && !retried_401 {
             retried_401 = true;
-            if let Some(fresh) = after_unauthorized(state, t, &token).await? {
+            if let Some(fresh) = after_unauthorized(state, t, &authorization).await? {
                 next = Some(fresh);
                 continue;
             }
@@ -608,10 +792,6 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
         }
         return relay(resp, &proxy.limits, t).await;
     }
-}
-
-fn answer_has_quota(h: &HeaderMap) -> bool {
-    h.contains_key("x-keap-product-quota-available")
 }
 
 /// The provider's answer: streamed, except that a small one of known

@@ -35,51 +35,85 @@ pub fn upstream(
     extra: &Extras,
     incoming: &HeaderMap,
 ) -> Result<Upstream, String> {
-    let mut up = Upstream {
-        base: config.api_base_url.clone(),
-        headers: Vec::new(),
-    };
+    Ok(Upstream {
+        base: base(config, extra),
+        headers: headers(config, extra, incoming)?,
+    })
+}
+
+/// Whether some extra of this provider's preset may name the base URL: if
+/// not, every connection's base is `api_base_url` and [`base`] need not
+/// be asked per connection.
+pub fn has_own_base(config: &ProviderConfig) -> bool {
+    config
+        .preset
+        .spec()
+        .extras
+        .iter()
+        .any(|e| matches!(e.used_as, ExtraUse::ApiBaseUrl(_)))
+}
+
+/// The connection's base URL (checked as the module doc says), or the
+/// provider's `api_base_url`. A function of the configuration and the
+/// stored extras only, so it can be kept as long as both are unchanged.
+pub fn base(config: &ProviderConfig, extra: &Extras) -> Option<Url> {
+    let mut base = config.api_base_url.clone();
     for e in config.preset.spec().extras {
+        let ExtraUse::ApiBaseUrl(domains) = e.used_as else {
+            continue;
+        };
         let Some(value) = extra.get(e.key) else {
             continue;
         };
-        match e.used_as {
-            ExtraUse::Caller => {}
-            ExtraUse::ApiBaseUrl(domains) => {
-                let local = is_loopback(&config.token_url)
-                    || config.api_base_url.as_ref().is_some_and(is_loopback);
-                if let Some(url) = value.as_str().and_then(|t| base_url(t, domains, local)) {
-                    up.base = Some(url);
+        let local =
+            is_loopback(&config.token_url) || config.api_base_url.as_ref().is_some_and(is_loopback);
+        if let Some(url) = value.as_str().and_then(|t| base_url(t, domains, local)) {
+            base = Some(url);
+        }
+    }
+    base
+}
+
+/// Headers the connection's API requires that the caller did not send, or
+/// a sentence saying what the caller must add.
+pub fn headers(
+    config: &ProviderConfig,
+    extra: &Extras,
+    incoming: &HeaderMap,
+) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+    let mut out = Vec::new();
+    for e in config.preset.spec().extras {
+        let ExtraUse::HeaderWhenOne(name) = e.used_as else {
+            continue;
+        };
+        let Some(value) = extra.get(e.key) else {
+            continue;
+        };
+        let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
+            continue;
+        };
+        if incoming.contains_key(&header) {
+            continue;
+        }
+        let ids = list_ids(value);
+        match ids.as_slice() {
+            [] => {}
+            [one] => {
+                if let Ok(v) = HeaderValue::from_str(one) {
+                    out.push((header, v));
                 }
             }
-            ExtraUse::HeaderWhenOne(name) => {
-                let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
-                    continue;
-                };
-                if incoming.contains_key(&header) {
-                    continue;
-                }
-                let ids = list_ids(value);
-                match ids.as_slice() {
-                    [] => {}
-                    [one] => {
-                        if let Ok(v) = HeaderValue::from_str(one) {
-                            up.headers.push((header, v));
-                        }
-                    }
-                    several => {
-                        return Err(format!(
-                            "this connection has {} {} ({}); send the {name} header with the one this request is for",
-                            several.len(),
-                            e.key,
-                            several.join(", ")
-                        ))
-                    }
-                }
+            several => {
+                return Err(format!(
+                    "this connection has {} {} ({}); send the {name} header with the one this request is for",
+                    several.len(),
+                    e.key,
+                    several.join(", ")
+                ))
             }
         }
     }
-    Ok(up)
+    Ok(out)
 }
 
 /// The `id` of each entry of a stored list (see
