@@ -31,7 +31,7 @@
 # BENCH_ROUNDS (3), BENCH_HTTP_CONNECTIONS (64), BENCH_WRK_THREADS (2),
 # BENCH_PORT_BASE (18780), BENCH_WAVE_SECONDS (60), BENCH_PROFILE=1 (perf
 # profile of the token endpoint and of the proxy, needs perf),
-# BENCH_PROXY_BASELINE (part 6), PROXY_DURATION (s per proxy wrk run;
+# BENCH_PROXY_BASELINE (part 6), BENCH_PROXY_DURATION (s per proxy wrk run;
 # BENCH_DURATION), BENCH_SKIP_INSTALL=1,
 # BENCH_PARTS (which of "token herd scale cost cluster proxy" to run; all but
 # cluster by default),
@@ -356,7 +356,7 @@ TKP_PORT=$((PROXY_PORT + 2))
 TKB_PORT=$((PROXY_PORT + 3))
 PD=$TMP/proxy
 mkdir -p "$PD/up" "$PD/np" "$PD/tk" "$PD/tkb"
-PROXY_DURATION=${PROXY_DURATION:-$DURATION}
+PROXY_DURATION=${BENCH_PROXY_DURATION:-$DURATION}
 RAWP=$TMP/raw-proxy.txt
 : >"$RAWP"
 # A tokenkeeper proxy: the seeded `demo` grant, its provider turned into a
