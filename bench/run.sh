@@ -9,14 +9,22 @@
 #    idle CPU with the default settings (% of a core, CPU-ms per hour),
 #    refresh wave.
 # 4. Cost per token-day with Keap's 24 h tokens.
-# 5. Cluster (only with BENCH_PARTS naming `cluster`; needs the PostgreSQL
-#    server binaries, pg_ctl/initdb): a throw-away PostgreSQL cluster
+# 5. Cluster (in the default run when the PostgreSQL server binaries,
+#    pg_ctl/initdb, are installed; the report says so when they are not;
+#    with BENCH_PARTS naming `cluster` they are required): a throw-away PostgreSQL cluster
 #    (tests/postgres/start.sh, removed at the end), three daemons on it, a
 #    herd of 3 x BENCH_CLUSTER_CALLERS (1,000) callers on a token that must
 #    refresh (exactly one upstream call is asserted), time to the last token
 #    against the provider delay (BENCH_CLUSTER_DELAY_MS, 200), rotation
 #    propagation p50/p99 (BENCH_CLUSTER_ROTATIONS, 100), and the token
 #    endpoint on PostgreSQL against SQLite, alternated BENCH_ROUNDS times.
+# 6. Soak: "a day" at high speed: BENCH_SOAK_REFRESHES (100,000) refreshes
+#    of BENCH_SOAK_CONNECTIONS (1,000) connections with BENCH_SOAK_LIFETIME
+#    (2) s tokens, provider limits raised, with BENCH_SOAK_PROXIED (100,000)
+#    proxied calls, BENCH_SOAK_TOKENS (100,000) token calls and
+#    BENCH_SOAK_SCRAPES (2,000) /metrics scrapes beside them; the daemon's
+#    RSS after warm-up, at ten checkpoints and at the end, and its growth
+#    per 10,000 of each (bench/tool/src/soak.rs). Bounded by those counts.
 #
 # Prints `name: value (baseline: value, ratio: r)` lines and writes the whole
 # run to bench/results/latest.md. Uses only 127.0.0.1; cleans up everything
@@ -24,11 +32,12 @@
 # BENCH_ROUNDS (3), BENCH_HTTP_CONNECTIONS (64), BENCH_WRK_THREADS (2),
 # BENCH_PORT_BASE (18780), BENCH_WAVE_SECONDS (60), BENCH_PROFILE=1 (perf
 # profile of the token endpoint, needs perf), BENCH_SKIP_INSTALL=1,
-# BENCH_PARTS (which of "token herd scale cost cluster" to run; all but
-# cluster by default),
+# BENCH_PARTS (which of "token herd scale cost soak cluster" to run; all
+# by default, cluster only when PostgreSQL's server binaries are installed),
 # BENCH_IDLE_SECONDS (120: the idle-CPU window of part 3; 0 skips it),
-# BENCH_IDLE_BASELINE (a git revision, e.g. d74c930: its daemon is built
-# from a temporary worktree and its idle CPU measured beside this one's),
+# BENCH_IDLE_BASELINE (a tokenkeeper binary, or a git revision, e.g.
+# d74c930, whose daemon is built from a temporary worktree: its idle CPU is
+# measured beside this one's, alternated BENCH_IDLE_ROUNDS (1) times),
 # BENCH_CONNECTIONS (10000), BENCH_DEV_BUILD=1 (debug builds in the usual
 # target directories: quick, to check the script runs; figures meaningless).
 # BENCH_TARGET_DIR (where release builds go; bench/target by default:
@@ -48,11 +57,22 @@ FLOOR_PORT=$((BASE + 2))
 HERD_PORT=$((BASE + 3))
 SCALE_PORT=$((BASE + 4))
 CLUSTER_PORT=$((BASE + 5)) # and the next three
+SOAK_PORT=$((BASE + 15))
 RESULTS=$ROOT/bench/results
 OUT=$RESULTS/latest.md
 
 log() { printf '%s\n' "$*" >&2; }
-PARTS=" ${BENCH_PARTS:-token herd scale cost} "
+have_pg() { ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null; }
+# Why a part of the default run was left out, for the report.
+SKIPPED=""
+if [ -n "${BENCH_PARTS:-}" ]; then
+    PARTS=" $BENCH_PARTS "
+elif have_pg; then
+    PARTS=" token herd scale cost soak cluster "
+else
+    PARTS=" token herd scale cost soak "
+    SKIPPED="cluster: not measured: the PostgreSQL server binaries (pg_ctl, initdb) are not installed (apt-get install postgresql, then run again)"
+fi
 want() { [[ $PARTS == *" $1 "* ]]; }
 
 # --- 0. tools ---------------------------------------------------------------
@@ -70,7 +90,7 @@ NEEDED="python3 cargo curl"
 want token && NEEDED="wrk $NEEDED"
 if want cluster; then
     # What tests/postgres/start.sh looks for, checked before the long build.
-    ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || {
+    have_pg || {
         log "bench: the cluster part needs the PostgreSQL server binaries (pg_ctl, initdb): apt-get install postgresql"
         exit 2
     }
@@ -78,7 +98,7 @@ fi
 for t in $NEEDED; do
     command -v "$t" >/dev/null || { log "bench: $t is required"; exit 2; }
 done
-for p in $TK_PORT $NGINX_PORT $FLOOR_PORT $HERD_PORT $SCALE_PORT $(want cluster && seq "$CLUSTER_PORT" $((CLUSTER_PORT + 3))); do
+for p in $TK_PORT $NGINX_PORT $FLOOR_PORT $HERD_PORT $SCALE_PORT $SOAK_PORT $(want cluster && seq "$CLUSTER_PORT" $((CLUSTER_PORT + 3))); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
         log "bench: 127.0.0.1:$p is in use; set BENCH_PORT_BASE"; exit 2
     fi
@@ -135,11 +155,19 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 if [ -n "${BENCH_IDLE_BASELINE:-}" ] && want scale; then
-    log "building the baseline daemon ($BENCH_IDLE_BASELINE) for the idle-CPU comparison"
-    git worktree add --quiet --detach "$TMP/baseline-src" "$BENCH_IDLE_BASELINE"
-    (cd "$TMP/baseline-src" && CARGO_TARGET_DIR=$ROOT/bench/target/baseline cargo build --release --quiet --bin tokenkeeper)
-    cp "$ROOT/bench/target/baseline/release/tokenkeeper" "$TMP/bin/tokenkeeper-baseline"
-    git worktree remove --force "$TMP/baseline-src"
+    if [ -f "$BENCH_IDLE_BASELINE" ] && [ -x "$BENCH_IDLE_BASELINE" ]; then
+        cp "$BENCH_IDLE_BASELINE" "$TMP/bin/tokenkeeper-baseline"
+    else
+        log "building the baseline daemon ($BENCH_IDLE_BASELINE) for the idle-CPU comparison"
+        git worktree add --quiet --detach "$TMP/baseline-src" "$BENCH_IDLE_BASELINE"
+        # The same target directory as this build's: the dependencies are
+        # shared (only the package itself builds again), and this build's
+        # binaries were copied to $TMP/bin above.
+        BASELINE_TARGET=${BENCH_TARGET_DIR:-$ROOT/bench/target}
+        (cd "$TMP/baseline-src" && CARGO_TARGET_DIR=$BASELINE_TARGET cargo build --release --quiet --bin tokenkeeper)
+        cp "$BASELINE_TARGET/release/tokenkeeper" "$TMP/bin/tokenkeeper-baseline"
+        git worktree remove --force "$TMP/baseline-src"
+    fi
     export BENCH_BASELINE_BIN=$TMP/bin/tokenkeeper-baseline
 fi
 RAW=$TMP/raw.txt
@@ -298,6 +326,18 @@ log "4/4 cost per token-day"
 "$TOOL" cost >>"$FIG"
 fi
 
+if want soak; then
+# --- 6. soak ----------------------------------------------------------------------
+log "soak: ${BENCH_SOAK_REFRESHES:-100000} refreshes of short-lived tokens with proxied calls, token calls and scrapes"
+mkdir -p "$TMP/soak"
+# Bounded by counts; the timeout only stops a stuck run.
+timeout 1800 "$TOOL" soak "$TK" "$TMP/soak" "$SOAK_PORT" >>"$FIG" || {
+    tail -n 20 "$TMP/soak/soak.log" >&2 || true
+    log "bench: the soak part failed"
+    exit 1
+}
+fi
+
 if want cluster; then
 # --- 5. cluster -------------------------------------------------------------------
 log "5/5 cluster: a throw-away PostgreSQL, three daemons on it, one SQLite daemon"
@@ -328,6 +368,7 @@ fi
 fi
 
 # --- report -----------------------------------------------------------------------
+[ -n "$SKIPPED" ] && echo "$SKIPPED" >>"$FIG"
 cat "$FIG"
 mkdir -p "$RESULTS"
 {
