@@ -45,7 +45,9 @@ impl Index {
             }
         }
         let lists = self.by_connection.entry(connection_id).or_default();
-        let kept = usize::try_from(FINGERPRINTS_KEPT).unwrap_or(usize::MAX).max(1);
+        let kept = usize::try_from(FINGERPRINTS_KEPT)
+            .unwrap_or(usize::MAX)
+            .max(1);
         // The oldest leave before the newest enters: a full list pushed
         // first would double its capacity, and every connection's list
         // fills up in its lifetime, so that would double this index.

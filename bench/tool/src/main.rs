@@ -700,7 +700,7 @@ async fn idle(bin: &Path, dir: &Path, port: u16, sim: &RunningSimulator, n: usiz
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         let m = v.len() / 2;
-        if v.len() % 2 == 0 {
+        if v.len().is_multiple_of(2) {
             (v[m - 1] + v[m]) / 2.0
         } else {
             v[m]

@@ -289,7 +289,13 @@ fn report(samples: &[Sample], elapsed: f64, cpu: f64, tally: &Tally, n: usize, l
     let mb = |kb: u64| kb as f64 / 1024.0;
     let (warm, end) = (&samples[0], &samples[samples.len() - 1]);
     let growth = mb(end.rss_kb) - mb(warm.rss_kb);
-    figure("soak_rss_after_warmup", mb(warm.rss_kb), "MB", 30.0, "(target)");
+    figure(
+        "soak_rss_after_warmup",
+        mb(warm.rss_kb),
+        "MB",
+        30.0,
+        "(target)",
+    );
     figure("soak_rss_end", mb(end.rss_kb), "MB", 30.0, "(target)");
     figure(
         "soak_rss_end_vs_warmup",
