@@ -72,6 +72,8 @@ fn interleave(counts: &[(Kind, u64)]) -> Vec<Kind> {
 struct Tally {
     ok: [AtomicU64; 3],
     failed: [AtomicU64; 3],
+    /// Failures by kind and status (0: no answer).
+    why: std::sync::Mutex<std::collections::BTreeMap<(&'static str, u16), u64>>,
 }
 
 fn slot(kind: Kind) -> usize {
@@ -89,15 +91,22 @@ struct Sample {
     scrapes: u64,
     tokens: u64,
     rss_kb: u64,
-    fds: usize,
+    fds: (usize, usize),
     threads: u64,
     series: usize,
 }
 
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+/// Open file descriptors, and how many of them are sockets.
+fn open_fds(pid: u32) -> (usize, usize) {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return (0, 0);
+    };
+    let links: Vec<String> = dir
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|l| l.display().to_string())
+        .collect();
+    let sockets = links.iter().filter(|l| l.starts_with("socket:")).count();
+    (links.len(), sockets)
 }
 
 /// Series (sample lines) in one scrape of `/metrics`.
@@ -226,17 +235,31 @@ pub async fn soak(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
                             Kind::Token => format!("{base}/v1/token/demo/{account}"),
                             Kind::Scrape => format!("{base}/metrics"),
                         };
-                        let ok = match client.get(&url).send().await {
+                        let status = match client.get(&url).send().await {
                             Ok(resp) => {
-                                let good = resp.status().is_success();
+                                let status = resp.status().as_u16();
                                 // Read the whole body: the daemon's work
                                 // includes writing it.
-                                resp.bytes().await.is_ok() && good
+                                if resp.bytes().await.is_ok() {
+                                    status
+                                } else {
+                                    0
+                                }
                             }
-                            Err(_) => false,
+                            Err(_) => 0,
                         };
-                        let counter = if ok { &tally.ok } else { &tally.failed };
-                        counter[slot(kind)].fetch_add(1, Ordering::Relaxed);
+                        if (200..300).contains(&status) {
+                            tally.ok[slot(kind)].fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            tally.failed[slot(kind)].fetch_add(1, Ordering::Relaxed);
+                            let name = ["proxied", "token", "scrape"][slot(kind)];
+                            *tally
+                                .why
+                                .lock()
+                                .unwrap()
+                                .entry((name, status))
+                                .or_default() += 1;
+                        }
                     }
                 });
             }
@@ -260,14 +283,15 @@ pub async fn soak(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
             }
             let s = sample(series(&client, &base).await?);
             eprintln!(
-                "soak: segment {}/{SEGMENTS}: {} refreshes, {} proxied, {} token calls, {} scrapes, RSS {:.1} MB, {} fds, {} threads, {} series, {:.0} s",
+                "soak: segment {}/{SEGMENTS}: {} refreshes, {} proxied, {} token calls, {} scrapes, RSS {:.1} MB, {} fds ({} sockets), {} threads, {} series, {:.0} s",
                 seg + 1,
                 s.refreshes,
                 s.proxied,
                 s.tokens,
                 s.scrapes,
                 s.rss_kb as f64 / 1024.0,
-                s.fds,
+                s.fds.0,
+                s.fds.1,
                 s.threads,
                 s.series,
                 start.elapsed().as_secs_f64()
@@ -416,8 +440,15 @@ fn report(samples: &[Sample], elapsed: f64, cpu: f64, tally: &Tally, n: usize, l
             .join(", ")
     );
     println!(
-        "soak_resources: metric series {} -> {}, open fds {} -> {}, threads {} -> {} (after warm-up -> end; target: equal)",
-        warm.series, end.series, warm.fds, end.fds, warm.threads, end.threads
+        "soak_resources: metric series {} -> {}, open fds {} -> {} (sockets {} -> {}), threads {} -> {} (after warm-up -> end; target: equal)",
+        warm.series,
+        end.series,
+        warm.fds.0,
+        end.fds.0,
+        warm.fds.1,
+        end.fds.1,
+        warm.threads,
+        end.threads
     );
     let count = |a: &[AtomicU64; 3], i: usize| a[i].load(Ordering::Relaxed);
     println!(
@@ -433,4 +464,14 @@ fn report(samples: &[Sample], elapsed: f64, cpu: f64, tally: &Tally, n: usize, l
         count(&tally.ok, 2),
         count(&tally.failed, 2),
     );
+    let why = tally.why.lock().unwrap();
+    if !why.is_empty() {
+        println!(
+            "soak_failures: {} (kind status: count; status 0: no answer)",
+            why.iter()
+                .map(|((k, st), c)| format!("{k} {st}: {c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
 }
