@@ -18,7 +18,7 @@
 #    against the provider delay (BENCH_CLUSTER_DELAY_MS, 200), rotation
 #    propagation p50/p99 (BENCH_CLUSTER_ROTATIONS, 100), and the token
 #    endpoint on PostgreSQL against SQLite, alternated BENCH_ROUNDS times.
-# 6. Soak: "a day" at high speed: BENCH_SOAK_REFRESHES (100,000) refreshes
+# 6. Soak: "a day" at high speed: BENCH_SOAK_REFRESHES (150,000) refreshes
 #    of BENCH_SOAK_CONNECTIONS (1,000) connections with BENCH_SOAK_LIFETIME
 #    (2) s tokens, provider limits raised, with BENCH_SOAK_PROXIED (100,000)
 #    proxied calls, BENCH_SOAK_TOKENS (100,000) token calls and
@@ -328,7 +328,7 @@ fi
 
 if want soak; then
 # --- 6. soak ----------------------------------------------------------------------
-log "soak: ${BENCH_SOAK_REFRESHES:-100000} refreshes of short-lived tokens with proxied calls, token calls and scrapes"
+log "soak: ${BENCH_SOAK_REFRESHES:-150000} refreshes of short-lived tokens with proxied calls, token calls and scrapes"
 mkdir -p "$TMP/soak"
 # Bounded by counts; the timeout only stops a stuck run.
 timeout 1800 "$TOOL" soak "$TK" "$TMP/soak" "$SOAK_PORT" >>"$FIG" || {
