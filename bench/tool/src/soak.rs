@@ -315,7 +315,51 @@ pub async fn soak(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
     stop(&mut child);
     let (samples, elapsed, cpu, tally) = r?;
     report(&samples, elapsed, cpu, &tally, n, lifetime);
+    index_at_scale(env_or("BENCH_SOAK_INDEX_CONNECTIONS", 10_000));
     Ok(())
+}
+
+/// What the fingerprint index holds once `n` connections have each
+/// rotated `FINGERPRINTS_KEPT` times (with Keap's 24 h tokens, some seven
+/// weeks): built here with the daemon's own `Recognizer`, and measured as
+/// the growth of this process's VmRSS. The soak's connections are too few
+/// to show it at the scale the RSS target is set for.
+fn index_at_scale(n: usize) {
+    use tokenkeeper::refresh::recognizer::Recognizer;
+    use tokenkeeper::store::{TokenKind, FINGERPRINTS_KEPT};
+    if n == 0 {
+        return;
+    }
+    let me = std::process::id();
+    let before = proc_field(me, "VmRSS:").unwrap_or(0);
+    let r = Recognizer::new([7; 32]);
+    for round in 0..FINGERPRINTS_KEPT {
+        for c in 0..n as i64 {
+            r.add(
+                c,
+                &[
+                    r.fingerprint(TokenKind::Access, &format!("a-{c}-{round}")),
+                    r.fingerprint(TokenKind::Refresh, &format!("r-{c}-{round}")),
+                ],
+            );
+        }
+    }
+    let after = proc_field(me, "VmRSS:").unwrap_or(0);
+    let mb = after.saturating_sub(before) as f64 / 1024.0;
+    figure(
+        &format!("soak_fingerprint_index_full_{n}"),
+        mb,
+        "MB",
+        30.0,
+        &format!(
+            "(the whole daemon's RSS target; {} fingerprints: {FINGERPRINTS_KEPT} refresh and {FINGERPRINTS_KEPT} access per connection, as the store keeps them)",
+            r.len()
+        ),
+    );
+    println!(
+        "soak_fingerprint_index_per_connection: {:.1} KB when full",
+        mb * 1024.0 / n as f64
+    );
 }
 
 fn report(samples: &[Sample], elapsed: f64, cpu: f64, tally: &Tally, n: usize, lifetime: u64) {
