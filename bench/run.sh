@@ -25,6 +25,8 @@
 #    BENCH_SOAK_SCRAPES (2,000) /metrics scrapes beside them; the daemon's
 #    RSS after warm-up, at ten checkpoints and at the end, and its growth
 #    per 10,000 of each (bench/tool/src/soak.rs). Bounded by those counts.
+# With BENCH_IDLE_BASELINE, BENCH_IDLE_ROUNDS (1) alternates the idle-CPU
+# measurement of this build and the baseline that many times (medians).
 #
 # Prints `name: value (baseline: value, ratio: r)` lines and writes the whole
 # run to bench/results/latest.md. Uses only 127.0.0.1; cleans up everything
@@ -35,9 +37,9 @@
 # BENCH_PARTS (which of "token herd scale cost soak cluster" to run; all
 # by default, cluster only when PostgreSQL's server binaries are installed),
 # BENCH_IDLE_SECONDS (120: the idle-CPU window of part 3; 0 skips it),
-# BENCH_IDLE_BASELINE (a tokenkeeper binary, or a git revision, e.g.
-# d74c930, whose daemon is built from a temporary worktree: its idle CPU is
-# measured beside this one's, alternated BENCH_IDLE_ROUNDS (1) times),
+# BENCH_IDLE_BASELINE (a git revision, e.g. d74c930: its daemon is built
+# from a temporary worktree and its idle CPU measured beside this one's;
+# or the path of a daemon binary built beforehand),
 # BENCH_CONNECTIONS (10000), BENCH_DEV_BUILD=1 (debug builds in the usual
 # target directories: quick, to check the script runs; figures meaningless).
 # BENCH_TARGET_DIR (where release builds go; bench/target by default:
@@ -154,20 +156,16 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if [ -n "${BENCH_IDLE_BASELINE:-}" ] && want scale; then
-    if [ -f "$BENCH_IDLE_BASELINE" ] && [ -x "$BENCH_IDLE_BASELINE" ]; then
-        cp "$BENCH_IDLE_BASELINE" "$TMP/bin/tokenkeeper-baseline"
-    else
-        log "building the baseline daemon ($BENCH_IDLE_BASELINE) for the idle-CPU comparison"
-        git worktree add --quiet --detach "$TMP/baseline-src" "$BENCH_IDLE_BASELINE"
-        # The same target directory as this build's: the dependencies are
-        # shared (only the package itself builds again), and this build's
-        # binaries were copied to $TMP/bin above.
-        BASELINE_TARGET=${BENCH_TARGET_DIR:-$ROOT/bench/target}
-        (cd "$TMP/baseline-src" && CARGO_TARGET_DIR=$BASELINE_TARGET cargo build --release --quiet --bin tokenkeeper)
-        cp "$BASELINE_TARGET/release/tokenkeeper" "$TMP/bin/tokenkeeper-baseline"
-        git worktree remove --force "$TMP/baseline-src"
-    fi
+if [ -n "${BENCH_IDLE_BASELINE:-}" ] && [ -x "$BENCH_IDLE_BASELINE" ] && want scale; then
+    # A daemon binary built beforehand.
+    cp "$BENCH_IDLE_BASELINE" "$TMP/bin/tokenkeeper-baseline"
+    export BENCH_BASELINE_BIN=$TMP/bin/tokenkeeper-baseline
+elif [ -n "${BENCH_IDLE_BASELINE:-}" ] && want scale; then
+    log "building the baseline daemon ($BENCH_IDLE_BASELINE) for the idle-CPU comparison"
+    git worktree add --quiet --detach "$TMP/baseline-src" "$BENCH_IDLE_BASELINE"
+    (cd "$TMP/baseline-src" && CARGO_TARGET_DIR=$ROOT/bench/target/baseline cargo build --release --quiet --bin tokenkeeper)
+    cp "$ROOT/bench/target/baseline/release/tokenkeeper" "$TMP/bin/tokenkeeper-baseline"
+    git worktree remove --force "$TMP/baseline-src"
     export BENCH_BASELINE_BIN=$TMP/bin/tokenkeeper-baseline
 fi
 RAW=$TMP/raw.txt
