@@ -9,8 +9,9 @@
 #    idle CPU with the default settings (% of a core, CPU-ms per hour),
 #    refresh wave.
 # 4. Cost per token-day with Keap's 24 h tokens.
-# 5. Cluster (only with BENCH_PARTS naming `cluster`; needs the PostgreSQL
-#    server binaries, pg_ctl/initdb): a throw-away PostgreSQL cluster
+# 5. Cluster (in the default run when the PostgreSQL server binaries,
+#    pg_ctl/initdb, are installed; the report says so when they are not;
+#    with BENCH_PARTS naming `cluster` they are required): a throw-away PostgreSQL cluster
 #    (tests/postgres/start.sh, removed at the end), three daemons on it, a
 #    herd of 3 x BENCH_CLUSTER_CALLERS (1,000) callers on a token that must
 #    refresh (exactly one upstream call is asserted), time to the last token
@@ -24,6 +25,15 @@
 #    alternated; throughput, p50/p99, added latency over direct. With
 #    BENCH_PROXY_BASELINE=/path/to/tokenkeeper another build's proxy runs
 #    beside (A/B of a change, same rounds).
+# 7. Soak: "a day" at high speed: BENCH_SOAK_REFRESHES (150,000) refreshes
+#    of BENCH_SOAK_CONNECTIONS (1,000) connections with BENCH_SOAK_LIFETIME
+#    (2) s tokens, provider limits raised, with BENCH_SOAK_PROXIED (100,000)
+#    proxied calls, BENCH_SOAK_TOKENS (100,000) token calls and
+#    BENCH_SOAK_SCRAPES (2,000) /metrics scrapes beside them; the daemon's
+#    RSS after warm-up, at ten checkpoints and at the end, and its growth
+#    per 10,000 of each (bench/tool/src/soak.rs). Bounded by those counts.
+# With BENCH_IDLE_BASELINE, BENCH_IDLE_ROUNDS (1) alternates the idle-CPU
+# measurement of this build and the baseline that many times (medians).
 #
 # Prints `name: value (baseline: value, ratio: r)` lines and writes the whole
 # run to bench/results/latest.md. Uses only 127.0.0.1; cleans up everything
@@ -33,8 +43,9 @@
 # profile of the token endpoint and of the proxy, needs perf),
 # BENCH_PROXY_BASELINE (part 6), BENCH_PROXY_DURATION (s per proxy wrk run;
 # BENCH_DURATION), BENCH_SKIP_INSTALL=1,
-# BENCH_PARTS (which of "token herd scale cost cluster proxy" to run; all but
-# cluster by default),
+# BENCH_PARTS (which of "token herd scale cost proxy soak cluster" to run;
+# all by default, cluster only when PostgreSQL's server binaries are
+# installed),
 # BENCH_IDLE_SECONDS (120: the idle-CPU window of part 3; 0 skips it),
 # BENCH_IDLE_BASELINE (a git revision, e.g. d74c930: its daemon is built
 # from a temporary worktree and its idle CPU measured beside this one's;
@@ -59,11 +70,22 @@ HERD_PORT=$((BASE + 3))
 SCALE_PORT=$((BASE + 4))
 CLUSTER_PORT=$((BASE + 5)) # and the next three
 PROXY_PORT=$((BASE + 20))  # upstream; nginx proxy, tokenkeeper, baseline build next
+SOAK_PORT=$((BASE + 15))
 RESULTS=$ROOT/bench/results
 OUT=$RESULTS/latest.md
 
 log() { printf '%s\n' "$*" >&2; }
-PARTS=" ${BENCH_PARTS:-token herd scale cost proxy} "
+have_pg() { ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null; }
+# Why a part of the default run was left out, for the report.
+SKIPPED=""
+if [ -n "${BENCH_PARTS:-}" ]; then
+    PARTS=" $BENCH_PARTS "
+elif have_pg; then
+    PARTS=" token herd scale cost proxy soak cluster "
+else
+    PARTS=" token herd scale cost proxy soak "
+    SKIPPED="cluster: not measured: the PostgreSQL server binaries (pg_ctl, initdb) are not installed (apt-get install postgresql, then run again)"
+fi
 want() { [[ $PARTS == *" $1 "* ]]; }
 
 # --- 0. tools ---------------------------------------------------------------
@@ -81,7 +103,7 @@ NEEDED="python3 cargo curl"
 { want token || want proxy; } && NEEDED="wrk $NEEDED"
 if want cluster; then
     # What tests/postgres/start.sh looks for, checked before the long build.
-    ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || {
+    have_pg || {
         log "bench: the cluster part needs the PostgreSQL server binaries (pg_ctl, initdb): apt-get install postgresql"
         exit 2
     }
@@ -89,7 +111,7 @@ fi
 for t in $NEEDED; do
     command -v "$t" >/dev/null || { log "bench: $t is required"; exit 2; }
 done
-for p in $TK_PORT $NGINX_PORT $FLOOR_PORT $HERD_PORT $SCALE_PORT $(want cluster && seq "$CLUSTER_PORT" $((CLUSTER_PORT + 3))) $(want proxy && seq "$PROXY_PORT" $((PROXY_PORT + 3))); do
+for p in $TK_PORT $NGINX_PORT $FLOOR_PORT $HERD_PORT $SCALE_PORT $SOAK_PORT $(want cluster && seq "$CLUSTER_PORT" $((CLUSTER_PORT + 3))) $(want proxy && seq "$PROXY_PORT" $((PROXY_PORT + 3))); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
         log "bench: 127.0.0.1:$p is in use; set BENCH_PORT_BASE"; exit 2
     fi
@@ -313,6 +335,18 @@ log "4/4 cost per token-day"
 "$TOOL" cost >>"$FIG"
 fi
 
+if want soak; then
+# --- 6. soak ----------------------------------------------------------------------
+log "soak: ${BENCH_SOAK_REFRESHES:-150000} refreshes of short-lived tokens with proxied calls, token calls and scrapes"
+mkdir -p "$TMP/soak"
+# Bounded by counts; the timeout only stops a stuck run.
+timeout 1800 "$TOOL" soak "$TK" "$TMP/soak" "$SOAK_PORT" >>"$FIG" || {
+    tail -n 20 "$TMP/soak/soak.log" >&2 || true
+    log "bench: the soak part failed"
+    exit 1
+}
+fi
+
 if want cluster; then
 # --- 5. cluster -------------------------------------------------------------------
 log "5/5 cluster: a throw-away PostgreSQL, three daemons on it, one SQLite daemon"
@@ -526,6 +560,7 @@ PIDS=()
 fi
 
 # --- report -----------------------------------------------------------------------
+[ -n "$SKIPPED" ] && echo "$SKIPPED" >>"$FIG"
 cat "$FIG"
 mkdir -p "$RESULTS"
 {

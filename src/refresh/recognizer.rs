@@ -45,9 +45,13 @@ impl Index {
             }
         }
         let lists = self.by_connection.entry(connection_id).or_default();
-        lists[slot].push_back(fp.digest);
-        let kept = usize::try_from(FINGERPRINTS_KEPT).unwrap_or(usize::MAX);
-        while lists[slot].len() > kept {
+        let kept = usize::try_from(FINGERPRINTS_KEPT)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        // The oldest leave before the newest enters: a full list pushed
+        // first would double its capacity, and every connection's list
+        // fills up in its lifetime, so that would double this index.
+        while lists[slot].len() >= kept {
             if let Some(old) = lists[slot].pop_front() {
                 if self
                     .known
@@ -58,6 +62,7 @@ impl Index {
                 }
             }
         }
+        lists[slot].push_back(fp.digest);
     }
 
     fn forget(&mut self, connection_id: i64) {
@@ -178,5 +183,34 @@ mod tests {
         assert_eq!(r.lookup("theirs"), None);
         assert_eq!(r.lookup("other"), Some((TokenKind::Refresh, 2)));
         assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn a_full_list_keeps_its_size_through_many_rotations() {
+        let r = Recognizer::new([7; 32]);
+        let kept = FINGERPRINTS_KEPT as usize;
+        // Far more rotations than are kept: each adds a refresh and an
+        // access fingerprint, as a commit does.
+        for i in 0..kept * 5 {
+            r.add(
+                1,
+                &[
+                    r.fingerprint(TokenKind::Access, &format!("access-{i}")),
+                    r.fingerprint(TokenKind::Refresh, &format!("refresh-{i}")),
+                ],
+            );
+        }
+        assert_eq!(r.len(), 2 * kept);
+        let index = r.index.read().unwrap();
+        for list in &index.by_connection[&1] {
+            assert_eq!(list.len(), kept);
+            // Memory held stays what the kept fingerprints need, not twice
+            // that: the list never grows past its bound.
+            assert!(
+                list.capacity() < 2 * kept,
+                "a list of {kept} holds room for {}",
+                list.capacity()
+            );
+        }
     }
 }

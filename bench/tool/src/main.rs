@@ -15,8 +15,12 @@
 //! - `cluster BIN DIR PORT PG_URL`: three daemons on one PostgreSQL (a herd
 //!   spread across them, one upstream call) and the token endpoint on
 //!   PostgreSQL against SQLite (see `cluster.rs`).
+//! - `soak BIN DIR PORT`: a bounded number of refreshes of short-lived
+//!   tokens with proxied calls, token calls and scrapes beside them, and the
+//!   daemon's RSS across the run (see `soak.rs`).
 
 mod cluster;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -648,7 +652,9 @@ async fn scale(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
 /// `BENCH_IDLE_SETTLE` seconds (35: start-up, and the one read of every row
 /// that the readiness probe's write causes within an interval). With
 /// `BENCH_BASELINE_BIN` (a build of another revision, e.g. main's polling
-/// scheduler) the same is measured for it, on the same database.
+/// scheduler) the same is measured for it, on the same database, alternated
+/// with this build's `BENCH_IDLE_ROUNDS` (1) times; each figure is the
+/// median of its rounds.
 async fn idle(bin: &Path, dir: &Path, port: u16, sim: &RunningSimulator, n: usize) -> Res<()> {
     let secs = |var: &str, default: f64| {
         std::env::var(var)
@@ -658,6 +664,7 @@ async fn idle(bin: &Path, dir: &Path, port: u16, sim: &RunningSimulator, n: usiz
     };
     let window = secs("BENCH_IDLE_SECONDS", 120.0);
     let settle = secs("BENCH_IDLE_SETTLE", 35.0);
+    let rounds = (secs("BENCH_IDLE_ROUNDS", 1.0) as usize).max(1);
     if window <= 0.0 {
         return Ok(());
     }
@@ -672,15 +679,40 @@ async fn idle(bin: &Path, dir: &Path, port: u16, sim: &RunningSimulator, n: usiz
                 wait_ready(port, Instant::now(), Duration::from_secs(60)).await?;
                 tokio::time::sleep(Duration::from_secs_f64(settle)).await;
                 let c0 = cpu_secs(pid);
+                let t0 = Instant::now();
                 tokio::time::sleep(Duration::from_secs_f64(window)).await;
-                Res::Ok((cpu_secs(pid) - c0) / window)
+                // The window actually slept, not the one asked for.
+                Res::Ok((cpu_secs(pid) - c0) / t0.elapsed().as_secs_f64())
             }
             .await;
             stop(&mut child);
             r
         }
     };
-    let ours = measure(bin.to_path_buf()).await?;
+    let baseline = std::env::var_os("BENCH_BASELINE_BIN").map(PathBuf::from);
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        ours.push(measure(bin.to_path_buf()).await?);
+        if let Some(base) = &baseline {
+            theirs.push(measure(base.clone()).await?);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let m = v.len() / 2;
+        if v.len().is_multiple_of(2) {
+            (v[m - 1] + v[m]) / 2.0
+        } else {
+            v[m]
+        }
+    };
+    let rounds_of = |v: &[f64]| {
+        v.iter()
+            .map(|s| format!("{:.0}", s * 3600.0 * 1e3))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let per_round = (rounds_of(&ours), rounds_of(&theirs));
     let report = |name: &str, share: f64, baseline: f64, note: &str| {
         figure(name, share * 100.0, "% of a core", baseline * 100.0, note);
         figure(
@@ -691,21 +723,36 @@ async fn idle(bin: &Path, dir: &Path, port: u16, sim: &RunningSimulator, n: usiz
             note,
         );
     };
+    let ours_m = median(&mut ours);
     report(
         &format!("scale_{n}_idle_cpu"),
-        ours,
+        ours_m,
         0.001,
-        &format!("(target: 0.1 % of a core; {window:.0} s window, check_interval 30 s)"),
+        &format!("(target: 0.1 % of a core = 3600 CPU-ms/h; {window:.0} s window after {settle:.0} s settling, check_interval 30 s)"),
     );
-    if let Some(base) = std::env::var_os("BENCH_BASELINE_BIN") {
-        let theirs = measure(PathBuf::from(base)).await?;
+    if baseline.is_some() {
+        let theirs_m = median(&mut theirs);
         report(
-            &format!("scale_{n}_idle_cpu_of_baseline_bin"),
-            theirs,
-            ours,
-            "(baseline: this build; ratio = baseline build / this build)",
+            &format!("scale_{n}_idle_cpu_vs_baseline_bin"),
+            ours_m,
+            theirs_m,
+            "(the baseline build; ratio = this build / baseline)",
         );
     }
+    // utime and stime count whole clock ticks, so one window's figure is
+    // uncertain by about two ticks.
+    let tick_ms = 1e3 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    println!(
+        "scale_{n}_idle_cpu_detail: CPU-ms/h per round: this build [{}]{}; {rounds} round(s) alternated, each {window:.0} s of /proc/PID/stat utime+stime (resolution {:.0} ms per window = {:.0} CPU-ms/h)",
+        per_round.0,
+        if baseline.is_some() {
+            format!(", baseline [{}]", per_round.1)
+        } else {
+            String::new()
+        },
+        2.0 * tick_ms,
+        2.0 * tick_ms * 3600.0 / window,
+    );
     Ok(())
 }
 
@@ -773,6 +820,7 @@ fn main() -> std::process::ExitCode {
         Some("seed-one") => rt.block_on(seed_one(path(1), path(2), port())),
         Some("herd") => rt.block_on(herd(path(1), path(2), port())),
         Some("scale") => rt.block_on(scale(path(1), path(2), port())),
+        Some("soak") => rt.block_on(soak::soak(path(1), path(2), port())),
         Some("cluster") => rt.block_on(cluster::cluster(
             path(1),
             path(2),
@@ -783,7 +831,7 @@ fn main() -> std::process::ExitCode {
             cost();
             Ok(())
         }
-        _ => Err("usage: tokenkeeper-bench seed-one|herd|scale BIN DIR PORT | cluster BIN DIR PORT PG_URL | cost".into()),
+        _ => Err("usage: tokenkeeper-bench seed-one|herd|scale|soak BIN DIR PORT | cluster BIN DIR PORT PG_URL | cost".into()),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
