@@ -49,10 +49,18 @@ fn main() -> ExitCode {
     tune_malloc();
     tokenkeeper::cli::stdout_closed_at_start(STDOUT_CLOSED.load(Ordering::Relaxed));
     let cli = tokenkeeper::cli::Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.enable_all();
+    match std::env::var("TK_AB_RT").as_deref() {
+        Ok("gq") => {
+            b.global_queue_interval(7);
+        }
+        Ok("ev") => {
+            b.event_interval(16);
+        }
+        _ => {}
+    }
+    let runtime = match b.build() {
         Ok(rt) => rt,
         Err(e) => {
             // Not eprintln!: it panics when stderr is gone.
