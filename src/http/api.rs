@@ -65,7 +65,12 @@ fn token_response(t: &IssuedToken) -> Response {
 /// its rendering (see `refresh::token_json`) with `expires_in` counted at
 /// `now`.
 fn answer_response(answer: &TokenJson, now: chrono::DateTime<Utc>) -> Response {
-    let mut r = Response::new(axum::body::Body::from(answer.body_at(now)));
+    let body = if *crate::refresh::token_json::AB_SHARE {
+        axum::body::Body::from(answer.shared_body_at(now))
+    } else {
+        axum::body::Body::from(answer.body_at(now))
+    };
+    let mut r = Response::new(body);
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
