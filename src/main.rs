@@ -45,51 +45,14 @@ static CHECK_STDOUT: extern "C" fn() = {
     check_stdout
 };
 
-// TEMPORARY A/B: TK_AB_ALLOC=mimalloc picks mimalloc at the first allocation.
-struct AbAlloc;
-static AB_MI: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-fn ab_mi() -> bool {
-    let v = AB_MI.load(Ordering::Relaxed);
-    if v != 0 {
-        return v == 2;
-    }
-    let on = unsafe { !libc::getenv(c"TK_AB_ALLOC".as_ptr()).is_null() };
-    AB_MI.store(if on { 2 } else { 1 }, Ordering::Relaxed);
-    on
-}
-unsafe impl std::alloc::GlobalAlloc for AbAlloc {
-    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
-        if ab_mi() { mimalloc::MiMalloc.alloc(l) } else { std::alloc::System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
-        if ab_mi() { mimalloc::MiMalloc.dealloc(p, l) } else { std::alloc::System.dealloc(p, l) }
-    }
-    unsafe fn alloc_zeroed(&self, l: std::alloc::Layout) -> *mut u8 {
-        if ab_mi() { mimalloc::MiMalloc.alloc_zeroed(l) } else { std::alloc::System.alloc_zeroed(l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, n: usize) -> *mut u8 {
-        if ab_mi() { mimalloc::MiMalloc.realloc(p, l, n) } else { std::alloc::System.realloc(p, l, n) }
-    }
-}
-#[global_allocator]
-static GLOBAL: AbAlloc = AbAlloc;
-
 fn main() -> ExitCode {
     tune_malloc();
     tokenkeeper::cli::stdout_closed_at_start(STDOUT_CLOSED.load(Ordering::Relaxed));
     let cli = tokenkeeper::cli::Cli::parse();
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    b.enable_all();
-    match std::env::var("TK_AB_RT").as_deref() {
-        Ok("gq") => {
-            b.global_queue_interval(7);
-        }
-        Ok("ev") => {
-            b.event_interval(16);
-        }
-        _ => {}
-    }
-    let runtime = match b.build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             // Not eprintln!: it panics when stderr is gone.

@@ -65,48 +65,7 @@ fn token_response(t: &IssuedToken) -> Response {
 /// its rendering (see `refresh::token_json`) with `expires_in` counted at
 /// `now`.
 fn answer_response(answer: &TokenJson, now: chrono::DateTime<Utc>) -> Response {
-    let body = if *crate::refresh::token_json::AB_SHARE {
-        axum::body::Body::from(answer.shared_body_at(now))
-    } else {
-        axum::body::Body::from(answer.body_at(now))
-    };
-    let mut r = Response::new(body);
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
-}
-
-static AB_SERDE: std::sync::LazyLock<bool> =
-    std::sync::LazyLock::new(|| std::env::var("TK_AB_JSON").as_deref() == Ok("serde"));
-
-fn ab_serde_response(t: &crate::refresh::ServedToken<'_>, now: chrono::DateTime<Utc>) -> Response {
-    #[derive(serde::Serialize)]
-    struct Borrowed<'a> {
-        access_token: &'a str,
-        token_type: &'a str,
-        #[serde(with = "super::answers::rfc3339_secs")]
-        expires_at: chrono::DateTime<Utc>,
-        expires_in: i64,
-        provider: &'a str,
-        account: &'a str,
-        #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
-        extra: &'a crate::store::Extras,
-    }
-    let body = serde_json::to_vec(&Borrowed {
-        access_token: t.access_token,
-        token_type: t.token_type,
-        expires_at: t.expires_at,
-        expires_in: (t.expires_at - now).num_seconds().max(0),
-        provider: t.provider,
-        account: t.account,
-        extra: t.extra,
-    })
-    .unwrap_or_default();
-    let mut r = Response::new(axum::body::Body::from(body));
+    let mut r = Response::new(axum::body::Body::from(answer.body_at(now)));
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -150,13 +109,9 @@ pub fn token_fast_lane(state: &AppState, req: &axum::extract::Request) -> Option
     }
     let started = std::time::Instant::now();
     let now = Utc::now();
-    let answer = state.engine.with_fresh_token(provider, account, now, |t| {
-        if *AB_SERDE {
-            ab_serde_response(&t, now)
-        } else {
-            answer_response(t.answer, now)
-        }
-    })?;
+    let answer = state
+        .engine
+        .with_fresh_token(provider, account, now, |t| answer_response(t.answer, now))?;
     TOKEN_LATENCY.record(started.elapsed().as_secs_f64());
     Some(answer)
 }

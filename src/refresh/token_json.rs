@@ -19,13 +19,7 @@ pub struct TokenJson {
     bytes: SecretSlice<u8>,
     split: usize,
     expires_at: DateTime<Utc>,
-    /// TEMPORARY A/B (TK_AB_SHARE): the last body served, by `expires_in`.
-    last: std::sync::Mutex<Option<(i64, bytes::Bytes)>>,
 }
-
-/// TEMPORARY A/B switch.
-pub static AB_SHARE: std::sync::LazyLock<bool> =
-    std::sync::LazyLock::new(|| std::env::var_os("TK_AB_SHARE").is_some());
 
 /// What an answer is rendered from: the served token and whose it is.
 pub struct TokenFields<'a> {
@@ -71,7 +65,6 @@ impl TokenJson {
             bytes: buf.into(),
             split,
             expires_at: t.expires_at,
-            last: std::sync::Mutex::new(None),
         }
     }
 
@@ -90,22 +83,6 @@ impl TokenJson {
         out.extend_from_slice(n);
         out.extend_from_slice(&bytes[self.split..]);
         out
-    }
-
-    /// TEMPORARY A/B: the body at `now`, shared by every answer in the same second.
-    pub fn shared_body_at(&self, now: DateTime<Utc>) -> bytes::Bytes {
-        let n = (self.expires_at - now).num_seconds().max(0);
-        if let Ok(mut last) = self.last.try_lock() {
-            if let Some((m, b)) = &*last {
-                if *m == n {
-                    return b.clone();
-                }
-            }
-            let b = bytes::Bytes::from(self.body(n));
-            *last = Some((n, b.clone()));
-            return b;
-        }
-        bytes::Bytes::from(self.body(n))
     }
 
     /// [`TokenJson::body`] at `now`: the whole seconds left, never
