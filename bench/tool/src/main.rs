@@ -95,6 +95,8 @@ fn write_config_with(
         format!(
             r#"[server]
 listen = "127.0.0.1:{port}"
+# The 10,000-caller herd keeps 10,000 connections open (default 4096).
+max_connections = 20000
 
 [storage]
 {storage}
