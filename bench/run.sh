@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # tokenkeeper benchmark suite (issue 9). One command: bench/run.sh
 #
-# 1. GET /v1/token/demo on a warm daemon vs nginx (static file, same bytes)
-#    vs a bare axum handler (bench/floor), wrk, alternated A/B/C.
+# 1. GET /v1/token/demo on a warm daemon vs nginx serving the same bytes two
+#    ways (a static file, and `return 200 '...'` with default_type
+#    application/json and Cache-Control no-store: nginx's fastest answer)
+#    vs a bare axum handler (bench/floor), wrk, alternated each round.
 # 2. Herd: 1,000 and 10,000 concurrent requests for a token that must
-#    refresh, provider token endpoint delayed 200 ms.
+#    refresh, provider token endpoint delayed 200 ms; the 10,000 herd
+#    BENCH_HERD_ROUNDS (3) times, each against its floor (the same 10,000
+#    connections answered by the daemon already holding a fresh token):
+#    the daemon's time from the provider's answer to the last token over
+#    that floor.
 # 3. Scale: 10,000 connections: start-to-ready, idle RSS, CPU per tick,
 #    idle CPU with the default settings (% of a core, CPU-ms per hour),
 #    refresh wave.
@@ -42,7 +48,7 @@
 # BENCH_PORT_BASE (18780), BENCH_WAVE_SECONDS (60), BENCH_PROFILE=1 (perf
 # profile of the token endpoint and of the proxy, needs perf),
 # BENCH_PROXY_BASELINE (part 6), BENCH_PROXY_DURATION (s per proxy wrk run;
-# BENCH_DURATION), BENCH_SKIP_INSTALL=1,
+# BENCH_DURATION), BENCH_SKIP_INSTALL=1, BENCH_HERD_ROUNDS (3),
 # BENCH_PARTS (which of "token herd scale cost proxy soak cluster" to run;
 # all by default, cluster only when PostgreSQL's server binaries are
 # installed),
@@ -67,10 +73,11 @@ TK_PORT=$BASE
 NGINX_PORT=$((BASE + 1))
 FLOOR_PORT=$((BASE + 2))
 HERD_PORT=$((BASE + 3))
+NGINX_RETURN_PORT=$((BASE + 15))
 SCALE_PORT=$((BASE + 4))
 CLUSTER_PORT=$((BASE + 5)) # and the next three
 PROXY_PORT=$((BASE + 20))  # upstream; nginx proxy, tokenkeeper, baseline build next
-SOAK_PORT=$((BASE + 15))
+SOAK_PORT=$((BASE + 16))
 RESULTS=$ROOT/bench/results
 OUT=$RESULTS/latest.md
 
@@ -111,7 +118,7 @@ fi
 for t in $NEEDED; do
     command -v "$t" >/dev/null || { log "bench: $t is required"; exit 2; }
 done
-for p in $TK_PORT $NGINX_PORT $FLOOR_PORT $HERD_PORT $SCALE_PORT $SOAK_PORT $(want cluster && seq "$CLUSTER_PORT" $((CLUSTER_PORT + 3))) $(want proxy && seq "$PROXY_PORT" $((PROXY_PORT + 3))); do
+for p in $TK_PORT $NGINX_PORT $NGINX_RETURN_PORT $FLOOR_PORT $HERD_PORT $SCALE_PORT $SOAK_PORT $(want cluster && seq "$CLUSTER_PORT" $((CLUSTER_PORT + 3))) $(want proxy && seq "$PROXY_PORT" $((PROXY_PORT + 3))); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
         log "bench: 127.0.0.1:$p is in use; set BENCH_PORT_BASE"; exit 2
     fi
@@ -206,6 +213,17 @@ curl -fsS "$URL_TK" >"$TMP/body.json"
 BODY_BYTES=$(wc -c <"$TMP/body.json")
 
 # nginx: unprivileged, foreground, temp config, loopback only.
+nginx_quote() { # file: its bytes as the inside of an nginx '...' string
+    python3 - "$1" <<'PY'
+import sys
+body = open(sys.argv[1], encoding="utf-8").read()
+# A '$' would be read as a variable; tokens and names never contain one.
+if "$" in body or "\n" in body:
+    sys.exit("bench: the token body cannot be written as an nginx return string")
+print(body.replace("\\", "\\\\").replace("'", "\\'"), end="")
+PY
+}
+RETURN_BODY=$(nginx_quote "$TMP/body.json")
 mkdir -p "$TMP/nginx/www/v1/token" "$TMP/nginx/run"
 cp "$TMP/body.json" "$TMP/nginx/www/v1/token/demo"
 chmod -R a+rX "$TMP/nginx"
@@ -236,6 +254,14 @@ http {
             add_header Cache-Control no-store;
         }
     }
+    server {
+        listen 127.0.0.1:$NGINX_RETURN_PORT;
+        location = /v1/token/demo {
+            default_type application/json;
+            add_header Cache-Control no-store;
+            return 200 '$RETURN_BODY';
+        }
+    }
 }
 EOF
 if [ "$(id -u)" -eq 0 ]; then
@@ -247,12 +273,23 @@ PIDS+=("$!")
 "$FLOOR" "127.0.0.1:$FLOOR_PORT" "$TMP/body.json" &
 PIDS+=("$!")
 URL_NGINX="http://127.0.0.1:$NGINX_PORT/v1/token/demo"
+URL_NGINX_RETURN="http://127.0.0.1:$NGINX_RETURN_PORT/v1/token/demo"
 URL_FLOOR="http://127.0.0.1:$FLOOR_PORT/v1/token/demo"
 wait_http "$URL_NGINX"
+wait_http "$URL_NGINX_RETURN"
 wait_http "$URL_FLOOR"
-for u in "$URL_NGINX" "$URL_FLOOR"; do
-    n=$(curl -fsS "$u" | wc -c)
-    [ "$n" = "$BODY_BYTES" ] || { log "bench: $u serves $n bytes, expected $BODY_BYTES"; exit 1; }
+# Every baseline serves the very bytes tokenkeeper serves, with the headers
+# a caller relies on (JSON, no-store).
+for u in "$URL_NGINX" "$URL_NGINX_RETURN" "$URL_FLOOR"; do
+    curl -fsS -D "$TMP/head.txt" -o "$TMP/other.json" "$u"
+    cmp -s "$TMP/body.json" "$TMP/other.json" || { log "bench: $u serves other bytes than $URL_TK"; exit 1; }
+    grep -qi '^content-type: application/json' "$TMP/head.txt" || { log "bench: $u does not answer application/json"; exit 1; }
+    case $u in "$URL_NGINX"*) grep -qi '^cache-control: no-store' "$TMP/head.txt" || { log "bench: $u does not send Cache-Control: no-store"; exit 1; } ;; esac
+done
+# The answers' header sizes, for the report (what each side writes per request).
+HEADS=""
+for s in tokenkeeper:$URL_TK nginx:$URL_NGINX nginx_return:$URL_NGINX_RETURN floor:$URL_FLOOR; do
+    HEADS="$HEADS ${s%%:*}=$(curl -fsS -D - -o /dev/null "${s#*:}" | wc -c)B"
 done
 
 run_wrk() { # name url seconds
@@ -262,11 +299,12 @@ run_wrk() { # name url seconds
     } >>"$RAW" 2>&1
 }
 log "1/4 token endpoint: warm-up"
-for s in tokenkeeper:$URL_TK nginx:$URL_NGINX floor:$URL_FLOOR; do
+SIDES="tokenkeeper:$URL_TK nginx:$URL_NGINX nginx_return:$URL_NGINX_RETURN floor:$URL_FLOOR"
+for s in $SIDES; do
     timeout 30 wrk -t"$THREADS" -c"$CONNS" -d2s "${s#*:}" >/dev/null
 done
 for r in $(seq 1 "$ROUNDS"); do
-    for s in tokenkeeper:$URL_TK nginx:$URL_NGINX floor:$URL_FLOOR; do
+    for s in $SIDES; do
         log "1/4 round $r/$ROUNDS: ${s%%:*} (${DURATION}s, $CONNS connections, $THREADS wrk threads)"
         run_wrk "round $r ${s%%:*}" "${s#*:}" "$DURATION"
     done
@@ -280,7 +318,7 @@ if [ "${BENCH_PROFILE:-0}" = 1 ] && command -v perf >/dev/null; then
     perf report -i "$TMP/perf.data" --no-children -g none --percent-limit 1 --stdio 2>/dev/null \
         | grep -v '^$' | head -80 >"$TMP/profile.txt" || true
 fi
-python3 - "$RAW" "$BODY_BYTES" >>"$FIG" <<'PY'
+python3 - "$RAW" "$BODY_BYTES" "$HEADS" >>"$FIG" <<'PY'
 import re, sys, statistics
 raw, body = open(sys.argv[1]).read(), sys.argv[2]
 runs = {}
@@ -295,17 +333,23 @@ for block in raw.split("### ")[1:]:
 med = {k: [statistics.median(x[i] for x in v) for i in range(3)] for k, v in runs.items()}
 def fig(name, v, b, unit, note):
     print(f"{name}: {v:.1f}{unit} (baseline: {b:.1f}{unit} {note}, ratio: {v / b:.3f})")
-tk, ng, fl = med["tokenkeeper"], med["nginx"], med["floor"]
+tk, ng, nr, fl = med["tokenkeeper"], med["nginx"], med["nginx_return"], med["floor"]
 n = len(runs["tokenkeeper"])
-print(f"token_endpoint_setup: {body}-byte body, median of {n} alternated rounds")
+print(f"token_endpoint_setup: {body}-byte body, median of {n} alternated rounds; response heads:{sys.argv[3]}")
+fig("token_rps_vs_nginx_return", tk[0], nr[0], " req/s", "(nginx return 200; target ratio >= 0.95)")
+fig("token_p99_vs_nginx_return", tk[2], nr[2], " us", "(nginx return 200 p99; target ratio <= 1)")
+fig("token_p50_vs_nginx_return", tk[1], nr[1], " us", "(nginx return 200 p50)")
 fig("token_rps_vs_floor", tk[0], fl[0], " req/s", "(axum floor; target ratio >= 0.95)")
-fig("token_rps_vs_nginx", tk[0], ng[0], " req/s", "(nginx; target ratio >= 0.90)")
+fig("token_rps_vs_nginx", tk[0], ng[0], " req/s", "(nginx static file; target ratio >= 0.90)")
 fig("floor_rps_vs_nginx", fl[0], ng[0], " req/s", "(nginx; for reference)")
 fig("token_p50_vs_nginx", tk[1], ng[1], " us", "(nginx p50)")
 fig("token_p99_vs_nginx", tk[2], ng[2], " us", "(nginx p99; target ratio <= 1)")
 fig("token_p50_vs_floor", tk[1], fl[1], " us", "(floor p50)")
 fig("token_p99_vs_floor", tk[2], fl[2], " us", "(floor p99)")
-for k in ("tokenkeeper", "nginx", "floor"):
+# Per round, so a drift over the run shows: tokenkeeper / nginx return.
+print("token_rps_vs_nginx_return_per_round: " + ", ".join(
+    f"{a[0] / b[0]:.3f}" for a, b in zip(runs["tokenkeeper"], runs["nginx_return"])))
+for k in ("tokenkeeper", "nginx", "nginx_return", "floor"):
     rounds = ", ".join(f"{r:.0f}" for r, _, _ in runs[k])
     p = ", ".join(f"{a:.0f}/{b:.0f}" for _, a, b in runs[k])
     print(f"{k}_rounds: req/s [{rounds}], p50/p99 us [{p}]")
@@ -319,7 +363,8 @@ if want herd; then
 # --- 2. herd --------------------------------------------------------------------
 log "2/4 herd: 1,000 and 10,000 concurrent requests for a token that must refresh"
 mkdir -p "$TMP/herd"
-timeout 180 "$TOOL" herd "$TK" "$TMP/herd" "$HERD_PORT" >>"$FIG"
+HERD_ROUNDS=${BENCH_HERD_ROUNDS:-3}
+BENCH_HERD_ROUNDS=$HERD_ROUNDS timeout $((120 + 30 * HERD_ROUNDS)) "$TOOL" herd "$TK" "$TMP/herd" "$HERD_PORT" >>"$FIG"
 fi
 
 if want scale; then
@@ -580,7 +625,7 @@ mkdir -p "$RESULTS"
     fi
     echo "tokenkeeper: $REVISION"
     [ "${BENCH_DEV_BUILD:-0}" = 1 ] && echo "build: debug (BENCH_DEV_BUILD=1; the figures are meaningless)"
-    want token && echo "load: wrk -t$THREADS -c$CONNS -d${DURATION}s, $ROUNDS rounds alternated tokenkeeper/nginx/floor, all on the same cores"
+    want token && echo "load: wrk -t$THREADS -c$CONNS -d${DURATION}s, $ROUNDS rounds alternated tokenkeeper/nginx (static file)/nginx_return (return 200)/floor, all on the same cores"
     want proxy && echo "proxy load: wrk -t$THREADS -c$CONNS -d${PROXY_DURATION:-$DURATION}s, $ROUNDS rounds alternated direct/nginx proxy/tokenkeeper proxy${BENCH_PROXY_BASELINE:+/baseline build}, upstream nginx return 200, all on the same cores"
     want cluster && echo "cluster: ${PG_VERSION:-PostgreSQL} (throw-away cluster, fsync off); token endpoint load from the bench tool, -c$CONNS -d${DURATION}s, $ROUNDS rounds alternated PostgreSQL/SQLite"
     echo '```'

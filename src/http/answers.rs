@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::{ConnState, Event};
 
-// The server writes this by hand on the hot path (`api::write_token_json`,
+// The server renders it once per snapshot (`refresh::token_json`,
 // compared byte for byte with this type's serde output); the CLI reads it.
 // No `Debug`: it holds an access token. (Doc comments here become the
 // OpenAPI description.)

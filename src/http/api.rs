@@ -4,7 +4,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::{SecondsFormat, Utc};
+use chrono::Utc;
 use secrecy::ExposeSecret;
 
 pub use super::answers::{
@@ -13,14 +13,14 @@ pub use super::answers::{
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::config::{valid_account, valid_name};
-use crate::refresh::engine::ServedToken;
+use crate::refresh::token_json::{TokenFields, TokenJson};
 use crate::refresh::{ConnectionReport, IssuedToken, Revocation, TokenIdentity};
 
 /// Default account when a path omits it.
 pub const DEFAULT_ACCOUNT: &str = "default";
 
 /// Every answer of the token endpoints (SPEC 4), for the OpenAPI document;
-/// handlers build them through `served_response` and `ApiError`.
+/// handlers build them through `answer_response` and `ApiError`.
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)]
 pub enum TokenAnswers {
@@ -50,27 +50,22 @@ pub enum TokenAnswers {
 }
 
 fn token_response(t: &IssuedToken) -> Response {
-    served_response(
-        &ServedToken {
-            provider: &t.provider,
-            account: &t.account,
-            access_token: t.access_token.expose_secret(),
-            token_type: &t.token_type,
-            expires_at: t.expires_at,
-            extra: &t.extra.extra,
-        },
-        Utc::now(),
-    )
+    let answer = TokenJson::render(&TokenFields {
+        provider: &t.provider,
+        account: &t.account,
+        access_token: t.access_token.expose_secret(),
+        token_type: &t.token_type,
+        expires_at: t.expires_at,
+        extra: &t.extra.extra,
+    });
+    answer_response(&answer, Utc::now())
 }
 
-/// The answer carrying an access token: [`TokenBody`] as JSON, in one
-/// buffer sized up front.
-fn served_response(t: &ServedToken<'_>, now: chrono::DateTime<Utc>) -> Response {
-    let mut buf = Vec::with_capacity(
-        160 + t.access_token.len() + t.token_type.len() + t.provider.len() + t.account.len(),
-    );
-    write_token_json(&mut buf, t, (t.expires_at - now).num_seconds().max(0));
-    let mut r = Response::new(axum::body::Body::from(buf));
+/// The answer carrying an access token: [`TokenBody`] as JSON, copied from
+/// its rendering (see `refresh::token_json`) with `expires_in` counted at
+/// `now`.
+fn answer_response(answer: &TokenJson, now: chrono::DateTime<Utc>) -> Response {
+    let mut r = Response::new(axum::body::Body::from(answer.body_at(now)));
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -78,74 +73,6 @@ fn served_response(t: &ServedToken<'_>, now: chrono::DateTime<Utc>) -> Response 
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
-}
-
-/// [`TokenBody`] as serde_json would write it, written by hand: this is the
-/// token endpoint's hot path, where serde's generic serializer and `fmt`
-/// were 2.5% of the CPU (`BENCH_PROFILE=1 bench/run.sh`). The test
-/// `token_json_is_what_serde_writes` compares the two byte for byte.
-fn write_token_json(buf: &mut Vec<u8>, t: &ServedToken<'_>, expires_in: i64) {
-    buf.extend_from_slice(b"{\"access_token\":");
-    json_str(buf, t.access_token);
-    buf.extend_from_slice(b",\"token_type\":");
-    json_str(buf, t.token_type);
-    buf.extend_from_slice(b",\"expires_at\":");
-    json_rfc3339_secs(buf, t.expires_at);
-    buf.extend_from_slice(b",\"expires_in\":");
-    buf.extend_from_slice(itoa::Buffer::new().format(expires_in).as_bytes());
-    buf.extend_from_slice(b",\"provider\":");
-    json_str(buf, t.provider);
-    buf.extend_from_slice(b",\"account\":");
-    json_str(buf, t.account);
-    if !t.extra.is_empty() {
-        buf.extend_from_slice(b",\"extra\":");
-        if serde_json::to_writer(&mut *buf, t.extra).is_err() {
-            // A map of JSON values into a Vec cannot fail.
-            buf.extend_from_slice(b"{}");
-        }
-    }
-    buf.push(b'}');
-}
-
-/// A JSON string; serde_json escapes only quotes, backslashes and control
-/// characters, which tokens and names do not contain in practice.
-fn json_str(buf: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        buf.push(b'"');
-        buf.extend_from_slice(s.as_bytes());
-        buf.push(b'"');
-    } else if serde_json::to_writer(&mut *buf, s).is_err() {
-        // Writing a string into a Vec cannot fail.
-        buf.extend_from_slice(b"\"\"");
-    }
-}
-
-/// `t.to_rfc3339_opts(SecondsFormat::Secs, true)` as a JSON string.
-fn json_rfc3339_secs(buf: &mut Vec<u8>, t: chrono::DateTime<Utc>) {
-    use chrono::{Datelike, Timelike};
-    let year = t.year();
-    if !(0..=9999).contains(&year) {
-        // Outside four-digit years chrono's own format differs; rare.
-        return json_str(buf, &t.to_rfc3339_opts(SecondsFormat::Secs, true));
-    }
-    let digits = |buf: &mut Vec<u8>, v: u32, width: u32| {
-        for i in (0..width).rev() {
-            buf.push(b'0' + (v / 10u32.pow(i) % 10) as u8);
-        }
-    };
-    buf.push(b'"');
-    digits(buf, year as u32, 4);
-    buf.push(b'-');
-    digits(buf, t.month(), 2);
-    buf.push(b'-');
-    digits(buf, t.day(), 2);
-    buf.push(b'T');
-    digits(buf, t.hour(), 2);
-    buf.push(b':');
-    digits(buf, t.minute(), 2);
-    buf.push(b':');
-    digits(buf, t.second(), 2);
-    buf.extend_from_slice(b"Z\"");
 }
 
 /// Names as SPEC 3 allows them: an unknown provider or a 400 otherwise.
@@ -184,7 +111,7 @@ pub fn token_fast_lane(state: &AppState, req: &axum::extract::Request) -> Option
     let now = Utc::now();
     let answer = state
         .engine
-        .with_fresh_token(provider, account, now, |t| served_response(&t, now))?;
+        .with_fresh_token(provider, account, now, |t| answer_response(t.answer, now))?;
     TOKEN_LATENCY.record(started.elapsed().as_secs_f64());
     Some(answer)
 }
@@ -208,12 +135,12 @@ async fn get_token_timed(
     // A fresh token was answered by `token_fast_lane` before routing; this
     // is the full path: waiting for or running a refresh.
     check_names(provider, account)?;
-    let t = state
+    let answer = state
         .engine
-        .token(provider, account)
+        .token_answer(provider, account)
         .await
         .map_err(|e| ApiError::from_token_error(e, &state.public_url))?;
-    Ok(token_response(&t))
+    Ok(answer_response(&answer, Utc::now()))
 }
 
 async fn refresh_token(
@@ -493,7 +420,7 @@ mod json_tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn by_serde(t: &ServedToken<'_>, expires_in: i64) -> Vec<u8> {
+    fn by_serde(t: &TokenFields<'_>, expires_in: i64) -> Vec<u8> {
         serde_json::to_vec(&TokenBody {
             access_token: t.access_token.into(),
             token_type: t.token_type.into(),
@@ -525,7 +452,7 @@ mod json_tests {
             if let Some(v) = extra_value {
                 extra.insert("instance_url".into(), v.into());
             }
-            let t = ServedToken {
+            let t = TokenFields {
                 provider: &name,
                 account: "default",
                 access_token: &token,
@@ -533,8 +460,7 @@ mod json_tests {
                 expires_at: chrono::DateTime::from_timestamp_millis(millis).unwrap(),
                 extra: &extra,
             };
-            let mut fast = Vec::new();
-            write_token_json(&mut fast, &t, expires_in);
+            let fast = TokenJson::render(&t).body(expires_in);
             prop_assert_eq!(
                 String::from_utf8(fast).unwrap(),
                 String::from_utf8(by_serde(&t, expires_in)).unwrap()

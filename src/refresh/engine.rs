@@ -289,6 +289,16 @@ impl Engine {
         registry::token(&self.inner, provider, account).await
     }
 
+    /// [`Engine::token`] as its `/v1/token` answer, rendered once per
+    /// snapshot and shared by every caller it serves (`registry.rs`).
+    pub async fn token_answer(
+        &self,
+        provider: &str,
+        account: &str,
+    ) -> Result<Arc<super::token_json::TokenJson>, TokenError> {
+        registry::token_answer(&self.inner, provider, account).await
+    }
+
     /// Whether `provider/account` is a known connection, from memory only
     /// (no storage read, no refresh): lets the proxy refuse unknown names
     /// before it spends a rate-limit slot or quota on them.

@@ -8,7 +8,9 @@
 //!   `recognizer` (fingerprints of our tokens), `flights` (the thread
 //!   refreshes run on), `meta` (a grant's extras and its refresh token's
 //!   end, pure);
-//! - `snapshot`: the served state of a connection, an enum;
+//! - `token_json`: the `/v1/token` answer of a token, rendered once;
+//! - `snapshot`: the served state of a connection, an enum (with its
+//!   token's answer, rendered on first use);
 //! - `slot`: one connection in memory, and the table of them;
 //! - `shared`: the context every layer acts through;
 //! - `lease`: the lease and the refresh journal (take, renew, take over,
@@ -45,6 +47,7 @@ pub mod scheduler;
 mod shared;
 mod slot;
 pub mod snapshot;
+pub mod token_json;
 mod types;
 
 pub use engine::{Engine, EngineParts};

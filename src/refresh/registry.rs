@@ -20,7 +20,8 @@ use super::meta;
 use super::policy;
 use super::shared::Shared;
 use super::slot::Slot;
-use super::snapshot::TokenState;
+use super::snapshot::{Snapshot, TokenState};
+use super::token_json::TokenJson;
 use super::types::{
     AuthorizedBy, ConnectionReport, IssuedToken, ServedToken, TokenError, TokenIdentity, Trigger,
 };
@@ -89,6 +90,7 @@ pub fn with_fresh_token<R>(
             if !policy::fresh_enough(&token.timing, now, &refresh) {
                 return None;
             }
+            let answer = snap.answer(&slot.provider, &slot.account)?;
             slot.served.fetch_add(1, Ordering::Relaxed);
             Some(f(ServedToken {
                 provider: &slot.provider,
@@ -97,6 +99,7 @@ pub fn with_fresh_token<R>(
                 token_type: &token.token_type,
                 expires_at: token.timing.expires_at,
                 extra: &snap.meta.extra,
+                answer,
             }))
         })
         .flatten()
@@ -128,6 +131,36 @@ pub async fn token(
     provider: &str,
     account: &str,
 ) -> Result<IssuedToken, TokenError> {
+    let (slot, snap) = served(shared, provider, account).await?;
+    slot.issue(&snap)
+        .ok_or_else(|| slot.failure(&snap, shared.clock()))
+}
+
+/// [`token`] as its rendered `/v1/token` answer, shared with every other
+/// caller served from the same snapshot (a herd waiting for one refresh
+/// gets one rendering). Counted as served.
+pub async fn token_answer(
+    shared: &Arc<Shared>,
+    provider: &str,
+    account: &str,
+) -> Result<Arc<TokenJson>, TokenError> {
+    let (slot, snap) = served(shared, provider, account).await?;
+    match snap.answer(&slot.provider, &slot.account) {
+        Some(answer) => {
+            slot.served.fetch_add(1, Ordering::Relaxed);
+            Ok(answer.clone())
+        }
+        None => Err(slot.failure(&snap, shared.clock())),
+    }
+}
+
+/// What [`token`] decides, as the slot and the snapshot whose token the
+/// caller gets (servable, not yet counted as served).
+async fn served(
+    shared: &Arc<Shared>,
+    provider: &str,
+    account: &str,
+) -> Result<(Arc<Slot>, Arc<Snapshot>), TokenError> {
     let slot = slot(shared, provider, account)?;
     // With two daemons on one database, the snapshot alone would only
     // learn of another process's refresh at our next tick, and until then
@@ -149,17 +182,17 @@ pub async fn token(
     }
     let now = snap.now(shared.clock());
     let waiting = foreign_flight || slot.in_flight();
-    if !waiting && snap.fresh_enough(now, &settings.refresh) {
-        if let Some(t) = slot.issue(&snap) {
-            return Ok(t);
-        }
+    if !waiting && snap.fresh_enough(now, &settings.refresh) && snap.token().is_some() {
+        return Ok((slot, snap));
     }
     if snap.parked(now) && !waiting {
-        return slot.answer(&snap, shared.clock());
+        let snap = slot.servable(snap, shared.clock())?;
+        return Ok((slot, snap));
     }
     // Another process's refresh: the flight finds its lease busy and
     // waits for, then adopts, what it stores.
-    flight::refresh(shared, &slot, Trigger::OnDemand).await
+    let snap = flight::refresh_served(shared, &slot, Trigger::OnDemand).await?;
+    Ok((slot, snap))
 }
 
 /// Brings the slot up to date with what other processes sharing the

@@ -185,6 +185,20 @@ impl Slot {
         Err(self.failure(snap, clock))
     }
 
+    /// [`Slot::answer`] without building the token: `snap` itself when its
+    /// token may be handed out (valid, even after failures), else the
+    /// error that explains why not. Not counted as served.
+    pub fn servable(
+        &self,
+        snap: Arc<Snapshot>,
+        clock: &dyn Clock,
+    ) -> Result<Arc<Snapshot>, TokenError> {
+        if snap.token().is_some() && snap.valid_until(snap.now(clock)).is_some() {
+            return Ok(snap);
+        }
+        Err(self.failure(&snap, clock))
+    }
+
     /// The error that explains why `snap` yields no (new) token. It says
     /// whether the current token is still served, so a failed forced
     /// refresh does not claim that none is left.

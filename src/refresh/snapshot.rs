@@ -17,9 +17,10 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::clock::{Anchor, Clock};
 use super::policy::{self, Timing};
+use super::token_json::{TokenFields, TokenJson};
 use crate::config::RefreshConfig;
 use crate::store::{ConnState, ConnectionRow, GrantMeta};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Said when a row is `retrying` without a stored reason.
 const NO_REASON_RETRYING: &str = "the refresh did not complete";
@@ -95,6 +96,21 @@ pub struct Snapshot {
     /// What the stored grant keeps beside its tokens (extras, the refresh
     /// token's end); shared, since snapshots are cloned on every change.
     pub meta: Arc<GrantMeta>,
+    /// The token's `/v1/token` answer, rendered on first use. Valid for
+    /// the token and `meta` above: a clone starts without it, and
+    /// whatever replaces the token clears it.
+    answer: AnswerCache,
+}
+
+/// A lazily rendered answer that a clone does not inherit, so that a
+/// snapshot cloned and then changed can never serve a stale rendering.
+#[derive(Default)]
+struct AnswerCache(OnceLock<Arc<TokenJson>>);
+
+impl Clone for AnswerCache {
+    fn clone(&self) -> AnswerCache {
+        AnswerCache::default()
+    }
 }
 
 impl Snapshot {
@@ -142,6 +158,7 @@ impl Snapshot {
             generation: r.generation,
             state,
             meta: Arc::new(r.meta.clone()),
+            answer: AnswerCache::default(),
         }
     }
 
@@ -160,6 +177,24 @@ impl Snapshot {
                 }
                 _ => false,
             }
+    }
+
+    /// The `/v1/token` answer of this snapshot's token for
+    /// `provider/account` (the slot's names, fixed for its life), rendered
+    /// once; `None` if the row could not be read. Whether the token may
+    /// be served is the caller's decision.
+    pub fn answer(&self, provider: &str, account: &str) -> Option<&Arc<TokenJson>> {
+        let token = self.token()?;
+        Some(self.answer.0.get_or_init(|| {
+            Arc::new(TokenJson::render(&TokenFields {
+                provider,
+                account,
+                access_token: secrecy::ExposeSecret::expose_secret(&token.access_token),
+                token_type: &token.token_type,
+                expires_at: token.timing.expires_at,
+                extra: &self.meta.extra,
+            }))
+        }))
     }
 
     /// SPEC's name of the state (`/v1/connections`, `status`, metrics).
@@ -303,6 +338,7 @@ impl Snapshot {
             generation: self.generation,
             state,
             meta: self.meta,
+            answer: self.answer,
         }
     }
 
@@ -311,6 +347,7 @@ impl Snapshot {
     pub fn serving(mut self, token: HeldToken) -> Snapshot {
         if let Some(t) = self.token_mut() {
             *t = token;
+            self.answer = AnswerCache::default();
         }
         self
     }
@@ -486,5 +523,34 @@ pub(crate) mod tests {
         assert_eq!(f.failures(), 1);
         assert_eq!(f.next_attempt_at(), Some(next));
         assert_eq!(f.last_error(), Some("disk full"));
+    }
+
+    #[test]
+    fn the_answer_is_rendered_once_per_token_with_its_extras() {
+        let mut r = row(ConnState::Active);
+        r.meta
+            .extra
+            .insert("instance_url".into(), "https://x.example".into());
+        let s = snap(&r);
+        let first = s.answer("keap", "default").unwrap().clone();
+        assert!(Arc::ptr_eq(&first, s.answer("keap", "default").unwrap()));
+        let body = String::from_utf8(first.body(7)).unwrap();
+        assert!(body.ends_with(
+            r#""expires_in":7,"provider":"keap","account":"default","extra":{"instance_url":"https://x.example"}}"#
+        ));
+        // Failing keeps the token and its answer; a clone, or another
+        // token, renders anew.
+        let failed = s.clone().failed("boom".into(), t0());
+        assert!(!Arc::ptr_eq(
+            &first,
+            failed.answer("keap", "default").unwrap()
+        ));
+        let kept = s.failed("boom".into(), t0());
+        assert!(Arc::ptr_eq(&first, kept.answer("keap", "default").unwrap()));
+        let mut other = kept.token().unwrap().clone();
+        other.access_token = "another".to_string().into();
+        let replaced = kept.serving(other);
+        let body = String::from_utf8(replaced.answer("keap", "default").unwrap().body(7)).unwrap();
+        assert!(body.starts_with(r#"{"access_token":"another","#), "{body}");
     }
 }

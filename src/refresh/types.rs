@@ -128,6 +128,9 @@ pub struct ServedToken<'a> {
     pub expires_at: DateTime<Utc>,
     /// The connection's extras (SPEC 11), empty when none.
     pub extra: &'a crate::store::Extras,
+    /// All of the above as the `/v1/token` answer, rendered once per
+    /// snapshot.
+    pub answer: &'a super::token_json::TokenJson,
 }
 
 /// A connection as reported by `/v1/connections` and `status`.

@@ -44,6 +44,19 @@ pub async fn refresh(
     slot: &Arc<Slot>,
     trigger: Trigger,
 ) -> Result<IssuedToken, TokenError> {
+    let snap = refresh_served(shared, slot, trigger).await?;
+    slot.issue(&snap)
+        .ok_or_else(|| slot.failure(&snap, shared.clock()))
+}
+
+/// [`refresh`], answering with the snapshot whose token the caller gets
+/// (checked servable, not yet counted as served) rather than a copy of the
+/// token: a herd of callers sharing one flight shares its snapshot.
+pub async fn refresh_served(
+    shared: &Arc<Shared>,
+    slot: &Arc<Slot>,
+    trigger: Trigger,
+) -> Result<Arc<Snapshot>, TokenError> {
     let clock = shared.clock();
     // Read before `seen`: a flight that ends in between then counts as
     // ours to run, never as a joined one that did not rotate.
@@ -60,7 +73,7 @@ pub async fn refresh(
             landed.await;
         }
         if slot.attempts.load(Ordering::SeqCst) != seen {
-            return slot.answer(&slot.snapshot(), clock);
+            return slot.servable(slot.snapshot(), clock);
         }
     }
     let flight = slot.flight.clone().lock_owned().await;
@@ -73,7 +86,7 @@ pub async fn refresh(
         let rotated = snap.generation != joined_from;
         let failed = snap.state() != ConnState::Active;
         if trigger != Trigger::Forced || rotated {
-            return slot.answer(&snap, clock);
+            return slot.servable(snap, clock);
         }
         if failed {
             return Err(slot.failure(&snap, clock));
@@ -85,7 +98,7 @@ pub async fn refresh(
         let snap = slot.snapshot();
         let valid = snap.valid_until(snap.now(clock));
         if valid.is_some() && trigger != Trigger::Forced {
-            return slot.answer(&snap, clock);
+            return slot.servable(snap, clock);
         }
         return Err(TokenError::RefreshFailed {
             provider: slot.provider.clone(),
@@ -125,7 +138,7 @@ pub async fn refresh(
             // ordinary callers.
             return Err(flying.failure(&snap, shared.clock()));
         }
-        flying.answer(&snap, shared.clock())
+        flying.servable(snap, shared.clock())
     }));
     match landed.await {
         // Lost before the provider was called (taking the lease is the
@@ -158,7 +171,7 @@ fn unavailable(
     slot: &Slot,
     trigger: Trigger,
     cause: Option<&crate::store::StoreError>,
-) -> Result<IssuedToken, TokenError> {
+) -> Result<Arc<Snapshot>, TokenError> {
     let clock = shared.clock();
     let snap = slot.snapshot();
     if snap.needs_authorization() {
@@ -166,7 +179,7 @@ fn unavailable(
     }
     let valid = snap.valid_until(snap.now(clock));
     if valid.is_some() && trigger != Trigger::Forced {
-        return slot.answer(&snap, clock);
+        return slot.servable(snap, clock);
     }
     let reason = match cause {
         Some(e) => format!(
