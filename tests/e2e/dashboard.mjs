@@ -13,26 +13,16 @@
 // Prints "dashboard: N passed, N failed" last; exits non-zero on failure.
 
 import { spawn } from 'node:child_process';
-import { createServer } from 'node:net';
 import { mkdtempSync, rmSync, createWriteStream } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
+import { freePort } from './lib.mjs';
 
 const BIN = process.env.E2E_BIN;
 const OUT = process.env.E2E_OUT;
 const CHROMIUM = process.env.E2E_CHROMIUM || '/usr/bin/chromium';
 
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 async function waitHealthy(base) {
   for (let i = 0; i < 200; i++) {

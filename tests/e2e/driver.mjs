@@ -20,12 +20,12 @@
 // rejects the grant, /v1/token answers 404 unknown_connection.
 
 import { spawn } from 'node:child_process';
-import { createServer } from 'node:net';
 import { mkdirSync, mkdtempSync, writeFileSync, createWriteStream, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
+import { freePort } from './lib.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.E2E_BIN;
@@ -49,16 +49,6 @@ const t0 = Date.now();
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const since = (t) => `${((Date.now() - t) / 1000).toFixed(1)}s`;
 
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 class Failure extends Error {}
 function check(cond, message) {
