@@ -259,7 +259,7 @@ async fn the_token_fast_lane_does_not_allocate() {
     let serve = |s: &Setup| {
         s.engine
             .with_fresh_token("demo", "default", s.clock.now(), |t| {
-                t.access_token.len() + t.token_type.len() + t.provider.len()
+                t.access_token.len() + t.extra.len()
             })
     };
     // The first call on a thread sizes its lookup-key buffer.
@@ -268,11 +268,26 @@ async fn the_token_fast_lane_does_not_allocate() {
     let served = serve(&s);
     COUNTING.with(|on| on.set(false));
     let n = ALLOCATIONS.with(|n| n.get());
-    assert_eq!(
-        served,
-        Some(grant.access_token.expose_secret().len() + grant.token_type.len() + "demo".len())
-    );
+    assert_eq!(served, Some(grant.access_token.expose_secret().len()));
     assert_eq!(n, 0, "the fast lane allocated {n} times");
+    // What it served is this grant's answer (read outside the counted call:
+    // the body is copied out).
+    let body = s
+        .engine
+        .with_fresh_token("demo", "default", s.clock.now(), |t| {
+            t.answer.body_at(s.clock.now())
+        })
+        .expect("served");
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert!(
+        body.contains(grant.access_token.expose_secret()),
+        "the grant's token"
+    );
+    assert!(
+        body.contains(&format!("\"token_type\":\"{}\"", grant.token_type))
+            && body.contains("\"provider\":\"demo\""),
+        "the grant's answer: {body}"
+    );
 }
 
 /// A grant that failed transiently is retried by the scheduler only once

@@ -93,11 +93,7 @@ pub fn with_fresh_token<R>(
             let answer = snap.answer(&slot.provider, &slot.account)?;
             slot.served.fetch_add(1, Ordering::Relaxed);
             Some(f(ServedToken {
-                provider: &slot.provider,
-                account: &slot.account,
                 access_token: token.access_token.expose_secret(),
-                token_type: &token.token_type,
-                expires_at: token.timing.expires_at,
                 extra: &snap.meta.extra,
                 answer,
             }))

@@ -118,18 +118,14 @@ pub struct IssuedToken {
     pub extra: std::sync::Arc<crate::store::GrantMeta>,
 }
 
-/// A token served in place by [`crate::refresh::Engine::with_fresh_token`].
+/// A token served in place by [`crate::refresh::Engine::with_fresh_token`]:
+/// the rendered answer (all a `/v1/token` caller needs), and the two parts
+/// the proxy sends on (the bearer, and the extras that pick its base URL).
 pub struct ServedToken<'a> {
-    pub provider: &'a str,
-    pub account: &'a str,
     pub access_token: &'a str,
-    /// As the provider named it ("Bearer", "DPoP", ...).
-    pub token_type: &'a str,
-    pub expires_at: DateTime<Utc>,
     /// The connection's extras (SPEC 11), empty when none.
     pub extra: &'a crate::store::Extras,
-    /// All of the above as the `/v1/token` answer, rendered once per
-    /// snapshot.
+    /// The `/v1/token` answer, rendered once per snapshot.
     pub answer: &'a super::token_json::TokenJson,
 }
 
