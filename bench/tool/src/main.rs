@@ -5,7 +5,8 @@
 //! `tokenkeeper` binary as a child process.
 //!
 //! Subcommands (each prints `name: value (baseline: value, ratio: r)` lines):
-//! - `seed-one BIN DIR PORT`: config + database with one 24 h `demo` grant.
+//! - `seed-one BIN DIR PORT`: config + database with one 24 h `demo` grant,
+//!   authorized through `BIN` itself (so an older build can read it).
 //! - `herd BIN DIR PORT`: 1,000 and 10,000 concurrent requests for a token
 //!   that must refresh, provider token endpoint delayed 200 ms; the 10,000
 //!   herd `BENCH_HERD_ROUNDS` times (3), each followed by its floor (the
@@ -196,6 +197,75 @@ async fn seed(
     Ok(())
 }
 
+/// Authorizes `accounts` of `demo` through the daemon `bin` itself, as a
+/// browser would (`GET /connect`, the simulator's Approve form, `GET
+/// /callback`), so the database is written by that build's own schema: a
+/// baseline build older than this tool refuses a database the library
+/// seeded ("written by a newer version").
+async fn seed_via_daemon(
+    bin: &Path,
+    cfg: &Path,
+    port: u16,
+    sim: &RunningSimulator,
+    accounts: Vec<String>,
+) -> Res<()> {
+    let log = cfg.with_extension("seed.log");
+    let mut child = spawn_daemon(bin, cfg, &log)?;
+    let r = async {
+        wait_ready(port, Instant::now(), Duration::from_secs(60)).await?;
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let accounts = Arc::new(accounts);
+        let workers = 16;
+        let mut set = tokio::task::JoinSet::new();
+        for w in 0..workers {
+            let (client, accounts) = (client.clone(), accounts.clone());
+            let approve = format!("{}/approve", sim.base_url);
+            set.spawn(async move {
+                for account in accounts.iter().skip(w).step_by(workers) {
+                    let r = client
+                        .get(format!(
+                            "http://127.0.0.1:{port}/connect/demo?account={account}"
+                        ))
+                        .send()
+                        .await?;
+                    let header = |r: &reqwest::Response, name: &str| -> Res<String> {
+                        Ok(r.headers()
+                            .get(name)
+                            .ok_or_else(|| format!("{account}: no {name} (status {})", r.status()))?
+                            .to_str()?
+                            .to_string())
+                    };
+                    let authorize = header(&r, "location")?;
+                    let cookie = header(&r, "set-cookie")?;
+                    let cookie = cookie.split(';').next().unwrap_or_default().to_string();
+                    let query = authorize.split_once('?').map(|x| x.1).unwrap_or_default();
+                    let r = client
+                        .post(&approve)
+                        .header("content-type", "application/x-www-form-urlencoded")
+                        .body(query.to_string())
+                        .send()
+                        .await?;
+                    let callback = header(&r, "location")?;
+                    let r = client.get(callback).header("cookie", cookie).send().await?;
+                    if r.status() != 200 {
+                        return Err(format!("{account}: callback answered {}", r.status()).into());
+                    }
+                }
+                Res::Ok(())
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r??;
+        }
+        Res::Ok(())
+    }
+    .await;
+    stop(&mut child);
+    r
+}
+
 fn url_parse(s: &str) -> url::Url {
     url::Url::parse(s).expect("valid URL")
 }
@@ -291,10 +361,10 @@ fn json_field<'a>(body: &'a str, key: &str) -> Option<&'a str> {
 }
 
 async fn seed_one(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
-    let _ = bin;
     let sim = start_sim_apart(SimulatorConfig::default()).await?;
     let cfg = write_config(&dir, port, &sim.base_url, "")?;
-    seed(&cfg, &sim, vec!["default".into()], None).await?;
+    // By `bin` itself: `bench/ab.sh` compares builds of different ages.
+    seed_via_daemon(&bin, &cfg, port, &sim, vec!["default".into()]).await?;
     println!("{}", cfg.display());
     Ok(())
 }
@@ -367,7 +437,23 @@ async fn herd(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
                 conns.push(r??);
             }
         }
-        let mut stale_at = seeded + chrono::Duration::seconds(s_secs);
+        // Opening 10,000 connections can outlast the seeded token's fresh
+        // half (it took 21 s on a busy machine): the scheduler has then
+        // refreshed it already, and a round armed from the seeding would
+        // meet a fresh token and measure no refresh. Armed from the token
+        // the daemon holds now instead, as the later rounds are; one about
+        // to be refreshed is let go first.
+        let mut stale_at = loop {
+            let (st, body) = get(&mut conns[0], "/v1/token/demo").await?;
+            let left: i64 = json_field(&String::from_utf8_lossy(&body), "expires_in")
+                .and_then(|v| v.parse().ok())
+                .filter(|_| st == 200)
+                .ok_or("herd: no token to arm the first round")?;
+            if left - s_secs >= 5 {
+                break Utc::now() + chrono::Duration::seconds(left - s_secs + 1);
+            }
+            tokio::time::sleep(Duration::from_secs((left - s_secs).max(0) as u64 + 2)).await;
+        };
         sim.sim.set_token_delay(delay, DelayPhase::BeforeProcessing);
         // The 10,000 herd is measured `rounds` times, each followed by its
         // floor: the same connections let go at once again while the
@@ -777,8 +863,8 @@ async fn idle(bin: &Path, dir: &Path, port: u16, sim: &RunningSimulator, n: usiz
     }
     let cfg = write_config(dir, port, &sim.base_url, "")?;
     let log = dir.join("idle.log");
-    let measure = |bin: PathBuf| {
-        let (cfg, log) = (cfg.clone(), log.clone());
+    let measure = |bin: PathBuf, cfg: PathBuf| {
+        let log = log.clone();
         async move {
             let mut child = spawn_daemon(&bin, &cfg, &log)?;
             let pid = child.id();
@@ -797,11 +883,29 @@ async fn idle(bin: &Path, dir: &Path, port: u16, sim: &RunningSimulator, n: usiz
         }
     };
     let baseline = std::env::var_os("BENCH_BASELINE_BIN").map(PathBuf::from);
+    // The baseline build gets a database of its own, written by itself
+    // (an older build refuses this one's newer schema).
+    let base_cfg = match &baseline {
+        Some(base) => {
+            let bdir = dir.join("baseline");
+            std::fs::create_dir_all(&bdir)?;
+            let bcfg = write_config(&bdir, port, &sim.base_url, "")?;
+            let t = Instant::now();
+            let accounts = (0..n).map(|i| format!("a{i:05}")).collect();
+            seed_via_daemon(base, &bcfg, port, sim, accounts).await?;
+            eprintln!(
+                "seeded the baseline's {n} connections through its own daemon in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+            Some(bcfg)
+        }
+        None => None,
+    };
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        ours.push(measure(bin.to_path_buf()).await?);
-        if let Some(base) = &baseline {
-            theirs.push(measure(base.clone()).await?);
+        ours.push(measure(bin.to_path_buf(), cfg.clone()).await?);
+        if let (Some(base), Some(bcfg)) = (&baseline, &base_cfg) {
+            theirs.push(measure(base.clone(), bcfg.clone()).await?);
         }
     }
     let median = |v: &mut Vec<f64>| {
