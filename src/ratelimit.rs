@@ -49,6 +49,12 @@ pub const JITTER_TOLERANCE: Duration = Duration::from_millis(250);
 /// precise (Keap sends no `Retry-After`): Keap's spike window is one second.
 pub const PAUSE_AFTER_429: Duration = Duration::from_secs(1);
 
+/// The longest pause one answer can impose on a provider: a day, the
+/// longest window a provider counts in. A `Retry-After` of years (a broken
+/// or hostile upstream) would otherwise park every account of the provider
+/// until a restart, or overflow the instant it is added to.
+pub const MAX_PAUSE: Duration = Duration::from_secs(24 * 3600);
+
 /// Why a request did not get a slot.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LimitError {
@@ -234,7 +240,7 @@ impl Scope {
 
     /// [`Scope::count`] with the scope's windows already locked.
     fn count_locked(&self, day: &mut Window, throttle: &mut Option<Throttle>) -> u64 {
-        day.used += 1;
+        day.used = day.used.saturating_add(1);
         if let Some(r) = day.remaining.as_mut() {
             *r = r.saturating_sub(1);
         }
@@ -289,7 +295,7 @@ impl Scope {
                 day.used = quota
                     .used
                     .unwrap_or_else(|| day.limit.map_or(day.used, |l| l.saturating_sub(available)))
-                    + after;
+                    .saturating_add(after);
                 day.learned_seq = Some(seq);
             }
         }
@@ -297,12 +303,14 @@ impl Scope {
             let mut t = self.throttle();
             if t.is_none_or(|t| seq >= t.learned_seq) {
                 // One refill interval of a bucket of `limit` per minute.
-                let refill = throttle
-                    .limit
-                    .filter(|l| *l > 0)
-                    .map_or(Duration::from_secs(60), |l| {
-                        Duration::from_secs(60) / l as u32
-                    });
+                let refill =
+                    throttle
+                        .limit
+                        .filter(|l| *l > 0)
+                        .map_or(Duration::from_secs(60), |l| {
+                            // Beyond u32, the 1 ms floor below applies anyway.
+                            Duration::from_secs(60) / u32::try_from(l).unwrap_or(u32::MAX)
+                        });
                 *t = Some(Throttle {
                     remaining: available.saturating_sub(after),
                     limit: throttle.limit,
@@ -584,7 +592,8 @@ impl Permit {
                 .retry_after
                 .or_else(|| until_day(&answer.quota))
                 .or_else(|| until_day(&answer.tenant_quota))
-                .unwrap_or(PAUSE_AFTER_429);
+                .unwrap_or(PAUSE_AFTER_429)
+                .min(MAX_PAUSE);
             let mut p = self
                 .provider
                 .paused_until
@@ -774,8 +783,8 @@ impl RateLimits {
         let p = self.provider(provider)?;
         let now = Utc::now();
         let paused_until = p.paused(Instant::now()).map(|t| {
-            now + chrono::Duration::from_std(t.saturating_duration_since(Instant::now()))
-                .unwrap_or_default()
+            let left = t.saturating_duration_since(Instant::now()).min(MAX_PAUSE);
+            now + chrono::Duration::from_std(left).unwrap_or_default()
         });
         let tenant = p
             .tenants
@@ -1029,6 +1038,48 @@ mod tests {
         r.forget(&p.name, "a");
         assert_eq!(r.tenant_count(), 1);
         assert!(r.quota(&p.name, "a").unwrap().tenant.is_none());
+    }
+
+    /// Headers from a broken or hostile upstream: no panic, no pause
+    /// beyond [`MAX_PAUSE`], and the quota still readable.
+    #[tokio::test]
+    async fn absurd_upstream_figures_neither_panic_nor_park_the_provider() {
+        let n = name();
+        for retry_after in ["10000000000000", "18446744073709551615"] {
+            let r = registry(limits(None, None, None));
+            let far = tokio::time::Instant::now() + Duration::from_secs(5);
+            let mut h = axum::http::HeaderMap::new();
+            h.insert(reqwest::header::RETRY_AFTER, retry_after.parse().unwrap());
+            let p = r.acquire(&n, "a", far).await.unwrap();
+            p.learn(&Answer::from_headers(429, &h));
+            let until = r.quota(&n, "a").unwrap().paused_until.expect("paused");
+            assert!(
+                until <= Utc::now() + chrono::Duration::from_std(MAX_PAUSE).unwrap(),
+                "Retry-After {retry_after}: paused until {until}"
+            );
+        }
+        let r = registry(limits(None, None, None));
+        let far = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut h = axum::http::HeaderMap::new();
+        for (k, v) in [
+            ("x-keap-product-throttle-available", "5"),
+            ("x-keap-product-throttle-limit", "4294967296"),
+            ("x-keap-tenant-throttle-available", "5"),
+            ("x-keap-tenant-throttle-limit", "8589934592"),
+            ("x-keap-product-quota-available", "3"),
+            ("x-keap-product-quota-used", "18446744073709551615"),
+        ] {
+            h.insert(k, v.parse().unwrap());
+        }
+        let first = r.acquire(&n, "a", far).await.unwrap();
+        // Granted after the first: the report then counts it on top.
+        let second = r.acquire(&n, "a", far).await.unwrap();
+        first.learn(&Answer::from_headers(200, &h));
+        second.learn(&Answer::from_headers(200, &h));
+        r.acquire(&n, "a", far).await.unwrap();
+        let q = r.quota(&n, "a").unwrap();
+        assert_eq!(q.client.throttle_limit, Some(4294967296));
+        assert_eq!(q.client.daily_used, u64::MAX);
     }
 
     #[tokio::test]

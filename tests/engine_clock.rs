@@ -61,6 +61,35 @@ async fn a_wall_clock_set_back_does_not_keep_a_dead_token_alive() {
     assert_eq!(s.engine.report()[0].state, ConnState::Active);
 }
 
+/// `expires_in` tells a client how long it may keep the token: after the
+/// wall clock was set back, it is counted from the engine's anchored time,
+/// or it would promise the client the 30 minutes the clock went back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expires_in_is_not_stretched_by_a_wall_clock_set_back() {
+    let s = setup().await;
+    authorize(&s).await;
+    s.clock.advance(Duration::from_secs(10 * 60));
+    s.clock.jump_wall(-chrono::Duration::minutes(30));
+    let expires_in = |body: Vec<u8>| -> i64 {
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["expires_in"].as_i64().unwrap()
+    };
+    let fast = s
+        .engine
+        .with_fresh_token("demo", "default", s.clock.now(), |t| {
+            expires_in(t.answer.body_at(t.at))
+        })
+        .expect("still fresh");
+    let (answer, at) = s.engine.token_answer("demo", "default").await.unwrap();
+    let slow = expires_in(answer.body_at(at));
+    for (path, left) in [("fast lane", fast), ("full path", slow)] {
+        assert!(
+            (49 * 60..=50 * 60).contains(&left),
+            "{path}: expires_in {left} s, 50 minutes are left"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scheduler_refreshes_on_time_after_the_wall_clock_was_set_back() {
     let s = setup().await;

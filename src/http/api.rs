@@ -111,7 +111,7 @@ pub fn token_fast_lane(state: &AppState, req: &axum::extract::Request) -> Option
     let now = Utc::now();
     let answer = state
         .engine
-        .with_fresh_token(provider, account, now, |t| answer_response(t.answer, now))?;
+        .with_fresh_token(provider, account, now, |t| answer_response(t.answer, t.at))?;
     TOKEN_LATENCY.record(started.elapsed().as_secs_f64());
     Some(answer)
 }
@@ -135,12 +135,12 @@ async fn get_token_timed(
     // A fresh token was answered by `token_fast_lane` before routing; this
     // is the full path: waiting for or running a refresh.
     check_names(provider, account)?;
-    let answer = state
+    let (answer, at) = state
         .engine
         .token_answer(provider, account)
         .await
         .map_err(|e| ApiError::from_token_error(e, &state.public_url))?;
-    Ok(answer_response(&answer, Utc::now()))
+    Ok(answer_response(&answer, at))
 }
 
 async fn refresh_token(

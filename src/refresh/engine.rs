@@ -295,7 +295,7 @@ impl Engine {
         &self,
         provider: &str,
         account: &str,
-    ) -> Result<Arc<super::token_json::TokenJson>, TokenError> {
+    ) -> Result<(Arc<super::token_json::TokenJson>, DateTime<Utc>), TokenError> {
         registry::token_answer(&self.inner, provider, account).await
     }
 

@@ -96,6 +96,7 @@ pub fn with_fresh_token<R>(
                 access_token: token.access_token.expose_secret(),
                 extra: &snap.meta.extra,
                 answer,
+                at: now,
             }))
         })
         .flatten()
@@ -139,14 +140,15 @@ pub async fn token_answer(
     shared: &Arc<Shared>,
     provider: &str,
     account: &str,
-) -> Result<Arc<TokenJson>, TokenError> {
+) -> Result<(Arc<TokenJson>, DateTime<Utc>), TokenError> {
     let (slot, snap) = served(shared, provider, account).await?;
-    match snap.answer(&slot.provider, &slot.account) {
-        Some(answer) => {
+    match (snap.answer(&slot.provider, &slot.account), snap.token()) {
+        (Some(answer), Some(token)) => {
             slot.served.fetch_add(1, Ordering::Relaxed);
-            Ok(answer.clone())
+            let at = shared.clock().now().max(token.anchor.now(shared.clock()));
+            Ok((answer.clone(), at))
         }
-        None => Err(slot.failure(&snap, shared.clock())),
+        _ => Err(slot.failure(&snap, shared.clock())),
     }
 }
 

@@ -127,6 +127,10 @@ pub struct ServedToken<'a> {
     pub extra: &'a crate::store::Extras,
     /// The `/v1/token` answer, rendered once per snapshot.
     pub answer: &'a super::token_json::TokenJson,
+    /// The instant the token was judged fresh at: the later of the wall
+    /// clock and the token's anchored clock, so `expires_in` counted from
+    /// it is not overstated after the wall clock stepped back.
+    pub at: DateTime<Utc>,
 }
 
 /// A connection as reported by `/v1/connections` and `status`.
