@@ -728,11 +728,21 @@ fn retry_after_at(v: &str, now: DateTime<Utc>) -> Option<Duration> {
     Some((at - now).to_std().unwrap_or(Duration::ZERO))
 }
 
+/// Idle connections [`http_client`] keeps per provider host.
+pub const PROVIDER_IDLE_CONNECTIONS: usize = 16;
+
 /// The HTTP client shared by all provider calls: rustls, no cookies, a
 /// connect timeout so a black-holed provider cannot stall a refresh.
+///
+/// Idle connections are capped: a burst of refreshes (a wave after a
+/// suspend, hundreds of short-lived tokens) opens one connection per call
+/// in flight, and reqwest would keep every one of them for its idle
+/// timeout, each holding its buffers (the soak grew by some 30 MB of them).
+/// Paced refreshes need a handful.
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(PROVIDER_IDLE_CONNECTIONS)
         .user_agent(concat!("tokenkeeper/", env!("CARGO_PKG_VERSION")))
         .redirect(reqwest::redirect::Policy::none())
         .build()

@@ -718,6 +718,12 @@ async fn scale(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let rss = proc_field(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
         figure(&format!("scale_{n}_idle_rss"), rss, "MB", 30.0, "(target)");
+        let kb = |key| proc_field(pid, key).unwrap_or(0) as f64 / 1024.0;
+        println!(
+            "scale_{n}_idle_rss_detail: anonymous (heap, stacks) {:.1} MB, file-backed (the binary's code pages: shared, reclaimable) {:.1} MB",
+            kb("RssAnon:"),
+            kb("RssFile:")
+        );
         let window = 10.0;
         let c0 = cpu_secs(pid);
         tokio::time::sleep(Duration::from_secs_f64(window)).await;

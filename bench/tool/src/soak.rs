@@ -100,6 +100,9 @@ struct Sample {
     scrapes: u64,
     tokens: u64,
     rss_kb: u64,
+    /// VmRSS split: anonymous (heap, stacks) and file-backed (the binary's
+    /// code and read-only data: shared, reclaimable, not a leak).
+    anon_file_kb: (u64, u64),
     fds: (usize, usize),
     threads: u64,
     series: usize,
@@ -203,6 +206,10 @@ pub async fn soak(bin: PathBuf, dir: PathBuf, port: u16) -> Res<()> {
             tokens: tally.ok[1].load(Ordering::Relaxed) + tally.failed[1].load(Ordering::Relaxed),
             scrapes: tally.ok[2].load(Ordering::Relaxed) + tally.failed[2].load(Ordering::Relaxed),
             rss_kb: proc_field(pid, "VmRSS:").unwrap_or(0),
+            anon_file_kb: (
+                proc_field(pid, "RssAnon:").unwrap_or(0),
+                proc_field(pid, "RssFile:").unwrap_or(0),
+            ),
             fds: open_fds(pid),
             threads: proc_field(pid, "Threads:").unwrap_or(0),
             series,
@@ -375,6 +382,13 @@ fn report(samples: &[Sample], elapsed: f64, cpu: f64, tally: &Tally, n: usize, l
         "(target)",
     );
     figure("soak_rss_end", mb(end.rss_kb), "MB", 30.0, "(target)");
+    for (name, s) in [("after_warmup", warm), ("end", end)] {
+        println!(
+            "soak_rss_{name}_detail: anonymous (heap, stacks) {:.1} MB, file-backed (the binary's code pages: shared, reclaimable) {:.1} MB",
+            mb(s.anon_file_kb.0),
+            mb(s.anon_file_kb.1)
+        );
+    }
     figure(
         "soak_rss_end_vs_warmup",
         mb(end.rss_kb),
