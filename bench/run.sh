@@ -532,7 +532,14 @@ for s in "${CONTENDERS[@]}"; do
     timeout 30 wrk -t"$THREADS" -c"$CONNS" -d2s -H "$AUTH" "${s#*:}" >/dev/null
 done
 for r in $(seq 1 "$ROUNDS"); do
-    for s in "${CONTENDERS[@]}"; do
+    # Every other round in reverse order: no contender always runs right
+    # after the same neighbour (or always first, on a warming machine).
+    ORDER=("${CONTENDERS[@]}")
+    if [ $((r % 2)) = 0 ]; then
+        ORDER=()
+        for ((i = ${#CONTENDERS[@]} - 1; i >= 0; i--)); do ORDER+=("${CONTENDERS[i]}"); done
+    fi
+    for s in "${ORDER[@]}"; do
         log "6/6 round $r/$ROUNDS: ${s%%:*} (${PROXY_DURATION}s, $CONNS connections, $THREADS wrk threads)"
         {
             echo "### round $r proxy-${s%%:*} (${s#*:})"
@@ -594,6 +601,17 @@ if "baseline" in runs:
     fig("proxy_rps_vs_baseline_build", tk[0], bl[0], " req/s", "(BENCH_PROXY_BASELINE)")
     fig("proxy_added_p50_vs_baseline_build", added("tokenkeeper", 1), added("baseline", 1), " us", "(BENCH_PROXY_BASELINE)")
     fig("proxy_added_p99_vs_baseline_build", added("tokenkeeper", 2), added("baseline", 2), " us", "(BENCH_PROXY_BASELINE)")
+# Per round, each against the other contender of the same round: on a
+# shared machine only these pairs compare.
+def per_round(other):
+    out = []
+    for t, o, d in zip(runs["tokenkeeper"], runs[other], runs["direct"]):
+        ta, oa = t[1] - d[1], o[1] - d[1]
+        out.append(f"{t[0] / o[0]:.3f}/{ta / oa:.3f}" if oa > 0 else f"{t[0] / o[0]:.3f}/n/a")
+    print(f"proxy_vs_{other}_rounds: req/s ratio/added p50 ratio [{', '.join(out)}]")
+per_round("nginx")
+if "baseline" in runs:
+    per_round("baseline")
 for k in runs:
     rounds = ", ".join(f"{r:.0f}" for r, _, _ in runs[k])
     p = ", ".join(f"{a:.0f}/{b:.0f}" for _, a, b in runs[k])

@@ -45,7 +45,7 @@ pub enum ApiError {
     RateLimited(crate::ratelimit::LimitError),
     /// 502 `upstream_unreachable` from the proxy; the cause (without the
     /// URL) only in the log.
-    UpstreamUnreachable(reqwest::Error),
+    UpstreamUnreachable(Box<dyn std::error::Error + Send + Sync>),
     /// 502 `revocation_failed`: the provider did not revoke a grant, which
     /// is therefore kept; the message carries the provider's error.
     RevocationFailed(String),

@@ -22,6 +22,7 @@ pub mod pages;
 pub mod proxy;
 pub mod server;
 pub mod tls;
+pub mod upstream;
 
 use std::sync::Arc;
 

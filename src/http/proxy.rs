@@ -15,6 +15,9 @@
 //! [`REPLAY_MAX_BYTES`] is buffered so that it can be sent again after an
 //! upstream 401 (one refresh, one retry, at most one 401-driven refresh per
 //! connection per [`UNAUTHORIZED_COOLDOWN`]) or 429 (one pause, one retry).
+//! Buffered requests go through [`super::upstream`], whose exchange runs in
+//! this handler's task on a pooled connection; streamed ones, and all of
+//! them when an outgoing proxy is set in the environment, through reqwest.
 //! The incoming `Authorization` has already been checked (SPEC 5) by the
 //! route's guard; here it is dropped and replaced, and so are cookies in
 //! both directions. Answers are marked inert for browsers (`nosniff`, CSP
@@ -32,6 +35,7 @@ use secrecy::ExposeSecret;
 use url::Url;
 
 use super::error::ApiError;
+use super::upstream::{self, Upstream};
 use super::AppState;
 use crate::ratelimit::{Answer, RateLimits};
 use crate::refresh::{Engine, IssuedToken};
@@ -76,9 +80,14 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
-/// The proxy's shared parts: one pooled HTTP client, the limits, the wait.
+/// The proxy's shared parts: the pooled HTTP clients, the limits, the wait.
 pub struct Proxy {
+    /// Streamed request bodies, and everything when an outgoing proxy is
+    /// configured.
     http: reqwest::Client,
+    /// Buffered request bodies (see [`upstream`]); `None` when the
+    /// operator set an outgoing proxy ([`outgoing_proxy_set`]).
+    upstream: Option<Upstream>,
     /// The limits; the refresh engine takes its slots here too.
     pub limits: Arc<RateLimits>,
     max_wait: Duration,
@@ -148,8 +157,16 @@ impl Proxy {
             .tcp_nodelay(true)
             .build()
             .unwrap_or_default();
+        let upstream = if outgoing_proxy_set() {
+            None
+        } else {
+            Upstream::new()
+                .inspect_err(|e| tracing::warn!(error = %e, "the proxy's pooled upstream client is unavailable; using the general one"))
+                .ok()
+        };
         Proxy {
             http,
+            upstream,
             limits,
             max_wait,
             unauthorized_refreshes: std::sync::Mutex::new(HashMap::new()),
@@ -254,6 +271,45 @@ impl Proxy {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&(provider.to_string(), account.to_string()));
+    }
+}
+
+/// Whether the environment names an outgoing proxy. reqwest honours these
+/// (its default system proxy); the pooled upstream client does not speak
+/// to proxies, so with any of them set every request goes through reqwest
+/// and the setting keeps working.
+fn outgoing_proxy_set() -> bool {
+    [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+}
+
+/// An upstream answer from either client.
+enum Reply {
+    Reqwest(reqwest::Response),
+    Pooled(upstream::Answer),
+}
+
+impl Reply {
+    fn status(&self) -> StatusCode {
+        match self {
+            Reply::Reqwest(r) => r.status(),
+            Reply::Pooled(a) => a.status,
+        }
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        match self {
+            Reply::Reqwest(r) => r.headers(),
+            Reply::Pooled(a) => &a.headers,
+        }
     }
 }
 
@@ -744,12 +800,6 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
                 route = Route::new(state, &settings, &provider.config, grant, &parts.headers, t)?;
             }
         }
-        let body = match (&replay, stream.take()) {
-            (Some(b), _) => reqwest::Body::from(b.clone()),
-            (None, Some(s)) => reqwest::Body::wrap_stream(s.into_data_stream()),
-            // A streamed body is sent once; the loop only repeats with `replay`.
-            (None, None) => return Err(body_unreadable(&"already sent")),
-        };
         let mut upstream_headers = headers
             .take()
             .unwrap_or_else(|| request_headers(&parts.headers, replay.is_some()));
@@ -757,14 +807,38 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
             upstream_headers.insert(name.clone(), value.clone());
         }
         upstream_headers.insert(header::AUTHORIZATION, authorization.clone());
-        let resp = proxy
-            .http
-            .request(parts.method.clone(), route.url.clone())
-            .headers(upstream_headers)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| ApiError::UpstreamUnreachable(e.without_url()))?;
+        let resp = match (&proxy.upstream, &replay) {
+            (Some(pooled), Some(b)) => Reply::Pooled(
+                pooled
+                    .send(
+                        parts.method.clone(),
+                        &route.url,
+                        upstream_headers,
+                        b.clone(),
+                        SMALL_ANSWER_BYTES,
+                    )
+                    .await
+                    .map_err(|e| ApiError::UpstreamUnreachable(Box::new(e)))?,
+            ),
+            _ => {
+                let body = match (&replay, stream.take()) {
+                    (Some(b), _) => reqwest::Body::from(b.clone()),
+                    (None, Some(s)) => reqwest::Body::wrap_stream(s.into_data_stream()),
+                    // A streamed body is sent once; the loop only repeats with `replay`.
+                    (None, None) => return Err(body_unreadable(&"already sent")),
+                };
+                Reply::Reqwest(
+                    proxy
+                        .http
+                        .request(parts.method.clone(), route.url.clone())
+                        .headers(upstream_headers)
+                        .body(body)
+                        .send()
+                        .await
+                        .map_err(|e| ApiError::UpstreamUnreachable(Box::new(e.without_url())))?,
+                )
+            }
+        };
         let status = resp.status();
         let answer = Answer::from_headers(status.as_u16(), resp.headers());
         permit.learn(&answer);
@@ -798,11 +872,7 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
 /// length is read first and sent in one piece (one write, and the upstream
 /// connection goes back to the pool before the client has read anything).
 /// A 429 gains the `Retry-After` of the pause it caused.
-async fn relay(
-    resp: reqwest::Response,
-    limits: &RateLimits,
-    t: &Target,
-) -> Result<Response, ApiError> {
+async fn relay(resp: Reply, limits: &RateLimits, t: &Target) -> Result<Response, ApiError> {
     let status = resp.status();
     let mut headers = response_headers(resp.headers());
     if status == StatusCode::TOO_MANY_REQUESTS && !headers.contains_key(header::RETRY_AFTER) {
@@ -812,17 +882,25 @@ async fn relay(
             .map_or(1, |u| (u - chrono::Utc::now()).num_seconds().max(0) + 1);
         headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
-    let small = resp
-        .content_length()
-        .is_some_and(|n| n <= SMALL_ANSWER_BYTES);
-    let body = if small {
-        Body::from(
-            resp.bytes()
-                .await
-                .map_err(|e| ApiError::UpstreamUnreachable(e.without_url()))?,
-        )
-    } else {
-        Body::from_stream(resp.bytes_stream())
+    let body = match resp {
+        Reply::Pooled(a) => match a.body {
+            upstream::AnswerBody::Whole(bytes) => Body::from(bytes),
+            upstream::AnswerBody::Stream(incoming) => Body::new(incoming),
+        },
+        Reply::Reqwest(resp) => {
+            let small = resp
+                .content_length()
+                .is_some_and(|n| n <= SMALL_ANSWER_BYTES);
+            if small {
+                Body::from(
+                    resp.bytes()
+                        .await
+                        .map_err(|e| ApiError::UpstreamUnreachable(Box::new(e.without_url())))?,
+                )
+            } else {
+                Body::from_stream(resp.bytes_stream())
+            }
+        }
     };
     let mut out = Response::new(body);
     *out.status_mut() = status;
