@@ -151,6 +151,8 @@ pub struct App {
     db_lock: crate::store::StoreLock,
     /// `[backup]`: made on its schedule (and on `POST /v1/backup`).
     backups: Option<Arc<crate::backup::Backups>>,
+    /// The proxy's state, also held by the router's.
+    proxy: Arc<http::proxy::Proxy>,
 }
 
 impl App {
@@ -232,16 +234,17 @@ impl App {
         };
         let public_url = config.public_url(bound);
         let tls = load_tls(&config, &public_url)?;
+        let proxy = Arc::new(http::proxy::Proxy::new(
+            limits.clone(),
+            config.server.proxy_max_wait,
+        ));
         let state = AppState::new(crate::http::Shared {
             engine: engine.clone(),
             public_url: public_url.clone(),
             allowed_hosts: Arc::new(allowed_hosts(&config, &public_url)),
             api_keys: api_keys.clone(),
             tls_fingerprint: tls.as_ref().map(|t| Arc::from(t.fingerprint.as_str())),
-            proxy: Arc::new(http::proxy::Proxy::new(
-                limits.clone(),
-                config.server.proxy_max_wait,
-            )),
+            proxy: proxy.clone(),
             devices: crate::device::DeviceFlows::new(),
         });
         http::proxy::Proxy::register(config.providers.keys().map(String::as_str));
@@ -260,12 +263,18 @@ impl App {
             public_url,
             db_lock,
             backups,
+            proxy,
         })
     }
 
     /// The refresh engine.
     pub fn engine(&self) -> &Engine {
         &self.reload.engine
+    }
+
+    /// What the proxy keeps per connection.
+    pub fn proxy(&self) -> &Arc<http::proxy::Proxy> {
+        &self.proxy
     }
 
     /// The rate limits the proxy and the refreshes share.
@@ -297,6 +306,7 @@ impl App {
             public_url,
             db_lock,
             backups,
+            proxy: _,
         } = self;
         let engine = reload.engine.clone();
         let config = reload.config.clone();

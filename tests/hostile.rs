@@ -84,6 +84,37 @@ fn unknown_proxy_accounts_leave_no_limiter_state() {
     assert!(q.tenant.is_none());
 }
 
+/// The same flood against a provider whose base URL comes from each
+/// grant (Salesforce's instance): no base URL is cached for a made-up name.
+#[test]
+fn unknown_proxy_accounts_leave_no_cached_base_url() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = "127.0.0.1:1".parse().unwrap();
+    let mut cfg = tokenkeeper::dev::config(addr, dir.path().join("db.sqlite"), "s");
+    let mut sf = cfg.providers["demo"].clone();
+    sf.name = "sf".into();
+    sf.preset = tokenkeeper::config::Preset::Salesforce;
+    cfg.providers.insert("sf".into(), sf);
+    let built = rt.block_on(App::build(cfg, addr, None)).unwrap();
+    let app = built.router();
+    rt.block_on(async {
+        for i in 0..1_000 {
+            let req = Request::get(format!("/proxy/sf@flood-{i}/services/data"))
+                .header(header::HOST, "127.0.0.1")
+                .body(Body::empty())
+                .unwrap();
+            let r = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        }
+    });
+    assert_eq!(
+        built.proxy().cached_bases(),
+        0,
+        "a base URL was cached for made-up accounts"
+    );
+}
+
 #[test]
 fn callback_query_fuzz_never_fails_the_server() {
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -255,8 +255,19 @@ impl Proxy {
         true
     }
 
+    /// How many connections' base URLs are cached: bounded by the known
+    /// connections.
+    pub fn cached_bases(&self) -> usize {
+        self.bases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(HashMap::len)
+            .sum()
+    }
+
     /// Drops what the proxy keeps for a forgotten connection (its limiter
-    /// scope, its 401 cool-down).
+    /// scope, its cached base URL, its 401 cool-down).
     pub fn forget(&self, provider: &str, account: &str) {
         self.limits.forget(provider, account);
         if let Some(accounts) = self
@@ -701,7 +712,13 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
     // connection is now; checked again below against the grant the token
     // comes from.
     let meta = engine.grant_meta(&t.provider, &t.account);
-    let known = meta.is_some();
+    // Unknown names cost nothing: no limiter entry, no quota, and no
+    // cached base URL (a flood of made-up accounts would grow that cache).
+    if meta.is_none() {
+        engine
+            .check_known(&t.provider, &t.account)
+            .map_err(to_api)?;
+    }
     let mut route = Route::new(
         state,
         &settings,
@@ -710,12 +727,6 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
         req.headers(),
         t,
     )?;
-    // Unknown names cost nothing: no limiter entry, no quota.
-    if !known {
-        engine
-            .check_known(&t.provider, &t.account)
-            .map_err(to_api)?;
-    }
 
     let (parts, body) = req.into_parts();
     let replayable = body
@@ -783,7 +794,7 @@ async fn send(state: &AppState, t: &Target, req: Request) -> Result<Response, Ap
                         Err(e) => {
                             if matches!(e, crate::refresh::TokenError::UnknownConnection { .. }) {
                                 // Forgotten during the wait.
-                                proxy.limits.forget(&t.provider, &t.account);
+                                proxy.forget(&t.provider, &t.account);
                             }
                             return Err(to_api(e));
                         }
