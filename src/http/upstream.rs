@@ -19,6 +19,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -29,19 +30,35 @@ use futures_util::FutureExt;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1::{Connection, SendRequest};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use url::{Position, Url};
 
-/// Idle connections kept per origin.
-pub const MAX_IDLE_PER_ORIGIN: usize = 256;
+/// Idle connections kept per origin: what 64 concurrent callers need, and
+/// few enough that a burst to an origin that then goes quiet cannot hold
+/// the daemon's spare file descriptors.
+pub const MAX_IDLE_PER_ORIGIN: usize = 64;
 /// How long a TCP connect plus TLS handshake may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Idle connections older than this are closed rather than reused: most
-/// servers drop theirs sooner, and a socket the server closed would
-/// otherwise linger until its turn came.
+/// Idle connections older than this are closed rather than reused (most
+/// servers drop theirs sooner), by the next use of their origin or by the
+/// reaper, which looks every third of it while any connection is idle.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// TCP keep-alive probes and `TCP_USER_TIMEOUT`, as reqwest sets them: the
+/// proxy has no answer timeout, so these are what notice an upstream that
+/// died (or a NAT that forgot the connection) after a request was sent,
+/// within about a minute instead of the kernel's quarter of an hour.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+const KEEPALIVE_RETRIES: u32 = 3;
+const USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// When the first address of a name does not answer within this, the
+/// next (of the other IP family) is tried beside it (RFC 8305), as reqwest
+/// does: a dual-stack host with a dead IPv6 path must not cost every new
+/// connection the whole connect timeout.
+const HAPPY_EYEBALLS: Duration = Duration::from_millis(300);
 
 /// Why an exchange failed. Never carries the URL (its query may hold
 /// something the caller considers private) nor any header.
@@ -174,8 +191,8 @@ impl Conn {
     /// Whether a pooled connection can take a request now. Polls the
     /// driver once with a no-op waker: a server's close (or stray bytes)
     /// is noticed here, before a request is committed to it.
-    fn usable(&mut self) -> bool {
-        if self.idle_since.elapsed() >= IDLE_TIMEOUT {
+    fn usable(&mut self, idle_timeout: Duration) -> bool {
+        if self.idle_since.elapsed() >= idle_timeout {
             return false;
         }
         let Some(driver) = &mut self.driver else {
@@ -218,8 +235,40 @@ async fn drive<F: Future>(driver: &mut Option<Driver>, fut: F) -> F::Output {
 pub struct Upstream {
     /// Idle connections by origin (`scheme://host:port` as the URL spells
     /// it), most recently used last.
-    idle: Mutex<HashMap<String, VecDeque<Conn>>>,
+    idle: Arc<Mutex<Idle>>,
+    /// Whether a reaper task is running (one at most, while anything idles).
+    reaping: Arc<AtomicBool>,
+    idle_timeout: Duration,
+    tcp: HttpConnector,
     tls: tokio_rustls::TlsConnector,
+}
+
+type Idle = HashMap<String, VecDeque<Conn>>;
+
+/// A TCP connection to `authority` (`scheme://host:port`) by `connector`.
+async fn connect_tcp(mut connector: HttpConnector, authority: Uri) -> io::Result<TcpStream> {
+    use tower_service::Service;
+    poll_fn(|cx| connector.poll_ready(cx))
+        .await
+        .map_err(io::Error::other)?;
+    let io = connector.call(authority).await.map_err(io::Error::other)?;
+    Ok(io.into_inner())
+}
+
+/// TCP connections as reqwest makes them (see [`KEEPALIVE`],
+/// [`HAPPY_EYEBALLS`]); TLS is added on top by [`Upstream::connect`].
+fn tcp_connector() -> HttpConnector {
+    let mut c = HttpConnector::new();
+    // https URLs too: this only makes the TCP connection.
+    c.enforce_http(false);
+    c.set_nodelay(true);
+    c.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    c.set_happy_eyeballs_timeout(Some(HAPPY_EYEBALLS));
+    c.set_keepalive(Some(KEEPALIVE));
+    c.set_keepalive_interval(Some(KEEPALIVE));
+    c.set_keepalive_retries(Some(KEEPALIVE_RETRIES));
+    c.set_tcp_user_timeout(Some(USER_TIMEOUT));
+    c
 }
 
 impl Upstream {
@@ -241,9 +290,38 @@ impl Upstream {
             .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Upstream {
-            idle: Mutex::new(HashMap::new()),
+            idle: Arc::new(Mutex::new(HashMap::new())),
+            reaping: Arc::new(AtomicBool::new(false)),
+            idle_timeout: IDLE_TIMEOUT,
+            tcp: tcp_connector(),
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
         })
+    }
+
+    /// Closes idle connections past the idle timeout, every third of it,
+    /// until none is left idle: without it, connections to an origin that
+    /// went quiet would hold their sockets until that origin's next use.
+    fn reap(&self) {
+        if self.reaping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (idle, reaping, timeout) = (self.idle.clone(), self.reaping.clone(), self.idle_timeout);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(timeout / 3).await;
+                let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
+                idle.retain(|_, conns| {
+                    conns.retain(|c| c.idle_since.elapsed() < timeout);
+                    !conns.is_empty()
+                });
+                if idle.is_empty() {
+                    // Under the lock: a connection put back after this
+                    // sees the flag down and starts another reaper.
+                    reaping.store(false, Ordering::SeqCst);
+                    return;
+                }
+            }
+        });
     }
 
     /// Sends `method url` with `headers` (end-to-end ones, `Authorization`
@@ -266,6 +344,10 @@ impl Upstream {
         let host = HeaderValue::from_str(&url[Position::BeforeHost..Position::AfterPort])
             .map_err(|_| UpstreamError::NoHost)?;
         headers.insert(header::HOST, host);
+        // The length is the body's, which hyper writes; a caller's own
+        // would be believed and could frame the request otherwise.
+        headers.remove(header::CONTENT_LENGTH);
+        headers.remove(header::TRANSFER_ENCODING);
         // What reqwest adds by default; some APIs answer 406 without it.
         if !headers.contains_key(header::ACCEPT) {
             headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
@@ -353,7 +435,7 @@ impl Upstream {
                 .unwrap_or_else(|e| e.into_inner())
                 .get_mut(origin)?
                 .pop_back()?;
-            if c.usable() {
+            if c.usable(self.idle_timeout) {
                 return Some(c);
             }
         }
@@ -366,37 +448,45 @@ impl Upstream {
         // came with it, and asks for the next request only if the exchange
         // is wholly over (a server that answered before reading the whole
         // request body leaves the connection unfit for another).
-        if !conn.usable() || !conn.sender.is_ready() {
+        if !conn.usable(self.idle_timeout) || !conn.sender.is_ready() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let conns = match idle.get_mut(origin) {
-            Some(c) => c,
-            None => idle.entry(origin.to_string()).or_default(),
-        };
-        // Oldest first: those past the idle timeout go.
-        while conns
-            .front()
-            .is_some_and(|c| c.idle_since.elapsed() >= IDLE_TIMEOUT)
         {
-            conns.pop_front();
-        }
-        if conns.len() < MAX_IDLE_PER_ORIGIN {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let conns = match idle.get_mut(origin) {
+                Some(c) => c,
+                None => idle.entry(origin.to_string()).or_default(),
+            };
+            // Oldest first: those past the idle timeout go.
+            while conns
+                .front()
+                .is_some_and(|c| c.idle_since.elapsed() >= self.idle_timeout)
+            {
+                conns.pop_front();
+            }
+            if conns.len() >= MAX_IDLE_PER_ORIGIN {
+                return;
+            }
             conns.push_back(conn);
         }
+        self.reap();
     }
 
     async fn connect(&self, url: &Url, https: bool) -> Result<Conn, UpstreamError> {
         let port = url.port_or_known_default().ok_or(UpstreamError::NoHost)?;
         let host = url.host().ok_or(UpstreamError::NoHost)?;
+        // The connector resolves the name and connects: only the scheme,
+        // host (IPv6 in brackets) and port of the URL reach it.
+        let authority = Uri::try_from(format!(
+            "{}://{}:{port}",
+            url.scheme(),
+            url.host_str().ok_or(UpstreamError::NoHost)?
+        ))
+        .map_err(|_| UpstreamError::NoHost)?;
         let io = tokio::time::timeout(CONNECT_TIMEOUT, async {
-            let tcp = match &host {
-                url::Host::Domain(d) => TcpStream::connect((*d, port)).await,
-                url::Host::Ipv4(a) => TcpStream::connect((*a, port)).await,
-                url::Host::Ipv6(a) => TcpStream::connect((*a, port)).await,
-            }
-            .map_err(UpstreamError::Connect)?;
-            tcp.set_nodelay(true).map_err(UpstreamError::Connect)?;
+            let tcp = connect_tcp(self.tcp.clone(), authority)
+                .await
+                .map_err(UpstreamError::Connect)?;
             if !https {
                 return Ok(Io::Plain(tcp));
             }
@@ -431,6 +521,88 @@ impl Upstream {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Keep-alive probes and `TCP_USER_TIMEOUT` are what notice a dead
+    /// upstream (the proxy has no answer timeout).
+    #[tokio::test]
+    async fn new_connections_probe_a_silent_peer() {
+        use std::os::fd::AsRawFd;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let uri = Uri::try_from(format!("http://127.0.0.1:{port}")).unwrap();
+        let tcp = connect_tcp(tcp_connector(), uri).await.unwrap();
+        let opt = |level, name| {
+            let mut v: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt on an open socket into a c_int of its size.
+            let r = unsafe {
+                libc::getsockopt(
+                    tcp.as_raw_fd(),
+                    level,
+                    name,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(r, 0);
+            v
+        };
+        assert_eq!(opt(libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(opt(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 15);
+        assert_eq!(opt(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 15);
+        assert_eq!(opt(libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 3);
+        assert_eq!(opt(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT), 30_000);
+        assert_eq!(opt(libc::IPPROTO_TCP, libc::TCP_NODELAY), 1);
+    }
+
+    /// An idle connection is closed once past the idle timeout even if its
+    /// origin is never used again, and the pool forgets the origin.
+    #[tokio::test]
+    async fn idle_connections_of_a_quiet_origin_are_closed() {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut b = [0u8; 1];
+                if s.read(&mut b).await.unwrap() == 0 {
+                    return;
+                }
+                head.push(b[0]);
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            // Kept alive: the next read ends only when the client closes.
+            let mut b = [0u8; 1];
+            let _ = closed_tx.send(s.read(&mut b).await.map(|n| n == 0));
+        });
+        let mut client = Upstream::new().unwrap();
+        client.idle_timeout = Duration::from_millis(300);
+        let url = Url::parse(&format!("http://127.0.0.1:{port}/x")).unwrap();
+        let answer = client
+            .send(Method::GET, &url, HeaderMap::new(), Bytes::new(), 1024)
+            .await
+            .unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(client.idle.lock().unwrap().len(), 1, "kept for reuse");
+        let closed = tokio::time::timeout(Duration::from_secs(5), closed_rx)
+            .await
+            .expect("the idle connection was not closed")
+            .unwrap();
+        assert!(matches!(closed, Ok(true)), "{closed:?}");
+        assert!(
+            client.idle.lock().unwrap().is_empty(),
+            "the origin is forgotten"
+        );
+        assert!(!client.reaping.load(Ordering::SeqCst), "the reaper stopped");
+    }
 
     /// Over TLS: the server name is sent (SNI), `http/1.1` is agreed
     /// (ALPN), the certificate is checked against the roots, and the
