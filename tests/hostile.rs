@@ -56,6 +56,25 @@ fn test_app(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> App {
     rt.block_on(App::build(cfg, addr, None)).unwrap()
 }
 
+/// Sends `GET path(i)` for `i` in `0..n`; each must answer 404 (unknown).
+fn flood(
+    rt: &tokio::runtime::Runtime,
+    app: &tokenkeeper::http::App,
+    n: usize,
+    path: impl Fn(usize) -> String,
+) {
+    rt.block_on(async {
+        for i in 0..n {
+            let req = Request::get(path(i))
+                .header(header::HOST, "127.0.0.1")
+                .body(Body::empty())
+                .unwrap();
+            let r = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        }
+    });
+}
+
 /// Issue 12 item 11: a flood of unknown accounts on `/proxy/{p}@{account}`
 /// creates no limiter entry and spends none of the provider's quota.
 #[test]
@@ -64,15 +83,8 @@ fn unknown_proxy_accounts_leave_no_limiter_state() {
     let dir = tempfile::tempdir().unwrap();
     let built = test_app(&rt, dir.path());
     let (app, limits) = (built.router(), built.limits());
-    rt.block_on(async {
-        for i in 0..10_000 {
-            let req = Request::get(format!("/proxy/demo@flood-{i}/crm/rest/v1/contacts"))
-                .header(header::HOST, "127.0.0.1")
-                .body(Body::empty())
-                .unwrap();
-            let r = app.clone().oneshot(req).await.unwrap();
-            assert_eq!(r.status(), StatusCode::NOT_FOUND);
-        }
+    flood(&rt, &app, 10_000, |i| {
+        format!("/proxy/demo@flood-{i}/crm/rest/v1/contacts")
     });
     assert_eq!(
         limits.tenant_count(),
@@ -98,15 +110,8 @@ fn unknown_proxy_accounts_leave_no_cached_base_url() {
     cfg.providers.insert("sf".into(), sf);
     let built = rt.block_on(App::build(cfg, addr, None)).unwrap();
     let app = built.router();
-    rt.block_on(async {
-        for i in 0..1_000 {
-            let req = Request::get(format!("/proxy/sf@flood-{i}/services/data"))
-                .header(header::HOST, "127.0.0.1")
-                .body(Body::empty())
-                .unwrap();
-            let r = app.clone().oneshot(req).await.unwrap();
-            assert_eq!(r.status(), StatusCode::NOT_FOUND);
-        }
+    flood(&rt, &app, 1_000, |i| {
+        format!("/proxy/sf@flood-{i}/services/data")
     });
     assert_eq!(
         built.proxy().cached_bases(),

@@ -143,53 +143,36 @@ async fn seed(
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
-    let accounts = Arc::new(accounts);
-    let workers = 16;
-    let mut set = tokio::task::JoinSet::new();
-    for w in 0..workers {
-        let (engine, client, accounts) = (engine.clone(), client.clone(), accounts.clone());
-        let approve = format!("{}/approve", sim.base_url);
-        set.spawn(async move {
+    let approve = format!("{}/approve", sim.base_url);
+    let eng = engine.clone();
+    for_each_account(accounts, move |account| {
+        let (engine, client, approve) = (eng.clone(), client.clone(), approve.clone());
+        async move {
             let settings = engine.settings();
             let provider = &settings.providers["demo"];
-            let redirect = url_parse(REDIRECT);
-            for account in accounts.iter().skip(w).step_by(workers) {
-                let resp = client
-                    .post(&approve)
-                    .header("content-type", "application/x-www-form-urlencoded")
-                    .body(format!(
-                        "client_id=demo-client&redirect_uri={}&response_type=code&state=s",
-                        "http%3A%2F%2F127.0.0.1%3A9%2Fcallback"
-                    ))
-                    .send()
-                    .await?;
-                let loc = resp
-                    .headers()
-                    .get("location")
-                    .ok_or("approve: no Location")?
-                    .to_str()?
-                    .to_string();
-                let code = loc
-                    .split(['?', '&'])
-                    .find_map(|kv| kv.strip_prefix("code="))
-                    .ok_or("approve: no code")?
-                    .to_string();
-                let mut grant = provider
-                    .exchange_code(&code, None, &redirect)
-                    .await
-                    .map_err(|e| format!("{e}"))?;
-                if let Some((received, expires)) = timing {
-                    grant.issued_at = received;
-                    grant.expires_at = expires;
-                }
-                engine.authorized("demo", account, &grant).await?;
+            let query = format!(
+                "client_id=demo-client&redirect_uri={}&response_type=code&state=s",
+                "http%3A%2F%2F127.0.0.1%3A9%2Fcallback"
+            );
+            let loc = approved(&client, &approve, query).await?;
+            let code = loc
+                .split(['?', '&'])
+                .find_map(|kv| kv.strip_prefix("code="))
+                .ok_or("approve: no code")?
+                .to_string();
+            let mut grant = provider
+                .exchange_code(&code, None, &url_parse(REDIRECT))
+                .await
+                .map_err(|e| format!("{e}"))?;
+            if let Some((received, expires)) = timing {
+                grant.issued_at = received;
+                grant.expires_at = expires;
             }
+            engine.authorized("demo", &account, &grant).await?;
             Res::Ok(())
-        });
-    }
-    while let Some(r) = set.join_next().await {
-        r??;
-    }
+        }
+    })
+    .await?;
     // Without this the daemon would see a live peer and read storage on
     // every token request.
     engine.leave().await;
@@ -216,54 +199,82 @@ async fn seed_via_daemon(
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        let accounts = Arc::new(accounts);
-        let workers = 16;
-        let mut set = tokio::task::JoinSet::new();
-        for w in 0..workers {
-            let (client, accounts) = (client.clone(), accounts.clone());
-            let approve = format!("{}/approve", sim.base_url);
-            set.spawn(async move {
-                for account in accounts.iter().skip(w).step_by(workers) {
-                    let r = client
-                        .get(format!(
-                            "http://127.0.0.1:{port}/connect/demo?account={account}"
-                        ))
-                        .send()
-                        .await?;
-                    let header = |r: &reqwest::Response, name: &str| -> Res<String> {
-                        Ok(r.headers()
-                            .get(name)
-                            .ok_or_else(|| format!("{account}: no {name} (status {})", r.status()))?
-                            .to_str()?
-                            .to_string())
-                    };
-                    let authorize = header(&r, "location")?;
-                    let cookie = header(&r, "set-cookie")?;
-                    let cookie = cookie.split(';').next().unwrap_or_default().to_string();
-                    let query = authorize.split_once('?').map(|x| x.1).unwrap_or_default();
-                    let r = client
-                        .post(&approve)
-                        .header("content-type", "application/x-www-form-urlencoded")
-                        .body(query.to_string())
-                        .send()
-                        .await?;
-                    let callback = header(&r, "location")?;
-                    let r = client.get(callback).header("cookie", cookie).send().await?;
-                    if r.status() != 200 {
-                        return Err(format!("{account}: callback answered {}", r.status()).into());
-                    }
+        let approve = format!("{}/approve", sim.base_url);
+        for_each_account(accounts, move |account| {
+            let (client, approve) = (client.clone(), approve.clone());
+            async move {
+                let r = client
+                    .get(format!(
+                        "http://127.0.0.1:{port}/connect/demo?account={account}"
+                    ))
+                    .send()
+                    .await?;
+                let authorize = location(&r)?;
+                let cookie = r
+                    .headers()
+                    .get("set-cookie")
+                    .ok_or_else(|| format!("{account}: no flow cookie (status {})", r.status()))?
+                    .to_str()?;
+                let cookie = cookie.split(';').next().unwrap_or_default().to_string();
+                let query = authorize.split_once('?').map(|x| x.1).unwrap_or_default();
+                let callback = approved(&client, &approve, query.to_string()).await?;
+                let r = client.get(callback).header("cookie", cookie).send().await?;
+                if r.status() != 200 {
+                    return Err(format!("{account}: callback answered {}", r.status()).into());
                 }
                 Res::Ok(())
-            });
-        }
-        while let Some(r) = set.join_next().await {
-            r??;
-        }
+            }
+        })
+        .await?;
         Res::Ok(())
     }
     .await;
     stop(&mut child);
     r
+}
+
+/// Runs `each` for every account, 16 at a time.
+async fn for_each_account<F, Fut>(accounts: Vec<String>, each: F) -> Res<()>
+where
+    F: Fn(String) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Res<()>> + Send,
+{
+    let accounts = Arc::new(accounts);
+    let workers = 16;
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..workers {
+        let (accounts, each) = (accounts.clone(), each.clone());
+        set.spawn(async move {
+            for account in accounts.iter().skip(w).step_by(workers) {
+                each(account.clone()).await?;
+            }
+            Res::Ok(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+/// Posts the simulator's Approve form with `query`; returns where it
+/// redirects (the callback, with the code).
+async fn approved(client: &reqwest::Client, approve: &str, query: String) -> Res<String> {
+    let r = client
+        .post(approve)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(query)
+        .send()
+        .await?;
+    location(&r)
+}
+
+fn location(r: &reqwest::Response) -> Res<String> {
+    Ok(r.headers()
+        .get("location")
+        .ok_or_else(|| format!("no Location (status {})", r.status()))?
+        .to_str()?
+        .to_string())
 }
 
 fn url_parse(s: &str) -> url::Url {
