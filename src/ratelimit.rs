@@ -783,8 +783,8 @@ impl RateLimits {
         let p = self.provider(provider)?;
         let now = Utc::now();
         let paused_until = p.paused(Instant::now()).map(|t| {
-            let left = t.saturating_duration_since(Instant::now()).min(MAX_PAUSE);
-            now + chrono::Duration::from_std(left).unwrap_or_default()
+            now + chrono::Duration::from_std(t.saturating_duration_since(Instant::now()))
+                .unwrap_or_default()
         });
         let tenant = p
             .tenants

@@ -62,10 +62,13 @@ async fn a_wall_clock_set_back_does_not_keep_a_dead_token_alive() {
 }
 
 /// `expires_in` tells a client how long it may keep the token: after the
-/// wall clock was set back, it is counted from the engine's anchored time,
-/// or it would promise the client the 30 minutes the clock went back.
+/// wall clock was set back, the instant both serving paths hand the HTTP
+/// layer (`ServedToken::at`, `token_answer`'s) is the engine's anchored
+/// time, or the answer rendered at it would promise the client the 30
+/// minutes the clock went back. (The handlers render at that instant; the
+/// test clock cannot reach them, so this checks the engine's side.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expires_in_is_not_stretched_by_a_wall_clock_set_back() {
+async fn the_engine_hands_out_expires_in_from_its_anchored_clock() {
     let s = setup().await;
     authorize(&s).await;
     s.clock.advance(Duration::from_secs(10 * 60));

@@ -151,9 +151,9 @@ impl Proxy {
             "Requests left today per provider, as last reported or counted"
         );
         let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
+            .connect_timeout(upstream::CONNECT_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
-            .pool_max_idle_per_host(256)
+            .pool_max_idle_per_host(upstream::MAX_IDLE_PER_ORIGIN)
             .tcp_nodelay(true)
             .build()
             .unwrap_or_default();

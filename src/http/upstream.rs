@@ -302,7 +302,9 @@ impl Upstream {
     /// until none is left idle: without it, connections to an origin that
     /// went quiet would hold their sockets until that origin's next use.
     fn reap(&self) {
-        if self.reaping.swap(true, Ordering::SeqCst) {
+        // Read first: a running reaper is the common case, and a read
+        // leaves the flag's cache line shared between the workers.
+        if self.reaping.load(Ordering::Acquire) || self.reaping.swap(true, Ordering::SeqCst) {
             return;
         }
         let (idle, reaping, timeout) = (self.idle.clone(), self.reaping.clone(), self.idle_timeout);

@@ -142,13 +142,12 @@ pub async fn token_answer(
     account: &str,
 ) -> Result<(Arc<TokenJson>, DateTime<Utc>), TokenError> {
     let (slot, snap) = served(shared, provider, account).await?;
-    match (snap.answer(&slot.provider, &slot.account), snap.token()) {
-        (Some(answer), Some(token)) => {
+    match snap.answer(&slot.provider, &slot.account) {
+        Some(answer) => {
             slot.served.fetch_add(1, Ordering::Relaxed);
-            let at = shared.clock().now().max(token.anchor.now(shared.clock()));
-            Ok((answer.clone(), at))
+            Ok((answer.clone(), snap.now(shared.clock())))
         }
-        _ => Err(slot.failure(&snap, shared.clock())),
+        None => Err(slot.failure(&snap, shared.clock())),
     }
 }
 
